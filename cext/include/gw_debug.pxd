@@ -1,0 +1,2 @@
+cdef extern from "gw_debug.h":
+    const int GW_DEBUG

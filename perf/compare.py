@@ -1,0 +1,744 @@
+"""Side-by-side HTTP benchmark: the gateway against its baselines, in one run.
+
+One command runs every target in turn on the same machine, with the same load
+generator (wrk) and the same pinning, and prints one table (DESIGN.md §7)::
+
+    python perf/compare.py --targets raw,nginx,gateway-health --duration 10
+
+Targets:
+
+* ``raw``            perf/raw_server.py: raw uvloop + httptools, the ceiling for Python.
+* ``nginx``          nginx (1 worker, keep-alive upstream) proxying to raw_server.py.
+* ``gateway-health`` ``python -m stellagw serve`` with one worker, GET /health/live.
+* ``gateway-routed`` the gateway + ``python -m stellagw demo-service --name bench``,
+                     GET /bench/hello routed to the service.
+
+For each target: start it pinned to ``--server-cpu`` (``taskset -c``), wait
+until it answers 200, warm up 1 s, read utime+stime of the server's process
+tree (psutil, workers included), run wrk pinned to ``--load-cpu``, read the
+CPU again, and report requests/s, p50/p99, **server CPU-µs per request**
+(Δ(utime+stime) / requests × 1e6: the steadiest figure on a shared machine),
+the RSS of the tree, then an extra wrk pass with ``--latency-connections``
+connection(s) for the unloaded p50.  Backends (the hello server behind nginx,
+the demo service behind the gateway) run on the load CPU, next to wrk; their
+CPU is reported apart and not counted in CPU-µs/req.
+
+Loopback only, bounded by --duration; every process started here runs in its
+own process group and is killed on exit, on error and on Ctrl-C.  See
+perf/README.md for ``perf record`` / py-spy recipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+PERF_DIR = Path(__file__).resolve().parent
+REPO_DIR = PERF_DIR.parent
+HOST = "127.0.0.1"
+ALL_TARGETS = ("raw", "gateway-health", "gateway-routed", "nginx")
+WARMUP_S = 1
+
+
+class TargetUnavailable(Exception):
+    """A target cannot run here (missing command or tool): skipped with a reason."""
+
+
+class TargetFailed(Exception):
+    """A target was started but did not behave (died, never answered, wrk failed)."""
+
+
+# --------------------------------------------------------------------------
+# processes
+
+
+def _child_setup() -> None:
+    """In the child, before exec: die with us even if we are SIGKILLed."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:  # pragma: no cover - best effort, non-Linux libc
+        pass
+
+
+@dataclass
+class Proc:
+    name: str
+    cmd: list[str]
+    popen: subprocess.Popen
+    log: Path
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join("    | " + line for line in text[-lines:]) or "    | (empty log)"
+
+
+class ProcSet:
+    """Every process this run starts; each in its own session/process group."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, cmd: list[str], *, env: dict | None = None) -> Proc:
+        log = self.workdir / f"{name}.log"
+        fh = open(log, "wb")
+        try:
+            popen = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_DIR,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_child_setup,
+            )
+        finally:
+            fh.close()
+        proc = Proc(name, cmd, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            rc = p.popen.poll()
+            if rc is not None:
+                raise TargetFailed(
+                    f"{p.name} exited with status {rc}: {shlex.join(p.cmd)}\n{p.log_tail()}"
+                )
+
+    def stop_all(self) -> None:
+        """SIGTERM every group, wait a little, then SIGKILL whatever is left."""
+        leftovers: list[psutil.Process] = []
+        for p in reversed(self.procs):
+            try:
+                root = psutil.Process(p.popen.pid)
+                leftovers += [root] + root.children(recursive=True)
+            except psutil.Error:
+                pass
+            _killpg(p.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for p in self.procs:
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs:
+            _killpg(p.popen.pid, signal.SIGKILL)
+            try:
+                p.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        # Anything in the trees that left the process group (setsid'd workers).
+        for ps in leftovers:
+            try:
+                ps.kill()
+            except psutil.Error:
+                pass
+        self.procs.clear()
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # pid == pgid: start_new_session=True
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_http_ok(port: int, path: str, procs: ProcSet, timeout: float) -> None:
+    """Poll GET path until it answers 200 (or a process dies, or timeout)."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    req = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode()
+    while time.monotonic() < deadline:
+        procs.check_alive()
+        try:
+            with socket.create_connection((HOST, port), timeout=1) as s:
+                s.sendall(req)
+                head = s.recv(64)
+            status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+            if re.match(r"HTTP/1\.[01] 200\b", status):
+                return
+            last = status or "empty reply"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise TargetFailed(f"http://{HOST}:{port}{path} did not answer 200 within {timeout:.0f}s (last: {last})")
+
+
+# --------------------------------------------------------------------------
+# measurement
+
+
+def tree(root_pids: list[int]) -> list[psutil.Process]:
+    out: list[psutil.Process] = []
+    for pid in root_pids:
+        try:
+            root = psutil.Process(pid)
+            out += [root] + root.children(recursive=True)
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_snapshot(root_pids: list[int]) -> dict[tuple[int, float], float]:
+    """(pid, create_time) -> seconds of utime+stime, reaped children included."""
+    snap: dict[tuple[int, float], float] = {}
+    for p in tree(root_pids):
+        try:
+            with p.oneshot():
+                t = p.cpu_times()
+                snap[(p.pid, p.create_time())] = (
+                    t.user + t.system + t.children_user + t.children_system
+                )
+        except psutil.Error:
+            pass
+    return snap
+
+
+def cpu_delta(before: dict, after: dict) -> float:
+    return sum(v - before.get(k, 0.0) for k, v in after.items())
+
+
+def rss_bytes(root_pids: list[int]) -> int:
+    total = 0
+    for p in tree(root_pids):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _ms(value: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", value)
+    if not m:
+        raise ValueError(value)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(text: str) -> dict:
+    """Requests/s, p50/p99 (ms), total requests and error counts from wrk --latency."""
+    out: dict = {}
+    m = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    if not m:
+        raise ValueError("no Requests/sec line")
+    out["req_per_s"] = float(m.group(1))
+    m = re.search(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h)", text, re.M)
+    if not m:
+        raise ValueError("no 'N requests in' line")
+    out["requests"] = int(m.group(1))
+    out["wrk_duration_s"] = _ms(m.group(2) + m.group(3)) / 1e3
+    for pct in ("50", "99"):
+        m = re.search(rf"^\s*{pct}(?:\.0+)?%\s+([\d.]+(?:us|ms|s|m|h))", text, re.M)
+        out[f"p{pct}_ms"] = _ms(m.group(1)) if m else None
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    out["socket_errors"] = dict(zip(("connect", "read", "write", "timeout"), map(int, m.groups()))) if m else {}
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    out["non_2xx"] = int(m.group(1)) if m else 0
+    return out
+
+
+@dataclass
+class Pinning:
+    enabled: bool
+    server_cpu: int | None
+    load_cpu: int | None
+    note: str
+
+    def wrap(self, cpu: int | None, cmd: list[str]) -> list[str]:
+        if not self.enabled or cpu is None:
+            return cmd
+        return ["taskset", "-c", str(cpu), *cmd]
+
+
+@dataclass
+class Settings:
+    duration: int
+    connections: int
+    threads: int
+    latency_connections: int
+    latency_duration: int
+    start_timeout: float
+    pin: Pinning
+    python: str
+
+
+@dataclass
+class Started:
+    """What a target's setup hands back to the measuring loop."""
+
+    port: int
+    path: str
+    measured: list[Proc]                 # server-side trees counted in CPU-µs/req
+    backends: list[Proc] = field(default_factory=list)  # reported apart
+    layout: str = ""                     # who runs on which CPU, for the output
+
+
+def wrk_cmd(s: Settings, port: int, path: str, connections: int, duration: int) -> list[str]:
+    threads = max(1, min(s.threads, connections))
+    return s.pin.wrap(
+        s.pin.load_cpu,
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
+         f"http://{HOST}:{port}{path}"],
+    )
+
+
+def run_wrk(procs: ProcSet, cmd: list[str], duration: int) -> tuple[dict, str]:
+    p = procs.start(f"wrk-{len(procs.procs)}", cmd)
+    try:
+        p.popen.wait(timeout=duration + 30)
+    except subprocess.TimeoutExpired:
+        _killpg(p.popen.pid, signal.SIGKILL)
+        raise TargetFailed(f"wrk did not finish in {duration + 30}s: {shlex.join(cmd)}")
+    procs.procs.remove(p)
+    text = p.log.read_text(errors="replace")
+    if p.popen.returncode != 0:
+        raise TargetFailed(f"wrk exited {p.popen.returncode}: {shlex.join(cmd)}\n{text.strip()}")
+    try:
+        return parse_wrk(text), text
+    except ValueError as exc:
+        raise TargetFailed(f"cannot parse wrk output ({exc}):\n{text.strip()}") from None
+
+
+# --------------------------------------------------------------------------
+# targets
+
+
+def py_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_DIR) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def require_stellagw_command(s: Settings, sub: str) -> None:
+    cmd = [s.python, "-m", "stellagw", sub, "--help"]
+    try:
+        r = subprocess.run(cmd, cwd=REPO_DIR, env=py_env(), capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise TargetUnavailable(f"`{shlex.join(cmd)}` hung for 30s") from None
+    if r.returncode != 0:
+        lines = (r.stderr or r.stdout).strip().splitlines()
+        why = lines[-1] if lines else f"exit status {r.returncode}"
+        raise TargetUnavailable(
+            f"`python -m stellagw {sub}` is not available yet ({why}); "
+            f"this target needs it"
+        )
+
+
+def start_raw(s: Settings, procs: ProcSet, tmp: Path) -> Started:
+    port = free_port()
+    srv = procs.start("raw", s.pin.wrap(s.pin.server_cpu, [
+        s.python, str(PERF_DIR / "raw_server.py"), "--host", HOST, "--port", str(port)]))
+    wait_http_ok(port, "/", procs, s.start_timeout)
+    return Started(port, "/", [srv], layout=_layout(s, "raw_server", None))
+
+
+def _nginx_binary() -> str:
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if not found:
+        raise TargetUnavailable("nginx not found: run `sh perf/install-tools.sh`")
+    return found
+
+
+def _nginx_version(binary: str) -> tuple[int, ...]:
+    r = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10)
+    m = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", r.stderr + r.stdout)
+    return tuple(map(int, m.groups())) if m else (0, 0, 0)
+
+
+def start_nginx(s: Settings, procs: ProcSet, tmp: Path) -> Started:
+    binary = _nginx_binary()
+    backend_port, port = free_port(), free_port()
+    backend = procs.start("nginx-backend", s.pin.wrap(s.pin.load_cpu, [
+        s.python, str(PERF_DIR / "raw_server.py"), "--host", HOST, "--port", str(backend_port)]))
+    wait_http_ok(backend_port, "/", procs, s.start_timeout)
+    prefix = tmp / "nginx"
+    prefix.mkdir()
+    conf = prefix / "nginx.conf"
+    conf.write_text(string.Template((PERF_DIR / "nginx.conf.template").read_text()).substitute(
+        prefix=str(prefix), listen_port=port, backend_port=backend_port, keepalive=64))
+    cmd = [binary, "-p", str(prefix) + "/", "-c", str(conf)]
+    if _nginx_version(binary) >= (1, 19, 5):
+        cmd += ["-e", str(prefix / "error.log")]  # not /var/log/nginx, even at startup
+    srv = procs.start("nginx", s.pin.wrap(s.pin.server_cpu, cmd))
+    try:
+        wait_http_ok(port, "/", procs, s.start_timeout)
+    except TargetFailed as exc:
+        err = prefix / "error.log"
+        tail = err.read_text(errors="replace")[-2000:] if err.exists() else ""
+        raise TargetFailed(f"{exc}\n    nginx error.log:\n{tail}") from None
+    return Started(port, "/", [srv], [backend],
+                   layout=_layout(s, "nginx (master+1 worker)", "raw_server backend"))
+
+
+def _gateway_config(tmp: Path, http_port: int, tcp_port: int) -> Path:
+    cfg = tmp / "gateway.yaml"
+    cfg.write_text(
+        "# written by perf/compare.py\n"
+        "gateway:\n"
+        "  node:\n"
+        "    workers: 1\n"
+        "  http:\n"
+        f"    host: {HOST}\n"
+        f"    port: {http_port}\n"
+        "  transports:\n"
+        "    tcp:\n"
+        f"      port: {tcp_port}\n"
+        "  logging:\n"
+        "    access_log: false\n"
+    )
+    return cfg
+
+
+def _start_gateway(s: Settings, procs: ProcSet, tmp: Path) -> tuple[Proc, int, int]:
+    require_stellagw_command(s, "serve")
+    http_port, tcp_port = free_port(), free_port()
+    cfg = _gateway_config(tmp, http_port, tcp_port)
+    gw = procs.start("gateway", s.pin.wrap(s.pin.server_cpu, [
+        s.python, "-m", "stellagw", "serve", "--config", str(cfg)]), env=py_env())
+    wait_http_ok(http_port, "/health/live", procs, s.start_timeout)
+    return gw, http_port, tcp_port
+
+
+def start_gateway_health(s: Settings, procs: ProcSet, tmp: Path) -> Started:
+    gw, http_port, _ = _start_gateway(s, procs, tmp)
+    return Started(http_port, "/health/live", [gw],
+                   layout=_layout(s, "gateway (supervisor + 1 worker)", None))
+
+
+def start_gateway_routed(s: Settings, procs: ProcSet, tmp: Path) -> Started:
+    require_stellagw_command(s, "demo-service")
+    gw, http_port, tcp_port = _start_gateway(s, procs, tmp)
+    svc = procs.start("demo-service", s.pin.wrap(s.pin.load_cpu, [
+        s.python, "-m", "stellagw", "demo-service", "--gateway", f"{HOST}:{tcp_port}",
+        "--name", "bench"]), env=py_env())
+    wait_http_ok(http_port, "/bench/hello", procs, s.start_timeout)
+    return Started(http_port, "/bench/hello", [gw], [svc],
+                   layout=_layout(s, "gateway (supervisor + 1 worker)", "demo-service bench"))
+
+
+def _layout(s: Settings, server: str, backend: str | None) -> str:
+    if not s.pin.enabled:
+        return f"{server}" + (f", {backend}" if backend else "") + ", wrk: unpinned"
+    text = f"{server} on CPU {s.pin.server_cpu}; wrk"
+    if backend:
+        text += f" + {backend}"
+    return text + f" on CPU {s.pin.load_cpu}"
+
+
+TARGETS: dict[str, Callable[[Settings, ProcSet, Path], Started]] = {
+    "raw": start_raw,
+    "gateway-health": start_gateway_health,
+    "gateway-routed": start_gateway_routed,
+    "nginx": start_nginx,
+}
+
+
+def measure(name: str, s: Settings) -> dict:
+    result: dict = {"target": name, "ok": False}
+    with tempfile.TemporaryDirectory(prefix=f"stellagw-perf-{name}-") as tmpname:
+        tmp = Path(tmpname)
+        procs = ProcSet(tmp)
+        try:
+            st = TARGETS[name](s, procs, tmp)
+            result["layout"] = st.layout
+            result["server_cmd"] = [shlex.join(p.cmd) for p in st.measured]
+            result["backend_cmd"] = [shlex.join(p.cmd) for p in st.backends]
+            server_pids = [p.popen.pid for p in st.measured]
+            backend_pids = [p.popen.pid for p in st.backends]
+
+            run_wrk(procs, wrk_cmd(s, st.port, st.path, s.connections, WARMUP_S), WARMUP_S)
+            procs.check_alive()
+
+            cmd = wrk_cmd(s, st.port, st.path, s.connections, s.duration)
+            result["wrk_cmd"] = shlex.join(cmd)
+            srv0, bk0, t0 = cpu_snapshot(server_pids), cpu_snapshot(backend_pids), time.monotonic()
+            wrk, text = run_wrk(procs, cmd, s.duration)
+            srv1, bk1, t1 = cpu_snapshot(server_pids), cpu_snapshot(backend_pids), time.monotonic()
+            result["rss_bytes"] = rss_bytes(server_pids)
+            result["server_processes"] = len(srv1)
+            procs.check_alive()
+
+            n = wrk["requests"]
+            if n <= 0:
+                raise TargetFailed(f"wrk completed no requests:\n{text.strip()}")
+            cpu_s, bk_s = cpu_delta(srv0, srv1), cpu_delta(bk0, bk1)
+            result.update(wrk)
+            result["wrk_output"] = text
+            result["cpu_s"] = cpu_s
+            result["cpu_us_per_req"] = cpu_s / n * 1e6
+            result["server_cpu_util"] = cpu_s / (t1 - t0)
+            result["backend_cpu_us_per_req"] = bk_s / n * 1e6 if backend_pids else None
+
+            if s.latency_connections > 0:
+                lcmd = wrk_cmd(s, st.port, st.path, s.latency_connections, s.latency_duration)
+                result["wrk_latency_cmd"] = shlex.join(lcmd)
+                lat, _ = run_wrk(procs, lcmd, s.latency_duration)
+                result["lat_req_per_s"] = lat["req_per_s"]
+                result["lat_p50_ms"] = lat["p50_ms"]
+                result["lat_p99_ms"] = lat["p99_ms"]
+                procs.check_alive()
+            result["ok"] = True
+        except (TargetUnavailable, TargetFailed) as exc:
+            result["error"] = str(exc)
+            result["unavailable"] = isinstance(exc, TargetUnavailable)
+        finally:
+            procs.stop_all()
+    return result
+
+
+# --------------------------------------------------------------------------
+# output
+
+
+def machine_info() -> dict:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu_model": model,
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+    for tool, args in (("wrk", ["-v"]), ("nginx", ["-v"])):
+        exe = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.access(f"/usr/sbin/{tool}", os.X_OK) else None)
+        if exe:
+            try:
+                r = subprocess.run([exe, *args], capture_output=True, text=True, timeout=10)
+                info[tool] = ((r.stdout + r.stderr).strip().splitlines() or [""])[0]
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+    return info
+
+
+def _f(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def render_table(results: list[dict], s: Settings) -> str:
+    base = next((r for r in results if r["ok"]), None)
+    base_name = base["target"] if base else "-"
+    cols = ["target", "req/s", "p50 ms", "p99 ms", "CPU-µs/req", f"× {base_name}",
+            "RSS MB", "srv CPU %",
+            f"p50 ms @{s.latency_connections}c" if s.latency_connections else "p50 ms @1c",
+            "backend µs/req"]
+    rows = []
+    for r in results:
+        if not r["ok"]:
+            rows.append([r["target"], "UNAVAILABLE" if r.get("unavailable") else "FAILED"])
+            continue
+        ratio = r["cpu_us_per_req"] / base["cpu_us_per_req"] if base and base["cpu_us_per_req"] else None
+        rows.append([
+            r["target"],
+            f"{r['req_per_s']:,.0f}",
+            _f(r["p50_ms"], ".3f"),
+            _f(r["p99_ms"], ".3f"),
+            f"{r['cpu_us_per_req']:.1f}",
+            _f(ratio, ".2f"),
+            f"{r['rss_bytes'] / 2**20:.1f}",
+            f"{100 * r['server_cpu_util']:.0f}",
+            _f(r.get("lat_p50_ms"), ".3f"),
+            _f(r.get("backend_cpu_us_per_req"), ".1f"),
+        ])
+    widths = [max(len(c), *(len(row[i]) for row in rows if i < len(row))) for i, c in enumerate(cols)]
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))
+    out = [line(cols), line(["-" * w for w in widths])]
+    for row in rows:
+        out.append(line(row) if len(row) == len(cols) else "  ".join([row[0].ljust(widths[0]), row[1]]))
+    return "\n".join(out)
+
+
+def report(results: list[dict], s: Settings, info: dict, command: str) -> str:
+    lines = [
+        "",
+        f"machine: {info.get('cpu_model') or '?'}, {info['cpus_usable']} usable CPU(s), "
+        f"Linux {info['kernel']}, Python {info['python']}"
+        + (f", {info['wrk']}" if "wrk" in info else "")
+        + (f", {info['nginx']}" if "nginx" in info else ""),
+        f"pinning: {s.pin.note}",
+        f"load: wrk -t{s.threads} -c{s.connections} -d{s.duration}s after a {WARMUP_S}s warm-up; "
+        f"latency pass -c{s.latency_connections} -d{s.latency_duration}s"
+        if s.latency_connections > 0 else
+        f"load: wrk -t{s.threads} -c{s.connections} -d{s.duration}s after a {WARMUP_S}s warm-up",
+        "",
+        render_table(results, s),
+        "",
+        "CPU-µs/req = Δ(utime+stime) of the server's process tree / requests completed by wrk;",
+        "× = CPU-µs/req against the first target; srv CPU % = server CPU time / wall time (100 = one core",
+        "saturated: below ~90 the server was not the bottleneck and CPU-µs/req reads high);",
+        "backend µs/req = the hello backend / demo service, not counted in CPU-µs/req.",
+        "",
+    ]
+    for r in results:
+        if r["ok"]:
+            lines.append(f"{r['target']}: {r['layout']}")
+            for c in r["server_cmd"]:
+                lines.append(f"    server : {c}")
+            for c in r["backend_cmd"]:
+                lines.append(f"    backend: {c}")
+            lines.append(f"    wrk    : {r['wrk_cmd']}")
+            if r.get("wrk_latency_cmd"):
+                lines.append(f"    latency: {r['wrk_latency_cmd']}")
+            warn = []
+            if r["non_2xx"]:
+                warn.append(f"{r['non_2xx']} non-2xx responses")
+            if any(r["socket_errors"].values()):
+                warn.append("socket errors " + ", ".join(f"{k} {v}" for k, v in r["socket_errors"].items() if v))
+            if warn:
+                lines.append("    WARNING: " + "; ".join(warn))
+        else:
+            label = "unavailable" if r.get("unavailable") else "FAILED"
+            lines.append(f"{r['target']}: {label}: {r['error']}")
+    lines += ["", f"command: {command}"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# main
+
+
+def decide_pinning(server_cpu: int, load_cpu: int, no_pin: bool) -> Pinning:
+    usable = sorted(os.sched_getaffinity(0))
+    if no_pin:
+        return Pinning(False, None, None, "disabled (--no-pin)")
+    if len(usable) < 2:
+        return Pinning(False, None, None,
+                       f"off: only {len(usable)} usable CPU, server and wrk share it (figures are pessimistic)")
+    if not shutil.which("taskset"):
+        raise SystemExit("taskset not found (util-linux): install it or pass --no-pin")
+    for label, cpu in (("--server-cpu", server_cpu), ("--load-cpu", load_cpu)):
+        if cpu not in usable:
+            raise SystemExit(f"{label} {cpu} is not usable here (usable CPUs: {usable})")
+    if server_cpu == load_cpu:
+        raise SystemExit("--server-cpu and --load-cpu must differ")
+    return Pinning(True, server_cpu, load_cpu,
+                   f"server CPU {server_cpu} (measured server only), load CPU {load_cpu} "
+                   f"(wrk, plus the backend behind nginx / the gateway); {len(usable)} usable CPUs")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="Benchmark the gateway against raw uvloop+httptools and nginx, side by side (loopback only).",
+        epilog="Example: python perf/compare.py --targets raw,nginx --duration 5 --json out.json",
+    )
+    ap.add_argument("--targets", default="raw,nginx",
+                    help=f"comma list from {','.join(ALL_TARGETS)}; the first is the × baseline (default raw,nginx)")
+    ap.add_argument("--duration", type=int, default=10, help="seconds of each measured wrk run (default 10)")
+    ap.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
+    ap.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    ap.add_argument("--server-cpu", type=int, default=0, help="CPU the measured server is pinned to (default 0)")
+    ap.add_argument("--load-cpu", type=int, default=1, help="CPU for wrk and backends (default 1)")
+    ap.add_argument("--no-pin", action="store_true", help="do not use taskset")
+    ap.add_argument("--latency-connections", type=int, default=1,
+                    help="connections of the extra latency pass; 0 skips it (default 1)")
+    ap.add_argument("--latency-duration", type=int, default=None,
+                    help="seconds of the latency pass (default: --duration)")
+    ap.add_argument("--start-timeout", type=float, default=30.0,
+                    help="seconds to wait for a target to answer 200 (default 30)")
+    ap.add_argument("--json", metavar="PATH", help="also write every figure (and wrk's raw output) to PATH")
+    args = ap.parse_args(argv)
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    bad = [t for t in args.targets if t not in ALL_TARGETS]
+    if bad or not args.targets:
+        ap.error(f"unknown target(s) {bad}; choose from {', '.join(ALL_TARGETS)}")
+    if args.duration < 1 or args.connections < 1 or args.threads < 1:
+        ap.error("--duration, --connections and --threads must be >= 1")
+    if args.latency_duration is None:
+        args.latency_duration = args.duration
+    return args
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join([sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])])
+    if not shutil.which("wrk"):
+        print("wrk not found: run `sh perf/install-tools.sh`", file=sys.stderr)
+        return 2
+    pin = decide_pinning(args.server_cpu, args.load_cpu, args.no_pin)
+    s = Settings(args.duration, args.connections, args.threads, args.latency_connections,
+                 args.latency_duration, args.start_timeout, pin, sys.executable)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    info = machine_info()
+    print(f"pinning: {pin.note}", file=sys.stderr)
+
+    results: list[dict] = []
+    for name in args.targets:
+        print(f"[{name}] running ...", file=sys.stderr, flush=True)
+        r = measure(name, s)
+        results.append(r)
+        if r["ok"]:
+            print(f"[{name}] {r['req_per_s']:,.0f} req/s, {r['cpu_us_per_req']:.1f} CPU-µs/req",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"[{name}] {'unavailable' if r.get('unavailable') else 'FAILED'}: "
+                  f"{r['error'].splitlines()[0]}", file=sys.stderr, flush=True)
+
+    print(report(results, s, info, command))
+    if args.json:
+        doc = {
+            "command": command,
+            "machine": info,
+            "settings": {
+                "duration_s": s.duration, "connections": s.connections, "threads": s.threads,
+                "latency_connections": s.latency_connections, "latency_duration_s": s.latency_duration,
+                "warmup_s": WARMUP_S, "pinning": pin.__dict__,
+            },
+            "baseline": next((r["target"] for r in results if r["ok"]), None),
+            "results": results,
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        print(f"json: {args.json}")
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: all benchmark processes stopped", file=sys.stderr)
+        sys.exit(130)

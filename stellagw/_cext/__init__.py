@@ -1,0 +1,1 @@
+"""Compiled Cython modules (built from cext/*.pyx by setup.py)."""

@@ -1,0 +1,87 @@
+"""Command line: stellagw serve | check-config | --version.
+
+Exit codes: 0 ok, 2 bad arguments or bad configuration (nothing was started), 1 a failure
+while running.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from . import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stellagw", description="Stella Ops Gateway")
+    p.add_argument("--version", action="version", version=f"stellagw {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", "-c", metavar="FILE", help="YAML configuration (defaults without)")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="override gateway.node.workers (0 = one per CPU)")
+    serve.add_argument("--port", type=int, metavar="PORT", help="override gateway.http.port")
+
+    demo = sub.add_parser("demo", help="run the gateway with the embedded demo on 127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080, metavar="PORT")
+
+    check = sub.add_parser("check-config", help="validate a configuration and print it, secrets masked")
+    check.add_argument("file", metavar="FILE")
+    return p
+
+
+def _load(path):
+    from .config import default_settings, load_config
+    return load_config(path) if path else default_settings()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .config import ConfigError, dump_effective
+
+    try:
+        if args.command == "demo":
+            from .demo import main as demo_main
+            return demo_main(args.port)
+        if args.command == "check-config":
+            settings = _load(args.file)
+            sys.stdout.write(dump_effective(settings))
+            return 0
+        settings = _load(args.config)
+        settings = _apply_overrides(settings, args)
+    except ConfigError as exc:
+        print(f"stellagw: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    if args.command == "serve":
+        from .ingress.tls import TlsConfigError
+        from .supervisor import serve
+        try:
+            return serve(settings)
+        except TlsConfigError as exc:
+            print(f"stellagw: configuration error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"stellagw: cannot start: {exc}", file=sys.stderr)
+            return 1
+    return 2
+
+
+def _apply_overrides(settings, args):
+    from .config import ConfigError
+    gw = settings.gateway
+    if getattr(args, "workers", None) is not None:
+        if not 0 <= args.workers <= 256:
+            raise ConfigError("--workers", "must be between 0 and 256")
+        gw = dataclasses.replace(gw, node=dataclasses.replace(gw.node, workers=args.workers))
+    if getattr(args, "port", None) is not None:
+        if not 0 <= args.port <= 65535:
+            raise ConfigError("--port", "must be between 0 and 65535")
+        gw = dataclasses.replace(gw, http=dataclasses.replace(gw.http, port=args.port))
+    return dataclasses.replace(settings, gateway=gw)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

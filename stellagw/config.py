@@ -1,0 +1,859 @@
+"""Configuration: YAML in, frozen typed settings out.
+
+The file has two top-level sections, both from the seed: ``gateway:`` (seed §7, camelCase
+keys) and ``rate_limiting:`` (seed §9 / upstream-notes §8, snake_case keys, as the
+original Router wrote them). Python attributes are snake_case everywhere.
+
+Every setting is one dataclass field whose metadata names its YAML key and the parser
+that checks it, so adding a key is one line::
+
+    read_timeout: float = _key("readTimeout", DURATION, "10s")
+
+The default is written in YAML form and goes through the same parser when the class is
+defined, so the defaults are themselves a valid configuration. A section class may define
+``_finish(self, path)`` for checks that span several keys (``tls.enabled`` needs a
+certificate) and for values filled in at load time (``nodeId`` from the host name).
+
+Why PyYAML: it is the long-maintained YAML library for Python, its ``safe_load`` builds
+only plain scalars, lists and dicts (no object construction from tags), and YAML is far
+too large a grammar to hand-write a parser for. It speaks YAML 1.1, so unquoted
+``yes``/``no``/``on``/``off`` are booleans; the string parsers say so in their errors.
+
+Strictness: a value must already have the right YAML type (``port: "8080"`` is an error,
+``enabled: "yes"`` is an error). The one exception is text produced by ``${VAR}``
+substitution: an environment variable is always a string, so ``port: ${PORT}`` is
+converted to the field's type (int, bool, list of strings split on commas).
+
+Errors are ``ConfigError(path, reason)`` where path is the dotted YAML path of the
+offending key, e.g. ``rate_limiting.for_instance.rules[1].max_requests``; the CLI turns
+them into exit code 2 before anything listens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import socket
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field
+from fractions import Fraction
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+__all__ = [
+    "ConfigError", "load_config", "load_config_text", "default_settings",
+    "parse_duration", "parse_size", "effective_config", "dump_effective",
+    "Settings", "GatewaySettings", "NodeSettings", "HttpSettings", "HttpTlsSettings",
+    "TransportsSettings", "TcpTransportSettings", "TlsTransportSettings",
+    "RoutingSettings", "AuthSettings", "AuthRateLimitSettings", "OpenApiSettings",
+    "HealthSettings", "LoggingSettings", "MetricsSettings",
+    "RateLimitingSettings", "RateLimitRule", "InstanceLimitSettings",
+    "EnvironmentLimitSettings", "CircuitBreakerSettings", "MicroserviceLimitSettings",
+    "RouteLimitSettings",
+]
+
+MASK = "********"
+
+
+class ConfigError(Exception):
+    """A configuration problem, located by the dotted YAML path of the key at fault.
+
+    ``path`` is ``"<file>"`` when the file cannot be read or is not valid YAML, and
+    ``"<root>"`` when the document is not a mapping. ``source`` names the file (or
+    ``"<string>"``) and is not part of ``str()``, which is ``"{path}: {reason}"``.
+    """
+
+    def __init__(self, path: str, reason: str, source: str | None = None) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+        self.source = source
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+# --------------------------------------------------------------------------- durations/sizes
+
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_DURATION_UNITS = {"ms": Fraction(1, 1000), "s": Fraction(1), "m": Fraction(60),
+                   "h": Fraction(3600)}
+# Longest unit first so "ms" is not read as "m" followed by garbage.
+_DURATION_PART = re.compile(rf"\s*({_NUMBER})\s*(ms|s|m|h)", re.IGNORECASE)
+_DURATION_HELP = "use a number with a unit: 500ms, 30s, 5m, 1h, 1m30s (a bare number is seconds)"
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``"30s"``, ``"500ms"``, ``"5m"``, ``"1h"``, ``"1m30s"`` or a plain number."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration, got {_describe(value)}; {_DURATION_HELP}")
+    if isinstance(value, (int, float)):
+        seconds = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.startswith("-"):
+            raise ValueError(f"duration {value!r} is negative")
+        if re.fullmatch(_NUMBER, text):
+            seconds = Fraction(text)
+        else:
+            seconds, pos = Fraction(0), 0
+            for match in _DURATION_PART.finditer(text):
+                if match.start() != pos:
+                    break
+                seconds += Fraction(match[1]) * _DURATION_UNITS[match[2].lower()]
+                pos = match.end()
+            if not text or pos != len(text):
+                raise ValueError(f"invalid duration {value!r}: {_DURATION_HELP}")
+    else:
+        raise ValueError(f"expected a duration, got {_describe(value)}; {_DURATION_HELP}")
+    seconds = float(seconds)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"duration {value!r} must be a finite number of seconds >= 0")
+    return seconds
+
+
+# Binary multiples for KB/MB/GB as nginx reads k/m/g: "16KB" is 16384 bytes.
+_SIZE_UNITS = {"": 1, "b": 1,
+               "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
+               "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+               "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+_SIZE_RE = re.compile(rf"({_NUMBER})\s*([a-z]*)", re.IGNORECASE)
+_SIZE_HELP = "use bytes or a unit: 512B, 16KB, 100MB, 1GB (KB/MB/GB are 1024-based, KiB/MiB/GiB too)"
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``"512B"``, ``"16KB"``, ``"64KiB"``, ``"100MB"``, ``"1GB"`` or a plain int."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected a size, got {_describe(value)}; {_SIZE_HELP}")
+    if isinstance(value, int):
+        size = value
+    else:
+        text = value.strip()
+        if text.startswith("-"):
+            raise ValueError(f"size {value!r} is negative")
+        match = _SIZE_RE.fullmatch(text)
+        unit = match and _SIZE_UNITS.get(match[2].lower())
+        if not unit:
+            raise ValueError(f"invalid size {value!r}: {_SIZE_HELP}")
+        exact = Fraction(match[1]) * unit
+        if exact.denominator != 1:
+            raise ValueError(f"size {value!r} is not a whole number of bytes")
+        size = int(exact)
+    if size < 0:
+        raise ValueError(f"size {value!r} is negative")
+    return size
+
+
+def _format_duration(seconds: float) -> str | float:
+    if seconds.is_integer():
+        whole = int(seconds)
+        for unit, length in (("h", 3600), ("m", 60)):
+            if whole and whole % length == 0:
+                return f"{whole // length}{unit}"
+        return f"{whole}s"
+    millis = round(seconds * 1000)
+    # Only when it parses back to the very same float; otherwise plain seconds.
+    return f"{millis}ms" if millis / 1000 == seconds else seconds
+
+
+def _format_size(size: int) -> str | int:
+    for unit, length in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if size and size % length == 0:
+            return f"{size // length}{unit}"
+    return size
+
+
+def _format_seconds(seconds: float) -> int | float:
+    return int(seconds) if seconds.is_integer() else seconds
+
+
+# --------------------------------------------------------------------------- value parsers
+# A parser is called as parser(value, path) and returns the typed value. Scalar parsers
+# raise ValueError (the caller adds the path); container parsers raise ConfigError
+# themselves because they know the paths of their items.
+
+Parser = Callable[[Any, str], Any]
+
+
+class _FromEnv(str):
+    """A string that came out of ${VAR} substitution, so it may be coerced to the field's type."""
+    __slots__ = ()
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {str(value)!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__} ({value!r})"
+
+
+def _check_range(value: Any, low: Any, high: Any) -> None:
+    if low is not None and high is not None and not low <= value <= high:
+        raise ValueError(f"must be between {low} and {high}, got {value}")
+    if low is not None and value < low:
+        raise ValueError(f"must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"must be at most {high}, got {value}")
+
+
+def _integer(low: int | None = None, high: int | None = None) -> Parser:
+    def parse(value: Any, path: str) -> int:
+        if isinstance(value, _FromEnv):
+            try:
+                value = int(value.strip(), 10)
+            except ValueError:
+                raise ValueError(f"expected an integer, the environment gave {str(value)!r}") from None
+        elif isinstance(value, bool) or not isinstance(value, int):
+            hint = " (remove the quotes)" if isinstance(value, str) and value.strip().isdigit() else ""
+            raise ValueError(f"expected an integer, got {_describe(value)}{hint}")
+        _check_range(value, low, high)
+        return value
+    return parse
+
+
+_ENV_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True,
+                 "false": False, "no": False, "off": False, "0": False}
+
+
+def _boolean(value: Any, path: str) -> bool:
+    if isinstance(value, _FromEnv) and value.strip().lower() in _ENV_BOOLEANS:
+        return _ENV_BOOLEANS[value.strip().lower()]
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _string(check: Callable[[str], str] | None = None, *, non_empty: bool = False) -> Parser:
+    def parse(value: Any, path: str) -> str:
+        if not isinstance(value, str):
+            hint = ""
+            if isinstance(value, bool):
+                hint = " (YAML 1.1 reads unquoted yes/no/on/off as booleans: quote the value)"
+            elif isinstance(value, (int, float)):
+                hint = " (quote it)"
+            elif value is None:
+                hint = ' (write "" for an empty value)'
+            raise ValueError(f"expected a string, got {_describe(value)}{hint}")
+        text = str(value)  # drops the _FromEnv marker
+        if non_empty and not text.strip():
+            raise ValueError("must not be empty")
+        return check(text) if check else text
+    return parse
+
+
+def _choice(*choices: str) -> Parser:
+    by_lower = {c.lower(): c for c in choices}
+    as_string = _string()
+
+    def parse(value: Any, path: str) -> str:
+        text = as_string(value, path)
+        try:
+            return by_lower[text.strip().lower()]
+        except KeyError:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {text!r}"
+                             + _suggestion(text, choices)) from None
+    return parse
+
+
+def _tls_version(value: Any, path: str) -> str:
+    # `minVersion: 1.3` unquoted is a YAML float; it is still plainly a version.
+    if isinstance(value, float) and value in (1.2, 1.3):
+        value = str(value)
+    return _choice("1.2", "1.3")(value, path)
+
+
+def _duration(low: float = 0.0, *, positive: bool = False) -> Parser:
+    def parse(value: Any, path: str) -> float:
+        seconds = parse_duration(str(value) if isinstance(value, _FromEnv) else value)
+        if positive and seconds <= 0:
+            raise ValueError(f"must be greater than 0, got {value!r}")
+        _check_range(seconds, low, None)
+        return seconds
+    return parse
+
+
+def _size(low: int = 0, high: int | None = None) -> Parser:
+    def parse(value: Any, path: str) -> int:
+        size = parse_size(str(value) if isinstance(value, _FromEnv) else value)
+        _check_range(size, low, high)
+        return size
+    return parse
+
+
+def _apply(parser: Parser, value: Any, path: str) -> Any:
+    try:
+        return parser(value, path)
+    except ValueError as exc:
+        raise ConfigError(path, str(exc)) from None
+
+
+def _list_of(item: Parser, *, split_env: bool = False) -> Parser:
+    def parse(value: Any, path: str) -> tuple:
+        if value is None:
+            return ()
+        if split_env and isinstance(value, _FromEnv):
+            # "${REGIONS}" can only give a string; a comma list is the usual shell form.
+            value = [_FromEnv(part.strip()) for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, got {_describe(value)}")
+        return tuple(_apply(item, v, f"{path}[{i}]") for i, v in enumerate(value))
+    return parse
+
+
+def _mapping_of(item: Parser) -> Parser:
+    def parse(value: Any, path: str) -> Mapping[str, Any]:
+        if value is None:
+            return types.MappingProxyType({})
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping of names, got {_describe(value)}")
+        items = {}
+        for name, v in value.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"{path}.{name}", "names must be non-empty strings (quote it)")
+            items[name] = _apply(item, v, f"{path}.{name}")
+        return types.MappingProxyType(items)
+    return parse
+
+
+def _section_of(cls: type, *, optional: bool = False) -> Parser:
+    def parse(value: Any, path: str) -> Any:
+        if optional and value is None:
+            return None
+        return _load_section(cls, value, path)
+    return parse
+
+
+# --------------------------------------------------------------------------- field helpers
+
+def _key(yaml_name: str, parser: Parser, default: Any = MISSING, *, secret: bool = False,
+         dump: Callable[[Any], Any] | None = None) -> Any:
+    """One setting. ``default`` is in YAML form and is parsed here, once."""
+    meta = {"yaml": yaml_name, "parse": parser, "secret": secret, "dump": dump}
+    if default is MISSING:
+        return field(metadata=meta)
+    value = parser(default, f"<default of {yaml_name}>")
+    if value.__class__.__hash__ is None:  # MappingProxyType: shared, but read-only
+        return field(default_factory=lambda: value, metadata=meta)
+    return field(default=value, metadata=meta)
+
+
+def _section(yaml_name: str, cls: type, *, optional: bool = False) -> Any:
+    """A nested section; when absent it still goes through its _finish (defaults filled)."""
+    meta = {"yaml": yaml_name, "parse": _section_of(cls, optional=optional), "secret": False,
+            "dump": None, "always_parse": not optional}
+    if optional:
+        return field(default=None, metadata=meta)
+    return field(default_factory=cls, metadata=meta)
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _suggestion(word: str, allowed: Any) -> str:
+    allowed = list(allowed)
+
+    def squash(s: str) -> str:
+        return s.replace("_", "").replace("-", "").lower()
+    # camelCase vs snake_case is the commonest slip between the two sections.
+    same = [a for a in allowed if squash(a) == squash(word)]
+    close = same or difflib.get_close_matches(word, allowed, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _load_section(cls: type, raw: Any, path: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path or "<root>", f"expected a mapping, got {_describe(raw)}")
+    by_yaml = {f.metadata["yaml"]: f for f in dataclasses.fields(cls)}
+    for name in raw:
+        if name not in by_yaml:
+            where = "top-level key" if not path else "key"
+            raise ConfigError(
+                _join(path, str(name)),
+                f"unknown {where}{_suggestion(str(name), by_yaml)} "
+                f"(allowed here: {', '.join(by_yaml)})")
+    values = {}
+    for name, f in by_yaml.items():
+        child = _join(path, name)
+        if name in raw:
+            values[f.name] = _apply(f.metadata["parse"], raw[name], child)
+        elif f.metadata.get("always_parse"):
+            values[f.name] = _apply(f.metadata["parse"], None, child)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(child, "required key is missing")
+    section = cls(**values)
+    finish = getattr(section, "_finish", None)
+    return finish(path) if finish else section
+
+
+_settings = dataclass(frozen=True, slots=True, kw_only=True)
+
+
+# --------------------------------------------------------------------------- checks
+
+def _thumbprint(value: Any, path: str) -> str:
+    text = _string()(value, path)
+    # Certificate viewers print "AB:CD:..." or "AB CD ..."; we compare bare lowercase hex.
+    hexits = re.sub(r"[\s:]", "", text).lower()
+    if not re.fullmatch(r"[0-9a-f]*", hexits) or len(hexits) not in (40, 64):
+        raise ValueError(f"{text!r} is not a SHA-1 (40 hex digits) or SHA-256 (64 hex digits) "
+                         f"certificate thumbprint")
+    return hexits
+
+
+def _origin(text: str) -> str:
+    if not text:
+        return text
+    parts = urlsplit(text)
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.username
+            or parts.password or parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise ValueError(f"must be an absolute http(s) origin such as https://gw.example.com "
+                         f"(no path, query or credentials), got {text!r}")
+    return text.rstrip("/")
+
+
+_VALKEY_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "unix")
+
+
+def _connection_string(text: str) -> str:
+    # host:port (the seed's form) passes as is; a URL must at least name a known scheme.
+    if "://" in text and urlsplit(text).scheme.lower() not in _VALKEY_SCHEMES:
+        raise ValueError(f"URL scheme must be one of {', '.join(_VALKEY_SCHEMES)}")
+    return text
+
+
+def _check_certificate(section: Any, path: str) -> None:
+    if not section.enabled:
+        return
+    if not section.certificate_path:
+        raise ConfigError(_join(path, "certificatePath"), "required when enabled is true")
+    if not section.certificate_path.lower().endswith((".pfx", ".p12")) and not section.key_path:
+        raise ConfigError(_join(path, "keyPath"),
+                          "required with a PEM certificate (only a .pfx/.p12 bundle carries its key)")
+
+
+PORT = _integer(0, 65535)
+COUNT = _integer(1)
+NON_NEGATIVE = _integer(0)
+BOOL = _boolean
+STRING = _string()
+DURATION = _duration()
+POSITIVE_DURATION = _duration(positive=True)
+SIZE = _size()
+CLIENT_CERTIFICATE_MODE = _choice("NoCertificate", "AllowCertificate", "RequireCertificate")
+
+
+def _seconds_key(yaml_name: str, default: Any, *, positive: bool = True) -> Any:
+    """A ``...Seconds`` key: a number of seconds (durations accepted), dumped as a number."""
+    return _key(yaml_name, _duration(positive=positive), default, dump=_format_seconds)
+
+
+def _duration_key(yaml_name: str, default: Any, *, positive: bool = False) -> Any:
+    return _key(yaml_name, POSITIVE_DURATION if positive else DURATION, default,
+                dump=_format_duration)
+
+
+def _size_key(yaml_name: str, default: Any, *, low: int = 0, high: int | None = None) -> Any:
+    return _key(yaml_name, _size(low, high), default, dump=_format_size)
+
+
+# --------------------------------------------------------------------------- gateway:
+
+@_settings
+class NodeSettings:
+    region: str = _key("region", _string(non_empty=True), "local")
+    node_id: str = _key("nodeId", STRING, "")
+    environment: str = _key("environment", _string(non_empty=True), "dev")
+    workers: int = _key("workers", _integer(0, 256), 1)
+
+    def _finish(self, path: str) -> NodeSettings:
+        # Resolved here so every consumer (and check-config) sees the real values.
+        return dataclasses.replace(
+            self,
+            node_id=self.node_id or socket.gethostname(),
+            workers=self.workers or os.cpu_count() or 1)
+
+
+@_settings
+class HttpTlsSettings:
+    enabled: bool = _key("enabled", BOOL, False)
+    certificate_path: str = _key("certificatePath", STRING, "")
+    key_path: str = _key("keyPath", STRING, "")
+    certificate_password: str = _key("certificatePassword", STRING, "", secret=True)
+    client_certificate_mode: str = _key("clientCertificateMode", CLIENT_CERTIFICATE_MODE,
+                                        "AllowCertificate")
+    client_ca_path: str = _key("clientCaPath", STRING, "")
+    min_version: str = _key("minVersion", _tls_version, "1.2")
+
+    def _finish(self, path: str) -> HttpTlsSettings:
+        _check_certificate(self, path)
+        return self
+
+
+@_settings
+class HttpSettings:
+    host: str = _key("host", _string(non_empty=True), "127.0.0.1")
+    port: int = _key("port", PORT, 8080)
+    public_origin: str = _key("publicOrigin", _string(_origin), "")
+    max_connections: int = _key("maxConnections", COUNT, 10000)
+    max_header_bytes: int = _size_key("maxHeaderBytes", "16KB", low=1)
+    max_header_count: int = _key("maxHeaderCount", COUNT, 100)
+    max_url_length: int = _key("maxUrlLength", COUNT, 8192)
+    header_read_timeout: float = _duration_key("headerReadTimeout", "10s", positive=True)
+    keep_alive_timeout: float = _duration_key("keepAliveTimeout", "75s")
+    shutdown_timeout: float = _duration_key("shutdownTimeout", "30s")
+    backlog: int = _key("backlog", COUNT, 2048)
+    tls: HttpTlsSettings = _section("tls", HttpTlsSettings)
+
+
+@_settings
+class TcpTransportSettings:
+    enabled: bool = _key("enabled", BOOL, True)
+    host: str = _key("host", _string(non_empty=True), "127.0.0.1")
+    port: int = _key("port", PORT, 9100)
+    max_connections: int = _key("maxConnections", COUNT, 1000)
+    receive_buffer_size: int = _size_key("receiveBufferSize", 65536, low=1)
+    send_buffer_size: int = _size_key("sendBufferSize", 65536, low=1)
+    # The frame length field is a 32-bit unsigned integer (DESIGN.md §3).
+    max_frame_size: int = _size_key("maxFrameSize", "16MB", low=64, high=0xFFFFFFFF)
+
+
+@_settings
+class TlsTransportSettings(TcpTransportSettings):
+    enabled: bool = _key("enabled", BOOL, False)
+    port: int = _key("port", PORT, 9443)
+    certificate_path: str = _key("certificatePath", STRING, "")
+    key_path: str = _key("keyPath", STRING, "")
+    certificate_password: str = _key("certificatePassword", STRING, "", secret=True)
+    client_certificate_mode: str = _key("clientCertificateMode", CLIENT_CERTIFICATE_MODE,
+                                        "RequireCertificate")
+    client_ca_path: str = _key("clientCaPath", STRING, "")
+    allowed_client_certificate_thumbprints: tuple[str, ...] = _key(
+        "allowedClientCertificateThumbprints", _list_of(_thumbprint, split_env=True), [])
+
+    def _finish(self, path: str) -> TlsTransportSettings:
+        _check_certificate(self, path)
+        return self
+
+
+@_settings
+class TransportsSettings:
+    tcp: TcpTransportSettings = _section("tcp", TcpTransportSettings)
+    tls: TlsTransportSettings = _section("tls", TlsTransportSettings)
+
+
+@_settings
+class RoutingSettings:
+    default_timeout: float = _duration_key("defaultTimeout", "30s", positive=True)
+    max_request_body_size: int = _size_key("maxRequestBodySize", "100MB")
+    streaming_enabled: bool = _key("streamingEnabled", BOOL, True)
+    streaming_buffer_size: int = _size_key("streamingBufferSize", 16384, low=1)
+    neighbor_regions: tuple[str, ...] = _key(
+        "neighborRegions", _list_of(_string(non_empty=True), split_env=True), [])
+
+
+@_settings
+class AuthRateLimitSettings:
+    enabled: bool = _key("enabled", BOOL, False)
+    requests_per_minute: int = _key("requestsPerMinute", COUNT, 1000)
+    burst_size: int = _key("burstSize", NON_NEGATIVE, 100)
+    redis_connection_string: str = _key("redisConnectionString", _string(_connection_string),
+                                        "", secret=True)
+
+
+@_settings
+class AuthSettings:
+    dpop_enabled: bool = _key("dpopEnabled", BOOL, True)
+    dpop_max_clock_skew: float = _duration_key("dpopMaxClockSkew", "60s")
+    mtls_enabled: bool = _key("mtlsEnabled", BOOL, True)
+    rate_limiting: AuthRateLimitSettings = _section("rateLimiting", AuthRateLimitSettings)
+
+
+@_settings
+class OpenApiSettings:
+    enabled: bool = _key("enabled", BOOL, True)
+    cache_ttl_seconds: float = _seconds_key("cacheTtlSeconds", 300, positive=False)
+    title: str = _key("title", STRING, "Stella Ops API")
+    version: str = _key("version", _string(non_empty=True), "1.0.0")
+
+
+@_settings
+class HealthSettings:
+    heartbeat_interval_seconds: float = _seconds_key("heartbeatIntervalSeconds", 10)
+    heartbeat_timeout_seconds: float = _seconds_key("heartbeatTimeoutSeconds", 30)
+    degraded_after_seconds: float = _seconds_key("degradedAfterSeconds", 15)
+    check_interval_seconds: float = _seconds_key("checkIntervalSeconds", 5)
+    unhealthy_threshold: int = _key("unhealthyThreshold", COUNT, 3)
+
+    def _finish(self, path: str) -> HealthSettings:
+        # Past the timeout an instance is Unhealthy, so a later Degraded mark would never show.
+        if self.degraded_after_seconds > self.heartbeat_timeout_seconds:
+            raise ConfigError(_join(path, "degradedAfterSeconds"),
+                              f"must not exceed heartbeatTimeoutSeconds "
+                              f"({_format_seconds(self.heartbeat_timeout_seconds)})")
+        return self
+
+
+@_settings
+class LoggingSettings:
+    level: str = _key("level", _choice("debug", "info", "warning", "error"), "info")
+    access_log: bool = _key("accessLog", BOOL, True)
+
+
+@_settings
+class MetricsSettings:
+    enabled: bool = _key("enabled", BOOL, True)
+
+
+@_settings
+class GatewaySettings:
+    node: NodeSettings = _section("node", NodeSettings)
+    http: HttpSettings = _section("http", HttpSettings)
+    transports: TransportsSettings = _section("transports", TransportsSettings)
+    routing: RoutingSettings = _section("routing", RoutingSettings)
+    auth: AuthSettings = _section("auth", AuthSettings)
+    openapi: OpenApiSettings = _section("openapi", OpenApiSettings)
+    health: HealthSettings = _section("health", HealthSettings)
+    logging: LoggingSettings = _section("logging", LoggingSettings)
+    metrics: MetricsSettings = _section("metrics", MetricsSettings)
+
+
+# --------------------------------------------------------------------------- rate_limiting:
+
+@_settings
+class RateLimitRule:
+    max_requests: int = _key("max_requests", COUNT)
+    per_seconds: int = _key("per_seconds", COUNT)
+
+
+RULES = _list_of(_section_of(RateLimitRule))
+
+
+@_settings
+class RouteLimitSettings:
+    pattern: str = _key("pattern", _string(non_empty=True))
+    match_type: str = _key("match_type", _choice("exact", "prefix", "regex"), "exact")
+    rules: tuple[RateLimitRule, ...] = _key("rules", RULES, [])
+
+    def _finish(self, path: str) -> RouteLimitSettings:
+        # upstream-notes §8: regex routes compile at startup and a bad one fails fast.
+        if self.match_type == "regex":
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ConfigError(_join(path, "pattern"), f"invalid regular expression: {exc}") from None
+        return self
+
+
+@_settings
+class MicroserviceLimitSettings:
+    rules: tuple[RateLimitRule, ...] = _key("rules", RULES, [])
+    routes: Mapping[str, RouteLimitSettings] = _key(
+        "routes", _mapping_of(_section_of(RouteLimitSettings)), {})
+
+
+@_settings
+class CircuitBreakerSettings:
+    failure_threshold: int = _key("failure_threshold", COUNT, 5)
+    timeout_seconds: float = _seconds_key("timeout_seconds", 30)
+    half_open_timeout: float = _seconds_key("half_open_timeout", 10)
+
+
+@_settings
+class EnvironmentLimitSettings:
+    valkey_connection: str = _key("valkey_connection", _string(_connection_string), "",
+                                  secret=True)
+    valkey_bucket: str = _key("valkey_bucket", _string(non_empty=True), "stella-router-rate-limit")
+    rules: tuple[RateLimitRule, ...] = _key("rules", RULES, [])
+    circuit_breaker: CircuitBreakerSettings = _section("circuit_breaker", CircuitBreakerSettings)
+    microservices: Mapping[str, MicroserviceLimitSettings] = _key(
+        "microservices", _mapping_of(_section_of(MicroserviceLimitSettings)), {})
+
+
+@_settings
+class InstanceLimitSettings:
+    rules: tuple[RateLimitRule, ...] = _key("rules", RULES, [])
+
+
+@_settings
+class RateLimitingSettings:
+    process_back_pressure_when_more_than_per_5min: int = _key(
+        "process_back_pressure_when_more_than_per_5min", NON_NEGATIVE, 0)
+    for_instance: InstanceLimitSettings = _section("for_instance", InstanceLimitSettings)
+    for_environment: EnvironmentLimitSettings | None = _section(
+        "for_environment", EnvironmentLimitSettings, optional=True)
+
+
+@_settings
+class Settings:
+    gateway: GatewaySettings = _section("gateway", GatewaySettings)
+    rate_limiting: RateLimitingSettings = _section("rate_limiting", RateLimitingSettings)
+
+
+# --------------------------------------------------------------------------- ${VAR} substitution
+
+_REFERENCE = re.compile(r"\$\$\{|\$\{([^}]*)\}")
+_REFERENCE_BODY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
+
+
+def _substitute(text: str, env: Mapping[str, str], path: str) -> str:
+    if "${" not in text:
+        return text
+    substituted = False
+
+    def replace(match: re.Match[str]) -> str:
+        nonlocal substituted
+        if match[0] == "$${":
+            return "${"
+        body = _REFERENCE_BODY.fullmatch(match[1])
+        if not body:
+            raise ConfigError(path, f"malformed reference {match[0]!r}: "
+                                    f"use ${{NAME}} or ${{NAME:-default}} ($${{ for a literal ${{)")
+        name, default = body[1], body[2]
+        substituted = True
+        value = env.get(name)
+        if value:
+            return value
+        if default is not None:  # shell ":-": the default also covers an empty variable
+            return default
+        if value is None:
+            raise ConfigError(path, f"environment variable {name} is not set "
+                                    f"(write ${{{name}:-default}} to give a default)")
+        return value
+
+    result = _REFERENCE.sub(replace, text)
+    if "${" in _REFERENCE.sub("", text):  # an unterminated "${" the pattern did not consume
+        raise ConfigError(path, f"unterminated ${{ in {text!r}")
+    return _FromEnv(result) if substituted else result
+
+
+def _substitute_tree(node: Any, env: Mapping[str, str], path: str) -> Any:
+    # Values only: keys (service and route names) are never substituted.
+    if isinstance(node, str):
+        return _substitute(node, env, path)
+    if isinstance(node, dict):
+        return {k: _substitute_tree(v, env, _join(path, str(k))) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute_tree(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
+    return node
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_config_text(text: str, env: Mapping[str, str] | None = None,
+                     source: str = "<string>") -> Settings:
+    """Parse and check a YAML document; raises ConfigError naming the key at fault."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = exc.problem or exc.context or "syntax error"
+        raise ConfigError("<file>", f"invalid YAML in {source}{where}: {problem}", source) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("<file>", f"invalid YAML in {source}: {exc}", source) from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError("<root>", f"expected a mapping with 'gateway' and/or 'rate_limiting', "
+                                    f"got {_describe(raw)}", source)
+    try:
+        raw = _substitute_tree(raw or {}, os.environ if env is None else env, "")
+        return _load_section(Settings, raw, "")
+    except ConfigError as exc:
+        exc.source = source
+        raise
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Settings:
+    """Load a YAML configuration file; raises ConfigError (path "<file>" when unreadable)."""
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError("<file>", f"cannot read {name}: {exc.strerror or exc}", name) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("<file>", f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                          name) from None
+    return load_config_text(text, env, source=name)
+
+
+def default_settings() -> Settings:
+    """The settings of an empty configuration file."""
+    return load_config_text("", env={}, source="<defaults>")
+
+
+# --------------------------------------------------------------------------- effective config
+
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)(?P<password>[^@/\s]+)(?=@)")
+
+
+def _mask_url_password(text: str) -> str:
+    return _URL_PASSWORD.sub(lambda m: m["head"] + MASK, text)
+
+
+def _dump_value(value: Any, fmt: Callable[[Any], Any] | None, mask: bool) -> Any:
+    if dataclasses.is_dataclass(value):
+        return _dump_section(value, mask)
+    if isinstance(value, tuple):
+        return [_dump_value(v, fmt, mask) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _dump_value(v, fmt, mask) for k, v in value.items()}
+    if fmt is not None:
+        return fmt(value)
+    if mask and isinstance(value, str):
+        return _mask_url_password(value)
+    return value
+
+
+def _dump_section(section: Any, mask: bool) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if mask and f.metadata["secret"] and value:
+            out[f.metadata["yaml"]] = MASK
+        else:
+            out[f.metadata["yaml"]] = _dump_value(value, f.metadata["dump"], mask)
+    return out
+
+
+def effective_config(settings: Settings, mask_secrets: bool = True) -> dict[str, Any]:
+    """Every setting as a YAML-shaped dict under the original key names.
+
+    Durations come out as "30s"/"500ms", sizes as "16KB"/"100MB" (or plain numbers when
+    not a whole unit). With mask_secrets, non-empty secrets become "********" and so do
+    passwords inside URLs in any other string.
+    """
+    return _dump_section(settings, mask_secrets)
+
+
+def _escape_references(node: Any) -> Any:
+    # The dump must load back to the same values, so a literal "${" is written "$${".
+    if isinstance(node, str):
+        return node.replace("${", "$${")
+    if isinstance(node, dict):
+        return {k: _escape_references(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_escape_references(v) for v in node]
+    return node
+
+
+def dump_effective(settings: Settings) -> str:
+    """YAML text of effective_config (secrets masked); what `stellagw check-config` prints."""
+    return yaml.safe_dump(_escape_references(effective_config(settings)),
+                          sort_keys=False, allow_unicode=True, default_flow_style=False)

@@ -1,0 +1,241 @@
+"""The composition root of one worker: builds the stages, owns start / ready / drain / stop.
+
+A worker is one process with one uvloop loop. It accepts client HTTP on its own
+SO_REUSEPORT socket (so several workers share a port and the kernel spreads connections),
+and runs a once-a-second tick that moves the coarse clock, the Date header and every
+connection's deadline — no timer object per request.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import signal
+import socket
+import time
+from time import perf_counter
+
+import httptools
+
+from . import __version__
+from .ingress.http import HttpProtocol
+from .ingress.tls import server_context
+from .observe.logs import JsonLog
+from .observe.metrics import Metrics
+from .pipeline import Pipeline
+
+_CID_OK = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+class HttpLimits:
+    """The request-path settings as flat attributes: one attribute read per check."""
+
+    __slots__ = ("max_connections", "max_header_bytes", "max_header_count", "max_url_length",
+                 "header_read_timeout", "keep_alive_timeout", "max_request_body_size")
+
+    def __init__(self, gw):
+        http = gw.http
+        self.max_connections = http.max_connections
+        self.max_header_bytes = http.max_header_bytes
+        self.max_header_count = http.max_header_count
+        self.max_url_length = http.max_url_length
+        self.header_read_timeout = http.header_read_timeout
+        self.keep_alive_timeout = http.keep_alive_timeout
+        self.max_request_body_size = gw.routing.max_request_body_size
+
+
+def check_httptools_strict() -> None:
+    """Refuse to start on an httptools that cannot switch llhttp's leniencies off.
+
+    Lenient parsing (bare LF, obs-fold, chunk extensions without CRLF ...) is what request
+    smuggling between a proxy and us would exploit; see reference/security-checklists.md.
+    """
+    class _Sink:
+        pass
+
+    parser = httptools.HttpRequestParser(_Sink())
+    if not hasattr(parser, "set_dangerous_leniencies"):
+        raise RuntimeError("httptools >= 0.6.2 is required (llhttp strict mode); "
+                           f"found {httptools.__version__}")
+    _strict(parser)
+    try:
+        parser.feed_data(b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n")
+    except httptools.HttpParserError:
+        return
+    raise RuntimeError("httptools accepted a bare LF in a header: llhttp is not strict")
+
+
+def _strict(parser) -> None:
+    parser.set_dangerous_leniencies(
+        lenient_headers=False, lenient_chunked_length=False, lenient_keep_alive=False,
+        lenient_transfer_encoding=False, lenient_version=False, lenient_data_after_close=False,
+        lenient_optional_lf_after_cr=False, lenient_optional_cr_before_lf=False,
+        lenient_optional_crlf_after_chunk=False)
+
+
+def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class Worker:
+    def __init__(self, settings, worker_id: int = 0, log: JsonLog | None = None):
+        gw = settings.gateway
+        self.settings = settings
+        self.worker_id = worker_id
+        self.node_id = gw.node.node_id
+        self.http_settings = HttpLimits(gw)
+        self.log = log or JsonLog(gw.logging.level, access_log=gw.logging.access_log)
+        self.log.extra = {"node": self.node_id, "worker": worker_id}
+        self.metrics = Metrics()
+        self.connections: set[HttpProtocol] = set()
+        self.draining = False
+        self._drain_started = False
+        self.started = False
+        self.http_address: tuple | None = None
+        self.now = time.monotonic()
+        self.date_header = b""
+        self._update_date()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tick_handle = None
+        self._stopped: asyncio.Event | None = None
+        self._cid_prefix = os.urandom(4).hex() + "%02x" % (worker_id & 0xFF)
+        self._cid_counter = 0
+        self.pipeline = Pipeline(self)
+
+    # ------------------------------------------------------------------ request path hooks
+
+    @staticmethod
+    def new_parser(protocol):
+        parser = httptools.HttpRequestParser(protocol)
+        _strict(parser)
+        return parser
+
+    def correlation_id(self, headers) -> str:
+        for name, value in headers:
+            if name == b"x-correlation-id":
+                if 0 < len(value) <= 64 and _CID_OK.issuperset(value):
+                    return value.decode("ascii")
+                break
+        self._cid_counter += 1
+        return "%s%010x" % (self._cid_prefix, self._cid_counter)
+
+    def request_done(self, req, status: int) -> None:
+        elapsed = perf_counter() - req.started
+        self.metrics.request_done(req.service, req.method, req.route, status, elapsed)
+        if self.log.access_log:
+            self.log.request(req.correlation_id, req.tenant, req.method,
+                             req.target.decode("utf-8", "replace"), req.service,
+                             elapsed * 1000.0, status)
+
+    def render_metrics(self) -> bytes:
+        return self.metrics.render()
+
+    # ------------------------------------------------------------------ health
+
+    def not_ready_reasons(self) -> list[str]:
+        reasons = []
+        if self.draining:
+            reasons.append("draining: the gateway is shutting down")
+        if not self.started:
+            reasons.append("starting: listeners are not up yet")
+        for server in self._servers:
+            if not server.is_serving() and not self.draining:
+                reasons.append("a listener is down")
+        return reasons
+
+    def startup_reasons(self) -> list[str]:
+        return [] if self.started else ["listeners are not up yet"]
+
+    def health_details(self) -> dict:
+        return {"services": {}}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, http_sock: socket.socket | None = None) -> None:
+        gw = self.settings.gateway
+        loop = asyncio.get_running_loop()
+        ssl_ctx = server_context(gw.http.tls, "gateway.http.tls") if gw.http.tls.enabled else None
+        if http_sock is None:
+            http_sock = listen_socket(gw.http.host, gw.http.port, gw.http.backlog)
+        server = await loop.create_server(
+            lambda: HttpProtocol(self), sock=http_sock, ssl=ssl_ctx, backlog=gw.http.backlog,
+            ssl_handshake_timeout=gw.http.header_read_timeout if ssl_ctx else None)
+        self._servers.append(server)
+        self.http_address = http_sock.getsockname()[:2]
+        self._stopped = asyncio.Event()
+        self._tick_handle = loop.call_later(1.0, self._tick)
+        self.started = True
+        scheme = "https" if ssl_ctx else "http"
+        self.log.event("info", "listening", version=__version__,
+                       http=f"{scheme}://{_fmt_addr(self.http_address)}", pid=os.getpid())
+        self.log.flush()
+
+    def _update_date(self) -> None:
+        self.date_header = b"date: " + email.utils.formatdate(usegmt=True).encode() + b"\r\n"
+
+    def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tick_handle = loop.call_later(1.0, self._tick)
+        self.now = time.monotonic()
+        self._update_date()
+        now = self.now
+        for conn in list(self.connections):
+            conn.check_deadline(now)
+        self.log.flush()
+
+    async def drain(self) -> None:
+        """SIGTERM: not ready, no new connections, finish in-flight work, then stop."""
+        if self._drain_started:
+            return
+        self._drain_started = True
+        self.draining = True
+        self.log.event("info", "draining", connections=len(self.connections))
+        for server in self._servers:
+            server.close()
+        deadline = time.monotonic() + self.settings.gateway.http.shutdown_timeout
+        while True:
+            for conn in list(self.connections):
+                if conn.is_idle():
+                    conn.close()
+            if not self.connections or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.close()
+        self.log.event("info", "stopped", unfinished=len(self.connections))
+        self.log.flush()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def _fmt_addr(addr) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run_worker(settings, worker_id: int = 0, http_sock: socket.socket | None = None) -> int:
+    """Run one worker until SIGTERM/SIGINT has drained it. Returns the exit code."""
+    import uvloop
+
+    async def main():
+        worker = Worker(settings, worker_id)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.drain()))
+        await worker.start(http_sock)
+        await worker.wait_stopped()
+
+    check_httptools_strict()
+    uvloop.run(main())
+    return 0

@@ -1,0 +1,1 @@
+"""Health probes and (later) aggregation of downstream service health."""

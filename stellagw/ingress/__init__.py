@@ -1,0 +1,1 @@
+"""accept + parse + respond: the client-facing HTTP/1.1 side of the gateway."""

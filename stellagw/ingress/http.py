@@ -1,0 +1,419 @@
+"""The client-facing HTTP/1.1 protocol: httptools callbacks on a uvloop transport.
+
+One HttpProtocol per client connection. Requests are parsed into `Request` objects and
+queued; the pipeline answers them strictly in arrival order (pipelining), either at once
+(built-ins, local errors) or later (routed requests) through `respond()`.
+
+Error policy (STYLE §17): malformed HTTP or a broken limit → a JSON error answer and the
+connection closed after it; nothing raised out of `data_received`.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from time import perf_counter
+
+import httptools
+
+from .responses import JSON, error_body, status_line
+
+# How many parsed requests may wait behind the one in flight before we stop reading:
+# bounds the memory one pipelining client can make us hold.
+PIPELINE_MAX = 16
+
+# Deadline kinds, checked by ServerState.tick() once a second (no timer per request).
+D_NONE, D_HEADER, D_BODY, D_IDLE = 0, 1, 2, 3
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing; the status is in `protocol._reject`."""
+
+
+class Request:
+    """One parsed HTTP request. Plain slots: made once per request, read by every stage."""
+
+    __slots__ = (
+        "conn",             # the HttpProtocol it came on
+        "method",           # str, upper case as sent ("GET")
+        "target",           # bytes, the raw request-target path (before '?')
+        "query",            # bytes, after '?', without it
+        "headers",          # list[(bytes lowercase name, bytes value)] as received
+        "body",             # bytes
+        "http_version",     # "1.1" or "1.0"
+        "keep_alive",       # bool: what the client asked for
+        "correlation_id",   # str: taken from X-Correlation-Id or made
+        "started",          # perf_counter() at message complete
+        "reject",           # (status, message) when the request is answered with an error
+        "service",          # str: service label for metrics/logs ("" for built-ins)
+        "route",            # str: the path label for metrics (template, never the raw path)
+        "tenant",           # str | None, set by authentication
+        "state",            # per-request scratch for pipeline stages (None until used)
+    )
+
+    def header(self, name: bytes) -> bytes | None:
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return None
+
+
+class HttpProtocol(asyncio.Protocol):
+    def __init__(self, server):
+        # -- per server (shared by every connection of this worker)
+        self._server = server
+        self._settings = server.http_settings
+        self._handle = server.pipeline.handle
+
+        # -- per connection
+        self.transport = None
+        self.peer_cert: bytes | None = None   # DER of the client certificate (mTLS)
+        self.peername = None
+        self._parser = None
+        self._queue: deque[Request] = deque()
+        self._current: Request | None = None
+        self._out: list[bytes] | None = None  # set while data_received runs: coalesced writes
+        self._closing = False
+        self._reading_paused = False
+        self._parse_broken = False
+        self.deadline = 0.0
+        self.deadline_kind = D_NONE
+
+        # -- per request being parsed
+        self._req: Request | None = None
+        self._url = b""
+        self._headers: list = []
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._reject: tuple[int, str] | None = None
+        self._upgrade = False
+
+    # ---------------------------------------------------------------- transport callbacks
+
+    def connection_made(self, transport):
+        self.transport = transport
+        server = self._server
+        if len(server.connections) >= self._settings.max_connections:
+            # Over the cap: answer rather than leave the client hanging in the backlog.
+            transport.write(self._render_error_close(503, "connection limit reached"))
+            transport.close()
+            self._closing = True
+            return
+        server.connections.add(self)
+        server.metrics.connection_opened()
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.peer_cert = ssl_object.getpeercert(binary_form=True)
+        self.peername = transport.get_extra_info("peername")
+        self._parser = server.new_parser(self)
+        self._set_deadline(D_HEADER, self._settings.header_read_timeout)
+
+    def connection_lost(self, exc):
+        if self in self._server.connections:
+            self._server.connections.discard(self)
+            self._server.metrics.connection_closed()
+        self._closing = True
+        current, self._current = self._current, None
+        self._queue.clear()
+        if current is not None:
+            # The client went away with a request in flight: let the stage waiting on it
+            # cancel its work (CANCEL(ClientDisconnected) to the service).
+            on_abort = current.state.get("on_abort") if current.state else None
+            if on_abort is not None:
+                on_abort(current)
+
+    def data_received(self, data):
+        if self._parse_broken or self._closing:
+            return
+        self._out = out = []
+        try:
+            self._parser.feed_data(data)
+        except _Reject:
+            self._fail_parse()
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Reject) or self._reject is not None:
+                self._fail_parse()
+            else:
+                self._server.log.event("error", "parser callback failed", error=repr(exc.__context__))
+                self._fail_parse(500, "internal error while reading the request")
+        except httptools.HttpParserUpgrade:
+            # llhttp stops at an upgrade; what follows is not HTTP/1.1 any more.
+            self._parse_broken = True
+            if self._req is not None:
+                self._fail_parse(400, "protocol upgrade is not supported on this endpoint")
+        except httptools.HttpParserError as exc:
+            self._fail_parse(400, _parser_message(exc))
+        self._pump()
+        self._out = None
+        if out:
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if self._closing and self.transport is not None and not self.transport.is_closing():
+            if self._current is None:
+                self.transport.close()
+
+    def eof_received(self):
+        # A half-closed client still gets the answers to what it sent.
+        return self._current is not None or bool(self._queue)
+
+    # ---------------------------------------------------------------- parser callbacks
+
+    def on_message_begin(self):
+        self._req = _new_request(self)
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._body = []
+        self._body_size = 0
+        self._reject = None
+        self._upgrade = False
+        if self._current is None:
+            self._set_deadline(D_HEADER, self._settings.header_read_timeout)
+
+    def on_url(self, url: bytes):
+        self._url += url
+        if len(self._url) > self._settings.max_url_length:
+            self._reject = (414, "request-target longer than %d bytes" % self._settings.max_url_length)
+            raise _Reject
+
+    def on_header(self, name: bytes, value: bytes):
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._settings.max_header_bytes:
+            self._reject = (431, "request header block larger than %d bytes"
+                            % self._settings.max_header_bytes)
+            raise _Reject
+        headers = self._headers
+        headers.append((name.lower(), value))
+        if len(headers) > self._settings.max_header_count:
+            self._reject = (431, "more than %d request header fields" % self._settings.max_header_count)
+            raise _Reject
+
+    def on_headers_complete(self):
+        req = self._req
+        parser = self._parser
+        req.method = parser.get_method().decode("ascii")
+        req.http_version = parser.get_http_version()
+        req.keep_alive = parser.should_keep_alive()
+        req.headers = headers = self._headers
+        url = self._url
+        if url[:1] != b"/":
+            url = _origin_form(url)
+            if url is None:
+                self._reject = (400, "the request-target must be a path or an absolute URL")
+                raise _Reject
+        q = url.find(b"?")
+        if q >= 0:
+            req.target, req.query = url[:q], url[q + 1:]
+        else:
+            req.target, req.query = url, b""
+        req.correlation_id = self._server.correlation_id(headers)
+
+        limit = self._settings.max_request_body_size
+        expect = None
+        for name, value in headers:
+            if name == b"content-length":
+                # llhttp (strict) already refused malformed and conflicting lengths.
+                if int(value) > limit:
+                    self._reject = (413, "request body larger than %d bytes" % limit)
+                    raise _Reject
+            elif name == b"upgrade":
+                self._upgrade = True
+            elif name == b"expect":
+                expect = value.lower()
+        if self._upgrade and parser.should_upgrade():
+            self._reject = (400, "protocol upgrade is not supported on this endpoint")
+            raise _Reject
+        if expect is not None:
+            if expect != b"100-continue":
+                self._reject = (417, "only 'Expect: 100-continue' is supported")
+                raise _Reject
+            if req.http_version == "1.1" and self._current is None and not self._queue:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._set_deadline(D_BODY, self._settings.header_read_timeout)
+
+    def on_body(self, body: bytes):
+        self._body_size += len(body)
+        if self._body_size > self._settings.max_request_body_size:
+            self._reject = (413, "request body larger than %d bytes" % self._settings.max_request_body_size)
+            raise _Reject
+        self._body.append(body)
+        # A body that keeps arriving is progress: push the slow-client deadline on.
+        self.deadline = self._server.now + self._settings.header_read_timeout
+
+    def on_message_complete(self):
+        req = self._req
+        self._req = None
+        body = self._body
+        req.body = body[0] if len(body) == 1 else b"".join(body)
+        req.started = perf_counter()
+        self.deadline_kind = D_NONE
+        if self._current is None and not self._queue:
+            self._current = req
+            self._run(req)
+        else:
+            self._queue.append(req)
+            if len(self._queue) >= PIPELINE_MAX and not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pause_reading()
+
+    # ---------------------------------------------------------------- answering
+
+    def _fail_parse(self, status: int | None = None, message: str | None = None):
+        """The parser cannot go on: answer (in order) with an error, then close."""
+        if status is None:
+            status, message = self._reject
+        self._parse_broken = True
+        req = self._req or _new_request(self)
+        self._req = None
+        if not req.correlation_id:
+            req.correlation_id = self._server.correlation_id(self._headers)
+        req.keep_alive = False
+        req.started = perf_counter()
+        req.reject = (status, message)
+        self._queue.append(req)
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _pump(self):
+        """Start the next queued request when nothing is in flight."""
+        while self._current is None and self._queue and not self._closing:
+            req = self._queue.popleft()
+            self._current = req
+            self._run(req)
+        if (self._reading_paused and not self._parse_broken and not self._closing
+                and len(self._queue) < PIPELINE_MAX // 2):
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _run(self, req: Request):
+        if req.reject is not None:
+            status, message = req.reject
+            self.respond(req, status, b"content-type: application/json\r\n",
+                         error_body(status, message, req.correlation_id), close=True)
+            return
+        try:
+            result = self._handle(req)
+        except Exception as exc:  # a bug in a stage must not take the connection down silently
+            self._server.log.event("error", "pipeline failed", correlationId=req.correlation_id,
+                                   error=repr(exc))
+            result = (500, b"content-type: application/json\r\n",
+                      error_body(500, "internal error", req.correlation_id))
+        if result is not None:
+            self.respond(req, *result)
+
+    def respond(self, req: Request, status: int, headers: bytes, body: bytes,
+                close: bool = False) -> None:
+        """Write the response for `req` (the request in flight); start the next one.
+
+        `headers` is a preformatted block of "name: value\\r\\n" lines: stages build it once
+        (built-ins keep it as a constant) and it is written as is.
+        """
+        if req is not self._current or self.transport is None:
+            return  # the connection went away, or an answer came twice
+        server = self._server
+        keep = req.keep_alive and not close and not server.draining
+        out = [status_line(status), server.date_header, b"content-length: %d\r\n" % len(body),
+               headers, b"x-correlation-id: ", req.correlation_id.encode("latin-1"), b"\r\n"]
+        if not keep:
+            out.append(b"connection: close\r\n")
+        elif req.http_version == "1.0":
+            out.append(b"connection: keep-alive\r\n")
+        out.append(b"\r\n")
+        if req.method != "HEAD" and body:
+            out.append(body)
+        data = b"".join(out)
+        if self._out is not None:
+            self._out.append(data)
+        else:
+            self.transport.write(data)
+        self._current = None
+        server.request_done(req, status)
+        if not keep:
+            self._closing = True
+            self._queue.clear()
+            if self._out is None:
+                self.transport.close()
+            return
+        if self._out is None:
+            # Answered from a callback (routed request): carry on with the queue here.
+            self._pump()
+        if self._current is None and not self._queue and self._req is None:
+            self._set_deadline(D_IDLE, self._settings.keep_alive_timeout)
+
+    def _render_error_close(self, status: int, message: str) -> bytes:
+        body = error_body(status, message, self._server.correlation_id(()))
+        return b"".join((status_line(status), self._server.date_header,
+                         b"content-type: ", JSON, b"\r\ncontent-length: %d\r\n" % len(body),
+                         b"connection: close\r\n\r\n", body))
+
+    # ---------------------------------------------------------------- deadlines
+
+    def _set_deadline(self, kind: int, seconds: float):
+        self.deadline_kind = kind
+        self.deadline = self._server.now + seconds
+
+    def check_deadline(self, now: float) -> None:
+        kind = self.deadline_kind
+        if kind == D_NONE or now < self.deadline or self.transport is None:
+            return
+        self.deadline_kind = D_NONE
+        if kind == D_IDLE or self._current is not None:
+            if kind == D_IDLE:
+                self.close()
+            return
+        # Slow headers or a stalled body (slowloris): 408, then close.
+        if self._req is not None or kind == D_HEADER:
+            self.transport.write(self._render_error_close(408, "request not received in time"))
+        self.close()
+
+    def close(self):
+        self._closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def is_idle(self) -> bool:
+        return self._current is None and not self._queue and self._req is None
+
+
+def _new_request(conn) -> Request:
+    req = Request()
+    req.conn = conn
+    req.method = "-"
+    req.target = b""
+    req.query = b""
+    req.headers = ()
+    req.body = b""
+    req.http_version = "1.1"
+    req.keep_alive = True
+    req.correlation_id = ""
+    req.started = 0.0
+    req.reject = None
+    req.service = ""
+    req.route = ""
+    req.tenant = None
+    req.state = None
+    return req
+
+
+def _origin_form(url: bytes) -> bytes | None:
+    """absolute-form (RFC 9112 §3.2.2) → the path and query; servers must accept it."""
+    try:
+        parsed = httptools.parse_url(url)
+    except httptools.HttpParserInvalidURLError:
+        return None
+    if parsed.schema not in (b"http", b"https"):
+        return None
+    path = parsed.path or b"/"
+    return path + b"?" + parsed.query if parsed.query else path
+
+
+def _parser_message(exc: Exception) -> str:
+    text = str(exc) or exc.__class__.__name__
+    return "malformed HTTP request: " + text

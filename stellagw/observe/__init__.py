@@ -1,0 +1,1 @@
+"""Metrics, JSON logs and (later) traces — kept off the hot path."""

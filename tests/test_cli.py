@@ -1,0 +1,147 @@
+"""The command line and the process model, as a user runs them: real subprocesses."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+
+from .gwtest import request, wait_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "stellagw", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_version():
+    out = run_cli("--version")
+    assert out.returncode == 0 and re.fullmatch(r"stellagw \d+\.\d+\.\d+\n", out.stdout)
+
+
+def test_check_config_prints_effective_config_with_secrets_masked(tmp_path):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("gateway:\n  auth:\n    rateLimiting:\n      redisConnectionString: redis://u:hunter2@h:6379\n"
+                   "  transports:\n    tls: {certificatePassword: '${PW}', certificatePath: /x.pfx}\n")
+    out = subprocess.run([sys.executable, "-m", "stellagw", "check-config", str(cfg)], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "PW": "s3cret-pw"})
+    assert out.returncode == 0, out.stderr
+    assert "hunter2" not in out.stdout and "s3cret-pw" not in out.stdout
+    assert "defaultTimeout: 30s" in out.stdout
+
+
+@pytest.mark.parametrize("text, key", [
+    ("gateway: {routing: {defaultTimeout: 30x}}", "gateway.routing.defaultTimeout"),
+    ("gateway: {routing: {maxRequestBodySize: 100XB}}", "gateway.routing.maxRequestBodySize"),
+    ("gateway: {http: {port: 70000}}", "gateway.http.port"),
+    ("gateway: {node: {workers: many}}", "gateway.node.workers"),
+    ("gateway: {nodes: {}}", "gateway.nodes"),
+    ("rate_limiting: {for_instance: {rules: [{max_requests: 1, per_second: 1}]}}",
+     "rate_limiting.for_instance.rules[0].per_second"),
+    ("gateway: {http: {tls: {enabled: true}}}", "gateway.http.tls.certificatePath"),
+])
+def test_bad_config_stops_serve_before_listening_naming_the_key(tmp_path, text, key):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(text)
+    out = run_cli("serve", "--config", str(cfg))
+    assert out.returncode == 2
+    assert key in out.stderr
+    assert "listening" not in out.stdout
+
+
+def test_missing_config_file_and_bad_arguments():
+    out = run_cli("serve", "--config", "/nonexistent/gw.yaml")
+    assert out.returncode == 2 and "/nonexistent/gw.yaml" in out.stderr
+    out = run_cli("serve", "--workers", "x")
+    assert out.returncode == 2 and "invalid int value" in out.stderr
+    out = run_cli("frobnicate")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+    out = run_cli("serve", "--workers", "-1")
+    assert out.returncode == 2 and "--workers" in out.stderr
+
+
+def test_unusable_certificate_is_a_config_error(tmp_path):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"gateway: {{http: {{port: 0, tls: {{enabled: true, certificatePath: {tmp_path}/none.pem, "
+                   f"keyPath: {tmp_path}/none.key}}}}}}")
+    out = run_cli("serve", "--config", str(cfg))
+    assert out.returncode == 2 and "gateway.http.tls.certificatePath" in out.stderr
+
+
+class Served:
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([sys.executable, "-m", "stellagw", "serve", *args], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines = []
+
+    def wait_listening(self, count=1, timeout=20):
+        deadline = time.monotonic() + timeout
+        found = []
+        while len(found) < count and time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            rec = _json(line)
+            if rec and rec.get("message") == "listening":
+                found.append(rec)
+        assert len(found) == count, b"".join(self.lines).decode()
+        return found
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _json(line):
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def test_serve_single_worker_answers_and_stops_on_sigterm():
+    s = Served("--port", "0", "--workers", "1")
+    try:
+        [rec] = s.wait_listening()
+        port = int(rec["http"].rsplit(":", 1)[1])
+        status, _, body = request(port, b"GET /health/live HTTP/1.1\r\n\r\n")
+        assert status == 200
+    finally:
+        assert s.stop() == 0
+
+
+def test_two_workers_share_the_port_and_a_dead_worker_is_restarted():
+    s = Served("--port", "0", "--workers", "2")
+    try:
+        recs = s.wait_listening(2)
+        ports = {int(r["http"].rsplit(":", 1)[1]) for r in recs}
+        assert len(ports) == 1
+        port = ports.pop()
+        seen = set()
+        for _ in range(200):
+            _, _, body = request(port, b"GET /health/ready HTTP/1.1\r\n\r\n")
+            seen.add(orjson.loads(body)["worker"])
+            if len(seen) == 2:
+                break
+        assert seen == {0, 1}, "SO_REUSEPORT should spread connections over both workers"
+        victim = recs[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        [again] = s.wait_listening(1)
+        assert again["pid"] != victim and again["worker"] == recs[0]["worker"]
+        assert request(port, b"GET /health/live HTTP/1.1\r\n\r\n")[0] == 200
+    finally:
+        assert s.stop() == 0

@@ -1,0 +1,29 @@
+"""Guard: the suite must run against the compiled Cython modules, not silently against the
+pure-Python twins (which the differential tests compare them with)."""
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from stellagw import _impl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXTENSIONS = sorted(os.path.splitext(os.path.basename(p))[0]
+                    for p in glob.glob(os.path.join(ROOT, "cext", "*.pyx")))
+
+
+def test_every_extension_has_a_pure_python_twin():
+    assert EXTENSIONS, "no cext/*.pyx found"
+    for name in EXTENSIONS:
+        assert os.path.exists(os.path.join(ROOT, "stellagw", "_py", name + ".py")), name
+
+
+@pytest.mark.skipif(_impl.NO_EXTENSIONS, reason="STELLAGW_NO_EXTENSIONS=1 selects the twins")
+@pytest.mark.parametrize("name", EXTENSIONS)
+def test_compiled_module_loaded(name):
+    assert _impl.compiled(name), (
+        f"stellagw._cext.{name} did not load: run `make build` (or pip install -e .)")
+    mod = _impl.select(name)
+    assert mod.__name__ == f"stellagw._cext.{name}" and mod.__file__.endswith((".so", ".pyd"))
