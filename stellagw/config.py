@@ -36,11 +36,10 @@ import math
 import os
 import re
 import socket
-import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -54,7 +53,7 @@ __all__ = [
     "HealthSettings", "LoggingSettings", "MetricsSettings",
     "RateLimitingSettings", "RateLimitRule", "InstanceLimitSettings",
     "EnvironmentLimitSettings", "CircuitBreakerSettings", "MicroserviceLimitSettings",
-    "RouteLimitSettings",
+    "RouteLimitSettings", "FrozenMap",
 ]
 
 MASK = "********"
@@ -202,12 +201,13 @@ def _describe(value: Any) -> str:
 
 
 def _check_range(value: Any, low: Any, high: Any) -> None:
-    if low is not None and high is not None and not low <= value <= high:
+    if (low is None or value >= low) and (high is None or value <= high):
+        return
+    if low is not None and high is not None:
         raise ValueError(f"must be between {low} and {high}, got {value}")
-    if low is not None and value < low:
+    if low is not None:
         raise ValueError(f"must be at least {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"must be at most {high}, got {value}")
+    raise ValueError(f"must be at most {high}, got {value}")
 
 
 def _integer(low: int | None = None, high: int | None = None) -> Parser:
@@ -276,19 +276,18 @@ def _tls_version(value: Any, path: str) -> str:
     return _choice("1.2", "1.3")(value, path)
 
 
-def _duration(low: float = 0.0, *, positive: bool = False) -> Parser:
+def _duration(*, positive: bool = False) -> Parser:
     def parse(value: Any, path: str) -> float:
-        seconds = parse_duration(str(value) if isinstance(value, _FromEnv) else value)
+        seconds = parse_duration(value)
         if positive and seconds <= 0:
             raise ValueError(f"must be greater than 0, got {value!r}")
-        _check_range(seconds, low, None)
         return seconds
     return parse
 
 
 def _size(low: int = 0, high: int | None = None) -> Parser:
     def parse(value: Any, path: str) -> int:
-        size = parse_size(str(value) if isinstance(value, _FromEnv) else value)
+        size = parse_size(value)
         _check_range(size, low, high)
         return size
     return parse
@@ -314,10 +313,46 @@ def _list_of(item: Parser, *, split_env: bool = False) -> Parser:
     return parse
 
 
+_V = TypeVar("_V")
+
+
+class FrozenMap(Mapping[str, _V]):
+    """A read-only name -> section mapping.
+
+    Not types.MappingProxyType: that cannot be pickled (settings may be handed to worker
+    processes) and has no hash, which would make the frozen settings unhashable.
+    """
+    __slots__ = ("_items", "_hash")
+
+    def __init__(self, items: Mapping[str, _V] | None = None) -> None:
+        self._items = dict(items or {})
+        self._hash: int | None = None
+
+    def __getitem__(self, name: str) -> _V:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(frozenset(self._items.items()))
+        return self._hash
+
+    def __reduce__(self) -> tuple:
+        return FrozenMap, (self._items,)
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._items!r})"
+
+
 def _mapping_of(item: Parser) -> Parser:
-    def parse(value: Any, path: str) -> Mapping[str, Any]:
+    def parse(value: Any, path: str) -> FrozenMap:
         if value is None:
-            return types.MappingProxyType({})
+            return FrozenMap()
         if not isinstance(value, dict):
             raise ValueError(f"expected a mapping of names, got {_describe(value)}")
         items = {}
@@ -325,7 +360,7 @@ def _mapping_of(item: Parser) -> Parser:
             if not isinstance(name, str) or not name:
                 raise ConfigError(f"{path}.{name}", "names must be non-empty strings (quote it)")
             items[name] = _apply(item, v, f"{path}.{name}")
-        return types.MappingProxyType(items)
+        return FrozenMap(items)
     return parse
 
 
@@ -345,10 +380,7 @@ def _key(yaml_name: str, parser: Parser, default: Any = MISSING, *, secret: bool
     meta = {"yaml": yaml_name, "parse": parser, "secret": secret, "dump": dump}
     if default is MISSING:
         return field(metadata=meta)
-    value = parser(default, f"<default of {yaml_name}>")
-    if value.__class__.__hash__ is None:  # MappingProxyType: shared, but read-only
-        return field(default_factory=lambda: value, metadata=meta)
-    return field(default=value, metadata=meta)
+    return field(default=parser(default, f"<default of {yaml_name}>"), metadata=meta)
 
 
 def _section(yaml_name: str, cls: type, *, optional: bool = False) -> Any:
@@ -421,11 +453,16 @@ def _origin(text: str) -> str:
     if not text:
         return text
     parts = urlsplit(text)
+    parts.port  # noqa: B018 -- raises ValueError for a port out of range
     if (parts.scheme not in ("http", "https") or not parts.hostname or parts.username
             or parts.password or parts.path not in ("", "/") or parts.query or parts.fragment):
         raise ValueError(f"must be an absolute http(s) origin such as https://gw.example.com "
                          f"(no path, query or credentials), got {text!r}")
-    return text.rstrip("/")
+    # Normalised as RFC 3986 §6.2.3 says, so DPoP `htu` comparisons can be plain string ones.
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    default_port = 443 if parts.scheme == "https" else 80
+    port = f":{parts.port}" if parts.port not in (None, default_port) else ""
+    return f"{parts.scheme}://{host}{port}"
 
 
 _VALKEY_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "unix")
@@ -448,6 +485,7 @@ def _check_certificate(section: Any, path: str) -> None:
                           "required with a PEM certificate (only a .pfx/.p12 bundle carries its key)")
 
 
+# Parsers, named for how they read in the declarations below.
 PORT = _integer(0, 65535)
 COUNT = _integer(1)
 NON_NEGATIVE = _integer(0)
@@ -664,7 +702,7 @@ class RouteLimitSettings:
 @_settings
 class MicroserviceLimitSettings:
     rules: tuple[RateLimitRule, ...] = _key("rules", RULES, [])
-    routes: Mapping[str, RouteLimitSettings] = _key(
+    routes: FrozenMap[RouteLimitSettings] = _key(
         "routes", _mapping_of(_section_of(RouteLimitSettings)), {})
 
 
@@ -682,7 +720,7 @@ class EnvironmentLimitSettings:
     valkey_bucket: str = _key("valkey_bucket", _string(non_empty=True), "stella-router-rate-limit")
     rules: tuple[RateLimitRule, ...] = _key("rules", RULES, [])
     circuit_breaker: CircuitBreakerSettings = _section("circuit_breaker", CircuitBreakerSettings)
-    microservices: Mapping[str, MicroserviceLimitSettings] = _key(
+    microservices: FrozenMap[MicroserviceLimitSettings] = _key(
         "microservices", _mapping_of(_section_of(MicroserviceLimitSettings)), {})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import pickle
 import textwrap
 import types
 import typing
@@ -83,10 +84,24 @@ def test_frozen():
           for_environment:
             microservices: {scanner: {rules: [{max_requests: 1, per_seconds: 1}]}}
         """)
-    assert isinstance(s.rate_limiting.for_environment.microservices, types.MappingProxyType)
+    services = s.rate_limiting.for_environment.microservices
+    assert isinstance(services, config.FrozenMap) and dict(services).keys() == {"scanner"}
     with pytest.raises(TypeError):
-        s.rate_limiting.for_environment.microservices["x"] = None  # type: ignore[index]
-    assert isinstance(s.rate_limiting.for_environment.microservices["scanner"].rules, tuple)
+        services["x"] = None  # type: ignore[index]
+    assert isinstance(services["scanner"].rules, tuple)
+
+
+def test_settings_pickle_and_hash():
+    # Workers may receive the settings from the supervisor by pickling.
+    s = load_config_text(SEED + textwrap.indent(textwrap.dedent("""
+        microservices:
+          scanner:
+            routes: {reports: {pattern: /api/reports, rules: [{max_requests: 5, per_seconds: 1}]}}
+        """), "    "), env=SEED_ENV)
+    assert s.rate_limiting.for_environment.microservices["scanner"].routes["reports"].rules[0].max_requests == 5
+    copy = pickle.loads(pickle.dumps(s))
+    assert copy == s and hash(copy) == hash(s)
+    assert {s: 1}[copy] == 1
 
 
 # --------------------------------------------------------------------------- examples and seed
@@ -491,6 +506,7 @@ def test_tls_needs_certificate_and_key(section):
 @pytest.mark.parametrize("origin, ok", [
     ("https://gw.example.com", "https://gw.example.com"),
     ("http://127.0.0.1:8080/", "http://127.0.0.1:8080"),
+    ("HTTPS://GW.Example.com:443", "https://gw.example.com"), ("http://[::1]:80", "http://[::1]"),
     ("gw.example.com", None), ("ftp://gw.example.com", None), ("https://gw.example.com/api", None),
     ("https://user:pw@gw.example.com", None), ("https://gw.example.com?x=1", None),
 ])

@@ -606,3 +606,18 @@ def test_reference_agrees_on_hand_written_table(name):
         for path in ("/", "/a", "/a/", "/a/b", "/a/b/c", "/a/b/d", "/a/z/d", "/a/z/e", "/a/b/c/d",
                      "/x", "/a/b/c/"):
             assert router.match(method, path) == reference.match(method, path), (method, path)
+
+
+def test_parameterless_match_does_not_allocate(R):
+    import sys
+    r = build(R, ("GET", "/api/v1/health"), ("GET", "/api/v1/{x}"), ("POST", "/api/v1/items"))
+    paths = ["/api/v1/health", "/api/v1/health/"]
+    for _ in range(100):                                     # warm caches
+        for p in paths:
+            r.match("GET", p)
+            r.match("PUT", "/api/v1/items")
+    before = sys.getallocatedblocks()
+    for _ in range(10_000):
+        for p in paths:
+            r.match("GET", p)
+    assert sys.getallocatedblocks() - before < 50

@@ -1,0 +1,903 @@
+# cython: language_level=3
+"""Frame codec for the gateway <-> microservice transport (docs/protocol.md).
+
+Compiled twin of stellagw/_py/frame.py: same API, same bytes out, same FrameError
+messages on the same input (tests/test_frame.py checks all three differentially).
+
+Layout of this file: constants, lookup tables, FrameError, the decoder (feed/next over a
+caller's bytes object read in place, with an owned buffer only for frames that straddle
+feed() calls), the payload decoders, and the encoder (one growable buffer, placeholder
+header back-patched at the end of each frame, take() hands out every pending frame as one
+bytes object so the transport does one write per loop iteration).
+"""
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
+                            PyBytes_GET_SIZE)
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.memoryview cimport PyMemoryView_FromObject
+from cpython.unicode cimport PyUnicode_AsLatin1String, PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
+from libc.string cimport memcpy, memmove
+
+from gw_debug cimport GW_DEBUG
+from gw_endian cimport gw_load_be16, gw_load_be32, gw_store_be16, gw_store_be32
+
+import orjson
+
+cdef extern from "Python.h":
+    const char *PyUnicode_AsUTF8AndSize(object u, Py_ssize_t *size) except NULL
+    bint PyUnicode_IS_ASCII(object u)
+    void *PyUnicode_DATA(object u)
+    Py_ssize_t PyUnicode_GET_LENGTH(object u)
+    bint PyUnicode_Check(object o)
+
+cdef object _loads = orjson.loads
+cdef object _dumps = orjson.dumps
+cdef object _JSONDecodeError = orjson.JSONDecodeError
+
+
+# --- constants (docs/protocol.md §2-§5) ---------------------------------------------------
+
+cdef enum:
+    C_HEADER_SIZE = 21          # u32 length + u8 type + 16-byte correlation id
+    C_MIN_LENGTH = 17           # smallest legal length field: type + correlation id
+    C_MAX_HEADERS = 256
+    C_MAX_METHOD = 16
+    C_ZERO_COPY_MIN = 1024      # shorter payloads are copied: a copy is cheaper than a view
+    C_U16_MAX = 0xFFFF
+    C_MIN_ALLOC = 4096
+    C_KEEP_ALLOC = 1024 * 1024  # buffers above this are freed when they become empty
+
+cdef enum FrameType:
+    T_HELLO = 1
+    T_HEARTBEAT = 2
+    T_ENDPOINTS_UPDATE = 3
+    T_REQUEST = 4
+    T_REQUEST_STREAM_DATA = 5
+    T_RESPONSE = 6
+    T_RESPONSE_STREAM_DATA = 7
+    T_CANCEL = 8
+    T_HELLO_ACK = 9
+    T_DRAIN = 10
+    T_PING = 11
+    T_PONG = 12
+    T_WINDOW_UPDATE = 13
+    T_LAST = 13
+
+cdef enum StreamFlags:
+    F_END_STREAM = 0x01
+    F_KIND_MASK = 0x0E
+    F_KIND_DATA = 0x00
+    F_KIND_TEXT = 0x02
+    F_KIND_BINARY = 0x04
+    F_KIND_CLOSE = 0x06
+    F_KIND_PING = 0x08
+    F_KIND_PONG = 0x0A
+    F_MORE = 0x10
+    F_STREAM_RESERVED = 0xE0
+
+HEADER_SIZE = C_HEADER_SIZE
+MIN_LENGTH = C_MIN_LENGTH
+DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+PROTOCOL_VERSION = 1
+MAX_HEADERS = C_MAX_HEADERS
+MAX_METHOD_LENGTH = C_MAX_METHOD
+ZERO_COPY_MIN = C_ZERO_COPY_MIN
+ZERO_CORR = bytes(16)
+
+HELLO = T_HELLO
+HEARTBEAT = T_HEARTBEAT
+ENDPOINTS_UPDATE = T_ENDPOINTS_UPDATE
+REQUEST = T_REQUEST
+REQUEST_STREAM_DATA = T_REQUEST_STREAM_DATA
+RESPONSE = T_RESPONSE
+RESPONSE_STREAM_DATA = T_RESPONSE_STREAM_DATA
+CANCEL = T_CANCEL
+HELLO_ACK = T_HELLO_ACK
+DRAIN = T_DRAIN
+PING = T_PING
+PONG = T_PONG
+WINDOW_UPDATE = T_WINDOW_UPDATE
+
+FLAG_END_STREAM = F_END_STREAM
+FLAG_MORE = F_MORE
+STREAM_KIND_MASK = F_KIND_MASK
+KIND_DATA = F_KIND_DATA
+KIND_TEXT = F_KIND_TEXT
+KIND_BINARY = F_KIND_BINARY
+KIND_CLOSE = F_KIND_CLOSE
+KIND_PING = F_KIND_PING
+KIND_PONG = F_KIND_PONG
+MAX_WINDOW_INCREMENT = 0x7FFFFFFF
+
+cdef long long _U32_MAX = 0xFFFFFFFF
+cdef long long _MAX_WINDOW_INCREMENT = 0x7FFFFFFF
+
+
+# --- lookup tables --------------------------------------------------------------------
+
+# _TOKEN: RFC 9110 §5.6.2 tchar. _NAME: tchar without A-Z (names travel lowercase).
+# _LOWER: ASCII case fold. _VALUE_BAD: CR, LF, NUL (RFC 9110 §5.5: never valid in a value).
+cdef uint8_t _TOKEN[256]
+cdef uint8_t _NAME[256]
+cdef uint8_t _LOWER[256]
+cdef uint8_t _VALUE_BAD[256]
+
+
+cdef void _init_tables() noexcept:
+    cdef const char *extra = b"!#$%&'*+-.^_`|~"
+    cdef int i
+    for i in range(256):
+        _TOKEN[i] = 0
+        _NAME[i] = 0
+        _VALUE_BAD[i] = 0
+        _LOWER[i] = <uint8_t>(i + 32 if 65 <= i <= 90 else i)
+    for i in range(48, 58):
+        _TOKEN[i] = _NAME[i] = 1
+    for i in range(97, 123):
+        _TOKEN[i] = _NAME[i] = 1
+    for i in range(65, 91):
+        _TOKEN[i] = 1
+    i = 0
+    while extra[i]:
+        _TOKEN[<uint8_t>extra[i]] = _NAME[<uint8_t>extra[i]] = 1
+        i += 1
+    _VALUE_BAD[0] = _VALUE_BAD[10] = _VALUE_BAD[13] = 1
+
+
+_init_tables()
+
+# Decoded methods: the common ones come from these cached strings, not a fresh decode.
+cdef str _M_GET = "GET", _M_PUT = "PUT", _M_POST = "POST", _M_HEAD = "HEAD"
+cdef str _M_PATCH = "PATCH", _M_DELETE = "DELETE", _M_OPTIONS = "OPTIONS"
+
+
+class FrameError(ValueError):
+    """Malformed frame or frame field; the message names the field or limit."""
+
+
+cdef inline int _check_header(uint32_t length, Py_ssize_t avail, const unsigned char *p,
+                              long long max_frame) except -1:
+    # Runs as soon as the 4 (or 5) header bytes are in: nothing is allocated for a frame
+    # before its length and type are known to be legal (DESIGN.md §3).
+    if length < C_MIN_LENGTH:
+        raise FrameError(f"frame length {length} is below the minimum {C_MIN_LENGTH}")
+    if length > max_frame:
+        raise FrameError(f"frame length {length} exceeds max_frame_size {max_frame}")
+    # Unknown types are protocol errors, never skipped: types are only added with a new
+    # protocol version, negotiated in HELLO/HELLO_ACK (docs/protocol.md §6).
+    if avail > 4 and (p[4] < 1 or p[4] > T_LAST):
+        raise FrameError(f"unknown frame type {p[4]}")
+    return 0
+
+
+cdef long long _check_max(long long max_frame_size) except -1:
+    if max_frame_size < C_MIN_LENGTH or max_frame_size > _U32_MAX:
+        raise ValueError(f"max_frame_size must be between {C_MIN_LENGTH} and {_U32_MAX}")
+    return max_frame_size
+
+
+# --- decoder --------------------------------------------------------------------------
+
+@cython.final
+cdef class FrameDecoder:
+    """Sans-IO frame reader: feed() bytes as they arrive, call next() until it returns None.
+
+    next() returns (ftype, corr, payload). The payload is read-only: `bytes`, or, for a
+    payload of at least ZERO_COPY_MIN bytes lying wholly inside a `bytes` object given to
+    feed() while nothing else was buffered, a memoryview into that object. Contract: use it
+    before the next feed(), or copy it with bytes(). (Views are only ever taken of immutable
+    `bytes` objects, never of the decoder's own buffer, so in practice they stay valid.)
+    After a FrameError the stream is unusable: next() raises it again; close the connection.
+    """
+    cdef:
+        long long _max                  # largest accepted length field (17 + payload)
+        unsigned char *_buf             # owned copy of bytes that straddle feed() calls
+        Py_ssize_t _cap                 # allocated size of _buf
+        Py_ssize_t _start               # first unconsumed byte in _buf
+        Py_ssize_t _end                 # one past the last buffered byte in _buf
+        object _chunk                   # bytes object of the last feed(), read in place
+        const unsigned char *_cptr      # PyBytes_AS_STRING(_chunk)
+        Py_ssize_t _cpos                # first unconsumed byte of _chunk
+        Py_ssize_t _clen                # len(_chunk)
+        object _cview                   # memoryview(_chunk), made on the first zero-copy
+
+    def __cinit__(self):
+        self._buf = NULL
+        self._cap = self._start = self._end = 0
+        self._chunk = self._cview = None
+        self._cptr = NULL
+        self._cpos = self._clen = 0
+
+    def __init__(self, long long max_frame_size=DEFAULT_MAX_FRAME_SIZE):
+        self._max = _check_max(max_frame_size)
+
+    def __dealloc__(self):
+        PyMem_Free(self._buf)
+        self._buf = NULL
+
+    cdef int _append(self, const unsigned char *data, Py_ssize_t n) except -1:
+        cdef Py_ssize_t need, cap
+        cdef unsigned char *nbuf
+        if n == 0:
+            return 0
+        if self._start:
+            # Compact once per feed (one batch of frames), never per frame.
+            memmove(self._buf, self._buf + self._start, <size_t>(self._end - self._start))
+            self._end -= self._start
+            self._start = 0
+        need = self._end + n
+        if need > self._cap:
+            cap = self._cap * 2
+            if cap < need:
+                cap = need
+            if cap < C_MIN_ALLOC:
+                cap = C_MIN_ALLOC
+            nbuf = <unsigned char *>PyMem_Realloc(self._buf, <size_t>cap)
+            if nbuf == NULL:
+                raise MemoryError()
+            self._buf = nbuf
+            self._cap = cap
+        memcpy(self._buf + self._end, data, <size_t>n)
+        self._end = need
+        return 0
+
+    def feed(self, data):
+        cdef Py_buffer view
+        if self._chunk is not None:
+            # The previous chunk ended in a partial frame: keep its tail, drop the chunk.
+            self._append(self._cptr + self._cpos, self._clen - self._cpos)
+            self._chunk = self._cview = None
+            self._cptr = NULL
+            self._cpos = self._clen = 0
+        if PyBytes_CheckExact(data) and self._start == self._end:
+            self._start = self._end = 0
+            if self._cap > C_KEEP_ALLOC:
+                PyMem_Free(self._buf)
+                self._buf = NULL
+                self._cap = 0
+            if PyBytes_GET_SIZE(data):
+                self._chunk = data
+                self._cptr = <const unsigned char *>PyBytes_AS_STRING(data)
+                self._clen = PyBytes_GET_SIZE(data)
+            return
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            self._append(<const unsigned char *>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    def next(self):
+        cdef const unsigned char *p
+        cdef Py_ssize_t avail, end, plen
+        cdef uint32_t length
+        cdef uint8_t ftype
+        cdef object corr, payload
+        if self._chunk is not None:
+            p = self._cptr + self._cpos
+            avail = self._clen - self._cpos
+        else:
+            if GW_DEBUG:
+                assert 0 <= self._start <= self._end <= self._cap
+            p = self._buf + self._start
+            avail = self._end - self._start
+        if avail < 4:
+            return None
+        length = gw_load_be32(p)
+        _check_header(length, avail, p, self._max)
+        if avail < 4 + <Py_ssize_t>length:
+            return None
+        ftype = p[4]
+        corr = PyBytes_FromStringAndSize(<const char *>p + 5, 16)
+        plen = <Py_ssize_t>length - C_MIN_LENGTH
+        if self._chunk is not None:
+            end = self._cpos + 4 + <Py_ssize_t>length
+            if plen >= C_ZERO_COPY_MIN:
+                if self._cview is None:
+                    self._cview = PyMemoryView_FromObject(self._chunk)
+                payload = self._cview[self._cpos + C_HEADER_SIZE:end]
+            else:
+                payload = PyBytes_FromStringAndSize(<const char *>p + C_HEADER_SIZE, plen)
+            if end == self._clen:
+                self._chunk = self._cview = None
+                self._cptr = NULL
+                self._cpos = self._clen = 0
+            else:
+                self._cpos = end
+        else:
+            payload = PyBytes_FromStringAndSize(<const char *>p + C_HEADER_SIZE, plen)
+            self._start += 4 + <Py_ssize_t>length
+            if self._start == self._end:
+                self._start = self._end = 0
+        return (ftype, corr, payload)
+
+    def at_frame_boundary(self):
+        return self._cpos == self._clen and self._start == self._end
+
+
+# --- payload decoders -----------------------------------------------------------------
+
+cdef inline int _take(const unsigned char *p, Py_ssize_t *pos, Py_ssize_t n, int width,
+                      str kind, str field, Py_ssize_t *start) except -1:
+    cdef Py_ssize_t at = pos[0], size
+    if at + width > n:
+        raise FrameError(f"{kind}: {field} length overruns the payload")
+    size = p[at] if width == 1 else gw_load_be16(p + at)
+    at += width
+    if at + size > n:
+        raise FrameError(f"{kind}: {field} overruns the payload")
+    start[0] = at
+    pos[0] = at + size
+    return 0
+
+
+cdef list _decode_headers(const unsigned char *p, Py_ssize_t *pos, Py_ssize_t n, str kind):
+    cdef Py_ssize_t count, i, j, a, b
+    cdef list headers = []
+    cdef object name, value
+    if pos[0] + 2 > n:
+        raise FrameError(f"{kind}: header count overruns the payload")
+    count = gw_load_be16(p + pos[0])
+    pos[0] += 2
+    if count > C_MAX_HEADERS:
+        raise FrameError(f"{kind}: header count {count} exceeds {C_MAX_HEADERS}")
+    for i in range(count):
+        _take(p, pos, n, 2, kind, "header name", &a)
+        b = pos[0]
+        if a == b:
+            raise FrameError(f"{kind}: header name is not a lowercase token")
+        for j in range(a, b):
+            if not _NAME[p[j]]:
+                raise FrameError(f"{kind}: header name is not a lowercase token")
+        name = PyBytes_FromStringAndSize(<const char *>p + a, b - a)
+        _take(p, pos, n, 2, kind, "header value", &a)
+        b = pos[0]
+        for j in range(a, b):
+            if _VALUE_BAD[p[j]]:
+                raise FrameError(f"{kind}: header value contains CR, LF or NUL")
+        value = PyBytes_FromStringAndSize(<const char *>p + a, b - a)
+        headers.append((name, value))
+    return headers
+
+
+cdef str _method_str(const unsigned char *m, Py_ssize_t n):
+    cdef Py_ssize_t i
+    for i in range(n):
+        if not _TOKEN[m[i]]:
+            raise FrameError("REQUEST: method is not an HTTP token")
+    if n == 3:
+        if memcmp3(m, b"GET"):
+            return _M_GET
+        if memcmp3(m, b"PUT"):
+            return _M_PUT
+    elif n == 4:
+        if memcmp4(m, b"POST"):
+            return _M_POST
+        if memcmp4(m, b"HEAD"):
+            return _M_HEAD
+    elif n == 5 and memcmp5(m, b"PATCH"):
+        return _M_PATCH
+    elif n == 6 and memcmp6(m, b"DELETE"):
+        return _M_DELETE
+    elif n == 7 and memcmp7(m, b"OPTIONS"):
+        return _M_OPTIONS
+    return PyUnicode_DecodeASCII(<const char *>m, n, NULL)
+
+
+cdef inline bint memcmp3(const unsigned char *a, const char *b) noexcept:
+    return a[0] == b[0] and a[1] == b[1] and a[2] == b[2]
+
+
+cdef inline bint memcmp4(const unsigned char *a, const char *b) noexcept:
+    return memcmp3(a, b) and a[3] == b[3]
+
+
+cdef inline bint memcmp5(const unsigned char *a, const char *b) noexcept:
+    return memcmp4(a, b) and a[4] == b[4]
+
+
+cdef inline bint memcmp6(const unsigned char *a, const char *b) noexcept:
+    return memcmp5(a, b) and a[5] == b[5]
+
+
+cdef inline bint memcmp7(const unsigned char *a, const char *b) noexcept:
+    return memcmp6(a, b) and a[6] == b[6]
+
+
+cdef tuple _decode_request(const unsigned char *p, Py_ssize_t n):
+    cdef Py_ssize_t pos = 5, a
+    cdef uint8_t flags
+    cdef uint32_t timeout_ms
+    cdef str method, path
+    cdef bytes query, body
+    cdef list headers
+    if n < 5:
+        raise FrameError("REQUEST: flags/timeout_ms overrun the payload")
+    flags = p[0]
+    if flags & ~F_END_STREAM:
+        raise FrameError(f"REQUEST: reserved flag bits set (0x{flags:02x})")
+    timeout_ms = gw_load_be32(p + 1)
+    _take(p, &pos, n, 1, "REQUEST", "method", &a)
+    if pos == a:
+        raise FrameError("REQUEST: empty method")
+    if pos - a > C_MAX_METHOD:
+        raise FrameError(f"REQUEST: method length {pos - a} exceeds {C_MAX_METHOD}")
+    method = _method_str(p + a, pos - a)
+    _take(p, &pos, n, 2, "REQUEST", "path", &a)
+    try:
+        path = PyUnicode_DecodeUTF8(<const char *>p + a, pos - a, NULL)
+    except UnicodeDecodeError:
+        raise FrameError("REQUEST: path is not valid UTF-8") from None
+    _take(p, &pos, n, 2, "REQUEST", "query", &a)
+    query = PyBytes_FromStringAndSize(<const char *>p + a, pos - a)
+    headers = _decode_headers(p, &pos, n, "REQUEST")
+    body = PyBytes_FromStringAndSize(<const char *>p + pos, n - pos)
+    return (flags, timeout_ms, method, path, query, headers, body)
+
+
+cdef tuple _decode_response(const unsigned char *p, Py_ssize_t n):
+    cdef Py_ssize_t pos = 3
+    cdef uint8_t flags
+    cdef uint16_t status
+    cdef list headers
+    if n < 3:
+        raise FrameError("RESPONSE: flags/status overrun the payload")
+    flags = p[0]
+    if flags & ~F_END_STREAM:
+        raise FrameError(f"RESPONSE: reserved flag bits set (0x{flags:02x})")
+    status = gw_load_be16(p + 1)
+    if status < 100 or status > 999:
+        raise FrameError(f"RESPONSE: status {status} out of range 100-999")
+    headers = _decode_headers(p, &pos, n, "RESPONSE")
+    return (flags, status, headers, PyBytes_FromStringAndSize(<const char *>p + pos, n - pos))
+
+
+cdef int _check_stream_flags(long long flags) except -1:
+    cdef long long kind = flags & F_KIND_MASK
+    if flags & F_STREAM_RESERVED:
+        raise FrameError(f"STREAM_DATA: reserved flag bits set (0x{flags:02x})")
+    if kind > F_KIND_PONG:
+        raise FrameError(f"STREAM_DATA: unknown stream kind {kind >> 1}")
+    # RFC 6455 §5.5: control messages are never fragmented; MORE + END_STREAM contradict.
+    if flags & F_MORE and (kind > F_KIND_BINARY or flags & F_END_STREAM):
+        raise FrameError("STREAM_DATA: MORE set on a control kind or with END_STREAM")
+    if kind == F_KIND_CLOSE and not flags & F_END_STREAM:
+        raise FrameError("STREAM_DATA: CLOSE without END_STREAM")
+    return 0
+
+
+cdef tuple _decode_stream_data(const unsigned char *p, Py_ssize_t n):
+    if n < 1:
+        raise FrameError("STREAM_DATA: flags overrun the payload")
+    _check_stream_flags(p[0])
+    return (p[0], PyBytes_FromStringAndSize(<const char *>p + 1, n - 1))
+
+
+def decode_request(payload):
+    """REQUEST payload -> (flags, timeout_ms, method, path, query, headers, body)."""
+    cdef Py_buffer view
+    if PyBytes_CheckExact(payload):
+        return _decode_request(<const unsigned char *>PyBytes_AS_STRING(payload),
+                               PyBytes_GET_SIZE(payload))
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    try:
+        return _decode_request(<const unsigned char *>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def decode_response(payload):
+    """RESPONSE payload -> (flags, status, headers, body)."""
+    cdef Py_buffer view
+    if PyBytes_CheckExact(payload):
+        return _decode_response(<const unsigned char *>PyBytes_AS_STRING(payload),
+                                PyBytes_GET_SIZE(payload))
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    try:
+        return _decode_response(<const unsigned char *>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def decode_stream_data(payload):
+    """REQUEST_STREAM_DATA / RESPONSE_STREAM_DATA payload -> (flags, chunk)."""
+    cdef Py_buffer view
+    if PyBytes_CheckExact(payload):
+        return _decode_stream_data(<const unsigned char *>PyBytes_AS_STRING(payload),
+                                   PyBytes_GET_SIZE(payload))
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    try:
+        return _decode_stream_data(<const unsigned char *>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def decode_control(payload):
+    """JSON control payload -> dict ({} for an empty payload)."""
+    if len(payload) == 0:
+        return {}
+    try:
+        obj = _loads(payload)
+    except _JSONDecodeError as exc:
+        raise FrameError(f"control payload is not valid JSON: {exc}") from None
+    if type(obj) is not dict:
+        raise FrameError("control payload is not a JSON object")
+    return obj
+
+
+def decode_window_update(payload):
+    """WINDOW_UPDATE payload -> increment (1 .. MAX_WINDOW_INCREMENT)."""
+    cdef Py_buffer view
+    cdef uint32_t inc
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    try:
+        if view.len != 4:
+            raise FrameError(f"WINDOW_UPDATE: payload is {view.len} bytes, expected 4")
+        inc = gw_load_be32(<const unsigned char *>view.buf)
+    finally:
+        PyBuffer_Release(&view)
+    if inc < 1 or inc > _MAX_WINDOW_INCREMENT:
+        raise FrameError(f"WINDOW_UPDATE: increment {inc} out of range "
+                         f"1-{_MAX_WINDOW_INCREMENT}")
+    return inc
+
+
+# --- encoder --------------------------------------------------------------------------
+
+cdef int _check_flags(long long flags, str kind) except -1:
+    if flags < 0 or flags > 0xFF:
+        raise FrameError(f"{kind}: flags {flags} out of range 0-255")
+    if flags & ~F_END_STREAM:
+        raise FrameError(f"{kind}: reserved flag bits set (0x{flags:02x})")
+    return 0
+
+
+@cython.final
+cdef class FrameEncoder:
+    """Appends encoded frames to one reusable buffer; take() hands them out as one bytes.
+
+    Each method validates its fields (same rules and messages as the decoders) and the
+    frame size against max_frame_size; on any error the buffer is left exactly as it was.
+    """
+    cdef:
+        long long _max          # largest length field we may write (17 + payload)
+        unsigned char *_buf     # pending encoded frames (PyMem-owned)
+        Py_ssize_t _len         # bytes pending in _buf
+        Py_ssize_t _cap         # allocated size of _buf
+
+    def __cinit__(self):
+        self._buf = NULL
+        self._len = self._cap = 0
+
+    def __init__(self, long long max_frame_size=DEFAULT_MAX_FRAME_SIZE):
+        self._max = _check_max(max_frame_size)
+
+    def __dealloc__(self):
+        PyMem_Free(self._buf)
+        self._buf = NULL
+
+    def __len__(self):
+        return self._len
+
+    def take(self):
+        cdef bytes data = PyBytes_FromStringAndSize(<const char *>self._buf, self._len)
+        self._len = 0
+        if self._cap > C_KEEP_ALLOC:
+            # One huge frame must not pin its buffer for the connection's lifetime.
+            PyMem_Free(self._buf)
+            self._buf = NULL
+            self._cap = 0
+        return data
+
+    # --- buffer primitives. Each frame is written at `mark`: a placeholder header, the
+    # fields, then the length is back-patched by _end(). _room() keeps the buffer from
+    # ever growing past one legal frame, so an oversized frame costs no allocation.
+
+    cdef int _reserve(self, Py_ssize_t extra) except -1:
+        cdef Py_ssize_t need = self._len + extra, cap
+        cdef unsigned char *nbuf
+        if need <= self._cap:
+            return 0
+        cap = self._cap * 2
+        if cap < need:
+            cap = need
+        if cap < C_MIN_ALLOC:
+            cap = C_MIN_ALLOC
+        nbuf = <unsigned char *>PyMem_Realloc(self._buf, <size_t>cap)
+        if nbuf == NULL:
+            raise MemoryError()
+        self._buf = nbuf
+        self._cap = cap
+        return 0
+
+    cdef inline int _room(self, Py_ssize_t mark, Py_ssize_t extra, str kind) except -1:
+        if self._len - mark - 4 + extra > self._max:
+            raise FrameError(f"{kind}: frame length exceeds max_frame_size {self._max}")
+        return self._reserve(extra)
+
+    cdef Py_ssize_t _begin(self, uint8_t ftype, object corr) except -1:
+        cdef Py_buffer view
+        cdef Py_ssize_t mark = self._len
+        if PyBytes_CheckExact(corr):
+            if PyBytes_GET_SIZE(corr) != 16:
+                raise FrameError("correlation id must be 16 bytes")
+            self._reserve(C_HEADER_SIZE)
+            memcpy(self._buf + mark + 5, PyBytes_AS_STRING(corr), 16)
+        else:
+            PyObject_GetBuffer(corr, &view, PyBUF_SIMPLE)
+            try:
+                if view.len != 16:
+                    raise FrameError("correlation id must be 16 bytes")
+                self._reserve(C_HEADER_SIZE)
+                memcpy(self._buf + mark + 5, view.buf, 16)
+            finally:
+                PyBuffer_Release(&view)
+        self._buf[mark + 4] = ftype
+        self._len = mark + C_HEADER_SIZE
+        return mark
+
+    cdef inline void _end(self, Py_ssize_t mark) noexcept:
+        gw_store_be32(self._buf + mark, <uint32_t>(self._len - mark - 4))
+
+    cdef inline void _put(self, const void *data, Py_ssize_t n) noexcept:
+        # Caller has reserved room.
+        memcpy(self._buf + self._len, data, <size_t>n)
+        self._len += n
+
+    cdef int _put16(self, Py_ssize_t mark, const unsigned char *data, Py_ssize_t n,
+                    str kind, str field) except -1:
+        if n > C_U16_MAX:
+            raise FrameError(f"{kind}: {field} length {n} exceeds {C_U16_MAX}")
+        self._room(mark, 2 + n, kind)
+        gw_store_be16(self._buf + self._len, <uint16_t>n)
+        self._len += 2
+        self._put(data, n)
+        return 0
+
+    cdef int _put16_obj(self, Py_ssize_t mark, object obj, str kind, str field) except -1:
+        cdef Py_buffer view
+        if PyBytes_CheckExact(obj):
+            return self._put16(mark, <const unsigned char *>PyBytes_AS_STRING(obj),
+                               PyBytes_GET_SIZE(obj), kind, field)
+        if PyUnicode_Check(obj):
+            raise TypeError(f"{field} must be a bytes-like object, not str")
+        PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE)
+        try:
+            self._put16(mark, <const unsigned char *>view.buf, view.len, kind, field)
+        finally:
+            PyBuffer_Release(&view)
+        return 0
+
+    cdef int _body(self, Py_ssize_t mark, object body, str kind) except -1:
+        cdef Py_buffer view
+        if PyBytes_CheckExact(body):
+            self._room(mark, PyBytes_GET_SIZE(body), kind)
+            self._put(PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+            return 0
+        if PyUnicode_Check(body):
+            raise TypeError("body must be a bytes-like object, not str")
+        PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
+        try:
+            self._room(mark, view.len, kind)
+            self._put(view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        return 0
+
+    cdef int _put_name(self, Py_ssize_t mark, object name, str kind) except -1:
+        # Names travel lowercase (HTTP/2 style): validate as a token, fold while copying.
+        cdef Py_buffer view
+        cdef const unsigned char *p
+        cdef Py_ssize_t n, i
+        cdef bint release = False
+        if PyBytes_CheckExact(name):
+            p = <const unsigned char *>PyBytes_AS_STRING(name)
+            n = PyBytes_GET_SIZE(name)
+        elif PyUnicode_Check(name):
+            if not PyUnicode_IS_ASCII(name):
+                raise FrameError(f"{kind}: header name is not a lowercase token")
+            p = <const unsigned char *>PyUnicode_DATA(name)
+            n = PyUnicode_GET_LENGTH(name)
+        else:
+            PyObject_GetBuffer(name, &view, PyBUF_SIMPLE)
+            p = <const unsigned char *>view.buf
+            n = view.len
+            release = True
+        try:
+            if n > C_U16_MAX:
+                raise FrameError(f"{kind}: header name length {n} exceeds {C_U16_MAX}")
+            if n == 0:
+                raise FrameError(f"{kind}: header name is not a lowercase token")
+            for i in range(n):
+                if not _TOKEN[p[i]]:
+                    raise FrameError(f"{kind}: header name is not a lowercase token")
+            self._room(mark, 2 + n, kind)
+            gw_store_be16(self._buf + self._len, <uint16_t>n)
+            self._len += 2
+            for i in range(n):
+                self._buf[self._len + i] = _LOWER[p[i]]
+            self._len += n
+        finally:
+            if release:
+                PyBuffer_Release(&view)
+        return 0
+
+    cdef int _put_value(self, Py_ssize_t mark, object value, str kind) except -1:
+        cdef Py_buffer view
+        cdef const unsigned char *p
+        cdef Py_ssize_t n, i
+        cdef bint release = False
+        cdef object tmp = None
+        if PyBytes_CheckExact(value):
+            p = <const unsigned char *>PyBytes_AS_STRING(value)
+            n = PyBytes_GET_SIZE(value)
+        elif PyUnicode_Check(value):
+            if PyUnicode_IS_ASCII(value):
+                p = <const unsigned char *>PyUnicode_DATA(value)
+                n = PyUnicode_GET_LENGTH(value)
+            else:
+                try:
+                    tmp = PyUnicode_AsLatin1String(value)
+                except UnicodeEncodeError:
+                    raise FrameError(f"{kind}: header value is not latin-1") from None
+                p = <const unsigned char *>PyBytes_AS_STRING(tmp)
+                n = PyBytes_GET_SIZE(tmp)
+        else:
+            PyObject_GetBuffer(value, &view, PyBUF_SIMPLE)
+            p = <const unsigned char *>view.buf
+            n = view.len
+            release = True
+        try:
+            for i in range(n):
+                if _VALUE_BAD[p[i]]:
+                    raise FrameError(f"{kind}: header value contains CR, LF or NUL")
+            self._put16(mark, p, n, kind, "header value")
+        finally:
+            if release:
+                PyBuffer_Release(&view)
+        return 0
+
+    cdef int _put_headers(self, Py_ssize_t mark, object headers, str kind) except -1:
+        cdef Py_ssize_t count_at, count = 0
+        self._room(mark, 2, kind)
+        count_at = self._len
+        self._len += 2
+        for item in headers:
+            name, value = item
+            count += 1
+            if count > C_MAX_HEADERS:
+                raise FrameError(f"{kind}: more than {C_MAX_HEADERS} headers")
+            self._put_name(mark, name, kind)
+            self._put_value(mark, value, kind)
+        gw_store_be16(self._buf + count_at, <uint16_t>count)
+        return 0
+
+    # --- frames -----------------------------------------------------------------------
+
+    def request(self, corr, method, path, query, headers, long long timeout_ms,
+                long long flags, body):
+        cdef Py_ssize_t mark, mlen, plen, i
+        cdef const unsigned char *m
+        cdef const char *pp
+        cdef Py_ssize_t qlen
+        cdef const char *qp
+        if not PyUnicode_Check(method):
+            raise TypeError("method must be str")
+        if not PyUnicode_Check(path):
+            raise TypeError("path must be str")
+        _check_flags(flags, "REQUEST")
+        if timeout_ms < 0 or timeout_ms > _U32_MAX:
+            raise FrameError(f"REQUEST: timeout_ms {timeout_ms} out of range 0-{_U32_MAX}")
+        mlen = PyUnicode_GET_LENGTH(method)
+        if mlen == 0:
+            raise FrameError("REQUEST: empty method")
+        if not PyUnicode_IS_ASCII(method):
+            raise FrameError("REQUEST: method is not an HTTP token")
+        if mlen > C_MAX_METHOD:
+            raise FrameError(f"REQUEST: method length {mlen} exceeds {C_MAX_METHOD}")
+        m = <const unsigned char *>PyUnicode_DATA(method)
+        for i in range(mlen):
+            if not _TOKEN[m[i]]:
+                raise FrameError("REQUEST: method is not an HTTP token")
+        mark = self._begin(T_REQUEST, corr)
+        try:
+            self._room(mark, 6 + mlen, "REQUEST")
+            self._buf[self._len] = <uint8_t>flags
+            gw_store_be32(self._buf + self._len + 1, <uint32_t>timeout_ms)
+            self._buf[self._len + 5] = <uint8_t>mlen
+            self._len += 6
+            self._put(m, mlen)
+            try:
+                pp = PyUnicode_AsUTF8AndSize(path, &plen)
+            except UnicodeEncodeError:
+                raise FrameError("REQUEST: path is not valid UTF-8") from None
+            self._put16(mark, <const unsigned char *>pp, plen, "REQUEST", "path")
+            if PyUnicode_Check(query):
+                try:
+                    qp = PyUnicode_AsUTF8AndSize(query, &qlen)
+                except UnicodeEncodeError:
+                    raise FrameError("REQUEST: query is not valid UTF-8") from None
+                self._put16(mark, <const unsigned char *>qp, qlen, "REQUEST", "query")
+            else:
+                self._put16_obj(mark, query, "REQUEST", "query")
+            self._put_headers(mark, headers, "REQUEST")
+            self._body(mark, body, "REQUEST")
+        except BaseException:
+            self._len = mark
+            raise
+        self._end(mark)
+
+    def response(self, corr, long long status, headers, long long flags, body):
+        cdef Py_ssize_t mark
+        _check_flags(flags, "RESPONSE")
+        if status < 100 or status > 999:
+            raise FrameError(f"RESPONSE: status {status} out of range 100-999")
+        mark = self._begin(T_RESPONSE, corr)
+        try:
+            self._room(mark, 3, "RESPONSE")
+            self._buf[self._len] = <uint8_t>flags
+            gw_store_be16(self._buf + self._len + 1, <uint16_t>status)
+            self._len += 3
+            self._put_headers(mark, headers, "RESPONSE")
+            self._body(mark, body, "RESPONSE")
+        except BaseException:
+            self._len = mark
+            raise
+        self._end(mark)
+
+    def stream_data(self, long long ftype, corr, long long flags, chunk):
+        cdef Py_ssize_t mark
+        if ftype != T_REQUEST_STREAM_DATA and ftype != T_RESPONSE_STREAM_DATA:
+            raise FrameError(f"frame type {ftype} is not a stream-data type")
+        if flags < 0 or flags > 0xFF:
+            raise FrameError(f"STREAM_DATA: flags {flags} out of range 0-255")
+        _check_stream_flags(flags)
+        mark = self._begin(<uint8_t>ftype, corr)
+        try:
+            self._room(mark, 1, "STREAM_DATA")
+            self._buf[self._len] = <uint8_t>flags
+            self._len += 1
+            self._body(mark, chunk, "STREAM_DATA")
+        except BaseException:
+            self._len = mark
+            raise
+        self._end(mark)
+
+    def control(self, long long ftype, corr, obj):
+        cdef object data
+        if not (ftype == T_HELLO or ftype == T_HEARTBEAT or ftype == T_ENDPOINTS_UPDATE
+                or ftype == T_CANCEL or ftype == T_HELLO_ACK or ftype == T_DRAIN):
+            raise FrameError(f"frame type {ftype} is not a JSON control type")
+        if obj is None:
+            data = b""
+        elif type(obj) is dict:
+            data = _dumps(obj)
+        else:
+            raise TypeError("control payload must be a dict or None")
+        self._raw(<uint8_t>ftype, corr, data, "control")
+
+    def window_update(self, corr, long long increment):
+        cdef unsigned char inc[4]
+        if increment < 1 or increment > _MAX_WINDOW_INCREMENT:
+            raise FrameError(f"WINDOW_UPDATE: increment {increment} out of range "
+                             f"1-{_MAX_WINDOW_INCREMENT}")
+        gw_store_be32(inc, <uint32_t>increment)
+        self._raw(T_WINDOW_UPDATE, corr, PyBytes_FromStringAndSize(<const char *>inc, 4),
+                  "WINDOW_UPDATE")
+
+    def raw(self, long long ftype, corr, payload):
+        """Any frame type with a payload written verbatim (PING/PONG echo their payload)."""
+        if ftype < 1 or ftype > T_LAST:
+            raise FrameError(f"unknown frame type {ftype}")
+        self._raw(<uint8_t>ftype, corr, payload, "raw")
+
+    cdef int _raw(self, uint8_t ftype, object corr, object payload, str kind) except -1:
+        cdef Py_ssize_t mark = self._begin(ftype, corr)
+        try:
+            self._body(mark, payload, kind)
+        except BaseException:
+            self._len = mark
+            raise
+        self._end(mark)
+        return 0

@@ -1,0 +1,1 @@
+"""Routing: the table of registered endpoints (over the radix router), instances, selection."""
