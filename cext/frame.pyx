@@ -16,6 +16,7 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromS
                             PyBytes_GET_SIZE)
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.memoryview cimport PyMemoryView_FromObject
+from cpython.number cimport PyNumber_Index
 from cpython.unicode cimport PyUnicode_AsLatin1String, PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
 from libc.string cimport memcpy, memmove
@@ -172,6 +173,12 @@ cdef inline int _check_header(uint32_t length, Py_ssize_t avail, const unsigned 
     return 0
 
 
+cdef inline long long _ll(object value) except? -1:
+    # Integer arguments: ints (and __index__ objects) only, never a truncated float; same
+    # TypeError / OverflowError as the twin's operator.index() + range check.
+    return PyNumber_Index(value)
+
+
 cdef long long _check_max(long long max_frame_size) except -1:
     if max_frame_size < C_MIN_LENGTH or max_frame_size > _U32_MAX:
         raise ValueError(f"max_frame_size must be between {C_MIN_LENGTH} and {_U32_MAX}")
@@ -210,8 +217,8 @@ cdef class FrameDecoder:
         self._cptr = NULL
         self._cpos = self._clen = 0
 
-    def __init__(self, long long max_frame_size=DEFAULT_MAX_FRAME_SIZE):
-        self._max = _check_max(max_frame_size)
+    def __init__(self, max_frame_size=DEFAULT_MAX_FRAME_SIZE):
+        self._max = _check_max(_ll(max_frame_size))
 
     def __dealloc__(self):
         PyMem_Free(self._buf)
@@ -570,8 +577,8 @@ cdef class FrameEncoder:
         self._buf = NULL
         self._len = self._cap = 0
 
-    def __init__(self, long long max_frame_size=DEFAULT_MAX_FRAME_SIZE):
-        self._max = _check_max(max_frame_size)
+    def __init__(self, max_frame_size=DEFAULT_MAX_FRAME_SIZE):
+        self._max = _check_max(_ll(max_frame_size))
 
     def __dealloc__(self):
         PyMem_Free(self._buf)
@@ -775,20 +782,21 @@ cdef class FrameEncoder:
 
     # --- frames -----------------------------------------------------------------------
 
-    def request(self, corr, method, path, query, headers, long long timeout_ms,
-                long long flags, body):
+    def request(self, corr, method, path, query, headers, timeout_ms, flags, body):
         cdef Py_ssize_t mark, mlen, plen, i
         cdef const unsigned char *m
         cdef const char *pp
         cdef Py_ssize_t qlen
         cdef const char *qp
+        cdef long long tmo = _ll(timeout_ms)
+        cdef long long fl = _ll(flags)
         if not PyUnicode_Check(method):
             raise TypeError("method must be str")
         if not PyUnicode_Check(path):
             raise TypeError("path must be str")
-        _check_flags(flags, "REQUEST")
-        if timeout_ms < 0 or timeout_ms > _U32_MAX:
-            raise FrameError(f"REQUEST: timeout_ms {timeout_ms} out of range 0-{_U32_MAX}")
+        _check_flags(fl, "REQUEST")
+        if tmo < 0 or tmo > _U32_MAX:
+            raise FrameError(f"REQUEST: timeout_ms {tmo} out of range 0-{_U32_MAX}")
         mlen = PyUnicode_GET_LENGTH(method)
         if mlen == 0:
             raise FrameError("REQUEST: empty method")
@@ -803,8 +811,8 @@ cdef class FrameEncoder:
         mark = self._begin(T_REQUEST, corr)
         try:
             self._room(mark, 6 + mlen, "REQUEST")
-            self._buf[self._len] = <uint8_t>flags
-            gw_store_be32(self._buf + self._len + 1, <uint32_t>timeout_ms)
+            self._buf[self._len] = <uint8_t>fl
+            gw_store_be32(self._buf + self._len + 1, <uint32_t>tmo)
             self._buf[self._len + 5] = <uint8_t>mlen
             self._len += 6
             self._put(m, mlen)
@@ -828,16 +836,18 @@ cdef class FrameEncoder:
             raise
         self._end(mark)
 
-    def response(self, corr, long long status, headers, long long flags, body):
+    def response(self, corr, status, headers, flags, body):
         cdef Py_ssize_t mark
-        _check_flags(flags, "RESPONSE")
-        if status < 100 or status > 999:
-            raise FrameError(f"RESPONSE: status {status} out of range 100-999")
+        cdef long long st = _ll(status)
+        cdef long long fl = _ll(flags)
+        _check_flags(fl, "RESPONSE")
+        if st < 100 or st > 999:
+            raise FrameError(f"RESPONSE: status {st} out of range 100-999")
         mark = self._begin(T_RESPONSE, corr)
         try:
             self._room(mark, 3, "RESPONSE")
-            self._buf[self._len] = <uint8_t>flags
-            gw_store_be16(self._buf + self._len + 1, <uint16_t>status)
+            self._buf[self._len] = <uint8_t>fl
+            gw_store_be16(self._buf + self._len + 1, <uint16_t>st)
             self._len += 3
             self._put_headers(mark, headers, "RESPONSE")
             self._body(mark, body, "RESPONSE")
@@ -846,17 +856,19 @@ cdef class FrameEncoder:
             raise
         self._end(mark)
 
-    def stream_data(self, long long ftype, corr, long long flags, chunk):
+    def stream_data(self, ftype, corr, flags, chunk):
         cdef Py_ssize_t mark
-        if ftype != T_REQUEST_STREAM_DATA and ftype != T_RESPONSE_STREAM_DATA:
-            raise FrameError(f"frame type {ftype} is not a stream-data type")
-        if flags < 0 or flags > 0xFF:
-            raise FrameError(f"STREAM_DATA: flags {flags} out of range 0-255")
-        _check_stream_flags(flags)
-        mark = self._begin(<uint8_t>ftype, corr)
+        cdef long long ft = _ll(ftype)
+        cdef long long fl = _ll(flags)
+        if ft != T_REQUEST_STREAM_DATA and ft != T_RESPONSE_STREAM_DATA:
+            raise FrameError(f"frame type {ft} is not a stream-data type")
+        if fl < 0 or fl > 0xFF:
+            raise FrameError(f"STREAM_DATA: flags {fl} out of range 0-255")
+        _check_stream_flags(fl)
+        mark = self._begin(<uint8_t>ft, corr)
         try:
             self._room(mark, 1, "STREAM_DATA")
-            self._buf[self._len] = <uint8_t>flags
+            self._buf[self._len] = <uint8_t>fl
             self._len += 1
             self._body(mark, chunk, "STREAM_DATA")
         except BaseException:
@@ -864,33 +876,36 @@ cdef class FrameEncoder:
             raise
         self._end(mark)
 
-    def control(self, long long ftype, corr, obj):
+    def control(self, ftype, corr, obj):
         cdef object data
-        if not (ftype == T_HELLO or ftype == T_HEARTBEAT or ftype == T_ENDPOINTS_UPDATE
-                or ftype == T_CANCEL or ftype == T_HELLO_ACK or ftype == T_DRAIN):
-            raise FrameError(f"frame type {ftype} is not a JSON control type")
+        cdef long long ft = _ll(ftype)
+        if not (ft == T_HELLO or ft == T_HEARTBEAT or ft == T_ENDPOINTS_UPDATE
+                or ft == T_CANCEL or ft == T_HELLO_ACK or ft == T_DRAIN):
+            raise FrameError(f"frame type {ft} is not a JSON control type")
         if obj is None:
             data = b""
         elif type(obj) is dict:
             data = _dumps(obj)
         else:
             raise TypeError("control payload must be a dict or None")
-        self._raw(<uint8_t>ftype, corr, data, "control")
+        self._raw(<uint8_t>ft, corr, data, "control")
 
-    def window_update(self, corr, long long increment):
+    def window_update(self, corr, increment):
         cdef unsigned char inc[4]
-        if increment < 1 or increment > _MAX_WINDOW_INCREMENT:
-            raise FrameError(f"WINDOW_UPDATE: increment {increment} out of range "
+        cdef long long inc_n = _ll(increment)
+        if inc_n < 1 or inc_n > _MAX_WINDOW_INCREMENT:
+            raise FrameError(f"WINDOW_UPDATE: increment {inc_n} out of range "
                              f"1-{_MAX_WINDOW_INCREMENT}")
-        gw_store_be32(inc, <uint32_t>increment)
+        gw_store_be32(inc, <uint32_t>inc_n)
         self._raw(T_WINDOW_UPDATE, corr, PyBytes_FromStringAndSize(<const char *>inc, 4),
                   "WINDOW_UPDATE")
 
-    def raw(self, long long ftype, corr, payload):
+    def raw(self, ftype, corr, payload):
         """Any frame type with a payload written verbatim (PING/PONG echo their payload)."""
-        if ftype < 1 or ftype > T_LAST:
-            raise FrameError(f"unknown frame type {ftype}")
-        self._raw(<uint8_t>ftype, corr, payload, "raw")
+        cdef long long ft = _ll(ftype)
+        if ft < 1 or ft > T_LAST:
+            raise FrameError(f"unknown frame type {ft}")
+        self._raw(<uint8_t>ft, corr, payload, "raw")
 
     cdef int _raw(self, uint8_t ftype, object corr, object payload, str kind) except -1:
         cdef Py_ssize_t mark = self._begin(ftype, corr)

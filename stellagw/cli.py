@@ -26,6 +26,14 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the gateway with the embedded demo on 127.0.0.1")
     demo.add_argument("--port", type=int, default=8080, metavar="PORT")
+    demo.add_argument("--transport-port", type=int, default=9100, metavar="PORT")
+
+    dsvc = sub.add_parser("demo-service", help="run one demo microservice")
+    dsvc.add_argument("--name", required=True, choices=("scanner", "policy", "bench"))
+    dsvc.add_argument("--gateway", action="append", metavar="HOST:PORT",
+                      help="gateway transport address (repeatable; default 127.0.0.1:9100)")
+    dsvc.add_argument("--region", default="local")
+    dsvc.add_argument("--version", dest="svc_version", default="1.0.0", metavar="SEMVER")
 
     check = sub.add_parser("check-config", help="validate a configuration and print it, secrets masked")
     check.add_argument("file", metavar="FILE")
@@ -44,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             from .demo import main as demo_main
-            return demo_main(args.port)
+            return demo_main(args.port, args.transport_port)
+        if args.command == "demo-service":
+            from .demo import run_service
+            return run_service(args.name, args.gateway or ["127.0.0.1:9100"], args.region,
+                               args.svc_version)
         if args.command == "check-config":
             settings = _load(args.file)
             sys.stdout.write(dump_effective(settings))

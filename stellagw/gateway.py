@@ -23,6 +23,8 @@ from .ingress.tls import server_context
 from .observe.logs import JsonLog
 from .observe.metrics import Metrics
 from .pipeline import Pipeline
+from .routing.state import RoutingState
+from .transport.hub import TransportHub
 
 _CID_OK = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
@@ -85,7 +87,8 @@ def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
 
 
 class Worker:
-    def __init__(self, settings, worker_id: int = 0, log: JsonLog | None = None):
+    def __init__(self, settings, worker_id: int = 0, log: JsonLog | None = None,
+                 transport_ports: dict | None = None):
         gw = settings.gateway
         self.settings = settings
         self.worker_id = worker_id
@@ -107,6 +110,13 @@ class Worker:
         self._stopped: asyncio.Event | None = None
         self._cid_prefix = os.urandom(4).hex() + "%02x" % (worker_id & 0xFF)
         self._cid_counter = 0
+        health = gw.health
+        self.routing = RoutingState(gw.node.region, gw.routing.neighbor_regions,
+                                    health.heartbeat_interval_seconds,
+                                    health.degraded_after_seconds,
+                                    health.heartbeat_timeout_seconds)
+        self.hub = TransportHub(self, self.routing, transport_ports)
+        self.transport_addresses: dict[str, tuple] = {}
         self.pipeline = Pipeline(self)
 
     # ------------------------------------------------------------------ request path hooks
@@ -154,11 +164,15 @@ class Worker:
         return [] if self.started else ["listeners are not up yet"]
 
     def health_details(self) -> dict:
-        return {"services": {}}
+        return {"services": self.routing.describe()}
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        self.metrics.phase(phase, seconds)
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, http_sock: socket.socket | None = None) -> None:
+    async def start(self, http_sock: socket.socket | None = None,
+                    transport_socks: list | None = None) -> None:
         gw = self.settings.gateway
         loop = asyncio.get_running_loop()
         ssl_ctx = server_context(gw.http.tls, "gateway.http.tls") if gw.http.tls.enabled else None
@@ -169,13 +183,43 @@ class Worker:
             ssl_handshake_timeout=gw.http.header_read_timeout if ssl_ctx else None)
         self._servers.append(server)
         self.http_address = http_sock.getsockname()[:2]
+        if transport_socks is None:
+            transport_socks = self._own_transport_sockets()
+        await self.hub.start(transport_socks)
         self._stopped = asyncio.Event()
         self._tick_handle = loop.call_later(1.0, self._tick)
         self.started = True
         scheme = "https" if ssl_ctx else "http"
+        transports = {kind: _fmt_addr(addr) for kind, addr in self.transport_addresses.items()}
         self.log.event("info", "listening", version=__version__,
-                       http=f"{scheme}://{_fmt_addr(self.http_address)}", pid=os.getpid())
+                       http=f"{scheme}://{_fmt_addr(self.http_address)}", pid=os.getpid(),
+                       **transports)
         self.log.flush()
+
+    def _own_transport_sockets(self) -> list:
+        """The shared transport port(s), plus this worker's private port when the
+        supervisor assigned private ports (several workers); one worker alone names its
+        shared port in the HELLO_ACK."""
+        gw = self.settings.gateway
+        socks = []
+        assigned = self.hub._ports
+        ports = {}
+        for kind in ("tcp", "tls"):
+            node = getattr(gw.transports, kind)
+            if not node.enabled:
+                continue
+            sock = listen_socket(node.host, node.port, 512)
+            socks.append((kind, sock))
+            self.transport_addresses[kind] = sock.getsockname()[:2]
+            private = assigned.get(kind)
+            if private:
+                own = listen_socket(node.host, private[self.worker_id], 512)
+                socks.append((kind, own))
+                ports[kind] = dict(private)
+            else:
+                ports[kind] = {self.worker_id: sock.getsockname()[1]}
+        self.hub._ports = ports
+        return socks
 
     def _update_date(self) -> None:
         self.date_header = b"date: " + email.utils.formatdate(usegmt=True).encode() + b"\r\n"
@@ -199,6 +243,8 @@ class Worker:
         self.log.event("info", "draining", connections=len(self.connections))
         for server in self._servers:
             server.close()
+        self.hub.close_listeners()
+        self.hub.drain()
         deadline = time.monotonic() + self.settings.gateway.http.shutdown_timeout
         while True:
             for conn in list(self.connections):
@@ -207,6 +253,7 @@ class Worker:
             if not self.connections or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.05)
+        self.hub.shutdown()
         for conn in list(self.connections):
             conn.close()
         self.log.event("info", "stopped", unfinished=len(self.connections))
@@ -224,12 +271,13 @@ def _fmt_addr(addr) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def run_worker(settings, worker_id: int = 0, http_sock: socket.socket | None = None) -> int:
+def run_worker(settings, worker_id: int = 0, http_sock: socket.socket | None = None,
+               transport_ports: dict | None = None) -> int:
     """Run one worker until SIGTERM/SIGINT has drained it. Returns the exit code."""
     import uvloop
 
     async def main():
-        worker = Worker(settings, worker_id)
+        worker = Worker(settings, worker_id, transport_ports=transport_ports)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.drain()))

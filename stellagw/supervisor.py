@@ -29,10 +29,15 @@ def _reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:
     return sock.getsockname()[1], sock
 
 
-def _with_http_port(settings, port: int):
+def _with_ports(settings, http_port: int, transport_ports: dict):
     gw = settings.gateway
-    http = dataclasses.replace(gw.http, port=port)
-    return dataclasses.replace(settings, gateway=dataclasses.replace(gw, http=http))
+    http = dataclasses.replace(gw.http, port=http_port)
+    transports = gw.transports
+    for kind, port in transport_ports.items():
+        transports = dataclasses.replace(
+            transports, **{kind: dataclasses.replace(getattr(transports, kind), port=port)})
+    return dataclasses.replace(settings, gateway=dataclasses.replace(
+        gw, http=http, transports=transports))
 
 
 def serve(settings) -> int:
@@ -44,8 +49,24 @@ def serve(settings) -> int:
     log = JsonLog(settings.gateway.logging.level)
     log.extra = {"node": settings.gateway.node.node_id, "role": "supervisor"}
     http = settings.gateway.http
-    port, reservation = _reserve_port(http.host, http.port)
-    settings = _with_http_port(settings, port)
+    reservations = []
+    port, sock = _reserve_port(http.host, http.port)
+    reservations.append(sock)
+    # Service transports: the shared port, and one private port per worker that the
+    # HELLO_ACK names so services can reach every worker (docs/protocol.md).
+    public, private = {}, {}
+    for kind in ("tcp", "tls"):
+        node = getattr(settings.gateway.transports, kind)
+        if not node.enabled:
+            continue
+        public[kind], sock = _reserve_port(node.host, node.port)
+        reservations.append(sock)
+        private[kind] = {}
+        for wid in range(workers):
+            private[kind][wid], sock = _reserve_port(node.host, 0)
+            reservations.append(sock)
+    settings = _with_ports(settings, port, public)
+    reservations = [s for s in reservations if s is not None]
 
     children: dict[int, int] = {}   # pid -> worker id
     started: dict[int, float] = {}  # worker id -> start time
@@ -58,9 +79,9 @@ def serve(settings) -> int:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                if reservation is not None:
-                    reservation.close()
-                code = run_worker(settings, worker_id)
+                for s in reservations:
+                    s.close()
+                code = run_worker(settings, worker_id, transport_ports=private)
             except BaseException as exc:  # the child must never return into the supervisor
                 print(f"worker {worker_id} failed: {exc!r}", file=sys.stderr, flush=True)
             finally:
@@ -105,8 +126,8 @@ def serve(settings) -> int:
             time.sleep(1.0)  # a crash loop must not spin the CPU
         if not stopping:
             spawn(worker_id)
-    if reservation is not None:
-        reservation.close()
+    for s in reservations:
+        s.close()
     log.event("info", "supervisor stopped")
     log.flush()
     return exit_code

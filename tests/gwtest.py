@@ -49,6 +49,13 @@ class GatewayThread:
     """A Worker serving on 127.0.0.1:<free port> in its own thread and uvloop loop."""
 
     def __init__(self, settings, log=None):
+        import dataclasses
+        gw = settings.gateway
+        if gw.transports.tcp.port == 9100:
+            # Tests never take the well-known port: parallel gateways would share it.
+            tcp = dataclasses.replace(gw.transports.tcp, port=0)
+            settings = dataclasses.replace(settings, gateway=dataclasses.replace(
+                gw, transports=dataclasses.replace(gw.transports, tcp=tcp)))
         self.settings = settings
         self.loop = uvloop.new_event_loop()
         self.worker: Worker | None = None
@@ -83,6 +90,10 @@ class GatewayThread:
     @property
     def port(self) -> int:
         return self.worker.http_address[1]
+
+    @property
+    def transport_port(self) -> int:
+        return self.worker.transport_addresses["tcp"][1]
 
     def call(self, fn, *args):
         """Run fn(*args) on the gateway loop and return its result."""

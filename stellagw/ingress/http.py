@@ -78,6 +78,11 @@ class HttpProtocol(asyncio.Protocol):
         self._parse_broken = False
         self.deadline = 0.0
         self.deadline_kind = D_NONE
+        self._write_paused = False
+        self._on_writable = None       # producer to resume when the client drains
+        self._chunked = False          # the response in flight is chunked
+        self._stream_keep = False
+        self._stream_status = 0
 
         # -- per request being parsed
         self._req: Request | None = None
@@ -333,8 +338,11 @@ class HttpProtocol(asyncio.Protocol):
             self._out.append(data)
         else:
             self.transport.write(data)
+        self._finish(req, status, keep)
+
+    def _finish(self, req: Request, status: int, keep: bool) -> None:
         self._current = None
-        server.request_done(req, status)
+        self._server.request_done(req, status)
         if not keep:
             self._closing = True
             self._queue.clear()
@@ -346,6 +354,67 @@ class HttpProtocol(asyncio.Protocol):
             self._pump()
         if self._current is None and not self._queue and self._req is None:
             self._set_deadline(D_IDLE, self._settings.keep_alive_timeout)
+
+    # ---------------------------------------------------------------- streamed responses
+
+    def start_stream(self, req: Request, status: int, headers: bytes, on_writable) -> bool:
+        """Write the head of a streamed response: chunked (HTTP/1.1) or close-delimited.
+
+        `on_writable()` is called when a client that stopped taking data (pause_writing)
+        can take more: the producer resumes then (flow control back to the service).
+        """
+        if req is not self._current or self.transport is None or self._closing:
+            return False
+        self._chunked = req.http_version == "1.1"
+        self._stream_keep = self._chunked and req.keep_alive and not self._server.draining
+        self._on_writable = on_writable
+        framing = (b"transfer-encoding: chunked\r\n" if self._chunked else b"")
+        if not self._stream_keep:
+            framing += b"connection: close\r\n"
+        self._stream_status = status
+        self.transport.write(b"".join((
+            status_line(status), self._server.date_header, headers, framing,
+            b"x-correlation-id: ", req.correlation_id.encode("latin-1"), b"\r\n\r\n")))
+        return True
+
+    def stream_chunk(self, req: Request, data) -> bool:
+        """Send one piece of a streamed body. False: stop producing until on_writable()."""
+        if req is not self._current or self.transport is None or req.method == "HEAD":
+            return not self._write_paused
+        if not data:
+            return not self._write_paused
+        if self._chunked:
+            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.transport.write(data)
+        return not self._write_paused
+
+    def end_stream(self, req: Request) -> None:
+        if req is not self._current or self.transport is None:
+            return
+        self._on_writable = None
+        if self._chunked and req.method != "HEAD":
+            self.transport.write(b"0\r\n\r\n")
+        self._finish(req, self._stream_status, self._stream_keep)
+
+    def abort_stream(self, req: Request) -> None:
+        """The producer failed mid-body: the status is sent, so the only honest signal left
+        is to cut the connection (a truncated chunked body is detectably incomplete)."""
+        if req is not self._current:
+            return
+        self._on_writable = None
+        self._current = None
+        self._server.request_done(req, 502)
+        self.close()
+
+    def pause_writing(self):
+        self._write_paused = True
+
+    def resume_writing(self):
+        self._write_paused = False
+        cb = self._on_writable
+        if cb is not None:
+            cb()
 
     def _render_error_close(self, status: int, message: str) -> bytes:
         body = error_body(status, message, self._server.correlation_id(()))

@@ -49,7 +49,8 @@ class Metrics:
         self.requests: dict[tuple, int] = {}          # (service, method, path, status) -> count
         self.durations: dict[tuple, Histogram] = {}   # (service, method, path) -> histogram
         self.active_connections: dict[str, int] = {}  # service ("ingress" for clients) -> open
-        self.frames: dict[str, int] = {}              # frame type name -> count
+        self.frames: dict[int, int] = {}              # frame type -> count (both directions)
+        self.phases: dict[str, Histogram] = {}        # "auth" | "routing" | "transport" -> histogram
         self.auth_failures: dict[str, int] = {}
         self.rate_limited: dict[str, int] = {}
         self.registry = CollectorRegistry(auto_describe=False)
@@ -66,6 +67,12 @@ class Metrics:
             hist = self.durations[hkey] = Histogram()
         hist.observe(seconds)
 
+    def phase(self, name: str, seconds: float) -> None:
+        hist = self.phases.get(name)
+        if hist is None:
+            hist = self.phases[name] = Histogram()
+        hist.observe(seconds)
+
     def connection_opened(self, service: str = "ingress") -> None:
         self.active_connections[service] = self.active_connections.get(service, 0) + 1
 
@@ -74,6 +81,11 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_FRAME_NAMES = {1: "HELLO", 2: "HEARTBEAT", 3: "ENDPOINTS_UPDATE", 4: "REQUEST",
+                5: "REQUEST_STREAM_DATA", 6: "RESPONSE", 7: "RESPONSE_STREAM_DATA", 8: "CANCEL",
+                9: "HELLO_ACK", 10: "DRAIN", 11: "PING", 12: "PONG", 13: "WINDOW_UPDATE"}
 
 
 class _Collector:
@@ -104,3 +116,16 @@ class _Collector:
         for service, count in list(m.active_connections.items()):
             conns.add_metric((service,), count)
         yield conns
+
+        frames = CounterMetricFamily("gateway_transport_frames",
+                                     "Frames on service connections, both directions",
+                                     labels=("type",))
+        for ftype, count in list(m.frames.items()):
+            frames.add_metric((_FRAME_NAMES.get(ftype) or str(ftype),), count)
+        yield frames
+
+        for name, h in list(m.phases.items()):
+            fam = HistogramMetricFamily(f"gateway_{name}_duration_seconds",
+                                        f"Time spent in the {name} phase of a request")
+            fam.add_metric((), h.buckets(), h.total)
+            yield fam

@@ -22,7 +22,7 @@ ROUTABLE = (HEALTHY, DEGRADED)
 STATUSES = (HEALTHY, DEGRADED, DRAINING, UNHEALTHY)
 
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 MAX_ENDPOINTS = 4096
 PING_BAND_MS = 1.0   # pings closer than this are equal for selection
@@ -120,8 +120,9 @@ def parse_hello(hello: dict) -> tuple[str, str, str, str, list[Endpoint], dict]:
         raise HelloError("HELLO field 'instance_id' longer than 128 characters")
     region = text("region", required=False, default="") or ""
     raw = hello.get("endpoints")
-    if not isinstance(raw, list) or not raw:
-        raise HelloError("HELLO must list at least one endpoint")
+    if not isinstance(raw, list):
+        raise HelloError("HELLO field 'endpoints' must be a list (it may be empty and "
+                         "followed by ENDPOINTS_UPDATE)")
     if len(raw) > MAX_ENDPOINTS:
         raise HelloError(f"HELLO lists more than {MAX_ENDPOINTS} endpoints")
     endpoints, seen = [], set()
@@ -165,7 +166,10 @@ class RoutingState:
         self.heartbeat_interval = heartbeat_interval
         self.degraded_after = degraded_after
         self.unhealthy_after = unhealthy_after
-        self.instances: dict[tuple[str, str], Instance] = {}   # (service, instance_id) -> Instance
+        # (service, instance_id, connection) -> Instance. Keyed by connection too: a service
+        # that briefly holds two links to this worker (a reconnect racing the old link's
+        # death) is two candidates until one closes, never a registration lost.
+        self.instances: dict[tuple, Instance] = {}
         self.routes: dict[tuple[str, str], Route] = {}
         self.router = Router()
         self.generation = 0          # bumped on every change; OpenAPI and caches key on it
@@ -175,11 +179,8 @@ class RoutingState:
 
     def register(self, conn, hello: dict) -> Instance:
         service, version, instance_id, region, endpoints, schemas = parse_hello(hello)
-        key = (service, instance_id)
+        key = (service, instance_id, id(conn))
         old = self.instances.get(key)
-        if old is not None and old.conn is not conn:
-            # The same instance reconnecting (its old connection is not dead yet): the new one wins.
-            self.unregister(old, reason="replaced by a new connection")
         for ep in endpoints:
             route = self.routes.get((ep.method, ep.path))
             if route is not None and route.service != service:
@@ -189,13 +190,26 @@ class RoutingState:
         # must leave nothing half-registered.
         instance = Instance(service, version, instance_id, region, conn, endpoints, schemas)
         routes = dict(self.routes)
+        copied = set()   # copy-on-write: self.routes stays untouched until the swap
+        if old is not None:
+            # ENDPOINTS_UPDATE: the same connection re-registers; its old entries go.
+            for k, route in list(routes.items()):
+                if any(c[0] is old for c in route.candidates):
+                    route = routes[k] = _copy_route(route)
+                    copied.add(k)
+                    route.candidates = [c for c in route.candidates if c[0] is not old]
+                    if not route.candidates:
+                        del routes[k]
+                        copied.discard(k)
         for ep in endpoints:
             k = (ep.method, ep.path)
             route = routes.get(k)
             if route is None:
                 route = routes[k] = Route(ep.method, ep.path, service)
-            else:
+                copied.add(k)
+            elif k not in copied:
                 route = routes[k] = _copy_route(route)
+                copied.add(k)
             route.candidates.append((instance, ep))
         router = _build_router(routes)
         self.routes, self.router = routes, router
@@ -204,7 +218,7 @@ class RoutingState:
         return instance
 
     def unregister(self, instance: Instance, reason: str = "disconnected") -> None:
-        key = (instance.service, instance.instance_id)
+        key = (instance.service, instance.instance_id, id(instance.conn))
         if self.instances.get(key) is not instance:
             return
         del self.instances[key]

@@ -1,0 +1,533 @@
+"""The microservice side of the frame protocol (docs/protocol.md)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import ssl as ssl_mod
+import sys
+import time
+import uuid
+
+import orjson
+
+from .. import frame as fr
+from ..radix import FOUND, Router, normalize_path
+
+DEFAULT_WINDOW = 256 * 1024
+
+
+class Request:
+    """What a handler gets. `body` is complete unless the endpoint streams; then iterate
+    `request.stream()` for the chunks."""
+
+    __slots__ = ("method", "path", "query", "headers", "params", "body", "correlation_id",
+                 "cancelled", "timeout", "_chunks", "_link", "_corr")
+
+    def __init__(self, method, path, query, headers, params, body, timeout, link, corr):
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in headers}
+        self.params = params or {}
+        self.body = body
+        self.correlation_id = self.headers.get("x-correlation-id", "")
+        self.cancelled = asyncio.Event()   # set when the gateway sends CANCEL
+        self.timeout = timeout
+        self._chunks: asyncio.Queue | None = None
+        self._link = link
+        self._corr = corr
+
+    def json(self):
+        return orjson.loads(self.body)
+
+    async def stream(self):
+        """The request body in chunks, as the gateway sends them (flow-controlled)."""
+        if self._chunks is None:
+            if self.body:
+                yield self.body
+            return
+        while True:
+            chunk, last = await self._chunks.get()
+            if chunk:
+                self._link.grant(self._corr, len(chunk))
+                yield chunk
+            if last:
+                return
+
+
+class Response:
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, body: bytes | str = b"", status: int = 200, headers=None,
+                 content_type: str | None = None):
+        self.status = status
+        self.headers = list((headers or {}).items()) if isinstance(headers, dict) else list(headers or ())
+        if isinstance(body, str):
+            body = body.encode()
+            content_type = content_type or "text/plain; charset=utf-8"
+        if content_type:
+            self.headers.append(("content-type", content_type))
+        self.body = body
+
+    @classmethod
+    def json(cls, obj, status: int = 200, headers=None):
+        return cls(orjson.dumps(obj), status, headers, "application/json")
+
+
+class StreamResponse:
+    """A response whose body is produced piece by piece: `body` is an async iterable of bytes.
+    The SDK sends no more than the gateway's flow-control window allows."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, body, status: int = 200, headers=None, content_type=None):
+        self.status = status
+        self.headers = list((headers or {}).items()) if isinstance(headers, dict) else list(headers or ())
+        if content_type:
+            self.headers.append(("content-type", content_type))
+        self.body = body
+
+
+class _Endpoint:
+    __slots__ = ("method", "path", "handler", "timeout", "streaming", "websocket", "claims",
+                 "openapi")
+
+    def __init__(self, method, path, handler, timeout, streaming, websocket, claims, openapi):
+        self.method, self.path, self.handler = method, path, handler
+        self.timeout, self.streaming, self.websocket = timeout, streaming, websocket
+        self.claims, self.openapi = claims, openapi
+
+    def describe(self) -> dict:
+        d = {"method": self.method, "path": self.path, "streaming": self.streaming}
+        if self.timeout:
+            d["timeout_ms"] = int(self.timeout * 1000)
+        if self.websocket:
+            d["websocket"] = True
+        if self.claims:
+            d["claims"] = [{"type": t, "value": v} for t, v in self.claims]
+        if self.openapi:
+            d["openapi"] = self.openapi
+        return d
+
+
+class Service:
+    def __init__(self, name: str, version: str = "1.0.0", *, gateways=("127.0.0.1:9100",),
+                 region: str = "", instance_id: str | None = None, ssl: ssl_mod.SSLContext | None = None,
+                 server_hostname: str | None = None, schemas: dict | None = None,
+                 reconnect_min: float = 0.1, reconnect_max: float = 5.0, log=None):
+        if not gateways:
+            raise ValueError("a service needs at least one gateway address")
+        self.name = name
+        self.version = version
+        self.region = region
+        self.instance_id = instance_id or f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.gateways = [_split(g) for g in gateways]
+        self.ssl = ssl
+        self.server_hostname = server_hostname
+        self.schemas = schemas or {}
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self.status = "Healthy"
+        self._log = log or (lambda msg, **kw: None)
+        self._endpoints: list[_Endpoint] = []
+        self._router = Router()
+        self._links: dict[tuple, "_Link"] = {}       # (node, worker) -> live link
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
+        self._requests = 0
+        self._errors = 0
+        self.in_flight = 0
+
+    # ---------------------------------------------------------------- declaring endpoints
+
+    def route(self, method: str, path: str, *, timeout: float | None = None, streaming=False,
+              websocket=False, claims=(), openapi: dict | None = None):
+        def register(handler):
+            ep = _Endpoint(method.upper(), path, handler, timeout, streaming, websocket,
+                           tuple(claims), openapi)
+            self._router.add(ep.method, path, ep)
+            self._endpoints.append(ep)
+            return handler
+        return register
+
+    def get(self, path, **kw):
+        return self.route("GET", path, **kw)
+
+    def post(self, path, **kw):
+        return self.route("POST", path, **kw)
+
+    def put(self, path, **kw):
+        return self.route("PUT", path, **kw)
+
+    def delete(self, path, **kw):
+        return self.route("DELETE", path, **kw)
+
+    def hello(self) -> dict:
+        return {"protocol": fr.PROTOCOL_VERSION, "service": self.name, "version": self.version,
+                "instance_id": self.instance_id, "region": self.region,
+                "endpoints": [ep.describe() for ep in self._endpoints], "schemas": self.schemas,
+                "stream_window": DEFAULT_WINDOW, "sdk": "stellagw.service"}
+
+    # ---------------------------------------------------------------- running
+
+    def run(self) -> None:
+        import uvloop
+
+        async def main():
+            await self.start()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            import signal
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            await self.stop()
+        uvloop.run(main())
+
+    async def start(self) -> None:
+        if not self._endpoints:
+            raise ValueError("declare at least one endpoint before start()")
+        for host, port in self.gateways:
+            self._spawn(self._discover(host, port))
+
+    def _spawn(self, coro):
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def wait_registered(self, links: int = 1, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self._links) < links:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self._links)} of {links} gateway links up")
+            await asyncio.sleep(0.01)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Drain: tell every gateway, let running handlers finish, then close."""
+        self._stopping = True
+        for link in list(self._links.values()):
+            link.send_control(fr.DRAIN, {"reason": "service stopping"})
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for link in list(self._links.values()):
+            link.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.sleep(0)
+
+    # ---------------------------------------------------------------- connections
+
+    async def _addresses(self, host):
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        return sorted({info[4][0] for info in infos})
+
+    async def _discover(self, host, port):
+        """Dial the gateway's shared port; the HELLO_ACK tells which worker answered and
+        where the others are. Retries with backoff and jitter until stopped."""
+        delay = self.reconnect_min
+        while not self._stopping:
+            try:
+                for addr in await self._addresses(host):
+                    link = await self._connect(addr, port, host)
+                    ack = await link.acked
+                    self._adopt(link, ack, addr, (host, port))
+                delay = self.reconnect_min
+                return
+            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                self._log("gateway unreachable", gateway=f"{host}:{port}", error=str(exc))
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.reconnect_max)
+
+    async def _connect(self, addr, port, host):
+        loop = asyncio.get_running_loop()
+        _, link = await asyncio.wait_for(loop.create_connection(
+            lambda: _Link(self), addr, port, ssl=self.ssl,
+            server_hostname=(self.server_hostname or host) if self.ssl else None), 10)
+        return link
+
+    def _adopt(self, link, ack, addr, origin):
+        node = ack.get("node_id")
+        key = (node, ack.get("worker_id"))
+        private = {}
+        for w in ack.get("workers", ()):
+            whost = w.get("host") or addr
+            if whost in ("0.0.0.0", "::"):
+                whost = addr  # the worker listens on every address: use the one that worked
+            private[(node, w.get("worker_id"))] = (whost, w["port"])
+        link.origin = origin
+        if key in self._links and self._links[key] is not link:
+            link.close()  # already linked to this worker; this was a second door to it
+        else:
+            link.key = key
+            # After a loss, redial this worker's own port: the shared one may lead elsewhere.
+            link.dial = private.get(key, (addr, link.port))
+            self._links[key] = link
+        for wkey, (whost, wport) in private.items():
+            if wkey not in self._links:
+                self._spawn(self._keep(wkey, whost, wport, origin))
+
+    async def _keep(self, key, host, port, origin):
+        """Dial one worker's private port, and again after the link is lost. When that
+        port stops leading to that worker (the gateway restarted), discover it anew."""
+        delay = self.reconnect_min
+        failures = 0
+        while not self._stopping and key not in self._links:
+            try:
+                link = await self._connect(host, port, host)
+                ack = await link.acked
+                if (ack.get("node_id"), ack.get("worker_id")) != key:
+                    link.close()
+                    break
+                link.key, link.dial, link.origin = key, (host, port), origin
+                self._links[key] = link
+                return
+            except (OSError, asyncio.TimeoutError, ConnectionError):
+                failures += 1
+                if failures >= 5:
+                    break
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.reconnect_max)
+        if not self._stopping and key not in self._links:
+            self._spawn(self._discover(*origin))
+
+    def _lost(self, link):
+        if link.key is not None and self._links.get(link.key) is link:
+            del self._links[link.key]
+            if self._stopping:
+                return
+            if link.drained:
+                self._spawn(self._rediscover(link.origin))
+            else:
+                self._spawn(self._keep(link.key, *link.dial, link.origin))
+
+    async def _rediscover(self, origin):
+        await asyncio.sleep(self.reconnect_min * (0.5 + random.random()))
+        await self._discover(*origin)
+
+    # ---------------------------------------------------------------- requests
+
+    def _on_request(self, link, corr, payload):
+        flags, timeout_ms, method, path, query, headers, body = fr.decode_request(payload)
+        code, ep, params = self._router.match(method, normalize_path(path) or path)
+        req = Request(method, path, query, headers, params, body,
+                      timeout_ms / 1000.0 if timeout_ms else None, link, corr)
+        if not flags & fr.FLAG_END_STREAM:
+            req._chunks = asyncio.Queue()
+            if body:
+                req._chunks.put_nowait((body, False))
+                req.body = b""
+        if code != FOUND:
+            link.send_response(corr, Response.json(
+                {"error": {"code": "not_found", "message": f"{self.name} has no {method} {path}",
+                           "trace_id": req.correlation_id}}, 404))
+            return
+        self.in_flight += 1
+        self._requests += 1
+        task = asyncio.ensure_future(self._handle(link, corr, ep, req))
+        link.requests[corr] = (task, req)
+
+    async def _handle(self, link, corr, ep, req):
+        try:
+            if req._chunks is not None and not ep.streaming:
+                parts = [chunk async for chunk in req.stream()]
+                req.body = b"".join(parts)
+                req._chunks = None
+            result = await ep.handler(req)
+            if result is None:
+                result = Response(b"", 204)
+            elif isinstance(result, (bytes, str)):
+                result = Response(result)
+            elif isinstance(result, (dict, list)):
+                result = Response.json(result)
+            if isinstance(result, StreamResponse):
+                await link.send_stream(corr, result)
+            else:
+                link.send_response(corr, result)
+        except asyncio.CancelledError:
+            pass  # CANCEL from the gateway: it has answered the client already
+        except Exception as exc:
+            self._errors += 1
+            print(f"{self.name}: handler {ep.method} {ep.path} failed: {exc!r}", file=sys.stderr)
+            link.send_response(corr, Response.json(
+                {"error": {"code": "internal_error", "message": "the service failed",
+                           "trace_id": req.correlation_id}}, 500))
+        finally:
+            self.in_flight -= 1
+            link.requests.pop(corr, None)
+
+    def heartbeat(self) -> dict:
+        rate = self._errors / self._requests if self._requests else 0.0
+        self._requests = self._errors = 0
+        return {"instance_id": self.instance_id, "status": self.status,
+                "in_flight": self.in_flight, "error_rate": round(rate, 4),
+                "sent_ms": int(time.time() * 1000)}
+
+
+class _Link(asyncio.Protocol):
+    """One connection to one gateway worker."""
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.transport = None
+        self.key = None
+        self.dial = None
+        self.origin = None
+        self.drained = False
+        self.port = None
+        self.acked = asyncio.get_running_loop().create_future()
+        self.requests: dict[bytes, tuple] = {}
+        self._decoder = fr.FrameDecoder()
+        self._encoder = fr.FrameEncoder()
+        self._flush_scheduled = False
+        self._windows: dict[bytes, int] = {}
+        self._window_waiters: dict[bytes, asyncio.Future] = {}
+        self._initial_window = DEFAULT_WINDOW
+        self._heartbeat = None
+        self._loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.port = transport.get_extra_info("peername")[1]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.send_control(fr.HELLO, self.service.hello())
+
+    def connection_lost(self, exc):
+        if not self.acked.done():
+            self.acked.set_exception(ConnectionError("closed before HELLO_ACK"))
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for task, _ in list(self.requests.values()):
+            task.cancel()
+        for fut in self._window_waiters.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("gateway connection lost"))
+        self.transport = None
+        self.service._lost(self)
+
+    def data_received(self, data):
+        try:
+            self._decoder.feed(data)
+            while (frame := self._decoder.next()) is not None:
+                self._on_frame(*frame)
+        except fr.FrameError as exc:
+            print(f"{self.service.name}: protocol error from the gateway: {exc}", file=sys.stderr)
+            self.close()
+
+    def _on_frame(self, ftype, corr, payload):
+        if ftype == fr.REQUEST:
+            self.service._on_request(self, corr, payload)
+        elif ftype == fr.REQUEST_STREAM_DATA:
+            entry = self.requests.get(corr)
+            if entry is not None and entry[1]._chunks is not None:
+                flags, chunk = fr.decode_stream_data(payload)
+                entry[1]._chunks.put_nowait((bytes(chunk), bool(flags & fr.FLAG_END_STREAM)))
+        elif ftype == fr.CANCEL:
+            entry = self.requests.pop(corr, None)
+            if entry is not None:
+                entry[1].cancelled.set()
+                entry[0].cancel()
+        elif ftype == fr.WINDOW_UPDATE:
+            self._windows[corr] = self._windows.get(corr, 0) + fr.decode_window_update(payload)
+            fut = self._window_waiters.pop(corr, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif ftype == fr.PING:
+            self._encoder.raw(fr.PONG, corr, payload)
+            self._schedule_flush()
+        elif ftype == fr.HELLO_ACK:
+            ack = fr.decode_control(payload)
+            if "error" in ack:
+                if not self.acked.done():
+                    self.acked.set_exception(ConnectionError(f"HELLO refused: {ack['error']}"))
+                return
+            self._initial_window = int(ack.get("stream_window", DEFAULT_WINDOW))
+            interval = ack.get("heartbeat_interval_ms", 10000) / 1000.0
+            self._heartbeat = self._loop.call_later(interval, self._beat, interval)
+            if not self.acked.done():
+                self.acked.set_result(ack)
+        elif ftype == fr.DRAIN:
+            # The worker is stopping: when it closes, find the gateway anew through its
+            # shared address rather than redialling this worker's port (protocol.md §4.6).
+            self.drained = True
+
+    def _beat(self, interval):
+        if self.transport is None:
+            return
+        self.send_control(fr.HEARTBEAT, self.service.heartbeat())
+        self._heartbeat = self._loop.call_later(interval, self._beat, interval)
+
+    # -- writing
+
+    def send_control(self, ftype, obj):
+        self._encoder.control(ftype, fr.ZERO_CORR, obj)
+        self._schedule_flush()
+
+    def grant(self, corr, n):
+        self._encoder.window_update(corr, n)
+        self._schedule_flush()
+
+    def send_response(self, corr, resp: Response):
+        if self.transport is None:
+            return
+        self._encoder.response(corr, resp.status, resp.headers, fr.FLAG_END_STREAM, resp.body)
+        self._schedule_flush()
+
+    async def send_stream(self, corr, resp: StreamResponse):
+        if self.transport is None:
+            return
+        self._windows[corr] = self._initial_window
+        self._encoder.response(corr, resp.status, resp.headers, 0, b"")
+        self._schedule_flush()
+        try:
+            async for chunk in resp.body:
+                view = memoryview(chunk)
+                while view:
+                    window = self._windows.get(corr, 0)
+                    if window <= 0:
+                        fut = self._window_waiters[corr] = self._loop.create_future()
+                        await fut
+                        continue
+                    n = min(len(view), window, 64 * 1024)
+                    self._encoder.stream_data(fr.RESPONSE_STREAM_DATA, corr, 0, view[:n])
+                    self._windows[corr] = window - n
+                    view = view[n:]
+                    self._schedule_flush()
+                    if self.transport is None:
+                        return
+                    # Let the loop write: a producer that never awaits would hold it all.
+                    if len(self._encoder) > 256 * 1024:
+                        self._flush()
+                        await asyncio.sleep(0)
+            self._encoder.stream_data(fr.RESPONSE_STREAM_DATA, corr, fr.FLAG_END_STREAM, b"")
+            self._schedule_flush()
+        finally:
+            self._windows.pop(corr, None)
+            self._window_waiters.pop(corr, None)
+
+    def _schedule_flush(self):
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self):
+        self._flush_scheduled = False
+        if len(self._encoder) and self.transport is not None:
+            self.transport.write(self._encoder.take())
+
+    def close(self):
+        if self.transport is not None:
+            self._flush()
+            self.transport.close()
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"gateway address {address!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,1 @@
+"""The service side: listeners microservices dial in to, one protocol per connection."""

@@ -1,0 +1,409 @@
+"""One microservice connection, gateway side (docs/protocol.md).
+
+States: AWAIT_HELLO → READY → CLOSED. A connection that has not sent a valid HELLO
+within HELLO_TIMEOUT, sends anything else first, or sends a malformed frame is closed
+with a logged reason; a HELLO that cannot be registered leaves nothing registered.
+
+Requests in flight are kept in `inflight` (correlation id → Pending). Their answer comes
+back as RESPONSE (whole, or a head followed by RESPONSE_STREAM_DATA); a timeout sends
+CANCEL(Timeout) and answers 504; the client leaving sends CANCEL(ClientDisconnected); the
+connection dropping answers 502 for every request still waiting, at once.
+
+Writes to the service are coalesced: frames go into one FrameEncoder and are written in
+one `transport.write` per loop iteration (DESIGN.md §7: syscalls dominate).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from time import perf_counter
+
+from .. import frame as fr
+from ..ingress.responses import error_body
+from ..routing.state import DRAINING, HelloError
+from .headers import request_headers, response_header_block
+
+HELLO_TIMEOUT = 10.0
+INITIAL_WINDOW = 256 * 1024     # bytes of stream data a peer may send per stream unacknowledged
+_JSON = b"content-type: application/json\r\n"
+_TYPE_NAMES = {getattr(fr, n): n for n in (
+    "HELLO", "HEARTBEAT", "ENDPOINTS_UPDATE", "REQUEST", "REQUEST_STREAM_DATA", "RESPONSE",
+    "RESPONSE_STREAM_DATA", "CANCEL", "HELLO_ACK", "DRAIN", "PING", "PONG", "WINDOW_UPDATE")}
+
+AWAIT_HELLO, READY, CLOSED = 0, 1, 2
+
+
+class Pending:
+    """A request sent to the service and not yet fully answered."""
+
+    __slots__ = ("corr", "req", "timer", "streaming", "unacked", "sent_at", "body", "body_pos",
+                 "window")
+
+    def __init__(self, corr, req):
+        self.corr = corr
+        self.req = req
+        self.timer = None
+        self.streaming = False     # RESPONSE head written, RESPONSE_STREAM_DATA follows
+        self.unacked = 0           # stream bytes written to the client but not yet granted back
+        self.sent_at = perf_counter()
+        self.body = None           # request body still to send as REQUEST_STREAM_DATA
+        self.body_pos = 0
+        self.window = INITIAL_WINDOW  # credit for our REQUEST_STREAM_DATA
+
+
+class ServiceConnection(asyncio.Protocol):
+    def __init__(self, hub):
+        # -- per worker
+        self._hub = hub
+        self._routing = hub.routing
+        self._metrics = hub.metrics
+        self._log = hub.log
+        self._loop = hub.loop
+        # -- per connection
+        self.transport = None
+        self.state = AWAIT_HELLO
+        self.instance = None
+        self.peer = None
+        self._decoder = fr.FrameDecoder(hub.max_frame_size)
+        self._encoder = fr.FrameEncoder(hub.max_frame_size)
+        self._flush_scheduled = False
+        self.inflight: dict[bytes, Pending] = {}
+        self._corr_prefix = os.urandom(8)
+        self._corr_next = 0
+        self._hello_timer = None
+        self.peer_window = INITIAL_WINDOW   # the service's stream_window from HELLO
+        self._frames_in = hub.frames_in
+
+    # ---------------------------------------------------------------- transport callbacks
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        reason = self._hub.admit(self, transport)
+        if reason is not None:
+            self._log.event("warning", "service connection refused", peer=_peer(self.peer),
+                            reason=reason)
+            transport.close()
+            self.state = CLOSED
+            return
+        self._hello_timer = self._loop.call_later(HELLO_TIMEOUT, self._hello_timeout)
+
+    def connection_lost(self, exc):
+        was = self.state
+        self.state = CLOSED
+        self._hub.release(self)
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        inflight, self.inflight = self.inflight, {}
+        for pending in inflight.values():
+            if pending.timer is not None:
+                pending.timer.cancel()
+            self._fail(pending, 502, "the service connection was lost")
+        if self.instance is not None:
+            self._routing.unregister(self.instance, reason="connection lost")
+            if was == READY:
+                self._metrics.connection_closed(self.instance.service)
+            self._log.event("info", "service disconnected", service=self.instance.service,
+                            instance=self.instance.instance_id, failed_in_flight=len(inflight))
+
+    def data_received(self, data):
+        decoder = self._decoder
+        try:
+            decoder.feed(data)
+            while True:
+                frame = decoder.next()
+                if frame is None:
+                    break
+                ftype, corr, payload = frame
+                self._frames_in[ftype] = self._frames_in.get(ftype, 0) + 1
+                if ftype == fr.RESPONSE:
+                    self._on_response(corr, payload)
+                elif ftype == fr.RESPONSE_STREAM_DATA:
+                    self._on_stream_data(corr, payload)
+                else:
+                    self._on_control(ftype, corr, payload)
+                if self.state == CLOSED:
+                    return
+        except (fr.FrameError, HelloError) as exc:
+            self._protocol_error(str(exc))
+
+    def eof_received(self):
+        return False
+
+    # ---------------------------------------------------------------- frames from the service
+
+    def _on_control(self, ftype, corr, payload):
+        if self.state == AWAIT_HELLO:
+            if ftype != fr.HELLO:
+                raise fr.FrameError(f"expected HELLO first, got frame type {ftype}")
+            self._on_hello(fr.decode_control(payload))
+        elif ftype == fr.HEARTBEAT:
+            hb = fr.decode_control(payload)
+            self._routing.heartbeat(self.instance, hb.get("status"), hb.get("in_flight"),
+                                    hb.get("error_rate"))
+            # Ping rides on the heartbeat (protocol.md §5.3): the PING carries our send
+            # time, so an idle connection costs no timer and no table of pings.
+            self._encoder.raw(fr.PING, fr.ZERO_CORR, time.monotonic_ns().to_bytes(8, "big"))
+            self._schedule_flush()
+        elif ftype == fr.PONG:
+            if len(payload) == 8:
+                sent = int.from_bytes(payload, "big")
+                rtt_ms = (time.monotonic_ns() - sent) / 1e6
+                if 0 <= rtt_ms < 60_000:
+                    self._routing.heartbeat(self.instance, None, ping_ms=rtt_ms)
+        elif ftype == fr.PING:
+            self._encoder.raw(fr.PONG, corr, payload)
+            self._schedule_flush()
+        elif ftype == fr.WINDOW_UPDATE:
+            pending = self.inflight.get(corr)
+            if pending is not None and pending.body is not None:
+                pending.window += fr.decode_window_update(payload)
+                self._send_body(pending)
+        elif ftype == fr.CANCEL:
+            # The service gave up on a request (its own shutdown or a failure).
+            pending = self.inflight.pop(corr, None)
+            if pending is not None:
+                if pending.timer is not None:
+                    pending.timer.cancel()
+                reason = fr.decode_control(payload).get("reason", "cancelled")
+                self._fail(pending, 502, f"the service cancelled the request ({reason})")
+        elif ftype == fr.DRAIN:
+            self._routing.heartbeat(self.instance, DRAINING)
+            self._log.event("info", "service draining", service=self.instance.service,
+                            instance=self.instance.instance_id)
+        elif ftype == fr.ENDPOINTS_UPDATE:
+            update = fr.decode_control(payload)
+            inst = self.instance
+            hello = {"service": inst.service, "version": inst.version,
+                     "instance_id": inst.instance_id, "region": inst.region}
+            hello.update(update)
+            self.instance = self._routing.register(self, hello)
+            self._log.event("info", "service endpoints updated", service=inst.service,
+                            instance=inst.instance_id, endpoints=len(self.instance.endpoints))
+        elif ftype == fr.HELLO:
+            raise fr.FrameError("HELLO received twice on one connection")
+        else:
+            raise fr.FrameError(f"unexpected frame type {ftype} from a service")
+
+    def _on_hello(self, hello):
+        proto = hello.get("protocol") if isinstance(hello, dict) else None
+        if not isinstance(proto, int) or isinstance(proto, bool) or proto < 1:
+            self._refuse("UnsupportedProtocol", f"unsupported protocol version {proto!r}")
+            return
+        try:
+            instance = self._routing.register(self, hello)
+        except HelloError as exc:
+            self._refuse("InvalidHello", str(exc))
+            return
+        window = hello.get("stream_window", INITIAL_WINDOW)
+        self.peer_window = window if isinstance(window, int) and 0 < window < 2**31 else INITIAL_WINDOW
+        self.instance = instance
+        self.state = READY
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        self._metrics.connection_opened(instance.service)
+        self._encoder.control(fr.HELLO_ACK, fr.ZERO_CORR, self._hub.hello_ack(self))
+        self._schedule_flush()
+        self._log.event("info", "service registered", service=instance.service,
+                        version=instance.version, instance=instance.instance_id,
+                        region=instance.region, endpoints=len(instance.endpoints),
+                        peer=_peer(self.peer))
+
+    def _on_response(self, corr, payload):
+        pending = self.inflight.get(corr)
+        if pending is None:
+            return  # answered already (timeout/cancel): a late answer is dropped
+        if pending.streaming:
+            raise fr.FrameError("a second RESPONSE for one request")
+        flags, status, headers, body = fr.decode_response(payload)
+        block = response_header_block(headers)
+        req = pending.req
+        if block is None or status < 200 or status > 599:
+            # protocol.md §5.5: bad HTTP semantics fail this request, not the connection.
+            self._cancel(pending, "Aborted")
+            self._reply_error(req, 502, "the service sent an invalid response")
+            return
+        self._hub.observe_transport(perf_counter() - pending.sent_at)
+        if flags & fr.FLAG_END_STREAM:
+            self._finish(pending)
+            req.conn.respond(req, status, block, body)
+            return
+        pending.streaming = True
+        if pending.timer is not None:
+            # The timeout covers REQUEST → RESPONSE (protocol.md §5.4), not the stream.
+            pending.timer.cancel()
+            pending.timer = None
+        if not req.conn.start_stream(req, status, block, lambda: self._client_writable(pending)):
+            self._cancel(pending, "ClientDisconnected")
+            return
+        if body:
+            self._stream_to_client(pending, body)
+
+    def _on_stream_data(self, corr, payload):
+        pending = self.inflight.get(corr)
+        if pending is None or not pending.streaming:
+            return
+        flags, chunk = fr.decode_stream_data(payload)
+        if chunk:
+            self._stream_to_client(pending, chunk)
+        if flags & fr.FLAG_END_STREAM:
+            self._finish(pending)
+            pending.req.conn.end_stream(pending.req)
+
+    def _stream_to_client(self, pending, chunk):
+        writable = pending.req.conn.stream_chunk(pending.req, chunk)
+        pending.unacked += len(chunk)
+        # Credit goes back only while the client keeps up, so a slow reader holds at most
+        # one window plus the transport's buffer per stream: never an unbounded stream.
+        if writable:
+            self._grant(pending)
+
+    def _client_writable(self, pending):
+        if self.inflight.get(pending.corr) is pending:
+            self._grant(pending)
+
+    def _grant(self, pending):
+        if pending.unacked:
+            self._encoder.window_update(pending.corr, pending.unacked)
+            pending.unacked = 0
+            self._schedule_flush()
+
+    # ---------------------------------------------------------------- requests to the service
+
+    def next_corr(self) -> bytes:
+        self._corr_next += 1
+        return self._corr_prefix + self._corr_next.to_bytes(8, "big")
+
+    def send_request(self, req, endpoint, timeout: float, path: str, stream_threshold: int) -> None:
+        corr = self.next_corr()
+        pending = Pending(corr, req)
+        pending.window = self.peer_window
+        self.inflight[corr] = pending
+        headers = request_headers(req, self._hub.peer_ip(req), self._hub.scheme)
+        body = req.body
+        timeout_ms = int(timeout * 1000)
+        if len(body) > stream_threshold or (endpoint.streaming and body):
+            self._encoder.request(corr, req.method, path, req.query, headers, timeout_ms, 0, b"")
+            pending.body = body
+            self._send_body(pending)
+        else:
+            self._encoder.request(corr, req.method, path, req.query, headers, timeout_ms,
+                                  fr.FLAG_END_STREAM, body)
+        self._schedule_flush()
+        pending.timer = self._loop.call_later(timeout, self._timeout, pending)
+        if req.state is None:
+            req.state = {}
+        req.state["on_abort"] = lambda r, p=pending: self._client_gone(p)
+
+    def _send_body(self, pending):
+        body, pos = pending.body, pending.body_pos
+        chunk_size = self._hub.chunk_size
+        while pos < len(body) and pending.window > 0:
+            n = min(chunk_size, len(body) - pos, pending.window)
+            end = pos + n
+            last = end >= len(body)
+            self._encoder.stream_data(fr.REQUEST_STREAM_DATA, pending.corr,
+                                      fr.FLAG_END_STREAM if last else 0, body[pos:end])
+            pending.window -= n
+            pos = end
+        pending.body_pos = pos
+        if pos >= len(body):
+            if not body:
+                self._encoder.stream_data(fr.REQUEST_STREAM_DATA, pending.corr, fr.FLAG_END_STREAM, b"")
+            pending.body = None
+        self._schedule_flush()
+
+    def _timeout(self, pending):
+        if self.inflight.get(pending.corr) is not pending:
+            return
+        pending.timer = None
+        self._cancel(pending, "Timeout")
+        self._hub.count_timeout()
+        self._fail(pending, 504, "the service did not answer in time")
+
+    def _client_gone(self, pending):
+        if self.inflight.get(pending.corr) is pending:
+            self._cancel(pending, "ClientDisconnected")
+
+    def cancel_all(self, reason: str) -> None:
+        """Gateway shutdown at the drain deadline: CANCEL(Shutdown) for what is left."""
+        for pending in list(self.inflight.values()):
+            self._cancel(pending, reason)
+            self._fail(pending, 503, "the gateway is shutting down")
+
+    def _cancel(self, pending, reason):
+        self._finish(pending)
+        if self.state == READY:
+            self._encoder.control(fr.CANCEL, pending.corr, {"reason": reason})
+            self._schedule_flush()
+
+    def _finish(self, pending):
+        if self.inflight.pop(pending.corr, None) is not None and pending.timer is not None:
+            pending.timer.cancel()
+            pending.timer = None
+
+    def _fail(self, pending, status, message):
+        req = pending.req
+        if pending.streaming:
+            req.conn.abort_stream(req)
+        else:
+            self._reply_error(req, status, message)
+
+    @staticmethod
+    def _reply_error(req, status, message):
+        req.conn.respond(req, status, _JSON, error_body(status, message, req.correlation_id))
+
+    # ---------------------------------------------------------------- writing
+
+    def _schedule_flush(self):
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self):
+        self._flush_scheduled = False
+        if self._encoder.__len__() and self.transport is not None and self.state != CLOSED:
+            self.transport.write(self._encoder.take())
+
+    def send_drain(self, deadline_ms: int) -> None:
+        if self.state == READY:
+            self._encoder.control(fr.DRAIN, fr.ZERO_CORR,
+                                  {"reason": "gateway shutting down", "deadline_ms": deadline_ms})
+            self._flush()
+
+    # ---------------------------------------------------------------- errors
+
+    def _hello_timeout(self):
+        self._hello_timer = None
+        if self.state == AWAIT_HELLO:
+            self._protocol_error(f"no HELLO within {HELLO_TIMEOUT:.0f}s")
+
+    def _refuse(self, code, message):
+        """protocol.md §5.5: a refused HELLO gets HELLO_ACK{error} and the connection closes."""
+        self._encoder.control(fr.HELLO_ACK, fr.ZERO_CORR,
+                              {"protocol": fr.PROTOCOL_VERSION, "error": {"code": code, "message": message}})
+        self._protocol_error(f"HELLO refused ({code}): {message}")
+
+    def _protocol_error(self, reason):
+        self._log.event("warning", "service connection closed: protocol error",
+                        peer=_peer(self.peer), reason=reason,
+                        service=self.instance.service if self.instance else None)
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+        self.state = CLOSED
+
+
+def _peer(peer) -> str | None:
+    if not peer:
+        return None
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)

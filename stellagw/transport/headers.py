@@ -1,0 +1,65 @@
+"""Header rules at the boundary between HTTP and the frame protocol.
+
+Hop-by-hop headers (RFC 9110 §7.6.1) describe one HTTP connection and never cross it, in
+either direction; nor does anything the `Connection` header names. The gateway adds
+X-Forwarded-For/-Proto/-Host and the correlation id on the way in, and frames the response
+itself (content-length or chunked) on the way out.
+"""
+from __future__ import annotations
+
+from ..ingress.responses import is_valid_header_name, is_valid_header_value
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+})
+# Headers the gateway itself sets on the way in: a client's own values are dropped, so a
+# service can trust them.
+GATEWAY_SET = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                         b"x-correlation-id", b"forwarded"})
+# Framing is the gateway's job on the client side.
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"date", b"x-correlation-id"}
+
+
+def request_headers(req, peer_ip: str, scheme: bytes) -> list:
+    """The headers a REQUEST frame carries for `req`."""
+    drop = HOP_BY_HOP | GATEWAY_SET
+    named = None
+    host = None
+    out = []
+    for name, value in req.headers:
+        if name == b"connection":
+            named = {t.strip().lower() for t in value.split(b",")}
+            continue
+        if name == b"host":
+            host = value
+        if name in drop:
+            continue
+        out.append((name, value))
+    if named:
+        out = [(n, v) for n, v in out if n not in named]
+    if req.http_version == "1.1" and req.header(b"te") == b"trailers":
+        out.append((b"te", b"trailers"))
+    out.append((b"x-forwarded-for", peer_ip.encode()))
+    out.append((b"x-forwarded-proto", scheme))
+    if host is not None:
+        out.append((b"x-forwarded-host", host))
+    out.append((b"x-correlation-id", req.correlation_id.encode()))
+    return out
+
+
+def response_header_block(headers) -> bytes | None:
+    """Format a service's response headers for the client; None when one is unsafe to send."""
+    parts = []
+    for name, value in headers:
+        if isinstance(name, str):
+            name = name.encode("latin-1")
+        if isinstance(value, str):
+            value = value.encode("latin-1")
+        name = name.lower()
+        if name in RESPONSE_DROP:
+            continue
+        if not is_valid_header_name(name) or not is_valid_header_value(value):
+            return None
+        parts.append(name + b": " + value + b"\r\n")
+    return b"".join(parts)

@@ -1,0 +1,168 @@
+"""The service transport of one worker: listeners, admission, heartbeats, the HELLO_ACK.
+
+Every worker listens on the shared transport port (SO_REUSEPORT, where services first
+dial in) and on a private port of its own. The HELLO_ACK lists every worker's private
+port, so a service that reached one worker dials the others and ends up connected to all
+of them without knowing the worker count in advance (docs/protocol.md §handshake).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+from .. import frame as fr
+from ..ingress.tls import server_context
+from .connection import INITIAL_WINDOW, ServiceConnection
+
+
+class Listener:
+    __slots__ = ("kind", "host", "public_port", "private_ports", "max_connections", "ssl",
+                 "thumbprints", "rcvbuf", "sndbuf", "count")
+
+    def __init__(self, kind, node, private_ports, ssl_ctx):
+        self.kind = kind                     # "tcp" or "tls"
+        self.host = node.host
+        self.public_port = node.port
+        self.private_ports = private_ports   # worker id -> port
+        self.max_connections = node.max_connections
+        self.ssl = ssl_ctx
+        self.thumbprints = frozenset(getattr(node, "allowed_client_certificate_thumbprints", ()))
+        self.rcvbuf = node.receive_buffer_size
+        self.sndbuf = node.send_buffer_size
+        self.count = 0
+
+
+class TransportHub:
+    def __init__(self, worker, routing, ports: dict | None):
+        gw = worker.settings.gateway
+        self.worker = worker
+        self.routing = routing
+        self.metrics = worker.metrics
+        self.log = worker.log
+        self.loop = None
+        self.frames_in = worker.metrics.frames
+        self.max_frame_size = max(gw.transports.tcp.max_frame_size, gw.transports.tls.max_frame_size)
+        self.chunk_size = max(1024, min(gw.routing.streaming_buffer_size, INITIAL_WINDOW))
+        self.scheme = b"https" if gw.http.tls.enabled else b"http"
+        self.connections: set[ServiceConnection] = set()
+        self._ports = ports or {}
+        self._listeners: list[Listener] = []
+        self._servers = []
+        self._by_conn: dict[ServiceConnection, Listener] = {}
+        self._timer = None
+        self.timeouts = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self, sockets) -> None:
+        """`sockets`: [(kind, socket)] already bound and listening (public and private)."""
+        self.loop = asyncio.get_running_loop()
+        gw = self.worker.settings.gateway
+        by_kind = {}
+        for kind in ("tcp", "tls"):
+            node = getattr(gw.transports, kind)
+            if not node.enabled:
+                continue
+            ctx = server_context(node, "gateway.transports.tls") if kind == "tls" else None
+            by_kind[kind] = Listener(kind, node, self._ports.get(kind, {}), ctx)
+            self._listeners.append(by_kind[kind])
+        for kind, sock in sockets:
+            listener = by_kind[kind]
+            server = await self.loop.create_server(
+                lambda lst=listener: self._accept(lst), sock=sock, ssl=listener.ssl)
+            self._servers.append(server)
+        self._schedule()
+
+    def _accept(self, listener):
+        conn = ServiceConnection(self)
+        self._by_conn[conn] = listener
+        return conn
+
+    def _schedule(self):
+        interval = self.worker.settings.gateway.health.check_interval_seconds
+        self._timer = self.loop.call_later(interval, self._tick)
+
+    def _tick(self):
+        self._schedule()
+        self.routing.check_health(time.monotonic())
+
+    def close_listeners(self):
+        for server in self._servers:
+            server.close()
+
+    def drain(self):
+        """Tell every service this worker is going away (they stop sending it new work)."""
+        deadline_ms = int(self.worker.settings.gateway.http.shutdown_timeout * 1000)
+        for conn in list(self.connections):
+            conn.send_drain(deadline_ms)
+
+    def shutdown(self):
+        """At the drain deadline: CANCEL(Shutdown) what is left, then close."""
+        if self._timer is not None:
+            self._timer.cancel()
+        for conn in list(self.connections):
+            conn.cancel_all("Shutdown")
+            conn._flush()
+            if conn.transport is not None:
+                conn.transport.close()
+
+    # ---------------------------------------------------------------- per connection
+
+    def admit(self, conn, transport) -> str | None:
+        listener = self._by_conn.get(conn)
+        if listener is None:
+            return "no listener"
+        if listener.count >= listener.max_connections:
+            del self._by_conn[conn]
+            return f"transports.{listener.kind}.maxConnections ({listener.max_connections}) reached"
+        if listener.thumbprints:
+            ssl_object = transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+            if der is None:
+                del self._by_conn[conn]
+                return "no client certificate"
+            sha1 = hashlib.sha1(der).hexdigest()
+            sha256 = hashlib.sha256(der).hexdigest()
+            if sha1 not in listener.thumbprints and sha256 not in listener.thumbprints:
+                del self._by_conn[conn]
+                return f"client certificate {sha256} is not in allowedClientCertificateThumbprints"
+        listener.count += 1
+        self.connections.add(conn)
+        return None
+
+    def release(self, conn) -> None:
+        listener = self._by_conn.pop(conn, None)
+        if listener is not None and conn in self.connections:
+            listener.count -= 1
+        self.connections.discard(conn)
+
+    def hello_ack(self, conn=None) -> dict:
+        gw = self.worker.settings.gateway
+        workers = []
+        listener = self._by_conn.get(conn) if conn is not None else None
+        listeners = [listener] if listener is not None else self._listeners[:1]
+        for lst in listeners:
+            # An unspecified bind address means "the host you dialled" (protocol.md §4.2).
+            host = "" if lst.host in ("0.0.0.0", "::") else lst.host
+            for wid, port in sorted(lst.private_ports.items()):
+                workers.append({"worker_id": wid, "host": host, "port": port})
+        return {
+            "protocol": fr.PROTOCOL_VERSION,
+            "node_id": self.worker.node_id,
+            "worker_id": self.worker.worker_id,
+            "workers": workers,
+            "heartbeat_interval_ms": int(gw.health.heartbeat_interval_seconds * 1000),
+            "stream_window": INITIAL_WINDOW,
+            "max_frame_size": self.max_frame_size,
+        }
+
+    def peer_ip(self, req) -> str:
+        peer = req.conn.peername
+        return peer[0] if peer else ""
+
+    def observe_transport(self, seconds: float) -> None:
+        self.worker.observe_phase("transport", seconds)
+
+    def count_timeout(self) -> None:
+        self.timeouts += 1
