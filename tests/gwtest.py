@@ -245,3 +245,68 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
             return True
         time.sleep(interval)
     return predicate()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Served:
+    """`python -m stellagw serve` in a subprocess; its JSON log lines are read as they come."""
+
+    def __init__(self, *args, config_text: str | None = None, tmp_path=None):
+        import subprocess
+        import sys
+        cmd = [sys.executable, "-m", "stellagw", "serve", *args]
+        if config_text is not None:
+            cfg = os.path.join(str(tmp_path), "gateway.yaml")
+            with open(cfg, "w") as f:
+                f.write(config_text)
+            cmd += ["--config", cfg]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines = []
+        self._buf = b""
+
+    def wait_for_log(self, predicate, count=1, timeout=20):
+        import select
+        deadline = time.monotonic() + timeout
+        found = []
+        fd = self.proc.stdout.fileno()
+        while len(found) < count and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            self._buf += chunk
+            while b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                self.lines.append(line)
+                try:
+                    import orjson
+                    rec = orjson.loads(line)
+                except Exception:
+                    continue
+                if isinstance(rec, dict) and predicate(rec):
+                    found.append(rec)
+        assert len(found) >= count, b"\n".join(self.lines[-40:]).decode(errors="replace")
+        return found
+
+    def wait_listening(self, count=1, timeout=20):
+        return self.wait_for_log(lambda r: r.get("message") == "listening", count, timeout)
+
+    def stop(self):
+        import signal
+        import subprocess
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])

@@ -11,7 +11,7 @@ import time
 import orjson
 import pytest
 
-from .gwtest import request, wait_for
+from .gwtest import Served, request, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,46 +75,9 @@ def test_unusable_certificate_is_a_config_error(tmp_path):
     assert out.returncode == 2 and "gateway.http.tls.certificatePath" in out.stderr
 
 
-class Served:
-    def __init__(self, *args):
-        self.proc = subprocess.Popen([sys.executable, "-m", "stellagw", "serve", *args], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.lines = []
-
-    def wait_listening(self, count=1, timeout=20):
-        deadline = time.monotonic() + timeout
-        found = []
-        while len(found) < count and time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            rec = _json(line)
-            if rec and rec.get("message") == "listening":
-                found.append(rec)
-        assert len(found) == count, b"".join(self.lines).decode()
-        return found
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def _json(line):
-    try:
-        return orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-
-
-def test_serve_single_worker_answers_and_stops_on_sigterm():
-    s = Served("--port", "0", "--workers", "1")
+def test_serve_single_worker_answers_and_stops_on_sigterm(tmp_path):
+    s = Served("--port", "0", "--workers", "1", config_text="gateway: {transports: {tcp: {port: 0}}}",
+               tmp_path=tmp_path)
     try:
         [rec] = s.wait_listening()
         port = int(rec["http"].rsplit(":", 1)[1])
@@ -124,8 +87,9 @@ def test_serve_single_worker_answers_and_stops_on_sigterm():
         assert s.stop() == 0
 
 
-def test_two_workers_share_the_port_and_a_dead_worker_is_restarted():
-    s = Served("--port", "0", "--workers", "2")
+def test_two_workers_share_the_port_and_a_dead_worker_is_restarted(tmp_path):
+    s = Served("--port", "0", "--workers", "2", config_text="gateway: {transports: {tcp: {port: 0}}}",
+               tmp_path=tmp_path)
     try:
         recs = s.wait_listening(2)
         ports = {int(r["http"].rsplit(":", 1)[1]) for r in recs}
@@ -140,7 +104,7 @@ def test_two_workers_share_the_port_and_a_dead_worker_is_restarted():
         assert seen == {0, 1}, "SO_REUSEPORT should spread connections over both workers"
         victim = recs[0]["pid"]
         os.kill(victim, signal.SIGKILL)
-        [again] = s.wait_listening(1)
+        [again] = s.wait_listening(1)[:1]
         assert again["pid"] != victim and again["worker"] == recs[0]["worker"]
         assert request(port, b"GET /health/live HTTP/1.1\r\n\r\n")[0] == 200
     finally:

@@ -164,8 +164,10 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.close()
 
     def eof_received(self):
-        # A half-closed client still gets the answers to what it sent.
-        return self._current is not None or bool(self._queue)
+        # A client that closes with a request in flight has gone (browsers and proxies do
+        # not half-close to wait for an answer): close, so the request is cancelled
+        # upstream instead of finishing for nobody.
+        return False
 
     # ---------------------------------------------------------------- parser callbacks
 

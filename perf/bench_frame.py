@@ -1,0 +1,176 @@
+"""Frame codec throughput: compiled codec vs pure-Python twin, same run, same frames.
+
+For REQUEST and RESPONSE frames shaped like the gateway's hot path (a GET with the identity
+and tracing headers the gateway adds; a small JSON response), measures for each codec:
+
+  encode   FrameEncoder.request()/response() per frame, take() once per batch
+           (the transport coalesces one loop iteration's frames into one write)
+  decode   feed() one batch, then next() + decode_request()/decode_response() per frame
+
+and prints frames per second and ns per frame, each measured for about --duration seconds.
+The two codecs are checked to produce identical bytes first.
+
+    python setup.py build_ext --inplace
+    python perf/bench_frame.py                       # both codecs, ~2 s per figure
+    python perf/bench_frame.py --only c --duration 10 --body 4096
+    perf record -g python perf/bench_frame.py --only c --duration 10   # then: perf report
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from stellagw._py import frame as py_frame  # noqa: E402
+
+PREFIX = bytes.fromhex("5a17c0de2f6b9e41")
+REQ_HEADERS = [
+    (b"host", b"api.example.com"),
+    (b"user-agent", b"k6/0.52.0 (https://k6.io/)"),
+    (b"accept", b"application/json"),
+    (b"x-correlation-id", b"0f8fad5b-d9cb-469f-a165-70867728950e"),
+    (b"x-stellaops-tenant", b"tenant-a"),
+    (b"x-stellaops-actor", b"user:alice"),
+    (b"x-stellaops-scopes", b"scans.read scans.write"),
+    (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+]
+RESP_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"cache-control", b"no-store"),
+    (b"x-correlation-id", b"0f8fad5b-d9cb-469f-a165-70867728950e"),
+]
+
+
+def corrs(n):
+    return [PREFIX + i.to_bytes(8, "big") for i in range(1, n + 1)]
+
+
+def encode_requests(m, ids, body):
+    enc = m.FrameEncoder()
+    request = enc.request
+    for corr in ids:
+        request(corr, "GET", "/api/v1/scans/12345/results", b"page=2&size=50", REQ_HEADERS,
+                30000, 1, body)
+    return enc.take()
+
+
+def encode_responses(m, ids, body):
+    enc = m.FrameEncoder()
+    response = enc.response
+    for corr in ids:
+        response(corr, 200, RESP_HEADERS, 1, body)
+    return enc.take()
+
+
+def decode_batch(m, data, decode):
+    dec = m.FrameDecoder()
+    dec.feed(data)
+    nxt = dec.next
+    n = 0
+    while (frame := nxt()) is not None:
+        decode(frame[2])
+        n += 1
+    return n
+
+
+def measure(fn, batch, duration):
+    """Frames per second of fn() (which handles `batch` frames), over ~duration seconds."""
+    fn()                                   # warm up
+    frames = 0
+    start = time.perf_counter()
+    deadline = start + duration
+    while True:
+        for _ in range(10):
+            fn()
+        frames += 10 * batch
+        now = time.perf_counter()
+        if now >= deadline:
+            return frames / (now - start)
+
+
+def bench(m, args):
+    ids = corrs(args.batch)
+    req_body = b"x" * args.body
+    resp_body = (b'{"id":12345,"status":"done","findings":3}' + b" " * max(0, args.body - 42))
+    enc_req = m.FrameEncoder()
+    enc_resp = m.FrameEncoder()
+    req_data = encode_requests(m, ids, req_body)
+    resp_data = encode_responses(m, ids, resp_body)
+
+    def e_req():
+        request = enc_req.request
+        for corr in ids:
+            request(corr, "GET", "/api/v1/scans/12345/results", b"page=2&size=50",
+                    REQ_HEADERS, 30000, 1, req_body)
+        enc_req.take()
+
+    def e_resp():
+        response = enc_resp.response
+        for corr in ids:
+            response(corr, 200, RESP_HEADERS, 1, resp_body)
+        enc_resp.take()
+
+    return {
+        "REQUEST encode": measure(e_req, args.batch, args.duration),
+        "REQUEST decode": measure(lambda: decode_batch(m, req_data, m.decode_request),
+                                  args.batch, args.duration),
+        "RESPONSE encode": measure(e_resp, args.batch, args.duration),
+        "RESPONSE decode": measure(lambda: decode_batch(m, resp_data, m.decode_response),
+                                   args.batch, args.duration),
+    }, len(req_data) // args.batch, len(resp_data) // args.batch
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=2.0, help="seconds per figure (2)")
+    ap.add_argument("--batch", type=int, default=64,
+                    help="frames per feed()/take(), i.e. per loop iteration (64)")
+    ap.add_argument("--body", type=int, default=0, help="request body bytes; response body "
+                    "is max(42, this) (0)")
+    ap.add_argument("--only", choices=["c", "py"], help="measure one codec only")
+    args = ap.parse_args(argv)
+
+    codecs = []
+    if args.only != "py":
+        try:
+            codecs.append(("cython", importlib.import_module("stellagw._cext.frame")))
+        except ImportError as exc:
+            print(f"compiled codec not available ({exc}); run python setup.py build_ext --inplace")
+            if args.only == "c":
+                return 1
+    if args.only != "c":
+        codecs.append(("python", py_frame))
+    if len(codecs) == 2:
+        ids = corrs(4)
+        for fn in (encode_requests, encode_responses):
+            if fn(codecs[0][1], ids, b"abc") != fn(codecs[1][1], ids, b"abc"):
+                print("the codecs disagree: run tests/test_frame.py")
+                return 1
+
+    results = {}
+    for name, m in codecs:
+        results[name], req_size, resp_size = bench(m, args)
+    print(f"frame codec, batch {args.batch}, REQUEST {req_size} B ({len(REQ_HEADERS)} headers), "
+          f"RESPONSE {resp_size} B, ~{args.duration:g} s per figure")
+    names = [n for n, _ in codecs]
+    head = f"{'':16}" + "".join(f"{n + ' frames/s':>20}{'ns/frame':>10}" for n in names)
+    if len(names) == 2:
+        head += f"{'speed-up':>10}"
+    print(head)
+    for op in results[names[0]]:
+        line = f"{op:16}"
+        for n in names:
+            rate = results[n][op]
+            line += f"{rate:>20,.0f}{1e9 / rate:>10,.0f}"
+        if len(names) == 2:
+            line += f"{results[names[0]][op] / results[names[1]][op]:>9.1f}x"
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""A test microservice run in its own process: `python -m tests.services --name NAME ...`.
+
+Endpoints, all under /t/<name>/ so several services can register side by side:
+  GET  whoami            instance id, region, version
+  GET  slow?ms=N         answers after N ms; a CANCEL is recorded (see events)
+  GET  events            correlation ids of requests this process saw cancelled
+  GET  stream?mb=N       N MiB streamed in 64 KiB chunks
+  GET  crash             the process dies mid-request
+  POST echo              the body back (large bodies arrive as REQUEST_STREAM_DATA)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+from stellagw.service import Response, Service, StreamResponse
+
+
+def build(name, gateways, region, version, instance):
+    svc = Service(name, version, gateways=gateways, region=region, instance_id=instance,
+                  reconnect_min=0.05, reconnect_max=0.5)
+    cancelled = []
+    base = f"/t/{name}"
+
+    @svc.get(base + "/whoami")
+    async def whoami(req):
+        return Response.json({"instance": svc.instance_id, "region": region, "version": version,
+                              "pid": os.getpid(), "headers": req.headers})
+
+    @svc.get(base + "/slow", timeout=1.0)
+    async def slow(req):
+        ms = int(dict(p.split("=") for p in req.query.decode().split("&") if "=" in p).get("ms", "1000"))
+        try:
+            await asyncio.sleep(ms / 1000)
+        except asyncio.CancelledError:
+            cancelled.append(req.correlation_id)
+            raise
+        return Response.json({"slept_ms": ms})
+
+    @svc.get(base + "/events")
+    async def events(req):
+        return Response.json({"cancelled": cancelled})
+
+    @svc.get(base + "/stream", streaming=True)
+    async def stream(req):
+        mb = int(req.query.decode().partition("mb=")[2] or "1")
+        chunk = b"x" * 65536
+
+        async def body():
+            for _ in range(mb * 16):
+                yield chunk
+        return StreamResponse(body(), content_type="application/octet-stream")
+
+    @svc.get(base + "/crash")
+    async def crash(req):
+        await asyncio.sleep(0.1)
+        os._exit(3)
+
+    @svc.post(base + "/echo")
+    async def echo(req):
+        return Response(req.body, content_type="application/octet-stream")
+
+    return svc
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--name", required=True)
+    p.add_argument("--gateway", action="append", required=True)
+    p.add_argument("--region", default="local")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--instance")
+    a = p.parse_args()
+    build(a.name, a.gateway, a.region, a.version, a.instance).run()
+
+
+if __name__ == "__main__":
+    main()

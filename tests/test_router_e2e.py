@@ -1,0 +1,242 @@
+"""End to end: the gateway (`stellagw serve`) and SDK services, each in its own process,
+over real loopback sockets."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import orjson
+import psutil
+import pytest
+
+from .gwtest import ROOT, Served, connect, port_of, read_response, request, wait_for
+
+GW_CONFIG = """
+gateway:
+  node: {{region: eu1, workers: {workers}}}
+  http: {{port: 0}}
+  transports: {{tcp: {{port: 0}}}}
+  routing: {{neighborRegions: [eu2], defaultTimeout: 5s}}
+  health: {{heartbeatIntervalSeconds: 1, checkIntervalSeconds: 1, degradedAfterSeconds: 3,
+           heartbeatTimeoutSeconds: 6}}
+"""
+
+
+class Stack:
+    def __init__(self, tmp_path, workers=1):
+        self.gw = Served(config_text=GW_CONFIG.format(workers=workers), tmp_path=tmp_path)
+        recs = self.gw.wait_listening(workers)
+        self.http = port_of(recs[0]["http"])
+        self.tcp = port_of(recs[0]["tcp"])
+        self.services = []
+
+    def service(self, name, region="eu1", version="1.0.0", instance=None, wait=True):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.services", "--name", name, "--gateway",
+             f"127.0.0.1:{self.tcp}", "--region", region, "--version", version,
+             "--instance", instance or f"{name}-{region}-{version}"], cwd=ROOT)
+        self.services.append(proc)
+        if wait:
+            self.wait_registered(instance or f"{name}-{region}-{version}")
+        return proc
+
+    def ready(self):
+        return orjson.loads(request(self.http, b"GET /health/ready HTTP/1.1\r\n\r\n")[2])
+
+    def wait_registered(self, instance, gone=False, timeout=15):
+        def seen():
+            services = self.ready()["services"]
+            ids = {i["instanceId"] for insts in services.values() for i in insts}
+            return (instance in ids) != gone
+        assert wait_for(seen, timeout), self.ready()
+
+    def get(self, path, headers=b""):
+        return request(self.http, b"GET %s HTTP/1.1\r\nHost: t\r\n%s\r\n" % (path.encode(), headers),
+                       timeout=15)
+
+    def close(self):
+        for p in self.services:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.services:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        return self.gw.stop()
+
+
+@pytest.fixture
+def stack(tmp_path):
+    stacks = []
+
+    def make(workers=1):
+        s = Stack(tmp_path, workers)
+        stacks.append(s)
+        return s
+    yield make
+    for s in stacks:
+        s.close()
+
+
+def test_routing_by_template_and_errors(stack):
+    st = stack()
+    st.service("alpha")
+    st.service("beta")
+    status, headers, body = st.get("/t/alpha/whoami", b"X-Correlation-Id: trace-77\r\n")
+    assert status == 200 and orjson.loads(body)["instance"] == "alpha-eu1-1.0.0"
+    assert headers["x-correlation-id"] == "trace-77"
+    seen = orjson.loads(body)["headers"]
+    assert seen["x-correlation-id"] == "trace-77" and seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http" and seen["x-forwarded-host"] == "t"
+    assert orjson.loads(st.get("/t/beta/whoami")[2])["instance"] == "beta-eu1-1.0.0"
+    assert st.get("/t/gamma/whoami")[0] == 404
+    status, headers, body = request(st.http, b"DELETE /t/alpha/whoami HTTP/1.1\r\n\r\n")
+    assert status == 405 and headers["allow"] == "GET"
+    # A big body travels as REQUEST_STREAM_DATA frames and comes back intact.
+    payload = os.urandom(300_000)
+    status, _, body = request(st.http, b"POST /t/alpha/echo HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+                              % len(payload) + payload)
+    assert status == 200 and body == payload
+
+
+def test_region_then_latency_selection(stack):
+    st = stack()
+    st.service("geo", region="us1", instance="far")
+    assert orjson.loads(st.get("/t/geo/whoami")[2])["instance"] == "far"
+    st.service("geo", region="eu2", instance="near")
+    assert {orjson.loads(st.get("/t/geo/whoami")[2])["instance"] for _ in range(6)} == {"near"}
+    st.service("geo", region="eu1", instance="local")
+    assert {orjson.loads(st.get("/t/geo/whoami")[2])["instance"] for _ in range(6)} == {"local"}
+
+
+def test_version_selection(stack):
+    st = stack()
+    st.service("ver", version="1.2.0", instance="v120")
+    st.service("ver", version="1.10.0", instance="v1100")
+    assert orjson.loads(st.get("/t/ver/whoami")[2])["instance"] == "v1100"
+    assert orjson.loads(st.get("/t/ver/whoami", b"X-Service-Version: 1.2.0\r\n")[2])["instance"] == "v120"
+    assert st.get("/t/ver/whoami", b"X-Service-Version: 3.0.0\r\n")[0] == 503
+
+
+def test_timeout_is_504_and_the_service_sees_the_cancel(stack):
+    st = stack()
+    st.service("tmo")
+    t0 = time.monotonic()
+    status, headers, body = st.get("/t/tmo/slow?ms=5000", b"X-Correlation-Id: late-1\r\n")
+    assert status == 504 and orjson.loads(body)["error"]["code"] == "gateway_timeout"
+    assert time.monotonic() - t0 < 3  # the endpoint's own 1 s timeout, not the default 5 s
+    assert wait_for(lambda: "late-1" in orjson.loads(st.get("/t/tmo/events")[2])["cancelled"])
+
+
+def test_client_disconnect_cancels_the_request(stack):
+    st = stack()
+    st.service("dis")
+    s = connect(st.http)
+    s.sendall(b"GET /t/dis/slow?ms=800 HTTP/1.1\r\nX-Correlation-Id: gone-1\r\n\r\n")
+    time.sleep(0.2)
+    s.close()
+    assert wait_for(lambda: "gone-1" in orjson.loads(st.get("/t/dis/events")[2])["cancelled"])
+
+
+def test_50mb_stream_to_a_slow_reader_keeps_gateway_memory_bounded(stack):
+    st = stack()
+    st.service("big")
+    gw = psutil.Process(st.gw.proc.pid)
+    base = gw.memory_info().rss
+    s = socket.create_connection(("127.0.0.1", st.http))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    s.sendall(b"GET /t/big/stream?mb=50 HTTP/1.1\r\n\r\n")
+    received, peak = 0, base
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(4096)
+    head, _, rest = head.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head
+    received += len(rest)
+    t_end = time.monotonic() + 60
+    tail = rest[-5:]
+    while time.monotonic() < t_end:
+        chunk = s.recv(256 * 1024)
+        if not chunk:
+            break
+        received += len(chunk)
+        tail = (tail + chunk)[-5:]
+        if tail == b"0\r\n\r\n":
+            break
+        time.sleep(0.002)  # a deliberately slow reader: ~100 MB/s at most, usually far less
+        peak = max(peak, gw.memory_info().rss)
+    s.close()
+    assert tail == b"0\r\n\r\n"
+    assert received > 50 * 1024 * 1024  # the body plus chunk framing
+    # The gateway may hold a window per stream plus socket buffers, never the stream.
+    assert peak - base < 20 * 1024 * 1024, f"gateway RSS grew by {(peak - base) >> 20} MiB"
+
+
+def test_a_killed_service_fails_its_requests_with_502_and_nothing_else(stack):
+    st = stack()
+    st.service("victim")
+    st.service("bystander")
+    results = {}
+
+    def slow_bystander():
+        results["bystander"] = st.get("/t/bystander/slow?ms=600")[0]
+    t = threading.Thread(target=slow_bystander)
+    t.start()
+    status, _, body = st.get("/t/victim/crash")
+    assert status == 502 and orjson.loads(body)["error"]["code"] == "bad_gateway"
+    t.join(10)
+    assert results["bystander"] == 200
+    st.wait_registered("victim-eu1-1.0.0", gone=True)
+    assert st.get("/t/victim/whoami")[0] == 404  # its routes left with it, at once
+    assert st.get("/t/bystander/whoami")[0] == 200
+
+
+def test_service_reconnects_and_reregisters_after_the_gateway_restarts_a_worker(stack):
+    st = stack(workers=2)
+    st.service("phoenix")
+    # Both workers route to it: it dialled the second worker from the HELLO_ACK list.
+    assert wait_for(lambda: {orjson.loads(st.get("/health/ready")[2])["worker"]
+                             for _ in range(20)} == {0, 1})
+    ready_workers = set()
+    for _ in range(40):
+        status, _, body = st.get("/t/phoenix/whoami")
+        assert status == 200
+        ready_workers.add(orjson.loads(st.get("/health/ready")[2])["worker"])
+    # Kill one worker: the supervisor restarts it and the service re-registers with it.
+    worker_pids = [c.pid for c in psutil.Process(st.gw.proc.pid).children()]
+    os.kill(worker_pids[0], signal.SIGKILL)
+    st.gw.wait_for_log(lambda r: r.get("message") == "listening")
+
+    def all_workers_route():
+        ok = set()
+        for _ in range(30):
+            s = connect(st.http)
+            s.sendall(b"GET /t/phoenix/whoami HTTP/1.1\r\n\r\nGET /health/ready HTTP/1.1\r\n\r\n")
+            buf = bytearray()
+            status = read_response(s, buf)[0]
+            worker = orjson.loads(read_response(s, buf)[2])["worker"]
+            s.close()
+            if status == 200:
+                ok.add(worker)
+        return ok == {0, 1}
+    assert wait_for(all_workers_route, timeout=15)
+
+
+def test_gateway_restart_service_reregisters(tmp_path, stack):
+    st = stack()
+    st.service("again")
+    st.get("/t/again/whoami")
+    # Restart the whole gateway on the same transport port: the service finds it again.
+    old_tcp = st.tcp
+    st.gw.stop()
+    st.gw = Served(config_text=GW_CONFIG.format(workers=1).replace("tcp: {port: 0}",
+                   f"tcp: {{port: {old_tcp}}}"), tmp_path=tmp_path)
+    st.http = port_of(st.gw.wait_listening()[0]["http"])
+    st.wait_registered("again-eu1-1.0.0")
+    assert st.get("/t/again/whoami")[0] == 200
