@@ -340,7 +340,7 @@ cdef inline int _take(const unsigned char *p, Py_ssize_t *pos, Py_ssize_t n, int
 
 
 cdef list _decode_headers(const unsigned char *p, Py_ssize_t *pos, Py_ssize_t n, str kind):
-    cdef Py_ssize_t count, i, j, a, b
+    cdef Py_ssize_t count, left, j, a = 0, b
     cdef list headers = []
     cdef object name, value
     if pos[0] + 2 > n:
@@ -349,7 +349,9 @@ cdef list _decode_headers(const unsigned char *p, Py_ssize_t *pos, Py_ssize_t n,
     pos[0] += 2
     if count > C_MAX_HEADERS:
         raise FrameError(f"{kind}: header count {count} exceeds {C_MAX_HEADERS}")
-    for i in range(count):
+    left = count
+    while left:
+        left -= 1
         _take(p, pos, n, 2, kind, "header name", &a)
         b = pos[0]
         if a == b:
@@ -374,46 +376,46 @@ cdef str _method_str(const unsigned char *m, Py_ssize_t n):
         if not _TOKEN[m[i]]:
             raise FrameError("REQUEST: method is not an HTTP token")
     if n == 3:
-        if memcmp3(m, b"GET"):
+        if _eq3(m, b"GET"):
             return _M_GET
-        if memcmp3(m, b"PUT"):
+        if _eq3(m, b"PUT"):
             return _M_PUT
     elif n == 4:
-        if memcmp4(m, b"POST"):
+        if _eq4(m, b"POST"):
             return _M_POST
-        if memcmp4(m, b"HEAD"):
+        if _eq4(m, b"HEAD"):
             return _M_HEAD
-    elif n == 5 and memcmp5(m, b"PATCH"):
+    elif n == 5 and _eq5(m, b"PATCH"):
         return _M_PATCH
-    elif n == 6 and memcmp6(m, b"DELETE"):
+    elif n == 6 and _eq6(m, b"DELETE"):
         return _M_DELETE
-    elif n == 7 and memcmp7(m, b"OPTIONS"):
+    elif n == 7 and _eq7(m, b"OPTIONS"):
         return _M_OPTIONS
     return PyUnicode_DecodeASCII(<const char *>m, n, NULL)
 
 
-cdef inline bint memcmp3(const unsigned char *a, const char *b) noexcept:
+cdef inline bint _eq3(const unsigned char *a, const char *b) noexcept:
     return a[0] == b[0] and a[1] == b[1] and a[2] == b[2]
 
 
-cdef inline bint memcmp4(const unsigned char *a, const char *b) noexcept:
-    return memcmp3(a, b) and a[3] == b[3]
+cdef inline bint _eq4(const unsigned char *a, const char *b) noexcept:
+    return _eq3(a, b) and a[3] == b[3]
 
 
-cdef inline bint memcmp5(const unsigned char *a, const char *b) noexcept:
-    return memcmp4(a, b) and a[4] == b[4]
+cdef inline bint _eq5(const unsigned char *a, const char *b) noexcept:
+    return _eq4(a, b) and a[4] == b[4]
 
 
-cdef inline bint memcmp6(const unsigned char *a, const char *b) noexcept:
-    return memcmp5(a, b) and a[5] == b[5]
+cdef inline bint _eq6(const unsigned char *a, const char *b) noexcept:
+    return _eq5(a, b) and a[5] == b[5]
 
 
-cdef inline bint memcmp7(const unsigned char *a, const char *b) noexcept:
-    return memcmp6(a, b) and a[6] == b[6]
+cdef inline bint _eq7(const unsigned char *a, const char *b) noexcept:
+    return _eq6(a, b) and a[6] == b[6]
 
 
 cdef tuple _decode_request(const unsigned char *p, Py_ssize_t n):
-    cdef Py_ssize_t pos = 5, a
+    cdef Py_ssize_t pos = 5, a = 0
     cdef uint8_t flags
     cdef uint32_t timeout_ms
     cdef str method, path
@@ -783,10 +785,10 @@ cdef class FrameEncoder:
     # --- frames -----------------------------------------------------------------------
 
     def request(self, corr, method, path, query, headers, timeout_ms, flags, body):
-        cdef Py_ssize_t mark, mlen, plen, i
+        cdef Py_ssize_t mark, mlen, plen = 0, i
         cdef const unsigned char *m
         cdef const char *pp
-        cdef Py_ssize_t qlen
+        cdef Py_ssize_t qlen = 0
         cdef const char *qp
         cdef long long tmo = _ll(timeout_ms)
         cdef long long fl = _ll(flags)
