@@ -419,7 +419,7 @@ def _gateway_config(tmp: Path, http_port: int, tcp_port: int) -> Path:
         "    tcp:\n"
         f"      port: {tcp_port}\n"
         "  logging:\n"
-        "    access_log: false\n"
+        "    accessLog: false\n"
     )
     return cfg
 
