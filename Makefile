@@ -2,15 +2,22 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: demo test install build annotate debug-build perf bench clean
+.PHONY: demo test test-tools install build annotate debug-build perf bench clean
 
 # Set up and run the gateway with its embedded demo.
 demo: install
 	$(PYTHON) -m stellagw demo
 
 # Set up and run the whole test suite (what .ci/run calls).
-test: install
+test: install test-tools
 	$(PYTHON) -m pytest -q
+
+# Debian packages the tests use: promtool (from prometheus) checks the /metrics output.
+test-tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "promtool missing: sudo apt-get install prometheus (its test is skipped)"; fi; }
 
 install:
 	$(PIP) install -q --disable-pip-version-check -e '.[test]'

@@ -88,7 +88,7 @@ def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
 
 class Worker:
     def __init__(self, settings, worker_id: int = 0, log: JsonLog | None = None,
-                 transport_ports: dict | None = None):
+                 transport_ports: dict | None = None, run_dir: str | None = None):
         gw = settings.gateway
         self.settings = settings
         self.worker_id = worker_id
@@ -96,7 +96,7 @@ class Worker:
         self.http_settings = HttpLimits(gw)
         self.log = log or JsonLog(gw.logging.level, access_log=gw.logging.access_log)
         self.log.extra = {"node": self.node_id, "worker": worker_id}
-        self.metrics = Metrics()
+        self.metrics = Metrics(run_dir, worker_id)
         self.connections: set[HttpProtocol] = set()
         self.draining = False
         self._drain_started = False
@@ -233,6 +233,7 @@ class Worker:
         for conn in list(self.connections):
             conn.check_deadline(now)
         self.log.flush()
+        self.metrics.publish()
 
     async def drain(self) -> None:
         """SIGTERM: not ready, no new connections, finish in-flight work, then stop."""
@@ -272,12 +273,12 @@ def _fmt_addr(addr) -> str:
 
 
 def run_worker(settings, worker_id: int = 0, http_sock: socket.socket | None = None,
-               transport_ports: dict | None = None) -> int:
+               transport_ports: dict | None = None, run_dir: str | None = None) -> int:
     """Run one worker until SIGTERM/SIGINT has drained it. Returns the exit code."""
     import uvloop
 
     async def main():
-        worker = Worker(settings, worker_id, transport_ports=transport_ports)
+        worker = Worker(settings, worker_id, transport_ports=transport_ports, run_dir=run_dir)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.drain()))

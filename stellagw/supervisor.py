@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 import signal
 import socket
 import sys
@@ -66,6 +68,8 @@ def serve(settings) -> int:
             private[kind][wid], sock = _reserve_port(node.host, 0)
             reservations.append(sock)
     settings = _with_ports(settings, port, public)
+    # Shared by the workers for instance-wide /metrics (observe/metrics.py).
+    run_dir = tempfile.mkdtemp(prefix="stellagw-run-")
     reservations = [s for s in reservations if s is not None]
 
     children: dict[int, int] = {}   # pid -> worker id
@@ -81,7 +85,7 @@ def serve(settings) -> int:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 for s in reservations:
                     s.close()
-                code = run_worker(settings, worker_id, transport_ports=private)
+                code = run_worker(settings, worker_id, transport_ports=private, run_dir=run_dir)
             except BaseException as exc:  # the child must never return into the supervisor
                 print(f"worker {worker_id} failed: {exc!r}", file=sys.stderr, flush=True)
             finally:
@@ -128,6 +132,7 @@ def serve(settings) -> int:
             spawn(worker_id)
     for s in reservations:
         s.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
     log.event("info", "supervisor stopped")
     log.flush()
     return exit_code

@@ -1,60 +1,85 @@
-"""Request metrics aggregated in plain dicts and exported on scrape.
+"""Metrics aggregated in plain dicts and exported on scrape (seed §10 and §14).
 
 prometheus-client costs several microseconds per `labels().inc()`; at 50k requests/s that
 is a quarter of the budget. So the hot path bumps counters in dicts keyed by label tuples,
 and a custom collector turns them into metric families only when /metrics is scraped.
+
+With several workers, /metrics must describe the whole instance whichever worker answers
+the scrape: every worker writes a snapshot of its counters into the supervisor's run
+directory once a second, and the answering worker adds the others' snapshots to its own.
+A restarted worker starts from the snapshot its predecessor left, so the instance's counters
+never go backwards (which Prometheus would read as a reset).
 """
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
 
+import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 # Seconds. Dense below 10 ms because the routing overhead SLO is < 2 ms (p50) / < 5 ms (p99).
 DURATION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                     1.0, 2.5, 5.0, 10.0, 30.0)
+_BOUNDS = tuple(repr(float(b)) for b in DURATION_BUCKETS)
+PHASES = ("auth", "routing", "transport")
+
+FRAME_NAMES = {1: "HELLO", 2: "HEARTBEAT", 3: "ENDPOINTS_UPDATE", 4: "REQUEST",
+               5: "REQUEST_STREAM_DATA", 6: "RESPONSE", 7: "RESPONSE_STREAM_DATA", 8: "CANCEL",
+               9: "HELLO_ACK", 10: "DRAIN", 11: "PING", 12: "PONG", 13: "WINDOW_UPDATE"}
 
 
 class Histogram:
     __slots__ = ("counts", "total", "n")
 
-    def __init__(self):
-        self.counts = [0] * (len(DURATION_BUCKETS) + 1)
-        self.total = 0.0
-        self.n = 0
+    def __init__(self, counts=None, total=0.0, n=0):
+        self.counts = list(counts) if counts else [0] * (len(DURATION_BUCKETS) + 1)
+        self.total = total
+        self.n = n
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
         self.total += seconds
         self.n += 1
 
+    def add(self, counts, total, n) -> None:
+        mine = self.counts
+        for i, c in enumerate(counts):
+            mine[i] += c
+        self.total += total
+        self.n += n
+
     def buckets(self):
         out, acc = [], 0
-        for bound, count in zip(DURATION_BUCKETS, self.counts):
+        for bound, count in zip(_BOUNDS, self.counts):
             acc += count
-            out.append((_fmt(bound), acc))
+            out.append((bound, acc))
         out.append(("+Inf", self.n))
         return out
-
-
-def _fmt(bound: float) -> str:
-    return repr(float(bound))
 
 
 class Metrics:
     """One worker's metrics. Everything the request path touches is a dict or an int."""
 
-    def __init__(self):
+    def __init__(self, run_dir: str | None = None, worker_id: int = 0):
         self.requests: dict[tuple, int] = {}          # (service, method, path, status) -> count
         self.durations: dict[tuple, Histogram] = {}   # (service, method, path) -> histogram
         self.active_connections: dict[str, int] = {}  # service ("ingress" for clients) -> open
         self.frames: dict[int, int] = {}              # frame type -> count (both directions)
-        self.phases: dict[str, Histogram] = {}        # "auth" | "routing" | "transport" -> histogram
-        self.auth_failures: dict[str, int] = {}
-        self.rate_limited: dict[str, int] = {}
+        self.phases: dict[str, Histogram] = {}        # "auth" | "routing" | "transport"
+        self.auth_failures: dict[str, int] = {}       # reason -> count
+        self.rate_limited: dict[str, int] = {}        # tenant -> count
+        self.gauges: dict[str, float] = {}            # name -> value (endpoints, instances ...)
+        self.extra: list = []                         # callables yielding more metric families
+        self._run_dir = run_dir
+        self._worker_id = worker_id
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
+        if run_dir:
+            self._resume()
+
+    # ------------------------------------------------------------------ the hot path
 
     def request_done(self, service: str, method: str, path: str, status: int,
                      seconds: float) -> None:
@@ -79,13 +104,88 @@ class Metrics:
     def connection_closed(self, service: str = "ingress") -> None:
         self.active_connections[service] = self.active_connections.get(service, 0) - 1
 
+    def auth_failed(self, reason: str) -> None:
+        self.auth_failures[reason] = self.auth_failures.get(reason, 0) + 1
+
+    def rate_limit_exceeded(self, tenant: str | None) -> None:
+        key = tenant or "anonymous"
+        self.rate_limited[key] = self.rate_limited.get(key, 0) + 1
+
+    # ------------------------------------------------------------------ several workers
+
+    def snapshot(self) -> dict:
+        return {
+            "requests": [[*k, v] for k, v in self.requests.items()],
+            "durations": [[*k, h.counts, h.total, h.n] for k, h in self.durations.items()],
+            "connections": list(self.active_connections.items()),
+            "frames": list(self.frames.items()),
+            "phases": [[k, h.counts, h.total, h.n] for k, h in self.phases.items()],
+            "auth_failures": list(self.auth_failures.items()),
+            "rate_limited": list(self.rate_limited.items()),
+        }
+
+    def publish(self) -> None:
+        """Write this worker's snapshot for the others (called once a second)."""
+        if not self._run_dir:
+            return
+        path = os.path.join(self._run_dir, f"worker-{self._worker_id}.json")
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(orjson.dumps(self.snapshot()))
+        os.replace(tmp, path)  # readers see the old or the new file, never half of one
+
+    def _peer_snapshots(self) -> list[dict]:
+        if not self._run_dir:
+            return []
+        out = []
+        own = f"worker-{self._worker_id}.json"
+        for name in os.listdir(self._run_dir):
+            if name.startswith("worker-") and name.endswith(".json") and name != own:
+                try:
+                    with open(os.path.join(self._run_dir, name), "rb") as f:
+                        out.append(orjson.loads(f.read()))
+                except (OSError, orjson.JSONDecodeError):
+                    continue  # a worker mid-restart: its next publish brings it back
+        return out
+
+    def _resume(self) -> None:
+        path = os.path.join(self._run_dir, f"worker-{self._worker_id}.json")
+        try:
+            with open(path, "rb") as f:
+                snap = orjson.loads(f.read())
+        except (OSError, orjson.JSONDecodeError):
+            return
+        view = _View()
+        view.add(snap, counters_only=True)
+        self.requests, self.durations, self.frames = view.requests, view.durations, view.frames
+        self.phases, self.auth_failures, self.rate_limited = view.phases, view.auth_failures, view.rate_limited
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-_FRAME_NAMES = {1: "HELLO", 2: "HEARTBEAT", 3: "ENDPOINTS_UPDATE", 4: "REQUEST",
-                5: "REQUEST_STREAM_DATA", 6: "RESPONSE", 7: "RESPONSE_STREAM_DATA", 8: "CANCEL",
-                9: "HELLO_ACK", 10: "DRAIN", 11: "PING", 12: "PONG", 13: "WINDOW_UPDATE"}
+class _View:
+    """The sum of several workers' snapshots."""
+
+    def __init__(self):
+        self.requests, self.durations, self.connections = {}, {}, {}
+        self.frames, self.phases, self.auth_failures, self.rate_limited = {}, {}, {}, {}
+
+    def add(self, snap: dict, counters_only: bool = False) -> None:
+        for *k, v in snap.get("requests", ()):
+            k = tuple(k)
+            self.requests[k] = self.requests.get(k, 0) + v
+        for *k, counts, total, n in snap.get("durations", ()):
+            self.durations.setdefault(tuple(k), Histogram()).add(counts, total, n)
+        for k, counts, total, n in snap.get("phases", ()):
+            self.phases.setdefault(k, Histogram()).add(counts, total, n)
+        for target, key in ((self.frames, "frames"), (self.auth_failures, "auth_failures"),
+                            (self.rate_limited, "rate_limited")):
+            for k, v in snap.get(key, ()):
+                target[k] = target.get(k, 0) + v
+        if not counters_only:
+            for k, v in snap.get("connections", ()):
+                self.connections[k] = self.connections.get(k, 0) + v
 
 
 class _Collector:
@@ -94,38 +194,78 @@ class _Collector:
 
     def collect(self):
         m = self._m
+        view = _View()
+        view.add(m.snapshot())
+        for snap in m._peer_snapshots():
+            view.add(snap)
+
         total = CounterMetricFamily(
             "gateway_requests", "HTTP requests answered by the gateway",
             labels=("service", "method", "path", "status"))
-        for (service, method, path, status), count in list(m.requests.items()):
+        errors = CounterMetricFamily(
+            "gateway_errors", "Requests answered with a 4xx or 5xx status",
+            labels=("service", "status"))
+        limited = CounterMetricFamily("gateway_ratelimit", "Requests answered 429",
+                                      labels=("service",))
+        err_sums: dict = {}
+        rl_sums: dict = {}
+        for (service, method, path, status), count in view.requests.items():
             total.add_metric((service, method, path, str(status)), count)
+            if status >= 400:
+                err_sums[(service, str(status))] = err_sums.get((service, str(status)), 0) + count
+            if status == 429:
+                rl_sums[service] = rl_sums.get(service, 0) + count
+        for labels, count in err_sums.items():
+            errors.add_metric(labels, count)
+        for service, count in rl_sums.items():
+            limited.add_metric((service,), count)
         yield total
+        yield errors
+        yield limited
 
         hist = HistogramMetricFamily(
             "gateway_request_duration_seconds",
             "Time from the request's last byte to its response, by route template",
             labels=("service", "method", "path"))
-        for (service, method, path), h in list(m.durations.items()):
+        for (service, method, path), h in view.durations.items():
             hist.add_metric((service, method, path), h.buckets(), h.total)
         yield hist
+
+        for name in PHASES:
+            fam = HistogramMetricFamily(f"gateway_{name}_duration_seconds",
+                                        f"Time spent in the {name} phase of a request")
+            h = view.phases.get(name)
+            if h is not None:
+                fam.add_metric((), h.buckets(), h.total)
+            yield fam
 
         conns = GaugeMetricFamily(
             "gateway_active_connections",
             "Open connections: 'ingress' for HTTP clients, else the service's name",
             labels=("service",))
-        for service, count in list(m.active_connections.items()):
+        for service, count in view.connections.items():
             conns.add_metric((service,), count)
         yield conns
 
         frames = CounterMetricFamily("gateway_transport_frames",
-                                     "Frames on service connections, both directions",
-                                     labels=("type",))
-        for ftype, count in list(m.frames.items()):
-            frames.add_metric((_FRAME_NAMES.get(ftype) or str(ftype),), count)
+                                     "Frames on service connections, by type", labels=("type",))
+        for ftype, count in view.frames.items():
+            frames.add_metric((FRAME_NAMES.get(int(ftype)) or str(ftype),), count)
         yield frames
 
-        for name, h in list(m.phases.items()):
-            fam = HistogramMetricFamily(f"gateway_{name}_duration_seconds",
-                                        f"Time spent in the {name} phase of a request")
-            fam.add_metric((), h.buckets(), h.total)
-            yield fam
+        auth = CounterMetricFamily("gateway_auth_failures", "Requests refused by authentication",
+                                   labels=("reason",))
+        for reason, count in view.auth_failures.items():
+            auth.add_metric((reason,), count)
+        yield auth
+
+        rl = CounterMetricFamily("gateway_rate_limit_exceeded",
+                                 "Requests refused by rate limiting", labels=("tenant",))
+        for tenant, count in view.rate_limited.items():
+            rl.add_metric((tenant,), count)
+        yield rl
+
+        for name, value in list(m.gauges.items()):
+            yield GaugeMetricFamily(name, name.replace("_", " "), value=value)
+        for extra in m.extra:
+            yield from extra()

@@ -152,6 +152,7 @@ class ServiceConnection(asyncio.Protocol):
             # Ping rides on the heartbeat (protocol.md §5.3): the PING carries our send
             # time, so an idle connection costs no timer and no table of pings.
             self._encoder.raw(fr.PING, fr.ZERO_CORR, time.monotonic_ns().to_bytes(8, "big"))
+            self._out(fr.PING)
             self._schedule_flush()
         elif ftype == fr.PONG:
             if len(payload) == 8:
@@ -212,6 +213,7 @@ class ServiceConnection(asyncio.Protocol):
             self._hello_timer = None
         self._metrics.connection_opened(instance.service)
         self._encoder.control(fr.HELLO_ACK, fr.ZERO_CORR, self._hub.hello_ack(self))
+        self._out(fr.HELLO_ACK)
         self._schedule_flush()
         self._log.event("info", "service registered", service=instance.service,
                         version=instance.version, instance=instance.instance_id,
@@ -274,6 +276,7 @@ class ServiceConnection(asyncio.Protocol):
     def _grant(self, pending):
         if pending.unacked:
             self._encoder.window_update(pending.corr, pending.unacked)
+            self._out(fr.WINDOW_UPDATE)
             pending.unacked = 0
             self._schedule_flush()
 
@@ -293,11 +296,13 @@ class ServiceConnection(asyncio.Protocol):
         timeout_ms = int(timeout * 1000)
         if len(body) > stream_threshold or (endpoint.streaming and body):
             self._encoder.request(corr, req.method, path, req.query, headers, timeout_ms, 0, b"")
+            self._out(fr.REQUEST)
             pending.body = body
             self._send_body(pending)
         else:
             self._encoder.request(corr, req.method, path, req.query, headers, timeout_ms,
                                   fr.FLAG_END_STREAM, body)
+            self._out(fr.REQUEST)
         self._schedule_flush()
         pending.timer = self._loop.call_later(timeout, self._timeout, pending)
         if req.state is None:
@@ -315,6 +320,7 @@ class ServiceConnection(asyncio.Protocol):
                                       fr.FLAG_END_STREAM if last else 0, body[pos:end])
             pending.window -= n
             pos = end
+            self._out(fr.REQUEST_STREAM_DATA)
         pending.body_pos = pos
         if pos >= len(body):
             if not body:
@@ -344,6 +350,7 @@ class ServiceConnection(asyncio.Protocol):
         self._finish(pending)
         if self.state == READY:
             self._encoder.control(fr.CANCEL, pending.corr, {"reason": reason})
+            self._out(fr.CANCEL)
             self._schedule_flush()
 
     def _finish(self, pending):
@@ -363,6 +370,10 @@ class ServiceConnection(asyncio.Protocol):
         req.conn.respond(req, status, _JSON, error_body(status, message, req.correlation_id))
 
     # ---------------------------------------------------------------- writing
+
+    def _out(self, ftype: int, n: int = 1) -> None:
+        frames = self._frames_in
+        frames[ftype] = frames.get(ftype, 0) + n
 
     def _schedule_flush(self):
         if not self._flush_scheduled:
