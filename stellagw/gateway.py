@@ -258,7 +258,7 @@ class Worker:
         for conn in list(self.connections):
             conn.close()
         self.log.event("info", "stopped", unfinished=len(self.connections))
-        self.log.flush()
+        self.log.drain()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         self._stopped.set()

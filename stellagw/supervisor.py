@@ -134,5 +134,5 @@ def serve(settings) -> int:
         s.close()
     shutil.rmtree(run_dir, ignore_errors=True)
     log.event("info", "supervisor stopped")
-    log.flush()
+    log.drain()
     return exit_code

@@ -32,7 +32,7 @@ class NullLog:
         self.log = JsonLog("debug", stream=self._wfile, access_log=True)
 
     def lines(self) -> list[bytes]:
-        self.log.flush()
+        self.log.drain()
         chunks = []
         while True:
             try:
@@ -263,32 +263,43 @@ class Served:
                 f.write(config_text)
             cmd += ["--config", cfg]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.lines = []
-        self._buf = b""
+        self.lines: list[bytes] = []
+        self._cond = threading.Condition()
+        # Read the gateway's output all the time: a full pipe would stall its log writer.
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._seen = 0
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip(b"\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
 
     def wait_for_log(self, predicate, count=1, timeout=20):
-        import select
+        """Wait for `count` JSON log records matching `predicate`, among lines not yet
+        consumed by an earlier wait."""
+        import orjson
         deadline = time.monotonic() + timeout
         found = []
-        fd = self.proc.stdout.fileno()
-        while len(found) < count and time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.1)
-            if not ready:
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            self._buf += chunk
-            while b"\n" in self._buf:
-                line, self._buf = self._buf.split(b"\n", 1)
-                self.lines.append(line)
-                try:
-                    import orjson
-                    rec = orjson.loads(line)
-                except Exception:
-                    continue
-                if isinstance(rec, dict) and predicate(rec):
-                    found.append(rec)
+        with self._cond:
+            while len(found) < count:
+                while self._seen < len(self.lines) and len(found) < count:
+                    line = self.lines[self._seen]
+                    self._seen += 1
+                    try:
+                        rec = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(rec, dict) and predicate(rec):
+                        found.append(rec)
+                left = deadline - time.monotonic()
+                if len(found) >= count or left <= 0 or (self.proc.poll() is not None
+                                                        and self._seen >= len(self.lines)):
+                    break
+                self._cond.wait(min(left, 0.2))
         assert len(found) >= count, b"\n".join(self.lines[-40:]).decode(errors="replace")
         return found
 

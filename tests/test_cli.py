@@ -109,3 +109,34 @@ def test_two_workers_share_the_port_and_a_dead_worker_is_restarted(tmp_path):
         assert request(port, b"GET /health/live HTTP/1.1\r\n\r\n")[0] == 200
     finally:
         assert s.stop() == 0
+
+
+def test_a_stdout_nobody_reads_never_stalls_the_gateway(tmp_path):
+    # Regression: the access log once wrote to stdout from the event loop; when the pipe
+    # filled (64 KiB, ~150 lines) the worker froze with every connection on it.
+    import socket as _socket
+    with _socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"gateway: {{http: {{port: {port}}}, transports: {{tcp: {{port: 0}}}}}}")
+    proc = subprocess.Popen([sys.executable, "-m", "stellagw", "serve", "--config", str(cfg)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: _answers(port), timeout=15)
+        from .gwtest import connect, read_response
+        with connect(port, timeout=10) as s:
+            buf = bytearray()
+            for i in range(600):   # ~600 log lines: several times the pipe's capacity
+                s.sendall(b"GET /health/live HTTP/1.1\r\nX-Correlation-Id: c%d\r\n\r\n" % i)
+                assert read_response(s, buf)[0] == 200
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _answers(port):
+    try:
+        return request(port, b"GET /health/live HTTP/1.1\r\n\r\n", timeout=1)[0] == 200
+    except OSError:
+        return False

@@ -323,7 +323,11 @@ def test_client_disconnect_runs_the_abort_hook():
     proto.data_received(b"GET /slow HTTP/1.1\r\n\r\n")
     aborted = []
     req = pipe.pending[0]
-    req.state = {"on_abort": aborted.append}
+
+    class Waiting:
+        def abort(self):
+            aborted.append(req)
+    req.pending = Waiting()
     proto.connection_lost(None)
     assert aborted == [req]
     proto.respond(req, 200, b"", b"late")  # an answer after the client left is dropped

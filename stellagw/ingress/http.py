@@ -49,6 +49,7 @@ class Request:
         "route",            # str: the path label for metrics (template, never the raw path)
         "tenant",           # str | None, set by authentication
         "state",            # per-request scratch for pipeline stages (None until used)
+        "pending",          # the dispatch waiting for the service (has .abort()), or None
     )
 
     def header(self, name: bytes) -> bytes | None:
@@ -69,6 +70,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = None
         self.peer_cert: bytes | None = None   # DER of the client certificate (mTLS)
         self.peername = None
+        self.peer_ip = b""
         self._parser = None
         self._queue: deque[Request] = deque()
         self._current: Request | None = None
@@ -116,7 +118,9 @@ class HttpProtocol(asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.peer_cert = ssl_object.getpeercert(binary_form=True)
-        self.peername = transport.get_extra_info("peername")
+        self.peername = peer = transport.get_extra_info("peername")
+        # X-Forwarded-For of every request on this connection, encoded once.
+        self.peer_ip = peer[0].encode() if isinstance(peer, tuple) else b""
         self._parser = server.new_parser(self)
         self._set_deadline(D_HEADER, self._settings.header_read_timeout)
 
@@ -127,12 +131,9 @@ class HttpProtocol(asyncio.Protocol):
         self._closing = True
         current, self._current = self._current, None
         self._queue.clear()
-        if current is not None:
-            # The client went away with a request in flight: let the stage waiting on it
-            # cancel its work (CANCEL(ClientDisconnected) to the service).
-            on_abort = current.state.get("on_abort") if current.state else None
-            if on_abort is not None:
-                on_abort(current)
+        if current is not None and current.pending is not None:
+            # The client went away with a request in flight: CANCEL(ClientDisconnected).
+            current.pending.abort()
 
     def data_received(self, data):
         if self._parse_broken or self._closing:
@@ -470,6 +471,7 @@ def _new_request(conn) -> Request:
     req.route = ""
     req.tenant = None
     req.state = None
+    req.pending = None
     return req
 
 

@@ -1,16 +1,25 @@
 """JSON lines (seed §10): one per request plus lifecycle and error events.
 
-Lines are buffered and written at most once per 100 ms (or at 64 KiB), because a write
-per request would cost a syscall per request. Never pass a token, proof, key or password
-to these functions: callers log identifiers, not credentials.
+Lines are buffered and handed over once a second (or at 64 KiB), because a write per
+request would cost a syscall per request. The writing itself happens in a thread: stdout
+may be a pipe nobody drains fast enough, and a blocking write must never stop the event
+loop (it froze every connection of a worker once its pipe filled). Past MAX_PENDING bytes
+waiting, lines are dropped and counted, and the next line that gets through says so.
+
+Never pass a token, proof, key or password to these functions: callers log identifiers,
+not credentials.
 """
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
+from collections import deque
 
 import orjson
+
+MAX_PENDING = 16 * 1024 * 1024
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _FLUSH_AT = 64 * 1024
@@ -22,6 +31,11 @@ class JsonLog:
         self.access_log = access_log and self.threshold <= LEVELS["info"]
         self._fd = (stream or sys.stdout).fileno()
         self._buf = bytearray()
+        self._queue: deque[bytes] = deque()
+        self._pending = 0
+        self.dropped = 0
+        self._wake = threading.Condition()
+        self._writer: threading.Thread | None = None
         self._ts_second = -1
         self._ts_prefix = ""
         self.extra: dict = {}
@@ -60,14 +74,46 @@ class JsonLog:
             self.flush()
 
     def flush(self) -> None:
+        """Hand what is buffered to the writer thread; never blocks on the output."""
         if not self._buf:
             return
         data, self._buf = bytes(self._buf), bytearray()
-        try:
-            while data:
-                data = data[os.write(self._fd, data):]
-        except BlockingIOError:
-            # stdout is a pipe that is full: keep the rest rather than block the loop.
-            self._buf[:0] = data
-        except OSError:
-            pass
+        with self._wake:
+            if self._pending + len(data) > MAX_PENDING:
+                self.dropped += data.count(b"\n")
+                return
+            if self.dropped:
+                note = orjson.dumps({"timestamp": self._timestamp(), "level": "warning",
+                                     "message": "log lines dropped: output too slow",
+                                     "dropped": self.dropped}) + b"\n"
+                data = note + data
+                self.dropped = 0
+            self._queue.append(data)
+            self._pending += len(data)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="stellagw-log",
+                                                daemon=True)
+                self._writer.start()
+            self._wake.notify()
+
+    def drain(self, timeout: float = 2.0) -> None:
+        """Flush and wait (bounded) until the writer has written everything: at exit."""
+        self.flush()
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue:
+                    self._wake.wait()
+                data = self._queue.popleft()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except OSError:
+                pass  # output closed: nothing more to do with these lines
+            with self._wake:
+                self._pending -= len(data)

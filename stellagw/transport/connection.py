@@ -38,19 +38,29 @@ AWAIT_HELLO, READY, CLOSED = 0, 1, 2
 class Pending:
     """A request sent to the service and not yet fully answered."""
 
-    __slots__ = ("corr", "req", "timer", "streaming", "unacked", "sent_at", "body", "body_pos",
-                 "window")
+    __slots__ = ("corr", "req", "owner", "deadline", "streaming", "unacked", "sent_at", "body",
+                 "body_pos", "window")
 
-    def __init__(self, corr, req):
+    def __init__(self, corr, req, owner):
         self.corr = corr
         self.req = req
-        self.timer = None
+        self.owner = owner         # the ServiceConnection it was sent on
+        self.deadline = 0.0        # loop time of the timeout; 0.0 once the answer started
         self.streaming = False     # RESPONSE head written, RESPONSE_STREAM_DATA follows
         self.unacked = 0           # stream bytes written to the client but not yet granted back
         self.sent_at = perf_counter()
         self.body = None           # request body still to send as REQUEST_STREAM_DATA
         self.body_pos = 0
         self.window = INITIAL_WINDOW  # credit for our REQUEST_STREAM_DATA
+
+    def abort(self):
+        """The client went away."""
+        self.owner._client_gone(self)
+
+    def expire(self, now):
+        """Called by the hub's timer wheel once the deadline bucket is due."""
+        if self.deadline and now >= self.deadline:
+            self.owner._timeout(self)
 
 
 class ServiceConnection(asyncio.Protocol):
@@ -104,8 +114,7 @@ class ServiceConnection(asyncio.Protocol):
             self._hello_timer.cancel()
         inflight, self.inflight = self.inflight, {}
         for pending in inflight.values():
-            if pending.timer is not None:
-                pending.timer.cancel()
+            pending.deadline = 0.0
             self._fail(pending, 502, "the service connection was lost")
         if self.instance is not None:
             self._routing.unregister(self.instance, reason="connection lost")
@@ -172,8 +181,7 @@ class ServiceConnection(asyncio.Protocol):
             # The service gave up on a request (its own shutdown or a failure).
             pending = self.inflight.pop(corr, None)
             if pending is not None:
-                if pending.timer is not None:
-                    pending.timer.cancel()
+                pending.deadline = 0.0
                 reason = fr.decode_control(payload).get("reason", "cancelled")
                 self._fail(pending, 502, f"the service cancelled the request ({reason})")
         elif ftype == fr.DRAIN:
@@ -240,10 +248,8 @@ class ServiceConnection(asyncio.Protocol):
             req.conn.respond(req, status, block, body)
             return
         pending.streaming = True
-        if pending.timer is not None:
-            # The timeout covers REQUEST → RESPONSE (protocol.md §5.4), not the stream.
-            pending.timer.cancel()
-            pending.timer = None
+        # The timeout covers REQUEST → RESPONSE (protocol.md §5.4), not the stream.
+        pending.deadline = 0.0
         if not req.conn.start_stream(req, status, block, lambda: self._client_writable(pending)):
             self._cancel(pending, "ClientDisconnected")
             return
@@ -288,10 +294,10 @@ class ServiceConnection(asyncio.Protocol):
 
     def send_request(self, req, endpoint, timeout: float, path: str, stream_threshold: int) -> None:
         corr = self.next_corr()
-        pending = Pending(corr, req)
+        pending = Pending(corr, req, self)
         pending.window = self.peer_window
         self.inflight[corr] = pending
-        headers = request_headers(req, self._hub.peer_ip(req), self._hub.scheme)
+        headers = request_headers(req, req.conn.peer_ip, self._hub.scheme)
         body = req.body
         timeout_ms = int(timeout * 1000)
         if len(body) > stream_threshold or (endpoint.streaming and body):
@@ -304,10 +310,8 @@ class ServiceConnection(asyncio.Protocol):
                                   fr.FLAG_END_STREAM, body)
             self._out(fr.REQUEST)
         self._schedule_flush()
-        pending.timer = self._loop.call_later(timeout, self._timeout, pending)
-        if req.state is None:
-            req.state = {}
-        req.state["on_abort"] = lambda r, p=pending: self._client_gone(p)
+        self._hub.arm(pending, timeout)
+        req.pending = pending
 
     def _send_body(self, pending):
         body, pos = pending.body, pending.body_pos
@@ -331,7 +335,7 @@ class ServiceConnection(asyncio.Protocol):
     def _timeout(self, pending):
         if self.inflight.get(pending.corr) is not pending:
             return
-        pending.timer = None
+        pending.deadline = 0.0
         self._cancel(pending, "Timeout")
         self._hub.count_timeout()
         self._fail(pending, 504, "the service did not answer in time")
@@ -354,9 +358,9 @@ class ServiceConnection(asyncio.Protocol):
             self._schedule_flush()
 
     def _finish(self, pending):
-        if self.inflight.pop(pending.corr, None) is not None and pending.timer is not None:
-            pending.timer.cancel()
-            pending.timer = None
+        # The timer wheel drops a finished request lazily: deadline 0 means "nothing to do".
+        pending.deadline = 0.0
+        self.inflight.pop(pending.corr, None)
 
     def _fail(self, pending, status, message):
         req = pending.req

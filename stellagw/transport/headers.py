@@ -7,7 +7,6 @@ itself (content-length or chunked) on the way out.
 """
 from __future__ import annotations
 
-from ..ingress.responses import is_valid_header_name, is_valid_header_value
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
@@ -21,7 +20,7 @@ GATEWAY_SET = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"date", b"x-correlation-id"}
 
 
-def request_headers(req, peer_ip: str, scheme: bytes) -> list:
+def request_headers(req, peer_ip: bytes, scheme: bytes) -> list:
     """The headers a REQUEST frame carries for `req`."""
     drop = HOP_BY_HOP | GATEWAY_SET
     named = None
@@ -40,7 +39,7 @@ def request_headers(req, peer_ip: str, scheme: bytes) -> list:
         out = [(n, v) for n, v in out if n not in named]
     if req.http_version == "1.1" and req.header(b"te") == b"trailers":
         out.append((b"te", b"trailers"))
-    out.append((b"x-forwarded-for", peer_ip.encode()))
+    out.append((b"x-forwarded-for", peer_ip))
     out.append((b"x-forwarded-proto", scheme))
     if host is not None:
         out.append((b"x-forwarded-host", host))
@@ -48,18 +47,11 @@ def request_headers(req, peer_ip: str, scheme: bytes) -> list:
     return out
 
 
-def response_header_block(headers) -> bytes | None:
-    """Format a service's response headers for the client; None when one is unsafe to send."""
-    parts = []
-    for name, value in headers:
-        if isinstance(name, str):
-            name = name.encode("latin-1")
-        if isinstance(value, str):
-            value = value.encode("latin-1")
-        name = name.lower()
-        if name in RESPONSE_DROP:
-            continue
-        if not is_valid_header_name(name) or not is_valid_header_value(value):
-            return None
-        parts.append(name + b": " + value + b"\r\n")
-    return b"".join(parts)
+def response_header_block(headers) -> bytes:
+    """Format a service's response headers for the client.
+
+    The frame decoder has already refused names that are not lowercase tokens and values
+    with CR, LF or NUL (docs/protocol.md §8), so nothing here can split the response.
+    """
+    drop = RESPONSE_DROP
+    return b"".join([b"%s: %s\r\n" % (n, v) for n, v in headers if n not in drop])

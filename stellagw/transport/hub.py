@@ -15,6 +15,8 @@ from .. import frame as fr
 from ..ingress.tls import server_context
 from .connection import INITIAL_WINDOW, ServiceConnection
 
+WHEEL_TICK = 0.05   # seconds: the precision of request timeouts
+
 
 class Listener:
     __slots__ = ("kind", "host", "public_port", "private_ports", "max_connections", "ssl",
@@ -52,6 +54,11 @@ class TransportHub:
         self._by_conn: dict[ServiceConnection, Listener] = {}
         self._timer = None
         self.timeouts = 0
+        # Timer wheel for request timeouts: a uv timer per request would cost more than the
+        # rest of dispatch. Buckets of WHEEL_TICK seconds hold the requests due in them.
+        self._wheel: dict[int, list] = {}
+        self._wheel_pos = 0
+        self._wheel_handle = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -78,6 +85,39 @@ class TransportHub:
         conn = ServiceConnection(self)
         self._by_conn[conn] = listener
         return conn
+
+    def arm(self, pending, timeout: float) -> None:
+        deadline = self.loop.time() + timeout
+        pending.deadline = deadline
+        slot = int(deadline / WHEEL_TICK) + 1
+        bucket = self._wheel.get(slot)
+        if bucket is None:
+            self._wheel[slot] = [pending]
+            if self._wheel_handle is None:
+                self._wheel_pos = min(self._wheel_pos or slot, slot)
+                self._wheel_handle = self.loop.call_later(WHEEL_TICK, self._turn)
+        else:
+            bucket.append(pending)
+
+    def _turn(self):
+        now = self.loop.time()
+        due = int(now / WHEEL_TICK)
+        wheel = self._wheel
+        pos = self._wheel_pos
+        if due - pos > len(wheel) * 4 + 64:
+            # Far behind (a long sleep): look at the slots that exist, not every slot.
+            for slot in sorted(s for s in wheel if s <= due):
+                for pending in wheel.pop(slot):
+                    pending.expire(now)
+        else:
+            while pos <= due:
+                bucket = wheel.pop(pos, None)
+                if bucket:
+                    for pending in bucket:
+                        pending.expire(now)
+                pos += 1
+        self._wheel_pos = due + 1
+        self._wheel_handle = self.loop.call_later(WHEEL_TICK, self._turn) if wheel else None
 
     def _schedule(self):
         interval = self.worker.settings.gateway.health.check_interval_seconds
@@ -156,10 +196,6 @@ class TransportHub:
             "stream_window": INITIAL_WINDOW,
             "max_frame_size": self.max_frame_size,
         }
-
-    def peer_ip(self, req) -> str:
-        peer = req.conn.peername
-        return peer[0] if peer else ""
 
     def observe_transport(self, seconds: float) -> None:
         self.worker.observe_phase("transport", seconds)
