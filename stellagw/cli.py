@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     dsvc.add_argument("--region", default="local")
     dsvc.add_argument("--version", dest="svc_version", default="1.0.0", metavar="SEMVER")
 
+    from .devauth.cli import add_call_arguments, add_dev_authority_arguments
+    add_dev_authority_arguments(sub.add_parser(
+        "dev-authority", help="run the development Authority (OIDC issuer; never in production)"))
+    add_call_arguments(sub.add_parser(
+        "call", help="send a request with an access token and a DPoP proof"))
+
     check = sub.add_parser("check-config", help="validate a configuration and print it, secrets masked")
     check.add_argument("file", metavar="FILE")
     return p
@@ -53,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import main as demo_main
             return demo_main(args.port, args.transport_port)
+        if args.command in ("dev-authority", "call"):
+            from .devauth.cli import run_call, run_dev_authority
+            return (run_dev_authority if args.command == "dev-authority" else run_call)(args)
         if args.command == "demo-service":
             from .demo import run_service
             return run_service(args.name, args.gateway or ["127.0.0.1:9100"], args.region,
