@@ -3,6 +3,7 @@
 Endpoints, all under /t/<name>/ so several services can register side by side:
   GET  whoami            instance id, region, version
   GET  slow?ms=N         answers after N ms; a CANCEL is recorded (see events)
+  GET  hang              never answers in time (routing.defaultTimeout applies)
   GET  events            correlation ids of requests this process saw cancelled
   GET  stream?mb=N       N MiB streamed in 64 KiB chunks
   GET  crash             the process dies mid-request
@@ -37,6 +38,11 @@ def build(name, gateways, region, version, instance):
             cancelled.append(req.correlation_id)
             raise
         return Response.json({"slept_ms": ms})
+
+    @svc.get(base + "/hang")
+    async def hang(req):
+        await asyncio.sleep(30)   # the endpoint has no timeout of its own
+        return Response(b"too late")
 
     @svc.get(base + "/events")
     async def events(req):

@@ -240,3 +240,32 @@ def test_gateway_restart_service_reregisters(tmp_path, stack):
     st.http = port_of(st.gw.wait_listening()[0]["http"])
     st.wait_registered("again-eu1-1.0.0")
     assert st.get("/t/again/whoami")[0] == 200
+
+
+def test_gateway_shutdown_cancels_what_outlives_the_drain_deadline(tmp_path):
+    st = Stack(tmp_path)
+    st.gw.stop()  # replace with one whose drain deadline is short
+    st.gw = Served(config_text=GW_CONFIG.format(workers=1).replace(
+        "http: {port: 0}", "http: {port: 0, shutdownTimeout: 1s}").replace(
+        "defaultTimeout: 5s", "defaultTimeout: 20s"), tmp_path=tmp_path)
+    rec = st.gw.wait_listening()[0]
+    st.http, st.tcp = port_of(rec["http"]), port_of(rec["tcp"])
+    try:
+        st.service("late")
+        s = connect(st.http, timeout=15)
+        s.sendall(b"GET /t/late/slow?ms=900 HTTP/1.1\r\nX-Correlation-Id: done-1\r\n\r\n")
+        s2 = connect(st.http, timeout=15)
+        s2.sendall(b"GET /t/late/hang HTTP/1.1\r\n\r\n")
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        st.gw.proc.send_signal(signal.SIGTERM)
+        status, headers, body = read_response(s)   # finishes within the deadline
+        assert status == 200 and headers["connection"] == "close"
+        status, headers, body = read_response(s2)  # cut at the deadline: CANCEL(Shutdown)
+        assert status == 503 and "shutting down" in orjson.loads(body)["error"]["message"]
+        assert 0.8 < time.monotonic() - t0 < 5
+        assert st.gw.proc.wait(15) == 0
+    finally:
+        s.close()
+        s2.close()
+        st.close()
