@@ -42,6 +42,7 @@ perf: install
 bench: build
 	$(PYTHON) perf/bench_frame.py
 	$(PYTHON) perf/bench_radix.py
+	$(PYTHON) perf/bench_window.py
 
 clean:
 	rm -rf build dist *.egg-info stellagw/_cext/*.so cext/*.c cext/*.html

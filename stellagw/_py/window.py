@@ -1,0 +1,232 @@
+"""Sliding-window rate-limit counters — the pure-Python twin.
+
+Same API and the same results as the compiled ``stellagw._cext.window`` (cext/window.pyx);
+tests/test_window.py runs the two differentially on a fake clock. Semantics (buckets,
+Retry-After, eviction, a clock that steps back) are in docs/rate-limiting.md and in the
+docstring of cext/window.pyx.
+
+Per key the state is one ``_Entry``; an OrderedDict keeps the keys in LRU order (least
+recently used first), which is the order the compiled module's linked list has.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from operator import index as _index
+
+__all__ = ["WindowLimiter", "FiveMinuteCounter", "bucket_ms_for", "MAX_RULES", "MAX_BUCKETS"]
+
+_FINE_BUCKET_MS = 100     # resolution for windows up to _FINE_WINDOW_S
+_FINE_WINDOW_S = 10
+MAX_BUCKETS = 100         # buckets per rule ring, whatever the window
+MAX_RULES = 16
+_FIVE_MIN_BUCKETS = 300
+
+_MAX_REQUESTS = 0x7FFFFFFF
+_MAX_SECONDS = 0x7FFFFFFF
+_MAX_NOW_MS = 1 << 62
+
+
+def bucket_ms_for(per_seconds: int) -> int:
+    """Bucket width in ms for a window of per_seconds: 100 ms up to 10 s, else window/100."""
+    per_seconds = _index(per_seconds)
+    if per_seconds < 1:
+        raise ValueError("per_seconds must be >= 1")
+    if per_seconds <= _FINE_WINDOW_S:
+        return _FINE_BUCKET_MS
+    return per_seconds * (1000 // MAX_BUCKETS)
+
+
+def _check_now(now_ms) -> int:
+    if type(now_ms) is not int:
+        now_ms = _index(now_ms)
+    if now_ms < 0 or now_ms > _MAX_NOW_MS:
+        raise ValueError(f"now_ms must be between 0 and 2**62, got {now_ms}")
+    return now_ms
+
+
+class _Entry:
+    __slots__ = ("last_ms", "heads", "sums", "rings")
+
+    def __init__(self, last_ms: int, heads: list[int], sums: list[int], rings: list[list[int]]):
+        self.last_ms = last_ms      # latest time the key was hit (its own clock)
+        self.heads = heads          # per rule: absolute bucket number of the newest bucket
+        self.sums = sums            # per rule: sum of the ring
+        self.rings = rings          # per rule: bucket counts, bucket b at b % n
+
+
+class WindowLimiter:
+    """Per-key sliding windows; every rule must pass. See cext/window.pyx."""
+
+    def __init__(self, rules, max_keys: int = 100_000):
+        max_keys = _index(max_keys)
+        rules = tuple(tuple(r) for r in rules)
+        if not rules:
+            raise ValueError("at least one rule (max_requests, per_seconds) is required")
+        if len(rules) > MAX_RULES:
+            raise ValueError(f"at most {MAX_RULES} rules, got {len(rules)}")
+        if max_keys < 1:
+            raise ValueError("max_keys must be >= 1")
+        if max_keys > 0x3FFFFFFF:
+            raise ValueError("max_keys must be < 2**30")
+        limits, bms, nbs = [], [], []
+        max_window_ms = 0
+        for i, rule in enumerate(rules):
+            if len(rule) != 2:
+                raise ValueError(f"rule {i} must be (max_requests, per_seconds), got {rule!r}")
+            max_requests, per_seconds = _index(rule[0]), _index(rule[1])
+            if not 1 <= max_requests <= _MAX_REQUESTS:
+                raise ValueError(f"rule {i}: max_requests must be between 1 and 2**31-1")
+            if not 1 <= per_seconds <= _MAX_SECONDS:
+                raise ValueError(f"rule {i}: per_seconds must be between 1 and 2**31-1")
+            limits.append(max_requests)
+            bms.append(bucket_ms_for(per_seconds))
+            nbs.append(per_seconds * 1000 // bms[-1])
+            max_window_ms = max(max_window_ms, per_seconds * 1000)
+        self.rules = rules
+        self.max_keys = max_keys
+        self.capacity_evictions = 0
+        self._limit = tuple(limits)
+        self._bms = tuple(bms)
+        self._nb = tuple(nbs)
+        self._n = len(rules)
+        self._max_window_ms = max_window_ms
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return (f"WindowLimiter({list(self.rules)!r}, max_keys={self.max_keys}) "
+                f"with {len(self._entries)} keys")
+
+    def _new_entry(self, key: str, now_ms: int) -> _Entry:
+        entries = self._entries
+        if len(entries) >= self.max_keys:
+            # Full: the least recently used key goes, counts and all.
+            entries.popitem(last=False)
+            self.capacity_evictions += 1
+        entry = _Entry(now_ms, [now_ms // b for b in self._bms], [0] * self._n,
+                       [[0] * n for n in self._nb])
+        entries[key] = entry
+        return entry
+
+    @staticmethod
+    def _advance(entry: _Entry, r: int, cur: int, n: int) -> None:
+        head = entry.heads[r]
+        if cur <= head:
+            return
+        ring = entry.rings[r]
+        if cur - head >= n:
+            ring[:] = [0] * n
+            entry.sums[r] = 0
+        else:
+            total = entry.sums[r]
+            for b in range(head + 1, cur + 1):
+                total -= ring[b % n]
+                ring[b % n] = 0
+            entry.sums[r] = total
+        entry.heads[r] = cur
+
+    def _expiry(self, entry: _Entry, r: int, need: int) -> int:
+        n = self._nb[r]
+        cur = entry.heads[r]
+        ring = entry.rings[r]
+        b = max(cur - n + 1, 0)
+        acc = 0
+        while b < cur:
+            acc += ring[b % n]
+            if acc >= need:
+                break
+            b += 1
+        # Bucket b is counted while the current bucket number is < b + n.
+        return (b + n) * self._bms[r]
+
+    def hit(self, key: str, now_ms: int) -> tuple:
+        """(allowed, retry_after_ms, limit, remaining, reset_ms, rule_index); see the module."""
+        if type(key) is not str:
+            raise TypeError(f"key must be str, not {type(key).__name__}")
+        now_ms = _check_now(now_ms)
+        entries = self._entries
+        entry = entries.get(key)
+        if entry is None:
+            entry = self._new_entry(key, now_ms)
+        else:
+            entries.move_to_end(key)
+        now = now_ms if now_ms > entry.last_ms else entry.last_ms
+        entry.last_ms = now
+        limit, bms, nb, sums = self._limit, self._bms, self._nb, entry.sums
+        curs = []
+        allowed = True
+        for r in range(self._n):
+            cur = now // bms[r]
+            curs.append(cur)
+            self._advance(entry, r, cur, nb[r])
+            if sums[r] >= limit[r]:
+                allowed = False
+        if not allowed:
+            best, best_wait = -1, -1
+            for r in range(self._n):
+                if sums[r] >= limit[r]:
+                    wait = self._expiry(entry, r, sums[r] - limit[r] + 1) - now_ms
+                    if wait > best_wait:
+                        best_wait, best = wait, r
+            return (False, best_wait, limit[best], 0, best_wait, best)
+        best, best_left = -1, 0
+        for r in range(self._n):
+            entry.rings[r][curs[r] % nb[r]] += 1
+            sums[r] += 1
+            left = limit[r] - sums[r]
+            if best < 0 or left < best_left:
+                best, best_left = r, left
+        return (True, 0, limit[best], best_left, self._expiry(entry, best, 1) - now_ms, best)
+
+    def evict_idle(self, now_ms: int) -> int:
+        """Drop keys, least recently used first, whose every bucket has expired at now_ms;
+        stops at the first key that still counts. Returns how many were dropped."""
+        now_ms = _check_now(now_ms)
+        entries = self._entries
+        window = self._max_window_ms
+        dropped = 0
+        while entries:
+            key = next(iter(entries))
+            if entries[key].last_ms + window > now_ms:
+                break
+            del entries[key]
+            dropped += 1
+        return dropped
+
+
+class FiveMinuteCounter:
+    """Requests in the last 300 one-second buckets (the activation gate's local count)."""
+
+    __slots__ = ("_ring", "_head", "_total")
+
+    def __init__(self):
+        self._ring = [0] * _FIVE_MIN_BUCKETS
+        self._head = 0          # absolute second of the newest bucket
+        self._total = 0         # sum of the ring
+
+    def _advance(self, cur: int) -> None:
+        head = self._head
+        if cur <= head:
+            return
+        if cur - head >= _FIVE_MIN_BUCKETS:
+            self._ring = [0] * _FIVE_MIN_BUCKETS
+            self._total = 0
+        else:
+            ring = self._ring
+            for b in range(head + 1, cur + 1):
+                self._total -= ring[b % _FIVE_MIN_BUCKETS]
+                ring[b % _FIVE_MIN_BUCKETS] = 0
+        self._head = cur
+
+    def add(self, now_ms: int) -> None:
+        """Count one request at now_ms (a clock that steps back counts in the newest bucket)."""
+        self._advance(_check_now(now_ms) // 1000)
+        self._ring[self._head % _FIVE_MIN_BUCKETS] += 1
+        self._total += 1
+
+    def count(self, now_ms: int) -> int:
+        """Requests counted in the 300 seconds ending with now_ms's second."""
+        self._advance(_check_now(now_ms) // 1000)
+        return self._total

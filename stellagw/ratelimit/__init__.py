@@ -1,0 +1,22 @@
+"""Rate limiting: instance sliding windows, the activation gate, the Valkey environment tier
+behind a circuit breaker (DESIGN.md §5, upstream-notes §8; semantics in
+docs/rate-limiting.md).
+
+    limiter = RateLimiter(settings, log)           # once per worker
+    await limiter.start()
+    result = limiter.check(identity_key(sub, client_ip), tenant, service, route, path)
+    if result.__class__ is not Decision:           # Valkey is being asked
+        result = await result                      # (or schedule it and answer later)
+    if not result.allowed:
+        status, headers, body = rejection(result, correlation_id)
+    ...
+    await limiter.close()
+
+Modules: policy (which rules apply), decision (Decision, the 429), environment (the Lua
+script), breaker (the circuit breaker), limiter (RateLimiter).
+"""
+from .decision import UNLIMITED, Decision, rate_limit_headers, rejection
+from .limiter import RateLimiter, identity_key
+
+__all__ = ["RateLimiter", "Decision", "UNLIMITED", "rejection", "rate_limit_headers",
+           "identity_key"]

@@ -1,0 +1,94 @@
+"""The environment tier: one Lua script in Valkey decides for every gateway instance.
+
+Fixed windows aligned on the Valkey server's clock (TIME inside the script, so the clocks
+of the gateway hosts do not matter). One EVALSHA per decision checks every rule and counts
+the request in all of them, atomically; a denied request is not counted. Keys:
+
+    {<valkey_bucket>:<identity>}:<service>:<route>:<window_s>:<window_index>
+
+The part in braces is the Valkey Cluster hash tag: every counter of one decision lives in
+one slot, so one node can run the script. KEYS[1] is the prefix up to <route>; the script
+derives the full keys from it (they hash to KEYS[1]'s slot, so Cluster accepts them).
+The script's contract is in docs/rate-limiting.md, "The Lua script".
+"""
+from __future__ import annotations
+
+from ..valkey import Script
+from .policy import Policy, escape_tag
+
+__all__ = ["SCRIPT", "LUA", "counter_prefix", "parse_reply"]
+
+LUA = r"""
+-- stellagw environment rate limit (docs/rate-limiting.md, "The Lua script").
+-- KEYS[1]: counter prefix "{bucket:identity}:service:route"
+-- ARGV:    limit_1, window_s_1, limit_2, window_s_2, ...   (all rules must pass)
+-- Returns: {allowed, rule, current, limit, window_s, reset_ms, now_ms, count_1, ...}
+--   allowed  1 or 0; a denied request is not counted
+--   rule     0-based: on deny the violated rule whose window ends last (the longest
+--            Retry-After); when allowed the rule with the fewest requests left
+--   current  that rule's count (after this request when allowed)
+--   reset_ms ms from now_ms until that rule's window ends (its Retry-After on deny)
+--   now_ms   the server's clock, ms since the Unix epoch
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now_s = tonumber(t[1])
+local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = math.floor(#ARGV / 2)
+local keys, counts, limits, windows, ends = {}, {}, {}, {}, {}
+local worst, worst_wait = 0, -1
+for i = 1, n do
+  local limit = tonumber(ARGV[2 * i - 1])
+  local w = tonumber(ARGV[2 * i])
+  local index = math.floor(now_s / w)
+  local key = KEYS[1] .. ':' .. w .. ':' .. index
+  local count = tonumber(redis.call('GET', key) or '0')
+  keys[i], counts[i], limits[i], windows[i] = key, count, limit, w
+  ends[i] = (index + 1) * w * 1000
+  if count >= limit and ends[i] - now_ms > worst_wait then
+    worst, worst_wait = i, ends[i] - now_ms
+  end
+end
+local out
+if worst > 0 then
+  out = {0, worst - 1, counts[worst], limits[worst], windows[worst], worst_wait, now_ms}
+else
+  local best, best_left = 1, nil
+  local counted = {}
+  for i = 1, n do
+    -- Rules with the same window share one counter: count the request in it once.
+    local count = counted[keys[i]]
+    if count == nil then
+      count = redis.call('INCR', keys[i])
+      counted[keys[i]] = count
+      if count == 1 then
+        -- A new window: gone a second after it ends (a margin for clock reads in between).
+        redis.call('EXPIRE', keys[i], math.ceil((ends[i] - now_ms) / 1000) + 1)
+      end
+    end
+    counts[i] = count
+    if best_left == nil or limits[i] - count < best_left then
+      best, best_left = i, limits[i] - count
+    end
+  end
+  out = {1, best - 1, counts[best], limits[best], windows[best], ends[best] - now_ms, now_ms}
+end
+for i = 1, n do out[#out + 1] = counts[i] end
+return out
+"""
+
+SCRIPT = Script(LUA)
+
+
+def counter_prefix(bucket: str, identity: str, policy: Policy) -> str:
+    """KEYS[1]: ``{<bucket>:<identity>}:<service>:<route>``, braces escaped in the tag."""
+    return f"{{{escape_tag(bucket)}:{escape_tag(identity)}}}:{policy.target}"
+
+
+def parse_reply(reply) -> tuple[bool, int, int, int, int, int, int, list[int]]:
+    """(allowed, rule, current, limit, window_s, reset_ms, now_ms, counts); ValueError
+    when the reply does not have the script's shape."""
+    if not isinstance(reply, list) or len(reply) < 8 or \
+            not all(isinstance(x, int) for x in reply):
+        raise ValueError(f"unexpected rate-limit script reply: {reply!r:.200}")
+    return (reply[0] == 1, reply[1], reply[2], reply[3], reply[4], reply[5], reply[6],
+            reply[7:])

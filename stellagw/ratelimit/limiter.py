@@ -1,0 +1,279 @@
+"""RateLimiter: the rate-limit stage's one object (upstream-notes §8 decision flow).
+
+    1. instance tier, always: per-key sliding windows in this process (WindowLimiter);
+       deny -> 429 (scope "instance").
+    2. activation gate: a local count of the last 5 minutes of requests; at or below
+       process_back_pressure_when_more_than_per_5min the environment check is skipped
+       (0 = always check).
+    3. environment tier: the rules resolved for (service, path); none -> skipped.
+    4. circuit breaker open -> skipped (fail open).
+    5. one EVALSHA in Valkey; deny -> 429 (scope "environment"); any error -> fail open.
+
+check() answers synchronously whenever Valkey is not asked (steps 1-4) and returns an
+awaitable only for step 5, so most requests never touch the event loop. A Valkey outage
+can only ever make the gateway more permissive, never a 5xx or a 401.
+
+Keys: `key` is the caller's identity, "sub:<subject>" for an authenticated request or
+"ip:<client address>" for an anonymous one (identity_key() builds it); `tenant` (the tid
+claim) prefixes it. The instance counter is "<service>:<tenant>/<key>", the environment
+counter "{<bucket>:<tenant>/<key>}:<service>:<route>:<window>:<index>".
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ..valkey import (ValkeyAuthError, ValkeyClient, ValkeyConnectionError, ValkeyError,
+                      ValkeyProtocolError, ValkeyReplyError, ValkeyTimeout)
+from ..window import FiveMinuteCounter, WindowLimiter
+from .breaker import CircuitBreaker
+from .decision import UNLIMITED, Decision
+from .environment import SCRIPT, counter_prefix, parse_reply
+from .policy import EnvironmentPolicy, environment_settings, instance_rules
+
+__all__ = ["RateLimiter", "identity_key", "VALKEY_TIMEOUT", "MAX_KEYS"]
+
+# The environment check runs on the request path: a Valkey that does not answer within this
+# is a failure (fail open; the breaker counts it). Loopback/LAN Valkey answers in < 1 ms.
+VALKEY_TIMEOUT = 0.25
+# Instance-tier keys held at most (LRU beyond); ~0.5 KiB each with the seed's two rules.
+MAX_KEYS = 100_000
+# How often idle instance keys are dropped.
+EVICT_INTERVAL = 1.0
+# At most one log line per Valkey error type per this many seconds (the counters count all).
+ERROR_LOG_INTERVAL = 10.0
+
+
+def identity_key(subject: str | None, client_address: str) -> str:
+    """The `key` for check(): "sub:<subject>" when authenticated, else "ip:<address>"."""
+    return f"sub:{subject}" if subject else f"ip:{client_address}"
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _error_type(exc: BaseException) -> str:
+    if isinstance(exc, ValkeyTimeout):
+        return "timeout"
+    if isinstance(exc, ValkeyAuthError):
+        return "auth"
+    if isinstance(exc, ValkeyProtocolError):
+        return "protocol"
+    if isinstance(exc, ValkeyConnectionError):
+        return "connection"
+    if isinstance(exc, ValkeyReplyError):
+        return "reply"
+    if isinstance(exc, ValueError):
+        return "bad_reply"
+    return "other"
+
+
+class RateLimiter:
+    """Built once per worker from the whole Settings; see the module docstring.
+
+    now_ms: the clock, Unix milliseconds (injected by tests); it also drives the breaker
+    when given. counters: plain ints (nested dicts) for the metrics exporter:
+
+        allowed / rejected          {"instance": n, "environment": n}
+        rejected_by_service         {("instance"|"environment", service): n}
+        environment_skipped         {"gate": n, "no_rules": n, "breaker_open": n}
+        environment_checks          n (EVALSHA round trips), environment_check_us (sum, µs)
+        valkey_errors               {"timeout"|"connection"|"auth"|"protocol"|"reply"|
+                                     "bad_reply"|"other": n}  (each one failed open)
+        breaker_trips               {"failure_threshold"|"probe_failed"|"probe_timeout": n}
+        breaker_transitions         {"closed->open": n, "open->half_open": n, ...}
+        instance_keys_evicted       {"idle": n, "capacity": n}
+    """
+
+    def __init__(self, settings, log, now_ms=None, *, valkey_timeout: float = VALKEY_TIMEOUT,
+                 max_keys: int = MAX_KEYS):
+        self._log = log
+        self._now_ms = now_ms or _wall_ms
+        rl = settings.rate_limiting
+        self.counters: dict = {
+            "allowed": {"instance": 0, "environment": 0},
+            "rejected": {"instance": 0, "environment": 0},
+            "rejected_by_service": {},
+            "environment_skipped": {"gate": 0, "no_rules": 0, "breaker_open": 0},
+            "environment_checks": 0,
+            "environment_check_us": 0,
+            "valkey_errors": {},
+            "breaker_trips": {},
+            "breaker_transitions": {},
+            "instance_keys_evicted": {"idle": 0, "capacity": 0},
+        }
+        self._allowed = self.counters["allowed"]
+        self._rejected = self.counters["rejected"]
+        self._by_service = self.counters["rejected_by_service"]
+        self._skipped = self.counters["environment_skipped"]
+
+        # --- instance tier
+        rules = instance_rules(settings)
+        self.instance_rules = rules
+        self._instance = WindowLimiter(rules, max_keys) if rules else None
+        self._instance_windows = tuple(seconds for _, seconds in rules)
+
+        # --- activation gate
+        self._threshold = rl.process_back_pressure_when_more_than_per_5min
+        self._gate = FiveMinuteCounter() if self._threshold > 0 else None
+
+        # --- environment tier
+        self._policy: EnvironmentPolicy | None = None
+        self.client: ValkeyClient | None = None
+        self.breaker: CircuitBreaker | None = None
+        self._bucket = ""
+        env, address = environment_settings(settings)
+        if env is not None:
+            policy = EnvironmentPolicy(env)
+            if not address:
+                log.event("warning", "rate_limiting.for_environment has no valkey_connection "
+                                     "(nor gateway.auth.rateLimiting.redisConnectionString): "
+                                     "the environment tier is off")
+            elif not policy.has_rules:
+                log.event("info", "rate_limiting.for_environment has no rules at any level: "
+                                  "the environment tier is off")
+            else:
+                # A bad address raises ValueError here, when the gateway is being built.
+                self.client = ValkeyClient.from_url(address, timeout=valkey_timeout)
+                clock = (lambda: self._now_ms() / 1000) if now_ms else time.monotonic
+                self.breaker = CircuitBreaker(env.circuit_breaker, log, self.counters,
+                                              clock=clock, name=self.client.name)
+                self._policy = policy
+                self._bucket = env.valkey_bucket
+        self.enabled = self._instance is not None or self._policy is not None
+        self._evict_handle: asyncio.TimerHandle | None = None
+        self._error_logged: dict[str, float] = {}
+        self._error_suppressed: dict[str, int] = {}
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Arm idle-key eviction; load the script into Valkey (best effort: a Valkey that is
+        down now only means failing open until it answers)."""
+        loop = asyncio.get_running_loop()
+        if self._instance is not None and self._evict_handle is None:
+            self._evict_handle = loop.call_later(EVICT_INTERVAL, self._evict)
+        if self.client is not None:
+            try:
+                await self.client.execute("SCRIPT", "LOAD", SCRIPT.source)
+            except ValkeyError as exc:
+                self._count_error(exc)
+                self._log.event("warning", "environment rate limiting: Valkey not available "
+                                           "at start; failing open until it is",
+                                valkey=self.client.name, error=str(exc))
+            else:
+                self._log.event("info", "environment rate limiting ready",
+                                valkey=self.client.name, script=SCRIPT.sha)
+
+    async def close(self) -> None:
+        if self._evict_handle is not None:
+            self._evict_handle.cancel()
+            self._evict_handle = None
+        if self.client is not None:
+            await self.client.close()
+
+    def _evict(self) -> None:
+        inst = self._instance
+        counters = self.counters["instance_keys_evicted"]
+        counters["idle"] += inst.evict_idle(self._now_ms())
+        counters["capacity"] = inst.capacity_evictions
+        self._evict_handle = asyncio.get_running_loop().call_later(EVICT_INTERVAL, self._evict)
+
+    # --- the check -----------------------------------------------------------------------------
+
+    def check(self, key: str, tenant: str | None, service: str, route: str, path: str):
+        """Decision, or an awaitable of one when Valkey must be asked (see the module).
+
+        key: identity_key(sub, client address); tenant: the tid claim or None; service: the
+        matched microservice; route: its route template (unused for keys: the environment
+        overrides match `path`, the normalised request path)."""
+        now = self._now_ms()
+        if tenant:
+            if "/" in tenant or "%" in tenant:
+                tenant = tenant.replace("%", "%25").replace("/", "%2F")
+            identity = f"{tenant}/{key}"
+        else:
+            identity = key
+        gate = self._gate
+        if gate is not None:
+            gate.add(now)
+
+        decision = UNLIMITED
+        inst = self._instance
+        if inst is not None:
+            allowed, retry_ms, limit, remaining, reset_ms, rule = inst.hit(
+                f"{service}:{identity}", now)
+            if not allowed:
+                self._rejected["instance"] += 1
+                k = ("instance", service)
+                self._by_service[k] = self._by_service.get(k, 0) + 1
+                return Decision(False, "instance", limit, 0, -(-(now + reset_ms) // 1000),
+                                -(-retry_ms // 1000), limit, self._instance_windows[rule])
+            self._allowed["instance"] += 1
+            decision = Decision(True, "instance", limit, remaining, -(-(now + reset_ms) // 1000),
+                                0, limit - remaining, self._instance_windows[rule])
+
+        resolver = self._policy
+        if resolver is None:
+            return decision
+        if gate is not None and gate.count(now) <= self._threshold:
+            self._skipped["gate"] += 1
+            return decision
+        policy = resolver.resolve(service, path)
+        if policy is None:
+            self._skipped["no_rules"] += 1
+            return decision
+        if not self.breaker.allow():
+            self._skipped["breaker_open"] += 1
+            return decision
+        return self._environment(decision, identity, service, policy)
+
+    async def _environment(self, instance: Decision, identity: str, service: str,
+                           policy) -> Decision:
+        counters = self.counters
+        started = time.perf_counter()
+        try:
+            reply = await self.client.evalsha(
+                SCRIPT, (counter_prefix(self._bucket, identity, policy),), policy.argv)
+            allowed, _rule, current, limit, window, reset_ms, now_ms, _ = parse_reply(reply)
+        except asyncio.CancelledError:
+            self.breaker.abandon()
+            raise
+        except Exception as exc:  # noqa: BLE001 -- fail open on anything, count it, log it
+            self._count_error(exc)
+            self.breaker.failure(f"{_error_type(exc)}: {exc}")
+            return instance
+        finally:
+            counters["environment_checks"] += 1
+            counters["environment_check_us"] += int((time.perf_counter() - started) * 1e6)
+        self.breaker.success()
+        reset_s = -(-(now_ms + reset_ms) // 1000)
+        if allowed:
+            self._allowed["environment"] += 1
+            remaining = limit - current
+            # Headers describe the tighter of the two tiers.
+            if instance.scope is not None and instance.remaining <= remaining:
+                return instance
+            return Decision(True, "environment", limit, remaining, reset_s, 0, current, window)
+        self._rejected["environment"] += 1
+        k = ("environment", service)
+        self._by_service[k] = self._by_service.get(k, 0) + 1
+        return Decision(False, "environment", limit, 0, reset_s, max(1, -(-reset_ms // 1000)),
+                        current, window)
+
+    def _count_error(self, exc: BaseException) -> None:
+        kind = _error_type(exc)
+        errors = self.counters["valkey_errors"]
+        errors[kind] = errors.get(kind, 0) + 1
+        now = time.monotonic()
+        last = self._error_logged.get(kind)
+        if last is not None and now - last < ERROR_LOG_INTERVAL:
+            self._error_suppressed[kind] = self._error_suppressed.get(kind, 0) + 1
+            return
+        self._error_logged[kind] = now
+        suppressed = self._error_suppressed.pop(kind, 0)
+        self._log.event("warning", "environment rate limit check failed; failing open",
+                        errorType=kind, error=str(exc) or exc.__class__.__name__,
+                        valkey=self.client.name if self.client else None,
+                        **({"similarSinceLastLog": suppressed} if suppressed else {}))

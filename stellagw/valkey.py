@@ -1,0 +1,537 @@
+"""A small async Valkey/Redis client: one pipelined connection, hiredis.Reader, asyncio.
+
+Why not redis-py/valkey-py: the gateway needs one thing from Valkey (EVALSHA per rate-limit
+decision), on the request path, at tens of thousands per second. A connection here is an
+asyncio.Protocol whose replies are a FIFO of futures (STYLE item 41): every command writes
+its packed bytes and appends a future; data_received feeds hiredis and resolves futures in
+order. Many outstanding commands share the connection, no pool, no lock.
+
+    client = ValkeyClient.from_url("redis://:secret@cache:6379/2", timeout=0.5)
+    await client.execute("SET", "k", "v")            # -> b"OK"
+    await client.evalsha(script, keys, args)          # EVALSHA; SCRIPT LOAD on NOSCRIPT
+    await client.close()
+
+Failure rules (docs/rate-limiting.md, "Valkey client"):
+
+* A reply error (``-ERR ...``) arrives as a value from ``Reader.gets()`` and fails only its
+  own command with ValkeyReplyError; the connection stays up.
+* A protocol error (bytes hiredis cannot parse, a reply nobody asked for) kills the
+  connection and fails every waiter with ValkeyProtocolError.
+* A command without a reply after ``timeout`` seconds fails with ValkeyTimeout, and the
+  connection is reset: its late reply would be matched to the next waiter, so the FIFO
+  can no longer be trusted. Every other waiter on it fails with ValkeyConnectionError.
+* A lost connection fails its waiters; the next command reconnects (lazily). A failed
+  connect makes the following commands fail fast for a backoff (50 ms doubling to 2 s)
+  instead of each paying a connect timeout.
+
+Accepted addresses: ``redis://``, ``rediss://`` (TLS), ``valkey://``, ``valkeys://`` (TLS),
+``unix:///path.sock`` with ``user:password@`` (AUTH) and ``/db`` or ``?db=`` (SELECT), and
+the seed's bare ``host:port`` — which, the original being .NET, may carry
+StackExchange.Redis options: ``cache:6379,password=...,ssl=true,defaultDatabase=2``.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import ssl as _ssl
+from collections import deque
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+
+__all__ = ["ValkeyClient", "Script", "ValkeyError", "ValkeyConnectionError", "ValkeyAuthError",
+           "ValkeyProtocolError", "ValkeyTimeout", "ValkeyReplyError", "parse_address"]
+
+DEFAULT_PORT = 6379
+_BACKOFF_MIN = 0.05
+_BACKOFF_MAX = 2.0
+
+
+# --------------------------------------------------------------------------- errors
+
+class ValkeyError(Exception):
+    """Base of every error this client raises."""
+
+
+class ValkeyConnectionError(ValkeyError):
+    """Cannot connect, the connection was lost or reset, or the client is closed."""
+
+
+class ValkeyAuthError(ValkeyConnectionError):
+    """The server refused AUTH (wrong password, unknown user, no password set)."""
+
+
+class ValkeyProtocolError(ValkeyConnectionError):
+    """The server sent bytes that are not RESP; the connection was dropped."""
+
+
+class ValkeyTimeout(ValkeyError, TimeoutError):
+    """No reply within the client's timeout; the connection was reset."""
+
+
+class ValkeyReplyError(ValkeyError):
+    """An error reply (``-CODE message``) to one command. ``code`` is its first word."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def code(self) -> str:
+        return self.message.split(" ", 1)[0]
+
+
+# hiredis returns this (not False, which is ambiguous) when no whole reply is buffered.
+_INCOMPLETE = object()
+
+
+# --------------------------------------------------------------------------- scripts
+
+class Script:
+    """A Lua script known by its SHA1, so EVALSHA sends 40 bytes instead of the source."""
+
+    __slots__ = ("source", "sha")
+
+    def __init__(self, source: str | bytes):
+        self.source = source.encode() if isinstance(source, str) else bytes(source)
+        self.sha = hashlib.sha1(self.source).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"Script(sha={self.sha})"
+
+
+# --------------------------------------------------------------------------- addresses
+
+# StackExchange.Redis options that have no meaning here and are accepted and ignored, so a
+# connection string written for the original .NET Router still loads.
+_SE_IGNORED = {"abortconnect", "allowadmin", "asynctimeout", "channelprefix", "configchannel",
+               "configcheckseconds", "connectretry", "keepalive", "name", "proxy",
+               "resolvedns", "responsetimeout", "servicename", "synctimeout", "tiebreaker",
+               "version", "checkcertificaterevocation", "setlib", "protocol"}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(value: str, what: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError(f"{what} must be true or false, got {value!r}")
+
+
+def _db(value: str) -> int:
+    try:
+        db = int(value)
+    except ValueError:
+        raise ValueError(f"database must be a number, got {value!r}") from None
+    if db < 0:
+        raise ValueError(f"database must be >= 0, got {db}")
+    return db
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):                       # [::1]:6379
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""                      # a name, or a bare IPv6 address
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    try:
+        return host, int(port) if port else DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"port must be a number in {text!r}") from None
+
+
+def _tls_context(query: dict[str, str]) -> _ssl.SSLContext:
+    ctx = _ssl.create_default_context(cafile=query.get("ssl_ca_certs") or None)
+    reqs = query.get("ssl_cert_reqs", "required").lower()
+    if reqs in ("none", "cert_none"):
+        ctx.check_hostname = False
+        ctx.verify_mode = _ssl.CERT_NONE
+    elif reqs in ("optional", "cert_optional"):
+        ctx.check_hostname = False
+        ctx.verify_mode = _ssl.CERT_OPTIONAL
+    elif reqs not in ("required", "cert_required"):
+        raise ValueError(f"ssl_cert_reqs must be none, optional or required, got {reqs!r}")
+    if "ssl_check_hostname" in query and ctx.verify_mode == _ssl.CERT_REQUIRED:
+        ctx.check_hostname = _bool(query["ssl_check_hostname"], "ssl_check_hostname")
+    if query.get("ssl_certfile"):
+        ctx.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile") or None)
+    return ctx
+
+
+def parse_address(url: str) -> dict:
+    """The ValkeyClient keyword arguments for a URL or a bare ``host:port[,opt=value...]``.
+
+    Raises ValueError naming what is wrong. Passwords are percent-decoded from URLs.
+    """
+    url = url.strip()
+    if not url:
+        raise ValueError("empty Valkey address")
+    if "://" not in url:
+        return _parse_bare(url)
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+    kw: dict = {"username": unquote(parts.username) if parts.username else None,
+                "password": unquote(parts.password) if parts.password is not None else None}
+    if kw["password"] == "":
+        kw["password"] = None
+    if scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"no socket path in {url!r}")
+        kw["path"] = unquote(parts.path)
+        if "db" in query:
+            kw["db"] = _db(query["db"])
+        return kw
+    if scheme not in ("redis", "rediss", "valkey", "valkeys"):
+        raise ValueError(f"unknown scheme {parts.scheme!r}: use redis, rediss, valkey, "
+                         f"valkeys or unix")
+    if not parts.hostname:
+        raise ValueError(f"no host in {url!r}")
+    kw["host"] = parts.hostname
+    try:
+        kw["port"] = parts.port or DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"bad port in {url!r}") from None
+    path = parts.path.strip("/")
+    if path:
+        kw["db"] = _db(path)
+    if "db" in query:
+        kw["db"] = _db(query["db"])
+    if scheme in ("rediss", "valkeys"):
+        kw["ssl"] = _tls_context(query)
+    return kw
+
+
+def _parse_bare(text: str) -> dict:
+    """``host:port`` plus StackExchange.Redis ``,key=value`` options."""
+    endpoint, *options = [p.strip() for p in text.split(",")]
+    kw: dict = {}
+    kw["host"], kw["port"] = _host_port(endpoint)
+    tls = False
+    tls_host = None
+    for opt in options:
+        if not opt:
+            continue
+        key, eq, value = opt.partition("=")
+        if not eq:
+            raise ValueError(f"only one endpoint is supported, got {opt!r} after {endpoint!r}")
+        k = key.strip().lower()
+        if k == "password":
+            kw["password"] = value or None
+        elif k == "user":
+            kw["username"] = value or None
+        elif k == "defaultdatabase":
+            kw["db"] = _db(value)
+        elif k == "ssl":
+            tls = _bool(value, "ssl")
+        elif k == "sslhost":
+            tls_host = value
+        elif k == "connecttimeout":
+            try:
+                kw["connect_timeout"] = int(value) / 1000
+            except ValueError:
+                raise ValueError(f"connectTimeout must be milliseconds, got {value!r}") from None
+        elif k not in _SE_IGNORED:
+            raise ValueError(f"unknown option {key.strip()!r} in the connection string")
+    if tls:
+        kw["ssl"] = _ssl.create_default_context()
+        if tls_host:
+            kw["server_hostname"] = tls_host
+    return kw
+
+
+# --------------------------------------------------------------------------- one connection
+
+class _Connection(asyncio.Protocol):
+    """One socket: writes commands, matches replies to a FIFO of (future, deadline)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, name: str):
+        self._loop = loop
+        self._timeout = timeout
+        self._name = name
+        self._reader = hiredis.Reader(protocolError=ValkeyProtocolError,
+                                      replyError=ValkeyReplyError,
+                                      notEnoughData=_INCOMPLETE)
+        self._waiters: deque[tuple[asyncio.Future, float]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self.transport: asyncio.Transport | None = None
+        self.lost = False               # no more commands: reconnect
+
+    # --- transport callbacks
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        waiters = self._waiters
+        reader.feed(data)
+        while True:
+            try:
+                reply = reader.gets()
+            except ValkeyProtocolError as exc:
+                self._abort(ValkeyProtocolError(f"{self._name}: protocol error: {exc}"))
+                return
+            if reply is _INCOMPLETE:
+                return
+            if not waiters:
+                self._abort(ValkeyProtocolError(f"{self._name}: a reply nobody asked for"))
+                return
+            fut = waiters.popleft()[0]
+            if fut.done():              # the caller gave up (cancelled); the reply is dropped
+                continue
+            if reply.__class__ is ValkeyReplyError:
+                fut.set_exception(reply)
+            else:
+                fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._waiters:
+            err = ValkeyConnectionError(f"{self._name}: connection lost"
+                                        + (f": {exc}" if exc else ""))
+            self._fail_all(err, err)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # --- commands
+
+    def request(self, packed: bytes) -> asyncio.Future:
+        """Send one packed command; the future gets its reply (or error)."""
+        fut = self._loop.create_future()
+        deadline = self._loop.time() + self._timeout
+        self._waiters.append((fut, deadline))
+        self.transport.write(packed)
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+        return fut
+
+    def _on_timer(self) -> None:
+        # One timer for the whole FIFO: every command has the same timeout, so the oldest
+        # waiter always has the earliest deadline; re-armed lazily for the next one.
+        self._timer = None
+        if not self._waiters:
+            return
+        deadline = self._waiters[0][1]
+        if deadline > self._loop.time():
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            return
+        self._abort(ValkeyTimeout(f"{self._name}: no reply within {self._timeout:g} s"),
+                    ValkeyConnectionError(f"{self._name}: connection reset after an earlier "
+                                          f"command timed out"))
+
+    def _fail_all(self, first: Exception, rest: Exception) -> None:
+        waiters, self._waiters = self._waiters, deque()
+        exc = first
+        for fut, _ in waiters:
+            if not fut.done():
+                fut.set_exception(exc)
+            exc = rest
+
+    def _abort(self, first: Exception, rest: Exception | None = None) -> None:
+        """Drop the connection: every waiter fails (the first with `first`)."""
+        self.lost = True
+        self._fail_all(first, rest or first)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+# --------------------------------------------------------------------------- the client
+
+class ValkeyClient:
+    """A lazily (re)connecting, pipelined client. Create it anywhere; use it on one loop."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
+                 path: str | None = None, username: str | None = None,
+                 password: str | None = None, db: int = 0,
+                 ssl: _ssl.SSLContext | bool | None = None, server_hostname: str | None = None,
+                 timeout: float = 0.5, connect_timeout: float | None = None):
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        self.host, self.port, self.path = host, port, path
+        self.username, self.db = username, db
+        self._password = password
+        if ssl is True:
+            ssl = _ssl.create_default_context()
+        self.ssl = ssl or None
+        self.server_hostname = server_hostname
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout if connect_timeout is not None else timeout
+        # --- per-connection state
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Task | None = None
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._last_error: str | None = None
+        self._closed = False
+        self.connects = 0               # successful connections so far (1 + reconnects)
+
+    @classmethod
+    def from_url(cls, url: str, timeout: float = 0.5, **overrides) -> ValkeyClient:
+        """A client for a redis://, rediss://, valkey://, valkeys://, unix:// URL or a bare
+        ``host:port`` (see the module docstring); keyword arguments override the URL."""
+        kw = parse_address(url)
+        kw.setdefault("timeout", timeout)
+        kw.update(overrides)
+        return cls(**kw)
+
+    @property
+    def name(self) -> str:
+        """Where it connects, without credentials (for logs and errors)."""
+        if self.path:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'valkeys' if self.ssl else 'valkey'}://{host}:{self.port}/{self.db}"
+
+    def __repr__(self) -> str:
+        return f"ValkeyClient({self.name})"
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.lost
+
+    # --- commands
+
+    async def execute(self, *args):
+        """Run one command; returns its reply (bytes, int, None, list...). Raises
+        ValkeyReplyError, ValkeyTimeout or ValkeyConnectionError (all ValkeyError)."""
+        conn = self._conn
+        if conn is None or conn.lost or conn.transport.is_closing():
+            conn = await self._connect()
+        return await conn.request(hiredis.pack_command(args))
+
+    async def evalsha(self, script: Script, keys=(), args=()):
+        """EVALSHA the script; on NOSCRIPT (a restarted or flushed server) SCRIPT LOAD it
+        and try once more."""
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return await self.execute(*command)
+        except ValkeyReplyError as exc:
+            if exc.code != "NOSCRIPT":
+                raise
+        await self.execute("SCRIPT", "LOAD", script.source)
+        return await self.execute(*command)
+
+    async def close(self) -> None:
+        """Close the connection; waiting and later commands fail with ValkeyConnectionError."""
+        self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+            self._connecting = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            err = ValkeyConnectionError(f"{self.name}: client closed")
+            conn._fail_all(err, err)
+            conn.close()
+
+    # --- connecting
+
+    async def _connect(self) -> _Connection:
+        if self._closed:
+            raise ValkeyConnectionError(f"{self.name}: client closed")
+        task = self._connecting
+        if task is None:
+            loop = asyncio.get_running_loop()
+            wait = self._retry_at - loop.time()
+            if wait > 0:
+                raise ValkeyConnectionError(
+                    f"{self.name}: not connected, next attempt in {wait * 1000:.0f} ms "
+                    f"(last error: {self._last_error})")
+            # A task of its own: a caller that is cancelled must not cancel the connect the
+            # other callers are waiting for.
+            task = self._connecting = loop.create_task(self._open())
+            task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        conn = None
+        try:
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    conn = await self._handshake(loop)
+            except TimeoutError:
+                raise ValkeyConnectionError(
+                    f"cannot connect to {self.name}: no answer within "
+                    f"{self.connect_timeout:g} s") from None
+            except OSError as exc:
+                raise ValkeyConnectionError(
+                    f"cannot connect to {self.name}: {exc.strerror or exc}") from exc
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            self._backoff = min(max(self._backoff * 2, _BACKOFF_MIN), _BACKOFF_MAX)
+            self._retry_at = loop.time() + self._backoff
+            self._last_error = str(exc) or exc.__class__.__name__
+            raise
+        finally:
+            self._connecting = None
+        if self._closed:                # close() ran while the handshake was in flight
+            conn.close()
+            raise ValkeyConnectionError(f"{self.name}: client closed")
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._conn = conn
+        self.connects += 1
+        return conn
+
+    async def _handshake(self, loop) -> _Connection:
+        def factory():
+            return _Connection(loop, self.timeout, self.name)
+        if self.path:
+            _, conn = await loop.create_unix_connection(factory, self.path, ssl=self.ssl)
+        else:
+            hostname = (self.server_hostname or self.host) if self.ssl else None
+            _, conn = await loop.create_connection(factory, self.host, self.port, ssl=self.ssl,
+                                                   server_hostname=hostname)
+        try:
+            # Pipelined: AUTH and SELECT go out together, then both replies are awaited.
+            auth = select = None
+            if self._password is not None:
+                args = ("AUTH", self.username, self._password) if self.username else \
+                    ("AUTH", self._password)
+                auth = conn.request(hiredis.pack_command(args))
+            if self.db:
+                select = conn.request(hiredis.pack_command(("SELECT", self.db)))
+            if auth is not None:
+                try:
+                    await auth
+                except ValkeyReplyError as exc:
+                    raise ValkeyAuthError(f"{self.name}: AUTH refused: {exc}") from None
+            if select is not None:
+                try:
+                    await select
+                except ValkeyReplyError as exc:
+                    raise ValkeyConnectionError(f"{self.name}: SELECT {self.db} refused: "
+                                                f"{exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    # Nobody may be left awaiting a failed connect; don't let asyncio log it as unretrieved.
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,24 @@
+"""Sliding-window rate-limit counters (public API).
+
+    limiter = WindowLimiter([(100, 1), (1000, 60)], max_keys=100_000)
+    allowed, retry_after_ms, limit, remaining, reset_ms, rule = limiter.hit(key, now_ms)
+    limiter.evict_idle(now_ms)              # periodically: drops keys with nothing counted
+
+    gate = FiveMinuteCounter()              # the activation gate's local count
+    gate.add(now_ms); gate.count(now_ms)
+
+The compiled module (cext/window.pyx) is used when built, else the pure-Python twin
+(stellagw/_py/window.py); STELLAGW_NO_EXTENSIONS=1 forces the twin. Buckets, Retry-After
+and eviction are described in docs/rate-limiting.md.
+"""
+from ._impl import select
+
+_m = select("window")
+
+WindowLimiter = _m.WindowLimiter
+FiveMinuteCounter = _m.FiveMinuteCounter
+bucket_ms_for = _m.bucket_ms_for
+MAX_RULES = _m.MAX_RULES
+MAX_BUCKETS = _m.MAX_BUCKETS
+
+__all__ = ["WindowLimiter", "FiveMinuteCounter", "bucket_ms_for", "MAX_RULES", "MAX_BUCKETS"]
