@@ -615,12 +615,112 @@ class AuthRateLimitSettings:
                                         "", secret=True)
 
 
+# JWS algorithms the gateway verifies (RFC 7518 §3.1 asymmetric ones; EdDSA per RFC 8037).
+# HMAC (HS*) and "none" are refused by name: a shared secret can never be a JWKS key, and
+# letting a token pick a MAC is the classic key-confusion hole (RFC 8725 §2.1, §3.1).
+JWS_ASYMMETRIC_ALGORITHMS = ("ES256", "ES384", "ES512", "RS256", "RS384", "RS512",
+                             "PS256", "PS384", "PS512", "EdDSA")
+
+
+def _jws_algorithm(value: Any, path: str) -> str:
+    text = _string(non_empty=True)(value, path).strip()
+    if text.lower() == "none":
+        raise ValueError('"none" (unsigned tokens) is never accepted')
+    if text.upper().startswith("HS"):
+        raise ValueError(f"{text} is a MAC algorithm (shared secret); only asymmetric "
+                         f"algorithms are accepted: {', '.join(JWS_ASYMMETRIC_ALGORITHMS)}")
+    if text not in JWS_ASYMMETRIC_ALGORITHMS:
+        raise ValueError(f"unsupported algorithm {text!r}; use one of "
+                         f"{', '.join(JWS_ASYMMETRIC_ALGORITHMS)}"
+                         + _suggestion(text, JWS_ASYMMETRIC_ALGORITHMS))
+    return text
+
+
+def _non_empty_list(item: Parser) -> Parser:
+    as_list = _list_of(item, split_env=True)
+
+    def parse(value: Any, path: str) -> tuple:
+        items = as_list(value, path)
+        if not items:
+            raise ValueError("must list at least one value")
+        return tuple(dict.fromkeys(items))   # duplicates dropped, order kept
+    return parse
+
+
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _issuer_url(text: str) -> str:
+    if not text:
+        return text
+    parts = urlsplit(text)
+    parts.port  # noqa: B018 -- raises ValueError for a port out of range
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.username
+            or parts.password or parts.query or parts.fragment):
+        raise ValueError(f"must be the Authority's issuer URL, e.g. https://authority.example.com "
+                         f"(no query, fragment or credentials), got {text!r}")
+    # Keys fetched over plain HTTP could be swapped by anyone on the path; loopback only
+    # (the development Authority).
+    if parts.scheme == "http" and parts.hostname not in _LOOPBACK_HOSTS:
+        raise ValueError(f"must use https (http is accepted for loopback only), got {text!r}")
+    return text
+
+
+def _nonce_secret(text: str) -> str:
+    if text and len(text) < 32:
+        raise ValueError("must be at least 32 characters (or empty for a random per-instance secret)")
+    return text
+
+
+@_settings
+class AuthDpopNonceSettings:
+    enabled: bool = _key("enabled", BOOL, False)
+    secret: str = _key("secret", _string(_nonce_secret), "", secret=True)
+    lifetime: float = _duration_key("lifetime", "300s", positive=True)
+
+
+@_settings
+class AuthReplayCacheSettings:
+    valkey: str = _key("valkey", _string(_connection_string), "", secret=True)
+    on_valkey_error: str = _key("onValkeyError", _choice("reject", "local"), "local")
+    max_entries: int = _key("maxEntries", COUNT, 100000)
+    timeout: float = _duration_key("timeout", "250ms", positive=True)
+
+
 @_settings
 class AuthSettings:
     dpop_enabled: bool = _key("dpopEnabled", BOOL, True)
     dpop_max_clock_skew: float = _duration_key("dpopMaxClockSkew", "60s")
     mtls_enabled: bool = _key("mtlsEnabled", BOOL, True)
     rate_limiting: AuthRateLimitSettings = _section("rateLimiting", AuthRateLimitSettings)
+    # Access tokens and DPoP (docs/auth.md).
+    required: bool = _key("required", BOOL, False)
+    authority: str = _key("authority", _string(_issuer_url), "")
+    jwks_path: str = _key("jwksPath", STRING, "")
+    keys_fetch_timeout: float = _duration_key("keysFetchTimeout", "5s", positive=True)
+    audiences: tuple[str, ...] = _key("audiences", _non_empty_list(_string(non_empty=True)),
+                                      ["stellaops-gateway"])
+    algorithms: tuple[str, ...] = _key("algorithms", _non_empty_list(_jws_algorithm),
+                                       ["ES256", "RS256", "PS256", "EdDSA"])
+    require_at_jwt_typ: bool = _key("requireAtJwtTyp", BOOL, False)
+    max_token_lifetime: float = _duration_key("maxTokenLifetime", "1h", positive=True)
+    keys_refresh_interval: float = _duration_key("keysRefreshInterval", "5m", positive=True)
+    keys_min_refetch_interval: float = _duration_key("keysMinRefetchInterval", "30s")
+    max_token_bytes: int = _size_key("maxTokenBytes", 8192, low=1024, high=1 << 20)
+    dpop_nonce: AuthDpopNonceSettings = _section("dpopNonce", AuthDpopNonceSettings)
+    replay_cache: AuthReplayCacheSettings = _section("replayCache", AuthReplayCacheSettings)
+    enable_legacy_headers: bool = _key("enableLegacyHeaders", BOOL, True)
+    allow_scope_header: bool = _key("allowScopeHeader", BOOL, False)
+
+    def _finish(self, path: str) -> AuthSettings:
+        if self.jwks_path and not self.authority:
+            raise ConfigError(_join(path, "authority"),
+                              "required with jwksPath: it is the issuer (`iss`) tokens must name")
+        if self.required and not (self.authority or self.jwks_path):
+            raise ConfigError(_join(path, "authority"),
+                              "required is true, so tokens must be verifiable: set the Authority's "
+                              "issuer URL (and jwksPath for a static key file)")
+        return self
 
 
 @_settings

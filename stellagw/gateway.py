@@ -22,7 +22,10 @@ from .ingress.http import HttpProtocol
 from .ingress.tls import server_context
 from .observe.logs import JsonLog
 from .observe.metrics import Metrics
+from .auth import Authenticator
+from .health import builtins
 from .pipeline import Pipeline
+from .ratelimit import RateLimiter
 from .routing.state import RoutingState
 from .transport.hub import TransportHub
 
@@ -99,6 +102,7 @@ class Worker:
         self.metrics = Metrics(run_dir, worker_id)
         self.connections: set[HttpProtocol] = set()
         self.draining = False
+        self.auth_events: dict[str, int] = {}
         self._drain_started = False
         self.started = False
         self.http_address: tuple | None = None
@@ -117,7 +121,11 @@ class Worker:
                                     health.heartbeat_timeout_seconds)
         self.hub = TransportHub(self, self.routing, transport_ports)
         self.transport_addresses: dict[str, tuple] = {}
+        self.auth = Authenticator(settings, self.log, on_event=self._auth_event)
+        self.limiter = RateLimiter(settings, self.log)
+        self.builtins = builtins.table(self)
         self.pipeline = Pipeline(self)
+        self._auth_task = None
 
     # ------------------------------------------------------------------ request path hooks
 
@@ -149,8 +157,12 @@ class Worker:
 
     # ------------------------------------------------------------------ health
 
+    def _auth_event(self, name: str) -> None:
+        # Not failures: key refresh trouble, Valkey replay fallbacks (docs/auth.md).
+        self.auth_events[name] = self.auth_events.get(name, 0) + 1
+
     def not_ready_reasons(self) -> list[str]:
-        reasons = []
+        reasons = list(self.auth.ready_reasons())
         if self.draining:
             reasons.append("draining: the gateway is shutting down")
         if not self.started:
@@ -161,7 +173,8 @@ class Worker:
         return reasons
 
     def startup_reasons(self) -> list[str]:
-        return [] if self.started else ["listeners are not up yet"]
+        reasons = [] if self.started else ["listeners are not up yet"]
+        return reasons + list(self.auth.ready_reasons())
 
     def health_details(self) -> dict:
         return {"services": self.routing.describe()}
@@ -188,6 +201,10 @@ class Worker:
         await self.hub.start(transport_socks)
         self._stopped = asyncio.Event()
         self._tick_handle = loop.call_later(1.0, self._tick)
+        await self.limiter.start()
+        # Keys may take a while (an Authority that is down): serve meanwhile; readiness
+        # says "no Authority keys yet" until they are in.
+        self._auth_task = asyncio.ensure_future(self.auth.start())
         self.started = True
         scheme = "https" if ssl_ctx else "http"
         transports = {kind: _fmt_addr(addr) for kind, addr in self.transport_addresses.items()}
@@ -257,6 +274,10 @@ class Worker:
         self.hub.shutdown()
         for conn in list(self.connections):
             conn.close()
+        self.auth.stop()
+        if self._auth_task is not None and not self._auth_task.done():
+            self._auth_task.cancel()
+        await self.limiter.close()
         self.log.event("info", "stopped", unfinished=len(self.connections))
         self.log.drain()
         if self._tick_handle is not None:

@@ -4,18 +4,30 @@ Each stage either passes the request on, answers it (returns the response), or l
 pending (returns None; the answer comes later through `req.conn.respond`). The numbers
 follow DESIGN.md §2; stages 1–3 (accept, parse, correlate) happen in stellagw.ingress.http.
 
-    4  built-ins   /health/*, /metrics
-    5  match       normalise the path once, radix router → route + parameters; 404 / 405
-    6–9            authenticate, identity, authorize, rate-limit   (later issues)
-    10 select      routable instance by version, region, ping, heartbeat; 503 when none
-    11 dispatch    REQUEST frame to the instance; timeout → CANCEL + 504
-    12 respond     by the service connection when the RESPONSE arrives
+    4  built-ins    /health/*, /metrics, /openapi.*
+    5  match        normalise the path once, radix router → route + parameters; 404 / 405
+    6  authenticate access token + DPoP proof / mTLS certificate             (auth/)
+    7  identity     client identity headers stripped, the gateway's own set
+    8  authorize    the endpoint's RequiringClaims; 403                       (auth/)
+    9  rate-limit   instance windows, then Valkey past the activation gate; 429 (ratelimit/)
+    10 select       routable instance by version, region, ping, heartbeat; 503 when none
+    11 dispatch     REQUEST frame to the instance; timeout → CANCEL + 504
+    12 respond      by the service connection when the RESPONSE arrives
+
+Stages 6–8 and 9 are synchronous on the hot path; each returns an awaitable only when it
+must wait for I/O (an unknown signing key, the Valkey replay check or rate-limit script).
+Then the rest of the journey continues in a task, and the answer goes out through
+`req.conn.respond` like any routed answer.
 """
 from __future__ import annotations
 
-from .health import builtins
+import asyncio
+from time import perf_counter
+
+from .auth import AuthFailure, Identity
 from .ingress.responses import error_body
 from .radix import FOUND, NOT_FOUND, normalize_path
+from .ratelimit import Decision, identity_key, rate_limit_headers, rejection
 
 _JSON = b"content-type: application/json\r\n"
 VERSION_HEADER = b"x-service-version"   # docs/selection.md: strict semver match when sent
@@ -28,12 +40,16 @@ def _error(req, status, message, extra_headers=b""):
 class Pipeline:
     def __init__(self, worker):
         gw = worker.settings.gateway
-        self._builtins = builtins.table(worker)
+        self._worker = worker
+        self._builtins = worker.builtins
         self._routing = worker.routing
+        self._auth = worker.auth
+        self._limiter = worker.limiter
+        self._metrics = worker.metrics
         self._default_timeout = gw.routing.default_timeout
         # Bodies above this go as REQUEST_STREAM_DATA frames rather than inside REQUEST.
         self._stream_threshold = max(gw.routing.streaming_buffer_size, 64 * 1024)
-        self._worker = worker
+        self._tasks: set[asyncio.Task] = set()
 
     def handle(self, req):
         # 4. built-ins
@@ -42,6 +58,7 @@ class Pipeline:
             return builtin(req)
 
         # 5. match
+        t0 = perf_counter()
         path = normalize_path(req.target)
         if path is None:
             req.route = "invalid"
@@ -56,12 +73,47 @@ class Pipeline:
                           b"allow: " + allow + b"\r\n")
         req.service = route.service
         req.route = route.template
+        t1 = perf_counter()
 
-        # 6–9: authenticate, identity, authorize, rate-limit — added by their issues.
+        # 6–8. authenticate, identity, authorize
+        result = self._auth.authenticate(req, route.candidates[0][1].claims)
+        self._metrics.phase("auth", perf_counter() - t1)
+        if result.__class__ is Identity:
+            req.identity = result
+            if result.response_headers:   # a fresh DPoP-Nonce
+                req.resp_headers += result.response_headers
+        elif result.__class__ is AuthFailure:
+            return self._refuse(req, result)
+        else:
+            self._spawn(req, self._authenticate_later(req, route, path, result, t1 - t0))
+            return None
+        return self._after_auth(req, route, path, t1 - t0)
+
+    # ------------------------------------------------------------------ stages 9–11
+
+    def _after_auth(self, req, route, path, routing_s):
+        # 9. rate-limit
+        identity = req.identity
+        key = identity_key(None if identity.anonymous else identity.subject,
+                           req.conn.peer_ip.decode("latin-1"))
+        decision = self._limiter.check(key, req.tenant, route.service, route.template, path)
+        if decision.__class__ is not Decision:
+            self._spawn(req, self._limit_later(req, route, path, decision, routing_s))
+            return None
+        return self._after_limit(req, route, path, decision, routing_s)
+
+    def _after_limit(self, req, route, path, decision, routing_s):
+        if not decision.allowed:
+            self._metrics.rate_limit_exceeded(req.tenant)
+            return rejection(decision, req.correlation_id)
+        if decision.scope is not None:
+            req.resp_headers += rate_limit_headers(decision)
 
         # 10. select
+        t = perf_counter()
         version = req.header(VERSION_HEADER)
         selected = self._routing.select(route, version.decode("latin-1") if version else None)
+        self._metrics.phase("routing", routing_s + perf_counter() - t)
         if selected is None:
             return _error(req, 503, f"no healthy instance of {route.service}"
                           + (f" {version.decode('latin-1')}" if version else ""))
@@ -71,3 +123,43 @@ class Pipeline:
         instance.conn.send_request(req, endpoint, endpoint.timeout or self._default_timeout,
                                    path, self._stream_threshold)
         return None
+
+    # ------------------------------------------------------------------ waiting for I/O
+
+    def _refuse(self, req, failure):
+        self._metrics.auth_failed(failure.reason)
+        return (failure.status, _JSON + failure.headers,
+                error_body(failure.status, failure.message, req.correlation_id, failure.code))
+
+    async def _authenticate_later(self, req, route, path, pending, routing_s):
+        result = await pending
+        if result.__class__ is AuthFailure:
+            self._answer(req, self._refuse(req, result))
+            return
+        req.identity = result
+        if result.response_headers:
+            req.resp_headers += result.response_headers
+        self._answer(req, self._after_auth(req, route, path, routing_s))
+
+    async def _limit_later(self, req, route, path, pending, routing_s):
+        decision = await pending
+        self._answer(req, self._after_limit(req, route, path, decision, routing_s))
+
+    @staticmethod
+    def _answer(req, result):
+        if result is not None:
+            req.conn.respond(req, *result)
+
+    def _spawn(self, req, coro):
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._done(t, req))
+
+    def _done(self, task, req):
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        # A bug in a stage: the client still gets an answer, and we get the error.
+        self._worker.log.event("error", "pipeline task failed", correlationId=req.correlation_id,
+                               error=repr(task.exception()))
+        req.conn.respond(req, *_error(req, 500, "internal error"))

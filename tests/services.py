@@ -4,6 +4,8 @@ Endpoints, all under /t/<name>/ so several services can register side by side:
   GET  whoami            instance id, region, version
   GET  slow?ms=N         answers after N ms; a CANCEL is recorded (see events)
   GET  hang              never answers in time (routing.defaultTimeout applies)
+  GET  secure            needs scope scans:read; returns the identity headers it got
+  GET  admin             needs scope scans:admin
   GET  events            correlation ids of requests this process saw cancelled
   GET  stream?mb=N       N MiB streamed in 64 KiB chunks
   GET  crash             the process dies mid-request
@@ -38,6 +40,14 @@ def build(name, gateways, region, version, instance):
             cancelled.append(req.correlation_id)
             raise
         return Response.json({"slept_ms": ms})
+
+    @svc.get(base + "/secure", claims=[("scope", "scans:read")])
+    async def secure(req):
+        return Response.json({k: v for k, v in req.headers.items() if k.startswith("x-stella")})
+
+    @svc.get(base + "/admin", claims=[("scope", "scans:admin")])
+    async def admin(req):
+        return Response(b"admin")
 
     @svc.get(base + "/hang")
     async def hang(req):

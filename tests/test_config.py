@@ -648,3 +648,67 @@ def test_docs_describe_every_key():
     assert len(paths) > 80
     missing = [p for p in paths if f"`{p}`" not in docs]
     assert not missing, f"docs/configuration.md lacks: {missing}"
+
+
+# --------------------------------------------------------------------------- gateway.auth (auth issue)
+
+def test_auth_defaults():
+    a = default_settings().gateway.auth
+    assert a.required is False and a.authority == "" and a.jwks_path == ""
+    assert a.audiences == ("stellaops-gateway",)
+    assert a.algorithms == ("ES256", "RS256", "PS256", "EdDSA")
+    assert a.require_at_jwt_typ is False and a.max_token_bytes == 8192
+    assert (a.keys_refresh_interval, a.keys_min_refetch_interval) == (300.0, 30.0)
+    assert (a.dpop_nonce.enabled, a.dpop_nonce.secret, a.dpop_nonce.lifetime) == (False, "", 300.0)
+    assert (a.replay_cache.valkey, a.replay_cache.on_valkey_error, a.replay_cache.max_entries) == (
+        "", "local", 100000)
+    assert a.enable_legacy_headers is True and a.allow_scope_header is False
+
+
+@pytest.mark.parametrize("alg, words", [("HS256", ["MAC"]), ("hs512", ["MAC"]), ("none", ["none"]),
+                                        ("None", ["none"]), ("ES257", ["unsupported", "ES256"])])
+def test_auth_algorithms_refuse_mac_none_and_unknown(alg, words):
+    e = error(f"gateway: {{auth: {{algorithms: [ES256, {alg}]}}}}")
+    assert e.path == "gateway.auth.algorithms[1]"
+    assert all(w in e.reason for w in words), e.reason
+
+
+def test_auth_lists_must_not_be_empty():
+    assert error("gateway: {auth: {algorithms: []}}").path == "gateway.auth.algorithms"
+    assert error("gateway: {auth: {audiences: []}}").path == "gateway.auth.audiences"
+    s = load('gateway: {auth: {algorithms: "${ALGS}"}}', env={"ALGS": "ES256,EdDSA,ES256"})
+    assert s.gateway.auth.algorithms == ("ES256", "EdDSA")
+
+
+@pytest.mark.parametrize("text, path", [
+    ("gateway: {auth: {required: true}}", "gateway.auth.authority"),
+    ("gateway: {auth: {jwksPath: /etc/jwks.json}}", "gateway.auth.authority"),
+    ("gateway: {auth: {authority: 'http://authority.example.com'}}", "gateway.auth.authority"),
+    ("gateway: {auth: {authority: 'authority.example.com'}}", "gateway.auth.authority"),
+    ("gateway: {auth: {authority: 'https://a.example?x=1'}}", "gateway.auth.authority"),
+    ("gateway: {auth: {dpopNonce: {secret: short}}}", "gateway.auth.dpopNonce.secret"),
+    ("gateway: {auth: {dpopNonce: {lifetime: 0s}}}", "gateway.auth.dpopNonce.lifetime"),
+    ("gateway: {auth: {replayCache: {onValkeyError: bypass}}}", "gateway.auth.replayCache.onValkeyError"),
+    ("gateway: {auth: {replayCache: {valkey: 'http://x:6379'}}}", "gateway.auth.replayCache.valkey"),
+    ("gateway: {auth: {maxTokenBytes: 100}}", "gateway.auth.maxTokenBytes"),
+])
+def test_auth_bad_values_name_the_key(text, path):
+    assert error(text).path == path
+
+
+def test_auth_valid_forms():
+    s = load("""
+        gateway:
+          auth:
+            required: true
+            authority: "http://127.0.0.1:5000"
+            dpopNonce: {enabled: true, secret: "0123456789abcdef0123456789abcdef"}
+            replayCache: {valkey: "redis://:pw@valkey:6379/0", onValkeyError: REJECT}
+        """)
+    a = s.gateway.auth
+    assert a.required and a.authority == "http://127.0.0.1:5000"
+    assert a.replay_cache.on_valkey_error == "reject"
+    eff = effective_config(s)["gateway"]["auth"]
+    assert eff["dpopNonce"]["secret"] == config.MASK and eff["replayCache"]["valkey"] == config.MASK
+    assert load_config_text(dump_effective(load("gateway: {auth: {authority: 'https://a.example'}}")),
+                            env={}).gateway.auth.authority == "https://a.example"

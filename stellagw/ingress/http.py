@@ -50,6 +50,8 @@ class Request:
         "tenant",           # str | None, set by authentication
         "state",            # per-request scratch for pipeline stages (None until used)
         "pending",          # the dispatch waiting for the service (has .abort()), or None
+        "identity",         # auth.Identity once authenticated (anonymous included)
+        "resp_headers",     # bytes: header lines stages add to the response (rate limits, nonce)
     )
 
     def header(self, name: bytes) -> bytes | None:
@@ -328,7 +330,8 @@ class HttpProtocol(asyncio.Protocol):
         server = self._server
         keep = req.keep_alive and not close and not server.draining
         out = [status_line(status), server.date_header, b"content-length: %d\r\n" % len(body),
-               headers, b"x-correlation-id: ", req.correlation_id.encode("latin-1"), b"\r\n"]
+               headers, req.resp_headers, b"x-correlation-id: ",
+               req.correlation_id.encode("latin-1"), b"\r\n"]
         if not keep:
             out.append(b"connection: close\r\n")
         elif req.http_version == "1.0":
@@ -376,7 +379,7 @@ class HttpProtocol(asyncio.Protocol):
             framing += b"connection: close\r\n"
         self._stream_status = status
         self.transport.write(b"".join((
-            status_line(status), self._server.date_header, headers, framing,
+            status_line(status), self._server.date_header, headers, req.resp_headers, framing,
             b"x-correlation-id: ", req.correlation_id.encode("latin-1"), b"\r\n\r\n")))
         return True
 
@@ -472,6 +475,8 @@ def _new_request(conn) -> Request:
     req.tenant = None
     req.state = None
     req.pending = None
+    req.identity = None
+    req.resp_headers = b""
     return req
 
 

@@ -23,6 +23,7 @@ from time import perf_counter
 from .. import frame as fr
 from ..ingress.responses import error_body
 from ..routing.state import DRAINING, HelloError
+from ..auth import strip_identity_headers
 from .headers import request_headers, response_header_block
 
 HELLO_TIMEOUT = 10.0
@@ -297,7 +298,10 @@ class ServiceConnection(asyncio.Protocol):
         pending = Pending(corr, req, self)
         pending.window = self.peer_window
         self.inflight[corr] = pending
-        headers = request_headers(req, req.conn.peer_ip, self._hub.scheme)
+        identity = req.identity
+        headers = request_headers(req, req.conn.peer_ip, self._hub.scheme,
+                                  strip_identity_headers(req.headers),
+                                  identity.headers() if identity is not None else ())
         body = req.body
         timeout_ms = int(timeout * 1000)
         if len(body) > stream_threshold or (endpoint.streaming and body):

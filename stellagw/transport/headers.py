@@ -20,13 +20,19 @@ GATEWAY_SET = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"date", b"x-correlation-id"}
 
 
-def request_headers(req, peer_ip: bytes, scheme: bytes) -> list:
-    """The headers a REQUEST frame carries for `req`."""
+def request_headers(req, peer_ip: bytes, scheme: bytes, client_headers=None,
+                    identity_headers=()) -> list:
+    """The headers a REQUEST frame carries for `req`.
+
+    `client_headers`: the client's headers with its identity headers already stripped
+    (auth.strip_identity_headers). The gateway's identity headers are added after the
+    `Connection`-named ones are removed, so a client cannot name one of ours there.
+    """
     drop = HOP_BY_HOP | GATEWAY_SET
     named = None
     host = None
     out = []
-    for name, value in req.headers:
+    for name, value in (req.headers if client_headers is None else client_headers):
         if name == b"connection":
             named = {t.strip().lower() for t in value.split(b",")}
             continue
@@ -39,6 +45,7 @@ def request_headers(req, peer_ip: bytes, scheme: bytes) -> list:
         out = [(n, v) for n, v in out if n not in named]
     if req.http_version == "1.1" and req.header(b"te") == b"trailers":
         out.append((b"te", b"trailers"))
+    out.extend(identity_headers)
     out.append((b"x-forwarded-for", peer_ip))
     out.append((b"x-forwarded-proto", scheme))
     if host is not None:

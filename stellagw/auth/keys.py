@@ -1,0 +1,289 @@
+"""The Authority's signing keys: OIDC discovery or a static JWKS file, cached and refreshed.
+
+- Discovery: `<issuer>/.well-known/openid-configuration` (OIDC Discovery §4; a trailing
+  "/" of the issuer is dropped first), whose `issuer` must equal the configured one
+  exactly (§4.3: otherwise a different issuer's keys could be mixed in) and whose
+  `jwks_uri` is then fetched. https only, except loopback (the development Authority).
+- A static file (`jwksPath`) for air-gapped sites, re-read on the same schedule.
+- Refreshed every `keysRefreshInterval`; a token naming an unknown `kid` triggers one
+  refetch (single flight: concurrent requests share it) at most every
+  `keysMinRefetchInterval`; in between, unknown kids are refused at once (negative cache).
+- A failed refresh keeps the last good keys (logged and counted): tokens keep working while
+  the Authority is down. Until the first success, `ready_reasons()` says why not.
+
+Key entries are typed: each JWK becomes one `Key` with the set of algorithms its type
+allows (∩ the configured list, ∩ its own `alg` when present). Symmetric (`oct`) keys,
+keys with private members, `use` other than `sig`, and short RSA keys are skipped.
+
+HTTP client: `urllib.request` run in the loop's default executor. This is a handful of
+small GETs every few minutes, off the request path; the stdlib client verifies
+certificates with the default context and adds no dependency (and no second TLS stack).
+Redirects are refused (a redirect could downgrade https → http), responses are capped at
+1 MiB, and every request has a timeout.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit
+
+from .jose import ALG_KEY_TYPES, PRIVATE_MEMBERS, JoseError, public_key_from_jwk
+
+__all__ = ["Key", "KeyStore", "parse_jwks", "KeysError"]
+
+MAX_DOCUMENT_BYTES = 1 << 20
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+class KeysError(Exception):
+    """Why keys could not be loaded; the message is logged and shown on /health/ready."""
+
+
+class Key:
+    __slots__ = ("kid", "kty", "key", "algorithms")
+
+    def __init__(self, kid, kty, key, algorithms):
+        self.kid = kid                    # str or None
+        self.kty = kty
+        self.key = key                    # cryptography public key object
+        self.algorithms = algorithms      # tuple[str, ...]: config ∩ key type ∩ jwk "alg"
+
+    def __repr__(self) -> str:
+        return f"Key(kid={self.kid!r}, kty={self.kty}, algorithms={self.algorithms})"
+
+
+def parse_jwks(document, algorithms) -> list[Key]:
+    """The usable signing keys of a JWKS document (KeysError when there are none)."""
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise KeysError("JWKS is not an object with a 'keys' list")
+    keys: list[Key] = []
+    seen: set = set()
+    for jwk in document["keys"]:
+        if not isinstance(jwk, dict):
+            continue
+        kty = jwk.get("kty")
+        if kty == "oct" or PRIVATE_MEMBERS.intersection(jwk):
+            continue       # never a shared secret, never a published private key
+        if jwk.get("use") not in (None, "sig"):
+            continue
+        kid = jwk.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            continue
+        if kid in seen:
+            continue       # duplicate kid: the first one wins, deterministically
+        usable = [a for a in algorithms if ALG_KEY_TYPES[a][0] == kty]
+        declared = jwk.get("alg")
+        if declared is not None:
+            usable = [a for a in usable if a == declared]
+        key_object = None
+        fitting = []
+        for alg in usable:
+            try:
+                key_object = public_key_from_jwk(jwk, alg)
+            except JoseError:
+                continue
+            fitting.append(alg)
+        if not fitting:
+            continue
+        seen.add(kid)
+        keys.append(Key(kid, kty, key_object, tuple(fitting)))
+    if not keys:
+        raise KeysError("JWKS has no usable signing key for the configured algorithms")
+    return keys
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, "redirects are not followed", headers, fp)
+
+
+def _check_url(url: object, what: str) -> str:
+    if not isinstance(url, str):
+        raise KeysError(f"{what} is missing")
+    parts = urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in _LOOPBACK):
+        return url
+    raise KeysError(f"{what} must be an https URL")
+
+
+class KeyStore:
+    def __init__(self, *, authority: str, jwks_path: str, algorithms, refresh_interval: float,
+                 min_refetch_interval: float, timeout: float = 5.0, log=None, on_event=None,
+                 on_change=None, clock=time.monotonic):
+        self.authority = authority
+        self.jwks_path = jwks_path
+        self._algorithms = tuple(algorithms)
+        self._refresh_interval = refresh_interval
+        self._min_refetch = min_refetch_interval
+        self._timeout = timeout
+        self._log = log
+        self._event = on_event or (lambda name: None)
+        self._on_change = on_change
+        self._clock = clock
+        self.configured = bool(authority or jwks_path)
+
+        self._by_kid: dict[str, Key] = {}
+        self._all: list[Key] = []
+        self._fingerprint: frozenset = frozenset()
+        self.loaded = False
+        self.last_error = "not fetched yet"
+        self._last_refetch = float("-inf")     # last unknown-kid refetch (the rate limit)
+        self._inflight: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+        context = ssl.create_default_context()
+        self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
+                                                   _NoRedirect())
+
+    # ------------------------------------------------------------------ lookups (sync, hot path)
+
+    def get(self, kid: str | None) -> Key | None:
+        if kid is None:
+            # No kid: acceptable only when there is exactly one key to try (OIDC Core §10.1).
+            return self._all[0] if len(self._all) == 1 else None
+        return self._by_kid.get(kid)
+
+    def ready_reasons(self) -> list[str]:
+        if self.configured and not self.loaded:
+            return [f"no Authority keys yet: {self.last_error}"]
+        return []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """First load (a failure is logged, not raised), then the refresh loop."""
+        if not self.configured:
+            return
+        await self._single_flight()
+        self._task = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            # Until keys load, retry at the refetch rate rather than waiting minutes.
+            delay = self._refresh_interval if self.loaded else max(1.0, min(
+                self._min_refetch, self._refresh_interval))
+            await asyncio.sleep(delay)
+            try:
+                await self._single_flight()
+            except asyncio.CancelledError:
+                raise
+            except Exception:      # noqa: BLE001 -- the loop must survive anything
+                pass
+
+    def request_refetch(self):
+        """Refetch for an unknown kid: the running fetch, a new one, or None (rate-limited)."""
+        if not self.configured:
+            return None
+        if self._inflight is not None and not self._inflight.done():
+            return self._inflight
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return None            # not inside the event loop: nothing can wait for a fetch
+        now = self._clock()
+        if now - self._last_refetch < self._min_refetch:
+            self._event("keys_refetch_rate_limited")
+            return None
+        self._last_refetch = now
+        self._event("keys_refetch_unknown_kid")
+        return self._start_fetch()
+
+    def _single_flight(self):
+        if self._inflight is not None and not self._inflight.done():
+            return self._inflight
+        return self._start_fetch()
+
+    def _start_fetch(self) -> asyncio.Future:
+        loop = asyncio.get_running_loop()      # before the coroutine exists: none leaks
+        self._inflight = loop.create_task(self._refresh())
+        return self._inflight
+
+    async def _refresh(self) -> bool:
+        """Fetch and install; True when the key set changed. Never raises."""
+        loop = asyncio.get_running_loop()
+        try:
+            document = await loop.run_in_executor(None, self._load_blocking)
+            keys = parse_jwks(document, self._algorithms)
+        except Exception as exc:  # noqa: BLE001 -- any failure keeps the last good keys
+            self.last_error = _describe(exc)
+            self._event("keys_refresh_failed")
+            if self._log is not None:
+                self._log.event("warning", "Authority keys refresh failed", error=self.last_error,
+                                keptKeys=len(self._all), authority=self.authority or self.jwks_path)
+            return False
+        fingerprint = frozenset((k.kid, k.kty, k.algorithms, _public_numbers(k)) for k in keys)
+        changed = fingerprint != self._fingerprint
+        self._all = keys
+        self._by_kid = {k.kid: k for k in keys if k.kid is not None}
+        self._fingerprint = fingerprint
+        was_loaded, self.loaded = self.loaded, True
+        self.last_error = ""
+        self._event("keys_refreshed")
+        if changed:
+            if self._log is not None:
+                self._log.event("info", "Authority keys loaded" if not was_loaded else
+                                "Authority keys changed", kids=[k.kid for k in keys])
+            if self._on_change is not None:
+                self._on_change()
+        return changed
+
+    # ------------------------------------------------------------------ blocking I/O (executor)
+
+    def _load_blocking(self):
+        if self.jwks_path:
+            try:
+                with open(self.jwks_path, "rb") as f:
+                    raw = f.read(MAX_DOCUMENT_BYTES + 1)
+            except OSError as exc:
+                raise KeysError(f"cannot read {self.jwks_path}: {exc.strerror or exc}") from None
+            return _json(raw, self.jwks_path)
+        issuer = self.authority
+        discovery = self._get_json(issuer.rstrip("/") + "/.well-known/openid-configuration")
+        if not isinstance(discovery, dict) or discovery.get("issuer") != issuer:
+            raise KeysError("discovery document names a different issuer than gateway.auth.authority")
+        jwks_uri = _check_url(discovery.get("jwks_uri"), "discovery jwks_uri")
+        return self._get_json(jwks_uri)
+
+    def _get_json(self, url: str):
+        _check_url(url, "URL")
+        request = urllib.request.Request(url, headers={"Accept": "application/json",
+                                                       "User-Agent": "stellagw"})
+        try:
+            with self._opener.open(request, timeout=self._timeout) as response:
+                raw = response.read(MAX_DOCUMENT_BYTES + 1)
+        except urllib.error.HTTPError as exc:
+            raise KeysError(f"GET {url}: HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise KeysError(f"GET {url}: {reason}") from None
+        return _json(raw, url)
+
+
+def _json(raw: bytes, source: str):
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise KeysError(f"{source}: larger than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise KeysError(f"{source}: not JSON") from None
+
+
+def _public_numbers(key: Key):
+    try:
+        return repr(key.key.public_numbers())
+    except AttributeError:       # Ed25519/Ed448 have raw bytes instead
+        from cryptography.hazmat.primitives import serialization
+        return key.key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc) or exc.__class__.__name__
+    return text[:300]

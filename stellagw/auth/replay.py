@@ -1,0 +1,107 @@
+"""The DPoP `jti` replay cache (RFC 9449 §11.1, checklist §3a item 17).
+
+Two implementations of one protocol, `check_and_store(key, ttl_ms) -> bool` ("True: first
+time seen, now stored; False: a replay"):
+
+- `LocalReplayCache`: in-process, synchronous, bounded and time-evicting. Always used: it
+  answers same-instance replays without a round trip and is the fallback when Valkey fails.
+- `ValkeyReplayCache`: shared by every gateway instance, asynchronous: one
+  `SET key 1 NX PX ttl` (atomic "store unless present"; the reply is `OK` when stored and
+  nil when the key exists).
+
+Key format (docs/auth.md): `stellagw:dpop:jti:{<jkt>}:<sha256(jti)>`. The hash tag is the
+client key's thumbprint, so keys spread over Valkey Cluster slots (a fixed tag such as
+`{dpop}` would put every proof of every client on one node) while one client's keys share
+a slot. The jti is stored as a hash: its size is then fixed whatever the client sent.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from time import monotonic
+from typing import Awaitable, Protocol
+
+from .jose import b64url
+
+__all__ = ["ReplayCache", "LocalReplayCache", "ValkeyReplayCache", "replay_key"]
+
+VALKEY_PREFIX = "stellagw:dpop:jti:"
+
+
+def replay_key(jkt: str, jti: str) -> str:
+    """`{<jkt>}:<b64url sha256(jti)>`; the Valkey cache adds its prefix."""
+    return "{" + jkt + "}:" + b64url(hashlib.sha256(jti.encode("utf-8")).digest())
+
+
+class ReplayCache(Protocol):
+    def check_and_store(self, key: str, ttl_ms: int) -> "bool | Awaitable[bool]": ...
+
+
+class LocalReplayCache:
+    """An insertion-ordered map key → expiry (monotonic seconds), at most `max_entries`.
+
+    Entries are inserted with nearly the same TTL, so the oldest entry is (nearly) the first
+    to expire: expired ones are dropped from the front a few at a time on every insert, so
+    there is no sweeper task. When the cache is full of *live* entries the oldest is evicted
+    anyway (memory is the hard bound) and `on_evict_live()` is called so it is counted:
+    size `maxEntries` above peak proofs/s × the acceptance window (docs/auth.md).
+    OrderedDict, not dict: popping from the front of a plain dict leaves holes that make
+    the next `next(iter())` scan them (quadratic under churn); OrderedDict pops in O(1).
+    """
+
+    __slots__ = ("_entries", "_max", "_clock", "on_evict_live")
+
+    def __init__(self, max_entries: int, clock=monotonic, on_evict_live=None):
+        self._entries: OrderedDict[str, float] = OrderedDict()
+        self._max = max_entries
+        self._clock = clock
+        self.on_evict_live = on_evict_live
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def check_and_store(self, key: str, ttl_ms: int) -> bool:
+        entries = self._entries
+        now = self._clock()
+        expiry = entries.get(key)
+        if expiry is not None:
+            if expiry > now:
+                return False
+            del entries[key]
+        # Drop a few expired entries from the front (amortised cleanup).
+        for _ in range(4):
+            if not entries:
+                break
+            first_key, first_expiry = next(iter(entries.items()))
+            if first_expiry > now:
+                break
+            entries.popitem(last=False)
+        if len(entries) >= self._max:
+            _, first_expiry = entries.popitem(last=False)
+            if first_expiry > now and self.on_evict_live is not None:
+                self.on_evict_live()
+        entries[key] = now + ttl_ms / 1000.0
+        return True
+
+
+class ValkeyReplayCache:
+    """`SET <prefix><key> 1 NX PX <ttl>` on a `stellagw.valkey.ValkeyClient`.
+
+    Raises whatever the client raises (ValkeyError subclasses, timeouts): the caller
+    applies the configured outage policy.
+    """
+
+    __slots__ = ("_client", "_prefix")
+
+    def __init__(self, client, prefix: str = VALKEY_PREFIX):
+        self._client = client
+        self._prefix = prefix
+
+    async def check_and_store(self, key: str, ttl_ms: int) -> bool:
+        reply = await self._client.execute("SET", self._prefix + key, "1", "NX", "PX",
+                                           str(max(1, int(ttl_ms))))
+        if reply is None:
+            return False
+        if reply in (b"OK", "OK"):
+            return True
+        raise ValueError("unexpected reply to SET NX")   # never treat garbage as "new"
