@@ -23,6 +23,7 @@ from .ingress.tls import server_context
 from .observe.logs import JsonLog
 from .observe.metrics import Metrics
 from .auth import Authenticator
+from .openapi import OpenApiCache
 from .health import builtins
 from .pipeline import Pipeline
 from .ratelimit import RateLimiter
@@ -123,6 +124,13 @@ class Worker:
         self.transport_addresses: dict[str, tuple] = {}
         self.auth = Authenticator(settings, self.log, on_event=self._auth_event)
         self.limiter = RateLimiter(settings, self.log)
+        oa = gw.openapi
+        self.openapi = OpenApiCache(
+            self.routing, oa.title, oa.version, oa.cache_ttl_seconds,
+            server_url=gw.http.public_origin or None,
+            sender_constraints=tuple(k for k, on in (("dpop", gw.auth.dpop_enabled),
+                                                      ("mtls", gw.auth.mtls_enabled)) if on),
+            background=True)   # PyYAML is slow: build off the loop, serve the last document
         self.builtins = builtins.table(self)
         self.pipeline = Pipeline(self)
         self._auth_task = None
@@ -202,6 +210,8 @@ class Worker:
         self._stopped = asyncio.Event()
         self._tick_handle = loop.call_later(1.0, self._tick)
         await self.limiter.start()
+        if gw.openapi.enabled:
+            self.openapi.warm()
         # Keys may take a while (an Authority that is down): serve meanwhile; readiness
         # says "no Authority keys yet" until they are in.
         self._auth_task = asyncio.ensure_future(self.auth.start())

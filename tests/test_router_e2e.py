@@ -269,3 +269,29 @@ def test_gateway_shutdown_cancels_what_outlives_the_drain_deadline(tmp_path):
         s.close()
         s2.close()
         st.close()
+
+
+def test_openapi_document_aggregates_registered_services(stack):
+    from openapi_spec_validator import validate
+    st = stack()
+    status, headers, body = st.get("/openapi.json")
+    assert status == 200
+    etag0 = headers["etag"]
+    st.service("docs1")
+    st.service("docs2")
+
+    def has_both():
+        doc = orjson.loads(st.get("/openapi.json")[2])
+        return "/t/docs1/whoami" in doc["paths"] and "/t/docs2/whoami" in doc["paths"]
+    assert wait_for(has_both, timeout=10)
+    status, headers, body = st.get("/openapi.json")
+    doc = orjson.loads(body)
+    validate(doc)
+    assert doc["openapi"].startswith("3.1") and headers["etag"] != etag0
+    status, h304, body304 = st.get("/openapi.json", b"If-None-Match: " + headers["etag"].encode() + b"\r\n")
+    assert status == 304 and body304 == b"" and "content-length" not in h304
+    status, hy, yaml_body = st.get("/openapi.yaml")
+    import yaml
+    assert status == 200 and yaml.safe_load(yaml_body) == doc
+    status, _, disc = st.get("/.well-known/openapi")
+    assert status == 200 and orjson.loads(disc)

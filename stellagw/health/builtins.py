@@ -1,4 +1,5 @@
-"""The endpoints the gateway answers itself: /health/live|ready|startup and /metrics."""
+"""The endpoints the gateway answers itself: /health/live|ready|startup, /metrics and the
+aggregated OpenAPI document (/openapi.json, /openapi.yaml, /.well-known/openapi)."""
 from __future__ import annotations
 
 import orjson
@@ -8,17 +9,20 @@ from ..ingress.responses import error_body
 _JSON = b"content-type: application/json\r\ncache-control: no-store\r\n"
 _METRICS = b"content-type: text/plain; version=0.0.4; charset=utf-8\r\n"
 _LIVE_BODY = orjson.dumps({"status": "Healthy"})
+_NOT_GET = b"allow: GET, HEAD\r\ncontent-type: application/json\r\n"
 
 
 def table(worker) -> dict:
-    def only_get(handler):
+    """{raw path: handler(req) -> (status, header lines, body)}."""
+
+    def only_get(path: bytes, handler):
+        route = path.decode()
+
         def guarded(req):
-            req.route = path
+            req.route = route
             if req.method not in ("GET", "HEAD"):
-                return (405, b"allow: GET, HEAD\r\ncontent-type: application/json\r\n",
-                        error_body(405, "use GET or HEAD", req.correlation_id))
+                return 405, _NOT_GET, error_body(405, "use GET or HEAD", req.correlation_id)
             return handler(req)
-        path = handler.__name__
         return guarded
 
     def live(req):
@@ -40,9 +44,16 @@ def table(worker) -> dict:
     def metrics(req):
         return 200, _METRICS, worker.render_metrics()
 
-    live.__name__, ready.__name__ = "/health/live", "/health/ready"
-    startup.__name__, metrics.__name__ = "/health/startup", "/metrics"
-    handlers = [live, ready, startup]
-    if worker.settings.gateway.metrics.enabled:
-        handlers.append(metrics)
-    return {h.__name__.encode(): only_get(h) for h in handlers}
+    def openapi(req):
+        # Every If-None-Match field counts (a client may send several).
+        inm = b", ".join(v for n, v in req.headers if n == b"if-none-match") or None
+        return worker.openapi.respond(req.target, inm)
+
+    gw = worker.settings.gateway
+    handlers = {b"/health/live": live, b"/health/ready": ready, b"/health/startup": startup}
+    if gw.metrics.enabled:
+        handlers[b"/metrics"] = metrics
+    if gw.openapi.enabled:
+        from ..openapi import PATHS
+        handlers.update((path, openapi) for path in PATHS)
+    return {path: only_get(path, h) for path, h in handlers.items()}

@@ -329,7 +329,9 @@ class HttpProtocol(asyncio.Protocol):
             return  # the connection went away, or an answer came twice
         server = self._server
         keep = req.keep_alive and not close and not server.draining
-        out = [status_line(status), server.date_header, b"content-length: %d\r\n" % len(body),
+        # RFC 9110 §8.6: no Content-Length on 304 (it would describe the unsent body).
+        length = b"content-length: %d\r\n" % len(body) if status != 304 else b""
+        out = [status_line(status), server.date_header, length,
                headers, req.resp_headers, b"x-correlation-id: ",
                req.correlation_id.encode("latin-1"), b"\r\n"]
         if not keep:

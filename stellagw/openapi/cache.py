@@ -1,0 +1,305 @@
+"""The served document: built lazily, once per routing change, with ETags (docs/openapi.md §5).
+
+`respond()` is what the built-in endpoints call. Its fast path — the document is current —
+is two comparisons and returning prebuilt bytes: the JSON body, its ETag, the header block
+and the discovery document are all made once per build, the YAML once per build on first
+request. A build happens when `routing_state.generation` moved *and* the set of routes
+moved (health changes bump the generation but cannot change the document: the routes dict
+is swapped, never mutated, on every register/unregister — holding it makes identity a
+cheap and exact test), or when `ttl_seconds` passed since the last check (a safety net; 0
+disables it). A rebuild that produces the same bytes keeps the old snapshot, so the ETag
+and `generated_at` only change when the content does.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import re
+import threading
+import time
+
+import orjson
+import yaml
+
+from ..ingress.responses import error_body
+from .document import build_document
+
+JSON_PATH = b"/openapi.json"
+YAML_PATH = b"/openapi.yaml"
+DISCOVERY_PATH = b"/.well-known/openapi"
+PATHS = (JSON_PATH, YAML_PATH, DISCOVERY_PATH)
+
+_JSON_TYPE = b"application/json"
+_YAML_TYPE = b"application/yaml"      # RFC 9512
+_ETAG = re.compile(rb'[ \t]*(?:W/)?("[\x21\x23-\x7e\x80-\xff]*")[ \t]*(?:,|$)')
+_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)   # libyaml when available
+
+
+def if_none_match(header: bytes | None, etag: bytes) -> bool:
+    """RFC 9110 §13.1.2 for GET/HEAD: weak comparison against a list, or `*`."""
+    if header is None:
+        return False
+    header = header.strip(b" \t")
+    if header == b"*":
+        return True                   # the document always has a current representation
+    pos, end = 0, len(header)
+    while pos < end:
+        m = _ETAG.match(header, pos)
+        if m is None:
+            # An unparsable member (or an empty list element): skip to the next one.
+            comma = header.find(b",", pos)
+            if comma < 0:
+                break
+            pos = comma + 1
+            continue
+        if m.group(1) == etag:        # weak comparison: W/ prefix ignored, opaque tags equal
+            return True
+        pos = m.end()
+    return False
+
+
+def _etag(body: bytes, suffix: bytes = b"") -> bytes:
+    return b'"' + hashlib.blake2b(body, digest_size=16).hexdigest().encode() + suffix + b'"'
+
+
+class _Representation:
+    __slots__ = ("body", "etag", "ok_headers", "not_modified_headers")
+
+    def __init__(self, body: bytes, etag: bytes, content_type: bytes, cache_control: bytes):
+        self.body = body
+        self.etag = etag
+        # RFC 9110 §15.4.5: a 304 carries the ETag and Cache-Control a 200 would.
+        self.not_modified_headers = (b"etag: " + etag + b"\r\n"
+                                     b"cache-control: " + cache_control + b"\r\n")
+        self.ok_headers = (b"content-type: " + content_type + b"\r\n"
+                           b"x-content-type-options: nosniff\r\n" + self.not_modified_headers)
+
+
+class _Snapshot:
+    """One built document and everything served from it. Immutable once made (except the
+    YAML, filled in once, on first request)."""
+
+    def __init__(self, doc: dict, cache_control: bytes, generated_at: float):
+        body = orjson.dumps(doc)
+        self.json = _Representation(body, _etag(body), _JSON_TYPE, cache_control)
+        self.cache_control = cache_control
+        self.generated_at = generated_at
+        self._yaml = None
+        self._yaml_lock = threading.Lock()
+        info = doc.get("info", {})
+        discovery = {
+            "openapi_json": JSON_PATH.decode(),
+            "openapi_yaml": YAML_PATH.decode(),
+            "etag": self.json.etag.decode(),
+            "generated_at": datetime.datetime.fromtimestamp(
+                generated_at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "openapi": doc.get("openapi"),
+            "title": info.get("title"),
+            "version": info.get("version"),
+            "services": [{k: s[k] for k in ("name", "version", "instances")}
+                         for s in doc.get("x-stellagw-services", ())],
+        }
+        body = orjson.dumps(discovery)
+        self.discovery = _Representation(body, _etag(body), _JSON_TYPE, cache_control)
+
+    @property
+    def yaml(self) -> _Representation:
+        rep = self._yaml
+        if rep is None:
+            with self._yaml_lock:
+                rep = self._yaml
+                if rep is None:
+                    # From the JSON bytes, so that both formats carry exactly the same
+                    # content; safe_dump semantics (SafeDumper), libyaml when present.
+                    body = yaml.dump(orjson.loads(self.json.body), Dumper=_Dumper,
+                                     sort_keys=False, allow_unicode=True,
+                                     default_flow_style=False).encode()
+                    # The YAML bytes are a function of the JSON's, so the JSON hash
+                    # identifies them too; the suffix keeps the two validators distinct.
+                    rep = self._yaml = _Representation(body, self.json.etag[:-1] + b'-yaml"',
+                                                       _YAML_TYPE, self.cache_control)
+        return rep
+
+
+class _StateView:
+    """What a build reads, taken on the caller's thread: the routes dict (swapped, never
+    mutated) and a copy of the instances dict (mutated in place on register/unregister).
+    Instances, endpoints and their openapi/schemas objects do not change once registered,
+    so a build can run on another thread from this."""
+
+    __slots__ = ("routes", "instances", "generation")
+
+    def __init__(self, state):
+        self.generation = state.generation
+        self.routes = state.routes
+        self.instances = dict(state.instances)
+
+
+class OpenApiCache:
+    """The aggregated document of one worker, rebuilt when routing changes.
+
+    `max_age`: None (default) sends `Cache-Control: public, no-cache` — clients may store
+    the document but revalidate on each use (a 304 of a few bytes), so a deploy is visible
+    at once; a number sends `public, max-age=<n>` instead (what upstream did, with 60).
+
+    `background`: build on a thread and keep serving the previous snapshot meanwhile, so a
+    request never waits for a build (1,000 endpoints: ~60 ms for the JSON, ~400 ms more
+    for the YAML — far too long to stall a worker's event loop). Only the very first
+    document, when there is nothing to serve yet, is built inline; `warm()` at worker start
+    makes that the (tiny) empty document. Without `background`, builds run inline and the
+    YAML is made on its first request.
+    """
+
+    paths = PATHS
+
+    def __init__(self, routing_state, title: str, version: str, ttl_seconds: float,
+                 server_url: str | None = None, *, description: str | None = None,
+                 token_url: str | None = None, sender_constraints=("dpop", "mtls"),
+                 max_age: int | None = None, background: bool = False,
+                 clock=time.monotonic, wall_clock=time.time):
+        self._state = routing_state
+        self._build_args = dict(title=title, version=version, server_url=server_url,
+                                description=description, token_url=token_url,
+                                sender_constraints=tuple(sender_constraints))
+        self.ttl = float(ttl_seconds)
+        self.background = background
+        self._clock, self._wall_clock = clock, wall_clock
+        self._cache_control = (b"public, no-cache" if max_age is None
+                               else b"public, max-age=%d" % max(0, int(max_age)))
+        self._snapshot: _Snapshot | None = None
+        self._generation = None          # routing generation the snapshot is current for
+        self._routes = None              # the routes dict it was built from (identity)
+        self._checked_at = 0.0
+        self._lock = threading.Lock()    # guards the fields above and `_building`
+        self._building: threading.Thread | None = None
+        self.builds = 0                  # documents built (tests, metrics)
+        self.last_error: BaseException | None = None
+
+    # ------------------------------------------------------------------ freshness
+
+    def _stale(self) -> bool:
+        if self._state.generation != self._generation:
+            return True
+        return self.ttl > 0 and self._clock() - self._checked_at >= self.ttl
+
+    def current(self) -> _Snapshot:
+        """The snapshot to serve. Fast path: it is current. Otherwise at most one build
+        runs per change: inline, or (background) on a thread while the last snapshot is
+        served. Raises RuntimeError only if no document could ever be built."""
+        snap = self._snapshot
+        if snap is not None and not self._stale():
+            return snap
+        with self._lock:
+            if self._building is not None:
+                pass                                    # one build at a time
+            elif self._snapshot is not None and not self._stale():
+                pass                                    # another thread just finished
+            else:
+                view = self._plan()
+                if view is not None:
+                    if self.background and self._snapshot is not None:
+                        self._building = threading.Thread(
+                            target=self._build, args=(view, True), daemon=True,
+                            name="stellagw-openapi")
+                        self._building.start()
+                    else:
+                        self._build(view, False)
+        if self._snapshot is None:
+            raise RuntimeError("the OpenAPI document could not be built") from self.last_error
+        return self._snapshot
+
+    def _plan(self) -> _StateView | None:
+        """Under the lock: None if no build is needed after all, else what to build from."""
+        state = self._state
+        timed_out = self.ttl > 0 and self._clock() - self._checked_at >= self.ttl
+        if self._snapshot is not None and state.routes is self._routes and not timed_out:
+            # Only health moved (or nothing the document shows): no build.
+            self._generation = state.generation
+            return None
+        self.builds += 1
+        return _StateView(state)
+
+    def _build(self, view: _StateView, threaded: bool) -> None:
+        snap = error = None
+        try:
+            doc = build_document(view, **self._build_args)
+            snap = _Snapshot(doc, self._cache_control, self._wall_clock())
+            if threaded:
+                snap.yaml                 # rendered here, off the event loop
+        except Exception as exc:          # a bug must not take the endpoint down for good
+            error = exc
+        if threaded:
+            with self._lock:
+                self._install(view, snap, error)
+                self._building = None
+        else:
+            self._install(view, snap, error)
+
+    def _install(self, view, snap, error) -> None:
+        # On failure the previous document stays; the failed state counts as checked, so
+        # the next attempt is on the next change or TTL, not on every request.
+        self.last_error = error
+        if snap is not None and (self._snapshot is None
+                                 or snap.json.body != self._snapshot.json.body):
+            self._snapshot = snap         # same bytes: keep the old ETag and generated_at
+        self._generation, self._routes, self._checked_at = (view.generation, view.routes,
+                                                            self._clock())
+
+    def warm(self) -> None:
+        """Build now (at worker start: the registry is empty, so this is cheap)."""
+        try:
+            self.current()
+        except RuntimeError:
+            pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a background build in flight (tests, shutdown); True when idle."""
+        thread = self._building
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    def invalidate(self) -> None:
+        """Force a build on the next request (e.g. after a configuration reload)."""
+        with self._lock:
+            self._generation = None
+            self._routes = None
+
+    # ------------------------------------------------------------------ accessors
+
+    def json(self) -> bytes:
+        return self.current().json.body
+
+    def yaml(self) -> bytes:
+        return self.current().yaml.body
+
+    @property
+    def etag(self) -> bytes:
+        return self.current().json.etag
+
+    def document(self) -> dict:
+        return orjson.loads(self.json())
+
+    # ------------------------------------------------------------------ HTTP
+
+    def respond(self, path: bytes, if_none_match_header: bytes | None = None
+                ) -> tuple[int, bytes, bytes]:
+        """(status, header lines, body) for GET/HEAD of one of `PATHS`."""
+        try:
+            snap = self.current()
+        except RuntimeError:
+            return (503, b"content-type: application/json\r\nretry-after: 5\r\n",
+                    error_body(503, "the OpenAPI document is not available", ""))
+        if path == JSON_PATH:
+            rep = snap.json
+        elif path == YAML_PATH:
+            rep = snap.yaml
+        elif path == DISCOVERY_PATH:
+            rep = snap.discovery
+        else:
+            return (404, b"content-type: application/json\r\n",
+                    error_body(404, "not an OpenAPI document path", ""))
+        if if_none_match(if_none_match_header, rep.etag):
+            return 304, rep.not_modified_headers, b""
+        return 200, rep.ok_headers, rep.body

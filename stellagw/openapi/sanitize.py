@@ -1,0 +1,1048 @@
+"""Checking and copying what services send for the aggregated document (docs/openapi.md §4).
+
+A service's HELLO carries, per endpoint, an OpenAPI *operation object* and, per service, its
+`components.schemas`. None of it was checked at registration (parse_hello only asks for an
+object), and one malformed operation must not make the whole document invalid — a document
+that fails validation is useless to every client, not only to that service's. So everything
+is copied into new objects through the checkers below, which follow the OpenAPI 3.1.0 schema
+(https://spec.openapis.org/oas/3.1/schema/2022-10-07) and the JSON Schema 2020-12 meta-schema:
+a field or keyword that does not fit is dropped (or, where the fix is obvious, repaired) and
+reported as a warning; the rest of the operation stays. Inputs are never mutated.
+
+The same pass rewrites `$ref`s: a service writes `#/components/schemas/Scan`; in the merged
+document its schemas are namespaced (`scanner_Scan`), so every reference is rewritten through
+the `Source.names` map, and a reference that cannot resolve (unknown schema, another
+component type, an external document) is dropped, because one dangling pointer fails the
+whole document.
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import math
+import re
+import uuid
+from urllib.parse import unquote
+
+SCHEMA_PREFIX = "#/components/schemas/"
+# Depth of service-supplied JSON we copy. The document adds ~10 levels above it and orjson
+# refuses to serialise beyond 254; a schema nested this deep is an accident or an attack.
+MAX_DEPTH = 64
+MAX_CALLBACK_NESTING = 2
+
+PARAM_LOCATIONS = ("query", "header", "path", "cookie")
+_STYLES = {"path": ("matrix", "label", "simple"), "query": ("form", "spaceDelimited",
+           "pipeDelimited", "deepObject"), "header": ("simple",), "cookie": ("form",)}
+_ENCODING_STYLES = ("form", "spaceDelimited", "pipeDelimited", "deepObject")
+_RESPONSE_CODE = re.compile(r"^[1-5](?:[0-9]{2}|XX)$")
+OPERATION_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+# JSON Schema 2020-12 keywords by the kind of value the meta-schema demands.
+_TYPES = frozenset({"array", "boolean", "integer", "null", "number", "object", "string"})
+_SCHEMA_ONE = frozenset({"additionalProperties", "propertyNames", "items", "contains", "not",
+                         "if", "then", "else", "unevaluatedItems", "unevaluatedProperties",
+                         "contentSchema"})
+_SCHEMA_LIST = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
+_SCHEMA_MAP = frozenset({"properties", "patternProperties", "$defs", "definitions",
+                         "dependentSchemas"})
+_STRINGS = frozenset({"$comment", "title", "description", "format", "contentEncoding",
+                      "contentMediaType"})
+_BOOLS = frozenset({"uniqueItems", "readOnly", "writeOnly", "deprecated"})
+_NUMBERS = frozenset({"maximum", "exclusiveMaximum", "minimum", "exclusiveMinimum"})
+_COUNTS = frozenset({"maxLength", "minLength", "maxItems", "minItems", "maxContains",
+                     "minContains", "maxProperties", "minProperties"})
+# Identifiers that change how `$ref`s resolve (a `$id` makes `#/components/...` inside it
+# relative to a resource that has no components) or that we cannot rewrite safely.
+_DROPPED = frozenset({"$id", "$schema", "$anchor", "$dynamicAnchor", "$dynamicRef",
+                      "$recursiveRef", "$recursiveAnchor", "$vocabulary"})
+
+
+class Bad(ValueError):
+    """A value that cannot be copied into the document."""
+
+
+class Source:
+    """What the checkers need to know about the service whose objects they copy."""
+
+    def __init__(self, service: str, version: str, names: dict, warn, op_ids=None,
+                 unique_op_id=None):
+        self.service = service
+        self.version = version
+        self.names = names                  # the service's schema name -> component key
+        self.raw_name = {v: k for k, v in names.items()}
+        self._warn = warn                   # callable(service, version, operation, at, msg)
+        self.op_ids = op_ids or {}          # the service's operationId -> published one
+        self.unique_op_id = unique_op_id    # callable(wanted) -> unique published id
+        self.operation = None               # "GET /x" while checking an operation
+        self.deep_refs = []      # (container, component key, pointer, where, operation)
+        self.required_checks = []           # (schema, where, operation): beside `allOf`
+        self.default_checks = []            # (schema, where, operation): has `default`
+
+    def warn(self, where: str, message: str, operation=False) -> None:
+        """`operation`: for fix-ups after the copy, the operation recorded with the item."""
+        self._warn(self.service, self.version,
+                   self.operation if operation is False else operation, where, message)
+
+
+# ---------------------------------------------------------------------------- values
+
+def literal(value, depth: int = 0):
+    """A deep copy of a JSON value (example, default, enum, extension), or Bad."""
+    if depth > MAX_DEPTH:
+        raise Bad("nested too deeply")
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, int):
+        if not -(1 << 63) <= value < (1 << 64):
+            raise Bad("integer out of the 64-bit range")   # orjson cannot write it
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise Bad("not a finite number")               # JSON has no NaN/Infinity
+        return value
+    if isinstance(value, dict):
+        if isinstance(value.get("$ref"), str):
+            # Data, but resolvers (openapi-spec-validator's included) follow any `$ref`
+            # they meet, so one in an example or default is a reference all the same.
+            raise Bad("a '$ref' inside a literal value would be resolved as a reference")
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise Bad("object key that is not a string")
+            out[k] = literal(v, depth + 1)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [literal(v, depth + 1) for v in value]
+    raise Bad(f"a {type(value).__name__} is not a JSON value")
+
+
+def _copy_literal(src, out, key, value, where, depth):
+    try:
+        out[key] = literal(value, depth)
+    except Bad as exc:
+        src.warn(where, f"{exc}; dropped")
+
+
+def _extension(src, out, key, value, where, depth):
+    if key.startswith("x-stellagw-"):
+        # Reserved for what the gateway itself publishes; a service must not spoof it.
+        src.warn(where, "the x-stellagw- prefix is reserved for the gateway; dropped")
+        return
+    _copy_literal(src, out, key, value, where, depth)
+
+
+def _is_str(v):
+    return isinstance(v, str)
+
+
+def _is_bool(v):
+    return isinstance(v, bool)
+
+
+def _is_number(v):
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return -(1 << 63) <= v < (1 << 64)       # what orjson can write
+    return isinstance(v, float) and math.isfinite(v)
+
+
+def _is_count(v):
+    return (_is_number(v) and v >= 0 and (isinstance(v, int) or float(v).is_integer()))
+
+
+def _is_string_set(v):
+    return (isinstance(v, list) and all(isinstance(s, str) for s in v)
+            and len(set(v)) == len(v))
+
+
+# ---------------------------------------------------------------------------- references
+
+def _unescape_token(token: str) -> str:
+    # A fragment is a percent-encoded JSON pointer (RFC 6901 §6): decode, then ~1 and ~0.
+    return unquote(token).replace("~1", "/").replace("~0", "~")
+
+
+def rewrite_ref(src: Source, ref, where: str):
+    """(new ref, component key, pointer below the component) or None (dropped, warned)."""
+    if not isinstance(ref, str):
+        src.warn(where, "'$ref' must be a string; dropped")
+        return None
+    if not ref.startswith(SCHEMA_PREFIX):
+        src.warn(where, f"reference {ref!r} does not point into #/components/schemas (a "
+                        "service can only refer to the schemas it sent in HELLO); dropped")
+        return None
+    token, sep, tail = ref[len(SCHEMA_PREFIX):].partition("/")
+    name = _unescape_token(token)
+    key = src.names.get(name)
+    if key is None:
+        src.warn(where, f"reference to schema {name!r}, which the service did not send; "
+                        "dropped")
+        return None
+    return SCHEMA_PREFIX + key + sep + tail, key, tail
+
+
+def resolve_pointer(target, pointer: str):
+    """Follow a JSON pointer (without its leading '/') into `target`; KeyError if absent."""
+    for token in pointer.split("/"):
+        token = _unescape_token(token)
+        if isinstance(target, dict) and token in target:
+            target = target[token]
+        elif isinstance(target, list) and token.isdigit() and int(token) < len(target):
+            target = target[int(token)]
+        else:
+            raise KeyError(token)
+    return target
+
+
+def raw_schema_refs(value, limit: int = 100_000) -> set:
+    """Names of the schemas `value` refers to (`$ref` and discriminator mappings), read
+    leniently from unchecked input: used only to find which schemas an older version needs."""
+    names, stack, seen = set(), [value], 0
+    while stack and seen < limit:
+        node = stack.pop()
+        seen += 1
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith(SCHEMA_PREFIX):
+                names.add(_unescape_token(ref[len(SCHEMA_PREFIX):].partition("/")[0]))
+            disc = node.get("discriminator")
+            if isinstance(disc, dict) and isinstance(disc.get("mapping"), dict):
+                for v in disc["mapping"].values():
+                    if isinstance(v, str):
+                        if v.startswith(SCHEMA_PREFIX):
+                            names.add(_unescape_token(v[len(SCHEMA_PREFIX):].partition("/")[0]))
+                        elif "/" not in v and "#" not in v:
+                            names.add(v)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return names
+
+
+# ---------------------------------------------------------------------------- schemas
+
+def _json_type_ok(value, types) -> bool:
+    for t in types:
+        if ((t == "null" and value is None) or (t == "boolean" and isinstance(value, bool))
+                or (t == "string" and isinstance(value, str))
+                or (t == "array" and isinstance(value, list))
+                or (t == "object" and isinstance(value, dict))
+                or (t == "number" and _is_number(value))
+                or (t == "integer" and _is_number(value) and float(value).is_integer())):
+            return True
+    return False
+
+
+def schema(src: Source, value, where: str, depth: int = 0):
+    """A checked copy of a JSON Schema (2020-12 + the OAS 3.1 dialect)."""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, dict):
+        src.warn(where, "a schema must be an object or a boolean; replaced by {}")
+        return {}
+    if depth > MAX_DEPTH:
+        src.warn(where, "schema nested too deeply; replaced by {}")
+        return {}
+    out = {}
+    for k, v in value.items():
+        w = f"{where}.{k}"
+        if k == "$ref":
+            r = rewrite_ref(src, v, w)
+            if r is not None:
+                out[k] = r[0]
+                if r[2]:
+                    src.deep_refs.append((out, r[1], r[2], w, src.operation))
+        elif k in _SCHEMA_ONE:
+            out[k] = schema(src, v, w, depth + 1)
+        elif k in _SCHEMA_LIST:
+            if isinstance(v, list) and v:
+                out[k] = [schema(src, s, f"{w}[{i}]", depth + 1) for i, s in enumerate(v)]
+            else:
+                src.warn(w, "must be a non-empty list of schemas; dropped")
+        elif k in _SCHEMA_MAP:
+            if isinstance(v, dict):
+                m = out[k] = {}
+                for name, s in v.items():
+                    if k == "patternProperties" and not _regex_ok(name):
+                        src.warn(f"{w}.{name}", "not a valid regular expression; dropped")
+                        continue
+                    m[name] = schema(src, s, f"{w}.{name}", depth + 1)
+            else:
+                src.warn(w, "must be an object of schemas; dropped")
+        elif k in _STRINGS:
+            _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
+        elif k == "pattern":
+            _keep_if(src, out, k, v, _is_str(v) and _regex_ok(v), w,
+                     "must be a valid regular expression")
+        elif k in _BOOLS:
+            _keep_if(src, out, k, v, _is_bool(v), w, "must be a boolean")
+        elif k in _NUMBERS:
+            _keep_if(src, out, k, v, _is_number(v), w, "must be a number")
+        elif k == "multipleOf":
+            _keep_if(src, out, k, v, _is_number(v) and v > 0, w, "must be a number > 0")
+        elif k in _COUNTS:
+            _keep_if(src, out, k, v, _is_count(v), w, "must be a non-negative integer")
+        elif k == "type":
+            ok = (v in _TYPES) if isinstance(v, str) else (
+                isinstance(v, list) and bool(v) and _is_string_set(v)
+                and all(t in _TYPES for t in v))
+            _keep_if(src, out, k, list(v) if isinstance(v, list) else v, ok, w,
+                     f"must be one of {sorted(_TYPES)} or a list of them")
+        elif k == "required":
+            _keep_if(src, out, k, list(v) if isinstance(v, list) else v,
+                     _is_string_set(v), w, "must be a list of distinct strings")
+        elif k in ("enum", "examples"):
+            if isinstance(v, list):
+                _copy_literal(src, out, k, v, w, depth + 1)
+            else:
+                src.warn(w, "must be a list; dropped")
+        elif k in ("const", "default", "example"):
+            _copy_literal(src, out, k, v, w, depth + 1)
+        elif k == "dependentRequired":
+            ok = isinstance(v, dict) and all(_is_string_set(x) for x in v.values())
+            _keep_if(src, out, k, {a: list(b) for a, b in v.items()} if ok else v, ok, w,
+                     "must map names to lists of distinct strings")
+        elif k == "dependencies":
+            if isinstance(v, dict):
+                m = out[k] = {}
+                for name, dep in v.items():
+                    m[name] = (list(dep) if _is_string_set(dep)
+                               else schema(src, dep, f"{w}.{name}", depth + 1))
+            else:
+                src.warn(w, "must be an object; dropped")
+        elif k == "discriminator":
+            d = _discriminator(src, v, w)
+            if d is not None:
+                out[k] = d
+        elif k == "xml":
+            x = _object(src, v, w, depth, {"name": _is_str, "namespace": _is_str,
+                                          "prefix": _is_str, "attribute": _is_bool,
+                                          "wrapped": _is_bool})
+            if x is not None:
+                out[k] = x
+        elif k == "externalDocs":
+            d = external_docs(src, v, w, depth)
+            if d is not None:
+                out[k] = d
+        elif k in _DROPPED:
+            src.warn(w, f"{k} is not supported in aggregated schemas (it changes how "
+                        "references resolve); dropped")
+        elif k.startswith("x-"):
+            _extension(src, out, k, v, w, depth + 1)
+        else:
+            # Unknown keywords are legal in JSON Schema (annotations, OAS 3.0's `nullable`).
+            _copy_literal(src, out, k, v, w, depth + 1)
+    if "default" in out:
+        src.default_checks.append((out, where, src.operation))
+    _explicit_discriminator_mapping(src, out)
+    if "allOf" in out and "required" in out:
+        src.required_checks.append((out, where, src.operation))
+    return out
+
+
+def _keep_if(src, out, key, value, ok, where, why):
+    if ok:
+        out[key] = value
+    else:
+        src.warn(where, f"{why}; dropped")
+
+
+_REGEX_CACHE: dict = {}
+
+
+def _regex_ok(pattern: str) -> bool:
+    ok = _REGEX_CACHE.get(pattern)
+    if ok is None:
+        try:
+            re.compile(pattern)
+            ok = True
+        except (re.error, RecursionError, OverflowError):
+            ok = False
+        if len(_REGEX_CACHE) < 4096:
+            _REGEX_CACHE[pattern] = ok
+    return ok
+
+
+class Budget(Exception):
+    """`fits` gave up: the check is too expensive (recursive schemas under anyOf...)."""
+
+
+def fits(value, schema, resolve, max_steps: int = 10_000) -> bool:
+    """Whether `value` validates against `schema` (JSON Schema 2020-12 assertions).
+
+    Validators check every `default` against its schema, and one wrong default fails the
+    whole document. This covers the assertion keywords and the formats the Python standard
+    library can check; what it does not know it accepts. `resolve(ref)` returns the target
+    of a `#/components/schemas/...` reference (KeyError if none). Raises Budget after
+    `max_steps` schema visits: recursive schemas under anyOf/oneOf can otherwise take
+    exponential time.
+    """
+    return _Fits(resolve, max_steps)(value, schema, 0)
+
+
+class _Fits:
+    def __init__(self, resolve, steps):
+        self.resolve, self.steps = resolve, steps
+
+    def __call__(self, value, schema, depth) -> bool:
+        self.steps -= 1
+        if self.steps < 0 or depth > 32:
+            raise Budget()
+        if schema is True or not isinstance(schema, dict):
+            return schema is not False
+        d = depth + 1
+        ref = schema.get("$ref")
+        if isinstance(ref, str):
+            try:
+                target = self.resolve(ref)
+            except KeyError:
+                target = True
+            if not self(value, target, d):
+                return False
+        t = schema.get("type")
+        if t is not None and not _json_type_ok(value, [t] if isinstance(t, str) else t):
+            return False
+        if "enum" in schema and not any(_json_equal(value, e) for e in schema["enum"]):
+            return False
+        if "const" in schema and not _json_equal(value, schema["const"]):
+            return False
+        if _is_number(value):
+            if not _number_fits(value, schema):
+                return False
+        elif isinstance(value, str):
+            n = len(value)
+            if n < schema.get("minLength", 0) or n > schema.get("maxLength", math.inf):
+                return False
+            if "pattern" in schema and not re.search(schema["pattern"], value):
+                return False
+        elif isinstance(value, list):
+            if not self._array(value, schema, d):
+                return False
+        elif isinstance(value, dict):
+            if not self._object(value, schema, d):
+                return False
+        if not _format_fits(value, schema.get("format")):
+            return False
+        if not all(self(value, s, d) for s in schema.get("allOf", ())):
+            return False
+        if "anyOf" in schema and not any(self(value, s, d) for s in schema["anyOf"]):
+            return False
+        if "oneOf" in schema and sum(self(value, s, d) for s in schema["oneOf"]) != 1:
+            return False
+        if "not" in schema and self(value, schema["not"], d):
+            return False
+        if "if" in schema:
+            branch = schema.get("then" if self(value, schema["if"], d) else "else", True)
+            if not self(value, branch, d):
+                return False
+        return True
+
+    def _array(self, v, schema, d) -> bool:
+        if len(v) < schema.get("minItems", 0) or len(v) > schema.get("maxItems", math.inf):
+            return False
+        if schema.get("uniqueItems") is True:
+            for i, a in enumerate(v):
+                if any(_json_equal(a, b) for b in v[i + 1:]):
+                    return False
+        prefix = schema.get("prefixItems", ())
+        if not all(self(item, s, d) for item, s in zip(v, prefix)):
+            return False
+        if "items" in schema and not all(self(x, schema["items"], d) for x in v[len(prefix):]):
+            return False
+        if "contains" in schema:
+            n = sum(self(x, schema["contains"], d) for x in v)
+            if n < schema.get("minContains", 1) or n > schema.get("maxContains", math.inf):
+                return False
+        return True
+
+    def _object(self, v, schema, d) -> bool:
+        if any(k not in v for k in schema.get("required", ())):
+            return False
+        if not schema.get("minProperties", 0) <= len(v) <= schema.get("maxProperties", math.inf):
+            return False
+        props = schema.get("properties", {})
+        patterns = schema.get("patternProperties", {})
+        for k, x in v.items():
+            matched = k in props
+            if matched and not self(x, props[k], d):
+                return False
+            for pat, s in patterns.items():
+                if re.search(pat, k):
+                    matched = True
+                    if not self(x, s, d):
+                        return False
+            if not matched and "additionalProperties" in schema \
+                    and not self(x, schema["additionalProperties"], d):
+                return False
+            if "propertyNames" in schema and not self(k, schema["propertyNames"], d):
+                return False
+        for k, needed in schema.get("dependentRequired", {}).items():
+            if k in v and any(n not in v for n in needed):
+                return False
+        for k, s in schema.get("dependentSchemas", {}).items():
+            if k in v and not self(v, s, d):
+                return False
+        return True
+
+
+def _json_equal(a, b) -> bool:
+    # JSON equality: 1 == 1.0, but true is not 1.
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _number_fits(v, schema) -> bool:
+    if v < schema.get("minimum", -math.inf) or v > schema.get("maximum", math.inf):
+        return False
+    if "exclusiveMinimum" in schema and v <= schema["exclusiveMinimum"]:
+        return False
+    if "exclusiveMaximum" in schema and v >= schema["exclusiveMaximum"]:
+        return False
+    m = schema.get("multipleOf")
+    if m is not None:
+        if isinstance(v, int) and isinstance(m, int):
+            return v % m == 0
+        q = v / m
+        return math.isfinite(q) and q == int(q)
+    return True
+
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _format_fits(value, fmt) -> bool:
+    # The formats OAS 3.1 validators assert that need nothing beyond the standard library.
+    if fmt is None:
+        return True
+    if fmt == "int32" and isinstance(value, int) and not isinstance(value, bool):
+        return -(1 << 31) <= value < (1 << 31)
+    if fmt == "int64" and isinstance(value, int) and not isinstance(value, bool):
+        return -(1 << 63) <= value < (1 << 63)
+    if not isinstance(value, str):
+        return True
+    try:
+        if fmt == "date":
+            return bool(_DATE.match(value)) and bool(datetime.date.fromisoformat(value))
+        if fmt == "email":
+            return "@" in value
+        if fmt == "ipv4":
+            ipaddress.IPv4Address(value)
+        elif fmt == "ipv6":
+            ipaddress.IPv6Address(value)
+        elif fmt == "uuid":
+            uuid.UUID(value)
+            return all(value[i] == "-" for i in (8, 13, 18, 23))
+        elif fmt == "regex":
+            return _regex_ok(value)
+    except (ValueError, IndexError):
+        return False
+    return True
+
+
+def _discriminator(src, value, where):
+    if not isinstance(value, dict) or not isinstance(value.get("propertyName"), str):
+        src.warn(where, "a discriminator needs a string propertyName; dropped")
+        return None
+    out = {"propertyName": value["propertyName"]}
+    for k, v in value.items():
+        w = f"{where}.{k}"
+        if k == "mapping":
+            if not isinstance(v, dict):
+                src.warn(w, "must be an object of strings; dropped")
+                continue
+            mapping = out["mapping"] = {}
+            for tag, target in v.items():
+                if isinstance(target, str) and "/" not in target and "#" not in target:
+                    target = SCHEMA_PREFIX + target       # a bare schema name (OAS §4.8.25)
+                r = rewrite_ref(src, target, f"{w}.{tag}")
+                if r is not None:
+                    mapping[tag] = r[0]
+        elif k.startswith("x-"):
+            _extension(src, out, k, v, w, 1)
+        elif k != "propertyName":
+            src.warn(w, "unknown discriminator field; dropped")
+    return out
+
+
+def _explicit_discriminator_mapping(src, out):
+    # Without a mapping, a discriminator value names the schema ("Cat" -> Cat). Namespacing
+    # renamed Cat to scanner_Cat, so write the old implicit mapping out explicitly.
+    disc = out.get("discriminator")
+    if not isinstance(disc, dict):
+        return
+    mapping = disc.get("mapping", {})
+    added = False
+    for kw in ("oneOf", "anyOf"):
+        for sub in out.get(kw, ()):
+            ref = sub.get("$ref") if isinstance(sub, dict) else None
+            if not isinstance(ref, str) or not ref.startswith(SCHEMA_PREFIX):
+                continue
+            key = ref[len(SCHEMA_PREFIX):]
+            raw = src.raw_name.get(key)
+            if raw is not None and raw != key and raw not in mapping:
+                mapping[raw] = ref
+                added = True
+    if added:
+        disc["mapping"] = mapping
+
+
+def _object(src, value, where, depth, fields: dict, extensions=True):
+    """A small fixed-field object: each field must pass its check, unknown ones drop."""
+    if not isinstance(value, dict):
+        src.warn(where, "must be an object; dropped")
+        return None
+    out = {}
+    for k, v in value.items():
+        check = fields.get(k)
+        if check is not None:
+            _keep_if(src, out, k, v, check(v), f"{where}.{k}", "has the wrong type")
+        elif extensions and k.startswith("x-"):
+            _extension(src, out, k, v, f"{where}.{k}", depth + 1)
+        else:
+            src.warn(f"{where}.{k}", "unknown field; dropped")
+    return out
+
+
+def external_docs(src, value, where, depth):
+    out = _object(src, value, where, depth, {"url": _is_str, "description": _is_str})
+    if out is not None and "url" not in out:
+        src.warn(where, "externalDocs needs a url; dropped")
+        return None
+    return out
+
+
+# ---------------------------------------------------------------------------- operations
+
+def operation(src: Source, value: dict, where: str, callback_nesting: int = 0) -> dict:
+    """The service-authored part of an Operation Object. operationId, tags and security
+    are the gateway's (the builder sets them); servers would point clients past the
+    gateway and are dropped."""
+    out = {}
+    for k, v in value.items():
+        w = f"{where}.{k}" if where else k
+        if k in ("summary", "description"):
+            _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
+        elif k == "deprecated":
+            _keep_if(src, out, k, v, _is_bool(v), w, "must be a boolean")
+        elif k == "externalDocs":
+            d = external_docs(src, v, w, 0)
+            if d is not None:
+                out[k] = d
+        elif k == "parameters":
+            if isinstance(v, list):
+                params = [p for p in (parameter(src, p, f"{w}[{i}]")
+                                      for i, p in enumerate(v)) if p is not None]
+                out[k] = _unique_parameters(src, params, w)
+            else:
+                src.warn(w, "must be a list; dropped")
+        elif k == "requestBody":
+            body = request_body(src, v, w)
+            if body is not None:
+                out[k] = body
+        elif k == "responses":
+            r = responses(src, v, w)
+            if r is not None:
+                out[k] = r
+        elif k == "callbacks":
+            if callback_nesting >= MAX_CALLBACK_NESTING:
+                src.warn(w, "callbacks nested too deeply; dropped")
+            else:
+                cbs = callbacks(src, v, w, callback_nesting + 1)
+                if cbs:
+                    out[k] = cbs
+        elif k == "operationId":
+            if callback_nesting and isinstance(v, str) and v and src.unique_op_id:
+                # Operation ids are unique across the document, callbacks included.
+                out[k] = src.unique_op_id(f"{src.service}.{v}")
+            elif not isinstance(v, str):
+                src.warn(w, "must be a string; ignored")
+        elif k in ("tags", "security", "servers"):
+            pass                                     # replaced by the gateway's
+        elif k.startswith("x-"):
+            _extension(src, out, k, v, w, 1)
+        else:
+            src.warn(w, "not a field of an OpenAPI 3.1 operation; dropped")
+    return out
+
+
+def _unique_parameters(src, params, where):
+    # "The list MUST NOT include duplicated parameters" (a name + location pair).
+    seen, out = set(), []
+    for p in params:
+        key = (p["name"], p["in"])
+        if key in seen:
+            src.warn(where, f"{p['in']} parameter {p['name']!r} listed twice; the second dropped")
+            continue
+        seen.add(key)
+        out.append(p)
+    return out
+
+
+def parameter(src, value, where):
+    if not isinstance(value, dict):
+        src.warn(where, "a parameter must be an object; dropped")
+        return None
+    if "$ref" in value:
+        src.warn(where, "parameter references are not supported (HELLO carries only "
+                        "schemas); dropped")
+        return None
+    name, loc = value.get("name"), value.get("in")
+    if not isinstance(name, str) or not name or loc not in PARAM_LOCATIONS:
+        src.warn(where, f"a parameter needs a name and 'in' one of {list(PARAM_LOCATIONS)}; "
+                        "dropped")
+        return None
+    out = {"name": name, "in": loc}
+    schema_only = {}          # style/explode/examples are defined only beside `schema`
+    for k, v in value.items():
+        w = f"{where}.{k}"
+        if k in ("name", "in"):
+            continue
+        if k == "description":
+            _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
+        elif k in ("required", "deprecated"):
+            _keep_if(src, out, k, v, _is_bool(v), w, "must be a boolean")
+        elif k == "allowEmptyValue":
+            _keep_if(src, out, k, v, _is_bool(v) and loc == "query", w,
+                     "must be a boolean, and only on query parameters")
+        elif k == "style":
+            _keep_if(src, schema_only, k, v, v in _STYLES[loc], w,
+                     f"must be one of {list(_STYLES[loc])} for {loc} parameters")
+        elif k == "explode":
+            _keep_if(src, schema_only, k, v, _is_bool(v), w, "must be a boolean")
+        elif k == "allowReserved":
+            _keep_if(src, schema_only, k, v, _is_bool(v) and loc == "query", w,
+                     "must be a boolean, and only on query parameters")
+        elif k == "example":
+            _copy_literal(src, schema_only, k, v, w, 1)
+        elif k == "examples":
+            ex = examples(src, v, w)
+            if ex is not None:
+                schema_only[k] = ex
+        elif k == "schema":
+            out[k] = schema(src, v, w, 1)
+        elif k == "content":
+            c = content(src, v, w, single=True)
+            if c is not None:
+                out[k] = c
+        elif k.startswith("x-"):
+            _extension(src, out, k, v, w, 1)
+        else:
+            src.warn(w, "not a field of a parameter; dropped")
+    _schema_or_content(src, out, schema_only, where)
+    if loc == "path":
+        out["required"] = True           # a path parameter is always required (OAS §4.8.12)
+    return out
+
+
+def _schema_or_content(src, out, schema_only, where):
+    if "schema" in out and "content" in out:
+        src.warn(where, "has both schema and content; content dropped")
+        del out["content"]
+    if "schema" not in out and "content" not in out:
+        src.warn(where, "has neither schema nor content; schema {} added")
+        out["schema"] = {}
+    if "schema" in out:
+        out.update(schema_only)
+    elif schema_only:
+        src.warn(where, f"{sorted(schema_only)} only apply beside a schema; dropped")
+
+
+def header(src, value, where):
+    if not isinstance(value, dict):
+        src.warn(where, "a header must be an object; dropped")
+        return None
+    if "$ref" in value:
+        src.warn(where, "header references are not supported; dropped")
+        return None
+    out, schema_only = {}, {}
+    for k, v in value.items():
+        w = f"{where}.{k}"
+        if k == "description":
+            _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
+        elif k in ("required", "deprecated"):
+            _keep_if(src, out, k, v, _is_bool(v), w, "must be a boolean")
+        elif k == "style":
+            _keep_if(src, schema_only, k, v, v == "simple", w, "must be 'simple'")
+        elif k == "explode":
+            _keep_if(src, schema_only, k, v, _is_bool(v), w, "must be a boolean")
+        elif k == "example":
+            _copy_literal(src, schema_only, k, v, w, 1)
+        elif k == "examples":
+            ex = examples(src, v, w)
+            if ex is not None:
+                schema_only[k] = ex
+        elif k == "schema":
+            out[k] = schema(src, v, w, 1)
+        elif k == "content":
+            c = content(src, v, w, single=True)
+            if c is not None:
+                out[k] = c
+        elif k.startswith("x-"):
+            _extension(src, out, k, v, w, 1)
+        else:
+            src.warn(w, "not a field of a header; dropped")
+    _schema_or_content(src, out, schema_only, where)
+    return out
+
+
+def _map(src, value, where, item):
+    if not isinstance(value, dict):
+        src.warn(where, "must be an object; dropped")
+        return None
+    out = {}
+    for k, v in value.items():
+        checked = item(src, v, f"{where}.{k}")
+        if checked is not None:
+            out[k] = checked
+    return out
+
+
+def examples(src, value, where):
+    return _map(src, value, where, example)
+
+
+def example(src, value, where):
+    if isinstance(value, dict) and "$ref" in value:
+        src.warn(where, "example references are not supported; dropped")
+        return None
+    out = _object(src, {k: v for k, v in value.items() if k != "value"}
+                  if isinstance(value, dict) else value, where, 1,
+                  {"summary": _is_str, "description": _is_str, "externalValue": _is_str})
+    if out is None:
+        return None
+    if "value" in value:
+        if "externalValue" in out:
+            src.warn(where, "value and externalValue are exclusive; externalValue dropped")
+            del out["externalValue"]
+        _copy_literal(src, out, "value", value["value"], f"{where}.value", 2)
+    return out
+
+
+def content(src, value, where, single=False):
+    out = _map(src, value, where, media_type)
+    if out is not None and single and len(out) != 1:
+        src.warn(where, "must have exactly one media type here; dropped")
+        return None
+    return out
+
+
+def media_type(src, value, where):
+    if not isinstance(value, dict):
+        src.warn(where, "a media type object must be an object; dropped")
+        return None
+    out = {}
+    for k, v in value.items():
+        w = f"{where}.{k}"
+        if k == "schema":
+            out[k] = schema(src, v, w, 1)
+        elif k == "example":
+            _copy_literal(src, out, k, v, w, 1)
+        elif k == "examples":
+            ex = examples(src, v, w)
+            if ex is not None:
+                out[k] = ex
+        elif k == "encoding":
+            enc = _map(src, v, w, encoding)
+            if enc is not None:
+                out[k] = enc
+        elif k.startswith("x-"):
+            _extension(src, out, k, v, w, 1)
+        else:
+            src.warn(w, "not a field of a media type object; dropped")
+    return out
+
+
+def encoding(src, value, where):
+    if not isinstance(value, dict):
+        src.warn(where, "an encoding must be an object; dropped")
+        return None
+    out = _object(src, {k: v for k, v in value.items() if k != "headers"}, where, 1,
+                  {"contentType": _is_str, "style": lambda v: v in _ENCODING_STYLES,
+                   "explode": _is_bool, "allowReserved": _is_bool})
+    if "headers" in value:
+        h = _map(src, value["headers"], f"{where}.headers", header)
+        if h is not None:
+            out["headers"] = h
+    return out
+
+
+def request_body(src, value, where):
+    if not isinstance(value, dict):
+        src.warn(where, "must be an object; dropped")
+        return None
+    if "$ref" in value:
+        src.warn(where, "requestBody references are not supported; dropped")
+        return None
+    out = {}
+    for k, v in value.items():
+        w = f"{where}.{k}"
+        if k == "description":
+            _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
+        elif k == "required":
+            _keep_if(src, out, k, v, _is_bool(v), w, "must be a boolean")
+        elif k == "content":
+            c = content(src, v, w)
+            if c is not None:
+                out[k] = c
+        elif k.startswith("x-"):
+            _extension(src, out, k, v, w, 1)
+        else:
+            src.warn(w, "not a field of a request body; dropped")
+    if "content" not in out:
+        src.warn(where, "a request body needs content; dropped")
+        return None
+    return out
+
+
+def responses(src, value, where):
+    if not isinstance(value, dict):
+        src.warn(where, "must be an object; dropped")
+        return None
+    out = {}
+    for code, v in value.items():
+        if isinstance(code, int) and not isinstance(code, bool):
+            code = str(code)
+        w = f"{where}.{code}"
+        if isinstance(code, str) and code.startswith("x-"):
+            _extension(src, out, code, v, w, 1)
+        elif code == "default" or (isinstance(code, str) and _RESPONSE_CODE.match(code)):
+            r = response(src, v, w, code)
+            if r is not None:
+                out[code] = r
+        else:
+            src.warn(w, "not a status code (100-599, 1XX-5XX) or 'default'; dropped")
+    if not any(not k.startswith("x-") for k in out):
+        src.warn(where, "no usable response left")
+        return None
+    return out
+
+
+def response(src, value, where, code):
+    if not isinstance(value, dict):
+        src.warn(where, "a response must be an object; dropped")
+        return None
+    if "$ref" in value:
+        src.warn(where, "response references are not supported; dropped")
+        return None
+    out = {}
+    for k, v in value.items():
+        w = f"{where}.{k}"
+        if k == "description":
+            _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
+        elif k == "headers":
+            h = _map(src, v, w, header)
+            if h is not None:
+                out[k] = h
+        elif k == "content":
+            c = content(src, v, w)
+            if c is not None:
+                out[k] = c
+        elif k == "links":
+            links = _map(src, v, w, link)
+            if links is not None:
+                out[k] = links
+        elif k.startswith("x-"):
+            _extension(src, out, k, v, w, 1)
+        else:
+            src.warn(w, "not a field of a response; dropped")
+    if "description" not in out:
+        src.warn(where, "a response needs a description (OAS 3.1); one added")
+        out = {"description": f"{code} response", **out}
+    return out
+
+
+def link(src, value, where):
+    if not isinstance(value, dict):
+        src.warn(where, "a link must be an object; dropped")
+        return None
+    if "$ref" in value:
+        src.warn(where, "link references are not supported; dropped")
+        return None
+    out = {}
+    for k, v in value.items():
+        w = f"{where}.{k}"
+        if k == "operationId":
+            if _is_str(v):
+                out[k] = src.op_ids.get(v, v)   # the published (namespaced) id
+            else:
+                src.warn(w, "must be a string; dropped")
+        elif k in ("operationRef", "description"):
+            _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
+        elif k == "parameters":
+            if isinstance(v, dict):
+                out[k] = {n: e for n, e in v.items() if isinstance(e, str)}
+                if len(out[k]) != len(v):
+                    src.warn(w, "parameter values must be runtime expressions (strings); "
+                                "others dropped")
+            else:
+                src.warn(w, "must be an object; dropped")
+        elif k == "requestBody":
+            _copy_literal(src, out, k, v, w, 1)
+        elif k == "server":
+            pass                                  # clients reach services via the gateway
+        elif k.startswith("x-"):
+            _extension(src, out, k, v, w, 1)
+        else:
+            src.warn(w, "not a field of a link; dropped")
+    if "operationId" in out and "operationRef" in out:
+        del out["operationRef"]      # paths are rewritten here; the id is the stable one
+    if "operationId" not in out and "operationRef" not in out:
+        src.warn(where, "a link needs operationId or operationRef; dropped")
+        return None
+    return out
+
+
+def callbacks(src, value, where, nesting):
+    if not isinstance(value, dict):
+        src.warn(where, "must be an object; dropped")
+        return None
+    out = {}
+    for name, cb in value.items():
+        w = f"{where}.{name}"
+        if not isinstance(cb, dict) or "$ref" in cb:
+            src.warn(w, "a callback must be an object of path items (no references); dropped")
+            continue
+        items = {}
+        for expr, item in cb.items():
+            # Every key is an expression: the 3.1 schema validates even x- keys of a
+            # callback as path items (additionalProperties), so extensions cannot live here.
+            p = _callback_path_item(src, item, f"{w}.{expr}", nesting)
+            if p is not None:
+                items[expr] = p
+        out[name] = items
+    return out
+
+
+def _callback_path_item(src, value, where, nesting):
+    if not isinstance(value, dict) or "$ref" in value:
+        src.warn(where, "a path item must be an object (no references); dropped")
+        return None
+    out = {}
+    for k, v in value.items():
+        w = f"{where}.{k}"
+        if k in OPERATION_METHODS:
+            if isinstance(v, dict):
+                out[k] = operation(src, v, w, nesting)
+            else:
+                src.warn(w, "an operation must be an object; dropped")
+        elif k in ("summary", "description"):
+            _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
+        elif k == "parameters":
+            if isinstance(v, list):
+                out[k] = _unique_parameters(src, [p for p in (
+                    parameter(src, p, f"{w}[{i}]") for i, p in enumerate(v)) if p is not None], w)
+            else:
+                src.warn(w, "must be a list; dropped")
+        elif k == "servers":
+            pass
+        elif k.startswith("x-"):
+            _extension(src, out, k, v, w, 1)
+        else:
+            src.warn(w, "not a field of a path item; dropped")
+    return out
