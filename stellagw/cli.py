@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the gateway with the embedded demo on 127.0.0.1")
     demo.add_argument("--port", type=int, default=8080, metavar="PORT")
     demo.add_argument("--transport-port", type=int, default=9100, metavar="PORT")
+    demo.add_argument("--authority-port", type=int, default=8400, metavar="PORT")
 
     dsvc = sub.add_parser("demo-service", help="run one demo microservice")
     dsvc.add_argument("--name", required=True, choices=("scanner", "policy", "bench"))
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             from .demo import main as demo_main
-            return demo_main(args.port, args.transport_port)
+            return demo_main(args.port, args.transport_port, args.authority_port)
         if args.command in ("dev-authority", "call"):
             from .devauth.cli import run_call, run_dev_authority
             return (run_dev_authority if args.command == "dev-authority" else run_call)(args)

@@ -1,9 +1,10 @@
-"""`stellagw demo`: the gateway plus two example services, each its own process.
+"""`stellagw demo`: the development Authority, the gateway and two example services, each
+its own process, with real DPoP-bound tokens end to end.
 
-    scanner  GET  /api/v1/scans/{id}          one scan as JSON
-             POST /api/v1/scans               start a scan (echoes the JSON body back)
-             GET  /api/v1/scans/{id}/report   a streamed report (chunked to the client)
-    policy   GET  /api/v1/policies            the policy list
+    scanner  GET  /api/v1/scans/{id}          one scan as JSON            (scope scans:read)
+             POST /api/v1/scans               start a scan                (scope scans:write)
+             GET  /api/v1/scans/{id}/report   a streamed report, chunked  (scope scans:read)
+    policy   GET  /api/v1/policies            the policy list             (anonymous allowed)
 
 `stellagw demo-service --name NAME --gateway HOST:PORT` runs one of them alone (also
 `bench`, a hello endpoint for the benchmarks).
@@ -11,25 +12,32 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 
-from .config import default_settings
+from .config import load_config_text
 
 TRY = """
-stellagw demo — gateway on http://{host}:{port}, services dial in on {host}:{tport}
+stellagw demo
+  gateway            http://{host}:{port}   (services dial in on {host}:{tport})
+  dev Authority      http://{host}:{aport}  (client demo-client / demo-secret; development only)
 
-Try, in another terminal:
-  curl -i http://{host}:{port}/api/v1/scans/42
-  curl -i -X POST -H 'content-type: application/json' -d '{{"image":"alpine:3.20"}}' http://{host}:{port}/api/v1/scans
-  curl -N http://{host}:{port}/api/v1/scans/42/report          # streamed, chunked
-  curl -i http://{host}:{port}/api/v1/policies
+Try, in another terminal — `stellagw call` fetches a DPoP-bound token from the Authority and
+signs a fresh DPoP proof for every request:
+  python3 -m stellagw call -v http://{host}:{port}/api/v1/scans/42
+  python3 -m stellagw call -X POST -d '{{"image":"alpine:3.20"}}' http://{host}:{port}/api/v1/scans
+  python3 -m stellagw call http://{host}:{port}/api/v1/scans/42/report      # streamed, chunked
+  curl -i http://{host}:{port}/api/v1/scans/42                # 401: no token (WWW-Authenticate: DPoP)
+  curl -i http://{host}:{port}/api/v1/policies                # anonymous is allowed here
   curl -i -H 'X-Correlation-Id: my-trace-1' http://{host}:{port}/api/v1/policies
-  curl -i http://{host}:{port}/api/v1/nothing                  # 404, JSON error envelope
-  curl -s http://{host}:{port}/health/ready                    # registered services and health
+  for i in $(seq 25); do curl -s -o /dev/null -w '%{{http_code}} ' http://{host}:{port}/api/v1/policies; done; echo
+                                                              # 429 past 20 requests/s per client
+  curl -s http://{host}:{port}/health/ready                   # registered services and health
+  curl -s http://{host}:{port}/openapi.json                   # the aggregated OpenAPI document
   curl -s http://{host}:{port}/metrics | grep gateway_requests_total
 
 Stop with Ctrl-C (a graceful drain).
@@ -41,17 +49,21 @@ def build_service(name: str, gateways, region: str = "local", version: str = "1.
 
     svc = Service(name, version, gateways=gateways, region=region)
     if name == "scanner":
-        @svc.get("/api/v1/scans/{id}", timeout=5.0, openapi={"summary": "Get one scan"})
+        @svc.get("/api/v1/scans/{id}", timeout=5.0, claims=[("scope", "scans:read")],
+                 openapi={"summary": "Get one scan"})
         async def get_scan(req):
-            return Response.json({"id": req.params["id"], "status": "completed",
-                                  "findings": 3, "correlationId": req.correlation_id})
+            return Response.json({"id": req.params["id"], "status": "completed", "findings": 3,
+                                  "tenant": req.headers.get("x-stellaops-tenant"),
+                                  "actor": req.headers.get("x-stellaops-actor"),
+                                  "correlationId": req.correlation_id})
 
-        @svc.post("/api/v1/scans", openapi={"summary": "Start a scan"})
+        @svc.post("/api/v1/scans", claims=[("scope", "scans:write")],
+                  openapi={"summary": "Start a scan"})
         async def start_scan(req):
             body = req.json() if req.body else {}
             return Response.json({"id": "scan-7", "accepted": body}, status=202)
 
-        @svc.get("/api/v1/scans/{id}/report", streaming=True,
+        @svc.get("/api/v1/scans/{id}/report", streaming=True, claims=[("scope", "scans:read")],
                  openapi={"summary": "Stream a scan report"})
         async def report(req):
             async def lines():
@@ -81,26 +93,53 @@ def run_service(name: str, gateways, region: str, version: str) -> int:
     return 0
 
 
-def settings(port: int = 8080, transport_port: int = 9100):
-    s = default_settings()
-    gw = s.gateway
-    tcp = dataclasses.replace(gw.transports.tcp, host="127.0.0.1", port=transport_port)
-    gw = dataclasses.replace(
-        gw, http=dataclasses.replace(gw.http, host="127.0.0.1", port=port),
-        node=dataclasses.replace(gw.node, workers=1),
-        transports=dataclasses.replace(gw.transports, tcp=tcp))
-    return dataclasses.replace(s, gateway=gw)
+DEMO_CONFIG = """
+gateway:
+  node: {{workers: 1, region: local}}
+  http: {{host: 127.0.0.1, port: {port}, publicOrigin: "http://127.0.0.1:{port}"}}
+  transports: {{tcp: {{host: 127.0.0.1, port: {tport}}}}}
+  auth:
+    authority: "http://127.0.0.1:{aport}"
+    audiences: [stellaops-gateway]
+rate_limiting:
+  for_instance:
+    rules: [{{max_requests: 20, per_seconds: 1}}, {{max_requests: 600, per_seconds: 60}}]
+"""
 
 
-def main(port: int = 8080, transport_port: int = 9100) -> int:
+def settings(port: int = 8080, transport_port: int = 9100, authority_port: int = 8400):
+    return load_config_text(DEMO_CONFIG.format(port=port, tport=transport_port,
+                                               aport=authority_port), source="<demo>")
+
+
+def _wait_http(url: str, proc, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"stellagw demo: {url} did not start (exit {proc.returncode})")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"stellagw demo: {url} did not answer within {timeout:.0f}s")
+
+
+def main(port: int = 8080, transport_port: int = 9100, authority_port: int = 8400) -> int:
     from .supervisor import serve
-    s = settings(port, transport_port)
-    gateway = f"127.0.0.1:{transport_port}"
-    children = [subprocess.Popen([sys.executable, "-m", "stellagw", "demo-service",
-                                  "--name", name, "--gateway", gateway])
-                for name in ("scanner", "policy")]
-    print(TRY.format(host="127.0.0.1", port=port, tport=transport_port), file=sys.stderr, flush=True)
+    s = settings(port, transport_port, authority_port)
+    py = [sys.executable, "-m", "stellagw"]
+    children = [subprocess.Popen(py + ["dev-authority", "--port", str(authority_port)],
+                                 stdout=subprocess.DEVNULL)]
     try:
+        # The gateway is ready once it holds the Authority's keys: start that first.
+        _wait_http(f"http://127.0.0.1:{authority_port}/.well-known/openid-configuration",
+                   children[0])
+        gateway = f"127.0.0.1:{transport_port}"
+        children += [subprocess.Popen(py + ["demo-service", "--name", name, "--gateway", gateway])
+                     for name in ("scanner", "policy")]
+        print(TRY.format(host="127.0.0.1", port=port, tport=transport_port, aport=authority_port),
+              file=sys.stderr, flush=True)
         return serve(s)
     finally:
         for child in children:
