@@ -760,6 +760,14 @@ class MetricsSettings:
 
 
 @_settings
+class TracingSettings:
+    enabled: bool = _key("enabled", BOOL, False)
+    service_name: str = _key("serviceName", STRING, "stellagw")
+    exporter: str = _key("exporter", _choice("otlp", "console", "none"), "otlp")
+    otlp_endpoint: str = _key("otlpEndpoint", STRING, "")
+
+
+@_settings
 class GatewaySettings:
     node: NodeSettings = _section("node", NodeSettings)
     http: HttpSettings = _section("http", HttpSettings)
@@ -770,6 +778,7 @@ class GatewaySettings:
     health: HealthSettings = _section("health", HealthSettings)
     logging: LoggingSettings = _section("logging", LoggingSettings)
     metrics: MetricsSettings = _section("metrics", MetricsSettings)
+    tracing: TracingSettings = _section("tracing", TracingSettings)
 
 
 # --------------------------------------------------------------------------- rate_limiting:

@@ -22,6 +22,7 @@ from .ingress.http import HttpProtocol
 from .ingress.tls import server_context
 from .observe.logs import JsonLog
 from .observe.metrics import Metrics
+from .observe.tracing import make_tracer
 from .auth import Authenticator
 from .openapi import OpenApiCache
 from .health import builtins
@@ -92,7 +93,8 @@ def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
 
 class Worker:
     def __init__(self, settings, worker_id: int = 0, log: JsonLog | None = None,
-                 transport_ports: dict | None = None, run_dir: str | None = None):
+                 transport_ports: dict | None = None, run_dir: str | None = None,
+                 span_exporter=None):
         gw = settings.gateway
         self.settings = settings
         self.worker_id = worker_id
@@ -122,6 +124,7 @@ class Worker:
                                     health.heartbeat_timeout_seconds)
         self.hub = TransportHub(self, self.routing, transport_ports)
         self.transport_addresses: dict[str, tuple] = {}
+        self.tracing = make_tracer(settings, span_exporter)   # None when off
         self.auth = Authenticator(settings, self.log, on_event=self._auth_event)
         self.limiter = RateLimiter(settings, self.log)
         oa = gw.openapi
@@ -154,6 +157,8 @@ class Worker:
 
     def request_done(self, req, status: int) -> None:
         elapsed = perf_counter() - req.started
+        if req.span is not None:
+            self.tracing.end_route(req, status)
         self.metrics.request_done(req.service, req.method, req.route, status, elapsed)
         if self.log.access_log:
             self.log.request(req.correlation_id, req.tenant, req.method,
@@ -288,6 +293,8 @@ class Worker:
         if self._auth_task is not None and not self._auth_task.done():
             self._auth_task.cancel()
         await self.limiter.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
         self.log.event("info", "stopped", unfinished=len(self.connections))
         self.log.drain()
         if self._tick_handle is not None:

@@ -46,6 +46,7 @@ class Pipeline:
         self._auth = worker.auth
         self._limiter = worker.limiter
         self._metrics = worker.metrics
+        self._tracing = worker.tracing
         self._default_timeout = gw.routing.default_timeout
         # Bodies above this go as REQUEST_STREAM_DATA frames rather than inside REQUEST.
         self._stream_threshold = max(gw.routing.streaming_buffer_size, 64 * 1024)
@@ -76,8 +77,14 @@ class Pipeline:
         t1 = perf_counter()
 
         # 6–8. authenticate, identity, authorize
+        tracing = self._tracing
+        if tracing is not None:
+            auth_span = tracing.child(tracing.start_route(req), "gateway.auth.validate")
         result = self._auth.authenticate(req, route.candidates[0][1].claims)
         self._metrics.phase("auth", perf_counter() - t1)
+        if tracing is not None:
+            auth_span.set_attribute("stellagw.auth.outcome", result.__class__.__name__)
+            auth_span.end()
         if result.__class__ is Identity:
             req.identity = result
             if result.response_headers:   # a fresh DPoP-Nonce

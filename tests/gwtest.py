@@ -48,8 +48,9 @@ class NullLog:
 class GatewayThread:
     """A Worker serving on 127.0.0.1:<free port> in its own thread and uvloop loop."""
 
-    def __init__(self, settings, log=None):
+    def __init__(self, settings, log=None, **worker_kwargs):
         import dataclasses
+        self._worker_kwargs = worker_kwargs
         gw = settings.gateway
         if gw.transports.tcp.port == 9100:
             # Tests never take the well-known port: parallel gateways would share it.
@@ -68,7 +69,7 @@ class GatewayThread:
         asyncio.set_event_loop(self.loop)
 
         async def main():
-            self.worker = Worker(self.settings, 0, log=self._log)
+            self.worker = Worker(self.settings, 0, log=self._log, **self._worker_kwargs)
             gw = self.settings.gateway
             await self.worker.start(listen_socket(gw.http.host, gw.http.port, 128))
             self._ready.set()

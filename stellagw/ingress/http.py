@@ -52,6 +52,7 @@ class Request:
         "pending",          # the dispatch waiting for the service (has .abort()), or None
         "identity",         # auth.Identity once authenticated (anonymous included)
         "resp_headers",     # bytes: header lines stages add to the response (rate limits, nonce)
+        "span",             # the gateway.route span when tracing is on
     )
 
     def header(self, name: bytes) -> bytes | None:
@@ -479,6 +480,7 @@ def _new_request(conn) -> Request:
     req.pending = None
     req.identity = None
     req.resp_headers = b""
+    req.span = None
     return req
 
 

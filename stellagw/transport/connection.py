@@ -40,7 +40,7 @@ class Pending:
     """A request sent to the service and not yet fully answered."""
 
     __slots__ = ("corr", "req", "owner", "deadline", "streaming", "unacked", "sent_at", "body",
-                 "body_pos", "window")
+                 "body_pos", "window", "span")
 
     def __init__(self, corr, req, owner):
         self.corr = corr
@@ -53,6 +53,7 @@ class Pending:
         self.body = None           # request body still to send as REQUEST_STREAM_DATA
         self.body_pos = 0
         self.window = INITIAL_WINDOW  # credit for our REQUEST_STREAM_DATA
+        self.span = None              # gateway.transport.send when tracing is on
 
     def abort(self):
         """The client went away."""
@@ -116,6 +117,8 @@ class ServiceConnection(asyncio.Protocol):
         inflight, self.inflight = self.inflight, {}
         for pending in inflight.values():
             pending.deadline = 0.0
+            if pending.span is not None:
+                pending.span.end()
             self._fail(pending, 502, "the service connection was lost")
         if self.instance is not None:
             self._routing.unregister(self.instance, reason="connection lost")
@@ -180,9 +183,9 @@ class ServiceConnection(asyncio.Protocol):
                 self._send_body(pending)
         elif ftype == fr.CANCEL:
             # The service gave up on a request (its own shutdown or a failure).
-            pending = self.inflight.pop(corr, None)
+            pending = self.inflight.get(corr)
             if pending is not None:
-                pending.deadline = 0.0
+                self._finish(pending)
                 reason = fr.decode_control(payload).get("reason", "cancelled")
                 self._fail(pending, 502, f"the service cancelled the request ({reason})")
         elif ftype == fr.DRAIN:
@@ -299,9 +302,17 @@ class ServiceConnection(asyncio.Protocol):
         pending.window = self.peer_window
         self.inflight[corr] = pending
         identity = req.identity
+        extra = identity.headers() if identity is not None else []
+        if req.span is not None:
+            tracing = self._hub.worker.tracing
+            pending.span = tracing.child(req.span, "gateway.transport.send",
+                                         **{"stellagw.service": req.service})
+            # The service continues our trace, not the client's span.
+            extra = list(extra) + tracing.traceparent(pending.span)
         headers = request_headers(req, req.conn.peer_ip, self._hub.scheme,
-                                  strip_identity_headers(req.headers),
-                                  identity.headers() if identity is not None else ())
+                                  _without_trace(strip_identity_headers(req.headers))
+                                  if req.span is not None else strip_identity_headers(req.headers),
+                                  extra)
         body = req.body
         timeout_ms = int(timeout * 1000)
         if len(body) > stream_threshold or (endpoint.streaming and body):
@@ -365,6 +376,9 @@ class ServiceConnection(asyncio.Protocol):
         # The timer wheel drops a finished request lazily: deadline 0 means "nothing to do".
         pending.deadline = 0.0
         self.inflight.pop(pending.corr, None)
+        if pending.span is not None:
+            pending.span.end()
+            pending.span = None
 
     def _fail(self, pending, status, message):
         req = pending.req
@@ -420,6 +434,10 @@ class ServiceConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self.state = CLOSED
+
+
+def _without_trace(headers):
+    return [(n, v) for n, v in headers if n != b"traceparent" and n != b"tracestate"]
 
 
 def _peer(peer) -> str | None:

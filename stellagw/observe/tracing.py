@@ -1,0 +1,92 @@
+"""OpenTelemetry spans for the request's journey (seed §10), optional and free when off.
+
+    gateway.route                 the whole request, parent: the client's W3C traceparent
+      gateway.auth.validate       stages 6–8
+      gateway.transport.send      REQUEST sent → RESPONSE received; its traceparent is the
+                                  one the service gets in the REQUEST frame
+
+`make_tracer(settings)` returns None when tracing is off; every call site checks that one
+attribute, so the request path pays nothing else. Spans are started with explicit parents
+(no contextvars): the journey hops between callbacks, not nested calls.
+"""
+from __future__ import annotations
+
+
+class Tracing:
+    def __init__(self, tracer, propagator, provider=None):
+        from opentelemetry import trace
+        self._tracer = tracer
+        self._propagator = propagator
+        self._set_in_context = trace.set_span_in_context
+        self._status_error = trace.StatusCode.ERROR
+        self.provider = provider
+
+    def start_route(self, req):
+        traceparent = req.header(b"traceparent")
+        parent = None
+        if traceparent is not None:
+            carrier = {"traceparent": traceparent.decode("latin-1")}
+            state = req.header(b"tracestate")
+            if state is not None:
+                carrier["tracestate"] = state.decode("latin-1")
+            parent = self._propagator.extract(carrier)
+        span = self._tracer.start_span("gateway.route", context=parent, attributes={
+            "http.request.method": req.method, "stellagw.correlation_id": req.correlation_id})
+        req.span = span
+        return span
+
+    def child(self, parent, name: str, **attributes):
+        return self._tracer.start_span(name, context=self._set_in_context(parent),
+                                       attributes=attributes or None)
+
+    def traceparent(self, span) -> list[tuple[bytes, bytes]]:
+        carrier: dict[str, str] = {}
+        self._propagator.inject(carrier, context=self._set_in_context(span))
+        return [(k.encode(), v.encode("latin-1")) for k, v in carrier.items()]
+
+    def end_route(self, req, status: int) -> None:
+        span = req.span
+        req.span = None
+        span.set_attribute("http.response.status_code", status)
+        if req.route:
+            span.set_attribute("http.route", req.route)
+        if req.service:
+            span.set_attribute("stellagw.service", req.service)
+        if status >= 500:
+            span.set_status(self._status_error)
+        span.end()
+
+    def shutdown(self) -> None:
+        if self.provider is not None:
+            self.provider.shutdown()
+
+
+def make_tracer(settings, exporter=None) -> Tracing | None:
+    """Tracing for these settings, or None when off. `exporter` (tests) overrides config."""
+    cfg = settings.gateway.tracing
+    if not cfg.enabled:
+        return None
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    except ImportError as exc:
+        raise RuntimeError("gateway.tracing.enabled needs the otel extra: "
+                           "pip install 'stellagw[otel]'") from exc
+    provider = TracerProvider(resource=Resource.create({"service.name": cfg.service_name}))
+    if exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    elif cfg.exporter == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    elif cfg.exporter == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as exc:
+            raise RuntimeError("gateway.tracing.exporter otlp needs "
+                               "opentelemetry-exporter-otlp-proto-http") from exc
+        kwargs = {"endpoint": cfg.otlp_endpoint} if cfg.otlp_endpoint else {}
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(**kwargs)))
+    tracer = provider.get_tracer("stellagw")
+    return Tracing(tracer, TraceContextTextMapPropagator(), provider)
