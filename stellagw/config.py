@@ -738,6 +738,8 @@ class HealthSettings:
     degraded_after_seconds: float = _seconds_key("degradedAfterSeconds", 15)
     check_interval_seconds: float = _seconds_key("checkIntervalSeconds", 5)
     unhealthy_threshold: int = _key("unhealthyThreshold", COUNT, 3)
+    required_services: tuple = _key(
+        "requiredServices", _list_of(_string(non_empty=True), split_env=True), [])
 
     def _finish(self, path: str) -> HealthSettings:
         # Past the timeout an instance is Unhealthy, so a later Degraded mark would never show.

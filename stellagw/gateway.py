@@ -176,6 +176,11 @@ class Worker:
 
     def not_ready_reasons(self) -> list[str]:
         reasons = list(self.auth.ready_reasons())
+        routable = {i.service for i in self.routing.instances.values()
+                    if i.status in ("Healthy", "Degraded")}
+        for name in self.settings.gateway.health.required_services:
+            if name not in routable:
+                reasons.append(f"required service {name!r} has no routable instance")
         if self.draining:
             reasons.append("draining: the gateway is shutting down")
         if not self.started:

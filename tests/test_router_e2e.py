@@ -295,3 +295,31 @@ def test_openapi_document_aggregates_registered_services(stack):
     assert status == 200 and yaml.safe_load(yaml_body) == doc
     status, _, disc = st.get("/.well-known/openapi")
     assert status == 200 and orjson.loads(disc)
+
+
+def test_readiness_waits_for_required_services_and_reports_instance_health(tmp_path):
+    gw = Served(config_text=GW_CONFIG.format(workers=1).replace(
+        "health: {", "health: {requiredServices: [needed], "), tmp_path=tmp_path)
+    rec = gw.wait_listening()[0]
+    st = Stack.__new__(Stack)
+    st.gw, st.http, st.tcp, st.services = gw, port_of(rec["http"]), port_of(rec["tcp"]), []
+    try:
+        status, _, body = st.get("/health/ready")
+        assert status == 503 and "required service 'needed'" in orjson.loads(body)["reasons"][0]
+        proc = st.service("needed")
+        status, _, body = st.get("/health/ready")
+        assert status == 200
+        [inst] = orjson.loads(body)["services"]["needed"]
+        assert inst["status"] == "Healthy" and inst["version"] == "1.0.0"
+        # A frozen service stops heartbeating: Degraded after 3 s, Unhealthy (not ready) after 6 s.
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            assert wait_for(lambda: orjson.loads(st.get("/health/ready")[2])["services"]
+                            ["needed"][0]["status"] == "Degraded", timeout=8)
+            assert wait_for(lambda: st.get("/health/ready")[0] == 503, timeout=8)
+            assert st.get("/t/needed/whoami")[0] == 503   # registered but not routable
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        assert wait_for(lambda: st.get("/health/ready")[0] == 200, timeout=8)
+    finally:
+        st.close()
