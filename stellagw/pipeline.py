@@ -74,6 +74,11 @@ class Pipeline:
                           b"allow: " + allow + b"\r\n")
         req.service = route.service
         req.route = route.template
+        if req.websocket != route.candidates[0][1].websocket:
+            if req.websocket:
+                return _error(req, 400, "this endpoint does not accept WebSocket upgrades")
+            return _error(req, 426, "this endpoint needs a WebSocket upgrade",
+                          b"upgrade: websocket\r\nconnection: upgrade\r\n")
         t1 = perf_counter()
 
         # 6–8. authenticate, identity, authorize

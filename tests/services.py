@@ -6,6 +6,7 @@ Endpoints, all under /t/<name>/ so several services can register side by side:
   GET  hang              never answers in time (routing.defaultTimeout applies)
   GET  secure            needs scope scans:read; returns the identity headers it got
   GET  admin             needs scope scans:admin
+  WS   ws                echo; "close-4001" closes with 4001, "big-N" sends N bytes, "crash" dies
   GET  events            correlation ids of requests this process saw cancelled
   GET  stream?mb=N       N MiB streamed in 64 KiB chunks
   GET  crash             the process dies mid-request
@@ -48,6 +49,19 @@ def build(name, gateways, region, version, instance):
     @svc.get(base + "/admin", claims=[("scope", "scans:admin")])
     async def admin(req):
         return Response(b"admin")
+
+    @svc.websocket(base + "/ws")
+    async def ws_echo(ws):
+        async for message in ws:
+            if message == "close-4001":
+                await ws.close(4001, "asked to")
+                return
+            if message == "crash":
+                os._exit(5)
+            if isinstance(message, str) and message.startswith("big-"):
+                await ws.send(b"b" * int(message[4:]))
+                continue
+            await ws.send(message)
 
     @svc.get(base + "/hang")
     async def hang(req):

@@ -183,3 +183,32 @@ def test_mtls_bound_token_over_https(stack, pki):
     # The same token over a connection without that certificate is refused.
     status, _, _ = call(st.base + "/t/sec/secure", token=token, ssl=pki.client_context())
     assert status == 401
+
+
+def test_websocket_upgrade_is_authenticated_with_its_dpop_proof(stack):
+    import asyncio
+
+    from picows import WSInvalidStatusError, WSListener, WSMsgType, ws_connect
+    st = stack(required="true")
+    got = []
+
+    class Client(WSListener):
+        def on_ws_frame(self, transport, frame):
+            got.append(frame.get_payload_as_bytes())
+
+    async def main():
+        with pytest.raises(WSInvalidStatusError):   # no token: the upgrade is refused (401)
+            await ws_connect(Client, f"ws://127.0.0.1:{st.http}/t/sec/ws")
+        token = st.token()
+        proof = st.key.proof("GET", st.base + "/t/sec/ws", access_token=token)
+        transport, _ = await ws_connect(Client, f"ws://127.0.0.1:{st.http}/t/sec/ws",
+                                        extra_headers={"Authorization": f"DPoP {token}",
+                                                       "DPoP": proof})
+        transport.send(WSMsgType.TEXT, b"authenticated")
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.05)
+        transport.disconnect()
+    asyncio.run(main())
+    assert got == [b"authenticated"]

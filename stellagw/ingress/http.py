@@ -53,6 +53,7 @@ class Request:
         "identity",         # auth.Identity once authenticated (anonymous included)
         "resp_headers",     # bytes: header lines stages add to the response (rate limits, nonce)
         "span",             # the gateway.route span when tracing is on
+        "websocket",        # bool: a WebSocket upgrade request (GET, Upgrade: websocket)
     )
 
     def header(self, name: bytes) -> bytes | None:
@@ -98,6 +99,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body_size = 0
         self._reject: tuple[int, str] | None = None
         self._upgrade = False
+        self._upgrade_tail = b""
 
     # ---------------------------------------------------------------- transport callbacks
 
@@ -152,9 +154,14 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 self._server.log.event("error", "parser callback failed", error=repr(exc.__context__))
                 self._fail_parse(500, "internal error while reading the request")
-        except httptools.HttpParserUpgrade:
-            # llhttp stops at an upgrade; what follows is not HTTP/1.1 any more.
+        except httptools.HttpParserUpgrade as exc:
+            # llhttp stops at an upgrade; what follows is not HTTP/1.1 any more. Keep it
+            # for the WebSocket protocol that may take the connection over.
             self._parse_broken = True
+            self._upgrade_tail = bytes(data[exc.args[0]:]) if exc.args else b""
+            if not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pause_reading()
             if self._req is not None:
                 self._fail_parse(400, "protocol upgrade is not supported on this endpoint")
         except httptools.HttpParserError as exc:
@@ -238,8 +245,12 @@ class HttpProtocol(asyncio.Protocol):
             elif name == b"expect":
                 expect = value.lower()
         if self._upgrade and parser.should_upgrade():
-            self._reject = (400, "protocol upgrade is not supported on this endpoint")
-            raise _Reject
+            upgrade = req.header(b"upgrade") or b""
+            if upgrade.lower() != b"websocket" or req.method != "GET":
+                # h2c and anything else: we speak HTTP/1.1 and WebSocket only.
+                self._reject = (400, "protocol upgrade is not supported on this endpoint")
+                raise _Reject
+            req.websocket = True
         if expect is not None:
             if expect != b"100-continue":
                 self._reject = (417, "only 'Expect: 100-continue' is supported")
@@ -416,6 +427,21 @@ class HttpProtocol(asyncio.Protocol):
         self._server.request_done(req, 502)
         self.close()
 
+    # ---------------------------------------------------------------- WebSocket
+
+    def upgrade_to_websocket(self, req: Request, bridge) -> bool:
+        """The service accepted the upgrade: picows takes the connection over."""
+        if req is not self._current or self.transport is None or self._closing:
+            return False
+        from .websocket import hand_over
+        self._current = None
+        self._closing = True            # this protocol is done with the connection
+        self._server.connections.discard(self)
+        self._server.metrics.connection_closed()
+        self._server.request_done(req, 101)
+        hand_over(self, req, bridge, self._upgrade_tail)
+        return True
+
     def pause_writing(self):
         self._write_paused = True
 
@@ -481,6 +507,7 @@ def _new_request(conn) -> Request:
     req.identity = None
     req.resp_headers = b""
     req.span = None
+    req.websocket = False
     return req
 
 

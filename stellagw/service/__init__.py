@@ -15,6 +15,6 @@ resolves to), and to every worker of each: the HELLO_ACK lists them (docs/protoc
 It re-registers after a lost connection with backoff and jitter, sends heartbeats, and
 runs each request's handler as a task that a CANCEL cancels.
 """
-from .sdk import Request, Response, Service, StreamResponse
+from .sdk import Request, Response, Service, StreamResponse, WebSocket
 
-__all__ = ["Service", "Request", "Response", "StreamResponse"]
+__all__ = ["Service", "Request", "Response", "StreamResponse", "WebSocket"]

@@ -16,6 +16,7 @@ from .. import frame as fr
 from ..radix import FOUND, Router, normalize_path
 
 DEFAULT_WINDOW = 256 * 1024
+MAX_WS_MESSAGE = 64 * 1024 * 1024   # a bigger WebSocket message is refused with 1009
 
 
 class Request:
@@ -41,6 +42,10 @@ class Request:
 
     def json(self):
         return orjson.loads(self.body)
+
+    def _feed(self, flags, chunk):
+        if self._chunks is not None:
+            self._chunks.put_nowait((bytes(chunk), bool(flags & fr.FLAG_END_STREAM)))
 
     async def stream(self):
         """The request body in chunks, as the gateway sends them (flow-controlled)."""
@@ -88,6 +93,89 @@ class StreamResponse:
         if content_type:
             self.headers.append(("content-type", content_type))
         self.body = body
+
+
+class WebSocket:
+    """A WebSocket the gateway holds with a client; the handler of a `websocket` endpoint
+    gets one. Iterate it for messages (str for text, bytes for binary); `send()` them;
+    `close()` with a code. Flow control is the SDK's job: a slow client slows `send()`."""
+
+    def __init__(self, link, corr, request: Request):
+        self.request = request
+        self.cancelled = asyncio.Event()   # set when the gateway sends CANCEL
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._link = link
+        self._corr = corr
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._text = False
+        self._closed_sent = False
+
+    def _feed(self, flags, chunk):
+        kind = flags & fr.STREAM_KIND_MASK
+        chunk = bytes(chunk)
+        if kind == fr.KIND_CLOSE:
+            self.close_code, self.close_reason = fr.parse_ws_close(chunk)
+            self._queue.put_nowait(None)
+            return
+        if kind in (fr.KIND_TEXT, fr.KIND_BINARY):
+            self._text, self._parts = kind == fr.KIND_TEXT, [chunk]
+            self._size = len(chunk)
+        else:
+            self._parts.append(chunk)
+            self._size += len(chunk)
+        if self._size > MAX_WS_MESSAGE:
+            self._parts = []
+            self._queue.put_nowait(None)
+            asyncio.ensure_future(self.close(1009, "message too big"))
+            return
+        if flags & fr.FLAG_MORE:
+            # A message larger than the window must still arrive whole: credit for its
+            # fragments goes back at once (bounded by MAX_WS_MESSAGE), for whole messages
+            # when the handler takes them.
+            self._link.grant(self._corr, len(chunk)) if chunk else None
+        else:
+            data = b"".join(self._parts)
+            self._parts = []
+            self._queue.put_nowait((data.decode("utf-8") if self._text else data, len(chunk)))
+        if flags & fr.FLAG_END_STREAM:
+            self._queue.put_nowait(None)
+
+    async def receive(self):
+        """The next message, or None once the client closed."""
+        item = await self._queue.get()
+        if item is None:
+            self._queue.put_nowait(None)   # later calls see the close too
+            return None
+        message, size = item
+        if size:
+            self._link.grant(self._corr, size)  # credit back only as messages are taken
+        return message
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        message = await self.receive()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    async def send(self, message) -> None:
+        if isinstance(message, str):
+            kind, data = fr.KIND_TEXT, message.encode("utf-8")
+        else:
+            kind, data = fr.KIND_BINARY, bytes(message)
+        await self._link.send_with_credit(self._corr, kind, data)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        if self._closed_sent:
+            return
+        self._closed_sent = True
+        self._link.send_stream_frame(self._corr, fr.KIND_CLOSE | fr.FLAG_END_STREAM,
+                                     fr.ws_close_payload(code, reason))
 
 
 class _Endpoint:
@@ -163,6 +251,10 @@ class Service:
 
     def delete(self, path, **kw):
         return self.route("DELETE", path, **kw)
+
+    def websocket(self, path, **kw):
+        """A WebSocket endpoint: the handler gets a `WebSocket` (async iteration, send, close)."""
+        return self.route("GET", path, websocket=True, **kw)
 
     def hello(self) -> dict:
         return {"protocol": fr.PROTOCOL_VERSION, "service": self.name, "version": self.version,
@@ -327,6 +419,12 @@ class Service:
             return
         self.in_flight += 1
         self._requests += 1
+        if ep.websocket:
+            ws = WebSocket(link, corr, req)
+            link.send_head(corr, 101)   # accepted: the gateway hands the client to picows
+            task = asyncio.ensure_future(self._handle_ws(link, corr, ep, ws))
+            link.requests[corr] = (task, ws)
+            return
         task = asyncio.ensure_future(self._handle(link, corr, ep, req))
         link.requests[corr] = (task, req)
 
@@ -355,6 +453,20 @@ class Service:
             link.send_response(corr, Response.json(
                 {"error": {"code": "internal_error", "message": "the service failed",
                            "trace_id": req.correlation_id}}, 500))
+        finally:
+            self.in_flight -= 1
+            link.requests.pop(corr, None)
+
+    async def _handle_ws(self, link, corr, ep, ws):
+        try:
+            await ep.handler(ws)
+            await ws.close(1000)
+        except asyncio.CancelledError:
+            pass  # the client went away (CANCEL)
+        except Exception as exc:
+            self._errors += 1
+            print(f"{self.name}: websocket {ep.path} failed: {exc!r}", file=sys.stderr)
+            await ws.close(1011, "internal error")
         finally:
             self.in_flight -= 1
             link.requests.pop(corr, None)
@@ -424,9 +536,9 @@ class _Link(asyncio.Protocol):
             self.service._on_request(self, corr, payload)
         elif ftype == fr.REQUEST_STREAM_DATA:
             entry = self.requests.get(corr)
-            if entry is not None and entry[1]._chunks is not None:
+            if entry is not None:
                 flags, chunk = fr.decode_stream_data(payload)
-                entry[1]._chunks.put_nowait((bytes(chunk), bool(flags & fr.FLAG_END_STREAM)))
+                entry[1]._feed(flags, chunk)
         elif ftype == fr.CANCEL:
             entry = self.requests.pop(corr, None)
             if entry is not None:
@@ -477,6 +589,40 @@ class _Link(asyncio.Protocol):
             return
         self._encoder.response(corr, resp.status, resp.headers, fr.FLAG_END_STREAM, resp.body)
         self._schedule_flush()
+
+    def send_head(self, corr, status: int, headers=()):
+        """A RESPONSE that opens a stream (no END_STREAM)."""
+        if self.transport is None:
+            return
+        self._windows.setdefault(corr, self._initial_window)
+        self._encoder.response(corr, status, list(headers), 0, b"")
+        self._schedule_flush()
+
+    def send_stream_frame(self, corr, flags, data):
+        if self.transport is None:
+            return
+        self._encoder.stream_data(fr.RESPONSE_STREAM_DATA, corr, flags, data)
+        self._schedule_flush()
+
+    async def send_with_credit(self, corr, kind, data: bytes):
+        """One message as RESPONSE_STREAM_DATA fragments within the gateway's window."""
+        view = memoryview(data)
+        first = True
+        while True:
+            window = self._windows.get(corr, 0)
+            if window <= 0 and view:
+                fut = self._window_waiters[corr] = self._loop.create_future()
+                await fut
+                continue
+            n = min(len(view), window, 64 * 1024)
+            part, view = view[:n], view[n:]
+            flags = (kind if first else fr.KIND_DATA) | (fr.FLAG_MORE if view else 0)
+            self._encoder.stream_data(fr.RESPONSE_STREAM_DATA, corr, flags, part)
+            self._windows[corr] = window - n
+            first = False
+            self._schedule_flush()
+            if not view or self.transport is None:
+                return
 
     async def send_stream(self, corr, resp: StreamResponse):
         if self.transport is None:

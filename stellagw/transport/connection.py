@@ -40,7 +40,7 @@ class Pending:
     """A request sent to the service and not yet fully answered."""
 
     __slots__ = ("corr", "req", "owner", "deadline", "streaming", "unacked", "sent_at", "body",
-                 "body_pos", "window", "span")
+                 "body_pos", "window", "span", "ws")
 
     def __init__(self, corr, req, owner):
         self.corr = corr
@@ -54,6 +54,7 @@ class Pending:
         self.body_pos = 0
         self.window = INITIAL_WINDOW  # credit for our REQUEST_STREAM_DATA
         self.span = None              # gateway.transport.send when tracing is on
+        self.ws = None                # WsBridge once a WebSocket upgrade was accepted
 
     def abort(self):
         """The client went away."""
@@ -178,9 +179,14 @@ class ServiceConnection(asyncio.Protocol):
             self._schedule_flush()
         elif ftype == fr.WINDOW_UPDATE:
             pending = self.inflight.get(corr)
-            if pending is not None and pending.body is not None:
-                pending.window += fr.decode_window_update(payload)
-                self._send_body(pending)
+            if pending is not None:
+                increment = fr.decode_window_update(payload)
+                if pending.body is not None:
+                    pending.window += increment
+                    self._send_body(pending)
+                elif pending.ws is not None:
+                    pending.window += increment
+                    pending.ws.on_credit()
         elif ftype == fr.CANCEL:
             # The service gave up on a request (its own shutdown or a failure).
             pending = self.inflight.get(corr)
@@ -241,6 +247,9 @@ class ServiceConnection(asyncio.Protocol):
         flags, status, headers, body = fr.decode_response(payload)
         block = response_header_block(headers)
         req = pending.req
+        if req.websocket:
+            self._on_upgrade_answer(pending, flags, status, block, body)
+            return
         if block is None or status < 200 or status > 599:
             # protocol.md §5.5: bad HTTP semantics fail this request, not the connection.
             self._cancel(pending, "Aborted")
@@ -260,11 +269,55 @@ class ServiceConnection(asyncio.Protocol):
         if body:
             self._stream_to_client(pending, body)
 
+    def _on_upgrade_answer(self, pending, flags, status, block, body):
+        req = pending.req
+        if status != 101 or flags & fr.FLAG_END_STREAM:
+            if status < 200 or status > 599:
+                status, block, body = 502, _JSON, error_body(
+                    502, "the service answered the upgrade with a bad status", req.correlation_id)
+            # Refused by the service (e.g. 403): an ordinary answer, then close — the
+            # connection was already switched off HTTP parsing at the upgrade.
+            self._finish(pending)
+            req.conn.respond(req, status, block, body, close=True)
+            return
+        pending.deadline = 0.0
+        pending.streaming = True
+        from ..ingress.websocket import WsBridge
+        pending.ws = WsBridge(self, pending)
+        if not req.conn.upgrade_to_websocket(req, pending.ws):
+            self._cancel(pending, "ClientDisconnected")
+
+    def send_stream_chunk(self, pending, flags, chunk):
+        """Client → service WebSocket data (REQUEST_STREAM_DATA)."""
+        if self.state != READY:
+            return
+        self._encoder.stream_data(fr.REQUEST_STREAM_DATA, pending.corr, flags, chunk)
+        self._out(fr.REQUEST_STREAM_DATA)
+        self._schedule_flush()
+        if flags & fr.FLAG_END_STREAM:
+            self._finish(pending)
+
+    def ws_client_gone(self, pending):
+        if self.inflight.get(pending.corr) is pending:
+            self._cancel(pending, "ClientDisconnected")
+
+    def ws_client_writable(self, pending):
+        if self.inflight.get(pending.corr) is pending:
+            self._grant(pending)
+
     def _on_stream_data(self, corr, payload):
         pending = self.inflight.get(corr)
         if pending is None or not pending.streaming:
             return
         flags, chunk = fr.decode_stream_data(payload)
+        if pending.ws is not None:
+            if not pending.ws.from_service(flags, chunk):
+                self._finish(pending)
+                return
+            pending.unacked += len(chunk)
+            if not pending.ws.client_paused:
+                self._grant(pending)
+            return
         if chunk:
             self._stream_to_client(pending, chunk)
         if flags & fr.FLAG_END_STREAM:
@@ -315,7 +368,12 @@ class ServiceConnection(asyncio.Protocol):
                                   extra)
         body = req.body
         timeout_ms = int(timeout * 1000)
-        if len(body) > stream_threshold or (endpoint.streaming and body):
+        if req.websocket:
+            # The request stream stays open: it carries the client's messages (protocol.md).
+            headers.append((b"upgrade", b"websocket"))
+            self._encoder.request(corr, req.method, path, req.query, headers, timeout_ms, 0, b"")
+            self._out(fr.REQUEST)
+        elif len(body) > stream_threshold or (endpoint.streaming and body):
             self._encoder.request(corr, req.method, path, req.query, headers, timeout_ms, 0, b"")
             self._out(fr.REQUEST)
             pending.body = body
@@ -382,6 +440,9 @@ class ServiceConnection(asyncio.Protocol):
 
     def _fail(self, pending, status, message):
         req = pending.req
+        if pending.ws is not None:
+            pending.ws.abort()
+            return
         if pending.streaming:
             req.conn.abort_stream(req)
         else:
