@@ -39,14 +39,15 @@ AWAIT_HELLO, READY, CLOSED = 0, 1, 2
 class Pending:
     """A request sent to the service and not yet fully answered."""
 
-    __slots__ = ("corr", "req", "owner", "deadline", "streaming", "unacked", "sent_at", "body",
-                 "body_pos", "window", "span", "ws")
+    __slots__ = ("corr", "req", "owner", "deadline", "bucket", "streaming", "unacked", "sent_at",
+                 "body", "body_pos", "window", "span", "ws")
 
     def __init__(self, corr, req, owner):
         self.corr = corr
         self.req = req
         self.owner = owner         # the ServiceConnection it was sent on
         self.deadline = 0.0        # loop time of the timeout; 0.0 once the answer started
+        self.bucket = None         # the timer wheel's set holding it while it can time out
         self.streaming = False     # RESPONSE head written, RESPONSE_STREAM_DATA follows
         self.unacked = 0           # stream bytes written to the client but not yet granted back
         self.sent_at = perf_counter()
@@ -117,7 +118,7 @@ class ServiceConnection(asyncio.Protocol):
             self._hello_timer.cancel()
         inflight, self.inflight = self.inflight, {}
         for pending in inflight.values():
-            pending.deadline = 0.0
+            _disarm(pending)
             if pending.span is not None:
                 pending.span.end()
             self._fail(pending, 502, "the service connection was lost")
@@ -262,7 +263,7 @@ class ServiceConnection(asyncio.Protocol):
             return
         pending.streaming = True
         # The timeout covers REQUEST → RESPONSE (protocol.md §5.4), not the stream.
-        pending.deadline = 0.0
+        _disarm(pending)
         if not req.conn.start_stream(req, status, block, lambda: self._client_writable(pending)):
             self._cancel(pending, "ClientDisconnected")
             return
@@ -280,7 +281,7 @@ class ServiceConnection(asyncio.Protocol):
             self._finish(pending)
             req.conn.respond(req, status, block, body, close=True)
             return
-        pending.deadline = 0.0
+        _disarm(pending)
         pending.streaming = True
         from ..ingress.websocket import WsBridge
         pending.ws = WsBridge(self, pending)
@@ -431,8 +432,7 @@ class ServiceConnection(asyncio.Protocol):
             self._schedule_flush()
 
     def _finish(self, pending):
-        # The timer wheel drops a finished request lazily: deadline 0 means "nothing to do".
-        pending.deadline = 0.0
+        _disarm(pending)
         self.inflight.pop(pending.corr, None)
         if pending.span is not None:
             pending.span.end()
@@ -495,6 +495,15 @@ class ServiceConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self.state = CLOSED
+
+
+def _disarm(pending) -> None:
+    """No timeout any more: out of the timer wheel now, so it holds only what can expire."""
+    pending.deadline = 0.0
+    bucket = pending.bucket
+    if bucket is not None:
+        bucket.discard(pending)
+        pending.bucket = None
 
 
 def _without_trace(headers):

@@ -55,8 +55,10 @@ class TransportHub:
         self._timer = None
         self.timeouts = 0
         # Timer wheel for request timeouts: a uv timer per request would cost more than the
-        # rest of dispatch. Buckets of WHEEL_TICK seconds hold the requests due in them.
-        self._wheel: dict[int, list] = {}
+        # rest of dispatch. Buckets of WHEEL_TICK seconds hold the requests due in them; a
+        # request that finishes leaves its bucket at once (a set), so the wheel never holds
+        # more than what is in flight.
+        self._wheel: dict[int, set] = {}
         self._wheel_pos = 0
         self._wheel_handle = None
 
@@ -92,12 +94,12 @@ class TransportHub:
         slot = int(deadline / WHEEL_TICK) + 1
         bucket = self._wheel.get(slot)
         if bucket is None:
-            self._wheel[slot] = [pending]
+            bucket = self._wheel[slot] = set()
             if self._wheel_handle is None:
                 self._wheel_pos = min(self._wheel_pos or slot, slot)
                 self._wheel_handle = self.loop.call_later(WHEEL_TICK, self._turn)
-        else:
-            bucket.append(pending)
+        bucket.add(pending)
+        pending.bucket = bucket
 
     def _turn(self):
         now = self.loop.time()
@@ -107,13 +109,13 @@ class TransportHub:
         if due - pos > len(wheel) * 4 + 64:
             # Far behind (a long sleep): look at the slots that exist, not every slot.
             for slot in sorted(s for s in wheel if s <= due):
-                for pending in wheel.pop(slot):
+                for pending in list(wheel.pop(slot)):
                     pending.expire(now)
         else:
             while pos <= due:
                 bucket = wheel.pop(pos, None)
                 if bucket:
-                    for pending in bucket:
+                    for pending in list(bucket):
                         pending.expire(now)
                 pos += 1
         self._wheel_pos = due + 1
