@@ -134,6 +134,7 @@ class Worker:
             sender_constraints=tuple(k for k, on in (("dpop", gw.auth.dpop_enabled),
                                                       ("mtls", gw.auth.mtls_enabled)) if on),
             background=True)   # PyYAML is slow: build off the loop, serve the last document
+        self.metrics.sources.append(self._counter_sources)
         self.builtins = builtins.table(self)
         self.pipeline = Pipeline(self)
         self._auth_task = None
@@ -169,6 +170,27 @@ class Worker:
         return self.metrics.render()
 
     # ------------------------------------------------------------------ health
+
+    def _counter_sources(self) -> dict:
+        c = self.limiter.counters
+        return {
+            "gateway_auth_events": ("Authentication events that are not failures (key refresh "
+                                    "trouble, Valkey replay-cache fallbacks)", ("event",),
+                                    [((k,), v) for k, v in self.auth_events.items()]),
+            "gateway_ratelimit_decisions": (
+                "Rate-limit decisions by tier and outcome", ("scope", "outcome"),
+                [((scope, "allowed"), v) for scope, v in c["allowed"].items()]
+                + [((scope, "rejected"), v) for scope, v in c["rejected"].items()]),
+            "gateway_ratelimit_environment_skipped": (
+                "Environment checks skipped (activation gate, no rules, breaker open)",
+                ("reason",), [((k,), v) for k, v in c["environment_skipped"].items()]),
+            "gateway_ratelimit_valkey_errors": (
+                "Valkey errors of the environment check, by type", ("type",),
+                [((k,), v) for k, v in c["valkey_errors"].items()]),
+            "gateway_ratelimit_breaker_trips": (
+                "Circuit breaker openings, by reason", ("reason",),
+                [((k,), v) for k, v in c["breaker_trips"].items()]),
+        }
 
     def _auth_event(self, name: str) -> None:
         # Not failures: key refresh trouble, Valkey replay fallbacks (docs/auth.md).

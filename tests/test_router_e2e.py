@@ -345,3 +345,55 @@ def test_finished_requests_leave_nothing_behind_in_the_timer_wheel():
         svc.terminate()
         svc.wait(10)
         gw.stop()
+
+
+def test_sdk_finds_a_gateway_added_behind_its_name_later(tmp_path):
+    # Scale-up: the service is configured with a name; a new address appears behind it.
+    import asyncio
+    import socket as _socket
+
+    from stellagw.service import Response, Service
+    first = Served(config_text=GW_CONFIG.format(workers=1), tmp_path=tmp_path)
+    second = None
+    try:
+        r1 = first.wait_listening()[0]
+        with _socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        # Same port on 127.0.0.1 and 127.0.0.2: "gw.test" resolves to one, then both.
+        first.stop()
+        cfg = GW_CONFIG.format(workers=1).replace("tcp: {port: 0}", f"tcp: {{port: {port}}}")
+        cfg = cfg.replace("region: eu1", "region: eu1, nodeId: gw-a")
+        first = Served(config_text=cfg, tmp_path=tmp_path)
+        r1 = first.wait_listening()[0]
+        addrs = ["127.0.0.1"]
+
+        async def main():
+            svc = Service("grow", gateways=[f"gw.test:{port}"], resolve_interval=0.2,
+                          reconnect_min=0.05)
+
+            async def resolve(host):
+                return list(addrs)
+            svc._addresses = resolve
+
+            @svc.get("/t/grow/x")
+            async def x(req):
+                return Response(b"x")
+            await svc.start()
+            await svc.wait_registered(1)
+            nonlocal second
+            d2 = tmp_path / "second"
+            d2.mkdir()
+            # Another instance: its own address and node id (a pod name, in Kubernetes).
+            second = Served(config_text=cfg.replace(
+                f"tcp: {{port: {port}}}", f"tcp: {{host: 127.0.0.2, port: {port}}}").replace(
+                "nodeId: gw-a", "nodeId: gw-b"), tmp_path=d2)
+            await asyncio.get_running_loop().run_in_executor(None, second.wait_listening)
+            addrs.append("127.0.0.2")
+            await svc.wait_registered(2, timeout=10)   # found the new gateway by itself
+            await svc.stop()
+        asyncio.run(main())
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()

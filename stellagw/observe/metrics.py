@@ -71,7 +71,10 @@ class Metrics:
         self.auth_failures: dict[str, int] = {}       # reason -> count
         self.rate_limited: dict[str, int] = {}        # tenant -> count
         self.gauges: dict[str, float] = {}            # name -> value (endpoints, instances ...)
-        self.extra: list = []                         # callables yielding more metric families
+        # Counters kept by other parts (rate limiter, auth events): callables returning
+        # {family name: (help, label names, [(label values, value), ...])}, summed over
+        # workers like everything else.
+        self.sources: list = []
         self._run_dir = run_dir
         self._worker_id = worker_id
         self.registry = CollectorRegistry(auto_describe=False)
@@ -122,7 +125,15 @@ class Metrics:
             "phases": [[k, h.counts, h.total, h.n] for k, h in self.phases.items()],
             "auth_failures": list(self.auth_failures.items()),
             "rate_limited": list(self.rate_limited.items()),
+            "extra": self._extra(),
         }
+
+    def _extra(self) -> dict:
+        out = {}
+        for source in self.sources:
+            for name, (help_text, labels, samples) in source().items():
+                out[name] = [help_text, list(labels), [[*lv, v] for lv, v in samples]]
+        return out
 
     def publish(self) -> None:
         """Write this worker's snapshot for the others (called once a second)."""
@@ -170,6 +181,7 @@ class _View:
     def __init__(self):
         self.requests, self.durations, self.connections = {}, {}, {}
         self.frames, self.phases, self.auth_failures, self.rate_limited = {}, {}, {}, {}
+        self.extra: dict = {}   # name -> [help, labels, {label values: value}]
 
     def add(self, snap: dict, counters_only: bool = False) -> None:
         for *k, v in snap.get("requests", ()):
@@ -183,6 +195,11 @@ class _View:
                             (self.rate_limited, "rate_limited")):
             for k, v in snap.get(key, ()):
                 target[k] = target.get(k, 0) + v
+        for name, (help_text, labels, samples) in snap.get("extra", {}).items():
+            entry = self.extra.setdefault(name, [help_text, labels, {}])
+            for *lv, v in samples:
+                lv = tuple(lv)
+                entry[2][lv] = entry[2].get(lv, 0) + v
         if not counters_only:
             for k, v in snap.get("connections", ()):
                 self.connections[k] = self.connections.get(k, 0) + v
@@ -265,7 +282,8 @@ class _Collector:
             rl.add_metric((tenant,), count)
         yield rl
 
-        for name, value in list(m.gauges.items()):
-            yield GaugeMetricFamily(name, name.replace("_", " "), value=value)
-        for extra in m.extra:
-            yield from extra()
+        for name, (help_text, labels, samples) in sorted(view.extra.items()):
+            fam = CounterMetricFamily(name, help_text, labels=labels)
+            for lv, v in samples.items():
+                fam.add_metric(lv, v)
+            yield fam

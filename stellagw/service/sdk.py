@@ -204,7 +204,8 @@ class Service:
     def __init__(self, name: str, version: str = "1.0.0", *, gateways=("127.0.0.1:9100",),
                  region: str = "", instance_id: str | None = None, ssl: ssl_mod.SSLContext | None = None,
                  server_hostname: str | None = None, schemas: dict | None = None,
-                 reconnect_min: float = 0.1, reconnect_max: float = 5.0, log=None):
+                 reconnect_min: float = 0.1, reconnect_max: float = 5.0,
+                 resolve_interval: float = 30.0, log=None):
         if not gateways:
             raise ValueError("a service needs at least one gateway address")
         self.name = name
@@ -217,6 +218,10 @@ class Service:
         self.schemas = schemas or {}
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
+        # Gateway names are resolved again this often: a gateway instance added by a
+        # scale-up (a new address behind the DNS name) gets this service too.
+        self.resolve_interval = resolve_interval
+        self._seen_addrs: set[tuple[str, int]] = set()
         self.status = "Healthy"
         self._log = log or (lambda msg, **kw: None)
         self._endpoints: list[_Endpoint] = []
@@ -282,7 +287,7 @@ class Service:
         if not self._endpoints:
             raise ValueError("declare at least one endpoint before start()")
         for host, port in self.gateways:
-            self._spawn(self._discover(host, port))
+            self._spawn(self._watch(host, port))
 
     def _spawn(self, coro):
         task = asyncio.ensure_future(coro)
@@ -317,16 +322,30 @@ class Service:
         infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
         return sorted({info[4][0] for info in infos})
 
-    async def _discover(self, host, port):
+    async def _watch(self, host, port):
+        await self._discover(host, port)
+        while not self._stopping and self.resolve_interval > 0:
+            await asyncio.sleep(self.resolve_interval)
+            try:
+                fresh = [a for a in await self._addresses(host) if (a, port) not in self._seen_addrs]
+            except OSError:
+                continue
+            if fresh:
+                await self._discover(host, port, only_new=True)
+
+    async def _discover(self, host, port, only_new=False):
         """Dial the gateway's shared port; the HELLO_ACK tells which worker answered and
         where the others are. Retries with backoff and jitter until stopped."""
         delay = self.reconnect_min
         while not self._stopping:
             try:
                 for addr in await self._addresses(host):
+                    if only_new and (addr, port) in self._seen_addrs:
+                        continue
                     link = await self._connect(addr, port, host)
                     ack = await link.acked
                     self._adopt(link, ack, addr, (host, port))
+                    self._seen_addrs.add((addr, port))
                 delay = self.reconnect_min
                 return
             except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
