@@ -20,8 +20,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 # Seconds. Dense below 10 ms because the routing overhead SLO is < 2 ms (p50) / < 5 ms (p99).
-DURATION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                    1.0, 2.5, 5.0, 10.0, 30.0)
+# Down to 50 µs: auth, routing and most routed requests take well under 0.5 ms, and a
+# quantile inside one bucket is only an interpolation.
+DURATION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025,
+                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BOUNDS = tuple(repr(float(b)) for b in DURATION_BUCKETS)
 PHASES = ("auth", "routing", "transport")
 
@@ -126,6 +128,7 @@ class Metrics:
             "auth_failures": list(self.auth_failures.items()),
             "rate_limited": list(self.rate_limited.items()),
             "extra": self._extra(),
+            "rss": _rss_bytes(),
         }
 
     def _extra(self) -> dict:
@@ -175,6 +178,17 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class _View:
     """The sum of several workers' snapshots."""
 
@@ -182,6 +196,7 @@ class _View:
         self.requests, self.durations, self.connections = {}, {}, {}
         self.frames, self.phases, self.auth_failures, self.rate_limited = {}, {}, {}, {}
         self.extra: dict = {}   # name -> [help, labels, {label values: value}]
+        self.rss = 0
 
     def add(self, snap: dict, counters_only: bool = False) -> None:
         for *k, v in snap.get("requests", ()):
@@ -201,6 +216,7 @@ class _View:
                 lv = tuple(lv)
                 entry[2][lv] = entry[2].get(lv, 0) + v
         if not counters_only:
+            self.rss += snap.get("rss", 0)
             for k, v in snap.get("connections", ()):
                 self.connections[k] = self.connections.get(k, 0) + v
 
@@ -281,6 +297,9 @@ class _Collector:
         for tenant, count in view.rate_limited.items():
             rl.add_metric((tenant,), count)
         yield rl
+
+        yield GaugeMetricFamily("process_resident_memory_bytes",
+                                "Resident memory of the gateway's workers, summed", value=view.rss)
 
         for name, (help_text, labels, samples) in sorted(view.extra.items()):
             fam = CounterMetricFamily(name, help_text, labels=labels)

