@@ -23,7 +23,6 @@ from time import perf_counter
 from .. import frame as fr
 from ..ingress.responses import error_body
 from ..routing.state import DRAINING, HelloError
-from ..auth import strip_identity_headers
 from .headers import request_headers, response_header_block
 
 HELLO_TIMEOUT = 10.0
@@ -363,10 +362,8 @@ class ServiceConnection(asyncio.Protocol):
                                          **{"stellagw.service": req.service})
             # The service continues our trace, not the client's span.
             extra = list(extra) + tracing.traceparent(pending.span)
-        headers = request_headers(req, req.conn.peer_ip, self._hub.scheme,
-                                  _without_trace(strip_identity_headers(req.headers))
-                                  if req.span is not None else strip_identity_headers(req.headers),
-                                  extra)
+        headers = request_headers(req, req.conn.peer_ip, self._hub.scheme, extra,
+                                  keep_trace=req.span is None)
         body = req.body
         timeout_ms = int(timeout * 1000)
         if req.websocket:
@@ -504,10 +501,6 @@ def _disarm(pending) -> None:
     if bucket is not None:
         bucket.discard(pending)
         pending.bucket = None
-
-
-def _without_trace(headers):
-    return [(n, v) for n, v in headers if n != b"traceparent" and n != b"tracestate"]
 
 
 def _peer(peer) -> str | None:

@@ -20,30 +20,68 @@ GATEWAY_SET = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"date", b"x-correlation-id"}
 
 
-def request_headers(req, peer_ip: bytes, scheme: bytes, client_headers=None,
-                    identity_headers=()) -> list:
-    """The headers a REQUEST frame carries for `req`.
+_KEEP, _DROP, _CONNECTION, _HOST, _TE, _TRACE = 0, 1, 2, 3, 4, 5
+# What to do with each request header name, learnt once per name: header names repeat
+# from request to request, so forwarding costs one dict lookup per header. Bounded: names
+# past the cap are classified every time, never remembered.
+_CLASS: dict[bytes, int] = {}
+_CLASS_MAX = 4096
 
-    `client_headers`: the client's headers with its identity headers already stripped
-    (auth.strip_identity_headers). The gateway's identity headers are added after the
-    `Connection`-named ones are removed, so a client cannot name one of ours there.
+
+def _classify(name: bytes) -> int:
+    from ..auth.identity import is_identity_header
+    if name == b"connection":
+        kind = _CONNECTION
+    elif name == b"host":
+        kind = _HOST
+    elif name == b"te":
+        kind = _TE
+    elif name == b"traceparent" or name == b"tracestate":
+        kind = _TRACE
+    elif name in HOP_BY_HOP or name in GATEWAY_SET or is_identity_header(name):
+        # Identity headers: a client must never choose the tenant or actor a service sees.
+        kind = _DROP
+    else:
+        kind = _KEEP
+    if len(_CLASS) < _CLASS_MAX:
+        _CLASS[name] = kind
+    return kind
+
+
+def request_headers(req, peer_ip: bytes, scheme: bytes, identity_headers=(),
+                    keep_trace: bool = True) -> list:
+    """The headers a REQUEST frame carries for `req`, in one pass over the client's.
+
+    Dropped: hop-by-hop headers and what `Connection` names, the client's own identity
+    headers (docs/auth.md) and the headers the gateway sets itself. The gateway's identity
+    headers are added after the `Connection`-named ones are removed, so a client cannot
+    name one of ours there. `keep_trace=False` when tracing replaces the client's
+    traceparent with the gateway's own span.
     """
-    drop = HOP_BY_HOP | GATEWAY_SET
+    classes = _CLASS
     named = None
     host = None
+    te_trailers = False
     out = []
-    for name, value in (req.headers if client_headers is None else client_headers):
-        if name == b"connection":
-            named = {t.strip().lower() for t in value.split(b",")}
-            continue
-        if name == b"host":
-            host = value
-        if name in drop:
-            continue
-        out.append((name, value))
+    for header in req.headers:
+        name = header[0]
+        kind = classes.get(name)
+        if kind is None:
+            kind = _classify(name)
+        if kind == _KEEP:
+            out.append(header)
+        elif kind == _HOST:
+            host = header[1]
+            out.append(header)
+        elif kind == _CONNECTION:
+            named = {t.strip().lower() for t in header[1].split(b",")}
+        elif kind == _TE:
+            te_trailers = header[1].strip().lower() == b"trailers"
+        elif kind == _TRACE and keep_trace:
+            out.append(header)
     if named:
-        out = [(n, v) for n, v in out if n not in named]
-    if req.http_version == "1.1" and req.header(b"te") == b"trailers":
+        out = [h for h in out if h[0] not in named]
+    if te_trailers and req.http_version == "1.1":
         out.append((b"te", b"trailers"))
     out.extend(identity_headers)
     out.append((b"x-forwarded-for", peer_ip))
