@@ -12,6 +12,11 @@ Targets:
 * ``gateway-health`` ``python -m stellagw serve`` with one worker, GET /health/live.
 * ``gateway-routed`` the gateway + ``python -m stellagw demo-service --name bench``,
                      GET /bench/hello routed to the service.
+* ``gateway-routed-2w`` the same with ``gateway.node.workers: 2`` (supervisor + 2
+                     workers).  Pinned only when two CPUs besides the load (and backend)
+                     CPU exist; otherwise this target runs *unpinned* (2 workers, the
+                     service and wrk share every CPU) and says so -- compare it with
+                     ``gateway-routed`` under ``--no-pin`` and read ``total µs/req``.
 
 For each target: start it pinned to ``--server-cpu`` (``taskset -c``), wait
 until it answers 200, warm up 1 s, read utime+stime of the server's process
@@ -20,8 +25,11 @@ CPU again, and report requests/s, p50/p99, **server CPU-µs per request**
 (Δ(utime+stime) / requests × 1e6: the steadiest figure on a shared machine),
 the RSS of the tree, then an extra wrk pass with ``--latency-connections``
 connection(s) for the unloaded p50.  Backends (the hello server behind nginx,
-the demo service behind the gateway) run on the load CPU, next to wrk; their
-CPU is reported apart and not counted in CPU-µs/req.
+the demo service behind the gateway) run on the load CPU, next to wrk (or on
+``--backend-cpu`` when the machine has a third CPU); their CPU is reported apart
+and not counted in CPU-µs/req.  ``total µs/req`` adds the backend and wrk (the
+whole benchmark's CPU per request); ``load CPU %`` and ``other CPU %`` show what
+the load side and the rest of the machine were doing during the run.
 
 Loopback only, bounded by --duration; every process started here runs in its
 own process group and is killed on exit, on error and on Ctrl-C.  See
@@ -54,7 +62,7 @@ import psutil
 PERF_DIR = Path(__file__).resolve().parent
 REPO_DIR = PERF_DIR.parent
 HOST = "127.0.0.1"
-ALL_TARGETS = ("raw", "gateway-health", "gateway-routed", "nginx")
+ALL_TARGETS = ("raw", "gateway-health", "gateway-routed", "nginx", "gateway-routed-2w")
 WARMUP_S = 1
 
 
@@ -229,6 +237,20 @@ def cpu_delta(before: dict, after: dict) -> float:
     return sum(v - before.get(k, 0.0) for k, v in after.items())
 
 
+def children_cpu_s() -> float:
+    """utime+stime of this process's reaped children (wrk, once it has been waited for)."""
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def machine_cpu_s() -> float:
+    """Seconds of user+nice+system CPU on the whole machine (interrupt time left out on
+    both sides, since per-process times may or may not include it)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system
+
+
 def rss_bytes(root_pids: list[int]) -> int:
     total = 0
     for p in tree(root_pids):
@@ -277,11 +299,22 @@ class Pinning:
     server_cpu: int | None
     load_cpu: int | None
     note: str
+    backend_cpu: int | None = None   # --backend-cpu: the backend on a CPU of its own
 
-    def wrap(self, cpu: int | None, cmd: list[str]) -> list[str]:
-        if not self.enabled or cpu is None:
+    def wrap(self, cpu, cmd: list[str]) -> list[str]:
+        """``cpu``: one CPU, a list of CPUs, or None (unpinned)."""
+        if not self.enabled or cpu is None or cpu == []:
             return cmd
-        return ["taskset", "-c", str(cpu), *cmd]
+        cpus = ",".join(map(str, cpu)) if isinstance(cpu, (list, tuple)) else str(cpu)
+        return ["taskset", "-c", cpus, *cmd]
+
+    @property
+    def backend(self) -> int | None:
+        """Where backends run: --backend-cpu when given, else next to wrk."""
+        return self.backend_cpu if self.backend_cpu is not None else self.load_cpu
+
+
+UNPINNED = Pinning(False, None, None, "unpinned")
 
 
 @dataclass
@@ -305,12 +338,16 @@ class Started:
     measured: list[Proc]                 # server-side trees counted in CPU-µs/req
     backends: list[Proc] = field(default_factory=list)  # reported apart
     layout: str = ""                     # who runs on which CPU, for the output
+    pin: Pinning | None = None           # this target's own pinning (None: the run's)
+    server_cpus: int = 1                 # CPUs the measured server is pinned to
 
 
-def wrk_cmd(s: Settings, port: int, path: str, connections: int, duration: int) -> list[str]:
+def wrk_cmd(s: Settings, port: int, path: str, connections: int, duration: int,
+            pin: Pinning | None = None) -> list[str]:
     threads = max(1, min(s.threads, connections))
-    return s.pin.wrap(
-        s.pin.load_cpu,
+    pin = pin or s.pin
+    return pin.wrap(
+        pin.load_cpu,
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
          f"http://{HOST}:{port}{path}"],
     )
@@ -383,7 +420,7 @@ def _nginx_version(binary: str) -> tuple[int, ...]:
 def start_nginx(s: Settings, procs: ProcSet, tmp: Path) -> Started:
     binary = _nginx_binary()
     backend_port, port = free_port(), free_port()
-    backend = procs.start("nginx-backend", s.pin.wrap(s.pin.load_cpu, [
+    backend = procs.start("nginx-backend", s.pin.wrap(s.pin.backend, [
         s.python, str(PERF_DIR / "raw_server.py"), "--host", HOST, "--port", str(backend_port)]))
     wait_http_ok(backend_port, "/", procs, s.start_timeout)
     prefix = tmp / "nginx"
@@ -405,13 +442,13 @@ def start_nginx(s: Settings, procs: ProcSet, tmp: Path) -> Started:
                    layout=_layout(s, "nginx (master+1 worker)", "raw_server backend"))
 
 
-def _gateway_config(tmp: Path, http_port: int, tcp_port: int) -> Path:
+def _gateway_config(tmp: Path, http_port: int, tcp_port: int, workers: int = 1) -> Path:
     cfg = tmp / "gateway.yaml"
     cfg.write_text(
         "# written by perf/compare.py\n"
         "gateway:\n"
         "  node:\n"
-        "    workers: 1\n"
+        f"    workers: {workers}\n"
         "  http:\n"
         f"    host: {HOST}\n"
         f"    port: {http_port}\n"
@@ -424,11 +461,13 @@ def _gateway_config(tmp: Path, http_port: int, tcp_port: int) -> Path:
     return cfg
 
 
-def _start_gateway(s: Settings, procs: ProcSet, tmp: Path) -> tuple[Proc, int, int]:
+def _start_gateway(s: Settings, procs: ProcSet, tmp: Path, workers: int = 1,
+                   pin: Pinning | None = None, cpus=None) -> tuple[Proc, int, int]:
     require_stellagw_command(s, "serve")
+    pin = pin or s.pin
     http_port, tcp_port = free_port(), free_port()
-    cfg = _gateway_config(tmp, http_port, tcp_port)
-    gw = procs.start("gateway", s.pin.wrap(s.pin.server_cpu, [
+    cfg = _gateway_config(tmp, http_port, tcp_port, workers)
+    gw = procs.start("gateway", pin.wrap(pin.server_cpu if cpus is None else cpus, [
         s.python, "-m", "stellagw", "serve", "--config", str(cfg)]), env=py_env())
     wait_http_ok(http_port, "/health/live", procs, s.start_timeout)
     return gw, http_port, tcp_port
@@ -441,20 +480,51 @@ def start_gateway_health(s: Settings, procs: ProcSet, tmp: Path) -> Started:
 
 
 def start_gateway_routed(s: Settings, procs: ProcSet, tmp: Path) -> Started:
+    return _start_gateway_routed(s, procs, tmp, workers=1)
+
+
+def start_gateway_routed_2w(s: Settings, procs: ProcSet, tmp: Path) -> Started:
+    return _start_gateway_routed(s, procs, tmp, workers=2)
+
+
+def _start_gateway_routed(s: Settings, procs: ProcSet, tmp: Path, workers: int) -> Started:
     require_stellagw_command(s, "demo-service")
-    gw, http_port, tcp_port = _start_gateway(s, procs, tmp)
-    svc = procs.start("demo-service", s.pin.wrap(s.pin.load_cpu, [
+    pin, cpus, note = s.pin, None, ""
+    if workers > 1 and s.pin.enabled:
+        # N workers need N CPUs of their own besides the load (and backend) CPU(s).
+        taken = {s.pin.load_cpu, s.pin.backend}
+        free = [c for c in sorted(os.sched_getaffinity(0)) if c not in taken]
+        free.sort(key=lambda c: c != s.pin.server_cpu)   # --server-cpu first
+        if len(free) >= workers:
+            cpus = free[:workers]
+        else:
+            pin = UNPINNED
+            note = (f" [UNPINNED: {workers} workers need {workers} CPUs besides the load CPU; "
+                    f"{len(os.sched_getaffinity(0))} usable, so the workers, the service and wrk "
+                    f"share every CPU -- see total µs/req]")
+    gw, http_port, tcp_port = _start_gateway(s, procs, tmp, workers, pin, cpus)
+    svc = procs.start("demo-service", pin.wrap(pin.backend, [
         s.python, "-m", "stellagw", "demo-service", "--gateway", f"{HOST}:{tcp_port}",
         "--name", "bench"]), env=py_env())
     wait_http_ok(http_port, "/bench/hello", procs, s.start_timeout)
-    return Started(http_port, "/bench/hello", [gw], [svc],
-                   layout=_layout(s, "gateway (supervisor + 1 worker)", "demo-service bench"))
+    server = f"gateway (supervisor + {workers} worker{'s' if workers > 1 else ''})"
+    if pin is UNPINNED:
+        layout = f"{server}, demo-service bench, wrk: all unpinned" + note
+    elif cpus is not None:
+        layout = _layout(s, server, "demo-service bench").replace(
+            f" on CPU {s.pin.server_cpu};", f" on CPUs {','.join(map(str, cpus))};", 1)
+    else:
+        layout = _layout(s, server, "demo-service bench")
+    return Started(http_port, "/bench/hello", [gw], [svc], layout=layout,
+                   pin=None if pin is s.pin else pin, server_cpus=len(cpus) if cpus else 1)
 
 
 def _layout(s: Settings, server: str, backend: str | None) -> str:
     if not s.pin.enabled:
         return f"{server}" + (f", {backend}" if backend else "") + ", wrk: unpinned"
     text = f"{server} on CPU {s.pin.server_cpu}; wrk"
+    if backend and s.pin.backend_cpu is not None:
+        return text + f" on CPU {s.pin.load_cpu}; {backend} on CPU {s.pin.backend_cpu}"
     if backend:
         text += f" + {backend}"
     return text + f" on CPU {s.pin.load_cpu}"
@@ -465,6 +535,7 @@ TARGETS: dict[str, Callable[[Settings, ProcSet, Path], Started]] = {
     "gateway-health": start_gateway_health,
     "gateway-routed": start_gateway_routed,
     "nginx": start_nginx,
+    "gateway-routed-2w": start_gateway_routed_2w,
 }
 
 
@@ -476,19 +547,23 @@ def measure(name: str, s: Settings) -> dict:
         try:
             st = TARGETS[name](s, procs, tmp)
             result["layout"] = st.layout
+            result["pinned"] = (st.pin or s.pin).enabled
+            result["server_cpus"] = st.server_cpus
             result["server_cmd"] = [shlex.join(p.cmd) for p in st.measured]
             result["backend_cmd"] = [shlex.join(p.cmd) for p in st.backends]
             server_pids = [p.popen.pid for p in st.measured]
             backend_pids = [p.popen.pid for p in st.backends]
 
-            run_wrk(procs, wrk_cmd(s, st.port, st.path, s.connections, WARMUP_S), WARMUP_S)
+            run_wrk(procs, wrk_cmd(s, st.port, st.path, s.connections, WARMUP_S, st.pin), WARMUP_S)
             procs.check_alive()
 
-            cmd = wrk_cmd(s, st.port, st.path, s.connections, s.duration)
+            cmd = wrk_cmd(s, st.port, st.path, s.connections, s.duration, st.pin)
             result["wrk_cmd"] = shlex.join(cmd)
             srv0, bk0, t0 = cpu_snapshot(server_pids), cpu_snapshot(backend_pids), time.monotonic()
+            ch0, sys0 = children_cpu_s(), machine_cpu_s()
             wrk, text = run_wrk(procs, cmd, s.duration)
             srv1, bk1, t1 = cpu_snapshot(server_pids), cpu_snapshot(backend_pids), time.monotonic()
+            ch1, sys1 = children_cpu_s(), machine_cpu_s()
             result["rss_bytes"] = rss_bytes(server_pids)
             result["server_processes"] = len(srv1)
             procs.check_alive()
@@ -503,9 +578,16 @@ def measure(name: str, s: Settings) -> dict:
             result["cpu_us_per_req"] = cpu_s / n * 1e6
             result["server_cpu_util"] = cpu_s / (t1 - t0)
             result["backend_cpu_us_per_req"] = bk_s / n * 1e6 if backend_pids else None
+            # wrk's own CPU (it is our only child reaped in the window), the whole
+            # benchmark per request, and what the rest of the machine did meanwhile.
+            wrk_s = ch1 - ch0
+            result["wrk_cpu_us_per_req"] = wrk_s / n * 1e6
+            result["total_cpu_us_per_req"] = (cpu_s + bk_s + wrk_s) / n * 1e6
+            result["load_cpu_util"] = (bk_s + wrk_s) / (t1 - t0)
+            result["other_cpu_util"] = max(0.0, (sys1 - sys0) - (cpu_s + bk_s + wrk_s)) / (t1 - t0)
 
             if s.latency_connections > 0:
-                lcmd = wrk_cmd(s, st.port, st.path, s.latency_connections, s.latency_duration)
+                lcmd = wrk_cmd(s, st.port, st.path, s.latency_connections, s.latency_duration, st.pin)
                 result["wrk_latency_cmd"] = shlex.join(lcmd)
                 lat, _ = run_wrk(procs, lcmd, s.latency_duration)
                 result["lat_req_per_s"] = lat["req_per_s"]
@@ -561,7 +643,7 @@ def render_table(results: list[dict], s: Settings) -> str:
     cols = ["target", "req/s", "p50 ms", "p99 ms", "CPU-µs/req", f"× {base_name}",
             "RSS MB", "srv CPU %",
             f"p50 ms @{s.latency_connections}c" if s.latency_connections else "p50 ms @1c",
-            "backend µs/req"]
+            "backend µs/req", "total µs/req", "load CPU %", "other CPU %"]
     rows = []
     for r in results:
         if not r["ok"]:
@@ -579,6 +661,9 @@ def render_table(results: list[dict], s: Settings) -> str:
             f"{100 * r['server_cpu_util']:.0f}",
             _f(r.get("lat_p50_ms"), ".3f"),
             _f(r.get("backend_cpu_us_per_req"), ".1f"),
+            _f(r.get("total_cpu_us_per_req"), ".1f"),
+            _f(None if r.get("load_cpu_util") is None else 100 * r["load_cpu_util"], ".0f"),
+            _f(None if r.get("other_cpu_util") is None else 100 * r["other_cpu_util"], ".0f"),
         ])
     widths = [max(len(c), *(len(row[i]) for row in rows if i < len(row))) for i, c in enumerate(cols)]
     def line(cells: list[str]) -> str:
@@ -607,7 +692,10 @@ def report(results: list[dict], s: Settings, info: dict, command: str) -> str:
         "CPU-µs/req = Δ(utime+stime) of the server's process tree / requests completed by wrk;",
         "× = CPU-µs/req against the first target; srv CPU % = server CPU time / wall time (100 = one core",
         "saturated: below ~90 the server was not the bottleneck and CPU-µs/req reads high);",
-        "backend µs/req = the hello backend / demo service, not counted in CPU-µs/req.",
+        "backend µs/req = the hello backend / demo service, not counted in CPU-µs/req;",
+        "total µs/req = server + backend + wrk CPU per request; load CPU % = (backend + wrk) CPU",
+        "time / wall time; other CPU % = user+system CPU of everything else on the machine (another",
+        "benchmark, a build...) / wall time, in % of one CPU: above ~10 the figures are disturbed.",
         "",
     ]
     for r in results:
@@ -625,6 +713,26 @@ def report(results: list[dict], s: Settings, info: dict, command: str) -> str:
                 warn.append(f"{r['non_2xx']} non-2xx responses")
             if any(r["socket_errors"].values()):
                 warn.append("socket errors " + ", ".join(f"{k} {v}" for k, v in r["socket_errors"].items() if v))
+            util = r.get("server_cpu_util")
+            ncpu = info.get("cpus_usable", 1)
+            if util is not None and not r.get("pinned", True) and ncpu > 1:
+                # unpinned: the server may use every CPU; saturated = the machine is busy
+                busy = util + (r.get("load_cpu_util") or 0) + (r.get("other_cpu_util") or 0)
+                if busy < 0.9 * ncpu:
+                    warn.append(f"unpinned and the machine NOT saturated: server {100 * util:.0f}% + "
+                                f"load {100 * (r.get('load_cpu_util') or 0):.0f}% + other "
+                                f"{100 * (r.get('other_cpu_util') or 0):.0f}% of {ncpu} CPUs "
+                                f"(={ncpu * 100}%): the closed loop of wrk's connections, not the CPU, "
+                                "set the pace")
+            elif util is not None and util < 0.9 * r.get("server_cpus", 1):
+                why = ("the load side (wrk + backend) used "
+                       f"{100 * r['load_cpu_util']:.0f}% of a CPU" if r.get("load_cpu_util") is not None
+                       else "something else was the bottleneck")
+                warn.append(f"server NOT saturated (srv CPU {100 * util:.0f}%): {why}; "
+                            "CPU-µs/req reads high at low load")
+            if (r.get("other_cpu_util") or 0) > 0.1:
+                warn.append(f"other processes used {100 * r['other_cpu_util']:.0f}% of a CPU during "
+                            "the run (machine not quiet)")
             if warn:
                 lines.append("    WARNING: " + "; ".join(warn))
         else:
@@ -638,10 +746,18 @@ def report(results: list[dict], s: Settings, info: dict, command: str) -> str:
 # main
 
 
-def decide_pinning(server_cpu: int, load_cpu: int, no_pin: bool) -> Pinning:
+def decide_pinning(server_cpu: int, load_cpu: int, no_pin: bool,
+                   backend_cpu: int | None = None) -> Pinning:
     usable = sorted(os.sched_getaffinity(0))
     if no_pin:
         return Pinning(False, None, None, "disabled (--no-pin)")
+    if backend_cpu is not None:
+        if len(usable) < 3:
+            raise SystemExit(f"--backend-cpu needs 3 usable CPUs (server, load, backend); "
+                             f"this machine has {len(usable)}: {usable}")
+        if backend_cpu not in usable or backend_cpu in (server_cpu, load_cpu):
+            raise SystemExit(f"--backend-cpu {backend_cpu} must be a usable CPU other than "
+                             f"--server-cpu and --load-cpu (usable: {usable})")
     if len(usable) < 2:
         return Pinning(False, None, None,
                        f"off: only {len(usable)} usable CPU, server and wrk share it (figures are pessimistic)")
@@ -652,6 +768,11 @@ def decide_pinning(server_cpu: int, load_cpu: int, no_pin: bool) -> Pinning:
             raise SystemExit(f"{label} {cpu} is not usable here (usable CPUs: {usable})")
     if server_cpu == load_cpu:
         raise SystemExit("--server-cpu and --load-cpu must differ")
+    if backend_cpu is not None:
+        return Pinning(True, server_cpu, load_cpu,
+                       f"server CPU {server_cpu} (measured server only), load CPU {load_cpu} (wrk), "
+                       f"backend CPU {backend_cpu} (the backend behind nginx / the gateway); "
+                       f"{len(usable)} usable CPUs", backend_cpu)
     return Pinning(True, server_cpu, load_cpu,
                    f"server CPU {server_cpu} (measured server only), load CPU {load_cpu} "
                    f"(wrk, plus the backend behind nginx / the gateway); {len(usable)} usable CPUs")
@@ -669,6 +790,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
     ap.add_argument("--server-cpu", type=int, default=0, help="CPU the measured server is pinned to (default 0)")
     ap.add_argument("--load-cpu", type=int, default=1, help="CPU for wrk and backends (default 1)")
+    ap.add_argument("--backend-cpu", type=int, default=None,
+                    help="pin the backend (demo service / nginx's hello backend) to this CPU of its "
+                         "own instead of the load CPU; needs 3+ usable CPUs (default: load CPU)")
     ap.add_argument("--no-pin", action="store_true", help="do not use taskset")
     ap.add_argument("--latency-connections", type=int, default=1,
                     help="connections of the extra latency pass; 0 skips it (default 1)")
@@ -699,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("wrk"):
         print("wrk not found: run `sh perf/install-tools.sh`", file=sys.stderr)
         return 2
-    pin = decide_pinning(args.server_cpu, args.load_cpu, args.no_pin)
+    pin = decide_pinning(args.server_cpu, args.load_cpu, args.no_pin, args.backend_cpu)
     s = Settings(args.duration, args.connections, args.threads, args.latency_connections,
                  args.latency_duration, args.start_timeout, pin, sys.executable)
     signal.signal(signal.SIGTERM, _on_sigterm)

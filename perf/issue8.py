@@ -1,0 +1,601 @@
+"""Issue 8: every performance target of the gateway, measured beside its baseline, in one
+command (short mode by default, ~4 minutes on the 2-CPU VM)::
+
+    python perf/issue8.py                          # all six, short
+    python perf/issue8.py --only latency,auth      # some of them
+    python perf/issue8.py --full                   # longer runs (~12 minutes)
+
+Parts (``--only`` names), each printed with the exact command that reproduces it alone:
+
+1. ``cpu``          CPU per routed request (no auth, 64 keep-alive clients, a small body)
+                    vs nginx per proxied request and raw uvloop+httptools:
+                    ``perf/compare.py --targets raw,gateway-routed,nginx``.
+2. ``workers``      2 workers vs 1 in the same run, req/s ratio:
+                    ``perf/compare.py --targets gateway-routed,gateway-routed-2w --no-pin``
+                    (2 CPUs: 2 workers + service + wrk cannot be pinned apart, so both rows
+                    run unpinned and total CPU-µs/req, wrk and service included, is shown).
+3. ``latency``      latency overhead at 50 % of the gateway's measured maximum rate
+                    (open loop: ``perf/loadgen.py open``, since wrk2 is not in Debian):
+                    gateway-routed p50/p99 minus the raw server's at the same rate, and
+                    the 1-connection p50 (wrk -c1) of both.
+4. ``connections``  10,000 keep-alive clients + 100 service connections, light load, RSS
+                    of the gateway instance: ``perf/connections.py``.
+5. ``auth``         DPoP-authenticated vs unauthenticated routed requests, CPU-µs/req of the
+                    gateway each, same gateway, same load generator (``perf/loadgen.py
+                    closed``, one pre-minted proof per request), plus one ES256
+                    verification timed in-process (the gateway's own
+                    ``stellagw.auth.jose.verify_signature``): everything but the signature =
+                    authenticated − unauthenticated − verification.
+6. ``callgrind``    user-space instructions per routed request under callgrind, beside the
+                    raw server's: ``perf/callgrind_routed.py`` (appends to
+                    ``perf/callgrind_history.csv``; ``--no-history`` here skips that).
+
+Ends with one table: target | figure | baseline | command. Loopback only; every run is
+bounded in time; every process started is stopped (compare.py's process handling).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PERF_DIR = Path(__file__).resolve().parent
+REPO_DIR = PERF_DIR.parent
+sys.path.insert(0, str(PERF_DIR))
+
+import compare as cmp  # noqa: E402
+
+HOST = cmp.HOST
+PY = sys.executable
+PARTS = ("cpu", "workers", "latency", "connections", "auth", "callgrind")
+
+
+def log(msg: str) -> None:
+    print(f"[issue8] {msg}", file=sys.stderr, flush=True)
+
+
+def rel(cmd: list[str]) -> str:
+    """A command as the user types it from the repository root."""
+    out = []
+    for c in cmd:
+        if c == PY:
+            c = "python"
+        elif c.startswith(str(REPO_DIR) + "/"):
+            c = c[len(str(REPO_DIR)) + 1:]
+        out.append(c)
+    return shlex.join(out)
+
+
+def run_tool(cmd: list[str], timeout: float, json_path: Path) -> tuple[dict | None, str]:
+    """Run one of the perf tools, its stdout shown as it comes; returns its --json."""
+    log("$ " + rel(cmd))
+    try:
+        p = subprocess.run(cmd, cwd=REPO_DIR, timeout=timeout, stdout=subprocess.PIPE,
+                           stderr=None, text=True, start_new_session=False)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f}s"
+    print(p.stdout.rstrip(), flush=True)
+    try:
+        return json.loads(json_path.read_text()), ""
+    except (OSError, ValueError) as exc:
+        return None, f"exit {p.returncode}, no JSON ({exc})"
+
+
+# ---------------------------------------------------------------------------------------
+# 1, 2: compare.py
+
+
+def part_cpu(args, tmp: Path) -> list[dict]:
+    out = tmp / "cpu.json"
+    cmd = [PY, str(PERF_DIR / "compare.py"), "--targets", "raw,gateway-routed,nginx",
+           "--duration", str(args.duration), "--latency-duration", str(max(2, args.duration // 2)),
+           "--json", str(out)]
+    doc, err = run_tool(cmd, 600, out)
+    command = rel(cmd[:-2])
+    if doc is None:
+        return [{"target": "1 CPU/routed request", "figure": f"FAILED: {err}", "baseline": "-",
+                 "command": command}]
+    r = {x["target"]: x for x in doc["results"]}
+    gw, ngx, raw = r.get("gateway-routed", {}), r.get("nginx", {}), r.get("raw", {})
+    if not gw.get("ok"):
+        fig = f"FAILED: {gw.get('error', '?').splitlines()[0]}"
+    else:
+        fig = (f"{gw['cpu_us_per_req']:.1f} CPU-µs/req (srv CPU {100 * gw['server_cpu_util']:.0f}%, "
+               f"{gw['req_per_s']:,.0f} req/s, other {100 * gw.get('other_cpu_util', 0):.0f}%)")
+    base = []
+    if ngx.get("ok"):
+        ratio = f" → {gw['cpu_us_per_req'] / ngx['cpu_us_per_req']:.2f}× nginx" if gw.get("ok") else ""
+        base.append(f"nginx {ngx['cpu_us_per_req']:.1f} (srv {100 * ngx['server_cpu_util']:.0f}%){ratio}")
+    if raw.get("ok"):
+        base.append(f"raw {raw['cpu_us_per_req']:.1f} (srv {100 * raw['server_cpu_util']:.0f}%)")
+    return [{"target": "1 CPU/routed request", "figure": fig, "baseline": "; ".join(base) or "-",
+             "command": command}]
+
+
+def part_workers(args, tmp: Path) -> list[dict]:
+    out = tmp / "workers.json"
+    cmd = [PY, str(PERF_DIR / "compare.py"), "--targets", "gateway-routed,gateway-routed-2w",
+           "--no-pin", "--duration", str(args.duration), "--latency-connections", "0",
+           "--json", str(out)]
+    doc, err = run_tool(cmd, 600, out)
+    command = rel(cmd[:-2])
+    if doc is None:
+        return [{"target": "2 workers", "figure": f"FAILED: {err}", "baseline": "-", "command": command}]
+    r = {x["target"]: x for x in doc["results"]}
+    one, two = r.get("gateway-routed", {}), r.get("gateway-routed-2w", {})
+    if not (one.get("ok") and two.get("ok")):
+        bad = one if not one.get("ok") else two
+        return [{"target": "2 workers", "figure": f"FAILED: {bad.get('error', '?').splitlines()[0]}",
+                 "baseline": "-", "command": command}]
+    fig = (f"2w {two['req_per_s']:,.0f} req/s = {two['req_per_s'] / one['req_per_s']:.2f}× 1w; "
+           f"gw {two['cpu_us_per_req']:.1f} / total {two['total_cpu_us_per_req']:.1f} CPU-µs/req")
+    base = (f"1w {one['req_per_s']:,.0f} req/s; gw {one['cpu_us_per_req']:.1f} / total "
+            f"{one['total_cpu_us_per_req']:.1f} CPU-µs/req; all unpinned on "
+            f"{len(os.sched_getaffinity(0))} CPUs (gateway, service, wrk share them)")
+    return [{"target": "2 workers", "figure": fig, "baseline": base, "command": command}]
+
+
+# ---------------------------------------------------------------------------------------
+# 3: latency overhead, open loop
+
+
+def loadgen(cmd_args: list[str], pin: cmp.Pinning, timeout: float, tmp: Path,
+            watch: dict | None = None) -> dict:
+    """Run perf/loadgen.py pinned to the load CPU. With `watch` ({"server": pids,
+    "backend": pids}) the CPU of those trees, of the generator and of the whole machine is
+    read exactly around the measured window (--handshake) and derived figures are added:
+    server_cpu_us_per_req, server_cpu_util, backend_cpu_us_per_req, load_cpu_util (backend
+    + generator), other_cpu_util (the rest of the machine)."""
+    cmd = pin.wrap(pin.load_cpu, [PY, str(PERF_DIR / "loadgen.py"), *cmd_args])
+    snaps: dict = {}
+
+    def handshake(phase):
+        snaps[phase] = ({k: cmp.cpu_snapshot(v) for k, v in groups.items()},
+                        cmp.machine_cpu_s(), time.monotonic())
+
+    if watch is not None:
+        cmd.append("--handshake")
+    else:
+        handshake = None
+    env = cmp.py_env()
+    p = subprocess.Popen(cmd, cwd=REPO_DIR, env=env, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, preexec_fn=cmp._child_setup)
+    groups = dict(watch or {}, loadgen=[p.pid])
+    deadline = time.monotonic() + timeout
+    try:
+        if handshake is not None:
+            line = p.stdout.readline()
+            if line.strip() != "ready":
+                raise cmp.TargetFailed(f"loadgen: expected 'ready', got {line!r}: {p.stderr.read()[-2000:]}")
+            handshake("before")
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            line = p.stdout.readline()
+            handshake("after")
+            if line.strip() != "done":
+                raise cmp.TargetFailed(f"loadgen: expected 'done', got {line!r}: {p.stderr.read()[-2000:]}")
+        out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        cmp._killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        raise cmp.TargetFailed(f"loadgen did not finish in {timeout:.0f}s: {rel(cmd)}")
+    finally:
+        if p.poll() is None:
+            cmp._killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    lines = [l for l in out.splitlines() if l.startswith("{")]
+    if not lines:
+        raise cmp.TargetFailed(f"loadgen printed no result (exit {p.returncode}): {err[-2000:]}")
+    res = json.loads(lines[-1])
+    res["cmd"] = rel(cmd)
+    if watch is not None:
+        (b, m0, t0), (a, m1, t1) = snaps["before"], snaps["after"]
+        d = {k: cmp.cpu_delta(b[k], a[k]) for k in groups}
+        wall, n = t1 - t0, max(1, res["completed"])
+        res["server_cpu_us_per_req"] = d.get("server", 0.0) / n * 1e6
+        res["server_cpu_util"] = d.get("server", 0.0) / wall
+        res["backend_cpu_us_per_req"] = d.get("backend", 0.0) / n * 1e6
+        res["load_cpu_util"] = (d.get("backend", 0.0) + d["loadgen"]) / wall
+        res["other_cpu_util"] = max(0.0, (m1 - m0) - sum(d.values())) / wall
+    return res
+
+
+def part_latency(args, tmp: Path) -> list[dict]:
+    pin = cmp.decide_pinning(0, 1, args.no_pin)
+    probe_s = args.duration
+    run_s = args.duration
+    lat1_s = max(2, args.duration // 2)
+    s = cmp.Settings(probe_s, 64, 1, 1, lat1_s, 30.0, pin, PY)
+    command = "python perf/issue8.py --only latency" + (" --full" if args.full else "")
+    results: dict = {}
+    rate = None
+    try:
+        for name, start in (("gateway-routed", cmp.start_gateway_routed), ("raw", cmp.start_raw)):
+            sub = tmp / f"lat-{name}"
+            sub.mkdir()
+            procs = cmp.ProcSet(sub)
+            try:
+                st = start(s, procs, sub)
+                url = f"http://{HOST}:{st.port}{st.path}"
+                cmp.run_wrk(procs, cmp.wrk_cmd(s, st.port, st.path, 64, 1), 1)
+                if rate is None:
+                    # the gateway's maximum: wrk -c64, then half of it for both servers
+                    wcmd = cmp.wrk_cmd(s, st.port, st.path, 64, probe_s)
+                    wrk, _ = cmp.run_wrk(procs, wcmd, probe_s)
+                    rate = round(0.5 * wrk["req_per_s"])
+                    results["max"] = {"req_per_s": wrk["req_per_s"], "cmd": rel(wcmd)}
+                    log(f"gateway-routed max {wrk['req_per_s']:,.0f} req/s → open loop at {rate:,} req/s")
+                watch = {"server": [p.popen.pid for p in st.measured],
+                         "backend": [p.popen.pid for p in st.backends]}
+                lg = loadgen(["open", "--url", url, "--rate", str(rate), "--duration", str(run_s),
+                              "--connections", "32"], pin, run_s + 60, sub, watch)
+                procs.check_alive()
+                lcmd = cmp.wrk_cmd(s, st.port, st.path, 1, lat1_s)
+                w1, _ = cmp.run_wrk(procs, lcmd, lat1_s)
+                lg["c1_p50_ms"], lg["c1_p99_ms"], lg["c1_cmd"] = w1["p50_ms"], w1["p99_ms"], rel(lcmd)
+                lg["layout"] = st.layout
+                results[name] = lg
+            finally:
+                procs.stop_all()
+    except (cmp.TargetFailed, cmp.TargetUnavailable) as exc:
+        print(f"latency: FAILED: {exc}")
+        return [{"target": "3 latency overhead", "figure": f"FAILED: {str(exc).splitlines()[0]}",
+                 "baseline": "-", "command": command}]
+    g, r = results["gateway-routed"], results["raw"]
+    print(f"\n== 3. latency overhead: open loop at {rate:,} req/s = 50% of the gateway's "
+          f"{results['max']['req_per_s']:,.0f} req/s max ({results['max']['cmd']})")
+    print(f"{'server':<16}{'offered':>9}{'achieved':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+          f"{'p99.9 ms':>10}{'max ms':>9}{'srv µs/req':>11}{'srv CPU%':>9}{'load CPU%':>10}"
+          f"{'other CPU%':>11}{'@1c p50':>9}{'@1c p99':>9}  errors")
+    for name, x in (("gateway-routed", g), ("raw", r)):
+        L = x["latency"]
+        err = sum(x["errors"].values()) + sum(v for k, v in x["statuses"].items() if not k.startswith("2"))
+        print(f"{name:<16}{x['offered_rate']:>9,.0f}{x['achieved_rate']:>10,.0f}{L['p50_ms']:>9.3f}"
+              f"{L['p90_ms']:>9.3f}{L['p99_ms']:>9.3f}{L['p99.9_ms']:>10.3f}{L['max_ms']:>9.3f}"
+              f"{x['server_cpu_us_per_req']:>11.1f}{100 * x['server_cpu_util']:>9.0f}"
+              f"{100 * x['load_cpu_util']:>10.0f}{100 * x['other_cpu_util']:>11.0f}"
+              f"{x['c1_p50_ms']:>9.3f}{x['c1_p99_ms']:>9.3f}  {err}"
+              + ("  (generator fell behind its schedule)" if x.get("generator_behind") else ""))
+    d50 = g["latency"]["p50_ms"] - r["latency"]["p50_ms"]
+    d99 = g["latency"]["p99_ms"] - r["latency"]["p99_ms"]
+    d1 = g["c1_p50_ms"] - r["c1_p50_ms"]
+    print(f"overhead (gateway-routed − raw): p50 {d50 * 1000:+.0f} µs, p99 {d99 * 1000:+.0f} µs; "
+          f"1 connection p50 {d1 * 1000:+.0f} µs")
+    print("latency = from the request's write to the end of its response, open loop (requests go "
+          "out on schedule, pipelined if need be); load CPU % = generator + service; other CPU % = "
+          "the rest of the machine (> ~10: disturbed)")
+    if max(g["other_cpu_util"], r["other_cpu_util"]) > 0.1:
+        print(f"WARNING: other processes used up to {100 * max(g['other_cpu_util'], r['other_cpu_util']):.0f}% "
+              "of a CPU during these runs: the tails are not the gateway's alone")
+    print(f"gateway: {g['layout']}\n    load : {g['cmd']}\n    1c   : {g['c1_cmd']}")
+    print(f"raw    : {r['layout']}\n    load : {r['cmd']}\n    1c   : {r['c1_cmd']}")
+    print(f"command: {command}")
+    fig = (f"+{d50 * 1000:.0f} µs p50, {d99 * 1000:+.0f} µs p99 at {rate:,} req/s "
+           f"(gw p50 {g['latency']['p50_ms']:.3f} / p99 {g['latency']['p99_ms']:.3f} ms); "
+           f"1c p50 {d1 * 1000:+.0f} µs")
+    base = (f"raw p50 {r['latency']['p50_ms']:.3f} / p99 {r['latency']['p99_ms']:.3f} ms, "
+            f"1c p50 {r['c1_p50_ms']:.3f} ms")
+    return [{"target": "3 latency overhead", "figure": fig, "baseline": base, "command": command}]
+
+
+# ---------------------------------------------------------------------------------------
+# 4: connections
+
+
+def part_connections(args, tmp: Path) -> list[dict]:
+    out = tmp / "conn.json"
+    cmd = [PY, str(PERF_DIR / "connections.py"), "--duration", str(60 if args.full else 20)]
+    if args.soak:
+        cmd = [PY, str(PERF_DIR / "connections.py"), "--soak", str(args.soak)]
+    doc, err = run_tool(cmd + ["--json", str(out)], 900 + args.soak, out)
+    command = rel(cmd)
+    if doc is None or "memory" not in doc or "loaded" not in doc.get("memory", {}):
+        why = err or (doc or {}).get("failure", "?")
+        return [{"target": "4 10k connections", "figure": f"FAILED: {why}", "baseline": "-",
+                 "command": command}]
+    m = doc["memory"]
+    errors = sum(doc["errors"].values())
+    fig = (f"RSS {m['loaded']['rss_mb']:.0f} MB (PSS {m['loaded']['pss_mb']:.0f}) with "
+           f"{doc['clients']:,} clients + {doc['service_connections']} service conns; "
+           f"{errors} errors, {doc['responses']:,} responses")
+    if doc.get("rss_slope_mb_per_min") is not None and args.soak:
+        fig += f"; slope {doc['rss_slope_mb_per_min']:+.2f} MB/min"
+    base = (f"target ≤ 150 MB: {'PASS' if m['loaded']['rss_mb'] <= 150 else 'FAIL'}; idle "
+            f"{m['idle']['rss_mb']:.0f} MB, +{(m['loaded']['rss'] - m['services']['rss']) / doc['clients'] / 1024:.1f} KB/conn")
+    return [{"target": "4 10k connections", "figure": fig, "baseline": base, "command": command}]
+
+
+# ---------------------------------------------------------------------------------------
+# 5: authenticated path
+
+
+ES256_CODE = r"""
+import base64, json, statistics, timeit
+from stellagw.devauth import DpopKey
+key = DpopKey.generate("ES256")
+proof = key.proof("GET", "http://127.0.0.1:1/bench/hello", "token")
+h, p, s = proof.split(".")
+msg = f"{h}.{p}".encode()
+sig = base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+out = {}
+def t(fn, n=1000):
+    assert fn()
+    return statistics.median(timeit.repeat(fn, number=n, repeat=7)) / n * 1e6
+try:
+    from stellagw.auth.jose import public_key_from_jwk, verify_signature
+    pub = public_key_from_jwk(key.public_jwk(), "ES256")
+    out["gateway_verify_signature_us"] = t(lambda: verify_signature("ES256", pub, msg, sig))
+    out["how"] = "stellagw.auth.jose.verify_signature('ES256', public_key_from_jwk(jwk), ...)"
+except Exception as exc:
+    out["gateway_verify_signature_error"] = repr(exc)
+from jwt.algorithms import ECAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+pub2 = key.private_key.public_key()
+alg = ECAlgorithm(ECAlgorithm.SHA256)
+out["pyjwt_us"] = t(lambda: alg.verify(msg, pub2, sig))
+der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+def raw():
+    pub2.verify(der, msg, ec.ECDSA(hashes.SHA256()))
+    return True
+out["cryptography_us"] = t(raw)
+print(json.dumps(out))
+"""
+
+
+def es256_cost(pin: cmp.Pinning) -> dict:
+    cmd = pin.wrap(pin.server_cpu, [PY, "-c", ES256_CODE])
+    r = subprocess.run(cmd, cwd=REPO_DIR, env=cmp.py_env(), capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise cmp.TargetFailed(f"ES256 timing failed: {r.stderr[-1500:]}")
+    doc = json.loads(r.stdout.strip().splitlines()[-1])
+    doc["cmd"] = (f"taskset -c {pin.server_cpu} " if pin.enabled else "") + \
+        "python -c '<timeit of verify_signature(\"ES256\", ...) — ES256_CODE in perf/issue8.py>'"
+    return doc
+
+
+def part_auth(args, tmp: Path) -> list[dict]:
+    from stellagw.devauth import DevAuthority, DpopKey
+    from stellagw.devauth.client import htu_of
+
+    pin = cmp.decide_pinning(0, 1, args.no_pin)
+    n = args.auth_requests or (100_000 if args.full else 30_000)
+    warm = 2000
+    conns = 64
+    command = "python perf/issue8.py --only auth" + (" --full" if args.full else "")
+    sub = tmp / "auth"
+    sub.mkdir()
+    procs = cmp.ProcSet(sub)
+    authority = None
+    rows: dict = {}
+    try:
+        authority = DevAuthority(HOST, 0, lifetime=3600).start_in_thread()
+        http_port, tcp_port = cmp.free_port(), cmp.free_port()
+        origin = f"http://{HOST}:{http_port}"
+        cfg = sub / "gateway.yaml"
+        cfg.write_text(
+            "# written by perf/issue8.py (auth)\n"
+            "gateway:\n"
+            "  node: {workers: 1}\n"
+            f"  http: {{host: {HOST}, port: {http_port}, publicOrigin: \"{origin}\"}}\n"
+            f"  transports: {{tcp: {{host: {HOST}, port: {tcp_port}}}}}\n"
+            "  logging: {accessLog: false}\n"
+            "  auth:\n"
+            f"    authority: \"{authority.issuer}\"\n"
+            "    audiences: [stellaops-gateway]\n"
+            "    required: false\n"
+            "    replayCache: {maxEntries: 1000000}\n")
+        gw = procs.start("gateway", pin.wrap(pin.server_cpu, [
+            PY, "-m", "stellagw", "serve", "--config", str(cfg)]), env=cmp.py_env())
+        cmp.wait_http_ok(http_port, "/health/live", procs, 30)
+        svc = procs.start("demo-service", pin.wrap(pin.load_cpu, [
+            PY, "-m", "stellagw", "demo-service", "--gateway", f"{HOST}:{tcp_port}",
+            "--name", "bench"]), env=cmp.py_env())
+        cmp.wait_http_ok(http_port, "/bench/hello", procs, 30)
+        url = origin + "/bench/hello"
+        key = DpopKey.generate("ES256")
+        token = authority.authority.mint(jkt=key.thumbprint())
+        (sub / "key.pem").write_bytes(key.private_key.private_bytes(
+            *_pem_args()))
+        (sub / "token.txt").write_text(token)
+        _check_auth_enforced(http_port, url, token, key, procs)
+        es = es256_cost(pin)
+        pids = [gw.popen.pid]
+        for label, extra in (("unauthenticated", []),
+                             ("DPoP", ["--dpop-key", str(sub / "key.pem"), "--token-file",
+                                       str(sub / "token.txt"), "--htu", htu_of(url)])):
+            lg = loadgen(["closed", "--url", url, "--requests", str(n), "--warmup-requests",
+                          str(warm), "--connections", str(conns), *extra], pin, 180, sub,
+                         {"server": pids, "backend": [svc.popen.pid]})
+            procs.check_alive()
+            rows[label] = lg
+            log(f"auth: {label}: {lg['achieved_rate']:,.0f} req/s, "
+                f"{lg['server_cpu_us_per_req']:.1f} gateway CPU-µs/req")
+    except (cmp.TargetFailed, cmp.TargetUnavailable, OSError, RuntimeError) as exc:
+        print(f"auth: FAILED: {exc}")
+        return [{"target": "5 DPoP auth path", "figure": f"FAILED: {str(exc).splitlines()[0]}",
+                 "baseline": "-", "command": command}]
+    finally:
+        procs.stop_all()
+        if authority is not None:
+            try:
+                authority.stop()
+            except Exception:
+                pass
+    u, a = rows["unauthenticated"], rows["DPoP"]
+    verify = es.get("gateway_verify_signature_us") or es["pyjwt_us"]
+    rest = a["server_cpu_us_per_req"] - u["server_cpu_us_per_req"] - verify
+    print(f"\n== 5. authenticated path: {n:,} requests each after {warm:,} warm-up, {conns} "
+          f"connections, 1 in flight each; one pre-minted proof per request")
+    print(f"{'requests':<18}{'req/s':>9}{'gw µs/req':>11}{'gw CPU %':>10}{'svc µs/req':>11}"
+          f"{'load CPU%':>10}{'other CPU%':>11}{'p50 ms':>9}{'p99 ms':>9}{'req bytes':>10}  statuses / errors")
+    for label, x in (("unauthenticated", u), ("DPoP", a)):
+        print(f"{label:<18}{x['achieved_rate']:>9,.0f}{x['server_cpu_us_per_req']:>11.1f}"
+              f"{100 * x['server_cpu_util']:>10.0f}{x['backend_cpu_us_per_req']:>11.1f}"
+              f"{100 * x['load_cpu_util']:>10.0f}{100 * x['other_cpu_util']:>11.0f}"
+              f"{x['latency']['p50_ms']:>9.3f}{x['latency']['p99_ms']:>9.3f}{x['request_bytes']:>10}  "
+              f"{x['statuses']} {x['errors'] or ''}"
+              + (f"  (minted in {x['proof_mint_s']} s)" if x.get("dpop") else ""))
+    print(f"ES256 verification in-process (median, CPU {pin.server_cpu if pin.enabled else '-'}): "
+          f"gateway verify_signature {es.get('gateway_verify_signature_us', float('nan')):.1f} µs, "
+          f"pyjwt {es['pyjwt_us']:.1f} µs, cryptography alone {es['cryptography_us']:.1f} µs")
+    print(f"DPoP − unauthenticated = {a['server_cpu_us_per_req'] - u['server_cpu_us_per_req']:.1f} µs/req; "
+          f"minus one verification ({verify:.1f}) = {rest:.1f} µs/req for everything but the signature")
+    for label, x in (("unauthenticated", u), ("DPoP", a)):
+        print(f"    {label}: {x['cmd']}")
+    print(f"command: {command}")
+    bad = [l for l, x in rows.items()
+           if x["errors"] or any(not k.startswith("2") for k in x["statuses"])]
+    fig = (f"DPoP {a['server_cpu_us_per_req']:.1f} CPU-µs/req (srv {100 * a['server_cpu_util']:.0f}%); "
+           f"− unauth − ES256 = {rest:.1f} µs for the rest" + (f"; ERRORS in {bad}" if bad else ""))
+    base = (f"unauth {u['server_cpu_us_per_req']:.1f} (srv {100 * u['server_cpu_util']:.0f}%); "
+            f"ES256 verify {verify:.1f} µs in-process")
+    return [{"target": "5 DPoP auth path", "figure": fig, "baseline": base, "command": command}]
+
+
+def _pem_args():
+    from cryptography.hazmat.primitives import serialization
+    return (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption())
+
+
+def _check_auth_enforced(port: int, url: str, token: str, key, procs) -> None:
+    """The gateway must have the Authority's keys and really verify: a fresh proof → 200,
+    the same proof again → 401 (replay), no token → 200 (anonymous allowed)."""
+    deadline = time.monotonic() + 30
+    status = None
+    while time.monotonic() < deadline:
+        procs.check_alive()
+        proof = key.proof("GET", url, token)
+        status = _get(port, "/bench/hello", {"Authorization": f"DPoP {token}", "DPoP": proof})
+        if status == 200:
+            replay = _get(port, "/bench/hello", {"Authorization": f"DPoP {token}", "DPoP": proof})
+            anon = _get(port, "/bench/hello", {})
+            if replay != 401 or anon != 200:
+                raise cmp.TargetFailed(f"auth probe: replayed proof → {replay} (want 401), "
+                                       f"no token → {anon} (want 200)")
+            return
+        time.sleep(0.2)
+    raise cmp.TargetFailed(f"an authenticated request never answered 200 (last {status}): "
+                           "the gateway has no Authority keys?")
+
+
+def _get(port: int, path: str, headers: dict) -> int:
+    import http.client
+    c = http.client.HTTPConnection(HOST, port, timeout=5)
+    try:
+        c.request("GET", path, headers=headers)
+        r = c.getresponse()
+        r.read()
+        return r.status
+    finally:
+        c.close()
+
+
+# ---------------------------------------------------------------------------------------
+# 6: callgrind
+
+
+def part_callgrind(args, tmp: Path) -> list[dict]:
+    out = tmp / "cg.json"
+    cmd = [PY, str(PERF_DIR / "callgrind_routed.py")]
+    if args.no_history:
+        cmd.append("--no-history")
+    doc, err = run_tool(cmd + ["--json", str(out)], 600, out)
+    command = rel(cmd)
+    if doc is None:
+        return [{"target": "6 callgrind instr/req", "figure": f"FAILED: {err}", "baseline": "-",
+                 "command": command}]
+    fig = (f"{doc['instr_per_request']:,} instr/routed req (commit {doc['commit'][:9]}"
+           + (f" + {doc['dirty_files']} changed files" if doc.get("dirty_files") else "") + ")")
+    base = "-"
+    if doc.get("raw_instr_per_request"):
+        base = (f"raw server {doc['raw_instr_per_request']:,} instr/req → "
+                f"{doc['instr_per_request'] / doc['raw_instr_per_request']:.1f}× raw")
+    prev = doc.get("previous")
+    if prev:
+        base += f"; previous {int(float(prev['instr_per_request'])):,} ({prev['commit'][:9]})"
+    return [{"target": "6 callgrind instr/req", "figure": fig, "baseline": base, "command": command}]
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def table(rows: list[dict]) -> str:
+    cols = ("target", "figure", "baseline", "command")
+    widths = [max(len(c), *(len(r[c]) for r in rows)) for c in cols]
+    widths[-1] = len("command")
+    line = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [line(cols), "-+-".join("-" * w for w in widths)]
+    out += [line([r[c] for c in cols]) for r in rows]
+    return "\n".join(out)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=",".join(PARTS), help=f"comma list from {','.join(PARTS)}")
+    ap.add_argument("--full", action="store_true", help="longer runs (10 s instead of 5 s, more requests)")
+    ap.add_argument("--duration", type=int, default=None, help="seconds per measured run (5 short, 10 full)")
+    ap.add_argument("--auth-requests", type=int, default=None, help="requests per auth run (30k short, 100k full)")
+    ap.add_argument("--soak", type=int, default=0, help="connections: soak this many seconds instead")
+    ap.add_argument("--no-history", action="store_true", help="callgrind: do not append to the CSV")
+    ap.add_argument("--no-pin", action="store_true", help="latency/auth: do not pin")
+    ap.add_argument("--json", metavar="PATH", help="write the closing table as JSON")
+    args = ap.parse_args(argv)
+    args.only = [p.strip() for p in args.only.split(",") if p.strip()]
+    bad = [p for p in args.only if p not in PARTS]
+    if bad:
+        ap.error(f"unknown part(s) {bad}; choose from {', '.join(PARTS)}")
+    if args.duration is None:
+        args.duration = 10 if args.full else 5
+    return args
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = rel([PY, *(sys.argv if argv is None else [sys.argv[0], *argv])])
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    t0 = time.monotonic()
+    rows: list[dict] = []
+    funcs = {"cpu": part_cpu, "workers": part_workers, "latency": part_latency,
+             "connections": part_connections, "auth": part_auth, "callgrind": part_callgrind}
+    with tempfile.TemporaryDirectory(prefix="stellagw-issue8-") as tmpname:
+        tmp = Path(tmpname)
+        for part in PARTS:
+            if part not in args.only:
+                continue
+            print(f"\n######## {part}", flush=True)
+            log(f"{part} ...")
+            try:
+                rows += funcs[part](args, tmp)
+            except Exception as exc:  # one broken part must not hide the others
+                rows.append({"target": part, "figure": f"FAILED: {type(exc).__name__}: {exc}",
+                             "baseline": "-", "command": "-"})
+    print(f"\n######## issue 8 summary ({time.monotonic() - t0:.0f} s; "
+          f"{len(os.sched_getaffinity(0))} CPUs; {'short' if not args.full else 'full'} mode)")
+    print(table(rows))
+    print(f"command: {command}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    return 0 if all("FAILED" not in r["figure"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: all processes stopped", file=sys.stderr)
+        sys.exit(130)
