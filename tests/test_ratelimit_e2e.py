@@ -1,0 +1,62 @@
+"""The environment rate limit through the real gateway, with a real valkey-server shared by
+two gateway instances: the limit holds across instances, and a Valkey outage fails open."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import orjson
+
+from .gwtest import ROOT, Served, port_of, request, wait_for
+from .valkey_server import ValkeyProcess
+
+CONFIG = """
+gateway:
+  node: {{nodeId: {node}}}
+  http: {{port: 0}}
+  transports: {{tcp: {{port: 0}}}}
+rate_limiting:
+  process_back_pressure_when_more_than_per_5min: 0
+  for_environment:
+    valkey_connection: "{valkey}"
+    rules: [{{max_requests: 6, per_seconds: 60}}]
+    circuit_breaker: {{failure_threshold: 2, timeout_seconds: 30, half_open_timeout: 10}}
+"""
+
+
+def test_environment_limit_is_shared_across_instances_and_fails_open(tmp_path):
+    valkey = ValkeyProcess().start()
+    gws, svcs = [], []
+    try:
+        for node in ("gw-a", "gw-b"):
+            d = tmp_path / node
+            d.mkdir()
+            gw = Served(config_text=CONFIG.format(node=node, valkey=valkey.url), tmp_path=d)
+            rec = gw.wait_listening()[0]
+            gws.append((gw, port_of(rec["http"])))
+            svcs.append(subprocess.Popen([sys.executable, "-m", "tests.services", "--name", "rl",
+                                          "--gateway", f"127.0.0.1:{port_of(rec['tcp'])}"], cwd=ROOT))
+        for _, port in gws:
+            assert wait_for(lambda p=port: request(p, b"GET /t/rl/whoami HTTP/1.1\r\n\r\n")[0] == 200, 15)
+        # 2 requests were spent above; 4 more are allowed in the window across BOTH instances.
+        statuses = [request(gws[i % 2][1], b"GET /t/rl/whoami HTTP/1.1\r\n\r\n")
+                    for i in range(6)]
+        assert [s for s, _, _ in statuses] == [200, 200, 200, 200, 429, 429]
+        _, headers, body = statuses[4]
+        err = orjson.loads(body)
+        assert err["scope"] == "environment" and err["limit"] == 6
+        assert int(headers["retry-after"]) >= 1
+        # Valkey goes away: no 5xx, no 401 — the environment check fails open.
+        valkey.stop()
+        after = [request(gws[0][1], b"GET /t/rl/whoami HTTP/1.1\r\n\r\n")[0] for _ in range(5)]
+        assert after == [200] * 5
+        metrics = request(gws[0][1], b"GET /metrics HTTP/1.1\r\n\r\n")[2].decode()
+        assert "gateway_ratelimit_valkey_errors_total{" in metrics
+        assert "gateway_ratelimit_breaker_trips_total{" in metrics
+    finally:
+        for p in svcs:
+            p.terminate()
+            p.wait(10)
+        for gw, _ in gws:
+            gw.stop()
+        valkey.close()
