@@ -164,7 +164,7 @@ class Worker:
         if self.log.access_log:
             self.log.request(req.correlation_id, req.tenant, req.method,
                              req.target.decode("utf-8", "replace"), req.service,
-                             elapsed * 1000.0, status)
+                             elapsed * 1000.0, status, req.auth)
 
     def render_metrics(self) -> bytes:
         return self.metrics.render()

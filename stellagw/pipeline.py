@@ -33,6 +33,12 @@ _JSON = b"content-type: application/json\r\n"
 VERSION_HEADER = b"x-service-version"   # docs/selection.md: strict semver match when sent
 
 
+def _outcome(identity) -> str:
+    if identity.anonymous:
+        return "anonymous"
+    return identity.binding or "bearer"
+
+
 def _error(req, status, message, extra_headers=b""):
     return status, _JSON + extra_headers, error_body(status, message, req.correlation_id)
 
@@ -92,6 +98,7 @@ class Pipeline:
             auth_span.end()
         if result.__class__ is Identity:
             req.identity = result
+            req.auth = _outcome(result)
             if result.response_headers:   # a fresh DPoP-Nonce
                 req.resp_headers += result.response_headers
         elif result.__class__ is AuthFailure:
@@ -140,6 +147,7 @@ class Pipeline:
 
     def _refuse(self, req, failure):
         self._metrics.auth_failed(failure.reason)
+        req.auth = "refused:" + failure.reason
         return (failure.status, _JSON + failure.headers,
                 error_body(failure.status, failure.message, req.correlation_id, failure.code))
 
@@ -149,6 +157,7 @@ class Pipeline:
             self._answer(req, self._refuse(req, result))
             return
         req.identity = result
+        req.auth = _outcome(result)
         if result.response_headers:
             req.resp_headers += result.response_headers
         self._answer(req, self._after_auth(req, route, path, routing_s))

@@ -46,6 +46,10 @@ def build(name, gateways, region, version, instance):
     async def secure(req):
         return Response.json({k: v for k, v in req.headers.items() if k.startswith("x-stella")})
 
+    @svc.get(base + "/tenanted", claims=[("tenant", None)])
+    async def tenanted(req):
+        return Response(req.headers.get("x-stellaops-tenant", ""))
+
     @svc.get(base + "/admin", claims=[("scope", "scans:admin")])
     async def admin(req):
         return Response(b"admin")

@@ -212,3 +212,81 @@ def test_websocket_upgrade_is_authenticated_with_its_dpop_proof(stack):
         transport.disconnect()
     asyncio.run(main())
     assert got == [b"authenticated"]
+
+
+def test_replayed_proof_is_caught_by_a_second_instance_sharing_valkey(tmp_path):
+    from .valkey_server import ValkeyProcess
+    valkey = ValkeyProcess().start()
+    authority = DevAuthority(port=0).start_in_thread()
+    gws, svcs = [], []
+    origin = "http://gw.example.test"   # both instances sit behind one public name
+    try:
+        for node in ("gw-a", "gw-b"):
+            d = tmp_path / node
+            d.mkdir()
+            gw = Served(config_text=f"""
+gateway:
+  node: {{nodeId: {node}}}
+  http: {{port: 0, publicOrigin: "{origin}"}}
+  transports: {{tcp: {{port: 0}}}}
+  auth:
+    authority: "{authority.issuer}"
+    replayCache: {{valkey: "{valkey.url}"}}
+""", tmp_path=d)
+            rec = gw.wait_listening()[0]
+            gws.append((gw, port_of(rec["http"])))
+            svcs.append(subprocess.Popen([sys.executable, "-m", "tests.services", "--name", "rp",
+                                          "--gateway", f"127.0.0.1:{port_of(rec['tcp'])}"], cwd=ROOT))
+        for _, port in gws:
+            assert wait_for(lambda p=port: request(p, b"GET /t/rp/whoami HTTP/1.1\r\n\r\n")[0] == 200, 15)
+        key = DpopKey.generate()
+        token = fetch_token(authority.token_endpoint, "demo-client", "demo-secret", "scans:read",
+                            dpop_key=key)["access_token"]
+        proof = key.proof("GET", origin + "/t/rp/secure", access_token=token)
+        raw = (b"GET /t/rp/secure HTTP/1.1\r\nAuthorization: DPoP " + token.encode() +
+               b"\r\nDPoP: " + proof.encode() + b"\r\n\r\n")
+        assert request(gws[0][1], raw)[0] == 200
+        status, headers, _ = request(gws[1][1], raw)     # the same proof at the other instance
+        assert status == 401 and "invalid_dpop_proof" in headers["www-authenticate"]
+    finally:
+        for p in svcs:
+            p.terminate()
+            p.wait(10)
+        for gw, _ in gws:
+            gw.stop()
+        authority.stop()
+        valkey.close()
+
+
+def test_tenant_required_and_project_header(stack):
+    st = stack()
+    # A token without a tenant on an endpoint that declares a tenant claim: 403 TENANT_REQUIRED.
+    token = st.authority.mint(scopes=["scans:read"], jkt=st.key.thumbprint(),
+                              extra_claims={"stellaops:tenant": None, "tid": None,
+                                            "stellaops:project": "proj-9"})
+    status, _, body = call(st.base + "/t/sec/tenanted", token=token, dpop_key=st.key)
+    assert status == 403 and orjson.loads(body)["error"]["code"] == "TENANT_REQUIRED"
+    # The project claim travels as X-StellaOps-Project.
+    status, _, body = call(st.base + "/t/sec/secure", token=token, dpop_key=st.key)
+    assert status == 200 and orjson.loads(body)["x-stellaops-project"] == "proj-9"
+
+
+def test_log_lines_say_the_auth_outcome_and_never_carry_credentials(stack):
+    st = stack()
+    token = st.token()
+    assert call(st.base + "/t/sec/secure", token=token, dpop_key=st.key)[0] == 200
+    assert request(st.http, b"GET /t/sec/secure HTTP/1.1\r\n\r\n")[0] == 401
+    proof = st.key.proof("GET", st.base + "/t/sec/secure", access_token=token)
+    assert request(st.http, b"GET /t/sec/whoami HTTP/1.1\r\nAuthorization: DPoP " + token.encode()
+                   + b"\r\nDPoP: " + proof.encode() + b"\r\n\r\n")[0] == 401  # htu mismatch
+
+    def logged():
+        recs = [orjson.loads(x) for x in st.gw.lines if x.startswith(b"{")]
+        return [r for r in recs if r.get("path", "").startswith("/t/sec/")]
+    assert wait_for(lambda: len(logged()) >= 3, 5)
+    outcomes = [r["auth"] for r in logged()]
+    assert outcomes[:3] == ["dpop", "refused:missing_token", outcomes[2]]
+    assert outcomes[2].startswith("refused:")
+    text = b"\n".join(st.gw.lines)
+    assert token.encode() not in text and proof.encode() not in text
+    assert token.split(".")[2].encode() not in text

@@ -283,6 +283,13 @@ class Authenticator:
             identity = identity.with_scopes(identity.scopes & requested)
 
         if endpoint_claims:
+            if identity.tenant is None and any(
+                    isinstance(r, tuple) and r and r[0] == "tenant" for r in endpoint_claims):
+                # An endpoint that declares a `tenant` claim serves tenant-scoped data: a
+                # token without a tenant is refused before anything else (upstream §7).
+                return self._fail(req, None, "TENANT_REQUIRED",
+                                  "this endpoint needs a token issued for a tenant",
+                                  "tenant_required", 403)
             missing, other = unmet(identity, endpoint_claims)
             if missing:
                 return self._fail(req, scheme, "insufficient_scope",

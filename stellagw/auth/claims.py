@@ -4,6 +4,8 @@ Every requirement `(type, value)` must hold:
 
 - type `scope` (or `scp`): `value` is in the identity's scope set (the union of the token's
   `scope` and `scp`); value None = at least one scope;
+- type `tenant`: the token's tenant (`stellaops:tenant`, else `tid`); value None = any tenant
+  (a token without one gets 403 `TENANT_REQUIRED` from the Authenticator);
 - any other type names a claim of the verified token: value None = the claim is present;
   a list claim = `value` is one of its members; otherwise equality (numbers and booleans
   also match their JSON text, since HELLO declares values as strings).
@@ -55,6 +57,10 @@ def unmet(identity, requirements) -> tuple[list, bool]:
             ok = bool(identity.scopes) if value is None else value in identity.scopes
             if not ok:
                 missing_scopes.append(value)
+        elif kind == "tenant":
+            # The tenant comes from `stellaops:tenant`, else `tid` (identity.tenant).
+            if identity.tenant is None or (value is not None and identity.tenant != value):
+                other = True
         elif not isinstance(kind, str) or not _matches(identity.claims.get(kind), value):
             other = True
     return missing_scopes, other

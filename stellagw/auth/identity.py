@@ -97,6 +97,9 @@ class Identity:
         if self.tenant is not None:
             pairs.append((b"tenant", self.tenant))
         pairs.append((b"actor", self.subject))
+        project = self.claims.get("stellaops:project") if self.claims else None
+        if isinstance(project, str) and project and not _CONTROL.search(project):
+            pairs.append((b"project", project))
         if not self.anonymous:
             pairs.append((b"scopes", " ".join(sorted(self.scopes))))
             if self.client_id is not None:

@@ -9,6 +9,7 @@ status, or no answer), 2 bad arguments or configuration.
 from __future__ import annotations
 
 import argparse
+import os
 import hashlib
 import logging
 import sys
@@ -21,14 +22,26 @@ _KEYS: dict[str, object] = {}                   # one DPoP key per alg, this pro
 
 
 # -- dev-authority ----------------------------------------------------------------------------
+def default_key_file() -> str:
+    """The state directory keeps the signing keys across restarts, so tokens a client holds
+    stay valid when the development Authority restarts (as the real one's keys do)."""
+    base = (os.environ.get("STELLAGW_STATE_DIR")
+            or os.path.join(os.environ.get("XDG_STATE_HOME")
+                            or os.path.join(os.path.expanduser("~"), ".local", "state"), "stellagw"))
+    return os.path.join(base, "dev-authority-keys.pem")
+
+
 def add_dev_authority_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="listen address (loopback only unless "
                    "--allow-remote)")
     p.add_argument("--port", type=int, default=8400)
     p.add_argument("--audience", default="stellaops-gateway", help="aud of minted tokens")
     p.add_argument("--clients", metavar="FILE", help="client table (YAML or JSON)")
-    p.add_argument("--key-file", metavar="FILE", help="PEM signing keys; created when missing, "
-                   "the last key of each alg signs")
+    p.add_argument("--key-file", metavar="FILE", default=default_key_file(),
+                   help="PEM signing keys; created on first start and kept, the last key of "
+                   "each alg signs (default: %(default)s)")
+    p.add_argument("--ephemeral", action="store_true",
+                   help="keys in memory only, new at every start (tests)")
     p.add_argument("--lifetime", type=int, default=300, metavar="SECONDS", help="token lifetime")
     p.add_argument("--rs256", action="store_true", help="also publish an RS256 key")
     p.add_argument("--require-nonce", action="store_true",
@@ -66,8 +79,11 @@ def run_dev_authority(args: argparse.Namespace) -> int:
         return 2
     try:
         clients = load_clients(args.clients) if args.clients else None
+        key_file = None if args.ephemeral else args.key_file
+        if key_file:
+            os.makedirs(os.path.dirname(os.path.abspath(key_file)), mode=0o700, exist_ok=True)
         authority = Authority(args.issuer, audience=args.audience, clients=clients,
-                              lifetime=args.lifetime, key_file=args.key_file, rs256=args.rs256,
+                              lifetime=args.lifetime, key_file=key_file, rs256=args.rs256,
                               require_nonce=args.require_nonce)
         tls = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
         mtls = (server_context(args.tls_cert, args.tls_key, args.client_ca)

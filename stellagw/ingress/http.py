@@ -54,6 +54,7 @@ class Request:
         "resp_headers",     # bytes: header lines stages add to the response (rate limits, nonce)
         "span",             # the gateway.route span when tracing is on
         "websocket",        # bool: a WebSocket upgrade request (GET, Upgrade: websocket)
+        "auth",             # str for the log line: "dpop", "mtls", "bearer", "anonymous", "refused:<reason>"
     )
 
     def header(self, name: bytes) -> bytes | None:
@@ -508,6 +509,7 @@ def _new_request(conn) -> Request:
     req.resp_headers = b""
     req.span = None
     req.websocket = False
+    req.auth = None
     return req
 
 

@@ -58,13 +58,13 @@ class JsonLog:
         self._append(record)
 
     def request(self, correlation_id: str, tenant: str | None, method: str, path: str,
-                service: str, duration_ms: float, status: int) -> None:
+                service: str, duration_ms: float, status: int, auth: str | None = None) -> None:
         self._append({
             "timestamp": self._timestamp(), "level": "info", "message": "Request routed"
             if service else "Request answered",
             "correlationId": correlation_id, "tenantId": tenant, "method": method,
             "path": path, "service": service, "durationMs": round(duration_ms, 3),
-            "status": status,
+            "status": status, "auth": auth,
         })
 
     def _append(self, record: dict) -> None:
