@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     add_call_arguments(sub.add_parser(
         "call", help="send a request with an access token and a DPoP proof"))
 
+    ws = sub.add_parser("ws", help="open a WebSocket, send each MESSAGE, print what comes back")
+    ws.add_argument("url", metavar="URL")
+    ws.add_argument("messages", nargs="*", metavar="MESSAGE")
+    ws.add_argument("--wait", type=float, default=1.0, metavar="SECONDS",
+                    help="how long to wait for answers after the last message")
+
     check = sub.add_parser("check-config", help="validate a configuration and print it, secrets masked")
     check.add_argument("file", metavar="FILE")
     return p
@@ -63,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("dev-authority", "call"):
             from .devauth.cli import run_call, run_dev_authority
             return (run_dev_authority if args.command == "dev-authority" else run_call)(args)
+        if args.command == "ws":
+            return _ws(args.url, args.messages, args.wait)
         if args.command == "demo-service":
             from .demo import run_service
             return run_service(args.name, args.gateway or ["127.0.0.1:9100"], args.region,
@@ -89,6 +97,38 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stellagw: cannot start: {exc}", file=sys.stderr)
             return 1
     return 2
+
+
+def _ws(url: str, messages: list[str], wait: float) -> int:
+    """A tiny WebSocket client (picows) for trying the demo's WebSocket endpoint."""
+    import asyncio
+
+    from picows import WSListener, WSMsgType, ws_connect
+
+    class Printer(WSListener):
+        def on_ws_frame(self, transport, frame):
+            if frame.msg_type == WSMsgType.CLOSE:
+                print(f"(closed {frame.get_close_code()})")
+                transport.disconnect()
+            elif frame.msg_type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                print(frame.get_payload_as_bytes().decode("utf-8", "replace"), flush=True)
+
+    async def main():
+        transport, _ = await ws_connect(Printer, url)
+        await asyncio.sleep(0.2)
+        for message in messages:
+            transport.send(WSMsgType.TEXT, message.encode())
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(wait)
+        transport.send_close()
+        transport.disconnect()
+
+    try:
+        asyncio.run(main())
+    except Exception as exc:  # refused upgrade, connection refused ...
+        print(f"stellagw ws: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _apply_overrides(settings, args):

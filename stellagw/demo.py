@@ -5,6 +5,7 @@ its own process, with real DPoP-bound tokens end to end.
              POST /api/v1/scans               start a scan                (scope scans:write)
              GET  /api/v1/scans/{id}/report   a streamed report, chunked  (scope scans:read)
     policy   GET  /api/v1/policies            the policy list             (anonymous allowed)
+             WS   /api/v1/policies/watch      verdicts for images sent as messages
 
 `stellagw demo-service --name NAME --gateway HOST:PORT` runs one of them alone (also
 `bench`, a hello endpoint for the benchmarks).
@@ -33,6 +34,8 @@ signs a fresh DPoP proof for every request:
   python3 -m stellagw call http://{host}:{port}/api/v1/scans/42/report      # streamed, chunked
   curl -i http://{host}:{port}/api/v1/scans/42                # 401: no token (WWW-Authenticate: DPoP)
   curl -i http://{host}:{port}/api/v1/policies                # anonymous is allowed here
+  python3 -m stellagw ws ws://{host}:{port}/api/v1/policies/watch alpine:3.20 nginx:latest
+                                                              # a WebSocket through the gateway
   curl -i -H 'X-Correlation-Id: my-trace-1' http://{host}:{port}/api/v1/policies
   for i in $(seq 25); do curl -s -o /dev/null -w '%{{http_code}} ' http://{host}:{port}/api/v1/policies; done; echo
                                                               # 429 past 20 requests/s per client
@@ -76,6 +79,15 @@ def build_service(name: str, gateways, region: str = "local", version: str = "1.
         async def policies(req):
             return Response.json([{"id": "p-1", "name": "no-critical-cves"},
                                   {"id": "p-2", "name": "signed-images-only"}])
+
+        @svc.websocket("/api/v1/policies/watch", openapi={"summary": "Watch policy decisions"})
+        async def watch(ws):
+            # A WebSocket through the gateway: every message is evaluated and answered.
+            await ws.send('{"event":"watching","policies":["no-critical-cves","signed-images-only"]}')
+            async for message in ws:
+                image = message if isinstance(message, str) else message.decode("utf-8", "replace")
+                verdict = "deny" if "latest" in image else "allow"
+                await ws.send(f'{{"image":"{image[:200]}","verdict":"{verdict}"}}')
     elif name == "bench":
         body = b"hello from bench\n"
 
