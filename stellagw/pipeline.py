@@ -27,10 +27,9 @@ from time import perf_counter
 from .auth import AuthFailure, Identity
 from .ingress.responses import error_body
 from .radix import FOUND, NOT_FOUND, normalize_path
-from .ratelimit import Decision, identity_key, rate_limit_headers, rejection
+from .ratelimit import Decision, rate_limit_headers, rejection
 
 _JSON = b"content-type: application/json\r\n"
-VERSION_HEADER = b"x-service-version"   # docs/selection.md: strict semver match when sent
 
 
 def _outcome(identity) -> str:
@@ -52,6 +51,8 @@ class Pipeline:
         self._auth = worker.auth
         self._limiter = worker.limiter
         self._metrics = worker.metrics
+        self._auth_hist = worker.metrics.phase_histogram("auth")
+        self._routing_hist = worker.metrics.phase_histogram("routing")
         self._tracing = worker.tracing
         self._default_timeout = gw.routing.default_timeout
         # Bodies above this go as REQUEST_STREAM_DATA frames rather than inside REQUEST.
@@ -92,13 +93,14 @@ class Pipeline:
         if tracing is not None:
             auth_span = tracing.child(tracing.start_route(req), "gateway.auth.validate")
         result = self._auth.authenticate(req, route.candidates[0][1].claims)
-        self._metrics.phase("auth", perf_counter() - t1)
+        t2 = perf_counter()
+        self._auth_hist.observe(t2 - t1)
         if tracing is not None:
             auth_span.set_attribute("stellagw.auth.outcome", result.__class__.__name__)
             auth_span.end()
         if result.__class__ is Identity:
             req.identity = result
-            req.auth = _outcome(result)
+            req.auth = "anonymous" if result.anonymous else (result.binding or "bearer")
             if result.response_headers:   # a fresh DPoP-Nonce
                 req.resp_headers += result.response_headers
         elif result.__class__ is AuthFailure:
@@ -106,18 +108,19 @@ class Pipeline:
         else:
             self._spawn(req, self._authenticate_later(req, route, path, result, t1 - t0))
             return None
-        return self._after_auth(req, route, path, t1 - t0)
+        # The routing phase: match, then (from t2) the rate-limit decision and selection.
+        return self._after_auth(req, route, path, t1 - t0 - t2)
 
     # ------------------------------------------------------------------ stages 9–11
 
     def _after_auth(self, req, route, path, routing_s):
         # 9. rate-limit
         identity = req.identity
-        key = identity_key(None if identity.anonymous else identity.subject,
-                           req.conn.peer_ip.decode("latin-1"))
+        key = req.conn.anonymous_key if identity.anonymous else "sub:" + identity.subject
         decision = self._limiter.check(key, req.tenant, route.service, route.template, path)
         if decision.__class__ is not Decision:
-            self._spawn(req, self._limit_later(req, route, path, decision, routing_s))
+            spent = routing_s + perf_counter()   # routing time so far; the Valkey wait is not
+            self._spawn(req, self._limit_later(req, route, path, decision, spent))
             return None
         return self._after_limit(req, route, path, decision, routing_s)
 
@@ -128,11 +131,13 @@ class Pipeline:
         if decision.scope is not None:
             req.resp_headers += rate_limit_headers(decision)
 
-        # 10. select
-        t = perf_counter()
-        version = req.header(VERSION_HEADER)
+        # 10. select (X-Service-Version, read by the ingress: a strict semver pin)
+        version = req.version
         selected = self._routing.select(route, version.decode("latin-1") if version else None)
-        self._metrics.phase("routing", routing_s + perf_counter() - t)
+        # `routing_s` arrives as (match time − the clock when the decision started), so one
+        # clock read here closes the phase (a clock read costs as much as a histogram bucket).
+        now = perf_counter()
+        self._routing_hist.observe(routing_s + now)
         if selected is None:
             return _error(req, 503, f"no healthy instance of {route.service}"
                           + (f" {version.decode('latin-1')}" if version else ""))
@@ -140,7 +145,7 @@ class Pipeline:
 
         # 11. dispatch (12. respond happens when the service answers)
         instance.conn.send_request(req, endpoint, endpoint.timeout or self._default_timeout,
-                                   path, self._stream_threshold)
+                                   path, self._stream_threshold, now)
         return None
 
     # ------------------------------------------------------------------ waiting for I/O
@@ -160,11 +165,11 @@ class Pipeline:
         req.auth = _outcome(result)
         if result.response_headers:
             req.resp_headers += result.response_headers
-        self._answer(req, self._after_auth(req, route, path, routing_s))
+        self._answer(req, self._after_auth(req, route, path, routing_s - perf_counter()))
 
-    async def _limit_later(self, req, route, path, pending, routing_s):
+    async def _limit_later(self, req, route, path, pending, spent):
         decision = await pending
-        self._answer(req, self._after_limit(req, route, path, decision, routing_s))
+        self._answer(req, self._after_limit(req, route, path, decision, spent - perf_counter()))
 
     @staticmethod
     def _answer(req, result):

@@ -16,7 +16,7 @@ from time import perf_counter
 
 import httptools
 
-from .responses import JSON, error_body, status_line
+from .responses import JSON, STATUS_LINES, error_body, status_line
 
 # How many parsed requests may wait behind the one in flight before we stop reading:
 # bounds the memory one pipelining client can make us hold.
@@ -55,6 +55,7 @@ class Request:
         "span",             # the gateway.route span when tracing is on
         "websocket",        # bool: a WebSocket upgrade request (GET, Upgrade: websocket)
         "auth",             # str for the log line: "dpop", "mtls", "bearer", "anonymous", "refused:<reason>"
+        "version",          # bytes: X-Service-Version, a strict version pin (docs/selection.md)
     )
 
     def header(self, name: bytes) -> bytes | None:
@@ -76,6 +77,7 @@ class HttpProtocol(asyncio.Protocol):
         self.peer_cert: bytes | None = None   # DER of the client certificate (mTLS)
         self.peername = None
         self.peer_ip = b""
+        self.anonymous_key = "ip:"
         self._parser = None
         self._queue: deque[Request] = deque()
         self._current: Request | None = None
@@ -125,8 +127,10 @@ class HttpProtocol(asyncio.Protocol):
         if ssl_object is not None:
             self.peer_cert = ssl_object.getpeercert(binary_form=True)
         self.peername = peer = transport.get_extra_info("peername")
-        # X-Forwarded-For of every request on this connection, encoded once.
+        # X-Forwarded-For of every request on this connection, encoded once, and the
+        # rate-limit key of its anonymous requests (ratelimit.identity_key).
         self.peer_ip = peer[0].encode() if isinstance(peer, tuple) else b""
+        self.anonymous_key = "ip:" + (peer[0] if isinstance(peer, tuple) else "")
         self._parser = server.new_parser(self)
         self._set_deadline(D_HEADER, self._settings.header_read_timeout)
 
@@ -193,7 +197,8 @@ class HttpProtocol(asyncio.Protocol):
         self._reject = None
         self._upgrade = False
         if self._current is None:
-            self._set_deadline(D_HEADER, self._settings.header_read_timeout)
+            self.deadline_kind = D_HEADER
+            self.deadline = self._server.now + self._settings.header_read_timeout
 
     def on_url(self, url: bytes):
         self._url += url
@@ -231,20 +236,27 @@ class HttpProtocol(asyncio.Protocol):
             req.target, req.query = url[:q], url[q + 1:]
         else:
             req.target, req.query = url, b""
-        req.correlation_id = self._server.correlation_id(headers)
-
+        # One pass over the headers for everything the request path needs from them.
         limit = self._settings.max_request_body_size
-        expect = None
+        expect = cid = None
         for name, value in headers:
             if name == b"content-length":
                 # llhttp (strict) already refused malformed and conflicting lengths.
                 if int(value) > limit:
+                    req.correlation_id = self._server.correlation_id_of(cid)
                     self._reject = (413, "request body larger than %d bytes" % limit)
                     raise _Reject
+            elif name == b"x-correlation-id":
+                if cid is None:
+                    cid = value
+            elif name == b"x-service-version":
+                if req.version is None:
+                    req.version = value
             elif name == b"upgrade":
                 self._upgrade = True
             elif name == b"expect":
                 expect = value.lower()
+        req.correlation_id = self._server.correlation_id_of(cid)
         if self._upgrade and parser.should_upgrade():
             upgrade = req.header(b"upgrade") or b""
             if upgrade.lower() != b"websocket" or req.method != "GET":
@@ -258,7 +270,8 @@ class HttpProtocol(asyncio.Protocol):
                 raise _Reject
             if req.http_version == "1.1" and self._current is None and not self._queue:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._set_deadline(D_BODY, self._settings.header_read_timeout)
+        self.deadline_kind = D_BODY
+        self.deadline = self._server.now + self._settings.header_read_timeout
 
     def on_body(self, body: bytes):
         self._body_size += len(body)
@@ -344,7 +357,7 @@ class HttpProtocol(asyncio.Protocol):
         keep = req.keep_alive and not close and not server.draining
         # RFC 9110 §8.6: no Content-Length on 304 (it would describe the unsent body).
         length = b"content-length: %d\r\n" % len(body) if status != 304 else b""
-        out = [status_line(status), server.date_header, length,
+        out = [STATUS_LINES.get(status) or status_line(status), server.date_header, length,
                headers, req.resp_headers, b"x-correlation-id: ",
                req.correlation_id.encode("latin-1"), b"\r\n"]
         if not keep:
@@ -374,7 +387,8 @@ class HttpProtocol(asyncio.Protocol):
             # Answered from a callback (routed request): carry on with the queue here.
             self._pump()
         if self._current is None and not self._queue and self._req is None:
-            self._set_deadline(D_IDLE, self._settings.keep_alive_timeout)
+            self.deadline_kind = D_IDLE
+            self.deadline = self._server.now + self._settings.keep_alive_timeout
 
     # ---------------------------------------------------------------- streamed responses
 
@@ -510,6 +524,7 @@ def _new_request(conn) -> Request:
     req.span = None
     req.websocket = False
     req.auth = None
+    req.version = None
     return req
 
 

@@ -97,6 +97,13 @@ class Metrics:
             hist = self.durations[hkey] = Histogram()
         hist.observe(seconds)
 
+    def phase_histogram(self, name: str) -> Histogram:
+        """The histogram of one phase, for callers that observe it on the hot path directly."""
+        hist = self.phases.get(name)
+        if hist is None:
+            hist = self.phases[name] = Histogram()
+        return hist
+
     def phase(self, name: str, seconds: float) -> None:
         hist = self.phases.get(name)
         if hist is None:

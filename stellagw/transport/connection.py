@@ -33,6 +33,7 @@ _TYPE_NAMES = {getattr(fr, n): n for n in (
     "RESPONSE_STREAM_DATA", "CANCEL", "HELLO_ACK", "DRAIN", "PING", "PONG", "WINDOW_UPDATE")}
 
 AWAIT_HELLO, READY, CLOSED = 0, 1, 2
+_REQUEST = fr.REQUEST
 
 
 class Pending:
@@ -41,7 +42,7 @@ class Pending:
     __slots__ = ("corr", "req", "owner", "deadline", "bucket", "streaming", "unacked", "sent_at",
                  "body", "body_pos", "window", "span", "ws")
 
-    def __init__(self, corr, req, owner):
+    def __init__(self, corr, req, owner, sent_at):
         self.corr = corr
         self.req = req
         self.owner = owner         # the ServiceConnection it was sent on
@@ -49,7 +50,7 @@ class Pending:
         self.bucket = None         # the timer wheel's set holding it while it can time out
         self.streaming = False     # RESPONSE head written, RESPONSE_STREAM_DATA follows
         self.unacked = 0           # stream bytes written to the client but not yet granted back
-        self.sent_at = perf_counter()
+        self.sent_at = sent_at     # perf_counter() when the REQUEST was queued
         self.body = None           # request body still to send as REQUEST_STREAM_DATA
         self.body_pos = 0
         self.window = INITIAL_WINDOW  # credit for our REQUEST_STREAM_DATA
@@ -88,6 +89,7 @@ class ServiceConnection(asyncio.Protocol):
         self._hello_timer = None
         self.peer_window = INITIAL_WINDOW   # the service's stream_window from HELLO
         self._frames_in = hub.frames_in
+        self._transport_hist = hub.metrics.phase_histogram("transport")
 
     # ---------------------------------------------------------------- transport callbacks
 
@@ -255,7 +257,7 @@ class ServiceConnection(asyncio.Protocol):
             self._cancel(pending, "Aborted")
             self._reply_error(req, 502, "the service sent an invalid response")
             return
-        self._hub.observe_transport(perf_counter() - pending.sent_at)
+        self._transport_hist.observe(perf_counter() - pending.sent_at)
         if flags & fr.FLAG_END_STREAM:
             self._finish(pending)
             req.conn.respond(req, status, block, body)
@@ -345,13 +347,11 @@ class ServiceConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- requests to the service
 
-    def next_corr(self) -> bytes:
+    def send_request(self, req, endpoint, timeout: float, path: str, stream_threshold: int,
+                     sent_at: float) -> None:
         self._corr_next += 1
-        return self._corr_prefix + self._corr_next.to_bytes(8, "big")
-
-    def send_request(self, req, endpoint, timeout: float, path: str, stream_threshold: int) -> None:
-        corr = self.next_corr()
-        pending = Pending(corr, req, self)
+        corr = self._corr_prefix + self._corr_next.to_bytes(8, "big")
+        pending = Pending(corr, req, self, sent_at)
         pending.window = self.peer_window
         self.inflight[corr] = pending
         identity = req.identity
@@ -379,8 +379,11 @@ class ServiceConnection(asyncio.Protocol):
         else:
             self._encoder.request(corr, req.method, path, req.query, headers, timeout_ms,
                                   fr.FLAG_END_STREAM, body)
-            self._out(fr.REQUEST)
-        self._schedule_flush()
+            frames = self._frames_in
+            frames[_REQUEST] = frames.get(_REQUEST, 0) + 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
         self._hub.arm(pending, timeout)
         req.pending = pending
 
@@ -429,7 +432,11 @@ class ServiceConnection(asyncio.Protocol):
             self._schedule_flush()
 
     def _finish(self, pending):
-        _disarm(pending)
+        pending.deadline = 0.0          # _disarm, inlined: this runs for every request
+        bucket = pending.bucket
+        if bucket is not None:
+            bucket.discard(pending)
+            pending.bucket = None
         self.inflight.pop(pending.corr, None)
         if pending.span is not None:
             pending.span.end()

@@ -199,8 +199,5 @@ class TransportHub:
             "max_frame_size": self.max_frame_size,
         }
 
-    def observe_transport(self, seconds: float) -> None:
-        self.worker.observe_phase("transport", seconds)
-
     def count_timeout(self) -> None:
         self.timeouts += 1
