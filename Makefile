@@ -3,6 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
 .PHONY: demo test test-tools install build annotate debug-build perf bench clean
+.PHONY: flamegraph perf-stat callgrind bench-ratelimit test-alerts
 
 # Set up and run the gateway with its embedded demo.
 demo: install
@@ -38,6 +39,35 @@ debug-build:
 perf: install
 	bash perf/install-tools.sh
 	$(PYTHON) perf/compare.py
+
+# Profiling the routed path (perf/README.md, "Profiling"). Each run is bounded and stops
+# every process it starts. PROFILE_SECONDS sets the window (default 10 s).
+PROFILE_SECONDS ?= 10
+
+# py-spy (pip install py-spy) of the gateway under wrk load on GET /bench/hello, Python and
+# native (uvloop, httptools, Cython) frames -> perf/results/flamegraph.svg.
+flamegraph:
+	$(PYTHON) perf/profile_routed.py flamegraph --duration $(PROFILE_SECONDS) --out perf/results/flamegraph.svg
+
+# perf stat -e instructions,cycles on the gateway under the same load; prints "not supported
+# here" when perf (Debian: linux-perf) or the hardware counters are missing (most VMs).
+perf-stat:
+	$(PYTHON) perf/profile_routed.py perf-stat --duration $(PROFILE_SECONDS)
+
+# Instructions per routed request under callgrind (valgrind), the run-to-run steady figure;
+# appends to perf/callgrind_history.csv (CALLGRIND_ARGS=--no-history to skip that).
+CALLGRIND_ARGS ?=
+callgrind:
+	$(PYTHON) perf/callgrind_routed.py $(CALLGRIND_ARGS)
+
+# Rate-limit cost per request (issue 5): instance tier, environment tier (a local
+# valkey-server) and limiting off, side by side, three interleaved rounds.
+bench-ratelimit:
+	$(PYTHON) perf/compare.py --targets gateway-routed,gateway-routed-rl-instance,gateway-routed-rl-env --duration 8 --rounds 3
+
+# promtool check config / check rules / test rules on grafana/ (Debian's prometheus package).
+test-alerts: test-tools
+	$(PYTHON) -m pytest -q tests/test_alerts.py
 
 bench: build
 	$(PYTHON) perf/bench_frame.py

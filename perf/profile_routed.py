@@ -1,0 +1,226 @@
+"""Profile the gateway on the routed path under wrk load (issue 7 part 5)::
+
+    python perf/profile_routed.py flamegraph     # py-spy -> perf/results/flamegraph.svg (make flamegraph)
+    python perf/profile_routed.py perf-stat      # perf stat -e instructions,cycles (make perf-stat)
+
+Both start what ``perf/compare.py --targets gateway-routed`` starts -- ``python -m stellagw
+serve`` (supervisor + 1 worker, pinned to ``--server-cpu``) and ``python -m stellagw
+demo-service --name bench`` next to wrk on ``--load-cpu`` -- warm up 1 s, then keep
+``wrk -t1 -c64 GET /bench/hello`` running while the profiler watches the gateway's processes
+for ``--duration`` seconds (10 by default).  ``--target gateway-routed-rl-instance`` /
+``gateway-routed-rl-env`` profiles the same path with rate limiting on (compare.py's targets).  Loopback only, bounded, every process stopped
+at the end (compare.py's process handling).
+
+* ``flamegraph``: ``py-spy record --subprocesses --native -p <supervisor>`` (Python frames
+  plus the C/Cython ones: uvloop, httptools, stellagw._cext), SVG written to ``--out``.
+  Native unwinding stops the worker for each sample (py-spy has no non-blocking native
+  mode), so req/s under the profiler reads lower; ``--no-native`` samples without stopping
+  it (Python frames only).
+* ``perf-stat``: ``perf stat -e instructions,cycles,task-clock -p <gateway pids>``; prints
+  instructions and cycles per request (requests = wrk's rate x the window).  Virtual
+  machines often expose no hardware counters: then it prints "not supported here" with the
+  reason, and the task-clock per request that the software counter still gives.  No
+  ``perf`` at all (Debian: ``apt-get install linux-perf``) is reported the same way.
+  Exit status 0 in both cases: "not supported" is an answer, not a failure.
+
+For instruction counts that repeat from run to run use ``perf/callgrind_routed.py``
+(``make callgrind``).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PERF_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(PERF_DIR))
+
+import compare as cmp  # noqa: E402  (perf/compare.py: processes, pinning, targets, wrk)
+
+REPO_DIR = PERF_DIR.parent
+RESULTS = PERF_DIR / "results"
+
+
+def log(msg: str) -> None:
+    print(f"[profile] {msg}", file=sys.stderr, flush=True)
+
+
+def gateway_pids(st: cmp.Started) -> list[int]:
+    return [p.pid for p in cmp.tree([st.measured[0].popen.pid])]
+
+
+def start_load(procs: cmp.ProcSet, s: cmp.Settings, st: cmp.Started, seconds: int) -> cmp.Proc:
+    cmd = cmp.wrk_cmd(s, st.port, st.path, s.connections, seconds, st.pin)
+    log("load: " + shlex.join(cmd))
+    return procs.start("wrk-profile", cmd)
+
+
+def finish_load(procs: cmp.ProcSet, wrk: cmp.Proc, seconds: int) -> dict:
+    try:
+        wrk.popen.wait(timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        raise cmp.TargetFailed("wrk did not finish") from None
+    procs.procs.remove(wrk)
+    text = wrk.log.read_text(errors="replace")
+    if wrk.popen.returncode != 0:
+        raise cmp.TargetFailed(f"wrk exited {wrk.popen.returncode}:\n{text}")
+    return cmp.parse_wrk(text)
+
+
+def flamegraph(args, s: cmp.Settings, procs: cmp.ProcSet, st: cmp.Started) -> int:
+    pyspy = shutil.which("py-spy")
+    if not pyspy:
+        print("flamegraph: not supported here: py-spy not found (pip install py-spy)")
+        return 0
+    out = Path(args.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    root = st.measured[0].popen.pid
+    cmd = [pyspy, "record", "--subprocesses", "-p", str(root), "--duration", str(args.duration),
+           "--rate", str(args.rate), "--format", "flamegraph", "-o", str(out)]
+    # --native needs the target stopped while its stack is read (py-spy refuses it with
+    # --nonblocking): each sample pauses the worker for a moment, so req/s reads lower.
+    cmd += ["--native"] if args.native else ["--nonblocking"]
+    # py-spy samples from the load CPU: the measured worker keeps its CPU.
+    cmd = s.pin.wrap(s.pin.load_cpu, cmd)
+    wrk = start_load(procs, s, st, args.duration + 2)
+    time.sleep(1)
+    log("$ " + shlex.join(cmd))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60)
+    load = finish_load(procs, wrk, args.duration + 2)
+    if r.returncode != 0 or not out.exists():
+        tail = (r.stderr or r.stdout).strip().splitlines()[-5:]
+        print(f"flamegraph: py-spy failed (exit {r.returncode}): " + " | ".join(tail))
+        if args.native:
+            print("  try again without native frames: python perf/profile_routed.py flamegraph --no-native")
+        return 1
+    samples = re.search(r"Samples: (\d+)", r.stdout + r.stderr)
+    print(f"flamegraph: {out.relative_to(REPO_DIR) if out.is_relative_to(REPO_DIR) else out} "
+          f"({out.stat().st_size / 1024:.0f} KiB"
+          + (f", {samples.group(1)} samples" if samples else "")
+          + f"; gateway under {load['req_per_s']:,.0f} req/s on {st.path}, "
+          f"{'native + ' if args.native else ''}Python frames, {args.duration} s at {args.rate} Hz)")
+    print(f"  layout: {st.layout}")
+    print(f"  py-spy: {shlex.join(cmd)}")
+    return 0
+
+
+PERF_EVENTS = ("instructions", "cycles", "task-clock")
+
+
+def perf_stat(args, s: cmp.Settings, procs: cmp.ProcSet, st: cmp.Started) -> int:
+    perf = shutil.which("perf")
+    if not perf:
+        print("perf-stat: not supported here: `perf` is not installed "
+              "(Debian: apt-get install linux-perf)")
+        return 0
+    pids = gateway_pids(st)
+    outfile = Path(args.tmp) / "perf-stat.csv"
+    cmd = [perf, "stat", "-x", ",", "-o", str(outfile), "-e", ",".join(PERF_EVENTS),
+           "-p", ",".join(map(str, pids)), "--", "sleep", str(args.duration)]
+    cmd = s.pin.wrap(s.pin.load_cpu, cmd)
+    wrk = start_load(procs, s, st, args.duration + 2)
+    time.sleep(1)
+    log("$ " + shlex.join(cmd))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60)
+    load = finish_load(procs, wrk, args.duration + 2)
+    text = outfile.read_text(errors="replace") if outfile.exists() else ""
+    if r.returncode != 0 and not text:
+        why = (r.stderr or r.stdout).strip().splitlines()
+        print(f"perf-stat: not supported here: perf stat failed (exit {r.returncode}): "
+              + (why[-1] if why else "no output")
+              + " (kernel.perf_event_paranoid, a container without CAP_PERFMON/CAP_SYS_ADMIN?)")
+        return 0
+    values: dict[str, float | None] = {}
+    for line in text.splitlines():
+        f = line.split(",")
+        if len(f) >= 3 and f[2] in PERF_EVENTS:
+            try:
+                values[f[2]] = float(f[0])
+            except ValueError:          # "<not supported>" / "<not counted>"
+                values[f[2]] = None
+    n = load["req_per_s"] * args.duration     # requests in the window, at wrk's rate
+    who = ("the gateway's one process: with workers: 1 the supervisor runs the worker itself"
+           if len(pids) == 1 else "supervisor + workers")
+    print(f"perf-stat: gateway pid(s) {','.join(map(str, pids))} ({who}), {args.duration} s "
+          f"under {load['req_per_s']:,.0f} req/s (~{n:,.0f} requests in the window)")
+    hw = [e for e in ("instructions", "cycles") if values.get(e) is not None]
+    if hw:
+        for e in hw:
+            print(f"  {e:<12} {values[e]:>16,.0f}   {values[e] / n:>10,.0f} per request")
+        if len(hw) == 2 and values["cycles"]:
+            print(f"  IPC          {values['instructions'] / values['cycles']:.2f}")
+    else:
+        print("  instructions, cycles: not supported here: the CPU's hardware counters are not "
+              "exposed to this machine (a VM without a virtual PMU; perf says <not supported>)")
+    if values.get("task-clock") is not None:
+        print(f"  task-clock   {values['task-clock']:>16,.1f} ms  {values['task-clock'] * 1e3 / n:>10,.1f} "
+              "CPU-µs per request (software counter)")
+    print(f"  layout: {st.layout}")
+    print(f"  perf: {shlex.join(cmd)}")
+    return 0
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=("flamegraph", "perf-stat"))
+    ap.add_argument("--duration", type=int, default=10, help="seconds profiled (default 10)")
+    ap.add_argument("--out", default=str(RESULTS / "flamegraph.svg"),
+                    help="flamegraph SVG (default perf/results/flamegraph.svg)")
+    ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second (default 250)")
+    ap.add_argument("--no-native", dest="native", action="store_false",
+                    help="py-spy without native (C/Cython) frames")
+    ap.add_argument("--target", default="gateway-routed",
+                    choices=[t for t in cmp.ALL_TARGETS if t.startswith("gateway-routed") and t != "gateway-routed-2w"],
+                    help="which compare.py gateway target to profile (default gateway-routed; "
+                         "gateway-routed-rl-env profiles the environment rate-limit check)")
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--server-cpu", type=int, default=0)
+    ap.add_argument("--load-cpu", type=int, default=1)
+    ap.add_argument("--no-pin", action="store_true")
+    ap.add_argument("--start-timeout", type=float, default=30.0)
+    return ap.parse_args(argv)
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not shutil.which("wrk"):
+        print("wrk not found: run `sh perf/install-tools.sh`", file=sys.stderr)
+        return 2
+    pin = cmp.decide_pinning(args.server_cpu, args.load_cpu, args.no_pin)
+    s = cmp.Settings(args.duration, args.connections, 1, 0, 0, args.start_timeout, pin,
+                     sys.executable)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    with tempfile.TemporaryDirectory(prefix="stellagw-profile-") as tmpname:
+        args.tmp = tmpname
+        procs = cmp.ProcSet(Path(tmpname))
+        try:
+            st = cmp.TARGETS[args.target](s, procs, Path(tmpname))
+            cmp.run_wrk(procs, cmp.wrk_cmd(s, st.port, st.path, s.connections, cmp.WARMUP_S, st.pin),
+                        cmp.WARMUP_S)
+            procs.check_alive()
+            fn = flamegraph if args.what == "flamegraph" else perf_stat
+            return fn(args, s, procs, st)
+        except (cmp.TargetUnavailable, cmp.TargetFailed, subprocess.TimeoutExpired) as exc:
+            print(f"{args.what}: FAILED: {exc}")
+            return 1
+        finally:
+            procs.stop_all()
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: all profiling processes stopped", file=sys.stderr)
+        sys.exit(130)
