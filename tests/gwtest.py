@@ -231,6 +231,13 @@ class Pki:
         self.client_key = write("client.key", ckey.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()))
+        # A second client of the same CA: valid for TLS, but not on an allow-list.
+        okey, ocert = leaf("client-2", False)
+        self.other_cert_der = ocert.public_bytes(serialization.Encoding.DER)
+        self.other_cert = write("other.pem", ocert.public_bytes(serialization.Encoding.PEM))
+        self.other_key = write("other.key", okey.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
 
     def client_context(self, with_cert: bool = False) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=self.ca_path)
