@@ -120,7 +120,12 @@ class Pipeline:
         decision = self._limiter.check(key, req.tenant, route.service, route.template, path)
         if decision.__class__ is not Decision:
             spent = routing_s + perf_counter()   # routing time so far; the Valkey wait is not
-            self._spawn(req, self._limit_later(req, route, path, decision, spent))
+            if isinstance(decision, asyncio.Future):
+                # A Future of callbacks, not a coroutine: no Task per Valkey check.
+                decision.add_done_callback(
+                    lambda fut: self._limit_done(fut, req, route, path, spent))
+            else:
+                self._spawn(req, self._limit_later(req, route, path, decision, spent))
             return None
         return self._after_limit(req, route, path, decision, routing_s)
 
@@ -170,6 +175,16 @@ class Pipeline:
     async def _limit_later(self, req, route, path, pending, spent):
         decision = await pending
         self._answer(req, self._after_limit(req, route, path, decision, spent - perf_counter()))
+
+    def _limit_done(self, fut, req, route, path, spent):
+        try:
+            decision = fut.result()
+            result = self._after_limit(req, route, path, decision, spent - perf_counter())
+        except BaseException as exc:  # noqa: BLE001 -- the client still gets an answer
+            self._worker.log.event("error", "pipeline callback failed",
+                                   correlationId=req.correlation_id, error=repr(exc))
+            result = _error(req, 500, "internal error")
+        self._answer(req, result)
 
     @staticmethod
     def _answer(req, result):

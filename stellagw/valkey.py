@@ -445,6 +445,35 @@ class ValkeyClient:
         await self.execute("SCRIPT", "LOAD", script.source)
         return await self.execute(*command)
 
+    def evalsha_future(self, script: Script, keys=(), args=()) -> asyncio.Future:
+        """evalsha() as a Future built from callbacks, without a coroutine or a Task: the
+        rate-limit check runs per request, and a Task per check cost more gateway CPU than
+        the check itself. Connecting and NOSCRIPT reloads take the coroutine path."""
+        loop = asyncio.get_running_loop()
+        outer = loop.create_future()
+        conn = self._conn
+        if conn is None or conn.lost or conn.transport.is_closing():
+            _chain(asyncio.ensure_future(self.evalsha(script, keys, args)), outer)
+            return outer
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+
+        def on_reply(fut: asyncio.Future) -> None:
+            if outer.done():
+                return
+            if fut.cancelled():
+                outer.cancel()
+                return
+            exc = fut.exception()
+            if exc is None:
+                outer.set_result(fut.result())
+            elif isinstance(exc, ValkeyReplyError) and exc.code == "NOSCRIPT":
+                _chain(asyncio.ensure_future(self.evalsha(script, keys, args)), outer)
+            else:
+                outer.set_exception(exc)
+
+        conn.request(hiredis.pack_command(command)).add_done_callback(on_reply)
+        return outer
+
     async def close(self) -> None:
         """Close the connection; waiting and later commands fail with ValkeyConnectionError."""
         self._closed = True
@@ -547,3 +576,17 @@ def _retrieve(task: asyncio.Task) -> None:
     # Nobody may be left awaiting a failed connect; don't let asyncio log it as unretrieved.
     if not task.cancelled():
         task.exception()
+
+
+def _chain(source: asyncio.Future, target: asyncio.Future) -> None:
+    """Copy source's outcome into target when it is done (unless target is done already)."""
+    def copy(fut: asyncio.Future) -> None:
+        if target.done():
+            return
+        if fut.cancelled():
+            target.cancel()
+        elif fut.exception() is not None:
+            target.set_exception(fut.exception())
+        else:
+            target.set_result(fut.result())
+    source.add_done_callback(copy)

@@ -26,7 +26,7 @@ import time
 from ..valkey import (ValkeyAuthError, ValkeyClient, ValkeyConnectionError, ValkeyError,
                       ValkeyProtocolError, ValkeyReplyError, ValkeyTimeout)
 from ..window import FiveMinuteCounter, WindowLimiter
-from .breaker import CircuitBreaker
+from .breaker import HALF_OPEN, CircuitBreaker
 from .decision import UNLIMITED, Decision
 from .environment import SCRIPT, counter_prefix, parse_reply
 from .policy import EnvironmentPolicy, environment_settings, instance_rules
@@ -103,6 +103,7 @@ class RateLimiter:
             "breaker_transitions": {},
             "instance_keys_evicted": {"idle": 0, "capacity": 0},
         }
+        self._probe = None     # the half-open breaker's probe check, while it runs
         self._allowed = self.counters["allowed"]
         self._rejected = self.counters["rejected"]
         self._by_service = self.counters["rejected_by_service"]
@@ -224,29 +225,74 @@ class RateLimiter:
         if policy is None:
             self._skipped["no_rules"] += 1
             return decision
+        probe = self._probe
+        if probe is not None and probe.done():
+            # A cancelled probe's callbacks may not have run yet: abandon it here, so the
+            # check right after the cancellation can be the next probe.
+            if probe.cancelled():
+                self.breaker.abandon()
+            self._probe = None
         if not self.breaker.allow():
             self._skipped["breaker_open"] += 1
             return decision
-        return self._environment(decision, identity, service, policy)
+        fut = self._environment(decision, identity, service, policy)
+        if self.breaker.state == HALF_OPEN:
+            self._probe = fut
+        return fut
 
-    async def _environment(self, instance: Decision, identity: str, service: str,
-                           policy) -> Decision:
-        counters = self.counters
+    def _environment(self, instance: Decision, identity: str, service: str,
+                     policy) -> asyncio.Future:
+        """The environment check as a Future of its Decision, made from callbacks (no Task
+        per check). Cancelling it before Valkey answers abandons the breaker's probe."""
+        out = asyncio.get_running_loop().create_future()
         started = time.perf_counter()
         try:
-            reply = await self.client.evalsha(
+            reply = self.client.evalsha_future(
                 SCRIPT, (counter_prefix(self._bucket, identity, policy),), policy.argv)
-            allowed, _rule, current, limit, window, reset_ms, now_ms, _ = parse_reply(reply)
-        except asyncio.CancelledError:
-            self.breaker.abandon()
-            raise
         except Exception as exc:  # noqa: BLE001 -- fail open on anything, count it, log it
-            self._count_error(exc)
-            self.breaker.failure(f"{_error_type(exc)}: {exc}")
-            return instance
-        finally:
-            counters["environment_checks"] += 1
-            counters["environment_check_us"] += int((time.perf_counter() - started) * 1e6)
+            out.set_result(self._environment_failed(exc, instance, started))
+            return out
+
+        def on_reply(fut: asyncio.Future) -> None:
+            if out.done():
+                return   # the caller cancelled: on_cancel abandoned the probe already
+            if fut.cancelled():
+                self.breaker.abandon()
+                out.cancel()
+                return
+            exc = fut.exception()
+            out.set_result(self._environment_failed(exc, instance, started) if exc is not None
+                           else self._environment_decided(fut.result(), instance, service, started))
+
+        def on_cancel(fut: asyncio.Future) -> None:
+            if fut.cancelled():
+                # Whatever Valkey says now is discarded: in half-open, the next check probes.
+                self.breaker.abandon()
+                reply.cancel()
+
+        reply.add_done_callback(on_reply)
+        out.add_done_callback(on_cancel)
+        return out
+
+    def _environment_failed(self, exc: BaseException, instance: Decision,
+                            started: float) -> Decision:
+        self._count_check(started)
+        self._count_error(exc)
+        self.breaker.failure(f"{_error_type(exc)}: {exc}")
+        return instance
+
+    def _count_check(self, started: float) -> None:
+        counters = self.counters
+        counters["environment_checks"] += 1
+        counters["environment_check_us"] += int((time.perf_counter() - started) * 1e6)
+
+    def _environment_decided(self, reply, instance: Decision, service: str,
+                             started: float) -> Decision:
+        try:
+            allowed, _rule, current, limit, window, reset_ms, now_ms, _ = parse_reply(reply)
+        except Exception as exc:  # noqa: BLE001 -- a reply we cannot read fails open too
+            return self._environment_failed(exc, instance, started)
+        self._count_check(started)
         self.breaker.success()
         reset_s = -(-(now_ms + reset_ms) // 1000)
         if allowed:
