@@ -312,19 +312,13 @@ def schema(src: Source, value, where: str, depth: int = 0):
             else:
                 src.warn(w, "must be an object; dropped")
         elif k == "discriminator":
-            d = _discriminator(src, v, w)
-            if d is not None:
-                out[k] = d
+            _put(out, k, _discriminator(src, v, w))
         elif k == "xml":
-            x = _object(src, v, w, depth, {"name": _is_str, "namespace": _is_str,
-                                          "prefix": _is_str, "attribute": _is_bool,
-                                          "wrapped": _is_bool})
-            if x is not None:
-                out[k] = x
+            _put(out, k, _object(src, v, w, depth, {"name": _is_str, "namespace": _is_str,
+                                                   "prefix": _is_str, "attribute": _is_bool,
+                                                   "wrapped": _is_bool}))
         elif k == "externalDocs":
-            d = external_docs(src, v, w, depth)
-            if d is not None:
-                out[k] = d
+            _put(out, k, external_docs(src, v, w, depth))
         elif k in _DROPPED:
             src.warn(w, f"{k} is not supported in aggregated schemas (it changes how "
                         "references resolve); dropped")
@@ -594,8 +588,7 @@ def _explicit_discriminator_mapping(src, out):
 
 def _object(src, value, where, depth, fields: dict, extensions=True):
     """A small fixed-field object: each field must pass its check, unknown ones drop."""
-    if not isinstance(value, dict):
-        src.warn(where, "must be an object; dropped")
+    if not _inline_object(src, value, where, None):
         return None
     out = {}
     for k, v in value.items():
@@ -617,58 +610,118 @@ def external_docs(src, value, where, depth):
     return out
 
 
+# ---------------------------------------------------------------------------- fields
+
+# The OpenAPI objects around a schema (operation, parameter, header, media type, request
+# body, response, link, path item) are all copied the same way: each field the kind defines
+# goes through the rule its table gives it (the `_*_FIELDS` tables at the end of this
+# module), `x-` fields are copied as extensions, and any other field is dropped with a
+# warning. A rule is `rule(src, out, key, value, where, ctx)`: it stores its checked copy
+# of `value` in `out[key]`, or warns and stores nothing. `ctx` carries what a kind's rules
+# need besides the value: a parameter's location, an operation's callback nesting.
+
+# Parameter and header fields that OAS defines only beside `schema` (how the value is
+# serialised); they are collected apart so _schema_or_content can drop them beside `content`.
+_BESIDE_SCHEMA = frozenset({"style", "explode", "allowReserved", "example", "examples"})
+
+
+def _copy_fields(src, value: dict, where, rules: dict, what: str, ctx=None, out=None,
+                 beside_schema=None) -> dict:
+    """Copy the fields of `value`, an object of kind `what` ("a header"), into `out` (a new
+    dict by default) through `rules`. With `beside_schema`, the _BESIDE_SCHEMA fields are
+    stored there instead."""
+    out = {} if out is None else out
+    for k, v in value.items():
+        w = f"{where}.{k}" if where else k      # only an operation is copied at the root
+        rule = rules.get(k)
+        if rule is not None:
+            into = out if beside_schema is None or k not in _BESIDE_SCHEMA else beside_schema
+            rule(src, into, k, v, w, ctx)
+        elif k.startswith("x-"):
+            _extension(src, out, k, v, w, 1)
+        else:
+            src.warn(w, f"not a field of {what}; dropped")
+    return out
+
+
+def _inline_object(src, value, where, what, refs=None) -> bool:
+    """Whether `value` can be copied as an object of kind `what` ("a header", or None to
+    name no kind): it must be an object and, where `refs` names the kind ("header"), not a
+    reference — HELLO carries only schemas, so no other component could resolve."""
+    if not isinstance(value, dict):
+        src.warn(where, f"{what} must be an object; dropped" if what
+                 else "must be an object; dropped")
+        return False
+    if refs is not None and "$ref" in value:
+        src.warn(where, f"{refs} references are not supported; dropped")
+        return False
+    return True
+
+
+def _put(out, key, copy):
+    """Store a nested object's copy unless its checker dropped it (None, and warned)."""
+    if copy is not None:
+        out[key] = copy
+
+
+def _checked(test, why):
+    """Rule: keep the value as sent when `test(value)` holds; else drop it, saying `why`."""
+    def rule(src, out, key, value, where, ctx):
+        _keep_if(src, out, key, value, test(value), where, why)
+    return rule
+
+
+def _nested(check, **kw):
+    """Rule: store the copy `check(src, value, where, **kw)` makes of a nested object."""
+    def rule(src, out, key, value, where, ctx):
+        _put(out, key, check(src, value, where, **kw))
+    return rule
+
+
+def _ignored(src, out, key, value, where, ctx):
+    """Rule for a field the gateway replaces or has already read: not copied, no warning."""
+
+
+def _literal_field(src, out, key, value, where, ctx):
+    """Rule for a field that holds any JSON value (an example, a link's requestBody)."""
+    _copy_literal(src, out, key, value, where, 1)
+
+
 # ---------------------------------------------------------------------------- operations
 
 def operation(src: Source, value: dict, where: str, callback_nesting: int = 0) -> dict:
     """The service-authored part of an Operation Object. operationId, tags and security
     are the gateway's (the builder sets them); servers would point clients past the
     gateway and are dropped."""
-    out = {}
-    for k, v in value.items():
-        w = f"{where}.{k}" if where else k
-        if k in ("summary", "description"):
-            _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
-        elif k == "deprecated":
-            _keep_if(src, out, k, v, _is_bool(v), w, "must be a boolean")
-        elif k == "externalDocs":
-            d = external_docs(src, v, w, 0)
-            if d is not None:
-                out[k] = d
-        elif k == "parameters":
-            if isinstance(v, list):
-                params = [p for p in (parameter(src, p, f"{w}[{i}]")
-                                      for i, p in enumerate(v)) if p is not None]
-                out[k] = _unique_parameters(src, params, w)
-            else:
-                src.warn(w, "must be a list; dropped")
-        elif k == "requestBody":
-            body = request_body(src, v, w)
-            if body is not None:
-                out[k] = body
-        elif k == "responses":
-            r = responses(src, v, w)
-            if r is not None:
-                out[k] = r
-        elif k == "callbacks":
-            if callback_nesting >= MAX_CALLBACK_NESTING:
-                src.warn(w, "callbacks nested too deeply; dropped")
-            else:
-                cbs = callbacks(src, v, w, callback_nesting + 1)
-                if cbs:
-                    out[k] = cbs
-        elif k == "operationId":
-            if callback_nesting and isinstance(v, str) and v and src.unique_op_id:
-                # Operation ids are unique across the document, callbacks included.
-                out[k] = src.unique_op_id(f"{src.service}.{v}")
-            elif not isinstance(v, str):
-                src.warn(w, "must be a string; ignored")
-        elif k in ("tags", "security", "servers"):
-            pass                                     # replaced by the gateway's
-        elif k.startswith("x-"):
-            _extension(src, out, k, v, w, 1)
-        else:
-            src.warn(w, "not a field of an OpenAPI 3.1 operation; dropped")
-    return out
+    return _copy_fields(src, value, where, _OPERATION_FIELDS, "an OpenAPI 3.1 operation",
+                        callback_nesting)
+
+
+def _parameters_field(src, out, key, value, where, ctx):
+    # An operation's or a path item's `parameters`.
+    if isinstance(value, list):
+        params = [p for p in (parameter(src, p, f"{where}[{i}]")
+                              for i, p in enumerate(value)) if p is not None]
+        out[key] = _unique_parameters(src, params, where)
+    else:
+        src.warn(where, "must be a list; dropped")
+
+
+def _callbacks_field(src, out, key, value, where, nesting):
+    if nesting >= MAX_CALLBACK_NESTING:
+        src.warn(where, "callbacks nested too deeply; dropped")
+        return
+    cbs = callbacks(src, value, where, nesting + 1)
+    if cbs:
+        out[key] = cbs
+
+
+def _operation_id_field(src, out, key, value, where, nesting):
+    if nesting and isinstance(value, str) and value and src.unique_op_id:
+        # Operation ids are unique across the document, callbacks included.
+        out[key] = src.unique_op_id(f"{src.service}.{value}")
+    elif not isinstance(value, str):
+        src.warn(where, "must be a string; ignored")
 
 
 def _unique_parameters(src, params, where):
@@ -685,8 +738,7 @@ def _unique_parameters(src, params, where):
 
 
 def parameter(src, value, where):
-    if not isinstance(value, dict):
-        src.warn(where, "a parameter must be an object; dropped")
+    if not _inline_object(src, value, where, "a parameter"):
         return None
     if "$ref" in value:
         src.warn(where, "parameter references are not supported (HELLO carries only "
@@ -697,47 +749,23 @@ def parameter(src, value, where):
         src.warn(where, f"a parameter needs a name and 'in' one of {list(PARAM_LOCATIONS)}; "
                         "dropped")
         return None
-    out = {"name": name, "in": loc}
-    schema_only = {}          # style/explode/examples are defined only beside `schema`
-    for k, v in value.items():
-        w = f"{where}.{k}"
-        if k in ("name", "in"):
-            continue
-        if k == "description":
-            _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
-        elif k in ("required", "deprecated"):
-            _keep_if(src, out, k, v, _is_bool(v), w, "must be a boolean")
-        elif k == "allowEmptyValue":
-            _keep_if(src, out, k, v, _is_bool(v) and loc == "query", w,
-                     "must be a boolean, and only on query parameters")
-        elif k == "style":
-            _keep_if(src, schema_only, k, v, v in _STYLES[loc], w,
-                     f"must be one of {list(_STYLES[loc])} for {loc} parameters")
-        elif k == "explode":
-            _keep_if(src, schema_only, k, v, _is_bool(v), w, "must be a boolean")
-        elif k == "allowReserved":
-            _keep_if(src, schema_only, k, v, _is_bool(v) and loc == "query", w,
-                     "must be a boolean, and only on query parameters")
-        elif k == "example":
-            _copy_literal(src, schema_only, k, v, w, 1)
-        elif k == "examples":
-            ex = examples(src, v, w)
-            if ex is not None:
-                schema_only[k] = ex
-        elif k == "schema":
-            out[k] = schema(src, v, w, 1)
-        elif k == "content":
-            c = content(src, v, w, single=True)
-            if c is not None:
-                out[k] = c
-        elif k.startswith("x-"):
-            _extension(src, out, k, v, w, 1)
-        else:
-            src.warn(w, "not a field of a parameter; dropped")
+    schema_only = {}
+    out = _copy_fields(src, value, where, _PARAMETER_FIELDS, "a parameter", loc,
+                       out={"name": name, "in": loc}, beside_schema=schema_only)
     _schema_or_content(src, out, schema_only, where)
     if loc == "path":
         out["required"] = True           # a path parameter is always required (OAS §4.8.12)
     return out
+
+
+def _parameter_style_field(src, out, key, value, where, loc):
+    _keep_if(src, out, key, value, value in _STYLES[loc], where,
+             f"must be one of {list(_STYLES[loc])} for {loc} parameters")
+
+
+def _query_only_field(src, out, key, value, where, loc):
+    _keep_if(src, out, key, value, _is_bool(value) and loc == "query", where,
+             "must be a boolean, and only on query parameters")
 
 
 def _schema_or_content(src, out, schema_only, where):
@@ -754,52 +782,21 @@ def _schema_or_content(src, out, schema_only, where):
 
 
 def header(src, value, where):
-    if not isinstance(value, dict):
-        src.warn(where, "a header must be an object; dropped")
+    if not _inline_object(src, value, where, "a header", refs="header"):
         return None
-    if "$ref" in value:
-        src.warn(where, "header references are not supported; dropped")
-        return None
-    out, schema_only = {}, {}
-    for k, v in value.items():
-        w = f"{where}.{k}"
-        if k == "description":
-            _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
-        elif k in ("required", "deprecated"):
-            _keep_if(src, out, k, v, _is_bool(v), w, "must be a boolean")
-        elif k == "style":
-            _keep_if(src, schema_only, k, v, v == "simple", w, "must be 'simple'")
-        elif k == "explode":
-            _keep_if(src, schema_only, k, v, _is_bool(v), w, "must be a boolean")
-        elif k == "example":
-            _copy_literal(src, schema_only, k, v, w, 1)
-        elif k == "examples":
-            ex = examples(src, v, w)
-            if ex is not None:
-                schema_only[k] = ex
-        elif k == "schema":
-            out[k] = schema(src, v, w, 1)
-        elif k == "content":
-            c = content(src, v, w, single=True)
-            if c is not None:
-                out[k] = c
-        elif k.startswith("x-"):
-            _extension(src, out, k, v, w, 1)
-        else:
-            src.warn(w, "not a field of a header; dropped")
+    schema_only = {}
+    out = _copy_fields(src, value, where, _HEADER_FIELDS, "a header",
+                       beside_schema=schema_only)
     _schema_or_content(src, out, schema_only, where)
     return out
 
 
 def _map(src, value, where, item):
-    if not isinstance(value, dict):
-        src.warn(where, "must be an object; dropped")
+    if not _inline_object(src, value, where, None):
         return None
     out = {}
     for k, v in value.items():
-        checked = item(src, v, f"{where}.{k}")
-        if checked is not None:
-            out[k] = checked
+        _put(out, k, item(src, v, f"{where}.{k}"))
     return out
 
 
@@ -833,67 +830,26 @@ def content(src, value, where, single=False):
 
 
 def media_type(src, value, where):
-    if not isinstance(value, dict):
-        src.warn(where, "a media type object must be an object; dropped")
+    if not _inline_object(src, value, where, "a media type object"):
         return None
-    out = {}
-    for k, v in value.items():
-        w = f"{where}.{k}"
-        if k == "schema":
-            out[k] = schema(src, v, w, 1)
-        elif k == "example":
-            _copy_literal(src, out, k, v, w, 1)
-        elif k == "examples":
-            ex = examples(src, v, w)
-            if ex is not None:
-                out[k] = ex
-        elif k == "encoding":
-            enc = _map(src, v, w, encoding)
-            if enc is not None:
-                out[k] = enc
-        elif k.startswith("x-"):
-            _extension(src, out, k, v, w, 1)
-        else:
-            src.warn(w, "not a field of a media type object; dropped")
-    return out
+    return _copy_fields(src, value, where, _MEDIA_TYPE_FIELDS, "a media type object")
 
 
 def encoding(src, value, where):
-    if not isinstance(value, dict):
-        src.warn(where, "an encoding must be an object; dropped")
+    if not _inline_object(src, value, where, "an encoding"):
         return None
     out = _object(src, {k: v for k, v in value.items() if k != "headers"}, where, 1,
                   {"contentType": _is_str, "style": lambda v: v in _ENCODING_STYLES,
                    "explode": _is_bool, "allowReserved": _is_bool})
     if "headers" in value:
-        h = _map(src, value["headers"], f"{where}.headers", header)
-        if h is not None:
-            out["headers"] = h
+        _put(out, "headers", _map(src, value["headers"], f"{where}.headers", header))
     return out
 
 
 def request_body(src, value, where):
-    if not isinstance(value, dict):
-        src.warn(where, "must be an object; dropped")
+    if not _inline_object(src, value, where, None, refs="requestBody"):
         return None
-    if "$ref" in value:
-        src.warn(where, "requestBody references are not supported; dropped")
-        return None
-    out = {}
-    for k, v in value.items():
-        w = f"{where}.{k}"
-        if k == "description":
-            _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
-        elif k == "required":
-            _keep_if(src, out, k, v, _is_bool(v), w, "must be a boolean")
-        elif k == "content":
-            c = content(src, v, w)
-            if c is not None:
-                out[k] = c
-        elif k.startswith("x-"):
-            _extension(src, out, k, v, w, 1)
-        else:
-            src.warn(w, "not a field of a request body; dropped")
+    out = _copy_fields(src, value, where, _REQUEST_BODY_FIELDS, "a request body")
     if "content" not in out:
         src.warn(where, "a request body needs content; dropped")
         return None
@@ -901,8 +857,7 @@ def request_body(src, value, where):
 
 
 def responses(src, value, where):
-    if not isinstance(value, dict):
-        src.warn(where, "must be an object; dropped")
+    if not _inline_object(src, value, where, None):
         return None
     out = {}
     for code, v in value.items():
@@ -912,9 +867,7 @@ def responses(src, value, where):
         if isinstance(code, str) and code.startswith("x-"):
             _extension(src, out, code, v, w, 1)
         elif code == "default" or (isinstance(code, str) and _RESPONSE_CODE.match(code)):
-            r = response(src, v, w, code)
-            if r is not None:
-                out[code] = r
+            _put(out, code, response(src, v, w, code))
         else:
             src.warn(w, "not a status code (100-599, 1XX-5XX) or 'default'; dropped")
     if not any(not k.startswith("x-") for k in out):
@@ -924,33 +877,9 @@ def responses(src, value, where):
 
 
 def response(src, value, where, code):
-    if not isinstance(value, dict):
-        src.warn(where, "a response must be an object; dropped")
+    if not _inline_object(src, value, where, "a response", refs="response"):
         return None
-    if "$ref" in value:
-        src.warn(where, "response references are not supported; dropped")
-        return None
-    out = {}
-    for k, v in value.items():
-        w = f"{where}.{k}"
-        if k == "description":
-            _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
-        elif k == "headers":
-            h = _map(src, v, w, header)
-            if h is not None:
-                out[k] = h
-        elif k == "content":
-            c = content(src, v, w)
-            if c is not None:
-                out[k] = c
-        elif k == "links":
-            links = _map(src, v, w, link)
-            if links is not None:
-                out[k] = links
-        elif k.startswith("x-"):
-            _extension(src, out, k, v, w, 1)
-        else:
-            src.warn(w, "not a field of a response; dropped")
+    out = _copy_fields(src, value, where, _RESPONSE_FIELDS, "a response")
     if "description" not in out:
         src.warn(where, "a response needs a description (OAS 3.1); one added")
         out = {"description": f"{code} response", **out}
@@ -958,38 +887,9 @@ def response(src, value, where, code):
 
 
 def link(src, value, where):
-    if not isinstance(value, dict):
-        src.warn(where, "a link must be an object; dropped")
+    if not _inline_object(src, value, where, "a link", refs="link"):
         return None
-    if "$ref" in value:
-        src.warn(where, "link references are not supported; dropped")
-        return None
-    out = {}
-    for k, v in value.items():
-        w = f"{where}.{k}"
-        if k == "operationId":
-            if _is_str(v):
-                out[k] = src.op_ids.get(v, v)   # the published (namespaced) id
-            else:
-                src.warn(w, "must be a string; dropped")
-        elif k in ("operationRef", "description"):
-            _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
-        elif k == "parameters":
-            if isinstance(v, dict):
-                out[k] = {n: e for n, e in v.items() if isinstance(e, str)}
-                if len(out[k]) != len(v):
-                    src.warn(w, "parameter values must be runtime expressions (strings); "
-                                "others dropped")
-            else:
-                src.warn(w, "must be an object; dropped")
-        elif k == "requestBody":
-            _copy_literal(src, out, k, v, w, 1)
-        elif k == "server":
-            pass                                  # clients reach services via the gateway
-        elif k.startswith("x-"):
-            _extension(src, out, k, v, w, 1)
-        else:
-            src.warn(w, "not a field of a link; dropped")
+    out = _copy_fields(src, value, where, _LINK_FIELDS, "a link")
     if "operationId" in out and "operationRef" in out:
         del out["operationRef"]      # paths are rewritten here; the id is the stable one
     if "operationId" not in out and "operationRef" not in out:
@@ -998,9 +898,25 @@ def link(src, value, where):
     return out
 
 
-def callbacks(src, value, where, nesting):
-    if not isinstance(value, dict):
+def _link_operation_id_field(src, out, key, value, where, ctx):
+    if _is_str(value):
+        out[key] = src.op_ids.get(value, value)   # the published (namespaced) id
+    else:
+        src.warn(where, "must be a string; dropped")
+
+
+def _link_parameters_field(src, out, key, value, where, ctx):
+    if isinstance(value, dict):
+        out[key] = {n: e for n, e in value.items() if isinstance(e, str)}
+        if len(out[key]) != len(value):
+            src.warn(where, "parameter values must be runtime expressions (strings); "
+                            "others dropped")
+    else:
         src.warn(where, "must be an object; dropped")
+
+
+def callbacks(src, value, where, nesting):
+    if not _inline_object(src, value, where, None):
         return None
     out = {}
     for name, cb in value.items():
@@ -1012,9 +928,7 @@ def callbacks(src, value, where, nesting):
         for expr, item in cb.items():
             # Every key is an expression: the 3.1 schema validates even x- keys of a
             # callback as path items (additionalProperties), so extensions cannot live here.
-            p = _callback_path_item(src, item, f"{w}.{expr}", nesting)
-            if p is not None:
-                items[expr] = p
+            _put(items, expr, _callback_path_item(src, item, f"{w}.{expr}", nesting))
         out[name] = items
     return out
 
@@ -1023,26 +937,72 @@ def _callback_path_item(src, value, where, nesting):
     if not isinstance(value, dict) or "$ref" in value:
         src.warn(where, "a path item must be an object (no references); dropped")
         return None
-    out = {}
-    for k, v in value.items():
-        w = f"{where}.{k}"
-        if k in OPERATION_METHODS:
-            if isinstance(v, dict):
-                out[k] = operation(src, v, w, nesting)
-            else:
-                src.warn(w, "an operation must be an object; dropped")
-        elif k in ("summary", "description"):
-            _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
-        elif k == "parameters":
-            if isinstance(v, list):
-                out[k] = _unique_parameters(src, [p for p in (
-                    parameter(src, p, f"{w}[{i}]") for i, p in enumerate(v)) if p is not None], w)
-            else:
-                src.warn(w, "must be a list; dropped")
-        elif k == "servers":
-            pass
-        elif k.startswith("x-"):
-            _extension(src, out, k, v, w, 1)
-        else:
-            src.warn(w, "not a field of a path item; dropped")
-    return out
+    return _copy_fields(src, value, where, _PATH_ITEM_FIELDS, "a path item", nesting)
+
+
+def _callback_operation_field(src, out, key, value, where, nesting):
+    if isinstance(value, dict):
+        out[key] = operation(src, value, where, nesting)
+    else:
+        src.warn(where, "an operation must be an object; dropped")
+
+
+# ---------------------------------------------------------------------------- field tables
+# Last, because the rules name checkers from all over the module (and the kinds nest in a
+# cycle: header -> content -> media type -> encoding -> header).
+
+_STRING = _checked(_is_str, "must be a string")
+_BOOLEAN = _checked(_is_bool, "must be a boolean")
+_SCHEMA = _nested(schema, depth=1)
+_EXAMPLES = _nested(examples)
+_CONTENT = _nested(content)
+
+# A header is a parameter without name and in (OAS §4.8.21): the same fields, but a header's
+# style can only be `simple` and the query-only fields do not apply.
+_SERIALISED_FIELDS = {
+    "description": _STRING, "required": _BOOLEAN, "deprecated": _BOOLEAN,
+    "explode": _BOOLEAN, "example": _literal_field, "examples": _EXAMPLES,
+    "schema": _SCHEMA, "content": _nested(content, single=True),
+}
+_PARAMETER_FIELDS = {
+    **_SERIALISED_FIELDS,
+    "name": _ignored, "in": _ignored,                   # checked before the copy
+    "style": _parameter_style_field,
+    "allowEmptyValue": _query_only_field, "allowReserved": _query_only_field,
+}
+_HEADER_FIELDS = {
+    **_SERIALISED_FIELDS,
+    "style": _checked(lambda v: v == "simple", "must be 'simple'"),
+}
+_MEDIA_TYPE_FIELDS = {
+    "schema": _SCHEMA, "example": _literal_field, "examples": _EXAMPLES,
+    "encoding": _nested(_map, item=encoding),
+}
+_REQUEST_BODY_FIELDS = {"description": _STRING, "required": _BOOLEAN, "content": _CONTENT}
+_RESPONSE_FIELDS = {
+    "description": _STRING, "content": _CONTENT,
+    "headers": _nested(_map, item=header), "links": _nested(_map, item=link),
+}
+_LINK_FIELDS = {
+    "operationId": _link_operation_id_field,
+    "operationRef": _STRING, "description": _STRING,
+    "parameters": _link_parameters_field,
+    "requestBody": _literal_field,
+    "server": _ignored,                         # clients reach services via the gateway
+}
+_OPERATION_FIELDS = {
+    "summary": _STRING, "description": _STRING, "deprecated": _BOOLEAN,
+    "externalDocs": _nested(external_docs, depth=0),
+    "parameters": _parameters_field,
+    "requestBody": _nested(request_body),
+    "responses": _nested(responses),
+    "callbacks": _callbacks_field,
+    "operationId": _operation_id_field,
+    "tags": _ignored, "security": _ignored, "servers": _ignored,   # the gateway's own
+}
+_PATH_ITEM_FIELDS = {
+    **{method: _callback_operation_field for method in OPERATION_METHODS},
+    "summary": _STRING, "description": _STRING,
+    "parameters": _parameters_field,
+    "servers": _ignored,
+}
