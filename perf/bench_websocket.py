@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,13 +21,9 @@ import time
 import uvloop
 from picows import WSListener, WSMsgType, ws_connect, ws_create_server
 
+from _procs import free_port  # perf/_procs.py (perf/ is sys.path[0]: python perf/bench_websocket.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Echo(WSListener):

