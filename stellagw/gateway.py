@@ -135,6 +135,8 @@ class Worker:
                                                       ("mtls", gw.auth.mtls_enabled)) if on),
             background=True)   # PyYAML is slow: build off the loop, serve the last document
         self.metrics.sources.append(self._counter_sources)
+        # The environment check's latency, as a histogram (the limiter only times it).
+        self.limiter.check_observer = self.metrics.phase_histogram("ratelimit_check").observe
         self.builtins = builtins.table(self)
         self.pipeline = Pipeline(self)
         self._auth_task = None
@@ -202,6 +204,11 @@ class Worker:
             "gateway_ratelimit_breaker_trips": (
                 "Circuit breaker openings, by reason", ("reason",),
                 [((k,), v) for k, v in c["breaker_trips"].items()]),
+            "gateway_ratelimit_breaker_state_gauge": (
+                "Workers whose rate-limit circuit breaker is in each state", ("state",),
+                [((state,), int(breaker is not None and breaker.state == state))
+                 for breaker in (getattr(self.limiter, "breaker", None),)
+                 for state in ("closed", "open", "half_open")]),
         }
 
     def _auth_event(self, name: str) -> None:

@@ -53,6 +53,10 @@ def test_environment_limit_is_shared_across_instances_and_fails_open(tmp_path):
         metrics = request(gws[0][1], b"GET /metrics HTTP/1.1\r\n\r\n")[2].decode()
         assert "gateway_ratelimit_valkey_errors_total{" in metrics
         assert "gateway_ratelimit_breaker_trips_total{" in metrics
+        assert 'gateway_ratelimit_breaker_state{state="open"} 1.0' in metrics
+        count = [line for line in metrics.splitlines()
+                 if line.startswith("gateway_ratelimit_check_duration_seconds_count")]
+        assert count and float(count[0].split()[-1]) >= 3   # a histogram of the Valkey checks
     finally:
         for p in svcs:
             p.terminate()

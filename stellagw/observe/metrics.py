@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 DURATION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025,
                     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BOUNDS = tuple(repr(float(b)) for b in DURATION_BUCKETS)
-PHASES = ("auth", "routing", "transport")
+PHASES = ("auth", "routing", "transport", "ratelimit_check")
 
 FRAME_NAMES = {1: "HELLO", 2: "HEARTBEAT", 3: "ENDPOINTS_UPDATE", 4: "REQUEST",
                5: "REQUEST_STREAM_DATA", 6: "RESPONSE", 7: "RESPONSE_STREAM_DATA", 8: "CANCEL",
@@ -75,7 +75,8 @@ class Metrics:
         self.gauges: dict[str, float] = {}            # name -> value (endpoints, instances ...)
         # Counters kept by other parts (rate limiter, auth events): callables returning
         # {family name: (help, label names, [(label values, value), ...])}, summed over
-        # workers like everything else.
+        # workers like everything else. A name ending in "_gauge" is exported as a gauge
+        # under the name without that suffix (still summed: e.g. workers with an open breaker).
         self.sources: list = []
         self._run_dir = run_dir
         self._worker_id = worker_id
@@ -309,7 +310,10 @@ class _Collector:
                                 "Resident memory of the gateway's workers, summed", value=view.rss)
 
         for name, (help_text, labels, samples) in sorted(view.extra.items()):
-            fam = CounterMetricFamily(name, help_text, labels=labels)
+            if name.endswith("_gauge"):
+                fam = GaugeMetricFamily(name[:-len("_gauge")], help_text, labels=labels)
+            else:
+                fam = CounterMetricFamily(name, help_text, labels=labels)
             for lv, v in samples.items():
                 fam.add_metric(lv, v)
             yield fam

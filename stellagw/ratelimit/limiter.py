@@ -104,6 +104,7 @@ class RateLimiter:
             "instance_keys_evicted": {"idle": 0, "capacity": 0},
         }
         self._probe = None     # the half-open breaker's probe check, while it runs
+        self.check_observer = None   # callable(seconds) per environment check (a histogram)
         self._allowed = self.counters["allowed"]
         self._rejected = self.counters["rejected"]
         self._by_service = self.counters["rejected_by_service"]
@@ -282,9 +283,12 @@ class RateLimiter:
         return instance
 
     def _count_check(self, started: float) -> None:
+        elapsed = time.perf_counter() - started
         counters = self.counters
         counters["environment_checks"] += 1
-        counters["environment_check_us"] += int((time.perf_counter() - started) * 1e6)
+        counters["environment_check_us"] += int(elapsed * 1e6)
+        if self.check_observer is not None:
+            self.check_observer(elapsed)
 
     def _environment_decided(self, reply, instance: Decision, service: str,
                              started: float) -> Decision:
