@@ -483,43 +483,36 @@ cdef tuple _decode_stream_data(const unsigned char *p, Py_ssize_t n):
     return (p[0], PyBytes_FromStringAndSize(<const char *>p + 1, n - 1))
 
 
-def decode_request(payload):
-    """REQUEST payload -> (flags, timeout_ms, method, path, query, headers, body)."""
+ctypedef tuple (*_payload_decoder)(const unsigned char *, Py_ssize_t)
+
+
+cdef tuple _with_buffer(object payload, _payload_decoder decode):
+    """Run `decode` over the payload's bytes: bytes directly, other buffers through the
+    buffer protocol (a memoryview from FrameDecoder.next is read without a copy)."""
     cdef Py_buffer view
     if PyBytes_CheckExact(payload):
-        return _decode_request(<const unsigned char *>PyBytes_AS_STRING(payload),
-                               PyBytes_GET_SIZE(payload))
+        return decode(<const unsigned char *>PyBytes_AS_STRING(payload),
+                      PyBytes_GET_SIZE(payload))
     PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
     try:
-        return _decode_request(<const unsigned char *>view.buf, view.len)
+        return decode(<const unsigned char *>view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
+
+
+def decode_request(payload):
+    """REQUEST payload -> (flags, timeout_ms, method, path, query, headers, body)."""
+    return _with_buffer(payload, _decode_request)
 
 
 def decode_response(payload):
     """RESPONSE payload -> (flags, status, headers, body)."""
-    cdef Py_buffer view
-    if PyBytes_CheckExact(payload):
-        return _decode_response(<const unsigned char *>PyBytes_AS_STRING(payload),
-                                PyBytes_GET_SIZE(payload))
-    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
-    try:
-        return _decode_response(<const unsigned char *>view.buf, view.len)
-    finally:
-        PyBuffer_Release(&view)
+    return _with_buffer(payload, _decode_response)
 
 
 def decode_stream_data(payload):
     """REQUEST_STREAM_DATA / RESPONSE_STREAM_DATA payload -> (flags, chunk)."""
-    cdef Py_buffer view
-    if PyBytes_CheckExact(payload):
-        return _decode_stream_data(<const unsigned char *>PyBytes_AS_STRING(payload),
-                                   PyBytes_GET_SIZE(payload))
-    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
-    try:
-        return _decode_stream_data(<const unsigned char *>view.buf, view.len)
-    finally:
-        PyBuffer_Release(&view)
+    return _with_buffer(payload, _decode_stream_data)
 
 
 def decode_control(payload):
