@@ -1,5 +1,8 @@
 """HttpProtocol without sockets: a mock transport, every input whole, byte by byte and at
-random cut points (STYLE §32, §35)."""
+random cut points (STYLE §32, §35).
+
+Every test runs against both implementations: the compiled protocol (cext/ingress.pyx)
+and its pure-Python twin (stellagw/_py/ingress.py) must answer byte for byte alike."""
 from __future__ import annotations
 
 import random
@@ -7,8 +10,9 @@ import random
 import orjson
 import pytest
 
+from stellagw import _impl
+from stellagw._py import ingress as py_ingress
 from stellagw.gateway import Worker
-from stellagw.ingress.http import HttpProtocol
 
 from .gwtest import NullLog, settings_from
 
@@ -41,13 +45,30 @@ class MockTransport:
         return {"peername": ("127.0.0.1", 5555)}.get(name, default)
 
 
+IMPLS = ["python"] if _impl.NO_EXTENSIONS else ["compiled", "python"]
+_protocol_class = None
+
+
+@pytest.fixture(autouse=True, params=IMPLS)
+def impl(request):
+    """Which HttpProtocol make() builds for this test."""
+    global _protocol_class
+    if request.param == "python":
+        _protocol_class = py_ingress.HttpProtocol
+    else:
+        from stellagw._cext import ingress
+        _protocol_class = ingress.HttpProtocol
+    yield request.param
+    _protocol_class = None
+
+
 def make(yaml_text="", pipeline=None):
     log = NullLog()
     worker = Worker(settings_from(yaml_text), 0, log=log.log)
     worker.started = True
     if pipeline is not None:
         worker.pipeline = pipeline
-    proto = HttpProtocol(worker)
+    proto = _protocol_class(worker)
     transport = MockTransport()
     proto.connection_made(transport)
     return worker, proto, transport, log
@@ -289,7 +310,7 @@ def test_header_deadline_answers_408_and_idle_deadline_closes():
 
 def test_connection_cap_answers_503():
     worker, proto, t, _ = make("gateway: {http: {maxConnections: 1}}")
-    second = HttpProtocol(worker)
+    second = _protocol_class(worker)
     t2 = MockTransport()
     second.connection_made(t2)
     assert bytes(t2.out).startswith(b"HTTP/1.1 503") and t2.closed
@@ -332,3 +353,70 @@ def test_client_disconnect_runs_the_abort_hook():
     assert aborted == [req]
     proto.respond(req, 200, b"", b"late")  # an answer after the client left is dropped
     assert t.out == b""
+
+
+# --------------------------------------------------------------------- compiled vs twin
+
+_PIECES = [
+    GET_LIVE,
+    b"GET /health/ready HTTP/1.1\r\nHost: gw\r\nX-Correlation-Id: abc-1\r\n\r\n",
+    b"HEAD /health/live HTTP/1.1\r\nHost: gw\r\n\r\n",
+    b"GET /nope?x=1 HTTP/1.1\r\nHOST: gw\r\nX-Service-Version: 1.2.3\r\n\r\n",
+    b"GET http://gw/health/live HTTP/1.1\r\nHost: gw\r\n\r\n",
+    b"POST /health/live HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST /x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"PUT /y HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok",
+    b"GET /health/live HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    b"GET /health/live HTTP/1.0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: gw\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+    b"GET /health/live HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: gw\r\n\r\n",
+    b"GET /health/live HTTP/1.1\r\nX-Big: " + b"v" * 600 + b"\r\n\r\n",
+    b"GET /health/live HTTP/1.1\r\nHost: gw\r\nContent-Length: 99999\r\n\r\n",
+    b"BROKEN\r\n\r\n",
+    b"GET /health/live HTTP/1.1\r\nHost: gw\nX: y\r\n\r\n",
+]
+
+
+def _differential_workers():
+    from stellagw._cext import ingress
+    out = []
+    for cls in (py_ingress.HttpProtocol, ingress.HttpProtocol):
+        worker = Worker(settings_from("gateway: {http: {maxUrlLength: 256, maxHeaderBytes: 512}}"),
+                        0, log=NullLog().log)
+        worker.started = True
+        worker._cid_prefix = "fixed0"          # the same made-up correlation ids on both
+        worker.date_header = b"date: Sat, 28 Nov 2026 00:00:00 GMT\r\n"
+        out.append((cls, worker))
+    return out
+
+
+def _run_both(workers, stream: bytes, cuts: list[int]):
+    outs = []
+    for cls, worker in workers:
+        worker._cid_counter = 0
+        worker.connections.clear()
+        proto = cls(worker)
+        t = MockTransport()
+        proto.connection_made(t)
+        prev = 0
+        for cut in sorted(cuts) + [len(stream)]:
+            if cut > prev:
+                proto.data_received(stream[prev:cut])
+                prev = cut
+        outs.append((bytes(t.out), t.closed, t.paused, t.writes))
+    return outs
+
+
+@pytest.mark.skipif(_impl.NO_EXTENSIONS, reason="needs the compiled module")
+def test_compiled_and_twin_answer_byte_for_byte(impl):
+    if impl != "compiled":
+        pytest.skip("one run compares both")
+    rng = random.Random(2026)
+    workers = _differential_workers()
+    for _ in range(600):
+        pieces = [rng.choice(_PIECES) for _ in range(rng.randint(1, 5))]
+        stream = b"".join(pieces)
+        cuts = [rng.randint(0, len(stream)) for _ in range(rng.randint(0, 6))]
+        py_out, c_out = _run_both(workers, stream, cuts)
+        assert c_out == py_out, (pieces, cuts)
