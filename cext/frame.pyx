@@ -14,12 +14,15 @@ cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
-from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.dict cimport PyDict_GetItemWithError
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.number cimport PyNumber_Index
+from cpython.object cimport PyObject
+from cpython.tuple cimport PyTuple_CheckExact, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsLatin1String, PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcmp, memcpy, memmove, strlen
 
 from gw_debug cimport GW_DEBUG
 from gw_endian cimport gw_load_be16, gw_load_be32, gw_store_be16, gw_store_be32
@@ -78,6 +81,16 @@ cdef enum StreamFlags:
     F_MORE = 0x10
     F_STREAM_RESERVED = 0xE0
 
+# What FrameEncoder.request_forward does with a client's header, by the kind the caller's
+# classification gives its name (stellagw/transport/headers.py owns that policy).
+cdef enum HeaderKind:
+    H_KEEP = 0              # forwarded
+    H_DROP = 1              # never forwarded
+    H_CONNECTION = 2        # dropped, and so is every header its value names
+    H_HOST = 3              # forwarded, and its value becomes x-forwarded-host
+    H_TE = 4                # dropped; "trailers" is forwarded again on HTTP/1.1
+    H_TRACE = 5             # forwarded unless the gateway's own trace context replaces it
+
 HEADER_SIZE = C_HEADER_SIZE
 MIN_LENGTH = C_MIN_LENGTH
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
@@ -111,6 +124,13 @@ KIND_CLOSE = F_KIND_CLOSE
 KIND_PING = F_KIND_PING
 KIND_PONG = F_KIND_PONG
 MAX_WINDOW_INCREMENT = 0x7FFFFFFF
+
+HEADER_KEEP = H_KEEP
+HEADER_DROP = H_DROP
+HEADER_CONNECTION = H_CONNECTION
+HEADER_HOST = H_HOST
+HEADER_TE = H_TE
+HEADER_TRACE = H_TRACE
 
 cdef long long _U32_MAX = 0xFFFFFFFF
 cdef long long _MAX_WINDOW_INCREMENT = 0x7FFFFFFF
@@ -339,34 +359,45 @@ cdef inline int _take(const unsigned char *p, Py_ssize_t *pos, Py_ssize_t n, int
     return 0
 
 
-cdef list _decode_headers(const unsigned char *p, Py_ssize_t *pos, Py_ssize_t n, str kind):
-    cdef Py_ssize_t count, left, j, a = 0, b
-    cdef list headers = []
-    cdef object name, value
+cdef Py_ssize_t _header_count(const unsigned char *p, Py_ssize_t *pos, Py_ssize_t n,
+                              str kind) except -1:
+    cdef Py_ssize_t count
     if pos[0] + 2 > n:
         raise FrameError(f"{kind}: header count overruns the payload")
     count = gw_load_be16(p + pos[0])
     pos[0] += 2
     if count > C_MAX_HEADERS:
         raise FrameError(f"{kind}: header count {count} exceeds {C_MAX_HEADERS}")
-    left = count
-    while left:
-        left -= 1
-        _take(p, pos, n, 2, kind, "header name", &a)
-        b = pos[0]
-        if a == b:
+    return count
+
+
+cdef int _next_header(const unsigned char *p, Py_ssize_t *pos, Py_ssize_t n, str kind,
+                      Py_ssize_t *name_at, Py_ssize_t *value_at) except -1:
+    # The name is p[name_at:value_at - 2], the value p[value_at:pos]. docs/protocol.md §3.2:
+    # these checks are what stops a service from splitting the response to the client.
+    cdef Py_ssize_t j, end
+    _take(p, pos, n, 2, kind, "header name", name_at)
+    end = pos[0]
+    if name_at[0] == end:
+        raise FrameError(f"{kind}: header name is not a lowercase token")
+    for j in range(name_at[0], end):
+        if not _NAME[p[j]]:
             raise FrameError(f"{kind}: header name is not a lowercase token")
-        for j in range(a, b):
-            if not _NAME[p[j]]:
-                raise FrameError(f"{kind}: header name is not a lowercase token")
-        name = PyBytes_FromStringAndSize(<const char *>p + a, b - a)
-        _take(p, pos, n, 2, kind, "header value", &a)
-        b = pos[0]
-        for j in range(a, b):
-            if _VALUE_BAD[p[j]]:
-                raise FrameError(f"{kind}: header value contains CR, LF or NUL")
-        value = PyBytes_FromStringAndSize(<const char *>p + a, b - a)
-        headers.append((name, value))
+    _take(p, pos, n, 2, kind, "header value", value_at)
+    for j in range(value_at[0], pos[0]):
+        if _VALUE_BAD[p[j]]:
+            raise FrameError(f"{kind}: header value contains CR, LF or NUL")
+    return 0
+
+
+cdef list _decode_headers(const unsigned char *p, Py_ssize_t *pos, Py_ssize_t n, str kind):
+    cdef Py_ssize_t count = _header_count(p, pos, n, kind), a = 0, v = 0
+    cdef list headers = []
+    while count:
+        count -= 1
+        _next_header(p, pos, n, kind, &a, &v)
+        headers.append((PyBytes_FromStringAndSize(<const char *>p + a, v - 2 - a),
+                        PyBytes_FromStringAndSize(<const char *>p + v, pos[0] - v)))
     return headers
 
 
@@ -414,7 +445,7 @@ cdef inline bint _eq7(const unsigned char *a, const char *b) noexcept:
     return _eq6(a, b) and a[6] == b[6]
 
 
-cdef tuple _decode_request(const unsigned char *p, Py_ssize_t n):
+cdef tuple _decode_request(const unsigned char *p, Py_ssize_t n, object unused):
     cdef Py_ssize_t pos = 5, a = 0
     cdef uint8_t flags
     cdef uint32_t timeout_ms
@@ -445,11 +476,9 @@ cdef tuple _decode_request(const unsigned char *p, Py_ssize_t n):
     return (flags, timeout_ms, method, path, query, headers, body)
 
 
-cdef tuple _decode_response(const unsigned char *p, Py_ssize_t n):
-    cdef Py_ssize_t pos = 3
+cdef int _response_head(const unsigned char *p, Py_ssize_t n) except -1:
     cdef uint8_t flags
     cdef uint16_t status
-    cdef list headers
     if n < 3:
         raise FrameError("RESPONSE: flags/status overrun the payload")
     flags = p[0]
@@ -458,8 +487,70 @@ cdef tuple _decode_response(const unsigned char *p, Py_ssize_t n):
     status = gw_load_be16(p + 1)
     if status < 100 or status > 999:
         raise FrameError(f"RESPONSE: status {status} out of range 100-999")
+    return 0
+
+
+cdef tuple _decode_response(const unsigned char *p, Py_ssize_t n, object unused):
+    cdef Py_ssize_t pos = 3
+    cdef uint8_t flags
+    cdef uint16_t status
+    cdef list headers
+    _response_head(p, n)
+    flags = p[0]
+    status = gw_load_be16(p + 1)
     headers = _decode_headers(p, &pos, n, "RESPONSE")
     return (flags, status, headers, PyBytes_FromStringAndSize(<const char *>p + pos, n - pos))
+
+
+cdef bint _listed(const unsigned char *name, Py_ssize_t n, tuple names) noexcept:
+    # `names` holds only bytes (decode_response_block checks).
+    cdef PyObject *item
+    cdef Py_ssize_t i
+    for i in range(PyTuple_GET_SIZE(names)):
+        item = PyTuple_GET_ITEM(names, i)
+        if (PyBytes_GET_SIZE(<object>item) == n
+                and memcmp(PyBytes_AS_STRING(<object>item), name, <size_t>n) == 0):
+            return True
+    return False
+
+
+cdef tuple _decode_response_block(const unsigned char *p, Py_ssize_t n, object drop):
+    # Validation first, over the whole frame (same errors, same order as decode_response),
+    # sizing the kept lines on the way; then one allocation and a copy. No per-header
+    # objects: the block goes to the client as it is.
+    cdef Py_ssize_t pos = 3, count, i, a = 0, v = 0, size = 0, nlen, vlen
+    cdef uint8_t keep[C_MAX_HEADERS]
+    cdef uint8_t flags
+    cdef uint16_t status
+    cdef bytes block, body
+    cdef char *out
+    _response_head(p, n)
+    flags = p[0]
+    status = gw_load_be16(p + 1)
+    count = _header_count(p, &pos, n, "RESPONSE")
+    for i in range(count):
+        _next_header(p, &pos, n, "RESPONSE", &a, &v)
+        keep[i] = not _listed(p + a, v - 2 - a, <tuple>drop)
+        if keep[i]:
+            size += (v - 2 - a) + (pos - v) + 4
+    body = PyBytes_FromStringAndSize(<const char *>p + pos, n - pos)
+    block = PyBytes_FromStringAndSize(NULL, size)
+    out = PyBytes_AS_STRING(block)
+    pos = 5
+    for i in range(count):
+        nlen = gw_load_be16(p + pos)
+        vlen = gw_load_be16(p + pos + 2 + nlen)
+        if keep[i]:
+            memcpy(out, p + pos + 2, <size_t>nlen)
+            out[nlen] = b':'
+            out[nlen + 1] = b' '
+            out += nlen + 2
+            memcpy(out, p + pos + 4 + nlen, <size_t>vlen)
+            out[vlen] = b'\r'
+            out[vlen + 1] = b'\n'
+            out += vlen + 2
+        pos += 4 + nlen + vlen
+    return (flags, status, block, body)
 
 
 cdef int _check_stream_flags(long long flags) except -1:
@@ -476,43 +567,54 @@ cdef int _check_stream_flags(long long flags) except -1:
     return 0
 
 
-cdef tuple _decode_stream_data(const unsigned char *p, Py_ssize_t n):
+cdef tuple _decode_stream_data(const unsigned char *p, Py_ssize_t n, object unused):
     if n < 1:
         raise FrameError("STREAM_DATA: flags overrun the payload")
     _check_stream_flags(p[0])
     return (p[0], PyBytes_FromStringAndSize(<const char *>p + 1, n - 1))
 
 
-ctypedef tuple (*_payload_decoder)(const unsigned char *, Py_ssize_t)
+# (bytes, length, the decoder's own argument: decode_response_block's names, else None)
+ctypedef tuple (*_payload_decoder)(const unsigned char *, Py_ssize_t, object)
 
 
-cdef tuple _with_buffer(object payload, _payload_decoder decode):
+cdef tuple _with_buffer(object payload, _payload_decoder decode, object arg):
     """Run `decode` over the payload's bytes: bytes directly, other buffers through the
     buffer protocol (a memoryview from FrameDecoder.next is read without a copy)."""
     cdef Py_buffer view
     if PyBytes_CheckExact(payload):
         return decode(<const unsigned char *>PyBytes_AS_STRING(payload),
-                      PyBytes_GET_SIZE(payload))
+                      PyBytes_GET_SIZE(payload), arg)
     PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
     try:
-        return decode(<const unsigned char *>view.buf, view.len)
+        return decode(<const unsigned char *>view.buf, view.len, arg)
     finally:
         PyBuffer_Release(&view)
 
 
 def decode_request(payload):
     """REQUEST payload -> (flags, timeout_ms, method, path, query, headers, body)."""
-    return _with_buffer(payload, _decode_request)
+    return _with_buffer(payload, _decode_request, None)
 
 
 def decode_response(payload):
     """RESPONSE payload -> (flags, status, headers, body)."""
-    return _with_buffer(payload, _decode_response)
+    return _with_buffer(payload, _decode_response, None)
+
+
+def decode_response_block(payload, tuple drop not None):
+    """RESPONSE payload -> (flags, status, header block, body): the headers whose names are
+    not in `drop` (a tuple of bytes) as b"name: value\\r\\n" lines, validated exactly as
+    decode_response validates them."""
+    for name in drop:
+        if not PyBytes_CheckExact(name):
+            raise TypeError("drop must be a tuple of bytes")
+    return _with_buffer(payload, _decode_response_block, drop)
 
 
 def decode_stream_data(payload):
     """REQUEST_STREAM_DATA / RESPONSE_STREAM_DATA payload -> (flags, chunk)."""
-    return _with_buffer(payload, _decode_stream_data)
+    return _with_buffer(payload, _decode_stream_data, None)
 
 
 def decode_control(payload):
@@ -543,6 +645,67 @@ def decode_window_update(payload):
         raise FrameError(f"WINDOW_UPDATE: increment {inc} out of range "
                          f"1-{_MAX_WINDOW_INCREMENT}")
     return inc
+
+
+# --- forwarded request headers (FrameEncoder.request_forward) ---------------------------
+
+cdef inline tuple _header_pair(object item):
+    # Names and values are read in place, so only what the HTTP parser gives is taken.
+    if (PyTuple_CheckExact(item) and PyTuple_GET_SIZE(item) == 2
+            and PyBytes_CheckExact(<object>PyTuple_GET_ITEM(item, 0))
+            and PyBytes_CheckExact(<object>PyTuple_GET_ITEM(item, 1))):
+        return <tuple>item
+    raise TypeError("headers must be (bytes, bytes) tuples")
+
+
+cdef inline bint _space(unsigned char c) noexcept:
+    return c == 32 or 9 <= c <= 13         # what bytes.strip() strips
+
+
+cdef inline bint _lower_eq(const unsigned char *t, Py_ssize_t tn, const unsigned char *lower,
+                           Py_ssize_t n) noexcept:
+    # t.lower() == lower
+    cdef Py_ssize_t j
+    if tn != n:
+        return False
+    for j in range(n):
+        if _LOWER[t[j]] != lower[j]:
+            return False
+    return True
+
+
+cdef bint _names(bytes connection, bytes name) noexcept:
+    # name in {t.strip().lower() for t in connection.split(b",")}, without the set
+    cdef const unsigned char *c = <const unsigned char *>PyBytes_AS_STRING(connection)
+    cdef const unsigned char *nm = <const unsigned char *>PyBytes_AS_STRING(name)
+    cdef Py_ssize_t clen = PyBytes_GET_SIZE(connection), nlen = PyBytes_GET_SIZE(name)
+    cdef Py_ssize_t start = 0, end, a, b
+    while True:
+        end = start
+        while end < clen and c[end] != 44:      # ','
+            end += 1
+        a = start
+        b = end
+        while a < b and _space(c[a]):
+            a += 1
+        while b > a and _space(c[b - 1]):
+            b -= 1
+        if _lower_eq(c + a, b - a, nm, nlen):
+            return True
+        if end == clen:
+            return False
+        start = end + 1
+
+
+cdef bint _is_trailers(bytes value) noexcept:
+    # value.strip().lower() == b"trailers"
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
+    cdef Py_ssize_t a = 0, b = PyBytes_GET_SIZE(value)
+    while a < b and _space(p[a]):
+        a += 1
+    while b > a and _space(p[b - 1]):
+        b -= 1
+    return _lower_eq(p + a, b - a, <const unsigned char *>b"trailers", 8)
 
 
 # --- encoder --------------------------------------------------------------------------
@@ -751,14 +914,41 @@ cdef class FrameEncoder:
             n = view.len
             release = True
         try:
-            for i in range(n):
-                if _VALUE_BAD[p[i]]:
-                    raise FrameError(f"{kind}: header value contains CR, LF or NUL")
-            self._put16(mark, p, n, kind, "header value")
+            self._put_value_raw(mark, p, n, kind)
         finally:
             if release:
                 PyBuffer_Release(&view)
         return 0
+
+    cdef int _put_value_raw(self, Py_ssize_t mark, const unsigned char *p, Py_ssize_t n,
+                            str kind) except -1:
+        cdef Py_ssize_t i
+        for i in range(n):
+            if _VALUE_BAD[p[i]]:
+                raise FrameError(f"{kind}: header value contains CR, LF or NUL")
+        return self._put16(mark, p, n, kind, "header value")
+
+    cdef inline int _count_header(self, Py_ssize_t *count, str kind) except -1:
+        count[0] += 1
+        if count[0] > C_MAX_HEADERS:
+            raise FrameError(f"{kind}: more than {C_MAX_HEADERS} headers")
+        return 0
+
+    cdef int _put_header(self, Py_ssize_t mark, object item, Py_ssize_t *count,
+                         str kind) except -1:
+        name, value = item
+        self._count_header(count, kind)
+        self._put_name(mark, name, kind)
+        self._put_value(mark, value, kind)
+        return 0
+
+    cdef int _put_fixed(self, Py_ssize_t mark, const char *name, object value,
+                        Py_ssize_t *count) except -1:
+        # A header of the gateway's own (REQUEST only): the name is a known lowercase token.
+        self._count_header(count, "REQUEST")
+        self._put16(mark, <const unsigned char *>name, <Py_ssize_t>strlen(name), "REQUEST",
+                    "header name")
+        return self._put_value(mark, value, "REQUEST")
 
     cdef int _put_headers(self, Py_ssize_t mark, object headers, str kind) except -1:
         cdef Py_ssize_t count_at, count = 0
@@ -766,18 +956,16 @@ cdef class FrameEncoder:
         count_at = self._len
         self._len += 2
         for item in headers:
-            name, value = item
-            count += 1
-            if count > C_MAX_HEADERS:
-                raise FrameError(f"{kind}: more than {C_MAX_HEADERS} headers")
-            self._put_name(mark, name, kind)
-            self._put_value(mark, value, kind)
+            self._put_header(mark, item, &count, kind)
         gw_store_be16(self._buf + count_at, <uint16_t>count)
         return 0
 
     # --- frames -----------------------------------------------------------------------
 
-    def request(self, corr, method, path, query, headers, timeout_ms, flags, body):
+    cdef Py_ssize_t _request_start(self, object corr, object method, object path,
+                                   object query, object timeout_ms,
+                                   object flags) except -1:
+        # A REQUEST up to its headers; returns the frame's mark.
         cdef Py_ssize_t mark, mlen, plen = 0, i
         cdef const unsigned char *m
         cdef const char *pp
@@ -824,12 +1012,105 @@ cdef class FrameEncoder:
                 self._put16(mark, <const unsigned char *>qp, qlen, "REQUEST", "query")
             else:
                 self._put16_obj(mark, query, "REQUEST", "query")
+        except BaseException:
+            self._len = mark
+            raise
+        return mark
+
+    def request(self, corr, method, path, query, headers, timeout_ms, flags, body):
+        cdef Py_ssize_t mark = self._request_start(corr, method, path, query, timeout_ms, flags)
+        try:
             self._put_headers(mark, headers, "REQUEST")
             self._body(mark, body, "REQUEST")
         except BaseException:
             self._len = mark
             raise
         self._end(mark)
+
+    def request_forward(self, corr, method, path, query, headers, timeout_ms, flags, body,
+                        dict classes not None, classify, bint http11, bint keep_trace,
+                        identity, peer_ip, scheme, str correlation_id not None):
+        """request() with the headers a client's request forwards, built while encoding.
+
+        `headers` are the client's (bytes, bytes) pairs; `classes` maps a name to its
+        HEADER_* kind, and classify(name) gives the kind of a name it lacks. Forwarded:
+        HEADER_KEEP and HEADER_HOST headers, HEADER_TRACE ones when keep_trace, except
+        those the last HEADER_CONNECTION header names; then `te: trailers` if the last
+        HEADER_TE header said so and http11, the `identity` pairs, x-forwarded-for
+        (peer_ip), -proto (scheme), -host (the last HEADER_HOST value, if any) and
+        x-correlation-id. The same bytes as request() given
+        stellagw.transport.headers.request_headers(), which states these rules.
+        """
+        cdef tuple seq = tuple(headers)
+        cdef Py_ssize_t n = len(seq), i, mark, count_at, count = 0, clen = 0
+        cdef uint8_t small[C_MAX_HEADERS]
+        cdef uint8_t *forward = small
+        cdef PyObject *known
+        cdef long kind
+        cdef tuple pair
+        cdef object name, connection = None, host = None
+        cdef bint te_trailers = False
+        cdef const char *cid
+        if n > C_MAX_HEADERS:
+            forward = <uint8_t *>PyMem_Malloc(<size_t>n)
+            if forward == NULL:
+                raise MemoryError()
+        try:
+            # Pass 1: classify every header. A Connection header may come after the ones
+            # it names, so nothing is written before all of them are known.
+            for i in range(n):
+                pair = _header_pair(seq[i])
+                name = pair[0]
+                known = PyDict_GetItemWithError(classes, name)
+                if known != NULL:
+                    kind = <object>known
+                else:
+                    kind = classify(name)
+                forward[i] = kind == H_KEEP or kind == H_HOST or (kind == H_TRACE and keep_trace)
+                if kind == H_HOST:
+                    host = pair[1]
+                elif kind == H_CONNECTION:
+                    connection = pair[1]
+                elif kind == H_TE:
+                    te_trailers = _is_trailers(pair[1])
+            # request_headers() encodes the correlation id before request() checks a field:
+            # so does this, for the same error on the same input.
+            cid = PyUnicode_AsUTF8AndSize(correlation_id, &clen)
+            mark = self._request_start(corr, method, path, query, timeout_ms, flags)
+            try:
+                self._room(mark, 2, "REQUEST")
+                count_at = self._len
+                self._len += 2
+                for i in range(n):
+                    if not forward[i]:
+                        continue
+                    pair = <tuple>seq[i]
+                    if connection is not None and _names(<bytes>connection, <bytes>pair[0]):
+                        continue
+                    self._count_header(&count, "REQUEST")
+                    self._put_name(mark, pair[0], "REQUEST")
+                    self._put_value(mark, pair[1], "REQUEST")
+                if te_trailers and http11:
+                    self._put_fixed(mark, b"te", b"trailers", &count)
+                for item in identity:
+                    self._put_header(mark, item, &count, "REQUEST")
+                self._put_fixed(mark, b"x-forwarded-for", peer_ip, &count)
+                self._put_fixed(mark, b"x-forwarded-proto", scheme, &count)
+                if host is not None:
+                    self._put_fixed(mark, b"x-forwarded-host", host, &count)
+                self._count_header(&count, "REQUEST")
+                self._put16(mark, <const unsigned char *>b"x-correlation-id", 16, "REQUEST",
+                            "header name")
+                self._put_value_raw(mark, <const unsigned char *>cid, clen, "REQUEST")
+                gw_store_be16(self._buf + count_at, <uint16_t>count)
+                self._body(mark, body, "REQUEST")
+            except BaseException:
+                self._len = mark
+                raise
+            self._end(mark)
+        finally:
+            if forward != small:
+                PyMem_Free(forward)
 
     def response(self, corr, status, headers, flags, body):
         cdef Py_ssize_t mark

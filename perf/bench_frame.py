@@ -6,6 +6,11 @@ and tracing headers the gateway adds; a small JSON response), measures for each 
   encode   FrameEncoder.request()/response() per frame, take() once per batch
            (the transport coalesces one loop iteration's frames into one write)
   decode   feed() one batch, then next() + decode_request()/decode_response() per frame
+  forward  what the gateway does per routed request instead: REQUEST straight from the
+           client's headers (FrameEncoder.request_forward), RESPONSE to the client's header
+           block (decode_response_block); each beside the Python-list path it replaced
+           (transport/headers.py request_headers() + request(), decode_response() +
+           response_header_block())
 
 and prints frames per second and ns per frame, each measured for about --duration seconds.
 The two codecs are checked to produce identical bytes first.
@@ -26,6 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stellagw._py import frame as py_frame  # noqa: E402
+from stellagw.transport.headers import (CLASSES, RESPONSE_DROP_NAMES, classify,  # noqa: E402
+                                        request_headers, response_header_block)
 
 PREFIX = bytes.fromhex("5a17c0de2f6b9e41")
 REQ_HEADERS = [
@@ -38,6 +45,20 @@ REQ_HEADERS = [
     (b"x-stellaops-scopes", b"scans.read scans.write"),
     (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
 ]
+# What a client sends (forwarded: 4 of them) and the identity the gateway adds.
+CLIENT_HEADERS = [
+    (b"host", b"api.example.com"),
+    (b"user-agent", b"k6/0.52.0 (https://k6.io/)"),
+    (b"accept", b"application/json"),
+    (b"accept-encoding", b"gzip, deflate"),
+    (b"connection", b"keep-alive"),
+    (b"authorization", b"DPoP eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2ln"),
+    (b"dpop", b"eyJ0eXAiOiJkcG9wK2p3dCJ9.eyJodG0iOiJHRVQifQ.c2ln"),
+    (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+]
+IDENTITY = [(b"x-stellaops-tenant", b"tenant-a"), (b"x-stellaops-actor", b"user:alice"),
+            (b"x-stellaops-scopes", b"scans.read scans.write")]
+CID = "0f8fad5b-d9cb-469f-a165-70867728950e"
 RESP_HEADERS = [
     (b"content-type", b"application/json"),
     (b"cache-control", b"no-store"),
@@ -114,6 +135,28 @@ def bench(m, args):
             response(corr, 200, RESP_HEADERS, 1, resp_body)
         enc_resp.take()
 
+    client = ClientRequest()
+
+    def f_req_list():
+        request = enc_req.request
+        for corr in ids:
+            request(corr, "GET", "/api/v1/scans/12345/results", b"page=2&size=50",
+                    request_headers(client, b"10.1.2.3", b"https", IDENTITY), 30000, 1,
+                    req_body)
+        enc_req.take()
+
+    def f_req():
+        forward = enc_req.request_forward
+        for corr in ids:
+            forward(corr, "GET", "/api/v1/scans/12345/results", b"page=2&size=50",
+                    CLIENT_HEADERS, 30000, 1, req_body, CLASSES, classify, True, True, IDENTITY,
+                    b"10.1.2.3", b"https", CID)
+        enc_req.take()
+
+    def f_resp_list(payload):
+        flags, status, headers, body = m.decode_response(payload)
+        return response_header_block(headers)
+
     return {
         "REQUEST encode": measure(e_req, args.batch, args.duration),
         "REQUEST decode": measure(lambda: decode_batch(m, req_data, m.decode_request),
@@ -121,7 +164,22 @@ def bench(m, args):
         "RESPONSE encode": measure(e_resp, args.batch, args.duration),
         "RESPONSE decode": measure(lambda: decode_batch(m, resp_data, m.decode_response),
                                    args.batch, args.duration),
+        "REQUEST list": measure(f_req_list, args.batch, args.duration),
+        "REQUEST forward": measure(f_req, args.batch, args.duration),
+        "RESPONSE list": measure(lambda: decode_batch(m, resp_data, f_resp_list),
+                                 args.batch, args.duration),
+        "RESPONSE block": measure(
+            lambda: decode_batch(m, resp_data,
+                                 lambda p: m.decode_response_block(p, RESPONSE_DROP_NAMES)),
+            args.batch, args.duration),
     }, len(req_data) // args.batch, len(resp_data) // args.batch
+
+
+class ClientRequest:
+    """The attributes of an ingress request that request_headers() reads."""
+    headers = CLIENT_HEADERS
+    http_version = "1.1"
+    correlation_id = CID
 
 
 def main(argv=None):

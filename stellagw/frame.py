@@ -59,11 +59,19 @@ KIND_PING = _m.KIND_PING
 KIND_PONG = _m.KIND_PONG
 MAX_WINDOW_INCREMENT = _m.MAX_WINDOW_INCREMENT
 
+HEADER_KEEP = _m.HEADER_KEEP
+HEADER_DROP = _m.HEADER_DROP
+HEADER_CONNECTION = _m.HEADER_CONNECTION
+HEADER_HOST = _m.HEADER_HOST
+HEADER_TE = _m.HEADER_TE
+HEADER_TRACE = _m.HEADER_TRACE
+
 FrameError = _m.FrameError
 FrameDecoder = _m.FrameDecoder
 FrameEncoder = _m.FrameEncoder
 decode_request = _m.decode_request
 decode_response = _m.decode_response
+decode_response_block = _m.decode_response_block
 decode_stream_data = _m.decode_stream_data
 decode_control = _m.decode_control
 decode_window_update = _m.decode_window_update
@@ -134,9 +142,11 @@ __all__ = [
     "RESPONSE_STREAM_DATA", "CANCEL", "HELLO_ACK", "DRAIN", "PING", "PONG", "WINDOW_UPDATE",
     "FLAG_END_STREAM", "FLAG_MORE", "STREAM_KIND_MASK", "KIND_DATA", "KIND_TEXT",
     "KIND_BINARY", "KIND_CLOSE", "KIND_PING", "KIND_PONG", "MAX_WINDOW_INCREMENT",
+    "HEADER_KEEP", "HEADER_DROP", "HEADER_CONNECTION", "HEADER_HOST", "HEADER_TE",
+    "HEADER_TRACE",
     "FrameError", "FrameDecoder", "FrameEncoder",
-    "decode_request", "decode_response", "decode_stream_data", "decode_control",
-    "decode_window_update",
+    "decode_request", "decode_response", "decode_response_block", "decode_stream_data",
+    "decode_control", "decode_window_update",
     "FRAME_TYPE_NAMES", "CONTROL_TYPES", "CANCEL_CLIENT_DISCONNECTED", "CANCEL_TIMEOUT",
     "CANCEL_PAYLOAD_LIMIT_EXCEEDED", "CANCEL_SHUTDOWN", "CANCEL_ABORTED", "CANCEL_REASONS",
     "HEALTH_STATUSES", "INITIAL_STREAM_WINDOW", "HEARTBEAT_INTERVAL_MS", "PING_PAYLOAD_MAX",

@@ -48,6 +48,7 @@ def M(impl):
 
 
 CORR = bytes.fromhex("5a17c0de2f6b9e410000000000000001")
+DROP = (b"content-length", b"date", b"x-correlation-id")   # for decode_response_block
 # STELLAGW_HYPOTHESIS_EXAMPLES=5000 for a longer differential soak.
 HSET = settings(max_examples=int(os.environ.get("STELLAGW_HYPOTHESIS_EXAMPLES", "150")),
                 deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -264,12 +265,16 @@ def test_invalid_payload_vectors(impl, vec):
     fn = {"request": m.decode_request, "response": m.decode_response,
           "stream": m.decode_stream_data, "control": m.decode_control,
           "window": m.decode_window_update}[vec["decoder"]]
+    fns = [fn]
+    if vec["decoder"] == "response":
+        fns.append(lambda payload: m.decode_response_block(payload, DROP))
     payload = bytes.fromhex(vec["payload_hex"])
-    for arg in (payload, bytearray(payload), memoryview(payload)):
-        with pytest.raises(m.FrameError) as info:
-            fn(arg)
-        assert str(info.value).startswith(vec["error"])
-        assert isinstance(info.value, ValueError)
+    for fn in fns:
+        for arg in (payload, bytearray(payload), memoryview(payload)):
+            with pytest.raises(m.FrameError) as info:
+                fn(arg)
+            assert str(info.value).startswith(vec["error"])
+            assert isinstance(info.value, ValueError)
 
 
 # --- split feeds ---------------------------------------------------------------------
@@ -560,6 +565,89 @@ def test_take_coalesces_and_reuses(impl):
     assert enc.take() == ref_frame(m.PING, CORR, b"")
 
 
+# --- decode_response_block, request_forward ---------------------------------------------
+# (tests/test_transport_headers.py checks both against the Python header rules they replace)
+
+@impls
+def test_response_block_drops_named_headers_and_keeps_order(impl):
+    m = M(impl)
+    enc = m.FrameEncoder()
+    headers = [(b"content-type", b"text/plain"), (b"date", b"x"), (b"x-a", b""),
+               (b"content-length", b"2"), (b"x-a", b"2")]
+    enc.response(CORR, 404, headers, 1, b"no")
+    payload = enc.take()[21:]
+    expected = (1, 404, b"content-type: text/plain\r\nx-a: \r\nx-a: 2\r\n", b"no")
+    for arg in (payload, bytearray(payload), memoryview(payload)):
+        assert m.decode_response_block(arg, DROP) == expected
+    assert m.decode_response_block(payload, ())[2].count(b"\r\n") == 5
+    assert m.decode_response_block(ref_response(0, 200, [], b""), DROP) == (0, 200, b"", b"")
+    for drop in ([b"date"], (b"date", "x"), None):
+        with pytest.raises(TypeError):
+            m.decode_response_block(payload, drop)
+
+
+def forward_args(headers, **kw):
+    """request_forward's arguments: a GET with `headers`, classified by their own kind names."""
+    m = py_frame
+    kinds = {b"connection": m.HEADER_CONNECTION, b"host": m.HEADER_HOST, b"te": m.HEADER_TE,
+             b"traceparent": m.HEADER_TRACE, b"drop-me": m.HEADER_DROP}
+    args = dict(corr=CORR, method="GET", path="/p", query=b"q", headers=headers, timeout_ms=5,
+                flags=1, body=b"", classes={},
+                classify=lambda name: kinds.get(name, m.HEADER_KEEP),
+                http11=True, keep_trace=True, identity=[(b"x-id", b"me")], peer_ip=b"ip",
+                scheme=b"http", correlation_id="c")
+    args.update(kw)
+    return list(args.values())
+
+
+@impls
+def test_request_forward_rules(impl):
+    m = M(impl)
+    enc = m.FrameEncoder()
+    enc.request_forward(*forward_args([
+        (b"x-named", b"1"), (b"host", b"h1"), (b"drop-me", b"2"), (b"traceparent", b"t"),
+        (b"te", b" Trailers "), (b"X-Named", b"case kept"),
+        (b"connection", b"keep-alive ,X-NAMED,"),
+        (b"host", b"h2"), (b"", b"named by the empty token")]))
+    headers = m.decode_request(enc.take()[21:])[5]
+    assert headers == [(b"host", b"h1"), (b"traceparent", b"t"), (b"x-named", b"case kept"),
+                       (b"host", b"h2"), (b"te", b"trailers"), (b"x-id", b"me"),
+                       (b"x-forwarded-for", b"ip"), (b"x-forwarded-proto", b"http"),
+                       (b"x-forwarded-host", b"h2"), (b"x-correlation-id", b"c")]
+    enc.request_forward(*forward_args([(b"te", b"trailers"), (b"traceparent", b"t")],
+                                      http11=False, keep_trace=False, identity=(),
+                                      correlation_id="é"))
+    assert m.decode_request(enc.take()[21:])[5] == [
+        (b"x-forwarded-for", b"ip"), (b"x-forwarded-proto", b"http"),
+        (b"x-correlation-id", "é".encode())]
+
+
+@impls
+def test_request_forward_counts_and_refuses_like_request(impl):
+    m = M(impl)
+    enc = m.FrameEncoder()
+    # More client headers than a frame may carry is fine while few are forwarded.
+    enc.request_forward(*forward_args([(b"drop-me", b"x")] * 300 + [(b"a", b"1")] * 252))
+    assert len(m.decode_request(enc.take()[21:])[5]) == 256
+    enc.raw(m.PING, CORR, b"")
+    before = len(enc)
+    for headers, msg in (([(b"a", b"1")] * 253, "REQUEST: more than 256 headers"),
+                         ([(b"a", b"\r")], "CR, LF or NUL"),
+                         ([(b"a b", b"")], "header name is not a lowercase token")):
+        with pytest.raises(m.FrameError, match=msg):
+            enc.request_forward(*forward_args(headers))
+        assert len(enc) == before
+    for bad in ([[b"a", b"1"]], [(b"a", "1")], [(b"a",)], [("a", b"1")], [(b"a", b"1", b"")], 5):
+        with pytest.raises(TypeError):
+            enc.request_forward(*forward_args(bad))
+        assert len(enc) == before
+    with pytest.raises(TypeError):
+        enc.request_forward(*forward_args([], classes=None))
+    with pytest.raises(UnicodeEncodeError):
+        enc.request_forward(*forward_args([], correlation_id="\ud800"))
+    assert len(enc) == before
+
+
 # --- hypothesis: round trips -------------------------------------------------------------
 
 TCHAR = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -609,6 +697,8 @@ def test_roundtrip_response(impl, corr, status, headers, flags, body, cut):
     [(ftype, c, payload)] = roundtrip(m, enc, range(cut, 3000, cut))
     assert (ftype, c) == (m.RESPONSE, corr)
     assert m.decode_response(payload) == (flags, status, lowered(headers), body)
+    block = b"".join(b"%s: %s\r\n" % (n, v) for n, v in lowered(headers) if n not in DROP)
+    assert m.decode_response_block(payload, DROP) == (flags, status, block, body)
 
 
 STREAM_FLAGS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 0x10, 0x12, 0x14]
@@ -734,6 +824,8 @@ def test_differential_payload_decoders(payload):
     for fn in ("decode_request", "decode_response", "decode_stream_data", "decode_control",
                "decode_window_update"):
         assert outcome(getattr(c_frame, fn), payload) == outcome(getattr(py_frame, fn), payload)
+    assert (outcome(c_frame.decode_response_block, payload, DROP)
+            == outcome(py_frame.decode_response_block, payload, DROP))
 
 
 @needs_c

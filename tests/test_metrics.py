@@ -1,12 +1,18 @@
 """/metrics: the seed's metric names, valid exposition (promtool), whole-instance totals."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
 import subprocess
+from bisect import bisect_left
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stellagw.observe.metrics import DURATION_BUCKETS, Histogram, Metrics, _View
 
 from .gwtest import Served, port_of, request, wait_for
 
@@ -71,3 +77,32 @@ def test_metrics_cover_the_whole_instance_and_pass_promtool(two_workers):
 
     out = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# --- Histogram ------------------------------------------------------------------------
+
+EDGES = [v for b in DURATION_BUCKETS for v in (math.nextafter(b, 0), b, math.nextafter(b, 1e9))]
+
+
+@given(st.floats() | st.sampled_from(EDGES + [0.0, -0.0, -1.0, math.inf, -math.inf, 31.0]))
+def test_observe_counts_in_bisects_bucket(seconds):
+    h = Histogram()
+    h.observe(seconds)
+    i = bisect_left(DURATION_BUCKETS, seconds)
+    assert h.counts == [int(j == i) for j in range(len(DURATION_BUCKETS) + 1)]
+    assert h.n == 1 and (h.total == seconds or math.isnan(seconds))
+
+
+def test_histogram_buckets_sum_and_snapshot_merge():
+    m = Metrics()
+    for s in (0.00004, 0.0003, 0.0003, 0.003, 40.0):
+        m.phase("transport", s)
+    h = m.phases["transport"]
+    assert h.n == 5 and h.total == pytest.approx(40.00364)
+    b = dict(h.buckets())
+    assert (b["5e-05"], b["0.0005"], b["0.005"], b["30.0"], b["+Inf"]) == (1, 3, 4, 4, 5)
+    view = _View()    # what a scrape sums: here the same worker twice
+    view.add(m.snapshot())
+    view.add(m.snapshot())
+    assert view.phases["transport"].counts == [2 * c for c in h.counts]
+    assert view.phases["transport"].n == 10

@@ -2,7 +2,7 @@
 
 Wire format, limits and error rules: docs/protocol.md.
 """
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing_extensions import Buffer
 from typing import Final, TypeAlias
 
@@ -13,9 +13,11 @@ __all__ = [
     "RESPONSE_STREAM_DATA", "CANCEL", "HELLO_ACK", "DRAIN", "PING", "PONG", "WINDOW_UPDATE",
     "FLAG_END_STREAM", "FLAG_MORE", "STREAM_KIND_MASK", "KIND_DATA", "KIND_TEXT",
     "KIND_BINARY", "KIND_CLOSE", "KIND_PING", "KIND_PONG", "MAX_WINDOW_INCREMENT",
+    "HEADER_KEEP", "HEADER_DROP", "HEADER_CONNECTION", "HEADER_HOST", "HEADER_TE",
+    "HEADER_TRACE",
     "FrameError", "FrameDecoder", "FrameEncoder",
-    "decode_request", "decode_response", "decode_stream_data", "decode_control",
-    "decode_window_update",
+    "decode_request", "decode_response", "decode_response_block", "decode_stream_data",
+    "decode_control", "decode_window_update",
 ]
 
 HEADER_SIZE: Final[int]             # 21: u32 length + u8 type + 16-byte correlation id
@@ -52,6 +54,14 @@ KIND_PING: Final[int]               # 0x08
 KIND_PONG: Final[int]               # 0x0A
 MAX_WINDOW_INCREMENT: Final[int]    # 2**31 - 1
 
+# FrameEncoder.request_forward: what a client header's kind (its classification) does
+HEADER_KEEP: Final[int]             # 0 forwarded
+HEADER_DROP: Final[int]             # 1 never forwarded
+HEADER_CONNECTION: Final[int]       # 2 dropped, and so is every header its value names
+HEADER_HOST: Final[int]             # 3 forwarded, and its value becomes x-forwarded-host
+HEADER_TE: Final[int]               # 4 dropped; "trailers" is forwarded again on HTTP/1.1
+HEADER_TRACE: Final[int]            # 5 forwarded unless keep_trace is false
+
 Payload: TypeAlias = bytes | memoryview
 Header: TypeAlias = tuple[bytes, bytes]
 
@@ -69,6 +79,9 @@ def decode_request(payload: Buffer) -> tuple[int, int, str, str, bytes, list[Hea
     """(flags, timeout_ms, method, path, query, headers, body)"""
 def decode_response(payload: Buffer) -> tuple[int, int, list[Header], bytes]:
     """(flags, status, headers, body)"""
+def decode_response_block(payload: Buffer,
+                          drop: tuple[bytes, ...]) -> tuple[int, int, bytes, bytes]:
+    """(flags, status, b"name: value\\r\\n" lines of the headers not named in drop, body)"""
 def decode_stream_data(payload: Buffer) -> tuple[int, bytes]:
     """(flags, chunk)"""
 def decode_control(payload: Buffer) -> dict[str, object]: ...
@@ -79,6 +92,15 @@ class FrameEncoder:
     def request(self, corr: Buffer, method: str, path: str, query: Buffer | str,
                 headers: Iterable[tuple[Buffer | str, Buffer | str]], timeout_ms: int,
                 flags: int, body: Buffer) -> None: ...
+    def request_forward(self, corr: Buffer, method: str, path: str, query: Buffer | str,
+                        headers: Sequence[Header], timeout_ms: int, flags: int, body: Buffer,
+                        classes: dict[bytes, int], classify: Callable[[bytes], int],
+                        http11: bool, keep_trace: bool,
+                        identity: Iterable[tuple[Buffer | str, Buffer | str]],
+                        peer_ip: Buffer | str, scheme: Buffer | str,
+                        correlation_id: str) -> None:
+        """request() with the client's headers filtered and the gateway's appended, as
+        stellagw.transport.headers.request_headers() states (classes: name -> HEADER_*)."""
     def response(self, corr: Buffer, status: int,
                  headers: Iterable[tuple[Buffer | str, Buffer | str]], flags: int,
                  body: Buffer) -> None: ...

@@ -20,9 +20,11 @@ __all__ = [
     "RESPONSE_STREAM_DATA", "CANCEL", "HELLO_ACK", "DRAIN", "PING", "PONG", "WINDOW_UPDATE",
     "FLAG_END_STREAM", "FLAG_MORE", "STREAM_KIND_MASK", "KIND_DATA", "KIND_TEXT",
     "KIND_BINARY", "KIND_CLOSE", "KIND_PING", "KIND_PONG", "MAX_WINDOW_INCREMENT",
+    "HEADER_KEEP", "HEADER_DROP", "HEADER_CONNECTION", "HEADER_HOST", "HEADER_TE",
+    "HEADER_TRACE",
     "FrameError", "FrameDecoder", "FrameEncoder",
-    "decode_request", "decode_response", "decode_stream_data", "decode_control",
-    "decode_window_update",
+    "decode_request", "decode_response", "decode_response_block", "decode_stream_data",
+    "decode_control", "decode_window_update",
 ]
 
 # --- constants (docs/protocol.md §2-§5) -------------------------------------------------
@@ -64,6 +66,15 @@ FLAG_MORE = 0x10                 # WebSocket: this message continues in the next
 _STREAM_RESERVED = 0xE0
 _KIND_LAST = KIND_PONG
 MAX_WINDOW_INCREMENT = 0x7FFFFFFF
+
+# What FrameEncoder.request_forward does with a client's header, by the kind the caller's
+# classification gives its name (stellagw/transport/headers.py owns that policy).
+HEADER_KEEP = 0                  # forwarded
+HEADER_DROP = 1                  # never forwarded
+HEADER_CONNECTION = 2            # dropped, and so is every header its value names
+HEADER_HOST = 3                  # forwarded, and its value becomes x-forwarded-host
+HEADER_TE = 4                    # dropped; "trailers" is forwarded again on HTTP/1.1
+HEADER_TRACE = 5                 # forwarded unless the gateway's own trace context replaces it
 
 _CONTROL_TYPES = frozenset((HELLO, HEARTBEAT, ENDPOINTS_UPDATE, CANCEL, HELLO_ACK, DRAIN))
 
@@ -291,6 +302,17 @@ def decode_response(payload):
     return flags, status, headers, bytes(p[pos:])
 
 
+def decode_response_block(payload, drop):
+    """RESPONSE payload -> (flags, status, header block, body): the headers whose names are
+    not in `drop` (a tuple of bytes) as b"name: value\\r\\n" lines, validated exactly as
+    decode_response validates them."""
+    if type(drop) is not tuple or any(type(name) is not bytes for name in drop):
+        raise TypeError("drop must be a tuple of bytes")
+    flags, status, headers, body = decode_response(payload)
+    block = b"".join([b"%s: %s\r\n" % (n, v) for n, v in headers if n not in drop])
+    return flags, status, block, body
+
+
 def _check_stream_flags(flags):
     if flags & _STREAM_RESERVED:
         raise FrameError(f"STREAM_DATA: reserved flag bits set (0x{flags:02x})")
@@ -492,6 +514,55 @@ class FrameEncoder:
             del self._buf[mark:]
             raise
         self._end(mark)
+
+    def request_forward(self, corr, method, path, query, headers, timeout_ms, flags, body,
+                        classes, classify, http11, keep_trace, identity, peer_ip, scheme,
+                        correlation_id):
+        """request() with the headers a client's request forwards, built while encoding.
+
+        `headers` are the client's (bytes, bytes) pairs; `classes` maps a name to its
+        HEADER_* kind, and classify(name) gives the kind of a name it lacks. Forwarded:
+        HEADER_KEEP and HEADER_HOST headers, HEADER_TRACE ones when keep_trace, except
+        those the last HEADER_CONNECTION header names; then `te: trailers` if the last
+        HEADER_TE header said so and http11, the `identity` pairs, x-forwarded-for
+        (peer_ip), -proto (scheme), -host (the last HEADER_HOST value, if any) and
+        x-correlation-id. The same bytes as request() given
+        stellagw.transport.headers.request_headers(), which states these rules.
+        """
+        if type(classes) is not dict:
+            raise TypeError("classes must be a dict")
+        if type(correlation_id) is not str:
+            raise TypeError("correlation_id must be str")
+        out = []
+        named = host = None
+        te_trailers = False
+        for pair in headers:
+            if (type(pair) is not tuple or len(pair) != 2 or type(pair[0]) is not bytes
+                    or type(pair[1]) is not bytes):
+                raise TypeError("headers must be (bytes, bytes) tuples")
+            kind = classes.get(pair[0])
+            if kind is None:
+                kind = classify(pair[0])
+            if kind == HEADER_KEEP or kind == HEADER_TRACE and keep_trace:
+                out.append(pair)
+            elif kind == HEADER_HOST:
+                host = pair[1]
+                out.append(pair)
+            elif kind == HEADER_CONNECTION:
+                named = {t.strip().lower() for t in pair[1].split(b",")}
+            elif kind == HEADER_TE:
+                te_trailers = pair[1].strip().lower() == b"trailers"
+        if named:
+            out = [h for h in out if h[0] not in named]
+        if te_trailers and http11:
+            out.append((b"te", b"trailers"))
+        out.extend(identity)
+        out.append((b"x-forwarded-for", peer_ip))
+        out.append((b"x-forwarded-proto", scheme))
+        if host is not None:
+            out.append((b"x-forwarded-host", host))
+        out.append((b"x-correlation-id", correlation_id.encode()))
+        self.request(corr, method, path, query, out, timeout_ms, flags, body)
 
     def response(self, corr, status, headers, flags, body):
         status = _as_llong(status)

@@ -33,31 +33,51 @@ FRAME_NAMES = {1: "HELLO", 2: "HEARTBEAT", 3: "ENDPOINTS_UPDATE", 4: "REQUEST",
 
 
 class Histogram:
-    __slots__ = ("counts", "total", "n")
+    """Counts per DURATION_BUCKETS bucket (the last is +Inf) and the sum of the samples.
 
-    def __init__(self, counts=None, total=0.0, n=0):
-        self.counts = list(counts) if counts else [0] * (len(DURATION_BUCKETS) + 1)
-        self.total = total
-        self.n = n
+    The sample count is the counts' sum, not a field: observe(), four times per routed
+    request, then updates two things instead of three.
+    """
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self):
+        self.counts = [0] * (len(DURATION_BUCKETS) + 1)
+        self.total = 0.0
+
+    @property
+    def n(self) -> int:
+        return sum(self.counts)
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        # bisect_left(DURATION_BUCKETS, seconds), unrolled below 2 ms, where nearly every
+        # sample lands: a float compare in bytecode is several times cheaper than bisect's
+        # call and generic compares. `seconds > bound` is bisect's own test, so the index is
+        # the same for every value, NaN included (tests/test_metrics.py checks).
+        if seconds > 0.0005:
+            if seconds > 0.002:
+                i = bisect_left(DURATION_BUCKETS, seconds, 6)
+            else:
+                i = 5 if seconds > 0.001 else 4
+        elif seconds > 0.0001:
+            i = 3 if seconds > 0.00025 else 2
+        else:
+            i = 1 if seconds > 0.00005 else 0
+        self.counts[i] += 1
         self.total += seconds
-        self.n += 1
 
-    def add(self, counts, total, n) -> None:
+    def add(self, counts, total) -> None:
         mine = self.counts
         for i, c in enumerate(counts):
             mine[i] += c
         self.total += total
-        self.n += n
 
     def buckets(self):
         out, acc = [], 0
         for bound, count in zip(_BOUNDS, self.counts):
             acc += count
             out.append((bound, acc))
-        out.append(("+Inf", self.n))
+        out.append(("+Inf", acc + self.counts[-1]))
         return out
 
 
@@ -210,10 +230,10 @@ class _View:
         for *k, v in snap.get("requests", ()):
             k = tuple(k)
             self.requests[k] = self.requests.get(k, 0) + v
-        for *k, counts, total, n in snap.get("durations", ()):
-            self.durations.setdefault(tuple(k), Histogram()).add(counts, total, n)
-        for k, counts, total, n in snap.get("phases", ()):
-            self.phases.setdefault(k, Histogram()).add(counts, total, n)
+        for *k, counts, total, _n in snap.get("durations", ()):
+            self.durations.setdefault(tuple(k), Histogram()).add(counts, total)
+        for k, counts, total, _n in snap.get("phases", ()):
+            self.phases.setdefault(k, Histogram()).add(counts, total)
         for target, key in ((self.frames, "frames"), (self.auth_failures, "auth_failures"),
                             (self.rate_limited, "rate_limited")):
             for k, v in snap.get(key, ()):

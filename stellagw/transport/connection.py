@@ -23,7 +23,7 @@ from time import perf_counter
 from .. import frame as fr
 from ..ingress.responses import error_body
 from ..routing.state import DRAINING, HelloError
-from .headers import request_headers, response_header_block
+from .headers import CLASSES, RESPONSE_DROP_NAMES, classify, request_headers
 
 HELLO_TIMEOUT = 10.0
 INITIAL_WINDOW = 256 * 1024     # bytes of stream data a peer may send per stream unacknowledged
@@ -246,8 +246,7 @@ class ServiceConnection(asyncio.Protocol):
             return  # answered already (timeout/cancel): a late answer is dropped
         if pending.streaming:
             raise fr.FrameError("a second RESPONSE for one request")
-        flags, status, headers, body = fr.decode_response(payload)
-        block = response_header_block(headers)
+        flags, status, block, body = fr.decode_response_block(payload, RESPONSE_DROP_NAMES)
         req = pending.req
         if req.websocket:
             self._on_upgrade_answer(pending, flags, status, block, body)
@@ -362,25 +361,29 @@ class ServiceConnection(asyncio.Protocol):
                                          **{"stellagw.service": req.service})
             # The service continues our trace, not the client's span.
             extra = list(extra) + tracing.traceparent(pending.span)
-        headers = request_headers(req, req.conn.peer_ip, self._hub.scheme, extra,
-                                  keep_trace=req.span is None)
         body = req.body
         timeout_ms = int(timeout * 1000)
         if req.websocket:
             # The request stream stays open: it carries the client's messages (protocol.md).
+            headers = request_headers(req, req.conn.peer_ip, self._hub.scheme, extra,
+                                      keep_trace=req.span is None)
             headers.append((b"upgrade", b"websocket"))
             self._encoder.request(corr, req.method, path, req.query, headers, timeout_ms, 0, b"")
             self._out(fr.REQUEST)
-        elif len(body) > stream_threshold or (endpoint.streaming and body):
-            self._encoder.request(corr, req.method, path, req.query, headers, timeout_ms, 0, b"")
-            self._out(fr.REQUEST)
-            pending.body = body
-            self._send_body(pending)
+            streamed = False
         else:
-            self._encoder.request(corr, req.method, path, req.query, headers, timeout_ms,
-                                  fr.FLAG_END_STREAM, body)
+            streamed = len(body) > stream_threshold or (endpoint.streaming and body)
+            # request_headers' rules, applied while encoding (no header list per request).
+            self._encoder.request_forward(
+                corr, req.method, path, req.query, req.headers, timeout_ms,
+                0 if streamed else fr.FLAG_END_STREAM, b"" if streamed else body,
+                CLASSES, classify, req.http_version == "1.1", req.span is None, extra,
+                req.conn.peer_ip, self._hub.scheme, req.correlation_id)
             frames = self._frames_in
             frames[_REQUEST] = frames.get(_REQUEST, 0) + 1
+        if streamed:
+            pending.body = body
+            self._send_body(pending)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)

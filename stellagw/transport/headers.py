@@ -7,6 +7,9 @@ itself (content-length or chunked) on the way out.
 """
 from __future__ import annotations
 
+from ..frame import (HEADER_CONNECTION as _CONNECTION, HEADER_DROP as _DROP,
+                     HEADER_HOST as _HOST, HEADER_KEEP as _KEEP, HEADER_TE as _TE,
+                     HEADER_TRACE as _TRACE)
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
@@ -18,17 +21,19 @@ GATEWAY_SET = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded
                          b"x-correlation-id", b"forwarded"})
 # Framing is the gateway's job on the client side.
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"date", b"x-correlation-id"}
+# The same for frame.decode_response_block, which compares names in C against a tuple.
+RESPONSE_DROP_NAMES = tuple(sorted(RESPONSE_DROP))
 
 
-_KEEP, _DROP, _CONNECTION, _HOST, _TE, _TRACE = 0, 1, 2, 3, 4, 5
-# What to do with each request header name, learnt once per name: header names repeat
-# from request to request, so forwarding costs one dict lookup per header. Bounded: names
-# past the cap are classified every time, never remembered.
-_CLASS: dict[bytes, int] = {}
-_CLASS_MAX = 4096
+# What to do with each request header name (a frame.HEADER_* kind), learnt once per name:
+# header names repeat from request to request, so forwarding costs one dict lookup per
+# header. Bounded: names past the cap are classified every time, never remembered.
+# FrameEncoder.request_forward takes both, the cache and `classify` for what it lacks.
+CLASSES: dict[bytes, int] = {}
+_CLASSES_MAX = 4096
 
 
-def _classify(name: bytes) -> int:
+def classify(name: bytes) -> int:
     from ..auth.identity import is_identity_header
     if name == b"connection":
         kind = _CONNECTION
@@ -43,8 +48,8 @@ def _classify(name: bytes) -> int:
         kind = _DROP
     else:
         kind = _KEEP
-    if len(_CLASS) < _CLASS_MAX:
-        _CLASS[name] = kind
+    if len(CLASSES) < _CLASSES_MAX:
+        CLASSES[name] = kind
     return kind
 
 
@@ -56,9 +61,10 @@ def request_headers(req, peer_ip: bytes, scheme: bytes, identity_headers=(),
     headers (docs/auth.md) and the headers the gateway sets itself. The gateway's identity
     headers are added after the `Connection`-named ones are removed, so a client cannot
     name one of ours there. `keep_trace=False` when tracing replaces the client's
-    traceparent with the gateway's own span.
+    traceparent with the gateway's own span. The request path encodes the same headers
+    without this list, with FrameEncoder.request_forward (tests check they agree).
     """
-    classes = _CLASS
+    classes = CLASSES
     named = None
     host = None
     te_trailers = False
@@ -67,7 +73,7 @@ def request_headers(req, peer_ip: bytes, scheme: bytes, identity_headers=(),
         name = header[0]
         kind = classes.get(name)
         if kind is None:
-            kind = _classify(name)
+            kind = classify(name)
         if kind == _KEEP:
             out.append(header)
         elif kind == _HOST:
@@ -97,6 +103,7 @@ def response_header_block(headers) -> bytes:
 
     The frame decoder has already refused names that are not lowercase tokens and values
     with CR, LF or NUL (docs/protocol.md §8), so nothing here can split the response.
+    The request path does this in C: frame.decode_response_block(payload, RESPONSE_DROP_NAMES).
     """
     drop = RESPONSE_DROP
     return b"".join([b"%s: %s\r\n" % (n, v) for n, v in headers if n not in drop])
