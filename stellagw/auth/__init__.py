@@ -34,7 +34,6 @@ from .dpop import DpopVerifier
 from .errors import AuthFailure, Challenges, Refusal
 from .identity import (SCOPE_OVERRIDE_HEADERS, Identity, anonymous_identity,
                        strip_identity_headers)
-from .jose import b64url
 from .keys import KeyStore
 from .mtls import check_certificate_binding
 from .nonce import NonceIssuer
@@ -265,7 +264,7 @@ class Authenticator:
                 if htu is None:
                     raise Refusal("invalid_dpop_proof", "the request URI cannot be determined",
                                   "dpop_htu")
-                result = self.proofs.check(proof, req.method, htu, b64url(digest), jkt, now)
+                result = self.proofs.check(proof, req.method, htu, info.ath, jkt, now)
             elif scheme == "DPoP":
                 raise Refusal("invalid_token", "access token is not DPoP-bound", "not_dpop_bound")
             if info.x5t is not None:

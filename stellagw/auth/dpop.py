@@ -32,7 +32,7 @@ from collections import OrderedDict
 from urllib.parse import urlsplit
 
 from .errors import Refusal
-from .jose import (JoseError, PRIVATE_MEMBERS, b64url_decode, json_object, json_object_fast,
+from .jose import (JoseError, PRIVATE_MEMBERS, decode_part, json_object, json_object_fast,
                    jwk_thumbprint,
                    key_matches_alg, public_key_from_jwk, split_compact, verify_signature)
 from .replay import replay_key
@@ -120,7 +120,7 @@ class DpopVerifier:
         alg, key, jkt = self._header(h)
 
         try:
-            signature = b64url_decode(s)
+            signature = decode_part(s)
         except JoseError:
             raise _refuse("DPoP proof is not a compact JWS", "dpop_malformed") from None
         if not verify_signature(alg, key, proof[:len(h) + 1 + len(p)], signature):

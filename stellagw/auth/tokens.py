@@ -32,7 +32,7 @@ from jwt import exceptions as jwt_errors
 
 from .errors import Refusal
 from .identity import identity_from_claims
-from .jose import JoseError, json_object, split_compact
+from .jose import JoseError, b64url, json_object, split_compact
 
 __all__ = ["TokenVerifier", "TokenInfo", "UnknownKey", "TOKEN_CACHE_SIZE"]
 
@@ -54,13 +54,14 @@ def _invalid(message: str, reason: str) -> Refusal:
 class TokenInfo:
     """A verified token: its identity and binding, valid until `deadline` (exp + leeway)."""
 
-    __slots__ = ("identity", "deadline", "jkt", "x5t")
+    __slots__ = ("identity", "deadline", "jkt", "x5t", "ath")
 
-    def __init__(self, identity, deadline, jkt, x5t):
+    def __init__(self, identity, deadline, jkt, x5t, ath=None):
         self.identity = identity
         self.deadline = deadline
         self.jkt = jkt
         self.x5t = x5t
+        self.ath = ath     # base64url SHA-256 of the token, what a DPoP proof's ath must be
 
 
 class UnknownKey:
@@ -190,7 +191,7 @@ class TokenVerifier:
         binding = ("both" if jkt and x5t else "dpop" if jkt else "mtls" if x5t else None)
         identity = identity_from_claims(claims, binding, self._legacy, jkt)
 
-        info = TokenInfo(identity, exp + leeway, jkt, x5t)
+        info = TokenInfo(identity, exp + leeway, jkt, x5t, b64url(digest) if jkt else None)
         cache = self._cache
         if len(cache) >= self._cache_size:
             cache.popitem(last=False)
