@@ -14,10 +14,11 @@ follow DESIGN.md §2; stages 1–3 (accept, parse, correlate) happen in stellagw
     11 dispatch     REQUEST frame to the instance; timeout → CANCEL + 504
     12 respond      by the service connection when the RESPONSE arrives
 
-Stages 6–8 and 9 are synchronous on the hot path; each returns an awaitable only when it
-must wait for I/O (an unknown signing key, the Valkey replay check or rate-limit script).
-Then the rest of the journey continues in a task, and the answer goes out through
-`req.conn.respond` like any routed answer.
+Stages 6–8 and 9 are synchronous on the hot path; each returns something to wait for only
+when it must wait for I/O: authentication an awaitable (an unknown signing key, the Valkey
+replay check), and the rest of the journey continues in a task; the rate limit a
+PendingCheck (the Valkey script), whose reply calls the rest of the journey directly. The
+answer then goes out through `req.conn.respond` like any routed answer.
 """
 from __future__ import annotations
 
@@ -119,13 +120,9 @@ class Pipeline:
         key = req.conn.anonymous_key if identity.anonymous else "sub:" + identity.subject
         decision = self._limiter.check(key, req.tenant, route.service, route.template, path)
         if decision.__class__ is not Decision:
-            spent = routing_s + perf_counter()   # routing time so far; the Valkey wait is not
-            if isinstance(decision, asyncio.Future):
-                # A Future of callbacks, not a coroutine: no Task per Valkey check.
-                decision.add_done_callback(
-                    lambda fut: self._limit_done(fut, req, route, path, spent))
-            else:
-                self._spawn(req, self._limit_later(req, route, path, decision, spent))
+            # A PendingCheck: the Valkey reply calls _limit_done directly. Routing time so
+            # far counts; the wait from when the check went out does not.
+            decision.then(self._limit_done, req, route, path, routing_s + decision.started)
             return None
         return self._after_limit(req, route, path, decision, routing_s)
 
@@ -172,15 +169,13 @@ class Pipeline:
             req.resp_headers += result.response_headers
         self._answer(req, self._after_auth(req, route, path, routing_s - perf_counter()))
 
-    async def _limit_later(self, req, route, path, pending, spent):
-        decision = await pending
-        self._answer(req, self._after_limit(req, route, path, decision, spent - perf_counter()))
-
-    def _limit_done(self, fut, req, route, path, spent):
+    def _limit_done(self, decision, req, route, path, spent):
+        # Runs inside the Valkey client's reply handling, not in a task: a failing stage
+        # still answers the client. One that has gone meanwhile is fine: respond() ignores
+        # a closed connection.
         try:
-            decision = fut.result()
             result = self._after_limit(req, route, path, decision, spent - perf_counter())
-        except BaseException as exc:  # noqa: BLE001 -- the client still gets an answer
+        except Exception as exc:  # noqa: BLE001 -- the client still gets an answer
             self._worker.log.event("error", "pipeline callback failed",
                                    correlationId=req.correlation_id, error=repr(exc))
             result = _error(req, 500, "internal error")

@@ -2,14 +2,19 @@
 
 Why not redis-py/valkey-py: the gateway needs one thing from Valkey (EVALSHA per rate-limit
 decision), on the request path, at tens of thousands per second. A connection here is an
-asyncio.Protocol whose replies are a FIFO of futures (STYLE item 41): every command writes
-its packed bytes and appends a future; data_received feeds hiredis and resolves futures in
-order. Many outstanding commands share the connection, no pool, no lock.
+asyncio.Protocol whose replies are a FIFO of waiters (STYLE item 41): every command writes
+its packed bytes and appends a future, or a plain callback; data_received feeds hiredis and
+resolves them in order. Many outstanding commands share the connection, no pool, no lock.
 
     client = ValkeyClient.from_url("redis://:secret@cache:6379/2", timeout=0.5)
     await client.execute("SET", "k", "v")            # -> b"OK"
     await client.evalsha(script, keys, args)          # EVALSHA; SCRIPT LOAD on NOSCRIPT
+    client.evalsha_then(script, pack_evalsha(script, keys, args), callback)
     await client.close()
+
+evalsha_then() is the rate-limit check's path: callback(reply, error) is called directly
+from the loop callback that read the reply (no future, no call_soon hop), exactly once,
+and never before evalsha_then() returns.
 
 Failure rules (docs/rate-limiting.md, "Valkey client"):
 
@@ -36,12 +41,14 @@ import hashlib
 import socket
 import ssl as _ssl
 from collections import deque
+from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
 __all__ = ["ValkeyClient", "Script", "ValkeyError", "ValkeyConnectionError", "ValkeyAuthError",
-           "ValkeyProtocolError", "ValkeyTimeout", "ValkeyReplyError", "parse_address"]
+           "ValkeyProtocolError", "ValkeyTimeout", "ValkeyReplyError", "parse_address",
+           "pack_evalsha"]
 
 DEFAULT_PORT = 6379
 _BACKOFF_MIN = 0.05
@@ -99,6 +106,12 @@ class Script:
 
     def __repr__(self) -> str:
         return f"Script(sha={self.sha})"
+
+
+def pack_evalsha(script: Script, keys=(), args=()) -> bytes:
+    """The EVALSHA command as bytes for evalsha_then(); callers that send the same command
+    again and again keep it (packing formats every number with sprintf)."""
+    return hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
 
 
 # --------------------------------------------------------------------------- addresses
@@ -252,7 +265,8 @@ def _parse_bare(text: str) -> dict:
 # --------------------------------------------------------------------------- one connection
 
 class _Connection(asyncio.Protocol):
-    """One socket: writes commands, matches replies to a FIFO of (future, deadline)."""
+    """One socket: writes commands, matches replies to a FIFO of (future, callback, deadline),
+    one of future and callback None."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, name: str):
         self._loop = loop
@@ -261,7 +275,7 @@ class _Connection(asyncio.Protocol):
         self._reader = hiredis.Reader(protocolError=ValkeyProtocolError,
                                       replyError=ValkeyReplyError,
                                       notEnoughData=_INCOMPLETE)
-        self._waiters: deque[tuple[asyncio.Future, float]] = deque()
+        self._waiters: deque[tuple[asyncio.Future | None, Callable | None, float]] = deque()
         self._pending_writes: list[bytes] = []   # packed commands of this loop iteration
         self._timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
@@ -293,10 +307,17 @@ class _Connection(asyncio.Protocol):
             if not waiters:
                 self._abort(ValkeyProtocolError(f"{self._name}: a reply nobody asked for"))
                 return
-            fut = waiters.popleft()[0]
-            if fut.done():              # the caller gave up (cancelled); the reply is dropped
+            fut, callback, _ = waiters.popleft()
+            if callback is not None:
+                if reply.__class__ is ValkeyReplyError:
+                    self._call(callback, None, reply)
+                else:
+                    self._call(callback, reply, None)
+                if self.lost:           # the callback closed the client: its waiters failed
+                    return
+            elif fut.done():            # the caller gave up (cancelled); the reply is dropped
                 continue
-            if reply.__class__ is ValkeyReplyError:
+            elif reply.__class__ is ValkeyReplyError:
                 fut.set_exception(reply)
             else:
                 fut.set_result(reply)
@@ -313,14 +334,15 @@ class _Connection(asyncio.Protocol):
 
     # --- commands
 
-    def request(self, packed: bytes) -> asyncio.Future:
-        """Send one packed command; the future gets its reply (or error).
+    def request(self, packed: bytes, callback: Callable | None = None) -> asyncio.Future | None:
+        """Send one packed command; its reply (or error) goes to the future returned, or,
+        given a callback, to callback(reply, error) (and None is returned).
 
         Commands of one loop iteration go out in one write (every write is a syscall; a
         gateway under load sends many rate-limit checks per iteration)."""
-        fut = self._loop.create_future()
+        fut = None if callback is not None else self._loop.create_future()
         deadline = self._loop.time() + self._timeout
-        self._waiters.append((fut, deadline))
+        self._waiters.append((fut, callback, deadline))
         pending = self._pending_writes
         pending.append(packed)
         if len(pending) == 1:
@@ -340,7 +362,7 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         if not self._waiters:
             return
-        deadline = self._waiters[0][1]
+        deadline = self._waiters[0][2]
         if deadline > self._loop.time():
             self._timer = self._loop.call_at(deadline, self._on_timer)
             return
@@ -348,11 +370,23 @@ class _Connection(asyncio.Protocol):
                     ValkeyConnectionError(f"{self._name}: connection reset after an earlier "
                                           f"command timed out"))
 
+    def _call(self, callback: Callable, reply, error: Exception | None) -> None:
+        # A callback runs inside data_received or _fail_all: what it raises must not stop
+        # the replies after it from reaching their waiters.
+        try:
+            callback(reply, error)
+        except Exception as exc:  # noqa: BLE001 -- reported like a failing loop callback
+            self._loop.call_exception_handler({
+                "message": f"{self._name}: a Valkey reply callback failed",
+                "exception": exc, "protocol": self})
+
     def _fail_all(self, first: Exception, rest: Exception) -> None:
         waiters, self._waiters = self._waiters, deque()
         exc = first
-        for fut, _ in waiters:
-            if not fut.done():
+        for fut, callback, _ in waiters:
+            if callback is not None:
+                self._call(callback, None, exc)
+            elif not fut.done():
                 fut.set_exception(exc)
             exc = rest
 
@@ -428,51 +462,77 @@ class ValkeyClient:
     async def execute(self, *args):
         """Run one command; returns its reply (bytes, int, None, list...). Raises
         ValkeyReplyError, ValkeyTimeout or ValkeyConnectionError (all ValkeyError)."""
+        return await self._send(hiredis.pack_command(args))
+
+    async def _send(self, packed: bytes):
         conn = self._conn
         if conn is None or conn.lost or conn.transport.is_closing():
             conn = await self._connect()
-        return await conn.request(hiredis.pack_command(args))
+        return await conn.request(packed)
 
     async def evalsha(self, script: Script, keys=(), args=()):
         """EVALSHA the script; on NOSCRIPT (a restarted or flushed server) SCRIPT LOAD it
         and try once more."""
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        return await self._evalsha_packed(script, pack_evalsha(script, keys, args))
+
+    async def _evalsha_packed(self, script: Script, command: bytes):
         try:
-            return await self.execute(*command)
+            return await self._send(command)
         except ValkeyReplyError as exc:
             if exc.code != "NOSCRIPT":
                 raise
         await self.execute("SCRIPT", "LOAD", script.source)
-        return await self.execute(*command)
+        return await self._send(command)
 
-    def evalsha_future(self, script: Script, keys=(), args=()) -> asyncio.Future:
-        """evalsha() as a Future built from callbacks, without a coroutine or a Task: the
-        rate-limit check runs per request, and a Task per check cost more gateway CPU than
-        the check itself. Connecting and NOSCRIPT reloads take the coroutine path."""
-        loop = asyncio.get_running_loop()
-        outer = loop.create_future()
+    def evalsha_then(self, script: Script, command: bytes, callback) -> None:
+        """EVALSHA without a coroutine, a Task or a future: `command` is
+        pack_evalsha(script, keys, args), and callback(reply, error) -- error a ValkeyError,
+        else None -- is called exactly once, never before this returns; on a live
+        connection directly from the loop callback that read the reply. Connecting and
+        NOSCRIPT reloads take the coroutine path. What the callback raises is reported to
+        the loop's exception handler."""
         conn = self._conn
         if conn is None or conn.lost or conn.transport.is_closing():
-            _chain(asyncio.ensure_future(self.evalsha(script, keys, args)), outer)
-            return outer
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+            self._then(self._evalsha_packed(script, command), callback)
+            return
 
-        def on_reply(fut: asyncio.Future) -> None:
-            if outer.done():
-                return
-            if fut.cancelled():
-                outer.cancel()
-                return
-            exc = fut.exception()
-            if exc is None:
-                outer.set_result(fut.result())
-            elif isinstance(exc, ValkeyReplyError) and exc.code == "NOSCRIPT":
-                _chain(asyncio.ensure_future(self.evalsha(script, keys, args)), outer)
+        def on_reply(reply, error):
+            if error is not None and error.__class__ is ValkeyReplyError \
+                    and error.code == "NOSCRIPT":
+                self._then(self._evalsha_packed(script, command), callback)
             else:
-                outer.set_exception(exc)
+                callback(reply, error)
 
-        conn.request(hiredis.pack_command(command)).add_done_callback(on_reply)
-        return outer
+        conn.request(command, on_reply)
+
+    def evalsha_future(self, script: Script, keys=(), args=()) -> asyncio.Future:
+        """evalsha() as a Future, without a coroutine or a Task (see evalsha_then)."""
+        fut = asyncio.get_running_loop().create_future()
+
+        def settle(reply, error):
+            if not fut.done():
+                if error is None:
+                    fut.set_result(reply)
+                else:
+                    fut.set_exception(error)
+
+        self.evalsha_then(script, pack_evalsha(script, keys, args), settle)
+        return fut
+
+    def _then(self, coro, callback) -> None:
+        """Run coro as a Task; its outcome goes to callback(reply, error)."""
+        def done(task: asyncio.Task) -> None:
+            if task.cancelled():
+                error = ValkeyConnectionError(f"{self.name}: command cancelled")
+            else:
+                error = task.exception()
+            try:
+                callback(None if error is not None else task.result(), error)
+            except Exception as exc:  # noqa: BLE001 -- as _Connection._call
+                task.get_loop().call_exception_handler({
+                    "message": f"{self.name}: a Valkey reply callback failed", "exception": exc})
+
+        asyncio.ensure_future(coro).add_done_callback(done)
 
     async def close(self) -> None:
         """Close the connection; waiting and later commands fail with ValkeyConnectionError."""
@@ -482,9 +542,9 @@ class ValkeyClient:
             self._connecting = None
         conn, self._conn = self._conn, None
         if conn is not None:
+            conn.close()                # first: a waiter's callback sees a lost connection
             err = ValkeyConnectionError(f"{self.name}: client closed")
             conn._fail_all(err, err)
-            conn.close()
 
     # --- connecting
 
@@ -576,17 +636,3 @@ def _retrieve(task: asyncio.Task) -> None:
     # Nobody may be left awaiting a failed connect; don't let asyncio log it as unretrieved.
     if not task.cancelled():
         task.exception()
-
-
-def _chain(source: asyncio.Future, target: asyncio.Future) -> None:
-    """Copy source's outcome into target when it is done (unless target is done already)."""
-    def copy(fut: asyncio.Future) -> None:
-        if target.done():
-            return
-        if fut.cancelled():
-            target.cancel()
-        elif fut.exception() is not None:
-            target.set_exception(fut.exception())
-        else:
-            target.set_result(fut.result())
-    source.add_done_callback(copy)

@@ -12,7 +12,10 @@ import uvloop
 from stellagw.config import load_config_text
 from stellagw.ratelimit import (UNLIMITED, Decision, RateLimiter, identity_key,
                                 rate_limit_headers, rejection)
+from stellagw.ratelimit import limiter as limiter_module
 from stellagw.ratelimit.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from stellagw.ratelimit.environment import SCRIPT, parse_reply
+from stellagw.valkey import pack_evalsha
 from tests.gwtest import NullLog
 from tests.valkey_server import free_port
 
@@ -222,6 +225,38 @@ def test_gate_zero_always_checks():
     failures = [r for r in records(log) if r["message"].startswith("environment rate limit check")]
     assert len(failures) == 1                    # logged once per 10 s, counted every time
     assert failures[0]["errorType"] == "connection"
+
+
+def test_packed_commands_are_cached_per_identity_and_policy_and_bounded(monkeypatch):
+    monkeypatch.setattr(limiter_module, "COMMAND_CACHE_MAX", 3)
+    rl, _ = limiter(_env_yaml(free_port(), 0, "    circuit_breaker: {failure_threshold: 1000}"))
+
+    async def main():
+        for key, tenant, service in [("ip:a", None, "s"), ("ip:a", None, "s"),
+                                     ("sub:b", "t/1", "s"), ("ip:a", None, "other")]:
+            assert (await rl.check(key, tenant, service, "/", "/")).allowed   # fails open
+        assert rl._commands == {
+            ("ip:a", "s:*"): pack_evalsha(SCRIPT, ("{stella-router-rate-limit:ip:a}:s:*",),
+                                          (10, 60)),
+            ("t%2F1/sub:b", "s:*"): pack_evalsha(
+                SCRIPT, ("{stella-router-rate-limit:t%252F1/sub:b}:s:*",), (10, 60)),
+            ("ip:a", "other:*"): pack_evalsha(
+                SCRIPT, ("{stella-router-rate-limit:ip:a}:other:*",), (10, 60))}
+        await rl.check("ip:c", None, "s", "/", "/")    # full: dropped whole, then this one
+        assert list(rl._commands) == [("ip:c", "s:*")]
+        await rl.close()
+    uvloop.run(main())
+    assert rl.counters["valkey_errors"] == {"connection": 5}
+
+
+def test_parse_reply_checks_the_length_and_the_leading_fields():
+    assert parse_reply([1, 0, 3, 10, 60, 500, 1_700_000_000_000, 3]) == (
+        True, 0, 3, 10, 60, 500, 1_700_000_000_000, [3])
+    assert parse_reply([0, 1, 2, 2, 1, 20, 5, 1, 2])[0] is False
+    for bad in (None, b"OK", (1, 0, 3, 10, 60, 500, 7, 3), [1, 0, 3, 10, 60, 500, 7],
+                [1, 0, 3, b"10", 60, 500, 7, 3], [1, 0, 3, 10, 60, 500, None, 3]):
+        with pytest.raises(ValueError, match="unexpected rate-limit script reply"):
+            parse_reply(bad)
 
 
 def test_environment_without_an_address_is_off_and_says_so():

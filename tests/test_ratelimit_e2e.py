@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import orjson
 
-from .gwtest import ROOT, Served, port_of, request, wait_for
+from .gwtest import (ROOT, GatewayThread, NullLog, Served, connect, port_of, request,
+                     settings_from, wait_for)
 from .valkey_server import ValkeyProcess
 
 CONFIG = """
@@ -63,4 +65,58 @@ def test_environment_limit_is_shared_across_instances_and_fails_open(tmp_path):
             p.wait(10)
         for gw, _ in gws:
             gw.stop()
+        valkey.close()
+
+
+GET = b"GET /t/rl/whoami HTTP/1.1\r\n\r\n"
+
+
+def test_the_pipeline_continues_from_the_valkey_reply(tmp_path):
+    """In-process: the reply's continuation answers a client that has gone, and a stage
+    failing inside it answers 500 without harming the Valkey connection."""
+    valkey = ValkeyProcess().start()
+    log = NullLog()
+    gw = GatewayThread(settings_from(f"""
+gateway: {{http: {{port: 0}}}}
+rate_limiting:
+  process_back_pressure_when_more_than_per_5min: 0
+  for_environment:
+    valkey_connection: "{valkey.url}"
+    rules: [{{max_requests: 1000, per_seconds: 60}}]
+"""), log=log.log).start()
+    svc = subprocess.Popen([sys.executable, "-m", "tests.services", "--name", "rl", "--gateway",
+                            f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
+    limiter = gw.worker.limiter
+    counters = lambda: gw.call(lambda: (limiter.counters["environment_checks"],   # noqa: E731
+                                        dict(limiter.counters["valkey_errors"])))
+    try:
+        assert wait_for(lambda: request(gw.port, GET)[0] == 200, 15)
+        checks, _ = counters()
+        # The client leaves while Valkey holds the check (paused for less than the timeout).
+        valkey.command("CLIENT", "PAUSE", "150", "ALL")
+        with connect(gw.port) as s:
+            s.sendall(GET)
+        time.sleep(0.4)
+        assert request(gw.port, GET)[0] == 200
+        assert counters() == (checks + 2, {})
+        # A stage that raises after the reply: 500 and a log line; the next request is fine.
+        pipeline = gw.worker.pipeline
+        real = pipeline._after_limit
+
+        def broken(*args):
+            pipeline._after_limit = real
+            raise RuntimeError("stage bug")
+        gw.call(setattr, pipeline, "_after_limit", broken)
+        status, _, body = request(gw.port, GET)
+        assert status == 500 and orjson.loads(body)["error"]
+        assert request(gw.port, GET)[0] == 200
+        assert counters() == (checks + 4, {})
+        assert gw.call(lambda: limiter.client.connects) == 1
+        failed = [r for r in map(orjson.loads, log.lines())
+                  if r["message"] == "pipeline callback failed"]
+        assert len(failed) == 1 and "stage bug" in failed[0]["error"]
+    finally:
+        svc.terminate()
+        svc.wait(10)
+        gw.stop()
         valkey.close()

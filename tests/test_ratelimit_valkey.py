@@ -11,7 +11,7 @@ import pytest
 import uvloop
 
 from stellagw.config import load_config_text
-from stellagw.ratelimit import Decision, RateLimiter, rejection
+from stellagw.ratelimit import Decision, PendingCheck, RateLimiter, rejection
 from stellagw.ratelimit.breaker import CLOSED, HALF_OPEN, OPEN
 from stellagw.ratelimit.environment import SCRIPT, counter_prefix, parse_reply
 from stellagw.ratelimit.policy import Policy
@@ -466,6 +466,132 @@ def test_a_cancelled_probe_lets_the_next_request_probe(valkey_proc):
             await probe
         assert rl.breaker.state == HALF_OPEN
         d = await resolve(rl.check("ip:a", None, "s", "/", "/"))
+        assert d.scope == "environment" and rl.breaker.state == CLOSED
+        await rl.close()
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------
+# PendingCheck.then: the continuation is called from the reply handling
+
+
+class Continuation:
+    def __init__(self, fail: Exception | None = None):
+        self.calls = []
+        self.fail = fail
+
+    def __call__(self, decision, *args):
+        import inspect
+        frames = [f.function for f in inspect.stack()[1:8]]
+        self.calls.append((decision, args, "data_received" in frames))
+        if self.fail is not None:
+            raise self.fail
+
+
+def test_then_is_called_once_from_the_reply_handling(valkey_proc):
+    away_from_a_minute_edge(valkey_proc)
+    rl = RateLimiter(env_config(valkey_proc), NullLog().log)
+
+    async def main():
+        await rl.start()
+        await resolve(rl.check("ip:a", None, "s", "/", "/"))         # connected
+        conts = []
+        for _ in range(3):
+            pending = rl.check("ip:a", None, "s", "/", "/")
+            assert isinstance(pending, PendingCheck)
+            cont = Continuation()
+            pending.then(cont, "req", 7)
+            assert cont.calls == []
+            conts.append(cont)
+        await rl.client.execute("PING")
+        # No future, no loop hop: each decision arrives inside data_received, in order.
+        assert [[(d.allowed, d.remaining, args, inside) for d, args, inside in c.calls]
+                for c in conts] == [[(True, 1, ("req", 7), True)], [(True, 0, ("req", 7), True)],
+                                    [(False, 0, ("req", 7), True)]]
+        # then() on a check decided already calls back at once.
+        pending = rl.check("ip:b", None, "s", "/", "/")
+        await rl.client.execute("PING")
+        late = Continuation()
+        pending.then(late)
+        assert [(d.allowed, inside) for d, _, inside in late.calls] == [(True, False)]
+        await rl.close()
+    run(main())
+    assert rl.counters["environment_checks"] == 5 and rl.counters["valkey_errors"] == {}
+
+
+def test_a_raising_continuation_leaves_the_limiter_and_the_client_working(valkey_proc):
+    away_from_a_minute_edge(valkey_proc)
+    rl = RateLimiter(env_config(valkey_proc, rules="[{max_requests: 10, per_seconds: 60}]"),
+                     NullLog().log)
+
+    async def main():
+        reported = []
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: reported.append(ctx))
+        await rl.start()
+        bad, good = Continuation(fail=RuntimeError("stage bug")), Continuation()
+        rl.check("ip:a", None, "s", "/", "/").then(bad)
+        rl.check("ip:a", None, "s", "/", "/").then(good)
+        d = await resolve(rl.check("ip:a", None, "s", "/", "/"))
+        assert [c.calls[0][0].remaining for c in (bad, good)] == [9, 8] and d.remaining == 7
+        assert [type(ctx["exception"]) for ctx in reported] == [RuntimeError]
+        assert rl.client.connects == 1 and rl.breaker.state == CLOSED
+        await rl.close()
+    run(main())
+    assert rl.counters["environment_checks"] == 3 and rl.counters["valkey_errors"] == {}
+
+
+def test_then_fails_open_once_on_timeout_and_on_a_lost_connection(valkey_proc):
+    instance = "  for_instance:\n    rules: [{max_requests: 1000, per_seconds: 60}]"
+    rl = RateLimiter(env_config(valkey_proc, instance=instance, breaker=BREAKER), NullLog().log,
+                     valkey_timeout=0.2)
+
+    async def main():
+        await rl.start()
+        valkey_proc.command("CLIENT", "PAUSE", "400", "ALL")
+        timed_out = Continuation()
+        rl.check("ip:a", None, "s", "/", "/").then(timed_out)
+        await asyncio.sleep(0.6)
+        await rl.client.execute("PING")                # reconnected
+        # The server dies while the check waits behind a slow command.
+        asyncio.ensure_future(rl.client.execute("DEBUG", "SLEEP", "0.15")).add_done_callback(
+            lambda fut: fut.exception())
+        await asyncio.sleep(0)
+        lost = Continuation()
+        rl.check("ip:a", None, "s", "/", "/").then(lost)
+        await asyncio.sleep(0.05)
+        await in_thread(valkey_proc.proc.kill)
+        await asyncio.sleep(0.1)
+        for cont in (timed_out, lost):
+            [(d, _, _)] = cont.calls
+            assert d.allowed and d.scope == "instance"
+        await rl.close()
+    run(main())
+    assert rl.counters["valkey_errors"] == {"timeout": 1, "connection": 1}
+    assert rl.breaker.state == OPEN
+
+
+def test_cancel_discards_the_reply_and_a_cancelled_probe_lets_the_next_one_probe(valkey_proc):
+    clock = Clock()
+    rl = RateLimiter(env_config(valkey_proc, breaker=BREAKER), NullLog().log, now_ms=clock)
+
+    async def main():
+        await rl.start()
+        gone = Continuation()
+        pending = rl.check("ip:a", None, "s", "/", "/")
+        pending.then(gone)
+        pending.cancel()
+        await rl.client.execute("PING")
+        assert gone.calls == [] and rl.counters["environment_checks"] == 0
+        rl.breaker.failure("x")
+        rl.breaker.failure("x")
+        clock.t += 30_000
+        probe = rl.check("ip:a", None, "s", "/", "/")
+        assert isinstance(probe, PendingCheck) and rl.breaker.state == HALF_OPEN
+        assert isinstance(rl.check("ip:a", None, "s", "/", "/"), Decision)   # one probe
+        probe.cancel()
+        second = rl.check("ip:a", None, "s", "/", "/")
+        assert isinstance(second, PendingCheck)
+        d = await second
         assert d.scope == "environment" and rl.breaker.state == CLOSED
         await rl.close()
     run(main())

@@ -15,7 +15,7 @@ import uvloop
 
 from stellagw.valkey import (Script, ValkeyAuthError, ValkeyClient, ValkeyConnectionError,
                              ValkeyError, ValkeyProtocolError, ValkeyReplyError, ValkeyTimeout,
-                             parse_address)
+                             pack_evalsha, parse_address)
 from tests.valkey_server import ValkeyProcess, free_port, valkey_proc, valkey_proc_factory  # noqa: F401
 
 LOOPS = ["uvloop", "asyncio"]
@@ -457,4 +457,154 @@ def test_close_fails_waiters_and_later_commands(valkey_proc):
             await pending
         with pytest.raises(ValkeyConnectionError, match="closed"):
             await c.execute("PING")
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------
+# evalsha_then: replies to plain callbacks, from the reply handling itself
+
+
+class Calls:
+    """A callback(reply, error) that records every call and where it was called from."""
+
+    def __init__(self, name="cb", fail: Exception | None = None):
+        self.calls: list[tuple] = []
+        self.name = name
+        self.fail = fail
+
+    def __call__(self, reply, error):
+        import inspect
+        frames = [f.function for f in inspect.stack()[1:6]]
+        self.calls.append((reply, error, "data_received" in frames))
+        if self.fail is not None:
+            raise self.fail
+
+
+ADD = Script("return tonumber(ARGV[1]) + redis.call('INCR', KEYS[1])")
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_evalsha_then_calls_back_inside_the_reply_handling_in_fifo_order(valkey_proc,
+                                                                         loop_kind):
+    async def main():
+        c = ValkeyClient.from_url(valkey_proc.address)
+        await c.evalsha(ADD, ["n"], [0])                      # connected, script loaded
+        cbs = [Calls() for _ in range(3)]
+        futs = []
+        for i, cb in enumerate(cbs):
+            futs.append(asyncio.ensure_future(c.execute("ECHO", f"e{i}")))
+            await asyncio.sleep(0)                            # the ECHO is queued first
+            c.evalsha_then(ADD, pack_evalsha(ADD, ["n"], [100]), cb)
+            assert cb.calls == []                             # never before it returns
+        assert await asyncio.gather(*futs) == [b"e0", b"e1", b"e2"]
+        await c.execute("PING")
+        # Each exactly once, in order, called from data_received (no future, no hop).
+        assert [cb.calls for cb in cbs] == [[(102, None, True)], [(103, None, True)],
+                                           [(104, None, True)]]
+        assert c.connects == 1
+        await c.close()
+    run(main(), loop_kind)
+
+
+def test_evalsha_then_connects_reloads_and_reports_reply_errors(valkey_proc):
+    async def main():
+        c = ValkeyClient.from_url(valkey_proc.address)
+        first = Calls()
+        c.evalsha_then(ADD, pack_evalsha(ADD, ["k"], [1]), first)   # not connected yet
+        assert first.calls == []
+        await c.execute("PING")
+        await asyncio.sleep(0.01)
+        assert [r[:2] for r in first.calls] == [(2, None)]          # NOSCRIPT, loaded, retried
+        await c.execute("SCRIPT", "FLUSH")
+        again = Calls()
+        c.evalsha_then(ADD, pack_evalsha(ADD, ["k"], [1]), again)
+        await asyncio.sleep(0.05)
+        assert [r[:2] for r in again.calls] == [(3, None)]
+        broken = Script("return redis.call('NOSUCHCMD')")
+        await c.execute("SCRIPT", "LOAD", broken.source)
+        failed = Calls()
+        c.evalsha_then(broken, pack_evalsha(broken), failed)
+        await c.execute("PING")
+        [(reply, error, inside)] = failed.calls
+        assert reply is None and isinstance(error, ValkeyReplyError) and inside
+        assert c.connected and c.connects == 1                       # only that command failed
+        # evalsha_future: the same path, as a Future.
+        assert await c.evalsha_future(ADD, ["k"], [10]) == 13
+        await c.close()
+    run(main())
+
+
+def test_evalsha_then_callbacks_fail_exactly_once_on_timeout_loss_and_close(valkey_proc):
+    async def main():
+        c = ValkeyClient.from_url(valkey_proc.address, timeout=0.2)
+        await c.evalsha(ADD, ["n"], [0])
+        command = pack_evalsha(ADD, ["n"], [0])
+        # Timeout: the oldest waiter gets ValkeyTimeout, the rest a connection reset.
+        sleeper = asyncio.ensure_future(c.execute("DEBUG", "SLEEP", "0.4"))
+        await asyncio.sleep(0)
+        queued = [Calls(), Calls()]
+        for cb in queued:
+            c.evalsha_then(ADD, command, cb)
+        with pytest.raises(ValkeyTimeout):
+            await sleeper
+        assert [(r, type(e)) for r, e, _ in (cb.calls[0] for cb in queued)] == \
+            [(None, ValkeyConnectionError)] * 2
+        first = Calls()
+        await asyncio.sleep(0.5)                                   # the server is awake again
+        await c.execute("PING")
+        c.evalsha_then(ADD, command, first)
+        valkey_proc.command("CLIENT", "PAUSE", "400", "ALL")
+        # ...the first waiter itself times out.
+        await asyncio.sleep(0.35)
+        assert [(r, type(e)) for r, e, _ in first.calls] == [(None, ValkeyTimeout)]
+        await asyncio.sleep(0.2)
+        # Lost: the server dies with the command in flight.
+        slow = ValkeyClient.from_url(valkey_proc.address, timeout=5)
+        await slow.execute("PING")
+        sleeping = asyncio.ensure_future(slow.execute("DEBUG", "SLEEP", "2"))
+        await asyncio.sleep(0)
+        lost = Calls()
+        slow.evalsha_then(ADD, command, lost)
+        await asyncio.sleep(0.1)
+        await in_thread(valkey_proc.proc.kill)
+        with pytest.raises(ValkeyConnectionError, match="connection lost"):
+            await sleeping
+        assert [(r, type(e)) for r, e, _ in lost.calls] == [(None, ValkeyConnectionError)]
+        await in_thread(valkey_proc.restart)
+        await slow.close()
+        # Closed: the client is closed while a callback waits for its (re)connect.
+        closed = Calls()
+        c.evalsha_then(ADD, command, closed)
+        await c.close()
+        await asyncio.sleep(0.1)
+        assert len(closed.calls) == 1 and isinstance(closed.calls[0][1], ValkeyConnectionError)
+        await asyncio.sleep(0.3)                                   # nothing arrives twice
+        for cb in (*queued, first, lost, closed):
+            assert len(cb.calls) == 1
+    run(main())
+
+
+def test_a_raising_callback_does_not_break_the_reader(valkey_proc):
+    async def main():
+        loop = asyncio.get_running_loop()
+        reported = []
+        loop.set_exception_handler(lambda _loop, context: reported.append(context))
+        c = ValkeyClient.from_url(valkey_proc.address)
+        await c.evalsha(ADD, ["n"], [0])
+        command = pack_evalsha(ADD, ["n"], [0])
+        bad, good = Calls(fail=RuntimeError("boom")), Calls()
+        c.evalsha_then(ADD, command, bad)
+        c.evalsha_then(ADD, command, good)
+        after = c.execute("ECHO", "still here")
+        assert await after == b"still here"
+        assert [r[:2] for r in bad.calls] == [(2, None)]
+        assert [r[:2] for r in good.calls] == [(3, None)]     # the same read, after the raise
+        assert c.connected and c.connects == 1
+        [context] = reported
+        assert isinstance(context["exception"], RuntimeError)
+        assert "callback failed" in context["message"]
+        # A raising callback on the error path (the connection drops) is reported too.
+        c.evalsha_then(ADD, command, Calls(fail=RuntimeError("again")))
+        await c.close()
+        assert len(reported) == 2
     run(main())

@@ -86,9 +86,13 @@ def counter_prefix(bucket: str, identity: str, policy: Policy) -> str:
 
 def parse_reply(reply) -> tuple[bool, int, int, int, int, int, int, list[int]]:
     """(allowed, rule, current, limit, window_s, reset_ms, now_ms, counts); ValueError
-    when the reply does not have the script's shape."""
-    if not isinstance(reply, list) or len(reply) < 8 or \
-            not all(isinstance(x, int) for x in reply):
-        raise ValueError(f"unexpected rate-limit script reply: {reply!r:.200}")
-    return (reply[0] == 1, reply[1], reply[2], reply[3], reply[4], reply[5], reply[6],
-            reply[7:])
+    when the reply does not have the script's shape.
+
+    Only the length and the seven leading fields are checked: this runs per request, and
+    hiredis gives the script's numbers as ints (the counts are not read on that path)."""
+    if reply.__class__ is list and len(reply) >= 8:
+        allowed, rule, current, limit, window_s, reset_ms, now_ms = reply[:7]
+        if int is allowed.__class__ is rule.__class__ is current.__class__ is \
+                limit.__class__ is window_s.__class__ is reset_ms.__class__ is now_ms.__class__:
+            return allowed == 1, rule, current, limit, window_s, reset_ms, now_ms, reply[7:]
+    raise ValueError(f"unexpected rate-limit script reply: {reply!r:.200}")

@@ -9,9 +9,11 @@
     4. circuit breaker open -> skipped (fail open).
     5. one EVALSHA in Valkey; deny -> 429 (scope "environment"); any error -> fail open.
 
-check() answers synchronously whenever Valkey is not asked (steps 1-4) and returns an
-awaitable only for step 5, so most requests never touch the event loop. A Valkey outage
-can only ever make the gateway more permissive, never a 5xx or a 401.
+check() answers synchronously whenever Valkey is not asked (steps 1-4) and returns a
+PendingCheck only for step 5, so most requests never touch the event loop. The pending
+check calls its continuation (`then`) directly from the loop callback that read Valkey's
+reply: no Task, no future, no call_soon hop. A Valkey outage can only ever make the
+gateway more permissive, never a 5xx or a 401.
 
 Keys: `key` is the caller's identity, "sub:<subject>" for an authenticated request or
 "ip:<client address>" for an anonymous one (identity_key() builds it); `tenant` (the tid
@@ -22,16 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from time import perf_counter
 
 from ..valkey import (ValkeyAuthError, ValkeyClient, ValkeyConnectionError, ValkeyError,
-                      ValkeyProtocolError, ValkeyReplyError, ValkeyTimeout)
+                      ValkeyProtocolError, ValkeyReplyError, ValkeyTimeout, pack_evalsha)
 from ..window import FiveMinuteCounter, WindowLimiter
-from .breaker import HALF_OPEN, CircuitBreaker
+from .breaker import CLOSED, HALF_OPEN, CircuitBreaker
 from .decision import UNLIMITED, Decision
 from .environment import SCRIPT, counter_prefix, parse_reply
 from .policy import EnvironmentPolicy, environment_settings, instance_rules
 
-__all__ = ["RateLimiter", "identity_key", "VALKEY_TIMEOUT", "MAX_KEYS"]
+__all__ = ["RateLimiter", "PendingCheck", "identity_key", "VALKEY_TIMEOUT", "MAX_KEYS"]
 
 # The environment check runs on the request path: a Valkey that does not answer within this
 # is a failure (fail open; the breaker counts it). Loopback/LAN Valkey answers in < 1 ms.
@@ -42,6 +45,10 @@ MAX_KEYS = 100_000
 EVICT_INTERVAL = 1.0
 # At most one log line per Valkey error type per this many seconds (the counters count all).
 ERROR_LOG_INTERVAL = 10.0
+# Packed EVALSHA commands kept per (identity, policy), so a returning identity costs no key
+# building and no packing (hiredis formats every number with sprintf); the dict is cleared
+# when it reaches this size (identities are unbounded, the busy ones come straight back).
+COMMAND_CACHE_MAX = 4096
 
 
 def identity_key(subject: str | None, client_address: str) -> str:
@@ -103,7 +110,6 @@ class RateLimiter:
             "breaker_transitions": {},
             "instance_keys_evicted": {"idle": 0, "capacity": 0},
         }
-        self._probe = None     # the half-open breaker's probe check, while it runs
         self.check_observer = None   # callable(seconds) per environment check (a histogram)
         self._allowed = self.counters["allowed"]
         self._rejected = self.counters["rejected"]
@@ -125,6 +131,7 @@ class RateLimiter:
         self.client: ValkeyClient | None = None
         self.breaker: CircuitBreaker | None = None
         self._bucket = ""
+        self._commands: dict[tuple[str, str], bytes] = {}
         env, address = environment_settings(settings)
         if env is not None:
             policy = EnvironmentPolicy(env)
@@ -185,12 +192,11 @@ class RateLimiter:
     # --- the check -----------------------------------------------------------------------------
 
     def check(self, key: str, tenant: str | None, service: str, route: str, path: str):
-        """Decision, or an awaitable of one when Valkey must be asked (see the module).
+        """Decision, or a PendingCheck when Valkey must be asked (see the module).
 
         key: identity_key(sub, client address); tenant: the tid claim or None; service: the
         matched microservice; route: its route template (unused for keys: the environment
         overrides match `path`, the normalised request path)."""
-        now = self._now_ms()
         if tenant:
             if "/" in tenant or "%" in tenant:
                 tenant = tenant.replace("%", "%25").replace("/", "%2F")
@@ -198,11 +204,13 @@ class RateLimiter:
         else:
             identity = key
         gate = self._gate
+        inst = self._instance
+        # Only the local tiers read this clock; the environment tier uses Valkey's.
+        now = self._now_ms() if gate is not None or inst is not None else 0
         if gate is not None:
             gate.add(now)
 
         decision = UNLIMITED
-        inst = self._instance
         if inst is not None:
             allowed, retry_ms, limit, remaining, reset_ms, rule = inst.hit(
                 f"{service}:{identity}", now)
@@ -226,54 +234,31 @@ class RateLimiter:
         if policy is None:
             self._skipped["no_rules"] += 1
             return decision
-        probe = self._probe
-        if probe is not None and probe.done():
-            # A cancelled probe's callbacks may not have run yet: abandon it here, so the
-            # check right after the cancellation can be the next probe.
-            if probe.cancelled():
-                self.breaker.abandon()
-            self._probe = None
-        if not self.breaker.allow():
+        breaker = self.breaker
+        if breaker.state != CLOSED and not breaker.allow():
             self._skipped["breaker_open"] += 1
             return decision
-        fut = self._environment(decision, identity, service, policy)
-        if self.breaker.state == HALF_OPEN:
-            self._probe = fut
-        return fut
+        return self._environment(decision, identity, service, policy)
 
-    def _environment(self, instance: Decision, identity: str, service: str,
-                     policy) -> asyncio.Future:
-        """The environment check as a Future of its Decision, made from callbacks (no Task
-        per check). Cancelling it before Valkey answers abandons the breaker's probe."""
-        out = asyncio.get_running_loop().create_future()
-        started = time.perf_counter()
-        try:
-            reply = self.client.evalsha_future(
+    def _environment(self, instance: Decision, identity: str, service: str, policy):
+        """Send the EVALSHA; a PendingCheck, or the instance decision when it cannot even
+        be sent (failing open)."""
+        commands = self._commands
+        # One Policy per target ("<service>:<route>"), so the target names the policy.
+        ck = (identity, policy.target)
+        command = commands.get(ck)
+        if command is None:
+            if len(commands) >= COMMAND_CACHE_MAX:
+                commands.clear()
+            command = commands[ck] = pack_evalsha(
                 SCRIPT, (counter_prefix(self._bucket, identity, policy),), policy.argv)
+        pending = PendingCheck(self, instance, service, self.breaker.state == HALF_OPEN)
+        try:
+            self.client.evalsha_then(SCRIPT, command, pending._on_reply)
         except Exception as exc:  # noqa: BLE001 -- fail open on anything, count it, log it
-            out.set_result(self._environment_failed(exc, instance, started))
-            return out
-
-        def on_reply(fut: asyncio.Future) -> None:
-            if out.done():
-                return   # the caller cancelled: on_cancel abandoned the probe already
-            if fut.cancelled():
-                self.breaker.abandon()
-                out.cancel()
-                return
-            exc = fut.exception()
-            out.set_result(self._environment_failed(exc, instance, started) if exc is not None
-                           else self._environment_decided(fut.result(), instance, service, started))
-
-        def on_cancel(fut: asyncio.Future) -> None:
-            if fut.cancelled():
-                # Whatever Valkey says now is discarded: in half-open, the next check probes.
-                self.breaker.abandon()
-                reply.cancel()
-
-        reply.add_done_callback(on_reply)
-        out.add_done_callback(on_cancel)
-        return out
+            pending._done = True
+            return self._environment_failed(exc, instance, pending.started)
+        return pending
 
     def _environment_failed(self, exc: BaseException, instance: Decision,
                             started: float) -> Decision:
@@ -283,7 +268,7 @@ class RateLimiter:
         return instance
 
     def _count_check(self, started: float) -> None:
-        elapsed = time.perf_counter() - started
+        elapsed = perf_counter() - started
         counters = self.counters
         counters["environment_checks"] += 1
         counters["environment_check_us"] += int(elapsed * 1e6)
@@ -327,3 +312,90 @@ class RateLimiter:
                         errorType=kind, error=str(exc) or exc.__class__.__name__,
                         valkey=self.client.name if self.client else None,
                         **({"similarSinceLastLog": suppressed} if suppressed else {}))
+
+
+class PendingCheck:
+    """An environment check waiting for Valkey: what RateLimiter.check() returns instead of
+    a Decision.
+
+        pending.then(callback, *args)   # callback(decision, *args), exactly once
+        decision = await pending        # or this; cancelling the awaiting task cancels it
+        pending.cancel()                # the callback is never called
+
+    The callback runs directly from the loop callback that read Valkey's reply or the
+    error (timeout, lost connection...), or from then() itself when the check is decided
+    already. The limiter's counters and breaker are updated before it runs, so what it
+    raises (reported to the loop's exception handler) changes nothing here. `started`
+    is the perf_counter() when the command went out.
+    """
+
+    __slots__ = ("_limiter", "_instance", "_service", "_probe", "_done", "_callback",
+                 "_args", "_decision", "started")
+
+    def __init__(self, limiter: RateLimiter, instance: Decision, service: str, probe: bool):
+        self._limiter = limiter
+        self._instance = instance
+        self._service = service
+        self._probe = probe             # the half-open breaker's one probe
+        self._done = False              # decided or cancelled
+        self._callback = None
+        self._args = ()
+        self._decision: Decision | None = None   # decided before then() was called
+        self.started = perf_counter()
+
+    def then(self, callback, *args) -> None:
+        self._callback = callback
+        self._args = args
+        decision = self._decision
+        if decision is not None:
+            self._decision = None
+            callback(decision, *args)
+
+    def cancel(self) -> None:
+        """Give up: whatever Valkey answers is discarded, and in half-open a cancelled
+        probe lets the next check probe."""
+        if not self._done:
+            self._done = True
+            self._callback = None
+            if self._probe:
+                self._limiter.breaker.abandon()
+
+    def _on_reply(self, reply, error) -> None:
+        if self._done:
+            return
+        self._done = True
+        limiter = self._limiter
+        if error is None:
+            decision = limiter._environment_decided(reply, self._instance, self._service,
+                                                    self.started)
+        else:
+            decision = limiter._environment_failed(error, self._instance, self.started)
+        callback = self._callback
+        if callback is None:
+            self._decision = decision
+        else:
+            callback(decision, *self._args)
+
+    def __await__(self):
+        fut = _Awaiter(self)
+        self.then(_settle, fut)
+        return (yield from fut)
+
+
+class _Awaiter(asyncio.Future):
+    """What `await pending` waits on. Cancelling the awaiting task cancels the check at
+    once: a loop iteration later (when the task would see it), Valkey's reply may have
+    been read and counted already."""
+
+    def __init__(self, pending: PendingCheck):
+        super().__init__()
+        self._pending = pending
+
+    def cancel(self, msg=None) -> bool:
+        self._pending.cancel()
+        return super().cancel(msg)
+
+
+def _settle(decision: Decision, fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(decision)
