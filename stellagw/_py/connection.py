@@ -11,6 +11,9 @@ connection dropping answers 502 for every request still waiting, at once.
 
 Writes to the service are coalesced: frames go into one FrameEncoder and are written in
 one `transport.write` per loop iteration (DESIGN.md §7: syscalls dominate).
+
+Pure-Python twin of cext/connection.pyx (the compiled one runs in production); imported
+through stellagw.transport.connection.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from time import perf_counter
 from .. import frame as fr
 from ..ingress.responses import error_body
 from ..routing.state import DRAINING, HelloError
-from .headers import CLASSES, RESPONSE_DROP_NAMES, classify, request_headers
+from ..transport.headers import CLASSES, RESPONSE_DROP_NAMES, classify, request_headers
 
 HELLO_TIMEOUT = 10.0
 INITIAL_WINDOW = 256 * 1024     # bytes of stream data a peer may send per stream unacknowledged

@@ -1,0 +1,565 @@
+# cython: language_level=3
+"""One microservice connection, gateway side (compiled; docs/protocol.md).
+
+Compiled twin of stellagw/_py/connection.py: the same behaviour line for line (read the
+twin first). Every routed request is sent (send_request) and answered (data_received →
+_on_response) here, so Pending and ServiceConnection are extension types whose fields
+are C struct members, and the internal steps are C calls. The end to end suites run the
+compiled one; STELLAGW_NO_EXTENSIONS=1 runs them against the twin.
+"""
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.string cimport memcpy
+
+import asyncio
+import os
+import socket
+import time
+from functools import partial
+from time import perf_counter
+
+from stellagw import frame as fr
+from stellagw.ingress.responses import error_body
+from stellagw.routing.state import DRAINING, HelloError
+from stellagw.transport.headers import CLASSES, RESPONSE_DROP_NAMES, classify, request_headers
+
+HELLO_TIMEOUT = 10.0
+INITIAL_WINDOW = 256 * 1024     # bytes of stream data a peer may send per stream unacknowledged
+_JSON = b"content-type: application/json\r\n"
+_TYPE_NAMES = {getattr(fr, n): n for n in (
+    "HELLO", "HEARTBEAT", "ENDPOINTS_UPDATE", "REQUEST", "REQUEST_STREAM_DATA", "RESPONSE",
+    "RESPONSE_STREAM_DATA", "CANCEL", "HELLO_ACK", "DRAIN", "PING", "PONG", "WINDOW_UPDATE")}
+
+cdef enum:
+    _AWAIT_HELLO = 0
+    _READY = 1
+    _CLOSED = 2
+AWAIT_HELLO, READY, CLOSED = _AWAIT_HELLO, _READY, _CLOSED
+_REQUEST = fr.REQUEST
+cdef int _RESPONSE = fr.RESPONSE
+cdef int _RESPONSE_STREAM_DATA = fr.RESPONSE_STREAM_DATA
+cdef int _FLAG_END_STREAM = fr.FLAG_END_STREAM
+cdef object _decode_response_block = fr.decode_response_block
+cdef object _perf_counter = perf_counter
+
+
+@cython.final
+@cython.freelist(64)
+cdef class Pending:
+    """A request sent to the service and not yet fully answered."""
+
+    cdef public object corr, req, bucket, body, span, ws
+    cdef public ServiceConnection owner
+    cdef public double deadline, sent_at
+    cdef public bint streaming
+    cdef public Py_ssize_t unacked, body_pos, window
+
+    def __cinit__(self, corr, req, ServiceConnection owner, double sent_at):
+        self.corr = corr
+        self.req = req
+        self.owner = owner         # the ServiceConnection it was sent on
+        self.deadline = 0.0        # loop time of the timeout; 0.0 once the answer started
+        self.bucket = None         # the timer wheel's set holding it while it can time out
+        self.streaming = False     # RESPONSE head written, RESPONSE_STREAM_DATA follows
+        self.unacked = 0           # stream bytes written to the client but not yet granted back
+        self.sent_at = sent_at     # perf_counter() when the REQUEST was queued
+        self.body = None           # request body still to send as REQUEST_STREAM_DATA
+        self.body_pos = 0
+        self.window = INITIAL_WINDOW  # credit for our REQUEST_STREAM_DATA
+        self.span = None              # gateway.transport.send when tracing is on
+        self.ws = None                # WsBridge once a WebSocket upgrade was accepted
+
+    def abort(self):
+        """The client went away."""
+        self.owner._client_gone(self)
+
+    def expire(self, double now):
+        """Called by the hub's timer wheel once the deadline bucket is due."""
+        if self.deadline and now >= self.deadline:
+            self.owner._timeout(self)
+
+
+@cython.final
+cdef class ServiceConnection:
+    # -- read by other parts of the gateway (hub, routing, WebSocket bridge)
+    cdef public object transport, instance, peer
+    cdef public int state
+    cdef public dict inflight
+    cdef public Py_ssize_t peer_window
+    # -- per worker
+    cdef object _hub, _routing, _metrics, _log, _loop, _frames_in, _transport_hist
+    # -- per connection
+    cdef object _decoder, _encoder, _hello_timer, _arm, _flush_cb, _scheme
+    cdef bint _flush_scheduled
+    cdef bytes _corr_prefix
+    cdef unsigned long long _corr_next
+
+    def __init__(self, hub):
+        # -- per worker
+        self._hub = hub
+        self._routing = hub.routing
+        self._metrics = hub.metrics
+        self._log = hub.log
+        self._loop = hub.loop
+        # -- per connection
+        self.transport = None
+        self.state = AWAIT_HELLO
+        self.instance = None
+        self.peer = None
+        self._decoder = fr.FrameDecoder(hub.max_frame_size)
+        self._encoder = fr.FrameEncoder(hub.max_frame_size)
+        self._flush_scheduled = False
+        self.inflight = {}
+        self._corr_prefix = os.urandom(8)
+        self._corr_next = 0
+        self._hello_timer = None
+        self.peer_window = INITIAL_WINDOW   # the service's stream_window from HELLO
+        self._frames_in = hub.frames_in
+        self._transport_hist = hub.metrics.phase_histogram("transport")
+        # Looked up once: each is used for every request.
+        self._arm = hub.arm
+        self._scheme = hub.scheme
+        self._flush_cb = self._flush
+
+    # ---------------------------------------------------------------- transport callbacks
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        reason = self._hub.admit(self, transport)
+        if reason is not None:
+            self._log.event("warning", "service connection refused", peer=_peer(self.peer),
+                            reason=reason)
+            transport.close()
+            self.state = CLOSED
+            return
+        self._hello_timer = self._loop.call_later(HELLO_TIMEOUT, self._hello_timeout)
+
+    def connection_lost(self, exc):
+        was = self.state
+        self.state = CLOSED
+        self._hub.release(self)
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        inflight, self.inflight = self.inflight, {}
+        for pending in inflight.values():
+            _disarm(pending)
+            if pending.span is not None:
+                pending.span.end()
+            self._fail(pending, 502, "the service connection was lost")
+        if self.instance is not None:
+            self._routing.unregister(self.instance, reason="connection lost")
+            if was == READY:
+                self._metrics.connection_closed(self.instance.service)
+            self._log.event("info", "service disconnected", service=self.instance.service,
+                            instance=self.instance.instance_id, failed_in_flight=len(inflight))
+
+    def data_received(self, data):
+        decoder = self._decoder
+        cdef dict frames_in = self._frames_in
+        cdef int ftype
+        try:
+            decoder.feed(data)
+            while True:
+                frame = decoder.next()
+                if frame is None:
+                    break
+                ftype_obj, corr, payload = frame
+                frames_in[ftype_obj] = frames_in.get(ftype_obj, 0) + 1
+                ftype = ftype_obj
+                if ftype == _RESPONSE:
+                    self._on_response(corr, payload)
+                elif ftype == _RESPONSE_STREAM_DATA:
+                    self._on_stream_data(corr, payload)
+                else:
+                    self._on_control(ftype_obj, corr, payload)
+                if self.state == _CLOSED:
+                    return
+        except (fr.FrameError, HelloError) as exc:
+            self._protocol_error(str(exc))
+
+    def eof_received(self):
+        return False
+
+    # ---------------------------------------------------------------- frames from the service
+
+    def _on_control(self, ftype, corr, payload):
+        if self.state == AWAIT_HELLO:
+            if ftype != fr.HELLO:
+                raise fr.FrameError(f"expected HELLO first, got frame type {ftype}")
+            self._on_hello(fr.decode_control(payload))
+        elif ftype == fr.HEARTBEAT:
+            hb = fr.decode_control(payload)
+            self._routing.heartbeat(self.instance, hb.get("status"), hb.get("in_flight"),
+                                    hb.get("error_rate"))
+            # Ping rides on the heartbeat (protocol.md §5.3): the PING carries our send
+            # time, so an idle connection costs no timer and no table of pings.
+            self._encoder.raw(fr.PING, fr.ZERO_CORR, time.monotonic_ns().to_bytes(8, "big"))
+            self._out(fr.PING)
+            self._schedule_flush()
+        elif ftype == fr.PONG:
+            if len(payload) == 8:
+                sent = int.from_bytes(payload, "big")
+                rtt_ms = (time.monotonic_ns() - sent) / 1e6
+                if 0 <= rtt_ms < 60_000:
+                    self._routing.heartbeat(self.instance, None, ping_ms=rtt_ms)
+        elif ftype == fr.PING:
+            self._encoder.raw(fr.PONG, corr, payload)
+            self._schedule_flush()
+        elif ftype == fr.WINDOW_UPDATE:
+            pending = self.inflight.get(corr)
+            if pending is not None:
+                increment = fr.decode_window_update(payload)
+                if pending.body is not None:
+                    pending.window += increment
+                    self._send_body(pending)
+                elif pending.ws is not None:
+                    pending.window += increment
+                    pending.ws.on_credit()
+        elif ftype == fr.CANCEL:
+            # The service gave up on a request (its own shutdown or a failure).
+            pending = self.inflight.get(corr)
+            if pending is not None:
+                self._finish(pending)
+                reason = fr.decode_control(payload).get("reason", "cancelled")
+                self._fail(pending, 502, f"the service cancelled the request ({reason})")
+        elif ftype == fr.DRAIN:
+            self._routing.heartbeat(self.instance, DRAINING)
+            self._log.event("info", "service draining", service=self.instance.service,
+                            instance=self.instance.instance_id)
+        elif ftype == fr.ENDPOINTS_UPDATE:
+            update = fr.decode_control(payload)
+            inst = self.instance
+            hello = {"service": inst.service, "version": inst.version,
+                     "instance_id": inst.instance_id, "region": inst.region}
+            hello.update(update)
+            self.instance = self._routing.register(self, hello)
+            self._log.event("info", "service endpoints updated", service=inst.service,
+                            instance=inst.instance_id, endpoints=len(self.instance.endpoints))
+        elif ftype == fr.HELLO:
+            raise fr.FrameError("HELLO received twice on one connection")
+        else:
+            raise fr.FrameError(f"unexpected frame type {ftype} from a service")
+
+    def _on_hello(self, hello):
+        proto = hello.get("protocol") if isinstance(hello, dict) else None
+        if not isinstance(proto, int) or isinstance(proto, bool) or proto < 1:
+            self._refuse("UnsupportedProtocol", f"unsupported protocol version {proto!r}")
+            return
+        try:
+            instance = self._routing.register(self, hello)
+        except HelloError as exc:
+            self._refuse("InvalidHello", str(exc))
+            return
+        window = hello.get("stream_window", INITIAL_WINDOW)
+        self.peer_window = window if isinstance(window, int) and 0 < window < 2**31 else INITIAL_WINDOW
+        self.instance = instance
+        self.state = READY
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        self._metrics.connection_opened(instance.service)
+        self._encoder.control(fr.HELLO_ACK, fr.ZERO_CORR, self._hub.hello_ack(self))
+        self._out(fr.HELLO_ACK)
+        self._schedule_flush()
+        self._log.event("info", "service registered", service=instance.service,
+                        version=instance.version, instance=instance.instance_id,
+                        region=instance.region, endpoints=len(instance.endpoints),
+                        peer=_peer(self.peer))
+
+    cdef _on_response(self, bytes corr, payload):
+        cdef Pending pending = self.inflight.get(corr)
+        cdef int flags, status
+        if pending is None:
+            return  # answered already (timeout/cancel): a late answer is dropped
+        if pending.streaming:
+            raise fr.FrameError("a second RESPONSE for one request")
+        flags, status, block, body = _decode_response_block(payload, RESPONSE_DROP_NAMES)
+        req = pending.req
+        if req.websocket:
+            self._on_upgrade_answer(pending, flags, status, block, body)
+            return
+        if block is None or status < 200 or status > 599:
+            # protocol.md §5.5: bad HTTP semantics fail this request, not the connection.
+            self._cancel(pending, "Aborted")
+            _reply_error(req, 502, "the service sent an invalid response")
+            return
+        self._transport_hist.observe(_perf_counter() - pending.sent_at)
+        if flags & _FLAG_END_STREAM:
+            self._finish(pending)
+            req.conn.respond(req, status, block, body)
+            return
+        pending.streaming = True
+        # The timeout covers REQUEST → RESPONSE (protocol.md §5.4), not the stream.
+        _disarm(pending)
+        if not req.conn.start_stream(req, status, block, partial(self._client_writable, pending)):
+            self._cancel(pending, "ClientDisconnected")
+            return
+        if body:
+            self._stream_to_client(pending, body)
+
+    def _on_upgrade_answer(self, pending, flags, status, block, body):
+        req = pending.req
+        if status != 101 or flags & fr.FLAG_END_STREAM:
+            if status < 200 or status > 599:
+                status, block, body = 502, _JSON, error_body(
+                    502, "the service answered the upgrade with a bad status", req.correlation_id)
+            # Refused by the service (e.g. 403): an ordinary answer, then close — the
+            # connection was already switched off HTTP parsing at the upgrade.
+            self._finish(pending)
+            req.conn.respond(req, status, block, body, close=True)
+            return
+        _disarm(pending)
+        pending.streaming = True
+        from stellagw.ingress.websocket import WsBridge
+        pending.ws = WsBridge(self, pending)
+        if not req.conn.upgrade_to_websocket(req, pending.ws):
+            self._cancel(pending, "ClientDisconnected")
+
+    def send_stream_chunk(self, pending, flags, chunk):
+        """Client → service WebSocket data (REQUEST_STREAM_DATA)."""
+        if self.state != READY:
+            return
+        self._encoder.stream_data(fr.REQUEST_STREAM_DATA, pending.corr, flags, chunk)
+        self._out(fr.REQUEST_STREAM_DATA)
+        self._schedule_flush()
+        if flags & fr.FLAG_END_STREAM:
+            self._finish(pending)
+
+    def ws_client_gone(self, pending):
+        if self.inflight.get(pending.corr) is pending:
+            self._cancel(pending, "ClientDisconnected")
+
+    def ws_client_writable(self, pending):
+        if self.inflight.get(pending.corr) is pending:
+            self._grant(pending)
+
+    cdef _on_stream_data(self, bytes corr, payload):
+        pending = self.inflight.get(corr)
+        if pending is None or not pending.streaming:
+            return
+        flags, chunk = fr.decode_stream_data(payload)
+        if pending.ws is not None:
+            if not pending.ws.from_service(flags, chunk):
+                self._finish(pending)
+                return
+            pending.unacked += len(chunk)
+            if not pending.ws.client_paused:
+                self._grant(pending)
+            return
+        if chunk:
+            self._stream_to_client(pending, chunk)
+        if flags & fr.FLAG_END_STREAM:
+            self._finish(pending)
+            pending.req.conn.end_stream(pending.req)
+
+    cdef _stream_to_client(self, Pending pending, chunk):
+        writable = pending.req.conn.stream_chunk(pending.req, chunk)
+        pending.unacked += len(chunk)
+        # Credit goes back only while the client keeps up, so a slow reader holds at most
+        # one window plus the transport's buffer per stream: never an unbounded stream.
+        if writable:
+            self._grant(pending)
+
+    def _client_writable(self, pending):
+        if self.inflight.get(pending.corr) is pending:
+            self._grant(pending)
+
+    cdef _grant(self, Pending pending):
+        if pending.unacked:
+            self._encoder.window_update(pending.corr, pending.unacked)
+            self._out(fr.WINDOW_UPDATE)
+            pending.unacked = 0
+            self._schedule_flush()
+
+    # ---------------------------------------------------------------- requests to the service
+
+    def send_request(self, req, endpoint, double timeout, path, Py_ssize_t stream_threshold,
+                     double sent_at):
+        self._corr_next += 1
+        corr = _corr(self._corr_prefix, self._corr_next)
+        cdef Pending pending = Pending.__new__(Pending, corr, req, self, sent_at)
+        pending.window = self.peer_window
+        self.inflight[corr] = pending
+        identity = req.identity
+        extra = identity.headers() if identity is not None else []
+        if req.span is not None:
+            tracing = self._hub.worker.tracing
+            pending.span = tracing.child(req.span, "gateway.transport.send",
+                                         **{"stellagw.service": req.service})
+            # The service continues our trace, not the client's span.
+            extra = list(extra) + tracing.traceparent(pending.span)
+        body = req.body
+        timeout_ms = int(timeout * 1000)
+        if req.websocket:
+            # The request stream stays open: it carries the client's messages (protocol.md).
+            headers = request_headers(req, req.conn.peer_ip, self._hub.scheme, extra,
+                                      keep_trace=req.span is None)
+            headers.append((b"upgrade", b"websocket"))
+            self._encoder.request(corr, req.method, path, req.query, headers, timeout_ms, 0, b"")
+            self._out(fr.REQUEST)
+            streamed = False
+        else:
+            streamed = len(body) > stream_threshold or (endpoint.streaming and body)
+            # request_headers' rules, applied while encoding (no header list per request).
+            self._encoder.request_forward(
+                corr, req.method, path, req.query, req.headers, timeout_ms,
+                0 if streamed else _FLAG_END_STREAM, b"" if streamed else body,
+                CLASSES, classify, req.http_version == "1.1", req.span is None, extra,
+                req.conn.peer_ip, self._scheme, req.correlation_id)
+            frames = self._frames_in
+            frames[_REQUEST] = frames.get(_REQUEST, 0) + 1
+        if streamed:
+            pending.body = body
+            self._send_body(pending)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_cb)
+        self._arm(pending, timeout)
+        req.pending = pending
+
+    cdef _send_body(self, Pending pending):
+        body, pos = pending.body, pending.body_pos
+        chunk_size = self._hub.chunk_size
+        while pos < len(body) and pending.window > 0:
+            n = min(chunk_size, len(body) - pos, pending.window)
+            end = pos + n
+            last = end >= len(body)
+            self._encoder.stream_data(fr.REQUEST_STREAM_DATA, pending.corr,
+                                      fr.FLAG_END_STREAM if last else 0, body[pos:end])
+            pending.window -= n
+            pos = end
+            self._out(fr.REQUEST_STREAM_DATA)
+        pending.body_pos = pos
+        if pos >= len(body):
+            if not body:
+                self._encoder.stream_data(fr.REQUEST_STREAM_DATA, pending.corr, fr.FLAG_END_STREAM, b"")
+            pending.body = None
+        self._schedule_flush()
+
+    cdef _timeout(self, Pending pending):
+        if self.inflight.get(pending.corr) is not pending:
+            return
+        pending.deadline = 0.0
+        self._cancel(pending, "Timeout")
+        self._hub.count_timeout()
+        self._fail(pending, 504, "the service did not answer in time")
+
+    cdef _client_gone(self, Pending pending):
+        if self.inflight.get(pending.corr) is pending:
+            self._cancel(pending, "ClientDisconnected")
+
+    def cancel_all(self, reason: str) -> None:
+        """Gateway shutdown at the drain deadline: CANCEL(Shutdown) for what is left."""
+        for pending in list(self.inflight.values()):
+            self._cancel(pending, reason)
+            self._fail(pending, 503, "the gateway is shutting down")
+
+    cdef _cancel(self, Pending pending, reason):
+        self._finish(pending)
+        if self.state == READY:
+            self._encoder.control(fr.CANCEL, pending.corr, {"reason": reason})
+            self._out(fr.CANCEL)
+            self._schedule_flush()
+
+    cdef _finish(self, Pending pending):
+        pending.deadline = 0.0          # _disarm, inlined: this runs for every request
+        bucket = pending.bucket
+        if bucket is not None:
+            bucket.discard(pending)
+            pending.bucket = None
+        self.inflight.pop(pending.corr, None)
+        if pending.span is not None:
+            pending.span.end()
+            pending.span = None
+
+    cdef _fail(self, Pending pending, int status, message):
+        req = pending.req
+        if pending.ws is not None:
+            pending.ws.abort()
+            return
+        if pending.streaming:
+            req.conn.abort_stream(req)
+        else:
+            _reply_error(req, status, message)
+
+
+    # ---------------------------------------------------------------- writing
+
+    cdef _out(self, int ftype, int n=1):
+        frames = self._frames_in
+        frames[ftype] = frames.get(ftype, 0) + n
+
+    cdef _schedule_flush(self):
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_cb)
+
+    def _flush(self):
+        self._flush_scheduled = False
+        if self._encoder.__len__() and self.transport is not None and self.state != CLOSED:
+            self.transport.write(self._encoder.take())
+
+    def send_drain(self, deadline_ms: int) -> None:
+        if self.state == READY:
+            self._encoder.control(fr.DRAIN, fr.ZERO_CORR,
+                                  {"reason": "gateway shutting down", "deadline_ms": deadline_ms})
+            self._flush()
+
+    # ---------------------------------------------------------------- errors
+
+    def _hello_timeout(self):
+        self._hello_timer = None
+        if self.state == AWAIT_HELLO:
+            self._protocol_error(f"no HELLO within {HELLO_TIMEOUT:.0f}s")
+
+    def _refuse(self, code, message):
+        """protocol.md §5.5: a refused HELLO gets HELLO_ACK{error} and the connection closes."""
+        self._encoder.control(fr.HELLO_ACK, fr.ZERO_CORR,
+                              {"protocol": fr.PROTOCOL_VERSION, "error": {"code": code, "message": message}})
+        self._protocol_error(f"HELLO refused ({code}): {message}")
+
+    def _protocol_error(self, reason):
+        self._log.event("warning", "service connection closed: protocol error",
+                        peer=_peer(self.peer), reason=reason,
+                        service=self.instance.service if self.instance else None)
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+        self.state = CLOSED
+
+
+cdef _disarm(Pending pending):
+    """No timeout any more: out of the timer wheel now, so it holds only what can expire."""
+    pending.deadline = 0.0
+    bucket = pending.bucket
+    if bucket is not None:
+        bucket.discard(pending)
+        pending.bucket = None
+
+
+cdef bytes _corr(bytes prefix, unsigned long long n):
+    """prefix (8 bytes) + n as 8 big-endian bytes: the correlation id of one request."""
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 16)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
+    memcpy(p, PyBytes_AS_STRING(prefix), 8)
+    cdef int i
+    for i in range(8):
+        p[15 - i] = <unsigned char>(n >> (8 * i))
+    return out
+
+
+cdef _reply_error(req, int status, message):
+    req.conn.respond(req, status, _JSON, error_body(status, message, req.correlation_id))
+
+
+def _peer(peer):
+    if not peer:
+        return None
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
