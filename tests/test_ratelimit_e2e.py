@@ -99,14 +99,15 @@ rate_limiting:
         time.sleep(0.4)
         assert request(gw.port, GET)[0] == 200
         assert counters() == (checks + 2, {})
-        # A stage that raises after the reply: 500 and a log line; the next request is fine.
-        pipeline = gw.worker.pipeline
-        real = pipeline._after_limit
+        # A stage that raises after the reply (selection, stage 10): 500 and a log line;
+        # the next request is fine.
+        routing = gw.worker.routing
+        real = routing.select
 
         def broken(*args):
-            pipeline._after_limit = real
+            routing.select = real
             raise RuntimeError("stage bug")
-        gw.call(setattr, pipeline, "_after_limit", broken)
+        gw.call(setattr, routing, "select", broken)
         status, _, body = request(gw.port, GET)
         assert status == 500 and orjson.loads(body)["error"]
         assert request(gw.port, GET)[0] == 200
