@@ -13,72 +13,24 @@ never go backwards (which Prometheus would read as a reset).
 from __future__ import annotations
 
 import os
-from bisect import bisect_left
 
 import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-# Seconds. Dense below 10 ms because the routing overhead SLO is < 2 ms (p50) / < 5 ms (p99).
-# Down to 50 µs: auth, routing and most routed requests take well under 0.5 ms, and a
-# quantile inside one bucket is only an interpolation.
-DURATION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025,
-                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_BOUNDS = tuple(repr(float(b)) for b in DURATION_BUCKETS)
+from .._impl import select
+
+# Histogram is compiled (cext/metrics.pyx) when built, else the pure-Python twin
+# (stellagw/_py/metrics.py): observe() runs four times per routed request. The bucket bounds
+# and the reasons for them live with the implementations.
+_m = select("metrics")
+Histogram = _m.Histogram
+DURATION_BUCKETS = _m.DURATION_BUCKETS
 PHASES = ("auth", "routing", "transport", "ratelimit_check")
 
 FRAME_NAMES = {1: "HELLO", 2: "HEARTBEAT", 3: "ENDPOINTS_UPDATE", 4: "REQUEST",
                5: "REQUEST_STREAM_DATA", 6: "RESPONSE", 7: "RESPONSE_STREAM_DATA", 8: "CANCEL",
                9: "HELLO_ACK", 10: "DRAIN", 11: "PING", 12: "PONG", 13: "WINDOW_UPDATE"}
-
-
-class Histogram:
-    """Counts per DURATION_BUCKETS bucket (the last is +Inf) and the sum of the samples.
-
-    The sample count is the counts' sum, not a field: observe(), four times per routed
-    request, then updates two things instead of three.
-    """
-
-    __slots__ = ("counts", "total")
-
-    def __init__(self):
-        self.counts = [0] * (len(DURATION_BUCKETS) + 1)
-        self.total = 0.0
-
-    @property
-    def n(self) -> int:
-        return sum(self.counts)
-
-    def observe(self, seconds: float) -> None:
-        # bisect_left(DURATION_BUCKETS, seconds), unrolled below 2 ms, where nearly every
-        # sample lands: a float compare in bytecode is several times cheaper than bisect's
-        # call and generic compares. `seconds > bound` is bisect's own test, so the index is
-        # the same for every value, NaN included (tests/test_metrics.py checks).
-        if seconds > 0.0005:
-            if seconds > 0.002:
-                i = bisect_left(DURATION_BUCKETS, seconds, 6)
-            else:
-                i = 5 if seconds > 0.001 else 4
-        elif seconds > 0.0001:
-            i = 3 if seconds > 0.00025 else 2
-        else:
-            i = 1 if seconds > 0.00005 else 0
-        self.counts[i] += 1
-        self.total += seconds
-
-    def add(self, counts, total) -> None:
-        mine = self.counts
-        for i, c in enumerate(counts):
-            mine[i] += c
-        self.total += total
-
-    def buckets(self):
-        out, acc = [], 0
-        for bound, count in zip(_BOUNDS, self.counts):
-            acc += count
-            out.append((bound, acc))
-        out.append(("+Inf", acc + self.counts[-1]))
-        return out
 
 
 class Metrics:
