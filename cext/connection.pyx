@@ -388,7 +388,7 @@ cdef class ServiceConnection:
         pending.window = self.peer_window
         self.inflight[corr] = pending
         identity = req.identity
-        extra = identity.headers() if identity is not None else []
+        extra = identity.header_pairs if identity is not None else ()
         if req.span is not None:
             tracing = self._hub.worker.tracing
             pending.span = tracing.child(req.span, "gateway.transport.send",

@@ -26,6 +26,7 @@ from time import perf_counter
 import httptools
 
 from stellagw.ingress.responses import JSON, STATUS_LINES, error_body, status_line
+from stellagw.observe.metrics import Histogram
 
 # How many parsed requests may wait behind the one in flight before we stop reading:
 # bounds the memory one pipelining client can make us hold.
@@ -46,6 +47,59 @@ cdef object _HttpParserError = httptools.HttpParserError
 cdef dict _STATUS_LINES = STATUS_LINES
 cdef object _perf_counter = perf_counter
 cdef bytes _JSON_CT = b"content-type: application/json\r\n"
+
+
+cdef frozenset _CID_OK = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+@cython.final
+cdef class Accounting:
+    """One worker's correlation ids, and what every finished request leaves behind: its
+    count and duration in the metrics, its access log line, the end of its span."""
+
+    cdef public str cid_prefix
+    cdef public unsigned long long cid_counter
+    cdef object _worker, _log
+    cdef dict _requests, _durations
+
+    def __init__(self, worker, str cid_prefix):
+        self.cid_prefix = cid_prefix
+        self._worker = worker
+        self._requests = worker.metrics.requests
+        self._durations = worker.metrics.durations
+        self._log = worker.log
+
+    def correlation_id(self, headers):
+        for name, value in headers:
+            if name == b"x-correlation-id":
+                return self.correlation_id_of(value)
+        return self.correlation_id_of(None)
+
+    cpdef str correlation_id_of(self, value):
+        """The client's X-Correlation-Id when well formed (≤ 64 of [A-Za-z0-9._-]), else ours."""
+        if value is not None and 0 < len(value) <= 64 and _CID_OK.issuperset(value):
+            return (<bytes>value).decode("ascii")
+        self.cid_counter += 1
+        return "%s%010x" % (self.cid_prefix, self.cid_counter)
+
+    cpdef request_done(self, Request req, int status):
+        cdef double elapsed = _perf_counter() - req.started
+        if req.span is not None:
+            self._worker.tracing.end_route(req, status)
+        key = (req.service, req.method, req.route, status)
+        requests = self._requests
+        requests[key] = requests.get(key, 0) + 1
+        hist_key = (req.service, req.method, req.route)
+        hist = self._durations.get(hist_key)
+        if hist is None:
+            hist = self._durations[hist_key] = Histogram()
+        hist.observe(elapsed)
+        log = self._log
+        if log.access_log:
+            log.request(req.correlation_id, req.tenant, req.method,
+                        req.target.decode("utf-8", "replace"), req.service,
+                        elapsed * 1000.0, status, req.auth)
 
 
 class _Reject(Exception):
@@ -119,6 +173,7 @@ cdef class HttpProtocol:
 
     # -- per server (shared by every connection of this worker)
     cdef object _server
+    cdef Accounting _acct
     cdef object _settings
     cdef object _handle
     cdef Py_ssize_t _max_url, _max_header_bytes, _max_header_count, _max_body
@@ -147,6 +202,7 @@ cdef class HttpProtocol:
 
     def __init__(self, server):
         self._server = server
+        self._acct = server.accounting
         settings = self._settings = server.http_settings
         self._handle = server.pipeline.handle
         self._max_url = settings.max_url_length
@@ -308,7 +364,7 @@ cdef class HttpProtocol:
             if name == b"content-length":
                 # llhttp (strict) already refused malformed and conflicting lengths.
                 if int(value) > limit:
-                    req.correlation_id = self._server.correlation_id_of(cid)
+                    req.correlation_id = self._acct.correlation_id_of(cid)
                     self._reject = (413, "request body larger than %d bytes" % limit)
                     raise _Reject
             elif name == b"x-correlation-id":
@@ -321,7 +377,7 @@ cdef class HttpProtocol:
                 self._upgrade = True
             elif name == b"expect":
                 expect = value.lower()
-        req.correlation_id = self._server.correlation_id_of(cid)
+        req.correlation_id = self._acct.correlation_id_of(cid)
         if self._upgrade and parser.should_upgrade():
             upgrade = req.header(b"upgrade") or b""
             if upgrade.lower() != b"websocket" or req.method != "GET":
@@ -373,7 +429,7 @@ cdef class HttpProtocol:
         cdef Request req = self._req if self._req is not None else _new_request(self)
         self._req = None
         if not req.correlation_id:
-            req.correlation_id = self._server.correlation_id(self._headers)
+            req.correlation_id = self._acct.correlation_id(self._headers)
         req.keep_alive = False
         req.started = _perf_counter()
         req.reject = (status, message)
@@ -449,7 +505,7 @@ cdef class HttpProtocol:
 
     cdef _finish(self, Request req, int status, bint keep):
         self._current = None
-        self._server.request_done(req, status)
+        self._acct.request_done(req, status)
         if not keep:
             self._closing = True
             self._queue.clear()
@@ -512,7 +568,7 @@ cdef class HttpProtocol:
             return
         self._on_writable = None
         self._current = None
-        self._server.request_done(req, 502)
+        self._acct.request_done(req, 502)
         self.close()
 
     # ---------------------------------------------------------------- WebSocket
@@ -526,7 +582,7 @@ cdef class HttpProtocol:
         self._closing = True            # this protocol is done with the connection
         self._server.connections.discard(self)
         self._server.metrics.connection_closed()
-        self._server.request_done(req, 101)
+        self._acct.request_done(req, 101)
         hand_over(self, req, bridge, self._upgrade_tail)
         return True
 
@@ -540,7 +596,7 @@ cdef class HttpProtocol:
             cb()
 
     cdef bytes _render_error_close(self, int status, str message):
-        body = error_body(status, message, self._server.correlation_id(()))
+        body = error_body(status, message, self._acct.correlation_id(()))
         return b"".join((status_line(status), self._server.date_header,
                          b"content-type: ", JSON, b"\r\ncontent-length: %d\r\n" % len(body),
                          b"connection: close\r\n\r\n", body))

@@ -12,7 +12,7 @@ from time import perf_counter
 from stellagw.auth import AuthFailure, Identity
 from stellagw.ingress.responses import error_body
 from stellagw.radix import FOUND, NOT_FOUND, normalize_path
-from stellagw.ratelimit import Decision, rate_limit_headers, rejection
+from stellagw.ratelimit import UNLIMITED, Decision, rate_limit_headers, rejection
 
 _JSON = b"content-type: application/json\r\n"
 
@@ -114,7 +114,9 @@ cdef class Pipeline:
     # ------------------------------------------------------------------ stages 9–11
 
     cdef _after_auth(self, req, route, path, double routing_s):
-        # 9. rate-limit
+        # 9. rate-limit (no key to build when no tier is configured)
+        if not self._limiter.enabled:
+            return self._after_limit(req, route, path, UNLIMITED, routing_s)
         identity = req.identity
         key = req.conn.anonymous_key if identity.anonymous else "sub:" + identity.subject
         decision = self._limiter.check(key, req.tenant, route.service, route.template, path)

@@ -13,15 +13,14 @@ import os
 import signal
 import socket
 import time
-from time import perf_counter
 
 import httptools
 
 from . import __version__
-from .ingress.http import HttpProtocol
+from .ingress.http import Accounting, HttpProtocol
 from .ingress.tls import server_context
 from .observe.logs import JsonLog
-from .observe.metrics import Histogram, Metrics
+from .observe.metrics import Metrics
 from .observe.tracing import make_tracer
 from .auth import Authenticator
 from .openapi import OpenApiCache
@@ -31,7 +30,6 @@ from .ratelimit import RateLimiter
 from .routing.state import RoutingState
 from .transport.hub import TransportHub
 
-_CID_OK = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
 
 class HttpLimits:
@@ -103,6 +101,8 @@ class Worker:
         self.log = log or JsonLog(gw.logging.level, access_log=gw.logging.access_log)
         self.log.extra = {"node": self.node_id, "worker": worker_id}
         self.metrics = Metrics(run_dir, worker_id)
+        # Correlation ids (prefix: random per worker) and the per-request metrics and log line.
+        self.accounting = Accounting(self, os.urandom(4).hex() + "%02x" % (worker_id & 0xFF))
         self.connections: set[HttpProtocol] = set()
         self.draining = False
         self.auth_events: dict[str, int] = {}
@@ -115,8 +115,6 @@ class Worker:
         self._servers: list[asyncio.AbstractServer] = []
         self._tick_handle = None
         self._stopped: asyncio.Event | None = None
-        self._cid_prefix = os.urandom(4).hex() + "%02x" % (worker_id & 0xFF)
-        self._cid_counter = 0
         health = gw.health
         self.routing = RoutingState(gw.node.region, gw.routing.neighbor_regions,
                                     health.heartbeat_interval_seconds,
@@ -150,35 +148,7 @@ class Worker:
         return parser
 
     def correlation_id(self, headers) -> str:
-        for name, value in headers:
-            if name == b"x-correlation-id":
-                return self.correlation_id_of(value)
-        return self.correlation_id_of(None)
-
-    def correlation_id_of(self, value: bytes | None) -> str:
-        """The client's X-Correlation-Id when well formed (≤ 64 of [A-Za-z0-9._-]), else ours."""
-        if value is not None and 0 < len(value) <= 64 and _CID_OK.issuperset(value):
-            return value.decode("ascii")
-        self._cid_counter += 1
-        return "%s%010x" % (self._cid_prefix, self._cid_counter)
-
-    def request_done(self, req, status: int) -> None:
-        elapsed = perf_counter() - req.started
-        if req.span is not None:
-            self.tracing.end_route(req, status)
-        # Metrics.request_done, inlined: it runs for every request.
-        m = self.metrics
-        key = (req.service, req.method, req.route, status)
-        requests = m.requests
-        requests[key] = requests.get(key, 0) + 1
-        hist = m.durations.get(key[:3])
-        if hist is None:
-            hist = m.durations[key[:3]] = Histogram()
-        hist.observe(elapsed)
-        if self.log.access_log:
-            self.log.request(req.correlation_id, req.tenant, req.method,
-                             req.target.decode("utf-8", "replace"), req.service,
-                             elapsed * 1000.0, status, req.auth)
+        return self.accounting.correlation_id(headers)
 
     def render_metrics(self) -> bytes:
         return self.metrics.render()

@@ -46,20 +46,27 @@ class MockTransport:
 
 
 IMPLS = ["python"] if _impl.NO_EXTENSIONS else ["compiled", "python"]
-_protocol_class = None
+_module = None
 
 
 @pytest.fixture(autouse=True, params=IMPLS)
 def impl(request):
-    """Which HttpProtocol make() builds for this test."""
-    global _protocol_class
+    """Which implementation make() builds the protocol (and the worker's Accounting) of."""
+    global _module
     if request.param == "python":
-        _protocol_class = py_ingress.HttpProtocol
+        _module = py_ingress
     else:
         from stellagw._cext import ingress
-        _protocol_class = ingress.HttpProtocol
+        _module = ingress
     yield request.param
-    _protocol_class = None
+    _module = None
+
+
+def new_protocol(worker, module=None):
+    module = module or _module
+    if not isinstance(worker.accounting, module.Accounting):
+        worker.accounting = module.Accounting(worker, worker.accounting.cid_prefix)
+    return module.HttpProtocol(worker)
 
 
 def make(yaml_text="", pipeline=None):
@@ -68,7 +75,7 @@ def make(yaml_text="", pipeline=None):
     worker.started = True
     if pipeline is not None:
         worker.pipeline = pipeline
-    proto = _protocol_class(worker)
+    proto = new_protocol(worker)
     transport = MockTransport()
     proto.connection_made(transport)
     return worker, proto, transport, log
@@ -310,7 +317,7 @@ def test_header_deadline_answers_408_and_idle_deadline_closes():
 
 def test_connection_cap_answers_503():
     worker, proto, t, _ = make("gateway: {http: {maxConnections: 1}}")
-    second = _protocol_class(worker)
+    second = new_protocol(worker)
     t2 = MockTransport()
     second.connection_made(t2)
     assert bytes(t2.out).startswith(b"HTTP/1.1 503") and t2.closed
@@ -381,22 +388,22 @@ _PIECES = [
 def _differential_workers():
     from stellagw._cext import ingress
     out = []
-    for cls in (py_ingress.HttpProtocol, ingress.HttpProtocol):
+    for module in (py_ingress, ingress):
         worker = Worker(settings_from("gateway: {http: {maxUrlLength: 256, maxHeaderBytes: 512}}"),
                         0, log=NullLog().log)
         worker.started = True
-        worker._cid_prefix = "fixed0"          # the same made-up correlation ids on both
         worker.date_header = b"date: Sat, 28 Nov 2026 00:00:00 GMT\r\n"
-        out.append((cls, worker))
+        out.append((module, worker))
     return out
 
 
 def _run_both(workers, stream: bytes, cuts: list[int]):
     outs = []
-    for cls, worker in workers:
-        worker._cid_counter = 0
+    for module, worker in workers:
+        # The same made-up correlation ids on both.
+        worker.accounting = module.Accounting(worker, "fixed0")
         worker.connections.clear()
-        proto = cls(worker)
+        proto = module.HttpProtocol(worker)
         t = MockTransport()
         proto.connection_made(t)
         prev = 0

@@ -21,6 +21,7 @@ from time import perf_counter
 import httptools
 
 from ..ingress.responses import JSON, STATUS_LINES, error_body, status_line
+from ..observe.metrics import Histogram
 
 # How many parsed requests may wait behind the one in flight before we stop reading:
 # bounds the memory one pipelining client can make us hold.
@@ -32,6 +33,52 @@ D_NONE, D_HEADER, D_BODY, D_IDLE = 0, 1, 2, 3
 
 class _Reject(Exception):
     """Raised inside a parser callback to stop parsing; the status is in `protocol._reject`."""
+
+
+_CID_OK = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+class Accounting:
+    """One worker's correlation ids, and what every finished request leaves behind: its
+    count and duration in the metrics, its access log line, the end of its span."""
+
+    def __init__(self, worker, cid_prefix: str):
+        self.cid_prefix = cid_prefix
+        self.cid_counter = 0
+        self._worker = worker
+        self._metrics = worker.metrics
+        self._log = worker.log
+
+    def correlation_id(self, headers) -> str:
+        for name, value in headers:
+            if name == b"x-correlation-id":
+                return self.correlation_id_of(value)
+        return self.correlation_id_of(None)
+
+    def correlation_id_of(self, value: bytes | None) -> str:
+        """The client's X-Correlation-Id when well formed (≤ 64 of [A-Za-z0-9._-]), else ours."""
+        if value is not None and 0 < len(value) <= 64 and _CID_OK.issuperset(value):
+            return value.decode("ascii")
+        self.cid_counter += 1
+        return "%s%010x" % (self.cid_prefix, self.cid_counter)
+
+    def request_done(self, req, status: int) -> None:
+        elapsed = perf_counter() - req.started
+        if req.span is not None:
+            self._worker.tracing.end_route(req, status)
+        m = self._metrics
+        key = (req.service, req.method, req.route, status)
+        requests = m.requests
+        requests[key] = requests.get(key, 0) + 1
+        hist = m.durations.get(key[:3])
+        if hist is None:
+            hist = m.durations[key[:3]] = Histogram()
+        hist.observe(elapsed)
+        log = self._log
+        if log.access_log:
+            log.request(req.correlation_id, req.tenant, req.method,
+                        req.target.decode("utf-8", "replace"), req.service,
+                        elapsed * 1000.0, status, req.auth)
 
 
 class Request:
@@ -73,6 +120,7 @@ class HttpProtocol(asyncio.Protocol):
     def __init__(self, server):
         # -- per server (shared by every connection of this worker)
         self._server = server
+        self._acct = server.accounting
         self._settings = server.http_settings
         self._handle = server.pipeline.handle
 
@@ -247,7 +295,7 @@ class HttpProtocol(asyncio.Protocol):
             if name == b"content-length":
                 # llhttp (strict) already refused malformed and conflicting lengths.
                 if int(value) > limit:
-                    req.correlation_id = self._server.correlation_id_of(cid)
+                    req.correlation_id = self._acct.correlation_id_of(cid)
                     self._reject = (413, "request body larger than %d bytes" % limit)
                     raise _Reject
             elif name == b"x-correlation-id":
@@ -260,7 +308,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._upgrade = True
             elif name == b"expect":
                 expect = value.lower()
-        req.correlation_id = self._server.correlation_id_of(cid)
+        req.correlation_id = self._acct.correlation_id_of(cid)
         if self._upgrade and parser.should_upgrade():
             upgrade = req.header(b"upgrade") or b""
             if upgrade.lower() != b"websocket" or req.method != "GET":
@@ -312,7 +360,7 @@ class HttpProtocol(asyncio.Protocol):
         req = self._req or _new_request(self)
         self._req = None
         if not req.correlation_id:
-            req.correlation_id = self._server.correlation_id(self._headers)
+            req.correlation_id = self._acct.correlation_id(self._headers)
         req.keep_alive = False
         req.started = perf_counter()
         req.reject = (status, message)
@@ -380,7 +428,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _finish(self, req: Request, status: int, keep: bool) -> None:
         self._current = None
-        self._server.request_done(req, status)
+        self._acct.request_done(req, status)
         if not keep:
             self._closing = True
             self._queue.clear()
@@ -443,7 +491,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._on_writable = None
         self._current = None
-        self._server.request_done(req, 502)
+        self._acct.request_done(req, 502)
         self.close()
 
     # ---------------------------------------------------------------- WebSocket
@@ -457,7 +505,7 @@ class HttpProtocol(asyncio.Protocol):
         self._closing = True            # this protocol is done with the connection
         self._server.connections.discard(self)
         self._server.metrics.connection_closed()
-        self._server.request_done(req, 101)
+        self._acct.request_done(req, 101)
         hand_over(self, req, bridge, self._upgrade_tail)
         return True
 
@@ -471,7 +519,7 @@ class HttpProtocol(asyncio.Protocol):
             cb()
 
     def _render_error_close(self, status: int, message: str) -> bytes:
-        body = error_body(status, message, self._server.correlation_id(()))
+        body = error_body(status, message, self._acct.correlation_id(()))
         return b"".join((status_line(status), self._server.date_header,
                          b"content-type: ", JSON, b"\r\ncontent-length: %d\r\n" % len(body),
                          b"connection: close\r\n\r\n", body))

@@ -11,7 +11,7 @@ from time import perf_counter
 from ..auth import AuthFailure, Identity
 from ..ingress.responses import error_body
 from ..radix import FOUND, NOT_FOUND, normalize_path
-from ..ratelimit import Decision, rate_limit_headers, rejection
+from ..ratelimit import UNLIMITED, Decision, rate_limit_headers, rejection
 
 _JSON = b"content-type: application/json\r\n"
 
@@ -98,7 +98,9 @@ class Pipeline:
     # ------------------------------------------------------------------ stages 9–11
 
     def _after_auth(self, req, route, path, routing_s):
-        # 9. rate-limit
+        # 9. rate-limit (no key to build when no tier is configured)
+        if not self._limiter.enabled:
+            return self._after_limit(req, route, path, UNLIMITED, routing_s)
         identity = req.identity
         key = req.conn.anonymous_key if identity.anonymous else "sub:" + identity.subject
         decision = self._limiter.check(key, req.tenant, route.service, route.template, path)

@@ -76,7 +76,7 @@ class Identity:
     """
 
     __slots__ = ("subject", "tenant", "client_id", "scopes", "claims", "binding", "anonymous",
-                 "jkt", "response_headers", "_headers", "_legacy")
+                 "jkt", "response_headers", "header_pairs", "_legacy")
 
     def __init__(self, subject, tenant, client_id, scopes, claims, binding, anonymous,
                  legacy, jkt=None):
@@ -90,7 +90,8 @@ class Identity:
         self.jkt = jkt                    # the bound DPoP key thumbprint, when DPoP-bound
         self.response_headers = b""
         self._legacy = legacy
-        self._headers = self._build_headers()
+        # The identity headers as a tuple: read for every routed request, never copied.
+        self.header_pairs = tuple(self._build_headers())
 
     def _build_headers(self) -> list[tuple[bytes, bytes]]:
         pairs = []
@@ -111,12 +112,12 @@ class Identity:
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """The identity headers to add after `strip_identity_headers` (a fresh list)."""
-        return list(self._headers)
+        return list(self.header_pairs)
 
     def with_scopes(self, scopes: frozenset) -> "Identity":
         copy = self._copy()
         copy.scopes = scopes
-        copy._headers = copy._build_headers()
+        copy.header_pairs = tuple(copy._build_headers())
         return copy
 
     def with_response_headers(self, lines: bytes) -> "Identity":

@@ -19,7 +19,8 @@ _m = select("ingress")
 
 HttpProtocol = _m.HttpProtocol
 Request = _m.Request
+Accounting = _m.Accounting
 PIPELINE_MAX = _m.PIPELINE_MAX
 D_NONE, D_HEADER, D_BODY, D_IDLE = _m.D_NONE, _m.D_HEADER, _m.D_BODY, _m.D_IDLE
 
-__all__ = ["HttpProtocol", "Request", "PIPELINE_MAX", "D_NONE", "D_HEADER", "D_BODY", "D_IDLE"]
+__all__ = ["HttpProtocol", "Request", "Accounting", "PIPELINE_MAX", "D_NONE", "D_HEADER", "D_BODY", "D_IDLE"]
