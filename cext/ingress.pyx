@@ -505,6 +505,9 @@ cdef class HttpProtocol:
 
     cdef _finish(self, Request req, int status, bint keep):
         self._current = None
+        # Request and Pending point at each other: unlinked here, both go when the last
+        # reference does, instead of waiting for the cycle collector.
+        req.pending = None
         self._acct.request_done(req, status)
         if not keep:
             self._closing = True

@@ -170,6 +170,25 @@ def test_pipelining_waits_for_the_pending_answer():
     assert [(s, b) for s, _, b in got] == [(201, b"slow done"), (200, b"fast:/a"), (200, b"fast:/b")]
 
 
+def test_an_answered_request_lets_go_of_its_dispatch():
+    # Request.pending and Pending.req point at each other: left linked, every routed
+    # request would be garbage only the cycle collector finds (a pause per collection).
+    pipe = PendingPipeline()
+    _, proto, t, _ = make(pipeline=pipe)
+    proto.data_received(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+    req = pipe.pending[0]
+
+    class Dispatch:
+        def __init__(self, req):
+            self.req = req
+
+        def abort(self):
+            pass
+    req.pending = Dispatch(req)
+    proto.respond(req, 200, b"", b"done")
+    assert req.pending is None
+
+
 def test_deep_pipelining_pauses_reading():
     pipe = PendingPipeline()
     _, proto, t, _ = make(pipeline=pipe)

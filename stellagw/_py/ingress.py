@@ -428,6 +428,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def _finish(self, req: Request, status: int, keep: bool) -> None:
         self._current = None
+        # Request and Pending point at each other: unlinked here, both go when the last
+        # reference does, instead of waiting for the cycle collector.
+        req.pending = None
         self._acct.request_done(req, status)
         if not keep:
             self._closing = True
