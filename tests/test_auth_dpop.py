@@ -180,7 +180,7 @@ def test_item5_size_cap_before_parsing(auth, issuer_key, client, monkeypatch):
     huge = client.proof("GET", URL, token, padding="x" * 9000)
     from stellagw.auth import dpop
     calls = []
-    monkeypatch.setattr(dpop, "split_compact", lambda *a: calls.append(a))
+    monkeypatch.setattr(dpop, "split_parts", lambda *a: calls.append(a))
     refused(auth.authenticate(dpop_request(client, token, proof=huge), ()),
             "invalid_dpop_proof", "dpop_too_large")
     assert calls == []

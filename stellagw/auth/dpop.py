@@ -32,9 +32,9 @@ from collections import OrderedDict
 from urllib.parse import urlsplit
 
 from .errors import Refusal
-from .jose import (JoseError, PRIVATE_MEMBERS, decode_part, json_object, json_object_fast,
+from .jose import (JoseError, PRIVATE_MEMBERS, b64url_decode, json_object, json_object_fast,
                    jwk_thumbprint,
-                   key_matches_alg, public_key_from_jwk, split_compact, verify_signature)
+                   key_matches_alg, public_key_from_jwk, split_parts, verify_signature)
 from .replay import replay_key
 
 __all__ = ["DpopVerifier", "ProofResult", "normalize_uri", "MAX_JTI_CHARS"]
@@ -114,13 +114,13 @@ class DpopVerifier:
         if len(proof) > self._max_bytes:
             raise _refuse("DPoP proof is too large", "dpop_too_large")
         try:
-            h, p, s = split_compact(proof)
+            h, p, s = split_parts(proof)
         except JoseError:
             raise _refuse("DPoP proof is not a compact JWS", "dpop_malformed") from None
         alg, key, jkt = self._header(h)
 
         try:
-            signature = decode_part(s)
+            signature = b64url_decode(s)
         except JoseError:
             raise _refuse("DPoP proof is not a compact JWS", "dpop_malformed") from None
         if not verify_signature(alg, key, proof[:len(h) + 1 + len(p)], signature):
