@@ -32,6 +32,7 @@ cdef object _Identity = Identity
 cdef object _AuthFailure = AuthFailure
 cdef object _Decision = Decision
 cdef object _normalize_path = normalize_path
+cdef object _rate_limit_headers = rate_limit_headers
 
 
 @cython.final
@@ -132,7 +133,7 @@ cdef class Pipeline:
             self._metrics.rate_limit_exceeded(req.tenant)
             return rejection(decision, req.correlation_id)
         if decision.scope is not None:
-            req.resp_headers += rate_limit_headers(decision)
+            req.resp_headers += _rate_limit_headers(decision)
 
         # 10. select (X-Service-Version, read by the ingress: a strict semver pin)
         version = req.version

@@ -22,19 +22,25 @@ down in docs/rate-limiting.md; in short:
 Storage is struct-of-arrays indexed by a slot number; a dict maps key -> slot and the LRU
 order is a doubly-linked list threaded through two int arrays, so hit() allocates nothing
 but its result tuple once the key exists.
+
+Decision (the rate limiter's outcome) and rate_limit_headers() live here too, so that the
+instance tier's per-request work -- clock, hit, Decision, X-RateLimit-* lines -- is one
+C call each from RateLimiter.check() and the pipeline (issue #5).
 """
 cimport cython
 from cpython.dict cimport PyDict_GetItem
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_Check
+from cpython.long cimport PyLong_AsLongLong, PyLong_AsLongLongAndOverflow, PyLong_Check
 from cpython.number cimport PyNumber_Index
 from cpython.object cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 from gw_debug cimport GW_DEBUG
 
-__all__ = ["WindowLimiter", "FiveMinuteCounter", "bucket_ms_for", "MAX_RULES", "MAX_BUCKETS"]
+__all__ = ["WindowLimiter", "FiveMinuteCounter", "Decision", "rate_limit_headers", "wall_ms",
+           "bucket_ms_for", "MAX_RULES", "MAX_BUCKETS"]
 
 
 cdef enum:
@@ -63,6 +69,32 @@ cpdef int64_t bucket_ms_for(int64_t per_seconds) except -1:
     return per_seconds * (1000 // C_MAX_BUCKETS)
 
 
+cdef inline int64_t _wall_ms() noexcept:
+    # time.time_ns() // 10**6: CPython's time_ns() reads the same clock on POSIX.
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1_000_000
+
+
+def wall_ms():
+    """The default clock, Unix ms (time.time_ns() // 10**6); what decide() reads when not
+    given now_ms."""
+    return _wall_ms()
+
+
+cdef inline int64_t _ceil_div(int64_t a, int64_t b) noexcept:
+    """ceil(a / b) for b > 0, as Python's -(-a // b) (C division truncates towards 0)."""
+    cdef int64_t q = a / b
+    return q + 1 if a % b > 0 else q
+
+
+cdef inline int64_t _as_int64(object v) except? -1:
+    """An int (or __index__) as int64; OverflowError outside."""
+    if not PyLong_Check(v):
+        v = PyNumber_Index(v)                   # TypeError for float, str, None
+    return PyLong_AsLongLong(v)
+
+
 cdef inline int64_t _as_now(object now_ms) except -1:
     """now_ms as int64, checked: an int (or __index__) between 0 and 2**62."""
     cdef int overflow = 0
@@ -75,6 +107,116 @@ cdef inline int64_t _as_now(object now_ms) except -1:
     return v
 
 
+# ---------------------------------------------------------------------------------------------
+# Decision
+
+
+@cython.final
+@cython.freelist(16)
+cdef class Decision:
+    """The outcome of RateLimiter.check(); every field comes from one rule of one tier.
+
+    allowed        False -> answer 429 with rejection(decision, trace_id)
+    scope          "instance" | "environment"; None when no rule applied at all
+    limit          the rule's max_requests
+    remaining      requests left in its window after this one (0 when denied)
+    reset_s        Unix seconds when the rule's window frees quota (X-RateLimit-Reset)
+    retry_after_s  whole seconds, >= 1 when denied, else 0
+    current        the rule's count (this request included when allowed)
+    window_s       the rule's per_seconds
+
+    Read-only; the numbers are int64. Equal when every field is; unhashable.
+    """
+    cdef readonly bint allowed
+    cdef readonly str scope
+    cdef readonly int64_t limit, remaining, reset_s, retry_after_s, current, window_s
+
+    def __init__(self, bint allowed, str scope, limit, remaining, reset_s, retry_after_s,
+                 current, window_s):
+        # Integers only (a typed int64_t argument would truncate a float through __int__).
+        self.allowed = allowed
+        self.scope = scope
+        self.limit = _as_int64(limit)
+        self.remaining = _as_int64(remaining)
+        self.reset_s = _as_int64(reset_s)
+        self.retry_after_s = _as_int64(retry_after_s)
+        self.current = _as_int64(current)
+        self.window_s = _as_int64(window_s)
+
+    def __eq__(self, other):
+        if not isinstance(other, Decision):
+            return NotImplemented
+        cdef Decision o = <Decision>other
+        return (self.allowed == o.allowed and self.scope == o.scope and self.limit == o.limit
+                and self.remaining == o.remaining and self.reset_s == o.reset_s
+                and self.retry_after_s == o.retry_after_s and self.current == o.current
+                and self.window_s == o.window_s)
+
+    def __repr__(self):
+        return (f"Decision(allowed={self.allowed!r}, scope={self.scope!r}, limit={self.limit}, "
+                f"remaining={self.remaining}, reset_s={self.reset_s}, "
+                f"retry_after_s={self.retry_after_s}, current={self.current}, "
+                f"window_s={self.window_s})")
+
+
+cdef inline Py_ssize_t _put(char *buf, Py_ssize_t n, const char *s, Py_ssize_t length) noexcept:
+    memcpy(buf + n, s, length)
+    return n + length
+
+
+cdef inline Py_ssize_t _put_int(char *buf, Py_ssize_t n, int64_t v) noexcept:
+    """v in decimal, as b"%d" writes it."""
+    cdef char digits[20]
+    cdef int k = 0
+    cdef uint64_t u = <uint64_t>v
+    if v < 0:
+        buf[n] = c'-'
+        n += 1
+        u = <uint64_t>0 - u            # also right for INT64_MIN
+    while True:
+        digits[k] = <char>(c'0' + u % 10)
+        k += 1
+        u //= 10
+        if u == 0:
+            break
+    while k:
+        k -= 1
+        buf[n] = digits[k]
+        n += 1
+    return n
+
+
+def rate_limit_headers(Decision decision not None):
+    """X-RateLimit-Limit/Remaining/Reset lines for a response that was let through (empty
+    when no rule applied); the pipeline adds them to proxied responses."""
+    # 67 bytes of names and CRLFs + 3 numbers of at most 20 characters.
+    cdef char buf[160]
+    cdef Py_ssize_t n = 0
+    if decision.scope is None:
+        return b""
+    n = _put(buf, n, b"X-RateLimit-Limit: ", 19)
+    n = _put_int(buf, n, decision.limit)
+    n = _put(buf, n, b"\r\nX-RateLimit-Remaining: ", 25)
+    n = _put_int(buf, n, decision.remaining)
+    n = _put(buf, n, b"\r\nX-RateLimit-Reset: ", 21)
+    n = _put_int(buf, n, decision.reset_s)
+    n = _put(buf, n, b"\r\n", 2)
+    return buf[:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# WindowLimiter
+
+
+cdef struct Outcome:        # what hit() returns, in C
+    bint allowed
+    int64_t retry_ms
+    int64_t limit
+    int64_t remaining
+    int64_t reset_ms
+    int rule
+
+
 @cython.final
 cdef class WindowLimiter:
     # --- configuration, fixed at __init__
@@ -82,6 +224,7 @@ cdef class WindowLimiter:
     cdef readonly Py_ssize_t max_keys
     cdef int n_rules
     cdef int64_t limit[C_MAX_RULES]       # max_requests per rule
+    cdef int64_t secs[C_MAX_RULES]        # per_seconds per rule
     cdef int64_t bms[C_MAX_RULES]         # bucket width (ms) per rule
     cdef int64_t nb[C_MAX_RULES]          # buckets in the rule's ring
     cdef int64_t off[C_MAX_RULES]         # where the rule's ring starts inside a slot
@@ -102,6 +245,9 @@ cdef class WindowLimiter:
     cdef int32_t lru                 # least recently used slot, -1 when empty
     cdef int32_t free                # head of the free-slot list (through nxt), -1 when empty
     cdef readonly Py_ssize_t capacity_evictions   # keys dropped because max_keys was reached
+    # Requests hit() and decide() allowed / denied: kept here so that RateLimiter's counters
+    # cost the request path nothing.
+    cdef readonly Py_ssize_t allowed_count, denied_count
 
     def __cinit__(self):
         self.counts = NULL
@@ -138,6 +284,7 @@ cdef class WindowLimiter:
             if not 1 <= per_seconds <= _MAX_SECONDS:
                 raise ValueError(f"rule {i}: per_seconds must be between 1 and 2**31-1")
             self.limit[i] = max_requests
+            self.secs[i] = per_seconds
             self.bms[i] = bucket_ms_for(per_seconds)
             self.nb[i] = per_seconds * 1000 // self.bms[i]
             self.off[i] = self.stride
@@ -153,6 +300,7 @@ cdef class WindowLimiter:
         self.mru = self.lru = self.free = -1
         self.cap = self.high = 0
         self.capacity_evictions = 0
+        self.allowed_count = self.denied_count = 0
 
     def __dealloc__(self):
         PyMem_Free(self.counts)
@@ -299,20 +447,14 @@ cdef class WindowLimiter:
 
     # --- API ---------------------------------------------------------------------------------
 
-    def hit(self, str key not None, object now_ms):
-        """hit(key, now_ms) -> (allowed, retry_after_ms, limit, remaining, reset_ms, rule_index)
-
-        Check every rule for `key` at time now_ms and count the request when all pass.
-        The last four fields describe the most restrictive rule: on a deny the violated
-        rule with the longest wait (retry_after_ms >= 1, remaining 0); otherwise the rule
-        with the fewest requests left, after this one (0 for retry_after_ms)."""
+    cdef int _hit(self, str key, int64_t t, Outcome *o) except -1:
+        """hit() at the caller's time t, into *o."""
         cdef PyObject *found
         cdef int32_t s
         cdef int r, n_rules = self.n_rules, best = -1
         cdef int64_t now, wait, best_wait = -1, left, best_left = 0, base
         cdef int64_t cur[C_MAX_RULES]
         cdef bint allowed = True
-        cdef int64_t t = _as_now(now_ms)   # the caller's clock
         found = PyDict_GetItem(self.index, key)
         if found == NULL:
             s = self._new_slot(key, t)
@@ -341,7 +483,13 @@ cdef class WindowLimiter:
                     if wait > best_wait:
                         best_wait = wait
                         best = r
-            return (False, best_wait, self.limit[best], 0, best_wait, best)
+            self.denied_count += 1
+            o.allowed = False
+            o.retry_ms = o.reset_ms = best_wait
+            o.limit = self.limit[best]
+            o.remaining = 0
+            o.rule = best
+            return 0
         for r in range(n_rules):
             self.counts[s * self.stride + self.off[r] + cur[r] % self.nb[r]] += 1
             self.sums[base + r] += 1
@@ -349,7 +497,48 @@ cdef class WindowLimiter:
             if best < 0 or left < best_left:
                 best_left = left
                 best = r
-        return (True, 0, self.limit[best], best_left, self._expiry(s, best, 1) - t, best)
+        self.allowed_count += 1
+        o.allowed = True
+        o.retry_ms = 0
+        o.limit = self.limit[best]
+        o.remaining = best_left
+        o.reset_ms = self._expiry(s, best, 1) - t
+        o.rule = best
+        return 0
+
+    def hit(self, str key not None, object now_ms):
+        """hit(key, now_ms) -> (allowed, retry_after_ms, limit, remaining, reset_ms, rule_index)
+
+        Check every rule for `key` at time now_ms and count the request when all pass.
+        The last four fields describe the most restrictive rule: on a deny the violated
+        rule with the longest wait (retry_after_ms >= 1, remaining 0); otherwise the rule
+        with the fewest requests left, after this one (0 for retry_after_ms)."""
+        cdef Outcome o
+        self._hit(key, _as_now(now_ms), &o)
+        return (o.allowed, o.retry_ms, o.limit, o.remaining, o.reset_ms, o.rule)
+
+    def decide(self, str key not None, object now_ms=None):
+        """hit() as the instance tier's Decision (scope "instance"): reset_s and
+        retry_after_s rounded up to whole seconds, current the rule's count, window_s its
+        per_seconds. now_ms None reads wall_ms()."""
+        cdef Outcome o
+        cdef int64_t t = _wall_ms() if now_ms is None else _as_now(now_ms)
+        cdef Decision d
+        self._hit(key, t, &o)
+        d = Decision.__new__(Decision)
+        d.allowed = o.allowed
+        d.scope = "instance"
+        d.limit = o.limit
+        d.remaining = o.remaining
+        d.reset_s = _ceil_div(t + o.reset_ms, 1000)
+        if o.allowed:
+            d.retry_after_s = 0
+            d.current = o.limit - o.remaining
+        else:
+            d.retry_after_s = _ceil_div(o.retry_ms, 1000)
+            d.current = o.limit         # a denied request is not counted
+        d.window_s = self.secs[o.rule]
+        return d
 
     def evict_idle(self, object now_ms):
         """Drop keys, least recently used first, whose every bucket has expired at now_ms;

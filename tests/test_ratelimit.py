@@ -4,6 +4,8 @@ tests/test_ratelimit_valkey.py."""
 from __future__ import annotations
 
 import asyncio
+import time
+from time import perf_counter
 
 import orjson
 import pytest
@@ -121,6 +123,50 @@ def test_keys_per_tenant_identity_address_and_service():
         assert not rl.check(key, tenant, service, "/", "/").allowed
     assert identity_key("alice", "1.2.3.4") == "sub:alice"
     assert identity_key(None, "1.2.3.4") == "ip:1.2.3.4"
+
+
+def test_instance_only_fast_path_decides_as_the_full_path():
+    """check() takes a shortcut when the instance tier is all there is; with an environment
+    tier whose gate skips Valkey it goes the long way. Same decisions, same counters."""
+    env = f"""
+  process_back_pressure_when_more_than_per_5min: 1000000
+  for_environment:
+    valkey_connection: "127.0.0.1:{free_port()}"
+    rules: [{{max_requests: 10, per_seconds: 60}}]
+"""
+    clock = Clock()
+    fast, _ = limiter(INSTANCE, clock)
+    full, _ = limiter(INSTANCE + env, clock)
+    assert fast._instance_only and not full._instance_only and full._gate is not None
+    for step in [0, 0, 0, 100, 400, 500, 0, 3000, 3000, 0, 0, 9000]:
+        clock.t += step
+        for key, tenant, service in [("sub:alice", "acme", "scanner"), ("ip:b", None, "s")]:
+            d = fast.check(key, tenant, service, "/r", "/r")
+            assert d.__class__ is Decision
+            assert d == full.check(key, tenant, service, "/r", "/r"), (clock.t, key)
+            assert rate_limit_headers(d) == (
+                b"X-RateLimit-Limit: %d\r\nX-RateLimit-Remaining: %d\r\nX-RateLimit-Reset: %d\r\n"
+                % (d.limit, d.remaining, d.reset_s))
+    f, g = fast.counters, full.counters
+    assert f["allowed"]["instance"] == g["allowed"]["instance"] == 12
+    assert f["rejected"]["instance"] == g["rejected"]["instance"] == 12
+    assert f["rejected_by_service"] == g["rejected_by_service"]
+    assert g["environment_skipped"]["gate"] == 12          # the allowed ones went on
+
+
+def test_gate_is_only_kept_for_an_environment_tier():
+    rl, _ = limiter(INSTANCE + "  process_back_pressure_when_more_than_per_5min: 10\n")
+    assert rl._gate is None and rl._instance_only
+
+
+def test_instance_tier_reads_the_wall_clock_by_default():
+    rl = RateLimiter(load_config_text(INSTANCE, env={}), NullLog().log)
+    before = time.time()
+    d = rl.check("ip:a", None, "s", "/", "/")
+    after = time.time()
+    # The first request's 100 ms bucket leaves the 1 s window within 1.1 s.
+    assert d.allowed and before <= d.reset_s <= after + 2
+    assert rl.counters["allowed"]["instance"] == 1
 
 
 def test_idle_keys_are_evicted_on_a_timer():
@@ -257,6 +303,15 @@ def test_parse_reply_checks_the_length_and_the_leading_fields():
                 [1, 0, 3, b"10", 60, 500, 7, 3], [1, 0, 3, 10, 60, 500, None, 3]):
         with pytest.raises(ValueError, match="unexpected rate-limit script reply"):
             parse_reply(bad)
+
+
+def test_environment_reply_beyond_int64_fails_open():
+    rl, _ = limiter(_env_yaml(free_port(), 0))
+    instance = Decision(True, "instance", 1000, 999, T0 // 1000 + 1, 0, 1, 1)
+    reply = [1, 0, 3, 2**64, 60, 500, T0, 3]              # a limit no Decision can hold
+    assert rl._environment_decided(reply, instance, "s", perf_counter()) is instance
+    assert rl.counters["valkey_errors"] == {"other": 1}
+    assert rl.counters["allowed"]["environment"] == 0
 
 
 def test_environment_without_an_address_is_off_and_says_so():

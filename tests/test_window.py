@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -276,6 +278,138 @@ def test_five_minute_counter(W):
 
 
 # ---------------------------------------------------------------------------------------
+# Decision, decide(), rate_limit_headers()
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+FIELDS = ("allowed", "scope", "limit", "remaining", "reset_s", "retry_after_s", "current",
+          "window_s")
+
+
+def fields(d) -> tuple:
+    return tuple(getattr(d, name) for name in FIELDS)
+
+
+def legacy_headers(d) -> bytes:
+    """rate_limit_headers() as stellagw/ratelimit/decision.py formatted it before."""
+    if d.scope is None:
+        return b""
+    return (b"X-RateLimit-Limit: %d\r\nX-RateLimit-Remaining: %d\r\nX-RateLimit-Reset: %d\r\n"
+            % (d.limit, d.remaining, d.reset_s))
+
+
+def legacy_decision(W, hit: tuple, now_ms: int, windows: tuple):
+    """The instance Decision as RateLimiter.check() built it from hit() before decide()."""
+    allowed, retry_ms, limit, remaining, reset_ms, rule = hit
+    if not allowed:
+        return W.Decision(False, "instance", limit, 0, -(-(now_ms + reset_ms) // 1000),
+                          -(-retry_ms // 1000), limit, windows[rule])
+    return W.Decision(True, "instance", limit, remaining, -(-(now_ms + reset_ms) // 1000),
+                      0, limit - remaining, windows[rule])
+
+
+def test_decision_fields_eq_repr(W):
+    d = W.Decision(True, "instance", 3, 2, 1_700_000_001, 0, 1, 1)
+    assert fields(d) == (True, "instance", 3, 2, 1_700_000_001, 0, 1, 1)
+    assert repr(d) == ("Decision(allowed=True, scope='instance', limit=3, remaining=2, "
+                       "reset_s=1700000001, retry_after_s=0, current=1, window_s=1)")
+    assert d == W.Decision(True, "instance", 3, 2, 1_700_000_001, 0, 1, 1)
+    assert not d != W.Decision(True, "instance", 3, 2, 1_700_000_001, 0, 1, 1)
+    for i in range(len(FIELDS)):
+        other = list(fields(d))
+        other[i] = None if i == 1 else (not other[i] if i == 0 else other[i] + 1)
+        assert d != W.Decision(*other), FIELDS[i]
+    assert d != (True, "instance", 3, 2, 1_700_000_001, 0, 1, 1) and d != "x"
+    assert W.Decision(allowed=False, scope=None, limit=0, remaining=0, reset_s=0,
+                      retry_after_s=0, current=0, window_s=0).scope is None
+    assert pickle.loads(pickle.dumps(d)) == d
+
+
+def test_decision_is_read_only_and_unhashable(W):
+    d = W.Decision(False, "environment", 100, 0, 99, 7, 100, 60)
+    for name in FIELDS:
+        with pytest.raises(AttributeError):
+            setattr(d, name, getattr(d, name))
+        with pytest.raises(AttributeError):
+            delattr(d, name)
+    with pytest.raises(TypeError):
+        hash(d)
+    with pytest.raises(TypeError):
+        {d}
+
+
+@pytest.mark.parametrize("args, error", [
+    ((True, "instance", 1.0, 0, 0, 0, 0, 0), TypeError),         # no silent truncation
+    ((True, "instance", "1", 0, 0, 0, 0, 0), TypeError),
+    ((True, "instance", 0, 0, 0, 0, 0, None), TypeError),
+    ((True, b"instance", 0, 0, 0, 0, 0, 0), TypeError),
+    ((True, "instance", 0, 0, 2**63, 0, 0, 0), OverflowError),   # int64 fields
+    ((True, "instance", 0, -(2**63) - 1, 0, 0, 0, 0), OverflowError),
+])
+def test_decision_rejects_what_the_compiled_type_cannot_hold(W, args, error):
+    with pytest.raises(error):
+        W.Decision(*args)
+
+
+def test_rate_limit_headers(W):
+    assert W.rate_limit_headers(W.Decision(True, "instance", 10, 4, 99, 0, 6, 1)) == \
+        b"X-RateLimit-Limit: 10\r\nX-RateLimit-Remaining: 4\r\nX-RateLimit-Reset: 99\r\n"
+    assert W.rate_limit_headers(W.Decision(True, None, 10, 4, 99, 0, 6, 1)) == b""
+    for v in (0, -1, 9, 10, INT64_MIN, INT64_MAX):
+        d = W.Decision(True, "environment", v, v, v, 0, 0, 0)
+        assert W.rate_limit_headers(d) == legacy_headers(d), v
+    with pytest.raises(TypeError):
+        W.rate_limit_headers(None)
+
+
+def test_decide_is_hit_as_a_decision(W):
+    lim, ref = W.WindowLimiter([(2, 1), (3, 60)]), W.WindowLimiter([(2, 1), (3, 60)])
+    for now in (1_700_000_000_000, 1_700_000_000_050, 1_700_000_000_999, 1_700_000_001_000,
+                1_700_000_002_345, 1_700_000_061_000):
+        d = lim.decide("k", now)
+        assert d == legacy_decision(W, ref.hit("k", now), now, (1, 60)), now
+        assert W.rate_limit_headers(d) == legacy_headers(d)
+    assert (lim.allowed_count, lim.denied_count) == (ref.allowed_count, ref.denied_count) == (4, 2)
+
+
+def test_decide_reads_the_wall_clock_by_default(W):
+    assert time.time_ns() // 10**6 <= W.wall_ms() <= time.time_ns() // 10**6
+    lim = W.WindowLimiter([(5, 1)])
+    before = W.wall_ms()
+    d = lim.decide("k")
+    after = W.wall_ms()
+    # The request's 100 ms bucket leaves the 1 s window 10 buckets later.
+    def reset_s(t): return -(-(t // 100 + 10) * 100 // 1000)
+    assert reset_s(before) <= d.reset_s <= reset_s(after)
+    assert (d.allowed, d.scope, d.limit, d.remaining, d.current, d.window_s) == \
+        (True, "instance", 5, 4, 1, 1)
+
+
+def test_decide_checks_its_arguments_like_hit(W):
+    lim = W.WindowLimiter([(1, 1)])
+    for key, now, error in [(b"k", 0, TypeError), (None, 0, TypeError), ("k", 1.5, TypeError),
+                            ("k", -1, ValueError), ("k", 2**62 + 1, ValueError)]:
+        with pytest.raises(error):
+            lim.decide(key, now)
+    assert len(lim) == 0 and lim.allowed_count == lim.denied_count == 0
+
+
+int64_st = st.one_of(st.integers(-5, 300), st.integers(INT64_MIN, INT64_MAX))
+decision_st = st.tuples(st.booleans(), st.sampled_from([None, "instance", "environment"]),
+                        *[int64_st] * 6)
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(args=decision_st, other=decision_st)
+def test_compiled_decision_matches_twin(args, other):
+    c, p = c_window.Decision(*args), py_window.Decision(*args)
+    assert fields(c) == fields(p) == args
+    assert repr(c) == repr(p)
+    assert (c == c_window.Decision(*other)) == (p == py_window.Decision(*other)) == (args == other)
+    assert c_window.rate_limit_headers(c) == py_window.rate_limit_headers(p) == legacy_headers(p)
+
+
+# ---------------------------------------------------------------------------------------
 # Brute-force oracle and differential tests
 
 
@@ -362,6 +496,27 @@ def test_compiled_matches_twin(rules, max_keys, ops):
             assert c.evict_idle(now) == p.evict_idle(now), now
         assert len(c) == len(p)
         assert c.capacity_evictions == p.capacity_evictions
+        assert (c.allowed_count, c.denied_count) == (p.allowed_count, p.denied_count)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rules=rules_st, steps=steps_st)
+def test_decide_matches_hit_and_the_limiters_former_arithmetic(rules, steps):
+    impls = [py_window] + ([c_window] if c_window is not None else [])
+    windows = tuple(s for _, s in rules)
+    pairs = [(W, W.WindowLimiter(rules), W.WindowLimiter(rules)) for W in impls]
+    now = 1_700_000_000_000
+    for key, delta in steps:
+        now = max(0, now + delta)
+        got = []
+        for W, lim, ref in pairs:
+            d = lim.decide(key, now)
+            assert d == legacy_decision(W, ref.hit(key, now), now, windows), (W.__name__, key, now)
+            got.append((fields(d), W.rate_limit_headers(d)))
+        assert got.count(got[0]) == len(got), (key, now)   # compiled and twin agree
+    for W, lim, ref in pairs:
+        assert (lim.allowed_count, lim.denied_count) == (ref.allowed_count, ref.denied_count)
+        assert lim.allowed_count + lim.denied_count == len(steps)
 
 
 @needs_c

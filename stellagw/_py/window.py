@@ -10,10 +10,12 @@ recently used first), which is the order the compiled module's linked list has.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from operator import index as _index
 
-__all__ = ["WindowLimiter", "FiveMinuteCounter", "bucket_ms_for", "MAX_RULES", "MAX_BUCKETS"]
+__all__ = ["WindowLimiter", "FiveMinuteCounter", "Decision", "rate_limit_headers", "wall_ms",
+           "bucket_ms_for", "MAX_RULES", "MAX_BUCKETS"]
 
 _FINE_BUCKET_MS = 100     # resolution for windows up to _FINE_WINDOW_S
 _FINE_WINDOW_S = 10
@@ -24,6 +26,12 @@ _FIVE_MIN_BUCKETS = 300
 _MAX_REQUESTS = 0x7FFFFFFF
 _MAX_SECONDS = 0x7FFFFFFF
 _MAX_NOW_MS = 1 << 62
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def wall_ms() -> int:
+    """The default clock, Unix ms; what decide() reads when not given now_ms."""
+    return time.time_ns() // 1_000_000
 
 
 def bucket_ms_for(per_seconds: int) -> int:
@@ -42,6 +50,71 @@ def _check_now(now_ms) -> int:
     if now_ms < 0 or now_ms > _MAX_NOW_MS:
         raise ValueError(f"now_ms must be between 0 and 2**62, got {now_ms}")
     return now_ms
+
+
+def _as_int64(v) -> int:
+    # As the compiled type's int64 fields: TypeError for a float, OverflowError outside.
+    if type(v) is not int:
+        v = _index(v)
+    if not _INT64_MIN <= v <= _INT64_MAX:
+        raise OverflowError("int too big to convert")
+    return v
+
+
+class Decision:
+    """The outcome of RateLimiter.check(); see cext/window.pyx for the fields.
+
+    Read-only; the numbers are int64. Equal when every field is; unhashable.
+    """
+    __slots__ = ("allowed", "scope", "limit", "remaining", "reset_s", "retry_after_s",
+                 "current", "window_s")
+
+    def __init__(self, allowed, scope, limit, remaining, reset_s, retry_after_s, current,
+                 window_s):
+        if scope is not None and type(scope) is not str:
+            raise TypeError(f"Argument 'scope' has incorrect type (expected str, "
+                            f"got {type(scope).__name__})")
+        _set = object.__setattr__          # read-only for everyone else
+        _set(self, "allowed", bool(allowed))
+        _set(self, "scope", scope)
+        _set(self, "limit", _as_int64(limit))
+        _set(self, "remaining", _as_int64(remaining))
+        _set(self, "reset_s", _as_int64(reset_s))
+        _set(self, "retry_after_s", _as_int64(retry_after_s))
+        _set(self, "current", _as_int64(current))
+        _set(self, "window_s", _as_int64(window_s))
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"attribute {name!r} of 'Decision' objects is not writable")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"attribute {name!r} of 'Decision' objects is not writable")
+
+    def __eq__(self, other):
+        if not isinstance(other, Decision):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"Decision({fields})"
+
+    def __reduce__(self):
+        return Decision, tuple(getattr(self, n) for n in self.__slots__)
+
+
+def rate_limit_headers(decision: Decision) -> bytes:
+    """X-RateLimit-Limit/Remaining/Reset lines for a response that was let through (empty
+    when no rule applied); the pipeline adds them to proxied responses."""
+    if type(decision) is not Decision:
+        raise TypeError(f"Argument 'decision' has incorrect type (expected Decision, "
+                        f"got {type(decision).__name__})")
+    if decision.scope is None:
+        return b""
+    return (b"X-RateLimit-Limit: %d\r\nX-RateLimit-Remaining: %d\r\nX-RateLimit-Reset: %d\r\n"
+            % (decision.limit, decision.remaining, decision.reset_s))
 
 
 class _Entry:
@@ -68,7 +141,7 @@ class WindowLimiter:
             raise ValueError("max_keys must be >= 1")
         if max_keys > 0x3FFFFFFF:
             raise ValueError("max_keys must be < 2**30")
-        limits, bms, nbs = [], [], []
+        limits, secs, bms, nbs = [], [], [], []
         max_window_ms = 0
         for i, rule in enumerate(rules):
             if len(rule) != 2:
@@ -79,12 +152,16 @@ class WindowLimiter:
             if not 1 <= per_seconds <= _MAX_SECONDS:
                 raise ValueError(f"rule {i}: per_seconds must be between 1 and 2**31-1")
             limits.append(max_requests)
+            secs.append(per_seconds)
             bms.append(bucket_ms_for(per_seconds))
             nbs.append(per_seconds * 1000 // bms[-1])
             max_window_ms = max(max_window_ms, per_seconds * 1000)
         self.rules = rules
         self.max_keys = max_keys
         self.capacity_evictions = 0
+        self.allowed_count = 0      # requests hit() and decide() allowed / denied
+        self.denied_count = 0
+        self._secs = tuple(secs)
         self._limit = tuple(limits)
         self._bms = tuple(bms)
         self._nb = tuple(nbs)
@@ -170,7 +247,9 @@ class WindowLimiter:
                     wait = self._expiry(entry, r, sums[r] - limit[r] + 1) - now_ms
                     if wait > best_wait:
                         best_wait, best = wait, r
+            self.denied_count += 1
             return (False, best_wait, limit[best], 0, best_wait, best)
+        self.allowed_count += 1
         best, best_left = -1, 0
         for r in range(self._n):
             entry.rings[r][curs[r] % nb[r]] += 1
@@ -179,6 +258,19 @@ class WindowLimiter:
             if best < 0 or left < best_left:
                 best, best_left = r, left
         return (True, 0, limit[best], best_left, self._expiry(entry, best, 1) - now_ms, best)
+
+    def decide(self, key: str, now_ms: int | None = None) -> Decision:
+        """hit() as the instance tier's Decision; see cext/window.pyx."""
+        if now_ms is None:
+            now_ms = wall_ms()
+        allowed, retry_ms, limit, remaining, reset_ms, rule = self.hit(key, now_ms)
+        now_ms = _index(now_ms)
+        if allowed:
+            return Decision(True, "instance", limit, remaining, -(-(now_ms + reset_ms) // 1000),
+                            0, limit - remaining, self._secs[rule])
+        # A denied request is not counted: current is the limit.
+        return Decision(False, "instance", limit, 0, -(-(now_ms + reset_ms) // 1000),
+                        -(-retry_ms // 1000), limit, self._secs[rule])
 
     def evict_idle(self, now_ms: int) -> int:
         """Drop keys, least recently used first, whose every bucket has expired at now_ms;

@@ -28,7 +28,7 @@ from time import perf_counter
 
 from ..valkey import (ValkeyAuthError, ValkeyClient, ValkeyConnectionError, ValkeyError,
                       ValkeyProtocolError, ValkeyReplyError, ValkeyTimeout, pack_evalsha)
-from ..window import FiveMinuteCounter, WindowLimiter
+from ..window import FiveMinuteCounter, WindowLimiter, wall_ms
 from .breaker import CLOSED, HALF_OPEN, CircuitBreaker
 from .decision import UNLIMITED, Decision
 from .environment import SCRIPT, counter_prefix, parse_reply
@@ -54,10 +54,6 @@ COMMAND_CACHE_MAX = 4096
 def identity_key(subject: str | None, client_address: str) -> str:
     """The `key` for check(): "sub:<subject>" when authenticated, else "ip:<address>"."""
     return f"sub:{subject}" if subject else f"ip:{client_address}"
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _error_type(exc: BaseException) -> str:
@@ -96,9 +92,10 @@ class RateLimiter:
     def __init__(self, settings, log, now_ms=None, *, valkey_timeout: float = VALKEY_TIMEOUT,
                  max_keys: int = MAX_KEYS):
         self._log = log
-        self._now_ms = now_ms or _wall_ms
+        self._now_ms = now_ms or wall_ms
+        self._clock = now_ms            # None: WindowLimiter.decide() reads wall_ms() in C
         rl = settings.rate_limiting
-        self.counters: dict = {
+        self._counters: dict = {
             "allowed": {"instance": 0, "environment": 0},
             "rejected": {"instance": 0, "environment": 0},
             "rejected_by_service": {},
@@ -111,20 +108,15 @@ class RateLimiter:
             "instance_keys_evicted": {"idle": 0, "capacity": 0},
         }
         self.check_observer = None   # callable(seconds) per environment check (a histogram)
-        self._allowed = self.counters["allowed"]
-        self._rejected = self.counters["rejected"]
-        self._by_service = self.counters["rejected_by_service"]
-        self._skipped = self.counters["environment_skipped"]
+        self._allowed = self._counters["allowed"]
+        self._rejected = self._counters["rejected"]
+        self._by_service = self._counters["rejected_by_service"]
+        self._skipped = self._counters["environment_skipped"]
 
         # --- instance tier
         rules = instance_rules(settings)
         self.instance_rules = rules
         self._instance = WindowLimiter(rules, max_keys) if rules else None
-        self._instance_windows = tuple(seconds for _, seconds in rules)
-
-        # --- activation gate
-        self._threshold = rl.process_back_pressure_when_more_than_per_5min
-        self._gate = FiveMinuteCounter() if self._threshold > 0 else None
 
         # --- environment tier
         self._policy: EnvironmentPolicy | None = None
@@ -146,14 +138,30 @@ class RateLimiter:
                 # A bad address raises ValueError here, when the gateway is being built.
                 self.client = ValkeyClient.from_url(address, timeout=valkey_timeout)
                 clock = (lambda: self._now_ms() / 1000) if now_ms else time.monotonic
-                self.breaker = CircuitBreaker(env.circuit_breaker, log, self.counters,
+                self.breaker = CircuitBreaker(env.circuit_breaker, log, self._counters,
                                               clock=clock, name=self.client.name)
                 self._policy = policy
                 self._bucket = env.valkey_bucket
+
+        # --- activation gate (it only ever decides whether to ask Valkey)
+        self._threshold = rl.process_back_pressure_when_more_than_per_5min
+        self._gate = (FiveMinuteCounter() if self._threshold > 0 and self._policy is not None
+                      else None)
+
         self.enabled = self._instance is not None or self._policy is not None
+        self._instance_only = self._instance is not None and self._policy is None
         self._evict_handle: asyncio.TimerHandle | None = None
         self._error_logged: dict[str, float] = {}
         self._error_suppressed: dict[str, int] = {}
+
+    @property
+    def counters(self) -> dict:
+        inst = self._instance
+        if inst is not None:
+            # The instance tier counts its decisions in C (WindowLimiter.decide()).
+            self._allowed["instance"] = inst.allowed_count
+            self._rejected["instance"] = inst.denied_count
+        return self._counters
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -184,7 +192,7 @@ class RateLimiter:
 
     def _evict(self) -> None:
         inst = self._instance
-        counters = self.counters["instance_keys_evicted"]
+        counters = self._counters["instance_keys_evicted"]
         counters["idle"] += inst.evict_idle(self._now_ms())
         counters["capacity"] = inst.capacity_evictions
         self._evict_handle = asyncio.get_running_loop().call_later(EVICT_INTERVAL, self._evict)
@@ -203,6 +211,16 @@ class RateLimiter:
             identity = f"{tenant}/{key}"
         else:
             identity = key
+        if self._instance_only:
+            # Every routed request comes here when only the instance tier is configured
+            # (issue #5): one C call reads the clock, counts and builds the Decision.
+            clock = self._clock
+            decision = self._instance.decide(f"{service}:{identity}",
+                                             None if clock is None else clock())
+            if not decision.allowed:
+                self._instance_denied(service)
+            return decision
+
         gate = self._gate
         inst = self._instance
         # Only the local tiers read this clock; the environment tier uses Valkey's.
@@ -212,17 +230,10 @@ class RateLimiter:
 
         decision = UNLIMITED
         if inst is not None:
-            allowed, retry_ms, limit, remaining, reset_ms, rule = inst.hit(
-                f"{service}:{identity}", now)
-            if not allowed:
-                self._rejected["instance"] += 1
-                k = ("instance", service)
-                self._by_service[k] = self._by_service.get(k, 0) + 1
-                return Decision(False, "instance", limit, 0, -(-(now + reset_ms) // 1000),
-                                -(-retry_ms // 1000), limit, self._instance_windows[rule])
-            self._allowed["instance"] += 1
-            decision = Decision(True, "instance", limit, remaining, -(-(now + reset_ms) // 1000),
-                                0, limit - remaining, self._instance_windows[rule])
+            decision = inst.decide(f"{service}:{identity}", now)
+            if not decision.allowed:
+                self._instance_denied(service)
+                return decision
 
         resolver = self._policy
         if resolver is None:
@@ -239,6 +250,10 @@ class RateLimiter:
             self._skipped["breaker_open"] += 1
             return decision
         return self._environment(decision, identity, service, policy)
+
+    def _instance_denied(self, service: str) -> None:
+        k = ("instance", service)
+        self._by_service[k] = self._by_service.get(k, 0) + 1
 
     def _environment(self, instance: Decision, identity: str, service: str, policy):
         """Send the EVALSHA; a PendingCheck, or the instance decision when it cannot even
@@ -269,7 +284,7 @@ class RateLimiter:
 
     def _count_check(self, started: float) -> None:
         elapsed = perf_counter() - started
-        counters = self.counters
+        counters = self._counters
         counters["environment_checks"] += 1
         counters["environment_check_us"] += int(elapsed * 1e6)
         if self.check_observer is not None:
@@ -279,27 +294,32 @@ class RateLimiter:
                              started: float) -> Decision:
         try:
             allowed, _rule, current, limit, window, reset_ms, now_ms, _ = parse_reply(reply)
-        except Exception as exc:  # noqa: BLE001 -- a reply we cannot read fails open too
+            reset_s = -(-(now_ms + reset_ms) // 1000)
+            if allowed:
+                decision = Decision(True, "environment", limit, limit - current, reset_s, 0,
+                                    current, window)
+            else:
+                decision = Decision(False, "environment", limit, 0, reset_s,
+                                    max(1, -(-reset_ms // 1000)), current, window)
+        # A reply we cannot read fails open too, as do numbers beyond Decision's int64.
+        except Exception as exc:  # noqa: BLE001
             return self._environment_failed(exc, instance, started)
         self._count_check(started)
         self.breaker.success()
-        reset_s = -(-(now_ms + reset_ms) // 1000)
         if allowed:
             self._allowed["environment"] += 1
-            remaining = limit - current
             # Headers describe the tighter of the two tiers.
-            if instance.scope is not None and instance.remaining <= remaining:
+            if instance.scope is not None and instance.remaining <= decision.remaining:
                 return instance
-            return Decision(True, "environment", limit, remaining, reset_s, 0, current, window)
+            return decision
         self._rejected["environment"] += 1
         k = ("environment", service)
         self._by_service[k] = self._by_service.get(k, 0) + 1
-        return Decision(False, "environment", limit, 0, reset_s, max(1, -(-reset_ms // 1000)),
-                        current, window)
+        return decision
 
     def _count_error(self, exc: BaseException) -> None:
         kind = _error_type(exc)
-        errors = self.counters["valkey_errors"]
+        errors = self._counters["valkey_errors"]
         errors[kind] = errors.get(kind, 0) + 1
         now = time.monotonic()
         last = self._error_logged.get(kind)
