@@ -40,6 +40,8 @@ cdef int _RESPONSE = fr.RESPONSE
 cdef int _RESPONSE_STREAM_DATA = fr.RESPONSE_STREAM_DATA
 cdef int _FLAG_END_STREAM = fr.FLAG_END_STREAM
 cdef object _decode_response_block = fr.decode_response_block
+cdef object _decode_stream_data = fr.decode_stream_data
+cdef int _REQUEST_STREAM_DATA = fr.REQUEST_STREAM_DATA
 cdef object _perf_counter = perf_counter
 
 
@@ -142,6 +144,7 @@ cdef class ServiceConnection:
         self._hello_timer = self._loop.call_later(HELLO_TIMEOUT, self._hello_timeout)
 
     def connection_lost(self, exc):
+        cdef Pending pending
         was = self.state
         self.state = CLOSED
         self._hub.release(self)
@@ -190,6 +193,7 @@ cdef class ServiceConnection:
     # ---------------------------------------------------------------- frames from the service
 
     def _on_control(self, ftype, corr, payload):
+        cdef Pending pending
         if self.state == AWAIT_HELLO:
             if ftype != fr.HELLO:
                 raise fr.FrameError(f"expected HELLO first, got frame type {ftype}")
@@ -304,7 +308,7 @@ cdef class ServiceConnection:
         if body:
             self._stream_to_client(pending, body)
 
-    def _on_upgrade_answer(self, pending, flags, status, block, body):
+    def _on_upgrade_answer(self, Pending pending, flags, status, block, body):
         req = pending.req
         if status != 101 or flags & fr.FLAG_END_STREAM:
             if status < 200 or status > 599:
@@ -322,29 +326,30 @@ cdef class ServiceConnection:
         if not req.conn.upgrade_to_websocket(req, pending.ws):
             self._cancel(pending, "ClientDisconnected")
 
-    def send_stream_chunk(self, pending, flags, chunk):
+    def send_stream_chunk(self, Pending pending, int flags, chunk):
         """Client → service WebSocket data (REQUEST_STREAM_DATA)."""
-        if self.state != READY:
+        if self.state != _READY:
             return
-        self._encoder.stream_data(fr.REQUEST_STREAM_DATA, pending.corr, flags, chunk)
-        self._out(fr.REQUEST_STREAM_DATA)
+        self._encoder.stream_data(_REQUEST_STREAM_DATA, pending.corr, flags, chunk)
+        self._out(_REQUEST_STREAM_DATA)
         self._schedule_flush()
-        if flags & fr.FLAG_END_STREAM:
+        if flags & _FLAG_END_STREAM:
             self._finish(pending)
 
-    def ws_client_gone(self, pending):
+    def ws_client_gone(self, Pending pending):
         if self.inflight.get(pending.corr) is pending:
             self._cancel(pending, "ClientDisconnected")
 
-    def ws_client_writable(self, pending):
+    def ws_client_writable(self, Pending pending):
         if self.inflight.get(pending.corr) is pending:
             self._grant(pending)
 
     cdef _on_stream_data(self, bytes corr, payload):
-        pending = self.inflight.get(corr)
+        cdef Pending pending = self.inflight.get(corr)
+        cdef int flags
         if pending is None or not pending.streaming:
             return
-        flags, chunk = fr.decode_stream_data(payload)
+        flags, chunk = _decode_stream_data(payload)
         if pending.ws is not None:
             if not pending.ws.from_service(flags, chunk):
                 self._finish(pending)
@@ -355,7 +360,7 @@ cdef class ServiceConnection:
             return
         if chunk:
             self._stream_to_client(pending, chunk)
-        if flags & fr.FLAG_END_STREAM:
+        if flags & _FLAG_END_STREAM:
             self._finish(pending)
             pending.req.conn.end_stream(pending.req)
 
@@ -367,7 +372,7 @@ cdef class ServiceConnection:
         if writable:
             self._grant(pending)
 
-    def _client_writable(self, pending):
+    def _client_writable(self, Pending pending):
         if self.inflight.get(pending.corr) is pending:
             self._grant(pending)
 
@@ -456,6 +461,7 @@ cdef class ServiceConnection:
             self._cancel(pending, "ClientDisconnected")
 
     def cancel_all(self, reason: str) -> None:
+        cdef Pending pending
         """Gateway shutdown at the drain deadline: CANCEL(Shutdown) for what is left."""
         for pending in list(self.inflight.values()):
             self._cancel(pending, reason)
