@@ -533,35 +533,15 @@ class FrameEncoder:
             raise TypeError("classes must be a dict")
         if type(correlation_id) is not str:
             raise TypeError("correlation_id must be str")
-        out = []
-        named = host = None
-        te_trailers = False
         for pair in headers:
             if (type(pair) is not tuple or len(pair) != 2 or type(pair[0]) is not bytes
                     or type(pair[1]) is not bytes):
                 raise TypeError("headers must be (bytes, bytes) tuples")
-            kind = classes.get(pair[0])
-            if kind is None:
-                kind = classify(pair[0])
-            if kind == HEADER_KEEP or kind == HEADER_TRACE and keep_trace:
-                out.append(pair)
-            elif kind == HEADER_HOST:
-                host = pair[1]
-                out.append(pair)
-            elif kind == HEADER_CONNECTION:
-                named = {t.strip().lower() for t in pair[1].split(b",")}
-            elif kind == HEADER_TE:
-                te_trailers = pair[1].strip().lower() == b"trailers"
-        if named:
-            out = [h for h in out if h[0] not in named]
-        if te_trailers and http11:
-            out.append((b"te", b"trailers"))
-        out.extend(identity)
-        out.append((b"x-forwarded-for", peer_ip))
-        out.append((b"x-forwarded-proto", scheme))
-        if host is not None:
-            out.append((b"x-forwarded-host", host))
-        out.append((b"x-correlation-id", correlation_id.encode()))
+        # The rules are stated once, in transport/headers.py (imported here, not at the top:
+        # that module imports this one's constants).
+        from ..transport.headers import forward_headers
+        out = forward_headers(headers, classes, classify, http11, keep_trace, identity,
+                              peer_ip, scheme, correlation_id)
         self.request(corr, method, path, query, out, timeout_ms, flags, body)
 
     def response(self, corr, status, headers, flags, body):

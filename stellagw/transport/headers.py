@@ -64,12 +64,19 @@ def request_headers(req, peer_ip: bytes, scheme: bytes, identity_headers=(),
     traceparent with the gateway's own span. The request path encodes the same headers
     without this list, with FrameEncoder.request_forward (tests check they agree).
     """
-    classes = CLASSES
+    return forward_headers(req.headers, CLASSES, classify, req.http_version == "1.1",
+                           keep_trace, identity_headers, peer_ip, scheme, req.correlation_id)
+
+
+def forward_headers(headers, classes, classify, http11: bool, keep_trace: bool, identity,
+                    peer_ip: bytes, scheme: bytes, correlation_id: str) -> list:
+    """request_headers' rules over a list of (name, value) pairs: also the pure-Python
+    FrameEncoder.request_forward (stellagw/_py/frame.py)."""
     named = None
     host = None
     te_trailers = False
     out = []
-    for header in req.headers:
+    for header in headers:
         name = header[0]
         kind = classes.get(name)
         if kind is None:
@@ -87,14 +94,14 @@ def request_headers(req, peer_ip: bytes, scheme: bytes, identity_headers=(),
             out.append(header)
     if named:
         out = [h for h in out if h[0] not in named]
-    if te_trailers and req.http_version == "1.1":
+    if te_trailers and http11:
         out.append((b"te", b"trailers"))
-    out.extend(identity_headers)
+    out.extend(identity)
     out.append((b"x-forwarded-for", peer_ip))
     out.append((b"x-forwarded-proto", scheme))
     if host is not None:
         out.append((b"x-forwarded-host", host))
-    out.append((b"x-correlation-id", req.correlation_id.encode()))
+    out.append((b"x-correlation-id", correlation_id.encode()))
     return out
 
 
