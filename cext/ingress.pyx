@@ -60,14 +60,12 @@ cdef class Accounting:
 
     cdef public str cid_prefix
     cdef public unsigned long long cid_counter
-    cdef object _worker, _log
-    cdef dict _requests, _durations
+    cdef object _worker, _metrics, _log
 
     def __init__(self, worker, str cid_prefix):
         self.cid_prefix = cid_prefix
         self._worker = worker
-        self._requests = worker.metrics.requests
-        self._durations = worker.metrics.durations
+        self._metrics = worker.metrics
         self._log = worker.log
 
     def correlation_id(self, headers):
@@ -87,13 +85,15 @@ cdef class Accounting:
         cdef double elapsed = _perf_counter() - req.started
         if req.span is not None:
             self._worker.tracing.end_route(req, status)
+        m = self._metrics
         key = (req.service, req.method, req.route, status)
-        requests = self._requests
+        cdef dict requests = m.requests
         requests[key] = requests.get(key, 0) + 1
         hist_key = (req.service, req.method, req.route)
-        hist = self._durations.get(hist_key)
+        cdef dict durations = m.durations
+        hist = durations.get(hist_key)
         if hist is None:
-            hist = self._durations[hist_key] = Histogram()
+            hist = durations[hist_key] = Histogram()
         hist.observe(elapsed)
         log = self._log
         if log.access_log:

@@ -2,16 +2,7 @@
 
 Decision and rate_limit_headers() live with the instance tier's counters (stellagw.window,
 compiled in cext/window.pyx), which builds the per-request Decision and its X-RateLimit-*
-lines in C. Decision's fields:
-
-    allowed        False -> answer 429 with rejection(decision, trace_id)
-    scope          "instance" | "environment"; None when no rule applied at all
-    limit          the rule's max_requests
-    remaining      requests left in its window after this one (0 when denied)
-    reset_s        Unix seconds when the rule's window frees quota (X-RateLimit-Reset)
-    retry_after_s  whole seconds, >= 1 when denied, else 0
-    current        the rule's count (this request included when allowed)
-    window_s       the rule's per_seconds
+lines in C; its fields are described in cext/window.pyx.
 """
 from __future__ import annotations
 
