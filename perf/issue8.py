@@ -184,7 +184,13 @@ def loadgen(cmd_args: list[str], pin: cmp.Pinning, timeout: float, tmp: Path,
             handshake("after")
             if line.strip() != "done":
                 raise cmp.TargetFailed(f"loadgen: expected 'done', got {line!r}: {p.stderr.read()[-2000:]}")
-        out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            # readline() may have buffered the result line already, which communicate()
+            # (reading the pipe itself) would never see: read the rest through the buffer.
+            out = p.stdout.read()
+            err = p.stderr.read()
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        else:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         _procs.killpg(p.pid, signal.SIGKILL)
         p.wait()
@@ -205,33 +211,46 @@ def loadgen(cmd_args: list[str], pin: cmp.Pinning, timeout: float, tmp: Path,
         res["server_cpu_us_per_req"] = d.get("server", 0.0) / n * 1e6
         res["server_cpu_util"] = d.get("server", 0.0) / wall
         res["backend_cpu_us_per_req"] = d.get("backend", 0.0) / n * 1e6
+        res["backend_cpu_util"] = d.get("backend", 0.0) / wall
+        res["beside_cpu_util"] = d.get("beside", 0.0) / wall
         res["load_cpu_util"] = (d.get("backend", 0.0) + d["loadgen"]) / wall
         res["other_cpu_util"] = max(0.0, (m1 - m0) - sum(d.values())) / wall
     return res
 
 
 def part_latency(args, tmp: Path) -> list[dict]:
+    """Three layouts, each gateway row set against a raw row at the same rate with the
+    same generator (rows and pairs: perf/README.md, "Latency")."""
     pin = cmp.decide_pinning(0, 1, args.no_pin)
-    probe_s = args.duration
     run_s = args.duration
     lat1_s = max(2, args.duration // 2)
-    s = cmp.Settings(probe_s, 64, 1, 1, lat1_s, 30.0, pin, PY)
-    # On 2 CPUs the service and the generator share the load CPU in the first layout, and
-    # at half the gateway's maximum they saturate it (load CPU % ~100): the queueing is on
-    # the load side, not the gateway's. So the gateway also runs with its service pinned
-    # beside it on the server CPU (like a sidecar), leaving the load CPU to the generator
-    # alone, exactly as for raw.
-    runs = [("gateway-routed", cmp.start_gateway_routed, s)]
+    s = cmp.Settings(args.duration, 64, 1, 1, lat1_s, 30.0, pin, PY)
+    # On 2 CPUs the service shares a CPU with something. "gateway-routed": with the
+    # generator (the gateway alone on the server CPU); the generator then sleeps between
+    # requests, as it must leave the CPU to the service. "svc@srv": with the gateway (like
+    # a sidecar), the generator alone on the load CPU, where it polls instead of sleeping
+    # (no wake-up of an idle CPU in the figures). Both at half the maximum of the first
+    # layout. (Half the second layout's own maximum was tried: gateway + service still
+    # fill ~98 % of their CPU there, as their cost per request rises when they batch less.)
+    targets = [("gateway-routed", cmp.start_gateway_routed, s, "standard", [("standard", False)])]
     if pin.enabled:
-        beside = dataclasses.replace(pin, backend_cpu=pin.server_cpu)
-        runs.append(("gw-routed-svc@srv", cmp.start_gateway_routed,
-                     dataclasses.replace(s, pin=beside)))
-    runs.append(("raw", cmp.start_raw, s))
+        beside = dataclasses.replace(s, pin=dataclasses.replace(pin, backend_cpu=pin.server_cpu))
+        targets.append(("gw-routed-svc@srv", cmp.start_gateway_routed, beside, None,
+                        [("standard", True)]))
+    raw_runs = sorted({(k, spin) for _, _, _, _, runs in targets for k, spin in runs},
+                      key=lambda r: r[1])
+    targets.append(("raw", cmp.start_raw, s, None, raw_runs))
     command = "python perf/issue8.py --only latency" + (" --full" if args.full else "")
-    results: dict = {}
-    rate = None
+    rates: dict = {}
+    maxima: dict = {}
+    rows: dict = {}
+    c1: dict = {}
+
+    def row_name(name, key, spin):
+        return f"{name}{'-spin' if spin and name == 'raw' else ''}"
+
     try:
-        for name, start, s in runs:
+        for name, start, s, probe, runs in targets:
             sub = tmp / f"lat-{name}"
             sub.mkdir()
             procs = cmp.ProcSet(sub)
@@ -239,13 +258,12 @@ def part_latency(args, tmp: Path) -> list[dict]:
                 st = start(s, procs, sub)
                 url = f"http://{HOST}:{st.port}{st.path}"
                 cmp.run_wrk(procs, cmp.wrk_cmd(s, st.port, st.path, 64, 1), 1)
-                if rate is None:
-                    # the gateway's maximum: wrk -c64, then half of it for both servers
-                    wcmd = cmp.wrk_cmd(s, st.port, st.path, 64, probe_s)
-                    wrk, _ = cmp.run_wrk(procs, wcmd, probe_s)
-                    rate = round(0.5 * wrk["req_per_s"])
-                    results["max"] = {"req_per_s": wrk["req_per_s"], "cmd": rel(wcmd)}
-                    log(f"gateway-routed max {wrk['req_per_s']:,.0f} req/s → open loop at {rate:,} req/s")
+                if probe:
+                    wcmd = cmp.wrk_cmd(s, st.port, st.path, 64, s.duration)
+                    wrk, _ = cmp.run_wrk(procs, wcmd, s.duration)
+                    rates[probe] = round(0.5 * wrk["req_per_s"])
+                    maxima[probe] = (wrk["req_per_s"], rel(wcmd), st.layout)
+                    log(f"{name} max {wrk['req_per_s']:,.0f} req/s → {probe} rate {rates[probe]:,}")
                 beside_server = s.pin.enabled and s.pin.backend == s.pin.server_cpu
                 backends = [p.popen.pid for p in st.backends]
                 # load CPU % is about the load CPU: a service beside the gateway is not on it
@@ -253,63 +271,72 @@ def part_latency(args, tmp: Path) -> list[dict]:
                 watch = {"server": [p.popen.pid for p in st.measured],
                          "backend": [] if beside_server else backends,
                          "beside": backends if beside_server else []}
-                lg = loadgen(["open", "--url", url, "--rate", str(rate), "--duration", str(run_s),
-                              "--connections", "32"], pin, run_s + 60, sub, watch)
-                procs.check_alive()
+                for key, spin in runs:
+                    lg = loadgen(["open", "--url", url, "--rate", str(rates[key]),
+                                  "--duration", str(run_s), "--connections", "32"]
+                                 + (["--spin"] if spin else []), pin, run_s + 60, sub, watch)
+                    procs.check_alive()
+                    lg["layout"] = st.layout
+                    rows[row_name(name, key, spin)] = lg
                 lcmd = cmp.wrk_cmd(s, st.port, st.path, 1, lat1_s)
                 w1, _ = cmp.run_wrk(procs, lcmd, lat1_s)
-                lg["c1_p50_ms"], lg["c1_p99_ms"], lg["c1_cmd"] = w1["p50_ms"], w1["p99_ms"], rel(lcmd)
-                lg["layout"] = st.layout
-                results[name] = lg
+                c1[name] = (w1["p50_ms"], w1["p99_ms"], rel(lcmd))
             finally:
                 procs.stop_all()
     except (cmp.TargetFailed, cmp.TargetUnavailable) as exc:
         print(f"latency: FAILED: {exc}")
         return [{"target": "3 latency overhead", "figure": f"FAILED: {str(exc).splitlines()[0]}",
                  "baseline": "-", "command": command}]
-    r = results["raw"]
-    gws = [(name, results[name]) for name, _, _ in runs if name != "raw"]
-    print(f"\n== 3. latency overhead: open loop at {rate:,} req/s = 50% of the gateway's "
-          f"{results['max']['req_per_s']:,.0f} req/s max ({results['max']['cmd']})")
-    print(f"{'server':<19}{'offered':>9}{'achieved':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
-          f"{'p99.9 ms':>10}{'max ms':>9}{'srv µs/req':>11}{'srv CPU%':>9}{'load CPU%':>10}"
-          f"{'other CPU%':>11}{'@1c p50':>9}{'@1c p99':>9}  errors")
-    for name, x in gws + [("raw", r)]:
+
+    print("\n== 3. latency overhead, open loop at 50 % of a measured maximum")
+    for key, (mx, wcmd, layout) in maxima.items():
+        print(f"{key} rate {rates[key]:,} req/s = 50% of {mx:,.0f} req/s ({layout}; {wcmd})")
+    print(f"{'row':<27}{'achieved':>9}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'p99.9 ms':>9}"
+          f"{'max ms':>8}{'gw µs/req':>10}{'gw CPU%':>8}{'svc CPU%':>9}{'load CPU%':>10}"
+          f"{'other%':>7}  errors")
+    for rname, x in rows.items():
         L = x["latency"]
         err = sum(x["errors"].values()) + sum(v for k, v in x["statuses"].items() if not k.startswith("2"))
-        print(f"{name:<19}{x['offered_rate']:>9,.0f}{x['achieved_rate']:>10,.0f}{L['p50_ms']:>9.3f}"
-              f"{L['p90_ms']:>9.3f}{L['p99_ms']:>9.3f}{L['p99.9_ms']:>10.3f}{L['max_ms']:>9.3f}"
-              f"{x['server_cpu_us_per_req']:>11.1f}{100 * x['server_cpu_util']:>9.0f}"
-              f"{100 * x['load_cpu_util']:>10.0f}{100 * x['other_cpu_util']:>11.0f}"
-              f"{x['c1_p50_ms']:>9.3f}{x['c1_p99_ms']:>9.3f}  {err}"
-              + ("  (generator fell behind its schedule)" if x.get("generator_behind") else ""))
+        svc = x["beside_cpu_util"] if "svc@srv" in rname else x["backend_cpu_util"]
+        print(f"{rname:<27}{x['achieved_rate']:>9,.0f}{L['p50_ms']:>8.3f}{L['p90_ms']:>8.3f}"
+              f"{L['p99_ms']:>8.3f}{L['p99.9_ms']:>9.3f}{L['max_ms']:>8.3f}"
+              f"{x['server_cpu_us_per_req']:>10.1f}{100 * x['server_cpu_util']:>8.0f}"
+              f"{100 * svc:>9.0f}{100 * x['load_cpu_util']:>10.0f}{100 * x['other_cpu_util']:>7.0f}"
+              f"  {err}" + ("  (generator fell behind its schedule)" if x.get("generator_behind") else ""))
     figs = []
-    for name, g in gws:
-        d50 = g["latency"]["p50_ms"] - r["latency"]["p50_ms"]
-        d99 = g["latency"]["p99_ms"] - r["latency"]["p99_ms"]
-        d1 = g["c1_p50_ms"] - r["c1_p50_ms"]
-        print(f"overhead ({name} − raw): p50 {d50 * 1000:+.0f} µs, p99 {d99 * 1000:+.0f} µs; "
-              f"1 connection p50 {d1 * 1000:+.0f} µs")
-        figs.append(f"{name}: {d50 * 1000:+.0f} µs p50, {d99 * 1000:+.0f} µs p99 "
-                    f"(gw p50 {g['latency']['p50_ms']:.3f} / p99 {g['latency']['p99_ms']:.3f} ms), "
-                    f"1c p50 {d1 * 1000:+.0f} µs")
+    for name, _, _, _, runs in targets[:-1]:
+        for key, spin in runs:
+            g, r = rows[row_name(name, key, spin)], rows[row_name("raw", key, spin)]
+            d50 = g["latency"]["p50_ms"] - r["latency"]["p50_ms"]
+            d99 = g["latency"]["p99_ms"] - r["latency"]["p99_ms"]
+            pair = f"{row_name(name, key, spin)} − {row_name('raw', key, spin)}"
+            print(f"overhead ({pair}): p50 {d50 * 1000:+.0f} µs, p99 {d99 * 1000:+.0f} µs")
+            figs.append(f"{row_name(name, key, spin)} ({rates[key]:,}/s): {d50 * 1000:+.0f} µs p50, "
+                        f"{d99 * 1000:+.0f} µs p99")
+    for name in c1:
+        if name != "raw":
+            d1 = c1[name][0] - c1["raw"][0]
+            print(f"1 connection ({name} − raw, wrk -c1): p50 {d1 * 1000:+.0f} µs "
+                  f"({c1[name][0]:.3f} vs {c1['raw'][0]:.3f} ms)")
+            figs.append(f"{name} 1 conn. p50 {d1 * 1000:+.0f} µs")
     print("latency = from the request's write to the end of its response, open loop (requests go "
-          "out on schedule, pipelined if need be); load CPU % = generator + service when the "
-          "service is on the load CPU; other CPU % = the rest of the machine (> ~10: disturbed)")
-    print("gw-routed-svc@srv: the service pinned beside the gateway on the server CPU, so the load "
-          "CPU carries the generator alone, as for raw (srv µs/req counts the gateway only)")
-    others = [x["other_cpu_util"] for _, x in gws] + [r["other_cpu_util"]]
+          "out on schedule, pipelined if need be; perf/openloop.pyx); gw = the gateway's "
+          "processes; svc = the demo service; load CPU % = generator + service when the service "
+          "is on the load CPU; other % = the rest of the machine (> ~10: disturbed)")
+    others = [x["other_cpu_util"] for x in rows.values()]
     if max(others) > 0.1:
         print(f"WARNING: other processes used up to {100 * max(others):.0f}% "
               "of a CPU during these runs: the tails are not the gateway's alone")
-    for name, g in gws:
-        print(f"{name}: {g['layout']}\n    load : {g['cmd']}\n    1c   : {g['c1_cmd']}")
-    print(f"raw    : {r['layout']}\n    load : {r['cmd']}\n    1c   : {r['c1_cmd']}")
+    for rname, x in rows.items():
+        print(f"{rname}: {x['layout']}\n    load : {x['cmd']}")
+    for name, (_, _, cmd1) in c1.items():
+        print(f"{name} 1c: {cmd1}")
     print(f"command: {command}")
-    fig = f"at {rate:,} req/s: " + "; ".join(figs)
-    base = (f"raw p50 {r['latency']['p50_ms']:.3f} / p99 {r['latency']['p99_ms']:.3f} ms, "
-            f"1c p50 {r['c1_p50_ms']:.3f} ms")
-    return [{"target": "3 latency overhead", "figure": fig, "baseline": base, "command": command}]
+    base = "; ".join(f"{n} p50 {x['latency']['p50_ms']:.3f} / p99 {x['latency']['p99_ms']:.3f} ms"
+                     for n, x in rows.items() if n.startswith("raw"))
+    base += f"; raw 1 conn. p50 {c1['raw'][0]:.3f} ms"
+    return [{"target": "3 latency overhead", "figure": "; ".join(figs), "baseline": base,
+             "command": command}]
 
 
 # ---------------------------------------------------------------------------------------
