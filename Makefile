@@ -13,7 +13,7 @@ demo: install
 # once more on the pure-Python twins of the compiled modules (the unit tests compare the
 # two directly; this runs the twins of the ingress and connection over real sockets).
 TWIN_SUITES := tests/test_router_e2e.py tests/test_websocket.py tests/test_ingress_integration.py \
-	tests/test_ratelimit_e2e.py tests/test_auth_e2e.py
+	tests/test_ratelimit_e2e.py tests/test_auth_e2e.py tests/test_auth_dpop.py
 test: install test-tools
 	$(PYTHON) -m pytest -q
 	STELLAGW_NO_EXTENSIONS=1 $(PYTHON) -m pytest -q $(TWIN_SUITES)
