@@ -15,9 +15,11 @@ Parts (``--only`` names), each printed with the exact command that reproduces it
                     (2 CPUs: 2 workers + service + wrk cannot be pinned apart, so both rows
                     run unpinned and total CPU-µs/req, wrk and service included, is shown).
 3. ``latency``      latency overhead at 50 % of the gateway's measured maximum rate
-                    (open loop: ``perf/loadgen.py open``, since wrk2 is not in Debian):
-                    gateway-routed p50/p99 minus the raw server's at the same rate, and
-                    the 1-connection p50 (wrk -c1) of both.
+                    (open loop: ``perf/loadgen.py open``, its loop in perf/openloop.pyx,
+                    since wrk2 is not in Debian): gateway p50/p99 minus the raw server's
+                    at the same rate with the same generator, in two layouts (the service
+                    beside the generator; the service beside the gateway, the generator
+                    polling on a CPU of its own), and the 1-connection p50 (wrk -c1).
 4. ``connections``  10,000 keep-alive clients + 100 service connections, light load, RSS
                     of the gateway instance: ``perf/connections.py``.
 5. ``auth``         DPoP-authenticated vs unauthenticated routed requests, CPU-µs/req of the
@@ -41,6 +43,7 @@ import json
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -240,7 +243,8 @@ def part_latency(args, tmp: Path) -> list[dict]:
     raw_runs = sorted({(k, spin) for _, _, _, _, runs in targets for k, spin in runs},
                       key=lambda r: r[1])
     targets.append(("raw", cmp.start_raw, s, None, raw_runs))
-    command = "python perf/issue8.py --only latency" + (" --full" if args.full else "")
+    command = ("python perf/issue8.py --only latency" + (" --full" if args.full else "")
+               + (f" --latency-rounds {args.latency_rounds}" if args.latency_rounds != 3 else ""))
     rates: dict = {}
     maxima: dict = {}
     rows: dict = {}
@@ -271,13 +275,14 @@ def part_latency(args, tmp: Path) -> list[dict]:
                 watch = {"server": [p.popen.pid for p in st.measured],
                          "backend": [] if beside_server else backends,
                          "beside": backends if beside_server else []}
-                for key, spin in runs:
-                    lg = loadgen(["open", "--url", url, "--rate", str(rates[key]),
-                                  "--duration", str(run_s), "--connections", "32"]
-                                 + (["--spin"] if spin else []), pin, run_s + 60, sub, watch)
-                    procs.check_alive()
-                    lg["layout"] = st.layout
-                    rows[row_name(name, key, spin)] = lg
+                for _ in range(args.latency_rounds):
+                    for key, spin in runs:
+                        lg = loadgen(["open", "--url", url, "--rate", str(rates[key]),
+                                      "--duration", str(run_s), "--connections", "32"]
+                                     + (["--spin"] if spin else []), pin, run_s + 60, sub, watch)
+                        procs.check_alive()
+                        lg["layout"] = st.layout
+                        rows.setdefault(row_name(name, key, spin), []).append(lg)
                 lcmd = cmp.wrk_cmd(s, st.port, st.path, 1, lat1_s)
                 w1, _ = cmp.run_wrk(procs, lcmd, lat1_s)
                 c1[name] = (w1["p50_ms"], w1["p99_ms"], rel(lcmd))
@@ -294,25 +299,33 @@ def part_latency(args, tmp: Path) -> list[dict]:
     print(f"{'row':<27}{'achieved':>9}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'p99.9 ms':>9}"
           f"{'max ms':>8}{'gw µs/req':>10}{'gw CPU%':>8}{'svc CPU%':>9}{'load CPU%':>10}"
           f"{'other%':>7}  errors")
-    for rname, x in rows.items():
-        L = x["latency"]
-        err = sum(x["errors"].values()) + sum(v for k, v in x["statuses"].items() if not k.startswith("2"))
-        svc = x["beside_cpu_util"] if "svc@srv" in rname else x["backend_cpu_util"]
-        print(f"{rname:<27}{x['achieved_rate']:>9,.0f}{L['p50_ms']:>8.3f}{L['p90_ms']:>8.3f}"
-              f"{L['p99_ms']:>8.3f}{L['p99.9_ms']:>9.3f}{L['max_ms']:>8.3f}"
-              f"{x['server_cpu_us_per_req']:>10.1f}{100 * x['server_cpu_util']:>8.0f}"
-              f"{100 * svc:>9.0f}{100 * x['load_cpu_util']:>10.0f}{100 * x['other_cpu_util']:>7.0f}"
-              f"  {err}" + ("  (generator fell behind its schedule)" if x.get("generator_behind") else ""))
+    for rname, runs_ in rows.items():
+        for i, x in enumerate(runs_, 1):
+            L = x["latency"]
+            err = sum(x["errors"].values()) + sum(v for k, v in x["statuses"].items() if not k.startswith("2"))
+            svc = x["beside_cpu_util"] if "svc@srv" in rname else x["backend_cpu_util"]
+            print(f"{rname + f' #{i}':<27}{x['achieved_rate']:>9,.0f}{L['p50_ms']:>8.3f}{L['p90_ms']:>8.3f}"
+                  f"{L['p99_ms']:>8.3f}{L['p99.9_ms']:>9.3f}{L['max_ms']:>8.3f}"
+                  f"{x['server_cpu_us_per_req']:>10.1f}{100 * x['server_cpu_util']:>8.0f}"
+                  f"{100 * svc:>9.0f}{100 * x['load_cpu_util']:>10.0f}{100 * x['other_cpu_util']:>7.0f}"
+                  f"  {err}" + ("  (generator fell behind its schedule)" if x.get("generator_behind") else ""))
+
+    def med(name, q):
+        return statistics.median(x["latency"][q] for x in rows[name])
+
     figs = []
     for name, _, _, _, runs in targets[:-1]:
         for key, spin in runs:
-            g, r = rows[row_name(name, key, spin)], rows[row_name("raw", key, spin)]
-            d50 = g["latency"]["p50_ms"] - r["latency"]["p50_ms"]
-            d99 = g["latency"]["p99_ms"] - r["latency"]["p99_ms"]
-            pair = f"{row_name(name, key, spin)} − {row_name('raw', key, spin)}"
-            print(f"overhead ({pair}): p50 {d50 * 1000:+.0f} µs, p99 {d99 * 1000:+.0f} µs")
-            figs.append(f"{row_name(name, key, spin)} ({rates[key]:,}/s): {d50 * 1000:+.0f} µs p50, "
-                        f"{d99 * 1000:+.0f} µs p99")
+            g, r = row_name(name, key, spin), row_name("raw", key, spin)
+            d50 = med(g, "p50_ms") - med(r, "p50_ms")
+            d99 = med(g, "p99_ms") - med(r, "p99_ms")
+            lo = min(x["latency"]["p99_ms"] for x in rows[g]) - med(r, "p99_ms")
+            hi = max(x["latency"]["p99_ms"] for x in rows[g]) - med(r, "p99_ms")
+            spread = f" [{lo * 1000:+.0f} .. {hi * 1000:+.0f}]" if len(rows[g]) > 1 else ""
+            print(f"overhead ({g} − {r}, medians of {len(rows[g])}): p50 {d50 * 1000:+.0f} µs, "
+                  f"p99 {d99 * 1000:+.0f} µs{spread}")
+            figs.append(f"{g} ({rates[key]:,}/s): {d50 * 1000:+.0f} µs p50, "
+                        f"{d99 * 1000:+.0f} µs p99{spread}")
     for name in c1:
         if name != "raw":
             d1 = c1[name][0] - c1["raw"][0]
@@ -323,17 +336,17 @@ def part_latency(args, tmp: Path) -> list[dict]:
           "out on schedule, pipelined if need be; perf/openloop.pyx); gw = the gateway's "
           "processes; svc = the demo service; load CPU % = generator + service when the service "
           "is on the load CPU; other % = the rest of the machine (> ~10: disturbed)")
-    others = [x["other_cpu_util"] for x in rows.values()]
+    others = [x["other_cpu_util"] for runs_ in rows.values() for x in runs_]
     if max(others) > 0.1:
         print(f"WARNING: other processes used up to {100 * max(others):.0f}% "
               "of a CPU during these runs: the tails are not the gateway's alone")
-    for rname, x in rows.items():
-        print(f"{rname}: {x['layout']}\n    load : {x['cmd']}")
+    for rname, runs_ in rows.items():
+        print(f"{rname}: {runs_[0]['layout']}\n    load : {runs_[0]['cmd']}")
     for name, (_, _, cmd1) in c1.items():
         print(f"{name} 1c: {cmd1}")
     print(f"command: {command}")
-    base = "; ".join(f"{n} p50 {x['latency']['p50_ms']:.3f} / p99 {x['latency']['p99_ms']:.3f} ms"
-                     for n, x in rows.items() if n.startswith("raw"))
+    base = "; ".join(f"{n} p50 {med(n, 'p50_ms'):.3f} / p99 {med(n, 'p99_ms'):.3f} ms"
+                     for n in rows if n.startswith("raw"))
     base += f"; raw 1 conn. p50 {c1['raw'][0]:.3f} ms"
     return [{"target": "3 latency overhead", "figure": "; ".join(figs), "baseline": base,
              "command": command}]
@@ -619,6 +632,8 @@ def parse_args(argv=None):
     ap.add_argument("--soak", type=int, default=0, help="connections: soak this many seconds instead")
     ap.add_argument("--no-history", action="store_true", help="callgrind: do not append to the CSV")
     ap.add_argument("--no-pin", action="store_true", help="latency/auth: do not pin")
+    ap.add_argument("--latency-rounds", type=int, default=3,
+                    help="latency: open-loop runs per row; medians and the range are shown")
     ap.add_argument("--json", metavar="PATH", help="write the closing table as JSON")
     args = ap.parse_args(argv)
     args.only = [p.strip() for p in args.only.split(",") if p.strip()]

@@ -287,15 +287,18 @@ cdef class OpenLoop:
     # ----------------------------------------------------------------------- receiving
 
     cdef void receive(self, Conn *c) noexcept:
-        cdef ssize_t n
+        cdef ssize_t n, room
         while not c.lost:
             if c.inlen == c.incap:
                 c.incap *= 2
                 c.inbuf = <char *>realloc(c.inbuf, c.incap)
-            n = read(c.fd, c.inbuf + c.inlen, c.incap - c.inlen)
+            room = c.incap - c.inlen
+            n = read(c.fd, c.inbuf + c.inlen, room)
             if n > 0:
                 c.inlen += n
                 self.parse(c)
+                if n < room:
+                    return      # drained; epoll is level-triggered: no read for EAGAIN
                 continue
             if n == 0:
                 if c.count == 0:
