@@ -100,6 +100,7 @@ class ProcSet:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.procs: list[Proc] = []
+        self.cleanups: list[Callable[[], None]] = []   # run after the processes are stopped
 
     def start(self, name: str, cmd: list[str], env: dict | None = None) -> Proc:
         log = self.workdir / f"{name}.log"
@@ -127,6 +128,70 @@ class ProcSet:
         SIGKILL whatever is left."""
         stop_procs(list(reversed(self.procs)), grace)
         self.procs.clear()
+        while self.cleanups:
+            self.cleanups.pop()()
+
+
+QUOTA_PERIOD_US = 10_000   # short: a long period lets a worker burst, then stall for long
+
+
+def cpu_quota(pid: int, fraction: float, name: str) -> Callable[[], dict]:
+    """Put process ``pid`` (all its threads) in a cgroup of its own whose CPU bandwidth is
+    ``fraction`` of one CPU (CFS quota per 10 ms period): cgroup v1's ``cpu`` controller,
+    or v2's ``cpu.max``. Returns a function reading the group's throttling so far; the
+    group is removed by ``remove_cpu_quota``. Raises MissingTool when neither is writable
+    (not root, or a container without the controller)."""
+    quota = max(1000, int(fraction * QUOTA_PERIOD_US))
+    for root, v2 in (("/sys/fs/cgroup/cpu", False), ("/sys/fs/cgroup", True)):
+        if v2 and "cpu" not in _read(os.path.join(root, "cgroup.subtree_control")).split():
+            continue
+        group = os.path.join(root, f"stellagw-perf-{name}-{os.getpid()}-{pid}")
+        try:
+            os.makedirs(group, exist_ok=True)
+            if v2:
+                _write(os.path.join(group, "cpu.max"), f"{quota} {QUOTA_PERIOD_US}")
+            else:
+                _write(os.path.join(group, "cpu.cfs_period_us"), str(QUOTA_PERIOD_US))
+                _write(os.path.join(group, "cpu.cfs_quota_us"), str(quota))
+            _write(os.path.join(group, "cgroup.procs"), str(pid))
+        except OSError:
+            remove_cpu_quota(group)
+            continue
+
+        def throttling(group=group) -> dict:
+            stat = dict(line.split() for line in _read(os.path.join(group, "cpu.stat")).splitlines()
+                        if len(line.split()) == 2)
+            return {"group": group, "periods": int(stat.get("nr_periods", 0)),
+                    "throttled": int(stat.get("nr_throttled", 0))}
+        throttling.group = group
+        return throttling
+    raise MissingTool("no writable cgroup cpu controller (cgroup v1 /sys/fs/cgroup/cpu or v2 "
+                      "cpu.max): --worker-cpu-quota needs root on a host or a container that has it")
+
+
+def remove_cpu_quota(group: str) -> None:
+    """Remove a group of cpu_quota (its processes have exited: wait a little for that)."""
+    for _ in range(50):
+        try:
+            os.rmdir(group)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
 
 
 def stop_procs(procs: list[Proc], grace: float = 5.0) -> None:

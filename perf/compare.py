@@ -250,6 +250,7 @@ class Settings:
     start_timeout: float
     pin: Pinning
     python: str
+    worker_quota: float | None = None    # --worker-cpu-quota: each gateway worker's CPU share
 
 
 @dataclass
@@ -267,6 +268,8 @@ class Started:
     # target did what it claims (e.g. every request went through the rate limiter) and
     # returns figures for the JSON / notes; raises TargetFailed when it did not.
     verify: Callable[[int], dict] | None = None
+    # --worker-cpu-quota: each worker's throttling counters (periods, throttled) so far
+    quotas: list[Callable[[], dict]] = field(default_factory=list)
 
 
 def wrk_cmd(s: Settings, port: int, path: str, connections: int, duration: int,
@@ -514,7 +517,16 @@ def _start_gateway_routed(s: Settings, procs: ProcSet, tmp: Path, workers: int,
                           extra: str = "") -> Started:
     require_stellagw_command(s, "demo-service")
     pin, cpus, note = s.pin, None, ""
-    if workers > 1 and s.pin.enabled:
+    if s.worker_quota:
+        # Each worker gets a share of the server CPU; together they must fit on it, and
+        # wrk + service keep the load CPU, as for one worker.
+        if not s.pin.enabled:
+            raise TargetUnavailable("--worker-cpu-quota needs pinning (2 usable CPUs, no --no-pin)")
+        if workers * s.worker_quota > 1.0 + 1e-9:
+            raise TargetUnavailable(f"{workers} workers × {s.worker_quota} CPU do not fit on "
+                                    f"CPU {s.pin.server_cpu}")
+        cpus = [s.pin.server_cpu]
+    elif workers > 1 and s.pin.enabled:
         # N workers need N CPUs of their own besides the load (and backend) CPU(s).
         taken = {s.pin.load_cpu, s.pin.backend}
         free = [c for c in sorted(os.sched_getaffinity(0)) if c not in taken]
@@ -531,6 +543,10 @@ def _start_gateway_routed(s: Settings, procs: ProcSet, tmp: Path, workers: int,
         s.python, "-m", "stellagw", "demo-service", "--gateway", f"{HOST}:{tcp_port}",
         "--name", "bench"]), env=py_env())
     wait_http_ok(http_port, "/bench/hello", procs, s.start_timeout)
+    quotas = _worker_quotas(s, procs, gw, workers)
+    if quotas:
+        note = (f" [each worker held to {s.worker_quota:.2f} CPU by a CFS quota "
+                f"({_procs.QUOTA_PERIOD_US} µs period), {workers} on CPU {s.pin.server_cpu}]")
     server = f"gateway (supervisor + {workers} worker{'s' if workers > 1 else ''})"
     if pin is UNPINNED:
         layout = f"{server}, demo-service bench, wrk: all unpinned" + note
@@ -539,8 +555,31 @@ def _start_gateway_routed(s: Settings, procs: ProcSet, tmp: Path, workers: int,
             f" on CPU {s.pin.server_cpu};", f" on CPUs {','.join(map(str, cpus))};", 1)
     else:
         layout = _layout(s, server, "demo-service bench")
+    if quotas:
+        layout += note
     return Started(http_port, "/bench/hello", [gw], [svc], layout=layout,
-                   pin=None if pin is s.pin else pin, server_cpus=len(cpus) if cpus else 1)
+                   pin=None if pin is s.pin else pin, server_cpus=len(cpus) if cpus else 1,
+                   quotas=quotas)
+
+
+def _worker_quotas(s: Settings, procs: ProcSet, gw: Proc, workers: int) -> list:
+    """--worker-cpu-quota: a cgroup per worker (the gateway process itself when it runs its
+    one worker in-process, else each forked worker)."""
+    if not s.worker_quota:
+        return []
+    children = psutil.Process(gw.popen.pid).children()
+    pids = [c.pid for c in children] if workers > 1 else [gw.popen.pid]
+    if len(pids) != workers:
+        raise TargetFailed(f"expected {workers} worker processes, found {pids}")
+    quotas = []
+    try:
+        for i, pid in enumerate(pids):
+            q = _procs.cpu_quota(pid, s.worker_quota, f"w{i}")
+            procs.cleanups.append(lambda g=q.group: _procs.remove_cpu_quota(g))
+            quotas.append(q)
+    except _procs.MissingTool as exc:
+        raise TargetUnavailable(str(exc)) from None
+    return quotas
 
 
 def _layout(s: Settings, server: str, backend: str | None) -> str:
@@ -587,8 +626,17 @@ def measure(name: str, s: Settings) -> dict:
             result["wrk_cmd"] = shlex.join(cmd)
             srv0, bk0, t0 = cpu_snapshot(server_pids), cpu_snapshot(backend_pids), time.monotonic()
             ch0, sys0 = children_cpu_s(), machine_cpu_s()
+            q0 = [q() for q in st.quotas]
             wrk, text = run_wrk(procs, cmd, s.duration)
+            q1 = [q() for q in st.quotas]
             srv1, bk1, t1 = cpu_snapshot(server_pids), cpu_snapshot(backend_pids), time.monotonic()
+            if st.quotas:
+                # share of quota periods in which each worker was throttled: near 1 means
+                # the quota, not the load, bounded the worker
+                result["worker_cpu_quota"] = s.worker_quota
+                result["worker_throttled"] = [
+                    (b["throttled"] - a["throttled"]) / max(1, b["periods"] - a["periods"])
+                    for a, b in zip(q0, q1)]
             ch1, sys1 = children_cpu_s(), machine_cpu_s()
             result["rss_bytes"] = rss_bytes(server_pids)
             result["server_processes"] = len(srv1)
@@ -831,6 +879,10 @@ def report(results: list[dict], s: Settings, info: dict, command: str,
             for c in r["backend_cmd"]:
                 lines.append(f"    backend: {c}")
             lines.append(f"    wrk    : {r['wrk_cmd']}")
+            if r.get("worker_throttled"):
+                lines.append("    quota  : each worker throttled in "
+                             + " / ".join(f"{100 * t:.0f}%" for t in r["worker_throttled"])
+                             + " of its quota periods (≈100 %: the quota was the bound)")
             if r.get("wrk_latency_cmd"):
                 lines.append(f"    latency: {r['wrk_latency_cmd']}")
             if r.get("rl_scope"):
@@ -856,6 +908,12 @@ def report(results: list[dict], s: Settings, info: dict, command: str,
                                 f"{100 * (r.get('other_cpu_util') or 0):.0f}% of {ncpu} CPUs "
                                 f"(={ncpu * 100}%): the closed loop of wrk's connections, not the CPU, "
                                 "set the pace")
+            elif r.get("worker_throttled"):
+                # quota-bound: saturated = every worker throttled in nearly every period
+                low = min(r["worker_throttled"])
+                if low < 0.9:
+                    warn.append(f"a worker was throttled in only {100 * low:.0f}% of its quota "
+                                "periods: its quota did not bound it")
             elif util is not None and util < 0.9 * r.get("server_cpus", 1):
                 why = ("the load side (wrk + backend) used "
                        f"{100 * r['load_cpu_util']:.0f}% of a CPU" if r.get("load_cpu_util") is not None
@@ -933,6 +991,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--start-timeout", type=float, default=30.0,
                     help="seconds to wait for a target to answer 200 (default 30)")
     ap.add_argument("--json", metavar="PATH", help="also write every figure (and wrk's raw output) to PATH")
+    ap.add_argument("--worker-cpu-quota", type=float, default=None, metavar="FRACTION",
+                    help="hold each gateway worker to FRACTION of one CPU (a cgroup CFS quota; "
+                         "root), all workers on --server-cpu: shows how the instance scales "
+                         "with workers on a machine with too few CPUs to give each its own")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the whole target list N times, interleaved; the table shows each "
                          "target's median round (by CPU-µs/req) and the rate-limit differences are "
@@ -946,6 +1008,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--duration, --connections, --threads and --rounds must be >= 1")
     if args.latency_duration is None:
         args.latency_duration = args.duration
+    if args.worker_cpu_quota is not None and not 0.05 <= args.worker_cpu_quota <= 1.0:
+        ap.error("--worker-cpu-quota must be between 0.05 and 1 (a fraction of one CPU)")
     return args
 
 
@@ -957,7 +1021,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pin = decide_pinning(args.server_cpu, args.load_cpu, args.no_pin, args.backend_cpu)
     s = Settings(args.duration, args.connections, args.threads, args.latency_connections,
-                 args.latency_duration, args.start_timeout, pin, sys.executable)
+                 args.latency_duration, args.start_timeout, pin, sys.executable,
+                 args.worker_cpu_quota)
     _procs.stop_on_sigterm()
     info = machine_info()
     print(f"pinning: {pin.note}", file=sys.stderr)

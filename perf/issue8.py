@@ -10,10 +10,11 @@ Parts (``--only`` names), each printed with the exact command that reproduces it
 1. ``cpu``          CPU per routed request (no auth, 64 keep-alive clients, a small body)
                     vs nginx per proxied request and raw uvloop+httptools:
                     ``perf/compare.py --targets raw,gateway-routed,nginx``.
-2. ``workers``      2 workers vs 1 in the same run, req/s ratio:
-                    ``perf/compare.py --targets gateway-routed,gateway-routed-2w --no-pin``
-                    (2 CPUs: 2 workers + service + wrk cannot be pinned apart, so both rows
-                    run unpinned and total CPU-µs/req, wrk and service included, is shown).
+2. ``workers``      2 workers vs 1, req/s ratio, twice: each worker held to 0.4 of the
+                    server CPU by a cgroup quota (``perf/compare.py --targets
+                    gateway-routed,gateway-routed-2w --worker-cpu-quota 0.4``: twice the CPU
+                    in workers, wrk + service on the load CPU), and unpinned (``--no-pin``:
+                    2 CPUs cannot give 2 workers, the service and wrk CPUs of their own).
 3. ``latency``      latency overhead at 50 % of the gateway's measured maximum rate
                     (open loop: ``perf/loadgen.py open``, its loop in perf/openloop.pyx,
                     since wrk2 is not in Debian): gateway p50/p99 minus the raw server's
@@ -125,26 +126,45 @@ def part_cpu(args, tmp: Path) -> list[dict]:
 
 
 def part_workers(args, tmp: Path) -> list[dict]:
-    out = tmp / "workers.json"
-    cmd = [PY, str(PERF_DIR / "compare.py"), "--targets", "gateway-routed,gateway-routed-2w",
-           "--no-pin", "--duration", str(args.duration), "--latency-connections", "0",
-           "--json", str(out)]
-    doc, err = run_tool(cmd, 600, out)
-    command = rel(cmd[:-2])
-    if doc is None:
-        return [{"target": "2 workers", "figure": f"FAILED: {err}", "baseline": "-", "command": command}]
-    r = {x["target"]: x for x in doc["results"]}
-    one, two = r.get("gateway-routed", {}), r.get("gateway-routed-2w", {})
-    if not (one.get("ok") and two.get("ok")):
-        bad = one if not one.get("ok") else two
-        return [{"target": "2 workers", "figure": f"FAILED: {bad.get('error', '?').splitlines()[0]}",
-                 "baseline": "-", "command": command}]
-    fig = (f"2w {two['req_per_s']:,.0f} req/s = {two['req_per_s'] / one['req_per_s']:.2f}× 1w; "
-           f"gw {two['cpu_us_per_req']:.1f} / total {two['total_cpu_us_per_req']:.1f} CPU-µs/req")
-    base = (f"1w {one['req_per_s']:,.0f} req/s; gw {one['cpu_us_per_req']:.1f} / total "
-            f"{one['total_cpu_us_per_req']:.1f} CPU-µs/req; all unpinned on "
-            f"{len(os.sched_getaffinity(0))} CPUs (gateway, service, wrk share them)")
-    return [{"target": "2 workers", "figure": fig, "baseline": base, "command": command}]
+    """Two runs of 1 vs 2 workers. With a CPU quota per worker (both workers on the server
+    CPU, each held to 0.4 of it by a cgroup; wrk + service on the load CPU): does the
+    instance serve twice as much when it has twice the CPU in workers? That is the target's
+    question on a machine with too few CPUs to give each worker its own. Unpinned: what 2
+    workers give on this machine as it is (gateway, service and wrk share both CPUs)."""
+    runs = {}
+    for label, extra in (("quota", ["--worker-cpu-quota", "0.4"]), ("unpinned", ["--no-pin"])):
+        out = tmp / f"workers-{label}.json"
+        cmd = [PY, str(PERF_DIR / "compare.py"), "--targets", "gateway-routed,gateway-routed-2w",
+               *extra, "--duration", str(args.duration), "--latency-connections", "0",
+               "--json", str(out)]
+        doc, err = run_tool(cmd, 600, out)
+        runs[label] = (doc, err, rel(cmd[:-2]))
+    command = " ; ".join(c for _, _, c in runs.values())
+    figs, bases = [], []
+    for label, (doc, err, cmd) in runs.items():
+        if doc is None:
+            figs.append(f"{label}: FAILED: {err}")
+            continue
+        r = {x["target"]: x for x in doc["results"]}
+        one, two = r.get("gateway-routed", {}), r.get("gateway-routed-2w", {})
+        if not (one.get("ok") and two.get("ok")):
+            bad = one if not one.get("ok") else two
+            figs.append(f"{label}: FAILED: {bad.get('error', '?').splitlines()[0]}")
+            continue
+        ratio = two["req_per_s"] / one["req_per_s"]
+        if label == "quota":
+            thr = min(one["worker_throttled"] + two["worker_throttled"])
+            figs.append(f"quota 0.4 CPU/worker: 2w {two['req_per_s']:,.0f} req/s = {ratio:.2f}× 1w "
+                        f"(gw {two['cpu_us_per_req']:.1f} vs {one['cpu_us_per_req']:.1f} CPU-µs/req; "
+                        f"every worker throttled in ≥ {100 * thr:.0f}% of periods)")
+            bases.append(f"quota: 1w {one['req_per_s']:,.0f} req/s; workers on CPU 0, wrk + service on CPU 1")
+        else:
+            figs.append(f"unpinned: 2w {ratio:.2f}× 1w (gw {two['cpu_us_per_req']:.1f} / total "
+                        f"{two['total_cpu_us_per_req']:.1f} CPU-µs/req)")
+            bases.append(f"unpinned: 1w {one['req_per_s']:,.0f} req/s; gateway, service and wrk "
+                         f"share all {len(os.sched_getaffinity(0))} CPUs")
+    return [{"target": "2 workers", "figure": "; ".join(figs), "baseline": "; ".join(bases),
+             "command": command}]
 
 
 # ---------------------------------------------------------------------------------------
