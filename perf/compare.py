@@ -143,6 +143,19 @@ def cpu_snapshot(root_pids: list[int]) -> dict[tuple[int, float], float]:
     return snap
 
 
+def cpu_split(root_pids: list[int]) -> tuple[float, float]:
+    """(user, system) seconds of the trees, reaped children included."""
+    user = system = 0.0
+    for p in tree(root_pids):
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        user += t.user + t.children_user
+        system += t.system + t.children_system
+    return user, system
+
+
 def _tree_keys(pid: int) -> set[tuple[int, float]]:
     keys = set()
     for p in tree([pid]):

@@ -183,7 +183,8 @@ def loadgen(cmd_args: list[str], pin: cmp.Pinning, timeout: float, tmp: Path,
 
     def handshake(phase):
         snaps[phase] = ({k: cmp.cpu_snapshot(v) for k, v in groups.items()},
-                        cmp.machine_cpu_s(), time.monotonic())
+                        cmp.machine_cpu_s(), time.monotonic(),
+                        {k: cmp.cpu_split(v) for k, v in groups.items()})
 
     if watch is not None:
         cmd.append("--handshake")
@@ -228,10 +229,13 @@ def loadgen(cmd_args: list[str], pin: cmp.Pinning, timeout: float, tmp: Path,
     res = json.loads(lines[-1])
     res["cmd"] = rel(cmd)
     if watch is not None:
-        (b, m0, t0), (a, m1, t1) = snaps["before"], snaps["after"]
+        (b, m0, t0, sb), (a, m1, t1, sa) = snaps["before"], snaps["after"]
         d = {k: cmp.cpu_delta(b[k], a[k]) for k in groups}
         wall, n = t1 - t0, max(1, res["completed"])
         res["server_cpu_us_per_req"] = d.get("server", 0.0) / n * 1e6
+        # user / system apart, per request: where the CPU of each group goes
+        res["split_us_per_req"] = {k: [(sa[k][i] - sb[k][i]) / n * 1e6 for i in (0, 1)]
+                                   for k in groups}
         res["server_cpu_util"] = d.get("server", 0.0) / wall
         res["backend_cpu_us_per_req"] = d.get("backend", 0.0) / n * 1e6
         res["backend_cpu_util"] = d.get("backend", 0.0) / wall
@@ -329,6 +333,17 @@ def part_latency(args, tmp: Path) -> list[dict]:
                   f"{x['server_cpu_us_per_req']:>10.1f}{100 * x['server_cpu_util']:>8.0f}"
                   f"{100 * svc:>9.0f}{100 * x['load_cpu_util']:>10.0f}{100 * x['other_cpu_util']:>7.0f}"
                   f"  {err}" + ("  (generator fell behind its schedule)" if x.get("generator_behind") else ""))
+
+    print("user / system CPU-µs per request, first round of each row (srv = the gateway or the "
+          "raw server, svc = demo service, gen = generator):")
+    for rname, runs_ in rows.items():
+        sp = runs_[0]["split_us_per_req"]
+        svc = sp.get("beside") if "svc@srv" in rname else sp.get("backend")
+        parts = [f"srv {sp['server'][0]:.1f} / {sp['server'][1]:.1f}"]
+        if svc and sum(svc) > 0:
+            parts.append(f"svc {svc[0]:.1f} / {svc[1]:.1f}")
+        parts.append(f"gen {sp['loadgen'][0]:.1f} / {sp['loadgen'][1]:.1f}")
+        print(f"    {rname:<22}" + ", ".join(parts))
 
     def med(name, q):
         return statistics.median(x["latency"][q] for x in rows[name])
