@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from .perf_support import load_perf
+
 ROOT = Path(__file__).resolve().parent.parent
 PERF = ROOT / "perf"
 SCRIPT = PERF / "gateway_performance.k6.js"
@@ -29,17 +31,8 @@ SCRIPT = PERF / "gateway_performance.k6.js"
 pytestmark = pytest.mark.slow
 
 
-def _load(name: str, path: Path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-models = _load("stellagw_perf_models", PERF / "models.py")
-install = _load("stellagw_perf_k6_install", PERF / "k6" / "install.py")
+models = load_perf("stellagw_perf_models", "models.py")
+install = load_perf("stellagw_perf_k6_install", "k6/install.py")
 
 
 @pytest.fixture(scope="module")

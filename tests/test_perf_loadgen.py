@@ -7,7 +7,6 @@ its histogram buckets are loadgen.Histogram's.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import socket
@@ -15,24 +14,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-PERF = Path(__file__).resolve().parent.parent / "perf"
+from .perf_support import PERF, load_perf
 
-
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-loadgen = _load("stellagw_perf_loadgen", PERF / "loadgen.py")
+loadgen = load_perf("stellagw_perf_loadgen", "loadgen.py")
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +130,15 @@ class _Server:
         self.sock.close()
 
 
+def run_against(reply, *args: str) -> tuple[int, dict]:
+    """perf/loadgen.py open against a _Server answering with ``reply``."""
+    srv = _Server(reply)
+    try:
+        return run("--url", srv.url, "--warmup", "0", *args)
+    finally:
+        srv.close()
+
+
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
 
@@ -158,12 +154,7 @@ def test_responses_split_and_coalesced_across_reads():
                 time.sleep(0.0002)
             answered[0] += 2
 
-    srv = _Server(reply)
-    try:
-        rc, res = run("--url", srv.url, "--rate", "1000", "--duration", "0.2", "--warmup", "0",
-                      "--connections", "1")
-    finally:
-        srv.close()
+    rc, res = run_against(reply, "--rate", "1000", "--duration", "0.2", "--connections", "1")
     assert rc == 0, res["errors"]
     assert res["sent"] == res["completed"] == 200
     assert res["statuses"] == {"200": 200}
@@ -173,12 +164,8 @@ def test_what_it_cannot_parse_is_an_error_not_a_success():
     def reply(conn, seen):
         conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
 
-    srv = _Server(reply)
-    try:
-        rc, res = run("--url", srv.url, "--rate", "200", "--duration", "0.2", "--warmup", "0",
-                      "--connections", "2", "--drain", "0.5")
-    finally:
-        srv.close()
+    rc, res = run_against(reply, "--rate", "200", "--duration", "0.2", "--connections", "2",
+                          "--drain", "0.5")
     assert rc == 1
     assert res["completed"] == 0 and res["statuses"] == {}
     assert res["errors"]["response without Content-Length (not supported)"] == 2
@@ -196,12 +183,8 @@ def test_a_server_that_closes_loses_its_outstanding_requests_as_errors():
         if seen >= 3:
             return False          # close without answering the third
 
-    srv = _Server(reply)
-    try:
-        rc, res = run("--url", srv.url, "--rate", "1000", "--duration", "0.1", "--warmup", "0",
-                      "--connections", "1", "--drain", "0.5")
-    finally:
-        srv.close()
+    rc, res = run_against(reply, "--rate", "1000", "--duration", "0.1", "--connections", "1",
+                          "--drain", "0.5")
     assert rc == 1
     assert res["completed"] == 2
     errors = res["errors"]

@@ -1,33 +1,18 @@
 """perf/models.py: the seed §14 performance model — curves, histogram quantiles, verdicts.
 
-perf/ is not a package (its scripts run as `python perf/x.py`), so the module is loaded by
-path under a private name.
+perf/ is not a package: tests/perf_support.py loads the module by path.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-PERF = Path(__file__).resolve().parent.parent / "perf"
+from .perf_support import load_perf
 
-
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up while building the class
-    spec.loader.exec_module(mod)
-    return mod
-
-
-m = _load("stellagw_perf_models", PERF / "models.py")
-results = _load("stellagw_perf_k6_results", PERF / "k6" / "results.py")
+m = load_perf("stellagw_perf_models", "models.py")
+results = load_perf("stellagw_perf_k6_results", "k6/results.py")
 
 INF = math.inf
 

@@ -2,29 +2,16 @@
 CPU by a cgroup), on this machine's real cgroups; skipped where none is writable."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-PERF = Path(__file__).resolve().parent.parent / "perf"
+from .perf_support import load_perf
 
-
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-procs = _load("stellagw_perf_procs", PERF / "_procs.py")
+procs = load_perf("stellagw_perf_procs", "_procs.py")
 
 
 def test_a_quota_holds_a_busy_process_to_its_share_and_is_removed():
