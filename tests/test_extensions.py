@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -27,3 +29,14 @@ def test_compiled_module_loaded(name):
         f"stellagw._cext.{name} did not load: run `make build` (or pip install -e .)")
     mod = _impl.select(name)
     assert mod.__name__ == f"stellagw._cext.{name}" and mod.__file__.endswith((".so", ".pyd"))
+
+
+@pytest.mark.parametrize("name", EXTENSIONS)
+def test_each_module_imports_first_in_a_fresh_interpreter(name):
+    """Either twin imported before anything else of stellagw (a tool, a test) loads: no
+    import cycle through the package that selects it."""
+    mods = [f"stellagw._py.{name}"] + ([] if _impl.NO_EXTENSIONS else [f"stellagw._cext.{name}"])
+    for mod in mods:
+        out = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True,
+                             text=True, timeout=60, cwd=ROOT)
+        assert out.returncode == 0, f"import {mod}: {out.stderr[-1500:]}"

@@ -30,7 +30,6 @@ import inspect
 import time
 
 from .claims import challenge_scope, unmet
-from .dpop import DpopVerifier
 from .errors import AuthFailure, Challenges, Refusal
 from .identity import (SCOPE_OVERRIDE_HEADERS, Identity, anonymous_identity,
                        strip_identity_headers)
@@ -79,6 +78,9 @@ class Authenticator:
         self.tokens = TokenVerifier(auth, self.keys)
         nonce = auth.dpop_nonce
         self.nonces = NonceIssuer(nonce.secret, nonce.lifetime) if nonce.enabled else None
+        # Imported here, not at the top: both DPoP twins import this package's modules, so
+        # a package that selected one while loading could find it half-loaded.
+        from .dpop import DpopVerifier   # noqa: PLC0415
         self.proofs = DpopVerifier(auth.algorithms, auth.dpop_max_clock_skew,
                                    auth.max_token_bytes, self.nonces)
         replay = auth.replay_cache
