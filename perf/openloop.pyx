@@ -396,7 +396,7 @@ cdef class OpenLoop:
         """Send at ``rate`` for ``duration`` seconds; returns (sent, wall seconds).
         ``spin``: poll without sleeping (the generator's CPU never idles, so no wake-up
         from an idle CPU lands in the measured latencies; only for a CPU of its own)."""
-        cdef uint64_t start, end, now, due, nxt
+        cdef uint64_t start, end, now, due, nxt, limit
         cdef uint64_t sent = 0
         cdef double ns_per = 1e9 / rate
         cdef int rr = 0
@@ -405,11 +405,11 @@ cdef class OpenLoop:
         end = start + <uint64_t>(duration * 1e9)
         while True:
             now = now_ns()
-            if now >= end:
-                break
+            # past the end (a late wake-up), what was due inside the window still goes out
+            limit = now if now < end else end - 1
             while True:
                 due = start + <uint64_t>(sent * ns_per)
-                if due > now:
+                if due > limit:
                     break
                 if measuring:
                     record(self.lag, now - due)
@@ -420,6 +420,8 @@ cdef class OpenLoop:
                 rr += 1
                 if rr == self.nconn:
                     rr = 0
+            if now >= end:
+                break
             nxt = start + <uint64_t>(sent * ns_per)
             if nxt > end:
                 nxt = end
