@@ -1,7 +1,8 @@
 """DPoP at the resource server: one test (or more) per item of security-checklists §3a.
 
 Each test names the item it covers; each fails if that check is removed from
-stellagw/auth (dpop.py / __init__.py).
+stellagw/auth/__init__.py or from the DPoP checks (stellagw/_py/dpop.py, cext/dpop.pyx:
+`make test` runs this file on each).
 """
 from __future__ import annotations
 
