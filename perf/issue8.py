@@ -18,9 +18,10 @@ Parts (``--only`` names), each printed with the exact command that reproduces it
 3. ``latency``      latency overhead at 50 % of the gateway's measured maximum rate
                     (open loop: ``perf/loadgen.py open``, its loop in perf/openloop.pyx,
                     since wrk2 is not in Debian): gateway p50/p99 minus the raw server's
-                    at the same rate with the same generator, in two layouts (the service
-                    beside the generator; the service beside the gateway, the generator
-                    polling on a CPU of its own), and the 1-connection p50 (wrk -c1).
+                    at the same rate with the same generator (polling, yielding its CPU
+                    between polls), in two layouts (the service beside the generator; the
+                    service beside the gateway), 3 rounds each, and the 1-connection p50
+                    (wrk -c1).
 4. ``connections``  10,000 keep-alive clients + 100 service connections, light load, RSS
                     of the gateway instance: ``perf/connections.py``.
 5. ``auth``         DPoP-authenticated vs unauthenticated routed requests, CPU-µs/req of the
@@ -246,39 +247,33 @@ def loadgen(cmd_args: list[str], pin: cmp.Pinning, timeout: float, tmp: Path,
 
 
 def part_latency(args, tmp: Path) -> list[dict]:
-    """Three layouts, each gateway row set against a raw row at the same rate with the
-    same generator (rows and pairs: perf/README.md, "Latency")."""
+    """Two gateway layouts and the raw server at the same rate, the same generator, several
+    rounds (perf/README.md, "Issue 8")."""
     pin = cmp.decide_pinning(0, 1, args.no_pin)
     run_s = args.duration
     lat1_s = max(2, args.duration // 2)
     s = cmp.Settings(args.duration, 64, 1, 1, lat1_s, 30.0, pin, PY)
     # On 2 CPUs the service shares a CPU with something. "gateway-routed": with the
-    # generator (the gateway alone on the server CPU); the generator then sleeps between
-    # requests, as it must leave the CPU to the service. "svc@srv": with the gateway (like
-    # a sidecar), the generator alone on the load CPU, where it polls instead of sleeping
-    # (no wake-up of an idle CPU in the figures). Both at half the maximum of the first
-    # layout. (Half the second layout's own maximum was tried: gateway + service still
-    # fill ~98 % of their CPU there, as their cost per request rises when they batch less.)
-    targets = [("gateway-routed", cmp.start_gateway_routed, s, "standard", [("standard", False)])]
+    # generator, the gateway alone on the server CPU. "svc@srv": with the gateway (like a
+    # sidecar), the generator alone on the load CPU. Both at half the maximum of the first
+    # layout. (Half the second layout's own maximum was tried: gateway + service still fill
+    # ~98 % of their CPU there, as their cost per request rises when they batch less.) The
+    # generator spins, yielding its CPU between polls: the load CPU never idles, so neither
+    # the generator's wake-ups nor the service's (when it shares that CPU) pay for waking an
+    # idle vCPU; sleeping there instead read ~+130 µs p50 in the first layout.
+    targets = [("gateway-routed", cmp.start_gateway_routed, s, True)]
     if pin.enabled:
         beside = dataclasses.replace(s, pin=dataclasses.replace(pin, backend_cpu=pin.server_cpu))
-        targets.append(("gw-routed-svc@srv", cmp.start_gateway_routed, beside, None,
-                        [("standard", True)]))
-    raw_runs = sorted({(k, spin) for _, _, _, _, runs in targets for k, spin in runs},
-                      key=lambda r: r[1])
-    targets.append(("raw", cmp.start_raw, s, None, raw_runs))
+        targets.append(("gw-routed-svc@srv", cmp.start_gateway_routed, beside, False))
+    targets.append(("raw", cmp.start_raw, s, False))
     command = ("python perf/issue8.py --only latency" + (" --full" if args.full else "")
                + (f" --latency-rounds {args.latency_rounds}" if args.latency_rounds != 3 else ""))
-    rates: dict = {}
-    maxima: dict = {}
+    rate = None
+    maximum = None
     rows: dict = {}
     c1: dict = {}
-
-    def row_name(name, key, spin):
-        return f"{name}{'-spin' if spin and name == 'raw' else ''}"
-
     try:
-        for name, start, s, probe, runs in targets:
+        for name, start, s, probe in targets:
             sub = tmp / f"lat-{name}"
             sub.mkdir()
             procs = cmp.ProcSet(sub)
@@ -289,9 +284,9 @@ def part_latency(args, tmp: Path) -> list[dict]:
                 if probe:
                     wcmd = cmp.wrk_cmd(s, st.port, st.path, 64, s.duration)
                     wrk, _ = cmp.run_wrk(procs, wcmd, s.duration)
-                    rates[probe] = round(0.5 * wrk["req_per_s"])
-                    maxima[probe] = (wrk["req_per_s"], rel(wcmd), st.layout)
-                    log(f"{name} max {wrk['req_per_s']:,.0f} req/s → {probe} rate {rates[probe]:,}")
+                    rate = round(0.5 * wrk["req_per_s"])
+                    maximum = (wrk["req_per_s"], rel(wcmd), st.layout)
+                    log(f"{name} max {wrk['req_per_s']:,.0f} req/s → open loop at {rate:,}")
                 beside_server = s.pin.enabled and s.pin.backend == s.pin.server_cpu
                 backends = [p.popen.pid for p in st.backends]
                 # load CPU % is about the load CPU: a service beside the gateway is not on it
@@ -300,13 +295,12 @@ def part_latency(args, tmp: Path) -> list[dict]:
                          "backend": [] if beside_server else backends,
                          "beside": backends if beside_server else []}
                 for _ in range(args.latency_rounds):
-                    for key, spin in runs:
-                        lg = loadgen(["open", "--url", url, "--rate", str(rates[key]),
-                                      "--duration", str(run_s), "--connections", "32"]
-                                     + (["--spin"] if spin else []), pin, run_s + 60, sub, watch)
-                        procs.check_alive()
-                        lg["layout"] = st.layout
-                        rows.setdefault(row_name(name, key, spin), []).append(lg)
+                    lg = loadgen(["open", "--url", url, "--rate", str(rate), "--duration",
+                                  str(run_s), "--connections", "32", "--spin"],
+                                 pin, run_s + 60, sub, watch)
+                    procs.check_alive()
+                    lg["layout"] = st.layout
+                    rows.setdefault(name, []).append(lg)
                 lcmd = cmp.wrk_cmd(s, st.port, st.path, 1, lat1_s)
                 w1, _ = cmp.run_wrk(procs, lcmd, lat1_s)
                 c1[name] = (w1["p50_ms"], w1["p99_ms"], rel(lcmd))
@@ -317,12 +311,12 @@ def part_latency(args, tmp: Path) -> list[dict]:
         return [{"target": "3 latency overhead", "figure": f"FAILED: {str(exc).splitlines()[0]}",
                  "baseline": "-", "command": command}]
 
-    print("\n== 3. latency overhead, open loop at 50 % of a measured maximum")
-    for key, (mx, wcmd, layout) in maxima.items():
-        print(f"{key} rate {rates[key]:,} req/s = 50% of {mx:,.0f} req/s ({layout}; {wcmd})")
+    mx, wcmd, layout = maximum
+    print(f"\n== 3. latency overhead, open loop at {rate:,} req/s = 50% of {mx:,.0f} req/s "
+          f"({layout}; {wcmd})")
     print(f"{'row':<27}{'achieved':>9}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'p99.9 ms':>9}"
-          f"{'max ms':>8}{'gw µs/req':>10}{'gw CPU%':>8}{'svc CPU%':>9}{'load CPU%':>10}"
-          f"{'other%':>7}  errors")
+          f"{'max ms':>8}{'p99 due':>8}{'gw µs/req':>10}{'gw CPU%':>8}{'svc CPU%':>9}"
+          f"{'load CPU%':>10}{'other%':>7}  errors")
     for rname, runs_ in rows.items():
         for i, x in enumerate(runs_, 1):
             L = x["latency"]
@@ -330,10 +324,10 @@ def part_latency(args, tmp: Path) -> list[dict]:
             svc = x["beside_cpu_util"] if "svc@srv" in rname else x["backend_cpu_util"]
             print(f"{rname + f' #{i}':<27}{x['achieved_rate']:>9,.0f}{L['p50_ms']:>8.3f}{L['p90_ms']:>8.3f}"
                   f"{L['p99_ms']:>8.3f}{L['p99.9_ms']:>9.3f}{L['max_ms']:>8.3f}"
+                  f"{x['latency_from_schedule']['p99_ms']:>8.3f}"
                   f"{x['server_cpu_us_per_req']:>10.1f}{100 * x['server_cpu_util']:>8.0f}"
                   f"{100 * svc:>9.0f}{100 * x['load_cpu_util']:>10.0f}{100 * x['other_cpu_util']:>7.0f}"
                   f"  {err}" + ("  (generator fell behind its schedule)" if x.get("generator_behind") else ""))
-
     print("user / system CPU-µs per request, first round of each row (srv = the gateway or the "
           "raw server, svc = demo service, gen = generator):")
     for rname, runs_ in rows.items():
@@ -349,18 +343,15 @@ def part_latency(args, tmp: Path) -> list[dict]:
         return statistics.median(x["latency"][q] for x in rows[name])
 
     figs = []
-    for name, _, _, _, runs in targets[:-1]:
-        for key, spin in runs:
-            g, r = row_name(name, key, spin), row_name("raw", key, spin)
-            d50 = med(g, "p50_ms") - med(r, "p50_ms")
-            d99 = med(g, "p99_ms") - med(r, "p99_ms")
-            lo = min(x["latency"]["p99_ms"] for x in rows[g]) - med(r, "p99_ms")
-            hi = max(x["latency"]["p99_ms"] for x in rows[g]) - med(r, "p99_ms")
-            spread = f" [{lo * 1000:+.0f} .. {hi * 1000:+.0f}]" if len(rows[g]) > 1 else ""
-            print(f"overhead ({g} − {r}, medians of {len(rows[g])}): p50 {d50 * 1000:+.0f} µs, "
-                  f"p99 {d99 * 1000:+.0f} µs{spread}")
-            figs.append(f"{g} ({rates[key]:,}/s): {d50 * 1000:+.0f} µs p50, "
-                        f"{d99 * 1000:+.0f} µs p99{spread}")
+    for name, _, _, _ in targets[:-1]:
+        d50 = med(name, "p50_ms") - med("raw", "p50_ms")
+        d99 = med(name, "p99_ms") - med("raw", "p99_ms")
+        lo = min(x["latency"]["p99_ms"] for x in rows[name]) - med("raw", "p99_ms")
+        hi = max(x["latency"]["p99_ms"] for x in rows[name]) - med("raw", "p99_ms")
+        spread = f" [{lo * 1000:+.0f} .. {hi * 1000:+.0f}]" if len(rows[name]) > 1 else ""
+        print(f"overhead ({name} − raw, medians of {len(rows[name])}): p50 {d50 * 1000:+.0f} µs, "
+              f"p99 {d99 * 1000:+.0f} µs{spread}")
+        figs.append(f"{name} ({rate:,}/s): {d50 * 1000:+.0f} µs p50, {d99 * 1000:+.0f} µs p99{spread}")
     for name in c1:
         if name != "raw":
             d1 = c1[name][0] - c1["raw"][0]
@@ -368,9 +359,11 @@ def part_latency(args, tmp: Path) -> list[dict]:
                   f"({c1[name][0]:.3f} vs {c1['raw'][0]:.3f} ms)")
             figs.append(f"{name} 1 conn. p50 {d1 * 1000:+.0f} µs")
     print("latency = from the request's write to the end of its response, open loop (requests go "
-          "out on schedule, pipelined if need be; perf/openloop.pyx); gw = the gateway's "
+          "out on schedule, pipelined if need be; perf/openloop.pyx --spin); p99 due = p99 from "
+          "the moment each request was due (the generator's own lateness included); gw = the gateway's "
           "processes; svc = the demo service; load CPU % = generator + service when the service "
-          "is on the load CPU; other % = the rest of the machine (> ~10: disturbed)")
+          "is on the load CPU (the generator spins: ~100 %); other % = the rest of the machine "
+          "(> ~10: disturbed)")
     others = [x["other_cpu_util"] for runs_ in rows.values() for x in runs_]
     if max(others) > 0.1:
         print(f"WARNING: other processes used up to {100 * max(others):.0f}% "
@@ -380,9 +373,8 @@ def part_latency(args, tmp: Path) -> list[dict]:
     for name, (_, _, cmd1) in c1.items():
         print(f"{name} 1c: {cmd1}")
     print(f"command: {command}")
-    base = "; ".join(f"{n} p50 {med(n, 'p50_ms'):.3f} / p99 {med(n, 'p99_ms'):.3f} ms"
-                     for n in rows if n.startswith("raw"))
-    base += f"; raw 1 conn. p50 {c1['raw'][0]:.3f} ms"
+    base = (f"raw p50 {med('raw', 'p50_ms'):.3f} / p99 {med('raw', 'p99_ms'):.3f} ms; "
+            f"1 conn. p50 {c1['raw'][0]:.3f} ms")
     return [{"target": "3 latency overhead", "figure": "; ".join(figs), "baseline": base,
              "command": command}]
 

@@ -12,8 +12,8 @@ Two modes, one process, keep-alive connections to one URL on loopback:
   bottleneck, and the run says so). The loop is perf/openloop.pyx (``--engine c``, compiled on
   first use; ~75 % of a CPU at 41k req/s, most of it the kernel's); ``--engine python`` is
   the uvloop loop it replaced, which sends the due requests in bursts once per tick and
-  keeps its CPU 100 % busy. ``--spin``: the C loop polls instead of sleeping, for a
-  generator that has a CPU of its own.
+  keeps its CPU 100 % busy. ``--spin``: the C loop polls instead of sleeping and
+  yields the CPU between polls (its CPU never idles; see perf/openloop.pyx).
 * ``closed`` -- ``--connections`` × ``--depth`` requests in flight, each response
   answered with the next request, until ``--requests`` are done. With
   ``--dpop-key/--token`` each request carries ``Authorization: DPoP <token>`` and its own
@@ -488,8 +488,9 @@ def parse_args(argv=None):
                            help="c: the loop of perf/openloop.pyx (default; a few µs per "
                                 "request); python: the uvloop one (~24 µs per request)")
             p.add_argument("--spin", action="store_true",
-                           help="c engine: poll instead of sleeping between requests (a "
-                                "CPU of its own only: it keeps that CPU 100%% busy)")
+                           help="c engine: poll instead of sleeping, yielding the CPU between "
+                                "polls (its CPU never idles; a process sharing it still runs "
+                                "whenever it is ready)")
         else:
             p.add_argument("--requests", type=int, required=True)
             p.add_argument("--warmup-requests", type=int, default=0)
