@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -70,7 +71,8 @@ def test_decoder_is_jose_b64url_decode(compiled, part):
 @settings(max_examples=2000)
 def test_encoder_is_jose_b64url(compiled, data):
     assert compiled.b64url_c(data) == b64url(data)
-    assert compiled.b64url_decode_c(compiled.b64url_c(data).encode()) == data if data else True
+    if data:                              # "" is not base64url (an empty part is refused)
+        assert compiled.b64url_decode_c(compiled.b64url_c(data).encode()) == data
 
 
 def test_unused_low_bits_are_ignored_as_binascii_ignores_them(compiled):
@@ -155,7 +157,7 @@ def test_a_valid_proof_gives_the_same_result(compiled, client):
     t = twin.DpopVerifier(("ES256",), 60.0, 8192)
     got = outcome(c.check, proof, "GET", URL, ATH, client.jkt, NOW)
     assert got[0] == "ok" and got == outcome(t.check, proof, "GET", URL, ATH, client.jkt, NOW)
-    jti = __import__("json").loads(b64url_decode(proof.split(b".")[1]))["jti"]
+    jti = json.loads(b64url_decode(proof.split(b".")[1]))["jti"]
     assert got[2] == replay_key(client.jkt, jti)
 
 
