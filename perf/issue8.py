@@ -44,6 +44,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -272,6 +273,7 @@ def part_latency(args, tmp: Path) -> list[dict]:
     maximum = None
     rows: dict = {}
     c1: dict = {}
+    stalls = machine_stalls(run_s)
     try:
         for name, start, s, probe in targets:
             sub = tmp / f"lat-{name}"
@@ -316,7 +318,7 @@ def part_latency(args, tmp: Path) -> list[dict]:
           f"({layout}; {wcmd})")
     print(f"{'row':<27}{'achieved':>9}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'p99.9 ms':>9}"
           f"{'max ms':>8}{'p99 due':>8}{'gw µs/req':>10}{'gw CPU%':>8}{'svc CPU%':>9}"
-          f"{'load CPU%':>10}{'other%':>7}  errors")
+          f"{'load CPU%':>10}{'other%':>7}{'stops':>10}  errors")
     for rname, runs_ in rows.items():
         for i, x in enumerate(runs_, 1):
             L = x["latency"]
@@ -327,7 +329,7 @@ def part_latency(args, tmp: Path) -> list[dict]:
                   f"{x['latency_from_schedule']['p99_ms']:>8.3f}"
                   f"{x['server_cpu_us_per_req']:>10.1f}{100 * x['server_cpu_util']:>8.0f}"
                   f"{100 * svc:>9.0f}{100 * x['load_cpu_util']:>10.0f}{100 * x['other_cpu_util']:>7.0f}"
-                  f"  {err}" + ("  (generator fell behind its schedule)" if x.get("generator_behind") else ""))
+                  f"{x['stops']['count']:>4} {x['stops']['max_ms']:>5.1f}  {err}" + ("  (generator fell behind its schedule)" if x.get("generator_behind") else ""))
     print("user / system CPU-µs per request, first round of each row (srv = the gateway or the "
           "raw server, svc = demo service, gen = generator):")
     for rname, runs_ in rows.items():
@@ -342,6 +344,12 @@ def part_latency(args, tmp: Path) -> list[dict]:
     def med(name, q):
         return statistics.median(x["latency"][q] for x in rows[name])
 
+    def stops(name):
+        runs_ = rows[name]
+        return (f"{name} {statistics.median(x['stops']['count'] for x in runs_):.0f} a round, "
+                f"{statistics.median(x['stops']['total_ms'] for x in runs_):.0f} ms in all "
+                f"(longest {max(x['stops']['max_ms'] for x in runs_):.1f} ms)")
+
     figs = []
     for name, _, _, _ in targets[:-1]:
         d50 = med(name, "p50_ms") - med("raw", "p50_ms")
@@ -352,6 +360,10 @@ def part_latency(args, tmp: Path) -> list[dict]:
         print(f"overhead ({name} − raw, medians of {len(rows[name])}): p50 {d50 * 1000:+.0f} µs, "
               f"p99 {d99 * 1000:+.0f} µs{spread}")
         figs.append(f"{name} ({rate:,}/s): {d50 * 1000:+.0f} µs p50, {d99 * 1000:+.0f} µs p99{spread}")
+    print("the request path stopped (≥ 1 ms with requests outstanding and no response; "
+          "median of the rounds): " + ", ".join(stops(name) for name in rows))
+    if stalls:
+        print(f"the machine alone, before the rows ({stalls['cmd']}): " + stalls["text"])
     for name in c1:
         if name != "raw":
             d1 = c1[name][0] - c1["raw"][0]
@@ -363,7 +375,8 @@ def part_latency(args, tmp: Path) -> list[dict]:
           "the moment each request was due (the generator's own lateness included); gw = the gateway's "
           "processes; svc = the demo service; load CPU % = generator + service when the service "
           "is on the load CPU (the generator spins: ~100 %); other % = the rest of the machine "
-          "(> ~10: disturbed)")
+          "(> ~10: disturbed); stops = how many times the request path stopped for ≥ 1 ms "
+          "(requests outstanding, no response), and the longest, ms")
     others = [x["other_cpu_util"] for runs_ in rows.values() for x in runs_]
     if max(others) > 0.1:
         print(f"WARNING: other processes used up to {100 * max(others):.0f}% "
@@ -375,8 +388,37 @@ def part_latency(args, tmp: Path) -> list[dict]:
     print(f"command: {command}")
     base = (f"raw p50 {med('raw', 'p50_ms'):.3f} / p99 {med('raw', 'p99_ms'):.3f} ms; "
             f"1 conn. p50 {c1['raw'][0]:.3f} ms")
+    figs.append("stops ≥ 1 ms a round: " + ", ".join(stops(name) for name in rows))
+    if stalls:
+        figs.append("the machine alone: " + stalls["text"])
     return [{"target": "3 latency overhead", "figure": "; ".join(figs), "baseline": base,
              "command": command}]
+
+
+def machine_stalls(seconds: float) -> dict | None:
+    """Spin on every usable CPU at once for `seconds` (perf/loadgen.py hiccups, pinned) and
+    say how often and how long each CPU was taken away: the floor under any tail measured
+    on this machine. Nothing else of ours runs meanwhile."""
+    if not shutil.which("taskset"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    procs = [subprocess.Popen(["taskset", "-c", str(cpu), PY, str(PERF_DIR / "loadgen.py"),
+                               "hiccups", "--duration", str(seconds)],
+                              cwd=REPO_DIR, env=_procs.py_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for cpu in cpus]
+    parts = []
+    for cpu, p in zip(cpus, procs):
+        try:
+            out, err = p.communicate(timeout=seconds + 120)
+            doc = json.loads(out.splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError):
+            p.kill()
+            return None
+        parts.append(f"CPU {cpu}: {doc['count']} stalls ≥ {doc['threshold_us']:.0f} µs, "
+                     f"{doc['total_ms']:.1f} ms in all ({100 * doc['share']:.2f} %), longest "
+                     f"{doc['max_ms']:.1f} ms")
+    return {"text": "; ".join(parts),
+            "cmd": f"taskset -c N python perf/loadgen.py hiccups --duration {seconds:g}, every CPU at once"}
 
 
 # ---------------------------------------------------------------------------------------

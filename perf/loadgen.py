@@ -13,13 +13,17 @@ Two modes, one process, keep-alive connections to one URL on loopback:
   first use; ~75 % of a CPU at 41k req/s, most of it the kernel's); ``--engine python`` is
   the uvloop loop it replaced, which sends the due requests in bursts once per tick and
   keeps its CPU 100 % busy. ``--spin``: the C loop polls instead of sleeping and
-  yields the CPU between polls (its CPU never idles; see perf/openloop.pyx).
+  yields the CPU between polls (its CPU never idles; see perf/openloop.pyx). ``stops``:
+  the spans of ≥ 1 ms in which requests were outstanding and no response came back.
 * ``closed`` -- ``--connections`` × ``--depth`` requests in flight, each response
   answered with the next request, until ``--requests`` are done. With
   ``--dpop-key/--token`` each request carries ``Authorization: DPoP <token>`` and its own
   **pre-minted DPoP proof** (``stellagw.devauth.premint``: proofs are single-use, so one
   per request; they are minted just before the run, as they go stale after the server's
   ``iat`` window).
+* ``hiccups`` -- no server: spin on this CPU for ``--duration`` seconds and report every gap
+  of ≥ ``--threshold-us`` in the spin's own progress (the CPU was taken away from it). Run
+  pinned, it shows how often and how long that CPU stalls on this machine.
 
 Latencies go into HDR-like log-linear buckets (64 sub-buckets per power of two: < 1.6 %
 error at any magnitude). Output: one JSON document on stdout (``--json-out`` also writes it
@@ -28,6 +32,7 @@ waits for a line on stdin, runs, prints ``done`` and then the JSON -- so a harne
 the server's CPU exactly around the measured window.
 
     python perf/loadgen.py open --url http://127.0.0.1:8081/ --rate 10000 --duration 10
+    taskset -c 0 python perf/loadgen.py hiccups --duration 5
     python perf/loadgen.py closed --url http://127.0.0.1:8080/bench/hello --requests 50000 \\
         --dpop-key key.pem --token-file token.txt --htu http://127.0.0.1:8080/bench/hello
 
@@ -347,7 +352,25 @@ def open_loop_c(args, request: bytes, handshake) -> dict:
         "schedule_lag_max_ms": round(raw["lag_max_ns"] / 1e6, 3),
         "schedule_lag_p99_ms": _ms(lag.percentile(99)),
         "generator_behind": raw["lag_max_ns"] > 50e6,
+        "stops": _stops(raw["stops"]["count"], raw["stops"]["total_ns"], raw["stops"]["max_ns"],
+                        wall),
     })
+
+
+def _stops(count: int, total_ns: int, max_ns: int, wall: float) -> dict:
+    return {"count": count, "total_ms": round(total_ns / 1e6, 3), "max_ms": round(max_ns / 1e6, 3),
+            "share": round(total_ns / 1e9 / wall, 5) if wall > 0 else None}
+
+
+def hiccups(args) -> dict:
+    gaps = load_openloop().hiccups(args.duration, int(args.threshold_us * 1000))
+    res = {"mode": "hiccups", "cpus": sorted(os.sched_getaffinity(0)),
+           "duration_s": args.duration, "threshold_us": args.threshold_us,
+           "gaps": [[round(at / 1e6, 3), round(gap / 1e6, 3)] for at, gap in gaps],
+           "errors": {}}
+    res.update(_stops(len(gaps), sum(g for _, g in gaps), max((g for _, g in gaps), default=0),
+                      args.duration))
+    return res
 
 
 async def _paced(run: Run, rate: float, duration: float) -> dict:
@@ -469,6 +492,11 @@ def dpop_source(args, method: str, path: str, netloc: str, count: int):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
+    hp = sub.add_parser("hiccups", help="no server: how often and how long this CPU stalls")
+    hp.add_argument("--duration", type=float, default=5.0)
+    hp.add_argument("--threshold-us", type=float, default=500.0,
+                    help="report gaps of at least this many µs (default 500)")
+    hp.add_argument("--json-out", metavar="PATH")
     for name in ("open", "closed"):
         p = sub.add_parser(name)
         p.add_argument("--url", required=True)
@@ -540,7 +568,9 @@ async def amain(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.mode == "open" and args.engine == "c":
+    if args.mode == "hiccups":
+        res = hiccups(args)
+    elif args.mode == "open" and args.engine == "c":
         _, _, path, netloc = _loopback_target(args.url)
 
         def handshake():

@@ -18,6 +18,13 @@ connection still has responses outstanding, so a slow server never slows the sen
 * from the moment it was due to the end of its response (``latency_from_schedule``,
   wrk2's measure: it also charges the generator's own lateness).
 
+It also reports the *stops*: spans of at least ``STOP_NS`` (1 ms) in which a request was
+outstanding and no response at all came back -- the server side made no progress (a
+stalled CPU, a paused VM, a process that was not scheduled). Each is measured from the
+later of the previous response and the write of the request that ends it, so it is a lower
+bound of the real stop. ``hiccups()`` measures the same thing without any server: a spin
+on one CPU that records every gap in its own progress (jHiccup's idea).
+
 Responses must carry ``Content-Length`` (the servers measured here all do); anything
 else is counted as an error and the connection is dropped. The sockets are connected in
 Python and handed over as file descriptors; the caller keeps them open and closes them.
@@ -86,6 +93,8 @@ cdef enum:
     NBUCKETS = 64 * 64
     MAX_HEADER = 65536       # a response head longer than this is an error
     RING = 65536             # outstanding requests per connection before it is an error
+    STOP_NS = 1000000        # no response for this long, with requests outstanding: a stop
+    MAX_GAPS = 100000        # hiccups() keeps at most this many gaps
 
 # error counters, named as loadgen.py names them
 cdef enum:
@@ -166,6 +175,8 @@ cdef class OpenLoop:
     cdef uint64_t completed
     cdef uint64_t sent
     cdef bint measuring
+    cdef uint64_t last_done      # when the last response came (or the measured run began)
+    cdef uint64_t stops, stop_total, stop_max
 
     def __cinit__(self, fds, bytes request):
         cdef int i
@@ -322,7 +333,7 @@ cdef class OpenLoop:
         cdef char *eol
         cdef int64_t length
         cdef int status
-        cdef uint64_t t
+        cdef uint64_t t, since
         while p < end:
             head_end = <char *>memmem(p, end - p, b"\r\n\r\n", 4)
             if head_end == NULL:
@@ -361,6 +372,13 @@ cdef class OpenLoop:
                 return
             t = now_ns()
             if self.measuring:
+                since = c.sent_at[c.head] if c.sent_at[c.head] > self.last_done else self.last_done
+                if t - since >= STOP_NS:
+                    self.stops += 1
+                    self.stop_total += t - since
+                    if t - since > self.stop_max:
+                        self.stop_max = t - since
+                self.last_done = t
                 record(self.lat, t - c.sent_at[c.head])
                 record(self.sched, t - c.due_at[c.head])
                 self.statuses[status] += 1
@@ -409,6 +427,7 @@ cdef class OpenLoop:
         cdef int rr = 0
         self.measuring = measuring
         start = now_ns()
+        self.last_done = start
         end = start + <uint64_t>(duration * 1e9)
         while True:
             now = now_ns()
@@ -472,9 +491,35 @@ cdef class OpenLoop:
             "latency_from_schedule": _hist(self.sched),
             "lag": _hist(self.lag),
             "lag_max_ns": self.lag_max,
+            "stops": {"count": self.stops, "total_ns": self.stop_total, "max_ns": self.stop_max},
         }
 
 
 cdef dict _hist(Hist *h):
     return {"counts": {i: h.counts[i] for i in range(NBUCKETS) if h.counts[i]},
             "n": h.n, "total": h.total, "max": h.max, "min": h.min if h.n else None}
+
+
+def hiccups(double seconds, uint64_t threshold_ns):
+    """Spin for ``seconds`` reading the clock; every gap of at least ``threshold_ns`` between
+    two readings (the CPU was taken away: another task, a kernel thread, the hypervisor)
+    is returned as (offset ns from the start, gap ns), at most MAX_GAPS of them."""
+    cdef uint64_t start = now_ns()
+    cdef uint64_t end = start + <uint64_t>(seconds * 1e9)
+    cdef uint64_t prev = start, t
+    cdef uint64_t *gaps = <uint64_t *>malloc(2 * MAX_GAPS * sizeof(uint64_t))
+    cdef Py_ssize_t n = 0, i
+    if gaps == NULL:
+        raise MemoryError()
+    with nogil:
+        while prev < end:
+            t = now_ns()
+            if t - prev >= threshold_ns and n < MAX_GAPS:
+                gaps[2 * n] = prev - start
+                gaps[2 * n + 1] = t - prev
+                n += 1
+            prev = t
+    try:
+        return [(gaps[2 * i], gaps[2 * i + 1]) for i in range(n)]
+    finally:
+        free(gaps)

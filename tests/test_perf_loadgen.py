@@ -3,11 +3,14 @@
 The latency figures of issue 8 come from this generator, so what it counts is checked
 here: every request it sends is answered and counted once, responses split or coalesced
 across reads are parsed, what it cannot parse is an error (never a silent success), and
-its histogram buckets are loadgen.Histogram's.
+its histogram buckets are loadgen.Histogram's. Its stop detector and ``hiccups`` mode (the
+figures that say how much of a tail is the machine's) are checked against a server that
+pauses and a CPU shared with a busy loop.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import subprocess
@@ -193,3 +196,51 @@ def test_a_server_that_closes_loses_its_outstanding_requests_as_errors():
     assert sum(errors.values()) == res["sent"] - 2
     assert set(errors) <= {"connection closed with requests outstanding",
                            "not sent: its connection was closed"}
+
+
+def test_a_server_that_pauses_is_reported_as_a_stop():
+    paused, answered, server = [], {}, threading.Lock()
+
+    def reply(conn, seen):
+        with server:              # one server: while it sleeps, no connection is answered
+            if seen >= 25 and not paused:
+                paused.append(seen)
+                time.sleep(0.08)  # the request path makes no progress for 80 ms
+            conn.sendall(OK * (seen - answered.get(conn, 0)))
+            answered[conn] = seen
+
+    rc, res = run_against(reply, "--rate", "1000", "--duration", "0.3", "--connections", "2")
+    assert rc == 0, res["errors"]
+    assert paused and res["completed"] == res["sent"] == 300
+    stops = res["stops"]
+    assert stops["count"] >= 1
+    # a lower bound of the pause: from the later of the last response and the stalled
+    # request's write, and that request was written after the previous response
+    assert 60 <= stops["max_ms"] <= stops["total_ms"]
+    assert stops["share"] == pytest.approx(stops["total_ms"] / 1000 / res["wall_s"], rel=0.01)
+
+
+def test_hiccups_sees_the_time_another_task_takes_its_cpu():
+    """Two CPU-bound processes on one CPU: the scheduler gives each about half, so the
+    spin must report gaps adding up to a good part of its run."""
+    cpu = min(os.sched_getaffinity(0))
+
+    def pin():
+        os.sched_setaffinity(0, {cpu})
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time\ne = time.time() + 20\n"
+                             "while time.time() < e: pass"], preexec_fn=pin)
+    try:
+        p = subprocess.run([sys.executable, str(PERF / "loadgen.py"), "hiccups", "--duration",
+                            "1.0", "--threshold-us", "200"], capture_output=True, text=True,
+                           timeout=120, preexec_fn=pin)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.splitlines()[-1])
+    assert res["cpus"] == [cpu]
+    assert res["count"] == len(res["gaps"]) >= 1
+    assert res["total_ms"] == pytest.approx(sum(g for _, g in res["gaps"]), abs=0.01 * res["count"])
+    assert res["share"] >= 0.2
+    assert all(0 <= at < 1000 and gap >= 0.2 for at, gap in res["gaps"])
