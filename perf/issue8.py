@@ -56,6 +56,9 @@ from pathlib import Path
 PERF_DIR = Path(__file__).resolve().parent
 REPO_DIR = PERF_DIR.parent
 sys.path.insert(0, str(PERF_DIR))
+# the auth part builds a DevAuthority in this process: the checkout's stellagw, as the
+# processes it starts get through PYTHONPATH (_procs.py_env), whatever is installed
+sys.path.insert(1, str(REPO_DIR))
 
 import _procs  # noqa: E402  (perf/_procs.py: process handling, ports)
 import compare as cmp  # noqa: E402  (perf/compare.py: targets, pinning, wrk, CPU figures)
