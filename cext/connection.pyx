@@ -43,6 +43,7 @@ cdef object _decode_response_block = fr.decode_response_block
 cdef object _decode_stream_data = fr.decode_stream_data
 cdef int _REQUEST_STREAM_DATA = fr.REQUEST_STREAM_DATA
 cdef object _perf_counter = perf_counter
+cdef Py_ssize_t _WRITE_BATCH = fr.WRITE_BATCH
 
 
 @cython.final
@@ -423,9 +424,7 @@ cdef class ServiceConnection:
         if streamed:
             pending.body = body
             self._send_body(pending)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush_cb)
+        self._schedule_flush()
         self._arm(pending, timeout)
         req.pending = pending
 
@@ -503,7 +502,9 @@ cdef class ServiceConnection:
         frames[ftype] = frames.get(ftype, 0) + n
 
     cdef _schedule_flush(self):
-        if not self._flush_scheduled:
+        if len(self._encoder) >= _WRITE_BATCH:
+            self._flush()       # a burst: let the service start on it (frame.WRITE_BATCH)
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_cb)
 

@@ -15,7 +15,7 @@ Usage::
 
     enc = FrameEncoder()                    # one per connection
     enc.request(corr, "GET", "/x", b"", [(b"host", b"a")], 5000, FLAG_END_STREAM, b"")
-    transport.write(enc.take())             # once per loop iteration, all frames at once
+    transport.write(enc.take())             # once per loop iteration, or at WRITE_BATCH bytes
 """
 from __future__ import annotations
 
@@ -33,6 +33,15 @@ MAX_HEADERS = _m.MAX_HEADERS
 MAX_METHOD_LENGTH = _m.MAX_METHOD_LENGTH
 ZERO_COPY_MIN = _m.ZERO_COPY_MIN
 ZERO_CORR = _m.ZERO_CORR
+
+# Bytes of frames a connection holds before it writes them. The frames produced in one loop
+# iteration go out in one write (one syscall, one wake-up of the peer), but a burst -- the
+# backlog after a stall -- written as one block makes the two ends take turns: the peer
+# starts on the first request only once the last is encoded, and then the writer waits for
+# it. Past this many bytes (~15 small requests) the block goes out at once and the peer
+# works on it while the rest is produced. The drain after each stall of the machine is
+# what made the p99 at 50 % load (docs/hot-path.md, perf/README.md).
+WRITE_BATCH = 4096
 
 HELLO = _m.HELLO
 HEARTBEAT = _m.HEARTBEAT

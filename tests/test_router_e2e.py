@@ -397,3 +397,65 @@ def test_sdk_finds_a_gateway_added_behind_its_name_later(tmp_path):
         first.stop()
         if second is not None:
             second.stop()
+
+
+class _Recording:
+    """A service connection's transport that records the size of every write."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.sizes = []
+
+    def write(self, data):
+        self.sizes.append(len(data))
+        self.transport.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.transport, name)
+
+
+def test_a_burst_goes_to_the_service_in_bounded_writes_and_every_request_is_answered():
+    """Requests that arrive together are written to the service together, but never more
+    than frame.WRITE_BATCH bytes (plus the frame that crossed it) at once: the service
+    starts on the first of a burst while the gateway encodes the rest (perf/README.md)."""
+    from stellagw import frame as fr
+    from .gwtest import GatewayThread, settings_from
+    gw = GatewayThread(settings_from("gateway: {http: {port: 0}}")).start()
+    svc = subprocess.Popen([sys.executable, "-m", "tests.services", "--name", "wb", "--gateway",
+                            f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
+    clients = []
+    try:
+        assert wait_for(lambda: request(gw.port, b"GET /t/wb/whoami HTTP/1.1\r\n\r\n")[0] == 200, 15)
+        req = b"GET /t/wb/whoami HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"p" * 200 + b"\r\n\r\n"
+        for _ in range(60):
+            s = connect(gw.port, timeout=15)
+            s.sendall(req)
+            assert read_response(s)[0] == 200
+            clients.append(s)
+        conn = gw.call(lambda: next(iter(gw.worker.hub.connections)))
+        rec = _Recording(conn.transport)
+        gw.call(setattr, conn, "transport", rec)
+        # Hold the gateway's loop while every client sends: it then reads all 60 requests
+        # in one turn of the loop, the burst that follows a stall.
+        held = threading.Event()
+
+        def hold():
+            held.set()
+            time.sleep(0.5)
+        gw.loop.call_soon_threadsafe(hold)
+        assert held.wait(5)
+        for s in clients:
+            s.sendall(req)
+        assert all(read_response(s)[0] == 200 for s in clients)
+        sizes = gw.call(lambda: list(rec.sizes))
+        gw.call(setattr, conn, "transport", rec.transport)
+        # 60 frames of > 250 bytes: more than one write, none much over the bound
+        assert sum(sizes) > 60 * 250 > 2 * fr.WRITE_BATCH
+        assert len(sizes) >= 2
+        assert max(sizes) < fr.WRITE_BATCH + 1024, sizes
+    finally:
+        for s in clients:
+            s.close()
+        svc.terminate()
+        svc.wait(10)
+        gw.stop()

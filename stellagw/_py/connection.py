@@ -387,9 +387,7 @@ class ServiceConnection(asyncio.Protocol):
         if streamed:
             pending.body = body
             self._send_body(pending)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._schedule_flush()
         self._hub.arm(pending, timeout)
         req.pending = pending
 
@@ -469,7 +467,9 @@ class ServiceConnection(asyncio.Protocol):
         frames[ftype] = frames.get(ftype, 0) + n
 
     def _schedule_flush(self):
-        if not self._flush_scheduled:
+        if len(self._encoder) >= fr.WRITE_BATCH:
+            self._flush()       # a burst: let the service start on it (frame.WRITE_BATCH)
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 

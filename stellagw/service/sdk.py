@@ -729,7 +729,9 @@ class _Link(asyncio.Protocol):
             self._window_waiters.pop(corr, None)
 
     def _schedule_flush(self):
-        if not self._flush_scheduled:
+        if len(self._encoder) >= fr.WRITE_BATCH:
+            self._flush()       # a burst: let the gateway start on it (frame.WRITE_BATCH)
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
