@@ -15,6 +15,9 @@ Two modes, one process, keep-alive connections to one URL on loopback:
   keeps its CPU 100 % busy. ``--spin``: the C loop polls instead of sleeping and
   yields the CPU between polls (its CPU never idles; see perf/openloop.pyx). ``stops``:
   the spans of ≥ 1 ms in which requests were outstanding and no response came back.
+  ``--back-to-back``: closed loop instead (one request in flight per connection, the next
+  sent as its response ends, as wrk does), e.g. one connection's round trip with a client
+  whose CPU never idles (``--spin``).
 * ``closed`` -- ``--connections`` × ``--depth`` requests in flight, each response
   answered with the next request, until ``--requests`` are done. With
   ``--dpop-key/--token`` each request carries ``Authorization: DPoP <token>`` and its own
@@ -331,11 +334,17 @@ def open_loop_c(args, request: bytes, handshake) -> dict:
             sock.setblocking(False)
             socks.append(sock)
         ol = openloop.OpenLoop([sk.fileno() for sk in socks], request)
+        if args.back_to_back:
+            def run(seconds, measuring):
+                return ol.back_to_back(seconds, measuring, args.spin)
+        else:
+            def run(seconds, measuring):
+                return ol.paced(args.rate, seconds, measuring, args.spin)
         if args.warmup > 0:
-            ol.paced(args.rate, args.warmup, False, args.spin)
+            run(args.warmup, False)
             ol.drain(args.drain)
         handshake()
-        sent, wall = ol.paced(args.rate, args.duration, True, args.spin)
+        sent, wall = run(args.duration, True)
         ol.drain(args.drain)
         raw = ol.result(args.drain)
     finally:
@@ -347,7 +356,8 @@ def open_loop_c(args, request: bytes, handshake) -> dict:
     run.errors.update(raw["errors"])
     lag = Histogram.from_counts(raw["lag"])
     return _result(args, run, run.hist, wall, extra={
-        "mode": "open", "engine": "c", "offered_rate": args.rate, "sent": sent,
+        "mode": "back-to-back" if args.back_to_back else "open", "engine": "c",
+        "offered_rate": args.rate, "sent": sent,
         "latency_from_schedule": Histogram.from_counts(raw["latency_from_schedule"]).summary_ms(),
         "schedule_lag_max_ms": round(raw["lag_max_ns"] / 1e6, 3),
         "schedule_lag_p99_ms": _ms(lag.percentile(99)),
@@ -508,7 +518,12 @@ def parse_args(argv=None):
         p.add_argument("--max-seconds", type=float, default=120.0,
                        help="hard bound of the measured run (default 120)")
         if name == "open":
-            p.add_argument("--rate", type=float, required=True, help="requests per second")
+            p.add_argument("--rate", type=float, help="requests per second (required but with "
+                           "--back-to-back)")
+            p.add_argument("--back-to-back", action="store_true",
+                           help="c engine: closed loop instead, one request in flight per "
+                                "connection, the next sent as its response ends (wrk's "
+                                "pattern; with --spin the client's CPU never idles)")
             p.add_argument("--duration", type=float, default=10.0)
             p.add_argument("--warmup", type=float, default=1.0, help="seconds at the rate, not recorded")
             p.add_argument("--drain", type=float, default=5.0)
@@ -527,6 +542,10 @@ def parse_args(argv=None):
             p.add_argument("--token-file", metavar="FILE", help="DPoP-bound access token")
             p.add_argument("--htu", help="the proofs' htu (the gateway's publicOrigin + path)")
     args = ap.parse_args(argv)
+    if args.mode == "open" and args.back_to_back and args.engine != "c":
+        ap.error("--back-to-back needs --engine c")
+    if args.mode == "open" and args.rate is None and not args.back_to_back:
+        ap.error("open: --rate is required (or --back-to-back)")
     if args.mode == "open":
         args.max_seconds = max(args.max_seconds, args.duration + args.warmup + args.drain + 10)
     return args

@@ -177,6 +177,8 @@ cdef class OpenLoop:
     cdef bint measuring
     cdef uint64_t last_done      # when the last response came (or the measured run began)
     cdef uint64_t stops, stop_total, stop_max
+    cdef bint chain              # back_to_back(): each response sends the next request
+    cdef uint64_t chain_end
 
     def __cinit__(self, fds, bytes request):
         cdef int i
@@ -385,6 +387,8 @@ cdef class OpenLoop:
                 self.completed += 1
             c.head = (c.head + 1) % RING
             c.count -= 1
+            if self.chain and t < self.chain_end:
+                self.send(c, t)
         c.inlen = end - p
         if c.inlen:
             memmove(c.inbuf, p, c.inlen)
@@ -458,6 +462,30 @@ cdef class OpenLoop:
             else:
                 self.poll(nxt - now if nxt > now else 0)
         return sent, (now_ns() - start) / 1e9
+
+    def back_to_back(self, double duration, bint measuring, bint spin=False):
+        """Closed loop for ``duration`` seconds: one request in flight per connection, the
+        next sent the moment its response ends (wrk's pattern); returns (sent, wall
+        seconds). ``spin`` as for paced(): this CPU never idles between the requests."""
+        cdef uint64_t start, end
+        cdef uint64_t sent0 = self.sent
+        cdef int i
+        self.measuring = measuring
+        start = now_ns()
+        end = start + <uint64_t>(duration * 1e9)
+        self.last_done = start
+        self.chain = True
+        self.chain_end = end
+        for i in range(self.nconn):
+            self.send(&self.conns[i], now_ns())
+        while now_ns() < end:
+            if spin:
+                if self.poll(0) == 0:
+                    sched_yield()
+            else:
+                self.poll(end - now_ns() if end > now_ns() else 0)
+        self.chain = False
+        return self.sent - sent0, (now_ns() - start) / 1e9
 
     def drain(self, double seconds):
         """Read responses until none is outstanding or ``seconds`` pass; returns how many

@@ -244,3 +244,27 @@ def test_hiccups_sees_the_time_another_task_takes_its_cpu():
     assert res["total_ms"] == pytest.approx(sum(g for _, g in res["gaps"]), abs=0.01 * res["count"])
     assert res["share"] >= 0.2
     assert all(0 <= at < 1000 and gap >= 0.2 for at, gap in res["gaps"])
+
+
+def test_back_to_back_keeps_one_request_in_flight_per_connection():
+    in_flight = []
+
+    def reply(conn, seen):
+        in_flight.append(seen - reply.answered.get(conn, 0))
+        conn.sendall(OK * (seen - reply.answered.get(conn, 0)))
+        reply.answered[conn] = seen
+
+    reply.answered = {}
+    rc, res = run_against(reply, "--back-to-back", "--spin", "--duration", "0.3",
+                          "--connections", "1")
+    assert rc == 0, res["errors"]
+    assert res["mode"] == "back-to-back"
+    assert res["completed"] == res["sent"] > 50
+    assert max(in_flight) == 1            # never a second request before the answer
+    assert res["latency"]["count"] == res["completed"]
+
+
+def test_open_needs_a_rate_unless_back_to_back():
+    p = subprocess.run([sys.executable, str(PERF / "loadgen.py"), "open", "--url",
+                        "http://127.0.0.1:1/"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--rate is required" in p.stderr
