@@ -43,7 +43,8 @@ cdef object _decode_response_block = fr.decode_response_block
 cdef object _decode_stream_data = fr.decode_stream_data
 cdef int _REQUEST_STREAM_DATA = fr.REQUEST_STREAM_DATA
 cdef object _perf_counter = perf_counter
-cdef Py_ssize_t _WRITE_BATCH = fr.WRITE_BATCH
+cdef int _WRITE_BATCH = fr.WRITE_BATCH
+cdef Py_ssize_t _WRITE_BATCH_BYTES = fr.WRITE_BATCH_BYTES
 
 
 @cython.final
@@ -94,6 +95,7 @@ cdef class ServiceConnection:
     # -- per connection
     cdef object _decoder, _encoder, _hello_timer, _arm, _flush_cb, _scheme
     cdef bint _flush_scheduled
+    cdef int _batched           # frames encoded since the last write
     cdef bytes _corr_prefix
     cdef unsigned long long _corr_next
 
@@ -502,7 +504,8 @@ cdef class ServiceConnection:
         frames[ftype] = frames.get(ftype, 0) + n
 
     cdef _schedule_flush(self):
-        if len(self._encoder) >= _WRITE_BATCH:
+        self._batched += 1
+        if self._batched >= _WRITE_BATCH or len(self._encoder) >= _WRITE_BATCH_BYTES:
             self._flush()       # a burst: let the service start on it (frame.WRITE_BATCH)
         elif not self._flush_scheduled:
             self._flush_scheduled = True
@@ -510,6 +513,7 @@ cdef class ServiceConnection:
 
     def _flush(self):
         self._flush_scheduled = False
+        self._batched = 0
         if self._encoder.__len__() and self.transport is not None and self.state != CLOSED:
             self.transport.write(self._encoder.take())
 

@@ -86,6 +86,7 @@ class ServiceConnection(asyncio.Protocol):
         self._decoder = fr.FrameDecoder(hub.max_frame_size)
         self._encoder = fr.FrameEncoder(hub.max_frame_size)
         self._flush_scheduled = False
+        self._batched = 0           # frames encoded since the last write
         self.inflight: dict[bytes, Pending] = {}
         self._corr_prefix = os.urandom(8)
         self._corr_next = 0
@@ -467,7 +468,8 @@ class ServiceConnection(asyncio.Protocol):
         frames[ftype] = frames.get(ftype, 0) + n
 
     def _schedule_flush(self):
-        if len(self._encoder) >= fr.WRITE_BATCH:
+        self._batched += 1
+        if self._batched >= fr.WRITE_BATCH or len(self._encoder) >= fr.WRITE_BATCH_BYTES:
             self._flush()       # a burst: let the service start on it (frame.WRITE_BATCH)
         elif not self._flush_scheduled:
             self._flush_scheduled = True
@@ -475,6 +477,7 @@ class ServiceConnection(asyncio.Protocol):
 
     def _flush(self):
         self._flush_scheduled = False
+        self._batched = 0
         if self._encoder.__len__() and self.transport is not None and self.state != CLOSED:
             self.transport.write(self._encoder.take())
 

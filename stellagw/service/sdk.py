@@ -567,6 +567,7 @@ class _Link(asyncio.Protocol):
         self._decoder = fr.FrameDecoder()
         self._encoder = fr.FrameEncoder()
         self._flush_scheduled = False
+        self._batched = 0                   # frames encoded since the last write
         self._windows: dict[bytes, int] = {}
         self._window_waiters: dict[bytes, asyncio.Future] = {}
         self._initial_window = DEFAULT_WINDOW
@@ -729,7 +730,8 @@ class _Link(asyncio.Protocol):
             self._window_waiters.pop(corr, None)
 
     def _schedule_flush(self):
-        if len(self._encoder) >= fr.WRITE_BATCH:
+        self._batched += 1
+        if self._batched >= fr.WRITE_BATCH or len(self._encoder) >= fr.WRITE_BATCH_BYTES:
             self._flush()       # a burst: let the gateway start on it (frame.WRITE_BATCH)
         elif not self._flush_scheduled:
             self._flush_scheduled = True
@@ -737,6 +739,7 @@ class _Link(asyncio.Protocol):
 
     def _flush(self):
         self._flush_scheduled = False
+        self._batched = 0
         if len(self._encoder) and self.transport is not None:
             self.transport.write(self._encoder.take())
 
