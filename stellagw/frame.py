@@ -41,8 +41,9 @@ ZERO_CORR = _m.ZERO_CORR
 # the writer waits for it. Past WRITE_BATCH frames the block goes out at once and the peer
 # works on it while the rest is produced. The drain after each stall of the machine is
 # what made the p99 at 50 % load (docs/hot-path.md, perf/README.md). Frames, not bytes:
-# what the peer waits for is the time each one takes to produce (a 4 KiB bound split
-# DPoP requests every 3 frames and cost ~2 µs a request at full load).
+# what the peer waits for is the time each one takes to produce (a 4 KiB bound split the
+# larger DPoP-authenticated requests into writes of a few frames: ~2 µs a request more at
+# full load).
 WRITE_BATCH = 16
 WRITE_BATCH_BYTES = 64 * 1024
 
