@@ -371,8 +371,9 @@ def part_latency(args, tmp: Path) -> list[dict]:
         print(f"overhead ({name} − raw, medians of {len(rows[name])}): p50 {d50 * 1000:+.0f} µs, "
               f"p99 {d99 * 1000:+.0f} µs{spread}")
         figs.append(f"{name} ({rate:,}/s): {d50 * 1000:+.0f} µs p50, {d99 * 1000:+.0f} µs p99{spread}")
+    stop_text = ", ".join(stops(name) for name in rows)
     print("the request path stopped (≥ 1 ms with requests outstanding and no response; "
-          "median of the rounds): " + ", ".join(stops(name) for name in rows))
+          "median of the rounds): " + stop_text)
     if stalls:
         print(f"the machine alone, before the rows ({stalls['cmd']}): " + stalls["text"])
     for name in c1:
@@ -402,7 +403,7 @@ def part_latency(args, tmp: Path) -> list[dict]:
     print(f"command: {command}")
     base = (f"raw p50 {med('raw', 'p50_ms'):.3f} / p99 {med('raw', 'p99_ms'):.3f} ms; "
             f"1 conn. p50 {c1s['raw'][0]:.3f} ms (wrk -c1 {c1['raw'][0]:.3f})")
-    figs.append("stops ≥ 1 ms a round: " + ", ".join(stops(name) for name in rows))
+    figs.append("stops ≥ 1 ms a round: " + stop_text)
     if stalls:
         figs.append("the machine alone: " + stalls["text"])
     return [{"target": "3 latency overhead", "figure": "; ".join(figs), "baseline": base,
@@ -423,10 +424,12 @@ def machine_stalls(seconds: float) -> dict | None:
     parts = []
     for cpu, p in zip(cpus, procs):
         try:
-            out, err = p.communicate(timeout=seconds + 120)
+            out, _ = p.communicate(timeout=seconds + 120)
             doc = json.loads(out.splitlines()[-1])
         except (subprocess.TimeoutExpired, ValueError, IndexError):
-            p.kill()
+            for q in procs:     # no spinner may outlive this: it would take a CPU from the rows
+                q.kill()
+                q.wait()
             return None
         parts.append(f"CPU {cpu}: {doc['count']} stalls ≥ {doc['threshold_us']:.0f} µs, "
                      f"{doc['total_ms']:.1f} ms in all ({100 * doc['share']:.2f} %), longest "

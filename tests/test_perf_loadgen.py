@@ -247,14 +247,13 @@ def test_hiccups_sees_the_time_another_task_takes_its_cpu():
 
 
 def test_back_to_back_keeps_one_request_in_flight_per_connection():
-    in_flight = []
+    in_flight, answered = [], {}
 
     def reply(conn, seen):
-        in_flight.append(seen - reply.answered.get(conn, 0))
-        conn.sendall(OK * (seen - reply.answered.get(conn, 0)))
-        reply.answered[conn] = seen
+        in_flight.append(seen - answered.get(conn, 0))
+        conn.sendall(OK * (seen - answered.get(conn, 0)))
+        answered[conn] = seen
 
-    reply.answered = {}
     rc, res = run_against(reply, "--back-to-back", "--spin", "--duration", "0.3",
                           "--connections", "1")
     assert rc == 0, res["errors"]
