@@ -532,6 +532,153 @@ def test_differential_normalize_path(raw):
 
 
 # ---------------------------------------------------------------------------------------
+# Incremental updates: remove() leaves the router a fresh build of what remains would be
+
+
+def test_remove_returns_the_endpoint_and_the_route_stops_matching(R):
+    r = build(R, ("GET", "/a/{x}"), ("GET", "/a/b"), ("POST", "/a/b"))
+    assert r.remove("GET", "/a/b") == "GET /a/b"
+    assert r.match("GET", "/a/b") == (R.FOUND, "GET /a/{x}", {"x": "b"})
+    assert r.match("PUT", "/a/b") == (R.METHOD_NOT_ALLOWED, ("GET", "POST"), None)
+    assert r.remove("POST", "/a/b") == "POST /a/b"
+    assert r.match("PUT", "/a/b") == (R.METHOD_NOT_ALLOWED, ("GET",), None)
+    assert len(r) == 1 and r.routes() == [("GET", "/a/{x}", "GET /a/{x}")]
+
+
+def test_remove_of_what_is_not_routed_is_a_key_error_and_changes_nothing(R):
+    r = build(R, ("GET", "/a/{x}"))
+    for method, template in [("POST", "/a/{x}"), ("GET", "/a/{y}"), ("GET", "/a"), ("GET", "/")]:
+        with pytest.raises(KeyError):
+            r.remove(method, template)
+    assert r.routes() == [("GET", "/a/{x}", "GET /a/{x}")]
+    assert r.match("GET", "/a/1") == (R.FOUND, "GET /a/{x}", {"x": "1"})
+
+
+def test_remove_frees_the_shape_and_the_literal_index(R):
+    r = build(R, ("GET", "/"), ("GET", "/files/{*rest}"), ("GET", "/files"), ("GET", "/a/b/c"))
+    for method, template in [("GET", "/"), ("GET", "/files/{*rest}"), ("GET", "/files"),
+                             ("GET", "/a/b/c")]:
+        r.remove(method, template)
+    assert len(r) == 0
+    for path in ("/", "/files", "/files/", "/files/x/y", "/a/b/c", "/a/b/c/", "/a/b"):
+        assert r.match("GET", path) == (R.NOT_FOUND, None, None), path
+    r.add("GET", "/files/{*other}", 1)      # the shapes are free again, under any name
+    r.add("GET", "/a/b/c", 2)
+    assert r.match("GET", "/files/x") == (R.FOUND, 1, {"other": "x"})
+    assert r.match("GET", "/a/b/c/") == (R.FOUND, 2, None)
+
+
+def test_remove_prunes_the_tree():
+    r = build(py_radix, ("GET", "/a/{x}/b/c"), ("GET", "/a/{x}/{*r}"), ("POST", "/q"))
+    for method, template, _ in r.routes():
+        r.remove(method, template)
+    root = r._root
+    assert (root.literal, root.param, root.handlers, root.catchall) == (None, None, None, None)
+    assert r._static == {} and r._shapes == {} and r._routes == {}
+
+
+def test_remove_does_not_allocate_per_route_for_ever(R):
+    # 20,000 add/remove rounds: what remove() leaves behind is bounded.
+    import gc
+    import sys
+
+    def rounds(n):
+        for i in range(n):
+            r.add("POST", f"/svc/{i % 7}/{{id}}/x{i % 3}", i)
+            r.remove("POST", f"/svc/{i % 7}/{{id}}/x{i % 3}")
+    r = build(R, ("GET", "/keep/{x}"))
+    rounds(100)
+    gc.collect()
+    before = sys.getallocatedblocks()
+    rounds(20_000)
+    gc.collect()
+    assert sys.getallocatedblocks() - before < 50
+
+
+@st.composite
+def add_remove_sequences(draw):
+    """[("add", method, template) | ("remove", method, template)]: removals name routes
+    added before (the tests below track what is in), or, now and then, one that is not."""
+    ops, present = [], []
+    for _ in range(draw(st.integers(0, 24))):
+        if present and draw(st.integers(0, 2)) == 0:
+            method, template = present.pop(draw(st.integers(0, len(present) - 1)))
+            ops.append(("remove", method, template))
+        elif draw(st.integers(0, 9)) == 0:
+            ops.append(("remove", draw(st.sampled_from(_METHODS)), draw(templates(True))))
+        else:
+            method, template = draw(st.sampled_from(_METHODS)), draw(templates(True))
+            ops.append(("add", method, template))
+            present.append((method, template))
+    return ops
+
+
+def _apply(R, ops):
+    """Run the sequence; returns the router and the outcome of every step."""
+    router = R.Router()
+    outcome = []
+    for k, (op, method, template) in enumerate(ops):
+        try:
+            if op == "add":
+                router.add(method, template, k)
+                outcome.append(("ok",))
+            else:
+                outcome.append(("removed", router.remove(method, template)))
+        except R.RouteError as exc:
+            outcome.append(("error", str(exc)))
+        except KeyError:
+            outcome.append(("absent",))
+    return router, outcome
+
+
+def _fresh(R, router):
+    fresh = R.Router()
+    for method, template, endpoint in router.routes():
+        fresh.add(method, template, endpoint)
+    return fresh
+
+
+@pytest.mark.parametrize("name", IMPLS)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=add_remove_sequences(), qs=queries)
+def test_add_remove_sequences_match_a_fresh_build(name, ops, qs):
+    R = impl(name)
+    router, _ = _apply(R, ops)
+    fresh = _fresh(R, router)
+    assert router.routes() == fresh.routes() and len(router) == len(fresh)
+    for method, path in qs:
+        assert router.match(method, path) == fresh.match(method, path), (method, path)
+    # What is left can be taken out again, in any order, down to an empty router.
+    for method, template, endpoint in reversed(router.routes()):
+        assert router.remove(method, template) == endpoint
+    assert len(router) == 0
+    for method, path in qs:
+        assert router.match(method, path) == (R.NOT_FOUND, None, None)
+
+
+@needs_c
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=add_remove_sequences(), qs=queries)
+def test_differential_add_remove_sequences(ops, qs):
+    rc, oc = _apply(c_radix, ops)
+    rp, op = _apply(py_radix, ops)
+    assert oc == op
+    assert len(rc) == len(rp) and rc.routes() == rp.routes()
+    for method, path in qs:
+        assert rc.match(method, path) == rp.match(method, path), (method, path)
+
+
+@pytest.mark.parametrize("name", IMPLS)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=add_remove_sequences(), qs=queries)
+def test_add_remove_sequences_match_the_reference(name, ops, qs):
+    router, _ = _apply(impl(name), ops)
+    reference = ReferenceRouter(router.routes())
+    for method, path in qs:
+        assert router.match(method, path) == reference.match(method, path), (method, path)
+
+
+# ---------------------------------------------------------------------------------------
 # Reference: one regex per template, precedence as documented
 
 

@@ -173,14 +173,16 @@ class Router:
     def __init__(self):
         self._root = _Node()
         self._static = {}    # full literal path (with and without trailing '/') -> _Node
-        self._routes = []    # (method, template, endpoint) in insertion order
+        # (method, template) -> (method, template, endpoint), in insertion order; a dict so
+        # that remove() costs the same with 40,000 routes as with 4.
+        self._routes = {}
         self._shapes = {}    # (method, shape) -> template, for conflict messages
 
     def __len__(self):
         return len(self._routes)
 
     def routes(self):
-        return list(self._routes)
+        return list(self._routes.values())
 
     def add(self, method, template, endpoint):
         if not isinstance(method, str) or not _METHOD.match(method):
@@ -228,7 +230,59 @@ class Router:
                 if shape != "/":
                     self._static[shape + "/"] = node
         self._shapes[(method, shape)] = template
-        self._routes.append((method, template, endpoint))
+        self._routes[(method, template)] = (method, template, endpoint)
+
+    def remove(self, method, template):
+        """Take out the route added as (method, template) and return its endpoint; KeyError
+        when there is none. Matching afterwards is exactly that of a router built without
+        it: emptied nodes are pruned, the 405 tuples and the literal index follow."""
+        method, template, endpoint = self._routes.pop((method, template))
+        node = self._root
+        trail = []           # (parent, literal segment, or None for the parameter child)
+        shape = []
+        catch = False
+        # The template was valid when added, so its segments need no checking here.
+        for seg in (template[1:].split("/") if template != "/" else ()):
+            if seg[0] != "{":
+                shape.append(seg)
+                trail.append((node, seg))
+                node = node.literal[seg]
+            elif seg[1] == "*":
+                shape.append("{*}")
+                catch = True
+            else:
+                shape.append("{}")
+                trail.append((node, None))
+                node = node.param
+        shape = "/" + "/".join(shape)
+        del self._shapes[(method, shape)]
+        if catch:
+            del node.catchall[method]
+            if node.catchall:
+                node.catch_not_allowed = (METHOD_NOT_ALLOWED, tuple(sorted(node.catchall)), None)
+            else:
+                node.catchall = node.catch_not_allowed = None
+        else:
+            del node.handlers[method]
+            if node.handlers:
+                node.not_allowed = (METHOD_NOT_ALLOWED, tuple(sorted(node.handlers)), None)
+            else:
+                node.handlers = node.not_allowed = None
+                # match() reads the handlers of an indexed node without a check.
+                if shape in self._static:
+                    del self._static[shape]
+                    self._static.pop(shape + "/", None)
+        while trail and node.literal is None and node.param is None \
+                and node.handlers is None and node.catchall is None:
+            parent, seg = trail.pop()
+            if seg is None:
+                parent.param = None
+            else:
+                del parent.literal[seg]
+                if not parent.literal:
+                    parent.literal = None
+            node = parent
+        return endpoint
 
     def match(self, method, path):
         node = self._static.get(path)
