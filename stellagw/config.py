@@ -604,6 +604,9 @@ class RoutingSettings:
     streaming_buffer_size: int = _size_key("streamingBufferSize", 16384, low=1)
     neighbor_regions: tuple[str, ...] = _key(
         "neighborRegions", _list_of(_string(non_empty=True), split_env=True), [])
+    # How long a service stays known (its routes answer 503, not 404) after its last
+    # instance left a worker; 0 = never forgotten (docs/selection.md).
+    service_expiry: float = _duration_key("serviceExpiry", "10m")
 
 
 @_settings
