@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import time
 
 import pytest
 
@@ -21,15 +22,17 @@ def state(**kw):
 
 
 def test_register_match_and_unregister():
-    s = state()
+    s = state(service_expiry=0)
     inst = s.register(object(), hello())
     code, route, params = s.match("GET", "/api/v1/scans/42")
     assert code == FOUND and params == {"id": "42"} and route.service == "scanner"
     assert s.match("DELETE", "/api/v1/scans/42")[0] == METHOD_NOT_ALLOWED
     assert s.select(route)[0] is inst
     s.unregister(inst)
-    assert s.match("GET", "/api/v1/scans/42")[0] == NOT_FOUND
-    assert s.instances == {}
+    # The service stays known (503, not 404) after its last instance left.
+    code, kept, _ = s.match("GET", "/api/v1/scans/42")
+    assert code == FOUND and kept is route and s.select(route) is None
+    assert s.instances == {} and s.routes == {}
 
 
 @pytest.mark.parametrize("bad, why", [
@@ -133,3 +136,336 @@ def test_endpoints_update_replaces_the_connections_endpoints():
     assert s.match("GET", "/api/v1/scans/1")[0] == NOT_FOUND
     assert s.match("GET", "/api/v2/scans")[0] == FOUND
     assert len(s.instances) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# A service outlives its instances (503 until routing.serviceExpiry, then 404)
+
+
+def eps(*paths, method="GET"):
+    return [{"method": method, "path": p} for p in paths]
+
+
+def test_a_service_whose_last_instance_left_answers_503_until_it_expires():
+    s = state(service_expiry=60)
+    inst = s.register(object(), hello(endpoints=eps("/a/{id}", "/b")))
+    route = s.match("GET", "/a/1")[1]
+    s.unregister(inst)
+    code, kept, params = s.match("GET", "/a/1")
+    assert (code, kept, params) == (FOUND, route, {"id": "1"})
+    assert s.select(route) is None and s.select(route, "1.0.0") is None
+    assert kept.candidates[0][1].path == "/a/{id}"      # what the pipeline reads before 503
+    assert s.retry_after == b"retry-after: 5\r\n"
+    gone_at = s._departed["scanner"]
+    s.check_health(gone_at + 59)
+    assert s.match("GET", "/b")[0] == FOUND
+    s.check_health(gone_at + 61)
+    assert s.match("GET", "/a/1")[0] == NOT_FOUND and s.match("GET", "/b")[0] == NOT_FOUND
+    assert len(s.router) == 0 and s.services == {} and s._routes == {}
+
+
+def test_service_expiry_zero_never_forgets():
+    s = state(service_expiry=0)
+    s.unregister(s.register(object(), hello()))
+    s.check_health(10 ** 9)
+    assert s.match("POST", "/api/v1/scans")[0] == FOUND
+
+
+def test_a_service_that_comes_back_has_the_routes_its_instances_declare():
+    s = state(service_expiry=60)
+    s.unregister(s.register(object(), hello(endpoints=eps("/a/{id}", "/b"))))
+    route = s.match("GET", "/a/1")[1]
+    back = s.register(object(), hello(instance="i2", endpoints=eps("/a/{id}", "/c")))
+    assert s.match("GET", "/a/1")[1] is route and s.select(route)[0] is back
+    assert s.match("GET", "/b")[0] == NOT_FOUND        # no longer declared
+    assert s.match("GET", "/c")[0] == FOUND
+    assert "scanner" not in s._departed
+    s.check_health(time.monotonic() + 3600)             # not forgotten: it is back
+    assert s.match("GET", "/a/1")[0] == FOUND
+
+
+def test_a_hello_without_endpoints_keeps_the_departed_routes_until_it_declares_some():
+    s = state(service_expiry=60)
+    s.unregister(s.register(object(), hello(endpoints=eps("/a", "/b"))))
+    conn = object()
+    s.register(conn, {**hello(instance="i2"), "endpoints": []})
+    assert s.match("GET", "/a")[0] == FOUND and s.select(s.match("GET", "/a")[1]) is None
+    inst = s.register(conn, hello(instance="i2", endpoints=eps("/a")))   # ENDPOINTS_UPDATE
+    assert s.select(s.match("GET", "/a")[1])[0] is inst
+    assert s.match("GET", "/b")[0] == NOT_FOUND
+
+
+def test_another_service_cannot_take_a_departed_services_routes():
+    s = state(service_expiry=60)
+    s.unregister(s.register(object(), hello(endpoints=eps("/a"))))
+    with pytest.raises(HelloError, match="already served by service 'scanner'.*serviceExpiry"):
+        s.register(object(), hello(service="imposter", endpoints=eps("/a")))
+    s.check_health(time.monotonic() + 61)
+    s.register(object(), hello(service="newcomer", endpoints=eps("/a")))
+    assert s.match("GET", "/a")[1].service == "newcomer"
+
+
+def test_an_instance_leaving_others_takes_the_routes_only_it_declared():
+    s = state(service_expiry=60)
+    s.register(object(), hello(instance="i1", endpoints=eps("/a", "/b")))
+    second = s.register(object(), hello(instance="i2", endpoints=eps("/a", "/only-here")))
+    s.unregister(second)
+    assert s.match("GET", "/only-here")[0] == NOT_FOUND
+    assert s.match("GET", "/a")[0] == FOUND and s.match("GET", "/b")[0] == FOUND
+    assert s._departed == {}
+
+
+def test_the_routes_snapshot_changes_identity_only_with_registrations():
+    s = state(service_expiry=60)
+    inst = s.register(object(), hello(endpoints=eps("/a")))
+    snap = s.routes
+    assert s.routes is snap and list(snap) == [("GET", "/a")]
+    live = s.match("GET", "/a")[1]
+    assert snap[("GET", "/a")] is not live and snap[("GET", "/a")].candidates == live.candidates
+    s.heartbeat(inst, "Degraded", ping_ms=3.0)
+    assert s.routes is snap                             # health is not a registration change
+    other = s.register(object(), hello(instance="i2", endpoints=eps("/a")))
+    assert s.routes is not snap and len(s.routes[("GET", "/a")].candidates) == 2
+    assert len(snap[("GET", "/a")].candidates) == 1     # the old snapshot did not move
+    s.unregister(inst)
+    s.unregister(other)
+    assert s.routes == {}                               # departed routes are not published
+
+
+# ---------------------------------------------------------------------------------------
+# Registration at scale: the router changes in place, heartbeats leave rankings alone
+
+
+def test_the_router_is_changed_in_place_route_by_route():
+    s = state(service_expiry=0)
+    router = s.router
+    a = s.register(object(), hello(endpoints=eps("/a", "/a/{x}")))
+    b = s.register(object(), hello(service="policy", instance="p", endpoints=eps("/p")))
+    route = s.match("GET", "/a")[1]
+    s.register(object(), hello(instance="i2", endpoints=eps("/a", "/a/{x}")))
+    s.unregister(a)
+    assert s.router is router and s.match("GET", "/a")[1] is route
+    assert sorted(t for _, t, _ in router.routes()) == ["/a", "/a/{x}", "/p"]
+    assert all(ep is s._routes[(m, t)] for m, t, ep in router.routes())
+    s.unregister(b)
+    assert s.match("GET", "/p")[0] == FOUND and s.select(s.match("GET", "/p")[1]) is None
+
+
+def test_a_refused_template_takes_its_hello_siblings_out_of_the_router_again():
+    s = state()
+    s.register(object(), hello(service="policy", instance="p", endpoints=eps("/x/{key}")))
+    before = s.router.routes()
+    with pytest.raises(HelloError, match=r"/x/\{id\}"):
+        s.register(object(), hello(endpoints=eps("/new/one", "/new/two", "/x/{id}")))
+    assert s.router.routes() == before and s.match("GET", "/new/one")[0] == NOT_FOUND
+    assert "scanner" not in s.services
+
+
+def test_heartbeats_that_change_nothing_selection_sees_keep_every_ranking():
+    s = state(heartbeat_interval=10)
+    one = s.register(object(), hello(instance="one", endpoints=eps("/a")))
+    two = s.register(object(), hello(instance="two", endpoints=eps("/a")))
+    other = s.register(object(), hello(service="policy", instance="p", endpoints=eps("/p")))
+    a, p = s.match("GET", "/a")[1], s.match("GET", "/p")[1]
+    s.heartbeat(one, "Healthy", ping_ms=0.2)
+    s.heartbeat(two, "Healthy", ping_ms=0.4)
+    s.select(a), s.select(p)
+    ranked_a, ranked_p = a._cache[None], p._cache[None]
+    for _ in range(50):
+        s.heartbeat(one, "Healthy", in_flight=3, ping_ms=0.3)   # same 1 ms band
+        s.heartbeat(other, "Healthy", ping_ms=0.1)
+    assert a._cache[None] is ranked_a and p._cache[None] is ranked_p
+    s.heartbeat(two, "Healthy", ping_ms=9.0)                     # another band: re-rank /a
+    for _ in range(10):
+        s.heartbeat(two, "Healthy", ping_ms=9.0)
+    assert None not in a._cache and p._cache[None] is ranked_p
+    assert {s.select(a)[0] for _ in range(4)} == {one}
+
+
+def test_a_late_heartbeat_is_seen_by_the_health_check_and_undone_by_the_next_heartbeat():
+    s = state(heartbeat_interval=10, degraded_after=25, unhealthy_after=40)
+    one = s.register(object(), hello(instance="one", endpoints=eps("/a")))
+    two = s.register(object(), hello(instance="two", endpoints=eps("/a")))
+    a = s.match("GET", "/a")[1]
+    assert {s.select(a)[0] for _ in range(4)} == {one, two}
+    s.heartbeat(one, "Healthy")
+    s.check_health(one.last_heartbeat + 1)     # two has been silent since it registered
+    two.last_heartbeat = one.last_heartbeat - 11
+    s.check_health(one.last_heartbeat + 1)
+    assert two.status == HEALTHY and two.late == 1
+    assert {s.select(a)[0] for _ in range(4)} == {one}
+    s.heartbeat(two, "Healthy")
+    assert {s.select(a)[0] for _ in range(4)} == {one, two}
+
+
+def test_expiry_of_many_services_is_spread_over_loop_iterations():
+    import asyncio
+
+    from stellagw.routing import state as state_mod
+
+    s = state(service_expiry=1)
+    per = state_mod.EXPIRY_BATCH // 2 + 1
+    for k in range(3):
+        s.unregister(s.register(object(), hello(
+            service=f"s{k}", instance="i",
+            endpoints=[{"method": "GET", "path": f"/s{k}/{n}"} for n in range(per)])))
+    total = len(s.router)
+
+    async def run():
+        s.check_health(time.monotonic() + 2)
+        first = total - len(s.router)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        return first
+    first = asyncio.run(run())
+    assert first == state_mod.EXPIRY_BATCH and len(s.router) == 0 and s.services == {}
+
+
+# ---------------------------------------------------------------------------------------
+# Random sequences of registrations, updates, disconnects and expiry against a model
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from stellagw.routing.state import DEPARTED  # noqa: E402
+
+# "/shared" is claimed by both services (refused for the second); "/s/{*rest}" and
+# "/s/{*tail}" have one shape (the router refuses the second).
+POOLS = {"a": ["/a", "/a/{id}", "/a/{id}/x", "/s/{*rest}", "/shared"],
+         "b": ["/b", "/b/{id}", "/s/{*tail}", "/shared"]}
+LINKS = 4
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("hello"), st.integers(0, LINKS - 1), st.sampled_from(sorted(POOLS)),
+              st.integers(0, 31), st.sampled_from(["GET", "POST"])),
+    st.tuples(st.just("update"), st.integers(0, LINKS - 1), st.integers(0, 31)),
+    st.tuples(st.just("close"), st.integers(0, LINKS - 1)),
+    st.tuples(st.just("expire"), st.sampled_from(["due", "early"]))), max_size=30)
+
+
+def _pick(service, mask, method):
+    return [(method, p) for k, p in enumerate(POOLS[service]) if mask >> k & 1]
+
+
+class Model:
+    """What the docs say: a service with instances has the routes they declare; one whose
+    last instance left keeps the routes it had until it expires; a HELLO or update that
+    declares nothing leaves a departed service's routes alone."""
+
+    def __init__(self):
+        self.links = {}       # link -> (service, [(method, path)])
+        self.kept = {}        # service -> {(method, path)} kept without an instance
+        self.departed = {}    # service -> step its last instance left
+
+    def owner(self, key):
+        for service, routes in self.routes().items():
+            if key in routes:
+                return service
+        return None
+
+    def routes(self):
+        out = {s: set(k) for s, k in self.kept.items()}
+        for service, declared in self.links.values():
+            out.setdefault(service, set()).update(declared)
+        return out
+
+    def claim(self, link, service, declared):
+        """None if the state must refuse it, else applies it."""
+        for key in declared:
+            owner = self.owner(key)
+            if owner not in (None, service):
+                return None
+        shapes = {(m, p.split("{")[0]) for s, keys in self.routes().items() if s != service
+                  for m, p in keys if "{*" in p}
+        if any("{*" in p and (m, p.split("{")[0]) in shapes for m, p in declared):
+            return None
+        self.links[link] = (service, declared)
+        if declared:
+            self.kept.pop(service, None)
+        self.departed.pop(service, None)
+        return True
+
+    def close(self, link, step):
+        service, declared = self.links.pop(link)
+        if not any(s == service for s, _ in self.links.values()):
+            kept = self.kept.setdefault(service, set())
+            kept.update(declared)
+            if kept:
+                self.departed[service] = step
+            else:
+                del self.kept[service]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=ops)
+def test_random_registration_sequences_match_the_model(ops):
+    # Health never ages here: the clock jumps for expiry only.
+    s = state(service_expiry=100, heartbeat_interval=1e9, degraded_after=1e9, unhealthy_after=1e9)
+    model = Model()
+    conns = [object() for _ in range(LINKS)]
+    live = {}                               # link -> Instance
+    clock = [0.0]
+    import types
+
+    import stellagw.routing.state as state_mod
+    saved = state_mod.time
+    state_mod.time = types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time)
+    try:
+        for step, op in enumerate(ops):
+            clock[0] = step * 10.0
+            if op[0] == "hello" and op[1] not in live:
+                _, link, service, mask, method = op
+                declared = _pick(service, mask, method)
+                h = {**hello(service=service, instance=f"{service}{link}"),
+                     "endpoints": [{"method": m, "path": p} for m, p in declared]}
+                try:
+                    live[link] = s.register(conns[link], h)
+                    assert model.claim(link, service, declared)
+                except HelloError:
+                    assert model.claim(link, service, declared) is None
+            elif op[0] == "update" and op[1] in live:
+                link, inst = op[1], live[op[1]]
+                declared = _pick(inst.service, op[2], inst.endpoints[0].method
+                                 if inst.endpoints else "GET")
+                h = {**hello(service=inst.service, instance=inst.instance_id),
+                     "endpoints": [{"method": m, "path": p} for m, p in declared]}
+                try:
+                    live[link] = s.register(conns[link], h)
+                    assert model.claim(link, inst.service, declared)
+                except HelloError:
+                    assert model.claim(link, inst.service, declared) is None
+            elif op[0] == "close" and op[1] in live:
+                s.unregister(live.pop(op[1]))
+                model.close(op[1], step)
+            elif op[0] == "expire":
+                late = 101 if op[1] == "due" else 99
+                oldest = min(model.departed.values(), default=None)
+                if oldest is not None:
+                    now = oldest * 10.0 + late
+                    s.check_health(now)
+                    for service, left in list(model.departed.items()):
+                        if now - left * 10.0 >= 100:
+                            del model.departed[service]
+                            del model.kept[service]
+            _check(s, model, live)
+    finally:
+        state_mod.time = saved
+
+
+def _check(s, model, live):
+    expected = {key: service for service, keys in model.routes().items() for key in keys}
+    assert {(m, t) for m, t, _ in s.router.routes()} == set(expected) == set(s._routes)
+    assert s.routes.keys() == {k for k, svc in expected.items()
+                               if any(svc == sv and k in d for sv, d in model.links.values())}
+    for (method, template), service in expected.items():
+        route = s._routes[(method, template)]
+        assert route.service == service
+        path = template.replace("{id}", "7").replace("{*rest}", "r").replace("{*tail}", "r")
+        assert s.match(method, path)[1] is route
+        serving = {id(i) for link, i in live.items() if (method, template) in model.links[link][1]}
+        if serving:
+            assert {id(c[0]) for c in route.candidates} == serving
+            assert s.select(route) is not None
+        else:
+            assert [c[0] for c in route.candidates] == [DEPARTED] and s.select(route) is None
+    assert {k[0] for k in s.instances} == {i.service for i in live.values()}

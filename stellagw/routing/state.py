@@ -1,17 +1,30 @@
 """Routing state of one worker: registered instances, their endpoints, health, selection.
 
 Every service instance has one connection to this worker. Its HELLO registers the
-instance and its endpoints; the radix router is rebuilt (a new one swapped in) whenever the
-set of routes changes; disconnect removes the instance at once.
+instance and its endpoints; disconnect removes the instance at once. The radix router is
+changed in place, route by route, and always holds the same Route object for a template:
+a HELLO costs the templates that are new to the router, a disconnect the routes of that
+one instance — never the whole table (a storm of 200 instances x 200 endpoints used to
+rebuild the router 400 times on the event loop).
+
+A service outlives its instances: when its last instance leaves, its routes stay in the
+router with a stand-in candidate that is never routable, so requests get 503 with
+Retry-After (a restart, not a missing path) until `service_expiry` seconds pass; then the
+routes go and requests get 404. A service with live instances has exactly the routes
+they declare.
 
 Selection (seed §6, docs/selection.md): routable health (Healthy or Degraded) → strict
 version (when asked; else the newest registered) → region tier (own region, neighbour
 regions, the rest) → lowest average ping → freshest heartbeat → round-robin. Pings are
 compared in bands and heartbeats by interval, so that instances that are equal for any
 practical purpose share the load instead of one taking all of it on a 0.01 ms difference.
+A route's ranking is cached until one of its candidates changes in a way selection sees
+(its health, its ping band, its heartbeat interval), so a heartbeat that changes none of
+them touches no cache.
 """
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
@@ -26,6 +39,14 @@ _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 MAX_ENDPOINTS = 4096
 PING_BAND_MS = 1.0   # pings closer than this are equal for selection
+# The Retry-After of the 503 for a known service with no routable instance: the SDK's
+# longest reconnect backoff and the default health check interval are both 5 s, so a
+# restarted or recovering instance is back within about that long.
+RETRY_AFTER_SECONDS = 5
+SERVICE_EXPIRY = 600.0   # seconds; gateway.routing.serviceExpiry's default
+# Forgetting services is spread over loop iterations at most this many routes at a time
+# (about 2 ms each), so a thousand services expiring together do not stall the loop.
+EXPIRY_BATCH = 1024
 
 
 class HelloError(ValueError):
@@ -59,7 +80,7 @@ class Endpoint:
 class Instance:
     __slots__ = ("service", "version", "version_key", "instance_id", "region", "conn", "status",
                  "announced", "last_heartbeat", "avg_ping_ms", "in_flight", "error_rate",
-                 "endpoints", "schemas", "registered_at")
+                 "endpoints", "schemas", "registered_at", "ping_band", "late")
 
     def __init__(self, service, version, instance_id, region, conn, endpoints, schemas):
         self.service = service
@@ -77,6 +98,10 @@ class Instance:
         self.endpoints = endpoints        # list[Endpoint]
         self.schemas = schemas
         self.registered_at = time.time()
+        # What selection ranks by, as of the last heartbeat or health check: ranking reads
+        # these rather than the clock, so a cached ranking is exactly as fresh as they are.
+        self.ping_band = 0
+        self.late = 0                     # whole heartbeat intervals since the last one
 
     def describe(self) -> dict:
         return {"instanceId": self.instance_id, "version": self.version, "region": self.region,
@@ -86,17 +111,47 @@ class Instance:
 
 
 class Route:
-    """One (method, template): the instances that serve it, and a selection cache."""
+    """One (method, template): the instances that serve it, and a selection cache.
 
-    __slots__ = ("method", "template", "service", "candidates", "_cache", "_rr")
+    The router holds one Route per template for as long as the template is routed, so a
+    request that waited (authentication, rate limit) selects among the candidates of the
+    moment it selects. `candidates` is a tuple, replaced on change and never mutated."""
+
+    __slots__ = ("method", "template", "service", "candidates", "_cache", "_rr", "_view")
 
     def __init__(self, method, template, service):
         self.method = method
         self.template = template
         self.service = service
-        self.candidates: list[tuple[Instance, Endpoint]] = []
+        self.candidates: tuple[tuple[Instance, Endpoint], ...] = ()
         self._cache: dict = {}
         self._rr = 0
+        self._view = None                 # frozen copy in RoutingState.routes, or None
+
+
+class _Departed:
+    """The candidate of a route whose service has no instance left. It keeps the endpoint
+    as last declared (its claims and WebSocket flag are what the pipeline checks before
+    selecting) without keeping the dead connection, and is never routable."""
+
+    __slots__ = ()
+    status = "Departed"
+
+    def __repr__(self):
+        return "<departed>"
+
+
+DEPARTED = _Departed()
+
+
+class _Service:
+    __slots__ = ("name", "links", "routes", "ghosts")
+
+    def __init__(self, name):
+        self.name = name
+        self.links = 0                    # registered instances (links) of it on this worker
+        self.routes: dict[tuple[str, str], Route] = {}
+        self.ghosts = False               # some route has only the DEPARTED candidate
 
 
 def parse_hello(hello: dict) -> tuple[str, str, str, str, list[Endpoint], dict]:
@@ -126,32 +181,38 @@ def parse_hello(hello: dict) -> tuple[str, str, str, str, list[Endpoint], dict]:
     if len(raw) > MAX_ENDPOINTS:
         raise HelloError(f"HELLO lists more than {MAX_ENDPOINTS} endpoints")
     endpoints, seen = [], set()
+    # A HELLO may list 4,096 endpoints and arrive with a hundred others in one loop
+    # iteration, so the common case (no claims, no openapi) takes the short paths.
     for i, ep in enumerate(raw):
-        if not isinstance(ep, dict):
+        if ep.__class__ is not dict:
             raise HelloError(f"endpoints[{i}] must be an object")
         method = ep.get("method")
         path = ep.get("path")
-        if method not in _METHODS:
+        if method.__class__ is not str or method not in _METHODS:
             raise HelloError(f"endpoints[{i}].method {method!r} is not one of {sorted(_METHODS)}")
-        if not isinstance(path, str) or not path.startswith("/"):
+        if path.__class__ is not str or not path.startswith("/"):
             raise HelloError(f"endpoints[{i}].path must be a template starting with '/'")
-        if (method, path) in seen:
+        key = (method, path)
+        if key in seen:
             raise HelloError(f"endpoints[{i}]: {method} {path} listed twice")
-        seen.add((method, path))
+        seen.add(key)
         timeout = ep.get("timeout_ms")
-        if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool)
-                                    or not 0 < timeout <= 3_600_000):
+        if timeout is not None and (timeout.__class__ is not int or not 0 < timeout <= 3_600_000):
             raise HelloError(f"endpoints[{i}].timeout_ms must be an integer in 1..3600000")
-        claims = ep.get("claims") or []
-        if not isinstance(claims, list) or not all(
-                isinstance(c, dict) and isinstance(c.get("type"), str) for c in claims):
-            raise HelloError(f"endpoints[{i}].claims must be a list of {{type, value}} objects")
+        claims = ep.get("claims")
+        if claims:
+            if not isinstance(claims, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("type"), str) for c in claims):
+                raise HelloError(f"endpoints[{i}].claims must be a list of {{type, value}} objects")
+            claims = tuple((c["type"], c.get("value")) for c in claims)
+        else:
+            claims = ()
         openapi = ep.get("openapi")
         if openapi is not None and not isinstance(openapi, dict):
             raise HelloError(f"endpoints[{i}].openapi must be an object")
         endpoints.append(Endpoint(method, path, timeout / 1000.0 if timeout else None,
                                   bool(ep.get("streaming")), bool(ep.get("websocket")),
-                                  tuple((c["type"], c.get("value")) for c in claims), openapi))
+                                  claims, openapi))
     schemas = hello.get("schemas") or {}
     if not isinstance(schemas, dict):
         raise HelloError("HELLO field 'schemas' must be an object")
@@ -160,20 +221,47 @@ def parse_hello(hello: dict) -> tuple[str, str, str, str, list[Endpoint], dict]:
 
 class RoutingState:
     def __init__(self, region: str, neighbor_regions=(), heartbeat_interval: float = 10.0,
-                 degraded_after: float = 15.0, unhealthy_after: float = 30.0):
+                 degraded_after: float = 15.0, unhealthy_after: float = 30.0,
+                 service_expiry: float = SERVICE_EXPIRY):
         self.region = region
         self.neighbors = tuple(neighbor_regions)
         self.heartbeat_interval = heartbeat_interval
         self.degraded_after = degraded_after
         self.unhealthy_after = unhealthy_after
+        self.service_expiry = service_expiry    # seconds; 0 = a service is never forgotten
         # (service, instance_id, connection) -> Instance. Keyed by connection too: a service
         # that briefly holds two links to this worker (a reconnect racing the old link's
         # death) is two candidates until one closes, never a registration lost.
         self.instances: dict[tuple, Instance] = {}
-        self.routes: dict[tuple[str, str], Route] = {}
+        self.services: dict[str, _Service] = {}
         self.router = Router()
         self.generation = 0          # bumped on every change; OpenAPI and caches key on it
         self.listeners = []          # callables(event, instance) for openapi/metrics/logs
+        # The pipeline's extra header on its 503 "no healthy instance".
+        self.retry_after = b"retry-after: %d\r\n" % RETRY_AFTER_SECONDS
+        self._routes: dict[tuple[str, str], Route] = {}   # everything in the router
+        self._snapshot: dict | None = None
+        # Services without an instance -> when the last one left, oldest first (dict order).
+        self._departed: dict[str, float] = {}
+        self._expiring = False       # an expiry batch is scheduled on the loop
+
+    @property
+    def routes(self) -> dict:
+        """(method, template) -> Route for every route some instance serves, for readers on
+        other threads (the OpenAPI build): a new dict after every registration change and
+        the same one otherwise, so identity says whether anything moved; the Routes in it
+        are frozen copies. Built on first use after a change, not once per change."""
+        snap = self._snapshot
+        if snap is None:
+            snap = {}
+            for key, route in self._routes.items():
+                if route.candidates[0][0] is not DEPARTED:
+                    view = route._view
+                    if view is None:
+                        view = route._view = _copy_route(route)
+                    snap[key] = view
+            self._snapshot = snap
+        return snap
 
     # ------------------------------------------------------------------ registration
 
@@ -181,39 +269,63 @@ class RoutingState:
         service, version, instance_id, region, endpoints, schemas = parse_hello(hello)
         key = (service, instance_id, id(conn))
         old = self.instances.get(key)
+        routes = self._routes
+        fresh = []
         for ep in endpoints:
-            route = self.routes.get((ep.method, ep.path))
-            if route is not None and route.service != service:
-                raise HelloError(f"{ep.method} {ep.path} is already served by service "
-                                 f"{route.service!r}")
-        # Build the new router before touching any state: a template the router refuses
-        # must leave nothing half-registered.
-        instance = Instance(service, version, instance_id, region, conn, endpoints, schemas)
-        routes = dict(self.routes)
-        copied = set()   # copy-on-write: self.routes stays untouched until the swap
-        if old is not None:
-            # ENDPOINTS_UPDATE: the same connection re-registers; its old entries go.
-            for k, route in list(routes.items()):
-                if any(c[0] is old for c in route.candidates):
-                    route = routes[k] = _copy_route(route)
-                    copied.add(k)
-                    route.candidates = [c for c in route.candidates if c[0] is not old]
-                    if not route.candidates:
-                        del routes[k]
-                        copied.discard(k)
-        for ep in endpoints:
-            k = (ep.method, ep.path)
-            route = routes.get(k)
+            route = routes.get((ep.method, ep.path))
             if route is None:
-                route = routes[k] = Route(ep.method, ep.path, service)
-                copied.add(k)
-            elif k not in copied:
-                route = routes[k] = _copy_route(route)
-                copied.add(k)
-            route.candidates.append((instance, ep))
-        router = _build_router(routes)
-        self.routes, self.router = routes, router
+                fresh.append(ep)
+            elif route.service != service:
+                gone = (" (no instance of it is connected; its routes are kept for "
+                        "routing.serviceExpiry)" if route.candidates[0][0] is DEPARTED else "")
+                raise HelloError(f"{ep.method} {ep.path} is already served by service "
+                                 f"{route.service!r}{gone}")
+        # New templates go into the router first: one it refuses must leave nothing
+        # half-registered. Nothing after this loop can fail.
+        router = self.router
+        added = []
+        try:
+            for ep in fresh:
+                route = Route(ep.method, ep.path, service)
+                router.add(ep.method, ep.path, route)
+                added.append(route)
+        except RouteError as exc:
+            for route in added:
+                router.remove(route.method, route.template)
+            raise HelloError(f"{ep.method} {ep.path}: {exc}") from exc
+
+        instance = Instance(service, version, instance_id, region, conn, endpoints, schemas)
+        svc = self.services.get(service)
+        if svc is None:
+            svc = self.services[service] = _Service(service)
+        own = svc.routes
+        for route in added:
+            routes[(route.method, route.template)] = own[(route.method, route.template)] = route
+        # ENDPOINTS_UPDATE: the same link registers again; its old entries make way.
+        emptied = self._detach(old) if old is not None else ()
+        for ep in endpoints:
+            route = own[(ep.method, ep.path)]
+            cands = route.candidates
+            if cands and cands[0][0] is not DEPARTED:
+                route.candidates = cands + ((instance, ep),)
+            else:
+                route.candidates = ((instance, ep),)
+            route._cache.clear()
+            route._view = None
+        for route, _ in emptied:
+            if not route.candidates:
+                self._drop(svc, route)
+        if svc.ghosts and endpoints:
+            # The service is back: it has the routes its instances declare now. (A HELLO
+            # with no endpoints yet, to be followed by ENDPOINTS_UPDATE, keeps them.)
+            for route in [r for r in own.values() if r.candidates[0][0] is DEPARTED]:
+                self._drop(svc, route)
+            svc.ghosts = False
+        self._departed.pop(service, None)
+        if old is None:
+            svc.links += 1
         self.instances[key] = instance
+        self._snapshot = None
         self._changed("registered", instance)
         return instance
 
@@ -222,24 +334,81 @@ class RoutingState:
         if self.instances.get(key) is not instance:
             return
         del self.instances[key]
-        routes = {}
-        for k, route in self.routes.items():
-            if any(inst is instance for inst, _ in route.candidates):
-                route = _copy_route(route)
-                route.candidates = [c for c in route.candidates if c[0] is not instance]
-                if not route.candidates:
-                    continue
-            routes[k] = route
-        self.routes, self.router = routes, _build_router(routes)
         instance.status = UNHEALTHY
+        svc = self.services[instance.service]
+        svc.links -= 1
+        emptied = self._detach(instance)
+        if svc.links:
+            # Others remain: the routes only this instance declared go with it.
+            for route, _ in emptied:
+                self._drop(svc, route)
+        elif svc.routes:
+            # The last one: its routes stay, answering 503, until the service expires.
+            for route, ep in emptied:
+                route.candidates = ((DEPARTED, ep),)
+            svc.ghosts = True
+            self._departed[svc.name] = time.monotonic()
+        else:
+            del self.services[svc.name]
+        self._snapshot = None
         self._changed("unregistered", instance, reason=reason)
+
+    def _detach(self, instance: Instance) -> list:
+        """Take the instance out of its routes' candidates; [(route, endpoint)] of those it
+        leaves with none (for the caller to drop or keep)."""
+        emptied = []
+        routes = self._routes
+        for ep in instance.endpoints:
+            route = routes[(ep.method, ep.path)]
+            cands = route.candidates
+            if len(cands) == 1 and cands[0][0] is instance:
+                route.candidates = ()
+                emptied.append((route, ep))
+            else:
+                route.candidates = tuple([c for c in cands if c[0] is not instance])
+            route._cache.clear()
+            route._view = None
+        return emptied
+
+    def _drop(self, svc: _Service, route: Route) -> None:
+        key = (route.method, route.template)
+        self.router.remove(route.method, route.template)
+        del self._routes[key]
+        del svc.routes[key]
 
     def _changed(self, event, instance, **extra):
         self.generation += 1
-        for route in self.routes.values():
-            route._cache.clear()
         for listener in self.listeners:
             listener(event, instance, **extra)
+
+    def _expire(self, now: float) -> None:
+        """Forget services whose last instance left service_expiry ago: their routes leave
+        the router (404 from then on). EXPIRY_BATCH routes per loop iteration."""
+        self._expiring = False
+        budget = EXPIRY_BATCH
+        departed = self._departed
+        while departed:
+            name, gone_at = next(iter(departed.items()))
+            if now - gone_at < self.service_expiry:
+                return
+            svc = self.services[name]
+            own = svc.routes
+            while own and budget:
+                self._drop(svc, next(iter(own.values())))
+                budget -= 1
+            if own:
+                break
+            del departed[name]
+            del self.services[name]
+        else:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:          # no loop (tools, tests): finish now
+            self._expire(now)
+        else:
+            self._expiring = True
+            loop.call_soon(self._expire, now)
 
     # ------------------------------------------------------------------ health
 
@@ -259,10 +428,13 @@ class RoutingState:
         self._refresh(instance, instance.last_heartbeat)
 
     def check_health(self, now: float | None = None) -> None:
-        """Run every health.checkInterval: ages turn Healthy into Degraded, then Unhealthy."""
+        """Run every health.checkInterval: ages turn Healthy into Degraded, then Unhealthy;
+        services gone longer than service_expiry are forgotten."""
         now = time.monotonic() if now is None else now
         for instance in list(self.instances.values()):
             self._refresh(instance, now)
+        if self._departed and self.service_expiry > 0 and not self._expiring:
+            self._expire(now)
 
     def _refresh(self, instance: Instance, now: float) -> None:
         if instance.announced in (DRAINING, UNHEALTHY):
@@ -275,14 +447,24 @@ class RoutingState:
                 status = DEGRADED
             else:
                 status = HEALTHY
+        band = int(instance.avg_ping_ms // PING_BAND_MS)
+        late = int((now - instance.last_heartbeat) // self.heartbeat_interval)
         if status != instance.status:
-            instance.status = status
+            instance.status, instance.ping_band, instance.late = status, band, late
+            self._stale(instance)
             self._changed("health", instance)
-        elif instance.announced == HEALTHY:
-            # Ping and heartbeat age feed selection: drop the caches of this instance's routes.
-            for route in self.routes.values():
-                if route._cache:
-                    route._cache.clear()
+        elif band != instance.ping_band or late != instance.late:
+            instance.ping_band, instance.late = band, late
+            self._stale(instance)
+
+    def _stale(self, instance: Instance) -> None:
+        """Drop the rankings of the routes this instance is a candidate of (only those: the
+        others do not rank it)."""
+        routes = self._routes
+        for ep in instance.endpoints:
+            route = routes.get((ep.method, ep.path))
+            if route is not None:
+                route._cache.clear()
 
     # ------------------------------------------------------------------ lookup and selection
 
@@ -290,7 +472,9 @@ class RoutingState:
         return self.router.match(method, path)
 
     def select(self, route: Route, version: str | None = None):
-        """(instance, endpoint) to send this request to, or None when none is routable."""
+        """(instance, endpoint) to send this request to, or None when none is routable: the
+        pipeline answers 503 with `retry_after` (also for a service whose last instance
+        left less than service_expiry ago)."""
         best = route._cache.get(version)
         if best is None:
             best = route._cache[version] = self._rank(route, version)
@@ -308,15 +492,12 @@ class RoutingState:
             cands = [c for c in cands if c[0].version_key == newest]
         if not cands:
             return ()
-        now = time.monotonic()
-        interval = self.heartbeat_interval
 
         def key(c):
             inst = c[0]
             tier = (0 if inst.region == self.region
                     else 1 if inst.region in self.neighbors else 2)
-            return (tier, int(inst.avg_ping_ms // PING_BAND_MS), inst.status != HEALTHY,
-                    int((now - inst.last_heartbeat) // interval))
+            return (tier, inst.ping_band, inst.status != HEALTHY, inst.late)
 
         keyed = sorted(((key(c), i, c) for i, c in enumerate(cands)), key=lambda t: (t[0], t[1]))
         top = keyed[0][0]
@@ -331,20 +512,11 @@ class RoutingState:
 
 def _copy_route(route: Route) -> Route:
     new = Route(route.method, route.template, route.service)
-    new.candidates = list(route.candidates)
+    new.candidates = route.candidates
     new._rr = route._rr
     return new
 
 
-def _build_router(routes: dict) -> Router:
-    router = Router()
-    for (method, template), route in routes.items():
-        try:
-            router.add(method, template, route)
-        except RouteError as exc:
-            raise HelloError(f"{method} {template}: {exc}") from exc
-    return router
-
-
 __all__ = ["RoutingState", "Instance", "Endpoint", "Route", "HelloError", "parse_hello",
-           "FOUND", "METHOD_NOT_ALLOWED", "HEALTHY", "DEGRADED", "DRAINING", "UNHEALTHY"]
+           "FOUND", "METHOD_NOT_ALLOWED", "HEALTHY", "DEGRADED", "DRAINING", "UNHEALTHY",
+           "DEPARTED", "RETRY_AFTER_SECONDS"]
