@@ -78,6 +78,12 @@ class build_ext(_build_ext):
         super().finalize_options()
 
 
+# Glue compiled from its own .py (Cython pure-Python mode, typed by the .pxd beside it):
+# one source that also runs uncompiled (docs/hot-path.md). The module is built in place,
+# beside its source; stellagw/_impl.py makes STELLAGW_NO_EXTENSIONS=1 import the .py.
+GLUE = ["stellagw/ingress/http.py", "stellagw/pipeline.py", "stellagw/transport/connection.py"]
+
+
 def extensions():
     if _env_flag("STELLAGW_NO_EXTENSIONS"):
         return []
@@ -88,6 +94,12 @@ def extensions():
             "stellagw._cext." + name,
             [pyx],
             include_dirs=[INCLUDE],
+            extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+        ))
+    for source in GLUE:
+        exts.append(Extension(
+            os.path.splitext(source)[0].replace("/", "."),
+            [source],
             extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
         ))
     return exts

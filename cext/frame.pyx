@@ -697,6 +697,15 @@ cdef bint _names(bytes connection, bytes name) noexcept:
         start = end + 1
 
 
+cdef bint _named(list connection, bytes name):
+    # Every Connection line counts (RFC 9110 §7.6.1)
+    cdef object value
+    for value in connection:
+        if _names(<bytes>value, name):
+            return True
+    return False
+
+
 cdef bint _is_trailers(bytes value) noexcept:
     # value.strip().lower() == b"trailers"
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(value)
@@ -1035,7 +1044,7 @@ cdef class FrameEncoder:
         `headers` are the client's (bytes, bytes) pairs; `classes` maps a name to its
         HEADER_* kind, and classify(name) gives the kind of a name it lacks. Forwarded:
         HEADER_KEEP and HEADER_HOST headers, HEADER_TRACE ones when keep_trace, except
-        those the last HEADER_CONNECTION header names; then `te: trailers` if the last
+        those any HEADER_CONNECTION header names; then `te: trailers` if the last
         HEADER_TE header said so and http11, the `identity` pairs, x-forwarded-for
         (peer_ip), -proto (scheme), -host (the last HEADER_HOST value, if any) and
         x-correlation-id. The same bytes as request() given
@@ -1048,7 +1057,8 @@ cdef class FrameEncoder:
         cdef PyObject *known
         cdef long kind
         cdef tuple pair
-        cdef object name, connection = None, host = None
+        cdef object name, host = None
+        cdef list connection = None     # the value of every Connection line
         cdef bint te_trailers = False
         cdef const char *cid
         if n > C_MAX_HEADERS:
@@ -1070,7 +1080,10 @@ cdef class FrameEncoder:
                 if kind == H_HOST:
                     host = pair[1]
                 elif kind == H_CONNECTION:
-                    connection = pair[1]
+                    if connection is None:
+                        connection = [pair[1]]
+                    else:
+                        connection.append(pair[1])
                 elif kind == H_TE:
                     te_trailers = _is_trailers(pair[1])
             # request_headers() encodes the correlation id before request() checks a field:
@@ -1085,7 +1098,7 @@ cdef class FrameEncoder:
                     if not forward[i]:
                         continue
                     pair = <tuple>seq[i]
-                    if connection is not None and _names(<bytes>connection, <bytes>pair[0]):
+                    if connection is not None and _named(connection, <bytes>pair[0]):
                         continue
                     self._count_header(&count, "REQUEST")
                     self._put_name(mark, pair[0], "REQUEST")

@@ -1,17 +1,32 @@
-"""Choose the compiled or the pure-Python implementation of an extension module.
+"""Compiled or pure Python: how each compiled module of the gateway is chosen.
 
-STELLAGW_NO_EXTENSIONS=1 selects the pure-Python twins (debugging, no compiler). Without
-it a missing compiled module falls back to the twin with a warning, and `compiled(name)`
-says which one was loaded: the guard test in tests/test_extensions.py fails on a fallback.
+Two kinds (docs/hot-path.md):
+
+* Codecs (frame, radix, window, metrics, dpop, httpwire) are written twice: cext/<name>.pyx
+  and a pure-Python twin stellagw/_py/<name>.py, a reference they are tested against.
+  `select(name)` returns one of them.
+* Glue (GLUE below) is one .py file, compiled by Cython in place beside it (typed by the
+  .pxd next to it). Python imports the compiled module when it is there.
+
+STELLAGW_NO_EXTENSIONS=1 selects the twins and makes the glue import from its .py source
+(debugging, no compiler). Without it a missing compiled codec falls back to its twin with a
+warning; `compiled(name)` says what was loaded, and tests/test_extensions.py fails on a
+fallback of either kind.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import os
+import sys
 import warnings
 from types import ModuleType
 
 NO_EXTENSIONS = os.environ.get("STELLAGW_NO_EXTENSIONS", "").lower() not in ("", "0", "false", "no")
+
+# Modules compiled from their own .py (setup.py GLUE).
+GLUE = ("stellagw.ingress.http", "stellagw.pipeline", "stellagw.transport.connection")
 
 _loaded: dict[str, bool] = {}
 
@@ -32,7 +47,30 @@ def select(name: str) -> ModuleType:
 
 
 def compiled(name: str) -> bool:
-    """True when the compiled module `name` was selected by select()."""
+    """True when the compiled module `name` was loaded: a codec by select(), or a glue
+    module (its dotted name, e.g. "stellagw.ingress.http") from its extension."""
+    if name in GLUE:
+        mod = importlib.import_module(name)
+        return not mod.__file__.endswith(".py")
     if name not in _loaded:
         select(name)
     return _loaded[name]
+
+
+class _SourceFirst(importlib.abc.MetaPathFinder):
+    """Under STELLAGW_NO_EXTENSIONS=1, the glue modules come from their .py even where the
+    compiled extension sits beside it (an in-place build)."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in GLUE or not path:
+            return None
+        leaf = fullname.rpartition(".")[2] + ".py"
+        for entry in path:
+            source = os.path.join(entry, leaf)
+            if os.path.exists(source):
+                return importlib.util.spec_from_file_location(fullname, source)
+        return None
+
+
+if NO_EXTENSIONS and not any(isinstance(f, _SourceFirst) for f in sys.meta_path):
+    sys.meta_path.insert(0, _SourceFirst())

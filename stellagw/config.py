@@ -468,6 +468,16 @@ def _origin(text: str) -> str:
 _VALKEY_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "unix")
 
 
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _header_name(value: Any, path: str) -> str:
+    text = _string(non_empty=True)(value, path).strip()
+    if not _TOKEN.match(text):
+        raise ValueError(f"{text!r} is not a header field name (RFC 9110 token)")
+    return text.lower()
+
+
 def _connection_string(text: str) -> str:
     # host:port (the seed's form) passes as is; a URL must at least name a known scheme.
     if "://" in text and urlsplit(text).scheme.lower() not in _VALKEY_SCHEMES:
@@ -555,6 +565,16 @@ class HttpSettings:
     max_url_length: int = _key("maxUrlLength", COUNT, 8192)
     header_read_timeout: float = _duration_key("headerReadTimeout", "10s", positive=True)
     keep_alive_timeout: float = _duration_key("keepAliveTimeout", "75s")
+    # A body must bring minBodyRate bytes/s over every bodyReadTimeout window (slow uploads
+    # that never stop are a slowloris of their own; docs/http-edge.md).
+    body_read_timeout: float = _duration_key("bodyReadTimeout", "10s", positive=True)
+    min_body_rate: int = _size_key("minBodyRate", "1KB")
+    # Request headers a client must never choose (docs/http-edge.md): dropped on the way in.
+    strip_request_headers: tuple[str, ...] = _key(
+        "stripRequestHeaders", _list_of(_header_name, split_env=True),
+        ["x-real-ip", "true-client-ip", "x-client-ip", "cf-connecting-ip", "fastly-client-ip",
+         "x-cluster-client-ip", "x-http-method-override", "x-http-method",
+         "x-method-override", "x-original-url", "x-rewrite-url"])
     shutdown_timeout: float = _duration_key("shutdownTimeout", "30s")
     backlog: int = _key("backlog", COUNT, 2048)
     tls: HttpTlsSettings = _section("tls", HttpTlsSettings)
@@ -712,6 +732,9 @@ class AuthSettings:
     max_token_bytes: int = _size_key("maxTokenBytes", 8192, low=1024, high=1 << 20)
     dpop_nonce: AuthDpopNonceSettings = _section("dpopNonce", AuthDpopNonceSettings)
     replay_cache: AuthReplayCacheSettings = _section("replayCache", AuthReplayCacheSettings)
+    # Refuse Bearer tokens without a DPoP or mTLS binding everywhere (an endpoint can ask
+    # for the same in its HELLO: docs/auth.md).
+    require_sender_constraint: bool = _key("requireSenderConstraint", BOOL, False)
     enable_legacy_headers: bool = _key("enableLegacyHeaders", BOOL, True)
     allow_scope_header: bool = _key("allowScopeHeader", BOOL, False)
 

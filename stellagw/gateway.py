@@ -29,6 +29,7 @@ from .health import builtins
 from .pipeline import Pipeline
 from .ratelimit import RateLimiter
 from .routing.state import RoutingState
+from .transport import headers as forward_headers
 from .transport.hub import TransportHub
 
 
@@ -37,7 +38,8 @@ class HttpLimits:
     """The request-path settings as flat attributes: one attribute read per check."""
 
     __slots__ = ("max_connections", "max_header_bytes", "max_header_count", "max_url_length",
-                 "header_read_timeout", "keep_alive_timeout", "max_request_body_size")
+                 "header_read_timeout", "keep_alive_timeout", "max_request_body_size",
+                 "body_read_timeout", "min_body_rate")
 
     def __init__(self, gw):
         http = gw.http
@@ -48,6 +50,8 @@ class HttpLimits:
         self.header_read_timeout = http.header_read_timeout
         self.keep_alive_timeout = http.keep_alive_timeout
         self.max_request_body_size = gw.routing.max_request_body_size
+        self.body_read_timeout = http.body_read_timeout
+        self.min_body_rate = http.min_body_rate
 
 
 def check_httptools_strict() -> None:
@@ -99,6 +103,7 @@ class Worker:
         self.worker_id = worker_id
         self.node_id = gw.node.node_id
         self.http_settings = HttpLimits(gw)
+        forward_headers.configure(gw.http.strip_request_headers)
         self.log = log or JsonLog(gw.logging.level, access_log=gw.logging.access_log)
         self.log.extra = {"node": self.node_id, "worker": worker_id}
         self.metrics = Metrics(run_dir, worker_id)

@@ -1,17 +1,21 @@
-"""The request's journey: the ordered stages (the code is in stellagw/_py/pipeline.py).
+# cython: infer_types=True
+"""The request's journey: the ordered stages, run on each request's head.
 
 Each stage either passes the request on, answers it (returns the response), or leaves it
-pending (returns None; the answer comes later through `req.conn.respond`). The numbers
-follow DESIGN.md §2; stages 1–3 (accept, parse, correlate) happen in stellagw.ingress.http.
+pending (returns None; the answer comes later through `req.conn.respond`). Stages 1–3
+(accept, parse, correlate) and the edge rules (docs/http-edge.md) happen in
+stellagw.ingress.http, which calls `handle` when a request's header section is complete,
+before any of its body is read: a refusal costs no body bytes.
 
     4  built-ins    /health/*, /metrics, /openapi.*
     5  match        normalise the path once, radix router → route + parameters; 404 / 405
+                    (HEAD is served by a GET route, RFC 9110 §9.3.2)
     6  authenticate access token + DPoP proof / mTLS certificate             (auth/)
     7  identity     client identity headers stripped, the gateway's own set
     8  authorize    the endpoint's RequiringClaims; 403                       (auth/)
     9  rate-limit   instance windows, then Valkey past the activation gate; 429 (ratelimit/)
     10 select       routable instance by version, region, ping, heartbeat; 503 when none
-    11 dispatch     REQUEST frame to the instance; timeout → CANCEL + 504
+    11 dispatch     REQUEST frame to the instance; the body follows as it arrives
     12 respond      by the service connection when the RESPONSE arrives
 
 Stages 6–8 and 9 are synchronous on the hot path; each returns something to wait for only
@@ -20,14 +24,194 @@ replay check), and the rest of the journey continues in a task; the rate limit a
 PendingCheck (the Valkey script), whose reply calls the rest of the journey directly. The
 answer then goes out through `req.conn.respond` like any routed answer.
 
-Every routed request runs through these stages, so they are compiled (cext/pipeline.pyx →
-stellagw._cext.pipeline) with a pure-Python twin (stellagw._py.pipeline, the one to read);
-`select` picks one (STELLAGW_NO_EXTENSIONS=1 forces the twin).
+One source, compiled (typed through pipeline.pxd) and run as plain Python under
+STELLAGW_NO_EXTENSIONS=1 (docs/hot-path.md).
 """
-from __future__ import annotations
+import asyncio
+from time import perf_counter
 
-from ._impl import select
+from .auth import AuthFailure, Identity
+from .ingress.responses import error_body
+from .radix import FOUND, NOT_FOUND, normalize_path
+from .ratelimit import UNLIMITED, Decision, rate_limit_headers, rejection
 
-Pipeline = select("pipeline").Pipeline
+_JSON = b"content-type: application/json\r\n"
 
-__all__ = ["Pipeline"]
+
+def _outcome(identity):
+    if identity.anonymous:
+        return "anonymous"
+    return identity.binding or "bearer"
+
+
+def _error(req, status, message, extra_headers=b""):
+    return status, _JSON + extra_headers, error_body(status, message, req.correlation_id)
+
+
+class Pipeline:
+    def __init__(self, worker):
+        gw = worker.settings.gateway
+        self._worker = worker
+        self._builtins = worker.builtins
+        self._routing = worker.routing
+        self._auth = worker.auth
+        self._limiter = worker.limiter
+        self._metrics = worker.metrics
+        self._auth_hist = worker.metrics.phase_histogram("auth")
+        self._routing_hist = worker.metrics.phase_histogram("routing")
+        self._tracing = worker.tracing
+        self._default_timeout = gw.routing.default_timeout
+        # Bodies above this go as REQUEST_STREAM_DATA frames rather than inside REQUEST.
+        self._stream_threshold = max(gw.routing.streaming_buffer_size, 64 * 1024)
+        self._tasks = set()
+
+    def handle(self, req):
+        # 4. built-ins
+        builtin = self._builtins.get(req.target)
+        if builtin is not None:
+            return builtin(req)
+
+        # 5. match
+        t0 = perf_counter()
+        path = normalize_path(req.target)
+        if path is None:
+            req.route = "invalid"
+            return _error(req, 400, "the request path is not valid")
+        method = req.method
+        router = self._routing.router
+        code, route, params = router.match(method, path)
+        if code != FOUND and method == "HEAD":
+            code, route, params = router.match("GET", path)
+        if code != FOUND:
+            req.route = "unmatched"
+            if code == NOT_FOUND:
+                return _error(req, 404, f"no route for {method} {path}")
+            allow = list(route)
+            if "GET" in allow and "HEAD" not in allow:
+                allow.append("HEAD")
+            return _error(req, 405, f"{method} is not allowed here",
+                          b"allow: " + ", ".join(allow).encode() + b"\r\n")
+        req.service = route.service
+        req.route = route.template
+        if req.websocket != route.candidates[0][1].websocket:
+            if req.websocket:
+                return _error(req, 400, "this endpoint does not accept WebSocket upgrades")
+            return _error(req, 426, "this endpoint needs a WebSocket upgrade",
+                          b"upgrade: websocket\r\nconnection: upgrade\r\n")
+        t1 = perf_counter()
+
+        # 6–8. authenticate, identity, authorize
+        tracing = self._tracing
+        auth_span = None
+        if tracing is not None:
+            auth_span = tracing.child(tracing.start_route(req), "gateway.auth.validate")
+        result = self._auth.authenticate(req, route.candidates[0][1].claims)
+        t2 = perf_counter()
+        self._auth_hist.observe(t2 - t1)
+        if auth_span is not None:
+            auth_span.set_attribute("stellagw.auth.outcome", result.__class__.__name__)
+            auth_span.end()
+        if result.__class__ is Identity:
+            req.identity = result
+            req.auth = "anonymous" if result.anonymous else (result.binding or "bearer")
+            if result.response_headers:   # a fresh DPoP-Nonce
+                req.resp_headers += result.response_headers
+        elif result.__class__ is AuthFailure:
+            return self._refuse(req, result)
+        else:
+            self._spawn(req, self._authenticate_later(req, route, path, result, t1 - t0))
+            return None
+        # The routing phase: match, then (from t2) the rate-limit decision and selection.
+        return self._after_auth(req, route, path, t1 - t0 - t2)
+
+    # ------------------------------------------------------------------ stages 9–11
+
+    def _after_auth(self, req, route, path, routing_s):
+        # 9. rate-limit (no key to build when no tier is configured)
+        if not self._limiter.enabled:
+            return self._after_limit(req, route, path, UNLIMITED, routing_s)
+        identity = req.identity
+        key = req.conn.anonymous_key if identity.anonymous else "sub:" + identity.subject
+        decision = self._limiter.check(key, req.tenant, route.service, route.template, path)
+        if decision.__class__ is not Decision:
+            # A PendingCheck: the Valkey reply calls _limit_done directly. Routing time so
+            # far counts; the wait from when the check went out does not.
+            decision.then(self._limit_done, req, route, path, routing_s + decision.started)
+            return None
+        return self._after_limit(req, route, path, decision, routing_s)
+
+    def _after_limit(self, req, route, path, decision, routing_s):
+        if not decision.allowed:
+            self._metrics.rate_limit_exceeded(req.tenant)
+            return rejection(decision, req.correlation_id)
+        if decision.scope is not None:
+            req.resp_headers += rate_limit_headers(decision)
+
+        # 10. select (X-Service-Version, read by the ingress: a strict semver pin)
+        version = req.version
+        selected = self._routing.select(route, version.decode("latin-1") if version else None)
+        # `routing_s` arrives as (match time − the clock when the decision started), so one
+        # clock read here closes the phase (a clock read costs as much as a histogram bucket).
+        now = perf_counter()
+        self._routing_hist.observe(routing_s + now)
+        if selected is None:
+            return _error(req, 503, f"no healthy instance of {route.service}"
+                          + (f" {version.decode('latin-1')}" if version else ""))
+        instance, endpoint = selected
+        if req.done:
+            return None     # decided after the client left (a key fetch, Valkey)
+
+        # 11. dispatch (12. respond happens when the service answers)
+        instance.conn.send_request(req, endpoint, endpoint.timeout or self._default_timeout,
+                                   path, self._stream_threshold, now)
+        return None
+
+    # ------------------------------------------------------------------ waiting for I/O
+
+    def _refuse(self, req, failure):
+        self._metrics.auth_failed(failure.reason)
+        req.auth = "refused:" + failure.reason
+        return (failure.status, _JSON + failure.headers,
+                error_body(failure.status, failure.message, req.correlation_id, failure.code))
+
+    async def _authenticate_later(self, req, route, path, pending, routing_s):
+        result = await pending
+        if result.__class__ is AuthFailure:
+            _answer(req, self._refuse(req, result))
+            return
+        req.identity = result
+        req.auth = _outcome(result)
+        if result.response_headers:
+            req.resp_headers += result.response_headers
+        _answer(req, self._after_auth(req, route, path, routing_s - perf_counter()))
+
+    def _limit_done(self, decision, req, route, path, spent):
+        # Runs inside the Valkey client's reply handling, not in a task: a failing stage
+        # still answers the client. One that has gone meanwhile is fine: respond() ignores
+        # a closed connection.
+        try:
+            result = self._after_limit(req, route, path, decision, spent - perf_counter())
+        except Exception as exc:  # noqa: BLE001 -- the client still gets an answer
+            self._worker.log.event("error", "pipeline callback failed",
+                                   correlationId=req.correlation_id, error=repr(exc))
+            result = _error(req, 500, "internal error")
+        _answer(req, result)
+
+    def _spawn(self, req, coro):
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._done(t, req))
+
+    def _done(self, task, req):
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        # A bug in a stage: the client still gets an answer, and we get the error.
+        self._worker.log.event("error", "pipeline task failed", correlationId=req.correlation_id,
+                               error=repr(task.exception()))
+        req.conn.respond(req, *_error(req, 500, "internal error"))
+
+
+def _answer(req, result):
+    if result is not None:
+        req.conn.respond(req, result[0], result[1], result[2])

@@ -11,11 +11,13 @@ Endpoints, all under /t/<name>/ so several services can register side by side:
   GET  stream?mb=N       N MiB streamed in 64 KiB chunks
   GET  crash             the process dies mid-request
   POST echo              the body back (large bodies arrive as REQUEST_STREAM_DATA)
+  POST upload?ms=N       streams the body in, N ms per chunk; its size and sha256
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 
 from stellagw.service import Response, Service, StreamResponse
@@ -94,6 +96,19 @@ def build(name, gateways, region, version, instance):
     @svc.post(base + "/echo")
     async def echo(req):
         return Response(req.body, content_type="application/octet-stream")
+
+    @svc.post(base + "/upload", streaming=True, timeout=120.0)
+    async def upload(req):
+        # Takes the body as it streams in, `ms` milliseconds per chunk (a slow service).
+        ms = int(req.query.decode().partition("ms=")[2] or "0")
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in req.stream():
+            digest.update(chunk)
+            size += len(chunk)
+            if ms:
+                await asyncio.sleep(ms / 1000)
+        return Response.json({"bytes": size, "sha256": digest.hexdigest()})
 
     return svc
 

@@ -54,7 +54,7 @@ class AuthStack:
 
     def _ready(self):
         try:
-            status, _, body = self.get_raw(b"GET /health/ready HTTP/1.1\r\n\r\n")
+            status, _, body = self.get_raw(b"GET /health/ready HTTP/1.1\r\nHost: gw\r\n\r\n")
         except OSError:
             return False
         return status == 200 and "sec" in orjson.loads(body)["services"]
@@ -109,17 +109,17 @@ def test_dpop_bound_token_reaches_the_service_with_gateway_identity_headers(stac
 def test_refusals(stack):
     st = stack()
     # No token on an endpoint that requires a scope: 401 with a challenge.
-    status, headers, body = request(st.http, b"GET /t/sec/secure HTTP/1.1\r\n\r\n")
+    status, headers, body = request(st.http, b"GET /t/sec/secure HTTP/1.1\r\nHost: gw\r\n\r\n")
     assert status == 401 and "DPoP" in headers["www-authenticate"]
     assert orjson.loads(body)["error"]["code"]
     # Anonymous is fine where no claim is required (auth.required: false).
-    assert request(st.http, b"GET /t/sec/whoami HTTP/1.1\r\n\r\n")[0] == 200
+    assert request(st.http, b"GET /t/sec/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200
     # A token without the scope the endpoint needs: 403.
     token = st.token()
     status, _, body = call(st.base + "/t/sec/admin", token=token, dpop_key=st.key)
     assert status == 403
     # A DPoP-bound token used as a Bearer token: 401.
-    status, _, _ = request(st.http, b"GET /t/sec/secure HTTP/1.1\r\nAuthorization: Bearer "
+    status, _, _ = request(st.http, b"GET /t/sec/secure HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "
                            + token.encode() + b"\r\n\r\n")
     assert status == 401
     # A proof signed by another key than the one the token is bound to: 401.
@@ -128,20 +128,20 @@ def test_refusals(stack):
     assert status == 401
     # A replayed proof: 401 the second time.
     proof = st.key.proof("GET", st.base + "/t/sec/secure", access_token=token)
-    raw = (b"GET /t/sec/secure HTTP/1.1\r\nAuthorization: DPoP " + token.encode() +
+    raw = (b"GET /t/sec/secure HTTP/1.1\r\nHost: gw\r\nAuthorization: DPoP " + token.encode() +
            b"\r\nDPoP: " + proof.encode() + b"\r\n\r\n")
     assert request(st.http, raw)[0] == 200
     status, headers, _ = request(st.http, raw)
     assert status == 401 and "invalid_dpop_proof" in headers["www-authenticate"]
     # Failures are counted by reason.
-    metrics = request(st.http, b"GET /metrics HTTP/1.1\r\n\r\n")[2].decode()
+    metrics = request(st.http, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")[2].decode()
     assert "gateway_auth_failures_total{" in metrics
 
 
 def test_required_auth_refuses_anonymous_everywhere_but_builtins(stack):
     st = stack(required="true")
-    assert request(st.http, b"GET /t/sec/whoami HTTP/1.1\r\n\r\n")[0] == 401
-    assert request(st.http, b"GET /health/live HTTP/1.1\r\n\r\n")[0] == 200
+    assert request(st.http, b"GET /t/sec/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 401
+    assert request(st.http, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200
     token = st.token()
     assert call(st.base + "/t/sec/whoami", token=token, dpop_key=st.key)[0] == 200
 
@@ -158,8 +158,8 @@ def test_rate_limit_per_identity_answers_429_with_retry_after(stack):
     assert err["error"] == "rate_limit_exceeded" and err["limit"] == 3
     assert statuses[0][1]["X-RateLimit-Remaining"] == "2"
     # Another identity (anonymous, by address) has its own window.
-    assert request(st.http, b"GET /t/sec/whoami HTTP/1.1\r\n\r\n")[0] == 200
-    metrics = request(st.http, b"GET /metrics HTTP/1.1\r\n\r\n")[2].decode()
+    assert request(st.http, b"GET /t/sec/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200
+    metrics = request(st.http, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")[2].decode()
     assert 'gateway_rate_limit_exceeded_total{tenant="tenant-1"} 1.0' in metrics
 
 
@@ -238,12 +238,12 @@ gateway:
             svcs.append(subprocess.Popen([sys.executable, "-m", "tests.services", "--name", "rp",
                                           "--gateway", f"127.0.0.1:{port_of(rec['tcp'])}"], cwd=ROOT))
         for _, port in gws:
-            assert wait_for(lambda p=port: request(p, b"GET /t/rp/whoami HTTP/1.1\r\n\r\n")[0] == 200, 15)
+            assert wait_for(lambda p=port: request(p, b"GET /t/rp/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
         key = DpopKey.generate()
         token = fetch_token(authority.token_endpoint, "demo-client", "demo-secret", "scans:read",
                             dpop_key=key)["access_token"]
         proof = key.proof("GET", origin + "/t/rp/secure", access_token=token)
-        raw = (b"GET /t/rp/secure HTTP/1.1\r\nAuthorization: DPoP " + token.encode() +
+        raw = (b"GET /t/rp/secure HTTP/1.1\r\nHost: gw\r\nAuthorization: DPoP " + token.encode() +
                b"\r\nDPoP: " + proof.encode() + b"\r\n\r\n")
         assert request(gws[0][1], raw)[0] == 200
         status, headers, _ = request(gws[1][1], raw)     # the same proof at the other instance
@@ -275,9 +275,9 @@ def test_log_lines_say_the_auth_outcome_and_never_carry_credentials(stack):
     st = stack()
     token = st.token()
     assert call(st.base + "/t/sec/secure", token=token, dpop_key=st.key)[0] == 200
-    assert request(st.http, b"GET /t/sec/secure HTTP/1.1\r\n\r\n")[0] == 401
+    assert request(st.http, b"GET /t/sec/secure HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 401
     proof = st.key.proof("GET", st.base + "/t/sec/secure", access_token=token)
-    assert request(st.http, b"GET /t/sec/whoami HTTP/1.1\r\nAuthorization: DPoP " + token.encode()
+    assert request(st.http, b"GET /t/sec/whoami HTTP/1.1\r\nHost: gw\r\nAuthorization: DPoP " + token.encode()
                    + b"\r\nDPoP: " + proof.encode() + b"\r\n\r\n")[0] == 401  # htu mismatch
 
     def logged():

@@ -81,7 +81,7 @@ def test_serve_single_worker_answers_and_stops_on_sigterm(tmp_path):
     try:
         [rec] = s.wait_listening()
         port = int(rec["http"].rsplit(":", 1)[1])
-        status, _, body = request(port, b"GET /health/live HTTP/1.1\r\n\r\n")
+        status, _, body = request(port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")
         assert status == 200
     finally:
         assert s.stop() == 0
@@ -97,7 +97,7 @@ def test_two_workers_share_the_port_and_a_dead_worker_is_restarted(tmp_path):
         port = ports.pop()
         seen = set()
         for _ in range(200):
-            _, _, body = request(port, b"GET /health/ready HTTP/1.1\r\n\r\n")
+            _, _, body = request(port, b"GET /health/ready HTTP/1.1\r\nHost: gw\r\n\r\n")
             seen.add(orjson.loads(body)["worker"])
             if len(seen) == 2:
                 break
@@ -106,7 +106,7 @@ def test_two_workers_share_the_port_and_a_dead_worker_is_restarted(tmp_path):
         os.kill(victim, signal.SIGKILL)
         [again] = s.wait_listening(1)[:1]
         assert again["pid"] != victim and again["worker"] == recs[0]["worker"]
-        assert request(port, b"GET /health/live HTTP/1.1\r\n\r\n")[0] == 200
+        assert request(port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200
     finally:
         assert s.stop() == 0
 
@@ -128,7 +128,7 @@ def test_a_stdout_nobody_reads_never_stalls_the_gateway(tmp_path):
         with connect(port, timeout=10) as s:
             buf = bytearray()
             for i in range(600):   # ~600 log lines: several times the pipe's capacity
-                s.sendall(b"GET /health/live HTTP/1.1\r\nX-Correlation-Id: c%d\r\n\r\n" % i)
+                s.sendall(b"GET /health/live HTTP/1.1\r\nHost: gw\r\nX-Correlation-Id: c%d\r\n\r\n" % i)
                 assert read_response(s, buf)[0] == 200
     finally:
         proc.kill()
@@ -137,6 +137,6 @@ def test_a_stdout_nobody_reads_never_stalls_the_gateway(tmp_path):
 
 def _answers(port):
     try:
-        return request(port, b"GET /health/live HTTP/1.1\r\n\r\n", timeout=1)[0] == 200
+        return request(port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n", timeout=1)[0] == 200
     except OSError:
         return False

@@ -34,14 +34,14 @@ def test_demo_routes_authenticated_traffic_streams_and_websockets(tmp_path):
     try:
         def ready():
             try:
-                status, _, body = request(http, b"GET /health/ready HTTP/1.1\r\n\r\n")
+                status, _, body = request(http, b"GET /health/ready HTTP/1.1\r\nHost: gw\r\n\r\n")
             except OSError:
                 return False
             return status == 200 and {"scanner", "policy"} <= set(orjson.loads(body)["services"])
         assert wait_for(ready, 30)
         base = f"http://127.0.0.1:{http}"
         # No token: 401 with a DPoP challenge.
-        status, headers, _ = request(http, b"GET /api/v1/scans/42 HTTP/1.1\r\n\r\n")
+        status, headers, _ = request(http, b"GET /api/v1/scans/42 HTTP/1.1\r\nHost: gw\r\n\r\n")
         assert status == 401
         # A DPoP-bound token from the demo's Authority: routed, identity headers set by us.
         key = DpopKey.generate()

@@ -1,5 +1,6 @@
 """Guard: the suite must run against the compiled Cython modules, not silently against the
-pure-Python twins (which the differential tests compare them with)."""
+pure-Python twins of the codecs (which the differential tests compare them with) or the
+uncompiled source of the glue (docs/hot-path.md)."""
 from __future__ import annotations
 
 import glob
@@ -40,3 +41,26 @@ def test_each_module_imports_first_in_a_fresh_interpreter(name):
         out = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True,
                              text=True, timeout=60, cwd=ROOT)
         assert out.returncode == 0, f"import {mod}: {out.stderr[-1500:]}"
+
+
+@pytest.mark.skipif(_impl.NO_EXTENSIONS, reason="STELLAGW_NO_EXTENSIONS=1 runs the glue uncompiled")
+@pytest.mark.parametrize("name", _impl.GLUE)
+def test_compiled_glue_loaded(name):
+    assert _impl.compiled(name), f"{name} runs uncompiled: run `make build` (or pip install -e .)"
+
+
+def test_no_extensions_runs_the_glue_from_its_source():
+    code = ("import importlib, stellagw._impl as i; "
+            "print(all(importlib.import_module(m).__file__.endswith('.py') for m in i.GLUE))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT, env={**os.environ, "STELLAGW_NO_EXTENSIONS": "1"})
+    assert out.stdout.strip() == "True", out.stderr[-1500:]
+
+
+def test_every_glue_module_has_its_pxd_and_is_built():
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        setup_py = f.read()
+    for name in _impl.GLUE:
+        source = name.replace(".", "/") + ".py"
+        assert os.path.exists(os.path.join(ROOT, source[:-3] + ".pxd")), source
+        assert f'"{source}"' in setup_py, source

@@ -33,19 +33,19 @@ def test_keep_alive_and_pipelining_over_a_socket(gateway):
         for _ in range(3):
             s.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_response(s, buf)[0] == 200
-        s.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n" * 5 + b"GET /x HTTP/1.1\r\n\r\n")
+        s.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n" * 5 + b"GET /x HTTP/1.1\r\nHost: gw\r\n\r\n")
         statuses = [read_response(s, buf)[0] for _ in range(6)]
         assert statuses == [200] * 5 + [404]
 
 
 def test_ready_startup_and_metrics(gateway):
     gw = gateway()
-    status, _, body = request(gw.port, b"GET /health/ready HTTP/1.1\r\n\r\n")
+    status, _, body = request(gw.port, b"GET /health/ready HTTP/1.1\r\nHost: gw\r\n\r\n")
     assert status == 200 and orjson.loads(body)["status"] == "Ready"
-    status, _, body = request(gw.port, b"GET /health/startup HTTP/1.1\r\n\r\n")
+    status, _, body = request(gw.port, b"GET /health/startup HTTP/1.1\r\nHost: gw\r\n\r\n")
     assert status == 200 and orjson.loads(body)["status"] == "Started"
-    request(gw.port, b"GET /nothing/here HTTP/1.1\r\n\r\n")
-    status, headers, body = request(gw.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+    request(gw.port, b"GET /nothing/here HTTP/1.1\r\nHost: gw\r\n\r\n")
+    status, headers, body = request(gw.port, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     text = body.decode()
     assert 'gateway_requests_total{method="GET",path="/health/ready",service="",status="200"} 1.0' in text
@@ -68,7 +68,7 @@ def test_slowloris_gets_408_and_close(gateway):
 def test_idle_keep_alive_connection_is_closed(gateway):
     gw = gateway("gateway: {http: {port: 0, keepAliveTimeout: 1s}}")
     with connect(gw.port) as s:
-        s.sendall(b"GET /health/live HTTP/1.1\r\n\r\n")
+        s.sendall(b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")
         assert read_response(s)[0] == 200
         assert is_closed(s, timeout=5)
 
@@ -76,7 +76,7 @@ def test_idle_keep_alive_connection_is_closed(gateway):
 def test_malformed_request_over_socket(gateway):
     gw = gateway()
     with connect(gw.port) as s:
-        s.sendall(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+        s.sendall(b"GET / HTTP/1.1\r\nHost: gw\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
         status, headers, body = read_response(s)
         assert status == 400 and orjson.loads(body)["error"]["code"] == "bad_request"
         assert is_closed(s)
@@ -90,7 +90,7 @@ def test_connection_cap(gateway):
         with connect(gw.port) as c:
             status, _, body = read_response(c)
             assert status == 503 and is_closed(c)
-        a.sendall(b"GET /health/live HTTP/1.1\r\n\r\n")
+        a.sendall(b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")
         assert read_response(a)[0] == 200
     finally:
         a.close()
@@ -144,7 +144,7 @@ def test_client_certificate_kept_with_the_connection(gateway, pki):
     ctx = pki.client_context(with_cert=True)
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as raw_sock:
         with ctx.wrap_socket(raw_sock, server_hostname="localhost") as s:
-            s.sendall(b"GET /health/live HTTP/1.1\r\n\r\n")
+            s.sendall(b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")
             assert read_response(s)[0] == 200
             certs = gw.call(lambda: [c.peer_cert for c in gw.worker.connections])
             assert certs == [pki.client_cert_der]
@@ -179,9 +179,9 @@ def test_graceful_shutdown_finishes_in_flight_requests(gateway):
     slow = connect(gw.port)
     idle = connect(gw.port)
     try:
-        idle.sendall(b"GET /health/live HTTP/1.1\r\n\r\n")
+        idle.sendall(b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")
         assert read_response(idle)[0] == 200
-        slow.sendall(b"GET /slow HTTP/1.1\r\n\r\n")
+        slow.sendall(b"GET /slow HTTP/1.1\r\nHost: gw\r\n\r\n")
         time.sleep(0.1)
         fut = gw.drain(wait=False)
         assert is_closed(idle)  # idle keep-alive connections go at once
@@ -189,7 +189,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(gateway):
         assert (status, body, headers["connection"]) == (200, b"finished", "close")
         fut.result(10)
         with pytest.raises(OSError):
-            connect(gw.port, timeout=1).sendall(b"GET / HTTP/1.1\r\n\r\n")
+            connect(gw.port, timeout=1).sendall(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
     finally:
         slow.close()
         idle.close()
@@ -198,14 +198,14 @@ def test_graceful_shutdown_finishes_in_flight_requests(gateway):
 def test_readiness_turns_503_while_draining(gateway):
     gw = gateway()
     gw.call(lambda: setattr(gw.worker, "draining", True))
-    status, _, body = request(gw.port, b"GET /health/ready HTTP/1.1\r\n\r\n")
+    status, _, body = request(gw.port, b"GET /health/ready HTTP/1.1\r\nHost: gw\r\n\r\n")
     assert status == 503 and "draining" in orjson.loads(body)["reasons"][0]
 
 
 def test_request_log_lines_carry_no_credentials(gateway):
     log = NullLog()
     gw = gateway(log=log.log)
-    request(gw.port, b"GET /health/live?token=eyJsecret HTTP/1.1\r\nAuthorization: DPoP eyJhbGciOi.secret\r\n"
+    request(gw.port, b"GET /health/live?token=eyJsecret HTTP/1.1\r\nHost: gw\r\nAuthorization: DPoP eyJhbGciOi.secret\r\n"
                      b"DPoP: eyJ0eXAiOi.proof\r\n\r\n")
     gw.call(log.log.flush)
     text = b"\n".join(log.lines())

@@ -31,7 +31,7 @@ def promtool():
 
 
 def scrape(port) -> str:
-    status, _, body = request(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+    status, _, body = request(port, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")
     assert status == 200
     return body.decode()
 
@@ -58,9 +58,9 @@ def two_workers(tmp_path):
 def test_metrics_cover_the_whole_instance_and_pass_promtool(two_workers):
     s, port = two_workers
     for _ in range(30):
-        request(port, b"GET /health/live HTTP/1.1\r\n\r\n")
+        request(port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")
     for _ in range(7):
-        request(port, b"GET /no/such/route HTTP/1.1\r\n\r\n")
+        request(port, b"GET /no/such/route HTTP/1.1\r\nHost: gw\r\n\r\n")
 
     def every_scrape_sees_all():
         texts = [scrape(port) for _ in range(6)]

@@ -39,9 +39,9 @@ def test_environment_limit_is_shared_across_instances_and_fails_open(tmp_path):
             svcs.append(subprocess.Popen([sys.executable, "-m", "tests.services", "--name", "rl",
                                           "--gateway", f"127.0.0.1:{port_of(rec['tcp'])}"], cwd=ROOT))
         for _, port in gws:
-            assert wait_for(lambda p=port: request(p, b"GET /t/rl/whoami HTTP/1.1\r\n\r\n")[0] == 200, 15)
+            assert wait_for(lambda p=port: request(p, b"GET /t/rl/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
         # 2 requests were spent above; 4 more are allowed in the window across BOTH instances.
-        statuses = [request(gws[i % 2][1], b"GET /t/rl/whoami HTTP/1.1\r\n\r\n")
+        statuses = [request(gws[i % 2][1], b"GET /t/rl/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")
                     for i in range(6)]
         assert [s for s, _, _ in statuses] == [200, 200, 200, 200, 429, 429]
         _, headers, body = statuses[4]
@@ -50,9 +50,9 @@ def test_environment_limit_is_shared_across_instances_and_fails_open(tmp_path):
         assert int(headers["retry-after"]) >= 1
         # Valkey goes away: no 5xx, no 401 — the environment check fails open.
         valkey.stop()
-        after = [request(gws[0][1], b"GET /t/rl/whoami HTTP/1.1\r\n\r\n")[0] for _ in range(5)]
+        after = [request(gws[0][1], b"GET /t/rl/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] for _ in range(5)]
         assert after == [200] * 5
-        metrics = request(gws[0][1], b"GET /metrics HTTP/1.1\r\n\r\n")[2].decode()
+        metrics = request(gws[0][1], b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")[2].decode()
         assert "gateway_ratelimit_valkey_errors_total{" in metrics
         assert "gateway_ratelimit_breaker_trips_total{" in metrics
         assert 'gateway_ratelimit_breaker_state{state="open"} 1.0' in metrics
@@ -68,7 +68,7 @@ def test_environment_limit_is_shared_across_instances_and_fails_open(tmp_path):
         valkey.close()
 
 
-GET = b"GET /t/rl/whoami HTTP/1.1\r\n\r\n"
+GET = b"GET /t/rl/whoami HTTP/1.1\r\nHost: gw\r\n\r\n"
 
 
 def test_the_pipeline_continues_from_the_valkey_reply(tmp_path):

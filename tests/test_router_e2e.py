@@ -46,7 +46,7 @@ class Stack:
         return proc
 
     def ready(self):
-        return orjson.loads(request(self.http, b"GET /health/ready HTTP/1.1\r\n\r\n")[2])
+        return orjson.loads(request(self.http, b"GET /health/ready HTTP/1.1\r\nHost: gw\r\n\r\n")[2])
 
     def wait_registered(self, instance, gone=False, timeout=15):
         def seen():
@@ -96,11 +96,11 @@ def test_routing_by_template_and_errors(stack):
     assert seen["x-forwarded-proto"] == "http" and seen["x-forwarded-host"] == "t"
     assert orjson.loads(st.get("/t/beta/whoami")[2])["instance"] == "beta-eu1-1.0.0"
     assert st.get("/t/gamma/whoami")[0] == 404
-    status, headers, body = request(st.http, b"DELETE /t/alpha/whoami HTTP/1.1\r\n\r\n")
-    assert status == 405 and headers["allow"] == "GET"
+    status, headers, body = request(st.http, b"DELETE /t/alpha/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert status == 405 and headers["allow"] == "GET, HEAD"
     # A big body travels as REQUEST_STREAM_DATA frames and comes back intact.
     payload = os.urandom(300_000)
-    status, _, body = request(st.http, b"POST /t/alpha/echo HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+    status, _, body = request(st.http, b"POST /t/alpha/echo HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n"
                               % len(payload) + payload)
     assert status == 200 and body == payload
 
@@ -138,7 +138,7 @@ def test_client_disconnect_cancels_the_request(stack):
     st = stack()
     st.service("dis")
     s = connect(st.http)
-    s.sendall(b"GET /t/dis/slow?ms=800 HTTP/1.1\r\nX-Correlation-Id: gone-1\r\n\r\n")
+    s.sendall(b"GET /t/dis/slow?ms=800 HTTP/1.1\r\nHost: gw\r\nX-Correlation-Id: gone-1\r\n\r\n")
     time.sleep(0.2)
     s.close()
     assert wait_for(lambda: "gone-1" in orjson.loads(st.get("/t/dis/events")[2])["cancelled"])
@@ -151,7 +151,7 @@ def test_50mb_stream_to_a_slow_reader_keeps_gateway_memory_bounded(stack):
     base = gw.memory_info().rss
     s = socket.create_connection(("127.0.0.1", st.http))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    s.sendall(b"GET /t/big/stream?mb=50 HTTP/1.1\r\n\r\n")
+    s.sendall(b"GET /t/big/stream?mb=50 HTTP/1.1\r\nHost: gw\r\n\r\n")
     received, peak = 0, base
     head = b""
     while b"\r\n\r\n" not in head:
@@ -217,7 +217,7 @@ def test_service_reconnects_and_reregisters_after_the_gateway_restarts_a_worker(
         ok = set()
         for _ in range(30):
             s = connect(st.http)
-            s.sendall(b"GET /t/phoenix/whoami HTTP/1.1\r\n\r\nGET /health/ready HTTP/1.1\r\n\r\n")
+            s.sendall(b"GET /t/phoenix/whoami HTTP/1.1\r\nHost: gw\r\n\r\nGET /health/ready HTTP/1.1\r\nHost: gw\r\n\r\n")
             buf = bytearray()
             status = read_response(s, buf)[0]
             worker = orjson.loads(read_response(s, buf)[2])["worker"]
@@ -253,9 +253,9 @@ def test_gateway_shutdown_cancels_what_outlives_the_drain_deadline(tmp_path):
     try:
         st.service("late")
         s = connect(st.http, timeout=15)
-        s.sendall(b"GET /t/late/slow?ms=900 HTTP/1.1\r\nX-Correlation-Id: done-1\r\n\r\n")
+        s.sendall(b"GET /t/late/slow?ms=900 HTTP/1.1\r\nHost: gw\r\nX-Correlation-Id: done-1\r\n\r\n")
         s2 = connect(st.http, timeout=15)
-        s2.sendall(b"GET /t/late/hang HTTP/1.1\r\n\r\n")
+        s2.sendall(b"GET /t/late/hang HTTP/1.1\r\nHost: gw\r\n\r\n")
         time.sleep(0.3)
         t0 = time.monotonic()
         st.gw.proc.send_signal(signal.SIGTERM)
@@ -333,11 +333,11 @@ def test_finished_requests_leave_nothing_behind_in_the_timer_wheel():
     svc = subprocess.Popen([sys.executable, "-m", "tests.services", "--name", "wh", "--gateway",
                             f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
     try:
-        assert wait_for(lambda: request(gw.port, b"GET /t/wh/whoami HTTP/1.1\r\n\r\n")[0] == 200, 15)
+        assert wait_for(lambda: request(gw.port, b"GET /t/wh/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
         with connect(gw.port) as s:
             buf = bytearray()
             for _ in range(300):
-                s.sendall(b"GET /t/wh/whoami HTTP/1.1\r\n\r\n")
+                s.sendall(b"GET /t/wh/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")
                 assert read_response(s, buf)[0] == 200
         held = gw.call(lambda: sum(len(b) for b in gw.worker.hub._wheel.values()))
         assert held == 0
@@ -425,7 +425,7 @@ def test_a_burst_goes_to_the_service_in_bounded_writes_and_every_request_is_answ
                             f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
     clients = []
     try:
-        assert wait_for(lambda: request(gw.port, b"GET /t/wb/whoami HTTP/1.1\r\n\r\n")[0] == 200, 15)
+        assert wait_for(lambda: request(gw.port, b"GET /t/wb/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
         req = b"GET /t/wb/whoami HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"p" * 200 + b"\r\n\r\n"
         for _ in range(60):
             s = connect(gw.port, timeout=15)

@@ -24,7 +24,7 @@ def traced():
     svc = subprocess.Popen([sys.executable, "-m", "tests.services", "--name", "tr", "--gateway",
                             f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
     try:
-        assert wait_for(lambda: request(gw.port, b"GET /t/tr/whoami HTTP/1.1\r\n\r\n")[0] == 200, 15)
+        assert wait_for(lambda: request(gw.port, b"GET /t/tr/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
         exporter.clear()
         yield gw, exporter
     finally:
@@ -35,7 +35,7 @@ def traced():
 
 def test_route_span_with_auth_and_transport_children_continuing_the_client_trace(traced):
     gw, exporter = traced
-    status, _, body = request(gw.port, b"GET /t/tr/whoami HTTP/1.1\r\ntraceparent: "
+    status, _, body = request(gw.port, b"GET /t/tr/whoami HTTP/1.1\r\nHost: gw\r\ntraceparent: "
                               + TRACEPARENT.encode() + b"\r\n\r\n")
     assert status == 200
     assert wait_for(lambda: len(exporter.get_finished_spans()) >= 3)
@@ -57,6 +57,6 @@ def test_no_spans_when_tracing_is_off():
     gw = GatewayThread(settings_from("gateway: {http: {port: 0}}")).start()
     try:
         assert gw.worker.tracing is None
-        assert request(gw.port, b"GET /nothing HTTP/1.1\r\n\r\n")[0] == 404
+        assert request(gw.port, b"GET /nothing HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 404
     finally:
         gw.stop()

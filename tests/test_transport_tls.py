@@ -55,7 +55,7 @@ def test_tls_transport_admits_only_allowed_client_certificates(pki):
         asyncio.run(run("trusted", client_ctx(pki.client_cert, pki.client_key), True))
         # Same CA, valid TLS, but not on the allow-list: the connection is refused.
         asyncio.run(run("stranger", client_ctx(pki.other_cert, pki.other_key), False))
-        assert request(gw.port, b"GET /t/stranger/x HTTP/1.1\r\n\r\n")[0] == 404
+        assert request(gw.port, b"GET /t/stranger/x HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 404
     finally:
         gw.stop()
 
@@ -82,7 +82,7 @@ def test_tls_transport_routes_requests(pki):
         await svc.wait_registered(1)
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(
-            None, lambda: request(gw.port, b"GET /t/secured/x HTTP/1.1\r\n\r\n"))
+            None, lambda: request(gw.port, b"GET /t/secured/x HTTP/1.1\r\nHost: gw\r\n\r\n"))
         await svc.stop()
         return result
     try:

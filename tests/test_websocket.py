@@ -36,7 +36,7 @@ def gateway():
     gw = GatewayThread(settings_from("gateway: {http: {port: 0}}")).start()
     svc = subprocess.Popen([sys.executable, "-m", "tests.services", "--name", "wsv", "--gateway",
                             f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
-    assert wait_for(lambda: request(gw.port, b"GET /t/wsv/whoami HTTP/1.1\r\n\r\n")[0] == 200, 15)
+    assert wait_for(lambda: request(gw.port, b"GET /t/wsv/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
     yield gw, svc
     svc.terminate()
     svc.wait(10)
@@ -143,7 +143,7 @@ def test_client_going_away_cancels_and_a_killed_service_closes_1011(tmp_path):
     svc = subprocess.Popen([sys.executable, "-m", "tests.services", "--name", "wsk", "--gateway",
                             f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
     try:
-        assert wait_for(lambda: request(gw.port, b"GET /t/wsk/whoami HTTP/1.1\r\n\r\n")[0] == 200, 15)
+        assert wait_for(lambda: request(gw.port, b"GET /t/wsk/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
 
         async def main():
             # The client vanishing leaves nothing in flight at the gateway.

@@ -523,7 +523,7 @@ class FrameEncoder:
         `headers` are the client's (bytes, bytes) pairs; `classes` maps a name to its
         HEADER_* kind, and classify(name) gives the kind of a name it lacks. Forwarded:
         HEADER_KEEP and HEADER_HOST headers, HEADER_TRACE ones when keep_trace, except
-        those the last HEADER_CONNECTION header names; then `te: trailers` if the last
+        those any HEADER_CONNECTION header names; then `te: trailers` if the last
         HEADER_TE header said so and http11, the `identity` pairs, x-forwarded-for
         (peer_ip), -proto (scheme), -host (the last HEADER_HOST value, if any) and
         x-correlation-id. The same bytes as request() given

@@ -1,26 +1,974 @@
+# cython: infer_types=True
 """The client-facing HTTP/1.1 protocol: httptools callbacks on a uvloop transport.
 
-One HttpProtocol per client connection. Requests are parsed into `Request` objects and
-queued; the pipeline answers them strictly in arrival order (pipelining), either at once
-(built-ins, local errors) or later (routed requests) through `respond()`.
+One HttpProtocol per client connection. Every request is judged on its head: the rules of
+docs/http-edge.md (version, Host, framing, Expect, Upgrade) in on_headers_complete, then
+the pipeline (match, authenticate, authorise, rate-limit, select) before any body byte is
+taken. A body then streams to the service as it arrives (docs/protocol.md §5.3), the client
+socket paused while the service has not given credit, so what one upload holds is bounded
+by the stream window, never by the body. Requests are answered strictly in arrival order
+(pipelining): at once (built-ins, refusals) or later through `respond()`.
 
-Error policy (STYLE §17): malformed HTTP or a broken limit → a JSON error answer and the
-connection closed after it; nothing raised out of `data_received`.
+Error policy: malformed HTTP or a broken limit → a JSON error answer and the connection
+closed after it (with a short lingering read, so the client gets the answer before a
+reset); nothing raised out of `data_received`.
 
-Every routed request runs through this protocol's callbacks, so it is compiled
-(cext/ingress.pyx → stellagw._cext.ingress) with a pure-Python twin (stellagw._py.ingress)
-of the same behaviour; `select` picks one (STELLAGW_NO_EXTENSIONS=1 forces the twin).
+This one source runs compiled (Cython, typed through http.pxd; docs/hot-path.md) and as
+plain Python (STELLAGW_NO_EXTENSIONS=1).
 """
-from __future__ import annotations
+import socket
+from collections import deque
+from time import perf_counter
 
-from .._impl import select
+import httptools
 
-_m = select("ingress")
+from ..observe.metrics import Histogram
+from .responses import JSON, STATUS_LINES, error_body, status_line
+from .wire import TE_CHUNKED, TE_OTHER, host_ok, render_response, transfer_coding
 
-HttpProtocol = _m.HttpProtocol
-Request = _m.Request
-Accounting = _m.Accounting
-PIPELINE_MAX = _m.PIPELINE_MAX
-D_NONE, D_HEADER, D_BODY, D_IDLE = _m.D_NONE, _m.D_HEADER, _m.D_BODY, _m.D_IDLE
+# How many parsed requests may wait behind the one in flight before we stop reading:
+# bounds the memory one pipelining client can make us hold.
+_PIPELINE_MAX = 16
+PIPELINE_MAX = _PIPELINE_MAX
 
-__all__ = ["HttpProtocol", "Request", "Accounting", "PIPELINE_MAX", "D_NONE", "D_HEADER", "D_BODY", "D_IDLE"]
+# Deadline kinds, checked by Worker._tick() once a second (no timer per request).
+_D_NONE = 0
+_D_HEADER = 1
+_D_BODY = 2
+_D_IDLE = 3
+_D_LINGER = 4
+D_NONE, D_HEADER, D_BODY, D_IDLE, D_LINGER = _D_NONE, _D_HEADER, _D_BODY, _D_IDLE, _D_LINGER
+
+# Why reading is paused (a bit each; reading resumes when none is left).
+_P_PIPELINE = 1     # PIPELINE_MAX requests wait
+_P_HOLD = 2         # a request with a body is not decided yet: none of its body is taken
+_P_FLOW = 4         # the service has not given credit for more of the body
+_P_STOP = 8         # the connection is being closed; only a lingering read drains it
+
+# Body state of a request
+_B_NONE = 0         # no body, or all of it received
+_B_OPEN = 1         # more body bytes are expected
+B_NONE, B_OPEN = _B_NONE, _B_OPEN
+
+# After a refusal with the client still sending: read and discard this long / this much,
+# so the answer reaches the client before the close turns into a reset.
+LINGER_SECONDS = 2.0
+_LINGER_BYTES = 1 << 20
+
+_JSON_CT = b"content-type: application/json\r\n"
+_CLOSE = b"connection: close\r\n"
+_KEEP_ALIVE = b"connection: keep-alive\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CID_OK = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing; the status is in `protocol._reject`."""
+
+
+class _Stop(Exception):
+    """Raised inside a parser callback when the connection is done: parse nothing more."""
+
+
+class Accounting:
+    """One worker's correlation ids, and what every finished request leaves behind: its
+    count and duration in the metrics, its access log line, the end of its span."""
+
+    def __init__(self, worker, cid_prefix):
+        self.cid_prefix = cid_prefix
+        self.cid_counter = 0
+        self._worker = worker
+        self._metrics = worker.metrics
+        self._log = worker.log
+
+    def correlation_id(self, headers):
+        for name, value in headers:
+            if name == b"x-correlation-id":
+                return self.correlation_id_of(value)
+        return self.correlation_id_of(None)
+
+    def correlation_id_of(self, value):
+        """The client's X-Correlation-Id when well formed (≤ 64 of [A-Za-z0-9._-]), else ours."""
+        if value is not None and 0 < len(value) <= 64 and _CID_OK.issuperset(value):
+            return value.decode("ascii")
+        self.cid_counter += 1
+        return "%s%010x" % (self.cid_prefix, self.cid_counter)
+
+    def request_done(self, req, status):
+        elapsed = perf_counter() - req.started
+        if req.span is not None:
+            self._worker.tracing.end_route(req, status)
+        m = self._metrics
+        key = (req.service, req.method, req.route, status)
+        requests = m.requests
+        requests[key] = requests.get(key, 0) + 1
+        hist_key = (req.service, req.method, req.route)
+        durations = m.durations
+        hist = durations.get(hist_key)
+        if hist is None:
+            hist = durations[hist_key] = Histogram()
+        hist.observe(elapsed)
+        log = self._log
+        if log.access_log:
+            log.request(req.correlation_id, req.tenant, req.method,
+                        req.target.decode("utf-8", "replace"), req.service,
+                        elapsed * 1000.0, status, req.auth)
+
+
+class Request:
+    """One parsed HTTP request: made once per request, read by every stage.
+
+    conn            the HttpProtocol it came on
+    method          str, upper case as sent ("GET")
+    target          bytes, the request-target path (before '?')
+    query           bytes, after '?', without it
+    headers         list[(bytes lowercase name, bytes value)] of the header section
+                    (never a trailer field)
+    host            bytes, the validated authority (Host, or an absolute-form target's)
+    body            bytes: the whole body when it came before dispatch, else b""
+    content_length  -1 chunked, else the Content-Length (0: none)
+    body_state      _B_OPEN while body bytes are still to come
+    body_limit      largest body accepted (the endpoint's, or routing.maxRequestBodySize)
+    body_size       body bytes received so far
+    held            body chunks received before the request was dispatched (bounded by
+                    one read: reading is paused until then)
+    expect_continue the client waits for `100 Continue` before sending its body
+    http_version    "1.1" or "1.0"
+    keep_alive      what the client asked for
+    correlation_id  str: taken from X-Correlation-Id or made
+    started         perf_counter() when the head was complete
+    reject          (status, message) when the request is answered with an error
+    service, route  labels for metrics and logs ("" for built-ins; a template, never the
+                    raw path)
+    tenant          str | None, set by authentication
+    pending         the dispatch waiting for the service (has .abort()), or None
+    identity        auth.Identity once authenticated (anonymous included)
+    resp_headers    bytes: header lines stages add to the response (rate limits, nonce)
+    span            the gateway.route span when tracing is on
+    websocket       a WebSocket upgrade request (GET, Upgrade: websocket)
+    auth            str for the log line: "dpop", "mtls", "bearer", "anonymous", "refused:…"
+    version         bytes: X-Service-Version, a strict version pin (docs/selection.md)
+    done            answered (or its client gone): nothing more is sent for it
+    """
+
+    def header(self, name):
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return None
+
+
+def _new_request(conn):
+    req = Request.__new__(Request)
+    req.conn = conn
+    req.method = "-"
+    req.target = b""
+    req.query = b""
+    req.headers = ()
+    req.host = None
+    req.body = b""
+    req.content_length = 0
+    req.body_state = _B_NONE
+    req.body_limit = 0
+    req.body_size = 0
+    req.held = None
+    req.expect_continue = False
+    req.http_version = "1.1"
+    req.keep_alive = True
+    req.correlation_id = ""
+    req.started = 0.0
+    req.reject = None
+    req.service = ""
+    req.route = ""
+    req.tenant = None
+    req.pending = None
+    req.identity = None
+    req.resp_headers = b""
+    req.span = None
+    req.websocket = False
+    req.auth = None
+    req.version = None
+    req.done = False
+    return req
+
+
+class HttpProtocol:
+    def __init__(self, server):
+        # -- per server (shared by every connection of this worker)
+        self._server = server
+        self._acct = server.accounting
+        settings = self._settings = server.http_settings
+        self._handle = server.pipeline.handle
+        self._max_url = settings.max_url_length
+        self._max_header_bytes = settings.max_header_bytes
+        self._max_header_count = settings.max_header_count
+        self._max_body = settings.max_request_body_size
+        self._header_timeout = settings.header_read_timeout
+        self._keep_alive_timeout = settings.keep_alive_timeout
+        self._body_timeout = settings.body_read_timeout
+        self._body_window_bytes = int(settings.min_body_rate * settings.body_read_timeout)
+
+        # -- per connection
+        self.transport = None
+        self.peer_cert = None            # DER of the client certificate (mTLS)
+        self.peername = None
+        self.peer_ip = b""               # X-Forwarded-For of every request on this connection
+        self.anonymous_key = "ip:"       # rate-limit key of its anonymous requests
+        self.deadline = 0.0
+        self.deadline_kind = _D_NONE
+        self._parser = None
+        self._queue = deque()
+        self._current = None
+        self._out = None                 # set while data_received runs: coalesced writes
+        self._closing = False
+        self._paused = 0
+        self._parse_broken = False
+        self._write_paused = False
+        self._on_writable = None         # producer to resume when the client drains
+        self._chunked = False            # the streamed response in flight is chunked
+        self._stream_keep = False
+        self._stream_status = 0
+        self._streaming = False          # a streamed response's head has been written
+        self._requests = 0               # requests begun on this connection
+        self._lingering = 0              # bytes discarded since the lingering read began
+
+        # -- per request being parsed
+        self._req = None
+        self._in_body = False            # _req's header section is complete
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._reject = None
+        self._rate_bytes = 0             # body bytes in the current minimum-rate window
+        self._call_body = 0              # body and trailer bytes seen in this data_received
+        self._chunks = 0                 # chunks of _req's body
+        self._chunk_overhead = 0         # its chunk-line bytes (sizes, extensions, CRLFs)
+        self._upgrade_tail = b""
+        self._last = None                # the request parsed last (an upgrade stops after it)
+        self._resync = False             # llhttp stops before this body (an ignored upgrade)
+
+    # ---------------------------------------------------------------- transport callbacks
+
+    def connection_made(self, transport):
+        self.transport = transport
+        server = self._server
+        if len(server.connections) >= self._settings.max_connections:
+            # Over the cap: answer rather than leave the client hanging in the backlog.
+            transport.write(self._render_error_close(503, "connection limit reached"))
+            transport.close()
+            self._closing = True
+            return
+        server.connections.add(self)
+        server.metrics.connection_opened()
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.peer_cert = ssl_object.getpeercert(binary_form=True)
+        self.peername = peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0].encode() if isinstance(peer, tuple) else b""
+        self.anonymous_key = "ip:" + (peer[0] if isinstance(peer, tuple) else "")
+        self._parser = server.new_parser(self)
+        # The first head is due headerReadTimeout after accept, not after its first byte.
+        self._set_deadline(_D_HEADER, self._header_timeout)
+
+    def connection_lost(self, exc):
+        server = self._server
+        if self in server.connections:
+            server.connections.discard(self)
+            server.metrics.connection_closed()
+        self._closing = True
+        current = self._current
+        self._current = None
+        self._queue.clear()
+        if current is not None and current.pending is not None:
+            # The client went away with a request in flight: CANCEL(ClientDisconnected).
+            current.pending.abort()
+        # Drop what this connection holds at once: the parser points back at us (a cycle
+        # the collector would only find in a full collection), held bodies and buffers.
+        if current is not None:
+            current.done = True
+        self._parser = None
+        self._req = None
+        self._last = None
+        self._headers = []
+        self._on_writable = None
+        self._upgrade_tail = b""
+
+    def data_received(self, data):
+        if self._closing:
+            if self.deadline_kind == _D_LINGER:
+                self._linger(len(data))
+            return
+        if self._parse_broken:
+            return
+        out = []
+        self._out = out
+        while data is not None:
+            data = self._feed(data)
+        self._pump()
+        self._out = None
+        if out:
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if self._closing and self._current is None:
+            self._close_now()
+
+    def _feed(self, data):
+        """Parse one read; returns what is left for a fresh parser after an ignored
+        upgrade, else None."""
+        body_phase = self._in_body
+        message = self._requests
+        self._call_body = 0
+        try:
+            self._parser.feed_data(data)
+        except _Stop:
+            pass
+        except _Reject:
+            self._failed()
+        except httptools.HttpParserCallbackError as exc:
+            context = exc.__context__
+            if isinstance(context, _Stop):
+                pass
+            elif isinstance(context, _Reject) or self._reject is not None:
+                self._failed()
+            else:
+                self._server.log.event("error", "parser callback failed", error=repr(context))
+                self._reject = (500, "internal error while reading the request")
+                self._failed()
+        except httptools.HttpParserUpgrade as exc:
+            return self._upgraded(data, exc.args[0] if exc.args else len(data))
+        except httptools.HttpParserError as exc:
+            self._reject = (400, _parser_message(exc))
+            self._failed()
+        else:
+            if body_phase and self._in_body and self._chunks and message == self._requests:
+                # The whole read was inside one chunked body: what was not body is chunk
+                # lines. llhttp bounds neither extensions nor their count, so we do.
+                self._chunk_overhead += len(data) - self._call_body
+                if self._chunk_overhead > self._max_header_bytes + 16 * self._chunks:
+                    self._reject = (400, "chunk extensions larger than %d bytes"
+                                    % self._max_header_bytes)
+                    self._failed()
+        return None
+
+    def eof_received(self):
+        # A client that closes with a request in flight has gone (browsers and proxies do
+        # not half-close to wait for an answer): close, so the request is cancelled
+        # upstream instead of finishing for nobody.
+        return False
+
+    # ---------------------------------------------------------------- parser callbacks
+
+    def on_message_begin(self):
+        if self._resync:
+            return
+        self._req = _new_request(self)
+        self._in_body = False
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._reject = None
+        self._chunks = 0
+        self._chunk_overhead = 0
+        self._requests += 1
+        if self._requests > 1:
+            # A later head (keep-alive or pipelined) has headerReadTimeout from its first
+            # byte; the first one keeps the deadline set at accept.
+            self._set_deadline(_D_HEADER, self._header_timeout)
+
+    def on_url(self, url):
+        if self._resync:
+            return
+        self._url = self._url + url if self._url else url
+        if len(self._url) > self._max_url:
+            self._reject = (414, "request-target longer than %d bytes" % self._max_url)
+            raise _Reject
+
+    def on_header(self, name, value):
+        if self._resync:
+            return
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._max_header_bytes:
+            self._reject = (431, "request header block larger than %d bytes"
+                            % self._max_header_bytes)
+            raise _Reject
+        if self._in_body:
+            # A trailer field (RFC 9112 §7.1.2): counted, never merged into the header
+            # section a stage reads (§6.5.1) — the service sees none of them.
+            self._call_body += len(name) + len(value) + 4
+            return
+        headers = self._headers
+        headers.append((name.lower(), value))
+        if len(headers) > self._max_header_count:
+            self._reject = (431, "more than %d request header fields" % self._max_header_count)
+            raise _Reject
+
+    def on_headers_complete(self):
+        if self._resync:
+            self._resync = False     # the synthetic head of _upgraded(): the body follows
+            return
+        req = self._req
+        parser = self._parser
+        req.method = parser.get_method().decode("ascii")
+        version = parser.get_http_version()
+        req.http_version = version
+        req.keep_alive = parser.should_keep_alive()
+        headers = self._headers
+        req.headers = headers
+        req.started = perf_counter()
+        req.body_limit = self._max_body
+        if version != "1.1" and version != "1.0":
+            # llhttp reads a missing version as 0.9 and accepts 2.0 in a request line.
+            if version == "2.0":
+                self._refuse(505, "HTTP/2 is not spoken on this port; send HTTP/1.1")
+            self._refuse(400, "the request line must end in HTTP/1.1 or HTTP/1.0")
+        upgrade = parser.should_upgrade()
+        if req.method == "CONNECT":
+            self._refuse(405, "CONNECT is not supported")
+        # One pass over the headers for everything the request path needs from them.
+        expect = cid = host = te = None
+        hosts = 0
+        length = 0
+        for name, value in headers:
+            if name == b"host":
+                host = value
+                hosts += 1
+            elif name == b"content-length":
+                length = int(value)        # llhttp (strict) refused malformed and repeated
+            elif name == b"transfer-encoding":
+                te = value
+            elif name == b"x-correlation-id":
+                if cid is None:
+                    cid = value
+            elif name == b"x-service-version":
+                if req.version is None:
+                    req.version = value
+            elif name == b"upgrade":
+                if value.strip().lower() == b"websocket" and upgrade:
+                    req.websocket = True
+            elif name == b"expect":
+                expect = value
+        req.correlation_id = self._acct.correlation_id_of(cid)
+        if length > self._max_body:
+            self._refuse(413, "request body larger than %d bytes" % self._max_body)
+        if hosts > 1:
+            self._refuse(400, "more than one Host header field")
+        if host is None:
+            if version == "1.1":
+                self._refuse(400, "an HTTP/1.1 request needs a Host header field")
+        url = self._url
+        if url[:1] != b"/":
+            url = self._absolute_form(req, url)     # its authority replaces Host
+        elif host is not None:
+            if not host_ok(host):
+                self._refuse(400, "the Host header field is not a valid host[:port]")
+            req.host = host
+        if b"#" in url:
+            self._refuse(400, "a request-target has no fragment")
+        q = url.find(b"?")
+        if q >= 0:
+            req.target = url[:q]
+            req.query = url[q + 1:]
+        else:
+            req.target = url
+            req.query = b""
+        if te is not None:
+            if version == "1.0":
+                # RFC 9112 §6.1: framing an HTTP/1.0 recipient may not know; treat as faulty.
+                self._refuse(400, "Transfer-Encoding is not allowed on HTTP/1.0")
+            coding = transfer_coding(te)
+            if coding == TE_OTHER:
+                self._refuse(501, "only the chunked transfer coding is supported")
+            if coding != TE_CHUNKED:
+                self._refuse(400, "Transfer-Encoding must end in chunked")
+            req.content_length = -1
+        else:
+            req.content_length = length
+        has_body = req.content_length != 0
+        if expect is not None:
+            if expect.strip().lower() != b"100-continue":
+                self._refuse(417, "only 'Expect: 100-continue' is supported")
+            req.expect_continue = version == "1.1" and has_body
+        if req.websocket and (req.method != "GET" or has_body):
+            self._refuse(400, "a WebSocket upgrade is a GET without a body")
+        # Upgrade: h2c and the like (RFC 9110 §7.8) are ignored and answered in HTTP/1.1.
+        # llhttp stops right after such a head without reading its body: _upgraded() reads
+        # the body on with a fresh parser, framed as this head said (_resync).
+        self._resync = upgrade and not req.websocket and has_body
+        if has_body:
+            req.body_state = _B_OPEN
+            req.held = []
+            self._in_body = True
+            self._rate_bytes = 0
+            self._set_deadline(_D_BODY, self._body_timeout)
+        else:
+            self._in_body = False
+            self.deadline_kind = _D_NONE
+        if self._current is None and not self._queue:
+            self._current = req
+            self._run(req)
+            if self._closing:
+                raise _Stop          # answered and closing: parse nothing more
+            if req.body_state == _B_OPEN and req.pending is None:
+                self._pause(_P_HOLD)   # decided later (a key fetch, Valkey): hold the body
+        else:
+            self._queue.append(req)
+            if has_body:
+                self._pause(_P_HOLD)
+            elif len(self._queue) >= _PIPELINE_MAX:
+                self._pause(_P_PIPELINE)
+
+    def on_body(self, body):
+        req = self._req
+        n = len(body)
+        self._call_body += n
+        req.body_size += n
+        if req.body_size > req.body_limit:
+            self._reject = (413, "request body larger than %d bytes" % req.body_limit)
+            raise _Reject
+        self._rate_bytes += n
+        if self._rate_bytes >= self._body_window_bytes:
+            # The minimum rate is met for this window: the next one starts now.
+            self._rate_bytes = 0
+            self.deadline = self._server.now + self._body_timeout
+        pending = req.pending
+        if pending is not None:
+            if not pending.owner.request_body(pending, body, False):
+                self._pause(_P_FLOW)
+        elif req.held is not None:
+            req.held.append(body)
+
+    def on_chunk_header(self):
+        self._chunks += 1
+
+    def on_message_complete(self):
+        if self._resync:
+            return          # llhttp's end of an upgrade head, not of the body (_upgraded)
+        req = self._req
+        self._req = None
+        self._last = req
+        self._in_body = False
+        if req.body_state == _B_OPEN:
+            req.body_state = _B_NONE
+            pending = req.pending
+            if pending is not None:
+                pending.owner.request_body(pending, b"", True)
+            elif req.held is not None:
+                held = req.held
+                req.body = held[0] if len(held) == 1 else b"".join(held)
+                req.held = None
+        if self._current is None and not self._queue:
+            # Answered on its head already: the connection idles from here.
+            self._set_deadline(_D_IDLE, self._keep_alive_timeout)
+        elif self.deadline_kind == _D_BODY:
+            self.deadline_kind = _D_NONE
+
+    # ---------------------------------------------------------------- judging the head
+
+    def _refuse(self, status, message):
+        self._reject = (status, message)
+        raise _Reject
+
+    def _absolute_form(self, req, url):
+        """absolute-form (RFC 9112 §3.2.2) → path and query; its authority is the Host."""
+        try:
+            parsed = httptools.parse_url(url)
+        except httptools.HttpParserInvalidURLError:
+            parsed = None
+        if (parsed is None or parsed.schema not in (b"http", b"https") or parsed.userinfo
+                or not parsed.host):
+            self._refuse(400, "the request-target must be a path or an http(s) URL")
+        authority = parsed.host
+        if b":" in authority:
+            authority = b"[" + authority + b"]"
+        if parsed.port is not None:
+            authority += b":%d" % parsed.port
+        if not host_ok(authority):
+            self._refuse(400, "the request-target's authority is not a valid host[:port]")
+        req.host = authority
+        # The target's authority replaces Host for the service too.
+        self._headers[:] = [(n, v) for n, v in self._headers if n != b"host"]
+        self._headers.append((b"host", authority))
+        path = parsed.path or b"/"
+        return path + b"?" + parsed.query if parsed.query else path
+
+    # ---------------------------------------------------------------- the body
+
+    def start_body(self, req):
+        """The request was dispatched (`req.pending` is set): its body may now be read.
+        Called by the service connection; feeds what arrived while it was decided."""
+        if req.body_state != _B_OPEN and req.held is None:
+            return
+        pending = req.pending
+        held = req.held
+        req.held = None
+        owner = pending.owner
+        more = True
+        if held:
+            for chunk in held:
+                more = owner.request_body(pending, chunk, False)
+        if req.body_state != _B_OPEN:
+            owner.request_body(pending, b"", True)
+            return
+        if not more:
+            self._pause(_P_FLOW)
+        if req.expect_continue and req is self._current and not self._closing:
+            req.expect_continue = False
+            self._write(_CONTINUE)
+        self._resume(_P_HOLD)
+        if self.deadline_kind == _D_BODY:
+            self.deadline = self._server.now + self._body_timeout
+
+    def resume_body(self, req):
+        """The service gave credit again for `req`'s body (flow control)."""
+        if req is self._req and self._paused & _P_FLOW:
+            self._resume(_P_FLOW)
+            if self.deadline_kind == _D_BODY:
+                self.deadline = self._server.now + self._body_timeout
+
+    def _body_failed(self, req, status, message):
+        """The body broke a limit or deadline after the head was judged: stop reading;
+        answer when no response byte has gone out yet, else cut the connection."""
+        self._parse_broken = True
+        self._pause(_P_STOP)
+        self._req = None
+        self._in_body = False
+        if req is not self._current:
+            req.reject = (status, message)     # queued: answered in its turn
+            req.keep_alive = False
+            return
+        pending = req.pending
+        if pending is not None:
+            pending.abort()
+        if self._streaming:
+            self.abort_stream(req)
+            return
+        self.respond(req, status, _JSON_CT, error_body(status, message, req.correlation_id),
+                     True)
+
+    # ---------------------------------------------------------------- answering
+
+    def _failed(self):
+        """The parser or a limit stopped this request: answer it (in order), then close."""
+        status, message = self._reject
+        if self._in_body and self._req is not None:
+            self._body_failed(self._req, status, message)
+            return
+        self._parse_broken = True
+        self._pause(_P_STOP)
+        req = self._req if self._req is not None else _new_request(self)
+        self._req = None
+        if not req.correlation_id:
+            req.correlation_id = self._acct.correlation_id(self._headers)
+        req.keep_alive = False
+        req.body_state = _B_NONE
+        req.started = perf_counter()
+        req.reject = (status, message)
+        if req is not self._current and req not in self._queue:
+            self._queue.append(req)
+
+    def _pump(self):
+        """Start the next queued request when nothing is in flight."""
+        while self._current is None and self._queue and not self._closing:
+            req = self._queue.popleft()
+            self._current = req
+            self._run(req)
+        if self._paused & _P_HOLD and not self._closing and not self._holding():
+            self._resume(_P_HOLD)
+        if self._paused & _P_PIPELINE and len(self._queue) < _PIPELINE_MAX // 2:
+            self._resume(_P_PIPELINE)
+
+    def _holding(self):
+        """Is a request that has not been dispatched waiting for (part of) its body?"""
+        req = self._current
+        if req is not None and req.held is not None and req.pending is None:
+            return True
+        for req in self._queue:
+            if req.held is not None:
+                return True
+        return False
+
+    def _run(self, req):
+        if req.reject is not None:
+            status, message = req.reject
+            self.respond(req, status, _JSON_CT, error_body(status, message, req.correlation_id),
+                         True)
+            return
+        try:
+            result = self._handle(req)
+        except Exception as exc:  # a bug in a stage must not take the connection down silently
+            self._server.log.event("error", "pipeline failed", correlationId=req.correlation_id,
+                                   error=repr(exc))
+            result = (500, _JSON_CT, error_body(500, "internal error", req.correlation_id))
+        if result is not None:
+            self.respond(req, result[0], result[1], result[2])
+
+    def respond(self, req, status, headers, body, close=False):
+        """Write the response for `req` (the request in flight); start the next one.
+
+        `headers` is a preformatted block of "name: value\\r\\n" lines: stages build it once
+        (built-ins keep it as a constant) and it is written as is.
+        """
+        if req is not self._current or self.transport is None:
+            return  # the connection went away, or an answer came twice
+        if type(body) is not bytes:
+            body = bytes(body)
+        if type(headers) is not bytes:
+            headers = bytes(headers)
+        server = self._server
+        # A body still arriving closes the connection: its rest will not be read.
+        keep = (req.keep_alive and not close and not server.draining
+                and req.body_state != _B_OPEN and not req.websocket)
+        line = STATUS_LINES.get(status)
+        if line is None:
+            line = status_line(status)
+        if not keep:
+            connection = _CLOSE
+        elif req.http_version == "1.0":
+            connection = _KEEP_ALIVE
+        else:
+            connection = b""
+        if req.method == "HEAD" or status == 304:
+            payload = b""
+        else:
+            payload = body
+        # RFC 9110 §8.6: no Content-Length on 304 (it would describe the unsent body).
+        data = render_response(line, server.date_header, len(body) if status != 304 else -1,
+                               headers, req.resp_headers, req.correlation_id.encode("latin-1"),
+                               connection, payload)
+        self._write(data)
+        self._finish(req, status, keep)
+
+    def _write(self, data):
+        if self._out is not None:
+            self._out.append(data)
+        else:
+            self.transport.write(data)
+
+    def _finish(self, req, status, keep):
+        self._current = None
+        self._streaming = False
+        req.done = True
+        # Request and Pending point at each other: unlinked here, both go when the last
+        # reference does, instead of waiting for the cycle collector.
+        req.pending = None
+        req.held = None
+        self._acct.request_done(req, status)
+        if not keep:
+            self._closing = True
+            self._queue.clear()
+            if self._out is None:
+                self._close_now()
+            return
+        if self._out is None:
+            # Answered from a callback (routed request): carry on with the queue here.
+            self._pump()
+        if self._current is None and not self._queue and self._req is None:
+            self._set_deadline(_D_IDLE, self._keep_alive_timeout)
+
+    def _close_now(self):
+        """Close after what is written; when the client may still be sending (a refused
+        body, a broken head), read and discard for a moment first: closing a socket with
+        unread data sends a reset, which can destroy the answer before the client reads it."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.deadline_kind == _D_LINGER:
+            return
+        if self._req is None and not self._parse_broken:
+            transport.close()
+            return
+        self._req = None
+        self._in_body = False
+        self._set_deadline(_D_LINGER, LINGER_SECONDS)
+        self._lingering = 0
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._paused = 0
+        transport.resume_reading()
+
+    def _linger(self, n):
+        self._lingering += n
+        if self._lingering > _LINGER_BYTES:
+            self.transport.close()
+
+    # ---------------------------------------------------------------- reading
+
+    def _pause(self, reason):
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reason):
+        if self._paused & reason:
+            self._paused &= ~reason
+            if not self._paused and self.transport is not None and not self._closing:
+                self.transport.resume_reading()
+
+    # ---------------------------------------------------------------- streamed responses
+
+    def start_stream(self, req, status, headers, on_writable):
+        """Write the head of a streamed response: chunked (HTTP/1.1) or close-delimited.
+
+        `on_writable()` is called when a client that stopped taking data (pause_writing)
+        can take more: the producer resumes then (flow control back to the service).
+        """
+        if req is not self._current or self.transport is None or self._closing:
+            return False
+        self._chunked = req.http_version == "1.1"
+        self._stream_keep = self._chunked and req.keep_alive and not self._server.draining
+        self._on_writable = on_writable
+        framing = b"transfer-encoding: chunked\r\n" if self._chunked else b""
+        if not self._stream_keep:
+            framing += _CLOSE
+        self._stream_status = status
+        self._streaming = True
+        self._write(b"".join((
+            status_line(status), self._server.date_header, headers, req.resp_headers, framing,
+            b"x-correlation-id: ", req.correlation_id.encode("latin-1"), b"\r\n\r\n")))
+        return True
+
+    def stream_chunk(self, req, data):
+        """Send one piece of a streamed body. False: stop producing until on_writable()."""
+        if req is not self._current or self.transport is None or req.method == "HEAD":
+            return not self._write_paused
+        if not data:
+            return not self._write_paused
+        if self._chunked:
+            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.transport.write(data)
+        return not self._write_paused
+
+    def end_stream(self, req):
+        if req is not self._current or self.transport is None:
+            return
+        self._on_writable = None
+        if self._chunked and req.method != "HEAD":
+            self.transport.write(b"0\r\n\r\n")
+        self._finish(req, self._stream_status,
+                     self._stream_keep and req.body_state != _B_OPEN)
+
+    def abort_stream(self, req):
+        """The producer failed mid-body: the status is sent, so the only honest signal left
+        is to cut the connection (a truncated chunked body is detectably incomplete)."""
+        if req is not self._current:
+            return
+        self._on_writable = None
+        self._current = None
+        self._streaming = False
+        req.pending = None
+        req.done = True
+        self._acct.request_done(req, 502)
+        self.close()
+
+    # ---------------------------------------------------------------- upgrades
+
+    def _upgraded(self, data, offset):
+        """llhttp stopped after a head with an upgrade (its message is complete, or for
+        one with a body, _resync). Returns the bytes to parse on, for an upgrade we ignore."""
+        rest = bytes(data[offset:])
+        if self._resync:
+            # An upgrade we ignore (h2c) on a request with a body llhttp did not read: a
+            # fresh parser reads it, framed by a head of our own whose callbacks are
+            # skipped, then goes on with HTTP/1.1.
+            req = self._req
+            if req.content_length < 0:
+                framing = b"transfer-encoding: chunked\r\n"
+            else:
+                framing = b"content-length: %d\r\n" % req.content_length
+            self._parser = self._server.new_parser(self)
+            return b"PUT / HTTP/1.1\r\nhost: x\r\n" + framing + b"\r\n" + rest
+        req = self._last
+        if req is not None and req.websocket:
+            # What follows is WebSocket: kept for picows, which takes the connection over
+            # if the service accepts (upgrade_to_websocket). Refused, it is closed.
+            self._parse_broken = True
+            self._upgrade_tail = rest
+            self._pause(_P_STOP)
+            if req.done:
+                self._closing = True
+            return None
+        if self._parse_broken or self._closing:
+            return None
+        # An upgrade we ignore (h2c) without a body: HTTP/1.1 goes on with a fresh parser
+        # where the old one stopped.
+        self._parser = self._server.new_parser(self)
+        return rest if rest else None
+
+    def upgrade_to_websocket(self, req, bridge):
+        """The service accepted the upgrade: picows takes the connection over."""
+        if req is not self._current or self.transport is None or self._closing:
+            return False
+        from .websocket import hand_over
+        self._current = None
+        req.done = True
+        self._closing = True            # this protocol is done with the connection
+        self._server.connections.discard(self)
+        self._server.metrics.connection_closed()
+        self._acct.request_done(req, 101)
+        hand_over(self, req, bridge, self._upgrade_tail)
+        return True
+
+    # ---------------------------------------------------------------- flow control
+
+    def pause_writing(self):
+        self._write_paused = True
+
+    def resume_writing(self):
+        self._write_paused = False
+        cb = self._on_writable
+        if cb is not None:
+            cb()
+
+    def _render_error_close(self, status, message):
+        body = error_body(status, message, self._acct.correlation_id(()))
+        return b"".join((status_line(status), self._server.date_header,
+                         b"content-type: ", JSON, b"\r\ncontent-length: %d\r\n" % len(body),
+                         _CLOSE, b"\r\n", body))
+
+    # ---------------------------------------------------------------- deadlines
+
+    def _set_deadline(self, kind, seconds):
+        self.deadline_kind = kind
+        self.deadline = self._server.now + seconds
+
+    def check_deadline(self, now):
+        kind = self.deadline_kind
+        if kind == _D_NONE or now < self.deadline or self.transport is None:
+            return
+        if kind == _D_BODY and self._paused & (_P_HOLD | _P_FLOW):
+            return          # we hold the client back: not its delay
+        self.deadline_kind = _D_NONE
+        if kind == _D_IDLE or kind == _D_LINGER:
+            self.close()
+        elif kind == _D_BODY:
+            req = self._req
+            if req is not None:
+                self._body_failed(req, 408, "request body not received in time")
+                if self._current is None or self._closing:
+                    self._close_now()
+        elif self._current is not None:
+            # A pipelined head that does not come (slowloris behind a slow request): the
+            # request in flight is answered, then 408, then close.
+            self._reject = (408, "request not received in time")
+            self._failed()
+        else:
+            self.transport.write(self._render_error_close(408, "request not received in time"))
+            self._closing = True
+            self._close_now()
+
+    def close(self):
+        self._closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def is_idle(self):
+        return self._current is None and not self._queue and self._req is None
+
+
+def _parser_message(exc):
+    text = str(exc) or exc.__class__.__name__
+    return "malformed HTTP request: " + text

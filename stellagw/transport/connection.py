@@ -1,21 +1,636 @@
+# cython: infer_types=True
 """One microservice connection, gateway side (docs/protocol.md).
 
-Every routed request is sent and answered through ServiceConnection, so it is compiled
-(cext/connection.pyx → stellagw._cext.connection) with a pure-Python twin of the same
-behaviour (stellagw._py.connection, the one to read first); `select` picks one
-(STELLAGW_NO_EXTENSIONS=1 forces the twin).
+States: AWAIT_HELLO → READY → CLOSED. A connection that has not sent a valid HELLO
+within HELLO_TIMEOUT, sends anything else first, or sends a malformed frame is closed
+with a logged reason; a HELLO that cannot be registered leaves nothing registered.
+
+Requests in flight are kept in `inflight` (correlation id → Pending). Their answer comes
+back as RESPONSE (whole, or a head followed by RESPONSE_STREAM_DATA); a timeout sends
+CANCEL(Timeout) and answers 504; the client leaving sends CANCEL(ClientDisconnected); the
+connection dropping answers 502 for every request still waiting, at once.
+
+A request body is dispatched as it arrives from the client (request_body): a small one
+with a known length goes inside REQUEST once complete, anything else as REQUEST followed by
+REQUEST_STREAM_DATA under the service's window; the ingress pauses the client while no
+credit is left. The answer's timeout runs from the REQUEST and is pushed on while the
+service grants credit for the body, then starts afresh when the body is complete (a slow
+upload is the client's delay, bounded by the ingress's body deadline).
+
+Writes to the service are coalesced: frames go into one FrameEncoder and are written once
+per loop iteration, or after frame.WRITE_BATCH frames (docs/hot-path.md).
+
+One source, compiled (typed through connection.pxd) and run as plain Python under
+STELLAGW_NO_EXTENSIONS=1.
 """
-from __future__ import annotations
+import os
+import socket
+import time
+from functools import partial
+from time import perf_counter
 
-from .._impl import select
+from .. import frame as fr
+from ..ingress.http import B_OPEN
+from ..ingress.responses import error_body
+from ..routing.state import DRAINING, HelloError
+from .headers import CLASSES, RESPONSE_DROP_NAMES, classify, request_headers
 
-_m = select("connection")
+HELLO_TIMEOUT = 10.0
+INITIAL_WINDOW = 256 * 1024     # bytes of stream data a peer may send per stream unacknowledged
+_MAX_WINDOW = 0x7FFFFFFF        # a window past this is a flow-control error (as in HTTP/2)
+_JSON = b"content-type: application/json\r\n"
 
-ServiceConnection = _m.ServiceConnection
-Pending = _m.Pending
-INITIAL_WINDOW = _m.INITIAL_WINDOW
-HELLO_TIMEOUT = _m.HELLO_TIMEOUT
-AWAIT_HELLO, READY, CLOSED = _m.AWAIT_HELLO, _m.READY, _m.CLOSED
+_AWAIT_HELLO = 0
+_READY = 1
+_CLOSED = 2
+AWAIT_HELLO, READY, CLOSED = _AWAIT_HELLO, _READY, _CLOSED
+_B_OPEN = B_OPEN
 
-__all__ = ["ServiceConnection", "Pending", "INITIAL_WINDOW", "HELLO_TIMEOUT",
-           "AWAIT_HELLO", "READY", "CLOSED"]
+_REQUEST = fr.REQUEST
+_RESPONSE = fr.RESPONSE
+_RESPONSE_STREAM_DATA = fr.RESPONSE_STREAM_DATA
+_REQUEST_STREAM_DATA = fr.REQUEST_STREAM_DATA
+_FLAG_END_STREAM = fr.FLAG_END_STREAM
+_WRITE_BATCH = fr.WRITE_BATCH
+_WRITE_BATCH_BYTES = fr.WRITE_BATCH_BYTES
+
+
+class Pending:
+    """A request sent to the service and not yet fully answered."""
+
+    def __init__(self, corr, req, owner, sent_at):
+        self.corr = corr
+        self.req = req
+        self.owner = owner         # the ServiceConnection it was sent on
+        self.deadline = 0.0        # loop time of the timeout; 0.0 once the answer started
+        self.timeout = 0.0         # seconds, for re-arming while the body streams
+        self.bucket = None         # the timer wheel's set holding it while it can time out
+        self.streaming = False     # RESPONSE head written, RESPONSE_STREAM_DATA follows
+        self.unacked = 0           # stream bytes written to the client but not yet granted back
+        self.sent_at = sent_at     # perf_counter() when the REQUEST was queued
+        self.window = INITIAL_WINDOW  # credit for our REQUEST_STREAM_DATA
+        self.path = None           # the normalised path, while the REQUEST waits for its body
+        self.inline = None         # body chunks of a small body waiting to go inside REQUEST
+        self.body = []             # body chunks waiting for credit (REQUEST_STREAM_DATA)
+        self.body_pos = 0          # bytes of body[0] already sent
+        self.body_open = False     # REQUEST sent, its body not yet ended
+        self.body_end = False      # the client's body is complete (END_STREAM follows body)
+        self.span = None           # gateway.transport.send when tracing is on
+        self.ws = None             # WsBridge once a WebSocket upgrade was accepted
+
+    def abort(self):
+        """The client went away, or its request was refused mid-body."""
+        self.owner._client_gone(self)
+
+    def expire(self, now):
+        """Called by the hub's timer wheel once the deadline bucket is due."""
+        if self.deadline and now >= self.deadline:
+            self.owner._timeout(self)
+
+
+class ServiceConnection:
+    def __init__(self, hub):
+        # -- per worker
+        self._hub = hub
+        self._routing = hub.routing
+        self._metrics = hub.metrics
+        self._log = hub.log
+        self._loop = hub.loop
+        # -- per connection
+        self.transport = None
+        self.state = _AWAIT_HELLO
+        self.instance = None
+        self.peer = None
+        self._decoder = fr.FrameDecoder(hub.max_frame_size)
+        self._encoder = fr.FrameEncoder(hub.max_frame_size)
+        self._flush_scheduled = False
+        self._batched = 0               # frames encoded since the last write
+        self.inflight = {}
+        self._corr_prefix = os.urandom(8)
+        self._corr_next = 0
+        self._hello_timer = None
+        self.peer_window = INITIAL_WINDOW   # the service's stream_window from HELLO
+        self._frames_in = hub.frames_in
+        self._transport_hist = hub.metrics.phase_histogram("transport")
+        # Looked up once: each is used for every request.
+        self._arm = hub.arm
+        self._scheme = hub.scheme
+        self._flush_cb = self._flush
+
+    # ---------------------------------------------------------------- transport callbacks
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        reason = self._hub.admit(self, transport)
+        if reason is not None:
+            self._log.event("warning", "service connection refused", peer=_peer(self.peer),
+                            reason=reason)
+            transport.close()
+            self.state = _CLOSED
+            return
+        self._hello_timer = self._loop.call_later(HELLO_TIMEOUT, self._hello_timeout)
+
+    def connection_lost(self, exc):
+        was = self.state
+        self.state = _CLOSED
+        self._hub.release(self)
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        inflight = self.inflight
+        self.inflight = {}
+        for pending in inflight.values():
+            _disarm(pending)
+            if pending.span is not None:
+                pending.span.end()
+            pending.body = []
+            self._fail(pending, 502, "the service connection was lost")
+        if self.instance is not None:
+            self._routing.unregister(self.instance, reason="connection lost")
+            if was == _READY:
+                self._metrics.connection_closed(self.instance.service)
+            self._log.event("info", "service disconnected", service=self.instance.service,
+                            instance=self.instance.instance_id, failed_in_flight=len(inflight))
+
+    def data_received(self, data):
+        decoder = self._decoder
+        frames_in = self._frames_in
+        try:
+            decoder.feed(data)
+            while True:
+                frame = decoder.next()
+                if frame is None:
+                    break
+                ftype_obj, corr, payload = frame
+                frames_in[ftype_obj] = frames_in.get(ftype_obj, 0) + 1
+                ftype = ftype_obj
+                if ftype == _RESPONSE:
+                    self._on_response(corr, payload)
+                elif ftype == _RESPONSE_STREAM_DATA:
+                    self._on_stream_data(corr, payload)
+                else:
+                    self._on_control(ftype_obj, corr, payload)
+                if self.state == _CLOSED:
+                    return
+        except (fr.FrameError, HelloError) as exc:
+            self._protocol_error(str(exc))
+
+    def eof_received(self):
+        return False
+
+    # ---------------------------------------------------------------- frames from the service
+
+    def _on_control(self, ftype, corr, payload):
+        if self.state == _AWAIT_HELLO:
+            if ftype != fr.HELLO:
+                raise fr.FrameError(f"expected HELLO first, got frame type {ftype}")
+            self._on_hello(fr.decode_control(payload))
+        elif ftype == fr.HEARTBEAT:
+            hb = fr.decode_control(payload)
+            self._routing.heartbeat(self.instance, hb.get("status"), hb.get("in_flight"),
+                                    hb.get("error_rate"))
+            # Ping rides on the heartbeat (protocol.md §5.3): the PING carries our send
+            # time, so an idle connection costs no timer and no table of pings.
+            self._encoder.raw(fr.PING, fr.ZERO_CORR, time.monotonic_ns().to_bytes(8, "big"))
+            self._out(fr.PING)
+            self._schedule_flush()
+        elif ftype == fr.PONG:
+            if len(payload) == 8:
+                sent = int.from_bytes(payload, "big")
+                rtt_ms = (time.monotonic_ns() - sent) / 1e6
+                if 0 <= rtt_ms < 60_000:
+                    self._routing.heartbeat(self.instance, None, ping_ms=rtt_ms)
+        elif ftype == fr.PING:
+            self._encoder.raw(fr.PONG, corr, payload)
+            self._schedule_flush()
+        elif ftype == fr.WINDOW_UPDATE:
+            pending = self.inflight.get(corr)
+            if pending is not None:
+                self._credit(pending, fr.decode_window_update(payload))
+        elif ftype == fr.CANCEL:
+            # The service gave up on a request (its own shutdown or a failure).
+            pending = self.inflight.get(corr)
+            if pending is not None:
+                self._finish(pending)
+                reason = fr.decode_control(payload).get("reason", "cancelled")
+                self._fail(pending, 502, f"the service cancelled the request ({reason})")
+        elif ftype == fr.DRAIN:
+            self._routing.heartbeat(self.instance, DRAINING)
+            self._log.event("info", "service draining", service=self.instance.service,
+                            instance=self.instance.instance_id)
+        elif ftype == fr.ENDPOINTS_UPDATE:
+            update = fr.decode_control(payload)
+            inst = self.instance
+            hello = {"service": inst.service, "version": inst.version,
+                     "instance_id": inst.instance_id, "region": inst.region}
+            hello.update(update)
+            self.instance = self._routing.register(self, hello)
+            self._log.event("info", "service endpoints updated", service=inst.service,
+                            instance=inst.instance_id, endpoints=len(self.instance.endpoints))
+        elif ftype == fr.HELLO:
+            raise fr.FrameError("HELLO received twice on one connection")
+        else:
+            raise fr.FrameError(f"unexpected frame type {ftype} from a service")
+
+    def _on_hello(self, hello):
+        proto = hello.get("protocol") if isinstance(hello, dict) else None
+        if not isinstance(proto, int) or isinstance(proto, bool) or proto < 1:
+            self._refuse("UnsupportedProtocol", f"unsupported protocol version {proto!r}")
+            return
+        try:
+            instance = self._routing.register(self, hello)
+        except HelloError as exc:
+            self._refuse("InvalidHello", str(exc))
+            return
+        window = hello.get("stream_window", INITIAL_WINDOW)
+        self.peer_window = window if isinstance(window, int) and 0 < window < 2**31 else INITIAL_WINDOW
+        self.instance = instance
+        self.state = _READY
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        self._metrics.connection_opened(instance.service)
+        self._encoder.control(fr.HELLO_ACK, fr.ZERO_CORR, self._hub.hello_ack(self))
+        self._out(fr.HELLO_ACK)
+        self._schedule_flush()
+        self._log.event("info", "service registered", service=instance.service,
+                        version=instance.version, instance=instance.instance_id,
+                        region=instance.region, endpoints=len(instance.endpoints),
+                        peer=_peer(self.peer))
+
+    def _on_response(self, corr, payload):
+        pending = self.inflight.get(corr)
+        if pending is None:
+            return  # answered already (timeout/cancel): a late answer is dropped
+        if pending.streaming:
+            raise fr.FrameError("a second RESPONSE for one request")
+        flags, status, block, body = fr.decode_response_block(payload, RESPONSE_DROP_NAMES)
+        req = pending.req
+        if req.websocket:
+            self._on_upgrade_answer(pending, flags, status, block, body)
+            return
+        if block is None or status < 200 or status > 599:
+            # protocol.md §5.5: bad HTTP semantics fail this request, not the connection.
+            self._cancel(pending, "Aborted")
+            _reply_error(req, 502, "the service sent an invalid response")
+            return
+        self._transport_hist.observe(perf_counter() - pending.sent_at)
+        if flags & _FLAG_END_STREAM:
+            self._finish(pending)
+            req.conn.respond(req, status, block, body)
+            return
+        pending.streaming = True
+        # The timeout covers REQUEST → RESPONSE (protocol.md §5.4), not the stream.
+        _disarm(pending)
+        if not req.conn.start_stream(req, status, block, partial(self._client_writable, pending)):
+            self._cancel(pending, "ClientDisconnected")
+            return
+        if body:
+            self._stream_to_client(pending, body)
+
+    def _on_upgrade_answer(self, pending, flags, status, block, body):
+        req = pending.req
+        if status != 101 or flags & _FLAG_END_STREAM:
+            if status < 200 or status > 599:
+                status, block, body = 502, _JSON, error_body(
+                    502, "the service answered the upgrade with a bad status", req.correlation_id)
+            # Refused by the service (e.g. 403): an ordinary answer, then close — the
+            # connection was already switched off HTTP parsing at the upgrade.
+            self._finish(pending)
+            req.conn.respond(req, status, block, body, True)
+            return
+        _disarm(pending)
+        pending.streaming = True
+        from ..ingress.websocket import WsBridge
+        pending.ws = WsBridge(self, pending)
+        if not req.conn.upgrade_to_websocket(req, pending.ws):
+            self._cancel(pending, "ClientDisconnected")
+
+    def send_stream_chunk(self, pending, flags, chunk):
+        """Client → service WebSocket data (REQUEST_STREAM_DATA)."""
+        if self.state != _READY:
+            return
+        self._encoder.stream_data(_REQUEST_STREAM_DATA, pending.corr, flags, chunk)
+        self._out(_REQUEST_STREAM_DATA)
+        self._schedule_flush()
+        if flags & _FLAG_END_STREAM:
+            self._finish(pending)
+
+    def ws_client_gone(self, pending):
+        if self.inflight.get(pending.corr) is pending:
+            self._cancel(pending, "ClientDisconnected")
+
+    def ws_client_writable(self, pending):
+        if self.inflight.get(pending.corr) is pending:
+            self._grant(pending)
+
+    def _on_stream_data(self, corr, payload):
+        pending = self.inflight.get(corr)
+        if pending is None or not pending.streaming:
+            return
+        flags, chunk = fr.decode_stream_data(payload)
+        if pending.ws is not None:
+            if not pending.ws.from_service(flags, chunk):
+                self._finish(pending)
+                return
+            pending.unacked += len(chunk)
+            if not pending.ws.client_paused:
+                self._grant(pending)
+            return
+        if chunk:
+            self._stream_to_client(pending, chunk)
+        if flags & _FLAG_END_STREAM:
+            self._finish(pending)
+            pending.req.conn.end_stream(pending.req)
+
+    def _stream_to_client(self, pending, chunk):
+        writable = pending.req.conn.stream_chunk(pending.req, chunk)
+        pending.unacked += len(chunk)
+        # Credit goes back only while the client keeps up, so a slow reader holds at most
+        # one window plus the transport's buffer per stream: never an unbounded stream.
+        if writable:
+            self._grant(pending)
+
+    def _client_writable(self, pending):
+        if self.inflight.get(pending.corr) is pending:
+            self._grant(pending)
+
+    def _grant(self, pending):
+        if pending.unacked:
+            self._encoder.window_update(pending.corr, pending.unacked)
+            self._out(fr.WINDOW_UPDATE)
+            pending.unacked = 0
+            self._schedule_flush()
+
+    def _credit(self, pending, increment):
+        """WINDOW_UPDATE for our stream: a WebSocket's, or a request body's."""
+        window = pending.window + increment
+        if window > _MAX_WINDOW:
+            raise fr.FrameError("WINDOW_UPDATE past 2^31-1 bytes of credit")
+        if pending.ws is not None:
+            pending.window = window
+            pending.ws.on_credit()
+        elif pending.body_open:
+            pending.window = window
+            if pending.deadline:
+                self._rearm(pending)       # the service is taking the body: not stuck
+            self._send_body(pending)
+            if not pending.body and not pending.body_end:
+                pending.req.conn.resume_body(pending.req)
+
+    # ---------------------------------------------------------------- requests to the service
+
+    def send_request(self, req, endpoint, timeout, path, stream_threshold, sent_at):
+        if self.state != _READY:
+            # Selected as the link dropped: the loss has been handled for everything else.
+            _reply_error(req, 502, "the service connection was lost")
+            return
+        self._corr_next += 1
+        corr = self._corr_prefix + self._corr_next.to_bytes(8, "big")
+        pending = Pending(corr, req, self, sent_at)
+        pending.window = self.peer_window
+        pending.timeout = timeout
+        self.inflight[corr] = pending
+        req.pending = pending
+        if req.span is not None:
+            tracing = self._hub.worker.tracing
+            pending.span = tracing.child(req.span, "gateway.transport.send",
+                                         **{"stellagw.service": req.service})
+        if req.websocket:
+            # The request stream stays open: it carries the client's messages (protocol.md).
+            identity = req.identity
+            extra = identity.header_pairs if identity is not None else ()
+            if pending.span is not None:
+                # The service continues our trace, not the client's span.
+                extra = list(extra) + self._hub.worker.tracing.traceparent(pending.span)
+            headers = request_headers(req, req.conn.peer_ip, self._scheme, extra,
+                                      keep_trace=req.span is None)
+            headers.append((b"upgrade", b"websocket"))
+            self._encoder.request(corr, req.method, path, req.query, headers,
+                                  int(timeout * 1000), 0, b"")
+            self._out(_REQUEST)
+        elif req.body_state == _B_OPEN:
+            # The body is still arriving: the ingress hands it over through request_body().
+            if (endpoint.streaming or req.content_length < 0
+                    or req.content_length > stream_threshold):
+                self._send_head(pending, path, 0, b"")
+                pending.body_open = True
+                self._schedule_flush()
+                self._arm(pending, timeout)
+            else:
+                pending.path = path
+                pending.inline = []
+            req.conn.start_body(req)
+            return
+        else:
+            body = req.body
+            streamed = len(body) > stream_threshold or (endpoint.streaming and body)
+            self._send_head(pending, path, 0 if streamed else _FLAG_END_STREAM,
+                            b"" if streamed else body)
+            if streamed:
+                pending.body_open = True
+                pending.body.append(body)
+                pending.body_end = True
+                self._send_body(pending)
+        self._schedule_flush()
+        self._arm(pending, timeout)
+
+    def _send_head(self, pending, path, flags, body):
+        """The REQUEST frame: request_headers' rules applied while encoding."""
+        req = pending.req
+        identity = req.identity
+        extra = identity.header_pairs if identity is not None else ()
+        if pending.span is not None:
+            extra = list(extra) + self._hub.worker.tracing.traceparent(pending.span)
+        self._encoder.request_forward(
+            pending.corr, req.method, path, req.query, req.headers,
+            int(pending.timeout * 1000), flags, body,
+            CLASSES, classify, req.http_version == "1.1", req.span is None, extra,
+            req.conn.peer_ip, self._scheme, req.correlation_id)
+        frames = self._frames_in
+        frames[_REQUEST] = frames.get(_REQUEST, 0) + 1
+
+    def request_body(self, pending, chunk, end):
+        """The next piece of a request's body from the client (`end`: it is complete).
+        False when some of it waits for the service's credit: the ingress then stops
+        reading that client until resume_body()."""
+        if self.inflight.get(pending.corr) is not pending:
+            return True         # answered or cancelled meanwhile: the rest goes nowhere
+        inline = pending.inline
+        if inline is not None:
+            # A small body of known length: one REQUEST with the body inside, when complete.
+            if chunk:
+                inline.append(chunk)
+            if end:
+                pending.inline = None
+                self._send_head(pending, pending.path, _FLAG_END_STREAM,
+                                inline[0] if len(inline) == 1 else b"".join(inline))
+                pending.path = None
+                self._schedule_flush()
+                self._arm(pending, pending.timeout)
+            return True
+        if chunk:
+            pending.body.append(chunk)
+        if end:
+            pending.body_end = True
+        if pending.deadline:
+            self._rearm(pending)    # the body moves: the answer is not due yet
+        self._send_body(pending)
+        return not pending.body
+
+    def _send_body(self, pending):
+        """REQUEST_STREAM_DATA for what the window allows; END_STREAM once it is all out."""
+        chunk_size = self._hub.chunk_size
+        queue = pending.body
+        while queue and pending.window > 0:
+            chunk = queue[0]
+            pos = pending.body_pos
+            n = min(chunk_size, len(chunk) - pos, pending.window)
+            end = pos + n
+            if end >= len(chunk):
+                del queue[0]
+                pending.body_pos = 0
+            else:
+                pending.body_pos = end
+            last = pending.body_end and not queue
+            self._encoder.stream_data(_REQUEST_STREAM_DATA, pending.corr,
+                                      _FLAG_END_STREAM if last else 0,
+                                      chunk if pos == 0 and end == len(chunk) else chunk[pos:end])
+            pending.window -= n
+            self._out(_REQUEST_STREAM_DATA)
+            if last:
+                pending.body_open = False
+        if pending.body_end and not queue and pending.body_open:
+            self._encoder.stream_data(_REQUEST_STREAM_DATA, pending.corr, _FLAG_END_STREAM, b"")
+            self._out(_REQUEST_STREAM_DATA)
+            pending.body_open = False
+        if not pending.body_open and pending.body_end and pending.deadline:
+            # The request is complete: the service's time to answer starts now.
+            self._rearm(pending)
+        self._schedule_flush()
+
+    def _rearm(self, pending):
+        _disarm(pending)
+        self._arm(pending, pending.timeout)
+
+    def _timeout(self, pending):
+        if self.inflight.get(pending.corr) is not pending:
+            return
+        pending.deadline = 0.0
+        self._cancel(pending, "Timeout")
+        self._hub.count_timeout()
+        self._fail(pending, 504, "the service did not answer in time")
+
+    def _client_gone(self, pending):
+        if self.inflight.get(pending.corr) is pending:
+            self._cancel(pending, "ClientDisconnected")
+
+    def cancel_all(self, reason):
+        """Gateway shutdown at the drain deadline: CANCEL(Shutdown) for what is left."""
+        for pending in list(self.inflight.values()):
+            self._cancel(pending, reason)
+            self._fail(pending, 503, "the gateway is shutting down")
+
+    def _cancel(self, pending, reason):
+        self._finish(pending)
+        if self.state == _READY:
+            self._encoder.control(fr.CANCEL, pending.corr, {"reason": reason})
+            self._out(fr.CANCEL)
+            self._schedule_flush()
+
+    def _finish(self, pending):
+        pending.deadline = 0.0          # _disarm, inlined: this runs for every request
+        bucket = pending.bucket
+        if bucket is not None:
+            bucket.discard(pending)
+            pending.bucket = None
+        self.inflight.pop(pending.corr, None)
+        if pending.inline is not None or pending.body:
+            pending.inline = None
+            pending.body = []
+        if pending.span is not None:
+            pending.span.end()
+            pending.span = None
+
+    def _fail(self, pending, status, message):
+        req = pending.req
+        if pending.ws is not None:
+            pending.ws.abort()
+            return
+        if pending.streaming:
+            req.conn.abort_stream(req)
+        else:
+            _reply_error(req, status, message)
+
+    # ---------------------------------------------------------------- writing
+
+    def _out(self, ftype, n=1):
+        frames = self._frames_in
+        frames[ftype] = frames.get(ftype, 0) + n
+
+    def _schedule_flush(self):
+        self._batched += 1
+        if self._batched >= _WRITE_BATCH or len(self._encoder) >= _WRITE_BATCH_BYTES:
+            self._flush()       # a burst: let the service start on it (frame.WRITE_BATCH)
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_cb)
+
+    def _flush(self):
+        self._flush_scheduled = False
+        self._batched = 0
+        if len(self._encoder) and self.transport is not None and self.state != _CLOSED:
+            self.transport.write(self._encoder.take())
+
+    def send_drain(self, deadline_ms):
+        if self.state == _READY:
+            self._encoder.control(fr.DRAIN, fr.ZERO_CORR,
+                                  {"reason": "gateway shutting down", "deadline_ms": deadline_ms})
+            self._flush()
+
+    # ---------------------------------------------------------------- errors
+
+    def _hello_timeout(self):
+        self._hello_timer = None
+        if self.state == _AWAIT_HELLO:
+            self._protocol_error(f"no HELLO within {HELLO_TIMEOUT:.0f}s")
+
+    def _refuse(self, code, message):
+        """protocol.md §5.5: a refused HELLO gets HELLO_ACK{error} and the connection closes."""
+        self._encoder.control(fr.HELLO_ACK, fr.ZERO_CORR,
+                              {"protocol": fr.PROTOCOL_VERSION, "error": {"code": code, "message": message}})
+        self._protocol_error(f"HELLO refused ({code}): {message}")
+
+    def _protocol_error(self, reason):
+        self._log.event("warning", "service connection closed: protocol error",
+                        peer=_peer(self.peer), reason=reason,
+                        service=self.instance.service if self.instance else None)
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+        self.state = _CLOSED
+
+
+def _disarm(pending):
+    """No timeout any more: out of the timer wheel now, so it holds only what can expire."""
+    pending.deadline = 0.0
+    bucket = pending.bucket
+    if bucket is not None:
+        bucket.discard(pending)
+        pending.bucket = None
+
+
+def _reply_error(req, status, message):
+    req.conn.respond(req, status, _JSON, error_body(status, message, req.correlation_id))
+
+
+def _peer(peer):
+    if not peer:
+        return None
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)

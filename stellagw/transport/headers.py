@@ -13,7 +13,7 @@ from ..frame import (HEADER_CONNECTION as _CONNECTION, HEADER_DROP as _DROP,
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
-    b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+    b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"http2-settings",
 })
 # Headers the gateway itself sets on the way in: a client's own values are dropped, so a
 # service can trust them.
@@ -23,6 +23,18 @@ GATEWAY_SET = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"date", b"x-correlation-id"}
 # The same for frame.decode_response_block, which compares names in C against a tuple.
 RESPONSE_DROP_NAMES = tuple(sorted(RESPONSE_DROP))
+
+
+# Client-IP and method-override spellings a client must never choose
+# (gateway.http.stripRequestHeaders; configure() sets them from the configuration).
+STRIPPED: frozenset = frozenset()
+
+
+def configure(strip_request_headers) -> None:
+    """Install the configured strip list; forgets every classification made before."""
+    global STRIPPED
+    STRIPPED = frozenset(name.lower().encode("latin-1") for name in strip_request_headers)
+    CLASSES.clear()
 
 
 # What to do with each request header name (a frame.HEADER_* kind), learnt once per name:
@@ -43,7 +55,8 @@ def classify(name: bytes) -> int:
         kind = _TE
     elif name == b"traceparent" or name == b"tracestate":
         kind = _TRACE
-    elif name in HOP_BY_HOP or name in GATEWAY_SET or is_identity_header(name):
+    elif (name in HOP_BY_HOP or name in GATEWAY_SET or name in STRIPPED
+          or is_identity_header(name)):
         # Identity headers: a client must never choose the tenant or actor a service sees.
         kind = _DROP
     else:
@@ -87,7 +100,10 @@ def forward_headers(headers, classes, classify, http11: bool, keep_trace: bool, 
             host = header[1]
             out.append(header)
         elif kind == _CONNECTION:
-            named = {t.strip().lower() for t in header[1].split(b",")}
+            # Every Connection line counts (RFC 9110 §7.6.1): a field named on any of them
+            # is hop-by-hop.
+            named = named or set()
+            named.update(t.strip().lower() for t in header[1].split(b","))
         elif kind == _TE:
             te_trailers = header[1].strip().lower() == b"trailers"
         elif kind == _TRACE and keep_trace:

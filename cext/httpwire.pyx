@@ -1,0 +1,165 @@
+# cython: language_level=3
+"""HTTP/1.1 wire pieces of the client edge (compiled).
+
+Compiled twin of stellagw/_py/httpwire.py: same results on the same inputs
+(tests/test_httpwire.py runs both, hypothesis included). These run once per request, so
+they work on the bytes in place: the response head is one allocation and one copy of
+each part, and the field checks scan without building lists or sets.
+"""
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy
+
+__all__ = ["render_response", "host_ok", "TE_NONE", "TE_CHUNKED", "TE_OTHER", "TE_BAD",
+           "transfer_coding"]
+
+cdef enum:
+    C_MAX_HOST = 255
+    C_TE_NONE = 0
+    C_TE_CHUNKED = 1
+    C_TE_OTHER = 2
+    C_TE_BAD = 3
+
+MAX_HOST = C_MAX_HOST
+TE_NONE, TE_CHUNKED, TE_OTHER, TE_BAD = C_TE_NONE, C_TE_CHUNKED, C_TE_OTHER, C_TE_BAD
+
+# _REG[c]: unreserved (RFC 3986 §2.3); _V6[c]: hex digit, ':' or '.'
+cdef unsigned char _REG[256]
+cdef unsigned char _V6[256]
+
+
+cdef void _init() noexcept:
+    cdef int i
+    cdef const char *extra = b"-._~"
+    for i in range(256):
+        _REG[i] = (48 <= i <= 57) or (65 <= i <= 90) or (97 <= i <= 122)
+        _V6[i] = (48 <= i <= 57) or (65 <= i <= 70) or (97 <= i <= 102) or i == 58 or i == 46
+    i = 0
+    while extra[i]:
+        _REG[<unsigned char>extra[i]] = 1
+        i += 1
+
+
+_init()
+
+
+cdef inline char* _put(char* p, bytes part) noexcept:
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(part)
+    memcpy(p, PyBytes_AS_STRING(part), n)
+    return p + n
+
+
+def render_response(bytes line not None, bytes date not None, Py_ssize_t length,
+                    bytes headers not None, bytes extra not None, bytes cid not None,
+                    bytes connection not None, bytes body not None):
+    """status line, date, content-length (unless length < 0: a 304), the stages' headers,
+    the correlation id, connection, blank line, body: one allocation."""
+    cdef char cl[48]
+    cdef int cl_n = 0
+    if length >= 0:
+        cl_n = snprintf(cl, sizeof(cl), "content-length: %zd\r\n", length)
+    cdef Py_ssize_t total = (PyBytes_GET_SIZE(line) + PyBytes_GET_SIZE(date) + cl_n
+                             + PyBytes_GET_SIZE(headers) + PyBytes_GET_SIZE(extra)
+                             + 18 + PyBytes_GET_SIZE(cid) + 2 + PyBytes_GET_SIZE(connection)
+                             + 2 + PyBytes_GET_SIZE(body))
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* p = PyBytes_AS_STRING(out)
+    p = _put(p, line)
+    p = _put(p, date)
+    memcpy(p, cl, cl_n)
+    p += cl_n
+    p = _put(p, headers)
+    p = _put(p, extra)
+    memcpy(p, b"x-correlation-id: ", 18)
+    p += 18
+    p = _put(p, cid)
+    memcpy(p, b"\r\n", 2)
+    p += 2
+    p = _put(p, connection)
+    memcpy(p, b"\r\n", 2)
+    p += 2
+    _put(p, body)
+    return out
+
+
+def host_ok(bytes value not None):
+    """uri-host [":" port] as docs/http-edge.md narrows it (see the twin)."""
+    cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(value)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i = 0, start, digits
+    cdef bint colon = False
+    cdef long port = 0
+    if n == 0 or n > C_MAX_HOST:
+        return False
+    if s[0] == 91:                              # '[' IPv6 literal
+        i = 1
+        while i < n and s[i] != 93:             # ']'
+            if not _V6[s[i]]:
+                return False
+            colon = colon or s[i] == 58
+            i += 1
+        if i >= n or i < 3 or not colon:
+            return False
+        i += 1
+    else:
+        while i < n and s[i] != 58:
+            if not _REG[s[i]]:
+                return False
+            i += 1
+        if i == 0:
+            return False
+    if i == n:
+        return True
+    if s[i] != 58:
+        return False
+    i += 1
+    start = i
+    while i < n:
+        if not 48 <= s[i] <= 57:
+            return False
+        port = port * 10 + (s[i] - 48)
+        i += 1
+        if i - start > 5:
+            return False
+    digits = i - start
+    return digits >= 1 and 1 <= port <= 65535
+
+
+cdef inline bint _ws(unsigned char c) noexcept:
+    return c == 32 or c == 9
+
+
+def transfer_coding(bytes value not None):
+    """TE_CHUNKED, TE_OTHER or TE_BAD for one Transfer-Encoding line (see the twin)."""
+    cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(value)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), start = 0, end, a, b, count = 0
+    cdef bint last_chunked = False, earlier_chunked = False
+    cdef int j
+    cdef const unsigned char *word = <const unsigned char *>b"chunked"
+    while True:
+        end = start
+        while end < n and s[end] != 44:         # ','
+            end += 1
+        a = start
+        b = end
+        while a < b and _ws(s[a]):
+            a += 1
+        while b > a and _ws(s[b - 1]):
+            b -= 1
+        if a == b:
+            return C_TE_BAD
+        if last_chunked:
+            earlier_chunked = True
+        last_chunked = b - a == 7
+        if last_chunked:
+            for j in range(7):
+                if s[a + j] | 0x20 != word[j]:
+                    last_chunked = False
+                    break
+        count += 1
+        if end == n:
+            break
+        start = end + 1
+    if not last_chunked or earlier_chunked:
+        return C_TE_BAD
+    return C_TE_CHUNKED if count == 1 else C_TE_OTHER

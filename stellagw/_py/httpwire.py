@@ -1,0 +1,69 @@
+"""HTTP/1.1 wire pieces of the client edge (pure-Python twin of cext/httpwire.pyx).
+
+Small byte-level functions the ingress runs on every request: the response head in one
+buffer, and the syntax checks of the header fields the gateway itself must judge (Host,
+Transfer-Encoding). tests/test_httpwire.py holds the two implementations to each other and
+to the rules of docs/http-edge.md.
+"""
+from __future__ import annotations
+
+__all__ = ["render_response", "host_ok", "TE_NONE", "TE_CHUNKED", "TE_OTHER", "TE_BAD",
+           "transfer_coding"]
+
+_REG_NAME = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_IPV6 = frozenset(b"0123456789abcdefABCDEF:.")
+_DIGITS = frozenset(b"0123456789")
+MAX_HOST = 255
+
+# transfer_coding() results
+TE_NONE, TE_CHUNKED, TE_OTHER, TE_BAD = 0, 1, 2, 3
+
+
+def render_response(line: bytes, date: bytes, length: int, headers: bytes, extra: bytes,
+                    cid: bytes, connection: bytes, body: bytes) -> bytes:
+    """status line, date, content-length (unless length < 0: a 304), the stages' headers,
+    the correlation id, connection, blank line, body: one allocation."""
+    cl = b"content-length: %d\r\n" % length if length >= 0 else b""
+    return b"".join((line, date, cl, headers, extra, b"x-correlation-id: ", cid, b"\r\n",
+                     connection, b"\r\n", body))
+
+
+def host_ok(value: bytes) -> bool:
+    """RFC 9112 §3.2 / RFC 3986 §3.2.2: `uri-host [ ":" port ]`, as far as a gateway in
+    front of DNS-named services needs it (docs/http-edge.md): a reg-name of unreserved
+    characters, an IPv4 address (a reg-name by this syntax) or a bracketed IPv6 literal;
+    a port of 1–5 digits in 1–65535. Empty, userinfo, paths, spaces, lists, percent
+    escapes and sub-delims are refused."""
+    n = len(value)
+    if n == 0 or n > MAX_HOST:
+        return False
+    if value[0] == 0x5B:                          # '['
+        end = value.find(b"]")
+        if end < 3 or not _IPV6.issuperset(value[1:end]) or b":" not in value[1:end]:
+            return False
+        rest = value[end + 1:]
+    else:
+        colon = value.find(b":")
+        name = value if colon < 0 else value[:colon]
+        if not name or not _REG_NAME.issuperset(name):
+            return False
+        rest = b"" if colon < 0 else value[colon:]
+    if not rest:
+        return True
+    port = rest[1:]
+    if rest[0] != 0x3A or not 1 <= len(port) <= 5 or not _DIGITS.issuperset(port):
+        return False
+    return 1 <= int(port) <= 65535
+
+
+def transfer_coding(value: bytes) -> int:
+    """The Transfer-Encoding field value (one line: llhttp refuses two) as the gateway
+    treats it: TE_CHUNKED for exactly `chunked` (any case, optional whitespace),
+    TE_OTHER when it ends in `chunked` after other codings (501: we decode none),
+    TE_BAD for anything else (400: the body's length cannot be known, RFC 9112 §6.3)."""
+    codings = [c.strip(b" \t").lower() for c in value.split(b",")]
+    if not codings or codings[-1] != b"chunked" or b"" in codings:
+        return TE_BAD
+    if len(codings) == 1:
+        return TE_CHUNKED
+    return TE_BAD if b"chunked" in codings[:-1] else TE_OTHER

@@ -1,0 +1,134 @@
+# C types for stellagw/ingress/http.py when compiled (docs/hot-path.md): the classes become
+# extension types whose fields are struct members, internal steps are C calls, and the
+# stages that cimport this file (pipeline, transport connection) read a request's fields
+# directly. The .py stays the one source and runs as plain Python too.
+cimport cython
+
+cdef int _PIPELINE_MAX
+cdef int _D_NONE, _D_HEADER, _D_BODY, _D_IDLE, _D_LINGER
+cdef int _P_PIPELINE, _P_HOLD, _P_FLOW, _P_STOP
+cdef int _B_NONE, _B_OPEN
+cdef Py_ssize_t _LINGER_BYTES
+cdef bytes _JSON_CT, _CLOSE, _KEEP_ALIVE, _CONTINUE
+cdef frozenset _CID_OK
+
+
+@cython.final
+cdef class Accounting:
+    cdef public str cid_prefix
+    cdef public unsigned long long cid_counter
+    cdef object _worker, _metrics, _log
+
+    cpdef str correlation_id_of(self, value)
+    @cython.locals(elapsed=double, requests=dict, durations=dict)
+    cpdef request_done(self, Request req, int status)
+
+
+@cython.final
+@cython.freelist(64)
+cdef class Request:
+    cdef public object conn
+    cdef public object method
+    cdef public object target
+    cdef public object query
+    cdef public object headers
+    cdef public object host
+    cdef public object body
+    cdef public Py_ssize_t content_length
+    cdef public int body_state
+    cdef public Py_ssize_t body_limit
+    cdef public Py_ssize_t body_size
+    cdef public list held
+    cdef public bint expect_continue
+    cdef public object http_version
+    cdef public bint keep_alive
+    cdef public object correlation_id
+    cdef public double started
+    cdef public object reject
+    cdef public object service
+    cdef public object route
+    cdef public object tenant
+    cdef public object pending
+    cdef public object identity
+    cdef public object resp_headers
+    cdef public object span
+    cdef public bint websocket
+    cdef public object auth
+    cdef public object version
+    cdef public bint done
+
+
+@cython.locals(req=Request)
+cdef Request _new_request(conn)
+
+
+@cython.final
+cdef class HttpProtocol:
+    # -- read by other parts of the gateway
+    cdef public object transport
+    cdef public object peer_cert
+    cdef public object peername
+    cdef public bytes peer_ip
+    cdef public str anonymous_key
+    cdef public double deadline
+    cdef public int deadline_kind
+
+    # -- per server
+    cdef object _server
+    cdef Accounting _acct
+    cdef object _settings
+    cdef object _handle
+    cdef Py_ssize_t _max_url, _max_header_bytes, _max_header_count, _max_body
+    cdef double _header_timeout, _keep_alive_timeout, _body_timeout
+    cdef Py_ssize_t _body_window_bytes
+
+    # -- per connection
+    cdef object _parser
+    cdef object _queue
+    cdef Request _current
+    cdef list _out
+    cdef bint _closing, _parse_broken, _write_paused
+    cdef int _paused
+    cdef object _on_writable
+    cdef bint _chunked, _stream_keep, _streaming
+    cdef int _stream_status
+    cdef Py_ssize_t _requests
+    cdef Py_ssize_t _lingering
+
+    # -- per request being parsed
+    cdef Request _req
+    cdef bint _in_body
+    cdef bytes _url
+    cdef list _headers
+    cdef Py_ssize_t _header_bytes
+    cdef object _reject
+    cdef Py_ssize_t _rate_bytes, _call_body, _chunks, _chunk_overhead
+    cdef bytes _upgrade_tail
+    cdef Request _last
+    cdef bint _resync
+
+    @cython.locals(body_phase=bint, message=Py_ssize_t)
+    cdef _feed(self, data)
+    cdef _refuse(self, int status, str message)
+    cdef _absolute_form(self, Request req, bytes url)
+    cpdef start_body(self, Request req)
+    cpdef resume_body(self, Request req)
+    cdef _body_failed(self, Request req, int status, message)
+    cdef _failed(self)
+    @cython.locals(req=Request)
+    cdef _pump(self)
+    @cython.locals(req=Request)
+    cdef bint _holding(self)
+    cdef _run(self, Request req)
+    @cython.locals(keep=bint)
+    cpdef respond(self, Request req, int status, headers, body, bint close=*)
+    cdef _write(self, data)
+    cdef _finish(self, Request req, int status, bint keep)
+    cdef _close_now(self)
+    cdef _linger(self, Py_ssize_t n)
+    cdef _pause(self, int reason)
+    cdef _resume(self, int reason)
+    @cython.locals(req=Request)
+    cdef _upgraded(self, data, Py_ssize_t offset)
+    cdef bytes _render_error_close(self, int status, str message)
+    cdef _set_deadline(self, int kind, double seconds)

@@ -1,0 +1,17 @@
+"""HTTP/1.1 wire pieces of the client edge: the response head and the checks of the fields
+the gateway judges itself (Host, Transfer-Encoding).
+
+Compiled (cext/httpwire.pyx) with a pure-Python twin (stellagw/_py/httpwire.py);
+STELLAGW_NO_EXTENSIONS=1 forces the twin. The rules are docs/http-edge.md's.
+"""
+from .._impl import select
+
+_m = select("httpwire")
+
+render_response = _m.render_response
+host_ok = _m.host_ok
+transfer_coding = _m.transfer_coding
+TE_NONE, TE_CHUNKED, TE_OTHER, TE_BAD = _m.TE_NONE, _m.TE_CHUNKED, _m.TE_OTHER, _m.TE_BAD
+
+__all__ = ["render_response", "host_ok", "transfer_coding", "TE_NONE", "TE_CHUNKED",
+           "TE_OTHER", "TE_BAD"]

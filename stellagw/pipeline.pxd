@@ -1,0 +1,25 @@
+# C types for stellagw/pipeline.py when compiled (docs/hot-path.md).
+cimport cython
+
+from stellagw.ingress.http cimport Request, HttpProtocol
+
+cdef bytes _JSON
+
+
+@cython.final
+cdef class Pipeline:
+    cdef object _worker, _builtins, _routing, _auth, _limiter, _metrics
+    cdef object _auth_hist, _routing_hist, _tracing
+    cdef double _default_timeout
+    cdef Py_ssize_t _stream_threshold
+    cdef set _tasks
+
+    @cython.locals(t0=double, t1=double, t2=double)
+    cpdef handle(self, Request req)
+    cdef _after_auth(self, Request req, route, path, double routing_s)
+    @cython.locals(now=double)
+    cdef _after_limit(self, Request req, route, path, decision, double routing_s)
+    cdef _refuse(self, Request req, failure)
+
+
+cdef _answer(Request req, result)

@@ -1,0 +1,72 @@
+# C types for stellagw/transport/connection.py when compiled (docs/hot-path.md).
+cimport cython
+
+from stellagw.ingress.http cimport Request
+
+cdef Py_ssize_t _MAX_WINDOW
+cdef bytes _JSON
+cdef int _AWAIT_HELLO, _READY, _CLOSED, _B_OPEN
+cdef int _REQUEST, _RESPONSE, _RESPONSE_STREAM_DATA, _REQUEST_STREAM_DATA, _FLAG_END_STREAM
+cdef int _WRITE_BATCH
+cdef Py_ssize_t _WRITE_BATCH_BYTES
+
+
+@cython.final
+@cython.freelist(64)
+cdef class Pending:
+    cdef public object corr, bucket, span, ws, path
+    cdef public Request req
+    cdef public ServiceConnection owner
+    cdef public double deadline, timeout, sent_at
+    cdef public bint streaming, body_open, body_end
+    cdef public Py_ssize_t unacked, body_pos, window
+    cdef public list inline, body
+
+
+@cython.final
+cdef class ServiceConnection:
+    # -- read by other parts of the gateway (hub, routing, WebSocket bridge)
+    cdef public object transport, instance, peer
+    cdef public int state
+    cdef public dict inflight
+    cdef public Py_ssize_t peer_window
+    # -- per worker
+    cdef object _hub, _routing, _metrics, _log, _loop, _frames_in, _transport_hist
+    # -- per connection
+    cdef object _decoder, _encoder, _hello_timer, _arm, _flush_cb, _scheme
+    cdef bint _flush_scheduled
+    cdef int _batched
+    cdef bytes _corr_prefix
+    cdef unsigned long long _corr_next
+
+    @cython.locals(pending=Pending)
+    cdef _on_control(self, ftype, corr, payload)
+    @cython.locals(pending=Pending, flags=int, status=int)
+    cdef _on_response(self, bytes corr, payload)
+    @cython.locals(pending=Pending, flags=int)
+    cdef _on_stream_data(self, bytes corr, payload)
+    cdef _stream_to_client(self, Pending pending, chunk)
+    cdef _grant(self, Pending pending)
+    @cython.locals(window=Py_ssize_t)
+    cdef _credit(self, Pending pending, Py_ssize_t increment)
+    @cython.locals(pending=Pending, req=Request)
+    cpdef send_request(self, Request req, endpoint, double timeout, path,
+                       Py_ssize_t stream_threshold, double sent_at)
+    @cython.locals(req=Request)
+    cdef _send_head(self, Pending pending, path, int flags, body)
+    cpdef bint request_body(self, Pending pending, chunk, bint end) except -1
+    @cython.locals(queue=list, pos=Py_ssize_t, n=Py_ssize_t, end=Py_ssize_t, last=bint,
+                   chunk_size=Py_ssize_t)
+    cdef _send_body(self, Pending pending)
+    cdef _rearm(self, Pending pending)
+    cdef _timeout(self, Pending pending)
+    cdef _client_gone(self, Pending pending)
+    cdef _cancel(self, Pending pending, reason)
+    cdef _finish(self, Pending pending)
+    cdef _fail(self, Pending pending, int status, message)
+    cdef _out(self, int ftype, int n=*)
+    cdef _schedule_flush(self)
+
+
+cdef _disarm(Pending pending)
+cdef _reply_error(Request req, int status, message)
