@@ -371,3 +371,26 @@ def test_mutated_valid_tokens_never_raise(auth_for_fuzz, es_key, data):
     result = auth_for_fuzz.authenticate(bearer_request(raw.decode()), ())
     assert isinstance(result, (Identity, AuthFailure))
     assert not (isinstance(result, AuthFailure) and result.status == 500), result
+
+
+# ---------------------------------------------------------------------- sender constraint
+
+def test_require_sender_constraint_refuses_unbound_bearer_tokens(tmp_path, es_key):
+    auth = make_authenticator(tmp_path, [es_key], "requireSenderConstraint: true")
+    failure = refused(auth.authenticate(bearer_request(mint_token(es_key, ISS)), ()),
+                      "not_sender_constrained")
+    assert b'www-authenticate: Bearer error="invalid_token"' in failure.headers
+    assert b"www-authenticate: DPoP" in failure.headers      # how to do better
+    client = DpopClient()
+    token = mint_token(es_key, ISS, cnf={"jkt": client.jkt})
+    ok(auth.authenticate(dpop_request(client, token), ()))
+
+
+def test_an_endpoint_can_require_a_sender_constrained_token(auth, es_key):
+    token = mint_token(es_key, ISS)
+    ok(auth.authenticate(bearer_request(token), ()))
+    refused(auth.authenticate(bearer_request(token), (), sender_constrained=True),
+            "not_sender_constrained")
+    client = DpopClient()
+    bound = mint_token(es_key, ISS, cnf={"jkt": client.jkt})
+    ok(auth.authenticate(dpop_request(client, bound), (), sender_constrained=True))

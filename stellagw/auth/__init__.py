@@ -63,6 +63,7 @@ class Authenticator:
         self._dpop_enabled = auth.dpop_enabled
         self._mtls_enabled = auth.mtls_enabled
         self._allow_scope_header = auth.allow_scope_header
+        self._require_bound = auth.require_sender_constraint
         self._max_token_bytes = auth.max_token_bytes
         self._anonymous = anonymous_identity(auth.enable_legacy_headers)
         self._origin = gw.http.public_origin
@@ -124,16 +125,19 @@ class Authenticator:
 
     # ------------------------------------------------------------------ the stage
 
-    def authenticate(self, req, endpoint_claims):
+    def authenticate(self, req, endpoint_claims, sender_constrained=False):
+        """`sender_constrained`: the endpoint refuses unbound Bearer tokens (its HELLO);
+        auth.requireSenderConstraint does so everywhere."""
         try:
-            result = self._authenticate(req, endpoint_claims)
+            result = self._authenticate(req, endpoint_claims,
+                                        sender_constrained or self._require_bound)
         except Exception as exc:  # noqa: BLE001 -- the stage never raises
             return self._internal_error(req, exc)
         if isinstance(result, Identity):
             req.tenant = result.tenant
         return result
 
-    def _authenticate(self, req, endpoint_claims):
+    def _authenticate(self, req, endpoint_claims, bound):
         authorization = None
         n_authorization = 0
         proof = None
@@ -198,12 +202,12 @@ class Authenticator:
                 return self._refused(req, scheme, refusal)
             if isinstance(info, UnknownKey):
                 return self._unknown_key(req, scheme, token, digest, proof, n_proofs, host,
-                                         scope_header, endpoint_claims)
+                                         scope_header, endpoint_claims, bound)
         return self._after_token(req, scheme, info, digest, proof, n_proofs, host, scope_header,
-                                 endpoint_claims, now)
+                                 endpoint_claims, now, bound)
 
     def _unknown_key(self, req, scheme, token, digest, proof, n_proofs, host, scope_header,
-                     endpoint_claims):
+                     endpoint_claims, bound):
         if not self.keys.loaded:
             return self._fail(req, scheme, "temporarily_unavailable",
                               "the Authority's keys are not available yet", "keys_unavailable", 503)
@@ -212,10 +216,10 @@ class Authenticator:
             return self._fail(req, scheme, "invalid_token", "access token signing key is unknown",
                               "unknown_kid")
         return self._after_refetch(pending, req, scheme, token, digest, proof, n_proofs, host,
-                                   scope_header, endpoint_claims)
+                                   scope_header, endpoint_claims, bound)
 
     async def _after_refetch(self, pending, req, scheme, token, digest, proof, n_proofs, host,
-                             scope_header, endpoint_claims):
+                             scope_header, endpoint_claims, bound):
         try:
             await asyncio.shield(pending)    # a cancelled request must not cancel the fetch
         except asyncio.CancelledError:
@@ -232,7 +236,7 @@ class Authenticator:
                 return self._fail(req, scheme, "invalid_token", "access token signing key is unknown",
                                   "unknown_kid")
             result = self._after_token(req, scheme, info, digest, proof, n_proofs, host,
-                                       scope_header, endpoint_claims, now)
+                                       scope_header, endpoint_claims, now, bound)
             if inspect.isawaitable(result):
                 result = await result
         except asyncio.CancelledError:
@@ -244,7 +248,7 @@ class Authenticator:
         return result
 
     def _after_token(self, req, scheme, info, digest, proof, n_proofs, host, scope_header,
-                     endpoint_claims, now):
+                     endpoint_claims, now, bound=False):
         identity = info.identity
         jkt = info.jkt
         result = None
@@ -274,6 +278,10 @@ class Authenticator:
                     raise Refusal("invalid_token", "certificate-bound tokens are not accepted here",
                                   "mtls_disabled")
                 check_certificate_binding(info.x5t, req.conn.peer_cert)
+            elif jkt is None and bound:
+                # RFC 9449 §1 / RFC 8705 §3: a token anyone who holds it can replay.
+                raise Refusal("invalid_token", "this endpoint needs a sender-constrained token "
+                              "(DPoP or mTLS)", "not_sender_constrained")
         except Refusal as refusal:
             return self._refused(req, scheme, refusal)
 
