@@ -18,12 +18,19 @@ test: install test-tools
 	$(PYTHON) -m pytest -q
 	STELLAGW_NO_EXTENSIONS=1 $(PYTHON) -m pytest -q $(TWIN_SUITES)
 
-# Debian packages the tests use: promtool (from prometheus) checks the /metrics output.
+# Debian packages the tests use: promtool (from prometheus) checks the /metrics output;
+# nginx is the oracle of tests/edge/test_nginx_oracle.py (run in the foreground with its own
+# prefix; the package's own service is stopped again if its postinst started it).
 test-tools:
 	@command -v promtool >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
 	  else echo "promtool missing: sudo apt-get install prometheus (its test is skipped)"; fi; }
+	@[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null; \
+	    if [ -f /run/nginx.pid ]; then /usr/sbin/nginx -s quit 2>/dev/null || true; fi; \
+	  else echo "nginx missing: sudo apt-get install nginx (tests/edge/test_nginx_oracle.py is skipped)"; fi; }
 
 install:
 	$(PIP) install -q --disable-pip-version-check -e '.[test]'
