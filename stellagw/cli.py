@@ -1,7 +1,7 @@
 """Command line: stellagw serve | check-config | --version.
 
-Exit codes: 0 ok, 2 bad arguments or bad configuration (nothing was started), 1 a failure
-while running.
+Exit codes: 0 ok, 2 bad arguments, bad configuration or an address that cannot be listened
+on ("address in use"; nothing was started), 1 a failure while running.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080, metavar="PORT")
     demo.add_argument("--transport-port", type=int, default=9100, metavar="PORT")
     demo.add_argument("--authority-port", type=int, default=8400, metavar="PORT")
+    demo.add_argument("--admin-port", type=int, default=9090, metavar="PORT",
+                      help="the admin listener: probes, /metrics, OpenAPI (0 = a free port)")
 
     dsvc = sub.add_parser("demo-service", help="run one demo microservice")
     dsvc.add_argument("--name", required=True, choices=("scanner", "policy", "bench"))
@@ -61,11 +63,12 @@ def _load(path):
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .config import ConfigError, dump_effective
+    from .listeners import ListenerError
 
     try:
         if args.command == "demo":
             from .demo import main as demo_main
-            return demo_main(args.port, args.transport_port, args.authority_port)
+            return demo_main(args.port, args.transport_port, args.authority_port, args.admin_port)
         if args.command in ("dev-authority", "call"):
             from .devauth.cli import run_call, run_dev_authority
             return (run_dev_authority if args.command == "dev-authority" else run_call)(args)
@@ -84,14 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"stellagw: configuration error: {exc}", file=sys.stderr)
         return 2
+    except ListenerError as exc:   # `demo` binds its ports too
+        print(f"stellagw: {exc}", file=sys.stderr)
+        return 2
 
     if args.command == "serve":
         from .ingress.tls import TlsConfigError
         from .supervisor import serve
         try:
             return serve(settings)
-        except TlsConfigError as exc:
+        except (TlsConfigError, ConfigError) as exc:
             print(f"stellagw: configuration error: {exc}", file=sys.stderr)
+            return 2
+        except ListenerError as exc:
+            # Nothing listens yet: the configuration names a port this host cannot give.
+            print(f"stellagw: {exc}", file=sys.stderr)
             return 2
         except OSError as exc:
             print(f"stellagw: cannot start: {exc}", file=sys.stderr)

@@ -50,7 +50,7 @@ __all__ = [
     "Settings", "GatewaySettings", "NodeSettings", "HttpSettings", "HttpTlsSettings",
     "TransportsSettings", "TcpTransportSettings", "TlsTransportSettings",
     "RoutingSettings", "AuthSettings", "AuthRateLimitSettings", "OpenApiSettings",
-    "HealthSettings", "LoggingSettings", "MetricsSettings",
+    "HealthSettings", "LoggingSettings", "MetricsSettings", "AdminSettings",
     "RateLimitingSettings", "RateLimitRule", "InstanceLimitSettings",
     "EnvironmentLimitSettings", "CircuitBreakerSettings", "MicroserviceLimitSettings",
     "RouteLimitSettings", "FrozenMap",
@@ -529,6 +529,12 @@ class NodeSettings:
     node_id: str = _key("nodeId", STRING, "")
     environment: str = _key("environment", _string(non_empty=True), "dev")
     workers: int = _key("workers", _integer(0, 256), 1)
+    # SIGTERM: readiness fails at once, the listeners close only this much later, so load
+    # balancers and kube-proxy stop sending before connections are refused (docs/operations.md).
+    pre_stop_delay: float = _duration_key("preStopDelay", "2s")
+    # A restarted worker takes no client connection before the service instances its
+    # siblings know have reached it, or this long (no 404 window after a restart).
+    warmup_timeout: float = _duration_key("warmupTimeout", "5s")
 
     def _finish(self, path: str) -> NodeSettings:
         # Resolved here so every consumer (and check-config) sees the real values.
@@ -795,10 +801,37 @@ class TracingSettings:
     otlp_endpoint: str = _key("otlpEndpoint", STRING, "")
 
 
+PUBLIC_ENDPOINTS = ("live", "ready", "startup", "metrics", "openapi", "details")
+
+
+@_settings
+class AdminSettings:
+    """The operator's listener: probes, /metrics, readiness details, OpenAPI (docs/operations.md)."""
+    enabled: bool = _key("enabled", BOOL, True)
+    host: str = _key("host", _string(non_empty=True), "127.0.0.1")
+    # 0 = a free port, named in the `listening` line. A fixed default would make every second
+    # gateway on a host (and every test gateway) refuse to start over a port nobody chose.
+    port: int = _key("port", PORT, 0)
+    # Its own cap, so probes are never refused because clients filled gateway.http's.
+    max_connections: int = _key("maxConnections", COUNT, 64)
+    # What the client listener serves of the built-ins; `ready`/`startup` there answer the
+    # status only unless `details` is listed too. `all`: everything, as before there was an
+    # admin listener (development, tests).
+    public_endpoints: tuple[str, ...] = _key(
+        "publicEndpoints", _list_of(_choice(*PUBLIC_ENDPOINTS, "all"), split_env=True),
+        ["live", "ready", "startup"])
+
+
+def _overlap(host_a: str, host_b: str) -> bool:
+    wildcard = ("0.0.0.0", "::", "")
+    return host_a == host_b or host_a in wildcard or host_b in wildcard
+
+
 @_settings
 class GatewaySettings:
     node: NodeSettings = _section("node", NodeSettings)
     http: HttpSettings = _section("http", HttpSettings)
+    admin: AdminSettings = _section("admin", AdminSettings)
     transports: TransportsSettings = _section("transports", TransportsSettings)
     routing: RoutingSettings = _section("routing", RoutingSettings)
     auth: AuthSettings = _section("auth", AuthSettings)
@@ -807,6 +840,24 @@ class GatewaySettings:
     logging: LoggingSettings = _section("logging", LoggingSettings)
     metrics: MetricsSettings = _section("metrics", MetricsSettings)
     tracing: TracingSettings = _section("tracing", TracingSettings)
+
+    def _finish(self, path: str) -> GatewaySettings:
+        # Two of our own listeners on one port would be refused at start as "address in
+        # use" with nobody else there; say which keys collide instead.
+        listeners = [("http.port", self.http.host, self.http.port)]
+        if self.admin.enabled:
+            listeners.append(("admin.port", self.admin.host, self.admin.port))
+        for kind in ("tcp", "tls"):
+            node = getattr(self.transports, kind)
+            if node.enabled:
+                listeners.append((f"transports.{kind}.port", node.host, node.port))
+        for i, (key, host, port) in enumerate(listeners):
+            for other, other_host, other_port in listeners[:i]:
+                if port and port == other_port and _overlap(host, other_host):
+                    raise ConfigError(_join(path, key),
+                                      f"{port} is also {_join(path, other)}: each listener "
+                                      f"needs its own port")
+        return self
 
 
 # --------------------------------------------------------------------------- rate_limiting:

@@ -25,6 +25,7 @@ from .config import load_config_text
 TRY = """
 stellagw demo
   gateway            http://{host}:{port}   (services dial in on {host}:{tport})
+  admin listener     http://{host}:{adport}   (probes, /metrics, OpenAPI: never on the client port)
   dev Authority      http://{host}:{aport}  (client demo-client / demo-secret; development only)
 
 Try, in another terminal — `stellagw call` fetches a DPoP-bound token from the Authority and
@@ -39,9 +40,10 @@ signs a fresh DPoP proof for every request:
   curl -i -H 'X-Correlation-Id: my-trace-1' http://{host}:{port}/api/v1/policies
   for i in $(seq 25); do curl -s -o /dev/null -w '%{{http_code}} ' http://{host}:{port}/api/v1/policies; done; echo
                                                               # 429 past 20 requests/s per client
-  curl -s http://{host}:{port}/health/ready                   # registered services and health
-  curl -s http://{host}:{port}/openapi.json                   # the aggregated OpenAPI document
-  curl -s http://{host}:{port}/metrics | grep gateway_requests_total
+  curl -s http://{host}:{port}/health/ready                   # readiness alone (the client port)
+  curl -s http://{host}:{adport}/health/ready                   # registered services and health
+  curl -s http://{host}:{adport}/openapi.json                   # the aggregated OpenAPI document
+  curl -s http://{host}:{adport}/metrics | grep gateway_requests_total
 
 Stop with Ctrl-C (a graceful drain).
 """
@@ -109,6 +111,7 @@ DEMO_CONFIG = """
 gateway:
   node: {{workers: 1, region: local}}
   http: {{host: 127.0.0.1, port: {port}, publicOrigin: "http://127.0.0.1:{port}"}}
+  admin: {{host: 127.0.0.1, port: {adport}}}
   transports: {{tcp: {{host: 127.0.0.1, port: {tport}}}}}
   auth:
     authority: "http://127.0.0.1:{aport}"
@@ -119,9 +122,11 @@ rate_limiting:
 """
 
 
-def settings(port: int = 8080, transport_port: int = 9100, authority_port: int = 8400):
+def settings(port: int = 8080, transport_port: int = 9100, authority_port: int = 8400,
+             admin_port: int = 9090):
     return load_config_text(DEMO_CONFIG.format(port=port, tport=transport_port,
-                                               aport=authority_port), source="<demo>")
+                                               aport=authority_port, adport=admin_port),
+                            source="<demo>")
 
 
 def _wait_http(url: str, proc, timeout: float = 15.0) -> None:
@@ -137,9 +142,10 @@ def _wait_http(url: str, proc, timeout: float = 15.0) -> None:
     raise SystemExit(f"stellagw demo: {url} did not answer within {timeout:.0f}s")
 
 
-def main(port: int = 8080, transport_port: int = 9100, authority_port: int = 8400) -> int:
+def main(port: int = 8080, transport_port: int = 9100, authority_port: int = 8400,
+         admin_port: int = 9090) -> int:
     from .supervisor import serve
-    s = settings(port, transport_port, authority_port)
+    s = settings(port, transport_port, authority_port, admin_port)
     py = [sys.executable, "-m", "stellagw"]
     children = [subprocess.Popen(py + ["dev-authority", "--port", str(authority_port)],
                                  stdout=subprocess.DEVNULL)]
@@ -150,7 +156,8 @@ def main(port: int = 8080, transport_port: int = 9100, authority_port: int = 840
         gateway = f"127.0.0.1:{transport_port}"
         children += [subprocess.Popen(py + ["demo-service", "--name", name, "--gateway", gateway])
                      for name in ("scanner", "policy")]
-        print(TRY.format(host="127.0.0.1", port=port, tport=transport_port, aport=authority_port),
+        print(TRY.format(host="127.0.0.1", port=port, tport=transport_port, aport=authority_port,
+                         adport=admin_port),
               file=sys.stderr, flush=True)
         return serve(s)
     finally:

@@ -1,21 +1,33 @@
 """The composition root of one worker: builds the stages, owns start / ready / drain / stop.
 
-A worker is one process with one uvloop loop. It accepts client HTTP on its own
-SO_REUSEPORT socket (so several workers share a port and the kernel spreads connections),
-and runs a once-a-second tick that moves the coarse clock, the Date header and every
+A worker is one process with one uvloop loop. It serves clients, the admin listener and
+the service transport on sockets bound before it started (stellagw/listeners.py: with
+several workers, the supervisor's SO_REUSEPORT groups, which the kernel spreads connections
+over), and runs a once-a-second tick that moves the coarse clock, the Date header and every
 connection's deadline — no timer object per request.
+
+Start: services first (transports, admin), clients last — a restarted worker waits until
+the service instances its siblings know have reached it (`warmupTimeout`), so it never
+answers 404 for a service that is there. Drain (SIGTERM): not ready at once, listeners
+closed `preStopDelay` later, then in-flight work finished (docs/operations.md §4).
 """
 from __future__ import annotations
 
+import array
 import asyncio
 import email.utils
+import errno
+import fcntl
 import gc
 import os
 import signal
 import socket
+import sys
+import termios
 import time
 
 import httptools
+import orjson
 
 from . import __version__
 from .ingress.http import Accounting, HttpProtocol
@@ -26,6 +38,8 @@ from .observe.tracing import make_tracer
 from .auth import Authenticator
 from .openapi import OpenApiCache
 from .health import builtins
+from .health.admin import AdminServer
+from .listeners import WorkerSockets, bind_exclusive, listen
 from .pipeline import Pipeline
 from .ratelimit import RateLimiter
 from .routing.state import RoutingState
@@ -83,15 +97,16 @@ def _strict(parser) -> None:
         lenient_optional_crlf_after_chunk=False)
 
 
-def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
-    sock.setblocking(False)
-    return sock
+def listen_socket(host: str, port: int, backlog: int,
+                  key: str = "gateway.http.port") -> socket.socket:
+    """A listening socket of this worker alone (no SO_REUSEPORT: a port in use is refused
+    with a ListenerError naming `key`)."""
+    return listen(bind_exclusive(key, host, port), backlog)
+
+
+# How often, at most, "out of file descriptors" is logged; the metric counts every check.
+_FD_LOG_INTERVAL = 10.0
+_READY_STATUSES = ("Healthy", "Degraded")
 
 
 class Worker:
@@ -118,9 +133,18 @@ class Worker:
         self.now = time.monotonic()
         self.date_header = b""
         self._update_date()
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.AbstractServer] = []     # client listener(s)
+        self._admin_servers: list[asyncio.AbstractServer] = []
+        self.admin_address: tuple | None = None
         self._tick_handle = None
-        self._stopped: asyncio.Event | None = None
+        self._stopped = asyncio.Event()
+        self._run_dir = run_dir
+        # Warm start: (service, instance id) pairs still expected to reach this worker.
+        self.warming: set | None = None
+        self._published_instances = None
+        self.fd_exhausted: dict[str, int] = {}
+        self._fd_logged_at = -_FD_LOG_INTERVAL
+        self._fd_unlogged = 0
         health = gw.health
         self.routing = RoutingState(gw.node.region, gw.routing.neighbor_regions,
                                     health.heartbeat_interval_seconds,
@@ -143,6 +167,7 @@ class Worker:
         self.limiter.check_observer = self.metrics.phase_histogram("ratelimit_check").observe
         self.builtins = builtins.table(self)
         self.pipeline = Pipeline(self)
+        self.admin = AdminServer(self) if gw.admin.enabled else None
         self._auth_task = None
 
     # ------------------------------------------------------------------ request path hooks
@@ -164,6 +189,13 @@ class Worker:
     def _counter_sources(self) -> dict:
         c = self.limiter.counters
         return {
+            "gateway_fd_exhausted": (
+                "Once-a-second checks that found no file descriptor to open (while it lasts, "
+                "libuv accepts and closes new connections unanswered)", ("errno",),
+                [((k,), v) for k, v in self.fd_exhausted.items()]),
+            "gateway_admin_connections_gauge": (
+                "Open connections on the admin listener", (),
+                [((), self.admin.metrics.open if self.admin is not None else 0)]),
             "gateway_auth_events": ("Authentication events that are not failures (key refresh "
                                     "trouble, Valkey replay-cache fallbacks)", ("event",),
                                     [((k,), v) for k, v in self.auth_events.items()]),
@@ -200,9 +232,12 @@ class Worker:
                 reasons.append(f"required service {name!r} has no routable instance")
         if self.draining:
             reasons.append("draining: the gateway is shutting down")
-        if not self.started:
+        if self.warming:
+            reasons.append(f"starting: {len(self.warming)} service instance(s) known to the "
+                           f"other workers have not reached this one yet")
+        elif not self.started:
             reasons.append("starting: listeners are not up yet")
-        for server in self._servers:
+        for server in (*self._servers, *self._admin_servers):
             if not server.is_serving() and not self.draining:
                 reasons.append("a listener is down")
         return reasons
@@ -218,21 +253,24 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, http_sock: socket.socket | None = None,
-                    transport_socks: list | None = None) -> None:
+                    transport_socks: list | None = None,
+                    admin_sock: socket.socket | None = None) -> None:
+        """Serve on the given sockets (bound and listening; with several workers, the
+        supervisor's), or on sockets of this worker's own when none are given."""
         gw = self.settings.gateway
         loop = asyncio.get_running_loop()
         ssl_ctx = server_context(gw.http.tls, "gateway.http.tls") if gw.http.tls.enabled else None
         if http_sock is None:
             http_sock = listen_socket(gw.http.host, gw.http.port, gw.http.backlog)
-        server = await loop.create_server(
-            lambda: HttpProtocol(self), sock=http_sock, ssl=ssl_ctx, backlog=gw.http.backlog,
-            ssl_handshake_timeout=gw.http.header_read_timeout if ssl_ctx else None)
-        self._servers.append(server)
+        if self.admin is not None and admin_sock is None:
+            admin_sock = listen_socket(gw.admin.host, gw.admin.port, 128, "gateway.admin.port")
         self.http_address = http_sock.getsockname()[:2]
         if transport_socks is None:
             transport_socks = self._own_transport_sockets()
+        # Whoever was connected to this worker's predecessor: read before anything can change
+        # the files (this worker publishes its own once a second).
+        expected = self._expected_instances()
         await self.hub.start(transport_socks)
-        self._stopped = asyncio.Event()
         self._tick_handle = loop.call_later(1.0, self._tick)
         await self.limiter.start()
         if gw.openapi.enabled:
@@ -240,18 +278,34 @@ class Worker:
         # Keys may take a while (an Authority that is down): serve meanwhile; readiness
         # says "no Authority keys yet" until they are in.
         self._auth_task = asyncio.ensure_future(self.auth.start())
+        if admin_sock is not None:
+            admin = self.admin
+            self._admin_servers.append(await loop.create_server(
+                lambda: HttpProtocol(admin), sock=admin_sock, backlog=128))
+            self.admin_address = admin_sock.getsockname()[:2]
+        await self._warm_up(expected)
+        if self._drain_started:
+            # SIGTERM during the warm-up: this worker never serves clients.
+            http_sock.close()
+            return
+        server = await loop.create_server(
+            lambda: HttpProtocol(self), sock=http_sock, ssl=ssl_ctx, backlog=gw.http.backlog,
+            ssl_handshake_timeout=gw.http.header_read_timeout if ssl_ctx else None)
+        self._servers.append(server)
         self.started = True
         scheme = "https" if ssl_ctx else "http"
-        transports = {kind: _fmt_addr(addr) for kind, addr in self.transport_addresses.items()}
+        addresses = {kind: _fmt_addr(addr) for kind, addr in self.transport_addresses.items()}
+        if self.admin_address is not None:
+            addresses["admin"] = "http://" + _fmt_addr(self.admin_address)
         self.log.event("info", "listening", version=__version__,
                        http=f"{scheme}://{_fmt_addr(self.http_address)}", pid=os.getpid(),
-                       **transports)
+                       **addresses)
         self.log.flush()
 
     def _own_transport_sockets(self) -> list:
-        """The shared transport port(s), plus this worker's private port when the
-        supervisor assigned private ports (several workers); one worker alone names its
-        shared port in the HELLO_ACK."""
+        """The transport port(s), plus this worker's private port when the supervisor
+        assigned private ports (several workers); one worker alone names its shared port
+        in the HELLO_ACK."""
         gw = self.settings.gateway
         socks = []
         assigned = self.hub._ports
@@ -260,18 +314,95 @@ class Worker:
             node = getattr(gw.transports, kind)
             if not node.enabled:
                 continue
-            sock = listen_socket(node.host, node.port, 512)
+            sock = listen_socket(node.host, node.port, 512, f"gateway.transports.{kind}.port")
             socks.append((kind, sock))
             self.transport_addresses[kind] = sock.getsockname()[:2]
             private = assigned.get(kind)
             if private:
-                own = listen_socket(node.host, private[self.worker_id], 512)
+                own = listen_socket(node.host, private[self.worker_id], 512,
+                                    f"gateway.transports.{kind}.host")
                 socks.append((kind, own))
                 ports[kind] = dict(private)
             else:
                 ports[kind] = {self.worker_id: sock.getsockname()[1]}
         self.hub._ports = ports
         return socks
+
+    def use_sockets(self, sockets: WorkerSockets) -> tuple:
+        """The supervisor's sockets for this worker → start()'s arguments. The first
+        transport socket of each kind is the public port's (listeners.bind_instance)."""
+        ports = {}
+        for kind, sock in sockets.transports:
+            if kind not in self.transport_addresses:
+                self.transport_addresses[kind] = sock.getsockname()[:2]
+                ports[kind] = (dict(sockets.private_ports[kind]) if kind in sockets.private_ports
+                               else {self.worker_id: sock.getsockname()[1]})
+        self.hub._ports = ports
+        return sockets.http, list(sockets.transports), sockets.admin
+
+    # ------------------------------------------------------------------ warm start
+
+    def _routable_instances(self) -> set:
+        return {(i.service, i.instance_id) for i in list(self.routing.instances.values())
+                if i.status in _READY_STATUSES}
+
+    def _expected_instances(self) -> set:
+        """What the other workers (and this worker's predecessor, in its own file) had
+        routable when they last published: the instances that will dial this worker."""
+        expected: set = set()
+        if not self._run_dir:
+            return expected
+        try:
+            names = os.listdir(self._run_dir)
+        except OSError:
+            return expected
+        for name in names:
+            if not (name.startswith("instances-") and name.endswith(".json")):
+                continue
+            try:
+                with open(os.path.join(self._run_dir, name), "rb") as f:
+                    expected.update((svc, iid) for svc, iid in orjson.loads(f.read()))
+            except (OSError, ValueError, TypeError):
+                continue
+        return expected
+
+    def _publish_instances(self) -> None:
+        if not self._run_dir or self.warming:
+            return   # a warming worker's partial view would only lower its siblings' bar
+        now = self._routable_instances()
+        if now == self._published_instances:
+            return
+        path = os.path.join(self._run_dir, f"instances-{self.worker_id}.json")
+        try:
+            with open(path + ".tmp", "wb") as f:
+                f.write(orjson.dumps(sorted(now)))
+            os.replace(path + ".tmp", path)
+        except OSError:
+            return
+        self._published_instances = now
+
+    async def _warm_up(self, expected: set) -> None:
+        if not expected:
+            return
+        timeout = self.settings.gateway.node.warmup_timeout
+        t0 = time.monotonic()
+        self.warming = set(expected)
+        self.log.event("info", "warming up", instances=len(expected), timeout=timeout)
+        self.log.flush()
+        try:
+            while not self._drain_started:
+                self.warming = expected - self._routable_instances()
+                if not self.warming or time.monotonic() - t0 >= timeout:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            missing = sorted(f"{svc}/{iid}" for svc, iid in self.warming)
+            self.warming = None
+        self.log.event("info" if not missing else "warning", "warm",
+                       ms=round((time.monotonic() - t0) * 1000), missing=missing[:20],
+                       missingCount=len(missing))
+
+    # ------------------------------------------------------------------ the tick
 
     def _update_date(self) -> None:
         self.date_header = b"date: " + email.utils.formatdate(usegmt=True).encode() + b"\r\n"
@@ -284,24 +415,62 @@ class Worker:
         now = self.now
         for conn in list(self.connections):
             conn.check_deadline(now)
+        if self.admin is not None:
+            for conn in list(self.admin.connections):
+                conn.check_deadline(now)
+        self._check_descriptors()
+        self._publish_instances()
         self.log.flush()
         self.metrics.publish()
 
-    async def drain(self) -> None:
-        """SIGTERM: not ready, no new connections, finish in-flight work, then stop."""
+    def _check_descriptors(self) -> None:
+        """uvloop never reports EMFILE/ENFILE on accept: libuv accepts and closes the waiting
+        connections itself. So once a second, try to open one descriptor."""
+        try:
+            os.close(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                return
+            name = errno.errorcode[exc.errno]
+        self.fd_exhausted[name] = self.fd_exhausted.get(name, 0) + 1
+        self._fd_unlogged += 1
+        if self.now - self._fd_logged_at >= _FD_LOG_INTERVAL:
+            self._fd_logged_at = self.now
+            self.log.event("error", "out of file descriptors: new connections are closed "
+                           "unanswered", errno=name, seconds=self._fd_unlogged,
+                           clients=len(self.connections), services=len(self.hub.connections))
+            self._fd_unlogged = 0
+
+    # ------------------------------------------------------------------ drain
+
+    async def drain(self, delay: float = 0.0) -> None:
+        """Not ready at once; `delay` seconds later (SIGTERM: preStopDelay) no new
+        connections; then in-flight work finishes, idle connections close, and it stops."""
         if self._drain_started:
             return
         self._drain_started = True
+        # Readiness fails from here, and every answer says `Connection: close`, so
+        # keep-alive clients move elsewhere while this worker still answers them.
         self.draining = True
-        self.log.event("info", "draining", connections=len(self.connections))
+        gw = self.settings.gateway
+        self.log.event("info", "draining", connections=len(self.connections), delay=delay)
+        self.log.flush()
+        if delay > 0 and self.started:
+            await asyncio.sleep(delay)
         for server in self._servers:
             server.close()
         self.hub.close_listeners()
         self.hub.drain()
-        deadline = time.monotonic() + self.settings.gateway.http.shutdown_timeout
+        self.log.event("info", "listeners closed", connections=len(self.connections))
+        deadline = time.monotonic() + gw.http.shutdown_timeout
         while True:
             for conn in list(self.connections):
-                if conn.is_idle():
+                # Idle is not enough (the SIGTERM failures of issue 16): a keep-alive client
+                # sends its next request right after an answer, so an "idle" connection may
+                # have it in the socket, unread, or on its way. Only a connection quiet for
+                # a while is closed; a busy one gets its next answer with Connection: close.
+                if conn.is_idle() and _quiet(conn):
                     conn.close()
             if not self.connections or time.monotonic() >= deadline:
                 break
@@ -309,6 +478,12 @@ class Worker:
         self.hub.shutdown()
         for conn in list(self.connections):
             conn.close()
+        # The admin listener last: probes and scrapes see the whole drain.
+        for server in self._admin_servers:
+            server.close()
+        if self.admin is not None:
+            for conn in list(self.admin.connections):
+                conn.close()
         self.auth.stop()
         if self._auth_task is not None and not self._auth_task.done():
             self._auth_task.cancel()
@@ -325,22 +500,55 @@ class Worker:
         await self._stopped.wait()
 
 
+# A connection closed while idle must have heard nothing from its client for this long: a
+# client in a request loop sends again within microseconds to milliseconds of an answer.
+_QUIET = 0.25
+_TCP_INFO_LAST_DATA_RECV = 52   # struct tcp_info: 8 one-byte fields, 9 u32, then 3 times
+
+
+def _quiet(conn) -> bool:
+    """No byte unread in the socket, and none received for _QUIET seconds."""
+    transport = conn.transport
+    if transport is None or transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return True
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+        if buf[0] > 0:
+            return False
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except (OSError, ValueError):
+        return True
+    if len(info) < _TCP_INFO_LAST_DATA_RECV + 4:
+        return True
+    last_recv_ms = int.from_bytes(info[_TCP_INFO_LAST_DATA_RECV:_TCP_INFO_LAST_DATA_RECV + 4],
+                                  sys.byteorder)
+    return last_recv_ms >= _QUIET * 1000
+
+
 def _fmt_addr(addr) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def run_worker(settings, worker_id: int = 0, http_sock: socket.socket | None = None,
-               transport_ports: dict | None = None, run_dir: str | None = None) -> int:
+def run_worker(settings, worker_id: int = 0, sockets: WorkerSockets | None = None,
+               run_dir: str | None = None) -> int:
     """Run one worker until SIGTERM/SIGINT has drained it. Returns the exit code."""
     import uvloop
 
     async def main():
-        worker = Worker(settings, worker_id, transport_ports=transport_ports, run_dir=run_dir)
+        worker = Worker(settings, worker_id, run_dir=run_dir)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.drain()))
-        await worker.start(http_sock)
+        # SIGTERM is an orchestrator's: wait preStopDelay for load balancers to notice the
+        # failing readiness. SIGINT is a person's at a terminal: stop now.
+        delay = settings.gateway.node.pre_stop_delay
+        loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(worker.drain(delay)))
+        loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(worker.drain()))
+        args = worker.use_sockets(sockets) if sockets is not None else ()
+        await worker.start(*args)
         # What exists now (modules, configuration, tables) lives as long as the process:
         # out of the collector's sight, a full collection scans only what came later. It
         # took ~10 ms of paused loop per full collection, a visible p99 (perf/README.md).

@@ -1,10 +1,13 @@
 """One gateway instance = a supervisor and N worker processes sharing ports.
 
-Each worker opens its own listening socket on the same port with SO_REUSEPORT; the kernel
-spreads new connections across them. The supervisor binds nothing it serves: when a port
-is 0 it reserves a free one first (a bound, non-listening SO_REUSEPORT socket it keeps), so
-every worker agrees on the port. A worker that dies is restarted (with a short backoff when
-it dies young); SIGTERM/SIGINT are forwarded and the supervisor exits when all workers have.
+Everything is checked and bound here before anything listens (stellagw/listeners.py): the
+TLS files, the file-descriptor budget, every address — a port another process holds stops
+start-up with "address in use". Then, with several workers, the supervisor forks them and
+they serve on its sockets (one per worker in each port's SO_REUSEPORT group, plus each
+worker's private transport port); no worker binds anything itself. The supervisor keeps its
+copies, so a worker that dies is restarted (after a short backoff when it died young) onto
+the same sockets, and what arrived for it meanwhile waits in their backlogs. SIGTERM/SIGINT
+are forwarded and the supervisor exits when all workers have.
 """
 from __future__ import annotations
 
@@ -13,89 +16,98 @@ import os
 import shutil
 import tempfile
 import signal
-import socket
 import sys
 import time
 
 from .gateway import check_httptools_strict, run_worker
+from .listeners import bind_instance, raise_fd_limit
 from .observe.logs import JsonLog
 
 
-def _reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:
-    if port != 0:
-        return port, None
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, 0))
-    return sock.getsockname()[1], sock
-
-
-def _with_ports(settings, http_port: int, transport_ports: dict):
+def _check_tls(settings) -> None:
+    """Load every certificate now: a bad one is a configuration error (exit 2), not a
+    worker that dies at start and is restarted for ever."""
+    from .ingress.tls import server_context
     gw = settings.gateway
-    http = dataclasses.replace(gw.http, port=http_port)
+    if gw.http.tls.enabled:
+        server_context(gw.http.tls, "gateway.http.tls")
+    if gw.transports.tls.enabled:
+        server_context(gw.transports.tls, "gateway.transports.tls")
+
+
+def _with_ports(settings, sockets):
+    """The settings with the ports really bound (port 0 resolved), as every worker and
+    check of the effective configuration should see them."""
+    gw = settings.gateway
+    http = dataclasses.replace(gw.http, port=sockets.http.getsockname()[1])
+    admin = gw.admin
+    if sockets.admin is not None:
+        admin = dataclasses.replace(admin, port=sockets.admin.getsockname()[1])
     transports = gw.transports
-    for kind, port in transport_ports.items():
-        transports = dataclasses.replace(
-            transports, **{kind: dataclasses.replace(getattr(transports, kind), port=port)})
+    seen = set()
+    for kind, sock in sockets.transports:
+        if kind in seen:
+            continue   # the first of each kind is the public port
+        seen.add(kind)
+        transports = dataclasses.replace(transports, **{kind: dataclasses.replace(
+            getattr(transports, kind), port=sock.getsockname()[1])})
     return dataclasses.replace(settings, gateway=dataclasses.replace(
-        gw, http=http, transports=transports))
+        gw, http=http, admin=admin, transports=transports))
 
 
 def serve(settings) -> int:
     check_httptools_strict()
+    _check_tls(settings)
+    raise_fd_limit(settings)
     workers = settings.gateway.node.workers or os.cpu_count() or 1
+    bundles = bind_instance(settings, workers)
+    settings = _with_ports(settings, bundles[0])
     if workers == 1:
-        return run_worker(settings, 0)
+        return run_worker(settings, 0, bundles[0])
 
     log = JsonLog(settings.gateway.logging.level)
     log.extra = {"node": settings.gateway.node.node_id, "role": "supervisor"}
-    http = settings.gateway.http
-    reservations = []
-    port, sock = _reserve_port(http.host, http.port)
-    reservations.append(sock)
-    # Service transports: the shared port, and one private port per worker that the
-    # HELLO_ACK names so services can reach every worker (docs/protocol.md).
-    public, private = {}, {}
-    for kind in ("tcp", "tls"):
-        node = getattr(settings.gateway.transports, kind)
-        if not node.enabled:
-            continue
-        public[kind], sock = _reserve_port(node.host, node.port)
-        reservations.append(sock)
-        private[kind] = {}
-        for wid in range(workers):
-            private[kind][wid], sock = _reserve_port(node.host, 0)
-            reservations.append(sock)
-    settings = _with_ports(settings, port, public)
-    # Shared by the workers for instance-wide /metrics (observe/metrics.py).
+    # Shared by the workers: instance-wide /metrics (observe/metrics.py) and what each
+    # worker has routable, which a restarted worker waits for (gateway.py, warm start).
     run_dir = tempfile.mkdtemp(prefix="stellagw-run-")
-    reservations = [s for s in reservations if s is not None]
+    held = [sock for bundle in bundles for sock in bundle.all()]
 
     children: dict[int, int] = {}   # pid -> worker id
     started: dict[int, float] = {}  # worker id -> start time
     stopping = False
 
     def spawn(worker_id: int) -> None:
+        # A signal between fork and the child's own handlers would run `forward` in the
+        # child, which would signal its siblings: hold signals across the fork.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                for s in reservations:
-                    s.close()
-                code = run_worker(settings, worker_id, transport_ports=private, run_dir=run_dir)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                mine = {id(sock) for sock in bundles[worker_id].all()}
+                for sock in held:
+                    if id(sock) not in mine:
+                        sock.close()
+                code = run_worker(settings, worker_id, bundles[worker_id], run_dir=run_dir)
             except BaseException as exc:  # the child must never return into the supervisor
                 print(f"worker {worker_id} failed: {exc!r}", file=sys.stderr, flush=True)
             finally:
                 os._exit(code)
         children[pid] = worker_id
         started[worker_id] = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def forward(signum, frame):
         nonlocal stopping
-        stopping = True
+        if not stopping:
+            stopping = True
+            # No more restarts: the workers' copies are now the last, so the ports close
+            # when the workers close them (after preStopDelay), not when we exit.
+            for sock in held:
+                sock.close()
         for pid in list(children):
             try:
                 os.kill(pid, signum)
@@ -130,8 +142,8 @@ def serve(settings) -> int:
             time.sleep(1.0)  # a crash loop must not spin the CPU
         if not stopping:
             spawn(worker_id)
-    for s in reservations:
-        s.close()
+    for sock in held:
+        sock.close()
     shutil.rmtree(run_dir, ignore_errors=True)
     log.event("info", "supervisor stopped")
     log.drain()

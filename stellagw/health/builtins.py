@@ -1,9 +1,15 @@
 """The endpoints the gateway answers itself: /health/live|ready|startup, /metrics and the
-aggregated OpenAPI document (/openapi.json, /openapi.yaml, /.well-known/openapi)."""
+aggregated OpenAPI document (/openapi.json, /openapi.yaml, /.well-known/openapi).
+
+Two tables: the admin listener's has them all, with readiness details; the client
+listener's has only what `gateway.admin.publicEndpoints` lists, and its readiness and
+startup answers carry the status alone unless `details` is listed (instance ids, versions
+and pings are nobody's business on the port a LoadBalancer exposes)."""
 from __future__ import annotations
 
 import orjson
 
+from ..config import PUBLIC_ENDPOINTS
 from ..ingress.responses import error_body
 
 _JSON = b"content-type: application/json\r\ncache-control: no-store\r\n"
@@ -12,8 +18,15 @@ _LIVE_BODY = orjson.dumps({"status": "Healthy"})
 _NOT_GET = b"allow: GET, HEAD\r\ncontent-type: application/json\r\n"
 
 
-def table(worker) -> dict:
-    """{raw path: handler(req) -> (status, header lines, body)}."""
+_STATUS = {(200, "ready"): orjson.dumps({"status": "Ready"}),
+           (503, "ready"): orjson.dumps({"status": "NotReady"}),
+           (200, "startup"): orjson.dumps({"status": "Started"}),
+           (503, "startup"): orjson.dumps({"status": "Starting"})}
+
+
+def table(worker, admin: bool = False) -> dict:
+    """{raw path: handler(req) -> (status, header lines, body)} for the admin listener, or
+    for the client one (`admin=False`)."""
 
     def only_get(path: bytes, handler):
         route = path.decode()
@@ -49,11 +62,28 @@ def table(worker) -> dict:
         inm = b", ".join(v for n, v in req.headers if n == b"if-none-match") or None
         return worker.openapi.respond(req.target, inm)
 
+    def ready_status(req):
+        status = 200 if not worker.not_ready_reasons() else 503
+        return status, _JSON, _STATUS[status, "ready"]
+
+    def startup_status(req):
+        status = 200 if not worker.startup_reasons() else 503
+        return status, _JSON, _STATUS[status, "startup"]
+
     gw = worker.settings.gateway
-    handlers = {b"/health/live": live, b"/health/ready": ready, b"/health/startup": startup}
-    if gw.metrics.enabled:
+    listed = gw.admin.public_endpoints
+    public = set(PUBLIC_ENDPOINTS if admin or "all" in listed else listed)
+    details = admin or "details" in public
+    handlers = {}
+    for name, path, handler in (("live", b"/health/live", live),
+                                ("ready", b"/health/ready", ready if details else ready_status),
+                                ("startup", b"/health/startup",
+                                 startup if details else startup_status)):
+        if name in public:
+            handlers[path] = handler
+    if gw.metrics.enabled and "metrics" in public:
         handlers[b"/metrics"] = metrics
-    if gw.openapi.enabled:
+    if gw.openapi.enabled and "openapi" in public:
         from ..openapi import PATHS
         handlers.update((path, openapi) for path in PATHS)
     return {path: only_get(path, h) for path, h in handlers.items()}

@@ -1,0 +1,204 @@
+"""The instance's listening sockets, bound before anything serves, and its descriptor budget.
+
+A port someone else listens on stops start-up (exit 2, "address in use"). Sockets that
+workers share sit in one SO_REUSEPORT group that only this process creates: a bind without
+SO_REUSEPORT first proves the port is free (any listener there, even one with
+SO_REUSEPORT, makes it fail), then the group is bound. Before this, every worker bound its
+own SO_REUSEPORT socket, so a second gateway joined the group and took half the traffic.
+
+One worker (`workers: 1`) binds plain exclusive sockets. With several, the supervisor binds
+and listens on everything and its workers inherit the sockets through fork:
+
+- client HTTP, admin and the public transport ports: one socket per worker in the port's
+  group, so the kernel keeps spreading connections by hash as before;
+- each worker's private transport port: one exclusive socket.
+
+The supervisor keeps its copies, so a worker's sockets outlive it: while it restarts, what
+arrives for it waits in the backlog (services redialling its private port included) instead
+of being refused or reset, and the new worker takes it over.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import resource
+import socket
+
+# Descriptors a worker needs besides its connections: listening sockets, epoll, the log
+# pipe, Valkey and Authority connections, snapshot files, the loop's reserve descriptor.
+FD_HEADROOM = 256
+
+
+class ListenerError(Exception):
+    """A configured address that cannot be listened on; the CLI exits 2 with this line."""
+
+    def __init__(self, key: str, host: str, port: int, error: OSError):
+        super().__init__(key, host, port, error)
+        self.key, self.host, self.port, self.error = key, host, port, error
+
+    def __str__(self) -> str:
+        where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        if self.error.errno == errno.EADDRINUSE:
+            return f"address in use: {where} ({self.key}): another process listens there"
+        return f"cannot listen on {where} ({self.key}): {self.error.strerror or self.error}"
+
+
+def _socket(host: str, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # SO_REUSEADDR: a restart finds the port free despite the last run's TIME_WAIT
+    # connections; Linux still refuses the bind while anything listens there.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
+def bind_exclusive(key: str, host: str, port: int) -> socket.socket:
+    """A bound (not yet listening) socket that no other process can share."""
+    sock = _socket(host, reuse_port=False)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ListenerError(key, host, port, exc) from None
+    return sock
+
+
+def bind_group(key: str, host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` bound sockets in one SO_REUSEPORT group, on a port nobody else holds."""
+    probe = bind_exclusive(key, host, port)
+    port = probe.getsockname()[1]
+    probe.close()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = _socket(host, reuse_port=True)
+            socks.append(sock)
+            sock.bind((host, port))
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        raise ListenerError(key, host, port, exc) from None
+    return socks
+
+
+def listen(sock: socket.socket, backlog: int) -> socket.socket:
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclasses.dataclass
+class WorkerSockets:
+    """What one worker serves on. `transports` holds (kind, socket) pairs: the public
+    port's and, with several workers, the worker's private one."""
+    http: socket.socket
+    admin: socket.socket | None
+    transports: list
+    private_ports: dict          # kind -> {worker id: port}; empty with one worker
+
+    def all(self) -> list[socket.socket]:
+        return [s for s in (self.http, self.admin) if s is not None] + [s for _, s in self.transports]
+
+
+def _transport_nodes(gw):
+    for kind in ("tcp", "tls"):
+        node = getattr(gw.transports, kind)
+        if node.enabled:
+            yield kind, node
+
+
+def bind_instance(settings, workers: int) -> list[WorkerSockets]:
+    """Every listening socket of the instance, one WorkerSockets per worker; raises
+    ListenerError before anything listens when one address cannot be had."""
+    gw = settings.gateway
+    made: list[socket.socket] = []
+    try:
+        def group(key, host, port, backlog):
+            socks = bind_group(key, host, port, workers) if workers > 1 else \
+                [bind_exclusive(key, host, port)]
+            made.extend(socks)
+            return socks
+
+        http = group("gateway.http.port", gw.http.host, gw.http.port, gw.http.backlog)
+        admin = group("gateway.admin.port", gw.admin.host, gw.admin.port, 128) \
+            if gw.admin.enabled else [None] * workers
+        public, private, private_ports = {}, {}, {}
+        for kind, node in _transport_nodes(gw):
+            public[kind] = group(f"gateway.transports.{kind}.port", node.host, node.port, 512)
+            if workers > 1:
+                private[kind] = []
+                for _ in range(workers):
+                    sock = bind_exclusive(f"gateway.transports.{kind}.host", node.host, 0)
+                    made.append(sock)
+                    private[kind].append(sock)
+                private_ports[kind] = {wid: s.getsockname()[1] for wid, s in enumerate(private[kind])}
+        # Only now, with every address in hand, does anything listen.
+        for sock in http:
+            listen(sock, gw.http.backlog)
+        for sock in admin:
+            if sock is not None:
+                listen(sock, 128)
+        for socks in (*public.values(), *private.values()):
+            for sock in socks:
+                listen(sock, 512)
+    except BaseException:
+        for sock in made:
+            sock.close()
+        raise
+    out = []
+    for wid in range(workers):
+        transports = []
+        for kind in public:
+            transports.append((kind, public[kind][wid]))
+            if kind in private:
+                transports.append((kind, private[kind][wid]))
+        out.append(WorkerSockets(http[wid], admin[wid], transports, private_ports))
+    return out
+
+
+# ------------------------------------------------------------------ file descriptors
+
+def descriptors_needed(settings) -> int:
+    """One worker's descriptors at its caps: every connection cap it has, plus headroom."""
+    gw = settings.gateway
+    need = gw.http.max_connections + FD_HEADROOM
+    if gw.admin.enabled:
+        need += gw.admin.max_connections
+    for _, node in _transport_nodes(gw):
+        need += node.max_connections
+    return need
+
+
+def raise_fd_limit(settings) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one; refuse a configuration whose caps do
+    not fit in it (otherwise, at the limit, libuv accepts and closes new connections
+    unanswered). Returns the soft limit now in force."""
+    from .config import ConfigError
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = max(soft, 1 << 20) if soft != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        limit = soft
+    else:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            limit = target
+        except (OSError, ValueError):
+            limit = soft
+    need = descriptors_needed(settings)
+    if limit != resource.RLIM_INFINITY and need > limit:
+        gw = settings.gateway
+        others = need - gw.http.max_connections - FD_HEADROOM
+        raise ConfigError(
+            "gateway.http.maxConnections",
+            f"{gw.http.max_connections} client connections, with {others} admin and service "
+            f"connections and {FD_HEADROOM} spare descriptors, need {need} file descriptors per "
+            f"worker but RLIMIT_NOFILE allows {limit} (hard limit {hard}): lower maxConnections "
+            f"or raise the limit (ulimit -n, systemd LimitNOFILE=, the container runtime's nofile)")
+    return limit
