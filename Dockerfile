@@ -88,14 +88,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # transient PEM copy. Mount a small writable volume there (an emptyDir in Kubernetes).
 USER ${STELLAGW_UID}:${STELLAGW_GID}
 
-# 8080 HTTP(S) for clients and the built-in endpoints (/health/*, /metrics, /openapi.json);
-# 9100 plain-TCP service transport (development); 9443 TLS service transport. With
-# gateway.node.workers > 1 each worker also listens on a private, OS-picked transport port
-# (docs/protocol.md §4.2); those cannot be listed here, services reach them on the pod IP.
-EXPOSE 8080 9100 9443
+# 8080 HTTP(S) for clients (and /health/live|ready); 9090 the admin listener when
+# gateway.admin.port is set to it (probes, /metrics, /openapi.json); 9100 plain-TCP service
+# transport (development); 9443 TLS service transport. With gateway.node.workers > 1 each
+# worker also listens on a private, OS-picked transport port (docs/protocol.md §4.2); those
+# cannot be listed here, services reach them on the pod IP.
+EXPOSE 8080 9090 9100 9443
 
-# SIGTERM drains: readiness 503, listeners closed, DRAIN to services, in-flight requests get
-# gateway.http.shutdownTimeout to finish (docs/operations.md, "Draining"). The stellagw process
+# SIGTERM drains: readiness 503, listeners closed gateway.node.preStopDelay later, DRAIN to
+# services, in-flight requests get gateway.http.shutdownTimeout to finish
+# (docs/operations.md, "Draining"). The stellagw process
 # is PID 1 and installs its own SIGTERM/SIGINT handlers, and the supervisor (workers > 1)
 # reaps every child, so no init shim is needed.
 STOPSIGNAL SIGTERM

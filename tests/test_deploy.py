@@ -103,6 +103,8 @@ def _settings():
 def _enabled_listeners(settings) -> dict[str, int]:
     gw = settings.gateway
     ports = {"http": gw.http.port}
+    if gw.admin.enabled:
+        ports["admin"] = gw.admin.port
     for kind in ("tcp", "tls"):
         node = getattr(gw.transports, kind)
         if node.enabled:
@@ -169,12 +171,8 @@ def _last(stage: dict, instr: str) -> str | None:
 
 
 def _prestop_seconds() -> float:
-    pre = _container()["lifecycle"]["preStop"]
-    if "sleep" in pre:
-        return float(pre["sleep"]["seconds"])
-    cmd = pre["exec"]["command"]
-    assert os.path.basename(cmd[0]) == "sleep" and len(cmd) == 2, cmd
-    return float(cmd[1])
+    """How long a terminating pod keeps its listeners open: the gateway's own delay."""
+    return _settings().gateway.node.pre_stop_delay
 
 
 def _quantity_cores(q: str) -> float:
@@ -190,6 +188,10 @@ def test_configmap_gateway_yaml_loads_with_every_key_known():
     # Everything must listen on the pod's addresses: probes, the Service and services dial
     # the pod IP, and the HELLO_ACK's host "" only means "where you dialled" from 0.0.0.0.
     assert gw.http.host == "0.0.0.0"
+    assert gw.admin.enabled and gw.admin.host == "0.0.0.0" and gw.admin.port, \
+        "the kubelet and Prometheus dial the pod IP, on a port they are told"
+    # The client port (behind the LoadBalancer) has nothing internal on it.
+    assert not {"metrics", "openapi", "details", "all"} & set(gw.admin.public_endpoints)
     for kind in ("tcp", "tls"):
         assert getattr(gw.transports, kind).host == "0.0.0.0", kind
     assert gw.transports.tls.enabled, "the seed's TLS transport (9443) is on"
@@ -240,7 +242,7 @@ def test_workers_fit_the_cpu_limit():
 
 def test_probe_paths_are_built_in_endpoints():
     settings = _settings()
-    table = builtins.table(types.SimpleNamespace(settings=settings))
+    table = builtins.table(types.SimpleNamespace(settings=settings), admin=True)
     paths = {p.decode() for p in table}
     c = _container()
     expected = {"livenessProbe": "/health/live", "readinessProbe": "/health/ready",
@@ -253,19 +255,17 @@ def test_probe_paths_are_built_in_endpoints():
     assert settings.gateway.metrics.enabled
 
 
-def test_probe_ports_and_scheme_match_the_http_listener():
+def test_probes_and_scrapes_go_to_the_admin_listener():
+    # Its own connection cap: a client port full at maxConnections never fails a probe.
     settings = _settings()
-    scheme = "HTTPS" if settings.gateway.http.tls.enabled else "HTTP"
     c = _container()
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         get = c[probe]["httpGet"]
-        assert _container_port(get["port"]) == settings.gateway.http.port, probe
-        assert get.get("scheme", "HTTP") == scheme, probe
+        assert _container_port(get["port"]) == settings.gateway.admin.port, probe
+        assert get.get("scheme", "HTTP") == "HTTP", probe    # the admin listener is plain HTTP
     ann = _deployment()["spec"]["template"]["metadata"]["annotations"]
-    assert int(ann["prometheus.io/port"]) == settings.gateway.http.port
-    assert ann["prometheus.io/scheme"] == scheme.lower()
-    # A client certificate cannot be required on the port the kubelet probes.
-    assert settings.gateway.http.tls.client_certificate_mode != "RequireCertificate"
+    assert int(ann["prometheus.io/port"]) == settings.gateway.admin.port
+    assert ann["prometheus.io/scheme"] == "http"
 
 
 def test_container_ports_are_exactly_the_enabled_listeners():
@@ -297,6 +297,7 @@ def test_services_target_the_right_ports_and_pods():
     assert not transport.get("publishNotReadyAddresses", False)
     enabled = _enabled_listeners(settings)
     enabled.pop("http")
+    enabled.pop("admin", None)   # the kubelet and Prometheus dial pods directly
     assert sorted(_container_port(p["targetPort"]) for p in transport["ports"]) == \
         sorted(enabled.values())
     assert sorted(p["port"] for p in transport["ports"]) == sorted(enabled.values())
@@ -311,14 +312,16 @@ def test_pod_disruption_budget_selects_the_gateway():
 
 # ---------------------------------------------------------------------------- lifecycle
 
-def test_grace_period_covers_prestop_and_drain():
+def test_grace_period_covers_prestop_delay_and_drain():
     settings = _settings()
     grace = _pod()["terminationGracePeriodSeconds"]
-    # The kubelet counts the preStop hook inside the grace period, then SIGTERM starts the
-    # drain, which may take shutdownTimeout; SIGKILL comes when the grace period is over.
+    # SIGTERM: readiness fails, listeners stay open for preStopDelay, then the drain may
+    # take shutdownTimeout; SIGKILL comes when the grace period is over.
     assert grace > _prestop_seconds() + settings.gateway.http.shutdown_timeout, grace
-    assert grace > settings.gateway.http.shutdown_timeout
     assert _prestop_seconds() >= 5  # long enough for endpoint removal to propagate
+    # The gateway waits itself; a preStop sleep as well would add up to twice the wait
+    # (and count against the same grace period).
+    assert "preStop" not in _container().get("lifecycle", {})
 
 
 def test_rollout_keeps_capacity_and_resources_are_the_seeds():
@@ -478,13 +481,24 @@ def _probe(port: int, path: str):
         return exc.code, exc.read()
 
 
+def _admin_probe(port: int, path: str):
+    """GET like the kubelet on the admin listener (plain HTTP)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
 def _ports_from_log(served, workers):
     recs = served.wait_listening(count=workers)
     http = recs[0]["http"]
     assert http.startswith("https://0.0.0.0:"), http
     tls = recs[0]["tls"]
     assert tls.startswith("0.0.0.0:"), tls
-    return int(http.rsplit(":", 1)[1]), int(tls.rsplit(":", 1)[1])
+    admin = recs[0]["admin"]
+    assert admin.startswith("http://0.0.0.0:"), admin
+    return int(http.rsplit(":", 1)[1]), int(tls.rsplit(":", 1)[1]), int(admin.rsplit(":", 1)[1])
 
 
 @pytest.mark.slow
@@ -510,7 +524,9 @@ def test_configmap_config_serves_probes_and_registers_a_tls_service(tmp_path, mo
             if section.get(key):
                 section[key] = str(tmp_path) + section[key]
     gw["http"]["port"] = 0
+    gw["admin"]["port"] = 0
     gw["transports"]["tls"]["port"] = 0
+    gw["node"]["preStopDelay"] = "200ms"   # the configured 10 s matter to a cluster, not here
     gw["auth"]["jwksPath"] = jwks
     text = yaml.safe_dump(raw, sort_keys=False)
     args = ["--workers", str(workers)] if workers else []
@@ -521,19 +537,23 @@ def test_configmap_config_serves_probes_and_registers_a_tls_service(tmp_path, mo
     thread.start()
     svc = None
     try:
-        http_port, tls_port = _ports_from_log(served, n)
+        http_port, tls_port, admin_port = _ports_from_log(served, n)
         c = _container()
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             path = c[probe]["httpGet"]["path"]
             deadline = time.monotonic() + 10
             while True:
-                status, body = _probe(http_port, path)
+                status, body = _admin_probe(admin_port, path)
                 if status == 200 or time.monotonic() > deadline:
                     break
                 time.sleep(0.1)
             assert status == 200, (probe, status, body)
-        status, body = _probe(http_port, "/metrics")
+        status, body = _admin_probe(admin_port, "/metrics")
         assert status == 200 and b"gateway_requests_total" in body
+        # The HTTPS client port keeps liveness and a bare readiness, nothing internal.
+        assert _probe(http_port, "/health/ready") == (200, b'{"status":"Ready"}')
+        assert _probe(http_port, "/health/live")[0] == 200
+        assert _probe(http_port, "/metrics")[0] != 200
 
         # A service dials the transport like a pod's neighbour would: TLS with a client
         # certificate, the name on the gateway's certificate, and (two workers) the private
@@ -555,14 +575,13 @@ def test_configmap_config_serves_probes_and_registers_a_tls_service(tmp_path, mo
         deadline = time.monotonic() + 10
         seen = set()
         while time.monotonic() < deadline and len(seen) < n:
-            status, body = _probe(http_port, "/health/ready")
+            status, body = _admin_probe(admin_port, "/health/ready")
             doc = json.loads(body)
             if status == 200 and "scanner" in json.dumps(doc.get("services")):
                 seen.add(doc["worker"])
         assert len(seen) == n, f"workers that see the service: {seen}"
 
-        # SIGTERM (what the kubelet sends after the preStop sleep): drained and gone well
-        # inside the grace period that is left.
+        # SIGTERM (what the kubelet sends): drained and gone well inside the grace period.
         asyncio.run_coroutine_threadsafe(svc.stop(timeout=1), loop).result(10)
         svc = None
         t0 = time.monotonic()
