@@ -70,6 +70,7 @@ def test_refused_on_the_head_and_closed_nothing_reaches_the_pipeline(raw, status
     (b"GET /x HTTP/1.1\r\nHost: 10.0.0.1:65535\r\n\r\n", b"10.0.0.1:65535"),
     (b"GET /x HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", b"[::1]:8080"),
     (b"GET /x HTTP/1.0\r\n\r\n", None),
+    (b"GET /x HTTP/1.1\r\nHost: spaced.example \t\r\n\r\n", b"spaced.example"),
     (b"GET http://svc.example:81/x?q=1 HTTP/1.1\r\nHost: other\r\n\r\n", b"svc.example:81"),
     (b"GET https://[2001:db8::1]/x HTTP/1.1\r\nHost: other\r\n\r\n", b"[2001:db8::1]"),
 ])
@@ -96,6 +97,18 @@ def test_trailer_fields_are_never_merged_into_the_header_section(mode):
     assert b"authorization" not in names and b"dpop" not in names
     assert first.header(b"host") == b"a" and first.host == b"a"
     assert b"".join(echo.sinks[0].chunks) == b"abc"
+
+
+def test_a_header_field_that_never_ends_is_bounded():
+    # httptools keeps a field whole until its end: without a bound, one endless value
+    # would be buffered without limit.
+    worker, proto, t, _ = make("gateway: {http: {maxHeaderBytes: 1024}}")
+    proto.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nX-Endless: ")
+    for i in range(100):
+        proto.data_received(b"v" * 4096)
+        if t.ended:
+            break
+    assert statuses(t) == [431] and i < 2
 
 
 def test_trailer_bytes_count_against_the_header_limit():

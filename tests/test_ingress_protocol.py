@@ -201,7 +201,7 @@ def test_deep_pipelining_pauses_reading():
     (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
     (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
-    (b"GET / HTTP/9.9\r\nHost: a\r\n\r\n", 400),
+    (b"GET / HTTP/9.9\r\nHost: a\r\n\r\n", 505),
     (b"G@T / HTTP/1.1\r\nHost: gw\r\n\r\n", 400),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),                   # TLS to a plain port
     (b"GET / HTTP/1.1\r\nHost: gw\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHost: a\r\n\r\n", 400),

@@ -102,13 +102,15 @@ cdef class HttpProtocol:
     cdef list _headers
     cdef Py_ssize_t _header_bytes
     cdef object _reject
-    cdef Py_ssize_t _rate_bytes, _call_body, _chunks, _chunk_overhead
+    cdef Py_ssize_t _rate_bytes, _seen, _slack
     cdef bytes _upgrade_tail
     cdef Request _last
     cdef bint _resync
 
-    @cython.locals(body_phase=bint, message=Py_ssize_t)
+    @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, end=Py_ssize_t, req=Request)
     cdef _feed(self, data)
+    cdef _parse(self, data)
+    cdef _top_up(self, Py_ssize_t n)
     cdef _refuse(self, int status, str message)
     cdef _absolute_form(self, Request req, bytes url)
     cpdef start_body(self, Request req)

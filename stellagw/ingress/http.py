@@ -240,9 +240,11 @@ class HttpProtocol:
         self._header_bytes = 0
         self._reject = None
         self._rate_bytes = 0             # body bytes in the current minimum-rate window
-        self._call_body = 0              # body and trailer bytes seen in this data_received
-        self._chunks = 0                 # chunks of _req's body
-        self._chunk_overhead = 0         # its chunk-line bytes (sizes, extensions, CRLFs)
+        # What llhttp reads without telling us (chunk extensions, whitespace around field
+        # values) is bounded too: every read, the bytes no callback accounted for are taken
+        # from a budget of maxHeaderBytes, topped up a little per request and per chunk.
+        self._seen = 0                   # bytes of this read that callbacks accounted for
+        self._slack = settings.max_header_bytes
         self._upgrade_tail = b""
         self._last = None                # the request parsed last (an upgrade stops after it)
         self._resync = False             # llhttp stops before this body (an ignored upgrade)
@@ -319,10 +321,33 @@ class HttpProtocol:
 
     def _feed(self, data):
         """Parse one read; returns what is left for a fresh parser after an ignored
-        upgrade, else None."""
-        body_phase = self._in_body
-        message = self._requests
-        self._call_body = 0
+        upgrade, else None.
+
+        A read that could spend the whole chunk-extension / whitespace budget (_slack) is
+        parsed in slices that shrink with it, so an overlong extension is refused within
+        about a KiB of the budget, before the message it hides in can complete. A read that
+        is all Content-Length body (a large upload) goes in one piece."""
+        n = len(data)
+        if n <= self._slack:
+            return self._parse(data)
+        req = self._req
+        if (self._in_body and req is not None and req.content_length > 0
+                and req.content_length - req.body_size >= n):
+            return self._parse(data)
+        view = memoryview(data)
+        pos = 0
+        while pos < n:
+            end = pos + max(self._slack // 2, 1024)
+            rest = self._parse(view[pos:end])
+            if rest is not None:
+                return rest + bytes(view[end:]) if end < n else rest
+            if self._parse_broken or self._closing:
+                return None
+            pos = end
+        return None
+
+    def _parse(self, data):
+        self._seen = 0
         try:
             self._parser.feed_data(data)
         except _Stop:
@@ -342,17 +367,23 @@ class HttpProtocol:
         except httptools.HttpParserUpgrade as exc:
             return self._upgraded(data, exc.args[0] if exc.args else len(data))
         except httptools.HttpParserError as exc:
-            self._reject = (400, _parser_message(exc))
+            message = _parser_message(exc)
+            # HTTP/3.0, HTTP/1.2 ...: "505 HTTP Version Not Supported" says what is wrong.
+            self._reject = (505 if "HTTP version" in message else 400, message)
             self._failed()
         else:
-            if body_phase and self._in_body and self._chunks and message == self._requests:
-                # The whole read was inside one chunked body: what was not body is chunk
-                # lines. llhttp bounds neither extensions nor their count, so we do.
-                self._chunk_overhead += len(data) - self._call_body
-                if self._chunk_overhead > self._max_header_bytes + 16 * self._chunks:
+            self._slack -= len(data) - self._seen
+            if self._slack < 0:
+                # In a head, what is unaccounted is mostly a field still arriving (httptools
+                # keeps it whole until its end): the head is too large. In a body, chunk
+                # extensions.
+                if self._in_body:
                     self._reject = (400, "chunk extensions larger than %d bytes"
                                     % self._max_header_bytes)
-                    self._failed()
+                else:
+                    self._reject = (431, "request header block larger than %d bytes"
+                                    % self._max_header_bytes)
+                self._failed()
         return None
 
     def eof_received(self):
@@ -372,8 +403,6 @@ class HttpProtocol:
         self._headers = []
         self._header_bytes = 0
         self._reject = None
-        self._chunks = 0
-        self._chunk_overhead = 0
         self._requests += 1
         if self._requests > 1:
             # A later head (keep-alive or pipelined) has headerReadTimeout from its first
@@ -383,6 +412,7 @@ class HttpProtocol:
     def on_url(self, url):
         if self._resync:
             return
+        self._seen += len(url)
         self._url = self._url + url if self._url else url
         if len(self._url) > self._max_url:
             self._reject = (414, "request-target longer than %d bytes" % self._max_url)
@@ -391,7 +421,9 @@ class HttpProtocol:
     def on_header(self, name, value):
         if self._resync:
             return
-        self._header_bytes += len(name) + len(value) + 4
+        n = len(name) + len(value) + 4       # "name: value\r\n"
+        self._seen += n
+        self._header_bytes += n
         if self._header_bytes > self._max_header_bytes:
             self._reject = (431, "request header block larger than %d bytes"
                             % self._max_header_bytes)
@@ -399,7 +431,6 @@ class HttpProtocol:
         if self._in_body:
             # A trailer field (RFC 9112 §7.1.2): counted, never merged into the header
             # section a stage reads (§6.5.1) — the service sees none of them.
-            self._call_body += len(name) + len(value) + 4
             return
         headers = self._headers
         headers.append((name.lower(), value))
@@ -414,6 +445,9 @@ class HttpProtocol:
         req = self._req
         parser = self._parser
         req.method = parser.get_method().decode("ascii")
+        # "METHOD SP target SP HTTP/1.1 CRLF ... CRLF", and some whitespace per request
+        self._seen += len(req.method) + 14
+        self._top_up(64)
         version = parser.get_http_version()
         req.http_version = version
         req.keep_alive = parser.should_keep_alive()
@@ -431,7 +465,7 @@ class HttpProtocol:
             self._refuse(405, "CONNECT is not supported")
         # One pass over the headers for everything the request path needs from them.
         expect = cid = host = te = None
-        hosts = 0
+        hosts = tes = 0
         length = 0
         for name, value in headers:
             if name == b"host":
@@ -441,6 +475,7 @@ class HttpProtocol:
                 length = int(value)        # llhttp (strict) refused malformed and repeated
             elif name == b"transfer-encoding":
                 te = value
+                tes += 1
             elif name == b"x-correlation-id":
                 if cid is None:
                     cid = value
@@ -448,8 +483,13 @@ class HttpProtocol:
                 if req.version is None:
                     req.version = value
             elif name == b"upgrade":
-                if value.strip().lower() == b"websocket" and upgrade:
+                # RFC 9110 §7.8: an HTTP/1.0 request's Upgrade is ignored.
+                if value.strip().lower() == b"websocket" and upgrade and version == "1.1":
                     req.websocket = True
+            elif name == b"connection":
+                # llhttp reads keep-alive and close from one line; every line counts.
+                if b"close" in value.lower() and _has_token(value, b"close"):
+                    req.keep_alive = False
             elif name == b"expect":
                 expect = value
         req.correlation_id = self._acct.correlation_id_of(cid)
@@ -465,7 +505,14 @@ class HttpProtocol:
             url = self._absolute_form(req, url)     # its authority replaces Host
         elif host is not None:
             if not host_ok(host):
-                self._refuse(400, "the Host header field is not a valid host[:port]")
+                # OWS around a field value is not the value (RFC 9110 §5.5; llhttp keeps
+                # the trailing one): the service sees the trimmed host.
+                trimmed = host.strip(b" \t")
+                if trimmed == host or not host_ok(trimmed):
+                    self._refuse(400, "the Host header field is not a valid host[:port]")
+                self._headers[:] = [(n, v) for n, v in self._headers if n != b"host"]
+                self._headers.append((b"host", trimmed))
+                host = trimmed
             req.host = host
         if b"#" in url:
             self._refuse(400, "a request-target has no fragment")
@@ -477,6 +524,8 @@ class HttpProtocol:
             req.target = url
             req.query = b""
         if te is not None:
+            if tes > 1:
+                self._refuse(400, "more than one Transfer-Encoding header field")
             if version == "1.0":
                 # RFC 9112 §6.1: framing an HTTP/1.0 recipient may not know; treat as faulty.
                 self._refuse(400, "Transfer-Encoding is not allowed on HTTP/1.0")
@@ -525,7 +574,7 @@ class HttpProtocol:
     def on_body(self, body):
         req = self._req
         n = len(body)
-        self._call_body += n
+        self._seen += n
         req.body_size += n
         if req.body_size > req.body_limit:
             self._reject = (413, "request body larger than %d bytes" % req.body_limit)
@@ -543,7 +592,7 @@ class HttpProtocol:
             req.held.append(body)
 
     def on_chunk_header(self):
-        self._chunks += 1
+        self._top_up(24)         # "<hex size>\r\n" and the CRLF after the data
 
     def on_message_complete(self):
         if self._resync:
@@ -552,6 +601,8 @@ class HttpProtocol:
         self._req = None
         self._last = req
         self._in_body = False
+        # No more of this body will come: what waits for credit is the service's business.
+        self._resume(_P_FLOW)
         if req.body_state == _B_OPEN:
             req.body_state = _B_NONE
             pending = req.pending
@@ -566,6 +617,10 @@ class HttpProtocol:
             self._set_deadline(_D_IDLE, self._keep_alive_timeout)
         elif self.deadline_kind == _D_BODY:
             self.deadline_kind = _D_NONE
+
+    def _top_up(self, n):
+        # Capped: a long connection does not save up a budget to spend at once.
+        self._slack = min(self._slack + n, 2 * self._max_header_bytes)
 
     # ---------------------------------------------------------------- judging the head
 
@@ -624,8 +679,8 @@ class HttpProtocol:
             self.deadline = self._server.now + self._body_timeout
 
     def resume_body(self, req):
-        """The service gave credit again for `req`'s body (flow control)."""
-        if req is self._req and self._paused & _P_FLOW:
+        """The service took what waited of `req`'s body (flow control): read on."""
+        if self._paused & _P_FLOW:
             self._resume(_P_FLOW)
             if self.deadline_kind == _D_BODY:
                 self.deadline = self._server.now + self._body_timeout
@@ -967,6 +1022,13 @@ class HttpProtocol:
 
     def is_idle(self):
         return self._current is None and not self._queue and self._req is None
+
+
+def _has_token(value, token):
+    for item in value.split(b","):
+        if item.strip(b" \t").lower() == token:
+            return True
+    return False
 
 
 def _parser_message(exc):

@@ -55,8 +55,7 @@ def classify(name: bytes) -> int:
         kind = _TE
     elif name == b"traceparent" or name == b"tracestate":
         kind = _TRACE
-    elif (name in HOP_BY_HOP or name in GATEWAY_SET or name in STRIPPED
-          or is_identity_header(name)):
+    elif (name in HOP_BY_HOP or _gateway_owned(_folded(name)) or is_identity_header(name)):
         # Identity headers: a client must never choose the tenant or actor a service sees.
         kind = _DROP
     else:
@@ -64,6 +63,18 @@ def classify(name: bytes) -> int:
     if len(CLASSES) < _CLASSES_MAX:
         CLASSES[name] = kind
     return kind
+
+
+def _gateway_owned(name: bytes) -> bool:
+    # Every X-Forwarded-* (Port, Prefix, Server ... which frameworks build URLs from), the
+    # gateway's own set, and the configured client-IP / method-override names.
+    return name in GATEWAY_SET or name in STRIPPED or name.startswith(b"x-forwarded-")
+
+
+def _folded(name: bytes) -> bytes:
+    # CGI/WSGI servers read `X_Real_IP` and `X-Real-IP` as one variable (HTTP_X_REAL_IP):
+    # the gateway's own and the stripped names are matched with `_` read as `-`.
+    return name.replace(b"_", b"-")
 
 
 def request_headers(req, peer_ip: bytes, scheme: bytes, identity_headers=(),
