@@ -11,7 +11,11 @@ Endpoints, all under /t/<name>/ so several services can register side by side:
   GET  stream?mb=N       N MiB streamed in 64 KiB chunks
   GET  crash             the process dies mid-request
   POST echo              the body back (large bodies arrive as REQUEST_STREAM_DATA)
-  POST upload?ms=N       streams the body in, N ms per chunk; its size and sha256
+  POST upload?ms=N       streams the body in, N ms per MiB; its size and sha256
+  POST secure-upload     needs scope scans:write (an upload refused on its head)
+  POST early             answers 409 without reading the body
+  GET  uploads           correlation ids of the uploads that reached this process
+  GET  big?mb=N          N MiB in one Response (streamed by the SDK)
 """
 from __future__ import annotations
 
@@ -97,17 +101,41 @@ def build(name, gateways, region, version, instance):
     async def echo(req):
         return Response(req.body, content_type="application/octet-stream")
 
+    uploads = []
+
+    @svc.get(base + "/uploads")
+    async def uploads_seen(req):
+        return Response.json({"uploads": uploads})
+
+    @svc.post(base + "/secure-upload", streaming=True, claims=[("scope", "scans:write")])
+    async def secure_upload(req):
+        uploads.append(req.correlation_id)
+        return Response(b"never without a token")
+
+    @svc.get(base + "/big")
+    async def big(req):
+        # A large answer that is not a StreamResponse: the SDK streams it (STREAM_ABOVE).
+        mb = int(req.query.decode().partition("mb=")[2] or "20")
+        return Response(b"b" * (mb * 1024 * 1024), content_type="application/octet-stream")
+
+    @svc.post(base + "/early", streaming=True)
+    async def early(req):
+        # Answers before reading the body (a service that refuses an upload itself).
+        uploads.append(req.correlation_id)
+        return Response(b"no thanks", 409)
+
     @svc.post(base + "/upload", streaming=True, timeout=120.0)
     async def upload(req):
-        # Takes the body as it streams in, `ms` milliseconds per chunk (a slow service).
+        # Takes the body as it streams in, pausing `ms` milliseconds per MiB (a slow service).
+        uploads.append(req.correlation_id)
         ms = int(req.query.decode().partition("ms=")[2] or "0")
         digest = hashlib.sha256()
         size = 0
         async for chunk in req.stream():
             digest.update(chunk)
-            size += len(chunk)
-            if ms:
+            if ms and (size + len(chunk)) >> 20 != size >> 20:
                 await asyncio.sleep(ms / 1000)
+            size += len(chunk)
         return Response.json({"bytes": size, "sha256": digest.hexdigest()})
 
     return svc

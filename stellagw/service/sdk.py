@@ -71,6 +71,17 @@ class _Resumed:
                 return stop.value
 
 
+# A Response body larger than this goes to the gateway as a stream (RESPONSE_STREAM_DATA
+# under its window), and reaches the client chunked.
+STREAM_ABOVE = 1024 * 1024
+
+
+async def _pieces(body: bytes):
+    view = memoryview(body)
+    for start in range(0, len(view), 256 * 1024):
+        yield view[start:start + 256 * 1024]
+
+
 class Request:
     """What a handler gets. `body` is complete unless the endpoint streams; then iterate
     `request.stream()` for the chunks."""
@@ -475,7 +486,11 @@ class Service:
 
     def _on_request(self, link, corr, payload):
         flags, timeout_ms, method, path, query, headers, body = fr.decode_request(payload)
-        code, ep, params = self._router.match(method, normalize_path(path) or path)
+        route_path = normalize_path(path) or path
+        code, ep, params = self._router.match(method, route_path)
+        if code != FOUND and method == "HEAD":
+            # The gateway sends HEAD to GET endpoints (RFC 9110 §9.3.2) and drops the body.
+            code, ep, params = self._router.match("GET", route_path)
         req = Request(method, path, query, headers, params, body,
                       timeout_ms / 1000.0 if timeout_ms else None, link, corr)
         if not flags & fr.FLAG_END_STREAM:
@@ -515,6 +530,11 @@ class Service:
                 result = Response.json(result)
             if isinstance(result, StreamResponse):
                 await link.send_stream(corr, result)
+            elif len(result.body) > STREAM_ABOVE:
+                # Past one frame's worth it would not fit a RESPONSE (max_frame_size), and
+                # the gateway would hold all of it: sent under the stream window instead.
+                await link.send_stream(corr, StreamResponse(_pieces(result.body), result.status,
+                                                            result.headers))
             else:
                 link.send_response(corr, result)
         except asyncio.CancelledError:
