@@ -399,8 +399,36 @@ class Model:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops)
 def test_random_registration_sequences_match_the_model(ops):
+    _run_model(ops)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=ops, drains=st.lists(st.booleans(), min_size=30, max_size=30))
+def test_the_same_sequences_waiting_in_the_loop_end_the_same(ops, drains):
+    """Every HELLO and disconnect waits for the loop (as in a storm), the state is looked at
+    only at random points: what waits is done in order, and a HELLO refused late is
+    refused through on_refused, exactly those the model refuses."""
+    import asyncio
+
+    from stellagw.routing import state as state_mod
+
+    async def run():
+        saved = state_mod.BATCH_BUDGET, state_mod.PUMP_SLICE
+        state_mod.BATCH_BUDGET = state_mod.PUMP_SLICE = 0.0
+        try:
+            _run_model(ops, drains)
+        finally:
+            state_mod.BATCH_BUDGET, state_mod.PUMP_SLICE = saved
+    asyncio.run(run())
+
+
+def _run_model(ops, drains=None):
+    """Sync when drains is None; else every step waits in the state's queue and, where
+    drains says so, the loop runs until nothing waits before the model is compared."""
     # Health never ages here: the clock jumps for expiry only.
     s = state(service_expiry=100, heartbeat_interval=1e9, degraded_after=1e9, unhealthy_after=1e9)
+    refused, expected_refused = [], []
+    s.on_refused = lambda conn, message: refused.append(conn)
     model = Model()
     conns = [object() for _ in range(LINKS)]
     live = {}                               # link -> Instance
@@ -410,34 +438,49 @@ def test_random_registration_sequences_match_the_model(ops):
     import stellagw.routing.state as state_mod
     saved = state_mod.time
     state_mod.time = types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time)
+
+    def settle():
+        loop = asyncio.get_running_loop()
+        while s.pending():
+            loop._run_once()
+
+    def claim(link, service, declared, h):
+        verdict = model.claim(link, service, declared)
+        try:
+            live[link] = s.register(conns[link], h)
+        except HelloError:
+            assert drains is None and verdict is None
+            return
+        assert verdict or drains is not None
+        if verdict is None:                 # refused when its turn comes
+            expected_refused.append(conns[link])
+            del live[link]
+
+    import asyncio
     try:
         for step, op in enumerate(ops):
             clock[0] = step * 10.0
             if op[0] == "hello" and op[1] not in live:
                 _, link, service, mask, method = op
                 declared = _pick(service, mask, method)
-                h = {**hello(service=service, instance=f"{service}{link}"),
-                     "endpoints": [{"method": m, "path": p} for m, p in declared]}
-                try:
-                    live[link] = s.register(conns[link], h)
-                    assert model.claim(link, service, declared)
-                except HelloError:
-                    assert model.claim(link, service, declared) is None
+                claim(link, service, declared,
+                      {**hello(service=service, instance=f"{service}{link}"),
+                       "endpoints": [{"method": m, "path": p} for m, p in declared]})
             elif op[0] == "update" and op[1] in live:
                 link, inst = op[1], live[op[1]]
-                declared = _pick(inst.service, op[2], inst.endpoints[0].method
-                                 if inst.endpoints else "GET")
-                h = {**hello(service=inst.service, instance=inst.instance_id),
-                     "endpoints": [{"method": m, "path": p} for m, p in declared]}
-                try:
-                    live[link] = s.register(conns[link], h)
-                    assert model.claim(link, inst.service, declared)
-                except HelloError:
-                    assert model.claim(link, inst.service, declared) is None
+                declared = _pick(inst.service, op[2], model.links[link][1][0][0]
+                                 if model.links[link][1] else "GET")
+                claim(link, inst.service, declared,
+                      {**hello(service=inst.service, instance=inst.instance_id),
+                       "endpoints": [{"method": m, "path": p} for m, p in declared]})
+                if link not in live:        # a refused update closes the link
+                    model.close(link, step)
             elif op[0] == "close" and op[1] in live:
                 s.unregister(live.pop(op[1]))
                 model.close(op[1], step)
             elif op[0] == "expire":
+                if drains is not None:
+                    settle()                # expiry reads what has happened so far
                 late = 101 if op[1] == "due" else 99
                 oldest = min(model.departed.values(), default=None)
                 if oldest is not None:
@@ -447,7 +490,14 @@ def test_random_registration_sequences_match_the_model(ops):
                         if now - left * 10.0 >= 100:
                             del model.departed[service]
                             del model.kept[service]
+            if drains is None or drains[step % len(drains)]:
+                if drains is not None:
+                    settle()
+                _check(s, model, live)
+        if drains is not None:
+            settle()
             _check(s, model, live)
+            assert refused == expected_refused
     finally:
         state_mod.time = saved
 
@@ -469,3 +519,127 @@ def _check(s, model, live):
         else:
             assert [c[0] for c in route.candidates] == [DEPARTED] and s.select(route) is None
     assert {k[0] for k in s.instances} == {i.service for i in live.values()}
+
+
+# ---------------------------------------------------------------------------------------
+# A storm: what does not fit in a loop iteration waits, in order, a slice per iteration
+
+
+class Conn:
+    """What the state may touch of a connection: its transport, to close a refused link."""
+
+    def __init__(self):
+        self.transport = self
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def storm(monkeypatch):
+    """Run `fn(state)` inside a loop callback with no budget left: everything waits."""
+    import asyncio
+
+    from stellagw.routing import state as state_mod
+
+    def run(s, fn, budget=0.0):
+        monkeypatch.setattr(state_mod, "BATCH_BUDGET", budget)
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            box = {}
+            loop.call_soon(lambda: box.setdefault("v", fn(s)))
+            await asyncio.sleep(0)
+            waited = s.pending()
+            while s.pending():
+                await asyncio.sleep(0)
+            return box["v"], waited
+        return asyncio.run(main())
+    return run
+
+
+def test_hellos_beyond_the_iterations_budget_wait_and_are_registered_in_order(storm):
+    s = state(service_expiry=60)
+    slices = []
+    pump = s._pump
+
+    def timed_pump():
+        t0 = time.perf_counter()
+        pump()
+        slices.append(time.perf_counter() - t0)
+    s._pump = timed_pump
+    hellos = [hello(service=f"s{k}", instance="i",
+                    endpoints=eps(*[f"/s{k}/r{n}/{{id}}" for n in range(200)]))
+              for k in range(40)]
+
+    def burst(s):
+        return [s.register(Conn(), h) for h in hellos]
+    insts, waited = storm(s, burst, budget=0.003)
+    assert 0 < waited < 40                         # some at once, the rest waited
+    assert [s.instances[(i.service, "i", id(i.conn))] for i in insts] == insts
+    assert all(len(i.endpoints) == 200 for i in insts)
+    assert s.match("GET", "/s39/r199/7")[1].candidates[0][0] is insts[39]
+    assert len(slices) > 1                         # spread over loop iterations
+
+
+def test_a_waiting_hello_refused_when_its_turn_comes_closes_its_link(storm):
+    s = state()
+    s.register(object(), hello(service="policy", instance="p", endpoints=eps("/x/{key}")))
+    refused = []
+    conn, other = Conn(), Conn()
+
+    def burst(s):
+        return (s.register(conn, hello(endpoints=eps("/new", "/x/{id}"))),
+                s.register(other, hello(service="third", endpoints=eps("/x/{key}"))))
+    (inst, third), _ = storm(s, burst)
+    assert conn.closed and other.closed            # no on_refused: the link is closed
+    assert s.match("GET", "/new")[0] == NOT_FOUND and "scanner" not in s.services
+    assert inst.status == UNHEALTHY and [k[0] for k in s.instances] == ["policy"]
+    s.on_refused = lambda c, message: refused.append((c, message))
+    storm(s, lambda s: s.register(conn, hello(endpoints=eps("/x/{id}"))))
+    assert refused and refused[0][0] is conn and "/x/{id}" in refused[0][1]
+    assert third.status == UNHEALTHY
+
+
+def test_a_refused_endpoints_update_takes_what_the_link_registered_before(storm):
+    s = state(service_expiry=60)
+    s.register(object(), hello(service="policy", instance="p", endpoints=eps("/x/{key}")))
+    conn = Conn()
+    first = s.register(conn, hello(endpoints=eps("/a")))
+    storm(s, lambda s: s.register(conn, hello(endpoints=eps("/a", "/x/{id}"))))
+    assert conn.closed and first.status == UNHEALTHY
+    assert ("scanner", "i1", id(conn)) not in s.instances
+    assert s.select(s.match("GET", "/a")[1]) is None      # scanner: departed, 503
+
+
+def test_a_waiting_disconnect_is_unselectable_at_once(storm):
+    s = state()
+    conn = object()
+    gone = s.register(conn, hello(instance="gone", endpoints=eps("/a")))
+    stays = s.register(object(), hello(instance="stays", endpoints=eps("/a")))
+    route = s.match("GET", "/a")[1]
+    seen = []
+
+    def burst(s):
+        s.unregister(gone)
+        seen.extend(s.select(route)[0] for _ in range(4))
+        return s.pending()
+    waiting, _ = storm(s, burst)
+    assert waiting == 1 and set(seen) == {stays}
+    assert [c[0] for c in route.candidates] == [stays]
+
+
+def test_a_link_that_closes_while_its_hello_waits_registers_and_leaves(storm):
+    s = state(service_expiry=60)
+    events = []
+    s.listeners.append(lambda ev, inst, **kw: events.append(ev))
+
+    def burst(s):
+        inst = s.register(object(), hello(endpoints=eps("/a")))
+        s.heartbeat(inst, "Healthy", ping_ms=1.0)  # nothing to re-rank yet, no event
+        s.unregister(inst)
+        return inst
+    inst, _ = storm(s, burst)
+    assert events == ["registered", "unregistered"] and s.instances == {}
+    assert s.match("GET", "/a")[0] == FOUND and s.select(s.match("GET", "/a")[1]) is None

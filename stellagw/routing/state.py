@@ -25,8 +25,10 @@ them touches no cache.
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 import time
+from time import perf_counter
 
 from ..radix import FOUND, METHOD_NOT_ALLOWED, Router, RouteError
 
@@ -44,8 +46,15 @@ PING_BAND_MS = 1.0   # pings closer than this are equal for selection
 # restarted or recovering instance is back within about that long.
 RETRY_AFTER_SECONDS = 5
 SERVICE_EXPIRY = 600.0   # seconds; gateway.routing.serviceExpiry's default
-# Forgetting services is spread over loop iterations at most this many routes at a time
-# (about 2 ms each), so a thousand services expiring together do not stall the loop.
+# Registration work (HELLOs, disconnects) per event-loop iteration before the rest waits
+# for the next one: a storm of them then delays requests by about this, not by its total.
+# What waits is done PUMP_SLICE at a time, one slice per iteration: a request crosses the
+# loop about three times (client in, service out, service in), so its latency during a
+# backlog is about three slices.
+BATCH_BUDGET = 0.005
+PUMP_SLICE = 0.002
+# Forgetting services is spread over loop iterations, this many routes (about 2 ms) at a
+# time, so a thousand services expiring together do not stall the loop.
 EXPIRY_BATCH = 1024
 
 
@@ -156,6 +165,12 @@ class _Service:
 
 def parse_hello(hello: dict) -> tuple[str, str, str, str, list[Endpoint], dict]:
     """Validate a HELLO payload; returns (service, version, instance_id, region, endpoints, schemas)."""
+    service, version, instance_id, region, raw, schemas = _parse_head(hello)
+    return service, version, instance_id, region, _parse_endpoints(raw), schemas
+
+
+def _parse_head(hello: dict) -> tuple[str, str, str, str, list, dict]:
+    """The HELLO but its endpoints (a cost per HELLO, not per endpoint)."""
     if not isinstance(hello, dict):
         raise HelloError("HELLO payload must be a JSON object")
 
@@ -180,6 +195,13 @@ def parse_hello(hello: dict) -> tuple[str, str, str, str, list[Endpoint], dict]:
                          "followed by ENDPOINTS_UPDATE)")
     if len(raw) > MAX_ENDPOINTS:
         raise HelloError(f"HELLO lists more than {MAX_ENDPOINTS} endpoints")
+    schemas = hello.get("schemas") or {}
+    if not isinstance(schemas, dict):
+        raise HelloError("HELLO field 'schemas' must be an object")
+    return service, version, instance_id, region, raw, schemas
+
+
+def _parse_endpoints(raw: list) -> list[Endpoint]:
     endpoints, seen = [], set()
     # A HELLO may list 4,096 endpoints and arrive with a hundred others in one loop
     # iteration, so the common case (no claims, no openapi) takes the short paths.
@@ -213,10 +235,7 @@ def parse_hello(hello: dict) -> tuple[str, str, str, str, list[Endpoint], dict]:
         endpoints.append(Endpoint(method, path, timeout / 1000.0 if timeout else None,
                                   bool(ep.get("streaming")), bool(ep.get("websocket")),
                                   claims, openapi))
-    schemas = hello.get("schemas") or {}
-    if not isinstance(schemas, dict):
-        raise HelloError("HELLO field 'schemas' must be an object")
-    return service, version, instance_id, region, endpoints, schemas
+    return endpoints
 
 
 class RoutingState:
@@ -239,11 +258,21 @@ class RoutingState:
         self.listeners = []          # callables(event, instance) for openapi/metrics/logs
         # The pipeline's extra header on its 503 "no healthy instance".
         self.retry_after = b"retry-after: %d\r\n" % RETRY_AFTER_SECONDS
+        # called (conn, message) when a HELLO that had to wait turns out invalid; without
+        # it the link is closed.
+        self.on_refused = None
         self._routes: dict[tuple[str, str], Route] = {}   # everything in the router
         self._snapshot: dict | None = None
         # Services without an instance -> when the last one left, oldest first (dict order).
         self._departed: dict[str, float] = {}
         self._expiring = False       # an expiry batch is scheduled on the loop
+        # Registration work that did not fit in its loop iteration, in arrival order, and
+        # the HELLOs among it (an Instance handed out, not yet registered).
+        self._work: collections.deque = collections.deque()
+        self._queued: dict[Instance, tuple] = {}
+        self._spent = 0.0            # registration work done in this loop iteration (s)
+        self._batch = False          # _end_batch is scheduled
+        self._pumping = False        # _pump is scheduled
 
     @property
     def routes(self) -> dict:
@@ -264,9 +293,58 @@ class RoutingState:
         return snap
 
     # ------------------------------------------------------------------ registration
+    #
+    # A storm (hundreds of HELLOs or disconnects in one loop iteration) must not stall
+    # the loop: registration work runs at once while this iteration has spent less than
+    # BATCH_BUDGET on it and nothing is waiting; after that it waits in `_work` and
+    # `_pump` runs it, PUMP_SLICE per iteration. A waiting HELLO has its header checked
+    # at once and gets its Instance (the connection acknowledges it); its endpoints are
+    # checked and routed when its turn comes, and if they are refused then, the link is
+    # closed (on_refused). A waiting disconnect is unroutable at once: its instance is
+    # Unhealthy and out of `instances`.
 
     def register(self, conn, hello: dict) -> Instance:
-        service, version, instance_id, region, endpoints, schemas = parse_hello(hello)
+        loop = _running_loop()
+        if loop is None:
+            return self._register(conn, *parse_hello(hello))
+        if self._admit(loop):
+            t0 = perf_counter()
+            try:
+                return self._register(conn, *parse_hello(hello))
+            finally:
+                self._spent += perf_counter() - t0
+        service, version, instance_id, region, raw, schemas = _parse_head(hello)
+        instance = Instance(service, version, instance_id, region, conn, [], schemas)
+        self._queued[instance] = (conn, raw)
+        self._queue(loop, self._register_queued, instance)
+        return instance
+
+    def _register_queued(self, instance: Instance) -> None:
+        job = self._queued.pop(instance, None)
+        if job is None:
+            return                   # an earlier HELLO of its link was refused
+        conn, raw = job
+        try:
+            self._register(conn, instance.service, instance.version, instance.instance_id,
+                           instance.region, _parse_endpoints(raw), instance.schemas, instance)
+        except HelloError as exc:
+            instance.status = UNHEALTHY
+            # The link is closed: what waits behind it, and what it registered before (when
+            # this was an ENDPOINTS_UPDATE; the connection holds only the refused one now).
+            self._cancel_link(conn)
+            key = (instance.service, instance.instance_id, id(conn))
+            current = self.instances.get(key)
+            if current is not None:
+                self._take_out(key, current)
+                self._unregister(current, "endpoints update refused")
+            self._changed("refused", instance, reason=str(exc))
+            if self.on_refused is not None:
+                self.on_refused(conn, str(exc))
+            elif getattr(conn, "transport", None) is not None:
+                conn.transport.close()
+
+    def _register(self, conn, service, version, instance_id, region, endpoints, schemas,
+                  instance: Instance | None = None) -> Instance:
         key = (service, instance_id, id(conn))
         old = self.instances.get(key)
         routes = self._routes
@@ -294,7 +372,10 @@ class RoutingState:
                 router.remove(route.method, route.template)
             raise HelloError(f"{ep.method} {ep.path}: {exc}") from exc
 
-        instance = Instance(service, version, instance_id, region, conn, endpoints, schemas)
+        if instance is None:
+            instance = Instance(service, version, instance_id, region, conn, endpoints, schemas)
+        else:
+            instance.endpoints = endpoints
         svc = self.services.get(service)
         if svc is None:
             svc = self.services[service] = _Service(service)
@@ -330,11 +411,45 @@ class RoutingState:
         return instance
 
     def unregister(self, instance: Instance, reason: str = "disconnected") -> None:
+        loop = _running_loop()
+        if instance in self._queued:
+            # Its HELLO (or ENDPOINTS_UPDATE) still waits: the disconnect waits behind it,
+            # so the outcome is the one of the same events without a wait. Marked gone
+            # now, it is never selectable in between.
+            instance.status = instance.announced = UNHEALTHY
+            self._queue(loop, self._unregister_queued, instance, reason, time.monotonic())
+            return
         key = (instance.service, instance.instance_id, id(instance.conn))
         if self.instances.get(key) is not instance:
             return
+        self._take_out(key, instance)
+        if loop is None:
+            self._unregister(instance, reason)
+        elif self._admit(loop):
+            t0 = perf_counter()
+            self._unregister(instance, reason)
+            self._spent += perf_counter() - t0
+        else:
+            self._queue(loop, self._unregister, instance, reason, time.monotonic())
+
+    def _unregister_queued(self, instance: Instance, reason: str, left: float) -> None:
+        key = (instance.service, instance.instance_id, id(instance.conn))
+        if self.instances.get(key) is instance:      # not if its HELLO was refused
+            self._take_out(key, instance)
+            self._unregister(instance, reason, left)
+
+    def _take_out(self, key, instance: Instance) -> None:
+        """What must not wait: the instance is no longer selectable, nor listed."""
         del self.instances[key]
         instance.status = UNHEALTHY
+        self._stale(instance)
+
+    def _cancel_link(self, conn) -> None:
+        for waiting in [i for i, job in self._queued.items() if job[0] is conn]:
+            del self._queued[waiting]
+
+    def _unregister(self, instance: Instance, reason: str, left: float | None = None) -> None:
+        """`left`: when the link closed, if that was before this ran (expiry counts from it)."""
         svc = self.services[instance.service]
         svc.links -= 1
         emptied = self._detach(instance)
@@ -347,7 +462,7 @@ class RoutingState:
             for route, ep in emptied:
                 route.candidates = ((DEPARTED, ep),)
             svc.ghosts = True
-            self._departed[svc.name] = time.monotonic()
+            self._departed[svc.name] = time.monotonic() if left is None else left
         else:
             del self.services[svc.name]
         self._snapshot = None
@@ -381,6 +496,47 @@ class RoutingState:
         for listener in self.listeners:
             listener(event, instance, **extra)
 
+    # ------------------------------------------------------------------ work per loop iteration
+
+    def _admit(self, loop) -> bool:
+        """May registration work run now, in this loop iteration?"""
+        if self._work:
+            return False             # after what waits: registrations keep their order
+        if not self._batch:
+            # A callback queued now runs after every I/O callback of this iteration.
+            self._batch = True
+            self._spent = 0.0
+            loop.call_soon(self._end_batch)
+        return self._spent < BATCH_BUDGET
+
+    def _end_batch(self) -> None:
+        self._batch = False
+
+    def _queue(self, loop, fn, *args) -> None:
+        self._work.append((fn, args))
+        if not self._pumping:
+            self._pumping = True
+            loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        work = self._work
+        deadline = perf_counter() + PUMP_SLICE
+        try:
+            while work:
+                fn, args = work.popleft()
+                fn(*args)
+                if perf_counter() >= deadline:
+                    break
+        finally:                     # a failing job must not strand the ones behind it
+            if work:
+                _running_loop().call_soon(self._pump)
+            else:
+                self._pumping = False
+
+    def pending(self) -> int:
+        """Registrations and disconnects still waiting for their turn (0 in a quiet state)."""
+        return len(self._work)
+
     def _expire(self, now: float) -> None:
         """Forget services whose last instance left service_expiry ago: their routes leave
         the router (404 from then on). EXPIRY_BATCH routes per loop iteration."""
@@ -402,9 +558,8 @@ class RoutingState:
             del self.services[name]
         else:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:          # no loop (tools, tests): finish now
+        loop = _running_loop()
+        if loop is None:             # tools, tests: finish now
             self._expire(now)
         else:
             self._expiring = True
@@ -425,7 +580,8 @@ class RoutingState:
             # Exponential moving average: one slow round trip must not flip selection.
             instance.avg_ping_ms = (ping_ms if instance.avg_ping_ms == 0.0
                                     else 0.8 * instance.avg_ping_ms + 0.2 * ping_ms)
-        self._refresh(instance, instance.last_heartbeat)
+        if instance not in self._queued:     # a waiting HELLO has no routes to re-rank yet
+            self._refresh(instance, instance.last_heartbeat)
 
     def check_health(self, now: float | None = None) -> None:
         """Run every health.checkInterval: ages turn Healthy into Degraded, then Unhealthy;
@@ -508,6 +664,13 @@ class RoutingState:
         for inst in self.instances.values():
             services.setdefault(inst.service, []).append(inst.describe())
         return services
+
+
+def _running_loop():
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _copy_route(route: Route) -> Route:
