@@ -395,6 +395,8 @@ def _gateway_config(tmp: Path, http_port: int, tcp_port: int, workers: int = 1,
         f"      port: {tcp_port}\n"
         "  logging:\n"
         "    accessLog: false\n"
+        "  admin:\n"
+        "    publicEndpoints: [all]\n"
         + extra
     )
     return cfg

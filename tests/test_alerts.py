@@ -153,7 +153,8 @@ def _exported_metric_names(tmp_path: Path) -> set[str]:
         "  node: {workers: 1}\n"
         f"  http: {{host: 127.0.0.1, port: {http_port}}}\n"
         f"  transports: {{tcp: {{host: 127.0.0.1, port: {tcp_port}}}}}\n"
-        "  logging: {accessLog: false}\n")
+        "  logging: {accessLog: false}\n"
+        "  admin: {publicEndpoints: [all]}\n")
     log = open(tmp_path / "gateway.log", "wb")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "stellagw", "serve", "--config", str(cfg)],

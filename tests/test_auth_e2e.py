@@ -18,6 +18,7 @@ from .gwtest import ROOT, Pki, Served, connect, port_of, read_response, request,
 
 CONFIG = """
 gateway:
+  admin: {{publicEndpoints: [all]}}
   http: {{port: 0, publicOrigin: "{origin}"{tls}}}
   transports: {{tcp: {{port: 0}}}}
   auth:
@@ -227,6 +228,7 @@ def test_replayed_proof_is_caught_by_a_second_instance_sharing_valkey(tmp_path):
             gw = Served(config_text=f"""
 gateway:
   node: {{nodeId: {node}}}
+  admin: {{publicEndpoints: [all]}}
   http: {{port: 0, publicOrigin: "{origin}"}}
   transports: {{tcp: {{port: 0}}}}
   auth:

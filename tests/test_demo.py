@@ -26,15 +26,17 @@ def _free_ports(n):
 
 
 def test_demo_routes_authenticated_traffic_streams_and_websockets(tmp_path):
-    http, tport, aport = _free_ports(3)
+    http, tport, aport, admin = _free_ports(4)
     env = {**os.environ, "STELLAGW_STATE_DIR": str(tmp_path)}
     demo = subprocess.Popen([sys.executable, "-m", "stellagw", "demo", "--port", str(http),
-                             "--transport-port", str(tport), "--authority-port", str(aport)],
+                             "--transport-port", str(tport), "--authority-port", str(aport),
+                             "--admin-port", str(admin)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         def ready():
             try:
-                status, _, body = request(http, b"GET /health/ready HTTP/1.1\r\nHost: gw\r\n\r\n")
+                # The details of readiness are on the admin listener.
+                status, _, body = request(admin, b"GET /health/ready HTTP/1.1\r\nHost: gw\r\n\r\n")
             except OSError:
                 return False
             return status == 200 and {"scanner", "policy"} <= set(orjson.loads(body)["services"])

@@ -18,7 +18,7 @@ def gateway():
     gws = []
 
     def start(yaml_text="", log=None):
-        gw = GatewayThread(settings_from(yaml_text or "gateway: {http: {port: 0}}"), log=log).start()
+        gw = GatewayThread(settings_from(yaml_text or "gateway: {http: {port: 0}, admin: {publicEndpoints: [all]}}"), log=log).start()
         gws.append(gw)
         return gw
     yield start

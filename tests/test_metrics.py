@@ -48,7 +48,8 @@ def total(text, name, **labels) -> float:
 
 @pytest.fixture
 def two_workers(tmp_path):
-    s = Served("--workers", "2", config_text="gateway: {http: {port: 0}, transports: {tcp: {port: 0}}}",
+    s = Served("--workers", "2", config_text="gateway: {http: {port: 0}, transports: {tcp: {port: 0}}, "
+                                                      "admin: {publicEndpoints: [all]}}",
                tmp_path=tmp_path)
     recs = s.wait_listening(2)
     yield s, port_of(recs[0]["http"])

@@ -14,6 +14,7 @@ from .valkey_server import ValkeyProcess
 
 CONFIG = """
 gateway:
+  admin: {{publicEndpoints: [all]}}
   node: {{nodeId: {node}}}
   http: {{port: 0}}
   transports: {{tcp: {{port: 0}}}}
@@ -77,7 +78,7 @@ def test_the_pipeline_continues_from_the_valkey_reply(tmp_path):
     valkey = ValkeyProcess().start()
     log = NullLog()
     gw = GatewayThread(settings_from(f"""
-gateway: {{http: {{port: 0}}}}
+gateway: {{http: {{port: 0}}, admin: {{publicEndpoints: [all]}}}}
 rate_limiting:
   process_back_pressure_when_more_than_per_5min: 0
   for_environment:

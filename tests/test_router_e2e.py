@@ -18,6 +18,7 @@ from .gwtest import ROOT, Served, connect, port_of, read_response, request, wait
 
 GW_CONFIG = """
 gateway:
+  admin: {{publicEndpoints: [all]}}
   node: {{region: eu1, workers: {workers}}}
   http: {{port: 0}}
   transports: {{tcp: {{port: 0}}}}

@@ -194,6 +194,7 @@ class Stack:
             "  transports:",
             f"    tcp: {{host: {HOST}, port: {self.tcp_port}}}",
             "  logging: {accessLog: false}",
+            "  admin: {publicEndpoints: [all]}   # /metrics on the client port, for the scrape",
         ]
         if with_auth:
             lines += [
