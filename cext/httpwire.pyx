@@ -9,10 +9,10 @@ each part, and the field checks scan without building lists or sets.
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdio cimport snprintf
-from libc.string cimport memcpy
+from libc.string cimport memchr, memcpy
 
 __all__ = ["render_response", "host_ok", "TE_NONE", "TE_CHUNKED", "TE_OTHER", "TE_BAD",
-           "transfer_coding"]
+           "transfer_coding", "split_target"]
 
 cdef enum:
     C_MAX_HOST = 255
@@ -163,3 +163,17 @@ def transfer_coding(bytes value not None):
     if not last_chunked or earlier_chunked:
         return C_TE_BAD
     return C_TE_CHUNKED if count == 1 else C_TE_OTHER
+
+
+def split_target(bytes url not None):
+    """(path, query) of an origin-form target, split at the first '?'; None when it holds
+    a '#' (a fragment is never sent, RFC 9112 §3.2)."""
+    cdef const char *s = PyBytes_AS_STRING(url)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(url)
+    if memchr(s, 35, n) != NULL:                # '#'
+        return None
+    cdef const char *q = <const char *>memchr(s, 63, n)   # '?'
+    if q == NULL:
+        return (url, b"")
+    cdef Py_ssize_t i = q - s
+    return (PyBytes_FromStringAndSize(s, i), PyBytes_FromStringAndSize(q + 1, n - i - 1))

@@ -8,7 +8,7 @@ to the rules of docs/http-edge.md.
 from __future__ import annotations
 
 __all__ = ["render_response", "host_ok", "TE_NONE", "TE_CHUNKED", "TE_OTHER", "TE_BAD",
-           "transfer_coding"]
+           "transfer_coding", "split_target"]
 
 _REG_NAME = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _IPV6 = frozenset(b"0123456789abcdefABCDEF:.")
@@ -67,3 +67,12 @@ def transfer_coding(value: bytes) -> int:
     if len(codings) == 1:
         return TE_CHUNKED
     return TE_BAD if b"chunked" in codings[:-1] else TE_OTHER
+
+
+def split_target(url: bytes):
+    """(path, query) of an origin-form target, split at the first '?'; None when it holds
+    a '#' (a fragment is never sent, RFC 9112 §3.2)."""
+    if b"#" in url:
+        return None
+    path, _, query = url.partition(b"?")
+    return path, query

@@ -28,9 +28,9 @@ cdef class Accounting:
 @cython.freelist(64)
 cdef class Request:
     cdef public object conn
-    cdef public object method
-    cdef public object target
-    cdef public object query
+    cdef public str method
+    cdef public bytes target
+    cdef public bytes query
     cdef public object headers
     cdef public object host
     cdef public object body
@@ -40,17 +40,17 @@ cdef class Request:
     cdef public Py_ssize_t body_size
     cdef public list held
     cdef public bint expect_continue
-    cdef public object http_version
+    cdef public str http_version
     cdef public bint keep_alive
-    cdef public object correlation_id
+    cdef public str correlation_id
     cdef public double started
     cdef public object reject
-    cdef public object service
-    cdef public object route
+    cdef public str service
+    cdef public str route
     cdef public object tenant
     cdef public object pending
     cdef public object identity
-    cdef public object resp_headers
+    cdef public bytes resp_headers
     cdef public object span
     cdef public bint websocket
     cdef public object auth
@@ -112,7 +112,7 @@ cdef class HttpProtocol:
     cdef _parse(self, data)
     cdef _top_up(self, Py_ssize_t n)
     cdef _refuse(self, int status, str message)
-    cdef _absolute_form(self, Request req, bytes url)
+    cdef bytes _absolute_form(self, Request req, bytes url)
     cpdef start_body(self, Request req)
     cpdef resume_body(self, Request req)
     cdef _body_failed(self, Request req, int status, message)

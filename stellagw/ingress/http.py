@@ -24,7 +24,7 @@ import httptools
 
 from ..observe.metrics import Histogram
 from .responses import JSON, STATUS_LINES, error_body, status_line
-from .wire import TE_CHUNKED, TE_OTHER, host_ok, render_response, transfer_coding
+from .wire import TE_CHUNKED, TE_OTHER, host_ok, render_response, split_target, transfer_coding
 
 # How many parsed requests may wait behind the one in flight before we stop reading:
 # bounds the memory one pipelining client can make us hold.
@@ -409,7 +409,7 @@ class HttpProtocol:
             # byte; the first one keeps the deadline set at accept.
             self._set_deadline(_D_HEADER, self._header_timeout)
 
-    def on_url(self, url):
+    def on_url(self, url: bytes):
         if self._resync:
             return
         self._seen += len(url)
@@ -418,7 +418,7 @@ class HttpProtocol:
             self._reject = (414, "request-target longer than %d bytes" % self._max_url)
             raise _Reject
 
-    def on_header(self, name, value):
+    def on_header(self, name: bytes, value: bytes):
         if self._resync:
             return
         n = len(name) + len(value) + 4       # "name: value\r\n"
@@ -460,11 +460,12 @@ class HttpProtocol:
             if version == "2.0":
                 self._refuse(505, "HTTP/2 is not spoken on this port; send HTTP/1.1")
             self._refuse(400, "the request line must end in HTTP/1.1 or HTTP/1.0")
-        upgrade = parser.should_upgrade()
         if req.method == "CONNECT":
             self._refuse(405, "CONNECT is not supported")
         # One pass over the headers for everything the request path needs from them.
-        expect = cid = host = te = None
+        name: bytes
+        value: bytes
+        expect = cid = host = te = upgrade_to = None
         hosts = tes = 0
         length = 0
         for name, value in headers:
@@ -483,9 +484,7 @@ class HttpProtocol:
                 if req.version is None:
                     req.version = value
             elif name == b"upgrade":
-                # RFC 9110 §7.8: an HTTP/1.0 request's Upgrade is ignored.
-                if value.strip().lower() == b"websocket" and upgrade and version == "1.1":
-                    req.websocket = True
+                upgrade_to = value
             elif name == b"connection":
                 # llhttp reads keep-alive and close from one line; every line counts.
                 if b"close" in value.lower() and _has_token(value, b"close"):
@@ -493,6 +492,11 @@ class HttpProtocol:
             elif name == b"expect":
                 expect = value
         req.correlation_id = self._acct.correlation_id_of(cid)
+        # llhttp stops after the head of an upgrade (Upgrade + Connection: upgrade).
+        upgrade = upgrade_to is not None and parser.should_upgrade()
+        # RFC 9110 §7.8: an HTTP/1.0 request's Upgrade is ignored.
+        if upgrade and version == "1.1" and upgrade_to.strip().lower() == b"websocket":
+            req.websocket = True
         if length > self._max_body:
             self._refuse(413, "request body larger than %d bytes" % self._max_body)
         if hosts > 1:
@@ -514,15 +518,10 @@ class HttpProtocol:
                 self._headers.append((b"host", trimmed))
                 host = trimmed
             req.host = host
-        if b"#" in url:
+        parts = split_target(url)
+        if parts is None:
             self._refuse(400, "a request-target has no fragment")
-        q = url.find(b"?")
-        if q >= 0:
-            req.target = url[:q]
-            req.query = url[q + 1:]
-        else:
-            req.target = url
-            req.query = b""
+        req.target, req.query = parts
         if te is not None:
             if tes > 1:
                 self._refuse(400, "more than one Transfer-Encoding header field")
@@ -571,7 +570,7 @@ class HttpProtocol:
             elif len(self._queue) >= _PIPELINE_MAX:
                 self._pause(_P_PIPELINE)
 
-    def on_body(self, body):
+    def on_body(self, body: bytes):
         req = self._req
         n = len(body)
         self._seen += n

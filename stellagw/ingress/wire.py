@@ -11,7 +11,8 @@ _m = select("httpwire")
 render_response = _m.render_response
 host_ok = _m.host_ok
 transfer_coding = _m.transfer_coding
+split_target = _m.split_target
 TE_NONE, TE_CHUNKED, TE_OTHER, TE_BAD = _m.TE_NONE, _m.TE_CHUNKED, _m.TE_OTHER, _m.TE_BAD
 
-__all__ = ["render_response", "host_ok", "transfer_coding", "TE_NONE", "TE_CHUNKED",
+__all__ = ["render_response", "host_ok", "transfer_coding", "split_target", "TE_NONE", "TE_CHUNKED",
            "TE_OTHER", "TE_BAD"]

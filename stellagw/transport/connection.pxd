@@ -68,5 +68,8 @@ cdef class ServiceConnection:
     cdef _schedule_flush(self)
 
 
+@cython.locals(pending=Pending)
+cdef Pending _new_pending(bytes corr, Request req, ServiceConnection owner, double sent_at,
+                          Py_ssize_t window, double timeout)
 cdef _disarm(Pending pending)
 cdef _reply_error(Request req, int status, message)

@@ -56,27 +56,27 @@ _WRITE_BATCH_BYTES = fr.WRITE_BATCH_BYTES
 
 
 class Pending:
-    """A request sent to the service and not yet fully answered."""
+    """A request sent to the service and not yet fully answered (made by _new_pending).
 
-    def __init__(self, corr, req, owner, sent_at):
-        self.corr = corr
-        self.req = req
-        self.owner = owner         # the ServiceConnection it was sent on
-        self.deadline = 0.0        # loop time of the timeout; 0.0 once the answer started
-        self.timeout = 0.0         # seconds, for re-arming while the body streams
-        self.bucket = None         # the timer wheel's set holding it while it can time out
-        self.streaming = False     # RESPONSE head written, RESPONSE_STREAM_DATA follows
-        self.unacked = 0           # stream bytes written to the client but not yet granted back
-        self.sent_at = sent_at     # perf_counter() when the REQUEST was queued
-        self.window = INITIAL_WINDOW  # credit for our REQUEST_STREAM_DATA
-        self.path = None           # the normalised path, while the REQUEST waits for its body
-        self.inline = None         # body chunks of a small body waiting to go inside REQUEST
-        self.body = []             # body chunks waiting for credit (REQUEST_STREAM_DATA)
-        self.body_pos = 0          # bytes of body[0] already sent
-        self.body_open = False     # REQUEST sent, its body not yet ended
-        self.body_end = False      # the client's body is complete (END_STREAM follows body)
-        self.span = None           # gateway.transport.send when tracing is on
-        self.ws = None             # WsBridge once a WebSocket upgrade was accepted
+    corr        the correlation id of its frames
+    req         the ingress Request
+    owner       the ServiceConnection it was sent on
+    deadline    loop time of the timeout; 0.0 once the answer started
+    timeout     seconds, for re-arming while the body streams
+    bucket      the timer wheel's set holding it while it can time out
+    streaming   RESPONSE head written, RESPONSE_STREAM_DATA follows
+    unacked     stream bytes written to the client but not yet granted back
+    sent_at     perf_counter() when the REQUEST was queued
+    window      credit for our REQUEST_STREAM_DATA
+    path        the normalised path, while the REQUEST waits for its body
+    inline      body chunks of a small body waiting to go inside REQUEST, or None
+    body        body chunks waiting for credit (REQUEST_STREAM_DATA)
+    body_pos    bytes of body[0] already sent
+    body_open   REQUEST sent, its body not yet ended
+    body_end    the client's body is complete (END_STREAM follows the body)
+    span        gateway.transport.send when tracing is on
+    ws          WsBridge once a WebSocket upgrade was accepted
+    """
 
     def abort(self):
         """The client went away, or its request was refused mid-body."""
@@ -86,6 +86,30 @@ class Pending:
         """Called by the hub's timer wheel once the deadline bucket is due."""
         if self.deadline and now >= self.deadline:
             self.owner._timeout(self)
+
+
+def _new_pending(corr, req, owner, sent_at, window, timeout):
+    # Not Pending(...): no __init__ call per request; every field is set here.
+    pending = Pending.__new__(Pending)
+    pending.corr = corr
+    pending.req = req
+    pending.owner = owner
+    pending.deadline = 0.0
+    pending.timeout = timeout
+    pending.bucket = None
+    pending.streaming = False
+    pending.unacked = 0
+    pending.sent_at = sent_at
+    pending.window = window
+    pending.path = None
+    pending.inline = None
+    pending.body = []
+    pending.body_pos = 0
+    pending.body_open = False
+    pending.body_end = False
+    pending.span = None
+    pending.ws = None
+    return pending
 
 
 class ServiceConnection:
@@ -393,9 +417,7 @@ class ServiceConnection:
             return
         self._corr_next += 1
         corr = self._corr_prefix + self._corr_next.to_bytes(8, "big")
-        pending = Pending(corr, req, self, sent_at)
-        pending.window = self.peer_window
-        pending.timeout = timeout
+        pending = _new_pending(corr, req, self, sent_at, self.peer_window, timeout)
         self.inflight[corr] = pending
         req.pending = pending
         if req.span is not None:
