@@ -9,11 +9,12 @@ PIP := $(PYTHON) -m pip
 demo: install
 	$(PYTHON) -m stellagw demo
 
-# Set up and run the whole test suite (what .ci/run calls), then the end-to-end suites
-# once more on the pure-Python twins of the compiled modules (the unit tests compare the
-# two directly; this runs the twins of the ingress and connection over real sockets).
+# Set up and run the whole test suite (what .ci/run calls), then the suites of the glue
+# once more uncompiled, with the codecs' pure-Python twins (STELLAGW_NO_EXTENSIONS=1: the
+# codec unit tests compare the two directly; the glue is one source, run both ways).
 TWIN_SUITES := tests/test_router_e2e.py tests/test_websocket.py tests/test_ingress_integration.py \
-	tests/test_ratelimit_e2e.py tests/test_auth_e2e.py tests/test_auth_dpop.py
+	tests/test_ratelimit_e2e.py tests/test_auth_e2e.py tests/test_auth_dpop.py \
+	tests/test_ingress_protocol.py tests/test_ingress_edge.py tests/edge/test_corpus.py
 test: install test-tools
 	$(PYTHON) -m pytest -q
 	STELLAGW_NO_EXTENSIONS=1 $(PYTHON) -m pytest -q $(TWIN_SUITES)
