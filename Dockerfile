@@ -68,9 +68,8 @@ RUN groupadd --system --gid "${STELLAGW_GID}" stellagw \
 # be made strict (the gateway refuses to start otherwise), and the CLI runs.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels stellagw \
- && python -c "from stellagw import _impl; \
-missing = [n for n in ('frame', 'radix', 'window') if not _impl.compiled(n)]; \
-assert not missing, f'compiled extensions missing: {missing}'" \
+ && python -c "from stellagw import _impl; missing = _impl.not_compiled(); \
+assert not missing, f'compiled modules missing: {missing}'" \
  && python -c "from stellagw.gateway import check_httptools_strict; check_httptools_strict()" \
  && stellagw --version
 

@@ -27,6 +27,9 @@ NO_EXTENSIONS = os.environ.get("STELLAGW_NO_EXTENSIONS", "").lower() not in ("",
 
 # Modules compiled from their own .py (setup.py GLUE).
 GLUE = ("stellagw.ingress.http", "stellagw.pipeline", "stellagw.transport.connection")
+# The codecs: cext/<name>.pyx, each with its twin stellagw/_py/<name>.py (a test keeps this
+# list equal to cext/*.pyx: the wheel ships no .pyx to look at).
+CODECS = ("dpop", "frame", "httpwire", "metrics", "radix", "replaytable", "window")
 
 _loaded: dict[str, bool] = {}
 
@@ -55,6 +58,11 @@ def compiled(name: str) -> bool:
     if name not in _loaded:
         select(name)
     return _loaded[name]
+
+
+def not_compiled() -> list[str]:
+    """Every codec and glue module that runs uncompiled here (an image's build check)."""
+    return [name for name in CODECS + GLUE if not compiled(name)]
 
 
 class _SourceFirst(importlib.abc.MetaPathFinder):

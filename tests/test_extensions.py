@@ -64,3 +64,13 @@ def test_every_glue_module_has_its_pxd_and_is_built():
         source = name.replace(".", "/") + ".py"
         assert os.path.exists(os.path.join(ROOT, source[:-3] + ".pxd")), source
         assert f'"{source}"' in setup_py, source
+
+
+def test_the_codec_list_is_cext():
+    assert tuple(EXTENSIONS) == _impl.CODECS
+
+
+@pytest.mark.skipif(_impl.NO_EXTENSIONS, reason="STELLAGW_NO_EXTENSIONS=1 runs uncompiled")
+def test_nothing_runs_uncompiled():
+    # What the Dockerfile's build check asserts in the image.
+    assert _impl.not_compiled() == []
