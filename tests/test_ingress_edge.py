@@ -310,3 +310,18 @@ def test_a_closed_connection_drops_what_it_held():
     # The parser (which points back at the protocol) and the held body are gone.
     assert not any(type(r).__name__ == "HttpRequestParser" for r in referrers)
     assert proto not in worker.connections
+
+
+def test_open_websockets_count_against_the_connection_cap():
+    from .test_ingress_protocol import MockTransport, new_protocol
+    worker, proto, t, _ = make("gateway: {http: {maxConnections: 2}}")
+    worker.websockets = 1            # one client connection now belongs to picows
+    other = new_protocol(worker)
+    t2 = MockTransport()
+    other.connection_made(t2)
+    assert bytes(t2.out).startswith(b"HTTP/1.1 503") and t2.closed
+    worker.websocket_closed()
+    third = new_protocol(worker)
+    t3 = MockTransport()
+    third.connection_made(t3)
+    assert t3.out == b"" and not t3.closed

@@ -254,7 +254,8 @@ class HttpProtocol:
     def connection_made(self, transport):
         self.transport = transport
         server = self._server
-        if len(server.connections) >= self._settings.max_connections:
+        # Connections handed to picows (WebSockets) count as long as they are open.
+        if len(server.connections) + server.websockets >= self._settings.max_connections:
             # Over the cap: answer rather than leave the client hanging in the backlog.
             transport.write(self._render_error_close(503, "connection limit reached"))
             transport.close()
@@ -960,8 +961,13 @@ class HttpProtocol:
         self._current = None
         req.done = True
         self._closing = True            # this protocol is done with the connection
-        self._server.connections.discard(self)
-        self._server.metrics.connection_closed()
+        server = self._server
+        server.connections.discard(self)
+        server.metrics.connection_closed()
+        # Still a client connection, now picows': counted against maxConnections until it
+        # closes (the bridge calls websocket_closed).
+        server.websockets += 1
+        bridge.on_closed = server.websocket_closed
         self._acct.request_done(req, 101)
         hand_over(self, req, bridge, self._upgrade_tail)
         return True

@@ -74,6 +74,7 @@ class WsBridge(WSListener):
         self.closed = False
         self._held: list[tuple[int, bytes]] = []   # client frames waiting for service credit
         self._continuing = False
+        self.on_closed = None       # the worker's count of open WebSockets, told once
 
     # ---------------------------------------------------------------- client → service
 
@@ -128,6 +129,9 @@ class WsBridge(WSListener):
             self.ws.underlying_transport.resume_reading()
 
     def on_ws_disconnected(self, transport):
+        on_closed, self.on_closed = self.on_closed, None
+        if on_closed is not None:
+            on_closed()
         if not self.closed:
             self.closed = True
             self.conn.ws_client_gone(self.pending)

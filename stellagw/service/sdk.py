@@ -110,6 +110,19 @@ class Request:
         if self._chunks is not None:
             self._chunks.put_nowait((bytes(chunk), bool(flags & fr.FLAG_END_STREAM)))
 
+    async def _read_all(self) -> bytes:
+        # A coroutine, not `async for` over stream(): cancelled mid-body (CANCEL), an
+        # async generator is left to the loop's finalizer, which then fails to close it
+        # ("aclose(): asynchronous generator is already running").
+        parts = []
+        while True:
+            chunk, last = await self._chunks.get()
+            if chunk:
+                self._link.grant(self._corr, len(chunk))
+                parts.append(chunk)
+            if last:
+                return b"".join(parts)
+
     async def stream(self):
         """The request body in chunks, as the gateway sends them (flow-controlled)."""
         if self._chunks is None:
@@ -518,8 +531,7 @@ class Service:
     async def _handle(self, link, corr, ep, req):
         try:
             if req._chunks is not None and not ep.streaming:
-                parts = [chunk async for chunk in req.stream()]
-                req.body = b"".join(parts)
+                req.body = await req._read_all()
                 req._chunks = None
             result = await ep.handler(req)
             if result is None:
