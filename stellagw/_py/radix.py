@@ -173,8 +173,8 @@ class Router:
     def __init__(self):
         self._root = _Node()
         self._static = {}    # full literal path (with and without trailing '/') -> _Node
-        # (method, template) -> (method, template, endpoint), in insertion order; a dict so
-        # that remove() costs the same with 40,000 routes as with 4.
+        # (method, template) -> endpoint, in insertion order; a dict so that remove() costs
+        # the same with 40,000 routes as with 4.
         self._routes = {}
         self._shapes = {}    # (method, shape) -> template, for conflict messages
 
@@ -182,7 +182,8 @@ class Router:
         return len(self._routes)
 
     def routes(self):
-        return list(self._routes.values())
+        return [(method, template, endpoint)
+                for (method, template), endpoint in self._routes.items()]
 
     def add(self, method, template, endpoint):
         if not isinstance(method, str) or not _METHOD.match(method):
@@ -230,13 +231,13 @@ class Router:
                 if shape != "/":
                     self._static[shape + "/"] = node
         self._shapes[(method, shape)] = template
-        self._routes[(method, template)] = (method, template, endpoint)
+        self._routes[(method, template)] = endpoint
 
     def remove(self, method, template):
         """Take out the route added as (method, template) and return its endpoint; KeyError
         when there is none. Matching afterwards is exactly that of a router built without
         it: emptied nodes are pruned, the 405 tuples and the literal index follow."""
-        method, template, endpoint = self._routes.pop((method, template))
+        endpoint = self._routes.pop((method, template))
         node = self._root
         trail = []           # (parent, literal segment, or None for the parameter child)
         shape = []
