@@ -462,6 +462,7 @@ def _run_model(ops, drains=None):
             clock[0] = step * 10.0
             if op[0] == "hello" and op[1] not in live:
                 _, link, service, mask, method = op
+                conns[link] = object()      # a new connection
                 declared = _pick(service, mask, method)
                 claim(link, service, declared,
                       {**hello(service=service, instance=f"{service}{link}"),

@@ -89,7 +89,7 @@ class Endpoint:
 class Instance:
     __slots__ = ("service", "version", "version_key", "instance_id", "region", "conn", "status",
                  "announced", "last_heartbeat", "avg_ping_ms", "in_flight", "error_rate",
-                 "endpoints", "schemas", "registered_at", "ping_band", "late")
+                 "endpoints", "schemas", "registered_at", "ping_band", "late", "routes")
 
     def __init__(self, service, version, instance_id, region, conn, endpoints, schemas):
         self.service = service
@@ -111,6 +111,9 @@ class Instance:
         # these rather than the clock, so a cached ranking is exactly as fresh as they are.
         self.ping_band = 0
         self.late = 0                     # whole heartbeat intervals since the last one
+        # The Route of each endpoint while registered: a disconnect storm touches these
+        # directly, without a lookup per endpoint.
+        self.routes: list | tuple = ()
 
     def describe(self) -> dict:
         return {"instanceId": self.instance_id, "version": self.version, "region": self.region,
@@ -315,7 +318,7 @@ class RoutingState:
                 self._spent += perf_counter() - t0
         service, version, instance_id, region, raw, schemas = _parse_head(hello)
         instance = Instance(service, version, instance_id, region, conn, [], schemas)
-        self._queued[instance] = (conn, raw)
+        self._queued[instance] = (conn, raw, time.monotonic())
         self._queue(loop, self._register_queued, instance)
         return instance
 
@@ -323,7 +326,7 @@ class RoutingState:
         job = self._queued.pop(instance, None)
         if job is None:
             return                   # an earlier HELLO of its link was refused
-        conn, raw = job
+        conn, raw, arrived = job
         try:
             self._register(conn, instance.service, instance.version, instance.instance_id,
                            instance.region, _parse_endpoints(raw), instance.schemas, instance)
@@ -336,7 +339,7 @@ class RoutingState:
             current = self.instances.get(key)
             if current is not None:
                 self._take_out(key, current)
-                self._unregister(current, "endpoints update refused")
+                self._unregister(current, "endpoints update refused", arrived)
             self._changed("refused", instance, reason=str(exc))
             if self.on_refused is not None:
                 self.on_refused(conn, str(exc))
@@ -384,8 +387,10 @@ class RoutingState:
             routes[(route.method, route.template)] = own[(route.method, route.template)] = route
         # ENDPOINTS_UPDATE: the same link registers again; its old entries make way.
         emptied = self._detach(old) if old is not None else ()
+        mine = instance.routes = []
         for ep in endpoints:
             route = own[(ep.method, ep.path)]
+            mine.append(route)
             cands = route.candidates
             if cands and cands[0][0] is not DEPARTED:
                 route.candidates = cands + ((instance, ep),)
@@ -472,9 +477,7 @@ class RoutingState:
         """Take the instance out of its routes' candidates; [(route, endpoint)] of those it
         leaves with none (for the caller to drop or keep)."""
         emptied = []
-        routes = self._routes
-        for ep in instance.endpoints:
-            route = routes[(ep.method, ep.path)]
+        for route, ep in zip(instance.routes, instance.endpoints):
             cands = route.candidates
             if len(cands) == 1 and cands[0][0] is instance:
                 route.candidates = ()
@@ -483,6 +486,7 @@ class RoutingState:
                 route.candidates = tuple([c for c in cands if c[0] is not instance])
             route._cache.clear()
             route._view = None
+        instance.routes = ()
         return emptied
 
     def _drop(self, svc: _Service, route: Route) -> None:
@@ -616,11 +620,8 @@ class RoutingState:
     def _stale(self, instance: Instance) -> None:
         """Drop the rankings of the routes this instance is a candidate of (only those: the
         others do not rank it)."""
-        routes = self._routes
-        for ep in instance.endpoints:
-            route = routes.get((ep.method, ep.path))
-            if route is not None:
-                route._cache.clear()
+        for route in instance.routes:
+            route._cache.clear()
 
     # ------------------------------------------------------------------ lookup and selection
 
