@@ -1,10 +1,14 @@
 """The DPoP `jti` replay cache (RFC 9449 §11.1, checklist §3a item 17).
 
-Two implementations of one protocol, `check_and_store(key, ttl_ms) -> bool` ("True: first
+Implementations of one protocol, `check_and_store(key, ttl_ms) -> bool` ("True: first
 time seen, now stored; False: a replay"):
 
-- `LocalReplayCache`: in-process, synchronous, bounded and time-evicting. Always used: it
-  answers same-instance replays without a round trip and is the fallback when Valkey fails.
+- `LocalReplayCache`: this instance's cache, synchronous, bounded and time-evicting. Always
+  used: it answers same-instance replays without a round trip and is the fallback when
+  Valkey fails. With one worker it is an in-process dict. With several, the supervisor calls
+  `share_across_workers()` before it forks, and from then on `LocalReplayCache(...)` builds a
+  `SharedReplayCache` over that one table (stellagw/_py/replaytable.py): a per-worker dict
+  let a proof be replayed once to each worker, while the instance promises one use.
 - `ValkeyReplayCache`: shared by every gateway instance, asynchronous: one
   `SET key 1 NX PX ttl` (atomic "store unless present"; the reply is `OK` when stored and
   nil when the key exists).
@@ -21,11 +25,24 @@ from collections import OrderedDict
 from time import monotonic
 from typing import Awaitable, Protocol
 
+from .._impl import select
 from .jose import b64url
 
-__all__ = ["ReplayCache", "LocalReplayCache", "ValkeyReplayCache", "replay_key"]
+__all__ = ["ReplayCache", "LocalReplayCache", "SharedReplayCache", "ValkeyReplayCache",
+           "replay_key", "share_across_workers"]
 
 VALKEY_PREFIX = "stellagw:dpop:jti:"
+
+# The instance's table, when the supervisor made one: inherited by every worker it forks.
+_instance_table = None
+
+
+def share_across_workers(max_entries: int):
+    """Make the table every worker of this instance will check proofs in. Call it in the
+    supervisor before forking; returns the table."""
+    global _instance_table
+    _instance_table = select("replaytable").ReplayTable(max_entries)
+    return _instance_table
 
 
 def replay_key(jkt: str, jti: str) -> str:
@@ -50,6 +67,12 @@ class LocalReplayCache:
     """
 
     __slots__ = ("_entries", "_max", "_clock", "on_evict_live")
+
+    def __new__(cls, max_entries: int, clock=monotonic, on_evict_live=None):
+        # The Authenticator builds "the instance's cache" without knowing about workers.
+        if _instance_table is not None and cls is LocalReplayCache:
+            return SharedReplayCache(_instance_table, clock, on_evict_live)
+        return super().__new__(cls)
 
     def __init__(self, max_entries: int, clock=monotonic, on_evict_live=None):
         self._entries: OrderedDict[str, float] = OrderedDict()
@@ -82,6 +105,33 @@ class LocalReplayCache:
                 self.on_evict_live()
         entries[key] = now + ttl_ms / 1000.0
         return True
+
+
+class SharedReplayCache:
+    """The LocalReplayCache protocol over a table shared by the instance's workers.
+
+    The table is atomic across processes (two workers seeing one `jti` at once: exactly one
+    accepts), bounded (at least 2 × maxEntries slots of 16 bytes, made once per instance),
+    and drops expired entries as new ones need their slots. Expiry times are ms of the
+    monotonic clock, which all processes of the machine share.
+    """
+
+    __slots__ = ("_check", "_live", "_clock", "on_evict_live")
+
+    def __init__(self, table, clock=monotonic, on_evict_live=None):
+        self._check = table.check_and_store
+        self._live = table.live
+        self._clock = clock
+        self.on_evict_live = on_evict_live
+
+    def __len__(self) -> int:
+        return self._live(int(self._clock() * 1000))
+
+    def check_and_store(self, key: str, ttl_ms: int) -> bool:
+        result = self._check(key, int(self._clock() * 1000), ttl_ms)
+        if result == 2 and self.on_evict_live is not None:   # FRESH_EVICTED
+            self.on_evict_live()
+        return result != 0                                   # REPLAY is 0
 
 
 class ValkeyReplayCache:
