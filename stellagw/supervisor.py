@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 
+from .auth.replay import share_across_workers
 from .gateway import check_httptools_strict, run_worker
 from .listeners import bind_instance, raise_fd_limit
 from .observe.logs import JsonLog
@@ -70,6 +71,9 @@ def serve(settings) -> int:
     # Shared by the workers: instance-wide /metrics (observe/metrics.py) and what each
     # worker has routable, which a restarted worker waits for (gateway.py, warm start).
     run_dir = tempfile.mkdtemp(prefix="stellagw-run-")
+    # Instance state (issue 16): one DPoP replay table for all workers, made before the first
+    # fork so every worker, a restarted one too, inherits it (auth/replay.py).
+    share_across_workers(settings.gateway.auth.replay_cache.max_entries)
     held = [sock for bundle in bundles for sock in bundle.all()]
 
     children: dict[int, int] = {}   # pid -> worker id
