@@ -6,9 +6,22 @@ and a custom collector turns them into metric families only when /metrics is scr
 
 With several workers, /metrics must describe the whole instance whichever worker answers
 the scrape: every worker writes a snapshot of its counters into the supervisor's run
-directory once a second, and the answering worker adds the others' snapshots to its own.
-A restarted worker starts from the snapshot its predecessor left, so the instance's counters
-never go backwards (which Prometheus would read as a reset).
+directory once a second, and the answering worker sums every worker's snapshot.
+
+The instance's counters must never go backwards (Prometheus reads a decrease as a reset and
+counts the whole value again). Two rules keep them monotonic:
+
+- A scrape shows only *published* counts. The answering worker publishes its own snapshot
+  first and renders that same snapshot: had it used its live counts while a peer used its
+  second-old file, a scrape answered by the peer right after would show less (the issue
+  saw 26 decreases in 30 s of 5 Hz scrapes). A worker's published files only grow, and a
+  scrape reads each file after every earlier scrape did, so each worker's share never
+  shrinks. Snapshots are summed in worker-id order, whoever answers: float sums then round
+  the same way in every worker.
+- A restarted worker starts from the snapshot its predecessor left — its own counters and
+  those of `sources` (rate limiter, authentication events) — so what a dead worker had
+  published stays in the sum. What it counted after its last publish is lost, but no scrape
+  ever showed it.
 """
 from __future__ import annotations
 
@@ -52,6 +65,12 @@ class Metrics:
         self.sources: list = []
         self._run_dir = run_dir
         self._worker_id = worker_id
+        # What a predecessor's sources had counted: the sources themselves restart from zero.
+        self._extra_base: dict = {}
+        # The last snapshot read from each peer's file, for a read that fails (the file is
+        # replaced atomically, but an I/O error must not take a worker out of the sum).
+        self._peers: dict[str, dict] = {}
+        self._published: dict | None = None   # this worker's last snapshot the others can see
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         if run_dir:
@@ -116,31 +135,65 @@ class Metrics:
         for source in self.sources:
             for name, (help_text, labels, samples) in source().items():
                 out[name] = [help_text, list(labels), [[*lv, v] for lv, v in samples]]
+        for name, (help_text, labels, base) in self._extra_base.items():
+            entry = out.setdefault(name, [help_text, labels, []])
+            live = {tuple(lv): i for i, (*lv, _v) in enumerate(entry[2])}
+            for lv, v in base.items():
+                i = live.get(lv)
+                if i is None:
+                    entry[2].append([*lv, v])
+                else:
+                    entry[2][i][-1] += v
         return out
 
-    def publish(self) -> None:
-        """Write this worker's snapshot for the others (called once a second)."""
+    def publish(self, snap: dict | None = None) -> None:
+        """Write this worker's snapshot for the others (once a second, and before this
+        worker answers a scrape)."""
         if not self._run_dir:
             return
+        if snap is None:
+            snap = self.snapshot()
         path = os.path.join(self._run_dir, f"worker-{self._worker_id}.json")
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
-            f.write(orjson.dumps(self.snapshot()))
+            f.write(orjson.dumps(snap))
         os.replace(tmp, path)  # readers see the old or the new file, never half of one
+        self._published = snap
 
-    def _peer_snapshots(self) -> list[dict]:
+    def _instance_snapshots(self) -> list[dict]:
+        """Every worker's published snapshot, this one's fresh, in worker-id order."""
+        own = self.snapshot()
         if not self._run_dir:
-            return []
-        out = []
-        own = f"worker-{self._worker_id}.json"
-        for name in os.listdir(self._run_dir):
-            if name.startswith("worker-") and name.endswith(".json") and name != own:
-                try:
-                    with open(os.path.join(self._run_dir, name), "rb") as f:
-                        out.append(orjson.loads(f.read()))
-                except (OSError, orjson.JSONDecodeError):
-                    continue  # a worker mid-restart: its next publish brings it back
-        return out
+            return [own]
+        try:
+            self.publish(own)
+        except OSError:
+            # The run directory is unusable (disk full ...): show what the others still
+            # read in this worker's file, or a peer's scrape after this one would show less.
+            own = self._published or own
+        found = {self._worker_id: own}
+        own_name = f"worker-{self._worker_id}.json"
+        try:
+            names = os.listdir(self._run_dir)
+        except OSError:
+            names = list(self._peers)
+        for name in names:
+            if not (name.startswith("worker-") and name.endswith(".json")) or name == own_name:
+                continue
+            try:
+                wid = int(name[len("worker-"):-len(".json")])
+            except ValueError:
+                continue
+            try:
+                with open(os.path.join(self._run_dir, name), "rb") as f:
+                    snap = orjson.loads(f.read())
+            except (OSError, orjson.JSONDecodeError):
+                snap = self._peers.get(name)
+                if snap is None:
+                    continue
+            self._peers[name] = snap
+            found[wid] = snap
+        return [found[wid] for wid in sorted(found)]
 
     def _resume(self) -> None:
         path = os.path.join(self._run_dir, f"worker-{self._worker_id}.json")
@@ -153,6 +206,8 @@ class Metrics:
         view.add(snap, counters_only=True)
         self.requests, self.durations, self.frames = view.requests, view.durations, view.frames
         self.phases, self.auth_failures, self.rate_limited = view.phases, view.auth_failures, view.rate_limited
+        self._extra_base = {name: entry for name, entry in view.extra.items()
+                            if not name.endswith("_gauge")}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -206,10 +261,8 @@ class _Collector:
         self._m = metrics
 
     def collect(self):
-        m = self._m
         view = _View()
-        view.add(m.snapshot())
-        for snap in m._peer_snapshots():
+        for snap in self._m._instance_snapshots():
             view.add(snap)
 
         total = CounterMetricFamily(
