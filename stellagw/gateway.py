@@ -494,6 +494,9 @@ class Worker:
         await self.limiter.close()
         if self.tracing is not None:
             self.tracing.shutdown()
+        # The last counts go to the instance's files: a worker that exits between two
+        # publishes would otherwise take up to a second of them with it.
+        self.metrics.publish()
         self.log.event("info", "stopped", unfinished=len(self.connections))
         self.log.drain()
         if self._tick_handle is not None:
