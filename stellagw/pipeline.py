@@ -93,11 +93,19 @@ class Pipeline:
                           b"allow: " + ", ".join(allow).encode() + b"\r\n")
         req.service = route.service
         req.route = route.template
-        if req.websocket != route.candidates[0][1].websocket:
+        endpoint = route.candidates[0][1]
+        if req.websocket != endpoint.websocket:
             if req.websocket:
                 return _error(req, 400, "this endpoint does not accept WebSocket upgrades")
             return _error(req, 426, "this endpoint needs a WebSocket upgrade",
                           b"upgrade: websocket\r\nconnection: upgrade\r\n")
+        limit = endpoint.max_body
+        if limit is not None and limit < req.body_limit:
+            # The endpoint's own limit (its HELLO): a larger body is refused on the head,
+            # a chunked one when it passes it (the ingress counts against body_limit).
+            if req.content_length > limit:
+                return _error(req, 413, "request body larger than %d bytes" % limit)
+            req.body_limit = limit
         t1 = perf_counter()
 
         # 6–8. authenticate, identity, authorize
@@ -105,7 +113,7 @@ class Pipeline:
         auth_span = None
         if tracing is not None:
             auth_span = tracing.child(tracing.start_route(req), "gateway.auth.validate")
-        result = self._auth.authenticate(req, route.candidates[0][1].claims)
+        result = self._auth.authenticate(req, endpoint.claims, endpoint.sender_constrained)
         t2 = perf_counter()
         self._auth_hist.observe(t2 - t1)
         if auth_span is not None:

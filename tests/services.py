@@ -6,6 +6,7 @@ Endpoints, all under /t/<name>/ so several services can register side by side:
   GET  hang              never answers in time (routing.defaultTimeout applies)
   GET  secure            needs scope scans:read; returns the identity headers it got
   GET  admin             needs scope scans:admin
+  GET  bound             needs scope scans:read and a DPoP- or certificate-bound token
   WS   ws                echo; "close-4001" closes with 4001, "big-N" sends N bytes, "crash" dies
   GET  events            correlation ids of requests this process saw cancelled
   GET  stream?mb=N       N MiB streamed in 64 KiB chunks
@@ -50,6 +51,10 @@ def build(name, gateways, region, version, instance):
 
     @svc.get(base + "/secure", claims=[("scope", "scans:read")])
     async def secure(req):
+        return Response.json({k: v for k, v in req.headers.items() if k.startswith("x-stella")})
+
+    @svc.get(base + "/bound", claims=[("scope", "scans:read")], sender_constrained=True)
+    async def bound(req):
         return Response.json({k: v for k, v in req.headers.items() if k.startswith("x-stella")})
 
     @svc.get(base + "/tenanted", claims=[("tenant", None)])

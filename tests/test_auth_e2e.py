@@ -107,6 +107,23 @@ def test_dpop_bound_token_reaches_the_service_with_gateway_identity_headers(stac
     assert "mallory" not in body.decode()
 
 
+def test_an_endpoint_that_needs_a_sender_constrained_token(stack):
+    st = stack()
+    bearer = fetch_token(st.authority.token_endpoint, "demo-client", "demo-secret",
+                         "scans:read")["access_token"]
+    head = b"Host: gw\r\nAuthorization: Bearer " + bearer.encode() + b"\r\n\r\n"
+    # An unbound Bearer token passes where the endpoint does not ask for more ...
+    assert request(st.http, b"GET /t/sec/secure HTTP/1.1\r\n" + head)[0] == 200
+    # ... and is refused where it does (HELLO sender_constrained), on the head.
+    status, headers, body = request(st.http, b"GET /t/sec/bound HTTP/1.1\r\n" + head)
+    error = orjson.loads(body)["error"]
+    assert status == 401 and error["code"] == "invalid_token"
+    assert "sender-constrained" in error["message"] and "www-authenticate" in headers
+    token = st.token()
+    status, _, body = call(st.base + "/t/sec/bound", token=token, dpop_key=st.key)
+    assert status == 200 and orjson.loads(body)["x-stellaops-actor"] == "demo-client"
+
+
 def test_refusals(stack):
     st = stack()
     # No token on an endpoint that requires a scope: 401 with a challenge.

@@ -271,3 +271,68 @@ def test_closed_connections_are_not_left_for_the_cycle_collector():
             gc.enable()
     finally:
         gw.stop()
+
+
+ENDPOINT_CONFIG = """
+gateway:
+  node: {region: eu1, workers: 1}
+  http: {port: 0}
+  transports: {tcp: {port: 0}}
+  auth: {authority: "https://authority.example"}
+"""
+
+
+def test_an_endpoint_declares_its_own_body_limit_and_sender_constraint(tmp_path):
+    """HELLO's max_body_bytes and sender_constrained, through a real SDK service."""
+    import asyncio
+
+    from stellagw.service import Response, Service
+
+    gw = Served(config_text=ENDPOINT_CONFIG, tmp_path=tmp_path)
+    rec = gw.wait_listening()[0]
+    http, tcp = port_of(rec["http"]), port_of(rec["tcp"])
+    reached = []
+    svc = Service("lim", "1.0.0", gateways=[f"127.0.0.1:{tcp}"], reconnect_min=0.05)
+
+    @svc.post("/lim/small", max_body_bytes=1000, streaming=True)
+    async def small(req):
+        reached.append(sum([len(c) async for c in req.stream()]))
+        return Response(b"ok")
+
+    @svc.get("/lim/bound", sender_constrained=True)
+    async def bound(req):
+        reached.append("bound")
+        return Response(b"ok")
+
+    loop = asyncio.new_event_loop()
+    stopped = threading.Event()
+
+    async def main():
+        await svc.start()
+        while not stopped.is_set():
+            await asyncio.sleep(0.05)
+        await svc.stop(1.0)
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: request(http, b"POST /lim/small HTTP/1.1\r\nHost: t\r\n"
+                                              b"Content-Length: 3\r\n\r\nabc")[0] == 200, 20)
+        reached.clear()
+        status, headers, _ = request(http, b"POST /lim/small HTTP/1.1\r\nHost: t\r\n"
+                                           b"Content-Length: 1001\r\n\r\n")
+        assert status == 413 and headers["connection"] == "close"
+        with connect(http, timeout=10) as s:
+            s.sendall(b"POST /lim/small HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      + b"200\r\n" + b"x" * 512 + b"\r\n" + b"200\r\n" + b"x" * 512 + b"\r\n")
+            assert read_response(s)[0] == 413
+        # A Bearer token that is not bound is refused before any signature matters; the
+        # same request elsewhere is only refused for the token itself.
+        status, headers, body = request(http, b"GET /lim/bound HTTP/1.1\r\nHost: t\r\n"
+                                              b"Authorization: Bearer a.b.c\r\n\r\n")
+        assert status == 401 and "www-authenticate" in headers
+        assert reached == []
+    finally:
+        stopped.set()
+        thread.join(10)
+        gw.stop()

@@ -74,9 +74,11 @@ def semver_key(version: str):
 class Endpoint:
     """One endpoint as one instance declared it."""
 
-    __slots__ = ("method", "path", "timeout", "streaming", "websocket", "claims", "openapi")
+    __slots__ = ("method", "path", "timeout", "streaming", "websocket", "claims", "openapi",
+                 "max_body", "sender_constrained")
 
-    def __init__(self, method, path, timeout, streaming, websocket, claims, openapi):
+    def __init__(self, method, path, timeout, streaming, websocket, claims, openapi,
+                 max_body=None, sender_constrained=False):
         self.method = method
         self.path = path
         self.timeout = timeout          # seconds, or None for routing.defaultTimeout
@@ -84,12 +86,16 @@ class Endpoint:
         self.websocket = websocket
         self.claims = claims            # tuple of (type, value)
         self.openapi = openapi          # dict or None
+        self.max_body = max_body        # bytes, or None for routing.maxRequestBodySize
+        # Unbound Bearer tokens refused here (auth.requireSenderConstraint, per endpoint)
+        self.sender_constrained = sender_constrained
 
     def same_as(self, other: "Endpoint") -> bool:
         return (self.method == other.method and self.path == other.path
                 and self.timeout == other.timeout and self.streaming == other.streaming
                 and self.websocket == other.websocket and self.claims == other.claims
-                and self.openapi == other.openapi)
+                and self.openapi == other.openapi and self.max_body == other.max_body
+                and self.sender_constrained == other.sender_constrained)
 
 
 class Instance:
@@ -241,9 +247,15 @@ def _parse_endpoints(raw: list) -> list[Endpoint]:
         openapi = ep.get("openapi")
         if openapi is not None and not isinstance(openapi, dict):
             raise HelloError(f"endpoints[{i}].openapi must be an object")
+        max_body = ep.get("max_body_bytes")
+        if max_body is not None and (max_body.__class__ is not int or not 0 <= max_body < 2**53):
+            raise HelloError(f"endpoints[{i}].max_body_bytes must be an integer >= 0")
+        bound = ep.get("sender_constrained", False)
+        if bound.__class__ is not bool:
+            raise HelloError(f"endpoints[{i}].sender_constrained must be true or false")
         endpoints.append(Endpoint(method, path, timeout / 1000.0 if timeout else None,
                                   bool(ep.get("streaming")), bool(ep.get("websocket")),
-                                  claims, openapi))
+                                  claims, openapi, max_body, bound))
     return endpoints
 
 

@@ -256,12 +256,14 @@ class WebSocket:
 
 class _Endpoint:
     __slots__ = ("method", "path", "handler", "timeout", "streaming", "websocket", "claims",
-                 "openapi")
+                 "openapi", "max_body_bytes", "sender_constrained")
 
-    def __init__(self, method, path, handler, timeout, streaming, websocket, claims, openapi):
+    def __init__(self, method, path, handler, timeout, streaming, websocket, claims, openapi,
+                 max_body_bytes=None, sender_constrained=False):
         self.method, self.path, self.handler = method, path, handler
         self.timeout, self.streaming, self.websocket = timeout, streaming, websocket
         self.claims, self.openapi = claims, openapi
+        self.max_body_bytes, self.sender_constrained = max_body_bytes, sender_constrained
 
     def describe(self) -> dict:
         d = {"method": self.method, "path": self.path, "streaming": self.streaming}
@@ -273,6 +275,10 @@ class _Endpoint:
             d["claims"] = [{"type": t, "value": v} for t, v in self.claims]
         if self.openapi:
             d["openapi"] = self.openapi
+        if self.max_body_bytes is not None:
+            d["max_body_bytes"] = self.max_body_bytes
+        if self.sender_constrained:
+            d["sender_constrained"] = True
         return d
 
 
@@ -312,10 +318,15 @@ class Service:
     # ---------------------------------------------------------------- declaring endpoints
 
     def route(self, method: str, path: str, *, timeout: float | None = None, streaming=False,
-              websocket=False, claims=(), openapi: dict | None = None):
+              websocket=False, claims=(), openapi: dict | None = None,
+              max_body_bytes: int | None = None, sender_constrained: bool = False):
+        """`max_body_bytes`: the largest request body the gateway lets through to this
+        endpoint (413 on the head for a larger Content-Length, or when a chunked body
+        passes it); default routing.maxRequestBodySize. `sender_constrained`: the gateway
+        refuses Bearer tokens bound to neither a DPoP key nor an mTLS certificate here."""
         def register(handler):
             ep = _Endpoint(method.upper(), path, handler, timeout, streaming, websocket,
-                           tuple(claims), openapi)
+                           tuple(claims), openapi, max_body_bytes, sender_constrained)
             self._router.add(ep.method, path, ep)
             self._endpoints.append(ep)
             return handler
