@@ -4,17 +4,18 @@ cimport cython
 from stellagw.ingress.http cimport Request, HttpProtocol
 
 cdef bytes _JSON
+cdef frozenset CREDENTIAL_FIELDS
 
 
 @cython.final
 cdef class Pipeline:
-    cdef object _worker, _builtins, _routing, _auth, _limiter, _metrics
+    cdef object _worker, _builtins, _routing, _auth, _limiter, _metrics, _anonymous
     cdef object _auth_hist, _routing_hist, _tracing
     cdef double _default_timeout
     cdef Py_ssize_t _stream_threshold
     cdef set _tasks
 
-    @cython.locals(t0=double, t1=double, t2=double)
+    @cython.locals(t0=double, t1=double, t2=double, field=tuple)
     cpdef handle(self, Request req)
     cdef _after_auth(self, Request req, route, path, double routing_s)
     @cython.locals(now=double)

@@ -31,6 +31,7 @@ import asyncio
 from time import perf_counter
 
 from .auth import AuthFailure, Identity
+from .auth.identity import CREDENTIAL_FIELDS
 from .ingress.responses import error_body
 from .radix import FOUND, NOT_FOUND, normalize_path
 from .ratelimit import UNLIMITED, Decision, rate_limit_headers, rejection
@@ -55,6 +56,7 @@ class Pipeline:
         self._builtins = worker.builtins
         self._routing = worker.routing
         self._auth = worker.auth
+        self._anonymous = worker.auth.anonymous
         self._limiter = worker.limiter
         self._metrics = worker.metrics
         self._auth_hist = worker.metrics.phase_histogram("auth")
@@ -113,7 +115,18 @@ class Pipeline:
         auth_span = None
         if tracing is not None:
             auth_span = tracing.child(tracing.start_route(req), "gateway.auth.validate")
-        result = self._auth.authenticate(req, endpoint.claims, endpoint.sender_constrained)
+        claims = endpoint.claims
+        result = None
+        if self._anonymous is not None and not claims:
+            # No credential field: anonymous, as the Authenticator would answer, without
+            # its Python header scan (a third of an anonymous request's pipeline).
+            result = self._anonymous
+            for field in req.headers:
+                if field[0] in CREDENTIAL_FIELDS:
+                    result = None
+                    break
+        if result is None:
+            result = self._auth.authenticate(req, claims, endpoint.sender_constrained)
         t2 = perf_counter()
         self._auth_hist.observe(t2 - t1)
         if auth_span is not None:
@@ -163,8 +176,11 @@ class Pipeline:
         now = perf_counter()
         self._routing_hist.observe(routing_s + now)
         if selected is None:
+            # A known service without a routable instance (restarting, all draining): 503
+            # with Retry-After, never 404 (docs/selection.md).
             return _error(req, 503, f"no healthy instance of {route.service}"
-                          + (f" {version.decode('latin-1')}" if version else ""))
+                          + (f" {version.decode('latin-1')}" if version else ""),
+                          self._routing.retry_after)
         instance, endpoint = selected
         if req.done:
             return None     # decided after the client left (a key fetch, Valkey)

@@ -194,7 +194,9 @@ def test_a_killed_service_fails_its_requests_with_502_and_nothing_else(stack):
     t.join(10)
     assert results["bystander"] == 200
     st.wait_registered("victim-eu1-1.0.0", gone=True)
-    assert st.get("/t/victim/whoami")[0] == 404  # its routes left with it, at once
+    # The service stays known without an instance: 503 and Retry-After, never "no route".
+    status, headers, _ = st.get("/t/victim/whoami")
+    assert status == 503 and int(headers["retry-after"]) >= 1
     assert st.get("/t/bystander/whoami")[0] == 200
 
 

@@ -66,6 +66,9 @@ class Authenticator:
         self._require_bound = auth.require_sender_constraint
         self._max_token_bytes = auth.max_token_bytes
         self._anonymous = anonymous_identity(auth.enable_legacy_headers)
+        # What authenticate() answers a request without CREDENTIAL_FIELDS when neither
+        # auth.required nor the endpoint's claims ask for more: the pipeline's fast path.
+        self.anonymous = None if auth.required else self._anonymous
         self._origin = gw.http.public_origin
         self._scheme = "https" if gw.http.tls.enabled else "http"
         self._challenges = Challenges(auth.algorithms, auth.dpop_enabled)

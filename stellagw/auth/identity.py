@@ -37,6 +37,9 @@ _STRIP_PREFIXES = (b"x-stellaops-", b"x-stella-", b"x-user-", b"x-forwarded-")
 SCOPE_OVERRIDE_HEADERS = frozenset(n for base in (b"x-stellaops-scopes", b"x-stella-scopes",
                                                   b"x-stellaops-scope", b"x-stella-scope")
                                    for n in (base, base.replace(b"-", b"_")))
+# A request with none of these fields is anonymous whatever else it carries: the pipeline
+# answers that without asking the Authenticator (Authenticator.anonymous).
+CREDENTIAL_FIELDS = frozenset({b"authorization", b"dpop"}) | SCOPE_OVERRIDE_HEADERS
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
