@@ -4,6 +4,7 @@ Switches (each also an environment variable, so they work through pip):
   --cython-annotate    STELLAGW_CYTHON_ANNOTATE=1  write cext/<name>.html annotate reports
   --debug-build        STELLAGW_DEBUG_BUILD=1      GW_DEBUG checks, line tracing, -O0 -g
   --cython-directives  STELLAGW_CYTHON_DIRECTIVES="a=b,c=d"
+  --perf-extensions    STELLAGW_PERF_EXTENSIONS=1  also perf/*.pyx, in place only
 STELLAGW_NO_EXTENSIONS=1 skips compilation; the pure-Python twins are used.
 """
 import glob
@@ -35,14 +36,17 @@ class build_ext(_build_ext):
         ("cython-annotate", None, "write Cython annotate HTML next to each .pyx"),
         ("debug-build", None, "GW_DEBUG invariant checks, line tracing, no optimisation"),
         ("cython-directives=", None, "extra Cython directives: a=b,c=d"),
+        ("perf-extensions", None, "also the benchmarks' perf/*.pyx (with --inplace only)"),
     ]
-    boolean_options = _build_ext.boolean_options + ["cython-annotate", "debug-build"]
+    boolean_options = _build_ext.boolean_options + ["cython-annotate", "debug-build",
+                                                    "perf-extensions"]
 
     def initialize_options(self):
         super().initialize_options()
         self.cython_annotate = None
         self.debug_build = None
         self.cython_directives = None
+        self.perf_extensions = None
 
     def finalize_options(self):
         if self.cython_annotate is None:
@@ -51,6 +55,14 @@ class build_ext(_build_ext):
             self.debug_build = _env_flag("STELLAGW_DEBUG_BUILD")
         if self.cython_directives is None:
             self.cython_directives = os.environ.get("STELLAGW_CYTHON_DIRECTIVES", "")
+        if self.perf_extensions is None:
+            self.perf_extensions = _env_flag("STELLAGW_PERF_EXTENSIONS")
+        if self.perf_extensions:
+            # perf/ measures the checkout it sits in: built beside its sources, never
+            # into build/, whence a wheel would pick it up.
+            if not self.inplace:
+                raise SystemExit("--perf-extensions builds in place only: add --inplace")
+            self.distribution.ext_modules += perf_extensions()
 
         from Cython.Build import cythonize
 
@@ -103,6 +115,12 @@ def extensions():
             extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
         ))
     return exts
+
+
+def perf_extensions():
+    return [Extension("perf." + os.path.splitext(os.path.basename(pyx))[0], [pyx],
+                      extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"])
+            for pyx in sorted(glob.glob(os.path.join("perf", "*.pyx")))]
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": build_ext})
