@@ -11,6 +11,8 @@ cdef int _B_NONE, _B_OPEN
 cdef Py_ssize_t _LINGER_BYTES
 cdef bytes _JSON_CT, _CLOSE, _KEEP_ALIVE, _CONTINUE
 cdef frozenset _CID_OK
+cdef dict _METHODS
+cdef Py_ssize_t _MAX_CELLS
 
 
 @cython.final
@@ -18,10 +20,12 @@ cdef class Accounting:
     cdef public str cid_prefix
     cdef public unsigned long long cid_counter
     cdef object _worker, _metrics, _log
+    cdef dict _cells
 
     cpdef str correlation_id_of(self, value)
-    @cython.locals(elapsed=double, requests=dict, durations=dict)
+    @cython.locals(elapsed=double, requests=dict, by_method=dict, cell=list, keys=dict)
     cpdef request_done(self, Request req, int status)
+    cdef list _cell(self, service, method, route)
 
 
 @cython.final

@@ -50,6 +50,10 @@ _B_NONE = 0         # no body, or all of it received
 _B_OPEN = 1         # more body bytes are expected
 B_NONE, B_OPEN = _B_NONE, _B_OPEN
 
+# request_done's label cache: cleared when past this many route labels (templates come and
+# go with services; the metrics' own dicts keep every label set anyway).
+_MAX_CELLS = 4096
+
 # After a refusal with the client still sending: read and discard this long / this much,
 # so the answer reaches the client before the close turns into a reset.
 LINGER_SECONDS = 2.0
@@ -59,6 +63,7 @@ _JSON_CT = b"content-type: application/json\r\n"
 _CLOSE = b"connection: close\r\n"
 _KEEP_ALIVE = b"connection: keep-alive\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 _CID_OK = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
 
@@ -80,6 +85,16 @@ class Accounting:
         self._worker = worker
         self._metrics = worker.metrics
         self._log = worker.log
+        self._cells = {}    # route label -> method -> _cell(); see request_done
+
+    def _cell(self, service, method, route):
+        """[histogram key, {status: requests key}, the durations dict, its Histogram]"""
+        durations = self._metrics.durations
+        hist_key = (service, method, route)
+        hist = durations.get(hist_key)
+        if hist is None:
+            hist = durations[hist_key] = Histogram()
+        return [hist_key, {}, durations, hist]
 
     def correlation_id(self, headers):
         for name, value in headers:
@@ -99,15 +114,25 @@ class Accounting:
         if req.span is not None:
             self._worker.tracing.end_route(req, status)
         m = self._metrics
-        key = (req.service, req.method, req.route, status)
+        # The (service, method, route[, status]) keys of the metrics' dicts, built once per
+        # label set and found again by the label strings themselves (each the same str
+        # object from request to request, its hash cached): a tuple built and hashed per
+        # request cost more than the counting.
+        by_method = self._cells.get(req.route)
+        if by_method is None:
+            if len(self._cells) >= _MAX_CELLS:
+                self._cells.clear()
+            by_method = self._cells[req.route] = {}
+        cell = by_method.get(req.method)
+        if cell is None or cell[0][0] != req.service or cell[2] is not m.durations:
+            cell = by_method[req.method] = self._cell(req.service, req.method, req.route)
+        keys = cell[1]
+        key = keys.get(status)
+        if key is None:
+            key = keys[status] = (req.service, req.method, req.route, status)
         requests = m.requests
         requests[key] = requests.get(key, 0) + 1
-        hist_key = (req.service, req.method, req.route)
-        durations = m.durations
-        hist = durations.get(hist_key)
-        if hist is None:
-            hist = durations[hist_key] = Histogram()
-        hist.observe(elapsed)
+        cell[3].observe(elapsed)
         log = self._log
         if log.access_log:
             log.request(req.correlation_id, req.tenant, req.method,
@@ -445,7 +470,9 @@ class HttpProtocol:
             return
         req = self._req
         parser = self._parser
-        req.method = parser.get_method().decode("ascii")
+        method = parser.get_method()
+        name = _METHODS.get(method)       # the same str object per method, not a decode each
+        req.method = name if name is not None else method.decode("ascii")
         # "METHOD SP target SP HTTP/1.1 CRLF ... CRLF", and some whitespace per request
         self._seen += len(req.method) + 14
         self._top_up(64)
@@ -506,7 +533,7 @@ class HttpProtocol:
             if version == "1.1":
                 self._refuse(400, "an HTTP/1.1 request needs a Host header field")
         url = self._url
-        if url[:1] != b"/":
+        if not url or url[0] != 47:                  # not origin-form ('/')
             url = self._absolute_form(req, url)     # its authority replaces Host
         elif host is not None:
             if not host_ok(host):
