@@ -2,9 +2,22 @@
 
 Two kinds (docs/hot-path.md):
 
-* Codecs (frame, radix, window, metrics, dpop, httpwire) are written twice: cext/<name>.pyx
-  and a pure-Python twin stellagw/_py/<name>.py, a reference they are tested against.
-  `select(name)` returns one of them.
+* Codecs (frame, radix, window, metrics, dpop, httpwire, replaytable) are written twice:
+  cext/<name>.pyx and a pure-Python twin stellagw/_py/<name>.py, a reference they are tested
+  against. The module of the stage that uses a codec (CODECS below) imports one of them by
+  a plain import a reader and a tool can follow::
+
+      from .. import _impl
+
+      if _impl.NO_EXTENSIONS:
+          from .._py import radix as _m
+      else:
+          try:
+              from .._cext import radix as _m
+          except ImportError as exc:
+              _impl.fell_back("radix", exc)
+              from .._py import radix as _m
+
 * Glue (GLUE below) is one .py file, compiled by Cython in place beside it (typed by the
   .pxd next to it). Python imports the compiled module when it is there.
 
@@ -21,48 +34,59 @@ import importlib.util
 import os
 import sys
 import warnings
-from types import ModuleType
 
 NO_EXTENSIONS = os.environ.get("STELLAGW_NO_EXTENSIONS", "").lower() not in ("", "0", "false", "no")
 
 # Modules compiled from their own .py (setup.py GLUE).
 GLUE = ("stellagw.ingress.http", "stellagw.pipeline", "stellagw.transport.connection")
 # The codecs: cext/<name>.pyx, each with its twin stellagw/_py/<name>.py (a test keeps this
-# list equal to cext/*.pyx: the wheel ships no .pyx to look at).
-CODECS = ("dpop", "frame", "httpwire", "metrics", "radix", "replaytable", "window")
+# list equal to cext/*.pyx: the wheel ships no .pyx to look at), and the module that
+# imports it for its stage.
+CODECS = {
+    "dpop": "stellagw.auth.dpop",
+    "frame": "stellagw.transport.frame",
+    "httpwire": "stellagw.ingress.wire",
+    "metrics": "stellagw.observe.metrics",
+    "radix": "stellagw.routing.radix",
+    "replaytable": "stellagw.auth.replay",
+    "window": "stellagw.ratelimit.window",
+}
 
-_loaded: dict[str, bool] = {}
+_fell_back: set[str] = set()
 
 
-def select(name: str) -> ModuleType:
-    """Return stellagw._cext.<name>, or stellagw._py.<name> when that cannot be used."""
+def fell_back(name: str, exc: ImportError) -> None:
+    """The compiled codec `name` did not import: say so (its module then uses the twin)."""
+    _fell_back.add(name)
+    warnings.warn(f"stellagw: compiled module {name!r} not available ({exc}); "
+                  f"using the pure-Python twin", RuntimeWarning, stacklevel=2)
+
+
+def select(name: str):   # TEMPORARY: until stellagw/auth/dpop.py imports its codec plainly
     if not NO_EXTENSIONS:
         try:
             mod = importlib.import_module(f"stellagw._cext.{name}")
         except ImportError as exc:
-            warnings.warn(f"stellagw: compiled module {name!r} not available ({exc}); "
-                          f"using the pure-Python twin", RuntimeWarning, stacklevel=2)
+            fell_back(name, exc)
         else:
-            _loaded[name] = True
             return mod
-    _loaded[name] = False
     return importlib.import_module(f"stellagw._py.{name}")
 
 
 def compiled(name: str) -> bool:
-    """True when the compiled module `name` was loaded: a codec by select(), or a glue
-    module (its dotted name, e.g. "stellagw.ingress.http") from its extension."""
+    """True when the compiled module `name` was loaded: a codec (by the module CODECS names
+    for it), or a glue module (its dotted name, e.g. "stellagw.ingress.http") from its
+    extension."""
     if name in GLUE:
         mod = importlib.import_module(name)
         return not mod.__file__.endswith(".py")
-    if name not in _loaded:
-        select(name)
-    return _loaded[name]
+    importlib.import_module(CODECS[name])
+    return not NO_EXTENSIONS and name not in _fell_back
 
 
 def not_compiled() -> list[str]:
     """Every codec and glue module that runs uncompiled here (an image's build check)."""
-    return [name for name in CODECS + GLUE if not compiled(name)]
+    return [name for name in (*CODECS, *GLUE) if not compiled(name)]
 
 
 class _SourceFirst(importlib.abc.MetaPathFinder):

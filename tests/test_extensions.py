@@ -28,15 +28,43 @@ def test_every_extension_has_a_pure_python_twin():
 def test_compiled_module_loaded(name):
     assert _impl.compiled(name), (
         f"stellagw._cext.{name} did not load: run `make build` (or pip install -e .)")
-    mod = _impl.select(name)
-    assert mod.__name__ == f"stellagw._cext.{name}" and mod.__file__.endswith((".so", ".pyd"))
+    mod = sys.modules[f"stellagw._cext.{name}"]
+    assert mod.__file__.endswith((".so", ".pyd"))
+
+
+_WITHOUT = """
+import importlib.abc, sys, warnings
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname == "stellagw._cext.{name}":
+            raise ImportError("not built (test)")
+sys.meta_path.insert(0, Missing())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import {home}
+from stellagw import _impl
+print(_impl.compiled("{name}"), "stellagw._py.{name}" in sys.modules,
+      [str(w.message) for w in caught if w.category is RuntimeWarning])
+"""
+
+
+@pytest.mark.parametrize("name", EXTENSIONS)
+def test_a_missing_compiled_codec_falls_back_to_its_twin_with_a_warning(name):
+    code = _WITHOUT.format(name=name, home=_impl.CODECS[name])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT,
+                         env={k: v for k, v in os.environ.items() if k != "STELLAGW_NO_EXTENSIONS"})
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert out.stdout.startswith("False True ["), out.stdout
+    assert f"compiled module {name!r} not available (not built (test))" in out.stdout
 
 
 @pytest.mark.parametrize("name", EXTENSIONS)
 def test_each_module_imports_first_in_a_fresh_interpreter(name):
-    """Either twin imported before anything else of stellagw (a tool, a test) loads: no
-    import cycle through the package that selects it."""
-    mods = [f"stellagw._py.{name}"] + ([] if _impl.NO_EXTENSIONS else [f"stellagw._cext.{name}"])
+    """Either twin, or the module that imports it for its stage, imported before anything
+    else of stellagw (a tool, a test) loads: no import cycle through that package."""
+    mods = [f"stellagw._py.{name}", _impl.CODECS[name]] + (
+        [] if _impl.NO_EXTENSIONS else [f"stellagw._cext.{name}"])
     for mod in mods:
         out = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True,
                              text=True, timeout=60, cwd=ROOT)
@@ -67,7 +95,7 @@ def test_every_glue_module_has_its_pxd_and_is_built():
 
 
 def test_the_codec_list_is_cext():
-    assert tuple(EXTENSIONS) == _impl.CODECS
+    assert EXTENSIONS == sorted(_impl.CODECS)
 
 
 @pytest.mark.skipif(_impl.NO_EXTENSIONS, reason="STELLAGW_NO_EXTENSIONS=1 runs uncompiled")

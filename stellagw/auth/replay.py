@@ -25,8 +25,17 @@ from collections import OrderedDict
 from time import monotonic
 from typing import Awaitable, Protocol
 
-from .._impl import select
+from .. import _impl
 from .jose import b64url
+
+if _impl.NO_EXTENSIONS:
+    from .._py.replaytable import ReplayTable
+else:
+    try:
+        from .._cext.replaytable import ReplayTable
+    except ImportError as exc:
+        _impl.fell_back("replaytable", exc)
+        from .._py.replaytable import ReplayTable
 
 __all__ = ["ReplayCache", "LocalReplayCache", "SharedReplayCache", "ValkeyReplayCache",
            "replay_key", "share_across_workers"]
@@ -41,7 +50,7 @@ def share_across_workers(max_entries: int):
     """Make the table every worker of this instance will check proofs in. Call it in the
     supervisor before forking; returns the table."""
     global _instance_table
-    _instance_table = select("replaytable").ReplayTable(max_entries)
+    _instance_table = ReplayTable(max_entries)
     return _instance_table
 
 

@@ -4,9 +4,16 @@ the gateway judges itself (Host, Transfer-Encoding).
 Compiled (cext/httpwire.pyx) with a pure-Python twin (stellagw/_py/httpwire.py);
 STELLAGW_NO_EXTENSIONS=1 forces the twin. The rules are docs/http-edge.md's.
 """
-from .._impl import select
+from .. import _impl
 
-_m = select("httpwire")
+if _impl.NO_EXTENSIONS:
+    from .._py import httpwire as _m
+else:
+    try:
+        from .._cext import httpwire as _m
+    except ImportError as exc:
+        _impl.fell_back("httpwire", exc)
+        from .._py import httpwire as _m
 
 render_response = _m.render_response
 host_ok = _m.host_ok

@@ -31,12 +31,19 @@ import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from .._impl import select
+from .. import _impl
 
 # Histogram is compiled (cext/metrics.pyx) when built, else the pure-Python twin
 # (stellagw/_py/metrics.py): observe() runs four times per routed request. The bucket bounds
 # and the reasons for them live with the implementations.
-_m = select("metrics")
+if _impl.NO_EXTENSIONS:
+    from .._py import metrics as _m
+else:
+    try:
+        from .._cext import metrics as _m
+    except ImportError as exc:
+        _impl.fell_back("metrics", exc)
+        from .._py import metrics as _m
 Histogram = _m.Histogram
 DURATION_BUCKETS = _m.DURATION_BUCKETS
 PHASES = ("auth", "routing", "transport", "ratelimit_check")
