@@ -1,4 +1,4 @@
-"""Process handling shared by the perf/ scripts: children started pinned with taskset in a
+"""Process handling shared by the perf commands: children started pinned with taskset in a
 process group of their own, waited for until they answer, stopped as whole trees; free
 loopback ports; where the tools are.
 
@@ -7,20 +7,17 @@ the script even when the script is SIGKILLed; :meth:`ProcSet.stop_all` sends SIG
 every group, SIGKILL after a grace period, and psutil sweeps up whatever left its group
 (setsid'd workers). The scripts turn SIGTERM into KeyboardInterrupt (:func:`run_main`), so
 their ``finally`` blocks stop everything on Ctrl-C and on SIGTERM alike.
-
-perf/ is not a package: the scripts import this as ``_procs`` with perf/ on sys.path
-(``python perf/x.py`` puts it there; perf/k6/stack.py adds it).
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,7 +324,23 @@ def start_valkey(procs: ProcSet, workdir: Path, timeout: float,
 
 
 # --------------------------------------------------------------------------
-# a script's main
+# a command's own process
+
+
+def raise_nofile(want: int) -> tuple[int, int]:
+    """Soft (and, where allowed, hard) RLIMIT_NOFILE to ``want``, for thousands of
+    connections on each side; without CAP_SYS_RESOURCE (containers) the hard limit caps
+    it. Children inherit it. Returns (soft, hard) now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (want, hard if hard == resource.RLIM_INFINITY else max(want, hard)))
+    except (ValueError, OSError):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def _on_sigterm(signum, frame):
@@ -337,17 +350,3 @@ def _on_sigterm(signum, frame):
 def stop_on_sigterm() -> None:
     """SIGTERM raises KeyboardInterrupt: every ``finally`` stops its processes."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def command_line(argv: list[str] | None) -> str:
-    """The command that reproduces this run (argv: what main() was given, None = sys.argv)."""
-    return shlex.join([sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])])
-
-
-def run_main(main: Callable[[], int], interrupted: str = "interrupted: all processes stopped"):
-    """``sys.exit(main())``; on Ctrl-C or SIGTERM print ``interrupted`` and exit 130."""
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        sys.exit(130)

@@ -15,24 +15,22 @@ and tracing headers the gateway adds; a small JSON response), measures for each 
 and prints frames per second and ns per frame, each measured for about --duration seconds.
 The two codecs are checked to produce identical bytes first.
 
-    python setup.py build_ext --inplace
-    python perf/bench_frame.py                       # both codecs, ~2 s per figure
-    python perf/bench_frame.py --only c --duration 10 --body 4096
-    perf record -g python perf/bench_frame.py --only c --duration 10   # then: perf report
+    make build
+    python -m perf bench-frame                       # both codecs, ~2 s per figure
+    python -m perf bench-frame --only c --duration 10 --body 4096
+    perf record -g python -m perf bench-frame --only c --duration 10   # then: perf report
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from stellagw._py import frame as py_frame  # noqa: E402
-from stellagw.transport.headers import (CLASSES, RESPONSE_DROP_NAMES, classify,  # noqa: E402
+from stellagw._py import frame as py_frame
+from stellagw.transport.headers import (CLASSES, RESPONSE_DROP_NAMES, classify,
                                         request_headers, response_header_block)
+
+from . import commands
 
 PREFIX = bytes.fromhex("5a17c0de2f6b9e41")
 REQ_HEADERS = [
@@ -182,8 +180,8 @@ class ClientRequest:
     correlation_id = CID
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str]):
+    ap = argparse.ArgumentParser(prog=commands.prog(__name__), description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=2.0, help="seconds per figure (2)")
     ap.add_argument("--batch", type=int, default=64,
                     help="frames per feed()/take(), i.e. per loop iteration (64)")
@@ -229,6 +227,3 @@ def main(argv=None):
         print(line)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

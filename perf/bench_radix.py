@@ -5,10 +5,10 @@ parameters, one catch-all per service), a seeded request mix (mostly hits, some 
 checks that the matchers agree, then prints matches per second for each, each measured
 for about --duration seconds in the same run. normalize_path() is measured too.
 
-    python setup.py build_ext --inplace
-    python perf/bench_radix.py                    # all matchers, ~2 s each
-    python perf/bench_radix.py --only c --duration 10
-    perf record -g python perf/bench_radix.py --only c --duration 10   # then: perf report
+    make build
+    python -m perf bench-radix                    # all matchers, ~2 s each
+    python -m perf bench-radix --only c --duration 10
+    perf record -g python -m perf bench-radix --only c --duration 10   # then: perf report
 """
 from __future__ import annotations
 
@@ -18,11 +18,10 @@ import random
 import re
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from stellagw._py import radix as py_radix
 
-from stellagw._py import radix as py_radix  # noqa: E402
+from . import commands
 
 ROUTES = [
     ("GET", "/api/v1/{svc}/items"),
@@ -146,8 +145,8 @@ def measure_normalize(fn, raws, duration: float) -> float:
             return count / (now - start)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog=commands.prog(__name__), description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=2.0, help="seconds per measurement (2)")
     ap.add_argument("--services", type=int, default=100, help="services x 10 routes (100)")
     ap.add_argument("--requests", type=int, default=10_000, help="distinct requests (10000)")
@@ -220,6 +219,3 @@ def main(argv=None) -> int:
             print(f"  {label:29s} {rate:12,.0f} /s  {1e9 / rate:8.0f} ns/path")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,9 +25,9 @@ Three measurements, each printed side by side with the per-worker cache it repla
    but read the clock, the dict and the compiled table — (Ir(60k checks) − Ir(20k)) / 40k,
    the same start-up and warm-up in both runs.
 
-    python perf/bench_replay.py --cpu 1         # 1-3, ~15 s
-    python perf/bench_replay.py --rounds 5 --proofs 10000
-    python perf/bench_replay.py --only 4        # instructions under callgrind
+    python -m perf bench-replay --cpu 1         # 1-3, ~15 s
+    python -m perf bench-replay --rounds 5 --proofs 10000
+    python -m perf bench-replay --only 4        # instructions under callgrind
 """
 from __future__ import annotations
 
@@ -42,11 +42,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from stellagw._py import replaytable as py_table
+from stellagw.auth.replay import LocalReplayCache, SharedReplayCache, replay_key
 
-from stellagw._py import replaytable as py_table  # noqa: E402
-from stellagw.auth.replay import LocalReplayCache, SharedReplayCache, replay_key  # noqa: E402
+from . import commands
+from ._procs import py_env
 
 MAX_ENTRIES = 100_000
 TTL_MS = 65_000
@@ -236,9 +236,9 @@ def bench_instructions(c_mod) -> None:
             for n in (20_000, 60_000):
                 dump = os.path.join(tmp, f"{variant}.{n}")
                 subprocess.run([valgrind, "--tool=callgrind", f"--callgrind-out-file={dump}",
-                                sys.executable, __file__, "--ir-child", variant, str(n)],
+                                *commands.argv("bench-replay", "--ir-child", variant, str(n))],
                                check=True, capture_output=True,
-                               env={**os.environ, "PYTHONHASHSEED": "0"})
+                               env={**py_env(), "PYTHONHASHSEED": "0"})
                 with open(dump) as f:
                     totals.append(next(int(line.split()[1]) for line in f
                                        if line.startswith(("summary:", "totals:"))))
@@ -251,8 +251,8 @@ def bench_instructions(c_mod) -> None:
         print(f"   {name:32s} {out[variant]:7,.0f}{extra}")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog=commands.prog(__name__), description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=200_000, help="checks per figure in 1 and 2")
     ap.add_argument("--proofs", type=int, default=5_000, help="proofs per round in 3")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds in 3")
@@ -279,6 +279,3 @@ def main(argv=None) -> int:
         bench_instructions(c_mod)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

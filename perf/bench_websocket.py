@@ -1,7 +1,7 @@
 """WebSocket messages/s and added latency: through the gateway beside a picows echo server
 called directly, in one run (issue 9).
 
-    python perf/bench_websocket.py [--seconds 5] [--size 64] [--window 32]
+    python -m perf bench-websocket [--seconds 5] [--size 64] [--window 32]
 
 Latency: one client, one message at a time (round trip, p50/p99). Throughput: one client
 keeping --window messages in flight. Both targets echo; the gateway path is client → gateway
@@ -21,9 +21,8 @@ import time
 import uvloop
 from picows import WSListener, WSMsgType, ws_connect, ws_create_server
 
-from _procs import free_port  # perf/_procs.py (perf/ is sys.path[0]: python perf/bench_websocket.py)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from . import commands
+from ._procs import REPO_DIR, free_port
 
 
 class Echo(WSListener):
@@ -82,12 +81,12 @@ async def measure(url: str, seconds: float, size: int, window: int) -> dict:
             "round_trips": len(lat), "msgs_per_s": sent / elapsed}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog=commands.prog(__name__), description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--window", type=int, default=32)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     procs = []
     tmp = tempfile.mkdtemp(prefix="stellagw-wsbench-")
     try:
@@ -97,9 +96,9 @@ def main() -> int:
             f.write(f"gateway: {{http: {{port: {http}}}, transports: {{tcp: {{port: {tcp}}}}}, "
                     f"logging: {{accessLog: false}}}}\n")
         procs.append(subprocess.Popen([sys.executable, "-m", "stellagw", "serve", "--config", cfg],
-                                      cwd=ROOT, stdout=subprocess.DEVNULL))
+                                      cwd=REPO_DIR, stdout=subprocess.DEVNULL))
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.services", "--name", "bench",
-                                       "--gateway", f"127.0.0.1:{tcp}"], cwd=ROOT))
+                                       "--gateway", f"127.0.0.1:{tcp}"], cwd=REPO_DIR))
 
         async def run():
             direct = await ws_create_server(lambda r: Echo(), "127.0.0.1", 0)
@@ -129,7 +128,7 @@ def main() -> int:
         print(f"added latency p50 {g['rtt_p50_ms'] - d['rtt_p50_ms']:.3f} ms, "
               f"p99 {g['rtt_p99_ms'] - d['rtt_p99_ms']:.3f} ms; "
               f"{args.size}-byte messages, window {args.window}")
-        print("command: " + " ".join([os.path.basename(sys.executable)] + sys.argv))
+        print("command: " + commands.command_line(__name__, argv))
         return 0
     finally:
         for p in procs:
@@ -140,6 +139,3 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,10 +7,10 @@ implementations to check that they agree, then each is measured for about --dura
 seconds in the same run. The activation gate's FiveMinuteCounter (add + count per request)
 and evict_idle() are measured too.
 
-    python setup.py build_ext --inplace
-    python perf/bench_window.py                      # both, ~2 s each
-    python perf/bench_window.py --only c --duration 10
-    perf record -g python perf/bench_window.py --only c --duration 10   # then: perf report
+    make build
+    python -m perf bench-window                      # both, ~2 s each
+    python -m perf bench-window --only c --duration 10
+    perf record -g python -m perf bench-window --only c --duration 10   # then: perf report
 """
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ import importlib
 import random
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from stellagw._py import window as py_window
 
-from stellagw._py import window as py_window  # noqa: E402
+from . import commands
 
 
 def stream(keys: int, n: int, step_us: int, seed: int) -> list[tuple[str, int]]:
@@ -52,8 +51,8 @@ def measure(fn, checks, duration: float, rebase) -> float:
             return count / (t - start)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog=commands.prog(__name__), description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=2.0, help="seconds per measurement (2)")
     ap.add_argument("--keys", type=int, default=10_000, help="distinct keys (10000)")
     ap.add_argument("--checks", type=int, default=200_000, help="checks in the stream (200000)")
@@ -127,6 +126,3 @@ def main(argv=None) -> int:
         print(f"  evict_idle() {label:28s} {dropped:,} of {held:,} keys in {dt * 1e3:.2f} ms")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

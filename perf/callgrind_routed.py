@@ -3,8 +3,8 @@
 Instruction counts repeat from run to run where timings do not (DESIGN.md §7), so this is
 the figure to compare between commits. One command::
 
-    python perf/callgrind_routed.py                       # ~40 s
-    python perf/callgrind_routed.py --n1 2000 --n2 6000 --no-history --keep-dumps /tmp/cg
+    python -m perf callgrind                       # ~40 s
+    python -m perf callgrind --n1 2000 --n2 6000 --no-history --keep-dumps /tmp/cg
 
 What it does:
 
@@ -50,12 +50,10 @@ import tempfile
 import time
 from pathlib import Path
 
-PERF_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(PERF_DIR))
+from . import _procs, commands
+from . import compare as cmp
+from ._procs import HOST, PERF_DIR, REPO_DIR
 
-import _procs  # noqa: E402  (perf/_procs.py: process handling, ports)
-import compare as cmp  # noqa: E402  (perf/compare.py: its ProcSet, pinning, waiting for 200)
-from _procs import HOST, REPO_DIR  # noqa: E402
 HISTORY = PERF_DIR / "callgrind_history.csv"
 HISTORY_FIELDS = ["date_utc", "commit", "dirty_files", "instr_per_request", "timers_excluded",
                   "instr_per_request_with_timers", "n1", "n2",
@@ -239,7 +237,7 @@ def run(args) -> dict:
             http_port, tcp_port = _procs.free_port(), _procs.free_port()
             cfg = tmp / "gateway.yaml"
             cfg.write_text(
-                "# written by perf/callgrind_routed.py\n"
+                "# written by python -m perf callgrind\n"
                 "gateway:\n"
                 "  node: {workers: 1}\n"
                 f"  http: {{host: {HOST}, port: {http_port}}}\n"
@@ -269,10 +267,10 @@ def run(args) -> dict:
             procs = cmp.ProcSet(tmp)
             try:
                 port = _procs.free_port()
-                raw_cmd = pin.wrap(pin.server_cpu, [*vg, sys.executable, str(PERF_DIR / "raw_server.py"),
-                                                    "--host", HOST, "--port", str(port)])
+                raw_cmd = pin.wrap(pin.server_cpu, [*vg, *commands.argv(
+                    "raw-server", "--host", HOST, "--port", str(port))])
                 result["raw_cmd"] = shlex.join(raw_cmd)
-                print("[callgrind] starting raw_server.py under callgrind ...", file=sys.stderr, flush=True)
+                print("[callgrind] starting the raw server under callgrind ...", file=sys.stderr, flush=True)
                 raw = procs.start("raw", raw_cmd, env=env)
                 cmp.wait_http_ok(port, "/", procs, args.start_timeout)
                 r = measure_server(args, raw.popen.pid, port, "/", outdir, "raw")
@@ -304,15 +302,15 @@ def append_history(result: dict, path: Path) -> None:
         w.writerow(result)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str]):
+    ap = argparse.ArgumentParser(prog=commands.prog(__name__), description=__doc__.split("\n\n")[0])
     ap.add_argument("--warmup", type=int, default=500, help="requests before measuring (default 500)")
     ap.add_argument("--n1", type=int, default=1000, help="requests in the first window (default 1000)")
     ap.add_argument("--n2", type=int, default=3000, help="requests in the second window (default 3000)")
     ap.add_argument("--idle", type=float, default=3.0, help="seconds of the idle window (default 3)")
     ap.add_argument("--malloc", action="store_true", help="PYTHONMALLOC=malloc (default: pymalloc)")
     ap.add_argument("--no-raw", action="store_true",
-                    help="skip the baseline (perf/raw_server.py measured the same way)")
+                    help="skip the baseline (the raw server measured the same way)")
     ap.add_argument("--server-cpu", type=int, default=0)
     ap.add_argument("--load-cpu", type=int, default=1)
     ap.add_argument("--no-pin", action="store_true")
@@ -329,9 +327,9 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    command = _procs.command_line(argv)
+    command = commands.command_line(__name__, argv)
     _procs.stop_on_sigterm()
     try:
         res = run(args)
@@ -380,6 +378,3 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     return 0
 
-
-if __name__ == "__main__":
-    _procs.run_main(main)

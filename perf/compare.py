@@ -3,12 +3,12 @@
 One command runs every target in turn on the same machine, with the same load
 generator (wrk) and the same pinning, and prints one table (DESIGN.md §7)::
 
-    python perf/compare.py --targets raw,nginx,gateway-health --duration 10
+    python -m perf compare --targets raw,nginx,gateway-health --duration 10
 
 Targets:
 
-* ``raw``            perf/raw_server.py: raw uvloop + httptools, the ceiling for Python.
-* ``nginx``          nginx (1 worker, keep-alive upstream) proxying to raw_server.py.
+* ``raw``            ``python -m perf raw-server``: raw uvloop + httptools, the ceiling for Python.
+* ``nginx``          nginx (1 worker, keep-alive upstream) proxying to the raw server.
 * ``gateway-health`` ``python -m stellagw serve`` with one worker, GET /health/live.
 * ``gateway-routed`` the gateway + ``python -m stellagw demo-service --name bench``,
                      GET /bench/hello routed to the service.
@@ -70,8 +70,8 @@ from typing import Callable
 
 import psutil
 
-import _procs  # perf/_procs.py (perf/ is sys.path[0] when a perf script runs)
-from _procs import HOST, PERF_DIR, REPO_DIR, Proc, free_port, py_env, tree
+from . import _procs, commands
+from ._procs import HOST, PERF_DIR, REPO_DIR, Proc, free_port, py_env, tree
 
 ALL_TARGETS = ("raw", "gateway-health", "gateway-routed", "nginx", "gateway-routed-2w",
                "gateway-routed-rl-instance", "gateway-routed-rl-env")
@@ -334,8 +334,8 @@ def require_stellagw_command(s: Settings, sub: str) -> None:
 
 def start_raw(s: Settings, procs: ProcSet, tmp: Path) -> Started:
     port = free_port()
-    srv = procs.start("raw", s.pin.wrap(s.pin.server_cpu, [
-        s.python, str(PERF_DIR / "raw_server.py"), "--host", HOST, "--port", str(port)]))
+    srv = procs.start("raw", s.pin.wrap(s.pin.server_cpu, commands.argv(
+        "raw-server", "--host", HOST, "--port", str(port), python=s.python)))
     wait_http_ok(port, "/", procs, s.start_timeout)
     return Started(port, "/", [srv], layout=_layout(s, "raw_server", None))
 
@@ -356,8 +356,8 @@ def _nginx_version(binary: str) -> tuple[int, ...]:
 def start_nginx(s: Settings, procs: ProcSet, tmp: Path) -> Started:
     binary = _nginx_binary()
     backend_port, port = free_port(), free_port()
-    backend = procs.start("nginx-backend", s.pin.wrap(s.pin.backend, [
-        s.python, str(PERF_DIR / "raw_server.py"), "--host", HOST, "--port", str(backend_port)]))
+    backend = procs.start("nginx-backend", s.pin.wrap(s.pin.backend, commands.argv(
+        "raw-server", "--host", HOST, "--port", str(backend_port), python=s.python)))
     wait_http_ok(backend_port, "/", procs, s.start_timeout)
     prefix = tmp / "nginx"
     prefix.mkdir()
@@ -383,7 +383,7 @@ def _gateway_config(tmp: Path, http_port: int, tcp_port: int, workers: int = 1,
     """``extra``: top-level YAML appended as is (the ``rate_limiting:`` block)."""
     cfg = tmp / "gateway.yaml"
     cfg.write_text(
-        "# written by perf/compare.py\n"
+        "# written by python -m perf compare\n"
         "gateway:\n"
         "  node:\n"
         f"    workers: {workers}\n"
@@ -983,10 +983,11 @@ def decide_pinning(server_cpu: int, load_cpu: int, no_pin: bool,
                    f"(wrk, plus the backend behind nginx / the gateway); {len(usable)} usable CPUs")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
+        prog=commands.prog(__name__),
         description="Benchmark the gateway against raw uvloop+httptools and nginx, side by side (loopback only).",
-        epilog="Example: python perf/compare.py --targets raw,nginx --duration 5 --json out.json",
+        epilog="Example: python -m perf compare --targets raw,nginx --duration 5 --json out.json",
     )
     ap.add_argument("--targets", default="raw,nginx",
                     help=f"comma list from {','.join(ALL_TARGETS)}; the first is the × baseline (default raw,nginx)")
@@ -1028,9 +1029,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    command = _procs.command_line(argv)
+    command = commands.command_line(__name__, argv)
     if not shutil.which("wrk"):
         print("wrk not found: run `sh perf/install-tools.sh`", file=sys.stderr)
         return 2
@@ -1081,6 +1082,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"json: {args.json}")
     return 0 if all(r["ok"] for rd in rounds for r in rd) else 1
 
-
-if __name__ == "__main__":
-    _procs.run_main(main, "interrupted: all benchmark processes stopped")

@@ -1,9 +1,9 @@
 """10,000 keep-alive clients + 100 service connections: errors and the gateway's memory
 (issue 8, DESIGN.md §7 "RSS at 10,000 open connections").
 
-    python perf/connections.py                      # ~1 minute: connect, 20 s of light load
-    python perf/connections.py --soak 600           # RSS every 10 s for 10 minutes + slope
-    python perf/connections.py --workers 2 --clients 10000 --interval 5 --duration 30
+    python -m perf connections                      # ~1 minute: connect, 20 s of light load
+    python -m perf connections --soak 600           # RSS every 10 s for 10 minutes + slope
+    python -m perf connections --workers 2 --clients 10000 --interval 5 --duration 30
 
 What it does, all on 127.0.0.1:
 
@@ -39,7 +39,6 @@ import asyncio
 import collections
 import json
 import os
-import resource
 import shlex
 import socket
 import sys
@@ -47,20 +46,17 @@ import tempfile
 import time
 from pathlib import Path
 
-PERF_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(PERF_DIR))
-sys.path.insert(0, str(PERF_DIR.parent))
+import httptools
+import psutil
+import uvloop
 
-import _procs  # noqa: E402  (perf/_procs.py: process handling, ports)
-import compare as cmp  # noqa: E402  (perf/compare.py: its ProcSet, pinning, CPU figures)
-import httptools  # noqa: E402
-import psutil  # noqa: E402
-import uvloop  # noqa: E402
-from loadgen import Histogram  # noqa: E402
+from stellagw import frame as fr
 
-from stellagw import frame as fr  # noqa: E402
+from . import _procs, commands
+from . import compare as cmp
+from ._procs import HOST
+from .loadgen import Histogram
 
-HOST = _procs.HOST
 MB = 2 ** 20
 
 
@@ -208,7 +204,7 @@ class FakeService:
         self.hello = {"protocol": fr.PROTOCOL_VERSION, "service": self.name, "version": "1.0.0",
                       "instance_id": self.instance_id, "region": "",
                       "endpoints": [{"method": "GET", "path": self.path}],
-                      "sdk": "perf/connections.py"}
+                      "sdk": "perf.connections"}
         self.stats, self.stopping = stats, stopping
         self.links: dict[tuple, ServiceConn] = {}
         self.host = HOST
@@ -375,20 +371,6 @@ class ClientPool:
 # the run
 
 
-def raise_nofile(want: int) -> tuple[int, int]:
-    """Soft (and, where allowed, hard) RLIMIT_NOFILE to `want`; without CAP_SYS_RESOURCE
-    (containers) the hard limit caps it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
-    except (ValueError, OSError):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
-        except (ValueError, OSError):
-            pass
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
 async def scenario(args, gw_pid: int, http_port: int, tcp_port: int, procs, log) -> dict:
     stopping_flag = [False]
     stopping = lambda: stopping_flag[0]  # noqa: E731
@@ -465,7 +447,7 @@ async def scenario(args, gw_pid: int, http_port: int, tcp_port: int, procs, log)
     still_open = sum(1 for c in pool.clients if not c.closed)
     never = sum(1 for c in pool.clients if c.answered == 0)
     if load_s >= args.interval and never:
-        stats.errors[f"clients never answered"] += never
+        stats.errors["clients never answered"] += never
     procs.check_alive()
     stopping_flag[0] = True
     pool.close()
@@ -493,7 +475,7 @@ async def scenario(args, gw_pid: int, http_port: int, tcp_port: int, procs, log)
 def write_config(tmp: Path, args, http_port: int, tcp_port: int) -> Path:
     cfg = tmp / "gateway.yaml"
     cfg.write_text(
-        "# written by perf/connections.py\n"
+        "# written by python -m perf connections\n"
         "gateway:\n"
         f"  node: {{workers: {args.workers}}}\n"
         "  http:\n"
@@ -508,7 +490,7 @@ def write_config(tmp: Path, args, http_port: int, tcp_port: int) -> Path:
 
 
 def run(args, log) -> dict:
-    nofile = raise_nofile(args.nofile)
+    nofile = _procs.raise_nofile(args.nofile)
     if nofile[0] < args.clients + args.services * args.workers + 256:
         raise SystemExit(f"RLIMIT_NOFILE is {nofile[0]}: too low for {args.clients} clients "
                          f"(run as root or raise the hard limit)")
@@ -612,8 +594,8 @@ def report(res: dict, args, command: str) -> str:
     return "\n".join(l for l in lines if l)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str]):
+    ap = argparse.ArgumentParser(prog=commands.prog(__name__), description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=10000)
     ap.add_argument("--services", type=int, default=100)
     ap.add_argument("--workers", type=int, default=1, help="gateway workers (default 1)")
@@ -639,9 +621,9 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    command = _procs.command_line(argv)
+    command = commands.command_line(__name__, argv)
     _procs.stop_on_sigterm()
     log = lambda msg: print(f"[connections] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     res = run(args, log)
@@ -651,6 +633,3 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     return 0 if res.get("ok") else 1
 
-
-if __name__ == "__main__":
-    _procs.run_main(main)

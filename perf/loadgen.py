@@ -9,8 +9,8 @@ Two modes, one process, keep-alive connections to one URL on loopback:
   Latency is measured per request from the moment its bytes were handed to the kernel to
   the end of its response (``latency_from_schedule``: from the moment it was due); the lag
   of the send schedule is reported too (if it grows the generator itself was the
-  bottleneck, and the run says so). The loop is perf/openloop.pyx (``--engine c``, compiled on
-  first use; ~75 % of a CPU at 41k req/s, most of it the kernel's); ``--engine python`` is
+  bottleneck, and the run says so). The loop is perf/openloop.pyx (``--engine c``, built by
+  ``make build``; ~75 % of a CPU at 41k req/s, most of it the kernel's); ``--engine python`` is
   the uvloop loop it replaced, which sends the due requests in bursts once per tick and
   keeps its CPU 100 % busy. ``--spin``: the C loop polls instead of sleeping and
   yields the CPU between polls (its CPU never idles; see perf/openloop.pyx). ``stops``:
@@ -34,9 +34,9 @@ to a file). With ``--handshake`` the generator connects (and mints), prints ``re
 waits for a line on stdin, runs, prints ``done`` and then the JSON -- so a harness can read
 the server's CPU exactly around the measured window.
 
-    python perf/loadgen.py open --url http://127.0.0.1:8081/ --rate 10000 --duration 10
-    taskset -c 0 python perf/loadgen.py hiccups --duration 5
-    python perf/loadgen.py closed --url http://127.0.0.1:8080/bench/hello --requests 50000 \\
+    python -m perf loadgen open --url http://127.0.0.1:8081/ --rate 10000 --duration 10
+    taskset -c 0 python -m perf loadgen hiccups --duration 5
+    python -m perf loadgen closed --url http://127.0.0.1:8080/bench/hello --requests 50000 \\
         --dpop-key key.pem --token-file token.txt --htu http://127.0.0.1:8080/bench/hello
 
 Loopback only (127.0.0.1 / localhost / ::1), bounded by --duration / --max-seconds.
@@ -56,6 +56,8 @@ from urllib.parse import urlsplit
 
 import httptools
 import uvloop
+
+from . import commands
 
 SUB = 64  # sub-buckets per power of two
 
@@ -307,18 +309,19 @@ async def open_loop(args, request: bytes, handshake) -> dict:
     })
 
 
+BUILD = "make build (python setup.py build_ext --inplace --perf-extensions)"
+
+
 def load_openloop():
-    """perf/openloop.pyx, compiled on first use (Cython + the C compiler the extensions
-    need anyway) into a cache outside the tree; rebuilt when the source changes."""
-    import pyximport
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    pyximport.install(build_dir=os.path.join(cache, "stellagw-perf"), language_level=3,
-                      inplace=False)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    """perf/openloop.pyx, built in place with the other extensions; refused when older than
+    its source, since a stale loop would measure what the source no longer says."""
     try:
-        import openloop
-    finally:
-        sys.path.pop(0)
+        from . import openloop
+    except ImportError as exc:
+        raise ImportError(f"perf/openloop.pyx is not built ({exc}): {BUILD}") from exc
+    source = os.path.join(os.path.dirname(openloop.__file__), "openloop.pyx")
+    if os.path.getmtime(source) > os.path.getmtime(openloop.__file__):
+        raise ImportError(f"{openloop.__file__} is older than {source}: {BUILD}")
     return openloop
 
 
@@ -499,8 +502,8 @@ def dpop_source(args, method: str, path: str, netloc: str, count: int):
 # main
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str]):
+    ap = argparse.ArgumentParser(prog=commands.prog(__name__), description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
     hp = sub.add_parser("hiccups", help="no server: how often and how long this CPU stalls")
     hp.add_argument("--duration", type=float, default=5.0)
@@ -585,7 +588,7 @@ async def amain(args) -> dict:
     return res
 
 
-def main(argv=None) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.mode == "hiccups":
         res = hiccups(args)
@@ -609,6 +612,3 @@ def main(argv=None) -> int:
     print(text, flush=True)
     return 0 if not res["errors"] else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
 """Profile the gateway on the routed path under wrk load (issue 7 part 5)::
 
-    python perf/profile_routed.py flamegraph     # py-spy -> perf/results/flamegraph.svg (make flamegraph)
-    python perf/profile_routed.py perf-stat      # perf stat -e instructions,cycles (make perf-stat)
+    python -m perf profile flamegraph     # py-spy -> perf/results/flamegraph.svg (make flamegraph)
+    python -m perf profile perf-stat      # perf stat -e instructions,cycles (make perf-stat)
 
-Both start what ``perf/compare.py --targets gateway-routed`` starts -- ``python -m stellagw
+Both start what ``python -m perf compare --targets gateway-routed`` starts -- ``python -m stellagw
 serve`` (supervisor + 1 worker, pinned to ``--server-cpu``) and ``python -m stellagw
 demo-service --name bench`` next to wrk on ``--load-cpu`` -- warm up 1 s, then keep
 ``wrk -t1 -c64 GET /bench/hello`` running while the profiler watches the gateway's processes
@@ -23,7 +23,7 @@ at the end (perf/_procs.py's process handling).
   ``perf`` at all (Debian: ``apt-get install linux-perf``) is reported the same way.
   Exit status 0 in both cases: "not supported" is an answer, not a failure.
 
-For instruction counts that repeat from run to run use ``perf/callgrind_routed.py``
+For instruction counts that repeat from run to run use ``python -m perf callgrind``
 (``make callgrind``).
 """
 from __future__ import annotations
@@ -38,13 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
-PERF_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(PERF_DIR))
+from . import _procs, commands
+from . import compare as cmp
+from ._procs import PERF_DIR, REPO_DIR
 
-import _procs  # noqa: E402  (perf/_procs.py: processes)
-import compare as cmp  # noqa: E402  (perf/compare.py: pinning, targets, wrk)
-
-REPO_DIR = _procs.REPO_DIR
 RESULTS = PERF_DIR / "results"
 
 
@@ -105,7 +102,7 @@ def flamegraph(args, s: cmp.Settings, procs: cmp.ProcSet, st: cmp.Started) -> in
         tail = (r.stderr or r.stdout).strip().splitlines()[-5:]
         print(f"flamegraph: py-spy failed (exit {r.returncode}): " + " | ".join(tail))
         if args.native:
-            print("  try again without native frames: python perf/profile_routed.py flamegraph --no-native")
+            print("  try again without native frames: python -m perf profile flamegraph --no-native")
         return 1
     samples = re.search(r"Samples: (\d+)", r.stdout + r.stderr)
     print(f"flamegraph: {out.relative_to(REPO_DIR) if out.is_relative_to(REPO_DIR) else out} "
@@ -170,8 +167,8 @@ def perf_stat(args, s: cmp.Settings, procs: cmp.ProcSet, st: cmp.Started) -> int
     return 0
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str]):
+    ap = argparse.ArgumentParser(prog=commands.prog(__name__), description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=("flamegraph", "perf-stat"))
     ap.add_argument("--duration", type=int, default=10, help="seconds profiled (default 10)")
     ap.add_argument("--out", default=str(RESULTS / "flamegraph.svg"),
@@ -191,7 +188,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if not shutil.which("wrk"):
         print("wrk not found: run `sh perf/install-tools.sh`", file=sys.stderr)
@@ -216,6 +213,3 @@ def main(argv=None) -> int:
         finally:
             procs.stop_all()
 
-
-if __name__ == "__main__":
-    _procs.run_main(main, "interrupted: all profiling processes stopped")

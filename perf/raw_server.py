@@ -6,18 +6,18 @@ requests parsed out of one read are written with a single ``transport.write``
 (so a non-pipelined request costs exactly one write, and a pipelined burst
 does not cost one syscall per response).  There is no routing, no logging and
 no Date header: this is the cheapest HTTP server Python can offer, the
-baseline that ``perf/compare.py`` measures the gateway and nginx against, and
+baseline that ``python -m perf compare`` measures the gateway and nginx against, and
 the hello backend nginx proxies to.
 
 Loopback benchmark tool only (STYLE.md item 39)::
 
-    python perf/raw_server.py --host 127.0.0.1 --port 8081
+    python -m perf raw-server --host 127.0.0.1 --port 8081
     wrk -t1 -c64 -d10s --latency http://127.0.0.1:8081/
 
 Under a profiler::
 
-    perf record -g -- python perf/raw_server.py --port 8081      # then run wrk
-    py-spy record -o raw.svg -- python perf/raw_server.py --port 8081
+    perf record -g -- python -m perf raw-server --port 8081      # then run wrk
+    py-spy record -o raw.svg -- python -m perf raw-server --port 8081
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import argparse
 import asyncio
 import signal
 import socket
-import sys
 
 import httptools
 import uvloop
+
+from . import commands
 
 BODY = b"Hello, World!\n"
 
@@ -138,8 +139,8 @@ async def serve(host: str, port: int, backlog: int) -> None:
         server.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog=commands.prog(__name__), description=__doc__.split("\n\n")[0])
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=8081, help="TCP port (default 8081)")
     ap.add_argument("--backlog", type=int, default=4096, help="listen backlog")
@@ -147,6 +148,3 @@ def main(argv: list[str] | None = None) -> int:
     uvloop.run(serve(args.host, args.port, args.backlog))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

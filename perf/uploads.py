@@ -2,9 +2,9 @@
 concurrent uploads of S MB to a slow service, then anonymous uploads to an unknown route;
 one gateway checkout or several side by side (a baseline worktree beside this one).
 
-    python perf/uploads.py                                   # this checkout
+    python -m perf uploads                                   # this checkout
     git worktree add /tmp/base e46f73b && (cd /tmp/base && python setup.py -q build_ext --inplace)
-    python perf/uploads.py --checkout /tmp/base --checkout .  # before | after, one run
+    python -m perf uploads --checkout /tmp/base --checkout .  # before | after, one run
 
 Each checkout's gateway runs from its own tree (`python -m stellagw serve`, 1 worker); the
 service is this checkout's tests/services.py (POST /t/up/upload?ms=M pauses M ms per MiB it
@@ -28,16 +28,10 @@ import threading
 import time
 from pathlib import Path
 
-PERF_DIR = Path(__file__).resolve().parent
-REPO_DIR = PERF_DIR.parent
-HOST = "127.0.0.1"
+from . import commands
+from ._procs import HOST, REPO_DIR, free_port
+
 MB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def rss(pid: int) -> int:
@@ -199,8 +193,8 @@ def measure(checkout: Path, clients: int, size_mb: int, service_ms: int, refused
         log.close()
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog=commands.prog(__name__), description=__doc__.split("\n")[0])
     ap.add_argument("--checkout", action="append", type=Path,
                     help="a checkout whose gateway to measure (repeatable; default: this one)")
     ap.add_argument("--clients", type=int, default=20)
@@ -233,10 +227,6 @@ def main(argv=None) -> int:
               f"| {r['after'] / MB:.0f} | {r['refused_peak'] / MB:.0f} | {r['end'] / MB:.0f} "
               f"| {r['ok']}/{r['clients']} | {r['wall']:.1f} | {r['refused_sent'] / MB:.1f} MB |")
     print()
-    print("command: " + " ".join(["python", "perf/uploads.py"]
-                                 + (argv if argv is not None else sys.argv[1:])))
+    print("command: " + commands.command_line(__name__, argv))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,6 @@ metrics` validates the exposition itself.
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import json
 import os
 import re
@@ -19,7 +18,6 @@ import shutil
 import signal
 import string
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -54,16 +52,6 @@ def _tool(name):
             pytest.fail(f"{name} is missing: .ci/run installs Debian's prometheus package")
         pytest.skip(f"{name} not installed (apt-get install prometheus)")
     return path
-
-
-def _load_stack_module():
-    name = "stellagw_perf_k6_stack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "perf" / "k6" / "stack.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
 def dashboard() -> dict:
@@ -175,8 +163,9 @@ class Traffic(threading.Thread):
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
+    from perf.k6_scenarios import stack as stack_mod
+
     prometheus = _tool("prometheus")
-    stack_mod = _load_stack_module()
     work = tmp_path_factory.mktemp("grafana-live")
     stack = stack_mod.Stack(work, auth="off", services=("policy", "bench"), pin=False,
                             start_timeout=20)

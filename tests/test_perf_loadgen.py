@@ -1,4 +1,5 @@
-"""perf/loadgen.py open mode and its C loop (perf/openloop.pyx), against real sockets.
+"""``python -m perf loadgen`` open mode and its C loop (perf/openloop.pyx), against real
+sockets.
 
 The latency figures of issue 8 come from this generator, so what it counts is checked
 here: every request it sends is answered and counted once, responses split or coalesced
@@ -20,9 +21,8 @@ import time
 
 import pytest
 
-from .perf_support import PERF, load_perf
-
-loadgen = load_perf("stellagw_perf_loadgen", "loadgen.py")
+from perf import commands, loadgen
+from perf._procs import REPO_DIR
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def raw_server():
     port = _free_port()
-    p = subprocess.Popen([sys.executable, str(PERF / "raw_server.py"), "--port", str(port)],
+    p = subprocess.Popen(commands.argv("raw-server", "--port", str(port)), cwd=REPO_DIR,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
@@ -49,7 +49,7 @@ def raw_server():
                 break
             except OSError:
                 if time.monotonic() > deadline or p.poll() is not None:
-                    raise RuntimeError("perf/raw_server.py did not start")
+                    raise RuntimeError("python -m perf raw-server did not start")
                 time.sleep(0.05)
         yield f"http://127.0.0.1:{port}/"
     finally:
@@ -58,7 +58,7 @@ def raw_server():
 
 
 def run(*args: str) -> tuple[int, dict]:
-    p = subprocess.run([sys.executable, str(PERF / "loadgen.py"), "open", *args],
+    p = subprocess.run(commands.argv("loadgen", "open", *args), cwd=REPO_DIR,
                        capture_output=True, text=True, timeout=120)
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
     assert lines, p.stderr[-2000:]
@@ -134,7 +134,7 @@ class _Server:
 
 
 def run_against(reply, *args: str) -> tuple[int, dict]:
-    """perf/loadgen.py open against a _Server answering with ``reply``."""
+    """``loadgen open`` against a _Server answering with ``reply``."""
     srv = _Server(reply)
     try:
         return run("--url", srv.url, "--warmup", "0", *args)
@@ -231,9 +231,9 @@ def test_hiccups_sees_the_time_another_task_takes_its_cpu():
     busy = subprocess.Popen([sys.executable, "-c", "import time\ne = time.time() + 20\n"
                              "while time.time() < e: pass"], preexec_fn=pin)
     try:
-        p = subprocess.run([sys.executable, str(PERF / "loadgen.py"), "hiccups", "--duration",
-                            "1.0", "--threshold-us", "200"], capture_output=True, text=True,
-                           timeout=120, preexec_fn=pin)
+        p = subprocess.run(commands.argv("loadgen", "hiccups", "--duration", "1.0",
+                                         "--threshold-us", "200"), cwd=REPO_DIR,
+                           capture_output=True, text=True, timeout=120, preexec_fn=pin)
     finally:
         busy.kill()
         busy.wait()
@@ -264,6 +264,6 @@ def test_back_to_back_keeps_one_request_in_flight_per_connection():
 
 
 def test_open_needs_a_rate_unless_back_to_back():
-    p = subprocess.run([sys.executable, str(PERF / "loadgen.py"), "open", "--url",
-                        "http://127.0.0.1:1/"], capture_output=True, text=True, timeout=60)
+    p = subprocess.run(commands.argv("loadgen", "open", "--url", "http://127.0.0.1:1/"),
+                       cwd=REPO_DIR, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--rate is required" in p.stderr

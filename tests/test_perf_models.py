@@ -1,7 +1,5 @@
-"""perf/models.py: the seed §14 performance model — curves, histogram quantiles, verdicts.
-
-perf/ is not a package: tests/perf_support.py loads the module by path.
-"""
+"""perf/k6_scenarios/models.py: the seed §14 performance model — curves, histogram
+quantiles, verdicts."""
 from __future__ import annotations
 
 import json
@@ -9,10 +7,8 @@ import math
 
 import pytest
 
-from .perf_support import load_perf
-
-m = load_perf("stellagw_perf_models", "models.py")
-results = load_perf("stellagw_perf_k6_results", "k6/results.py")
+from perf.k6_scenarios import models as m
+from perf.k6_scenarios import results
 
 INF = math.inf
 

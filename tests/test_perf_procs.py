@@ -1,5 +1,5 @@
-"""perf/_procs.py's CPU quota (issue8.py's workers part: each worker held to a share of a
-CPU by a cgroup), on this machine's real cgroups; skipped where none is writable."""
+"""perf/_procs.py's CPU quota (the scorecard's workers part: each worker held to a share of
+a CPU by a cgroup), on this machine's real cgroups; skipped where none is writable."""
 from __future__ import annotations
 
 import os
@@ -9,9 +9,7 @@ import time
 
 import pytest
 
-from .perf_support import load_perf
-
-procs = load_perf("stellagw_perf_procs", "_procs.py")
+from perf import _procs as procs
 
 
 def test_a_quota_holds_a_busy_process_to_its_share_and_is_removed():

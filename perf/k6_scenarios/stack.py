@@ -1,7 +1,7 @@
 """The stack a k6 scenario runs against, on loopback: gateway, demo services, the
 development Authority (when the product has it), Valkey (optional).
 
-Process handling is perf/_procs.py's (as in perf/compare.py): every child in its own
+Process handling is perf/_procs.py's (as in ``python -m perf compare``): every child in its own
 session (process group) with PR_SET_PDEATHSIG, stopped with SIGTERM to the group, SIGKILL
 after a grace period, and psutil sweeps up anything that left the group. The Authority runs
 in a thread of the runner.
@@ -18,12 +18,8 @@ from pathlib import Path
 
 import psutil
 
-PERF_DIR = Path(__file__).resolve().parent.parent
-if str(PERF_DIR) not in sys.path:  # loaded by path (tests/test_grafana.py), not from run_k6.py
-    sys.path.append(str(PERF_DIR))
-
-import _procs  # noqa: E402  (perf/_procs.py)
-from _procs import HOST, REPO_DIR, Proc, free_port, py_env  # noqa: E402,F401
+from .. import _procs
+from .._procs import HOST, REPO_DIR, Proc, free_port, py_env
 
 ROUTE_PROBES = {"scanner": ("GET", "/api/v1/scans/1"), "policy": ("GET", "/api/v1/policies"),
                 "bench": ("GET", "/bench/hello")}
@@ -50,16 +46,6 @@ def http_get(url: str, headers: dict | None = None, timeout: float = 2.0,
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
-
-
-def raise_nofile(want: int = 65536) -> int:
-    """F opens ~1000 connections on each side: lift the soft fd limit (children inherit)."""
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = min(want, hard) if hard != resource.RLIM_INFINITY else want
-    if soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _yaml_str(s: str) -> str:
@@ -134,7 +120,7 @@ class Stack:
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> "Stack":
-        raise_nofile()
+        _procs.raise_nofile(65536)   # F opens ~1000 connections on each side
         self.http_port, self.tcp_port = free_port(), free_port()
         if self.want_valkey:
             self._start_valkey()
@@ -183,7 +169,7 @@ class Stack:
 
     def config_text(self, with_auth: bool) -> str:
         lines = [
-            "# written by perf/run_k6.py",
+            "# written by python -m perf k6",
             "gateway:",
             f"  node: {{workers: {self.workers}}}",
             "  http:",

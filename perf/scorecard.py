@@ -1,37 +1,37 @@
-"""Issue 8: every performance target of the gateway, measured beside its baseline, in one
-command (short mode by default, ~4 minutes on the 2-CPU VM)::
+"""The scorecard of issue 8's targets: every performance target of the gateway, measured
+beside its baseline, in one command (short mode by default, ~4 minutes on the 2-CPU VM)::
 
-    python perf/issue8.py                          # all six, short
-    python perf/issue8.py --only latency,auth      # some of them
-    python perf/issue8.py --full                   # longer runs (~12 minutes)
+    python -m perf scorecard                          # all six, short
+    python -m perf scorecard --only latency,auth      # some of them
+    python -m perf scorecard --full                   # longer runs (~12 minutes)
 
 Parts (``--only`` names), each printed with the exact command that reproduces it alone:
 
 1. ``cpu``          CPU per routed request (no auth, 64 keep-alive clients, a small body)
                     vs nginx per proxied request and raw uvloop+httptools:
-                    ``perf/compare.py --targets raw,gateway-routed,nginx``.
+                    ``python -m perf compare --targets raw,gateway-routed,nginx``.
 2. ``workers``      2 workers vs 1, req/s ratio, twice: each worker held to 0.4 of the
-                    server CPU by a cgroup quota (``perf/compare.py --targets
+                    server CPU by a cgroup quota (``python -m perf compare --targets
                     gateway-routed,gateway-routed-2w --worker-cpu-quota 0.4``: twice the CPU
                     in workers, wrk + service on the load CPU), and unpinned (``--no-pin``:
                     2 CPUs cannot give 2 workers, the service and wrk CPUs of their own).
 3. ``latency``      latency overhead at 50 % of the gateway's measured maximum rate
-                    (open loop: ``perf/loadgen.py open``, its loop in perf/openloop.pyx,
+                    (open loop: ``python -m perf loadgen open``, its loop in perf/openloop.pyx,
                     since wrk2 is not in Debian): gateway p50/p99 minus the raw server's
                     at the same rate with the same generator (polling, yielding its CPU
                     between polls), in two layouts (the service beside the generator; the
                     service beside the gateway), 3 rounds each, and the 1-connection p50
                     (wrk -c1).
 4. ``connections``  10,000 keep-alive clients + 100 service connections, light load, RSS
-                    of the gateway instance: ``perf/connections.py``.
+                    of the gateway instance: ``python -m perf connections``.
 5. ``auth``         DPoP-authenticated vs unauthenticated routed requests, CPU-µs/req of the
-                    gateway each, same gateway, same load generator (``perf/loadgen.py
-                    closed``, one pre-minted proof per request), plus one ES256
+                    gateway each, same gateway, same load generator (``python -m perf
+                    loadgen closed``, one pre-minted proof per request), plus one ES256
                     verification timed in-process (the gateway's own
                     ``stellagw.auth.jose.verify_signature``): everything but the signature =
                     authenticated − unauthenticated − verification.
 6. ``callgrind``    user-space instructions per routed request under callgrind, beside the
-                    raw server's: ``perf/callgrind_routed.py`` (appends to
+                    raw server's: ``python -m perf callgrind`` (appends to
                     ``perf/callgrind_history.csv``; ``--no-history`` here skips that).
 
 Ends with one table: target | figure | baseline | command. Loopback only; every run is
@@ -53,35 +53,21 @@ import tempfile
 import time
 from pathlib import Path
 
-PERF_DIR = Path(__file__).resolve().parent
-REPO_DIR = PERF_DIR.parent
-sys.path.insert(0, str(PERF_DIR))
-# the auth part builds a DevAuthority in this process: the checkout's stellagw, as the
-# processes it starts get through PYTHONPATH (_procs.py_env), whatever is installed
-sys.path.insert(1, str(REPO_DIR))
+from . import _procs, commands
+from . import compare as cmp
+from ._procs import HOST, PERF_DIR, REPO_DIR
 
-import _procs  # noqa: E402  (perf/_procs.py: process handling, ports)
-import compare as cmp  # noqa: E402  (perf/compare.py: targets, pinning, wrk, CPU figures)
-
-HOST = _procs.HOST
 PY = sys.executable
 PARTS = ("cpu", "workers", "latency", "connections", "auth", "callgrind")
 
 
 def log(msg: str) -> None:
-    print(f"[issue8] {msg}", file=sys.stderr, flush=True)
+    print(f"[scorecard] {msg}", file=sys.stderr, flush=True)
 
 
 def rel(cmd: list[str]) -> str:
     """A command as the user types it from the repository root."""
-    out = []
-    for c in cmd:
-        if c == PY:
-            c = "python"
-        elif c.startswith(str(REPO_DIR) + "/"):
-            c = c[len(str(REPO_DIR)) + 1:]
-        out.append(c)
-    return shlex.join(out)
+    return shlex.join("python" if c == PY else c for c in cmd)
 
 
 def run_tool(cmd: list[str], timeout: float, json_path: Path) -> tuple[dict | None, str]:
@@ -100,14 +86,14 @@ def run_tool(cmd: list[str], timeout: float, json_path: Path) -> tuple[dict | No
 
 
 # ---------------------------------------------------------------------------------------
-# 1, 2: compare.py
+# 1, 2: compare
 
 
 def part_cpu(args, tmp: Path) -> list[dict]:
     out = tmp / "cpu.json"
-    cmd = [PY, str(PERF_DIR / "compare.py"), "--targets", "raw,gateway-routed,nginx",
-           "--duration", str(args.duration), "--latency-duration", str(max(2, args.duration // 2)),
-           "--json", str(out)]
+    cmd = commands.argv("compare", "--targets", "raw,gateway-routed,nginx",
+                        "--duration", str(args.duration),
+                        "--latency-duration", str(max(2, args.duration // 2)), "--json", str(out))
     doc, err = run_tool(cmd, 600, out)
     command = rel(cmd[:-2])
     if doc is None:
@@ -139,9 +125,9 @@ def part_workers(args, tmp: Path) -> list[dict]:
     runs = {}
     for label, extra in (("quota", ["--worker-cpu-quota", "0.4"]), ("unpinned", ["--no-pin"])):
         out = tmp / f"workers-{label}.json"
-        cmd = [PY, str(PERF_DIR / "compare.py"), "--targets", "gateway-routed,gateway-routed-2w",
-               *extra, "--duration", str(args.duration), "--latency-connections", "0",
-               "--json", str(out)]
+        cmd = commands.argv("compare", "--targets", "gateway-routed,gateway-routed-2w",
+                            *extra, "--duration", str(args.duration), "--latency-connections", "0",
+                            "--json", str(out))
         doc, err = run_tool(cmd, 600, out)
         runs[label] = (doc, err, rel(cmd[:-2]))
     command = " ; ".join(c for _, _, c in runs.values())
@@ -178,12 +164,12 @@ def part_workers(args, tmp: Path) -> list[dict]:
 
 def loadgen(cmd_args: list[str], pin: cmp.Pinning, timeout: float, tmp: Path,
             watch: dict | None = None) -> dict:
-    """Run perf/loadgen.py pinned to the load CPU. With `watch` ({"server": pids,
+    """Run ``python -m perf loadgen`` pinned to the load CPU. With `watch` ({"server": pids,
     "backend": pids}) the CPU of those trees, of the generator and of the whole machine is
     read exactly around the measured window (--handshake) and derived figures are added:
     server_cpu_us_per_req, server_cpu_util, backend_cpu_us_per_req, load_cpu_util (backend
     + generator), other_cpu_util (the rest of the machine)."""
-    cmd = pin.wrap(pin.load_cpu, [PY, str(PERF_DIR / "loadgen.py"), *cmd_args])
+    cmd = pin.wrap(pin.load_cpu, commands.argv("loadgen", *cmd_args))
     snaps: dict = {}
 
     def handshake(phase):
@@ -270,7 +256,7 @@ def part_latency(args, tmp: Path) -> list[dict]:
         beside = dataclasses.replace(s, pin=dataclasses.replace(pin, backend_cpu=pin.server_cpu))
         targets.append(("gw-routed-svc@srv", cmp.start_gateway_routed, beside, False))
     targets.append(("raw", cmp.start_raw, s, False))
-    command = ("python perf/issue8.py --only latency" + (" --full" if args.full else "")
+    command = ("python -m perf scorecard --only latency" + (" --full" if args.full else "")
                + (f" --latency-rounds {args.latency_rounds}" if args.latency_rounds != 3 else ""))
     rate = None
     maximum = None
@@ -411,14 +397,14 @@ def part_latency(args, tmp: Path) -> list[dict]:
 
 
 def machine_stalls(seconds: float) -> dict | None:
-    """Spin on every usable CPU at once for `seconds` (perf/loadgen.py hiccups, pinned) and
+    """Spin on every usable CPU at once for `seconds` (``loadgen hiccups``, pinned) and
     say how often and how long each CPU was taken away: the floor under any tail measured
     on this machine. Nothing else of ours runs meanwhile."""
     if not shutil.which("taskset"):
         return None
     cpus = sorted(os.sched_getaffinity(0))
-    procs = [subprocess.Popen(["taskset", "-c", str(cpu), PY, str(PERF_DIR / "loadgen.py"),
-                               "hiccups", "--duration", str(seconds)],
+    procs = [subprocess.Popen(_procs.taskset(cpu, commands.argv(
+                                  "loadgen", "hiccups", "--duration", str(seconds))),
                               cwd=REPO_DIR, env=_procs.py_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for cpu in cpus]
     parts = []
@@ -435,7 +421,8 @@ def machine_stalls(seconds: float) -> dict | None:
                      f"{doc['total_ms']:.1f} ms in all ({100 * doc['share']:.2f} %), longest "
                      f"{doc['max_ms']:.1f} ms")
     return {"text": "; ".join(parts),
-            "cmd": f"taskset -c N python perf/loadgen.py hiccups --duration {seconds:g}, every CPU at once"}
+            "cmd": f"taskset -c N python -m perf loadgen hiccups --duration {seconds:g}, "
+                   "every CPU at once"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -444,9 +431,9 @@ def machine_stalls(seconds: float) -> dict | None:
 
 def part_connections(args, tmp: Path) -> list[dict]:
     out = tmp / "conn.json"
-    cmd = [PY, str(PERF_DIR / "connections.py"), "--duration", str(60 if args.full else 20)]
+    cmd = commands.argv("connections", "--duration", str(60 if args.full else 20))
     if args.soak:
-        cmd = [PY, str(PERF_DIR / "connections.py"), "--soak", str(args.soak)]
+        cmd = commands.argv("connections", "--soak", str(args.soak))
     doc, err = run_tool(cmd + ["--json", str(out)], 900 + args.soak, out)
     command = rel(cmd)
     if doc is None or "memory" not in doc or "loaded" not in doc.get("memory", {}):
@@ -511,7 +498,7 @@ def es256_cost(pin: cmp.Pinning) -> dict:
         raise cmp.TargetFailed(f"ES256 timing failed: {r.stderr[-1500:]}")
     doc = json.loads(r.stdout.strip().splitlines()[-1])
     doc["cmd"] = (f"taskset -c {pin.server_cpu} " if pin.enabled else "") + \
-        "python -c '<timeit of verify_signature(\"ES256\", ...) — ES256_CODE in perf/issue8.py>'"
+        "python -c '<timeit of verify_signature(\"ES256\", ...) — ES256_CODE in perf/scorecard.py>'"
     return doc
 
 
@@ -523,7 +510,7 @@ def part_auth(args, tmp: Path) -> list[dict]:
     n = args.auth_requests or (100_000 if args.full else 30_000)
     warm = 2000
     conns = 64
-    command = "python perf/issue8.py --only auth" + (" --full" if args.full else "")
+    command = "python -m perf scorecard --only auth" + (" --full" if args.full else "")
     sub = tmp / "auth"
     sub.mkdir()
     procs = cmp.ProcSet(sub)
@@ -549,7 +536,7 @@ def part_auth(args, tmp: Path) -> list[dict]:
             origin = f"http://{HOST}:{http_port}"
             cfg = gsub / "gateway.yaml"
             cfg.write_text(
-                "# written by perf/issue8.py (auth)\n"
+                "# written by python -m perf scorecard (auth)\n"
                 "gateway:\n"
                 "  node: {workers: 1}\n"
                 f"  http: {{host: {HOST}, port: {http_port}, publicOrigin: \"{origin}\"}}\n"
@@ -676,7 +663,7 @@ def _get(port: int, path: str, headers: dict) -> int:
 
 def part_callgrind(args, tmp: Path) -> list[dict]:
     out = tmp / "cg.json"
-    cmd = [PY, str(PERF_DIR / "callgrind_routed.py")]
+    cmd = commands.argv("callgrind")
     if args.no_history:
         cmd.append("--no-history")
     doc, err = run_tool(cmd + ["--json", str(out)], 600, out)
@@ -709,8 +696,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str]):
+    ap = argparse.ArgumentParser(prog=commands.prog(__name__), description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma list from {','.join(PARTS)}")
     ap.add_argument("--full", action="store_true", help="longer runs (10 s instead of 5 s, more requests)")
     ap.add_argument("--duration", type=int, default=None, help="seconds per measured run (5 short, 10 full)")
@@ -731,15 +718,15 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    command = rel([PY, *(sys.argv if argv is None else [sys.argv[0], *argv])])
+    command = commands.command_line(__name__, argv)
     _procs.stop_on_sigterm()
     t0 = time.monotonic()
     rows: list[dict] = []
     funcs = {"cpu": part_cpu, "workers": part_workers, "latency": part_latency,
              "connections": part_connections, "auth": part_auth, "callgrind": part_callgrind}
-    with tempfile.TemporaryDirectory(prefix="stellagw-issue8-") as tmpname:
+    with tempfile.TemporaryDirectory(prefix="stellagw-scorecard-") as tmpname:
         tmp = Path(tmpname)
         for part in PARTS:
             if part not in args.only:
@@ -751,7 +738,7 @@ def main(argv=None) -> int:
             except Exception as exc:  # one broken part must not hide the others
                 rows.append({"target": part, "figure": f"FAILED: {type(exc).__name__}: {exc}",
                              "baseline": "-", "command": "-"})
-    print(f"\n######## issue 8 summary ({time.monotonic() - t0:.0f} s; "
+    print(f"\n######## scorecard of issue 8's targets ({time.monotonic() - t0:.0f} s; "
           f"{len(os.sched_getaffinity(0))} CPUs; {'short' if not args.full else 'full'} mode)")
     print(table(rows))
     print(f"command: {command}")
@@ -759,6 +746,3 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     return 0 if all("FAILED" not in r["figure"] for r in rows) else 1
 
-
-if __name__ == "__main__":
-    _procs.run_main(main)
