@@ -60,7 +60,7 @@ def build(R, *routes):
 
 
 def test_public_module_reexports_the_selected_implementation():
-    import stellagw.radix as public
+    import stellagw.routing.radix as public
     expected = py_radix if (NO_EXTENSIONS or c_radix is None) else c_radix
     assert public._m is expected
     assert set(public.__all__) == {"FOUND", "NOT_FOUND", "METHOD_NOT_ALLOWED", "MAX_SEGMENTS",

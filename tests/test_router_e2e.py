@@ -421,7 +421,7 @@ def test_a_burst_goes_to_the_service_in_bounded_writes_and_every_request_is_answ
     """Requests that arrive together are written to the service together, but never more
     than frame.WRITE_BATCH frames at once: the service starts on the first of a burst while
     the gateway encodes the rest (docs/hot-path.md)."""
-    from stellagw import frame as fr
+    from stellagw.transport import frame as fr
     from .gwtest import GatewayThread, settings_from
     gw = GatewayThread(settings_from("gateway: {http: {port: 0}}")).start()
     svc = subprocess.Popen([sys.executable, "-m", "tests.services", "--name", "wb", "--gateway",

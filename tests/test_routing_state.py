@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from stellagw.radix import FOUND, METHOD_NOT_ALLOWED, NOT_FOUND
+from stellagw.routing.radix import FOUND, METHOD_NOT_ALLOWED, NOT_FOUND
 from stellagw.routing.state import (DEGRADED, DRAINING, HEALTHY, UNHEALTHY, HelloError,
                                     RoutingState)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from stellagw import frame as fr
+from stellagw.transport import frame as fr
 from stellagw.service import Response, Service
 from stellagw.service.sdk import _Link
 

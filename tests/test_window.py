@@ -48,7 +48,7 @@ def W(request):
 
 
 def test_public_module_reexports_the_selected_implementation():
-    import stellagw.window as public
+    import stellagw.ratelimit.window as public
     expected = py_window if (NO_EXTENSIONS or c_window is None) else c_window
     assert public._m is expected
     for name in public.__all__:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import orjson
 
-from ..window import Decision, rate_limit_headers
+from .window import Decision, rate_limit_headers
 
 __all__ = ["Decision", "UNLIMITED", "rejection", "rate_limit_headers"]
 

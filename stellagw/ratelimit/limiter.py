@@ -28,7 +28,7 @@ from time import perf_counter
 
 from ..valkey import (ValkeyAuthError, ValkeyClient, ValkeyConnectionError, ValkeyError,
                       ValkeyProtocolError, ValkeyReplyError, ValkeyTimeout, pack_evalsha)
-from ..window import FiveMinuteCounter, WindowLimiter, wall_ms
+from .window import FiveMinuteCounter, WindowLimiter, wall_ms
 from .breaker import CLOSED, HALF_OPEN, CircuitBreaker
 from .decision import UNLIMITED, Decision
 from .environment import SCRIPT, counter_prefix, parse_reply

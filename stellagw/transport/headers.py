@@ -7,9 +7,9 @@ itself (content-length or chunked) on the way out.
 """
 from __future__ import annotations
 
-from ..frame import (HEADER_CONNECTION as _CONNECTION, HEADER_DROP as _DROP,
-                     HEADER_HOST as _HOST, HEADER_KEEP as _KEEP, HEADER_TE as _TE,
-                     HEADER_TRACE as _TRACE)
+from .frame import (HEADER_CONNECTION as _CONNECTION, HEADER_DROP as _DROP,
+                    HEADER_HOST as _HOST, HEADER_KEEP as _KEEP, HEADER_TE as _TE,
+                    HEADER_TRACE as _TRACE)
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import uvloop
 
-from stellagw import frame as fr
+from stellagw.transport import frame as fr
 from stellagw.config import ConfigError, load_config_text
 from stellagw.service import Response, Service, StreamResponse
 

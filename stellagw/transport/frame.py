@@ -1,8 +1,9 @@
 """Frame codec of the gateway <-> microservice transport (wire format: docs/protocol.md).
 
 The codec itself is compiled (cext/frame.pyx -> stellagw._cext.frame) with a pure-Python
-twin (stellagw._py.frame); `select` picks one (STELLAGW_NO_EXTENSIONS=1 forces the twin).
-This module re-exports it, plus a few pure-Python helpers that are not on the hot path.
+twin (stellagw._py.frame), imported below (STELLAGW_NO_EXTENSIONS=1 takes the twin). This
+module re-exports it, plus a few pure-Python helpers that are not on the hot path. The
+service SDK (stellagw/service/) speaks the same protocol through it.
 
 Usage::
 
@@ -21,9 +22,16 @@ from __future__ import annotations
 
 import struct
 
-from ._impl import select
+from .. import _impl
 
-_m = select("frame")
+if _impl.NO_EXTENSIONS:
+    from .._py import frame as _m
+else:
+    try:
+        from .._cext import frame as _m
+    except ImportError as exc:
+        _impl.fell_back("frame", exc)
+        from .._py import frame as _m
 
 HEADER_SIZE = _m.HEADER_SIZE
 MIN_LENGTH = _m.MIN_LENGTH

@@ -14,9 +14,16 @@ The compiled module (cext/window.pyx) is used when built, else the pure-Python t
 (stellagw/_py/window.py); STELLAGW_NO_EXTENSIONS=1 forces the twin. Buckets, Retry-After
 and eviction are described in docs/rate-limiting.md.
 """
-from ._impl import select
+from .. import _impl
 
-_m = select("window")
+if _impl.NO_EXTENSIONS:
+    from .._py import window as _m
+else:
+    try:
+        from .._cext import window as _m
+    except ImportError as exc:
+        _impl.fell_back("window", exc)
+        from .._py import window as _m
 
 WindowLimiter = _m.WindowLimiter
 FiveMinuteCounter = _m.FiveMinuteCounter

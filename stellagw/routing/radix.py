@@ -7,9 +7,16 @@ The compiled module (cext/radix.pyx) is used when built, else the pure-Python tw
 (stellagw/_py/radix.py); STELLAGW_NO_EXTENSIONS=1 forces the twin. Template syntax,
 precedence and the normalisation rules are in docs/routing.md.
 """
-from ._impl import select
+from .. import _impl
 
-_m = select("radix")
+if _impl.NO_EXTENSIONS:
+    from .._py import radix as _m
+else:
+    try:
+        from .._cext import radix as _m
+    except ImportError as exc:
+        _impl.fell_back("radix", exc)
+        from .._py import radix as _m
 
 FOUND = _m.FOUND
 NOT_FOUND = _m.NOT_FOUND
