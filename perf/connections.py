@@ -9,7 +9,7 @@ What it does, all on 127.0.0.1:
 
 1. lifts its own RLIMIT_NOFILE (``resource.setrlimit``, to --nofile) and starts the gateway
    as ``prlimit --nofile=N:N -- taskset -c 0 python -m stellagw serve`` (``maxConnections``
-   raised to 2 × --clients, backlog 4096, access log off, --workers workers);
+   raised to --clients + 1000, backlog 4096, access log off, --workers workers);
 2. opens --services **service connections** from this process, speaking the frame protocol
    directly with ``stellagw.frame.FrameEncoder``/``FrameDecoder`` (no SDK process per
    service): HELLO with one endpoint (``GET /connNNN/hello``, service ``connNNN``), the
@@ -481,7 +481,9 @@ def write_config(tmp: Path, args, http_port: int, tcp_port: int) -> Path:
         "  http:\n"
         f"    host: {HOST}\n"
         f"    port: {http_port}\n"
-        f"    maxConnections: {max(20000, 2 * args.clients)}\n"
+        # room for every client and the probe, yet within the descriptors the gateway
+        # checks it has at start-up (a container's hard limit can be 20,000)
+        f"    maxConnections: {args.clients + 1000}\n"
         "    backlog: 4096\n"
         "  transports:\n"
         f"    tcp: {{host: {HOST}, port: {tcp_port}, maxConnections: {max(1000, 4 * args.services)}}}\n"

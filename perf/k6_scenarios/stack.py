@@ -176,7 +176,6 @@ class Stack:
             f"    host: {HOST}",
             f"    port: {self.http_port}",
             f"    publicOrigin: {_yaml_str(self.base_url)}",
-            "    maxConnections: 20000",
             "  transports:",
             f"    tcp: {{host: {HOST}, port: {self.tcp_port}}}",
             "  logging: {accessLog: false}",
