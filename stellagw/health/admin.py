@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..ingress.responses import error_body
+from ..replies import error_body
 from . import builtins
 
 _JSON = b"content-type: application/json\r\n"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import orjson
 
 from ..config import PUBLIC_ENDPOINTS
-from ..ingress.responses import error_body
+from ..replies import error_body
 
 _JSON = b"content-type: application/json\r\ncache-control: no-store\r\n"
 _METRICS = b"content-type: text/plain; version=0.0.4; charset=utf-8\r\n"

@@ -21,7 +21,7 @@ import time
 import orjson
 import yaml
 
-from ..ingress.responses import error_body
+from ..replies import error_body
 from .document import build_document
 
 JSON_PATH = b"/openapi.json"

@@ -1,4 +1,6 @@
-"""Serialising responses: prebuilt status lines and the JSON error envelope."""
+"""What the gateway answers itself, whichever stage answers: prebuilt status lines and the
+one JSON error envelope (docs/design.md §2). Imported by ingress, the pipeline, transport,
+health and openapi alike, so it belongs to none of them."""
 from __future__ import annotations
 
 from http import HTTPStatus
