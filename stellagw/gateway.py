@@ -31,6 +31,7 @@ import orjson
 
 from . import __version__
 from .ingress.http import Accounting, HttpProtocol
+from .ingress.limits import HttpLimits
 from .ingress.tls import server_context
 from .observe.logs import JsonLog
 from .observe.metrics import Metrics
@@ -45,27 +46,6 @@ from .ratelimit import RateLimiter
 from .routing.state import RoutingState
 from .transport import headers as forward_headers
 from .transport.hub import TransportHub
-
-
-
-class HttpLimits:
-    """The request-path settings as flat attributes: one attribute read per check."""
-
-    __slots__ = ("max_connections", "max_header_bytes", "max_header_count", "max_url_length",
-                 "header_read_timeout", "keep_alive_timeout", "max_request_body_size",
-                 "body_read_timeout", "min_body_rate")
-
-    def __init__(self, gw):
-        http = gw.http
-        self.max_connections = http.max_connections
-        self.max_header_bytes = http.max_header_bytes
-        self.max_header_count = http.max_header_count
-        self.max_url_length = http.max_url_length
-        self.header_read_timeout = http.header_read_timeout
-        self.keep_alive_timeout = http.keep_alive_timeout
-        self.max_request_body_size = gw.routing.max_request_body_size
-        self.body_read_timeout = http.body_read_timeout
-        self.min_body_rate = http.min_body_rate
 
 
 def check_httptools_strict() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..ingress.limits import HttpLimits
 from ..replies import error_body
 from . import builtins
 
@@ -47,13 +48,12 @@ class _Gauge:
 
 class AdminServer:
     def __init__(self, worker):
-        from ..gateway import HttpLimits
         gw = worker.settings.gateway
         self._worker = worker
         self.accounting = worker.accounting
         self.log = worker.log
         self.new_parser = worker.new_parser
-        # The lead's HttpLimits, built from settings in which only the caps differ: the
+        # The client listener's HttpLimits, built from settings in which only the caps differ: the
         # timeouts and header limits stay the client listener's.
         self.http_settings = HttpLimits(dataclasses.replace(
             gw, http=dataclasses.replace(gw.http, max_connections=gw.admin.max_connections),

@@ -1,0 +1,23 @@
+"""The client listener's limits, read by HttpProtocol on every request (docs/http-edge.md)."""
+from __future__ import annotations
+
+
+class HttpLimits:
+    """The request-path settings as flat attributes: one attribute read per check."""
+
+    __slots__ = ("max_connections", "max_header_bytes", "max_header_count", "max_url_length",
+                 "header_read_timeout", "keep_alive_timeout", "max_request_body_size",
+                 "body_read_timeout", "min_body_rate", "proxy_protocol")
+
+    def __init__(self, gw):
+        http = gw.http
+        self.max_connections = http.max_connections
+        self.max_header_bytes = http.max_header_bytes
+        self.max_header_count = http.max_header_count
+        self.max_url_length = http.max_url_length
+        self.header_read_timeout = http.header_read_timeout
+        self.keep_alive_timeout = http.keep_alive_timeout
+        self.max_request_body_size = gw.routing.max_request_body_size
+        self.body_read_timeout = http.body_read_timeout
+        self.min_body_rate = http.min_body_rate
+        self.proxy_protocol = http.proxy_protocol     # "off", "v1", "v2" or "any"
