@@ -151,7 +151,7 @@ def test_valkey_timeout_is_an_outage(tmp_path, key, client):
 
 
 def test_valkey_recovers_after_the_retry_interval(tmp_path, key, client, monkeypatch):
-    from stellagw import auth as auth_module
+    from stellagw.auth import authenticator as auth_module
     monkeypatch.setattr(auth_module, "VALKEY_RETRY_AFTER", 0.0)
     valkey = FakeValkey()
     valkey.down = True
