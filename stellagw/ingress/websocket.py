@@ -1,35 +1,21 @@
-"""WebSocket passthrough: picows frames the client side, the frame protocol carries messages.
+"""WebSocket passthrough, client side: the connection handed from our HTTP protocol to picows.
 
 The upgrade request goes through the whole pipeline like any request (authenticated with
 its DPoP proof, authorized, rate-limited) and reaches the service as a REQUEST that keeps
 its stream open. When the service answers 101, the client connection is handed to a
 picows server protocol, which does the RFC 6455 handshake (Sec-WebSocket-Accept) and
-framing; the gateway never writes a WebSocket implementation of its own.
-
-Both directions travel as stream-data frames whose flags keep the message kind and
-fragmentation (docs/protocol.md §3.3): client → service as REQUEST_STREAM_DATA under the
-service's flow-control window (the client socket is paused while the window is spent);
-service → client as RESPONSE_STREAM_DATA, whose credit goes back only while the client's
-socket keeps up. Close codes travel both ways; pings are answered by picows at the gateway;
-a CANCEL goes to the service when the client goes away, and a service that dies closes the
-client with 1011.
+framing; the gateway never writes a WebSocket implementation of its own. The messages
+then travel over the service link: stellagw/transport/websocket.py (WsBridge, the picows
+listener given here).
 """
 from __future__ import annotations
 
 import logging
 
-from picows import WSCloseCode, WSListener, WSMsgType
 from picows.picows import WSAutoPingStrategy, WSProtocol
-
-from .. import frame as fr
 
 MAX_MESSAGE_FRAME = 1024 * 1024   # picows refuses larger client frames (1009 Message Too Big)
 _LOG = logging.getLogger("stellagw.websocket")
-
-_KIND_OF = {WSMsgType.TEXT: fr.KIND_TEXT, WSMsgType.BINARY: fr.KIND_BINARY,
-            WSMsgType.CONTINUATION: fr.KIND_DATA}
-_TYPE_OF = {fr.KIND_TEXT: WSMsgType.TEXT, fr.KIND_BINARY: WSMsgType.BINARY,
-            fr.KIND_DATA: WSMsgType.CONTINUATION}
 
 
 def raw_upgrade_request(req) -> bytes:
@@ -62,115 +48,5 @@ def hand_over(http_protocol, req, bridge, tail: bytes) -> None:
     transport.resume_reading()
 
 
-class WsBridge(WSListener):
-    """One WebSocket: the client side (picows) ⇄ one stream on a service connection."""
-
-    def __init__(self, conn, pending):
-        self.conn = conn            # the ServiceConnection
-        self.pending = pending      # its Pending (corr, window for our sends)
-        self.ws = None
-        self.client_paused = False
-        self.reading_paused = False
-        self.closed = False
-        self._held: list[tuple[int, bytes]] = []   # client frames waiting for service credit
-        self._continuing = False
-        self.on_closed = None       # the worker's count of open WebSockets, told once
-
-    # ---------------------------------------------------------------- client → service
-
-    def on_ws_connected(self, transport):
-        self.ws = transport
-
-    def on_ws_frame(self, transport, frame):
-        msg_type = frame.msg_type
-        if msg_type == WSMsgType.CLOSE:
-            code = frame.get_close_code()
-            reason = (frame.get_close_message() or b"")[:123]
-            code = int(code) if code is not None else 0
-            if not 1000 <= code <= 4999 or code in (1005, 1006, 1015):
-                code, reason = None, b""   # no code, or one that must not be sent (RFC 6455 §7.4.1)
-            self._to_service(fr.KIND_CLOSE | fr.FLAG_END_STREAM,
-                             fr.ws_close_payload(code, reason.decode("utf-8", "replace")))
-            # Echo the close (RFC 6455 §5.5.1) and end the connection.
-            transport.send_close(WSCloseCode(code) if code else WSCloseCode.OK)
-            transport.disconnect()
-            self.closed = True
-            return
-        kind = _KIND_OF.get(msg_type)
-        if kind is None:
-            return   # PING/PONG: picows answers pings itself
-        flags = kind | (0 if frame.fin else fr.FLAG_MORE)
-        self._to_service(flags, frame.get_payload_as_bytes())
-
-    def _to_service(self, flags, chunk):
-        pending = self.pending
-        if self.conn.inflight.get(pending.corr) is not pending:
-            return
-        if self._held or (chunk and pending.window < len(chunk)):
-            # Out of credit: hold the frame and stop reading the client until the service
-            # grants more (WINDOW_UPDATE) — backpressure instead of buffering.
-            self._held.append((flags, chunk))
-            if not self.reading_paused and self.ws is not None:
-                self.reading_paused = True
-                self.ws.underlying_transport.pause_reading()
-            return
-        pending.window -= len(chunk)
-        self.conn.send_stream_chunk(pending, flags, chunk)
-
-    def on_credit(self):
-        """The service granted more window."""
-        pending = self.pending
-        while self._held and (not self._held[0][1] or pending.window >= len(self._held[0][1])):
-            flags, chunk = self._held.pop(0)
-            pending.window -= len(chunk)
-            self.conn.send_stream_chunk(pending, flags, chunk)
-        if not self._held and self.reading_paused and self.ws is not None:
-            self.reading_paused = False
-            self.ws.underlying_transport.resume_reading()
-
-    def on_ws_disconnected(self, transport):
-        on_closed, self.on_closed = self.on_closed, None
-        if on_closed is not None:
-            on_closed()
-        if not self.closed:
-            self.closed = True
-            self.conn.ws_client_gone(self.pending)
-
-    def pause_writing(self):
-        self.client_paused = True
-
-    def resume_writing(self):
-        self.client_paused = False
-        self.conn.ws_client_writable(self.pending)
-
-    # ---------------------------------------------------------------- service → client
-
-    def from_service(self, flags, chunk) -> bool:
-        """One RESPONSE_STREAM_DATA frame. Returns False when the stream is over."""
-        ws = self.ws
-        if ws is None or self.closed:
-            return False
-        kind = flags & fr.STREAM_KIND_MASK
-        if kind == fr.KIND_CLOSE:
-            code, reason = fr.parse_ws_close(chunk)
-            ws.send_close(WSCloseCode(code) if code else WSCloseCode.OK,
-                          reason.encode() if reason else None)
-            ws.disconnect()
-            self.closed = True
-            return False
-        msg_type = _TYPE_OF.get(kind)
-        if msg_type is not None and (chunk or kind != fr.KIND_DATA):
-            ws.send(msg_type, chunk, fin=not flags & fr.FLAG_MORE)
-        if flags & fr.FLAG_END_STREAM:
-            ws.send_close(WSCloseCode.OK)
-            ws.disconnect()
-            self.closed = True
-            return False
-        return True
-
-    def abort(self, code=WSCloseCode.INTERNAL_ERROR):
-        """The service is gone: 1011 to the client (RFC 6455 §7.4.1)."""
-        if self.ws is not None and not self.closed:
-            self.closed = True
-            self.ws.send_close(code, b"service unavailable")
-            self.ws.disconnect()
+# TEMPORARY, until transport/connection.py imports WsBridge from its new module:
+from ..transport.websocket import WsBridge  # noqa: E402,F401
