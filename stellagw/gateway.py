@@ -45,6 +45,7 @@ from .pipeline import Pipeline
 from .ratelimit import RateLimiter
 from .routing.state import RoutingState
 from .transport import headers as forward_headers
+from .transport.frame import FRAME_TYPE_NAMES
 from .transport.hub import TransportHub
 
 
@@ -101,7 +102,7 @@ class Worker:
         forward_headers.configure(gw.http.strip_request_headers)
         self.log = log or JsonLog(gw.logging.level, access_log=gw.logging.access_log)
         self.log.extra = {"node": self.node_id, "worker": worker_id}
-        self.metrics = Metrics(run_dir, worker_id)
+        self.metrics = Metrics(run_dir, worker_id, frame_names=FRAME_TYPE_NAMES)
         # Correlation ids (prefix: random per worker) and the per-request metrics and log line.
         self.accounting = Accounting(self, os.urandom(4).hex() + "%02x" % (worker_id & 0xFF))
         self.connections: set[HttpProtocol] = set()

@@ -226,3 +226,15 @@ def test_snapshot_resume_and_render(M, tmp_path):
     assert "gateway_auth_duration_seconds_count 2.0" in text
     assert ('gateway_request_duration_seconds_bucket{le="0.0005",method="GET",'
             'path="/bench/hello",service="bench"} 1.0') in text
+
+
+def test_frame_counts_are_labelled_with_the_protocols_names():
+    from prometheus_client import generate_latest
+
+    from stellagw.transport.frame import FRAME_TYPE_NAMES, REQUEST, RESPONSE
+    m = Metrics(frame_names=FRAME_TYPE_NAMES)
+    m.frames.update({REQUEST: 3, RESPONSE: 2, 99: 1})
+    text = generate_latest(m.registry).decode()
+    assert 'gateway_transport_frames_total{type="REQUEST"} 3.0' in text
+    assert 'gateway_transport_frames_total{type="RESPONSE"} 2.0' in text
+    assert 'gateway_transport_frames_total{type="99"} 1.0' in text   # a type with no name

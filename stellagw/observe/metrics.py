@@ -48,15 +48,17 @@ Histogram = _m.Histogram
 DURATION_BUCKETS = _m.DURATION_BUCKETS
 PHASES = ("auth", "routing", "transport", "ratelimit_check")
 
-FRAME_NAMES = {1: "HELLO", 2: "HEARTBEAT", 3: "ENDPOINTS_UPDATE", 4: "REQUEST",
-               5: "REQUEST_STREAM_DATA", 6: "RESPONSE", 7: "RESPONSE_STREAM_DATA", 8: "CANCEL",
-               9: "HELLO_ACK", 10: "DRAIN", 11: "PING", 12: "PONG", 13: "WINDOW_UPDATE"}
 
 
 class Metrics:
     """One worker's metrics. Everything the request path touches is a dict or an int."""
 
-    def __init__(self, run_dir: str | None = None, worker_id: int = 0):
+    def __init__(self, run_dir: str | None = None, worker_id: int = 0,
+                 frame_names: dict[int, str] | None = None):
+        """`frame_names`: frame type -> the name gateway_transport_frames_total shows
+        (the gateway passes transport.frame.FRAME_TYPE_NAMES); a type without one shows
+        its number."""
+        self.frame_names = frame_names or {}
         self.requests: dict[tuple, int] = {}          # (service, method, path, status) -> count
         self.durations: dict[tuple, Histogram] = {}   # (service, method, path) -> histogram
         self.active_connections: dict[str, int] = {}  # service ("ingress" for clients) -> open
@@ -323,7 +325,7 @@ class _Collector:
         frames = CounterMetricFamily("gateway_transport_frames",
                                      "Frames on service connections, by type", labels=("type",))
         for ftype, count in view.frames.items():
-            frames.add_metric((FRAME_NAMES.get(int(ftype)) or str(ftype),), count)
+            frames.add_metric((self._m.frame_names.get(int(ftype)) or str(ftype),), count)
         yield frames
 
         auth = CounterMetricFamily("gateway_auth_failures", "Requests refused by authentication",
