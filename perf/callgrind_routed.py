@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 from . import _procs, commands
-from . import compare as cmp
+from .compare import measuring
 from ._procs import HOST, PERF_DIR, REPO_DIR
 
 HISTORY = PERF_DIR / "callgrind_history.csv"
@@ -210,7 +210,7 @@ def run(args) -> dict:
     for tool in ("valgrind", "callgrind_control"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} not found (apt-get install valgrind)")
-    pin = cmp.decide_pinning(args.server_cpu, args.load_cpu, args.no_pin)
+    pin = measuring.decide_pinning(args.server_cpu, args.load_cpu, args.no_pin)
     t_start = time.monotonic()
     head, dirty = git_info()
     vg_version = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
@@ -232,7 +232,7 @@ def run(args) -> dict:
             os.sched_setaffinity(0, {pin.load_cpu})
 
         # -- the gateway, routed ----------------------------------------------------------
-        procs = cmp.ProcSet(tmp)
+        procs = measuring.ProcSet(tmp)
         try:
             http_port, tcp_port = _procs.free_port(), _procs.free_port()
             cfg = tmp / "gateway.yaml"
@@ -250,11 +250,11 @@ def run(args) -> dict:
             result["gateway_cmd"] = shlex.join(gw_cmd)
             print("[callgrind] starting the gateway under callgrind ...", file=sys.stderr, flush=True)
             gw = procs.start("gateway", gw_cmd, env=env)
-            cmp.wait_http_ok(http_port, "/health/live", procs, args.start_timeout)
+            measuring.wait_http_ok(http_port, "/health/live", procs, args.start_timeout)
             svc = procs.start("service", pin.wrap(pin.load_cpu, [
                 sys.executable, "-m", "stellagw", "demo-service", "--gateway",
                 f"{HOST}:{tcp_port}", "--name", "bench"]), env=_procs.py_env())
-            cmp.wait_http_ok(http_port, "/bench/hello", procs, args.start_timeout)
+            measuring.wait_http_ok(http_port, "/bench/hello", procs, args.start_timeout)
             result["service_cmd"] = shlex.join(svc.cmd)
             # valgrind runs python in this very process (taskset and valgrind exec)
             result.update(measure_server(args, gw.popen.pid, http_port, "/bench/hello", outdir, "gateway"))
@@ -264,7 +264,7 @@ def run(args) -> dict:
 
         # -- the baseline: raw uvloop + httptools hello server, the same way ---------------
         if not args.no_raw:
-            procs = cmp.ProcSet(tmp)
+            procs = measuring.ProcSet(tmp)
             try:
                 port = _procs.free_port()
                 raw_cmd = pin.wrap(pin.server_cpu, [*vg, *commands.argv(
@@ -272,7 +272,7 @@ def run(args) -> dict:
                 result["raw_cmd"] = shlex.join(raw_cmd)
                 print("[callgrind] starting the raw server under callgrind ...", file=sys.stderr, flush=True)
                 raw = procs.start("raw", raw_cmd, env=env)
-                cmp.wait_http_ok(port, "/", procs, args.start_timeout)
+                measuring.wait_http_ok(port, "/", procs, args.start_timeout)
                 r = measure_server(args, raw.popen.pid, port, "/", outdir, "raw")
                 result["raw_instr_per_request"] = r["instr_per_request"]
                 result["raw_detail"] = r
@@ -333,7 +333,7 @@ def main(argv: list[str]) -> int:
     _procs.stop_on_sigterm()
     try:
         res = run(args)
-    except (cmp.TargetFailed, RuntimeError, subprocess.TimeoutExpired) as exc:
+    except (measuring.TargetFailed, RuntimeError, subprocess.TimeoutExpired) as exc:
         print(f"callgrind_routed: FAILED: {exc}", file=sys.stderr)
         return 1
     res["command"] = command

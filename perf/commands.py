@@ -24,7 +24,7 @@ class Command:
 
 
 COMMANDS = {c.name: c for c in (
-    Command("compare", "perf.compare",
+    Command("compare", "perf.compare.cli",
             "the gateway beside raw uvloop+httptools and nginx: CPU per request, req/s, latency"),
     Command("scorecard", "perf.scorecard",
             "issue 8's six targets, each beside its baseline, in one closing table"),

@@ -53,7 +53,7 @@ import uvloop
 from stellagw import frame as fr
 
 from . import _procs, commands
-from . import compare as cmp
+from .compare import measuring
 from ._procs import HOST
 from .loadgen import Histogram
 
@@ -437,11 +437,11 @@ async def scenario(args, gw_pid: int, http_port: int, tcp_port: int, procs, log)
     log(f"light load: each client one request every {args.interval:g} s "
         f"({args.clients / args.interval:,.0f} req/s) for {load_s:g} s ...")
     t_load = time.monotonic()
-    cpu0 = cmp.cpu_snapshot([gw_pid])
+    cpu0 = measuring.cpu_snapshot([gw_pid])
     await pool.load(args.interval, load_s, args.request_timeout, on_tick)
     await pool.drain(args.request_timeout)
     load_wall = time.monotonic() - t_load
-    cpu1 = cmp.cpu_snapshot([gw_pid])
+    cpu1 = measuring.cpu_snapshot([gw_pid])
     mem["loaded"] = gateway_memory(gw_pid)
     series.append((round(load_wall, 1), mem["loaded"]["rss_mb"]))
     still_open = sum(1 for c in pool.clients if not c.closed)
@@ -463,8 +463,8 @@ async def scenario(args, gw_pid: int, http_port: int, tcp_port: int, procs, log)
         "service_requests": stats.service_requests, "heartbeats_sent": stats.heartbeats,
         "pings_answered": stats.pings,
         "errors": dict(stats.errors),
-        "gateway_cpu_us_per_req": round(cmp.cpu_delta(cpu0, cpu1) / max(1, pool.responses) * 1e6, 1),
-        "gateway_cpu_util": round(cmp.cpu_delta(cpu0, cpu1) / load_wall, 3),
+        "gateway_cpu_us_per_req": round(measuring.cpu_delta(cpu0, cpu1) / max(1, pool.responses) * 1e6, 1),
+        "gateway_cpu_util": round(measuring.cpu_delta(cpu0, cpu1) / load_wall, 3),
         "memory": mem, "rss_series_mb": series,
         "rss_settle_s": settle,
         "rss_slope_mb_per_min": slope_per_min([x for x in series if x[0] >= settle]),
@@ -496,11 +496,11 @@ def run(args, log) -> dict:
     if nofile[0] < args.clients + args.services * args.workers + 256:
         raise SystemExit(f"RLIMIT_NOFILE is {nofile[0]}: too low for {args.clients} clients "
                          f"(run as root or raise the hard limit)")
-    pin = cmp.decide_pinning(args.server_cpu, args.load_cpu, args.no_pin)
+    pin = measuring.decide_pinning(args.server_cpu, args.load_cpu, args.no_pin)
     result: dict = {"nofile_self": nofile[0], "nofile_wanted": args.nofile}
     with tempfile.TemporaryDirectory(prefix="stellagw-connections-") as tmpname:
         tmp = Path(tmpname)
-        procs = cmp.ProcSet(tmp)
+        procs = measuring.ProcSet(tmp)
         try:
             http_port, tcp_port = _procs.free_port(), _procs.free_port()
             cfg = write_config(tmp, args, http_port, tcp_port)
@@ -510,7 +510,7 @@ def run(args, log) -> dict:
                                               "--config", str(cfg)])]
             result["gateway_cmd"] = shlex.join(cmd)
             gw = procs.start("gateway", cmd, env=_procs.py_env())
-            cmp.wait_http_ok(http_port, "/health/live", procs, args.start_timeout)
+            measuring.wait_http_ok(http_port, "/health/live", procs, args.start_timeout)
             try:
                 result["nofile_gateway"] = psutil.Process(gw.popen.pid).rlimit(psutil.RLIMIT_NOFILE)[0]
             except psutil.Error:
@@ -525,7 +525,7 @@ def run(args, log) -> dict:
             result.update(uvloop.run(asyncio.wait_for(
                 scenario(args, gw.popen.pid, http_port, tcp_port, procs, log), bound)))
             result["ok"] = not result["errors"]
-        except (cmp.TargetFailed, RuntimeError, ConnectionError, asyncio.TimeoutError, OSError) as exc:
+        except (measuring.TargetFailed, RuntimeError, ConnectionError, asyncio.TimeoutError, OSError) as exc:
             result["ok"] = False
             result["failure"] = f"{type(exc).__name__}: {exc}"
             try:

@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 from . import _procs, commands
-from . import compare as cmp
+from .compare import measuring
+from .compare.targets import ALL_TARGETS, TARGETS
 from ._procs import PERF_DIR, REPO_DIR
 
 RESULTS = PERF_DIR / "results"
@@ -49,29 +50,29 @@ def log(msg: str) -> None:
     print(f"[profile] {msg}", file=sys.stderr, flush=True)
 
 
-def gateway_pids(st: cmp.Started) -> list[int]:
+def gateway_pids(st: measuring.Started) -> list[int]:
     return [p.pid for p in _procs.tree([st.measured[0].popen.pid])]
 
 
-def start_load(procs: cmp.ProcSet, s: cmp.Settings, st: cmp.Started, seconds: int) -> _procs.Proc:
-    cmd = cmp.wrk_cmd(s, st.port, st.path, s.connections, seconds, st.pin)
+def start_load(procs: measuring.ProcSet, s: measuring.Settings, st: measuring.Started, seconds: int) -> _procs.Proc:
+    cmd = measuring.wrk_cmd(s, st.port, st.path, s.connections, seconds, st.pin)
     log("load: " + shlex.join(cmd))
     return procs.start("wrk-profile", cmd)
 
 
-def finish_load(procs: cmp.ProcSet, wrk: _procs.Proc, seconds: int) -> dict:
+def finish_load(procs: measuring.ProcSet, wrk: _procs.Proc, seconds: int) -> dict:
     try:
         wrk.popen.wait(timeout=seconds + 30)
     except subprocess.TimeoutExpired:
-        raise cmp.TargetFailed("wrk did not finish") from None
+        raise measuring.TargetFailed("wrk did not finish") from None
     procs.procs.remove(wrk)
     text = wrk.log.read_text(errors="replace")
     if wrk.popen.returncode != 0:
-        raise cmp.TargetFailed(f"wrk exited {wrk.popen.returncode}:\n{text}")
-    return cmp.parse_wrk(text)
+        raise measuring.TargetFailed(f"wrk exited {wrk.popen.returncode}:\n{text}")
+    return measuring.parse_wrk(text)
 
 
-def under_load(args, s: cmp.Settings, procs: cmp.ProcSet, st: cmp.Started,
+def under_load(args, s: measuring.Settings, procs: measuring.ProcSet, st: measuring.Started,
                cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
     """Run the profiler ``cmd`` while wrk loads the target (from 1 s before it to 2 s past
     --duration); returns the profiler's result and wrk's figures."""
@@ -82,7 +83,7 @@ def under_load(args, s: cmp.Settings, procs: cmp.ProcSet, st: cmp.Started,
     return r, finish_load(procs, wrk, args.duration + 2)
 
 
-def flamegraph(args, s: cmp.Settings, procs: cmp.ProcSet, st: cmp.Started) -> int:
+def flamegraph(args, s: measuring.Settings, procs: measuring.ProcSet, st: measuring.Started) -> int:
     pyspy = shutil.which("py-spy")
     if not pyspy:
         print("flamegraph: not supported here: py-spy not found (pip install py-spy)")
@@ -118,7 +119,7 @@ def flamegraph(args, s: cmp.Settings, procs: cmp.ProcSet, st: cmp.Started) -> in
 PERF_EVENTS = ("instructions", "cycles", "task-clock")
 
 
-def perf_stat(args, s: cmp.Settings, procs: cmp.ProcSet, st: cmp.Started) -> int:
+def perf_stat(args, s: measuring.Settings, procs: measuring.ProcSet, st: measuring.Started) -> int:
     perf = shutil.which("perf")
     if not perf:
         print("perf-stat: not supported here: `perf` is not installed "
@@ -177,7 +178,7 @@ def parse_args(argv: list[str]):
     ap.add_argument("--no-native", dest="native", action="store_false",
                     help="py-spy without native (C/Cython) frames")
     ap.add_argument("--target", default="gateway-routed",
-                    choices=[t for t in cmp.ALL_TARGETS if t.startswith("gateway-routed") and t != "gateway-routed-2w"],
+                    choices=[t for t in ALL_TARGETS if t.startswith("gateway-routed") and t != "gateway-routed-2w"],
                     help="which compare.py gateway target to profile (default gateway-routed; "
                          "gateway-routed-rl-env profiles the environment rate-limit check)")
     ap.add_argument("--connections", type=int, default=64)
@@ -193,21 +194,21 @@ def main(argv: list[str]) -> int:
     if not shutil.which("wrk"):
         print("wrk not found: run `sh perf/install-tools.sh`", file=sys.stderr)
         return 2
-    pin = cmp.decide_pinning(args.server_cpu, args.load_cpu, args.no_pin)
-    s = cmp.Settings(args.duration, args.connections, 1, 0, 0, args.start_timeout, pin,
+    pin = measuring.decide_pinning(args.server_cpu, args.load_cpu, args.no_pin)
+    s = measuring.Settings(args.duration, args.connections, 1, 0, 0, args.start_timeout, pin,
                      sys.executable)
     _procs.stop_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="stellagw-profile-") as tmpname:
         args.tmp = tmpname
-        procs = cmp.ProcSet(Path(tmpname))
+        procs = measuring.ProcSet(Path(tmpname))
         try:
-            st = cmp.TARGETS[args.target](s, procs, Path(tmpname))
-            cmp.run_wrk(procs, cmp.wrk_cmd(s, st.port, st.path, s.connections, cmp.WARMUP_S, st.pin),
-                        cmp.WARMUP_S)
+            st = TARGETS[args.target](s, procs, Path(tmpname))
+            measuring.run_wrk(procs, measuring.wrk_cmd(s, st.port, st.path, s.connections, measuring.WARMUP_S, st.pin),
+                        measuring.WARMUP_S)
             procs.check_alive()
             fn = flamegraph if args.what == "flamegraph" else perf_stat
             return fn(args, s, procs, st)
-        except (cmp.TargetUnavailable, cmp.TargetFailed, subprocess.TimeoutExpired) as exc:
+        except (measuring.TargetUnavailable, measuring.TargetFailed, subprocess.TimeoutExpired) as exc:
             print(f"{args.what}: FAILED: {exc}")
             return 1
         finally:

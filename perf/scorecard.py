@@ -54,7 +54,8 @@ import time
 from pathlib import Path
 
 from . import _procs, commands
-from . import compare as cmp
+from .compare import measuring
+from .compare.targets import start_gateway_routed, start_raw
 from ._procs import HOST, PERF_DIR, REPO_DIR
 
 PY = sys.executable
@@ -162,7 +163,7 @@ def part_workers(args, tmp: Path) -> list[dict]:
 # 3: latency overhead, open loop
 
 
-def loadgen(cmd_args: list[str], pin: cmp.Pinning, timeout: float, tmp: Path,
+def loadgen(cmd_args: list[str], pin: measuring.Pinning, timeout: float, tmp: Path,
             watch: dict | None = None) -> dict:
     """Run ``python -m perf loadgen`` pinned to the load CPU. With `watch` ({"server": pids,
     "backend": pids}) the CPU of those trees, of the generator and of the whole machine is
@@ -173,9 +174,9 @@ def loadgen(cmd_args: list[str], pin: cmp.Pinning, timeout: float, tmp: Path,
     snaps: dict = {}
 
     def handshake(phase):
-        snaps[phase] = ({k: cmp.cpu_snapshot(v) for k, v in groups.items()},
-                        cmp.machine_cpu_s(), time.monotonic(),
-                        {k: cmp.cpu_split(v) for k, v in groups.items()})
+        snaps[phase] = ({k: measuring.cpu_snapshot(v) for k, v in groups.items()},
+                        measuring.machine_cpu_s(), time.monotonic(),
+                        {k: measuring.cpu_split(v) for k, v in groups.items()})
 
     if watch is not None:
         cmd.append("--handshake")
@@ -191,14 +192,14 @@ def loadgen(cmd_args: list[str], pin: cmp.Pinning, timeout: float, tmp: Path,
         if handshake is not None:
             line = p.stdout.readline()
             if line.strip() != "ready":
-                raise cmp.TargetFailed(f"loadgen: expected 'ready', got {line!r}: {p.stderr.read()[-2000:]}")
+                raise measuring.TargetFailed(f"loadgen: expected 'ready', got {line!r}: {p.stderr.read()[-2000:]}")
             handshake("before")
             p.stdin.write("go\n")
             p.stdin.flush()
             line = p.stdout.readline()
             handshake("after")
             if line.strip() != "done":
-                raise cmp.TargetFailed(f"loadgen: expected 'done', got {line!r}: {p.stderr.read()[-2000:]}")
+                raise measuring.TargetFailed(f"loadgen: expected 'done', got {line!r}: {p.stderr.read()[-2000:]}")
             # readline() may have buffered the result line already, which communicate()
             # (reading the pipe itself) would never see: read the rest through the buffer.
             out = p.stdout.read()
@@ -209,19 +210,19 @@ def loadgen(cmd_args: list[str], pin: cmp.Pinning, timeout: float, tmp: Path,
     except subprocess.TimeoutExpired:
         _procs.killpg(p.pid, signal.SIGKILL)
         p.wait()
-        raise cmp.TargetFailed(f"loadgen did not finish in {timeout:.0f}s: {rel(cmd)}")
+        raise measuring.TargetFailed(f"loadgen did not finish in {timeout:.0f}s: {rel(cmd)}")
     finally:
         if p.poll() is None:
             _procs.killpg(p.pid, signal.SIGKILL)
             p.wait()
     lines = [l for l in out.splitlines() if l.startswith("{")]
     if not lines:
-        raise cmp.TargetFailed(f"loadgen printed no result (exit {p.returncode}): {err[-2000:]}")
+        raise measuring.TargetFailed(f"loadgen printed no result (exit {p.returncode}): {err[-2000:]}")
     res = json.loads(lines[-1])
     res["cmd"] = rel(cmd)
     if watch is not None:
         (b, m0, t0, sb), (a, m1, t1, sa) = snaps["before"], snaps["after"]
-        d = {k: cmp.cpu_delta(b[k], a[k]) for k in groups}
+        d = {k: measuring.cpu_delta(b[k], a[k]) for k in groups}
         wall, n = t1 - t0, max(1, res["completed"])
         res["server_cpu_us_per_req"] = d.get("server", 0.0) / n * 1e6
         # user / system apart, per request: where the CPU of each group goes
@@ -239,10 +240,10 @@ def loadgen(cmd_args: list[str], pin: cmp.Pinning, timeout: float, tmp: Path,
 def part_latency(args, tmp: Path) -> list[dict]:
     """Two gateway layouts and the raw server at the same rate, the same generator, several
     rounds (perf/README.md, "Issue 8")."""
-    pin = cmp.decide_pinning(0, 1, args.no_pin)
+    pin = measuring.decide_pinning(0, 1, args.no_pin)
     run_s = args.duration
     lat1_s = max(2, args.duration // 2)
-    s = cmp.Settings(args.duration, 64, 1, 1, lat1_s, 30.0, pin, PY)
+    s = measuring.Settings(args.duration, 64, 1, 1, lat1_s, 30.0, pin, PY)
     # On 2 CPUs the service shares a CPU with something. "gateway-routed": with the
     # generator, the gateway alone on the server CPU. "svc@srv": with the gateway (like a
     # sidecar), the generator alone on the load CPU. Both at half the maximum of the first
@@ -251,11 +252,11 @@ def part_latency(args, tmp: Path) -> list[dict]:
     # generator spins, yielding its CPU between polls: the load CPU never idles, so neither
     # the generator's wake-ups nor the service's (when it shares that CPU) pay for waking an
     # idle vCPU; sleeping there instead read ~+130 µs p50 in the first layout.
-    targets = [("gateway-routed", cmp.start_gateway_routed, s, True)]
+    targets = [("gateway-routed", start_gateway_routed, s, True)]
     if pin.enabled:
         beside = dataclasses.replace(s, pin=dataclasses.replace(pin, backend_cpu=pin.server_cpu))
-        targets.append(("gw-routed-svc@srv", cmp.start_gateway_routed, beside, False))
-    targets.append(("raw", cmp.start_raw, s, False))
+        targets.append(("gw-routed-svc@srv", start_gateway_routed, beside, False))
+    targets.append(("raw", start_raw, s, False))
     command = ("python -m perf scorecard --only latency" + (" --full" if args.full else "")
                + (f" --latency-rounds {args.latency_rounds}" if args.latency_rounds != 3 else ""))
     rate = None
@@ -268,14 +269,14 @@ def part_latency(args, tmp: Path) -> list[dict]:
         for name, start, s, probe in targets:
             sub = tmp / f"lat-{name}"
             sub.mkdir()
-            procs = cmp.ProcSet(sub)
+            procs = measuring.ProcSet(sub)
             try:
                 st = start(s, procs, sub)
                 url = f"http://{HOST}:{st.port}{st.path}"
-                cmp.run_wrk(procs, cmp.wrk_cmd(s, st.port, st.path, 64, 1), 1)
+                measuring.run_wrk(procs, measuring.wrk_cmd(s, st.port, st.path, 64, 1), 1)
                 if probe:
-                    wcmd = cmp.wrk_cmd(s, st.port, st.path, 64, s.duration)
-                    wrk, _ = cmp.run_wrk(procs, wcmd, s.duration)
+                    wcmd = measuring.wrk_cmd(s, st.port, st.path, 64, s.duration)
+                    wrk, _ = measuring.run_wrk(procs, wcmd, s.duration)
                     rate = round(0.5 * wrk["req_per_s"])
                     maximum = (wrk["req_per_s"], rel(wcmd), st.layout)
                     log(f"{name} max {wrk['req_per_s']:,.0f} req/s → open loop at {rate:,}")
@@ -293,8 +294,8 @@ def part_latency(args, tmp: Path) -> list[dict]:
                     procs.check_alive()
                     lg["layout"] = st.layout
                     rows.setdefault(name, []).append(lg)
-                lcmd = cmp.wrk_cmd(s, st.port, st.path, 1, lat1_s)
-                w1, _ = cmp.run_wrk(procs, lcmd, lat1_s)
+                lcmd = measuring.wrk_cmd(s, st.port, st.path, 1, lat1_s)
+                w1, _ = measuring.run_wrk(procs, lcmd, lat1_s)
                 c1[name] = (w1["p50_ms"], w1["p99_ms"], rel(lcmd))
                 # The same round trip from a client whose CPU never idles, as in the rows
                 # above: wrk sleeps between its requests, and on this VM each wake-up of an
@@ -305,7 +306,7 @@ def part_latency(args, tmp: Path) -> list[dict]:
                 c1s[name] = (b2b["latency"]["p50_ms"], b2b["latency"]["p99_ms"], b2b["cmd"])
             finally:
                 procs.stop_all()
-    except (cmp.TargetFailed, cmp.TargetUnavailable) as exc:
+    except (measuring.TargetFailed, measuring.TargetUnavailable) as exc:
         print(f"latency: FAILED: {exc}")
         return [{"target": "3 latency overhead", "figure": f"FAILED: {str(exc).splitlines()[0]}",
                  "baseline": "-", "command": command}]
@@ -491,11 +492,11 @@ print(json.dumps(out))
 """
 
 
-def es256_cost(pin: cmp.Pinning) -> dict:
+def es256_cost(pin: measuring.Pinning) -> dict:
     cmd = pin.wrap(pin.server_cpu, [PY, "-c", ES256_CODE])
     r = subprocess.run(cmd, cwd=REPO_DIR, env=_procs.py_env(), capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
-        raise cmp.TargetFailed(f"ES256 timing failed: {r.stderr[-1500:]}")
+        raise measuring.TargetFailed(f"ES256 timing failed: {r.stderr[-1500:]}")
     doc = json.loads(r.stdout.strip().splitlines()[-1])
     doc["cmd"] = (f"taskset -c {pin.server_cpu} " if pin.enabled else "") + \
         "python -c '<timeit of verify_signature(\"ES256\", ...) — ES256_CODE in perf/scorecard.py>'"
@@ -506,14 +507,14 @@ def part_auth(args, tmp: Path) -> list[dict]:
     from stellagw.devauth import DevAuthority, DpopKey
     from stellagw.devauth.client import htu_of
 
-    pin = cmp.decide_pinning(0, 1, args.no_pin)
+    pin = measuring.decide_pinning(0, 1, args.no_pin)
     n = args.auth_requests or (100_000 if args.full else 30_000)
     warm = 2000
     conns = 64
     command = "python -m perf scorecard --only auth" + (" --full" if args.full else "")
     sub = tmp / "auth"
     sub.mkdir()
-    procs = cmp.ProcSet(sub)
+    procs = measuring.ProcSet(sub)
     authority = None
     rows: dict = {}
     try:
@@ -549,11 +550,11 @@ def part_auth(args, tmp: Path) -> list[dict]:
                 "    replayCache: {maxEntries: 1000000}\n")
             gw = procs.start("gateway-stubbed" if stubbed else "gateway", pin.wrap(pin.server_cpu, [
                 PY, "-m", "stellagw", "serve", "--config", str(cfg)]), env=env)
-            cmp.wait_http_ok(http_port, "/health/live", procs, 30)
+            measuring.wait_http_ok(http_port, "/health/live", procs, 30)
             svc = procs.start("demo-service", pin.wrap(pin.load_cpu, [
                 PY, "-m", "stellagw", "demo-service", "--gateway", f"{HOST}:{tcp_port}",
                 "--name", "bench"]), env=_procs.py_env())
-            cmp.wait_http_ok(http_port, "/bench/hello", procs, 30)
+            measuring.wait_http_ok(http_port, "/bench/hello", procs, 30)
             url = origin + "/bench/hello"
             _check_auth_enforced(http_port, url, token, key, procs)
             runs = (("unauthenticated", []),
@@ -569,7 +570,7 @@ def part_auth(args, tmp: Path) -> list[dict]:
                 log(f"auth: {label}: {lg['achieved_rate']:,.0f} req/s, "
                     f"{lg['server_cpu_us_per_req']:.1f} gateway CPU-µs/req")
             procs.stop_all()
-    except (cmp.TargetFailed, cmp.TargetUnavailable, OSError, RuntimeError) as exc:
+    except (measuring.TargetFailed, measuring.TargetUnavailable, OSError, RuntimeError) as exc:
         print(f"auth: FAILED: {exc}")
         return [{"target": "5 DPoP auth path", "figure": f"FAILED: {str(exc).splitlines()[0]}",
                  "baseline": "-", "command": command}]
@@ -637,11 +638,11 @@ def _check_auth_enforced(port: int, url: str, token: str, key, procs) -> None:
             replay = _get(port, "/bench/hello", {"Authorization": f"DPoP {token}", "DPoP": proof})
             anon = _get(port, "/bench/hello", {})
             if replay != 401 or anon != 200:
-                raise cmp.TargetFailed(f"auth probe: replayed proof → {replay} (want 401), "
+                raise measuring.TargetFailed(f"auth probe: replayed proof → {replay} (want 401), "
                                        f"no token → {anon} (want 200)")
             return
         time.sleep(0.2)
-    raise cmp.TargetFailed(f"an authenticated request never answered 200 (last {status}): "
+    raise measuring.TargetFailed(f"an authenticated request never answered 200 (last {status}): "
                            "the gateway has no Authority keys?")
 
 
