@@ -468,6 +468,15 @@ def _origin(text: str) -> str:
 _VALKEY_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "unix")
 
 
+def _cidr(value: Any, path: str) -> str:
+    import ipaddress
+    text = _string(non_empty=True)(value, path).strip()
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or network (CIDR)") from None
+
+
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
@@ -575,6 +584,11 @@ class HttpSettings:
     # that never stop are a slowloris of their own; docs/http-edge.md).
     body_read_timeout: float = _duration_key("bodyReadTimeout", "10s", positive=True)
     min_body_rate: int = _size_key("minBodyRate", "1KB")
+    # The client's address behind load balancers (docs/http-edge.md, "Client address"):
+    # X-Forwarded-For / Forwarded believed only from these networks; the PROXY protocol
+    # header required at the start of every client connection.
+    trusted_proxies: tuple[str, ...] = _key("trustedProxies", _list_of(_cidr, split_env=True), [])
+    proxy_protocol: str = _key("proxyProtocol", _choice("off", "v1", "v2", "any"), "off")
     # Request headers a client must never choose (docs/http-edge.md): dropped on the way in.
     strip_request_headers: tuple[str, ...] = _key(
         "stripRequestHeaders", _list_of(_header_name, split_env=True),

@@ -32,6 +32,7 @@ import orjson
 from . import __version__
 from .ingress.http import Accounting, HttpProtocol
 from .ingress.limits import HttpLimits
+from .ingress.proxy import TrustedProxies
 from .ingress.tls import server_context
 from .observe.logs import JsonLog
 from .observe.metrics import Metrics
@@ -100,6 +101,8 @@ class Worker:
         self.node_id = gw.node.node_id
         self.http_settings = HttpLimits(gw)
         forward_headers.configure(gw.http.strip_request_headers)
+        # None when no proxy is trusted: the ingress then reads no forwarding header at all.
+        self.trusted_proxies = TrustedProxies(gw.http.trusted_proxies) or None
         self.log = log or JsonLog(gw.logging.level, access_log=gw.logging.access_log)
         self.log.extra = {"node": self.node_id, "worker": worker_id}
         self.metrics = Metrics(run_dir, worker_id, frame_names=FRAME_TYPE_NAMES)

@@ -152,7 +152,12 @@ class Pipeline:
         if not self._limiter.enabled:
             return self._after_limit(req, route, path, UNLIMITED, routing_s)
         identity = req.identity
-        key = req.conn.anonymous_key if identity.anonymous else "sub:" + identity.subject
+        if identity.anonymous:
+            # The connection's key, unless a trusted proxy named another client.
+            key = (req.conn.anonymous_key if req.client_ip is req.conn.peer_ip
+                   else "ip:" + req.client_ip.decode("latin-1"))
+        else:
+            key = "sub:" + identity.subject
         decision = self._limiter.check(key, req.tenant, route.service, route.template, path)
         if decision.__class__ is not Decision:
             # A PendingCheck: the Valkey reply calls _limit_done directly. Routing time so

@@ -56,7 +56,8 @@ class AdminServer:
         # The client listener's HttpLimits, built from settings in which only the caps differ: the
         # timeouts and header limits stay the client listener's.
         self.http_settings = HttpLimits(dataclasses.replace(
-            gw, http=dataclasses.replace(gw.http, max_connections=gw.admin.max_connections),
+            gw, http=dataclasses.replace(gw.http, max_connections=gw.admin.max_connections,
+                                         proxy_protocol="off"),   # probes speak plain HTTP
             routing=dataclasses.replace(gw.routing, max_request_body_size=_MAX_BODY)))
         self.pipeline = _Pipeline(builtins.table(worker, admin=True))
         self.connections: set = set()

@@ -60,6 +60,7 @@ cdef class Request:
     cdef public object auth
     cdef public object version
     cdef public bint done
+    cdef public bytes client_ip
 
 
 @cython.locals(req=Request)
@@ -73,6 +74,10 @@ cdef class HttpProtocol:
     cdef public object peer_cert
     cdef public object peername
     cdef public bytes peer_ip
+    cdef object _trust
+    cdef bint _trusted
+    cdef str _proxy_mode, _peer_text
+    cdef bytes _proxy_buf
     cdef public str anonymous_key
     cdef public double deadline
     cdef public int deadline_kind
@@ -138,3 +143,6 @@ cdef class HttpProtocol:
     cdef _upgraded(self, data, Py_ssize_t offset)
     cdef bytes _render_error_close(self, int status, str message)
     cdef _set_deadline(self, int kind, double seconds)
+    cdef _set_peer(self, str address)
+    cdef _proxy_header(self, data)
+    cdef _refuse_connection(self, str message)

@@ -24,6 +24,7 @@ import httptools
 
 from ..observe.metrics import Histogram
 from .responses import JSON, STATUS_LINES, error_body, status_line
+from .proxy import ProxyError, parse_proxy_header
 from .wire import TE_CHUNKED, TE_OTHER, host_ok, render_response, split_target, transfer_coding
 
 # How many parsed requests may wait behind the one in flight before we stop reading:
@@ -173,6 +174,9 @@ class Request:
     websocket       a WebSocket upgrade request (GET, Upgrade: websocket)
     auth            str for the log line: "dpop", "mtls", "bearer", "anonymous", "refused:…"
     version         bytes: X-Service-Version, a strict version pin (docs/selection.md)
+    client_ip       bytes: the client's address (the connection's, or what a trusted proxy's
+                    X-Forwarded-For / Forwarded says): X-Forwarded-For to the service, the
+                    anonymous rate-limit key, the access log
     done            answered (or its client gone): nothing more is sent for it
     """
 
@@ -214,6 +218,7 @@ def _new_request(conn):
     req.auth = None
     req.version = None
     req.done = False
+    req.client_ip = b""
     return req
 
 
@@ -237,8 +242,13 @@ class HttpProtocol:
         self.transport = None
         self.peer_cert = None            # DER of the client certificate (mTLS)
         self.peername = None
-        self.peer_ip = b""               # X-Forwarded-For of every request on this connection
+        self.peer_ip = b""               # the client's address: the TCP peer, or PROXY's source
         self.anonymous_key = "ip:"       # rate-limit key of its anonymous requests
+        self._trust = server.trusted_proxies    # TrustedProxies, or None
+        self._trusted = False            # the peer is a trusted proxy: its X-Forwarded-For counts
+        self._proxy_mode = settings.proxy_protocol
+        self._proxy_buf = None           # bytes, while the PROXY header is still arriving
+        self._peer_text = ""             # peer_ip as text
         self.deadline = 0.0
         self.deadline_kind = _D_NONE
         self._parser = None
@@ -298,8 +308,13 @@ class HttpProtocol:
         if ssl_object is not None:
             self.peer_cert = ssl_object.getpeercert(binary_form=True)
         self.peername = peer = transport.get_extra_info("peername")
-        self.peer_ip = peer[0].encode() if isinstance(peer, tuple) else b""
-        self.anonymous_key = "ip:" + (peer[0] if isinstance(peer, tuple) else "")
+        self._set_peer(peer[0] if isinstance(peer, tuple) else "")
+        if self._proxy_mode != "off":
+            if self._trust is not None and not self._trusted:
+                # A PROXY header is believed from the configured proxies only.
+                self._refuse_connection("the PROXY protocol is accepted from trusted proxies only")
+                return
+            self._proxy_buf = b""
         self._parser = server.new_parser(self)
         # The first head is due headerReadTimeout after accept, not after its first byte.
         self._set_deadline(_D_HEADER, self._header_timeout)
@@ -334,6 +349,10 @@ class HttpProtocol:
             return
         if self._parse_broken:
             return
+        if self._proxy_buf is not None:
+            data = self._proxy_header(data)
+            if data is None:
+                return
         out = []
         self._out = out
         while data is not None:
@@ -411,6 +430,37 @@ class HttpProtocol:
                                     % self._max_header_bytes)
                 self._failed()
         return None
+
+    def _set_peer(self, address):
+        self.peer_ip = address.encode()
+        self.anonymous_key = "ip:" + address
+        self._peer_text = address
+        self._trusted = self._trust is not None and self._trust.trusts(address)
+
+    def _proxy_header(self, data):
+        """The PROXY protocol header before the first request: the source it names becomes
+        the client's address. Returns what follows it, or None while it is incomplete."""
+        buf = self._proxy_buf + bytes(data)
+        try:
+            parsed = parse_proxy_header(buf, self._proxy_mode)
+        except ProxyError as exc:
+            self._refuse_connection(str(exc))
+            return None
+        if parsed is None:
+            self._proxy_buf = buf
+            return None
+        self._proxy_buf = None
+        consumed, source = parsed
+        if source is not None:
+            self._set_peer(source)
+        rest = buf[consumed:]
+        return rest if rest else None
+
+    def _refuse_connection(self, message):
+        self.transport.write(self._render_error_close(400, message))
+        self._closing = True
+        self._parse_broken = True
+        self.transport.close()
 
     def eof_received(self):
         # A client that closes with a request in flight has gone (browsers and proxies do
@@ -493,7 +543,7 @@ class HttpProtocol:
         # One pass over the headers for everything the request path needs from them.
         name: bytes
         value: bytes
-        expect = cid = host = te = upgrade_to = None
+        expect = cid = host = te = upgrade_to = xff = fwd = None
         hosts = tes = 0
         length = 0
         for name, value in headers:
@@ -519,7 +569,18 @@ class HttpProtocol:
                     req.keep_alive = False
             elif name == b"expect":
                 expect = value
+            elif self._trusted and (name == b"x-forwarded-for" or name == b"forwarded"):
+                # From a trusted proxy only: every line of each, joined as one list.
+                if name == b"forwarded":
+                    fwd = value if fwd is None else fwd + b", " + value
+                else:
+                    xff = value if xff is None else xff + b", " + value
         req.correlation_id = self._acct.correlation_id_of(cid)
+        req.client_ip = self.peer_ip
+        if xff is not None or fwd is not None:
+            client = self._trust.client(self._peer_text, xff, fwd)
+            if client != self._peer_text:
+                req.client_ip = client.encode()
         # llhttp stops after the head of an upgrade (Upgrade + Connection: upgrade).
         upgrade = upgrade_to is not None and parser.should_upgrade()
         # RFC 9110 §7.8: an HTTP/1.0 request's Upgrade is ignored.

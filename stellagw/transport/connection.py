@@ -431,7 +431,7 @@ class ServiceConnection:
             if pending.span is not None:
                 # The service continues our trace, not the client's span.
                 extra = list(extra) + self._hub.worker.tracing.traceparent(pending.span)
-            headers = request_headers(req, req.conn.peer_ip, self._scheme, extra,
+            headers = request_headers(req, req.client_ip, self._scheme, extra,
                                       keep_trace=req.span is None)
             headers.append((b"upgrade", b"websocket"))
             self._encoder.request(corr, req.method, path, req.query, headers,
@@ -474,7 +474,7 @@ class ServiceConnection:
             pending.corr, req.method, path, req.query, req.headers,
             int(pending.timeout * 1000), flags, body,
             CLASSES, classify, req.http_version == "1.1", req.span is None, extra,
-            req.conn.peer_ip, self._scheme, req.correlation_id)
+            req.client_ip, self._scheme, req.correlation_id)
         frames = self._frames_in
         frames[_REQUEST] = frames.get(_REQUEST, 0) + 1
 

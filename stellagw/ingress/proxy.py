@@ -1,0 +1,162 @@
+"""The client's real address behind load balancers (docs/http-edge.md, "Client address").
+
+Two sources, both trusted only as far as the operator says:
+
+* the PROXY protocol header (HAProxy's v1 text / v2 binary) a load balancer writes before
+  the first byte of the connection, when `gateway.http.proxyProtocol` is on for the
+  listener: it replaces the TCP peer for everything on the connection;
+* `X-Forwarded-For` (or RFC 7239 `Forwarded: for=`) of a request whose peer is in
+  `gateway.http.trustedProxies`: read right to left, skipping trusted hops; the first
+  address that is not a trusted proxy is the client. Anything unparsable stops the walk
+  there (the address before it, a trusted hop's, is kept): a client can only ever prepend.
+
+Once per connection (PROXY) or per request from a trusted proxy (X-Forwarded-For); never on
+the path of a request from an untrusted peer.
+"""
+from __future__ import annotations
+
+import ipaddress
+
+V1_PREFIX = b"PROXY "
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+V1_MAX = 107            # the longest v1 line, CRLF included (the spec's bound)
+V2_MAX = 16 + 2048      # header + addresses + TLVs we accept; more is refused
+
+
+class ProxyError(ValueError):
+    """A PROXY header that is missing, malformed or not allowed: 400 and close."""
+
+
+def parse_proxy_header(data: bytes, mode: str):
+    """(bytes consumed, the source address as text, or None for LOCAL/UNKNOWN), or None
+    when `data` does not yet hold the whole header. `mode`: "v1", "v2" or "any"."""
+    if data.startswith(V2_SIGNATURE[:len(data)]) and mode in ("v2", "any"):
+        if len(data) < 16:
+            return None
+        return _v2(data)
+    if V1_PREFIX.startswith(data[:6]) and mode in ("v1", "any"):
+        end = data.find(b"\r\n", 0, V1_MAX)
+        if end < 0:
+            if len(data) >= V1_MAX:
+                raise ProxyError("PROXY v1 header longer than 107 bytes")
+            return None if V1_PREFIX.startswith(data[:6]) else _refuse(mode)
+        return end + 2, _v1(data[:end])
+    return _refuse(mode)
+
+
+def _refuse(mode):
+    raise ProxyError(f"the connection did not start with a PROXY protocol header ({mode})")
+
+
+def _v1(line: bytes):
+    parts = line.split(b" ")
+    if parts[0] != b"PROXY" or len(parts) < 2:
+        raise ProxyError("malformed PROXY v1 header")
+    if parts[1] == b"UNKNOWN":
+        return None
+    if parts[1] not in (b"TCP4", b"TCP6") or len(parts) != 6:
+        raise ProxyError("malformed PROXY v1 header")
+    try:
+        src = ipaddress.ip_address(parts[2].decode("ascii"))
+        ipaddress.ip_address(parts[3].decode("ascii"))
+        for port in parts[4:6]:
+            if not port.isdigit() or not 0 <= int(port) <= 65535 or (len(port) > 1 and port[:1] == b"0"):
+                raise ValueError(port)
+    except (ValueError, UnicodeDecodeError):
+        raise ProxyError("malformed PROXY v1 address") from None
+    if (src.version == 4) != (parts[1] == b"TCP4"):
+        raise ProxyError("PROXY v1 address family mismatch")
+    return str(src)
+
+
+def _v2(data: bytes):
+    if data[:12] != V2_SIGNATURE:
+        raise ProxyError("malformed PROXY v2 signature")
+    ver_cmd, family = data[12], data[13]
+    length = int.from_bytes(data[14:16], "big")
+    if ver_cmd >> 4 != 2 or ver_cmd & 0x0F > 1:
+        raise ProxyError("unsupported PROXY v2 version or command")
+    if 16 + length > V2_MAX:
+        raise ProxyError("PROXY v2 header too long")
+    if len(data) < 16 + length:
+        return None
+    body = data[16:16 + length]
+    consumed = 16 + length
+    if ver_cmd & 0x0F == 0:                  # LOCAL: the balancer's own health check
+        return consumed, None
+    if family == 0x11 and length >= 12:     # TCP over IPv4
+        return consumed, str(ipaddress.IPv4Address(body[:4]))
+    if family == 0x21 and length >= 36:     # TCP over IPv6
+        return consumed, str(ipaddress.IPv6Address(body[:16]))
+    if family == 0x00:                       # UNSPEC
+        return consumed, None
+    raise ProxyError("unsupported PROXY v2 address family")
+
+
+class TrustedProxies:
+    """gateway.http.trustedProxies: networks whose X-Forwarded-For / Forwarded is believed."""
+
+    def __init__(self, cidrs):
+        self._networks = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+        self._cache: dict[str, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def trusts(self, address: str) -> bool:
+        hit = self._cache.get(address)
+        if hit is None:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                return False
+            if ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            hit = any(ip in net for net in self._networks)
+            if len(self._cache) < 4096:
+                self._cache[address] = hit
+        return hit
+
+    def client(self, peer: str, xff: bytes | None, forwarded: bytes | None) -> str:
+        """The client address of a request from `peer` (a trusted proxy)."""
+        hops = _xff_hops(xff) if xff is not None else _forwarded_hops(forwarded)
+        client = peer
+        for hop in reversed(hops):
+            if hop is None:
+                break                        # unparsable: trust nothing further left
+            client = hop
+            if not self.trusts(hop):
+                break
+        return client
+
+
+def _xff_hops(value: bytes) -> list:
+    out = []
+    for item in value.split(b","):
+        out.append(_address(item.strip(b" \t")))
+    return out
+
+
+def _forwarded_hops(value: bytes) -> list:
+    out = []
+    for element in value.split(b","):
+        found = None
+        for pair in element.split(b";"):
+            name, _, v = pair.strip(b" \t").partition(b"=")
+            if name.lower() == b"for":
+                v = v.strip(b'"')
+                if v.startswith(b"["):
+                    v = v[1:v.find(b"]")] if b"]" in v else b""
+                elif v.count(b":") == 1:
+                    v = v.partition(b":")[0]
+                found = _address(v)
+                break
+        out.append(found)
+    return out
+
+
+def _address(token: bytes):
+    try:
+        return str(ipaddress.ip_address(token.decode("ascii")))
+    except (ValueError, UnicodeDecodeError):
+        return None
