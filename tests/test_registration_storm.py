@@ -69,11 +69,15 @@ class Probe:
 class Storm:
     def __init__(self, tmp_path):
         self.gw = Served(config_text=CONFIG, tmp_path=tmp_path)
-        rec = self.gw.wait_listening()[0]
-        self.http, self.tcp = port_of(rec["http"]), port_of(rec["tcp"])
         self.procs = []
-        self.steady = self._start("0", "--steady", "steady@steady-1")
-        assert wait_for(lambda: self.count("steady") == 1, 20)
+        try:
+            rec = self.gw.wait_listening()[0]
+            self.http, self.tcp = port_of(rec["http"]), port_of(rec["tcp"])
+            self.steady = self._start("0", "--steady", "steady@steady-1")
+            assert wait_for(lambda: self.count("steady") == 1, 20)
+        except BaseException:
+            self.close()          # the fixture's teardown never runs for a failed setup
+            raise
         self.specs = [f"s{k % SERVICES:02d}@s{k % SERVICES:02d}-{k // SERVICES}"
                       for k in range(SERVICES * PER_SERVICE)]
 

@@ -29,9 +29,13 @@ gateway:
 class Gateway:
     def __init__(self, tmp_path, expiry="10m"):
         self.served = Served(config_text=CONFIG.format(expiry=expiry), tmp_path=tmp_path)
-        rec = self.served.wait_listening()[0]
-        self.http, self.tcp = port_of(rec["http"]), port_of(rec["tcp"])
         self.procs = []
+        try:
+            rec = self.served.wait_listening()[0]
+        except BaseException:
+            self.close()          # the fixture's teardown never runs for a failed setup
+            raise
+        self.http, self.tcp = port_of(rec["http"]), port_of(rec["tcp"])
 
     def service(self, name):
         proc = subprocess.Popen([sys.executable, "-m", "tests.services", "--name", name,
