@@ -600,6 +600,61 @@ class HttpSettings:
     tls: HttpTlsSettings = _section("tls", HttpTlsSettings)
 
 
+def _registration_secret(text: str) -> str:
+    if text and len(text) < 32:
+        raise ValueError("must be at least 32 characters (or empty: then only loopback peers "
+                         "may register over tcp)")
+    return text
+
+
+_SERVICE_PATTERN = re.compile(r"^[A-Za-z0-9._*-]{1,64}$")
+
+
+def _service_pattern(text: str) -> str:
+    if not _SERVICE_PATTERN.match(text):
+        raise ValueError(f"{text!r} is not a service name pattern (1-64 of A-Z a-z 0-9 . _ - "
+                         f"and * for any run of them)")
+    return text
+
+
+_IDENTITY_HELP = ("must be cn:<subject common name>, dns:<subjectAltName DNS name> or "
+                  "sha256:<certificate thumbprint>")
+
+
+def _certificate_identity(name: Any, path: str) -> str:
+    kind, _, value = str(name).partition(":")
+    kind = kind.strip().lower()
+    value = value.strip()
+    if kind == "sha256":
+        # Written as certificate viewers print them ("AB:CD:..."); compared as bare hex.
+        value = re.sub(r"[\s:]", "", value).lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ConfigError(path, f"{name!r} is not a SHA-256 thumbprint (64 hex digits)")
+    elif kind == "dns":
+        value = value.lower()
+    elif kind != "cn":
+        raise ConfigError(path, _IDENTITY_HELP)
+    if not value:
+        raise ConfigError(path, _IDENTITY_HELP)
+    return f"{kind}:{value}"
+
+
+def _service_identities(value: Any, path: str) -> FrozenMap:
+    if value is None:
+        return FrozenMap()
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of certificate names to lists of service names, "
+                         f"got {_describe(value)}")
+    items = {}
+    for name, allowed in value.items():
+        where = f"{path}.{name}"
+        key = _certificate_identity(name, where)
+        if key in items:
+            raise ConfigError(where, f"the same certificate name as another entry ({key})")
+        items[key] = _apply(_non_empty_list(_string(_service_pattern)), allowed, where)
+    return FrozenMap(items)
+
+
 @_settings
 class TcpTransportSettings:
     enabled: bool = _key("enabled", BOOL, True)
@@ -610,6 +665,25 @@ class TcpTransportSettings:
     send_buffer_size: int = _size_key("sendBufferSize", 65536, low=1)
     # The frame length field is a 32-bit unsigned integer (DESIGN.md §3).
     max_frame_size: int = _size_key("maxFrameSize", "16MB", low=64, high=0xFFFFFFFF)
+    # Who may register (docs/service-identity.md): HELLOs signed with a key derived from
+    # this; empty = loopback peers only on tcp.
+    registration_secret: str = _key("registrationSecret", _string(_registration_secret), "",
+                                    secret=True)
+    registration_max_clock_skew: float = _duration_key("registrationMaxClockSkew", "60s",
+                                                       positive=True)
+    # A link with no frame for health.heartbeatTimeoutSeconds (Unhealthy) plus this is closed.
+    dead_link_grace: float = _duration_key("deadLinkGrace", "30s")
+    # Past the high-water mark a link that does not read gets no PONGs; past the limit it
+    # is closed: a service that stops reading cannot grow our memory without bound.
+    write_buffer_high_water: int = _size_key("writeBufferHighWater", "1MB", low=1)
+    write_buffer_limit: int = _size_key("writeBufferLimit", "16MB", low=1)
+
+    def _finish(self, path: str) -> TcpTransportSettings:
+        if self.write_buffer_limit < self.write_buffer_high_water:
+            raise ConfigError(_join(path, "writeBufferLimit"),
+                              f"must be at least writeBufferHighWater "
+                              f"({_format_size(self.write_buffer_high_water)})")
+        return self
 
 
 @_settings
@@ -624,10 +698,18 @@ class TlsTransportSettings(TcpTransportSettings):
     client_ca_path: str = _key("clientCaPath", STRING, "")
     allowed_client_certificate_thumbprints: tuple[str, ...] = _key(
         "allowedClientCertificateThumbprints", _list_of(_thumbprint, split_env=True), [])
+    # Certificate name (cn:/dns:/sha256:) -> the service names it may register.
+    service_identities: FrozenMap = _key("serviceIdentities", _service_identities, {})
 
     def _finish(self, path: str) -> TlsTransportSettings:
         _check_certificate(self, path)
-        return self
+        if self.enabled and self.service_identities and (
+                self.client_certificate_mode == "NoCertificate" or not self.client_ca_path):
+            raise ConfigError(_join(path, "serviceIdentities"),
+                              "maps client certificates, so they must be asked for and "
+                              "verified: set clientCertificateMode (RequireCertificate) and "
+                              "clientCaPath")
+        return TcpTransportSettings._finish(self, path)
 
 
 @_settings

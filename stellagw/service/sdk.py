@@ -15,6 +15,7 @@ import orjson
 
 from .. import frame as fr
 from ..radix import FOUND, Router, normalize_path
+from ..transport.identity import registration_key, sign_hello
 
 DEFAULT_WINDOW = 256 * 1024
 MAX_WS_MESSAGE = 64 * 1024 * 1024   # a bigger WebSocket message is refused with 1009
@@ -287,7 +288,13 @@ class Service:
                  region: str = "", instance_id: str | None = None, ssl: ssl_mod.SSLContext | None = None,
                  server_hostname: str | None = None, schemas: dict | None = None,
                  reconnect_min: float = 0.1, reconnect_max: float = 5.0,
-                 resolve_interval: float = 30.0, log=None):
+                 resolve_interval: float = 30.0, log=None,
+                 registration_secret: str | None = None, registration_key: str | None = None):
+        """`registration_secret` (the gateway's transports.*.registrationSecret) or
+        `registration_key` (this service's own, from
+        `stellagw.transport.identity.registration_key(secret, name)`) signs every HELLO
+        (docs/service-identity.md); when both are None, the environment's
+        STELLAGW_REGISTRATION_KEY or STELLAGW_REGISTRATION_SECRET does."""
         if not gateways:
             raise ValueError("a service needs at least one gateway address")
         self.name = name
@@ -298,6 +305,7 @@ class Service:
         self.ssl = ssl
         self.server_hostname = server_hostname
         self.schemas = schemas or {}
+        self._hello_key = _hello_key(name, registration_secret, registration_key)
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         # Gateway names are resolved again this often: a gateway instance added by a
@@ -349,10 +357,12 @@ class Service:
         return self.route("GET", path, websocket=True, **kw)
 
     def hello(self) -> dict:
-        return {"protocol": fr.PROTOCOL_VERSION, "service": self.name, "version": self.version,
-                "instance_id": self.instance_id, "region": self.region,
-                "endpoints": [ep.describe() for ep in self._endpoints], "schemas": self.schemas,
-                "stream_window": DEFAULT_WINDOW, "sdk": "stellagw.service"}
+        """The HELLO of one connection: signed afresh each call when a key is configured."""
+        hello = {"protocol": fr.PROTOCOL_VERSION, "service": self.name, "version": self.version,
+                 "instance_id": self.instance_id, "region": self.region,
+                 "endpoints": [ep.describe() for ep in self._endpoints], "schemas": self.schemas,
+                 "stream_window": DEFAULT_WINDOW, "sdk": "stellagw.service"}
+        return sign_hello(hello, self._hello_key) if self._hello_key else hello
 
     # ---------------------------------------------------------------- running
 
@@ -790,6 +800,18 @@ class _Link(asyncio.Protocol):
         if self.transport is not None:
             self._flush()
             self.transport.close()
+
+
+def _hello_key(name, secret, key) -> str | None:
+    if secret is None and key is None:
+        key = os.environ.get("STELLAGW_REGISTRATION_KEY") or None
+        secret = os.environ.get("STELLAGW_REGISTRATION_SECRET") or None
+    if key is not None:
+        if len(key) != 64 or not all(c in "0123456789abcdefABCDEF" for c in key):
+            raise ValueError("registration_key must be the 64 hex digits of "
+                             "registration_key(secret, service)")
+        return key.lower()
+    return registration_key(secret, name) if secret else None
 
 
 def _split(address: str) -> tuple[str, int]:

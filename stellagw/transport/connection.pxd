@@ -9,6 +9,7 @@ cdef int _AWAIT_HELLO, _READY, _CLOSED, _B_OPEN
 cdef int _REQUEST, _RESPONSE, _RESPONSE_STREAM_DATA, _REQUEST_STREAM_DATA, _FLAG_END_STREAM
 cdef int _WRITE_BATCH
 cdef Py_ssize_t _WRITE_BATCH_BYTES
+cdef Py_ssize_t _MAX_PING
 
 
 @cython.final
@@ -34,8 +35,10 @@ cdef class ServiceConnection:
     cdef object _hub, _routing, _metrics, _log, _loop, _frames_in, _transport_hist
     # -- per connection
     cdef object _decoder, _encoder, _hello_timer, _arm, _flush_cb, _scheme
-    cdef bint _flush_scheduled
+    cdef bint _flush_scheduled, _opened, _write_paused
     cdef int _batched
+    cdef Py_ssize_t _frames, _frames_seen, _write_limit
+    cdef double _quiet_since, _paused_since
     cdef bytes _corr_prefix
     cdef unsigned long long _corr_next
 
@@ -66,6 +69,8 @@ cdef class ServiceConnection:
     cdef _fail(self, Pending pending, int status, message)
     cdef _out(self, int ftype, int n=*)
     cdef _schedule_flush(self)
+    cdef _close_link(self, reason, detail, bint graceful)
+    cdef _release_buffers(self)
 
 
 @cython.locals(pending=Pending)

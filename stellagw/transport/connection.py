@@ -3,7 +3,14 @@
 
 States: AWAIT_HELLO → READY → CLOSED. A connection that has not sent a valid HELLO
 within HELLO_TIMEOUT, sends anything else first, or sends a malformed frame is closed
-with a logged reason; a HELLO that cannot be registered leaves nothing registered.
+with a logged reason; a HELLO that cannot be registered, or claims a service name the
+peer may not claim (the hub's RegistrationPolicy, docs/service-identity.md), leaves
+nothing registered and is answered HELLO_ACK{error}.
+
+A link is also closed when it goes quiet — no frame for health.heartbeatTimeoutSeconds +
+deadLinkGrace (the hub's sweep) — or stops reading: past the transport's high-water mark
+its PINGs go unanswered, past writeBufferLimit or for that long it is cut. Every closure
+the gateway makes is counted by reason (TransportHub.link_closed).
 
 Requests in flight are kept in `inflight` (correlation id → Pending). Their answer comes
 back as RESPONSE (whole, or a head followed by RESPONSE_STREAM_DATA); a timeout sends
@@ -36,6 +43,8 @@ from ..routing.state import DRAINING, HelloError
 from .headers import CLASSES, RESPONSE_DROP_NAMES, classify, request_headers
 
 HELLO_TIMEOUT = 10.0
+MAX_PING_PAYLOAD = 64           # protocol.md §3.5: a longer PING or PONG is a protocol error
+_MAX_PING = MAX_PING_PAYLOAD
 INITIAL_WINDOW = 256 * 1024     # bytes of stream data a peer may send per stream unacknowledged
 _MAX_WINDOW = 0x7FFFFFFF        # a window past this is a flow-control error (as in HTTP/2)
 _JSON = b"content-type: application/json\r\n"
@@ -134,6 +143,14 @@ class ServiceConnection:
         self._corr_next = 0
         self._hello_timer = None
         self.peer_window = INITIAL_WINDOW   # the service's stream_window from HELLO
+        self._opened = False            # counted in metrics.active_connections
+        # Liveness without a clock read per frame: a count, compared at each sweep.
+        self._frames = 0
+        self._frames_seen = 0
+        self._quiet_since = 0.0         # loop time of the sweep that last saw the count move
+        self._write_paused = False      # over the transport's high-water mark
+        self._paused_since = 0.0
+        self._write_limit = 0           # bytes the transport may buffer for this link
         self._frames_in = hub.frames_in
         self._transport_hist = hub.metrics.phase_histogram("transport")
         # Looked up once: each is used for every request.
@@ -156,17 +173,19 @@ class ServiceConnection:
         if reason is not None:
             self._log.event("warning", "service connection refused", peer=_peer(self.peer),
                             reason=reason)
+            self._hub.link_closed("not_admitted")
             transport.close()
             self.state = _CLOSED
             return
+        self._write_limit = self._hub.write_buffer_limit(self)
         self._hello_timer = self._loop.call_later(HELLO_TIMEOUT, self._hello_timeout)
 
     def connection_lost(self, exc):
-        was = self.state
         self.state = _CLOSED
         self._hub.release(self)
         if self._hello_timer is not None:
             self._hello_timer.cancel()
+        self._release_buffers()
         inflight = self.inflight
         self.inflight = {}
         for pending in inflight.values():
@@ -177,7 +196,9 @@ class ServiceConnection:
             self._fail(pending, 502, "the service connection was lost")
         if self.instance is not None:
             self._routing.unregister(self.instance, reason="connection lost")
-            if was == _READY:
+            if self._opened:
+                # Not by state: a link the gateway closed itself is CLOSED already here.
+                self._opened = False
                 self._metrics.connection_closed(self.instance.service)
             self._log.event("info", "service disconnected", service=self.instance.service,
                             instance=self.instance.instance_id, failed_in_flight=len(inflight))
@@ -191,6 +212,7 @@ class ServiceConnection:
                 frame = decoder.next()
                 if frame is None:
                     break
+                self._frames += 1
                 ftype_obj, corr, payload = frame
                 frames_in[ftype_obj] = frames_in.get(ftype_obj, 0) + 1
                 ftype = ftype_obj
@@ -219,20 +241,33 @@ class ServiceConnection:
             hb = fr.decode_control(payload)
             self._routing.heartbeat(self.instance, hb.get("status"), hb.get("in_flight"),
                                     hb.get("error_rate"))
+            if self._write_paused:
+                return          # it is not reading: a ping would only wait in our buffer
             # Ping rides on the heartbeat (protocol.md §5.3): the PING carries our send
             # time, so an idle connection costs no timer and no table of pings.
             self._encoder.raw(fr.PING, fr.ZERO_CORR, time.monotonic_ns().to_bytes(8, "big"))
             self._out(fr.PING)
             self._schedule_flush()
         elif ftype == fr.PONG:
-            if len(payload) == 8:
+            if len(payload) > _MAX_PING:
+                self._close_link("oversize_ping", f"PONG of {len(payload)} bytes (at most "
+                                 f"{_MAX_PING})", True)
+            elif len(payload) == 8:
                 sent = int.from_bytes(payload, "big")
                 rtt_ms = (time.monotonic_ns() - sent) / 1e6
                 if 0 <= rtt_ms < 60_000:
                     self._routing.heartbeat(self.instance, None, ping_ms=rtt_ms)
         elif ftype == fr.PING:
-            self._encoder.raw(fr.PONG, corr, payload)
-            self._schedule_flush()
+            if len(payload) > _MAX_PING:
+                # Echoed, it would make us write whatever the peer sends (1 MiB in, 1 MiB out).
+                self._close_link("oversize_ping", f"PING of {len(payload)} bytes (at most "
+                                 f"{_MAX_PING})", True)
+            elif self._write_paused:
+                # Shed, not queued: a peer that pings without reading grows nothing here.
+                self._hub.backpressure("pong_shed")
+            else:
+                self._encoder.raw(fr.PONG, corr, payload)
+                self._schedule_flush()
         elif ftype == fr.WINDOW_UPDATE:
             pending = self.inflight.get(corr)
             if pending is not None:
@@ -265,12 +300,18 @@ class ServiceConnection:
     def _on_hello(self, hello):
         proto = hello.get("protocol") if isinstance(hello, dict) else None
         if not isinstance(proto, int) or isinstance(proto, bool) or proto < 1:
-            self._refuse("UnsupportedProtocol", f"unsupported protocol version {proto!r}")
+            self._refuse("UnsupportedProtocol", "unsupported_protocol",
+                         f"unsupported protocol version {proto!r}", hello)
+            return
+        # Before registering: a refused claim must leave the name's instances untouched.
+        denied = self._hub.authorize(self, hello)
+        if denied is not None:
+            self._refuse("Forbidden", denied[0], denied[1], hello)
             return
         try:
             instance = self._routing.register(self, hello)
         except HelloError as exc:
-            self._refuse("InvalidHello", str(exc))
+            self._refuse("InvalidHello", "invalid_hello", str(exc), hello)
             return
         window = hello.get("stream_window", INITIAL_WINDOW)
         self.peer_window = window if isinstance(window, int) and 0 < window < 2**31 else INITIAL_WINDOW
@@ -280,6 +321,9 @@ class ServiceConnection:
             self._hello_timer.cancel()
             self._hello_timer = None
         self._metrics.connection_opened(instance.service)
+        self._opened = True
+        self._frames_seen = self._frames
+        self._quiet_since = self._loop.time()
         self._encoder.control(fr.HELLO_ACK, fr.ZERO_CORR, self._hub.hello_ack(self))
         self._out(fr.HELLO_ACK)
         self._schedule_flush()
@@ -609,6 +653,19 @@ class ServiceConnection:
         self._batched = 0
         if len(self._encoder) and self.transport is not None and self.state != _CLOSED:
             self.transport.write(self._encoder.take())
+            if self._write_paused and self.transport.get_write_buffer_size() > self._write_limit:
+                self._close_link("write_buffer_full",
+                                 f"over {self._write_limit} bytes wait for a service that is "
+                                 f"not reading", False)
+
+    def pause_writing(self):
+        """The transport's buffer passed writeBufferHighWater: the service is not reading."""
+        self._write_paused = True
+        self._paused_since = self._loop.time()
+        self._hub.backpressure("paused")
+
+    def resume_writing(self):
+        self._write_paused = False
 
     def send_drain(self, deadline_ms):
         if self.state == _READY:
@@ -621,22 +678,74 @@ class ServiceConnection:
     def _hello_timeout(self):
         self._hello_timer = None
         if self.state == _AWAIT_HELLO:
-            self._protocol_error(f"no HELLO within {HELLO_TIMEOUT:.0f}s")
+            self._close_link("hello_timeout", f"no HELLO within {HELLO_TIMEOUT:.0f}s", True)
 
-    def _refuse(self, code, message):
-        """protocol.md §5.5: a refused HELLO gets HELLO_ACK{error} and the connection closes."""
+    def _refuse(self, code, reason, message, hello):
+        """protocol.md §5.5: a refused HELLO gets HELLO_ACK{error} and the connection closes.
+        `reason` labels gateway_service_registrations_refused_total."""
+        claimed = hello.get("service") if isinstance(hello, dict) else None
+        self._hub.registration_refused(reason)
+        self._log.event("warning", "service registration refused", peer=_peer(self.peer),
+                        service=claimed[:64] if isinstance(claimed, str) else None,
+                        code=code, reason=reason, detail=message)
         self._encoder.control(fr.HELLO_ACK, fr.ZERO_CORR,
                               {"protocol": fr.PROTOCOL_VERSION, "error": {"code": code, "message": message}})
-        self._protocol_error(f"HELLO refused ({code}): {message}")
+        self._close_link("refused", None, True)
+
+    def refuse_late(self, message):
+        """A HELLO that had to wait its turn was refused when routed (RoutingState.on_refused):
+        acknowledged already, so the link is closed without a HELLO_ACK."""
+        self._hub.registration_refused("invalid_hello")
+        self._close_link("refused", message, True)
 
     def _protocol_error(self, reason):
-        self._log.event("warning", "service connection closed: protocol error",
-                        peer=_peer(self.peer), reason=reason,
-                        service=self.instance.service if self.instance else None)
-        self._flush()
-        if self.transport is not None:
-            self.transport.close()
+        self._close_link("protocol_error", reason, True)
+
+    def sweep(self, now, silent_after):
+        """The hub's health check, every checkIntervalSeconds (loop time `now`): a link that
+        sent no frame, or took nothing we wrote, for `silent_after` seconds is dead or
+        hostile. Silence is measured from the sweep that last saw a frame, so it is never
+        overestimated: a link is closed late by up to one interval, never early."""
+        if self.state != _READY:
+            return
+        if self._frames != self._frames_seen:
+            self._frames_seen = self._frames
+            self._quiet_since = now
+        elif now - self._quiet_since >= silent_after:
+            self._close_link("silent", f"no frame for {now - self._quiet_since:.1f}s", False)
+            return
+        if self._write_paused and now - self._paused_since >= silent_after:
+            self._close_link("not_reading", f"it has read nothing we sent for "
+                             f"{now - self._paused_since:.1f}s", False)
+
+    def _close_link(self, reason, detail, graceful):
+        """Close, counted by `reason` (gateway_service_links_closed_total) and logged with
+        `detail` (None: logged already). Graceful lets what is queued go first (a refusal's
+        HELLO_ACK) when the peer is taking what we write; otherwise the link is cut at
+        once, so a peer that stopped reading does not keep our buffers."""
+        if self.state == _CLOSED:
+            return
         self.state = _CLOSED
+        self._hub.link_closed(reason)
+        if detail is not None:
+            self._log.event("warning", "service connection closed", reason=reason,
+                            detail=detail, peer=_peer(self.peer),
+                            service=self.instance.service if self.instance is not None else None)
+        transport = self.transport
+        if transport is not None:
+            if graceful and len(self._encoder):
+                transport.write(self._encoder.take())
+            if graceful and not transport.get_write_buffer_size():
+                transport.close()
+            else:
+                transport.abort()
+        self._release_buffers()
+
+    def _release_buffers(self):
+        # Now, not when the last reference goes: the instance and failed requests may keep
+        # this object a while, and a partial frame can be maxFrameSize bytes.
+        self._encoder.take()
+        self._decoder = fr.FrameDecoder(self._hub.max_frame_size)
 
 
 def _disarm(pending):

@@ -4,25 +4,39 @@ Every worker listens on the shared transport port (SO_REUSEPORT, where services 
 dial in) and on a private port of its own. The HELLO_ACK lists every worker's private
 port, so a service that reached one worker dials the others and ends up connected to all
 of them without knowing the worker count in advance (docs/protocol.md §handshake).
+
+Each listener has a RegistrationPolicy (identity.py, docs/service-identity.md) that every
+HELLO passes before it registers, and limits on its links: the hub's health tick closes
+links that went silent or stopped reading, and the transport's write buffer is bounded.
+What was refused or closed, and why, is counted here and exported with the Worker's
+counters (gateway_service_registrations_refused_total, gateway_service_links_closed_total,
+gateway_service_link_backpressure_total).
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import time
 
 from .. import frame as fr
+from ..auth.replay import LocalReplayCache
 from ..ingress.tls import server_context
 from .connection import INITIAL_WINDOW, ServiceConnection
+from .identity import RegistrationPolicy
 
 WHEEL_TICK = 0.05   # seconds: the precision of request timeouts
+# Signed HELLOs remembered against replay (per worker; with several workers the instance's
+# shared table, auth/replay.py): registrations are rare, entries live 2 x the clock skew.
+HELLO_REPLAY_ENTRIES = 10000
 
 
 class Listener:
     __slots__ = ("kind", "host", "public_port", "private_ports", "max_connections", "ssl",
-                 "thumbprints", "rcvbuf", "sndbuf", "count")
+                 "thumbprints", "rcvbuf", "sndbuf", "count", "policy", "silent_after",
+                 "write_high", "write_limit")
 
-    def __init__(self, kind, node, private_ports, ssl_ctx):
+    def __init__(self, kind, node, private_ports, ssl_ctx, policy, unhealthy_after):
         self.kind = kind                     # "tcp" or "tls"
         self.host = node.host
         self.public_port = node.port
@@ -33,6 +47,11 @@ class Listener:
         self.rcvbuf = node.receive_buffer_size
         self.sndbuf = node.send_buffer_size
         self.count = 0
+        self.policy = policy
+        # Unhealthy first (routing stops selecting it), then the grace, then closed.
+        self.silent_after = unhealthy_after + node.dead_link_grace
+        self.write_high = node.write_buffer_high_water
+        self.write_limit = node.write_buffer_limit
 
 
 class TransportHub:
@@ -54,6 +73,14 @@ class TransportHub:
         self._by_conn: dict[ServiceConnection, Listener] = {}
         self._timer = None
         self.timeouts = 0
+        self.refused: dict[str, int] = {}       # registrations refused, by reason
+        self.closed: dict[str, int] = {}        # links the gateway closed, by reason
+        self.pressure: dict[str, int] = {}      # links paused over high water, PONGs shed
+        self._replay = LocalReplayCache(HELLO_REPLAY_ENTRIES)
+        worker.metrics.sources.append(self._counters)
+        # A HELLO refused after waiting its turn in a registration storm: logged and counted
+        # like any refusal instead of a bare close.
+        routing.on_refused = lambda conn, message: conn.refuse_late(message)
         # Timer wheel for request timeouts: a uv timer per request would cost more than the
         # rest of dispatch. Buckets of WHEEL_TICK seconds hold the requests due in them; a
         # request that finishes leaves its bucket at once (a set), so the wheel never holds
@@ -74,8 +101,14 @@ class TransportHub:
             if not node.enabled:
                 continue
             ctx = server_context(node, "gateway.transports.tls") if kind == "tls" else None
-            by_kind[kind] = Listener(kind, node, self._ports.get(kind, {}), ctx)
+            policy = RegistrationPolicy(kind, node, self._replay)
+            by_kind[kind] = Listener(kind, node, self._ports.get(kind, {}), ctx, policy,
+                                     gw.health.heartbeat_timeout_seconds)
             self._listeners.append(by_kind[kind])
+            if policy.open_to:
+                self.log.event("info" if kind == "tcp" and node.host in _LOOPBACK else "warning",
+                               "service identity not configured", transport=kind,
+                               allowed=policy.open_to, see="docs/service-identity.md")
         for kind, sock in sockets:
             listener = by_kind[kind]
             server = await self.loop.create_server(
@@ -128,6 +161,11 @@ class TransportHub:
     def _tick(self):
         self._schedule()
         self.routing.check_health(time.monotonic())
+        now = self.loop.time()
+        for conn in list(self.connections):
+            listener = self._by_conn.get(conn)
+            if listener is not None:
+                conn.sweep(now, listener.silent_after)
 
     def close_listeners(self):
         for server in self._servers:
@@ -171,7 +209,26 @@ class TransportHub:
                 return f"client certificate {sha256} is not in allowedClientCertificateThumbprints"
         listener.count += 1
         self.connections.add(conn)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, listener.rcvbuf)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, listener.sndbuf)
+            except OSError:
+                pass
+        # Low water at a quarter: resume once the service has caught up, not on every byte.
+        transport.set_write_buffer_limits(high=listener.write_high, low=listener.write_high // 4)
         return None
+
+    def authorize(self, conn, hello) -> tuple[str, str] | None:
+        """May this peer register the service its HELLO names? None, or (reason, message)."""
+        listener = self._by_conn.get(conn)
+        if listener is None:
+            return ("no_listener", "the connection has no listener")
+        return listener.policy.check(hello, conn.transport, conn.peer)
+
+    def write_buffer_limit(self, conn) -> int:
+        return self._by_conn[conn].write_limit
 
     def release(self, conn) -> None:
         listener = self._by_conn.pop(conn, None)
@@ -201,3 +258,30 @@ class TransportHub:
 
     def count_timeout(self) -> None:
         self.timeouts += 1
+
+    def registration_refused(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def link_closed(self, reason: str) -> None:
+        self.closed[reason] = self.closed.get(reason, 0) + 1
+
+    def backpressure(self, event: str) -> None:
+        self.pressure[event] = self.pressure.get(event, 0) + 1
+
+    def _counters(self) -> dict:
+        return {
+            "gateway_service_registrations_refused": (
+                "HELLOs refused (HELLO_ACK error), by reason: Forbidden ones (identity, "
+                "docs/service-identity.md), invalid_hello, unsupported_protocol", ("reason",),
+                [((k,), v) for k, v in self.refused.items()]),
+            "gateway_service_links_closed": (
+                "Service connections the gateway closed, by reason", ("reason",),
+                [((k,), v) for k, v in self.closed.items()]),
+            "gateway_service_link_backpressure": (
+                "Service links over writeBufferHighWater (paused) and PINGs left unanswered "
+                "meanwhile (pong_shed)", ("event",),
+                [((k,), v) for k, v in self.pressure.items()]),
+        }
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
