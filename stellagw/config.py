@@ -477,6 +477,12 @@ def _cidr(value: Any, path: str) -> str:
         raise ValueError(f"{text!r} is not an IP address or network (CIDR)") from None
 
 
+def _optional_header_name(text: str) -> str:
+    if text and not _TOKEN.match(text):
+        raise ValueError(f"{text!r} is not a header field name (RFC 9110 token)")
+    return text.lower()
+
+
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
@@ -589,6 +595,9 @@ class HttpSettings:
     # header required at the start of every client connection.
     trusted_proxies: tuple[str, ...] = _key("trustedProxies", _list_of(_cidr, split_env=True), [])
     proxy_protocol: str = _key("proxyProtocol", _choice("off", "v1", "v2", "any"), "off")
+    # A client's own request id header taken as the correlation id when no X-Correlation-Id
+    # came (e.g. "X-Request-Id"); empty: only X-Correlation-Id.
+    request_id_header: str = _key("requestIdHeader", _string(_optional_header_name), "")
     # Request headers a client must never choose (docs/http-edge.md): dropped on the way in.
     strip_request_headers: tuple[str, ...] = _key(
         "stripRequestHeaders", _list_of(_header_name, split_env=True),

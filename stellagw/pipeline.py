@@ -128,6 +128,7 @@ class Pipeline:
         if result is None:
             result = self._auth.authenticate(req, claims, endpoint.sender_constrained)
         t2 = perf_counter()
+        req.auth_s = t2 - t1
         self._auth_hist.observe(t2 - t1)
         if auth_span is not None:
             auth_span.set_attribute("stellagw.auth.outcome", result.__class__.__name__)
@@ -179,6 +180,7 @@ class Pipeline:
         # `routing_s` arrives as (match time − the clock when the decision started), so one
         # clock read here closes the phase (a clock read costs as much as a histogram bucket).
         now = perf_counter()
+        req.route_s = routing_s + now
         self._routing_hist.observe(routing_s + now)
         if selected is None:
             # A known service without a routable instance (restarting, all draining): 503

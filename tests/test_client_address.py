@@ -162,10 +162,12 @@ def stack(tmp_path):
         svc = subprocess.Popen([sys.executable, "-m", "tests.services", "--name", "ca",
                                 "--gateway", f"127.0.0.1:{tcp}"], cwd=ROOT)
         made.append((gw, svc))
+        start.served.append(gw)
         prefix = b"PROXY UNKNOWN\r\n" if "proxyProtocol" in http else b""
         assert wait_for(lambda: request(port, prefix + b"GET /t/ca/whoami HTTP/1.1\r\nHost: t\r\n"
                                               b"X-Forwarded-For: 192.0.2.1\r\n\r\n")[0] == 200, 20)
         return port
+    start.served = []
     yield start
     for gw, svc in made:
         svc.terminate()
@@ -204,3 +206,22 @@ def test_end_to_end_proxy_protocol_v2(stack):
     with connect(port) as s:
         s.sendall(b"GET /t/ca/whoami HTTP/1.1\r\nHost: t\r\n\r\n")
         assert read_response(s)[0] == 400
+
+
+def test_access_log_fields_and_x_request_id(stack, tmp_path):
+    port = stack(", trustedProxies: [127.0.0.0/8], requestIdHeader: X-Request-Id")
+    status, _, body = request(port, b"POST /t/ca/echo HTTP/1.1\r\nHost: t\r\nUser-Agent: probe/1.0\r\n"
+                                     b"X-Forwarded-For: 203.0.113.9\r\nX-Request-Id: req-42\r\n"
+                                     b"Content-Length: 5\r\n\r\nhello")
+    assert status == 200 and body == b"hello"
+    # X-Correlation-Id wins over X-Request-Id when both come.
+    status, headers, _ = request(port, b"GET /t/ca/whoami HTTP/1.1\r\nHost: t\r\nX-Request-Id: r-1\r\n"
+                                       b"X-Correlation-Id: c-1\r\n\r\n")
+    assert headers["x-correlation-id"] == "c-1"
+    return_lines = stack.served[-1].wait_for_log(lambda r: r.get("correlationId") == "req-42")
+    line = return_lines[0]
+    assert line["client"] == "203.0.113.9" and line["userAgent"] == "probe/1.0"
+    assert line["bytesIn"] == 5 and line["bytesOut"] == 5 and line["status"] == 200
+    assert line["upstream"] and line["version"] == "1.0.0" and line["service"] == "ca"
+    assert set(line["timings"]) == {"auth", "routing", "upstream"}
+    assert all(v >= 0 for v in line["timings"].values())

@@ -26,6 +26,7 @@ cdef class Accounting:
     @cython.locals(elapsed=double, requests=dict, by_method=dict, cell=list, keys=dict)
     cpdef request_done(self, Request req, int status)
     cdef list _cell(self, service, method, route)
+    cdef _log_line(self, Request req, int status, double elapsed)
 
 
 @cython.final
@@ -61,6 +62,9 @@ cdef class Request:
     cdef public object version
     cdef public bint done
     cdef public bytes client_ip
+    cdef public Py_ssize_t bytes_out
+    cdef public object upstream
+    cdef public double auth_s, route_s, upstream_s
 
 
 @cython.locals(req=Request)
@@ -77,6 +81,7 @@ cdef class HttpProtocol:
     cdef object _trust
     cdef bint _trusted
     cdef str _proxy_mode, _peer_text
+    cdef bytes _request_id
     cdef bytes _proxy_buf
     cdef public str anonymous_key
     cdef public double deadline

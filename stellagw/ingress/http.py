@@ -136,9 +136,27 @@ class Accounting:
         cell[3].observe(elapsed)
         log = self._log
         if log.access_log:
-            log.request(req.correlation_id, req.tenant, req.method,
-                        req.target.decode("utf-8", "replace"), req.service,
-                        elapsed * 1000.0, status, req.auth)
+            self._log_line(req, status, elapsed)
+
+    def _log_line(self, req, status, elapsed):
+        agent = None
+        for name, value in req.headers:
+            if name == b"user-agent":
+                agent = value.decode("latin-1")
+                break
+        upstream = req.upstream
+        timings = {"auth": round(req.auth_s * 1000.0, 3),
+                   "routing": round(req.route_s * 1000.0, 3)}
+        if upstream is not None:
+            timings["upstream"] = round(req.upstream_s * 1000.0, 3)
+        self._log.request(req.correlation_id, req.tenant, req.method,
+                          req.target.decode("utf-8", "replace"), req.service,
+                          elapsed * 1000.0, status, req.auth,
+                          client=req.client_ip.decode("latin-1"), userAgent=agent,
+                          bytesIn=req.body_size, bytesOut=req.bytes_out,
+                          upstream=upstream.instance_id if upstream is not None else None,
+                          version=upstream.version if upstream is not None else None,
+                          timings=timings)
 
 
 class Request:
@@ -174,6 +192,11 @@ class Request:
     websocket       a WebSocket upgrade request (GET, Upgrade: websocket)
     auth            str for the log line: "dpop", "mtls", "bearer", "anonymous", "refused:…"
     version         bytes: X-Service-Version, a strict version pin (docs/selection.md)
+    bytes_out       response body bytes written (the access log)
+    upstream        the service Instance it was sent to, or None
+    auth_s, route_s, upstream_s
+                    seconds in authentication, in routing (match, rate limit, selection),
+                    and from the REQUEST frame to the service's answer
     client_ip       bytes: the client's address (the connection's, or what a trusted proxy's
                     X-Forwarded-For / Forwarded says): X-Forwarded-For to the service, the
                     anonymous rate-limit key, the access log
@@ -219,6 +242,11 @@ def _new_request(conn):
     req.version = None
     req.done = False
     req.client_ip = b""
+    req.bytes_out = 0
+    req.upstream = None
+    req.auth_s = 0.0
+    req.route_s = 0.0
+    req.upstream_s = 0.0
     return req
 
 
@@ -247,6 +275,7 @@ class HttpProtocol:
         self._trust = server.trusted_proxies    # TrustedProxies, or None
         self._trusted = False            # the peer is a trusted proxy: its X-Forwarded-For counts
         self._proxy_mode = settings.proxy_protocol
+        self._request_id = settings.request_id_header     # a lowercase name, or b""
         self._proxy_buf = None           # bytes, while the PROXY header is still arriving
         self._peer_text = ""             # peer_ip as text
         self.deadline = 0.0
@@ -543,7 +572,7 @@ class HttpProtocol:
         # One pass over the headers for everything the request path needs from them.
         name: bytes
         value: bytes
-        expect = cid = host = te = upgrade_to = xff = fwd = None
+        expect = cid = rid = host = te = upgrade_to = xff = fwd = None
         hosts = tes = 0
         length = 0
         for name, value in headers:
@@ -556,8 +585,9 @@ class HttpProtocol:
                 te = value
                 tes += 1
             elif name == b"x-correlation-id":
-                if cid is None:
-                    cid = value
+                cid = value if cid is None or cid is rid else cid
+            elif name == self._request_id and cid is None:
+                cid = rid = value       # gateway.http.requestIdHeader: X-Correlation-Id wins
             elif name == b"x-service-version":
                 if req.version is None:
                     req.version = value
@@ -879,6 +909,7 @@ class HttpProtocol:
             payload = b""
         else:
             payload = body
+        req.bytes_out = len(payload)
         # RFC 9110 §8.6: no Content-Length on 304 (it would describe the unsent body).
         data = render_response(line, server.date_header, len(body) if status != 304 else -1,
                                headers, req.resp_headers, req.correlation_id.encode("latin-1"),
@@ -979,6 +1010,7 @@ class HttpProtocol:
             return not self._write_paused
         if not data:
             return not self._write_paused
+        req.bytes_out += len(data)
         if self._chunked:
             self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:

@@ -7,7 +7,7 @@ class HttpLimits:
 
     __slots__ = ("max_connections", "max_header_bytes", "max_header_count", "max_url_length",
                  "header_read_timeout", "keep_alive_timeout", "max_request_body_size",
-                 "body_read_timeout", "min_body_rate", "proxy_protocol")
+                 "body_read_timeout", "min_body_rate", "proxy_protocol", "request_id_header")
 
     def __init__(self, gw):
         http = gw.http
@@ -21,3 +21,4 @@ class HttpLimits:
         self.body_read_timeout = http.body_read_timeout
         self.min_body_rate = http.min_body_rate
         self.proxy_protocol = http.proxy_protocol     # "off", "v1", "v2" or "any"
+        self.request_id_header = http.request_id_header.lower().encode("latin-1")

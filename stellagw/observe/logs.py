@@ -58,14 +58,20 @@ class JsonLog:
         self._append(record)
 
     def request(self, correlation_id: str, tenant: str | None, method: str, path: str,
-                service: str, duration_ms: float, status: int, auth: str | None = None) -> None:
-        self._append({
+                service: str, duration_ms: float, status: int, auth: str | None = None,
+                **fields) -> None:
+        """One access log line. `fields`: client, userAgent, bytesIn, bytesOut, upstream,
+        version, timings (ms per stage) — what the ingress knows of the request."""
+        record = {
             "timestamp": self._timestamp(), "level": "info", "message": "Request routed"
             if service else "Request answered",
             "correlationId": correlation_id, "tenantId": tenant, "method": method,
             "path": path, "service": service, "durationMs": round(duration_ms, 3),
             "status": status, "auth": auth,
-        })
+        }
+        if fields:
+            record.update(fields)
+        self._append(record)
 
     def _append(self, record: dict) -> None:
         self._buf += orjson.dumps(record)

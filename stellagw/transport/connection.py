@@ -348,7 +348,9 @@ class ServiceConnection:
             self._cancel(pending, "Aborted")
             _reply_error(req, 502, "the service sent an invalid response")
             return
-        self._transport_hist.observe(perf_counter() - pending.sent_at)
+        upstream_s = perf_counter() - pending.sent_at
+        req.upstream_s = upstream_s
+        self._transport_hist.observe(upstream_s)
         if flags & _FLAG_END_STREAM:
             self._finish(pending)
             req.conn.respond(req, status, block, body)
@@ -464,6 +466,7 @@ class ServiceConnection:
         pending = _new_pending(corr, req, self, sent_at, self.peer_window, timeout)
         self.inflight[corr] = pending
         req.pending = pending
+        req.upstream = self.instance
         if req.span is not None:
             tracing = self._hub.worker.tracing
             pending.span = tracing.child(req.span, "gateway.transport.send",
