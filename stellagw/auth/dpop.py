@@ -24,15 +24,24 @@ The parsed header (alg, key object, thumbprint) is cached by its base64url text:
 sends the same header on every proof, so JSON parsing, key construction and the thumbprint
 happen once per client key; the signature check itself runs on every proof.
 
-The code is in stellagw/_py/dpop.py (the one to read) and, compiled, cext/dpop.pyx;
-`select` picks one (STELLAGW_NO_EXTENSIONS=1 forces the twin). `impl` is the module picked.
+The code is in stellagw/_py/dpop.py (the one to read) and, compiled, cext/dpop.pyx; the
+compiled one unless STELLAGW_NO_EXTENSIONS=1 or it is not built. `impl` is the module
+imported (perf/stub_signature replaces its `verify_signature`).
 """
 from __future__ import annotations
 
-from .._impl import select
+from .. import _impl
 from .uri import normalize_uri
 
-impl = select("dpop")
+if _impl.NO_EXTENSIONS:
+    from .._py import dpop as impl
+else:
+    try:
+        from .._cext import dpop as impl
+    except ImportError as exc:
+        _impl.fell_back("dpop", exc)
+        from .._py import dpop as impl
+
 DpopVerifier = impl.DpopVerifier
 ProofResult = impl.ProofResult
 MAX_JTI_CHARS = impl.MAX_JTI_CHARS
