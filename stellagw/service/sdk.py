@@ -681,6 +681,10 @@ class _Link(asyncio.Protocol):
         elif ftype == fr.HELLO_ACK:
             ack = fr.decode_control(payload)
             if "error" in ack:
+                # On stderr as well as to the log callback: a Forbidden service retries for
+                # ever, and without this nothing on its side would say why.
+                print(f"{self.service.name}: HELLO refused by the gateway: {ack['error']}",
+                      file=sys.stderr)
                 if not self.acked.done():
                     self.acked.set_exception(ConnectionError(f"HELLO refused: {ack['error']}"))
                 return
