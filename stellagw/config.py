@@ -905,6 +905,16 @@ class TracingSettings:
     exporter: str = _key("exporter", _choice("otlp", "console", "none"), "otlp")
     otlp_endpoint: str = _key("otlpEndpoint", STRING, "")
 
+    def _finish(self, path: str) -> TracingSettings:
+        # Checked here, not when a worker starts: a missing exporter then stops start-up
+        # (and check-config) with exit 2 and the key, instead of killing each worker.
+        if self.enabled:
+            from .observe.tracing import unavailable
+            problem = unavailable(self.exporter)
+            if problem is not None:
+                raise ConfigError(_join(path, problem[0]), problem[1])
+        return self
+
 
 PUBLIC_ENDPOINTS = ("live", "ready", "startup", "metrics", "openapi", "details")
 

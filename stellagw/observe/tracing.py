@@ -61,19 +61,60 @@ class Tracing:
             self.provider.shutdown()
 
 
+# What each piece needs, as (module to import, the distribution that provides it). The
+# `otel` extra installs all of them; a gateway started without one would die at its first
+# worker with a traceback, so configuration loading asks `unavailable()` first.
+_SDK = (("opentelemetry.sdk.trace", "opentelemetry-sdk"),
+        ("opentelemetry.trace.propagation.tracecontext", "opentelemetry-api"))
+_EXPORTERS = {
+    "otlp": ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
+             "opentelemetry-exporter-otlp-proto-http"),
+    "console": ("opentelemetry.sdk.trace.export", "opentelemetry-sdk"),
+}
+
+
+def _importable(module: str) -> str | None:
+    """None when `module` imports, else why not (one line)."""
+    import importlib
+    try:
+        importlib.import_module(module)
+    except Exception as exc:   # a broken install (protobuf mismatch ...) is as fatal as none
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def unavailable(exporter: str) -> tuple[str, str] | None:
+    """(key under gateway.tracing, reason) when tracing with `exporter` cannot start in this
+    environment, else None. Imports for real: a module that is present but fails to import
+    would fail the same way at start."""
+    for module, dist in _SDK:
+        error = _importable(module)
+        if error is not None:
+            return ("enabled", f"tracing needs {dist}, which cannot be imported ({error}): "
+                               f"pip install 'stellagw[otel]'")
+    need = _EXPORTERS.get(exporter)
+    if need is not None:
+        module, dist = need
+        error = _importable(module)
+        if error is not None:
+            return ("exporter", f"{exporter} needs {dist}, which cannot be imported ({error}): "
+                                f"pip install 'stellagw[otel]', or choose another exporter")
+    return None
+
+
 def make_tracer(settings, exporter=None) -> Tracing | None:
-    """Tracing for these settings, or None when off. `exporter` (tests) overrides config."""
+    """Tracing for these settings, or None when off. `exporter` (tests) overrides config.
+    Configuration loading has checked `unavailable()`, so the imports here succeed."""
     cfg = settings.gateway.tracing
     if not cfg.enabled:
         return None
-    try:
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-    except ImportError as exc:
-        raise RuntimeError("gateway.tracing.enabled needs the otel extra: "
-                           "pip install 'stellagw[otel]'") from exc
+    problem = unavailable("none" if exporter is not None else cfg.exporter)
+    if problem is not None:
+        raise RuntimeError(f"gateway.tracing.{problem[0]}: {problem[1]}")
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
     provider = TracerProvider(resource=Resource.create({"service.name": cfg.service_name}))
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -81,11 +122,7 @@ def make_tracer(settings, exporter=None) -> Tracing | None:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     elif cfg.exporter == "otlp":
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        except ImportError as exc:
-            raise RuntimeError("gateway.tracing.exporter otlp needs "
-                               "opentelemetry-exporter-otlp-proto-http") from exc
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         kwargs = {"endpoint": cfg.otlp_endpoint} if cfg.otlp_endpoint else {}
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(**kwargs)))
     tracer = provider.get_tracer("stellagw")
