@@ -19,7 +19,7 @@ from stellagw.transport.identity import (
     RegistrationPolicy, certificate_names, is_loopback, registration_key, sign_hello,
 )
 
-from .gwtest import GatewayThread, NullLog, Pki, request, settings_from, wait_for
+from .gwtest import GatewayThread, NullLog, Pki, Served, port_of, request, settings_from, wait_for
 from .servicepeer import RawPeer, SdkThread, hello_for
 
 SECRET = "registration-secret-0123456789abcdef"
@@ -158,6 +158,36 @@ def test_hmac_right_wrong_stale_and_replayed():
             wrong.stop()
     finally:
         gw.stop()
+
+
+def test_a_signed_hello_is_accepted_once_by_the_whole_instance(tmp_path):
+    """Replayed to another worker of the same instance (its private port), a signed HELLO is
+    refused too: the workers share the instance's replay table."""
+    gw = Served(config_text=f"""
+gateway:
+  node: {{workers: 2}}
+  http: {{port: 0}}
+  transports: {{tcp: {{port: 0, registrationSecret: "{SECRET}"}}}}
+""", tmp_path=tmp_path)
+    try:
+        tcp = port_of(gw.wait_listening(2)[0]["tcp"])
+        hello = sign_hello(hello_for("multi"), registration_key(SECRET, "multi"))
+        first = RawPeer(tcp)
+        ack = first.hello(hello)
+        assert "error" not in ack and len(ack["workers"]) == 2, ack
+        [other] = [w for w in ack["workers"] if w["worker_id"] != ack["worker_id"]]
+        second = RawPeer(other["port"])
+        refused = second.hello(hello)
+        assert refused["error"]["code"] == "Forbidden", refused
+        assert "used before" in refused["error"]["message"]
+        # The SDK's own HELLO to that worker (fresh nonce) is accepted.
+        fresh = RawPeer(other["port"])
+        assert "error" not in fresh.hello(sign_hello(hello_for("multi"),
+                                                     registration_key(SECRET, "multi")))
+        for peer in (first, second, fresh):
+            peer.close()
+    finally:
+        assert gw.stop() == 0
 
 
 def test_sdk_reads_its_key_from_the_environment(monkeypatch):
