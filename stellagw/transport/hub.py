@@ -23,7 +23,7 @@ from .. import frame as fr
 from ..auth.replay import LocalReplayCache
 from ..ingress.tls import server_context
 from .connection import INITIAL_WINDOW, ServiceConnection
-from .identity import RegistrationPolicy
+from .identity import RegistrationPolicy, is_loopback
 
 WHEEL_TICK = 0.05   # seconds: the precision of request timeouts
 # Signed HELLOs remembered against replay (per worker; with several workers the instance's
@@ -106,7 +106,8 @@ class TransportHub:
                                      gw.health.heartbeat_timeout_seconds)
             self._listeners.append(by_kind[kind])
             if policy.open_to:
-                self.log.event("info" if kind == "tcp" and node.host in _LOOPBACK else "warning",
+                # Only a listener others can reach makes the open policy worth a warning.
+                self.log.event("info" if kind == "tcp" and is_loopback((node.host,)) else "warning",
                                "service identity not configured", transport=kind,
                                allowed=policy.open_to, see="docs/service-identity.md")
         for kind, sock in sockets:
@@ -283,5 +284,3 @@ class TransportHub:
                 [((k,), v) for k, v in self.pressure.items()]),
         }
 
-
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
