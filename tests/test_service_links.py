@@ -4,7 +4,6 @@ the link, and a service that stops reading cannot grow the gateway's buffers pas
 writeBufferLimit. Real sockets, raw frame peers and SDK services; short health settings."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
