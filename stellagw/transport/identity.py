@@ -89,21 +89,11 @@ def certificate_names(cert: dict, der: bytes) -> list[str]:
     return names
 
 
-def _split_star(pattern: str):
-    pieces = pattern.split("*")
-    for i, piece in enumerate(pieces):
-        if i:
-            yield None
-        yield piece
-
-
 def _compile(patterns) -> re.Pattern:
     # Only `*` is special ("any run of name characters"): service names are plain tokens,
     # and fnmatch's [] and ? would make an allow-list harder to read than to write.
-    alternatives = []
-    for p in patterns:
-        alternatives.append("".join(f"{_SERVICE_CHARS}*" if piece is None else re.escape(piece)
-                                    for piece in _split_star(p)))
+    any_run = f"{_SERVICE_CHARS}*"
+    alternatives = (any_run.join(re.escape(piece) for piece in p.split("*")) for p in patterns)
     return re.compile("(?:" + "|".join(alternatives) + r")\Z")
 
 
