@@ -1,8 +1,8 @@
 """Rate-limit window throughput: compiled WindowLimiter vs the pure-Python twin.
 
 A seeded stream of (key, now_ms) checks — by default 10,000 keys with a skewed (Zipf-like)
-popularity, a clock advancing 20 µs per check (50,000 checks/s, the seed's per-instance
-target), the seed's instance rules [(100, 1 s), (1000, 60 s)] — is first run through both
+popularity, a clock advancing 20 µs per check (50,000 checks/s, the per-instance
+target), the example configuration's instance rules [(100, 1 s), (1000, 60 s)] — is first run through both
 implementations to check that they agree, then each is measured for about --duration
 seconds in the same run. The activation gate's FiveMinuteCounter (add + count per request)
 and evict_idle() are measured too.

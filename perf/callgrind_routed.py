@@ -1,6 +1,6 @@
 """Regression guard: user-space instructions per routed request, under callgrind (issue 8).
 
-Instruction counts repeat from run to run where timings do not (DESIGN.md §7), so this is
+Instruction counts repeat from run to run where timings do not (perf/README.md, Method), so this is
 the figure to compare between commits. One command::
 
     python -m perf callgrind                       # ~40 s

@@ -1,5 +1,5 @@
 """10,000 keep-alive clients + 100 service connections: errors and the gateway's memory
-(issue 8, DESIGN.md §7 "RSS at 10,000 open connections").
+(issue 8: RSS at 10,000 open connections, target ≤ 150 MB).
 
     python -m perf connections                      # ~1 minute: connect, 20 s of light load
     python -m perf connections --soak 600           # RSS every 10 s for 10 minutes + slope

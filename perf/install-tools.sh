@@ -1,6 +1,7 @@
 #!/bin/sh
 # Install the load generator (wrk) and the comparison proxy (nginx) used by
-# perf/compare.py.  Idempotent: apt is only called for a tool that is missing.
+# python -m perf compare and scorecard (make perf-tools).  Idempotent: apt is only
+# called for a tool that is missing.
 #
 # On Debian bookworm the package that ships /usr/sbin/nginx is `nginx`
 # (`nginx-light` is a thin metapackage on top of it that adds an echo module

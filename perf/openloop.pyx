@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The open-loop sender and receiver of ``perf/loadgen.py open``, in C.
+"""The open-loop sender and receiver of ``python -m perf loadgen open``, in C.
 
 Why: the uvloop loop it replaces kept the load CPU 100 % busy at ~40k req/s (libuv's
 timers are whole milliseconds, so its 0.5 ms tick spun) and sent the due requests in

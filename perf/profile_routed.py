@@ -8,7 +8,7 @@ serve`` (supervisor + 1 worker, pinned to ``--server-cpu``) and ``python -m stel
 demo-service --name bench`` next to wrk on ``--load-cpu`` -- warm up 1 s, then keep
 ``wrk -t1 -c64 GET /bench/hello`` running while the profiler watches the gateway's processes
 for ``--duration`` seconds (10 by default).  ``--target gateway-routed-rl-instance`` /
-``gateway-routed-rl-env`` profiles the same path with rate limiting on (compare.py's targets).  Loopback only, bounded, every process stopped
+``gateway-routed-rl-env`` profiles the same path with rate limiting on (compare's targets).  Loopback only, bounded, every process stopped
 at the end (perf/_procs.py's process handling).
 
 * ``flamegraph``: ``py-spy record --subprocesses --native -p <supervisor>`` (Python frames
@@ -179,7 +179,7 @@ def parse_args(argv: list[str]):
                     help="py-spy without native (C/Cython) frames")
     ap.add_argument("--target", default="gateway-routed",
                     choices=[t for t in ALL_TARGETS if t.startswith("gateway-routed") and t != "gateway-routed-2w"],
-                    help="which compare.py gateway target to profile (default gateway-routed; "
+                    help="which compare gateway target to profile (default gateway-routed; "
                          "gateway-routed-rl-env profiles the environment rate-limit check)")
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--server-cpu", type=int, default=0)

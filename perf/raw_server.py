@@ -9,7 +9,7 @@ no Date header: this is the cheapest HTTP server Python can offer, the
 baseline that ``python -m perf compare`` measures the gateway and nginx against, and
 the hello backend nginx proxies to.
 
-Loopback benchmark tool only (STYLE.md item 39)::
+A loopback benchmark tool only, never a server to deploy::
 
     python -m perf raw-server --host 127.0.0.1 --port 8081
     wrk -t1 -c64 -d10s --latency http://127.0.0.1:8081/

@@ -2,7 +2,7 @@
 stack.
 
 * `k6 inspect` shows the script's options: its scenarios and thresholds must be the table
-  of perf/k6_scenarios/models.py (seed §14), in full and in short mode.
+  of perf/k6_scenarios/models.py, in full and in short mode.
 * `python -m perf k6 --scenario A,C --short` runs scenario A and, when the build has the
   development Authority, C with DPoP proofs signed by k6 (WebCrypto) — a token from the
   Authority's token endpoint proves the proofs verify — then the summary JSON must carry

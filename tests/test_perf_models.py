@@ -1,4 +1,4 @@
-"""perf/k6_scenarios/models.py: the seed §14 performance model — curves, histogram
+"""perf/k6_scenarios/models.py: the k6 scenarios' performance model — curves, histogram
 quantiles, verdicts."""
 from __future__ import annotations
 

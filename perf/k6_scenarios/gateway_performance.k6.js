@@ -1,11 +1,11 @@
-// stellagw — k6 scenarios A–G of seed §14 (performance testing pipeline).
+// stellagw — k6 scenarios A–G (perf/README.md, "k6 scenarios"), with their SLO thresholds.
 //
-//   k6 run --env BASE_URL=http://127.0.0.1:8080 perf/gateway_performance.k6.js
-//   k6 run --env BASE_URL=... --env SCENARIO=scenario_c_routing_throughput perf/gateway_performance.k6.js
-//   k6 run --env BASE_URL=... --env SCENARIO=A,C --env SHORT=1 perf/gateway_performance.k6.js
+//   k6 run --env BASE_URL=http://127.0.0.1:8080 perf/k6_scenarios/gateway_performance.k6.js
+//   k6 run --env BASE_URL=... --env SCENARIO=scenario_c_routing_throughput perf/k6_scenarios/gateway_performance.k6.js
+//   k6 run --env BASE_URL=... --env SCENARIO=A,C --env SHORT=1 perf/k6_scenarios/gateway_performance.k6.js
 //
-// Usually started by perf/run_k6.py, which brings up the stack on loopback, aims this
-// script at it and turns the output into a PerformanceTestSummary (perf/models.py holds
+// Usually started by `python -m perf k6`, which brings up the stack on loopback, aims this
+// script at it and turns the output into a PerformanceTestSummary (models.py holds
 // the same scenario table; tests/test_k6_short.py checks both agree through `k6 inspect`).
 //
 // Environment:
@@ -55,7 +55,7 @@ const status503 = new Counter('status_503'); // F (and everywhere): saturation
 const authRejected = new Counter('auth_rejected'); // 401/403: a DPoP or token problem
 
 // ---------------------------------------------------------------------------- scenarios
-// Same table as perf/models.py SCENARIOS (seed §14: VUs, durations, key metrics).
+// Same table as models.py SCENARIOS beside it (VUs, durations, key metrics).
 
 const NO_ERRORS = ['http_req_failed', 'rate<0.001'];
 
@@ -103,7 +103,7 @@ const TABLE = {
     full: { executor: 'constant-arrival-rate', vus: 50, duration: 600, rate: 500 },
     short: { executor: 'constant-arrival-rate', vus: 10, duration: 10, rate: 100 },
     thresholds: [['http_req_duration', 'p(99)<50'], NO_ERRORS],
-    // gateway RSS growth is measured by perf/run_k6.py (it sees the processes).
+    // gateway RSS growth is measured by `python -m perf k6` (it sees the processes).
   },
 };
 

@@ -1,6 +1,7 @@
-"""The performance model of seed §14, as typed Python.
+"""The performance model of the k6 scenarios (perf/README.md, "k6 scenarios"), as typed
+Python.
 
-| seed type                        | here                                                   |
+| type                             | here                                                   |
 |----------------------------------|--------------------------------------------------------|
 | `GatewayPerformanceObservation`  | one request's pipeline phases (or a quantile of them)  |
 | `PerformanceScenarioConfig`      | the k6 scenarios A–G with their SLO thresholds (data)  |
@@ -8,8 +9,8 @@
 | `PerformanceTestSummary`         | one scenario's run: thresholds, violations, curve      |
 | `GatewayPerformanceMetrics`      | the gateway's /metrics text, parsed; deltas; quantiles |
 
-The seed's `GatewayPerformanceMetrics` is the service that *emits* the metrics; the gateway
-does that in `stellagw/observe/metrics.py`. Here it is the reading side: parse the
+`GatewayPerformanceMetrics` is not what *emits* the metrics (the gateway does that in
+`stellagw/observe/metrics.py`): it is the reading side: parse the
 Prometheus text exposition, subtract a "before" scrape from an "after" scrape, and compute
 per-phase quantiles from histogram buckets exactly as PromQL's `histogram_quantile` does.
 
@@ -111,10 +112,11 @@ class ThresholdResult:
 
 @dataclass(frozen=True)
 class PerformanceScenarioConfig:
-    """One row of the seed's k6 table (§14), plus what the runner needs to host it.
+    """One row of the k6 scenario table (perf/README.md), plus what the runner needs to
+    host it.
 
-    ``vus`` / ``duration_s`` are the seed's figures. Arrival-rate scenarios (C, E, G) also
-    have an offered ``rate`` (requests/s, open loop: upstream-notes §15.6), and their
+    Arrival-rate scenarios (C, E, G) also have an offered ``rate`` (requests/s, open loop:
+    a fixed arrival rate, so a slow server cannot slow the client and hide latency), and their
     ``vus`` is the VU pool. ``short_*`` is the CI mode (`--env SHORT=1`): seconds, not
     minutes, and fewer VUs.
     """
@@ -125,7 +127,7 @@ class PerformanceScenarioConfig:
     executor: str                  # constant-vus | constant-arrival-rate | ramping-vus
     vus: int
     duration_s: int
-    key_metric: str                # the seed's "Key Metric" column, verbatim
+    key_metric: str                # the table's "key metric" column, verbatim
     thresholds: tuple[Threshold, ...]
     short_vus: int
     short_duration_s: int
@@ -170,7 +172,7 @@ def _t(metric, expression, description="", source="k6", scenario_filter=True) ->
     return Threshold(metric, expression, description, source, scenario_filter)
 
 
-_NO_ERRORS = _t("http_req_failed", "rate<0.001", "error rate < 0.1 % (seed §12 SLO)")
+_NO_ERRORS = _t("http_req_failed", "rate<0.001", "error rate < 0.1 % (SLO: docs/operations.md, alerts)")
 
 SCENARIOS: dict[str, PerformanceScenarioConfig] = {s.name: s for s in (
     PerformanceScenarioConfig(
@@ -230,7 +232,7 @@ SCENARIOS: dict[str, PerformanceScenarioConfig] = {s.name: s for s in (
         "G", "scenario_g_soak", "Steady-State Soak",
         "Memory leaks / resource exhaustion at a steady offered rate",
         "constant-arrival-rate", 50, 600, "Stable memory",
-        (_t("http_req_duration", "p(99)<50", "P99 < 50 ms (seed §12 SLO)"), _NO_ERRORS,
+        (_t("http_req_duration", "p(99)<50", "P99 < 50 ms (SLO: docs/operations.md, alerts)"), _NO_ERRORS,
          _t("gateway_rss_growth_pct", "value<10",
             "gateway RSS: last 20 % of the run vs the 20–40 % mark", source="derived")),
         short_vus=10, short_duration_s=10, rate=500, short_rate=100,
@@ -737,7 +739,7 @@ class PerformanceTestSummary:
         lines = [f"### {s.key} — {s.title} (`{s.name}`, {mode}): **{self.status.upper()}**", "",
                  f"{s.purpose}. {s.executor}, {s.vus_for(self.short)} VUs, "
                  f"{s.duration(self.short)} s" + (f", {rate} req/s offered" if rate else "")
-                 + f"; seed key metric: {s.key_metric}.", ""]
+                 + f"; key metric: {s.key_metric}.", ""]
         for note in self.notes:
             lines.append(f"- {note}")
         if self.notes:

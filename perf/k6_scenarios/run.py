@@ -1,4 +1,4 @@
-"""k6 scenarios A–G (seed §14) against a gateway this command starts on loopback.
+"""k6 scenarios A–G (perf/README.md) against a gateway this command starts on loopback.
 
     python -m perf k6 --scenario all --short          # CI: ~1.5 min for all seven
     python -m perf k6 --scenario C                     # one, full length (2 min)
@@ -381,15 +381,15 @@ def main(argv: list[str]) -> int:
     try:
         chosen = select_scenarios(args.scenario)
     except KeyError as exc:
-        print(f"run_k6: {exc.args[0]}", file=sys.stderr)
+        print(f"k6: {exc.args[0]}", file=sys.stderr)
         return 2
     if not chosen:
-        print("run_k6: no scenario selected", file=sys.stderr)
+        print("k6: no scenario selected", file=sys.stderr)
         return 2
     try:
         k6_path = install.ensure_k6(args.k6, log=log)
     except install.K6InstallError as exc:
-        print(f"run_k6: {exc}", file=sys.stderr)
+        print(f"k6: {exc}", file=sys.stderr)
         return 2
     k6_version = install.k6_version(k6_path)
     outdir = args.out_dir or Path(tempfile.mkdtemp(
@@ -404,7 +404,7 @@ def main(argv: list[str]) -> int:
             summaries.append(s)
             log(f"[{cfg.key}] {s.status}" + (f": {len(s.violations)} violation(s)" if s.violations else ""))
     except (KeyboardInterrupt, Interrupted) as exc:
-        print(f"run_k6: interrupted ({exc or 'Ctrl-C'}); everything started was stopped",
+        print(f"k6: interrupted ({exc or 'Ctrl-C'}); everything started was stopped",
               file=sys.stderr)
         return 130
     finally:

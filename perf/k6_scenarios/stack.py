@@ -53,7 +53,7 @@ def _yaml_str(s: str) -> str:
 
 
 class Pinning:
-    """Gateway on one CPU, k6 + services + Valkey on another (DESIGN.md §7), when the
+    """Gateway on one CPU, k6 + services + Valkey on another (perf/README.md, Method), when the
     machine has two CPUs to give and taskset exists."""
 
     def __init__(self, enabled: bool, workers: int):

@@ -1,4 +1,4 @@
-"""Measurement only (perf/issue8.py, auth): a gateway started with this directory on
+"""Measurement only (the scorecard's auth part): a gateway started with this directory on
 PYTHONPATH checks every DPoP proof except its signature, so its CPU per request minus an
 unauthenticated request's is "everything but the signature" measured directly, rather
 than by subtracting an ES256 verification timed in another process. Never used otherwise:
