@@ -483,6 +483,12 @@ def _optional_header_name(text: str) -> str:
     return text.lower()
 
 
+def _path_prefix(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError("must start with '/'")
+    return text
+
+
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
@@ -942,6 +948,68 @@ def _overlap(host_a: str, host_b: str) -> bool:
     return host_a == host_b or host_a in wildcard or host_b in wildcard
 
 
+def _origin_or_star(text: str) -> str:
+    return text if text == "*" else _origin(text)
+
+
+_CORS_HEADERS = ["authorization", "content-type", "dpop", "x-correlation-id"]
+_CORS_EXPOSE = ["x-correlation-id", "www-authenticate", "dpop-nonce", "retry-after",
+                "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"]
+
+
+def _check_cors(section, path: str):
+    if section.allow_credentials and "*" in section.allow_origins:
+        raise ConfigError(_join(path, "allowOrigins"),
+                          '"*" cannot go with allowCredentials: list the origins')
+    return section
+
+
+@_settings
+class CorsRouteSettings:
+    """A per-path override of the CORS policy (the first matching prefix wins)."""
+    path_prefix: str = _key("pathPrefix", _string(_path_prefix))
+    allow_origins: tuple[str, ...] = _key("allowOrigins", _list_of(_string(_origin_or_star)), [])
+    allow_methods: tuple[str, ...] = _key("allowMethods", _list_of(_string(non_empty=True)), [])
+    allow_headers: tuple[str, ...] = _key("allowHeaders", _list_of(_header_name), _CORS_HEADERS)
+    expose_headers: tuple[str, ...] = _key("exposeHeaders", _list_of(_header_name), _CORS_EXPOSE)
+    allow_credentials: bool = _key("allowCredentials", BOOL, False)
+    max_age: float = _duration_key("maxAge", "10m")
+
+    def _finish(self, path: str):
+        return _check_cors(self, path)
+
+
+@_settings
+class CorsSettings:
+    """gateway.cors (docs/http-edge.md "CORS"): off while allowOrigins is empty."""
+    allow_origins: tuple[str, ...] = _key("allowOrigins", _list_of(_string(_origin_or_star)), [])
+    allow_methods: tuple[str, ...] = _key("allowMethods", _list_of(_string(non_empty=True)), [])
+    allow_headers: tuple[str, ...] = _key("allowHeaders", _list_of(_header_name), _CORS_HEADERS)
+    expose_headers: tuple[str, ...] = _key("exposeHeaders", _list_of(_header_name), _CORS_EXPOSE)
+    allow_credentials: bool = _key("allowCredentials", BOOL, False)
+    max_age: float = _duration_key("maxAge", "10m")
+    routes: tuple[CorsRouteSettings, ...] = _key("routes", _list_of(_section_of(CorsRouteSettings)), [])
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.allow_origins) or any(r.allow_origins for r in self.routes)
+
+    def _finish(self, path: str):
+        return _check_cors(self, path)
+
+
+@_settings
+class CompressionSettings:
+    """gateway.compression: gzip of service answers (the OpenAPI documents always)."""
+    enabled: bool = _key("enabled", BOOL, False)
+    min_size: int = _size_key("minSize", "1KB")
+    level: int = _key("level", _integer(1, 9), 5)
+    types: tuple[str, ...] = _key("types", _list_of(_string(non_empty=True)),
+                                  ["application/json", "application/problem+json",
+                                   "application/xml", "application/javascript",
+                                   "application/yaml", "image/svg+xml", "text/"])
+
+
 @_settings
 class GatewaySettings:
     node: NodeSettings = _section("node", NodeSettings)
@@ -955,6 +1023,8 @@ class GatewaySettings:
     logging: LoggingSettings = _section("logging", LoggingSettings)
     metrics: MetricsSettings = _section("metrics", MetricsSettings)
     tracing: TracingSettings = _section("tracing", TracingSettings)
+    cors: CorsSettings = _section("cors", CorsSettings)
+    compression: CompressionSettings = _section("compression", CompressionSettings)
 
     def _finish(self, path: str) -> GatewaySettings:
         # Two of our own listeners on one port would be refused at start as "address in

@@ -32,6 +32,7 @@ import orjson
 from . import __version__
 from .ingress.http import Accounting, HttpProtocol
 from .ingress.limits import HttpLimits
+from .ingress.compress import Compression
 from .ingress.proxy import TrustedProxies
 from .ingress.tls import server_context
 from .observe.logs import JsonLog
@@ -103,6 +104,7 @@ class Worker:
         forward_headers.configure(gw.http.strip_request_headers)
         # None when no proxy is trusted: the ingress then reads no forwarding header at all.
         self.trusted_proxies = TrustedProxies(gw.http.trusted_proxies) or None
+        self.compression = Compression(gw.compression) if gw.compression.enabled else None
         self.log = log or JsonLog(gw.logging.level, access_log=gw.logging.access_log)
         self.log.extra = {"node": self.node_id, "worker": worker_id}
         self.metrics = Metrics(run_dir, worker_id, frame_names=FRAME_TYPE_NAMES)

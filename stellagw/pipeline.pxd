@@ -14,6 +14,7 @@ cdef class Pipeline:
     cdef double _default_timeout
     cdef Py_ssize_t _stream_threshold
     cdef set _tasks
+    cdef object _cors
 
     @cython.locals(t0=double, t1=double, t2=double, field=tuple)
     cpdef handle(self, Request req)

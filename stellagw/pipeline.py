@@ -32,6 +32,7 @@ from time import perf_counter
 
 from .auth import AuthFailure, Identity
 from .auth.identity import CREDENTIAL_FIELDS
+from .ingress.cors import CorsPolicy
 from .ingress.responses import error_body
 from .radix import FOUND, NOT_FOUND, normalize_path
 from .ratelimit import UNLIMITED, Decision, rate_limit_headers, rejection
@@ -66,6 +67,8 @@ class Pipeline:
         # Bodies above this go as REQUEST_STREAM_DATA frames rather than inside REQUEST.
         self._stream_threshold = max(gw.routing.streaming_buffer_size, 64 * 1024)
         self._tasks = set()
+        # gateway.cors: None while no origin is allowed (the request path then tests nothing).
+        self._cors = CorsPolicy(gw.cors) if gw.cors.enabled else None
 
     def handle(self, req):
         # 4. built-ins
@@ -81,6 +84,10 @@ class Pipeline:
             return _error(req, 400, "the request path is not valid")
         method = req.method
         router = self._routing.router
+        if self._cors is not None:
+            answer = self._cors.handle(req, path, router)   # a preflight's answer, or None
+            if answer is not None:
+                return answer
         code, route, params = router.match(method, path)
         if code != FOUND and method == "HEAD":
             code, route, params = router.match("GET", path)

@@ -17,6 +17,7 @@ Endpoints, all under /t/<name>/ so several services can register side by side:
   POST early             answers 409 without reading the body
   GET  uploads           correlation ids of the uploads that reached this process
   GET  big?mb=N          N MiB in one Response (streamed by the SDK)
+  GET  json?kb=N         a JSON document of about N KiB
 """
 from __future__ import annotations
 
@@ -116,6 +117,11 @@ def build(name, gateways, region, version, instance):
     async def secure_upload(req):
         uploads.append(req.correlation_id)
         return Response(b"never without a token")
+
+    @svc.get(base + "/json")
+    async def json_doc(req):
+        kb = int(req.query.decode().partition("kb=")[2] or "4")
+        return Response.json({"items": ["x" * 1000 for _ in range(kb)]})
 
     @svc.get(base + "/big")
     async def big(req):

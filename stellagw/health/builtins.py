@@ -10,6 +10,7 @@ from __future__ import annotations
 import orjson
 
 from ..config import PUBLIC_ENDPOINTS
+from ..ingress.compress import accepts_gzip, gzipped
 from ..replies import error_body
 
 _JSON = b"content-type: application/json\r\ncache-control: no-store\r\n"
@@ -57,10 +58,27 @@ def table(worker, admin: bool = False) -> dict:
     def metrics(req):
         return 200, _METRICS, worker.render_metrics()
 
+    gzipped_docs: dict = {}
+
     def openapi(req):
+        # Services that just registered are in the first read after it: wait (off the
+        # loop) for the build their registration started; openapi(req) runs again then.
+        if worker.openapi.defer(req, openapi):
+            return None
         # Every If-None-Match field counts (a client may send several).
         inm = b", ".join(v for n, v in req.headers if n == b"if-none-match") or None
-        return worker.openapi.respond(req.target, inm)
+        status, headers, body = worker.openapi.respond(req.target, inm)
+        if status != 200 or not accepts_gzip(req.headers):
+            return status, headers, body
+        # The documents are large and change rarely: gzipped once per version, whatever
+        # gateway.compression says (stellagw/ingress/compress.py).
+        key = (req.target, headers)
+        hit = gzipped_docs.get(key)
+        if hit is None:
+            if len(gzipped_docs) >= 16:
+                gzipped_docs.clear()
+            hit = gzipped_docs[key] = gzipped(headers, body, 6)
+        return 200, hit[0], hit[1]
 
     def ready_status(req):
         status = 200 if not worker.not_ready_reasons() else 503

@@ -82,6 +82,7 @@ cdef class HttpProtocol:
     cdef bint _trusted
     cdef str _proxy_mode, _peer_text
     cdef bytes _request_id
+    cdef object _gzip
     cdef bytes _proxy_buf
     cdef public str anonymous_key
     cdef public double deadline

@@ -24,6 +24,7 @@ import httptools
 
 from ..observe.metrics import Histogram
 from .responses import JSON, STATUS_LINES, error_body, status_line
+from .compress import accepts_gzip, gzipped
 from .proxy import ProxyError, parse_proxy_header
 from .wire import TE_CHUNKED, TE_OTHER, host_ok, render_response, split_target, transfer_coding
 
@@ -276,6 +277,7 @@ class HttpProtocol:
         self._trusted = False            # the peer is a trusted proxy: its X-Forwarded-For counts
         self._proxy_mode = settings.proxy_protocol
         self._request_id = settings.request_id_header     # a lowercase name, or b""
+        self._gzip = server.compression    # gateway.compression (Compression), or None
         self._proxy_buf = None           # bytes, while the PROXY header is still arriving
         self._peer_text = ""             # peer_ip as text
         self.deadline = 0.0
@@ -909,6 +911,11 @@ class HttpProtocol:
             payload = b""
         else:
             payload = body
+            gzip = self._gzip
+            if (gzip is not None and len(body) >= gzip.min_size and gzip.applies(headers)
+                    and accepts_gzip(req.headers)):
+                headers, payload = gzipped(headers, body, gzip.level)
+                body = payload
         req.bytes_out = len(payload)
         # RFC 9110 §8.6: no Content-Length on 304 (it would describe the unsent body).
         data = render_response(line, server.date_header, len(body) if status != 304 else -1,

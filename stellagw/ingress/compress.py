@@ -1,0 +1,79 @@
+"""gzip at the gateway (gateway.compression; docs/http-edge.md "Compression").
+
+Plain (not streamed) answers of a compressible type and at least `minSize` bytes are
+gzipped when the client accepts gzip and the service did not encode them itself; the
+OpenAPI documents always are (stellagw/health/builtins.py). The ETag of a gzipped
+representation is made weak, so If-None-Match (a weak comparison) still matches it while
+no cache takes it for the identity bytes. Only zlib from the standard library: brotli would
+need a compiled package for a few percent more.
+"""
+from __future__ import annotations
+
+import zlib
+
+
+def accepts_gzip(headers) -> bool:
+    """Accept-Encoding (every line) allows gzip (RFC 9110 §12.5.3): named or `*`, q > 0."""
+    star = None
+    for name, value in headers:
+        if name != b"accept-encoding":
+            continue
+        for item in value.split(b","):
+            coding, _, params = item.partition(b";")
+            coding = coding.strip(b" \t").lower()
+            q = 1.0
+            for param in params.split(b";"):
+                key, _, v = param.strip(b" \t").partition(b"=")
+                if key.lower() == b"q":
+                    try:
+                        q = float(v)
+                    except ValueError:
+                        q = 0.0
+            if coding in (b"gzip", b"x-gzip"):
+                return q > 0
+            if coding == b"*":
+                star = q > 0
+    return bool(star)
+
+
+def gzip_bytes(body: bytes, level: int) -> bytes:
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 31)   # 31: a gzip wrapper
+    return compressor.compress(body) + compressor.flush()
+
+
+def gzipped(headers: bytes, body: bytes, level: int) -> tuple[bytes, bytes]:
+    """The header block and body of the gzip representation of (headers, body)."""
+    lines = []
+    for line in headers.split(b"\r\n"):
+        if line[:6].lower() == b"etag: " and not line[6:8] == b"W/":
+            line = b"etag: W/" + line[6:]
+        if line:
+            lines.append(line)
+    lines.append(b"content-encoding: gzip")
+    lines.append(b"vary: accept-encoding")
+    return b"\r\n".join(lines) + b"\r\n", gzip_bytes(body, level)
+
+
+class Compression:
+    """gateway.compression for service answers (and the other built-ins)."""
+
+    __slots__ = ("min_size", "level", "exact", "prefixes")
+
+    def __init__(self, settings):
+        self.min_size = settings.min_size
+        self.level = settings.level
+        types = [t.lower().encode("latin-1") for t in settings.types]
+        self.exact = frozenset(t for t in types if not t.endswith(b"/"))
+        self.prefixes = tuple(t for t in types if t.endswith(b"/"))
+
+    def applies(self, headers: bytes) -> bool:
+        """The answer's own header block has a listed type and no content-encoding."""
+        low = headers.lower()
+        if b"content-encoding:" in low:
+            return False
+        at = low.find(b"content-type:")
+        if at < 0:
+            return False
+        end = low.find(b"\r\n", at)
+        ctype = low[at + 13:end if end >= 0 else len(low)].split(b";")[0].strip()
+        return ctype in self.exact or ctype.startswith(self.prefixes)
