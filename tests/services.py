@@ -18,6 +18,7 @@ Endpoints, all under /t/<name>/ so several services can register side by side:
   GET  uploads           correlation ids of the uploads that reached this process
   GET  big?mb=N          N MiB in one Response (streamed by the SDK)
   GET  json?kb=N         a JSON document of about N KiB
+  GET  boom              the handler raises (a 500, and the SDK's JSON error line)
 """
 from __future__ import annotations
 
@@ -117,6 +118,10 @@ def build(name, gateways, region, version, instance):
     async def secure_upload(req):
         uploads.append(req.correlation_id)
         return Response(b"never without a token")
+
+    @svc.get(base + "/boom")
+    async def boom(req):
+        raise ValueError("boom on purpose")
 
     @svc.get(base + "/json")
     async def json_doc(req):

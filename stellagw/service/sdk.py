@@ -9,6 +9,7 @@ import socket
 import ssl as ssl_mod
 import sys
 import time
+import traceback
 import uuid
 
 import orjson
@@ -81,6 +82,17 @@ async def _pieces(body: bytes):
     view = memoryview(body)
     for start in range(0, len(view), 256 * 1024):
         yield view[start:start + 256 * 1024]
+
+
+def json_log(service: str, message: str, level: str = "info", **fields) -> None:
+    """One JSON line on stderr, in the gateway's log format (timestamp, level, message)."""
+    now = time.time()
+    record = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+              + ".%03dZ" % (int(now * 1000) % 1000), "level": level, "message": message,
+              "service": service}
+    record.update(fields)
+    sys.stderr.buffer.write(orjson.dumps(record, default=str) + b"\n")
+    sys.stderr.flush()
 
 
 class Request:
@@ -313,7 +325,9 @@ class Service:
         self.resolve_interval = resolve_interval
         self._seen_addrs: set[tuple[str, int]] = set()
         self.status = "Healthy"
-        self._log = log or (lambda msg, **kw: None)
+        # log(message, **fields): the SDK's events (a gateway unreachable, a handler that
+        # failed with its traceback, a refused HELLO); JSON lines on stderr unless given.
+        self._log = log or (lambda msg, **kw: json_log(self.name, msg, **kw))
         self._endpoints: list[_Endpoint] = []
         self._router = Router()
         self._links: dict[tuple, "_Link"] = {}       # (node, worker) -> live link
@@ -574,7 +588,9 @@ class Service:
             pass  # CANCEL from the gateway: it has answered the client already
         except Exception as exc:
             self._errors += 1
-            print(f"{self.name}: handler {ep.method} {ep.path} failed: {exc!r}", file=sys.stderr)
+            self._log("handler failed", level="error", method=ep.method, path=ep.path,
+                      correlationId=req.correlation_id, error=repr(exc),
+                      traceback=traceback.format_exc())
             link.send_response(corr, Response.json(
                 {"error": {"code": "internal_error", "message": "the service failed",
                            "trace_id": req.correlation_id}}, 500))
@@ -590,7 +606,8 @@ class Service:
             pass  # the client went away (CANCEL)
         except Exception as exc:
             self._errors += 1
-            print(f"{self.name}: websocket {ep.path} failed: {exc!r}", file=sys.stderr)
+            self._log("websocket handler failed", level="error", path=ep.path, error=repr(exc),
+                      traceback=traceback.format_exc())
             await ws.close(1011, "internal error")
         finally:
             self.in_flight -= 1
@@ -654,7 +671,7 @@ class _Link(asyncio.Protocol):
             while (frame := self._decoder.next()) is not None:
                 self._on_frame(*frame)
         except fr.FrameError as exc:
-            print(f"{self.service.name}: protocol error from the gateway: {exc}", file=sys.stderr)
+            self.service._log("protocol error from the gateway", level="error", error=str(exc))
             self.close()
 
     def _on_frame(self, ftype, corr, payload):
@@ -681,10 +698,10 @@ class _Link(asyncio.Protocol):
         elif ftype == fr.HELLO_ACK:
             ack = fr.decode_control(payload)
             if "error" in ack:
-                # On stderr as well as to the log callback: a Forbidden service retries for
-                # ever, and without this nothing on its side would say why.
-                print(f"{self.service.name}: HELLO refused by the gateway: {ack['error']}",
-                      file=sys.stderr)
+                # Logged: a Forbidden service retries for ever, and without this nothing on
+                # its side would say why.
+                self.service._log("HELLO refused by the gateway", level="error",
+                                  refusal=ack["error"])
                 if not self.acked.done():
                     self.acked.set_exception(ConnectionError(f"HELLO refused: {ack['error']}"))
                 return
