@@ -655,6 +655,141 @@ def test_background_build_serves_the_previous_document_meanwhile(monkeypatch):
     assert {"/late", "/later"} <= set(doc["paths"])
 
 
+class _Conn:
+    def __init__(self):
+        self.answers = []
+
+    def respond(self, req, status, headers, body):
+        self.answers.append((req, status, headers, body))
+
+
+class _Req:
+    def __init__(self, target=b"/openapi.json"):
+        self.target = target
+        self.conn = _Conn()
+        self.correlation_id = "c"
+
+
+def _handler(cache):
+    def handler(req):
+        if cache.defer(req, handler):
+            return None
+        return cache.respond(req.target, None)
+    return handler
+
+
+def test_a_registration_on_the_loop_starts_the_build_and_one_iteration_is_one_build():
+    import asyncio
+
+    async def main():
+        state = RoutingState("eu1")
+        cache, _ = make_cache(state, background=True)
+        cache.warm()
+        assert cache.builds == 1
+        # Ten HELLOs read in one loop iteration: one build, started without any read.
+        for i in range(10):
+            state.register(object(), hello(f"s{i}", endpoints=[{"method": "GET", "path": f"/s{i}"}]))
+        assert cache.builds == 1                   # scheduled after this iteration's work
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if cache.builds >= 2 and cache._building is None:
+                break
+        assert cache.builds == 2
+        assert cache.wait(10)
+        assert {f"/s{i}" for i in range(10)} <= set(orjson.loads(cache.json())["paths"])
+        # Health moves the generation, not the routes: nothing is built for it.
+        state.heartbeat(next(iter(state.instances.values())), "Degraded")
+        await asyncio.sleep(0.05)
+        assert cache.builds == 2
+
+    asyncio.run(main())
+
+
+def test_defer_holds_a_read_until_the_build_for_its_routes_lands(monkeypatch):
+    import asyncio
+
+    async def main():
+        state = two_services()
+        cache, _ = make_cache(state, background=True)
+        cache.warm()
+        handler = _handler(cache)
+        current = _Req()
+        assert handler(current)[0] == 200          # current: answered at once
+        gate = threading.Event()
+        real = cache_mod.build_document
+
+        def gated(*a, **kw):
+            assert gate.wait(10)
+            return real(*a, **kw)
+
+        monkeypatch.setattr(cache_mod, "build_document", gated)
+        state.register(object(), hello("late", endpoints=[{"method": "GET", "path": "/late"}]))
+        waiting = _Req()
+        assert handler(waiting) is None            # answered later, on its connection
+        yaml_waiting = _Req(b"/openapi.yaml")
+        assert handler(yaml_waiting) is None
+        assert cache.respond(b"/openapi.json", None)[0] == 200   # respond() alone: old one
+        await asyncio.sleep(0.05)
+        assert waiting.conn.answers == [] and cache.builds == 2
+        gate.set()
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if waiting.conn.answers and yaml_waiting.conn.answers:
+                break
+        [(req, status, headers, body)] = waiting.conn.answers
+        assert req is waiting and status == 200 and "/late" in orjson.loads(body)["paths"]
+        assert b"etag: " + cache.etag in headers
+        assert b"/late" in yaml_waiting.conn.answers[0][3]
+        assert cache.builds == 2                   # the reads started no build of their own
+
+    asyncio.run(main())
+
+
+def test_a_change_during_a_build_is_built_next_and_its_reads_wait_for_that(monkeypatch):
+    import asyncio
+
+    async def main():
+        state = two_services()
+        cache, _ = make_cache(state, background=True)
+        cache.warm()
+        handler = _handler(cache)
+        gates = [threading.Event(), threading.Event()]
+        real = cache_mod.build_document
+        calls = []
+
+        def gated(*a, **kw):
+            gate = gates[len(calls)]
+            calls.append(1)
+            assert gate.wait(10)
+            return real(*a, **kw)
+
+        monkeypatch.setattr(cache_mod, "build_document", gated)
+        state.register(object(), hello("one", endpoints=[{"method": "GET", "path": "/one"}]))
+        await asyncio.sleep(0.05)                  # build 1 (for /one) runs
+        early = _Req()
+        assert handler(early) is None
+        state.register(object(), hello("two", endpoints=[{"method": "GET", "path": "/two"}]))
+        late = _Req()
+        assert handler(late) is None
+        gates[0].set()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if early.conn.answers:
+                break
+        # The first build covers the early read only; the late one waits for build 2,
+        # which started on its own when build 1 landed.
+        assert "/one" in orjson.loads(early.conn.answers[0][3])["paths"]
+        assert late.conn.answers == [] and len(calls) == 2
+        gates[1].set()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if late.conn.answers:
+                break
+        assert {"/one", "/two"} <= set(orjson.loads(late.conn.answers[0][3])["paths"])
+
+    asyncio.run(main())
+
+
 # A seeded fuzz: random damage to a rich operation and its schemas must never make the
 # document invalid (nor the build raise).
 _P = PREFIX

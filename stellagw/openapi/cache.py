@@ -1,17 +1,25 @@
-"""The served document: built lazily, once per routing change, with ETags (docs/openapi.md §5).
+"""The served document: built once per routing change, with ETags (docs/openapi.md §5).
 
-`respond()` is what the built-in endpoints call. Its fast path — the document is current —
+`respond()` is what the built-in endpoints answer with. Its fast path — the document is current —
 is two comparisons and returning prebuilt bytes: the JSON body, its ETag, the header block
-and the discovery document are all made once per build, the YAML once per build on first
-request. A build happens when `routing_state.generation` moved *and* the set of routes
-moved (health changes bump the generation but cannot change the document: the routes dict
-is swapped, never mutated, on every register/unregister — holding it makes identity a
-cheap and exact test), or when `ttl_seconds` passed since the last check (a safety net; 0
-disables it). A rebuild that produces the same bytes keeps the old snapshot, so the ETag
-and `generated_at` only change when the content does.
+and the discovery document are all made once per build, the YAML once per build. A build
+is needed when `routing_state.generation` moved *and* the set of routes moved (health
+changes bump the generation but cannot change the document: the routes dict is swapped,
+never mutated, on every register/unregister — holding it makes identity a cheap and exact
+test), or when `ttl_seconds` passed since the last check (a safety net; 0 disables it). A
+rebuild that produces the same bytes keeps the old snapshot, so the ETag and
+`generated_at` only change when the content does.
+
+With `background`, the cache listens to the routing state: a registration change starts
+the rebuild at once (once per loop iteration, however many HELLOs it carried), not on the
+next read, and a built-in handler asks `defer()` first: a read that finds the routes moved
+past the snapshot waits for that build without blocking the loop — its handler runs again
+when the build lands — so the first read after a change is the new document, never the
+old one under a valid ETag.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import re
@@ -33,6 +41,9 @@ _JSON_TYPE = b"application/json"
 _YAML_TYPE = b"application/yaml"      # RFC 9512
 _ETAG = re.compile(rb'[ \t]*(?:W/)?("[\x21\x23-\x7e\x80-\xff]*")[ \t]*(?:,|$)')
 _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)   # libyaml when available
+# A read waiting for a build is answered from the last document after this long: a build
+# that hangs (a pathological schema) must not hold requests forever.
+WAIT_LIMIT = 10.0
 
 
 def if_none_match(header: bytes | None, etag: bytes) -> bool:
@@ -142,12 +153,14 @@ class OpenApiCache:
     the document but revalidate on each use (a 304 of a few bytes), so a deploy is visible
     at once; a number sends `public, max-age=<n>` instead (what upstream did, with 60).
 
-    `background`: build on a thread and keep serving the previous snapshot meanwhile, so a
-    request never waits for a build (1,000 endpoints: ~60 ms for the JSON, ~400 ms more
-    for the YAML — far too long to stall a worker's event loop). Only the very first
-    document, when there is nothing to serve yet, is built inline; `warm()` at worker start
-    makes that the (tiny) empty document. Without `background`, builds run inline and the
-    YAML is made on its first request.
+    `background`: build on a thread, never on the event loop (1,000 endpoints: ~60 ms for
+    the JSON, ~400 ms more for the YAML — far too long to stall a worker), starting as soon
+    as the routing state reports a registration change. A read that arrives before the
+    build lands waits for it when its handler asks `defer()`; `respond()` alone answers at
+    once from the previous snapshot. Only the very first document, when there is nothing
+    to serve yet, is built inline; `warm()` at worker start makes that the (tiny) empty
+    document. Without `background`, builds run inline and the YAML is made on its first
+    request.
     """
 
     paths = PATHS
@@ -172,8 +185,18 @@ class OpenApiCache:
         self._checked_at = 0.0
         self._lock = threading.Lock()    # guards the fields above and `_building`
         self._building: threading.Thread | None = None
+        self._built_generation = -1      # generation of the view the last build read
         self.builds = 0                  # documents built (tests, metrics)
         self.last_error: BaseException | None = None
+        # Loop-thread only: reads waiting for a build, [req, handler, generation the read
+        # saw, timeout handle]; the one being answered; the loop that background builds
+        # report to; a rebuild already scheduled for this iteration's changes.
+        self._waiting: list = []
+        self._answering = None
+        self._loop = None
+        self._kick_scheduled = False
+        if background:
+            routing_state.listeners.append(self._routing_changed)
 
     # ------------------------------------------------------------------ freshness
 
@@ -232,6 +255,12 @@ class OpenApiCache:
             with self._lock:
                 self._install(view, snap, error)
                 self._building = None
+            loop = self._loop
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(self._landed)
+                except RuntimeError:      # the worker's loop closed during the build
+                    pass
         else:
             self._install(view, snap, error)
 
@@ -244,6 +273,7 @@ class OpenApiCache:
             self._snapshot = snap         # same bytes: keep the old ETag and generated_at
         self._generation, self._routes, self._checked_at = (view.generation, view.routes,
                                                             self._clock())
+        self._built_generation = view.generation
 
     def warm(self) -> None:
         """Build now (at worker start: the registry is empty, so this is cheap)."""
@@ -261,10 +291,118 @@ class OpenApiCache:
         return True
 
     def invalidate(self) -> None:
-        """Force a build on the next request (e.g. after a configuration reload)."""
+        """Rebuild (e.g. after a configuration reload): at once with `background` when
+        called on the loop, else on the next request."""
         with self._lock:
             self._generation = None
             self._routes = None
+        if self.background:
+            self._routing_changed("invalidated", None)
+
+    # ------------------------------------------------------------------ built on change
+    #
+    # Everything below runs on the worker's loop thread, except `_build` on its own.
+
+    def _routing_changed(self, event, instance, **extra) -> None:
+        """RoutingState listener: start the rebuild now rather than on the next read."""
+        if event == "health":
+            return                        # the generation moves, the document cannot
+        loop = _running_loop()
+        if loop is None:                  # no loop (tools, unit tests): build right away
+            self._kick()
+            return
+        self._loop = loop
+        if not self._kick_scheduled:
+            # After this iteration's other callbacks: a storm of HELLOs read in one
+            # iteration is one build, not one per HELLO.
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
+
+    def _kick(self) -> None:
+        """Start a background build if the routes moved past the snapshot (or the TTL ran
+        out). With one already running, nothing: `_landed` looks again when it is in."""
+        self._kick_scheduled = False
+        with self._lock:
+            if self._building is not None:
+                return
+            view = self._plan()
+            if view is not None:
+                if self._snapshot is None:
+                    self._build(view, False)
+                else:
+                    self._building = threading.Thread(target=self._build, args=(view, True),
+                                                      daemon=True, name="stellagw-openapi")
+                    self._building.start()
+        if self._building is None:
+            self._answer_waiting()
+
+    def _landed(self) -> None:
+        """A background build was installed: build again if the routes moved while it ran,
+        then answer the reads it covers."""
+        if self._state.routes is not self._routes:
+            self._kick()
+        self._answer_waiting()
+
+    def _answer_waiting(self) -> None:
+        # A read is covered by a build that read its generation or a later one; with no
+        # build running, nothing newer is coming (only health moved since), so all are.
+        waiting, self._waiting = self._waiting, []
+        idle = self._building is None
+        for item in waiting:
+            if idle or item[2] <= self._built_generation:
+                item[3].cancel()
+                self._answer(item)
+            else:
+                self._waiting.append(item)
+
+    def _gave_up(self, item) -> None:
+        if item in self._waiting:
+            self._waiting.remove(item)
+            self._answer(item)
+
+    def _answer(self, item) -> None:
+        req, handler = item[0], item[1]
+        self._answering = req             # its handler's defer() now says no
+        try:
+            result = handler(req)
+        except Exception as exc:          # as the ingress does for a handler that raises
+            result = (500, b"content-type: application/json\r\n",
+                      error_body(500, "internal error", req.correlation_id))
+            if self._loop is not None:
+                self._loop.call_exception_handler(
+                    {"message": "OpenAPI handler failed", "exception": exc})
+        finally:
+            self._answering = None
+        if result is not None:
+            req.conn.respond(req, *result)
+
+    def defer(self, req, handler) -> bool:
+        """For a built-in handler, before it answers: True when the routes moved past the
+        document and the build for them is under way. `handler(req)` is then run again when
+        that build lands (or after WAIT_LIMIT) and its answer sent on `req.conn`; meanwhile
+        the loop serves others. False: answer now (`respond()`), the document is current.
+        """
+        if not self.background or req is self._answering:
+            return False
+        snap = self._snapshot
+        if snap is None or not self._stale():
+            return False
+        state = self._state
+        if state.routes is self._routes:
+            # Only health moved, or only the TTL ran out: a TTL rebuild almost never changes
+            # the content, so it is not worth a wait.
+            return False
+        loop = _running_loop()
+        if loop is None:
+            return False
+        self._loop = loop
+        self._kick()
+        if self._building is None:        # nothing to wait for (a failed build, say)
+            return False
+        item = [req, handler, state.generation, None]
+        item[3] = loop.call_later(WAIT_LIMIT, self._gave_up, item)
+        self._waiting.append(item)
+        return True
 
     # ------------------------------------------------------------------ accessors
 
@@ -303,3 +441,10 @@ class OpenApiCache:
         if if_none_match(if_none_match_header, rep.etag):
             return 304, rep.not_modified_headers, b""
         return 200, rep.ok_headers, rep.body
+
+
+def _running_loop():
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
