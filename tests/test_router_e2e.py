@@ -342,7 +342,7 @@ def test_finished_requests_leave_nothing_behind_in_the_timer_wheel():
             for _ in range(300):
                 s.sendall(b"GET /t/wh/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")
                 assert read_response(s, buf)[0] == 200
-        held = gw.call(lambda: sum(len(b) for b in gw.worker.hub._wheel.values()))
+        held = gw.call(lambda: sum(len(b) for b in gw.worker.hub.wheel.buckets.values()))
         assert held == 0
     finally:
         svc.terminate()

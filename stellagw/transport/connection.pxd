@@ -13,6 +13,16 @@ cdef Py_ssize_t _MAX_PING
 
 
 @cython.final
+cdef class TimerWheel:
+    cdef object _loop, _handle, _turn_cb
+    cdef double _tick
+    cdef public dict buckets
+    cdef long long _pos
+    @cython.locals(deadline=double, slot="long long", buckets=dict, bucket=set)
+    cpdef arm(self, Pending pending, double timeout)
+
+
+@cython.final
 @cython.freelist(64)
 cdef class Pending:
     cdef public object corr, bucket, span, ws, path
@@ -34,7 +44,8 @@ cdef class ServiceConnection:
     # -- per worker
     cdef object _hub, _routing, _metrics, _log, _loop, _frames_in, _transport_hist
     # -- per connection
-    cdef object _decoder, _encoder, _hello_timer, _arm, _flush_cb, _scheme
+    cdef object _decoder, _encoder, _hello_timer, _flush_cb, _scheme
+    cdef TimerWheel _wheel
     cdef bint _flush_scheduled, _opened, _write_paused
     cdef int _batched
     cdef Py_ssize_t _frames, _frames_seen, _write_limit

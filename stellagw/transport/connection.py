@@ -97,6 +97,57 @@ class Pending:
             self.owner._timeout(self)
 
 
+class TimerWheel:
+    """Request timeouts without a timer per request: buckets of `tick` seconds hold the
+    requests due in them; a request that finishes leaves its bucket at once (_finish,
+    _disarm), so the wheel holds only what can still expire, and one loop timer turns it
+    while anything is armed. Compiled with the connection: arming is on every request's
+    path (as a Python method of the hub it cost 3,400 of a routed request's 63,000
+    instructions)."""
+
+    def __init__(self, loop, tick):
+        self._loop = loop
+        self._tick = tick
+        self.buckets = {}           # slot (deadline // tick + 1) -> set of Pending
+        self._pos = 0
+        self._handle = None
+        self._turn_cb = self._turn
+
+    def arm(self, pending, timeout):
+        deadline = self._loop.time() + timeout
+        pending.deadline = deadline
+        slot = int(deadline / self._tick) + 1
+        buckets = self.buckets
+        bucket = buckets.get(slot)
+        if bucket is None:
+            bucket = buckets[slot] = set()
+            if self._handle is None:
+                self._pos = min(self._pos or slot, slot)
+                self._handle = self._loop.call_later(self._tick, self._turn_cb)
+        bucket.add(pending)
+        pending.bucket = bucket
+
+    def _turn(self):
+        now = self._loop.time()
+        due = int(now / self._tick)
+        buckets = self.buckets
+        pos = self._pos
+        if due - pos > len(buckets) * 4 + 64:
+            # Far behind (a long sleep): look at the slots that exist, not every slot.
+            for slot in sorted(s for s in buckets if s <= due):
+                for pending in list(buckets.pop(slot)):
+                    pending.expire(now)
+        else:
+            while pos <= due:
+                bucket = buckets.pop(pos, None)
+                if bucket:
+                    for pending in list(bucket):
+                        pending.expire(now)
+                pos += 1
+        self._pos = due + 1
+        self._handle = self._loop.call_later(self._tick, self._turn_cb) if buckets else None
+
+
 def _new_pending(corr, req, owner, sent_at, window, timeout):
     # Not Pending(...): no __init__ call per request; every field is set here.
     pending = Pending.__new__(Pending)
@@ -154,7 +205,7 @@ class ServiceConnection:
         self._frames_in = hub.frames_in
         self._transport_hist = hub.metrics.phase_histogram("transport")
         # Looked up once: each is used for every request.
-        self._arm = hub.arm
+        self._wheel = hub.wheel
         self._scheme = hub.scheme
         self._flush_cb = self._flush
 
@@ -491,7 +542,7 @@ class ServiceConnection:
                 self._send_head(pending, path, 0, b"")
                 pending.body_open = True
                 self._schedule_flush()
-                self._arm(pending, timeout)
+                self._wheel.arm(pending, timeout)
             else:
                 pending.path = path
                 pending.inline = []
@@ -508,7 +559,7 @@ class ServiceConnection:
                 pending.body_end = True
                 self._send_body(pending)
         self._schedule_flush()
-        self._arm(pending, timeout)
+        self._wheel.arm(pending, timeout)
 
     def _send_head(self, pending, path, flags, body):
         """The REQUEST frame: request_headers' rules applied while encoding."""
@@ -542,7 +593,7 @@ class ServiceConnection:
                                 inline[0] if len(inline) == 1 else b"".join(inline))
                 pending.path = None
                 self._schedule_flush()
-                self._arm(pending, pending.timeout)
+                self._wheel.arm(pending, pending.timeout)
             return True
         if chunk:
             pending.body.append(chunk)
@@ -586,7 +637,7 @@ class ServiceConnection:
 
     def _rearm(self, pending):
         _disarm(pending)
-        self._arm(pending, pending.timeout)
+        self._wheel.arm(pending, pending.timeout)
 
     def _timeout(self, pending):
         if self.inflight.get(pending.corr) is not pending:

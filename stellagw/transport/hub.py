@@ -22,7 +22,7 @@ import time
 from .. import frame as fr
 from ..auth.replay import LocalReplayCache
 from ..ingress.tls import server_context
-from .connection import INITIAL_WINDOW, ServiceConnection
+from .connection import INITIAL_WINDOW, ServiceConnection, TimerWheel
 from .identity import RegistrationPolicy, is_loopback
 
 WHEEL_TICK = 0.05   # seconds: the precision of request timeouts
@@ -81,19 +81,16 @@ class TransportHub:
         # A HELLO refused after waiting its turn in a registration storm: logged and counted
         # like any refusal instead of a bare close.
         routing.on_refused = lambda conn, message: conn.refuse_late(message)
-        # Timer wheel for request timeouts: a uv timer per request would cost more than the
-        # rest of dispatch. Buckets of WHEEL_TICK seconds hold the requests due in them; a
-        # request that finishes leaves its bucket at once (a set), so the wheel never holds
-        # more than what is in flight.
-        self._wheel: dict[int, set] = {}
-        self._wheel_pos = 0
-        self._wheel_handle = None
+        # Request timeouts: a uv timer per request would cost more than the rest of
+        # dispatch; the wheel (compiled with the connection) is made in start(), with the loop.
+        self.wheel: TimerWheel | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self, sockets) -> None:
         """`sockets`: [(kind, socket)] already bound and listening (public and private)."""
         self.loop = asyncio.get_running_loop()
+        self.wheel = TimerWheel(self.loop, WHEEL_TICK)
         gw = self.worker.settings.gateway
         by_kind = {}
         for kind in ("tcp", "tls"):
@@ -123,37 +120,7 @@ class TransportHub:
         return conn
 
     def arm(self, pending, timeout: float) -> None:
-        deadline = self.loop.time() + timeout
-        pending.deadline = deadline
-        slot = int(deadline / WHEEL_TICK) + 1
-        bucket = self._wheel.get(slot)
-        if bucket is None:
-            bucket = self._wheel[slot] = set()
-            if self._wheel_handle is None:
-                self._wheel_pos = min(self._wheel_pos or slot, slot)
-                self._wheel_handle = self.loop.call_later(WHEEL_TICK, self._turn)
-        bucket.add(pending)
-        pending.bucket = bucket
-
-    def _turn(self):
-        now = self.loop.time()
-        due = int(now / WHEEL_TICK)
-        wheel = self._wheel
-        pos = self._wheel_pos
-        if due - pos > len(wheel) * 4 + 64:
-            # Far behind (a long sleep): look at the slots that exist, not every slot.
-            for slot in sorted(s for s in wheel if s <= due):
-                for pending in list(wheel.pop(slot)):
-                    pending.expire(now)
-        else:
-            while pos <= due:
-                bucket = wheel.pop(pos, None)
-                if bucket:
-                    for pending in list(bucket):
-                        pending.expire(now)
-                pos += 1
-        self._wheel_pos = due + 1
-        self._wheel_handle = self.loop.call_later(WHEEL_TICK, self._turn) if wheel else None
+        self.wheel.arm(pending, timeout)
 
     def _schedule(self):
         interval = self.worker.settings.gateway.health.check_interval_seconds
