@@ -1,0 +1,15 @@
+# C types for stellagw/transport/batch.py when compiled (docs/hot-path.md).
+cimport cython
+
+cdef Py_ssize_t _WRITE_BATCH, _WRITE_BATCH_BYTES
+
+
+@cython.final
+cdef class WriteBatch:
+    cdef public object encoder
+    cdef object _loop, _flush
+    cdef bint _scheduled
+    cdef Py_ssize_t _frames
+
+    cpdef added(self)
+    cpdef bint write(self, transport) except -1
