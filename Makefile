@@ -3,7 +3,8 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
 .PHONY: demo test test-tools install build annotate debug-build clean test-alerts
-.PHONY: perf-tools compare scorecard callgrind connections k6 uploads flamegraph perf-stat
+.PHONY: perf-tools compare scorecard callgrind connections k6 uploads registration-storm
+.PHONY: flamegraph perf-stat
 .PHONY: bench bench-frame bench-radix bench-window bench-replay bench-websocket bench-ratelimit
 
 # Set up and run the gateway with its embedded demo.
@@ -86,6 +87,11 @@ k6: build
 # Gateway RSS during and after 20 concurrent 50 MB uploads, and refused ones.
 uploads: build
 	$(PYTHON) -m perf uploads $(ARGS)
+
+# The worker's longest loop stall and a steady client's latency while 200 instances x 200
+# endpoints register and all drop at once; ARGS="--base DIR" runs another tree beside.
+registration-storm: build
+	$(PYTHON) -m perf registration-storm $(ARGS)
 
 # Profiling the routed path (perf/README.md, "Profiling"). PROFILE_SECONDS sets the window.
 PROFILE_SECONDS ?= 10

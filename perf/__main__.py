@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from ._procs import run_main
 from .commands import COMMANDS
 
 
@@ -27,15 +28,8 @@ def main(argv: list[str]) -> int:
     if command is None:
         print(f"unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(command.module)
-    try:
-        return module.main(argv[1:])
-    except KeyboardInterrupt:
-        # Ctrl-C, or SIGTERM through _procs.stop_on_sigterm: the commands' finally blocks
-        # have stopped their processes by the time it gets here.
-        print("interrupted: every process started was stopped", file=sys.stderr)
-        return 130
+    return importlib.import_module(command.module).main(argv[1:])
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run_main(lambda: main(sys.argv[1:]))

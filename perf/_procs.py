@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,3 +351,14 @@ def _on_sigterm(signum, frame):
 def stop_on_sigterm() -> None:
     """SIGTERM raises KeyboardInterrupt: every ``finally`` stops its processes."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def run_main(main: Callable[[], int | None],
+             interrupted: str = "interrupted: every process started was stopped") -> None:
+    """``sys.exit(main())``; on Ctrl-C or SIGTERM (stop_on_sigterm) the command's finally
+    blocks have stopped its processes by the time this prints ``interrupted``: exit 130."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        sys.exit(130)

@@ -38,6 +38,8 @@ COMMANDS = {c.name: c for c in (
             "gateway RSS during and after concurrent large uploads, one checkout or several"),
     Command("profile", "perf.profile_routed",
             "flamegraph (py-spy) or perf stat of the gateway on the routed path under wrk"),
+    Command("registration-storm", "perf.registration_storm",
+            "the worker's loop stalls while service instances register and drop all at once"),
     Command("bench-frame", "perf.bench_frame", "frame codec: compiled beside its twin"),
     Command("bench-radix", "perf.bench_radix", "route matching: compiled, twin, dict + regex"),
     Command("bench-window", "perf.bench_window", "rate-limit windows: compiled beside the twin"),

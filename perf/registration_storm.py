@@ -1,9 +1,9 @@
 """Registration storm: the worker's longest event-loop stall, and a steady client's latency,
 while 200 service instances x 200 endpoints register and then all drop at once (issue 16).
 
-    python perf/registration_storm.py                        # this checkout, ~30 s
-    python perf/registration_storm.py --base /tmp/base       # and the same run on another tree
-    python perf/registration_storm.py --instances 60 --endpoints 50 --services 20   # smaller
+    python -m perf registration-storm                        # this checkout, ~30 s
+    python -m perf registration-storm --base /tmp/base       # and the same run on another tree
+    python -m perf registration-storm --instances 60 --endpoints 50 --services 20   # smaller
 
 ``--base DIR`` is a checkout with its Cython extensions built, e.g. the commit before the
 incremental router::
@@ -39,7 +39,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,13 +46,8 @@ import threading
 import time
 from pathlib import Path
 
-PERF_DIR = Path(__file__).resolve().parent
-try:                    # python -m perf.registration_storm
-    from . import _procs
-except ImportError:     # python perf/registration_storm.py (also how its children start)
-    sys.path.insert(0, str(PERF_DIR))
-    import _procs  # noqa: E402  (perf/_procs.py: process groups, pinning, free ports)
-HOST, REPO_DIR = _procs.HOST, _procs.REPO_DIR
+from . import _procs
+from ._procs import HOST, REPO_DIR
 
 STALL_REPORT_MS = 5.0       # the probe lists every lateness above this
 PROBE_PERIOD = 0.001
@@ -299,8 +293,10 @@ class Run:
     def __init__(self, args, tree: Path, label: str, workdir: Path):
         self.args, self.tree, self.label, self.workdir = args, tree, label, workdir
         self.procs = _procs.ProcSet(workdir)
-        self.env = dict(os.environ, PYTHONPATH=str(tree), PYTHONUNBUFFERED="1",
-                        PYTHONHASHSEED="0")
+        # The tree's stellagw; this checkout's perf, unless the tree has a perf package of
+        # its own (a plain perf/ directory there does not hide this one).
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(tree), str(REPO_DIR))),
+                        PYTHONUNBUFFERED="1", PYTHONHASHSEED="0")
         self.env.pop("STELLAGW_NO_EXTENSIONS", None)
         self.http, self.tcp = _procs.free_port(), _procs.free_port()
         self.report = workdir / "stalls.jsonl"
@@ -308,7 +304,8 @@ class Run:
         self.results: dict[str, dict] = {}
 
     def start(self, name, cpu, *argv):
-        cmd = _procs.taskset(cpu, [sys.executable, str(Path(__file__).resolve()), *argv])
+        # -P: the working directory (this checkout) must not come before the tree's stellagw
+        cmd = _procs.taskset(cpu, [sys.executable, "-P", "-m", "perf.registration_storm", *argv])
         return self.procs.start(name, cmd, env=self.env)
 
     def wait_log(self, proc, text, timeout, count=1):

@@ -15,14 +15,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import orjson
 import pytest
 
 from .gwtest import ROOT, Served, port_of, request, wait_for
 
-STORM = str(Path(ROOT) / "perf" / "registration_storm.py")
+STORM = [sys.executable, "-m", "perf.registration_storm"]     # run from ROOT
 SERVICES, PER_SERVICE, ENDPOINTS, HOSTS = 10, 4, 50, 2
 
 CONFIG = """
@@ -82,7 +81,7 @@ class Storm:
                       for k in range(SERVICES * PER_SERVICE)]
 
     def _start(self, *args):
-        proc = subprocess.Popen([sys.executable, STORM, "_services", f"127.0.0.1:{self.tcp}",
+        proc = subprocess.Popen([*STORM, "_services", f"127.0.0.1:{self.tcp}",
                                  *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
         self.procs.append(proc)
         return proc
