@@ -9,12 +9,10 @@ STELLAGW_NO_EXTENSIONS=1 skips compilation; the pure-Python twins are used.
 """
 import glob
 import os
-import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext as _build_ext
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join("cext", "include")
 
 RELEASE_DIRECTIVES = {

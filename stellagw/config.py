@@ -524,7 +524,6 @@ BOOL = _boolean
 STRING = _string()
 DURATION = _duration()
 POSITIVE_DURATION = _duration(positive=True)
-SIZE = _size()
 CLIENT_CERTIFICATE_MODE = _choice("NoCertificate", "AllowCertificate", "RequireCertificate")
 
 

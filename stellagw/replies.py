@@ -41,11 +41,3 @@ def error_body(status: int, message: str, trace_id: str, code: str | None = None
         "trace_id": trace_id,
     }})
 
-
-def is_valid_header_value(value: bytes) -> bool:
-    # Response splitting guard: a service must not smuggle CR/LF/NUL into our header block.
-    return b"\r" not in value and b"\n" not in value and b"\0" not in value
-
-
-def is_valid_header_name(name: bytes) -> bool:
-    return bool(name) and all(33 <= c <= 126 and c != 58 for c in name)

@@ -87,7 +87,6 @@ _be16 = struct.Struct(">H")
 _be32 = struct.Struct(">I")
 _header = struct.Struct(">IB")
 _req_fixed = struct.Struct(">BI")
-_resp_fixed = struct.Struct(">BHH")
 _u16_unpack = _be16.unpack_from
 _u32_unpack = _be32.unpack_from
 

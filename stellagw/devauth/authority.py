@@ -28,7 +28,6 @@ from .jose import (DPOP_ALGS, ProofError, b64url, b64url_decode, cert_thumbprint
 
 DEFAULT_AUDIENCE = "stellaops-gateway"
 DEFAULT_LIFETIME = 300
-TOKEN_ALGS = ("ES256", "RS256")
 
 
 @dataclass(frozen=True)

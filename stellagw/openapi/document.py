@@ -22,7 +22,6 @@ from . import sanitize
 from .sanitize import OPERATION_METHODS, SCHEMA_PREFIX, Source
 
 OPENAPI_VERSION = "3.1.0"
-_COMPONENT_KEY = re.compile(r"^[a-zA-Z0-9.\-_]+$")
 _NOT_KEY_CHAR = re.compile(r"[^a-zA-Z0-9.\-_]")
 _NOT_ID_CHAR = re.compile(r"[^A-Za-z0-9]+")
 # Literal template segments are normalised text (docs/routing.md §1): a decoded '?' or '#'
