@@ -18,6 +18,9 @@ down in docs/rate-limiting.md; in short:
   key needs room; evict_idle() drops keys whose every bucket has expired (lossless).
 * The clock is passed in (ms, >= 0). A clock that steps back is treated, per key, as
   standing still at the latest time that key has seen.
+* decide_with() checks a key of this limiter and a key of another as one set of rules
+  (an identity and its tenant, docs/rate-limiting.md "Tenant quotas"): counted in both
+  only when all pass.
 
 Storage is struct-of-arrays indexed by a slot number; a dict maps key -> slot and the LRU
 order is a doubly-linked list threaded through two int arrays, so hit() allocates nothing
@@ -124,15 +127,19 @@ cdef class Decision:
     retry_after_s  whole seconds, >= 1 when denied, else 0
     current        the rule's count (this request included when allowed)
     window_s       the rule's per_seconds
+    applies_to     whose requests the rule counts: "identity" | "tenant"; None when the
+                   limiter was not told (a bare WindowLimiter)
+    rule           the rule's configuration path, e.g. "rate_limiting.for_instance.rules[1]"
 
     Read-only; the numbers are int64. Equal when every field is; unhashable.
     """
     cdef readonly bint allowed
     cdef readonly str scope
     cdef readonly int64_t limit, remaining, reset_s, retry_after_s, current, window_s
+    cdef readonly str applies_to, rule
 
     def __init__(self, bint allowed, str scope, limit, remaining, reset_s, retry_after_s,
-                 current, window_s):
+                 current, window_s, str applies_to=None, str rule=None):
         # Integers only (a typed int64_t argument would truncate a float through __int__).
         self.allowed = allowed
         self.scope = scope
@@ -142,6 +149,8 @@ cdef class Decision:
         self.retry_after_s = _as_int64(retry_after_s)
         self.current = _as_int64(current)
         self.window_s = _as_int64(window_s)
+        self.applies_to = applies_to
+        self.rule = rule
 
     def __eq__(self, other):
         if not isinstance(other, Decision):
@@ -150,13 +159,18 @@ cdef class Decision:
         return (self.allowed == o.allowed and self.scope == o.scope and self.limit == o.limit
                 and self.remaining == o.remaining and self.reset_s == o.reset_s
                 and self.retry_after_s == o.retry_after_s and self.current == o.current
-                and self.window_s == o.window_s)
+                and self.window_s == o.window_s and self.applies_to == o.applies_to
+                and self.rule == o.rule)
 
     def __repr__(self):
+        # The two labels only when set, so a bare decision reads as it always did.
+        labels = ""
+        if self.applies_to is not None or self.rule is not None:
+            labels = f", applies_to={self.applies_to!r}, rule={self.rule!r}"
         return (f"Decision(allowed={self.allowed!r}, scope={self.scope!r}, limit={self.limit}, "
                 f"remaining={self.remaining}, reset_s={self.reset_s}, "
                 f"retry_after_s={self.retry_after_s}, current={self.current}, "
-                f"window_s={self.window_s})")
+                f"window_s={self.window_s}{labels})")
 
 
 cdef inline Py_ssize_t _put(char *buf, Py_ssize_t n, const char *s, Py_ssize_t length) noexcept:
@@ -248,6 +262,9 @@ cdef class WindowLimiter:
     # Requests hit() and decide() allowed / denied: kept here so that RateLimiter's counters
     # cost the request path nothing.
     cdef readonly Py_ssize_t allowed_count, denied_count
+    # What decide() writes into Decision.applies_to and .rule (per rule); None when not given.
+    cdef readonly str applies_to
+    cdef readonly tuple names
 
     def __cinit__(self):
         self.counts = NULL
@@ -257,7 +274,8 @@ cdef class WindowLimiter:
         self.prev = NULL
         self.nxt = NULL
 
-    def __init__(self, rules, Py_ssize_t max_keys=100_000):
+    def __init__(self, rules, Py_ssize_t max_keys=100_000, *, str applies_to=None,
+                 names=None):
         cdef int i = 0
         cdef int64_t max_requests, per_seconds
         if self.cap:
@@ -293,6 +311,12 @@ cdef class WindowLimiter:
                 self.max_window_ms = per_seconds * 1000
             i += 1
         self.n_rules = i
+        if names is not None:
+            names = tuple(names)
+            if len(names) != i or not all(type(n) is str for n in names):
+                raise ValueError(f"names must be {i} strings, one per rule")
+        self.names = names
+        self.applies_to = applies_to
         self.rules = rules
         self.max_keys = max_keys
         self.index = {}
@@ -447,14 +471,14 @@ cdef class WindowLimiter:
 
     # --- API ---------------------------------------------------------------------------------
 
-    cdef int _hit(self, str key, int64_t t, Outcome *o) except -1:
-        """hit() at the caller's time t, into *o."""
+    cdef int32_t _touch(self, str key, int64_t t, int64_t *cur) except -1:
+        """The key's slot (made when new, moved to the front of the LRU list) with every
+        ring advanced to the key's clock at the caller's time t; cur[r] is rule r's current
+        bucket."""
         cdef PyObject *found
         cdef int32_t s
-        cdef int r, n_rules = self.n_rules, best = -1
-        cdef int64_t now, wait, best_wait = -1, left, best_left = 0, base
-        cdef int64_t cur[C_MAX_RULES]
-        cdef bint allowed = True
+        cdef int r
+        cdef int64_t now
         found = PyDict_GetItem(self.index, key)
         if found == NULL:
             s = self._new_slot(key, t)
@@ -467,41 +491,72 @@ cdef class WindowLimiter:
         if now < self.last_ms[s]:
             now = self.last_ms[s]
         self.last_ms[s] = now
-        base = s * n_rules
-        for r in range(n_rules):
+        for r in range(self.n_rules):
             cur[r] = now // self.bms[r]
             self._advance(s, r, cur[r])
-            if self.sums[base + r] >= self.limit[r]:
-                allowed = False
         if GW_DEBUG:
-            for r in range(n_rules):
-                assert self.sums[base + r] <= self.limit[r]
-        if not allowed:
-            for r in range(n_rules):
-                if self.sums[base + r] >= self.limit[r]:
-                    wait = self._expiry(s, r, self.sums[base + r] - self.limit[r] + 1) - t
-                    if wait > best_wait:
-                        best_wait = wait
-                        best = r
-            self.denied_count += 1
-            o.allowed = False
-            o.retry_ms = o.reset_ms = best_wait
-            o.limit = self.limit[best]
-            o.remaining = 0
-            o.rule = best
-            return 0
-        for r in range(n_rules):
+            for r in range(self.n_rules):
+                assert self.sums[s * self.n_rules + r] <= self.limit[r]
+        return s
+
+    cdef inline bint _full(self, int32_t s) noexcept:
+        """True when some rule of slot s has no room for one more request."""
+        cdef int r
+        cdef Py_ssize_t base = s * self.n_rules
+        for r in range(self.n_rules):
+            if self.sums[base + r] >= self.limit[r]:
+                return True
+        return False
+
+    cdef int64_t _longest_wait(self, int32_t s, int64_t t, int *rule) noexcept:
+        """Over the full rules of slot s: the longest wait (ms from t) until one more
+        request fits, and (*rule) whose it is; the first such rule on ties."""
+        cdef int r
+        cdef int64_t wait, best_wait = -1
+        cdef Py_ssize_t base = s * self.n_rules
+        for r in range(self.n_rules):
+            if self.sums[base + r] >= self.limit[r]:
+                wait = self._expiry(s, r, self.sums[base + r] - self.limit[r] + 1) - t
+                if wait > best_wait:
+                    best_wait = wait
+                    rule[0] = r
+        return best_wait
+
+    cdef int64_t _count(self, int32_t s, int64_t *cur, int *rule) noexcept:
+        """Count one request in every rule of slot s; the fewest requests left after it, and
+        (*rule) the first rule with that few."""
+        cdef int r, best = -1
+        cdef int64_t left, best_left = 0
+        cdef Py_ssize_t base = s * self.n_rules
+        for r in range(self.n_rules):
             self.counts[s * self.stride + self.off[r] + cur[r] % self.nb[r]] += 1
             self.sums[base + r] += 1
             left = self.limit[r] - self.sums[base + r]
             if best < 0 or left < best_left:
                 best_left = left
                 best = r
+        rule[0] = best
+        return best_left
+
+    cdef int _hit(self, str key, int64_t t, Outcome *o) except -1:
+        """hit() at the caller's time t, into *o."""
+        cdef int32_t s
+        cdef int best = 0
+        cdef int64_t cur[C_MAX_RULES]
+        s = self._touch(key, t, cur)
+        if self._full(s):
+            o.retry_ms = o.reset_ms = self._longest_wait(s, t, &best)
+            self.denied_count += 1
+            o.allowed = False
+            o.limit = self.limit[best]
+            o.remaining = 0
+            o.rule = best
+            return 0
+        o.remaining = self._count(s, cur, &best)
         self.allowed_count += 1
         o.allowed = True
         o.retry_ms = 0
         o.limit = self.limit[best]
-        o.remaining = best_left
         o.reset_ms = self._expiry(s, best, 1) - t
         o.rule = best
         return 0
@@ -517,15 +572,9 @@ cdef class WindowLimiter:
         self._hit(key, _as_now(now_ms), &o)
         return (o.allowed, o.retry_ms, o.limit, o.remaining, o.reset_ms, o.rule)
 
-    def decide(self, str key not None, object now_ms=None):
-        """hit() as the instance tier's Decision (scope "instance"): reset_s and
-        retry_after_s rounded up to whole seconds, current the rule's count, window_s its
-        per_seconds. now_ms None reads wall_ms()."""
-        cdef Outcome o
-        cdef int64_t t = _wall_ms() if now_ms is None else _as_now(now_ms)
-        cdef Decision d
-        self._hit(key, t, &o)
-        d = Decision.__new__(Decision)
+    cdef inline Decision _decision(self, Outcome *o, int64_t t):
+        """*o, this limiter's outcome at time t, as a Decision (scope "instance")."""
+        cdef Decision d = Decision.__new__(Decision)
         d.allowed = o.allowed
         d.scope = "instance"
         d.limit = o.limit
@@ -538,7 +587,77 @@ cdef class WindowLimiter:
             d.retry_after_s = _ceil_div(o.retry_ms, 1000)
             d.current = o.limit         # a denied request is not counted
         d.window_s = self.secs[o.rule]
+        d.applies_to = self.applies_to
+        if self.names is not None:
+            d.rule = <str>self.names[o.rule]
         return d
+
+    def decide(self, str key not None, object now_ms=None):
+        """hit() as the instance tier's Decision (scope "instance"): reset_s and
+        retry_after_s rounded up to whole seconds, current the rule's count, window_s its
+        per_seconds, applies_to and rule this limiter's labels. now_ms None reads
+        wall_ms()."""
+        cdef Outcome o
+        cdef int64_t t = _wall_ms() if now_ms is None else _as_now(now_ms)
+        self._hit(key, t, &o)
+        return self._decision(&o, t)
+
+    def decide_with(self, str key not None, WindowLimiter other not None,
+                    str other_key not None, object now_ms=None):
+        """decide() over this limiter's rules for `key` and `other`'s rules for `other_key`
+        as one set: the request is counted in both only when every rule of both passes
+        (so neither counter holds a request the other refused). The Decision is that of
+        the rule decide() would pick over the union -- on a deny the longest wait, else
+        the fewest requests left, ties going to this limiter -- labelled by its limiter.
+        The request is counted in this limiter's allowed_count / denied_count only."""
+        cdef Outcome o
+        cdef int64_t t = _wall_ms() if now_ms is None else _as_now(now_ms)
+        cdef int64_t cur[C_MAX_RULES]
+        cdef int64_t other_cur[C_MAX_RULES]
+        cdef int32_t s, os
+        cdef int rule = 0, other_rule = 0
+        cdef int64_t wait = -1, other_wait = -1, left, other_left
+        cdef bint full, other_full
+        if other is self:
+            # One slot table: touching the second key could evict the first one's slot.
+            raise ValueError("decide_with() needs another limiter")
+        s = self._touch(key, t, cur)
+        os = other._touch(other_key, t, other_cur)
+        full = self._full(s)
+        other_full = other._full(os)
+        if full or other_full:
+            self.denied_count += 1
+            if full:
+                wait = self._longest_wait(s, t, &rule)
+            if other_full:
+                other_wait = other._longest_wait(os, t, &other_rule)
+            o.allowed = False
+            o.remaining = 0
+            if other_wait > wait:
+                o.retry_ms = o.reset_ms = other_wait
+                o.limit = other.limit[other_rule]
+                o.rule = other_rule
+                return other._decision(&o, t)
+            o.retry_ms = o.reset_ms = wait
+            o.limit = self.limit[rule]
+            o.rule = rule
+            return self._decision(&o, t)
+        left = self._count(s, cur, &rule)
+        other_left = other._count(os, other_cur, &other_rule)
+        self.allowed_count += 1
+        o.allowed = True
+        o.retry_ms = 0
+        if other_left < left:
+            o.limit = other.limit[other_rule]
+            o.remaining = other_left
+            o.reset_ms = other._expiry(os, other_rule, 1) - t
+            o.rule = other_rule
+            return other._decision(&o, t)
+        o.limit = self.limit[rule]
+        o.remaining = left
+        o.reset_ms = self._expiry(s, rule, 1) - t
+        o.rule = rule
+        return self._decision(&o, t)
 
     def evict_idle(self, object now_ms):
         """Drop keys, least recently used first, whose every bucket has expired at now_ms;

@@ -31,8 +31,13 @@ class Decision:
     def current(self) -> int: ...
     @property
     def window_s(self) -> int: ...
+    @property
+    def applies_to(self) -> str | None: ...     # "identity" | "tenant" | None
+    @property
+    def rule(self) -> str | None: ...           # the rule's configuration path
     def __init__(self, allowed: bool, scope: str | None, limit: int, remaining: int,
-                 reset_s: int, retry_after_s: int, current: int, window_s: int) -> None: ...
+                 reset_s: int, retry_after_s: int, current: int, window_s: int,
+                 applies_to: str | None = None, rule: str | None = None) -> None: ...
     def __eq__(self, other: object) -> bool: ...
     __hash__: None  # type: ignore[assignment]
 
@@ -46,12 +51,20 @@ class WindowLimiter:
     capacity_evictions: int                # keys dropped because max_keys was reached
     allowed_count: int                     # requests hit() and decide() allowed
     denied_count: int                      # ... and denied
-    def __init__(self, rules: Iterable[tuple[int, int]], max_keys: int = 100_000) -> None: ...
+    applies_to: str | None                 # decide()'s Decision.applies_to
+    names: tuple[str, ...] | None          # decide()'s Decision.rule, per rule
+    def __init__(self, rules: Iterable[tuple[int, int]], max_keys: int = 100_000, *,
+                 applies_to: str | None = None, names: Iterable[str] | None = None) -> None: ...
     def hit(self, key: str, now_ms: int) -> tuple[bool, int, int, int, int, int]:
         """(allowed, retry_after_ms, limit, remaining, reset_ms, rule_index); a denied
         request is not counted; limit/remaining/reset_ms describe the most restrictive rule."""
     def decide(self, key: str, now_ms: int | None = None) -> Decision:
         """hit() as the instance tier's Decision (scope "instance"); now_ms None = wall_ms()."""
+    def decide_with(self, key: str, other: WindowLimiter, other_key: str,
+                    now_ms: int | None = None) -> Decision:
+        """This limiter's rules for key and other's for other_key as one set: counted in
+        both only when all pass; the Decision of the rule decide() would pick over the
+        union, labelled by its limiter; counted in this limiter's allowed/denied_count."""
     def __len__(self) -> int: ...
     def evict_idle(self, now_ms: int) -> int: ...
 

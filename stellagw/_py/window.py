@@ -67,13 +67,14 @@ class Decision:
     Read-only; the numbers are int64. Equal when every field is; unhashable.
     """
     __slots__ = ("allowed", "scope", "limit", "remaining", "reset_s", "retry_after_s",
-                 "current", "window_s")
+                 "current", "window_s", "applies_to", "rule")
 
     def __init__(self, allowed, scope, limit, remaining, reset_s, retry_after_s, current,
-                 window_s):
-        if scope is not None and type(scope) is not str:
-            raise TypeError(f"Argument 'scope' has incorrect type (expected str, "
-                            f"got {type(scope).__name__})")
+                 window_s, applies_to=None, rule=None):
+        for name, value in (("scope", scope), ("applies_to", applies_to), ("rule", rule)):
+            if value is not None and type(value) is not str:
+                raise TypeError(f"Argument '{name}' has incorrect type (expected str, "
+                                f"got {type(value).__name__})")
         _set = object.__setattr__          # read-only for everyone else
         _set(self, "allowed", bool(allowed))
         _set(self, "scope", scope)
@@ -83,6 +84,8 @@ class Decision:
         _set(self, "retry_after_s", _as_int64(retry_after_s))
         _set(self, "current", _as_int64(current))
         _set(self, "window_s", _as_int64(window_s))
+        _set(self, "applies_to", applies_to)
+        _set(self, "rule", rule)
 
     def __setattr__(self, name, value):
         raise AttributeError(f"attribute {name!r} of 'Decision' objects is not writable")
@@ -98,7 +101,10 @@ class Decision:
     __hash__ = None
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        # The two labels only when set, so a bare decision reads as it always did.
+        names = self.__slots__ if self.applies_to is not None or self.rule is not None \
+            else self.__slots__[:8]
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
         return f"Decision({fields})"
 
     def __reduce__(self):
@@ -130,7 +136,8 @@ class _Entry:
 class WindowLimiter:
     """Per-key sliding windows; every rule must pass. See cext/window.pyx."""
 
-    def __init__(self, rules, max_keys: int = 100_000):
+    def __init__(self, rules, max_keys: int = 100_000, *, applies_to: str | None = None,
+                 names=None):
         max_keys = _index(max_keys)
         rules = tuple(tuple(r) for r in rules)
         if not rules:
@@ -156,6 +163,14 @@ class WindowLimiter:
             bms.append(bucket_ms_for(per_seconds))
             nbs.append(per_seconds * 1000 // bms[-1])
             max_window_ms = max(max_window_ms, per_seconds * 1000)
+        if applies_to is not None and type(applies_to) is not str:
+            raise TypeError("applies_to must be a str or None")
+        if names is not None:
+            names = tuple(names)
+            if len(names) != len(rules) or not all(type(n) is str for n in names):
+                raise ValueError(f"names must be {len(rules)} strings, one per rule")
+        self.names = names              # decide() labels: Decision.rule per rule ...
+        self.applies_to = applies_to    # ... and Decision.applies_to
         self.rules = rules
         self.max_keys = max_keys
         self.capacity_evictions = 0
@@ -218,11 +233,11 @@ class WindowLimiter:
         # Bucket b is counted while the current bucket number is < b + n.
         return (b + n) * self._bms[r]
 
-    def hit(self, key: str, now_ms: int) -> tuple:
-        """(allowed, retry_after_ms, limit, remaining, reset_ms, rule_index); see the module."""
+    def _touch(self, key: str, now_ms: int) -> tuple[_Entry, list[int]]:
+        """The key's entry (made when new, moved to the recent end) with every ring advanced
+        to the key's clock, and each rule's current bucket."""
         if type(key) is not str:
             raise TypeError(f"key must be str, not {type(key).__name__}")
-        now_ms = _check_now(now_ms)
         entries = self._entries
         entry = entries.get(key)
         if entry is None:
@@ -231,25 +246,32 @@ class WindowLimiter:
             entries.move_to_end(key)
         now = now_ms if now_ms > entry.last_ms else entry.last_ms
         entry.last_ms = now
-        limit, bms, nb, sums = self._limit, self._bms, self._nb, entry.sums
+        bms, nb = self._bms, self._nb
         curs = []
-        allowed = True
         for r in range(self._n):
             cur = now // bms[r]
             curs.append(cur)
             self._advance(entry, r, cur, nb[r])
+        return entry, curs
+
+    def _full(self, entry: _Entry) -> bool:
+        limit, sums = self._limit, entry.sums
+        return any(sums[r] >= limit[r] for r in range(self._n))
+
+    def _longest_wait(self, entry: _Entry, now_ms: int) -> tuple[int, int]:
+        """(wait ms, rule) over the full rules: the longest wait, the first rule on ties."""
+        limit, sums = self._limit, entry.sums
+        best, best_wait = -1, -1
+        for r in range(self._n):
             if sums[r] >= limit[r]:
-                allowed = False
-        if not allowed:
-            best, best_wait = -1, -1
-            for r in range(self._n):
-                if sums[r] >= limit[r]:
-                    wait = self._expiry(entry, r, sums[r] - limit[r] + 1) - now_ms
-                    if wait > best_wait:
-                        best_wait, best = wait, r
-            self.denied_count += 1
-            return (False, best_wait, limit[best], 0, best_wait, best)
-        self.allowed_count += 1
+                wait = self._expiry(entry, r, sums[r] - limit[r] + 1) - now_ms
+                if wait > best_wait:
+                    best_wait, best = wait, r
+        return best_wait, best
+
+    def _count(self, entry: _Entry, curs: list[int]) -> tuple[int, int]:
+        """Count one request in every rule: (fewest left, the first rule with that few)."""
+        limit, nb, sums = self._limit, self._nb, entry.sums
         best, best_left = -1, 0
         for r in range(self._n):
             entry.rings[r][curs[r] % nb[r]] += 1
@@ -257,20 +279,74 @@ class WindowLimiter:
             left = limit[r] - sums[r]
             if best < 0 or left < best_left:
                 best, best_left = r, left
-        return (True, 0, limit[best], best_left, self._expiry(entry, best, 1) - now_ms, best)
+        return best_left, best
+
+    def hit(self, key: str, now_ms: int) -> tuple:
+        """(allowed, retry_after_ms, limit, remaining, reset_ms, rule_index); see the module."""
+        if type(key) is not str:
+            raise TypeError(f"key must be str, not {type(key).__name__}")
+        now_ms = _check_now(now_ms)
+        entry, curs = self._touch(key, now_ms)
+        if self._full(entry):
+            wait, best = self._longest_wait(entry, now_ms)
+            self.denied_count += 1
+            return (False, wait, self._limit[best], 0, wait, best)
+        left, best = self._count(entry, curs)
+        self.allowed_count += 1
+        return (True, 0, self._limit[best], left, self._expiry(entry, best, 1) - now_ms, best)
+
+    def _decision(self, allowed: bool, retry_ms: int, limit: int, remaining: int,
+                  reset_ms: int, rule: int, now_ms: int) -> Decision:
+        names = self.names
+        labels = (self.applies_to, names[rule] if names is not None else None)
+        if allowed:
+            return Decision(True, "instance", limit, remaining, -(-(now_ms + reset_ms) // 1000),
+                            0, limit - remaining, self._secs[rule], *labels)
+        # A denied request is not counted: current is the limit.
+        return Decision(False, "instance", limit, 0, -(-(now_ms + reset_ms) // 1000),
+                        -(-retry_ms // 1000), limit, self._secs[rule], *labels)
 
     def decide(self, key: str, now_ms: int | None = None) -> Decision:
         """hit() as the instance tier's Decision; see cext/window.pyx."""
         if now_ms is None:
             now_ms = wall_ms()
         allowed, retry_ms, limit, remaining, reset_ms, rule = self.hit(key, now_ms)
-        now_ms = _index(now_ms)
-        if allowed:
-            return Decision(True, "instance", limit, remaining, -(-(now_ms + reset_ms) // 1000),
-                            0, limit - remaining, self._secs[rule])
-        # A denied request is not counted: current is the limit.
-        return Decision(False, "instance", limit, 0, -(-(now_ms + reset_ms) // 1000),
-                        -(-retry_ms // 1000), limit, self._secs[rule])
+        return self._decision(allowed, retry_ms, limit, remaining, reset_ms, rule,
+                              _index(now_ms))
+
+    def decide_with(self, key: str, other: WindowLimiter, other_key: str,
+                    now_ms: int | None = None) -> Decision:
+        """Both limiters' rules as one set, counted in both only when all pass; see
+        cext/window.pyx."""
+        if type(other) is not WindowLimiter:
+            raise TypeError(f"Argument 'other' has incorrect type (expected WindowLimiter, "
+                            f"got {type(other).__name__})")
+        if type(key) is not str or type(other_key) is not str:
+            raise TypeError("keys must be str")
+        now_ms = _check_now(wall_ms() if now_ms is None else now_ms)
+        if other is self:
+            raise ValueError("decide_with() needs another limiter")
+        entry, curs = self._touch(key, now_ms)
+        other_entry, other_curs = other._touch(other_key, now_ms)
+        full, other_full = self._full(entry), other._full(other_entry)
+        if full or other_full:
+            self.denied_count += 1
+            wait, rule = self._longest_wait(entry, now_ms) if full else (-1, 0)
+            if other_full:
+                other_wait, other_rule = other._longest_wait(other_entry, now_ms)
+                if other_wait > wait:
+                    return other._decision(False, other_wait, other._limit[other_rule], 0,
+                                           other_wait, other_rule, now_ms)
+            return self._decision(False, wait, self._limit[rule], 0, wait, rule, now_ms)
+        left, rule = self._count(entry, curs)
+        other_left, other_rule = other._count(other_entry, other_curs)
+        self.allowed_count += 1
+        if other_left < left:
+            return other._decision(True, 0, other._limit[other_rule], other_left,
+                                   other._expiry(other_entry, other_rule, 1) - now_ms,
+                                   other_rule, now_ms)
+        return self._decision(True, 0, self._limit[rule], left,
+                              self._expiry(entry, rule, 1) - now_ms, rule, now_ms)
 
     def evict_idle(self, now_ms: int) -> int:
         """Drop keys, least recently used first, whose every bucket has expired at now_ms;
