@@ -53,7 +53,8 @@ __all__ = [
     "HealthSettings", "LoggingSettings", "MetricsSettings", "AdminSettings",
     "RateLimitingSettings", "RateLimitRule", "InstanceLimitSettings",
     "EnvironmentLimitSettings", "CircuitBreakerSettings", "MicroserviceLimitSettings",
-    "RouteLimitSettings", "FrozenMap",
+    "RouteLimitSettings", "PlanSettings", "PlanEnvironmentLimitSettings",
+    "PlanMicroserviceLimitSettings", "PlanRouteLimitSettings", "TenantLimitSettings", "FrozenMap",
 ]
 
 MASK = "********"
@@ -1053,6 +1054,13 @@ class RateLimitRule:
 
 
 RULES = _list_of(_section_of(RateLimitRule))
+# WindowLimiter's per-rule scratch lives on the C stack (cext/window.pyx C_MAX_RULES).
+MAX_INSTANCE_RULES = 16
+
+
+def _rule_paths(section: Any, path: str) -> Iterator[tuple[str, tuple[RateLimitRule, ...]]]:
+    yield _join(path, "rules"), section.rules
+    yield _join(path, "tenant_rules"), section.tenant_rules
 
 
 @_settings
@@ -1060,6 +1068,7 @@ class RouteLimitSettings:
     pattern: str = _key("pattern", _string(non_empty=True))
     match_type: str = _key("match_type", _choice("exact", "prefix", "regex"), "exact")
     rules: tuple[RateLimitRule, ...] = _key("rules", RULES, [])
+    tenant_rules: tuple[RateLimitRule, ...] = _key("tenant_rules", RULES, [])
 
     def _finish(self, path: str) -> RouteLimitSettings:
         # upstream-notes §8: regex routes compile at startup and a bad one fails fast.
@@ -1074,6 +1083,7 @@ class RouteLimitSettings:
 @_settings
 class MicroserviceLimitSettings:
     rules: tuple[RateLimitRule, ...] = _key("rules", RULES, [])
+    tenant_rules: tuple[RateLimitRule, ...] = _key("tenant_rules", RULES, [])
     routes: FrozenMap[RouteLimitSettings] = _key(
         "routes", _mapping_of(_section_of(RouteLimitSettings)), {})
 
@@ -1091,6 +1101,7 @@ class EnvironmentLimitSettings:
                                   secret=True)
     valkey_bucket: str = _key("valkey_bucket", _string(non_empty=True), "stella-router-rate-limit")
     rules: tuple[RateLimitRule, ...] = _key("rules", RULES, [])
+    tenant_rules: tuple[RateLimitRule, ...] = _key("tenant_rules", RULES, [])
     circuit_breaker: CircuitBreakerSettings = _section("circuit_breaker", CircuitBreakerSettings)
     microservices: FrozenMap[MicroserviceLimitSettings] = _key(
         "microservices", _mapping_of(_section_of(MicroserviceLimitSettings)), {})
@@ -1099,6 +1110,53 @@ class EnvironmentLimitSettings:
 @_settings
 class InstanceLimitSettings:
     rules: tuple[RateLimitRule, ...] = _key("rules", RULES, [])
+    tenant_rules: tuple[RateLimitRule, ...] = _key("tenant_rules", RULES, [])
+
+    def _finish(self, path: str) -> InstanceLimitSettings:
+        for where, rules in _rule_paths(self, path):
+            if len(rules) > MAX_INSTANCE_RULES:
+                raise ConfigError(where, f"at most {MAX_INSTANCE_RULES} rules, got {len(rules)}: "
+                                         f"the instance tier checks every rule of a key in one "
+                                         f"pass over a fixed-size table")
+        return self
+
+
+# A plan changes numbers, never shapes: which rules apply where, not which paths a route
+# matches. So its route overrides name routes of rate_limiting.for_environment and carry
+# only rules; every plan then resolves a request to the same route as the base does.
+
+@_settings
+class PlanRouteLimitSettings:
+    rules: tuple[RateLimitRule, ...] = _key("rules", RULES, [])
+    tenant_rules: tuple[RateLimitRule, ...] = _key("tenant_rules", RULES, [])
+
+
+@_settings
+class PlanMicroserviceLimitSettings:
+    rules: tuple[RateLimitRule, ...] = _key("rules", RULES, [])
+    tenant_rules: tuple[RateLimitRule, ...] = _key("tenant_rules", RULES, [])
+    routes: FrozenMap[PlanRouteLimitSettings] = _key(
+        "routes", _mapping_of(_section_of(PlanRouteLimitSettings)), {})
+
+
+@_settings
+class PlanEnvironmentLimitSettings:
+    rules: tuple[RateLimitRule, ...] = _key("rules", RULES, [])
+    tenant_rules: tuple[RateLimitRule, ...] = _key("tenant_rules", RULES, [])
+    microservices: FrozenMap[PlanMicroserviceLimitSettings] = _key(
+        "microservices", _mapping_of(_section_of(PlanMicroserviceLimitSettings)), {})
+
+
+@_settings
+class PlanSettings:
+    for_instance: InstanceLimitSettings = _section("for_instance", InstanceLimitSettings)
+    for_environment: PlanEnvironmentLimitSettings | None = _section(
+        "for_environment", PlanEnvironmentLimitSettings, optional=True)
+
+
+@_settings
+class TenantLimitSettings:
+    plan: str = _key("plan", _string(non_empty=True))
 
 
 @_settings
@@ -1108,6 +1166,37 @@ class RateLimitingSettings:
     for_instance: InstanceLimitSettings = _section("for_instance", InstanceLimitSettings)
     for_environment: EnvironmentLimitSettings | None = _section(
         "for_environment", EnvironmentLimitSettings, optional=True)
+    plans: FrozenMap[PlanSettings] = _key("plans", _mapping_of(_section_of(PlanSettings)), {})
+    tenants: FrozenMap[TenantLimitSettings] = _key(
+        "tenants", _mapping_of(_section_of(TenantLimitSettings)), {})
+
+    def _finish(self, path: str) -> RateLimitingSettings:
+        for tenant, entry in self.tenants.items():
+            if entry.plan not in self.plans:
+                known = ", ".join(self.plans) or "none"
+                raise ConfigError(_join(path, f"tenants.{tenant}.plan"),
+                                  f"no plan {entry.plan!r} in {_join(path, 'plans')}"
+                                  f"{_suggestion(entry.plan, self.plans)} (plans: {known})")
+        env = self.for_environment
+        for name, plan in self.plans.items():
+            where = _join(path, f"plans.{name}.for_environment")
+            if plan.for_environment is None:
+                continue
+            if env is None:
+                raise ConfigError(where, f"overrides rules of {_join(path, 'for_environment')}, "
+                                         f"which is not configured")
+            for service, svc in plan.for_environment.microservices.items():
+                base = env.microservices.get(service)
+                base_routes = base.routes if base is not None else {}
+                for route in svc.routes:
+                    if route not in base_routes:
+                        raise ConfigError(
+                            f"{where}.microservices.{service}.routes.{route}",
+                            f"no route {route!r} in {_join(path, 'for_environment')}."
+                            f"microservices.{service}.routes{_suggestion(route, base_routes)}; "
+                            f"a plan changes the rules of a route, whose pattern stays where "
+                            f"the route is defined")
+        return self
 
 
 @_settings
