@@ -326,8 +326,11 @@ class Run:
         counts = Path(str(self.report) + ".count")
         n = len(counts.read_text().splitlines()) if counts.exists() else 0
         os.kill(self.gateway.popen.pid, signal.SIGUSR2)
-        _procs.wait_until(self.procs, lambda: counts.exists() and len(
-            counts.read_text().splitlines()) > n, 30, 0.01)
+        # The worker answers when its loop runs again: on a tree that rebuilds its router
+        # per disconnect, tens of seconds later.
+        if not _procs.wait_until(self.procs, lambda: counts.exists() and len(
+                counts.read_text().splitlines()) > n, 900, 0.01):
+            raise RuntimeError(f"{self.label}: the worker did not count its instances")
         return int(counts.read_text().splitlines()[n])
 
     def phase(self, name, t0, t1, extra=None):
