@@ -30,7 +30,7 @@ import re
 import time
 from time import perf_counter
 
-from ..radix import FOUND, METHOD_NOT_ALLOWED, Router, RouteError
+from .radix import FOUND, METHOD_NOT_ALLOWED, Router, RouteError
 
 HEALTHY, DEGRADED, DRAINING, UNHEALTHY = "Healthy", "Degraded", "Draining", "Unhealthy"
 ROUTABLE = (HEALTHY, DEGRADED)
