@@ -181,7 +181,7 @@ class FrameError(ValueError):
 cdef inline int _check_header(uint32_t length, Py_ssize_t avail, const unsigned char *p,
                               long long max_frame) except -1:
     # Runs as soon as the 4 (or 5) header bytes are in: nothing is allocated for a frame
-    # before its length and type are known to be legal (DESIGN.md §3).
+    # before its length and type are known to be legal (docs/design.md §3).
     if length < C_MIN_LENGTH:
         raise FrameError(f"frame length {length} is below the minimum {C_MIN_LENGTH}")
     if length > max_frame:

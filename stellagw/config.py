@@ -1,8 +1,8 @@
 """Configuration: YAML in, frozen typed settings out.
 
-The file has two top-level sections, both from the seed: ``gateway:`` (seed §7, camelCase
-keys) and ``rate_limiting:`` (seed §9 / upstream-notes §8, snake_case keys, as the
-original Router wrote them). Python attributes are snake_case everywhere.
+The file has two top-level sections, both from the specification: ``gateway:``
+(docs/requirements.md §7, camelCase keys) and ``rate_limiting:`` (docs/requirements.md §9,
+docs/original-router.md §8, snake_case keys, as the original Router wrote them). Python attributes are snake_case everywhere.
 
 Every setting is one dataclass field whose metadata names its YAML key and the parser
 that checks it, so adding a key is one line::
@@ -501,7 +501,7 @@ def _header_name(value: Any, path: str) -> str:
 
 
 def _connection_string(text: str) -> str:
-    # host:port (the seed's form) passes as is; a URL must at least name a known scheme.
+    # host:port (the specification's form) passes as is; a URL must at least name a known scheme.
     if "://" in text and urlsplit(text).scheme.lower() not in _VALKEY_SCHEMES:
         raise ValueError(f"URL scheme must be one of {', '.join(_VALKEY_SCHEMES)}")
     return text
@@ -678,7 +678,7 @@ class TcpTransportSettings:
     max_connections: int = _key("maxConnections", COUNT, 1000)
     receive_buffer_size: int = _size_key("receiveBufferSize", 65536, low=1)
     send_buffer_size: int = _size_key("sendBufferSize", 65536, low=1)
-    # The frame length field is a 32-bit unsigned integer (DESIGN.md §3).
+    # The frame length field is a 32-bit unsigned integer (docs/design.md §3).
     max_frame_size: int = _size_key("maxFrameSize", "16MB", low=64, high=0xFFFFFFFF)
     # Who may register (docs/service-identity.md): HELLOs signed with a key derived from
     # this; empty = loopback peers only on tcp.
@@ -1071,7 +1071,7 @@ class RouteLimitSettings:
     tenant_rules: tuple[RateLimitRule, ...] = _key("tenant_rules", RULES, [])
 
     def _finish(self, path: str) -> RouteLimitSettings:
-        # upstream-notes §8: regex routes compile at startup and a bad one fails fast.
+        # docs/original-router.md §8: regex routes compile at startup and a bad one fails fast.
         if self.match_type == "regex":
             try:
                 re.compile(self.pattern)

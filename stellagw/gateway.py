@@ -55,7 +55,7 @@ def check_httptools_strict() -> None:
     """Refuse to start on an httptools that cannot switch llhttp's leniencies off.
 
     Lenient parsing (bare LF, obs-fold, chunk extensions without CRLF ...) is what request
-    smuggling between a proxy and us would exploit; see reference/security-checklists.md.
+    smuggling between a proxy and us would exploit; see docs/security.md §3c.
     """
     class _Sink:
         pass

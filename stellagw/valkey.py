@@ -2,7 +2,7 @@
 
 Why not redis-py/valkey-py: the gateway needs one thing from Valkey (EVALSHA per rate-limit
 decision), on the request path, at tens of thousands per second. A connection here is an
-asyncio.Protocol whose replies are a FIFO of waiters (STYLE item 41): every command writes
+asyncio.Protocol whose replies are a FIFO of waiters (docs/design.md §9): every command writes
 its packed bytes and appends a future, or a plain callback; data_received feeds hiredis and
 resolves them in order. Many outstanding commands share the connection, no pool, no lock.
 
@@ -31,7 +31,7 @@ Failure rules (docs/rate-limiting.md, "Valkey client"):
 
 Accepted addresses: ``redis://``, ``rediss://`` (TLS), ``valkey://``, ``valkeys://`` (TLS),
 ``unix:///path.sock`` with ``user:password@`` (AUTH) and ``/db`` or ``?db=`` (SELECT), and
-the seed's bare ``host:port`` — which, the original being .NET, may carry
+the specification's bare ``host:port`` — which, the original being .NET, may carry
 StackExchange.Redis options: ``cache:6379,password=...,ssl=true,defaultDatabase=2``.
 """
 from __future__ import annotations

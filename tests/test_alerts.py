@@ -2,7 +2,7 @@
 
 * `promtool check config grafana/prometheus.yml` (which also checks the rule file it loads)
   and `promtool check rules grafana/alerts.yml` pass;
-* `promtool test rules grafana/alerts_test.yml` passes: on synthetic series, the seed §12
+* `promtool test rules grafana/alerts_test.yml` passes: on synthetic series, docs/requirements.md §12
   SLO alerts (5xx > 0.1 %, P99 > 50 ms, availability via `up`) and the operational ones fire
   when they should and stay quiet otherwise;
 * the unit tests really cover the SLO alerts (a firing case and a quiet case each);

@@ -1,5 +1,5 @@
-"""Identity headers (upstream-notes §7), the anonymous identity, the scope-override header,
-and endpoint RequiringClaims (DESIGN.md §2 stages 7–8)."""
+"""Identity headers (docs/original-router.md §7), the anonymous identity, the scope-override header,
+and endpoint RequiringClaims (docs/design.md §2 stages 7–8)."""
 from __future__ import annotations
 
 import pytest

@@ -1,7 +1,7 @@
 """The Authority's keys: discovery + JWKS from a real loopback HTTP server (stdlib
 http.server in a thread), unknown-kid refetch (single flight, rate-limited), last good keys
-kept while the Authority is down, not ready until keys load. (security-checklists §3b
-"Key rotation" row, DESIGN.md §4.)
+kept while the Authority is down, not ready until keys load. (docs/security.md §3b
+"Key rotation" row, docs/design.md §4.)
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Certificate-bound tokens: security-checklists §3a′ (RFC 8705)."""
+"""Certificate-bound tokens: docs/security.md §3a′ (RFC 8705)."""
 from __future__ import annotations
 
 import datetime

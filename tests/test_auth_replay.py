@@ -1,4 +1,4 @@
-"""The DPoP jti replay cache: security-checklists §3a item 17.
+"""The DPoP jti replay cache: docs/security.md §3a item 17.
 
 In-process LRU (bounded, time-evicting), the Valkey path through a fake client implementing
 `execute` (the lead adds a real-Valkey test), replays caught across instances, and the

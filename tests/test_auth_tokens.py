@@ -1,4 +1,4 @@
-"""Access-token validation: security-checklists §3b, and the verified-token cache.
+"""Access-token validation: docs/security.md §3b, and the verified-token cache.
 
 Each test names the pitfall (§3b row) or brief item it covers.
 """

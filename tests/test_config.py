@@ -1,4 +1,4 @@
-"""stellagw.config: defaults, examples, the seed YAML, parsing, substitution, errors, dumps."""
+"""stellagw.config: defaults, examples, the specification's YAML, parsing, substitution, errors, dumps."""
 from __future__ import annotations
 
 import dataclasses
@@ -104,7 +104,7 @@ def test_settings_pickle_and_hash():
     assert {s: 1}[copy] == 1
 
 
-# --------------------------------------------------------------------------- examples and seed
+# --------------------------------------------------------------------------- examples and the specification's
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_every_example_loads(path):

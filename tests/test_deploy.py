@@ -194,7 +194,7 @@ def test_configmap_gateway_yaml_loads_with_every_key_known():
     assert not {"metrics", "openapi", "details", "all"} & set(gw.admin.public_endpoints)
     for kind in ("tcp", "tls"):
         assert getattr(gw.transports, kind).host == "0.0.0.0", kind
-    assert gw.transports.tls.enabled, "the seed's TLS transport (9443) is on"
+    assert gw.transports.tls.enabled, "the specification's TLS transport (9443) is on"
     assert gw.http.public_origin.startswith("https://")
     assert gw.auth.authority.startswith("https://")
     # Several pods behind one Service: nonces need one secret, replays and the environment

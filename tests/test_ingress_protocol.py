@@ -1,5 +1,5 @@
 """HttpProtocol without sockets: a mock transport, every input whole, byte by byte and at
-random cut points (STYLE §32, §35).
+random cut points (docs/design.md §9).
 
 The protocol is one source (stellagw/ingress/http.py): `make test` runs this module on the
 compiled module and again with STELLAGW_NO_EXTENSIONS=1 on the plain Python.

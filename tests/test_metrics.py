@@ -1,4 +1,4 @@
-"""/metrics: the seed's metric names, valid exposition (promtool), whole-instance totals."""
+"""/metrics: the metric names of docs/requirements.md §10, valid exposition (promtool), whole-instance totals."""
 from __future__ import annotations
 
 import importlib

@@ -80,7 +80,7 @@ class ValkeyProcess:
 
     @property
     def address(self) -> str:
-        """The seed's bare host:port form."""
+        """The specification's bare host:port form."""
         return f"{self.host}:{self.port}"
 
     @property

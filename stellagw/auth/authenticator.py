@@ -151,8 +151,8 @@ class Authenticator:
                 n_authorization += 1
             elif name == b"dpop":
                 proof = value
-                # An intermediary may have joined two fields with a comma (checklist §3a
-                # item 4); a JWS never contains one.
+                # An intermediary may have joined two fields with a comma (docs/security.md
+                # §3a item 4); a JWS never contains one.
                 n_proofs += 1 + value.count(b",")
             elif name == b"host":
                 host = value

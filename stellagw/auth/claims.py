@@ -1,4 +1,4 @@
-"""Authorisation: an endpoint's RequiringClaims against the identity (DESIGN.md §2 stage 8).
+"""Authorisation: an endpoint's RequiringClaims against the identity (docs/design.md §2 stage 8).
 
 Every requirement `(type, value)` must hold:
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __all__ = ["AuthFailure", "Refusal", "Challenges"]
 
-# Browser clients can read these only when exposed (checklist §3a item 20).
+# Browser clients can read these only when exposed (docs/security.md §3a item 20).
 _EXPOSE = b"access-control-expose-headers: WWW-Authenticate, DPoP-Nonce\r\n"
 _NO_STORE = b"cache-control: no-store\r\n"
 

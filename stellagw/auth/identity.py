@@ -1,6 +1,6 @@
 """The identity the gateway forwards, and the strip-then-overwrite header policy.
 
-upstream-notes §7: strip every identity header a client sent *before* anything reads
+docs/original-router.md §7: strip every identity header a client sent *before* anything reads
 claims, then set the gateway's own from the validated token only (the old "set if
 missing" middleware let clients spoof tenants). Headers set:
 
@@ -12,7 +12,7 @@ missing" middleware let clients spoof tenants). Headers set:
 
 Stripped (names compared after `_` → `-`, since some backends fold underscores into dashes):
 all `x-stellaops-*` / `x-stella-*`, bare `sub`, `tid`, `scope`, `scp`, `cnf`, the other
-identity spellings of checklist §3c item 8 (`x-tenant-id`, `x-user-*`, `x-client-cert`,
+identity spellings of docs/security.md §3c row 8 (`x-tenant-id`, `x-user-*`, `x-client-cert`,
 `x-forwarded-client-cert`, `x-forwarded-*`, `forwarded`), and `dpop` / `proxy-authorization`
 (a proof is single-use and meant for us; RFC 9449 §7.1 never uses Proxy-Authorization).
 `authorization` is kept: services may re-verify the token themselves.

@@ -1,6 +1,6 @@
 """Strict JOSE pieces shared by access tokens, DPoP proofs and the key store.
 
-Everything here is about *not* being lenient (RFC 8725, security-checklists §3b):
+Everything here is about *not* being lenient (RFC 8725, docs/security.md §3b):
 
 - compact JWS only: three base64url parts, alphabet checked before decoding (the stdlib
   decoder silently skips characters outside it), no padding, no whitespace;
@@ -135,7 +135,7 @@ def json_object_fast(segment: bytes) -> dict:
     """Like json_object, with orjson: for DPoP proof payloads, parsed on every request.
 
     orjson keeps the last of duplicate members instead of refusing them; that is the
-    checklist's allowed alternative ("take lexically last — never mix") because a proof
+    allowed alternative of docs/security.md §3b ("take lexically last — never mix") because a proof
     payload is read by this one parser only, never by a second one that could disagree.
     It refuses invalid UTF-8 and NaN/Infinity like the strict parser.
     """

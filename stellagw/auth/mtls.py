@@ -1,4 +1,4 @@
-"""Certificate-bound access tokens (RFC 8705 §3; security-checklists §3a′).
+"""Certificate-bound access tokens (RFC 8705 §3; docs/security.md §3a′).
 
 A token with `cnf["x5t#S256"]` is valid only on a TLS connection whose client certificate
 hashes to it: base64url (no padding) of SHA-256 over the DER leaf certificate — not hex.

@@ -1,4 +1,4 @@
-"""The DPoP `jti` replay cache (RFC 9449 §11.1, checklist §3a item 17).
+"""The DPoP `jti` replay cache (RFC 9449 §11.1, docs/security.md §3a item 17).
 
 Implementations of one protocol, `check_and_store(key, ttl_ms) -> bool` ("True: first
 time seen, now stored; False: a replay"):

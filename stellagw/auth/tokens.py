@@ -1,4 +1,4 @@
-"""Access-token verification (RFC 7519, RFC 9068, RFC 8725; security-checklists §3b).
+"""Access-token verification (RFC 7519, RFC 9068, RFC 8725; docs/security.md §3b).
 
 `TokenVerifier.verify()` on a token not seen before, in order:
 

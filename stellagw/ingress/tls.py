@@ -1,7 +1,7 @@
 """TLS contexts for the client listener and the service transport.
 
 TLS 1.3 is negotiated whenever the client offers it (OpenSSL picks the highest common
-version); `min_version` lets a site refuse 1.2. A PFX/PKCS#12 bundle (the seed's format)
+version); `min_version` lets a site refuse 1.2. A PFX/PKCS#12 bundle (the specification's format)
 is converted in memory and handed to OpenSSL through a private temporary file, because
 `ssl.SSLContext.load_cert_chain` only reads files.
 """

@@ -1,4 +1,4 @@
-"""JSON lines (seed §10): one per request plus lifecycle and error events.
+"""JSON lines (docs/requirements.md §10): one per request plus lifecycle and error events.
 
 Lines are buffered and handed over once a second (or at 64 KiB), because a write per
 request would cost a syscall per request. The writing itself happens in a thread: stdout

@@ -1,4 +1,4 @@
-"""Metrics aggregated in plain dicts and exported on scrape (seed §10 and §14).
+"""Metrics aggregated in plain dicts and exported on scrape (docs/requirements.md §10, §14).
 
 prometheus-client costs several microseconds per `labels().inc()`; at 50k requests/s that
 is a quarter of the budget. So the hot path bumps counters in dicts keyed by label tuples,

@@ -1,4 +1,4 @@
-"""OpenTelemetry spans for the request's journey (seed §10), optional and free when off.
+"""OpenTelemetry spans for the request's journey (docs/requirements.md §10), optional and free when off.
 
     gateway.route                 the whole request, parent: the client's W3C traceparent
       gateway.auth.validate       stages 6–8

@@ -1,5 +1,5 @@
 """Rate limiting: instance sliding windows, the activation gate, the Valkey environment tier
-behind a circuit breaker (DESIGN.md §5, upstream-notes §8; semantics in
+behind a circuit breaker (docs/design.md §5, docs/original-router.md §8; semantics in
 docs/rate-limiting.md).
 
     limiter = RateLimiter(settings, log)           # once per worker

@@ -6,7 +6,7 @@
     half_open ──(probe fails, or is still unanswered after half_open_timeout)──> open
 
 While open, and in half-open while the probe is out, the environment check is skipped:
-the request is decided by the instance tier alone (fail OPEN, upstream-notes §8). Every
+the request is decided by the instance tier alone (fail OPEN, docs/original-router.md §8). Every
 transition is logged and counted. The clock (seconds, monotonic) is injectable for tests.
 """
 from __future__ import annotations

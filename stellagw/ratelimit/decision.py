@@ -1,4 +1,4 @@
-"""A rate-limit decision, and the 429 the gateway answers with (upstream-notes §8).
+"""A rate-limit decision, and the 429 the gateway answers with (docs/original-router.md §8).
 
 Decision and rate_limit_headers() live with the instance tier's counters (stellagw.window,
 compiled in cext/window.pyx), which builds the per-request Decision and its X-RateLimit-*

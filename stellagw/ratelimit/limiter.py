@@ -1,4 +1,4 @@
-"""RateLimiter: the rate-limit stage's one object (upstream-notes §8 decision flow).
+"""RateLimiter: the rate-limit stage's one object (docs/original-router.md §8, decision flow).
 
     1. instance tier, always: per-key sliding windows in this process (WindowLimiter);
        deny -> 429 (scope "instance").
@@ -39,7 +39,7 @@ __all__ = ["RateLimiter", "PendingCheck", "identity_key", "VALKEY_TIMEOUT", "MAX
 # The environment check runs on the request path: a Valkey that does not answer within this
 # is a failure (fail open; the breaker counts it). Loopback/LAN Valkey answers in < 1 ms.
 VALKEY_TIMEOUT = 0.25
-# Instance-tier keys held at most (LRU beyond); ~0.5 KiB each with the seed's two rules.
+# Instance-tier keys held at most (LRU beyond); ~0.5 KiB each with the two rules of docs/requirements.md §9.
 MAX_KEYS = 100_000
 # How often idle instance keys are dropped.
 EVICT_INTERVAL = 1.0

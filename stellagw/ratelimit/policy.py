@@ -1,7 +1,7 @@
 """Which rules apply: the instance rules, and the environment rules for (service, path).
 
 Environment rules are inherited environment -> microservice -> route with replacement, not
-merge (upstream-notes §8): the most specific level that has rules wins, and a level without
+merge (docs/original-router.md §8): the most specific level that has rules wins, and a level without
 rules falls through to the less specific one. Route overrides match the request's
 normalised path:
 
