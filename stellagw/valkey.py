@@ -33,6 +33,12 @@ Accepted addresses: ``redis://``, ``rediss://`` (TLS), ``valkey://``, ``valkeys:
 ``unix:///path.sock`` with ``user:password@`` (AUTH) and ``/db`` or ``?db=`` (SELECT), and
 the specification's bare ``host:port`` — which, the original being .NET, may carry
 StackExchange.Redis options: ``cache:6379,password=...,ssl=true,defaultDatabase=2``.
+
+A Valkey Cluster is named by its seed nodes, several endpoints or ``cluster=true``:
+``redis://:pw@10.0.0.1:6379,10.0.0.2:6379`` or ``valkey://cache:6379?cluster=true`` or
+``a:6379,b:6379,password=...``; from_url() then gives a ValkeyClusterClient, which has
+the same commands and failure rules and sends each command to the master of its key's
+hash slot (key_slot(): CRC16 of the hash tag).
 """
 from __future__ import annotations
 
@@ -40,15 +46,17 @@ import asyncio
 import hashlib
 import socket
 import ssl as _ssl
+from binascii import crc_hqx
 from collections import deque
 from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
-__all__ = ["ValkeyClient", "Script", "ValkeyError", "ValkeyConnectionError", "ValkeyAuthError",
-           "ValkeyProtocolError", "ValkeyTimeout", "ValkeyReplyError", "parse_address",
-           "pack_evalsha"]
+__all__ = ["ValkeyClient", "ValkeyClusterClient", "Script", "ValkeyError",
+           "ValkeyConnectionError", "ValkeyAuthError", "ValkeyProtocolError", "ValkeyTimeout",
+           "ValkeyReplyError", "parse_address", "pack_evalsha", "key_slot", "command_slot",
+           "SLOTS"]
 
 DEFAULT_PORT = 6379
 _BACKOFF_MIN = 0.05
@@ -157,9 +165,12 @@ def _host_port(text: str) -> tuple[str, int]:
     if not host:
         raise ValueError(f"no host in {text!r}")
     try:
-        return host, int(port) if port else DEFAULT_PORT
+        number = int(port) if port else DEFAULT_PORT
     except ValueError:
         raise ValueError(f"port must be a number in {text!r}") from None
+    if not 0 < number < 65536:
+        raise ValueError(f"port out of range in {text!r}")
+    return host, number
 
 
 def _tls_context(query: dict[str, str]) -> _ssl.SSLContext:
@@ -181,7 +192,9 @@ def _tls_context(query: dict[str, str]) -> _ssl.SSLContext:
 
 
 def parse_address(url: str) -> dict:
-    """The ValkeyClient keyword arguments for a URL or a bare ``host:port[,opt=value...]``.
+    """The client's keyword arguments for a URL or a bare ``host:port[,opt=value...]``:
+    ``host`` and ``port`` for one server, ``nodes`` (a list of (host, port), the seeds) for
+    a cluster -- several endpoints, or ``cluster=true``.
 
     Raises ValueError naming what is wrong. Passwords are percent-decoded from URLs.
     """
@@ -193,13 +206,17 @@ def parse_address(url: str) -> dict:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-    kw: dict = {"username": unquote(parts.username) if parts.username else None,
-                "password": unquote(parts.password) if parts.password is not None else None}
-    if kw["password"] == "":
-        kw["password"] = None
+    # The netloc is split here, not by urlsplit: a cluster's seeds are a comma-separated
+    # list of endpoints, which urlsplit would read as one host with a bad port.
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username, colon, password = userinfo.partition(":")
+    kw: dict = {"username": unquote(username) if username else None,
+                "password": unquote(password) if colon and password else None}
     if scheme == "unix":
         if not parts.path:
             raise ValueError(f"no socket path in {url!r}")
+        if _cluster_option(query.get("cluster"), 1):
+            raise ValueError("a cluster is reached over TCP, not a unix socket")
         kw["path"] = unquote(parts.path)
         if "db" in query:
             kw["db"] = _db(query["db"])
@@ -207,13 +224,10 @@ def parse_address(url: str) -> dict:
     if scheme not in ("redis", "rediss", "valkey", "valkeys"):
         raise ValueError(f"unknown scheme {parts.scheme!r}: use redis, rediss, valkey, "
                          f"valkeys or unix")
-    if not parts.hostname:
+    endpoints = [h for h in hosts.split(",") if h.strip()]
+    if not endpoints:
         raise ValueError(f"no host in {url!r}")
-    kw["host"] = parts.hostname
-    try:
-        kw["port"] = parts.port or DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
+    _endpoints(kw, [_host_port(unquote(h)) for h in endpoints], query.get("cluster"))
     path = parts.path.strip("/")
     if path:
         kw["db"] = _db(path)
@@ -224,19 +238,40 @@ def parse_address(url: str) -> dict:
     return kw
 
 
+def _cluster_option(value: str | None, endpoints: int) -> bool:
+    """Cluster mode: as the option says, else when several endpoints are given (one server
+    has one address; several can only be a cluster's seeds)."""
+    if value is None:
+        return endpoints > 1
+    cluster = _bool(value, "cluster")
+    if not cluster and endpoints > 1:
+        raise ValueError("several endpoints are the seeds of a cluster: drop cluster=false "
+                         "or name one endpoint")
+    return cluster
+
+
+def _endpoints(kw: dict, endpoints: list[tuple[str, int]], cluster: str | None) -> None:
+    if _cluster_option(cluster, len(endpoints)):
+        kw["nodes"] = list(dict.fromkeys(endpoints))
+    else:
+        kw["host"], kw["port"] = endpoints[0]
+
+
 def _parse_bare(text: str) -> dict:
-    """``host:port`` plus StackExchange.Redis ``,key=value`` options."""
-    endpoint, *options = [p.strip() for p in text.split(",")]
+    """``host:port`` plus StackExchange.Redis ``,key=value`` options; as there, every item
+    without ``=`` is an endpoint."""
     kw: dict = {}
-    kw["host"], kw["port"] = _host_port(endpoint)
+    endpoints = []
+    cluster = None
     tls = False
     tls_host = None
-    for opt in options:
-        if not opt:
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
             continue
-        key, eq, value = opt.partition("=")
+        key, eq, value = item.partition("=")
         if not eq:
-            raise ValueError(f"only one endpoint is supported, got {opt!r} after {endpoint!r}")
+            endpoints.append(_host_port(item))
+            continue
         k = key.strip().lower()
         if k == "password":
             kw["password"] = value or None
@@ -248,6 +283,8 @@ def _parse_bare(text: str) -> dict:
             tls = _bool(value, "ssl")
         elif k == "sslhost":
             tls_host = value
+        elif k == "cluster":
+            cluster = value
         elif k == "connecttimeout":
             try:
                 kw["connect_timeout"] = int(value) / 1000
@@ -255,6 +292,9 @@ def _parse_bare(text: str) -> dict:
                 raise ValueError(f"connectTimeout must be milliseconds, got {value!r}") from None
         elif k not in _SE_IGNORED:
             raise ValueError(f"unknown option {key.strip()!r} in the connection string")
+    if not endpoints:
+        raise ValueError(f"no endpoint in {text!r}")
+    _endpoints(kw, endpoints, cluster)
     if tls:
         kw["ssl"] = _ssl.create_default_context()
         if tls_host:
@@ -405,105 +445,26 @@ class _Connection(asyncio.Protocol):
 
 # --------------------------------------------------------------------------- the client
 
-class ValkeyClient:
-    """A lazily (re)connecting, pipelined client. Create it anywhere; use it on one loop."""
+class _Client:
+    """What both clients share: the address parsing entry point and the EVALSHA forms built
+    on each client's own _evalsha_packed() and evalsha_then()."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
-                 path: str | None = None, username: str | None = None,
-                 password: str | None = None, db: int = 0,
-                 ssl: _ssl.SSLContext | bool | None = None, server_hostname: str | None = None,
-                 timeout: float = 0.5, connect_timeout: float | None = None):
-        if timeout <= 0:
-            raise ValueError("timeout must be > 0")
-        self.host, self.port, self.path = host, port, path
-        self.username, self.db = username, db
-        self._password = password
-        if ssl is True:
-            ssl = _ssl.create_default_context()
-        self.ssl = ssl or None
-        self.server_hostname = server_hostname
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout if connect_timeout is not None else timeout
-        # --- per-connection state
-        self._conn: _Connection | None = None
-        self._connecting: asyncio.Task | None = None
-        self._backoff = 0.0
-        self._retry_at = 0.0
-        self._last_error: str | None = None
-        self._closed = False
-        self.connects = 0               # successful connections so far (1 + reconnects)
+    name = ""
 
     @classmethod
-    def from_url(cls, url: str, timeout: float = 0.5, **overrides) -> ValkeyClient:
-        """A client for a redis://, rediss://, valkey://, valkeys://, unix:// URL or a bare
-        ``host:port`` (see the module docstring); keyword arguments override the URL."""
+    def from_url(cls, url: str, timeout: float = 0.5, **overrides):
+        """A ValkeyClient for a redis://, rediss://, valkey://, valkeys://, unix:// URL or a
+        bare ``host:port`` (see the module docstring), or a ValkeyClusterClient when the
+        address names a cluster; keyword arguments override the URL's."""
         kw = parse_address(url)
         kw.setdefault("timeout", timeout)
         kw.update(overrides)
-        return cls(**kw)
-
-    @property
-    def name(self) -> str:
-        """Where it connects, without credentials (for logs and errors)."""
-        if self.path:
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'valkeys' if self.ssl else 'valkey'}://{host}:{self.port}/{self.db}"
-
-    def __repr__(self) -> str:
-        return f"ValkeyClient({self.name})"
-
-    @property
-    def connected(self) -> bool:
-        return self._conn is not None and not self._conn.lost
-
-    # --- commands
-
-    async def execute(self, *args):
-        """Run one command; returns its reply (bytes, int, None, list...). Raises
-        ValkeyReplyError, ValkeyTimeout or ValkeyConnectionError (all ValkeyError)."""
-        return await self._send(hiredis.pack_command(args))
-
-    async def _send(self, packed: bytes):
-        conn = self._conn
-        if conn is None or conn.lost or conn.transport.is_closing():
-            conn = await self._connect()
-        return await conn.request(packed)
+        return (ValkeyClusterClient if "nodes" in kw else ValkeyClient)(**kw)
 
     async def evalsha(self, script: Script, keys=(), args=()):
         """EVALSHA the script; on NOSCRIPT (a restarted or flushed server) SCRIPT LOAD it
         and try once more."""
         return await self._evalsha_packed(script, pack_evalsha(script, keys, args))
-
-    async def _evalsha_packed(self, script: Script, command: bytes):
-        try:
-            return await self._send(command)
-        except ValkeyReplyError as exc:
-            if exc.code != "NOSCRIPT":
-                raise
-        await self.execute("SCRIPT", "LOAD", script.source)
-        return await self._send(command)
-
-    def evalsha_then(self, script: Script, command: bytes, callback) -> None:
-        """EVALSHA without a coroutine, a Task or a future: `command` is
-        pack_evalsha(script, keys, args), and callback(reply, error) -- error a ValkeyError,
-        else None -- is called exactly once, never before this returns; on a live
-        connection directly from the loop callback that read the reply. Connecting and
-        NOSCRIPT reloads take the coroutine path. What the callback raises is reported to
-        the loop's exception handler."""
-        conn = self._conn
-        if conn is None or conn.lost or conn.transport.is_closing():
-            self._then(self._evalsha_packed(script, command), callback)
-            return
-
-        def on_reply(reply, error):
-            if error is not None and error.__class__ is ValkeyReplyError \
-                    and error.code == "NOSCRIPT":
-                self._then(self._evalsha_packed(script, command), callback)
-            else:
-                callback(reply, error)
-
-        conn.request(command, on_reply)
 
     def evalsha_future(self, script: Script, keys=(), args=()) -> asyncio.Future:
         """evalsha() as a Future, without a coroutine or a Task (see evalsha_then)."""
@@ -533,6 +494,102 @@ class ValkeyClient:
                     "message": f"{self.name}: a Valkey reply callback failed", "exception": exc})
 
         asyncio.ensure_future(coro).add_done_callback(done)
+
+
+class ValkeyClient(_Client):
+    """A lazily (re)connecting, pipelined client. Create it anywhere; use it on one loop."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
+                 path: str | None = None, username: str | None = None,
+                 password: str | None = None, db: int = 0,
+                 ssl: _ssl.SSLContext | bool | None = None, server_hostname: str | None = None,
+                 timeout: float = 0.5, connect_timeout: float | None = None):
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        self.host, self.port, self.path = host, port, path
+        self.username, self.db = username, db
+        self._password = password
+        if ssl is True:
+            ssl = _ssl.create_default_context()
+        self.ssl = ssl or None
+        self.server_hostname = server_hostname
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout if connect_timeout is not None else timeout
+        # --- per-connection state
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Task | None = None
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._last_error: str | None = None
+        self._closed = False
+        self.connects = 0               # successful connections so far (1 + reconnects)
+
+    @property
+    def name(self) -> str:
+        """Where it connects, without credentials (for logs and errors)."""
+        if self.path:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'valkeys' if self.ssl else 'valkey'}://{host}:{self.port}/{self.db}"
+
+    def __repr__(self) -> str:
+        return f"ValkeyClient({self.name})"
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.lost
+
+    # --- commands
+
+    async def execute(self, *args):
+        """Run one command; returns its reply (bytes, int, None, list...). Raises
+        ValkeyReplyError, ValkeyTimeout or ValkeyConnectionError (all ValkeyError)."""
+        return await self._send(hiredis.pack_command(args))
+
+    async def _send(self, packed: bytes, asking: bool = False):
+        conn = await self._live()
+        if asking:
+            # A cluster's ASK redirection: ASKING admits the one command after it on the same
+            # connection; queued together, they go out in one write, in this order. Its
+            # reply is OK, and the command's own reply says everything else.
+            conn.request(_ASKING, _ignore)
+        return await conn.request(packed)
+
+    async def _live(self) -> _Connection:
+        conn = self._conn
+        if conn is None or conn.lost or conn.transport.is_closing():
+            conn = await self._connect()
+        return conn
+
+    async def _evalsha_packed(self, script: Script, command: bytes, asking: bool = False):
+        try:
+            return await self._send(command, asking)
+        except ValkeyReplyError as exc:
+            if exc.code != "NOSCRIPT":
+                raise
+        await self.execute("SCRIPT", "LOAD", script.source)
+        return await self._send(command, asking)
+
+    def evalsha_then(self, script: Script, command: bytes, callback) -> None:
+        """EVALSHA without a coroutine, a Task or a future: `command` is
+        pack_evalsha(script, keys, args), and callback(reply, error) -- error a ValkeyError,
+        else None -- is called exactly once, never before this returns; on a live
+        connection directly from the loop callback that read the reply. Connecting and
+        NOSCRIPT reloads take the coroutine path. What the callback raises is reported to
+        the loop's exception handler."""
+        conn = self._conn
+        if conn is None or conn.lost or conn.transport.is_closing():
+            self._then(self._evalsha_packed(script, command), callback)
+            return
+
+        def on_reply(reply, error):
+            if error is not None and error.__class__ is ValkeyReplyError \
+                    and error.code == "NOSCRIPT":
+                self._then(self._evalsha_packed(script, command), callback)
+            else:
+                callback(reply, error)
+
+        conn.request(command, on_reply)
 
     async def close(self) -> None:
         """Close the connection; waiting and later commands fail with ValkeyConnectionError."""
@@ -630,6 +687,355 @@ class ValkeyClient:
             conn.close()
             raise
         return conn
+
+
+# --------------------------------------------------------------------------- Valkey Cluster
+
+SLOTS = 16384
+# A background reload of the slot map starts at most this often (errors that may mean the
+# map changed come in bursts: every request to a lost master fails).
+_REFRESH_INTERVAL = 0.5
+# Slots of packed EVALSHA commands kept (the rate limiter sends the same ones again and
+# again); cleared when full, like the limiter's own cache of those commands.
+_PACKED_SLOTS_MAX = 4096
+_ASKING = hiredis.pack_command(("ASKING",))
+_SCRIPT_COMMANDS = frozenset((b"EVAL", b"EVALSHA", b"EVAL_RO", b"EVALSHA_RO", b"FCALL",
+                              b"FCALL_RO"))
+# Commands without a key: they go to one node (SCRIPT to every master). Any other command's
+# first argument is its key.
+_KEYLESS = frozenset((b"PING", b"ECHO", b"TIME", b"INFO", b"CLUSTER", b"SCRIPT", b"FUNCTION",
+                      b"KEYS", b"SCAN", b"RANDOMKEY", b"DBSIZE", b"FLUSHALL", b"FLUSHDB",
+                      b"CONFIG", b"CLIENT", b"COMMAND", b"DEBUG", b"LATENCY", b"SLOWLOG",
+                      b"ROLE", b"WAIT", b"LASTSAVE", b"MEMORY"))
+
+
+def _ignore(reply, error) -> None:
+    pass
+
+
+def _as_bytes(arg) -> bytes:
+    if isinstance(arg, str):
+        return arg.encode()
+    if isinstance(arg, (bytes, bytearray, memoryview)):
+        return bytes(arg)
+    return str(arg).encode()            # a number, as hiredis.pack_command writes it
+
+
+def key_slot(key) -> int:
+    """The cluster hash slot of a key: CRC16/XMODEM (binascii.crc_hqx, the cluster
+    specification's CRC16) of its hash tag -- what lies between the first "{" and the
+    next "}", when that is not empty -- or else of the whole key, modulo 16384."""
+    if key.__class__ is not bytes:
+        key = _as_bytes(key)
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1:end]
+    return crc_hqx(key, 0) & 0x3FFF
+
+
+def command_slot(args) -> int | None:
+    """The slot a command runs in: its first key's (EVAL, EVALSHA, FCALL: the first of its
+    KEYS), or None for a command without a key. A command's keys must share one slot (hash
+    tags), as every command the gateway sends does."""
+    name = _as_bytes(args[0]).upper()
+    if name in _SCRIPT_COMMANDS:
+        return key_slot(args[3]) if len(args) > 3 and int(args[2]) > 0 else None
+    if name in _KEYLESS or len(args) < 2:
+        return None
+    return key_slot(args[1])
+
+
+def _packed_slot(command: bytes) -> int | None:
+    """command_slot() of a packed command (what evalsha_then() is given): only the first
+    four arguments are read."""
+    args = []
+    pos = command.index(b"\r\n") + 2
+    for _ in range(min(4, int(command[1:pos - 2]))):
+        end = command.index(b"\r\n", pos)
+        start = end + 2
+        pos = start + int(command[pos + 1:end])
+        args.append(command[start:pos])
+        pos += 2
+    return command_slot(args)
+
+
+class ValkeyClusterClient(_Client):
+    """A Valkey Cluster client with ValkeyClient's interface (docs/operations.md, "Valkey
+    Cluster").
+
+    Commands are routed, not bounced: each goes to the master that owns its key's slot,
+    over that master's own ValkeyClient (one pipelined connection each, with its own
+    reconnect and backoff). The slot map comes from CLUSTER SLOTS, asked of the masters
+    known and then the seeds, before the first command and again in the background after
+    anything that may mean it changed: a MOVED redirection, a node that cannot be reached
+    or times out, CLUSTERDOWN. A MOVED is followed once, to the node it names (which owns
+    that slot from then on); an ASK (a slot being migrated) once, with ASKING. Every other
+    failure fails the command like ValkeyClient's do: the caller's policy (fail open,
+    on-error) decides, as with one server.
+
+    Keyless commands go to one master, except SCRIPT (LOAD, FLUSH, EXISTS), which goes to
+    every master and answers with the first one's reply: scripts are cached per node.
+    """
+
+    def __init__(self, nodes, *, username: str | None = None, password: str | None = None,
+                 db: int = 0, ssl: _ssl.SSLContext | bool | None = None,
+                 server_hostname: str | None = None, timeout: float = 0.5,
+                 connect_timeout: float | None = None):
+        if not nodes:
+            raise ValueError("a cluster needs at least one seed node")
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        if ssl is True:
+            ssl = _ssl.create_default_context()
+        self.seeds = [(host, int(port)) for host, port in nodes]
+        self.ssl = ssl or None
+        self.timeout = timeout
+        self._node_kw = {"username": username, "password": password, "db": db,
+                         "ssl": self.ssl, "server_hostname": server_hostname,
+                         "timeout": timeout, "connect_timeout": connect_timeout}
+        self._nodes: dict[tuple[str, int], ValkeyClient] = {}
+        self._slots: list[ValkeyClient | None] | None = None      # None until first loaded
+        self._masters: list[ValkeyClient] = []
+        self._packed_slots: dict[bytes, int | None] = {}
+        self._refreshing: asyncio.Task | None = None
+        self._refresh_timer: asyncio.TimerHandle | None = None
+        self._refresh_after = 0.0
+        self._closed = False
+        self.redirects = {"moved": 0, "ask": 0}
+        self.refreshes = 0              # slot maps loaded
+
+    @property
+    def name(self) -> str:
+        """The seeds, in the address form that configures this client, without credentials."""
+        seeds = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.seeds)
+        return f"{'valkeys' if self.ssl else 'valkey'}://{seeds}?cluster=true"
+
+    def __repr__(self) -> str:
+        return f"ValkeyClusterClient({self.name})"
+
+    @property
+    def connected(self) -> bool:
+        return any(node.connected for node in self._nodes.values())
+
+    @property
+    def connects(self) -> int:
+        return sum(node.connects for node in self._nodes.values())
+
+    def owner(self, slot: int) -> tuple[str, int] | None:
+        """The (host, port) this client sends the slot's commands to; None when unknown."""
+        node = self._slots[slot] if self._slots is not None else None
+        return (node.host, node.port) if node is not None else None
+
+    # --- commands
+
+    async def execute(self, *args):
+        """Run one command on the master of its key's slot (see the class)."""
+        command = hiredis.pack_command(args)
+        slot = command_slot(args)
+        if slot is not None or _as_bytes(args[0]).upper() != b"SCRIPT":
+            return await self._run(slot, command, None)
+        if self._slots is None:
+            await self._load()
+        replies = await asyncio.gather(*(node._send(command) for node in self._masters),
+                                       return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        if not replies:
+            raise ValkeyConnectionError(f"{self.name}: the slot map names no master")
+        return replies[0]
+
+    async def _evalsha_packed(self, script: Script, command: bytes):
+        return await self._run(self._slot_of(command), command, script)
+
+    def evalsha_then(self, script: Script, command: bytes, callback) -> None:
+        """As ValkeyClient.evalsha_then(): on the slot's master's connection, the callback
+        is called from the reply handling; redirections and a first slot map take the
+        coroutine path."""
+        slots = self._slots
+        slot = self._slot_of(command)
+        node = slots[slot] if slots is not None and slot is not None else None
+        if node is None:
+            self._then(self._run(slot, command, script), callback)
+            return
+
+        def on_reply(reply, error):
+            if error is not None:
+                follow = self._after(node, error, command, script)
+                if follow is not None:
+                    self._then(follow, callback)
+                    return
+            callback(reply, error)
+
+        node.evalsha_then(script, command, on_reply)
+
+    def _slot_of(self, command: bytes) -> int | None:
+        cache = self._packed_slots
+        slot = cache.get(command, -1)
+        if slot == -1:
+            if len(cache) >= _PACKED_SLOTS_MAX:
+                cache.clear()
+            slot = cache[command] = _packed_slot(command)
+        return slot
+
+    async def _run(self, slot: int | None, command: bytes, script: Script | None):
+        node = await self._owner(slot)
+        try:
+            if script is not None:
+                return await node._evalsha_packed(script, command)
+            return await node._send(command)
+        except ValkeyError as exc:
+            follow = self._after(node, exc, command, script)
+            if follow is None:
+                raise
+        return await follow
+
+    def _after(self, node: ValkeyClient, error: Exception, command: bytes,
+               script: Script | None):
+        """After a failed command: a coroutine that follows a MOVED or ASK redirection,
+        or None (the error stands). An error that may mean the slot map changed reloads it
+        in the background."""
+        if error.__class__ is ValkeyReplyError:
+            code = error.code
+            if code == "MOVED" or code == "ASK":
+                return self._follow(node, error, command, script)
+            if code != "CLUSTERDOWN":
+                return None         # the command's own error (WRONGTYPE, NOSCRIPT, ...)
+        self._refresh_soon()
+        return None
+
+    async def _follow(self, node: ValkeyClient, error: ValkeyReplyError, command: bytes,
+                      script: Script | None):
+        # "MOVED <slot> <host>:<port>": the slot is served there now (resharded, failed
+        # over); "ASK ...": only this key, while the slot migrates. An empty host means the
+        # node that answered. Followed once: a second redirection is the command's error.
+        kind, slot, address = error.message.split(" ", 2)
+        host, _, port = address.rpartition(":")
+        target = self._node(host or node.host, int(port))
+        asking = kind == "ASK"
+        self.redirects["ask" if asking else "moved"] += 1
+        if not asking:
+            if self._slots is not None:
+                self._slots[int(slot)] = target
+            self._refresh_soon()
+        if script is not None:
+            return await target._evalsha_packed(script, command, asking)
+        return await target._send(command, asking)
+
+    # --- the slot map
+
+    async def _owner(self, slot: int | None) -> ValkeyClient:
+        if self._slots is None:
+            await self._load()
+        if slot is None:
+            if not self._masters:
+                raise ValkeyConnectionError(f"{self.name}: the slot map names no master")
+            return self._masters[0]
+        node = self._slots[slot]
+        if node is None:
+            self._refresh_soon()
+            raise ValkeyConnectionError(f"{self.name}: no node serves slot {slot}")
+        return node
+
+    async def _load(self) -> None:
+        """Wait for a slot map (the first one: commands cannot be routed without it), no
+        longer than one server's connect and reply may take, however many seeds the
+        reload tries (it goes on in the background for the commands after this one)."""
+        if self._closed:
+            raise ValkeyConnectionError(f"{self.name}: client closed")
+        task = self._refreshing or self._start_refresh()
+        wait = self._node_kw["connect_timeout"] or self.timeout
+        try:
+            async with asyncio.timeout(wait + self.timeout):
+                await asyncio.shield(task)
+        except TimeoutError:        # (the reload fails with ValkeyConnectionError only)
+            raise ValkeyTimeout(f"{self.name}: no slot map within "
+                                f"{wait + self.timeout:g} s") from None
+
+    def _refresh_soon(self) -> None:
+        """Reload the map in the background: now, or when the interval since the last
+        reload has passed (one reload for a burst of errors, and none of them lost)."""
+        if self._refreshing is not None or self._refresh_timer is not None or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._refresh_after - loop.time()
+        if wait > 0:
+            self._refresh_timer = loop.call_later(wait, self._refresh_due)
+        else:
+            self._start_refresh()
+
+    def _refresh_due(self) -> None:
+        self._refresh_timer = None
+        self._refresh_soon()
+
+    def _start_refresh(self) -> asyncio.Task:
+        loop = asyncio.get_running_loop()
+        self._refresh_after = loop.time() + _REFRESH_INTERVAL
+        task = self._refreshing = loop.create_task(self._refresh())
+        task.add_done_callback(self._refreshed)
+        return task
+
+    def _refreshed(self, task: asyncio.Task) -> None:
+        self._refreshing = None
+        _retrieve(task)
+
+    async def _refresh(self) -> None:
+        """CLUSTER SLOTS from the first node that answers: the masters known, then the
+        seeds (all of them may have moved since the map was loaded)."""
+        candidates = dict.fromkeys([*self._masters, *(self._node(h, p) for h, p in self.seeds)])
+        error: Exception | None = None
+        for node in candidates:
+            try:
+                reply = await node.execute("CLUSTER", "SLOTS")
+                await self._apply(node, reply)
+                return
+            except (ValkeyError, ValueError, TypeError, IndexError) as exc:
+                error = exc
+        raise ValkeyConnectionError(f"{self.name}: no node gave the slot map "
+                                    f"(last error: {error})")
+
+    async def _apply(self, asked: ValkeyClient, reply) -> None:
+        slots: list[ValkeyClient | None] = [None] * SLOTS
+        masters: list[ValkeyClient] = []
+        for first, last, (host, port, *_), *_replicas in reply:
+            # An unknown endpoint ("?", empty or null) means the address that was asked.
+            node = self._node(host.decode() if host and host != b"?" else asked.host, port)
+            slots[first:last + 1] = [node] * (last + 1 - first)
+            if node not in masters:
+                masters.append(node)
+        if not masters:
+            # A node that has not joined (or has lost its nodes.conf) knows no slots.
+            raise ValueError(f"{asked.name} knows no slots")
+        self._slots, self._masters = slots, masters
+        self.refreshes += 1
+        # A node that left the map (replaced, demoted to a replica) is closed, unless it
+        # is a seed: the next reload may need to ask it.
+        keep = {(n.host, n.port) for n in masters}.union(self.seeds)
+        for address in [a for a in self._nodes if a not in keep]:
+            await self._nodes.pop(address).close()
+
+    def _node(self, host: str, port: int) -> ValkeyClient:
+        node = self._nodes.get((host, port))
+        if node is None:
+            if self._closed:
+                raise ValkeyConnectionError(f"{self.name}: client closed")
+            node = self._nodes[(host, port)] = ValkeyClient(host, port, **self._node_kw)
+        return node
+
+    async def close(self) -> None:
+        """Close every node's connection; waiting and later commands fail with
+        ValkeyConnectionError."""
+        self._closed = True
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+        if self._refresh_timer is not None:
+            self._refresh_timer.cancel()
+            self._refresh_timer = None
+        nodes, self._nodes = list(self._nodes.values()), {}
+        for node in nodes:
+            await node.close()
 
 
 def _retrieve(task: asyncio.Task) -> None:
