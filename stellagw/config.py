@@ -44,6 +44,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .valkey import parse_address
+
 __all__ = [
     "ConfigError", "load_config", "load_config_text", "default_settings",
     "parse_duration", "parse_size", "effective_config", "dump_effective",
@@ -466,9 +468,6 @@ def _origin(text: str) -> str:
     return f"{parts.scheme}://{host}{port}"
 
 
-_VALKEY_SCHEMES = ("redis", "rediss", "valkey", "valkeys", "unix")
-
-
 def _cidr(value: Any, path: str) -> str:
     import ipaddress
     text = _string(non_empty=True)(value, path).strip()
@@ -501,9 +500,14 @@ def _header_name(value: Any, path: str) -> str:
 
 
 def _connection_string(text: str) -> str:
-    # host:port (the specification's form) passes as is; a URL must at least name a known scheme.
-    if "://" in text and urlsplit(text).scheme.lower() not in _VALKEY_SCHEMES:
-        raise ValueError(f"URL scheme must be one of {', '.join(_VALKEY_SCHEMES)}")
+    # Read here as the Valkey client will read it, so a bad option, port or cluster form
+    # stops the configuration naming its key, not the gateway's start with a traceback.
+    if text.strip():
+        try:
+            parse_address(text)
+        except OSError as exc:          # a TLS file named in the URL
+            raise ValueError(f"cannot read {exc.filename or 'a TLS file'}: "
+                             f"{exc.strerror or exc}") from None
     return text
 
 
