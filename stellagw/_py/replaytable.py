@@ -2,8 +2,8 @@
 
 Same API, same memory layout and the same results as the compiled
 ``stellagw._cext.replaytable`` (cext/replaytable.pyx); tests/test_replay_table.py runs the
-two differentially, byte for byte over the table. stellagw/auth/replay.py uses whichever
-`select("replaytable")` picks.
+two differentially, byte for byte over the table. stellagw/auth/replay.py imports one of
+them (STELLAGW_NO_EXTENSIONS=1: this one).
 
 Why it exists: with several workers and no Valkey, a per-worker cache let a proof be
 replayed once per worker. The supervisor makes one table in shared memory before it forks,

@@ -1,6 +1,6 @@
 """A rate-limit decision, and the 429 the gateway answers with (docs/original-router.md §8).
 
-Decision and rate_limit_headers() live with the instance tier's counters (stellagw.window,
+Decision and rate_limit_headers() live with the instance tier's counters (ratelimit/window.py,
 compiled in cext/window.pyx), which builds the per-request Decision and its X-RateLimit-*
 lines in C; its fields are described in cext/window.pyx.
 """
