@@ -37,6 +37,7 @@ from .ingress.proxy import TrustedProxies
 from .ingress.tls import server_context
 from .observe.logs import JsonLog
 from .observe.metrics import Metrics
+from .observe.routes import route_info
 from .observe.tracing import make_tracer
 from .auth import Authenticator
 from .openapi import OpenApiCache
@@ -150,6 +151,7 @@ class Worker:
                                                       ("mtls", gw.auth.mtls_enabled)) if on),
             background=True)   # PyYAML is slow: build off the loop, serve the last document
         self.metrics.sources.append(self._counter_sources)
+        self.metrics.sources.append(route_info(self.routing))   # latency SLOs skip streams
         # The environment check's latency, as a histogram (the limiter only times it).
         self.limiter.check_observer = self.metrics.phase_histogram("ratelimit_check").observe
         self.builtins = builtins.table(self)
