@@ -137,7 +137,8 @@ class Worker:
         self.routing = RoutingState(gw.node.region, gw.routing.neighbor_regions,
                                     health.heartbeat_interval_seconds,
                                     health.degraded_after_seconds,
-                                    health.heartbeat_timeout_seconds)
+                                    health.heartbeat_timeout_seconds,
+                                    gw.routing.service_expiry)
         self.hub = TransportHub(self, self.routing, transport_ports)
         self.transport_addresses: dict[str, tuple] = {}
         self.tracing = make_tracer(settings, span_exporter)   # None when off

@@ -115,8 +115,6 @@ def test_the_503_of_a_departed_service_says_when_to_retry(gateway):
     assert status == 503 and headers.get("retry-after") == "5"
 
 
-@pytest.mark.xfail(strict=True, reason="the worker builds RoutingState without "
-                   "routing.serviceExpiry yet (issue 16: one argument in gateway.py)")
 def test_after_service_expiry_the_routes_are_gone(gateway):
     gw = gateway(expiry="2s")
     gw.kill(gw.service("phoenix"), "phoenix")

@@ -18,6 +18,8 @@ def normalize_path(raw: bytes | str) -> str | None:
 class Router:
     def __init__(self) -> None: ...
     def add(self, method: str, template: str, endpoint: object) -> None: ...
+    def remove(self, method: str, template: str) -> object:
+        """Take (method, template) out; returns its endpoint, or None when absent."""
     def match(self, method: str, path: str) -> (
         tuple[int, object, dict[str, str] | None]       # (FOUND, endpoint, params)
         | tuple[int, None, None]                         # (NOT_FOUND, None, None)
