@@ -9,9 +9,12 @@ Everything here is about *not* being lenient (RFC 8725, docs/security.md §3b):
 - an algorithm is only ever paired with a key of the matching type: `ES256` ⇔ EC P-256,
   `RS*`/`PS*` ⇔ RSA (≥ 2048 bits), `EdDSA` ⇔ OKP Ed25519/Ed448. HMAC does not exist here.
 
-Signature checks use PyJWT's algorithm objects (its raw→DER ECDSA conversion and PSS salt
-length are the audited ones); key objects are cryptography public keys, never bytes, so a
-public key can never be reused as an HMAC secret (CVE-2022-29217 class).
+Signature checks use PyJWT's algorithm objects (its PSS salt length is the audited one),
+except ECDSA's: every DPoP proof is one, and PyJWT's wrapper (a hex round trip per integer,
+a new ECDSA object per call) cost ~20k instructions beside cryptography's own ~870k, so ES*
+calls cryptography directly with PyJWT's raw→DER conversion (docs/auth.md, "The proof key
+cache"). Key objects are cryptography public keys, never bytes, so a public key can never
+be reused as an HMAC secret (CVE-2022-29217 class).
 """
 from __future__ import annotations
 
@@ -21,9 +24,12 @@ import json
 import re
 
 import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwt.algorithms import get_default_algorithms
 from jwt.exceptions import PyJWTError
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 __all__ = [
     "JoseError", "b64url", "b64url_decode", "split_compact", "split_parts", "json_object", "json_object_fast",
@@ -189,8 +195,24 @@ def jwk_thumbprint(jwk: dict) -> str:
     return b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
 
 
+# Immutable, so made once.
+_ECDSA = {"ES256": ec.ECDSA(hashes.SHA256()), "ES384": ec.ECDSA(hashes.SHA384()),
+          "ES512": ec.ECDSA(hashes.SHA512())}
+
+
 def verify_signature(alg: str, key, signing_input: bytes, signature: bytes) -> bool:
+    ecdsa = _ECDSA.get(alg)
     try:
-        return _ALGORITHMS[alg].verify(signing_input, key, signature)
-    except (PyJWTError, ValueError, TypeError):
+        if ecdsa is None:
+            return _ALGORITHMS[alg].verify(signing_input, key, signature)
+        # RFC 7518 §3.4: R and S, each the curve's size, big-endian; cryptography wants DER.
+        # The size is the key's, as PyJWT takes it.
+        size = (key.curve.key_size + 7) // 8
+        if len(signature) != 2 * size:
+            return False
+        key.verify(encode_dss_signature(int.from_bytes(signature[:size], "big"),
+                                        int.from_bytes(signature[size:], "big")),
+                   signing_input, ecdsa)
+        return True
+    except (InvalidSignature, PyJWTError, ValueError, TypeError):
         return False
