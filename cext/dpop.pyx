@@ -14,7 +14,6 @@ from libc.string cimport memchr
 
 import hashlib
 import hmac
-from collections import OrderedDict
 
 import orjson
 
@@ -23,16 +22,15 @@ from stellagw.auth.jose import (JoseError, PRIVATE_MEMBERS, json_object, jwk_thu
                                 key_matches_alg, public_key_from_jwk, verify_signature)
 from stellagw.auth.uri import normalize_uri
 
-__all__ = ["DpopVerifier", "ProofResult", "MAX_JTI_CHARS"]
+__all__ = ["DpopVerifier", "ProofResult", "ProofKeyCache", "MAX_JTI_CHARS"]
 
 MAX_JTI_CHARS = 256
-HEADER_CACHE_SIZE = 4096
+KEY_CACHE_SIZE = 4096
 REPLAY_GRACE_MS = 5000     # keep jtis a little past the window: instance clocks differ
 
 INVALID = "invalid_dpop_proof"
 
 cdef Py_ssize_t _MAX_JTI_CHARS = MAX_JTI_CHARS
-cdef Py_ssize_t _HEADER_CACHE_SIZE = HEADER_CACHE_SIZE
 
 
 cdef extern from "Python.h":
@@ -158,26 +156,101 @@ cdef class ProofResult:
 
 
 @cython.final
+cdef class _Key:
+    cdef bytes header
+    cdef object alg, key, jkt
+    cdef bint used
+
+
+@cython.final
+cdef class ProofKeyCache:
+    """stellagw/_py/dpop.py's ProofKeyCache with C fields (read the twin): the client keys
+    whose proofs passed every check, by thumbprint, each with the exact header text it last
+    came in; CLOCK at `capacity`."""
+    cdef readonly Py_ssize_t capacity
+    cdef dict _by_header, _by_jkt
+    cdef list _ring
+    cdef Py_ssize_t _hand
+
+    def __init__(self, Py_ssize_t capacity):
+        self.capacity = capacity
+        self._by_header = {}
+        self._by_jkt = {}
+        self._ring = []
+        self._hand = 0
+
+    def __len__(self):
+        return len(self._ring)
+
+    def thumbprints(self):
+        return [(<_Key>entry).jkt for entry in self._ring]
+
+    cdef _Key get(self, bytes header):
+        entry = self._by_header.get(header)
+        return None if entry is None else <_Key>entry
+
+    cdef object key(self, jkt):
+        entry = self._by_jkt.get(jkt)
+        return None if entry is None else (<_Key>entry).key
+
+    cdef void passed(self, bytes header, alg, key, jkt) except *:
+        cdef _Key entry, old
+        cdef Py_ssize_t hand
+        found = self._by_jkt.get(jkt)
+        if found is not None:
+            entry = <_Key>found
+            entry.used = True
+            if entry.header != header:
+                # The key moves to its new header: header variants of one key never take
+                # more than its one slot.
+                del self._by_header[entry.header]
+                entry.header = header
+                entry.alg = alg
+                self._by_header[header] = entry
+            return
+        if self.capacity <= 0:
+            return
+        entry = _Key.__new__(_Key)
+        entry.header = header
+        entry.alg = alg
+        entry.key = key
+        entry.jkt = jkt
+        entry.used = False
+        if len(self._ring) < self.capacity:
+            self._ring.append(entry)
+        else:
+            hand = self._hand
+            while (<_Key>self._ring[hand]).used:
+                (<_Key>self._ring[hand]).used = False
+                hand = (hand + 1) % self.capacity
+            old = <_Key>self._ring[hand]
+            del self._by_header[old.header]
+            del self._by_jkt[old.jkt]
+            self._ring[hand] = entry
+            self._hand = (hand + 1) % self.capacity
+        self._by_header[header] = entry
+        self._by_jkt[jkt] = entry
+
+
+@cython.final
 cdef class DpopVerifier:
     cdef frozenset _algorithms
     cdef double _skew
     cdef Py_ssize_t _max_bytes
     cdef public object nonces
-    cdef object _headers
+    cdef readonly ProofKeyCache key_cache
 
-    def __init__(self, algorithms, max_clock_skew: float, max_bytes: int, nonces=None):
+    def __init__(self, algorithms, max_clock_skew: float, max_bytes: int, nonces=None,
+                 key_cache_size: int = KEY_CACHE_SIZE):
         self._algorithms = frozenset(algorithms)
         self._skew = max_clock_skew
         self._max_bytes = max_bytes
         self.nonces = nonces
-        self._headers = OrderedDict()
+        self.key_cache = ProofKeyCache(key_cache_size)
 
     # ------------------------------------------------------------------ header
 
     cdef tuple _header(self, bytes segment):
-        cached = self._headers.get(segment)
-        if cached is not None:
-            return <tuple>cached
         try:
             header = json_object(segment)
         except JoseError:
@@ -199,16 +272,13 @@ cdef class DpopVerifier:
         if not key_matches_alg(jwk, alg):
             raise _refuse("DPoP proof alg does not match its jwk", "dpop_alg_mismatch")
         try:
-            key = public_key_from_jwk(jwk, alg)
             jkt = jwk_thumbprint(jwk)
+            key = self.key_cache.key(jkt)
+            if key is None:
+                key = public_key_from_jwk(jwk, alg)
         except JoseError:
             raise _refuse("DPoP proof jwk is not a valid public key", "dpop_jwk") from None
-        entry = (alg, key, jkt)
-        headers = self._headers
-        if len(headers) >= _HEADER_CACHE_SIZE:
-            headers.popitem(last=False)
-        headers[segment] = entry
-        return entry
+        return (alg, key, jkt)
 
     # ------------------------------------------------------------------ the checks
 
@@ -219,6 +289,8 @@ cdef class DpopVerifier:
         cdef Py_ssize_t n = PyBytes_GET_SIZE(proof), i, j
         cdef dict claims
         cdef double skew
+        cdef bytes h
+        cdef _Key known
         if n > self._max_bytes:
             raise _refuse("DPoP proof is too large", "dpop_too_large")
         # split_parts: exactly three non-empty parts
@@ -229,7 +301,12 @@ cdef class DpopVerifier:
         if (i <= 0 or j <= i + 1 or j >= n - 1
                 or memchr(buf + j + 1, 46, n - j - 1) != NULL):
             raise _refuse("DPoP proof is not a compact JWS", "dpop_malformed")
-        alg, key, jkt = self._header(proof[:i])
+        h = proof[:i]
+        known = self.key_cache.get(h)
+        if known is None:
+            alg, key, jkt = self._header(h)
+        else:
+            alg, key, jkt = known.alg, known.key, known.jkt
 
         try:
             signature = _b64url_decode(buf + j + 1, n - j - 1)
@@ -283,6 +360,8 @@ cdef class DpopVerifier:
                 raise Refusal("use_dpop_nonce", "DPoP proof nonce is invalid or expired",
                               "dpop_nonce_invalid")
 
+        # Only now: a key is kept once a proof it signed passed, bound to the token.
+        self.key_cache.passed(h, alg, key, jkt)
         ttl_ms = max(1000, int((iat + skew - now) * 1000) + REPLAY_GRACE_MS)
         # replay.replay_key
         replay = "{" + jkt + "}:" + _b64url(_sha256((<str>jti).encode("utf-8")).digest())

@@ -1,6 +1,7 @@
 """The compiled DPoP checks (cext/dpop.pyx) against their pure-Python twin
 (stellagw/_py/dpop.py) and the jose functions the twin calls: same answer, same refusal,
-for valid proofs and for proofs broken in every way hypothesis finds.
+for valid proofs and for proofs broken in every way hypothesis finds, and the same client
+keys cached in the same slots (ProofKeyCache) over sequences of proofs from several keys.
 
 tests/test_auth_dpop.py holds each check to the RFC on the selected implementation (both,
 through `make test`); this file holds the two implementations to each other.
@@ -170,3 +171,66 @@ def test_both_call_verify_signature_through_their_globals(compiled, client, monk
         assert outcome(v.check, forged, "GET", URL, ATH, client.jkt, NOW)[3] == "dpop_signature"
         monkeypatch.setattr(mod, "verify_signature", lambda *a: True)
         assert outcome(v.check, forged, "GET", URL, ATH, client.jkt, NOW)[0] == "ok"
+
+
+# ------------------------------------------------------------------- the key cache
+
+@pytest.fixture(scope="module")
+def clients():
+    return [DpopClient() for _ in range(5)]
+
+
+def variant_header(client, which):
+    jwk = client.key.bare_jwk()
+    return [
+        {"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk},
+        {"jwk": jwk, "alg": "ES256", "typ": "dpop+jwt"},            # other bytes, same key
+        {"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk, "kid": "x"},
+        {"typ": "dpop+jwt", "alg": "ES256", "jwk": {**jwk, "kid": "k", "use": "sig"}},
+        {"typ": "dpop+jwt", "alg": "ES256", "jwk": {**jwk, "d": b64u(b"\x01" * 32)}},
+        {"typ": "dpop+jwt", "alg": "EdDSA", "jwk": jwk},
+    ][which]
+
+
+steps = st.tuples(st.integers(0, 4), st.integers(0, 5),
+                  st.sampled_from(["ok", "ok", "ok", "signature", "binding", "iat"]))
+
+
+@given(capacity=st.integers(0, 4), script=st.lists(steps, max_size=30))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_key_cache_same_answers_as_the_twin_and_as_no_cache(compiled, clients, capacity, script):
+    """Hits by header, hits by thumbprint, misses, refusals and evictions: the compiled
+    cache and the twin's answer every proof alike, as a verifier without a cache does, and
+    hold the same keys in the same slots."""
+    c = compiled.DpopVerifier(("ES256", "EdDSA"), 60.0, 8192, key_cache_size=capacity)
+    t = twin.DpopVerifier(("ES256", "EdDSA"), 60.0, 8192, key_cache_size=capacity)
+    none = twin.DpopVerifier(("ES256", "EdDSA"), 60.0, 8192, key_cache_size=0)
+    for who, which, fault in script:
+        client = clients[who]
+        payload = {"jti": f"j{len(script)}-{who}-{which}", "htm": "GET", "htu": URL,
+                   "iat": int(NOW) - (3600 if fault == "iat" else 0), "ath": ATH}
+        proof = sign_raw(client.key, variant_header(client, which), payload, alg="ES256")
+        if fault == "signature":
+            proof = proof.rsplit(".", 1)[0] + "." + b64u(b"\x01" * 64)
+        bound = clients[(who + 1) % len(clients)].jkt if fault == "binding" else client.jkt
+        args = (proof.encode(), "GET", URL, ATH, bound, NOW)
+        assert outcome(c.check, *args) == outcome(t.check, *args) == outcome(none.check, *args)
+        assert c.key_cache.thumbprints() == t.key_cache.thumbprints()
+        assert len(c.key_cache) <= capacity
+
+
+def test_key_cache_flood_evicts_alike(compiled):
+    """Fresh keys beyond the capacity, with one key in use throughout: the same slots in
+    both, never more than the capacity, and the key in use kept."""
+    c = compiled.DpopVerifier(("ES256",), 60.0, 8192, key_cache_size=5)
+    t = twin.DpopVerifier(("ES256",), 60.0, 8192, key_cache_size=5)
+    hot = DpopClient()
+    for i in range(40):
+        for client in ((hot, DpopClient()) if i % 2 else (DpopClient(),)):
+            proof = client.proof("GET", URL, TOKEN).encode()
+            args = (proof, "GET", URL, ATH, client.jkt, NOW)
+            assert outcome(c.check, *args)[0] == "ok"
+            assert outcome(t.check, *args)[0] == "ok"
+            assert c.key_cache.thumbprints() == t.key_cache.thumbprints()
+            assert len(c.key_cache) <= 5
+    assert hot.jkt in c.key_cache.thumbprints() and len(c.key_cache) == 5

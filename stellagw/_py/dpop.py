@@ -9,7 +9,6 @@ Functions are called through this module's globals, in the compiled twin too, so
 from __future__ import annotations
 
 import hmac
-from collections import OrderedDict
 
 from stellagw.auth.errors import Refusal
 from stellagw.auth.jose import (JoseError, PRIVATE_MEMBERS, b64url_decode, json_object,
@@ -18,10 +17,10 @@ from stellagw.auth.jose import (JoseError, PRIVATE_MEMBERS, b64url_decode, json_
 from stellagw.auth.replay import replay_key
 from stellagw.auth.uri import normalize_uri
 
-__all__ = ["DpopVerifier", "ProofResult", "MAX_JTI_CHARS"]
+__all__ = ["DpopVerifier", "ProofResult", "ProofKeyCache", "MAX_JTI_CHARS"]
 
 MAX_JTI_CHARS = 256
-HEADER_CACHE_SIZE = 4096
+KEY_CACHE_SIZE = 4096
 REPLAY_GRACE_MS = 5000     # keep jtis a little past the window: instance clocks differ
 
 INVALID = "invalid_dpop_proof"
@@ -41,20 +40,100 @@ class ProofResult:
         self.nonce_age = nonce_age       # seconds, or None when nonces are off
 
 
+class _Key:
+    __slots__ = ("header", "alg", "key", "jkt", "used")
+
+    def __init__(self, header, alg, key, jkt):
+        self.header = header
+        self.alg = alg
+        self.key = key
+        self.jkt = jkt
+        self.used = False
+
+
+class ProofKeyCache:
+    """The client keys whose proofs passed every check, by RFC 7638 thumbprint, each with
+    the exact header text it last came in (docs/auth.md, "The proof key cache").
+
+    Only a proof that passed is admitted, and a thumbprint has one entry whatever headers
+    it comes in, so filling the cache takes keys the Authority bound tokens to and proofs
+    signed by each; at `capacity` a newcomer evicts (CLOCK: an entry used since the hand
+    last passed it is spared once, a key seen once is the first to go). `capacity` 0: off.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._by_header: dict[bytes, _Key] = {}
+        self._by_jkt: dict[str, _Key] = {}
+        self._ring: list[_Key] = []
+        self._hand = 0
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    def thumbprints(self) -> list[str]:
+        """In slot order: two caches fed the same proofs hold the same list."""
+        return [entry.jkt for entry in self._ring]
+
+    def get(self, header: bytes) -> _Key | None:
+        return self._by_header.get(header)
+
+    def key(self, jkt: str):
+        """The key object of a thumbprint whose proofs passed, or None.
+
+        The thumbprint covers every member a key object is made of (RFC 7638 §3.2: kty,
+        crv, x, y / kty, n, e / crv, kty, x); whatever else a header carries (its alg,
+        private or extra members) is checked on the header before this is asked."""
+        entry = self._by_jkt.get(jkt)
+        return None if entry is None else entry.key
+
+    def passed(self, header: bytes, alg: str, key, jkt: str) -> None:
+        """A proof with this header passed every check."""
+        entry = self._by_jkt.get(jkt)
+        if entry is not None:
+            entry.used = True
+            if entry.header != header:
+                # The key moves to its new header: header variants of one key never take
+                # more than its one slot.
+                del self._by_header[entry.header]
+                entry.header, entry.alg = header, alg
+                self._by_header[header] = entry
+            return
+        if self.capacity <= 0:
+            return
+        entry = _Key(header, alg, key, jkt)
+        ring = self._ring
+        if len(ring) < self.capacity:
+            ring.append(entry)
+        else:
+            hand = self._hand
+            while ring[hand].used:
+                ring[hand].used = False
+                hand = (hand + 1) % self.capacity
+            old = ring[hand]
+            del self._by_header[old.header]
+            del self._by_jkt[old.jkt]
+            ring[hand] = entry
+            self._hand = (hand + 1) % self.capacity
+        self._by_header[header] = entry
+        self._by_jkt[jkt] = entry
+
+
 class DpopVerifier:
-    def __init__(self, algorithms, max_clock_skew: float, max_bytes: int, nonces=None):
+    def __init__(self, algorithms, max_clock_skew: float, max_bytes: int, nonces=None,
+                 key_cache_size: int = KEY_CACHE_SIZE):
+        """`key_cache_size`: how many client keys ProofKeyCache keeps; 0: none, every header
+        is parsed and its key made, as for a key never seen."""
         self._algorithms = frozenset(algorithms)
         self._skew = max_clock_skew
         self._max_bytes = max_bytes
         self.nonces = nonces
-        self._headers: OrderedDict[bytes, tuple] = OrderedDict()
+        self.key_cache = ProofKeyCache(key_cache_size)
 
     # ------------------------------------------------------------------ header
 
     def _header(self, segment: bytes) -> tuple:
-        cached = self._headers.get(segment)
-        if cached is not None:
-            return cached
+        """The header's checks, for a header not in the cache: (alg, key, jkt)."""
         try:
             header = json_object(segment)
         except JoseError:
@@ -76,16 +155,13 @@ class DpopVerifier:
         if not key_matches_alg(jwk, alg):
             raise _refuse("DPoP proof alg does not match its jwk", "dpop_alg_mismatch")
         try:
-            key = public_key_from_jwk(jwk, alg)
             jkt = jwk_thumbprint(jwk)
+            key = self.key_cache.key(jkt)
+            if key is None:
+                key = public_key_from_jwk(jwk, alg)
         except JoseError:
             raise _refuse("DPoP proof jwk is not a valid public key", "dpop_jwk") from None
-        entry = (alg, key, jkt)
-        headers = self._headers
-        if len(headers) >= HEADER_CACHE_SIZE:
-            headers.popitem(last=False)
-        headers[segment] = entry
-        return entry
+        return alg, key, jkt
 
     # ------------------------------------------------------------------ the checks
 
@@ -98,7 +174,11 @@ class DpopVerifier:
             h, p, s = split_parts(proof)
         except JoseError:
             raise _refuse("DPoP proof is not a compact JWS", "dpop_malformed") from None
-        alg, key, jkt = self._header(h)
+        known = self.key_cache.get(h)
+        if known is None:
+            alg, key, jkt = self._header(h)
+        else:
+            alg, key, jkt = known.alg, known.key, known.jkt
 
         try:
             signature = b64url_decode(s)
@@ -152,5 +232,7 @@ class DpopVerifier:
                 raise Refusal("use_dpop_nonce", "DPoP proof nonce is invalid or expired",
                               "dpop_nonce_invalid")
 
+        # Only now: a key is kept once a proof it signed passed, bound to the token.
+        self.key_cache.passed(h, alg, key, jkt)
         ttl_ms = max(1000, int((iat + skew - now) * 1000) + REPLAY_GRACE_MS)
         return ProofResult(jkt, replay_key(jkt, jti), ttl_ms, nonce_age)

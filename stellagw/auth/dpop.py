@@ -20,9 +20,11 @@ so a request that fails anything else never consumes its `jti`):
 11. `nonce` valid, when nonces are on                                       §4.3 (10), §9, §11.3
  (12. `jti` not seen before: done by the Authenticator with the replay caches) §11.1
 
-The parsed header (alg, key object, thumbprint) is cached by its base64url text: a client
-sends the same header on every proof, so JSON parsing, key construction and the thumbprint
-happen once per client key; the signature check itself runs on every proof.
+Client keys are cached (`ProofKeyCache`, docs/auth.md "The proof key cache"): a client
+signs every proof with one key and sends the same header, so JSON parsing, key construction
+and the thumbprint happen once per client key; the signature check runs on every proof. A
+key is kept by its RFC 7638 thumbprint, with the exact header text it last came in, once a
+proof it signed has passed every check; a bounded number of keys (CLOCK eviction).
 
 The code is in stellagw/_py/dpop.py (the one to read) and, compiled, cext/dpop.pyx; the
 compiled one unless STELLAGW_NO_EXTENSIONS=1 or it is not built. `impl` is the module
