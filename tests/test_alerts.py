@@ -1,4 +1,4 @@
-"""grafana/prometheus.yml and grafana/alerts.yml (issue 7 part 3) with Debian's promtool.
+"""grafana/prometheus.yml and grafana/alerts.yml (issue 7 part 3, issue 19) with Debian's promtool.
 
 * `promtool check config grafana/prometheus.yml` (which also checks the rule file it loads)
   and `promtool check rules grafana/alerts.yml` pass;
@@ -37,7 +37,12 @@ RULE_TESTS = GRAFANA / "alerts_test.yml"
 SLO_ALERTS = ("GatewayHighErrorRate", "GatewayHighLatencyP99", "GatewayInstanceDown",
               "GatewayDown")
 OPERATIONAL_ALERTS = ("GatewayAuthFailureSpike", "GatewayDpopReplayCacheFallback",
-                      "GatewayRateLimitBreakerOpen", "GatewayNoHealthyInstance")
+                      "GatewayKeyRefreshFailing", "GatewayRateLimitBreakerOpen",
+                      "GatewayRateLimitBreakerTripped", "GatewayConfigReloadFailed",
+                      "GatewayOutlierEjections", "GatewayNoHealthyInstance")
+# Read by the rules whether or not this checkout's gateway exports them yet (issue 19:
+# configuration reload, outlier ejection); their alerts stay quiet while the series are absent.
+NOT_EXPORTED_YET = {"gateway_config_reloads_total", "gateway_outlier_ejections_total"}
 # Alerts without a firing case in alerts_test.yml, and why.
 NOT_FIRE_TESTED = {
     # 30 days of 1-minute evaluations (43,200 steps of every rule) is too slow for a unit test;
@@ -115,11 +120,15 @@ def test_slo_thresholds_are_the_seeds():
     """Seed §12: error rate < 0.1 % 5xx, P99 < 50 ms; availability 99.9 % over 30 days."""
     by_name = {r.get("alert") or r.get("record"): r for r in all_rules()}
     assert re.search(r"ratio_rate5m\s*>\s*0\.001\b", by_name["GatewayHighErrorRate"]["expr"])
-    assert re.search(r"p99_rate5m\s*>\s*0\.05\b", by_name["GatewayHighLatencyP99"]["expr"])
+    # Per service, and over the routes that answer at once (streamed routes joined out).
+    assert re.fullmatch(r"job_service:gateway_request_duration_seconds:p99_rate5m\s*>\s*0\.05\s*",
+                        by_name["GatewayHighLatencyP99"]["expr"])
+    buckets = by_name["job_service:gateway_request_duration_seconds_bucket:rate5m"]["expr"]
+    assert 'service!=""' in buckets and 'gateway_route_info{kind="streaming"}' in buckets
+    assert "sum by (job, service, le)" in buckets
     assert "0.999" in by_name["GatewayAvailabilitySLOMissed"]["expr"]
     assert 'status=~"5.."' in by_name["job:gateway_requests_5xx:rate5m"]["expr"]
-    assert "gateway_request_duration_seconds_bucket" in \
-        by_name["job:gateway_request_duration_seconds:p99_rate5m"]["expr"]
+    assert "gateway_request_duration_seconds_bucket" in buckets
     for name in SLO_ALERTS + OPERATIONAL_ALERTS:
         assert by_name[name]["labels"]["severity"] in ("critical", "warning"), name
         assert by_name[name]["annotations"]["summary"], name
@@ -199,9 +208,11 @@ def test_rules_read_metrics_the_gateway_exports(tmp_path):
         expr = re.sub(r"\b[a-zA-Z_]\w*:[\w:]+", " ", r["expr"])    # recorded series
         used |= set(re.findall(r"\b(gateway_\w+)", expr))
     exported = _exported_metric_names(tmp_path)
-    unknown = used - exported
+    unknown = used - exported - NOT_EXPORTED_YET
     assert not unknown, f"the rules read metrics the gateway does not export: {sorted(unknown)}"
     for needed in ("gateway_requests_total", "gateway_request_duration_seconds_bucket",
                    "gateway_auth_failures_total", "gateway_auth_events_total",
-                   "gateway_ratelimit_breaker_trips_total", "gateway_errors_total"):
+                   "gateway_ratelimit_breaker_trips_total", "gateway_errors_total",
+                   "gateway_ratelimit_breaker_state", "gateway_route_info",
+                   *NOT_EXPORTED_YET):
         assert needed in used, needed
