@@ -1015,6 +1015,14 @@ class CompressionSettings:
 
 
 @_settings
+class RetrySettings:
+    """gateway.retries (docs/selection.md "Retries")."""
+    enabled: bool = _key("enabled", BOOL, True)
+    budget_percent: int = _key("budgetPercent", _integer(0, 100), 20)
+    min_retries_per_second: int = _key("minRetriesPerSecond", _integer(0), 3)
+
+
+@_settings
 class GatewaySettings:
     node: NodeSettings = _section("node", NodeSettings)
     http: HttpSettings = _section("http", HttpSettings)
@@ -1029,6 +1037,7 @@ class GatewaySettings:
     tracing: TracingSettings = _section("tracing", TracingSettings)
     cors: CorsSettings = _section("cors", CorsSettings)
     compression: CompressionSettings = _section("compression", CompressionSettings)
+    retries: RetrySettings = _section("retries", RetrySettings)
 
     def _finish(self, path: str) -> GatewaySettings:
         # Two of our own listeners on one port would be refused at start as "address in

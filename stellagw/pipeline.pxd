@@ -5,6 +5,7 @@ from stellagw.ingress.http cimport Request, HttpProtocol
 
 cdef bytes _JSON
 cdef frozenset CREDENTIAL_FIELDS
+cdef frozenset IDEMPOTENT
 
 
 @cython.final
@@ -15,6 +16,8 @@ cdef class Pipeline:
     cdef Py_ssize_t _stream_threshold
     cdef set _tasks
     cdef object _cors
+    cdef public object _retries
+    cdef unsigned long long _dispatched
 
     @cython.locals(t0=double, t1=double, t2=double, field=tuple)
     cpdef handle(self, Request req)

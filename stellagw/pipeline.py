@@ -33,6 +33,7 @@ from time import perf_counter
 from .auth import AuthFailure, Identity
 from .auth.identity import CREDENTIAL_FIELDS
 from .ingress.cors import CorsPolicy
+from .transport.retry import IDEMPOTENT, RetryBudget
 from .ingress.responses import error_body
 from .radix import FOUND, NOT_FOUND, normalize_path
 from .ratelimit import UNLIMITED, Decision, rate_limit_headers, rejection
@@ -67,6 +68,8 @@ class Pipeline:
         # Bodies above this go as REQUEST_STREAM_DATA frames rather than inside REQUEST.
         self._stream_threshold = max(gw.routing.streaming_buffer_size, 64 * 1024)
         self._tasks = set()
+        self._dispatched = 0                 # requests sent to a service (the retry budget's base)
+        self._retries = RetryBudget(gw.retries) if gw.retries.enabled else None
         # gateway.cors: None while no origin is allowed (the request path then tests nothing).
         self._cors = CorsPolicy(gw.cors) if gw.cors.enabled else None
 
@@ -102,6 +105,7 @@ class Pipeline:
                           b"allow: " + ", ".join(allow).encode() + b"\r\n")
         req.service = route.service
         req.route = route.template
+        req.routed = route
         endpoint = route.candidates[0][1]
         if req.websocket != endpoint.websocket:
             if req.websocket:
@@ -200,9 +204,38 @@ class Pipeline:
             return None     # decided after the client left (a key fetch, Valkey)
 
         # 11. dispatch (12. respond happens when the service answers)
+        self._dispatched += 1
         instance.conn.send_request(req, endpoint, endpoint.timeout or self._default_timeout,
                                    path, self._stream_threshold, now)
         return None
+
+    def retry(self, req, path, failed, endpoint):
+        """The link to `failed` broke, or its service cancelled, before any answer to `req`:
+        send it once more elsewhere when it may repeat and the budget allows. True when
+        sent (the connection then answers nothing itself). transport/retry.py says when."""
+        budget = self._retries
+        route = req.routed
+        if budget is None or req.done or req.retried or route is None:
+            return False
+        if req.method not in IDEMPOTENT and not endpoint.retryable:
+            budget.count(req.service, "not_idempotent")
+            return False
+        version = req.version
+        selected = self._routing.select(route, version.decode("latin-1") if version else None)
+        if selected is None or selected[0] is failed:
+            budget.count(req.service, "no_instance")
+            return False
+        if not budget.allow(self._dispatched):
+            budget.count(req.service, "budget")
+            return False
+        budget.count(req.service, "retried")
+        instance, endpoint = selected
+        req.retried = True
+        req.pending = None
+        self._dispatched += 1
+        instance.conn.send_request(req, endpoint, endpoint.timeout or self._default_timeout,
+                                   path, self._stream_threshold, perf_counter())
+        return True
 
     # ------------------------------------------------------------------ waiting for I/O
 

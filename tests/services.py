@@ -11,6 +11,8 @@ Endpoints, all under /t/<name>/ so several services can register side by side:
   GET  events            correlation ids of requests this process saw cancelled
   GET  stream?mb=N       N MiB streamed in 64 KiB chunks
   GET  crash             the process dies mid-request
+  GET|POST crash-once?marker=PATH   the first instance to create PATH dies mid-request,
+                         others answer (POST crash-once-retryable: declared retryable)
   POST echo              the body back (large bodies arrive as REQUEST_STREAM_DATA)
   POST upload?ms=N       streams the body in, N ms per MiB; its size and sha256
   POST secure-upload     needs scope scans:write (an upload refused on its head)
@@ -98,6 +100,20 @@ def build(name, gateways, region, version, instance):
             for _ in range(mb * 16):
                 yield chunk
         return StreamResponse(body(), content_type="application/octet-stream")
+
+    async def crash_once(req):
+        # The first instance to see this marker dies mid-request; any other answers.
+        marker = req.query.decode().partition("marker=")[2]
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return Response.json({"instance": svc.instance_id, "body": req.body.decode()})
+        os.close(fd)
+        os._exit(3)
+
+    svc.get(base + "/crash-once")(crash_once)
+    svc.post(base + "/crash-once")(crash_once)
+    svc.post(base + "/crash-once-retryable", retryable=True)(crash_once)
 
     @svc.get(base + "/crash")
     async def crash(req):

@@ -62,6 +62,8 @@ cdef class Request:
     cdef public object version
     cdef public bint done
     cdef public bytes client_ip
+    cdef public object routed
+    cdef public bint retried
     cdef public Py_ssize_t bytes_out
     cdef public object upstream
     cdef public double auth_s, route_s, upstream_s

@@ -198,6 +198,8 @@ class Request:
     auth_s, route_s, upstream_s
                     seconds in authentication, in routing (match, rate limit, selection),
                     and from the REQUEST frame to the service's answer
+    routed          the routing Route it matched (a retry selects again from it)
+    retried         it was sent to a second instance already (never a third)
     client_ip       bytes: the client's address (the connection's, or what a trusted proxy's
                     X-Forwarded-For / Forwarded says): X-Forwarded-For to the service, the
                     anonymous rate-limit key, the access log
@@ -243,6 +245,8 @@ def _new_request(conn):
     req.version = None
     req.done = False
     req.client_ip = b""
+    req.routed = None
+    req.retried = False
     req.bytes_out = 0
     req.upstream = None
     req.auth_s = 0.0

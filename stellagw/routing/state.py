@@ -75,10 +75,10 @@ class Endpoint:
     """One endpoint as one instance declared it."""
 
     __slots__ = ("method", "path", "timeout", "streaming", "websocket", "claims", "openapi",
-                 "max_body", "sender_constrained")
+                 "max_body", "sender_constrained", "retryable")
 
     def __init__(self, method, path, timeout, streaming, websocket, claims, openapi,
-                 max_body=None, sender_constrained=False):
+                 max_body=None, sender_constrained=False, retryable=False):
         self.method = method
         self.path = path
         self.timeout = timeout          # seconds, or None for routing.defaultTimeout
@@ -89,13 +89,17 @@ class Endpoint:
         self.max_body = max_body        # bytes, or None for routing.maxRequestBodySize
         # Unbound Bearer tokens refused here (auth.requireSenderConstraint, per endpoint)
         self.sender_constrained = sender_constrained
+        # May be sent again after a broken link though its method is not idempotent
+        # (transport/retry.py): the service says it copes with a repeat.
+        self.retryable = retryable
 
     def same_as(self, other: "Endpoint") -> bool:
         return (self.method == other.method and self.path == other.path
                 and self.timeout == other.timeout and self.streaming == other.streaming
                 and self.websocket == other.websocket and self.claims == other.claims
                 and self.openapi == other.openapi and self.max_body == other.max_body
-                and self.sender_constrained == other.sender_constrained)
+                and self.sender_constrained == other.sender_constrained
+                and self.retryable == other.retryable)
 
 
 class Instance:
@@ -253,9 +257,12 @@ def _parse_endpoints(raw: list) -> list[Endpoint]:
         bound = ep.get("sender_constrained", False)
         if bound.__class__ is not bool:
             raise HelloError(f"endpoints[{i}].sender_constrained must be true or false")
+        retryable = ep.get("retryable", False)
+        if retryable.__class__ is not bool:
+            raise HelloError(f"endpoints[{i}].retryable must be true or false")
         endpoints.append(Endpoint(method, path, timeout / 1000.0 if timeout else None,
                                   bool(ep.get("streaming")), bool(ep.get("websocket")),
-                                  claims, openapi, max_body, bound))
+                                  claims, openapi, max_body, bound, retryable))
     return endpoints
 
 

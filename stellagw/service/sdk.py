@@ -269,14 +269,15 @@ class WebSocket:
 
 class _Endpoint:
     __slots__ = ("method", "path", "handler", "timeout", "streaming", "websocket", "claims",
-                 "openapi", "max_body_bytes", "sender_constrained")
+                 "openapi", "max_body_bytes", "sender_constrained", "retryable")
 
     def __init__(self, method, path, handler, timeout, streaming, websocket, claims, openapi,
-                 max_body_bytes=None, sender_constrained=False):
+                 max_body_bytes=None, sender_constrained=False, retryable=False):
         self.method, self.path, self.handler = method, path, handler
         self.timeout, self.streaming, self.websocket = timeout, streaming, websocket
         self.claims, self.openapi = claims, openapi
         self.max_body_bytes, self.sender_constrained = max_body_bytes, sender_constrained
+        self.retryable = retryable
 
     def describe(self) -> dict:
         d = {"method": self.method, "path": self.path, "streaming": self.streaming}
@@ -292,6 +293,8 @@ class _Endpoint:
             d["max_body_bytes"] = self.max_body_bytes
         if self.sender_constrained:
             d["sender_constrained"] = True
+        if self.retryable:
+            d["retryable"] = True
         return d
 
 
@@ -341,14 +344,17 @@ class Service:
 
     def route(self, method: str, path: str, *, timeout: float | None = None, streaming=False,
               websocket=False, claims=(), openapi: dict | None = None,
-              max_body_bytes: int | None = None, sender_constrained: bool = False):
+              max_body_bytes: int | None = None, sender_constrained: bool = False,
+              retryable: bool = False):
         """`max_body_bytes`: the largest request body the gateway lets through to this
         endpoint (413 on the head for a larger Content-Length, or when a chunked body
         passes it); default routing.maxRequestBodySize. `sender_constrained`: the gateway
-        refuses Bearer tokens bound to neither a DPoP key nor an mTLS certificate here."""
+        refuses Bearer tokens bound to neither a DPoP key nor an mTLS certificate here.
+        `retryable`: the gateway may send a request to another instance after a broken link
+        though its method is not idempotent (this endpoint copes with a repeat)."""
         def register(handler):
             ep = _Endpoint(method.upper(), path, handler, timeout, streaming, websocket,
-                           tuple(claims), openapi, max_body_bytes, sender_constrained)
+                           tuple(claims), openapi, max_body_bytes, sender_constrained, retryable)
             self._router.add(ep.method, path, ep)
             self._endpoints.append(ep)
             return handler

@@ -32,6 +32,8 @@ cdef class Pending:
     cdef public bint streaming, body_open, body_end
     cdef public Py_ssize_t unacked, body_pos, window
     cdef public list inline, body
+    cdef public object endpoint
+    cdef public bint replayable
 
 
 @cython.final
@@ -78,6 +80,7 @@ cdef class ServiceConnection:
     cdef _cancel(self, Pending pending, reason)
     cdef _finish(self, Pending pending)
     cdef _fail(self, Pending pending, int status, message)
+    cdef _lost(self, Pending pending, message)
     cdef _out(self, int ftype, int n=*)
     cdef _schedule_flush(self)
     cdef _close_link(self, reason, detail, bint graceful)

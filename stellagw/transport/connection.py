@@ -85,6 +85,9 @@ class Pending:
     body_end    the client's body is complete (END_STREAM follows the body)
     span        gateway.transport.send when tracing is on
     ws          WsBridge once a WebSocket upgrade was accepted
+    endpoint    the Endpoint it was sent to
+    replayable  its REQUEST carried the whole body: it may go again elsewhere
+                (transport/retry.py)
     """
 
     def abort(self):
@@ -169,6 +172,8 @@ def _new_pending(corr, req, owner, sent_at, window, timeout):
     pending.body_end = False
     pending.span = None
     pending.ws = None
+    pending.endpoint = None
+    pending.replayable = False
     return pending
 
 
@@ -239,14 +244,16 @@ class ServiceConnection:
         self._release_buffers()
         inflight = self.inflight
         self.inflight = {}
+        if self.instance is not None:
+            # Out of selection first: a retry of what was in flight must go elsewhere.
+            self._routing.unregister(self.instance, reason="connection lost")
         for pending in inflight.values():
             _disarm(pending)
             if pending.span is not None:
                 pending.span.end()
             pending.body = []
-            self._fail(pending, 502, "the service connection was lost")
+            self._lost(pending, "the service connection was lost")
         if self.instance is not None:
-            self._routing.unregister(self.instance, reason="connection lost")
             if self._opened:
                 # Not by state: a link the gateway closed itself is CLOSED already here.
                 self._opened = False
@@ -329,7 +336,7 @@ class ServiceConnection:
             if pending is not None:
                 self._finish(pending)
                 reason = fr.decode_control(payload).get("reason", "cancelled")
-                self._fail(pending, 502, f"the service cancelled the request ({reason})")
+                self._lost(pending, f"the service cancelled the request ({reason})")
         elif ftype == fr.DRAIN:
             self._routing.heartbeat(self.instance, DRAINING)
             self._log.event("info", "service draining", service=self.instance.service,
@@ -510,7 +517,8 @@ class ServiceConnection:
     def send_request(self, req, endpoint, timeout, path, stream_threshold, sent_at):
         if self.state != _READY:
             # Selected as the link dropped: the loss has been handled for everything else.
-            _reply_error(req, 502, "the service connection was lost")
+            if not self._hub.worker.pipeline.retry(req, path, self.instance, endpoint):
+                _reply_error(req, 502, "the service connection was lost")
             return
         self._corr_next += 1
         corr = self._corr_prefix + self._corr_next.to_bytes(8, "big")
@@ -518,6 +526,8 @@ class ServiceConnection:
         self.inflight[corr] = pending
         req.pending = pending
         req.upstream = self.instance
+        pending.endpoint = endpoint
+        pending.path = path
         if req.span is not None:
             tracing = self._hub.worker.tracing
             pending.span = tracing.child(req.span, "gateway.transport.send",
@@ -544,7 +554,6 @@ class ServiceConnection:
                 self._schedule_flush()
                 self._wheel.arm(pending, timeout)
             else:
-                pending.path = path
                 pending.inline = []
             req.conn.start_body(req)
             return
@@ -558,6 +567,8 @@ class ServiceConnection:
                 pending.body.append(body)
                 pending.body_end = True
                 self._send_body(pending)
+            else:
+                pending.replayable = True
         self._schedule_flush()
         self._wheel.arm(pending, timeout)
 
@@ -589,9 +600,10 @@ class ServiceConnection:
                 inline.append(chunk)
             if end:
                 pending.inline = None
-                self._send_head(pending, pending.path, _FLAG_END_STREAM,
-                                inline[0] if len(inline) == 1 else b"".join(inline))
-                pending.path = None
+                body = inline[0] if len(inline) == 1 else b"".join(inline)
+                self._send_head(pending, pending.path, _FLAG_END_STREAM, body)
+                pending.req.body = body          # whole and small: a retry sends it again
+                pending.replayable = True
                 self._schedule_flush()
                 self._wheel.arm(pending, pending.timeout)
             return True
@@ -677,6 +689,15 @@ class ServiceConnection:
         if pending.span is not None:
             pending.span.end()
             pending.span = None
+
+    def _lost(self, pending, message):
+        """The link broke or the service cancelled before answering: another instance may
+        take the request (transport/retry.py), else 502."""
+        if (pending.replayable and not pending.streaming and pending.ws is None
+                and self._hub.worker.pipeline.retry(pending.req, pending.path, self.instance,
+                                                    pending.endpoint)):
+            return
+        self._fail(pending, 502, message)
 
     def _fail(self, pending, status, message):
         req = pending.req
