@@ -790,6 +790,47 @@ def test_a_change_during_a_build_is_built_next_and_its_reads_wait_for_that(monke
     asyncio.run(main())
 
 
+def test_an_invalidation_during_a_build_is_not_lost(monkeypatch):
+    # A configuration reload changes what the document says while a build (for a
+    # registration) runs with the old title: that build lands, and another follows with the
+    # new one; a read held meanwhile gets the new one.
+    import asyncio
+
+    async def main():
+        state = two_services()
+        cache, _ = make_cache(state, background=True)
+        cache.warm()
+        handler = _handler(cache)
+        gate = threading.Event()
+        real = cache_mod.build_document
+        titles = []
+
+        def gated(view, **kw):
+            titles.append(kw["title"])
+            if len(titles) == 1:
+                assert gate.wait(10)
+            return real(view, **kw)
+
+        monkeypatch.setattr(cache_mod, "build_document", gated)
+        state.register(object(), hello("late", endpoints=[{"method": "GET", "path": "/late"}]))
+        await asyncio.sleep(0.05)                  # the registration's build runs
+        cache._build_args = dict(cache._build_args, title="Renamed")
+        cache.invalidate()
+        read = _Req()
+        assert handler(read) is None
+        gate.set()
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if read.conn.answers:
+                break
+        doc = orjson.loads(read.conn.answers[0][3])
+        assert titles == ["Stella Ops API", "Renamed"]
+        assert doc["info"]["title"] == "Renamed" and "/late" in doc["paths"]
+        assert orjson.loads(cache.json())["info"]["title"] == "Renamed"
+
+    asyncio.run(main())
+
+
 # A seeded fuzz: random damage to a rich operation and its schemas must never make the
 # document invalid (nor the build raise).
 _P = PREFIX

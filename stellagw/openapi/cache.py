@@ -138,12 +138,14 @@ class _StateView:
     Instances, endpoints and their openapi/schemas objects do not change once registered,
     so a build can run on another thread from this."""
 
-    __slots__ = ("routes", "instances", "generation")
+    __slots__ = ("routes", "instances", "generation", "epoch", "args")
 
-    def __init__(self, state):
+    def __init__(self, state, epoch, args):
         self.generation = state.generation
         self.routes = state.routes
         self.instances = dict(state.instances)
+        self.epoch = epoch                # OpenApiCache._epoch when taken
+        self.args = args                  # the build's title, version ... (never mutated)
 
 
 class OpenApiCache:
@@ -185,12 +187,13 @@ class OpenApiCache:
         self._checked_at = 0.0
         self._lock = threading.Lock()    # guards the fields above and `_building`
         self._building: threading.Thread | None = None
-        self._built_generation = -1      # generation of the view the last build read
+        self._epoch = 0                  # invalidate() calls so far
+        self._built = (-1, -1)           # (generation, epoch) of the view the last build read
         self.builds = 0                  # documents built (tests, metrics)
         self.last_error: BaseException | None = None
-        # Loop-thread only: reads waiting for a build, [req, handler, generation the read
-        # saw, timeout handle]; the one being answered; the loop that background builds
-        # report to; a rebuild already scheduled for this iteration's changes.
+        # Loop-thread only: reads waiting for a build, [req, handler, generation and epoch
+        # the read saw, timeout handle]; the one being answered; the loop that background
+        # builds report to; a rebuild already scheduled for this iteration's changes.
         self._waiting: list = []
         self._answering = None
         self._loop = None
@@ -240,12 +243,12 @@ class OpenApiCache:
             self._generation = state.generation
             return None
         self.builds += 1
-        return _StateView(state)
+        return _StateView(state, self._epoch, self._build_args)
 
     def _build(self, view: _StateView, threaded: bool) -> None:
         snap = error = None
         try:
-            doc = build_document(view, **self._build_args)
+            doc = build_document(view, **view.args)
             snap = _Snapshot(doc, self._cache_control, self._wall_clock())
             if threaded:
                 snap.yaml                 # rendered here, off the event loop
@@ -271,9 +274,13 @@ class OpenApiCache:
         if snap is not None and (self._snapshot is None
                                  or snap.json.body != self._snapshot.json.body):
             self._snapshot = snap         # same bytes: keep the old ETag and generated_at
-        self._generation, self._routes, self._checked_at = (view.generation, view.routes,
-                                                            self._clock())
-        self._built_generation = view.generation
+        # A build that started before an invalidate() leaves the document due: the next
+        # check (or `_landed`) builds again, with what the invalidation brought.
+        current = view.epoch == self._epoch
+        self._generation = view.generation if current else None
+        self._routes = view.routes if current else None
+        self._checked_at = self._clock()
+        self._built = (view.generation, view.epoch)
 
     def warm(self) -> None:
         """Build now (at worker start: the registry is empty, so this is cheap)."""
@@ -294,6 +301,7 @@ class OpenApiCache:
         """Rebuild (e.g. after a configuration reload): at once with `background` when
         called on the loop, else on the next request."""
         with self._lock:
+            self._epoch += 1              # a build running now read what is stale
             self._generation = None
             self._routes = None
         if self.background:
@@ -344,13 +352,15 @@ class OpenApiCache:
         self._answer_waiting()
 
     def _answer_waiting(self) -> None:
-        # A read is covered by a build that read its generation or a later one; with no
-        # build running, nothing newer is coming (only health moved since), so all are.
+        # A read is covered by a build that read its generation and epoch or later ones;
+        # with no build running, nothing newer is coming (only health moved since), so all
+        # are.
         waiting, self._waiting = self._waiting, []
         idle = self._building is None
+        generation, epoch = self._built
         for item in waiting:
-            if idle or item[2] <= self._built_generation:
-                item[3].cancel()
+            if idle or (item[2] <= generation and item[3] <= epoch):
+                item[4].cancel()
                 self._answer(item)
             else:
                 self._waiting.append(item)
@@ -399,8 +409,8 @@ class OpenApiCache:
         self._kick()
         if self._building is None:        # nothing to wait for (a failed build, say)
             return False
-        item = [req, handler, state.generation, None]
-        item[3] = loop.call_later(WAIT_LIMIT, self._gave_up, item)
+        item = [req, handler, state.generation, self._epoch, None]
+        item[4] = loop.call_later(WAIT_LIMIT, self._gave_up, item)
         self._waiting.append(item)
         return True
 
