@@ -150,7 +150,9 @@ class Worker:
             server_url=gw.http.public_origin or None,
             sender_constraints=tuple(k for k, on in (("dpop", gw.auth.dpop_enabled),
                                                       ("mtls", gw.auth.mtls_enabled)) if on),
-            background=True)   # PyYAML is slow: build off the loop, serve the last document
+            # PyYAML is slow: built off the loop, the last document served meanwhile; and
+            # only when served at all (a disabled document follows no registration).
+            background=gw.openapi.enabled)
         self.metrics.sources.append(self._counter_sources)
         self.metrics.sources.append(route_info(self.routing))   # latency SLOs skip streams
         # The environment check's latency, as a histogram (the limiter only times it).

@@ -148,6 +148,10 @@ class _StateView:
         self.args = args                  # the build's title, version ... (never mutated)
 
 
+# While registrations wait in the routing state's queue, a rebuild looks again this often.
+_STORM_RETRY = 0.05
+
+
 class OpenApiCache:
     """The aggregated document of one worker, rebuilt when routing changes.
 
@@ -330,6 +334,13 @@ class OpenApiCache:
         """Start a background build if the routes moved past the snapshot (or the TTL ran
         out). With one already running, nothing: `_landed` looks again when it is in."""
         self._kick_scheduled = False
+        if self._loop is not None and self._state.pending():
+            # A registration storm is being worked through (routing/state.py spreads it
+            # over loop iterations): one build when it is over, not one per iteration —
+            # each build's garbage and its thread's share of the GIL stalled the loop.
+            self._kick_scheduled = True
+            self._loop.call_later(_STORM_RETRY, self._kick)
+            return
         with self._lock:
             if self._building is not None:
                 return
