@@ -4,12 +4,19 @@ TLS 1.3 is negotiated whenever the client offers it (OpenSSL picks the highest c
 version); `min_version` lets a site refuse 1.2. A PFX/PKCS#12 bundle (the specification's format)
 is converted in memory and handed to OpenSSL through a private temporary file, because
 `ssl.SSLContext.load_cert_chain` only reads files.
+
+Certificates are reloaded without a restart (docs/operations.md "Reload"): a listener is
+created with one `ReloadingContext.listening` context for good, whose SNI callback — run
+for every ClientHello, with or without a server name — moves the handshake onto the
+context built from the files last loaded. Connections already up keep the context they
+were made with; nothing is closed.
 """
 from __future__ import annotations
 
 import os
 import ssl
 import tempfile
+from dataclasses import dataclass
 
 _CLIENT_MODES = {
     "NoCertificate": ssl.CERT_NONE,
@@ -80,3 +87,80 @@ def _load_pkcs12(ctx: ssl.SSLContext, path: str, password: str) -> None:
         ctx.load_cert_chain(tmp, password=secret)
     finally:
         os.unlink(tmp)
+
+
+def _signature(path: str):
+    """What says a file changed: stat follows symlinks, so a Kubernetes Secret's `..data`
+    swap shows as another inode; size and mtime catch a file rewritten in place."""
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return ("missing", exc.errno)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def files_of(tls) -> tuple[str, ...]:
+    return tuple(p for p in (tls.certificate_path, tls.key_path, tls.client_ca_path) if p)
+
+
+@dataclass
+class ReloadResult:
+    reloaded: bool          # a new context is in use for new handshakes
+    error: str | None       # why the files were not taken (the old context stays)
+
+
+class ReloadingContext:
+    """A server SSLContext whose certificate, key, client CAs and client-certificate mode
+    can change while the listener runs.
+
+    `listening` is what the server is created with; its SNI callback puts each new
+    handshake on `current`, the context built from the files last loaded. SSL objects copy
+    the verify mode and protocol versions from `listening` when they are made, so those
+    are also set on it in place. A failed load keeps `current` and is tried again when the
+    files change once more (`changed()`), not every second.
+    """
+
+    def __init__(self, tls, key_prefix: str):
+        self.key_prefix = key_prefix
+        self.tls = tls
+        self._signatures = self._stat(tls)
+        self.listening = server_context(tls, key_prefix)
+        self.current = self.listening
+        self.listening.sni_callback = self._switch
+        self.failed_signatures = None   # the files as they were when a load last failed
+
+    @staticmethod
+    def _stat(tls):
+        return tuple(_signature(p) for p in files_of(tls))
+
+    def _switch(self, ssl_object, server_name, listening):
+        current = self.current
+        if current is not listening:
+            ssl_object.context = current
+        return None
+
+    def changed(self) -> bool:
+        """The files differ from those last loaded (and from a load that last failed)."""
+        now = self._stat(self.tls)
+        return now != self._signatures and now != self.failed_signatures
+
+    def reload(self, tls=None) -> ReloadResult:
+        """Load the files of `tls` (default: the same settings, files re-read) into a new
+        context for new handshakes. Never raises: a file that cannot be used leaves the
+        current context in place and says why."""
+        tls = tls or self.tls
+        signatures = self._stat(tls)
+        try:
+            ctx = server_context(tls, self.key_prefix)
+        except TlsConfigError as exc:
+            self.failed_signatures = signatures
+            return ReloadResult(False, str(exc))
+        self.listening.verify_mode = ctx.verify_mode
+        self.listening.minimum_version = ctx.minimum_version
+        self.current = ctx
+        self.tls = tls
+        self._signatures = signatures
+        self.failed_signatures = None
+        return ReloadResult(True, None)

@@ -21,7 +21,7 @@ import time
 
 from .. import frame as fr
 from ..auth.replay import LocalReplayCache
-from ..ingress.tls import server_context
+from ..ingress.tls import ReloadingContext
 from .connection import INITIAL_WINDOW, ServiceConnection, TimerWheel
 from .identity import RegistrationPolicy, is_loopback
 
@@ -84,6 +84,8 @@ class TransportHub:
         # Request timeouts: a uv timer per request would cost more than the rest of
         # dispatch; the wheel (compiled with the connection) is made in start(), with the loop.
         self.wheel: TimerWheel | None = None
+        # The TLS listener's certificates, reloaded in place (ingress/tls.py): None without it.
+        self.tls_context: ReloadingContext | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -97,7 +99,10 @@ class TransportHub:
             node = getattr(gw.transports, kind)
             if not node.enabled:
                 continue
-            ctx = server_context(node, "gateway.transports.tls") if kind == "tls" else None
+            ctx = None
+            if kind == "tls":
+                self.tls_context = ReloadingContext(node, "gateway.transports.tls")
+                ctx = self.tls_context.listening
             policy = RegistrationPolicy(kind, node, self._replay)
             by_kind[kind] = Listener(kind, node, self._ports.get(kind, {}), ctx, policy,
                                      gw.health.heartbeat_timeout_seconds)
@@ -134,6 +139,15 @@ class TransportHub:
             listener = self._by_conn.get(conn)
             if listener is not None:
                 conn.sweep(now, listener.silent_after)
+
+    def reload_tls(self, node=None, *, only_if_changed: bool = False):
+        """New service handshakes use the certificate files of `node` (default: the same
+        settings, files read again); links already up keep theirs. None when there is no
+        TLS listener or (`only_if_changed`) its files did not change, else a ReloadResult."""
+        ctx = self.tls_context
+        if ctx is None or (only_if_changed and not ctx.changed()):
+            return None
+        return ctx.reload(node)
 
     def close_listeners(self):
         for server in self._servers:
