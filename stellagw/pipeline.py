@@ -73,6 +73,20 @@ class Pipeline:
         # gateway.cors: None while no origin is allowed (the request path then tests nothing).
         self._cors = CorsPolicy(gw.cors) if gw.cors.enabled else None
 
+    def reconfigure(self, worker):
+        """A configuration reload (stellagw/reload.py): the worker's new collaborators and
+        settings, for every stage that starts from now on. Live connections hold this one
+        Pipeline, so they see them too; a request already waiting (a key fetch, Valkey)
+        finishes with the objects it is waiting on."""
+        gw = worker.settings.gateway
+        self._builtins = worker.builtins
+        self._auth = worker.auth
+        self._anonymous = worker.auth.anonymous
+        self._limiter = worker.limiter
+        self._default_timeout = gw.routing.default_timeout
+        self._stream_threshold = max(gw.routing.streaming_buffer_size, 64 * 1024)
+        self._cors = CorsPolicy(gw.cors) if gw.cors.enabled else None
+
     def handle(self, req):
         # 4. built-ins
         builtin = self._builtins.get(req.target)

@@ -117,6 +117,49 @@ class Authenticator:
                     except RuntimeError:      # no loop any more: nothing left to close
                         result.close()
 
+    def take_over(self, previous: "Authenticator"):
+        """A configuration reload: carry on from the Authenticator this one replaces, so
+        that nothing clients rely on starts over — the proofs seen (a replay stays one),
+        the Authority's keys while they come from the same place with the same schedule
+        (no "no keys yet" window), the Valkey replay client while its address is the same.
+        Call start() afterwards only when `self.keys is not previous.keys` (new keys to
+        fetch): the Valkey client is made here.
+
+        `previous` goes on serving the requests already inside it. Returns `retire()`, to
+        call once they are done: it stops what `previous` has that this one did not take."""
+        old, new = previous._auth, self._auth
+        self.replay = previous.replay     # replayCache.maxEntries needs a restart
+        same_keys = (old.authority, old.jwks_path, old.algorithms, old.keys_refresh_interval,
+                     old.keys_min_refetch_interval, old.keys_fetch_timeout) == (
+                    new.authority, new.jwks_path, new.algorithms, new.keys_refresh_interval,
+                    new.keys_min_refetch_interval, new.keys_fetch_timeout)
+        if same_keys:
+            self.keys = previous.keys
+            # A key removed from now on must also leave this one's verified-token cache.
+            self.keys._on_change = self._keys_changed
+            self.tokens = TokenVerifier(new, self.keys)
+            previous.tokens.clear()
+        if (previous._valkey_client is not None
+                and old.replay_cache.valkey == new.replay_cache.valkey):
+            self._valkey_client = previous._valkey_client
+            self._own_valkey, previous._own_valkey = previous._own_valkey, False
+            self.shared_replay = previous.shared_replay
+            self._valkey_down_until = previous._valkey_down_until
+        elif new.replay_cache.valkey:
+            # What start() would do (it connects lazily): start() is not called when the
+            # keys were taken over.
+            self._valkey_client = _connect_valkey(new.replay_cache.valkey, self._valkey_timeout)
+            self._own_valkey = True
+            self.shared_replay = ValkeyReplayCache(self._valkey_client)
+
+        def retire():
+            if previous.keys is self.keys:
+                # stop() would end the refresh loop this one now runs on.
+                previous.keys = KeyStore(authority="", jwks_path="", algorithms=(),
+                                         refresh_interval=1.0, min_refetch_interval=0.0)
+            previous.stop()
+        return retire
+
     def ready_reasons(self) -> list[str]:
         return self.keys.ready_reasons()
 

@@ -139,6 +139,19 @@ class Metrics:
             "rss": _rss_bytes(),
         }
 
+    def carry(self, families: dict) -> None:
+        """Counts of a source's object that was replaced (a configuration reload rebuilt the
+        rate limiter), in the sources' shape: kept in what this worker exports from now on,
+        as a predecessor's are, so no counter goes back. Gauges are not carried."""
+        for name, (help_text, labels, samples) in families.items():
+            if name.endswith("_gauge"):
+                continue
+            base = self._extra_base.setdefault(name, [help_text, list(labels), {}])[2]
+            for lv, v in samples:
+                if v:
+                    lv = tuple(lv)
+                    base[lv] = base.get(lv, 0) + v
+
     def _extra(self) -> dict:
         out = {}
         for source in self.sources:

@@ -311,6 +311,25 @@ class OpenApiCache:
         if self.background:
             self._routing_changed("invalidated", None)
 
+    def reconfigure(self, title: str, version: str, ttl_seconds: float,
+                    server_url: str | None, sender_constraints) -> None:
+        """A configuration reload: the next document is built with these. A build already
+        running read the old ones, so the rebuild waits for it to land (reads meanwhile
+        wait for the new document as after a registration: `defer()`)."""
+        with self._lock:
+            self._build_args = dict(self._build_args, title=title, version=version,
+                                    server_url=server_url,
+                                    sender_constraints=tuple(sender_constraints))
+            self.ttl = float(ttl_seconds)
+        loop = _running_loop()
+
+        def again():
+            if self._building is not None and loop is not None:
+                loop.call_later(0.02, again)
+                return
+            self.invalidate()
+        again()
+
     # ------------------------------------------------------------------ built on change
     #
     # Everything below runs on the worker's loop thread, except `_build` on its own.
