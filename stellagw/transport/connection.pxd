@@ -2,13 +2,12 @@
 cimport cython
 
 from stellagw.ingress.http cimport Request
+from stellagw.transport.batch cimport WriteBatch
 
 cdef Py_ssize_t _MAX_WINDOW
 cdef bytes _JSON
 cdef int _AWAIT_HELLO, _READY, _CLOSED, _B_OPEN
 cdef int _REQUEST, _RESPONSE, _RESPONSE_STREAM_DATA, _REQUEST_STREAM_DATA, _FLAG_END_STREAM
-cdef int _WRITE_BATCH
-cdef Py_ssize_t _WRITE_BATCH_BYTES
 cdef Py_ssize_t _MAX_PING
 
 
@@ -46,10 +45,10 @@ cdef class ServiceConnection:
     # -- per worker
     cdef object _hub, _routing, _metrics, _log, _loop, _frames_in, _transport_hist
     # -- per connection
-    cdef object _decoder, _encoder, _hello_timer, _flush_cb, _scheme
+    cdef object _decoder, _encoder, _hello_timer, _scheme
+    cdef WriteBatch _writes
     cdef TimerWheel _wheel
-    cdef bint _flush_scheduled, _opened, _write_paused
-    cdef int _batched
+    cdef bint _opened, _write_paused
     cdef Py_ssize_t _frames, _frames_seen, _write_limit
     cdef double _quiet_since, _paused_since
     cdef bytes _corr_prefix

@@ -36,10 +36,11 @@ import time
 from functools import partial
 from time import perf_counter
 
-from .. import frame as fr
 from ..ingress.http import B_OPEN
-from ..ingress.responses import error_body
+from ..replies import error_body
 from ..routing.state import DRAINING, HelloError
+from . import frame as fr
+from .batch import WriteBatch
 from .headers import CLASSES, RESPONSE_DROP_NAMES, classify, request_headers
 
 HELLO_TIMEOUT = 10.0
@@ -60,8 +61,6 @@ _RESPONSE = fr.RESPONSE
 _RESPONSE_STREAM_DATA = fr.RESPONSE_STREAM_DATA
 _REQUEST_STREAM_DATA = fr.REQUEST_STREAM_DATA
 _FLAG_END_STREAM = fr.FLAG_END_STREAM
-_WRITE_BATCH = fr.WRITE_BATCH
-_WRITE_BATCH_BYTES = fr.WRITE_BATCH_BYTES
 
 
 class Pending:
@@ -192,8 +191,6 @@ class ServiceConnection:
         self.peer = None
         self._decoder = fr.FrameDecoder(hub.max_frame_size)
         self._encoder = fr.FrameEncoder(hub.max_frame_size)
-        self._flush_scheduled = False
-        self._batched = 0               # frames encoded since the last write
         self.inflight = {}
         self._corr_prefix = os.urandom(8)
         self._corr_next = 0
@@ -212,7 +209,7 @@ class ServiceConnection:
         # Looked up once: each is used for every request.
         self._wheel = hub.wheel
         self._scheme = hub.scheme
-        self._flush_cb = self._flush
+        self._writes = WriteBatch(self._encoder, self._loop, self._flush)
 
     # ---------------------------------------------------------------- transport callbacks
 
@@ -435,7 +432,7 @@ class ServiceConnection:
             return
         _disarm(pending)
         pending.streaming = True
-        from ..ingress.websocket import WsBridge
+        from .websocket import WsBridge
         pending.ws = WsBridge(self, pending)
         if not req.conn.upgrade_to_websocket(req, pending.ws):
             self._cancel(pending, "ClientDisconnected")
@@ -716,18 +713,10 @@ class ServiceConnection:
         frames[ftype] = frames.get(ftype, 0) + n
 
     def _schedule_flush(self):
-        self._batched += 1
-        if self._batched >= _WRITE_BATCH or len(self._encoder) >= _WRITE_BATCH_BYTES:
-            self._flush()       # a burst: let the service start on it (frame.WRITE_BATCH)
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush_cb)
+        self._writes.added()
 
     def _flush(self):
-        self._flush_scheduled = False
-        self._batched = 0
-        if len(self._encoder) and self.transport is not None and self.state != _CLOSED:
-            self.transport.write(self._encoder.take())
+        if self._writes.write(self.transport if self.state != _CLOSED else None):
             if self._write_paused and self.transport.get_write_buffer_size() > self._write_limit:
                 self._close_link("write_buffer_full",
                                  f"over {self._write_limit} bytes wait for a service that is "
