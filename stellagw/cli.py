@@ -1,13 +1,19 @@
-"""Command line: stellagw serve | check-config | --version.
+"""Command line: stellagw serve | reload | check-config | --version.
 
 Exit codes: 0 ok, 2 bad arguments, bad configuration or an address that cannot be listened
-on ("address in use"; nothing was started), 1 a failure while running.
+on ("address in use"; nothing was started), 1 a failure while running. `reload`: 0 the
+configuration was taken (or was unchanged, or needs a restart for some keys: said on
+stderr), 2 it was refused (the key and why; the gateway keeps running what it had), 1 no
+gateway answered.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
+import time
 
 from . import __version__
 
@@ -23,6 +29,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, metavar="N",
                        help="override gateway.node.workers (0 = one per CPU)")
     serve.add_argument("--port", type=int, metavar="PORT", help="override gateway.http.port")
+    serve.add_argument("--pid-file", metavar="FILE",
+                       help="write the gateway's process id here (for `stellagw reload`)")
+
+    rel = sub.add_parser("reload", help="make a running gateway read its configuration and "
+                                        "certificates again (SIGHUP), and say what it did")
+    who = rel.add_mutually_exclusive_group(required=True)
+    who.add_argument("--pid-file", metavar="FILE", help="the file `serve --pid-file` wrote")
+    who.add_argument("--pid", type=int, metavar="PID",
+                     help="signal this process (the supervisor, or the only worker); no verdict")
+    rel.add_argument("--timeout", type=float, default=15.0, metavar="SECONDS",
+                     help="how long to wait for the verdict (default 15)")
 
     demo = sub.add_parser("demo", help="run the gateway with the embedded demo on 127.0.0.1")
     demo.add_argument("--port", type=int, default=8080, metavar="PORT")
@@ -78,12 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_service
             return run_service(args.name, args.gateway or ["127.0.0.1:9100"], args.region,
                                args.svc_version)
+        if args.command == "reload":
+            return _reload(args)
         if args.command == "check-config":
             settings = _load(args.file)
             sys.stdout.write(dump_effective(settings))
             return 0
-        settings = _load(args.config)
-        settings = _apply_overrides(settings, args)
+        settings = _apply_overrides(_load(args.config), args)
     except ConfigError as exc:
         print(f"stellagw: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -93,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "serve":
         from .ingress.tls import TlsConfigError
+        from .reload import ConfigSource
         from .supervisor import serve
+        # A reload reads the same file with the same command-line overrides.
+        source = ConfigSource(args.config, settings, lambda s: _apply_overrides(s, args),
+                              pid_file=os.path.abspath(args.pid_file) if args.pid_file else None)
         try:
-            return serve(settings)
+            return serve(settings, source)
         except (TlsConfigError, ConfigError) as exc:
             print(f"stellagw: configuration error: {exc}", file=sys.stderr)
             return 2
@@ -107,6 +129,57 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stellagw: cannot start: {exc}", file=sys.stderr)
             return 1
     return 2
+
+
+def _reload(args) -> int:
+    """SIGHUP to the gateway; with a pid file, wait for its verdict (written beside it)."""
+    from .reload import read_status
+    pid = args.pid
+    if args.pid_file:
+        try:
+            with open(args.pid_file) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError) as exc:
+            print(f"stellagw reload: cannot read a process id from {args.pid_file}: {exc}",
+                  file=sys.stderr)
+            return 1
+    # Verdicts are numbered per gateway process; one from a process before it is no answer.
+    status = read_status(args.pid_file) if args.pid_file else None
+    before = status["seq"] if status and status.get("pid") == pid else 0
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"stellagw reload: no process {pid}"
+              + (f" (a stale {args.pid_file}?)" if args.pid_file else ""), file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(f"stellagw reload: not allowed to signal process {pid}", file=sys.stderr)
+        return 1
+    if not args.pid_file:
+        print(f"stellagw reload: SIGHUP sent to {pid}; its log says what it did")
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while True:
+        status = read_status(args.pid_file)
+        if status is not None and status.get("pid") == pid and status.get("seq", 0) > before:
+            break
+        if time.monotonic() >= deadline:
+            print(f"stellagw reload: SIGHUP sent to {pid}, but no verdict within "
+                  f"{args.timeout:g} s; see its log", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    result = status["result"]
+    if result == "invalid":
+        print(f"stellagw reload: configuration error: {status['key']}: {status['reason']} "
+              f"(refused; still running configuration {status.get('configHash', '?')})",
+              file=sys.stderr)
+        return 2
+    changed = ", ".join(status.get("changed") or ()) or "nothing"
+    print(f"stellagw reload: {result}: configuration {status['configHash']}; applied: {changed}")
+    if status.get("restartRequired"):
+        print("stellagw reload: restart required for: " + ", ".join(status["restartRequired"])
+              + " (not applied)", file=sys.stderr)
+    return 0
 
 
 def _ws(url: str, messages: list[str], wait: float) -> int:

@@ -34,7 +34,7 @@ from .ingress.http import Accounting, HttpProtocol
 from .ingress.limits import HttpLimits
 from .ingress.compress import Compression
 from .ingress.proxy import TrustedProxies
-from .ingress.tls import server_context
+from .ingress.tls import ReloadingContext
 from .observe.logs import JsonLog
 from .observe.metrics import Metrics
 from .observe.routes import route_info
@@ -46,6 +46,7 @@ from .health.admin import AdminServer
 from .listeners import WorkerSockets, bind_exclusive, listen
 from .pipeline import Pipeline
 from .ratelimit import RateLimiter
+from .reload import Reloader
 from .routing.state import RoutingState
 from .transport import headers as forward_headers
 from .transport.frame import FRAME_TYPE_NAMES
@@ -96,7 +97,7 @@ _READY_STATUSES = ("Healthy", "Degraded")
 class Worker:
     def __init__(self, settings, worker_id: int = 0, log: JsonLog | None = None,
                  transport_ports: dict | None = None, run_dir: str | None = None,
-                 span_exporter=None):
+                 span_exporter=None, config_source=None):
         gw = settings.gateway
         self.settings = settings
         self.worker_id = worker_id
@@ -163,6 +164,9 @@ class Worker:
             self.metrics.sources.append(self.pipeline._retries.source)
         self.admin = AdminServer(self) if gw.admin.enabled else None
         self._auth_task = None
+        # SIGHUP and certificate files (stellagw/reload.py): `config_source` says where the
+        # configuration came from; without one only certificates are reloaded.
+        self.reloader = Reloader(self, config_source, run_dir)
 
     # ------------------------------------------------------------------ request path hooks
 
@@ -244,7 +248,7 @@ class Worker:
         return reasons + list(self.auth.ready_reasons())
 
     def health_details(self) -> dict:
-        return {"services": self.routing.describe()}
+        return {"services": self.routing.describe(), "config": self.reloader.describe()}
 
 
     # ------------------------------------------------------------------ lifecycle
@@ -256,7 +260,11 @@ class Worker:
         supervisor's), or on sockets of this worker's own when none are given."""
         gw = self.settings.gateway
         loop = asyncio.get_running_loop()
-        ssl_ctx = server_context(gw.http.tls, "gateway.http.tls") if gw.http.tls.enabled else None
+        ssl_ctx = None
+        if gw.http.tls.enabled:
+            # Reloaded in place on SIGHUP and when its files change (stellagw/reload.py).
+            self.reloader.http_tls = ReloadingContext(gw.http.tls, "gateway.http.tls")
+            ssl_ctx = self.reloader.http_tls.listening
         if http_sock is None:
             http_sock = listen_socket(gw.http.host, gw.http.port, gw.http.backlog)
         if self.admin is not None and admin_sock is None:
@@ -296,7 +304,7 @@ class Worker:
             addresses["admin"] = "http://" + _fmt_addr(self.admin_address)
         self.log.event("info", "listening", version=__version__,
                        http=f"{scheme}://{_fmt_addr(self.http_address)}", pid=os.getpid(),
-                       **addresses)
+                       configHash=self.reloader.hash, **addresses)
         self.log.flush()
 
     def _own_transport_sockets(self) -> list:
@@ -417,6 +425,7 @@ class Worker:
                 conn.check_deadline(now)
         self._check_descriptors()
         self._publish_instances()
+        self.reloader.tick()
         self.log.flush()
         self.metrics.publish()
 
@@ -535,18 +544,22 @@ def _fmt_addr(addr) -> str:
 
 
 def run_worker(settings, worker_id: int = 0, sockets: WorkerSockets | None = None,
-               run_dir: str | None = None) -> int:
-    """Run one worker until SIGTERM/SIGINT has drained it. Returns the exit code."""
+               run_dir: str | None = None, config_source=None) -> int:
+    """Run one worker until SIGTERM/SIGINT has drained it (SIGHUP: reload). Returns the
+    exit code."""
     import uvloop
 
     async def main():
-        worker = Worker(settings, worker_id, run_dir=run_dir)
+        worker = Worker(settings, worker_id, run_dir=run_dir, config_source=config_source)
         loop = asyncio.get_running_loop()
         # SIGTERM is an orchestrator's: wait preStopDelay for load balancers to notice the
-        # failing readiness. SIGINT is a person's at a terminal: stop now.
-        delay = settings.gateway.node.pre_stop_delay
-        loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(worker.drain(delay)))
+        # failing readiness. SIGINT is a person's at a terminal: stop now. The delay is
+        # read when the signal comes: a reload may have changed it.
+        loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(
+            worker.drain(worker.settings.gateway.node.pre_stop_delay)))
         loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(worker.drain()))
+        loop.add_signal_handler(signal.SIGHUP, worker.reloader.signalled)
+        worker.reloader.catch_up()
         args = worker.use_sockets(sockets) if sockets is not None else ()
         await worker.start(*args)
         # What exists now (modules, configuration, tables) lives as long as the process:

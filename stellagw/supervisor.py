@@ -8,6 +8,10 @@ worker's private transport port); no worker binds anything itself. The superviso
 copies, so a worker that dies is restarted (after a short backoff when it died young) onto
 the same sockets, and what arrived for it meanwhile waits in their backlogs. SIGTERM/SIGINT
 are forwarded and the supervisor exits when all workers have.
+
+SIGHUP reloads (stellagw/reload.py): the supervisor reads and checks the configuration file
+once — a bad one is logged once, here — keeps the verdict for the workers it will start
+from then on, writes it into the run directory and forwards SIGHUP; each worker applies it.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import signal
 import sys
 import time
 
+from . import reload
 from .auth.replay import share_across_workers
 from .gateway import check_httptools_strict, run_worker
 from .listeners import bind_instance, raise_fd_limit
@@ -28,12 +33,7 @@ from .observe.logs import JsonLog
 def _check_tls(settings) -> None:
     """Load every certificate now: a bad one is a configuration error (exit 2), not a
     worker that dies at start and is restarted for ever."""
-    from .ingress.tls import server_context
-    gw = settings.gateway
-    if gw.http.tls.enabled:
-        server_context(gw.http.tls, "gateway.http.tls")
-    if gw.transports.tls.enabled:
-        server_context(gw.transports.tls, "gateway.transports.tls")
+    reload.check_certificates(settings)
 
 
 def _with_ports(settings, sockets):
@@ -56,16 +56,53 @@ def _with_ports(settings, sockets):
         gw, http=http, admin=admin, transports=transports))
 
 
-def serve(settings) -> int:
+def _write_pid_file(path: str | None) -> None:
+    if path:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+        try:
+            os.unlink(reload.status_path(path))   # a verdict of a gateway that ran before
+        except OSError:
+            pass
+
+
+def _remove_pid_file(path: str | None) -> None:
+    # Only our own: a second gateway started on the same file owns it now.
+    try:
+        with open(path) as f:
+            if int(f.read().strip() or 0) != os.getpid():
+                return
+        os.unlink(path)
+        os.unlink(reload.status_path(path))
+    except (OSError, ValueError, TypeError):
+        pass
+
+
+def serve(settings, source: "reload.ConfigSource | None" = None) -> int:
+    """`source`: where `settings` came from, for SIGHUP; without one (settings made in
+    code) a SIGHUP finds them unchanged and reloads certificates only."""
+    # Until a handler is in, SIGHUP's default action would kill the gateway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if source is None:
+        source = reload.ConfigSource(None, settings, reader=lambda kept=settings: kept)
     check_httptools_strict()
     _check_tls(settings)
     raise_fd_limit(settings)
     workers = settings.gateway.node.workers or os.cpu_count() or 1
     bundles = bind_instance(settings, workers)
     settings = _with_ports(settings, bundles[0])
-    if workers == 1:
-        return run_worker(settings, 0, bundles[0])
+    _write_pid_file(source.pid_file)
+    try:
+        if workers == 1:
+            return run_worker(settings, 0, bundles[0], config_source=source)
+        return _supervise(settings, source, workers, bundles)
+    finally:
+        _remove_pid_file(source.pid_file)
 
+
+def _supervise(settings, source, workers: int, bundles) -> int:
     log = JsonLog(settings.gateway.logging.level)
     log.extra = {"node": settings.gateway.node.node_id, "role": "supervisor"}
     # Shared by the workers: instance-wide /metrics (observe/metrics.py) and what each
@@ -81,21 +118,27 @@ def serve(settings) -> int:
     stopping = False
 
     def spawn(worker_id: int) -> None:
-        # A signal between fork and the child's own handlers would run `forward` in the
-        # child, which would signal its siblings: hold signals across the fork.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        # A signal between fork and the child's own handlers would run `forward` (or
+        # `reload_all`) in the child, which would signal its siblings: hold signals across
+        # the fork.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK,
+                                      {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                # Ignored until the worker's loop handles it; the worker then looks at the
+                # last record itself, so a reload in between is not missed.
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 mine = {id(sock) for sock in bundles[worker_id].all()}
                 for sock in held:
                     if id(sock) not in mine:
                         sock.close()
-                code = run_worker(settings, worker_id, bundles[worker_id], run_dir=run_dir)
+                code = run_worker(settings, worker_id, bundles[worker_id], run_dir=run_dir,
+                                  config_source=source)
             except BaseException as exc:  # the child must never return into the supervisor
                 print(f"worker {worker_id} failed: {exc!r}", file=sys.stderr, flush=True)
             finally:
@@ -118,8 +161,32 @@ def serve(settings) -> int:
             except ProcessLookupError:
                 pass
 
+    def reload_all(signum, frame):
+        nonlocal settings
+        if stopping:
+            return
+        outcome = reload.check(source, settings)
+        source.seq += 1
+        outcome.seq = source.seq
+        reload.log_outcome(log, source, outcome)
+        if outcome.settings is not None:
+            # Workers started from now on (a restart) run what the others were told to.
+            settings = outcome.settings
+        reload.accept(source, outcome)
+        reload.write_record(run_dir, outcome)
+        log.flush()
+        # Forwarded whatever the verdict: each worker counts it, and reads its
+        # certificates again.
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+        reload.write_status(source, outcome)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, reload_all)
     log.event("info", "supervisor starting", workers=workers, pid=os.getpid())
     log.flush()
     for i in range(workers):
