@@ -19,9 +19,9 @@ import hashlib
 import socket
 import time
 
-from .. import frame as fr
 from ..auth.replay import LocalReplayCache
 from ..ingress.tls import ReloadingContext
+from . import frame as fr
 from .connection import INITIAL_WINDOW, ServiceConnection, TimerWheel
 from .identity import RegistrationPolicy, is_loopback
 
