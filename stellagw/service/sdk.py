@@ -14,8 +14,9 @@ import uuid
 
 import orjson
 
-from .. import frame as fr
-from ..radix import FOUND, Router, normalize_path
+from ..routing.radix import FOUND, Router, normalize_path
+from ..transport import frame as fr
+from ..transport.batch import WriteBatch
 from ..transport.identity import registration_key, sign_hello
 
 DEFAULT_WINDOW = 256 * 1024
@@ -642,13 +643,12 @@ class _Link(asyncio.Protocol):
         self.requests: dict[bytes, tuple] = {}
         self._decoder = fr.FrameDecoder()
         self._encoder = fr.FrameEncoder()
-        self._flush_scheduled = False
-        self._batched = 0                   # frames encoded since the last write
         self._windows: dict[bytes, int] = {}
         self._window_waiters: dict[bytes, asyncio.Future] = {}
         self._initial_window = DEFAULT_WINDOW
         self._heartbeat = None
         self._loop = asyncio.get_running_loop()
+        self._writes = WriteBatch(self._encoder, self._loop, self._flush)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -810,18 +810,10 @@ class _Link(asyncio.Protocol):
             self._window_waiters.pop(corr, None)
 
     def _schedule_flush(self):
-        self._batched += 1
-        if self._batched >= fr.WRITE_BATCH or len(self._encoder) >= fr.WRITE_BATCH_BYTES:
-            self._flush()       # a burst: let the gateway start on it (frame.WRITE_BATCH)
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._writes.added()
 
     def _flush(self):
-        self._flush_scheduled = False
-        self._batched = 0
-        if len(self._encoder) and self.transport is not None:
-            self.transport.write(self._encoder.take())
+        self._writes.write(self.transport)
 
     def close(self):
         if self.transport is not None:
