@@ -23,7 +23,7 @@ from time import perf_counter
 import httptools
 
 from ..observe.metrics import Histogram
-from .responses import JSON, STATUS_LINES, error_body, status_line
+from ..replies import JSON, STATUS_LINES, error_body, status_line
 from .compress import accepts_gzip, gzipped
 from .proxy import ProxyError, parse_proxy_header
 from .wire import TE_CHUNKED, TE_OTHER, host_ok, render_response, split_target, transfer_coding
