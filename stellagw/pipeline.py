@@ -34,9 +34,9 @@ from .auth import AuthFailure, Identity
 from .auth.identity import CREDENTIAL_FIELDS
 from .ingress.cors import CorsPolicy
 from .transport.retry import IDEMPOTENT, RetryBudget
-from .ingress.responses import error_body
-from .radix import FOUND, NOT_FOUND, normalize_path
 from .ratelimit import UNLIMITED, Decision, rate_limit_headers, rejection
+from .replies import error_body
+from .routing.radix import FOUND, NOT_FOUND, normalize_path
 
 _JSON = b"content-type: application/json\r\n"
 
