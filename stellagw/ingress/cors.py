@@ -14,7 +14,7 @@ Only requests with an Origin header pay anything, and only when gateway.cors has
 """
 from __future__ import annotations
 
-from ..radix import FOUND, METHOD_NOT_ALLOWED
+from ..routing.radix import FOUND, METHOD_NOT_ALLOWED
 from ..replies import error_body
 
 _JSON = b"content-type: application/json\r\n"
