@@ -11,7 +11,7 @@ What it does, all on 127.0.0.1:
    as ``prlimit --nofile=N:N -- taskset -c 0 python -m stellagw serve`` (``maxConnections``
    raised to --clients + 1000, backlog 4096, access log off, --workers workers);
 2. opens --services **service connections** from this process, speaking the frame protocol
-   directly with ``stellagw.frame.FrameEncoder``/``FrameDecoder`` (no SDK process per
+   directly with ``stellagw.transport.frame.FrameEncoder``/``FrameDecoder`` (no SDK process per
    service): HELLO with one endpoint (``GET /connNNN/hello``, service ``connNNN``), the
    HEARTBEATs the HELLO_ACK asks for, PONG for PING, and a 200 RESPONSE for every
    REQUEST. With several workers each instance also dials the other workers' private ports
@@ -50,7 +50,7 @@ import httptools
 import psutil
 import uvloop
 
-from stellagw import frame as fr
+from stellagw.transport import frame as fr
 
 from . import _procs, commands
 from .compare import measuring
