@@ -63,17 +63,6 @@ def fell_back(name: str, exc: ImportError) -> None:
                   f"using the pure-Python twin", RuntimeWarning, stacklevel=2)
 
 
-def select(name: str):   # TEMPORARY: until stellagw/auth/dpop.py imports its codec plainly
-    if not NO_EXTENSIONS:
-        try:
-            mod = importlib.import_module(f"stellagw._cext.{name}")
-        except ImportError as exc:
-            fell_back(name, exc)
-        else:
-            return mod
-    return importlib.import_module(f"stellagw._py.{name}")
-
-
 def compiled(name: str) -> bool:
     """True when the compiled module `name` was loaded: a codec (by the module CODECS names
     for it), or a glue module (its dotted name, e.g. "stellagw.ingress.http") from its

@@ -47,6 +47,3 @@ def hand_over(http_protocol, req, bridge, tail: bytes) -> None:
         data = data[n:]
     transport.resume_reading()
 
-
-# TEMPORARY, until transport/connection.py imports WsBridge from its new module:
-from ..transport.websocket import WsBridge  # noqa: E402,F401

@@ -1,4 +1,0 @@
-# TEMPORARY alias while the layout moves (issue 17 item 2); removed before the last commit.
-import sys as _sys
-from .routing import radix as _moved
-_sys.modules[__name__] = _moved
