@@ -46,4 +46,3 @@ def hand_over(http_protocol, req, bridge, tail: bytes) -> None:
         proto.buffer_updated(n)
         data = data[n:]
     transport.resume_reading()
-
