@@ -114,6 +114,29 @@ cdef inline int64_t _as_now(object now_ms) except -1:
 # Decision
 
 
+# Which limit a Decision is from, interned: (applies_to, rule) pairs, a Decision holding the
+# index (0: none). An index rather than a reference, so that labelling costs the per-request
+# Decision no reference counting and no bytes (it fits beside `allowed`). The pairs are
+# configuration paths, so the table is as small as the configuration.
+cdef list _labels = [None]
+cdef dict _label_ids = {}
+
+
+cdef int32_t _label_id(str applies_to, str rule) except -1:
+    cdef object pair, found
+    if applies_to is None and rule is None:
+        return 0
+    pair = (applies_to, rule)
+    found = _label_ids.get(pair)
+    if found is not None:
+        return <int32_t>found
+    if len(_labels) >= 0x7FFFFFFF:
+        raise OverflowError("too many distinct Decision labels")
+    _labels.append(pair)
+    _label_ids[pair] = len(_labels) - 1
+    return <int32_t>(len(_labels) - 1)
+
+
 @cython.final
 @cython.freelist(16)
 cdef class Decision:
@@ -134,9 +157,9 @@ cdef class Decision:
     Read-only; the numbers are int64. Equal when every field is; unhashable.
     """
     cdef readonly bint allowed
+    cdef int32_t label               # into _labels (declared here: the padding after allowed)
     cdef readonly str scope
     cdef readonly int64_t limit, remaining, reset_s, retry_after_s, current, window_s
-    cdef readonly str applies_to, rule
 
     def __init__(self, bint allowed, str scope, limit, remaining, reset_s, retry_after_s,
                  current, window_s, str applies_to=None, str rule=None):
@@ -149,8 +172,20 @@ cdef class Decision:
         self.retry_after_s = _as_int64(retry_after_s)
         self.current = _as_int64(current)
         self.window_s = _as_int64(window_s)
-        self.applies_to = applies_to
-        self.rule = rule
+        self.label = _label_id(applies_to, rule)
+
+    @property
+    def applies_to(self):
+        return None if self.label == 0 else (<tuple>_labels[self.label])[0]
+
+    @property
+    def rule(self):
+        return None if self.label == 0 else (<tuple>_labels[self.label])[1]
+
+    def __reduce__(self):
+        return Decision, (self.allowed, self.scope, self.limit, self.remaining, self.reset_s,
+                          self.retry_after_s, self.current, self.window_s, self.applies_to,
+                          self.rule)
 
     def __eq__(self, other):
         if not isinstance(other, Decision):
@@ -159,13 +194,12 @@ cdef class Decision:
         return (self.allowed == o.allowed and self.scope == o.scope and self.limit == o.limit
                 and self.remaining == o.remaining and self.reset_s == o.reset_s
                 and self.retry_after_s == o.retry_after_s and self.current == o.current
-                and self.window_s == o.window_s and self.applies_to == o.applies_to
-                and self.rule == o.rule)
+                and self.window_s == o.window_s and self.label == o.label)
 
     def __repr__(self):
         # The two labels only when set, so a bare decision reads as it always did.
         labels = ""
-        if self.applies_to is not None or self.rule is not None:
+        if self.label != 0:
             labels = f", applies_to={self.applies_to!r}, rule={self.rule!r}"
         return (f"Decision(allowed={self.allowed!r}, scope={self.scope!r}, limit={self.limit}, "
                 f"remaining={self.remaining}, reset_s={self.reset_s}, "
@@ -265,6 +299,7 @@ cdef class WindowLimiter:
     # What decide() writes into Decision.applies_to and .rule (per rule); None when not given.
     cdef readonly str applies_to
     cdef readonly tuple names
+    cdef int32_t label[C_MAX_RULES]   # per rule: its Decision label (0: none)
 
     def __cinit__(self):
         self.counts = NULL
@@ -276,7 +311,7 @@ cdef class WindowLimiter:
 
     def __init__(self, rules, Py_ssize_t max_keys=100_000, *, str applies_to=None,
                  names=None):
-        cdef int i = 0
+        cdef int i = 0, r
         cdef int64_t max_requests, per_seconds
         if self.cap:
             # The arrays are laid out for the rules given first; a second __init__ would
@@ -317,6 +352,8 @@ cdef class WindowLimiter:
                 raise ValueError(f"names must be {i} strings, one per rule")
         self.names = names
         self.applies_to = applies_to
+        for r in range(i):
+            self.label[r] = _label_id(applies_to, names[r] if names is not None else None)
         self.rules = rules
         self.max_keys = max_keys
         self.index = {}
@@ -471,6 +508,8 @@ cdef class WindowLimiter:
 
     # --- API ---------------------------------------------------------------------------------
 
+    # --- decide_with()'s steps: the parts of _hit() it must run apart, on two limiters
+
     cdef int32_t _touch(self, str key, int64_t t, int64_t *cur) except -1:
         """The key's slot (made when new, moved to the front of the LRU list) with every
         ring advanced to the key's clock at the caller's time t; cur[r] is rule r's current
@@ -539,24 +578,65 @@ cdef class WindowLimiter:
         return best_left
 
     cdef int _hit(self, str key, int64_t t, Outcome *o) except -1:
-        """hit() at the caller's time t, into *o."""
+        """hit() at the caller's time t, into *o.
+
+        Every request's path: one pass that advances and checks each rule, written out
+        rather than built from decide_with()'s helpers, which cost it ~75 instructions in
+        calls and second passes (tests/test_ratelimit_tenants.py holds the two to one
+        oracle)."""
+        cdef PyObject *found
         cdef int32_t s
-        cdef int best = 0
+        cdef int r, n_rules = self.n_rules, best = -1
+        cdef int64_t now, wait, best_wait = -1, left, best_left = 0, base
         cdef int64_t cur[C_MAX_RULES]
-        s = self._touch(key, t, cur)
-        if self._full(s):
-            o.retry_ms = o.reset_ms = self._longest_wait(s, t, &best)
+        cdef bint allowed = True
+        found = PyDict_GetItem(self.index, key)
+        if found == NULL:
+            s = self._new_slot(key, t)
+        else:
+            s = <int32_t><object>found
+            if s != self.mru:
+                self._unlink(s)
+                self._push_front(s)
+        now = t                                 # the key's clock: never steps back
+        if now < self.last_ms[s]:
+            now = self.last_ms[s]
+        self.last_ms[s] = now
+        base = s * n_rules
+        for r in range(n_rules):
+            cur[r] = now // self.bms[r]
+            self._advance(s, r, cur[r])
+            if self.sums[base + r] >= self.limit[r]:
+                allowed = False
+        if GW_DEBUG:
+            for r in range(n_rules):
+                assert self.sums[base + r] <= self.limit[r]
+        if not allowed:
+            for r in range(n_rules):
+                if self.sums[base + r] >= self.limit[r]:
+                    wait = self._expiry(s, r, self.sums[base + r] - self.limit[r] + 1) - t
+                    if wait > best_wait:
+                        best_wait = wait
+                        best = r
             self.denied_count += 1
             o.allowed = False
+            o.retry_ms = o.reset_ms = best_wait
             o.limit = self.limit[best]
             o.remaining = 0
             o.rule = best
             return 0
-        o.remaining = self._count(s, cur, &best)
+        for r in range(n_rules):
+            self.counts[s * self.stride + self.off[r] + cur[r] % self.nb[r]] += 1
+            self.sums[base + r] += 1
+            left = self.limit[r] - self.sums[base + r]
+            if best < 0 or left < best_left:
+                best_left = left
+                best = r
         self.allowed_count += 1
         o.allowed = True
         o.retry_ms = 0
         o.limit = self.limit[best]
+        o.remaining = best_left
         o.reset_ms = self._expiry(s, best, 1) - t
         o.rule = best
         return 0
@@ -572,8 +652,9 @@ cdef class WindowLimiter:
         self._hit(key, _as_now(now_ms), &o)
         return (o.allowed, o.retry_ms, o.limit, o.remaining, o.reset_ms, o.rule)
 
-    cdef inline Decision _decision(self, Outcome *o, int64_t t):
-        """*o, this limiter's outcome at time t, as a Decision (scope "instance")."""
+    cdef Decision _decision(self, Outcome *o, int64_t t):
+        """*o, this limiter's outcome at time t, as a Decision (scope "instance"); decide()
+        builds its own the same way, inline."""
         cdef Decision d = Decision.__new__(Decision)
         d.allowed = o.allowed
         d.scope = "instance"
@@ -587,20 +668,33 @@ cdef class WindowLimiter:
             d.retry_after_s = _ceil_div(o.retry_ms, 1000)
             d.current = o.limit         # a denied request is not counted
         d.window_s = self.secs[o.rule]
-        d.applies_to = self.applies_to
-        if self.names is not None:
-            d.rule = <str>self.names[o.rule]
+        d.label = self.label[o.rule]
         return d
 
     def decide(self, str key not None, object now_ms=None):
         """hit() as the instance tier's Decision (scope "instance"): reset_s and
         retry_after_s rounded up to whole seconds, current the rule's count, window_s its
-        per_seconds, applies_to and rule this limiter's labels. now_ms None reads
-        wall_ms()."""
+        per_seconds, applies_to and rule this limiter's labels of the rule. now_ms None
+        reads wall_ms()."""
         cdef Outcome o
         cdef int64_t t = _wall_ms() if now_ms is None else _as_now(now_ms)
+        cdef Decision d
         self._hit(key, t, &o)
-        return self._decision(&o, t)
+        d = Decision.__new__(Decision)
+        d.allowed = o.allowed
+        d.scope = "instance"
+        d.limit = o.limit
+        d.remaining = o.remaining
+        d.reset_s = _ceil_div(t + o.reset_ms, 1000)
+        if o.allowed:
+            d.retry_after_s = 0
+            d.current = o.limit - o.remaining
+        else:
+            d.retry_after_s = _ceil_div(o.retry_ms, 1000)
+            d.current = o.limit         # a denied request is not counted
+        d.window_s = self.secs[o.rule]
+        d.label = self.label[o.rule]
+        return d
 
     def decide_with(self, str key not None, WindowLimiter other not None,
                     str other_key not None, object now_ms=None):
