@@ -196,7 +196,7 @@ class Worker:
                 [((k,), v) for k, v in self.fd_exhausted.items()]),
             "gateway_admin_connections_gauge": (
                 "Open connections on the admin listener", (),
-                [((), self.admin.metrics.open if self.admin is not None else 0)]),
+                [((), self.admin.metrics.connections_open if self.admin is not None else 0)]),
             "gateway_auth_events": ("Authentication events that are not failures (key refresh "
                                     "trouble, Valkey replay-cache fallbacks)", ("event",),
                                     [((k,), v) for k, v in self.auth_events.items()]),

@@ -37,13 +37,13 @@ class _Gauge:
     show as client connections (`gateway_active_connections{service="ingress"}`)."""
 
     def __init__(self):
-        self.open = 0
+        self.connections_open = 0
 
     def connection_opened(self, service: str = "") -> None:
-        self.open += 1
+        self.connections_open += 1
 
     def connection_closed(self, service: str = "") -> None:
-        self.open -= 1
+        self.connections_open -= 1
 
 
 class AdminServer:
