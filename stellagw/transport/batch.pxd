@@ -9,7 +9,7 @@ cdef class WriteBatch:
     cdef public object encoder
     cdef object _loop, _flush
     cdef bint _scheduled
-    cdef Py_ssize_t _frames
+    cdef Py_ssize_t _unwritten      # frames encoded since the last write
 
     cpdef added(self)
     cpdef bint write(self, transport) except -1

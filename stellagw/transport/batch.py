@@ -28,12 +28,12 @@ class WriteBatch:
         self._loop = loop
         self._flush = flush             # the owner's: called now, or soon, to write
         self._scheduled = False         # a flush is waiting for the end of this iteration
-        self._frames = 0                # frames encoded since the last write
+        self._unwritten = 0             # frames encoded since the last write
 
     def added(self):
         """One more frame was encoded: write now (a full batch) or once this iteration ends."""
-        self._frames += 1
-        if self._frames >= _WRITE_BATCH or len(self.encoder) >= _WRITE_BATCH_BYTES:
+        self._unwritten += 1
+        if self._unwritten >= _WRITE_BATCH or len(self.encoder) >= _WRITE_BATCH_BYTES:
             self._flush()               # a burst: let the peer start on it
         elif not self._scheduled:
             self._scheduled = True
@@ -43,7 +43,7 @@ class WriteBatch:
         """Write what is encoded to `transport` (None: the link is gone, nothing is written).
         True when something was written."""
         self._scheduled = False
-        self._frames = 0
+        self._unwritten = 0
         if len(self.encoder) and transport is not None:
             transport.write(self.encoder.take())
             return True
