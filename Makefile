@@ -17,7 +17,7 @@ demo: install
 TWIN_SUITES := tests/test_router_e2e.py tests/test_websocket.py tests/test_ingress_integration.py \
 	tests/test_ratelimit_e2e.py tests/test_auth_e2e.py tests/test_auth_dpop.py \
 	tests/test_ingress_protocol.py tests/test_ingress_edge.py tests/edge/test_corpus.py \
-	tests/test_replay_workers.py
+	tests/test_replay_workers.py tests/test_write_batch.py tests/test_sdk_link.py
 test: install build test-tools
 	$(PYTHON) -m pytest -q
 	STELLAGW_NO_EXTENSIONS=1 $(PYTHON) -m pytest -q $(TWIN_SUITES)
