@@ -160,8 +160,7 @@ class Worker:
         self.limiter.check_observer = self.metrics.phase_histogram("ratelimit_check").observe
         self.builtins = builtins.table(self)
         self.pipeline = Pipeline(self)
-        if self.pipeline._retries is not None:
-            self.metrics.sources.append(self.pipeline._retries.source)
+        self.metrics.sources.append(self.pipeline._retries.source)
         self.admin = AdminServer(self) if gw.admin.enabled else None
         self._auth_task = None
         # SIGHUP and certificate files (stellagw/reload.py): `config_source` says where the

@@ -69,7 +69,7 @@ class Pipeline:
         self._stream_threshold = max(gw.routing.streaming_buffer_size, 64 * 1024)
         self._tasks = set()
         self._dispatched = 0                 # requests sent to a service (the retry budget's base)
-        self._retries = RetryBudget(gw.retries) if gw.retries.enabled else None
+        self._retries = RetryBudget(gw.retries)
         # gateway.cors: None while no origin is allowed (the request path then tests nothing).
         self._cors = CorsPolicy(gw.cors) if gw.cors.enabled else None
 
@@ -86,6 +86,7 @@ class Pipeline:
         self._default_timeout = gw.routing.default_timeout
         self._stream_threshold = max(gw.routing.streaming_buffer_size, 64 * 1024)
         self._cors = CorsPolicy(gw.cors) if gw.cors.enabled else None
+        self._retries.configure(gw.retries)
 
     def handle(self, req):
         # 4. built-ins
@@ -229,7 +230,7 @@ class Pipeline:
         sent (the connection then answers nothing itself). transport/retry.py says when."""
         budget = self._retries
         route = req.routed
-        if budget is None or req.done or req.retried or route is None:
+        if not budget.enabled or req.done or req.retried or route is None:
             return False
         if req.method not in IDEMPOTENT and not endpoint.retryable:
             budget.count(req.service, "not_idempotent")

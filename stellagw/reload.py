@@ -58,9 +58,6 @@ RESTART_REQUIRED = (
     "gateway.auth.replayCache.maxEntries",
     # The exporter's thread and the tracer provider live as long as the process.
     "gateway.tracing",
-    # The retry budget is the Pipeline's own, counted since start (Pipeline.reconfigure
-    # does not replace it).
-    "gateway.retries",
 )
 # Under RESTART_REQUIRED but live: the service transport's certificates and client checks.
 LIVE = frozenset(f"gateway.transports.tls.{key}" for key in (

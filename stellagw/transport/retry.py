@@ -24,11 +24,16 @@ WINDOW = 10.0
 
 class RetryBudget:
     def __init__(self, settings):
-        self.ratio = settings.budget_percent / 100.0
-        self.floor = settings.min_retries_per_second * WINDOW
+        self.configure(settings)
         self.retries = 0
         self._marks: deque = deque()     # (time, dispatched, retries), about one a second
         self.counts: dict[tuple[str, str], int] = {}   # (service, outcome) -> n
+
+    def configure(self, settings) -> None:
+        """gateway.retries, at start and on a reload (the counts and the window carry on)."""
+        self.enabled = settings.enabled
+        self.ratio = settings.budget_percent / 100.0
+        self.floor = settings.min_retries_per_second * WINDOW
 
     def allow(self, dispatched: int, now: float | None = None) -> bool:
         """May one more retry go now? `dispatched`: requests dispatched so far."""
