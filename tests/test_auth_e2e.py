@@ -172,8 +172,8 @@ def test_rate_limit_per_identity_answers_429_with_retry_after(stack):
     assert [s for s, _, _ in statuses] == [200, 200, 200, 429]
     _, headers, body = statuses[3]
     assert int(headers["Retry-After"]) >= 1 and headers["X-RateLimit-Limit"] == "3"
-    err = orjson.loads(body)
-    assert err["error"] == "rate_limit_exceeded" and err["limit"] == 3
+    err = orjson.loads(body)["error"]
+    assert err["code"] == "rate_limit_exceeded" and err["limit"] == 3
     assert statuses[0][1]["X-RateLimit-Remaining"] == "2"
     # Another identity (anonymous, by address) has its own window.
     assert request(st.http, b"GET /t/sec/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200

@@ -65,14 +65,15 @@ def test_instance_windows_and_retry_after():
     clock = Clock()
     rl, _ = limiter(INSTANCE, clock)
     check = lambda: rl.check("sub:alice", "acme", "scanner", "/r", "/r")  # noqa: E731
+    rule0 = ("identity", "rate_limiting.for_instance.rules[0]")
     d = check()
-    assert d == Decision(True, "instance", 3, 2, T0 // 1000 + 1, 0, 1, 1)
+    assert d == Decision(True, "instance", 3, 2, T0 // 1000 + 1, 0, 1, 1, *rule0)
     check()
     clock.t += 250
-    assert check() == Decision(True, "instance", 3, 0, T0 // 1000 + 1, 0, 3, 1)
+    assert check() == Decision(True, "instance", 3, 0, T0 // 1000 + 1, 0, 3, 1, *rule0)
     clock.t += 250                                      # T0 + 500
     denied = check()
-    assert denied == Decision(False, "instance", 3, 0, T0 // 1000 + 1, 1, 3, 1)
+    assert denied == Decision(False, "instance", 3, 0, T0 // 1000 + 1, 1, 3, 1, *rule0)
     clock.t += 500                                      # T0 + 1000: the first two left
     assert check().allowed and check().allowed
     # 5 counted in 10 s: the 10 s rule is violated; its oldest bucket leaves at T0 + 10 s.
@@ -80,9 +81,11 @@ def test_instance_windows_and_retry_after():
     d = check()
     assert (d.allowed, d.limit, d.window_s, d.retry_after_s, d.current) == (False, 5, 10, 9, 5)
     assert d.reset_s == T0 // 1000 + 10
+    assert d.rule == "rate_limiting.for_instance.rules[1]"
     assert rl.counters["allowed"]["instance"] == 5
     assert rl.counters["rejected"]["instance"] == 2
     assert rl.counters["rejected_by_service"] == {("instance", "scanner"): 2}
+    assert rl.counters["rejected_by_limit"] == {("instance", "identity"): 2}
 
 
 def test_retry_after_rounds_up_and_is_at_least_one_second():
@@ -191,19 +194,31 @@ def test_idle_keys_are_evicted_on_a_timer():
 
 
 def test_rejection_headers_and_body():
-    d = Decision(False, "environment", 100, 0, 1_700_000_060, 7, 100, 60)
+    d = Decision(False, "environment", 100, 0, 1_700_000_060, 7, 100, 60, "tenant",
+                 "rate_limiting.for_environment.tenant_rules[0]")
     status, headers, body = rejection(d, "corr-1")
     assert status == 429
     assert headers == (b"Retry-After: 7\r\nX-RateLimit-Limit: 100\r\nX-RateLimit-Remaining: 0\r\n"
-                       b"X-RateLimit-Reset: 1700000060\r\ncontent-type: application/json\r\n")
-    assert orjson.loads(body) == {
-        "error": "rate_limit_exceeded",
+                       b"X-RateLimit-Reset: 1700000060\r\n"
+                       b"X-RateLimit-Policy: 100;w=60;scope=environment;applies-to=tenant\r\n"
+                       b"content-type: application/json\r\n")
+    # The gateway's one error envelope, the original's 429 fields inside it (its constant
+    # "error" is the envelope's code), then which limit applied.
+    assert orjson.loads(body) == {"error": {
+        "code": "rate_limit_exceeded",
         "message": "Rate limit exceeded. Try again in 7 seconds.",
+        "trace_id": "corr-1",
         "retryAfter": 7, "limit": 100, "current": 100, "window": 60,
-        "scope": "environment", "traceId": "corr-1",
-    }
-    assert list(orjson.loads(body))[:7] == ["error", "message", "retryAfter", "limit",
-                                            "current", "window", "scope"]
+        "scope": "environment",
+        "appliesTo": "tenant", "rule": "rate_limiting.for_environment.tenant_rules[0]",
+    }}
+    assert list(orjson.loads(body)["error"]) == [
+        "code", "message", "trace_id", "retryAfter", "limit", "current", "window", "scope",
+        "appliesTo", "rule"]
+    # A decision that does not say which limit (built by hand): the fields are null.
+    _, headers, body = rejection(Decision(False, "instance", 1, 0, 5, 1, 1, 1), "t")
+    assert b"X-RateLimit-Policy: 1;w=1;scope=instance\r\n" in headers
+    assert orjson.loads(body)["error"]["appliesTo"] is None
 
 
 def test_rejection_of_an_instance_decision():
@@ -214,7 +229,9 @@ def test_rejection_of_an_instance_decision():
     clock.t += 300
     status, headers, body = rejection(rl.check("ip:a", None, "s", "/", "/"), "t")
     assert b"Retry-After: 1\r\n" in headers
-    assert orjson.loads(body)["scope"] == "instance"
+    err = orjson.loads(body)["error"]
+    assert (err["scope"], err["appliesTo"], err["rule"], err["trace_id"]) == (
+        "instance", "identity", "rate_limiting.for_instance.rules[0]", "t")
     assert rate_limit_headers(Decision(True, "instance", 10, 4, 99, 0, 6, 1)) == \
         b"X-RateLimit-Limit: 10\r\nX-RateLimit-Remaining: 4\r\nX-RateLimit-Reset: 99\r\n"
 
@@ -281,15 +298,19 @@ def test_packed_commands_are_cached_per_identity_and_policy_and_bounded(monkeypa
         for key, tenant, service in [("ip:a", None, "s"), ("ip:a", None, "s"),
                                      ("sub:b", "t/1", "s"), ("ip:a", None, "other")]:
             assert (await rl.check(key, tenant, service, "/", "/")).allowed   # fails open
+        s, other = rl._policy.resolve("s", "/"), rl._policy.resolve("other", "/")
+        # Without tenant rules a tenant's check is the identity's alone (ARGV: limit,
+        # window, KEYS index).
+        assert s.identity_only is s and s.argv == (10, 60, 1)
         assert rl._commands == {
-            ("ip:a", "s:*"): pack_evalsha(SCRIPT, ("{stella-router-rate-limit:ip:a}:s:*",),
-                                          (10, 60)),
-            ("t%2F1/sub:b", "s:*"): pack_evalsha(
-                SCRIPT, ("{stella-router-rate-limit:t%252F1/sub:b}:s:*",), (10, 60)),
-            ("ip:a", "other:*"): pack_evalsha(
-                SCRIPT, ("{stella-router-rate-limit:ip:a}:other:*",), (10, 60))}
+            ("ip:a", s): pack_evalsha(SCRIPT, ("{stella-router-rate-limit:ip:a}:s:*",),
+                                      (10, 60, 1)),
+            ("t%2F1/sub:b", s): pack_evalsha(
+                SCRIPT, ("{stella-router-rate-limit:t%252F1/sub:b}:s:*",), (10, 60, 1)),
+            ("ip:a", other): pack_evalsha(
+                SCRIPT, ("{stella-router-rate-limit:ip:a}:other:*",), (10, 60, 1))}
         await rl.check("ip:c", None, "s", "/", "/")    # full: dropped whole, then this one
-        assert list(rl._commands) == [("ip:c", "s:*")]
+        assert list(rl._commands) == [("ip:c", s)]
         await rl.close()
     uvloop.run(main())
     assert rl.counters["valkey_errors"] == {"connection": 5}
@@ -309,7 +330,8 @@ def test_environment_reply_beyond_int64_fails_open():
     rl, _ = limiter(_env_yaml(free_port(), 0))
     instance = Decision(True, "instance", 1000, 999, T0 // 1000 + 1, 0, 1, 1)
     reply = [1, 0, 3, 2**64, 60, 500, T0, 3]              # a limit no Decision can hold
-    assert rl._environment_decided(reply, instance, "s", perf_counter()) is instance
+    check = rl._policy.resolve("s", "/")
+    assert rl._environment_decided(reply, instance, "s", check, perf_counter()) is instance
     assert rl.counters["valkey_errors"] == {"other": 1}
     assert rl.counters["allowed"]["environment"] == 0
 

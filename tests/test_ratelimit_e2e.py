@@ -46,8 +46,9 @@ def test_environment_limit_is_shared_across_instances_and_fails_open(tmp_path):
                     for i in range(6)]
         assert [s for s, _, _ in statuses] == [200, 200, 200, 200, 429, 429]
         _, headers, body = statuses[4]
-        err = orjson.loads(body)
-        assert err["scope"] == "environment" and err["limit"] == 6
+        err = orjson.loads(body)["error"]
+        assert (err["code"], err["scope"], err["limit"], err["appliesTo"]) == (
+            "rate_limit_exceeded", "environment", 6, "identity")
         assert int(headers["retry-after"]) >= 1
         # Valkey goes away: no 5xx, no 401 — the environment check fails open.
         valkey.stop()

@@ -89,12 +89,20 @@ def policy():
     ("billing", "/x", "environment", "*", ((1000, 60),)),
 ])
 def test_resolution(policy, service, path, level, route, rules):
-    got = policy.resolve(service, path)
+    check = policy.resolve(service, path)
+    got = check.identity
+    assert check.tenant is None and check.identity_only is check
     assert (got.level, got.route, got.rules, got.service) == (level, route, rules, service)
-    assert got.argv == tuple(x for rule in rules for x in rule)
+    assert check.argv == tuple(x for rule in rules for x in (*rule, 1))
+    assert check.rules == rules and check.applies == ("identity",) * len(rules)
     assert got.target == f"{service}:{route}"
+    # Each rule is named by its configuration path (what a 429 says).
+    where = {"environment": "rate_limiting.for_environment",
+             "microservice": f"rate_limiting.for_environment.microservices.{service}",
+             "route": f"rate_limiting.for_environment.microservices.{service}.routes.{route}"}
+    assert check.names == tuple(f"{where[level]}.rules[{i}]" for i in range(len(rules)))
     # Cached answers are the same.
-    assert policy.resolve(service, path) is got
+    assert policy.resolve(service, path) is check
 
 
 def test_no_rules_anywhere_means_no_environment_check():
@@ -112,6 +120,7 @@ rate_limiting:
     assert policy.resolve("scanner", "/two") is None
     assert policy.resolve("billing", "/one") is None
     assert policy.resolve("scanner", "/one").rules == ((1, 1),)
+    assert not policy.has_tenant_rules
     empty = EnvironmentPolicy(load_config_text(
         "rate_limiting:\n  for_environment:\n    valkey_connection: x:1\n", env={})
         .rate_limiting.for_environment)
@@ -130,7 +139,7 @@ rate_limiting:
             pattern: /odd
             rules: [{max_requests: 1, per_seconds: 1}]
 """, env={}).rate_limiting.for_environment
-    got = EnvironmentPolicy(env).resolve("scanner", "/odd")
+    got = EnvironmentPolicy(env).resolve("scanner", "/odd").identity
     assert got.route == "odd:{name}%"
     assert got.target == "scanner:odd%3A%7Bname%7D%25"
     assert escape("a:b") == "a%3Ab" and escape("plain") == "plain"

@@ -48,8 +48,8 @@ def prefix(identity="sub:alice", service="scanner", rules=((3, 60),)) -> str:
     return counter_prefix(BUCKET, identity, Policy.make(rules, service, "*", "environment"))
 
 
-def argv(rules):
-    return [x for rule in rules for x in rule]
+def argv(rules, key=1):
+    return [x for rule in rules for x in (*rule, key)]
 
 
 async def decide(client, rules, identity="sub:alice", service="scanner"):
@@ -129,7 +129,7 @@ def test_script_is_atomic_under_concurrent_gateways(valkey_proc):
         clients = [ValkeyClient.from_url(valkey_proc.address, timeout=5)
                    for _ in range(connections)]
         for c in clients:
-            await c.evalsha(SCRIPT, [prefix("sub:warmup")], [1, 60])
+            await c.evalsha(SCRIPT, [prefix("sub:warmup")], [1, 60, 1])
         # 8 "gateway instances", 50 concurrent requests each, for one identity.
         results = await asyncio.gather(*[decide(clients[i % connections], [(limit, 60)])
                                          for i in range(callers)])
@@ -229,7 +229,10 @@ def test_environment_limit_end_to_end(valkey_proc):
     assert denied.reset_s % 60 == 0 and 1 <= denied.retry_after_s <= 60
     assert abs(denied.reset_s - time.time() - denied.retry_after_s) < 2
     status, headers, body = rejection(denied, "c1")
-    assert status == 429 and orjson.loads(body)["scope"] == "environment"
+    err = orjson.loads(body)["error"]
+    assert status == 429 and (err["scope"], err["appliesTo"], err["rule"]) == (
+        "environment", "identity", "rate_limiting.for_environment.rules[0]")
+    assert (denied.applies_to, denied.rule) == ("identity", "rate_limiting.for_environment.rules[0]")
     assert rl.counters["allowed"]["environment"] == 3
     assert rl.counters["rejected"] == {"instance": 0, "environment": 1}
     assert rl.counters["rejected_by_service"] == {("environment", "scanner"): 1}

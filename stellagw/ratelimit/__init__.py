@@ -12,6 +12,9 @@ docs/rate-limiting.md).
     ...
     await limiter.close()
 
+Both tiers count per identity (`rules`) and per tenant (`tenant_rules`), plans giving
+tenants their own quotas; a denied Decision says which limit (applies_to, rule).
+
 Modules: policy (which rules apply), decision (Decision, the 429), environment (the Lua
 script), breaker (the circuit breaker), limiter (RateLimiter, PendingCheck).
 """

@@ -5,23 +5,29 @@ of the gateway hosts do not matter). One EVALSHA per decision checks every rule 
 the request in all of them, atomically; a denied request is not counted. Keys:
 
     {<valkey_bucket>:<identity>}:<service>:<route>:<window_s>:<window_index>
+    {<valkey_bucket>:<tenant>}/<key>:<service>:<route>:<window_s>:<window_index>
+    {<valkey_bucket>:<tenant>}/*:<service>:<route>:<window_s>:<window_index>
 
 The part in braces is the Valkey Cluster hash tag: every counter of one decision lives in
-one slot, so one node can run the script. KEYS[1] is the prefix up to <route>; the script
-derives the full keys from it (they hash to KEYS[1]'s slot, so Cluster accepts them).
-The script's contract is in docs/rate-limiting.md, "The Lua script".
+one slot, so one node can run the script. A decision with tenant rules counts the tenant
+too, so its tag is the tenant, shared by the identity's counters (second form) and the
+tenant's (third form); without tenant rules the tag stays the identity (first form), so
+a tenant's identities still spread over the cluster. KEYS are the prefixes up to
+<route>; the script derives the full keys from them (in their slot, so Cluster accepts
+them). The script's contract is in docs/rate-limiting.md, "The Lua script".
 """
 from __future__ import annotations
 
 from ..valkey import Script
-from .policy import Policy, escape_tag
+from .policy import Check, Policy, escape_tag
 
-__all__ = ["SCRIPT", "LUA", "counter_prefix", "parse_reply"]
+__all__ = ["SCRIPT", "LUA", "counter_prefix", "counter_prefixes", "parse_reply"]
 
 LUA = r"""
 -- stellagw environment rate limit (docs/rate-limiting.md, "The Lua script").
--- KEYS[1]: counter prefix "{bucket:identity}:service:route"
--- ARGV:    limit_1, window_s_1, limit_2, window_s_2, ...   (all rules must pass)
+-- KEYS:    counter prefixes "{bucket:tag}...:service:route", all in one slot
+-- ARGV:    limit_1, window_s_1, key_1, limit_2, ...   (all rules must pass; key_i indexes
+--          KEYS: the counter family rule i counts in)
 -- Returns: {allowed, rule, current, limit, window_s, reset_ms, now_ms, count_1, ...}
 --   allowed  1 or 0; a denied request is not counted
 --   rule     0-based: on deny the violated rule whose window ends last (the longest
@@ -33,14 +39,14 @@ if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now_s = tonumber(t[1])
 local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = math.floor(#ARGV / 2)
+local n = math.floor(#ARGV / 3)
 local keys, counts, limits, windows, ends = {}, {}, {}, {}, {}
 local worst, worst_wait = 0, -1
 for i = 1, n do
-  local limit = tonumber(ARGV[2 * i - 1])
-  local w = tonumber(ARGV[2 * i])
+  local limit = tonumber(ARGV[3 * i - 2])
+  local w = tonumber(ARGV[3 * i - 1])
   local index = math.floor(now_s / w)
-  local key = KEYS[1] .. ':' .. w .. ':' .. index
+  local key = KEYS[tonumber(ARGV[3 * i])] .. ':' .. w .. ':' .. index
   local count = tonumber(redis.call('GET', key) or '0')
   keys[i], counts[i], limits[i], windows[i] = key, count, limit, w
   ends[i] = (index + 1) * w * 1000
@@ -80,8 +86,24 @@ SCRIPT = Script(LUA)
 
 
 def counter_prefix(bucket: str, identity: str, policy: Policy) -> str:
-    """KEYS[1]: ``{<bucket>:<identity>}:<service>:<route>``, braces escaped in the tag."""
+    """An identity's counter prefix tagged by the identity:
+    ``{<bucket>:<identity>}:<service>:<route>``, braces escaped in the tag."""
     return f"{{{escape_tag(bucket)}:{escape_tag(identity)}}}:{policy.target}"
+
+
+def counter_prefixes(bucket: str, check: Check, identity: str, tenant: str | None,
+                     key: str) -> tuple[str, ...]:
+    """KEYS for `check`: one prefix per counter family, in the order of its ARGV's key
+    indexes. identity = "<tenant>/<key>" (or key without a tenant), tenant escaped as in
+    identity; a check with tenant rules is tagged by the tenant, so the identity's prefix
+    is the first form's with its closing brace moved to after the tenant."""
+    if check.tenant is None:
+        return (counter_prefix(bucket, identity, check.identity),)
+    tag = f"{{{escape_tag(bucket)}:{escape_tag(tenant)}}}"
+    tenant_prefix = f"{tag}/*:{check.tenant.target}"
+    if check.identity is None:
+        return (tenant_prefix,)
+    return (f"{tag}/{escape_tag(key)}:{check.identity.target}", tenant_prefix)
 
 
 def parse_reply(reply) -> tuple[bool, int, int, int, int, int, int, list[int]]:

@@ -19,6 +19,13 @@ Keys: `key` is the caller's identity, "sub:<subject>" for an authenticated reque
 "ip:<client address>" for an anonymous one (identity_key() builds it); `tenant` (the tid
 claim) prefixes it. The instance counter is "<service>:<tenant>/<key>", the environment
 counter "{<bucket>:<tenant>/<key>}:<service>:<route>:<window>:<index>".
+
+Tenant quotas: tenant_rules count every identity of a tenant together, under the key
+"<tenant>/*" in both tiers ("<service>:<tenant>/*" in this process). A request of a tenant
+is checked against its identity's rules and its tenant's as one set, counted in both only
+when all pass. rate_limiting.tenants maps a tenant to a plan, whose rules replace the
+base's where it has some. A request without a tenant (anonymous, or a token without one)
+meets the identity rules only.
 """
 from __future__ import annotations
 
@@ -31,8 +38,9 @@ from ..valkey import (ValkeyAuthError, ValkeyClient, ValkeyConnectionError, Valk
 from .window import FiveMinuteCounter, WindowLimiter, wall_ms
 from .breaker import CLOSED, HALF_OPEN, CircuitBreaker
 from .decision import UNLIMITED, Decision
-from .environment import SCRIPT, counter_prefix, parse_reply
-from .policy import EnvironmentPolicy, environment_settings, instance_rules
+from .environment import SCRIPT, counter_prefixes, parse_reply
+from .policy import (AUTH_PATH, IDENTITY, TENANT, EnvironmentPolicy, environment_settings,
+                     instance_rule_sets)
 
 __all__ = ["RateLimiter", "PendingCheck", "identity_key", "VALKEY_TIMEOUT", "MAX_KEYS"]
 
@@ -56,6 +64,14 @@ def identity_key(subject: str | None, client_address: str) -> str:
     return f"sub:{subject}" if subject else f"ip:{client_address}"
 
 
+def _escape_tenant(tenant: str) -> str:
+    """A tenant as check() writes it in keys: "/" and "%" percent-escaped, so the split
+    of "<tenant>/<key>" is unambiguous."""
+    if "/" in tenant or "%" in tenant:
+        tenant = tenant.replace("%", "%25").replace("/", "%2F")
+    return tenant
+
+
 def _error_type(exc: BaseException) -> str:
     if isinstance(exc, ValkeyTimeout):
         return "timeout"
@@ -70,6 +86,19 @@ def _error_type(exc: BaseException) -> str:
     if isinstance(exc, ValueError):
         return "bad_reply"
     return "other"
+
+
+class _Limits:
+    """What applies to the requests of one plan (or of the base configuration): the
+    instance windows per identity and per tenant, and the environment policy."""
+
+    __slots__ = ("identity", "tenant", "environment")
+
+    def __init__(self, identity: WindowLimiter | None, tenant: WindowLimiter | None,
+                 environment: EnvironmentPolicy | None):
+        self.identity = identity
+        self.tenant = tenant
+        self.environment = environment
 
 
 class RateLimiter:
@@ -87,6 +116,7 @@ class RateLimiter:
         breaker_trips               {"failure_threshold"|"probe_failed"|"probe_timeout": n}
         breaker_transitions         {"closed->open": n, "open->half_open": n, ...}
         instance_keys_evicted       {"idle": n, "capacity": n}
+        rejected_by_limit           {("instance"|"environment", "identity"|"tenant"): n}
     """
 
     def __init__(self, settings, log, now_ms=None, *, valkey_timeout: float = VALKEY_TIMEOUT,
@@ -106,32 +136,44 @@ class RateLimiter:
             "breaker_trips": {},
             "breaker_transitions": {},
             "instance_keys_evicted": {"idle": 0, "capacity": 0},
+            "rejected_by_limit": {},
         }
         self.check_observer = None   # callable(seconds) per environment check (a histogram)
         self._allowed = self._counters["allowed"]
         self._rejected = self._counters["rejected"]
         self._by_service = self._counters["rejected_by_service"]
         self._skipped = self._counters["environment_skipped"]
+        self._by_limit = self._counters["rejected_by_limit"]
 
-        # --- instance tier
-        rules = instance_rules(settings)
-        self.instance_rules = rules
-        self._instance = WindowLimiter(rules, max_keys) if rules else None
+        # --- instance tier: one WindowLimiter per rule set (a plan that keeps the base's
+        # identity rules shares the base's limiter: the keys are per identity anyway).
+        base_identity, base_tenant = instance_rule_sets(settings)
+        self.instance_rules = base_identity.rules if base_identity else ()
+        self._instance = self._window(base_identity, IDENTITY, max_keys)
+        base_tenant_window = self._window(base_tenant, TENANT, max_keys)
+        self._windows = [w for w in (self._instance, base_tenant_window) if w is not None]
 
         # --- environment tier
         self._policy: EnvironmentPolicy | None = None
         self.client: ValkeyClient | None = None
         self.breaker: CircuitBreaker | None = None
         self._bucket = ""
-        self._commands: dict[tuple[str, str], bytes] = {}
+        self._commands: dict[tuple, bytes] = {}
         env, address = environment_settings(settings)
+        plan_policies: dict[str, EnvironmentPolicy] = {}
         if env is not None:
-            policy = EnvironmentPolicy(env)
+            auth_made = rl.for_environment is None
+            policy = EnvironmentPolicy(
+                env, default_names=(f"{AUTH_PATH}.requestsPerMinute",) if auth_made else None)
+            for name, plan in rl.plans.items():
+                if plan.for_environment is not None:
+                    plan_policies[name] = EnvironmentPolicy(
+                        env, plan.for_environment, f"rate_limiting.plans.{name}.for_environment")
             if not address:
                 log.event("warning", "rate_limiting.for_environment has no valkey_connection "
                                      "(nor gateway.auth.rateLimiting.redisConnectionString): "
                                      "the environment tier is off")
-            elif not policy.has_rules:
+            elif not (policy.has_rules or any(p.has_rules for p in plan_policies.values())):
                 log.event("info", "rate_limiting.for_environment has no rules at any level: "
                                   "the environment tier is off")
             else:
@@ -142,25 +184,59 @@ class RateLimiter:
                                               clock=clock, name=self.client.name)
                 self._policy = policy
                 self._bucket = env.valkey_bucket
+        if self._policy is None:
+            plan_policies = {}
+
+        # --- what applies to whom: the base, and each plan (shared by its tenants)
+        self._base = _Limits(self._instance, base_tenant_window, self._policy)
+        plans: dict[str, _Limits] = {}
+        for name in rl.plans:
+            identity, tenant = instance_rule_sets(settings, name)
+            plans[name] = _Limits(
+                self._instance if identity == base_identity else self._window(identity, IDENTITY,
+                                                                             max_keys),
+                base_tenant_window if tenant == base_tenant else self._window(tenant, TENANT,
+                                                                             max_keys),
+                plan_policies.get(name, self._policy))
+            for w in (plans[name].identity, plans[name].tenant):
+                if w is not None and w not in self._windows:
+                    self._windows.append(w)
+        # Keyed as check() escapes a tenant for keys (injective), so it looks up what it has.
+        self._tenants = {_escape_tenant(tenant): plans[entry.plan]
+                         for tenant, entry in rl.tenants.items()}
+        # Tenant-aware checking is needed when some tenant is treated unlike an identity of
+        # the base: tenant rules anywhere, or a tenant on a plan. Otherwise check() runs
+        # exactly as before tenant quotas existed.
+        self._per_tenant = bool(self._tenants) or base_tenant_window is not None or (
+            self._policy is not None and self._policy.has_tenant_rules)
 
         # --- activation gate (it only ever decides whether to ask Valkey)
         self._threshold = rl.process_back_pressure_when_more_than_per_5min
         self._gate = (FiveMinuteCounter() if self._threshold > 0 and self._policy is not None
                       else None)
 
-        self.enabled = self._instance is not None or self._policy is not None
-        self._instance_only = self._instance is not None and self._policy is None
+        self.enabled = bool(self._windows) or self._policy is not None
+        self._instance_only = (self._instance is not None and self._policy is None
+                               and not self._per_tenant)
+        # Only instance windows, some of them per tenant: check()'s second shortcut.
+        self._instance_tenants = self._per_tenant and self._policy is None and self.enabled
         self._evict_handle: asyncio.TimerHandle | None = None
         self._error_logged: dict[str, float] = {}
         self._error_suppressed: dict[str, int] = {}
 
+    @staticmethod
+    def _window(rules, applies: str, max_keys: int) -> WindowLimiter | None:
+        if rules is None:
+            return None
+        return WindowLimiter(rules.rules, max_keys, applies_to=applies, names=rules.names)
+
     @property
     def counters(self) -> dict:
-        inst = self._instance
-        if inst is not None:
-            # The instance tier counts its decisions in C (WindowLimiter.decide()).
-            self._allowed["instance"] = inst.allowed_count
-            self._rejected["instance"] = inst.denied_count
+        if self._windows:
+            # The instance tier counts its decisions in C (WindowLimiter.decide()), each
+            # request in the one limiter its check was made on.
+            self._allowed["instance"] = sum(w.allowed_count for w in self._windows)
+            self._rejected["instance"] = sum(w.denied_count for w in self._windows)
         return self._counters
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -169,7 +245,7 @@ class RateLimiter:
         """Arm idle-key eviction; load the script into Valkey (best effort: a Valkey that is
         down now only means failing open until it answers)."""
         loop = asyncio.get_running_loop()
-        if self._instance is not None and self._evict_handle is None:
+        if self._windows and self._evict_handle is None:
             self._evict_handle = loop.call_later(EVICT_INTERVAL, self._evict)
         if self.client is not None:
             try:
@@ -191,10 +267,11 @@ class RateLimiter:
             await self.client.close()
 
     def _evict(self) -> None:
-        inst = self._instance
         counters = self._counters["instance_keys_evicted"]
-        counters["idle"] += inst.evict_idle(self._now_ms())
-        counters["capacity"] = inst.capacity_evictions
+        now = self._now_ms()
+        for w in self._windows:
+            counters["idle"] += w.evict_idle(now)
+        counters["capacity"] = sum(w.capacity_evictions for w in self._windows)
         self._evict_handle = asyncio.get_running_loop().call_later(EVICT_INTERVAL, self._evict)
 
     # --- the check -----------------------------------------------------------------------------
@@ -218,8 +295,12 @@ class RateLimiter:
             decision = self._instance.decide(f"{service}:{identity}",
                                              None if clock is None else clock())
             if not decision.allowed:
-                self._instance_denied(service)
+                self._instance_denied(service, decision)
             return decision
+        if self._per_tenant:
+            # Tenant rules or plans: their own method, so that without them this one (and
+            # its frame) is what it was before tenant quotas.
+            return self._check_tenant(key, tenant, identity, service, path)
 
         gate = self._gate
         inst = self._instance
@@ -232,7 +313,7 @@ class RateLimiter:
         if inst is not None:
             decision = inst.decide(f"{service}:{identity}", now)
             if not decision.allowed:
-                self._instance_denied(service)
+                self._instance_denied(service, decision)
                 return decision
 
         resolver = self._policy
@@ -241,6 +322,7 @@ class RateLimiter:
         if gate is not None and gate.count(now) <= self._threshold:
             self._skipped["gate"] += 1
             return decision
+        # Without tenant rules every check is the identity's alone (identity_only is itself).
         policy = resolver.resolve(service, path)
         if policy is None:
             self._skipped["no_rules"] += 1
@@ -249,25 +331,96 @@ class RateLimiter:
         if breaker.state != CLOSED and not breaker.allow():
             self._skipped["breaker_open"] += 1
             return decision
-        return self._environment(decision, identity, service, policy)
+        return self._environment(decision, identity, tenant, key, service, policy)
 
-    def _instance_denied(self, service: str) -> None:
+    def _check_tenant(self, key: str, tenant: str | None, identity: str, service: str,
+                      path: str):
+        """check() when some tenant is treated apart (tenant rules, plans); tenant and
+        identity come escaped from check(), and _tenants is keyed by escaped names."""
+        clock = self._clock
+        if tenant:
+            limits = self._tenants.get(tenant, self._base)
+            window = limits.tenant
+        else:
+            limits = self._base
+            window = None
+        inst = limits.identity
+        if self._instance_tenants:
+            # Only the instance tier: still one C call per request.
+            if window is not None:
+                now = None if clock is None else clock()
+                if inst is not None:
+                    decision = inst.decide_with(f"{service}:{identity}", window,
+                                                f"{service}:{tenant}/*", now)
+                else:
+                    decision = window.decide(f"{service}:{tenant}/*", now)
+            elif inst is not None:
+                decision = inst.decide(f"{service}:{identity}", None if clock is None else clock())
+            else:
+                return UNLIMITED
+            if not decision.allowed:
+                self._instance_denied(service, decision)
+            return decision
+
+        gate = self._gate
+        # Only the local tiers read this clock; the environment tier uses Valkey's.
+        now = (self._now_ms() if gate is not None or inst is not None or window is not None
+               else 0)
+        if gate is not None:
+            gate.add(now)
+
+        decision = UNLIMITED
+        if window is not None:
+            if inst is not None:
+                decision = inst.decide_with(f"{service}:{identity}", window,
+                                            f"{service}:{tenant}/*", now)
+            else:
+                decision = window.decide(f"{service}:{tenant}/*", now)
+        elif inst is not None:
+            decision = inst.decide(f"{service}:{identity}", now)
+        if not decision.allowed:
+            self._instance_denied(service, decision)
+            return decision
+
+        resolver = limits.environment
+        if resolver is None:
+            return decision
+        if gate is not None and gate.count(now) <= self._threshold:
+            self._skipped["gate"] += 1
+            return decision
+        check = resolver.resolve(service, path)
+        if check is not None and not tenant:
+            check = check.identity_only
+        if check is None:
+            self._skipped["no_rules"] += 1
+            return decision
+        breaker = self.breaker
+        if breaker.state != CLOSED and not breaker.allow():
+            self._skipped["breaker_open"] += 1
+            return decision
+        return self._environment(decision, identity, tenant, key, service, check)
+
+    def _instance_denied(self, service: str, decision: Decision) -> None:
         k = ("instance", service)
         self._by_service[k] = self._by_service.get(k, 0) + 1
+        k = ("instance", decision.applies_to)
+        self._by_limit[k] = self._by_limit.get(k, 0) + 1
 
-    def _environment(self, instance: Decision, identity: str, service: str, policy):
+    def _environment(self, instance: Decision, identity: str, tenant: str | None, key: str,
+                     service: str, check):
         """Send the EVALSHA; a PendingCheck, or the instance decision when it cannot even
         be sent (failing open)."""
         commands = self._commands
-        # One Policy per target ("<service>:<route>"), so the target names the policy.
-        ck = (identity, policy.target)
+        # One Check per counter set (and a tenant is on one plan), so (identity, check)
+        # names the command.
+        ck = (identity, check)
         command = commands.get(ck)
         if command is None:
             if len(commands) >= COMMAND_CACHE_MAX:
                 commands.clear()
             command = commands[ck] = pack_evalsha(
-                SCRIPT, (counter_prefix(self._bucket, identity, policy),), policy.argv)
-        pending = PendingCheck(self, instance, service, self.breaker.state == HALF_OPEN)
+                SCRIPT, counter_prefixes(self._bucket, check, identity, tenant, key), check.argv)
+        pending = PendingCheck(self, instance, service, check, self.breaker.state == HALF_OPEN)
         try:
             self.client.evalsha_then(SCRIPT, command, pending._on_reply)
         except Exception as exc:  # noqa: BLE001 -- fail open on anything, count it, log it
@@ -290,17 +443,19 @@ class RateLimiter:
         if self.check_observer is not None:
             self.check_observer(elapsed)
 
-    def _environment_decided(self, reply, instance: Decision, service: str,
+    def _environment_decided(self, reply, instance: Decision, service: str, check,
                              started: float) -> Decision:
         try:
-            allowed, _rule, current, limit, window, reset_ms, now_ms, _ = parse_reply(reply)
+            allowed, rule, current, limit, window, reset_ms, now_ms, _ = parse_reply(reply)
             reset_s = -(-(now_ms + reset_ms) // 1000)
+            applies, name = check.applies[rule], check.names[rule]
             if allowed:
                 decision = Decision(True, "environment", limit, limit - current, reset_s, 0,
-                                    current, window)
+                                    current, window, applies, name)
             else:
                 decision = Decision(False, "environment", limit, 0, reset_s,
-                                    max(1, -(-reset_ms // 1000)), current, window)
+                                    max(1, -(-reset_ms // 1000)), current, window, applies,
+                                    name)
         # A reply we cannot read fails open too, as do numbers beyond Decision's int64.
         except Exception as exc:  # noqa: BLE001
             return self._environment_failed(exc, instance, started)
@@ -315,6 +470,8 @@ class RateLimiter:
         self._rejected["environment"] += 1
         k = ("environment", service)
         self._by_service[k] = self._by_service.get(k, 0) + 1
+        k = ("environment", applies)
+        self._by_limit[k] = self._by_limit.get(k, 0) + 1
         return decision
 
     def _count_error(self, exc: BaseException) -> None:
@@ -349,13 +506,15 @@ class PendingCheck:
     is the perf_counter() when the command went out.
     """
 
-    __slots__ = ("_limiter", "_instance", "_service", "_probe", "_done", "_callback",
-                 "_args", "_decision", "started")
+    __slots__ = ("_limiter", "_instance", "_service", "_check", "_probe", "_done",
+                 "_callback", "_args", "_decision", "started")
 
-    def __init__(self, limiter: RateLimiter, instance: Decision, service: str, probe: bool):
+    def __init__(self, limiter: RateLimiter, instance: Decision, service: str, check,
+                 probe: bool):
         self._limiter = limiter
         self._instance = instance
         self._service = service
+        self._check = check             # the policy.Check sent: it names the reply's rule
         self._probe = probe             # the half-open breaker's one probe
         self._done = False              # decided or cancelled
         self._callback = None
@@ -387,7 +546,7 @@ class PendingCheck:
         limiter = self._limiter
         if error is None:
             decision = limiter._environment_decided(reply, self._instance, self._service,
-                                                    self.started)
+                                                    self._check, self.started)
         else:
             decision = limiter._environment_failed(error, self._instance, self.started)
         callback = self._callback
