@@ -81,7 +81,7 @@ class build_ext(_build_ext):
             self.distribution.ext_modules,
             compiler_directives=directives,
             annotate=bool(self.cython_annotate),
-            include_path=[INCLUDE],
+            include_path=[INCLUDE, "."],   # ".": stellagw/_cext/*.pxd, the codecs' declarations
             # Rebuild C whenever the directives change (debug <-> release).
             force=bool(self.debug_build),
         )

@@ -16,8 +16,7 @@ __all__ = ["Histogram", "DURATION_BUCKETS"]
 DURATION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025,
                     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-cdef enum:
-    C_N_BOUNDS = 18     # len(DURATION_BUCKETS); a bucket per bound, then +Inf
+# C_N_BOUNDS and the Histogram's fields: stellagw/_cext/metrics.pxd (the glue cimports it).
 
 cdef double BOUNDS[C_N_BOUNDS]
 cdef tuple LABELS = tuple(repr(float(b)) for b in DURATION_BUCKETS)
@@ -35,11 +34,8 @@ cdef int _load_bounds() except -1:
 _load_bounds()
 
 
-@cython.final
 cdef class Histogram:
     """Counts per DURATION_BUCKETS bucket (the last is +Inf) and the sum of the samples."""
-    cdef int64_t c[C_N_BOUNDS + 1]       # zeroed by tp_alloc
-    cdef readonly double total
 
     @property
     def counts(self):
@@ -54,10 +50,9 @@ cdef class Histogram:
             s += self.c[i]
         return s
 
-    # METH_O: CPython's specialised call for a one-argument method descriptor, no keyword
-    # parsing.
+    # A C method for the compiled glue; from Python, METH_O (one argument, no keywords).
     @cython.always_allow_keywords(False)
-    def observe(self, double seconds):
+    cpdef observe(self, double seconds):
         # bisect_left(DURATION_BUCKETS, seconds), with bisect's own test (bound < x), so
         # NaN, infinities and negatives land where bisect puts them.
         cdef int lo = 0, hi = C_N_BOUNDS, mid

@@ -2,6 +2,7 @@
 cimport cython
 
 from stellagw.ingress.http cimport Request, HttpProtocol
+from stellagw._cext.metrics cimport Histogram
 
 cdef bytes _JSON
 cdef frozenset CREDENTIAL_FIELDS
@@ -11,7 +12,8 @@ cdef frozenset IDEMPOTENT
 @cython.final
 cdef class Pipeline:
     cdef object _worker, _builtins, _routing, _auth, _limiter, _metrics, _anonymous
-    cdef object _auth_hist, _routing_hist, _tracing
+    cdef Histogram _auth_hist, _routing_hist
+    cdef object _tracing
     cdef double _default_timeout
     cdef Py_ssize_t _stream_threshold
     cdef set _tasks

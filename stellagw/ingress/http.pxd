@@ -4,6 +4,8 @@
 # directly. The .py stays the one source and runs as plain Python too.
 cimport cython
 
+from stellagw._cext.metrics cimport Histogram
+
 cdef int _PIPELINE_MAX
 cdef int _D_NONE, _D_HEADER, _D_BODY, _D_IDLE, _D_LINGER
 cdef int _P_PIPELINE, _P_HOLD, _P_FLOW, _P_STOP
@@ -23,7 +25,8 @@ cdef class Accounting:
     cdef dict _cells
 
     cpdef str correlation_id_of(self, value)
-    @cython.locals(elapsed=double, requests=dict, by_method=dict, cell=list, keys=dict)
+    @cython.locals(elapsed=double, requests=dict, by_method=dict, cell=list, keys=dict,
+                   hist=Histogram)
     cpdef request_done(self, Request req, int status)
     cdef list _cell(self, service, method, route)
     cdef _log_line(self, Request req, int status, double elapsed)

@@ -22,7 +22,7 @@ from time import perf_counter
 
 import httptools
 
-from ..observe.metrics import Histogram
+from ..observe import metrics as observe_metrics
 from ..replies import JSON, STATUS_LINES, error_body, status_line
 from .compress import accepts_gzip, gzipped
 from .proxy import ProxyError, parse_proxy_header
@@ -95,7 +95,7 @@ class Accounting:
         hist_key = (service, method, route)
         hist = durations.get(hist_key)
         if hist is None:
-            hist = durations[hist_key] = Histogram()
+            hist = durations[hist_key] = observe_metrics.Histogram()
         return [hist_key, {}, durations, hist]
 
     def correlation_id(self, headers):
@@ -134,7 +134,8 @@ class Accounting:
             key = keys[status] = (req.service, req.method, req.route, status)
         requests = m.requests
         requests[key] = requests.get(key, 0) + 1
-        cell[3].observe(elapsed)
+        hist = cell[3]
+        hist.observe(elapsed)
         log = self._log
         if log.access_log:
             self._log_line(req, status, elapsed)

@@ -2,6 +2,7 @@
 cimport cython
 
 from stellagw.ingress.http cimport Request
+from stellagw._cext.metrics cimport Histogram
 from stellagw.transport.batch cimport WriteBatch
 
 cdef Py_ssize_t _MAX_WINDOW
@@ -43,12 +44,14 @@ cdef class ServiceConnection:
     cdef public dict inflight
     cdef public Py_ssize_t peer_window
     # -- per worker
-    cdef object _hub, _routing, _metrics, _log, _loop, _frames_in, _transport_hist
+    cdef object _hub, _routing, _metrics, _log, _loop, _frames_in
+    cdef Histogram _transport_hist
     # -- per connection
     cdef object _decoder, _encoder, _hello_timer, _scheme
     cdef WriteBatch _writes
     cdef TimerWheel _wheel
     cdef bint _opened, _write_paused
+    cdef int _failures
     cdef Py_ssize_t _frames, _frames_seen, _write_limit
     cdef double _quiet_since, _paused_since
     cdef bytes _corr_prefix
@@ -75,6 +78,7 @@ cdef class ServiceConnection:
     cdef _send_body(self, Pending pending)
     cdef _rearm(self, Pending pending)
     cdef _timeout(self, Pending pending)
+    cdef _failed(self, reason)
     cdef _client_gone(self, Pending pending)
     cdef _cancel(self, Pending pending, reason)
     cdef _finish(self, Pending pending)
