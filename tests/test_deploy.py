@@ -179,6 +179,36 @@ def _quantity_cores(q: str) -> float:
     return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
 
 
+# ---------------------------------------------------------------------------- the set
+
+# The API version each kind is written for (autoscaling/v2 has `behavior`, policy/v1 the
+# PDB's unhealthyPodEvictionPolicy); an older one would silently lose fields.
+API_VERSIONS = {
+    "ConfigMap": "v1", "Service": "v1", "Deployment": "apps/v1",
+    "PodDisruptionBudget": "policy/v1", "HorizontalPodAutoscaler": "autoscaling/v2",
+    "NetworkPolicy": "networking.k8s.io/v1",
+}
+
+
+def test_kustomization_lists_every_manifest_and_each_is_well_formed():
+    with open(os.path.join(DEPLOY, "kustomization.yaml")) as f:
+        kust = yaml.safe_load(f)
+    files = {os.path.basename(p) for p in glob.glob(os.path.join(DEPLOY, "*.yaml"))}
+    files.discard("kustomization.yaml")
+    assert sorted(kust["resources"]) == sorted(files), "kustomization.yaml lists every manifest"
+    kinds = {}
+    for doc in _docs():
+        if doc.get("kind") == "Kustomization":
+            continue
+        kind, meta = doc["kind"], doc["metadata"]
+        assert doc["apiVersion"] == API_VERSIONS.get(kind), (kind, doc["apiVersion"])
+        # kustomization.yaml sets it: a namespace here would fight `namespace:` there.
+        assert "namespace" not in meta, meta["name"]
+        assert meta["labels"]["app.kubernetes.io/name"] == "stellagw", meta["name"]
+        kinds.setdefault(kind, []).append(meta["name"])
+    assert set(kinds) == set(API_VERSIONS), kinds
+
+
 # ---------------------------------------------------------------------------- the config
 
 def test_configmap_gateway_yaml_loads_with_every_key_known():
@@ -303,11 +333,129 @@ def test_services_target_the_right_ports_and_pods():
     assert sorted(p["port"] for p in transport["ports"]) == sorted(enabled.values())
 
 
-def test_pod_disruption_budget_selects_the_gateway():
+def test_pod_disruption_budget_selects_the_gateway_and_lets_drains_proceed():
     pdb = _one("PodDisruptionBudget", "stellagw")["spec"]
     pod_labels = _deployment()["spec"]["template"]["metadata"]["labels"]
     assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
-    assert pdb.get("maxUnavailable", 0) == 1 or pdb.get("minAvailable", 0) >= 1
+    # One at a time at any scale: minAvailable at the HPA's floor would block every node
+    # drain while it holds the floor, and a percentage rounds to 0 of 3.
+    assert pdb.get("maxUnavailable") == 1 and "minAvailable" not in pdb
+    assert pdb["maxUnavailable"] < _hpa()["minReplicas"]
+    # A pod stuck not ready (no Authority keys) must not hold a node drain hostage.
+    assert pdb.get("unhealthyPodEvictionPolicy") == "AlwaysAllow"
+
+
+# ---------------------------------------------------------------------------- scaling
+
+def _hpa() -> dict:
+    return _one("HorizontalPodAutoscaler", "stellagw")["spec"]
+
+
+def test_hpa_scales_the_deployment_from_the_seeds_replicas():
+    hpa = _hpa()
+    ref = hpa["scaleTargetRef"]
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == ("apps/v1", "Deployment", "stellagw")
+    # docs/requirements.md §12's three replicas are the floor.
+    assert hpa["minReplicas"] == 3 and hpa["maxReplicas"] > hpa["minReplicas"]
+    # The HPA owns the count: a `replicas` in the applied Deployment would reset it.
+    assert "replicas" not in _deployment()["spec"]
+    [metric] = hpa["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    target = metric["resource"]["target"]
+    resources = _container()["resources"]
+    limit = _quantity_cores(resources["limits"]["cpu"])
+    if target["type"] == "AverageValue":
+        per_pod = _quantity_cores(str(target["averageValue"]))
+    else:
+        assert target["type"] == "Utilization"   # relative to the request, not the limit
+        per_pod = _quantity_cores(resources["requests"]["cpu"]) * target["averageUtilization"] / 100
+    # Each worker is one event loop: a pod uses at most min(workers, limit) CPUs, so a target
+    # at or above that is never reached and the HPA never scales up.
+    workers = _settings().gateway.node.workers
+    assert 0 < per_pod < min(workers, limit), (per_pod, workers, limit)
+
+
+def test_hpa_scale_down_drains_one_pod_at_a_time():
+    down = _hpa()["behavior"]["scaleDown"]
+    grace = _pod()["terminationGracePeriodSeconds"]
+    assert down["stabilizationWindowSeconds"] >= 60
+    # Whatever policy is picked, no more than one pod per period and a period long enough
+    # for the previous pod's drain to end.
+    for policy in down["policies"]:
+        assert policy["type"] == "Pods" and policy["value"] == 1, policy
+        assert policy["periodSeconds"] >= grace, (policy, grace)
+
+
+# ---------------------------------------------------------------------------- network policy
+
+def _policy() -> dict:
+    return _one("NetworkPolicy", "stellagw")["spec"]
+
+
+def _rules_by_port() -> dict[int, dict]:
+    """{port: the ingress rule that opens it} (ports as numbers; ranges left out)."""
+    by_port = {}
+    for rule in _policy()["ingress"]:
+        for p in rule["ports"]:
+            assert p.get("protocol", "TCP") == "TCP"
+            if "endPort" in p:
+                continue
+            port = _container_port(p["port"])
+            assert port not in by_port, f"port {port} in two rules: the wider one wins"
+            by_port[port] = rule
+    return by_port
+
+
+def test_network_policy_selects_the_gateway_for_ingress():
+    pol = _policy()
+    pod_labels = _deployment()["spec"]["template"]["metadata"]["labels"]
+    assert pol["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert pol["policyTypes"] == ["Ingress"]
+
+
+def test_network_policy_opens_each_listener_to_its_own_peers():
+    gw = _settings().gateway
+    listeners = _enabled_listeners(_settings())
+    by_port = _rules_by_port()
+    # Exactly the listeners: a port the gateway does not listen on is a stale rule, one it
+    # listens on and the policy forgets is a silent outage.
+    assert sorted(by_port) == sorted(listeners.values()), (by_port.keys(), listeners)
+    ranges = [p for rule in _policy()["ingress"] for p in rule["ports"] if "endPort" in p]
+    assert not ranges or gw.node.workers > 1, "a port range only for workers' private ports"
+
+    # Clients: from anywhere (no `from` at all; an empty list would mean the same, but a
+    # `from` with any peer in it would shut out the internet).
+    assert "from" not in by_port[gw.http.port]
+
+    def peers(port):
+        rule = by_port[port]
+        assert rule.get("from"), f"port {port} must name its peers"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, "pods move; select them by labels"
+            assert peer.get("namespaceSelector", {}).get("matchLabels"), \
+                "a namespace, named (an empty selector means every namespace)"
+        return rule["from"]
+
+    # Admin (/metrics, OpenAPI, readiness details): Prometheus' pods in its namespace. The
+    # kubelet's probes come from the pod's node, which NetworkPolicy always allows.
+    for peer in peers(gw.admin.port):
+        assert peer.get("podSelector", {}).get("matchLabels"), \
+            "the Prometheus pods, not every pod of its namespace"
+    # Service transport: the services' namespace.
+    for kind in ("tcp", "tls"):
+        node = getattr(gw.transports, kind)
+        if node.enabled:
+            peers(node.port)
+
+
+def test_network_policy_and_private_worker_ports_agree():
+    # With several workers each one also listens on a private port from the ephemeral
+    # range (docs/operations.md "Workers per pod"); the services' rule must then open it.
+    gw = _settings().gateway
+    if gw.node.workers == 1:
+        return
+    rule = _rules_by_port()[gw.transports.tls.port]
+    assert any(p.get("endPort", 0) >= 60999 and p["port"] <= 32768 for p in rule["ports"])
 
 
 # ---------------------------------------------------------------------------- lifecycle
@@ -316,8 +464,9 @@ def test_grace_period_covers_prestop_delay_and_drain():
     settings = _settings()
     grace = _pod()["terminationGracePeriodSeconds"]
     # SIGTERM: readiness fails, listeners stay open for preStopDelay, then the drain may
-    # take shutdownTimeout; SIGKILL comes when the grace period is over.
-    assert grace > _prestop_seconds() + settings.gateway.http.shutdown_timeout, grace
+    # take shutdownTimeout; SIGKILL comes when the grace period is over, so leave 5 s for
+    # the last log lines and the exit.
+    assert grace >= _prestop_seconds() + settings.gateway.http.shutdown_timeout + 5, grace
     assert _prestop_seconds() >= 5  # long enough for endpoint removal to propagate
     # The gateway waits itself; a preStop sleep as well would add up to twice the wait
     # (and count against the same grace period).
@@ -326,7 +475,6 @@ def test_grace_period_covers_prestop_delay_and_drain():
 
 def test_rollout_keeps_capacity_and_resources_are_the_seeds():
     spec = _deployment()["spec"]
-    assert spec["replicas"] == 3
     assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     res = _container()["resources"]
     assert res["requests"] == {"memory": "256Mi", "cpu": "250m"}
