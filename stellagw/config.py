@@ -51,7 +51,8 @@ __all__ = [
     "parse_duration", "parse_size", "effective_config", "dump_effective",
     "Settings", "GatewaySettings", "NodeSettings", "HttpSettings", "HttpTlsSettings",
     "TransportsSettings", "TcpTransportSettings", "TlsTransportSettings",
-    "RoutingSettings", "AuthSettings", "AuthRateLimitSettings", "OpenApiSettings",
+    "RoutingSettings", "ServiceRoutingSettings", "OutlierDetectionSettings",
+    "AuthSettings", "AuthRateLimitSettings", "OpenApiSettings",
     "HealthSettings", "LoggingSettings", "MetricsSettings", "AdminSettings",
     "RateLimitingSettings", "RateLimitRule", "InstanceLimitSettings",
     "EnvironmentLimitSettings", "CircuitBreakerSettings", "MicroserviceLimitSettings",
@@ -737,6 +738,76 @@ class TransportsSettings:
     tls: TlsTransportSettings = _section("tls", TlsTransportSettings)
 
 
+# As services register them (routing/state.py): weights name versions the same way.
+_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+_SERVICE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_STICKY_HELP = "must be identity, tenant, header:<name> or cookie:<name>"
+
+
+def _sticky_key(text: str) -> str:
+    kind, sep, name = text.strip().partition(":")
+    kind = kind.strip().lower()
+    if not sep and kind in ("identity", "tenant"):
+        return kind
+    if sep and kind in ("header", "cookie"):
+        name = name.strip()
+        if not _TOKEN.match(name):
+            raise ValueError(f"{name!r} is not a {kind} name (an RFC 9110 token)")
+        # Header names are case-insensitive, cookie names are not (RFC 6265 §5.3).
+        return f"{kind}:{name.lower() if kind == 'header' else name}"
+    raise ValueError(f"{_STICKY_HELP}; got {text!r}")
+
+
+def _optional_sticky_key(text: str) -> str:
+    return _sticky_key(text) if text.strip() else ""
+
+
+def _version_weights(value: Any, path: str) -> FrozenMap:
+    if value is None:
+        return FrozenMap()
+    if not isinstance(value, dict):
+        raise ValueError(f'expected a mapping of versions to weights, e.g. {{"1.2.0": 90, '
+                         f'"1.3.0": 10}}, got {_describe(value)}')
+    items = {}
+    for version, weight in value.items():
+        where = f"{path}.{version}"
+        if not isinstance(version, str) or not _SEMVER.match(version):
+            raise ConfigError(where, f"{version!r} is not a version as services register "
+                                     f"them (MAJOR.MINOR.PATCH; quote it)")
+        items[version] = _apply(_integer(0, 1_000_000), weight, where)
+    if items and not any(items.values()):
+        raise ValueError("every weight is 0: at least one version must take the traffic")
+    return FrozenMap(items)
+
+
+@_settings
+class ServiceRoutingSettings:
+    """gateway.routing.services.<name> (docs/selection.md "Versions")."""
+    # Unpinned requests split across these versions in proportion; none: the newest
+    # version, ramped in over versionRamp.
+    weights: FrozenMap[int] = _key("weights", _version_weights, {})
+    # "" = gateway.routing.stickyKey.
+    sticky_key: str = _key("stickyKey", _string(_optional_sticky_key), "")
+
+
+@_settings
+class OutlierDetectionSettings:
+    """gateway.routing.outlierDetection (docs/selection.md "Outlier ejection")."""
+    # 5xx answers and timeouts in a row that take an instance out of selection; 0 = off.
+    consecutive_errors: int = _key("consecutiveErrors", NON_NEGATIVE, 5)
+    base_ejection_time: float = _duration_key("baseEjectionTime", "30s", positive=True)
+    max_ejection_time: float = _duration_key("maxEjectionTime", "5m", positive=True)
+    max_ejection_percent: int = _key("maxEjectionPercent", _integer(0, 100), 50)
+
+    def _finish(self, path: str) -> OutlierDetectionSettings:
+        if self.max_ejection_time < self.base_ejection_time:
+            raise ConfigError(_join(path, "maxEjectionTime"),
+                              f"must be at least baseEjectionTime "
+                              f"({_format_duration(self.base_ejection_time)}): it caps the "
+                              f"interval that grows from it")
+        return self
+
+
 @_settings
 class RoutingSettings:
     default_timeout: float = _duration_key("defaultTimeout", "30s", positive=True)
@@ -748,6 +819,23 @@ class RoutingSettings:
     # How long a service stays known (its routes answer 503, not 404) after its last
     # instance left a worker; 0 = never forgotten (docs/selection.md).
     service_expiry: float = _duration_key("serviceExpiry", "10m")
+    # A new version's share of unpinned traffic grows from 0 to all of it over this long,
+    # so a bad release meets a few clients first; 0 = at once (docs/selection.md).
+    version_ramp: float = _duration_key("versionRamp", "60s")
+    # What keeps one client on one version while versions split the traffic.
+    sticky_key: str = _key("stickyKey", _string(_sticky_key), "identity")
+    services: FrozenMap[ServiceRoutingSettings] = _key(
+        "services", _mapping_of(_section_of(ServiceRoutingSettings)), {})
+    outlier_detection: OutlierDetectionSettings = _section("outlierDetection",
+                                                           OutlierDetectionSettings)
+
+    def _finish(self, path: str) -> RoutingSettings:
+        for name in self.services:
+            if not _SERVICE_NAME.match(name):
+                raise ConfigError(_join(path, f"services.{name}"),
+                                  "not a service name (1-64 of A-Z a-z 0-9 . _ -, as services "
+                                  "register them)")
+        return self
 
 
 @_settings
