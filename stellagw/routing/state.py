@@ -13,14 +13,20 @@ Retry-After (a restart, not a missing path) until `service_expiry` seconds pass;
 routes go and requests get 404. A service with live instances has exactly the routes
 they declare.
 
-Selection (seed §6, docs/selection.md): routable health (Healthy or Degraded) → strict
-version (when asked; else the newest registered) → region tier (own region, neighbour
-regions, the rest) → lowest average ping → freshest heartbeat → round-robin. Pings are
+Selection (seed §6, docs/selection.md): routable health (Healthy or Degraded, not ejected)
+→ strict version (when asked; else the configured weights, or the newest version ramped
+in, by a sticky key: versions.py) → region tier (own region, neighbour regions, the rest)
+→ lowest average ping → freshest heartbeat → round-robin. Pings are
 compared in bands and heartbeats by interval, so that instances that are equal for any
 practical purpose share the load instead of one taking all of it on a 0.01 ms difference.
 A route's ranking is cached until one of its candidates changes in a way selection sees
-(its health, its ping band, its heartbeat interval), so a heartbeat that changes none of
-them touches no cache.
+(its health, its ping band, its heartbeat interval, an ejection), so a heartbeat that
+changes none of them touches no cache. While versions share a route's traffic the cached
+entry is a Split (a ranking per version) instead of one ranking.
+
+Outlier ejection: a link's consecutive 5xx answers and timeouts (counted by the
+connection, which calls `failed`) take its instance out of selection for a growing
+interval, never more than outlierDetection.maxEjectionPercent of a service's instances.
 """
 from __future__ import annotations
 
@@ -30,7 +36,9 @@ import re
 import time
 from time import perf_counter
 
+from .outliers import ejection_time, may_eject
 from .radix import FOUND, METHOD_NOT_ALLOWED, Router, RouteError
+from .versions import Split, parse_sticky, ramp_shares, seed_of, thresholds, weight_shares
 
 HEALTHY, DEGRADED, DRAINING, UNHEALTHY = "Healthy", "Degraded", "Draining", "Unhealthy"
 ROUTABLE = (HEALTHY, DEGRADED)
@@ -56,6 +64,23 @@ PUMP_SLICE = 0.002
 # Forgetting services is spread over loop iterations, this many routes (about 2 ms) at a
 # time, so a thousand services expiring together do not stall the loop.
 EXPIRY_BATCH = 1024
+# Defaults of gateway.routing's versionRamp, stickyKey and outlierDetection (configure()
+# applies the configured ones).
+VERSION_RAMP = 60.0
+STICKY_KEY = "identity"
+CONSECUTIVE_ERRORS = 5
+BASE_EJECTION_TIME = 30.0
+MAX_EJECTION_TIME = 300.0
+MAX_EJECTION_PERCENT = 50
+# A version ramps in only when it joins a service that has served longer than this on the
+# worker: a worker that (re)starts sees every version register within a few seconds (the
+# SDK's longest reconnect backoff is 5 s) and must not ramp in again a rollout that
+# finished long ago. Also how long a version may be without an instance (a reconnect)
+# before it counts as new again.
+VERSION_SETTLE = 10.0
+# While a version ramps, a route's split is worked out again this often: the shares move
+# in steps of RAMP_STEP / versionRamp.
+RAMP_STEP = 1.0
 
 
 class HelloError(ValueError):
@@ -105,7 +130,8 @@ class Endpoint:
 class Instance:
     __slots__ = ("service", "version", "version_key", "instance_id", "region", "conn", "status",
                  "announced", "last_heartbeat", "avg_ping_ms", "in_flight", "error_rate",
-                 "endpoints", "schemas", "registered_at", "ping_band", "late", "routes")
+                 "endpoints", "schemas", "registered_at", "ping_band", "late", "routes",
+                 "ejected_until", "ejected_reason", "ejections", "returned_at")
 
     def __init__(self, service, version, instance_id, region, conn, endpoints, schemas):
         self.service = service
@@ -130,12 +156,23 @@ class Instance:
         # The Route of each endpoint while registered: a disconnect storm touches these
         # directly, without a lookup per endpoint.
         self.routes: list | tuple = ()
+        # Outlier ejection: out of selection until this clock time (0.0: in), why, how many
+        # ejections in a row (each longer), and when it last came back.
+        self.ejected_until = 0.0
+        self.ejected_reason = ""
+        self.ejections = 0
+        self.returned_at = float("-inf")
 
-    def describe(self) -> dict:
-        return {"instanceId": self.instance_id, "version": self.version, "region": self.region,
-                "status": self.status, "averagePingMs": round(self.avg_ping_ms, 3),
-                "secondsSinceHeartbeat": round(time.monotonic() - self.last_heartbeat, 1),
-                "inFlight": self.in_flight}
+    def describe(self, now: float | None = None) -> dict:
+        out = {"instanceId": self.instance_id, "version": self.version, "region": self.region,
+               "status": self.status, "averagePingMs": round(self.avg_ping_ms, 3),
+               "secondsSinceHeartbeat": round(time.monotonic() - self.last_heartbeat, 1),
+               "inFlight": self.in_flight}
+        if self.ejected_until:
+            left = self.ejected_until - (time.monotonic() if now is None else now)
+            out["ejected"] = {"reason": self.ejected_reason, "ejections": self.ejections,
+                              "secondsLeft": round(max(0.0, left), 1)}
+        return out
 
 
 class Route:
@@ -173,13 +210,39 @@ DEPARTED = _Departed()
 
 
 class _Service:
-    __slots__ = ("name", "links", "routes", "ghosts")
+    __slots__ = ("name", "links", "routes", "ghosts", "members", "versions")
 
     def __init__(self, name):
         self.name = name
         self.links = 0                    # registered instances (links) of it on this worker
         self.routes: dict[tuple[str, str], Route] = {}
         self.ghosts = False               # some route has only the DEPARTED candidate
+        # Its entries of RoutingState.instances: the ejection cap counts them.
+        self.members: dict[tuple, Instance] = {}
+        self.versions: dict[str, _Version] = {}
+
+
+class _Version:
+    """A version of a service on this worker: its links, and the start of its ramp."""
+
+    __slots__ = ("links", "since", "ramp_from", "gone_at")
+
+    def __init__(self, since, ramp_from):
+        self.links = 0
+        self.since = since                # when it (last) became new
+        self.ramp_from = ramp_from        # None: not ramped (already serving, or no ramp)
+        self.gone_at = 0.0                # when its last link left
+
+
+class _Policy:
+    """gateway.routing.services.<name>, as selection reads it."""
+
+    __slots__ = ("weights", "kind", "name")
+
+    def __init__(self, weights, kind, name):
+        self.weights = weights            # {version: weight}; empty: the ramp rule
+        self.kind = kind                  # the sticky key (versions.parse_sticky)
+        self.name = name
 
 
 def parse_hello(hello: dict) -> tuple[str, str, str, str, list[Endpoint], dict]:
@@ -301,6 +364,51 @@ class RoutingState:
         self._spent = 0.0            # registration work done in this loop iteration (s)
         self._batch = False          # _end_batch is scheduled
         self._pumping = False        # _pump is scheduled
+        # Versions and outliers (configure() sets them from gateway.routing). The clock is
+        # the monotonic one the loop uses; tests give their own.
+        self.clock = time.monotonic
+        self.log = None              # JsonLog for ejections; None: not logged
+        self.version_ramp = VERSION_RAMP
+        self.sticky = parse_sticky(STICKY_KEY)
+        self._policies: dict[str, _Policy] = {}
+        self.consecutive_errors = CONSECUTIVE_ERRORS
+        self.base_ejection_time = BASE_EJECTION_TIME
+        self.max_ejection_time = MAX_EJECTION_TIME
+        self.max_ejection_percent = MAX_EJECTION_PERCENT
+        # Metrics: requests of instances that left, per (service, version); ejections per
+        # (service, reason).
+        self._retired: dict[tuple[str, str], int] = {}
+        self._ejection_counts: dict[tuple[str, str], int] = {}
+
+    def configure(self, settings, region: str | None = None) -> None:
+        """Apply gateway.routing (a RoutingSettings; and gateway.node.region when given):
+        at start and on a reload. Registered instances, their health, ejections under way
+        and ramps under way stay; every ranking is worked out again with the new rules.
+        Turning outlier detection off (consecutiveErrors 0) returns every ejected instance
+        at once; other changes to it apply to the next ejection."""
+        if region is not None:
+            self.region = region
+        self.neighbors = tuple(settings.neighbor_regions)
+        self.service_expiry = settings.service_expiry
+        self.version_ramp = settings.version_ramp
+        self.sticky = parse_sticky(settings.sticky_key)
+        policies = {}
+        for name, svc in settings.services.items():
+            kind, field = parse_sticky(svc.sticky_key) if svc.sticky_key else self.sticky
+            policies[name] = _Policy(dict(svc.weights), kind, field)
+        self._policies = policies
+        od = settings.outlier_detection
+        self.consecutive_errors = od.consecutive_errors
+        self.base_ejection_time = od.base_ejection_time
+        self.max_ejection_time = od.max_ejection_time
+        self.max_ejection_percent = od.max_ejection_percent
+        if not self.consecutive_errors:
+            now = self.clock()
+            for instance in list(self.instances.values()):
+                if instance.ejected_until:
+                    self._readmit(instance, now)
+        for route in self._routes.values():
+            route._cache.clear()
 
     @property
     def routes(self) -> dict:
@@ -441,10 +549,29 @@ class RoutingState:
         self._departed.pop(service, None)
         if old is None:
             svc.links += 1
-        self.instances[key] = instance
+            self._version_joined(svc, version)
+        elif old is not instance:
+            # ENDPOINTS_UPDATE on the same link: its ejection goes on.
+            instance.ejected_until, instance.ejected_reason = old.ejected_until, old.ejected_reason
+            instance.ejections, instance.returned_at = old.ejections, old.returned_at
+        self.instances[key] = svc.members[key] = instance
         self._snapshot = None
         self._changed("registered", instance)
         return instance
+
+    def _version_joined(self, svc: _Service, version: str) -> None:
+        now = self.clock()
+        record = svc.versions.get(version)
+        if record is not None and not record.links and now - record.gone_at > VERSION_SETTLE:
+            record = None                # gone long enough to be new again
+        if record is None:
+            # Ramped in only beside a version that has been serving a while: see
+            # VERSION_SETTLE.
+            serving = any(r.links and now - r.since >= VERSION_SETTLE
+                          for v, r in svc.versions.items() if v != version)
+            record = svc.versions[version] = _Version(
+                now, now if serving and self.version_ramp > 0 else None)
+        record.links += 1
 
     def unregister(self, instance: Instance, reason: str = "disconnected") -> None:
         loop = _running_loop()
@@ -477,8 +604,20 @@ class RoutingState:
     def _take_out(self, key, instance: Instance) -> None:
         """What must not wait: the instance is no longer selectable, nor listed."""
         del self.instances[key]
+        svc = self.services.get(instance.service)
+        if svc is not None:
+            svc.members.pop(key, None)
+        self._retire(instance)
         instance.status = UNHEALTHY
         self._stale(instance)
+
+    def _retire(self, instance: Instance) -> None:
+        """Its requests stay in gateway_version_requests_total after its link leaves (no
+        request is sent on it after this: it is no longer selectable)."""
+        sent = _sent(instance.conn)
+        if sent:
+            key = (instance.service, instance.version)
+            self._retired[key] = self._retired.get(key, 0) + sent
 
     def _cancel_link(self, conn) -> None:
         for waiting in [i for i, job in self._queued.items() if job[0] is conn]:
@@ -488,6 +627,11 @@ class RoutingState:
         """`left`: when the link closed, if that was before this ran (expiry counts from it)."""
         svc = self.services[instance.service]
         svc.links -= 1
+        record = svc.versions.get(instance.version)
+        if record is not None:
+            record.links -= 1
+            if not record.links:
+                record.gone_at = self.clock()
         emptied = self._detach(instance)
         if svc.links:
             # Others remain: the routes only this instance declared go with it.
@@ -623,6 +767,8 @@ class RoutingState:
         services gone longer than service_expiry are forgotten."""
         now = time.monotonic() if now is None else now
         for instance in list(self.instances.values()):
+            if instance.ejected_until and now >= instance.ejected_until:
+                self._readmit(instance, now)     # its timer's backstop (and without a loop)
             self._refresh(instance, now)
         if self._departed and self.service_expiry > 0 and not self._expiring:
             self._expire(now)
@@ -659,25 +805,70 @@ class RoutingState:
     def match(self, method: str, path: str):
         return self.router.match(method, path)
 
-    def select(self, route: Route, version: str | None = None):
+    def select(self, route: Route, version: str | None = None, req=None):
         """(instance, endpoint) to send this request to, or None when none is routable: the
         pipeline answers 503 with `retry_after` (also for a service whose last instance
-        left less than service_expiry ago)."""
+        left less than service_expiry ago). `req` gives the sticky key when versions
+        share the route's unpinned traffic (without it they share it evenly)."""
         best = route._cache.get(version)
+        if not best:
+            # Not ranked yet, nothing routable, or a Split (which is false for this test:
+            # one ranking, the common case, costs what it did before versions could split).
+            return self._select(route, version, best, req)
+        route._rr += 1
+        return best[route._rr % len(best)]
+
+    def _select(self, route: Route, version, best, req):
         if best is None:
             best = route._cache[version] = self._rank(route, version)
+        if best.__class__ is Split:
+            best = self._split(route, version, best, req)
         if not best:
             return None
         route._rr += 1
         return best[route._rr % len(best)]
 
-    def _rank(self, route: Route, version: str | None) -> tuple:
-        cands = [c for c in route.candidates if c[0].status in ROUTABLE]
+    def _split(self, route: Route, version, split: Split, req) -> tuple:
+        if split.expires and self.clock() >= split.expires:
+            # A ramp moved on: the shares (or, once it ended, one ranking) anew.
+            split = route._cache[version] = self._rank(route, version)
+            if split.__class__ is tuple:
+                return split
+        return split.pick(req)
+
+    def _rank(self, route: Route, version: str | None):
+        cands = [c for c in route.candidates
+                 if c[0].status in ROUTABLE and not c[0].ejected_until]
         if version is not None:
-            cands = [c for c in cands if c[0].version == version]
-        elif cands:
-            newest = max(c[0].version_key for c in cands)
-            cands = [c for c in cands if c[0].version_key == newest]
+            return self._best([c for c in cands if c[0].version == version])
+        versions = {c[0].version: c[0].version_key for c in cands}
+        if len(versions) < 2:
+            return self._best(cands)
+        order = sorted(versions, key=versions.__getitem__, reverse=True)   # newest first
+        policy = self._policies.get(route.service)
+        shares = expires = None
+        if policy is not None and policy.weights:
+            shares = weight_shares(order, policy.weights)
+        if shares is None:
+            svc = self.services.get(route.service)
+            records = svc.versions if svc is not None else {}
+            now = self.clock()
+            shares, until = ramp_shares(
+                [getattr(records.get(v), "ramp_from", None) for v in order], now,
+                self.version_ramp)
+            if until:
+                expires = min(now + RAMP_STEP, until)
+        taking = [(v, share) for v, share in zip(order, shares) if share > 0]
+        if len(taking) == 1 and not expires:
+            return self._best([c for c in cands if c[0].version == taking[0][0]])
+        kind, name = (policy.kind, policy.name) if policy is not None else self.sticky
+        return Split(thresholds([share for _, share in taking]),
+                     [self._best([c for c in cands if c[0].version == v]) for v, _ in taking],
+                     [v for v, _ in taking], expires or 0.0, kind, name,
+                     seed_of(route.service))
+
+    def _best(self, cands: list) -> tuple:
+        """The candidates selection ranks first: region tier, ping band, health, heartbeat."""
         if not cands:
             return ()
 
@@ -691,10 +882,99 @@ class RoutingState:
         top = keyed[0][0]
         return tuple(c for k, _, c in keyed if k == top)
 
+    # ------------------------------------------------------------------ outlier ejection
+
+    def failed(self, instance: Instance, streak: int, reason: str) -> None:
+        """`instance` answered 5xx or timed out (`reason`), the `streak`-th time in a row on
+        its link (the connection counts; any other answer resets it). At
+        outlierDetection.consecutiveErrors it is ejected, if the service can spare it.
+        Back from an ejection, one failure before any success ejects it again."""
+        limit = self.consecutive_errors
+        if (not limit or streak < limit or instance.ejected_until
+                or instance.status not in ROUTABLE):
+            return
+        svc = self.services.get(instance.service)
+        key = (instance.service, instance.instance_id, id(instance.conn))
+        if svc is None or svc.members.get(key) is not instance:
+            return                       # left meanwhile, or still waiting to register
+        healthy = ejected = 0
+        for member in svc.members.values():
+            if member.status in ROUTABLE:
+                healthy += 1
+                if member.ejected_until:
+                    ejected += 1
+        if not may_eject(healthy, ejected, self.max_ejection_percent):
+            if streak == limit and self.log is not None:
+                self.log.event("warning", "outlier kept in selection", service=instance.service,
+                               instance=instance.instance_id, version=instance.version,
+                               reason=reason, consecutive=streak, healthy=healthy,
+                               ejected=ejected, maxEjectionPercent=self.max_ejection_percent)
+            return
+        self._eject(instance, reason, streak)
+
+    def _eject(self, instance: Instance, reason: str, streak: int) -> None:
+        now = self.clock()
+        if now - instance.returned_at >= self.max_ejection_time:
+            instance.ejections = 0       # it stayed in long enough: start over
+        instance.ejections += 1
+        seconds = ejection_time(self.base_ejection_time, instance.ejections,
+                                self.max_ejection_time)
+        until = instance.ejected_until = now + seconds
+        instance.ejected_reason = reason
+        self._stale(instance)
+        counted = (instance.service, reason)
+        self._ejection_counts[counted] = self._ejection_counts.get(counted, 0) + 1
+        if self.log is not None:
+            self.log.event("warning", "instance ejected", service=instance.service,
+                           instance=instance.instance_id, version=instance.version,
+                           reason=reason, consecutive=streak, seconds=round(seconds, 3),
+                           ejections=instance.ejections)
+        loop = _running_loop()
+        if loop is not None:
+            loop.call_later(seconds, self._readmit, instance, None, until)
+
+    def _readmit(self, instance: Instance, now: float | None = None,
+                 until: float | None = None) -> None:
+        """Back into selection (`until`: only if that ejection is still the one under way)."""
+        if not instance.ejected_until or (until is not None and instance.ejected_until != until):
+            return
+        instance.ejected_until = 0.0
+        instance.returned_at = self.clock() if now is None else now
+        self._stale(instance)
+        key = (instance.service, instance.instance_id, id(instance.conn))
+        if self.log is not None and self.instances.get(key) is instance:
+            self.log.event("info", "instance returned", service=instance.service,
+                           instance=instance.instance_id, version=instance.version,
+                           ejections=instance.ejections)
+
+    def counters(self) -> dict:
+        """A Metrics source (observe/metrics.py): requests per version, ejections."""
+        by_version = dict(self._retired)
+        ejected: dict[str, int] = {}
+        for inst in self.instances.values():
+            sent = _sent(inst.conn)
+            if sent:
+                key = (inst.service, inst.version)
+                by_version[key] = by_version.get(key, 0) + sent
+            if inst.ejected_until:
+                ejected[inst.service] = ejected.get(inst.service, 0) + 1
+        return {
+            "gateway_version_requests": (
+                "Requests sent to each version of a service (pinned or not, retries too)",
+                ("service", "version"), list(by_version.items())),
+            "gateway_outlier_ejections": (
+                "Instances taken out of selection for consecutive 5xx answers or timeouts",
+                ("service", "reason"), list(self._ejection_counts.items())),
+            "gateway_outlier_ejected_gauge": (
+                "Instances out of selection now as outliers (each worker's links)",
+                ("service",), [((name,), n) for name, n in ejected.items()]),
+        }
+
     def describe(self) -> dict:
         services: dict[str, list] = {}
+        now = self.clock()
         for inst in self.instances.values():
-            services.setdefault(inst.service, []).append(inst.describe())
+            services.setdefault(inst.service, []).append(inst.describe(now))
         return services
 
 
@@ -703,6 +983,13 @@ def _running_loop():
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def _sent(conn) -> int:
+    """Requests sent on a link (ServiceConnection.requests_sent): counted by the link, so
+    counting requests per version costs the request path nothing."""
+    sent = getattr(conn, "requests_sent", None)
+    return sent() if sent is not None else 0
 
 
 def _copy_route(route: Route) -> Route:
