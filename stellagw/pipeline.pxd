@@ -3,6 +3,7 @@ cimport cython
 
 from stellagw.ingress.http cimport Request, HttpProtocol
 from stellagw._cext.metrics cimport Histogram
+from stellagw.transport.connection cimport ServiceConnection
 
 cdef bytes _JSON
 cdef frozenset CREDENTIAL_FIELDS
@@ -24,7 +25,7 @@ cdef class Pipeline:
     @cython.locals(t0=double, t1=double, t2=double, field=tuple)
     cpdef handle(self, Request req)
     cdef _after_auth(self, Request req, route, path, double routing_s)
-    @cython.locals(now=double)
+    @cython.locals(now=double, conn=ServiceConnection)
     cdef _after_limit(self, Request req, route, path, decision, double routing_s)
     cdef _refuse(self, Request req, failure)
 

@@ -220,8 +220,9 @@ class Pipeline:
 
         # 11. dispatch (12. respond happens when the service answers)
         self._dispatched += 1
-        instance.conn.send_request(req, endpoint, endpoint.timeout or self._default_timeout,
-                                   path, self._stream_threshold, now)
+        conn = instance.conn
+        conn.send_request(req, endpoint, endpoint.timeout or self._default_timeout, path,
+                          self._stream_threshold, now)
         return None
 
     def retry(self, req, path, failed, endpoint):

@@ -1,7 +1,7 @@
 # C types for stellagw/transport/connection.py when compiled (docs/hot-path.md).
 cimport cython
 
-from stellagw.ingress.http cimport Request
+from stellagw.ingress.http cimport Request, HttpProtocol
 from stellagw._cext.metrics cimport Histogram
 from stellagw.transport.batch cimport WriteBatch
 
@@ -59,7 +59,7 @@ cdef class ServiceConnection:
 
     @cython.locals(pending=Pending)
     cdef _on_control(self, ftype, corr, payload)
-    @cython.locals(pending=Pending, flags=int, status=int)
+    @cython.locals(pending=Pending, flags=int, status=int, conn=HttpProtocol)
     cdef _on_response(self, bytes corr, payload)
     @cython.locals(pending=Pending, flags=int)
     cdef _on_stream_data(self, bytes corr, payload)

@@ -408,7 +408,8 @@ class ServiceConnection:
         self._transport_hist.observe(upstream_s)
         if flags & _FLAG_END_STREAM:
             self._finish(pending)
-            req.conn.respond(req, status, block, body)
+            conn = req.conn
+            conn.respond(req, status, block, body)
             return
         pending.streaming = True
         # The timeout covers REQUEST → RESPONSE (protocol.md §5.4), not the stream.
