@@ -140,6 +140,10 @@ class Worker:
                                     health.degraded_after_seconds,
                                     health.heartbeat_timeout_seconds,
                                     gw.routing.service_expiry)
+        # Version weights and ramps, sticky keys, outlier ejection (docs/selection.md).
+        self.routing.configure(gw.routing)
+        self.routing.log = self.log
+        self.metrics.sources.append(self.routing.counters)
         self.hub = TransportHub(self, self.routing, transport_ports)
         self.transport_addresses: dict[str, tuple] = {}
         self.tracing = make_tracer(settings, span_exporter)   # None when off
@@ -203,6 +207,11 @@ class Worker:
                 "Rate-limit decisions by tier and outcome", ("scope", "outcome"),
                 [((scope, "allowed"), v) for scope, v in c["allowed"].items()]
                 + [((scope, "rejected"), v) for scope, v in c["rejected"].items()]),
+            "gateway_ratelimit_rejections_by_limit": (
+                "429s by tier and by what the limit counted (an identity, or a tenant as a "
+                "whole)", ("scope", "applies_to"),
+                [((scope, applies), v) for (scope, applies), v
+                 in c["rejected_by_limit"].items()]),
             "gateway_ratelimit_environment_skipped": (
                 "Environment checks skipped (activation gate, no rules, breaker open)",
                 ("reason",), [((k,), v) for k, v in c["environment_skipped"].items()]),

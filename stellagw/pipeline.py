@@ -202,7 +202,8 @@ class Pipeline:
 
         # 10. select (X-Service-Version, read by the ingress: a strict semver pin)
         version = req.version
-        selected = self._routing.select(route, version.decode("latin-1") if version else None)
+        selected = self._routing.select(route, version.decode("latin-1") if version else None,
+                                        req)     # req: the sticky key of a version split
         # `routing_s` arrives as (match time − the clock when the decision started), so one
         # clock read here closes the phase (a clock read costs as much as a histogram bucket).
         now = perf_counter()
@@ -237,7 +238,8 @@ class Pipeline:
             budget.count(req.service, "not_idempotent")
             return False
         version = req.version
-        selected = self._routing.select(route, version.decode("latin-1") if version else None)
+        selected = self._routing.select(route, version.decode("latin-1") if version else None,
+                                        req)     # the same version as the first try
         if selected is None or selected[0] is failed:
             budget.count(req.service, "no_instance")
             return False

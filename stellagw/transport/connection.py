@@ -38,6 +38,7 @@ from time import perf_counter
 
 from ..ingress.http import B_OPEN
 from ..replies import error_body
+from ..routing.outliers import SERVER_ERROR, TIMEOUT
 from ..routing.state import DRAINING, HelloError
 from . import frame as fr
 from .batch import WriteBatch
@@ -206,6 +207,7 @@ class ServiceConnection:
         self._write_limit = 0           # bytes the transport may buffer for this link
         self._frames_in = hub.frames_in
         self._transport_hist = hub.metrics.phase_histogram("transport")
+        self._failures = 0              # 5xx answers and timeouts in a row (outlier detection)
         # Looked up once: each is used for every request.
         self._wheel = hub.wheel
         self._scheme = hub.scheme
@@ -403,6 +405,10 @@ class ServiceConnection:
             self._cancel(pending, "Aborted")
             _reply_error(req, 502, "the service sent an invalid response")
             return
+        if status >= 500:
+            self._failed(SERVER_ERROR)
+        else:
+            self._failures = 0
         upstream_s = perf_counter() - pending.sent_at
         req.upstream_s = upstream_s
         self._transport_hist.observe(upstream_s)
@@ -655,7 +661,20 @@ class ServiceConnection:
         pending.deadline = 0.0
         self._cancel(pending, "Timeout")
         self._hub.count_timeout()
+        self._failed(TIMEOUT)
         self._fail(pending, 504, "the service did not answer in time")
+
+    def requests_sent(self):
+        """Requests sent on this link so far (their correlation ids number them): read for
+        gateway_version_requests_total at scrape time, never per request."""
+        return self._corr_next
+
+    def _failed(self, reason):
+        """A 5xx answer or a timeout: the routing state ejects an instance whose link has
+        too many in a row (routing/state.py failed)."""
+        self._failures += 1
+        if self.instance is not None:
+            self._routing.failed(self.instance, self._failures, reason)
 
     def _client_gone(self, pending):
         if self.inflight.get(pending.corr) is pending:
