@@ -1,7 +1,7 @@
 # C types for stellagw/transport/connection.py when compiled (docs/hot-path.md).
 cimport cython
 
-from stellagw.ingress.http cimport Request
+from stellagw.ingress.http cimport Request, HttpProtocol
 from stellagw._cext.metrics cimport Histogram
 from stellagw.transport.batch cimport WriteBatch
 
@@ -52,7 +52,6 @@ cdef class ServiceConnection:
     cdef TimerWheel _wheel
     cdef bint _opened, _write_paused
     cdef int _failures
-    cdef int _failures
     cdef Py_ssize_t _frames, _frames_seen, _write_limit
     cdef double _quiet_since, _paused_since
     cdef bytes _corr_prefix
@@ -60,7 +59,7 @@ cdef class ServiceConnection:
 
     @cython.locals(pending=Pending)
     cdef _on_control(self, ftype, corr, payload)
-    @cython.locals(pending=Pending, flags=int, status=int)
+    @cython.locals(pending=Pending, flags=int, status=int, conn=HttpProtocol)
     cdef _on_response(self, bytes corr, payload)
     @cython.locals(pending=Pending, flags=int)
     cdef _on_stream_data(self, bytes corr, payload)
@@ -79,7 +78,6 @@ cdef class ServiceConnection:
     cdef _send_body(self, Pending pending)
     cdef _rearm(self, Pending pending)
     cdef _timeout(self, Pending pending)
-    cdef _failed(self, reason)
     cdef _failed(self, reason)
     cdef _client_gone(self, Pending pending)
     cdef _cancel(self, Pending pending, reason)
