@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 .PHONY: demo test test-tools install build annotate debug-build clean test-alerts
 .PHONY: perf-tools compare scorecard callgrind connections k6 uploads registration-storm
 .PHONY: flamegraph perf-stat
-.PHONY: bench bench-frame bench-radix bench-window bench-replay bench-websocket bench-ratelimit
+.PHONY: bench bench-frame bench-radix bench-window bench-replay bench-websocket bench-ratelimit bench-tenant-quotas
 
 # Set up and run the gateway with its embedded demo.
 demo: install
@@ -126,6 +126,10 @@ bench-window: build
 # The DPoP replay check: the instance's shared table beside a dict per worker.
 bench-replay: build
 	$(PYTHON) -m perf bench-replay $(ARGS)
+
+# What tenant quotas cost RateLimiter.check(): base rules, + tenant rules, + plans.
+bench-tenant-quotas: build
+	$(PYTHON) -m perf bench-tenant-quotas $(ARGS)
 
 # WebSocket messages/s and added latency beside a direct picows echo server.
 bench-websocket: build

@@ -1,7 +1,7 @@
 """What tenant quotas cost the instance tier: RateLimiter.check() in a loop, in process.
 
-    taskset -c 1 python perf/bench_tenant_quotas.py                 # this checkout
-    taskset -c 1 python perf/bench_tenant_quotas.py --before /tmp/old  # and an older copy
+    taskset -c 1 python -m perf bench-tenant-quotas                    # this checkout
+    taskset -c 1 python -m perf bench-tenant-quotas --before /tmp/old  # and an older copy
 
 One invocation runs every configuration in its own child process (same CPU, same
 interpreter), interleaved over --rounds rounds, and prints the median and the best ns per
@@ -68,17 +68,16 @@ def worker(config: str, calls: int, repeats: int) -> None:
     print(min(best), w._m.__name__)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> int:
+    from perf import commands
+
+    ap = argparse.ArgumentParser(prog=commands.prog(__name__),
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--before", help="a directory with an older built stellagw/ package")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=200_000)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        worker(args.worker, args.calls, args.repeats)
-        return
+    args = ap.parse_args(argv)
     runs = [("after", ROOT, name) for name in CONFIGS]
     if args.before:
         runs.insert(0, ("before", os.path.abspath(args.before), "base"))
@@ -86,9 +85,11 @@ def main() -> None:
     impl = {}
     for _ in range(args.rounds):
         for tree_name, tree, config in runs:
+            # The child runs this file by its path with -P, so the only stellagw it can
+            # import is the tree's (an older tree may have no perf/ package of this shape).
             env = dict(os.environ, PYTHONPATH=tree)
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", config,
-                                  "--calls", str(args.calls), "--repeats", str(args.repeats)],
+            out = subprocess.run([sys.executable, "-P", os.path.abspath(__file__), config,
+                                  str(args.calls), str(args.repeats)],
                                  env=env, cwd=tree, capture_output=True, text=True, check=True)
             ns, module = out.stdout.split()
             results[tree_name, config].append(float(ns))
@@ -100,7 +101,8 @@ def main() -> None:
         med = statistics.median(values)
         print(f"{tree_name:8} {config:14} {med:10.1f} {min(values):8.1f} {med - base:+14.1f}"
               f"   {impl[tree_name]}")
+    return 0
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the child of main(): config, calls, repeats
+    worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -45,6 +45,8 @@ COMMANDS = {c.name: c for c in (
     Command("bench-window", "perf.bench_window", "rate-limit windows: compiled beside the twin"),
     Command("bench-replay", "perf.bench_replay",
             "the DPoP replay check: the instance's shared table beside a dict per worker"),
+    Command("bench-tenant-quotas", "perf.bench_tenant_quotas",
+            "RateLimiter.check() per configuration: base rules, + tenant rules, + plans"),
     Command("bench-websocket", "perf.bench_websocket",
             "WebSocket messages/s and added latency beside a direct picows echo server"),
     Command("loadgen", "perf.loadgen",
