@@ -21,6 +21,8 @@ Endpoints, all under /t/<name>/ so several services can register side by side:
   GET  big?mb=N          N MiB in one Response (streamed by the SDK)
   GET  json?kb=N         a JSON document of about N KiB
   GET  boom              the handler raises (a 500, and the SDK's JSON error line)
+  GET  flaky             500 until the wall-clock time --fail-until (epoch seconds; 0, the
+                         default: never), 200 after; both with the instance id and version
 """
 from __future__ import annotations
 
@@ -28,11 +30,12 @@ import argparse
 import asyncio
 import hashlib
 import os
+import time
 
 from stellagw.service import Response, Service, StreamResponse
 
 
-def build(name, gateways, region, version, instance):
+def build(name, gateways, region, version, instance, fail_until=0.0):
     svc = Service(name, version, gateways=gateways, region=region, instance_id=instance,
                   reconnect_min=0.05, reconnect_max=0.5)
     cancelled = []
@@ -139,6 +142,14 @@ def build(name, gateways, region, version, instance):
     async def boom(req):
         raise ValueError("boom on purpose")
 
+    @svc.get(base + "/flaky")
+    async def flaky(req):
+        # An instance that fails for a while (outlier ejection): the gateway cannot aim a
+        # request at one instance, so the instance decides.
+        failing = time.time() < fail_until
+        return Response.json({"instance": svc.instance_id, "version": version,
+                              "failing": failing}, 500 if failing else 200)
+
     @svc.get(base + "/json")
     async def json_doc(req):
         kb = int(req.query.decode().partition("kb=")[2] or "4")
@@ -180,8 +191,9 @@ def main():
     p.add_argument("--region", default="local")
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--instance")
+    p.add_argument("--fail-until", type=float, default=0.0)
     a = p.parse_args()
-    build(a.name, a.gateway, a.region, a.version, a.instance).run()
+    build(a.name, a.gateway, a.region, a.version, a.instance, a.fail_until).run()
 
 
 if __name__ == "__main__":

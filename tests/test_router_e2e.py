@@ -22,7 +22,7 @@ gateway:
   node: {{region: eu1, workers: {workers}}}
   http: {{port: 0}}
   transports: {{tcp: {{port: 0}}}}
-  routing: {{neighborRegions: [eu2], defaultTimeout: 5s}}
+  routing: {{neighborRegions: [eu2], defaultTimeout: 5s, versionRamp: 0}}
   health: {{heartbeatIntervalSeconds: 1, checkIntervalSeconds: 1, degradedAfterSeconds: 3,
            heartbeatTimeoutSeconds: 6}}
 """
