@@ -41,12 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     rel.add_argument("--timeout", type=float, default=15.0, metavar="SECONDS",
                      help="how long to wait for the verdict (default 15)")
 
-    demo = sub.add_parser("demo", help="run the gateway with the embedded demo on 127.0.0.1")
-    demo.add_argument("--port", type=int, default=8080, metavar="PORT")
-    demo.add_argument("--transport-port", type=int, default=9100, metavar="PORT")
-    demo.add_argument("--authority-port", type=int, default=8400, metavar="PORT")
+    demo = sub.add_parser("demo", help="run the gateway with the embedded demo on 127.0.0.1; "
+                                       "any port 0 = a free one, printed in the banner")
+    demo.add_argument("--port", type=int, default=8080, metavar="PORT",
+                      help="the client listener (default 8080)")
+    demo.add_argument("--transport-port", type=int, default=9100, metavar="PORT",
+                      help="where the demo services dial in (default 9100)")
+    demo.add_argument("--authority-port", type=int, default=8400, metavar="PORT",
+                      help="the development Authority (default 8400)")
     demo.add_argument("--admin-port", type=int, default=9090, metavar="PORT",
-                      help="the admin listener: probes, /metrics, OpenAPI (0 = a free port)")
+                      help="the admin listener: probes, /metrics, OpenAPI (default 9090)")
 
     dsvc = sub.add_parser("demo-service", help="run one demo microservice")
     dsvc.add_argument("--name", required=True, choices=("scanner", "policy", "bench"))

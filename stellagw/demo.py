@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,9 +31,9 @@ stellagw demo
 
 Try, in another terminal — `stellagw call` fetches a DPoP-bound token from the Authority and
 signs a fresh DPoP proof for every request:
-  python3 -m stellagw call -v http://{host}:{port}/api/v1/scans/42
-  python3 -m stellagw call -X POST -d '{{"image":"alpine:3.20"}}' http://{host}:{port}/api/v1/scans
-  python3 -m stellagw call http://{host}:{port}/api/v1/scans/42/report      # streamed, chunked
+  python3 -m stellagw call{authority} -v http://{host}:{port}/api/v1/scans/42
+  python3 -m stellagw call{authority} -X POST -d '{{"image":"alpine:3.20"}}' http://{host}:{port}/api/v1/scans
+  python3 -m stellagw call{authority} http://{host}:{port}/api/v1/scans/42/report      # streamed, chunked
   curl -i http://{host}:{port}/api/v1/scans/42                # 401: no token (WWW-Authenticate: DPoP)
   curl -i http://{host}:{port}/api/v1/policies                # anonymous is allowed here
   python3 -m stellagw ws ws://{host}:{port}/api/v1/policies/watch alpine:3.20 nginx:latest
@@ -142,9 +143,30 @@ def _wait_http(url: str, proc, timeout: float = 15.0) -> None:
     raise SystemExit(f"stellagw demo: {url} did not answer within {timeout:.0f}s")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def banner(port: int, transport_port: int, authority_port: int, admin_port: int) -> str:
+    """What to try, with the ports in use. `stellagw call` defaults to the Authority on 8400,
+    so any other port must be passed to it, or every printed call fails to get a token."""
+    from .devauth.cli import DEFAULT_AUTHORITY
+    authority = f"http://127.0.0.1:{authority_port}"
+    return TRY.format(host="127.0.0.1", port=port, tport=transport_port, aport=authority_port,
+                      adport=admin_port,
+                      authority="" if authority == DEFAULT_AUTHORITY else f" --authority {authority}")
+
+
 def main(port: int = 8080, transport_port: int = 9100, authority_port: int = 8400,
          admin_port: int = 9090) -> int:
     from .supervisor import serve
+    # 0 = a free port, chosen here rather than at bind time: the banner, the services and the
+    # gateway's auth.authority all need the number before anything listens. (Another process
+    # may take it in between; the bind then fails with "address in use".)
+    port, transport_port, authority_port, admin_port = (
+        p or _free_port() for p in (port, transport_port, authority_port, admin_port))
     s = settings(port, transport_port, authority_port, admin_port)
     py = [sys.executable, "-m", "stellagw"]
     children = [subprocess.Popen(py + ["dev-authority", "--port", str(authority_port)],
@@ -156,9 +178,8 @@ def main(port: int = 8080, transport_port: int = 9100, authority_port: int = 840
         gateway = f"127.0.0.1:{transport_port}"
         children += [subprocess.Popen(py + ["demo-service", "--name", name, "--gateway", gateway])
                      for name in ("scanner", "policy")]
-        print(TRY.format(host="127.0.0.1", port=port, tport=transport_port, aport=authority_port,
-                         adport=admin_port),
-              file=sys.stderr, flush=True)
+        print(banner(port, transport_port, authority_port, admin_port), file=sys.stderr,
+              flush=True)
         return serve(s)
     finally:
         for child in children:
