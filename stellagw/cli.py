@@ -4,7 +4,8 @@ Exit codes: 0 ok, 2 bad arguments, bad configuration or an address that cannot b
 on ("address in use"; nothing was started), 1 a failure while running. `reload`: 0 the
 configuration was taken (or was unchanged, or needs a restart for some keys: said on
 stderr), 2 it was refused (the key and why; the gateway keeps running what it had), 1 no
-gateway answered.
+gateway answered. `call`, `ws`, `dev-authority`: a connection that fails (refused, timed
+out, TLS, an error from the token endpoint) is one line naming the URL and the reason, exit 1.
 """
 from __future__ import annotations
 
@@ -70,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     ws.add_argument("messages", nargs="*", metavar="MESSAGE")
     ws.add_argument("--wait", type=float, default=1.0, metavar="SECONDS",
                     help="how long to wait for answers after the last message")
+    ws.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                    help="how long connecting and the upgrade may take (default 10)")
 
     check = sub.add_parser("check-config", help="validate a configuration and print it, secrets masked")
     check.add_argument("file", metavar="FILE")
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             from .devauth.cli import run_call, run_dev_authority
             return (run_dev_authority if args.command == "dev-authority" else run_call)(args)
         if args.command == "ws":
-            return _ws(args.url, args.messages, args.wait)
+            return _ws(args.url, args.messages, args.wait, args.timeout)
         if args.command == "demo-service":
             from .demo import run_service
             return run_service(args.name, args.gateway or ["127.0.0.1:9100"], args.region,
@@ -186,11 +189,17 @@ def _reload(args) -> int:
     return 0
 
 
-def _ws(url: str, messages: list[str], wait: float) -> int:
+def _ws(url: str, messages: list[str], wait: float, timeout: float = 10.0) -> int:
     """A tiny WebSocket client (picows) for trying the demo's WebSocket endpoint."""
     import asyncio
 
     from picows import WSListener, WSMsgType, ws_connect
+
+    from .devauth.client import failure_reason
+
+    if not url.lower().startswith(("ws://", "wss://")):
+        print(f"stellagw ws: {url}: not a ws:// or wss:// URL", file=sys.stderr)
+        return 2
 
     class Printer(WSListener):
         def on_ws_frame(self, transport, frame):
@@ -201,7 +210,9 @@ def _ws(url: str, messages: list[str], wait: float) -> int:
                 print(frame.get_payload_as_bytes().decode("utf-8", "replace"), flush=True)
 
     async def main():
-        transport, _ = await ws_connect(Printer, url)
+        # picows bounds the upgrade, not the TCP connect: a dropped SYN would hang.
+        transport, _ = await asyncio.wait_for(
+            ws_connect(Printer, url, websocket_handshake_timeout=timeout), timeout)
         await asyncio.sleep(0.2)
         for message in messages:
             transport.send(WSMsgType.TEXT, message.encode())
@@ -212,8 +223,8 @@ def _ws(url: str, messages: list[str], wait: float) -> int:
 
     try:
         asyncio.run(main())
-    except Exception as exc:  # refused upgrade, connection refused ...
-        print(f"stellagw ws: {exc}", file=sys.stderr)
+    except Exception as exc:  # refused, timed out, TLS, an upgrade answered without 101
+        print(f"stellagw ws: {url}: {failure_reason(exc, timeout)}", file=sys.stderr)
         return 1
     return 0
 

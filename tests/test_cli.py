@@ -4,9 +4,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import ssl
 import subprocess
 import sys
-import time
+import threading
 
 import orjson
 import pytest
@@ -142,3 +144,146 @@ def _answers(port):
         return request(port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n", timeout=1)[0] == 200
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------------------- network errors
+#
+# Every failure to reach something is one line on stderr with the URL tried and the reason,
+# exit code 1, and no traceback: what a newcomer sees when a port in the demo's banner is
+# wrong, a gateway is down or a certificate is not trusted.
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Listener:
+    """A loopback port that accepts connections and answers each with ``reply`` (optionally
+    inside TLS), or, with ``reply=None``, never accepts: the kernel completes the handshake
+    and the request waits in the backlog unanswered."""
+
+    def __init__(self, reply: bytes | None, tls: ssl.SSLContext | None = None):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.reply, self.tls = reply, tls
+        if reply is not None:
+            threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                conn.settimeout(5)
+                if self.tls is not None:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                conn.recv(65536)
+                conn.sendall(self.reply)
+            except OSError:
+                pass   # the client gave up on our certificate: that is the test
+            finally:
+                conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def _one_line_error(out, url: str, *words: str) -> str:
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    err = out.stderr.strip()
+    assert "Traceback" not in out.stderr and len(err.splitlines()) == 1, out.stderr
+    assert url in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def test_call_to_a_closed_port_names_the_url():
+    url = f"http://127.0.0.1:{_closed_port()}/api/v1/scans/42"
+    _one_line_error(run_cli("call", "--token", "t", url), url, "connection refused")
+
+
+def test_call_whose_authority_is_down_names_the_discovery_url():
+    # The demo's old failure: an Authority on another port than `call` assumed.
+    authority = f"http://127.0.0.1:{_closed_port()}"
+    err = _one_line_error(run_cli("call", "--authority", authority, "http://127.0.0.1:1/x"),
+                          authority + "/.well-known/openid-configuration",
+                          "cannot get a token", "connection refused")
+    assert "127.0.0.1:1/x" not in err, "the request itself was never tried"
+
+
+def test_call_that_gets_no_answer_times_out_naming_the_url():
+    silent = _Listener(None)
+    try:
+        url = f"http://127.0.0.1:{silent.port}/slow"
+        out = run_cli("call", "--token", "t", "--timeout", "0.5", url)
+        _one_line_error(out, url, "no answer within 0.5 s")
+    finally:
+        silent.close()
+
+
+@pytest.mark.parametrize("server", ["plain-http", "untrusted-certificate"])
+def test_call_tls_failures_name_the_url(tmp_path, server):
+    tls = None
+    if server == "untrusted-certificate":
+        from .gwtest import Pki
+        pki = Pki(tmp_path)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(pki.server_cert, pki.server_key)
+    listener = _Listener(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", tls)
+    try:
+        url = f"https://127.0.0.1:{listener.port}/x"
+        err = _one_line_error(run_cli("call", "--token", "t", url), url, "TLS")
+        if server == "untrusted-certificate":
+            assert "not trusted" in err, err
+    finally:
+        listener.close()
+
+
+def test_token_endpoint_error_names_the_token_endpoint():
+    from stellagw.devauth import DevAuthority
+    auth = DevAuthority(port=0).start_in_thread()
+    try:
+        out = run_cli("call", "--authority", auth.issuer, "--client-secret", "wrong",
+                      "http://127.0.0.1:1/x")
+        _one_line_error(out, auth.token_endpoint, "cannot get a token", "401", "invalid_client")
+    finally:
+        auth.stop()
+
+
+def test_call_refuses_a_url_that_is_not_http():
+    out = run_cli("call", "--token", "t", "127.0.0.1:8080/x")
+    assert out.returncode == 2 and "127.0.0.1:8080/x" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_ws_errors_name_the_url():
+    url = f"ws://127.0.0.1:{_closed_port()}/api/v1/policies/watch"
+    _one_line_error(run_cli("ws", url), url, "connection refused")
+    # Something that answers HTTP, but not with an upgrade.
+    plain = _Listener(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    try:
+        url = f"ws://127.0.0.1:{plain.port}/nowhere"
+        _one_line_error(run_cli("ws", url), url, "404")
+    finally:
+        plain.close()
+    silent = _Listener(None)
+    try:
+        url = f"ws://127.0.0.1:{silent.port}/x"
+        _one_line_error(run_cli("ws", "--timeout", "0.5", url), url, "0.5 s")
+    finally:
+        silent.close()
+
+
+def test_dev_authority_on_a_taken_port_names_the_address():
+    taken = _Listener(None)
+    try:
+        out = run_cli("dev-authority", "--ephemeral", "--port", str(taken.port))
+        _one_line_error(out, f"127.0.0.1:{taken.port}", "cannot listen", "in use")
+    finally:
+        taken.close()

@@ -11,11 +11,12 @@
 See docs/dev-authority.md.
 """
 from .authority import Authority, Client, SigningKey, TokenError, default_clients, load_clients
-from .client import DpopKey, TokenRequestError, call, discover, fetch_token, htu_of, premint
+from .client import (DpopKey, RequestFailed, TokenRequestError, call, discover, fetch_token,
+                     htu_of, premint)
 from .jose import access_token_hash, cert_thumbprint, jwk_thumbprint, verify_proof
 from .server import DevAuthority, run
 
 __all__ = ["Authority", "Client", "DevAuthority", "DpopKey", "SigningKey", "TokenError",
            "TokenRequestError", "access_token_hash", "call", "cert_thumbprint",
            "default_clients", "discover", "fetch_token", "htu_of", "jwk_thumbprint",
-           "load_clients", "premint", "run", "verify_proof"]
+           "load_clients", "premint", "RequestFailed", "run", "verify_proof"]

@@ -4,7 +4,8 @@ Wire them into ``stellagw`` either by forwarding ``argv`` (``main(["call", ...])
 ``dev_authority_main([...])``, ``call_main([...])``) or by adding sub-parsers with
 ``add_dev_authority_arguments`` / ``add_call_arguments`` and running ``run_dev_authority(args)``
 / ``run_call(args)``. Exit codes: 0 ok (``call``: 2xx), 1 failure (``call``: any other
-status, or no answer), 2 bad arguments or configuration.
+status, or no answer), 2 bad arguments or configuration. A failure is one line on stderr
+naming the URL (or the address) and the reason, never a traceback.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import hashlib
 import logging
 import sys
 import time
-import urllib.error
 
 DEFAULT_AUTHORITY = "http://127.0.0.1:8400"
 _TOKENS: dict[tuple, tuple[str, float]] = {}   # in-memory token cache, this process only
@@ -112,7 +112,10 @@ def run_dev_authority(args: argparse.Namespace) -> int:
                    mtls_port=args.mtls_port or 0, authority=authority,
                    allow_remote=args.allow_remote, admin=args.admin)
     except OSError as exc:
-        print(f"dev-authority: cannot start: {exc}", file=sys.stderr)
+        from .client import failure_reason
+        where = f"{args.host}:{args.port}" + (f" (mTLS {args.host}:{args.mtls_port})"
+                                              if args.mtls_port is not None else "")
+        print(f"dev-authority: cannot listen on {where}: {failure_reason(exc)}", file=sys.stderr)
         return 1
 
 
@@ -152,7 +155,7 @@ def _short(value: str) -> str:
 
 
 def run_call(args: argparse.Namespace) -> int:
-    from .client import DpopKey, TokenRequestError, call, discover, fetch_token
+    from .client import DpopKey, RequestFailed, TokenRequestError, call
     from .pki import client_context
 
     err = sys.stderr
@@ -177,41 +180,43 @@ def run_call(args: argparse.Namespace) -> int:
     if args.mtls and not args.cert:
         print("call: --mtls needs --cert (and --key)", file=err)
         return 2
+    for what, url in (("", args.url), ("--authority ", args.authority)):
+        if not url.lower().startswith(("http://", "https://")):
+            print(f"call: {what}{url}: not an http:// or https:// URL", file=err)
+            return 2
     use_dpop = not (args.no_dpop or args.mtls)
     ssl_ctx = None
     try:
         if args.cacert or args.cert or args.url.startswith("https") or \
                 args.authority.startswith("https"):
             ssl_ctx = client_context(args.cacert, args.cert, args.key)
-        key = None
-        if use_dpop:
-            key = _KEYS.get(args.alg) or _KEYS.setdefault(args.alg, DpopKey.generate(args.alg))
-        token = args.token
-        if token is None:
-            meta = discover(args.authority, ssl=ssl_ctx)
-            endpoint = meta["token_endpoint"]
-            if args.mtls:
-                endpoint = meta.get("mtls_endpoint_aliases", {}).get("token_endpoint", endpoint)
-            cache_key = (endpoint, args.client_id,
-                         hashlib.sha256(args.client_secret.encode()).digest(), args.scope,
-                         args.tenant, args.mtls, args.cert,
-                         key.thumbprint() if key else None)
-            cached = _TOKENS.get(cache_key)
-            if cached and cached[1] > time.time() + 15:
-                token = cached[0]
-            else:
-                doc = fetch_token(endpoint, args.client_id, args.client_secret, args.scope, key,
-                                  ssl_ctx, tenant=args.tenant, bind="mtls" if args.mtls else None)
-                token = doc["access_token"]
-                _TOKENS[cache_key] = (token, time.time() + int(doc.get("expires_in", 60)))
+    except (OSError, ValueError) as exc:
+        print(f"call: cannot use --cacert/--cert/--key: {exc}", file=err)
+        return 2
+    key = None
+    if use_dpop:
+        key = _KEYS.get(args.alg) or _KEYS.setdefault(args.alg, DpopKey.generate(args.alg))
+    token = args.token
+    if token is None:
+        # Said apart from the request's own failure: with the demo, a wrong --authority is
+        # the usual cause, and the gateway is not to blame.
+        try:
+            token = _token(args, key, ssl_ctx)
+        except (TokenRequestError, RequestFailed) as exc:
+            print(f"call: cannot get a token: {exc}", file=err)
+            return 1
+        except (ValueError, KeyError) as exc:   # an answer we cannot use
+            print(f"call: cannot get a token from {args.authority}: {exc!r}", file=err)
+            return 1
+    try:
         status, rheaders, rbody = call(args.url, method, body, token=token, dpop_key=key,
                                        headers=headers, ssl=ssl_ctx, timeout=args.timeout)
-    except TokenRequestError as exc:
-        print(f"call: cannot get a token: {exc}", file=err)
+    except RequestFailed as exc:
+        print(f"call: {exc}", file=err)
         return 1
-    except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
-        print(f"call: {type(exc).__name__}: {exc}", file=err)
-        return 1
+    except ValueError as exc:
+        print(f"call: {args.url}: {exc}", file=err)
+        return 2
     if args.verbose:
         print(f"> {method} {args.url}", file=err)
         scheme = "DPoP" if key else "Bearer"
@@ -228,6 +233,25 @@ def run_call(args: argparse.Namespace) -> int:
         out.write(b"\n")
     out.flush()
     return 0 if 200 <= status < 300 else 1
+
+
+def _token(args, key, ssl_ctx) -> str:
+    from .client import discover, fetch_token
+    meta = discover(args.authority, ssl=ssl_ctx, timeout=args.timeout)
+    endpoint = meta["token_endpoint"]
+    if args.mtls:
+        endpoint = meta.get("mtls_endpoint_aliases", {}).get("token_endpoint", endpoint)
+    cache_key = (endpoint, args.client_id, hashlib.sha256(args.client_secret.encode()).digest(),
+                 args.scope, args.tenant, args.mtls, args.cert, key.thumbprint() if key else None)
+    cached = _TOKENS.get(cache_key)
+    if cached and cached[1] > time.time() + 15:
+        return cached[0]
+    doc = fetch_token(endpoint, args.client_id, args.client_secret, args.scope, key, ssl_ctx,
+                      tenant=args.tenant, bind="mtls" if args.mtls else None,
+                      timeout=args.timeout)
+    token = doc["access_token"]
+    _TOKENS[cache_key] = (token, time.time() + int(doc.get("expires_in", 60)))
+    return token
 
 
 def call_main(argv: list[str] | None = None) -> int:

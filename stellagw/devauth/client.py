@@ -2,11 +2,18 @@
 
 Standard library HTTP (urllib) with proxies and redirects switched off, so what you call is
 what answers. Works against any RFC 9449 authorization/resource server, not only ours.
+
+Failures name the URL: :class:`RequestFailed` when no HTTP answer came (refused, timed out,
+TLS, name not found), :class:`TokenRequestError` when the Authority answered with an error.
 """
 from __future__ import annotations
 
+import errno
+import http.client
 import json
 import secrets
+import socket
+import ssl as _ssl
 import time
 import urllib.error
 import urllib.request
@@ -96,12 +103,64 @@ def premint(n: int, method: str, url: str, token: str | None, key: DpopKey,
     return [key.proof(method, url, token, nonce=nonce) for _ in range(n)]
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def failure_reason(exc: BaseException, timeout: float | None = None) -> str:
+    """Why a connection gave no HTTP answer, in words a person at a terminal can act on."""
+    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
+        return failure_reason(exc.reason, timeout)
+    if isinstance(exc, urllib.error.URLError):
+        return _one_line(exc.reason)
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (nothing listens there)"
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g} s" if timeout else "timed out"
+    if isinstance(exc, _ssl.SSLCertVerificationError):
+        return f"TLS: the server's certificate is not trusted ({exc.verify_message})"
+    if isinstance(exc, _ssl.SSLError):
+        if exc.reason == "WRONG_VERSION_NUMBER" or "WRONG_VERSION_NUMBER" in str(exc):
+            # What OpenSSL makes of a plain-HTTP answer to its hello.
+            return "TLS handshake failed: the server does not speak TLS there (plain HTTP?)"
+        return f"TLS handshake failed ({exc.reason or _one_line(exc)})"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the server closed the connection without an answer"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset by the server"
+    if isinstance(exc, http.client.HTTPException):
+        return f"not a valid HTTP answer ({type(exc).__name__}: {_one_line(exc)})"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return "address already in use (another process listens there)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return _one_line(exc) or type(exc).__name__
+
+
+class RequestFailed(urllib.error.URLError):
+    """No HTTP answer from ``url``. A URLError (an OSError), as urllib raised before, so
+    callers catching those still do; ``str()`` is ``"<url>: <reason>"``, one line."""
+
+    def __init__(self, url: str, cause: BaseException, timeout: float | None = None):
+        super().__init__(cause)
+        self.url, self.why = url, failure_reason(cause, timeout)
+
+    def __str__(self) -> str:
+        return f"{self.url}: {self.why}"
+
+
 class TokenRequestError(Exception):
-    def __init__(self, status: int, body):
-        self.status, self.body = status, body
+    """The Authority answered, with an error (or with something that is not a token)."""
+
+    def __init__(self, status: int, body, url: str | None = None, what: str = "token endpoint"):
+        self.status, self.body, self.url = status, body, url
         err = body.get("error") if isinstance(body, dict) else None
         desc = body.get("error_description") if isinstance(body, dict) else body
-        super().__init__(f"token endpoint answered {status}: {err or ''} {desc or ''}".strip())
+        where = f"{what} {url}" if url else what
+        super().__init__(_one_line(f"{where} answered {status}: {err or ''} {desc or ''}".strip()))
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -120,15 +179,26 @@ def _http(url: str, method: str, body: bytes | None, headers: dict, ssl=None,
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, exc.headers, exc.read()
+    except (OSError, http.client.HTTPException) as exc:
+        # The body's read times out or breaks off as a bare OSError, not a URLError.
+        raise RequestFailed(url, exc, timeout) from exc
 
 
-def discover(issuer: str, ssl=None) -> dict:
+def discover(issuer: str, ssl=None, timeout: float = 10.0) -> dict:
     """The Authority's discovery document (``/.well-known/openid-configuration``)."""
-    status, _, body = _http(issuer.rstrip("/") + "/.well-known/openid-configuration", "GET",
-                            None, {"Accept": "application/json"}, ssl, 10.0)
+    url = issuer.rstrip("/") + "/.well-known/openid-configuration"
+    status, _, body = _http(url, "GET", None, {"Accept": "application/json"}, ssl, timeout)
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
     if status != 200:
-        raise TokenRequestError(status, body.decode("utf-8", "replace"))
-    return json.loads(body)
+        raise TokenRequestError(status, doc if isinstance(doc, dict)
+                                else body.decode("utf-8", "replace"), url, "discovery")
+    if not isinstance(doc, dict) or not isinstance(doc.get("token_endpoint"), str):
+        raise TokenRequestError(status, "not a discovery document (no token_endpoint)", url,
+                                "discovery")
+    return doc
 
 
 def fetch_token(token_endpoint: str, client_id: str, client_secret: str, scope=None,
@@ -165,9 +235,11 @@ def fetch_token(token_endpoint: str, client_id: str, client_secret: str, scope=N
                 and doc.get("error") == "use_dpop_nonce" and rheaders.get("DPoP-Nonce")):
             continue
         if status != 200 or not isinstance(doc, dict):
-            raise TokenRequestError(status, doc)
+            raise TokenRequestError(status, doc, token_endpoint)
+        if not isinstance(doc.get("access_token"), str):
+            raise TokenRequestError(status, "no access_token in the answer", token_endpoint)
         return doc
-    raise TokenRequestError(status, doc)  # pragma: no cover - loop always returns
+    raise TokenRequestError(status, doc, token_endpoint)  # pragma: no cover - loop returns
 
 
 def call(url: str, method: str = "GET", body=None, token: str | None = None,
