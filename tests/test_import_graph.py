@@ -8,7 +8,8 @@ subpackage (`stellagw.auth`, `stellagw.transport`, ...) or a top-level module
 `stellagw._cext.<name>` and `stellagw._py.<name>`, count as part of the one package whose
 module chooses between them (`stellagw/transport/frame.py` chooses the frame codec): that
 they are built into `_cext/` and `_py/` is a matter of the build, not of the layout
-(docs/hot-path.md).
+(docs/hot-path.md). Compiled glue that cimports a codec's declarations
+(`stellagw/_cext/metrics.pxd`) depends on that package.
 
 Run as a script, it prints the graph: `python tests/test_import_graph.py`.
 """
@@ -42,7 +43,8 @@ def _modules() -> dict[str, str]:
                 found[dotted].append(os.path.join(dirpath, name))
     for name in sorted(os.listdir(os.path.join(ROOT, "cext"))):
         if name.endswith(".pyx"):
-            found["stellagw._cext." + name[:-4]] = [os.path.join(ROOT, "cext", name)]
+            found.setdefault("stellagw._cext." + name[:-4], []).append(
+                os.path.join(ROOT, "cext", name))
     return found
 
 
@@ -102,12 +104,12 @@ def graph():
                 if target:
                     raw.append((dotted, target, os.path.relpath(path, ROOT), line))
 
-    # A codec's home: the one package (or top-level module) that imports it from outside
-    # the codec packages.
+    # A codec's home: the one package (or top-level module) whose Python imports it from
+    # outside the codec packages (a .pxd's cimport of its C declarations chooses nothing).
     homes = defaultdict(set)
-    for src, dst, _, _ in raw:
+    for src, dst, path, _ in raw:
         if dst.startswith(tuple(p + "." for p in CODEC_PACKAGES)) \
-                and not src.startswith(CODEC_PACKAGES):
+                and not src.startswith(CODEC_PACKAGES) and path.endswith(".py"):
             homes[dst.split(".")[2]].add(".".join(src.split(".")[:2]))
     codec_home = {}
     for codec, nodes in homes.items():
