@@ -17,6 +17,15 @@
 //   RATE            override the offered rate (req/s) of C and G
 //   RATE_LIMIT      the instance limit the gateway enforces for E (req/s, default 100);
 //                   E offers twice this
+//   ROUTES          "GET /a,POST /b": the routed scenarios send these instead of the demo
+//                   services' routes (C and G pick one at random per request; D, E and F
+//                   use the first)
+//   THRESHOLD_SCALE multiply every latency threshold's limit (default 1); python -m perf k6
+//                   sets it on machines too small to give k6 and the services CPUs of
+//                   their own (perf/README.md)
+//   RUN_ID          the middle of every request's X-Correlation-Id, k6.<RUN_ID>.<VU>.<n>,
+//                   also put in its samples' metadata (the runner matches k6's samples to
+//                   the gateway's access log by it)
 //   DPoP (routed scenarios C–G; the health and OpenAPI built-ins are anonymous):
 //     TOKEN_URL + CLIENT_ID + CLIENT_SECRET [+ SCOPE]: setup() makes a P-256 key, gets a
 //                   DPoP-bound token (client_credentials) and every request signs a proof
@@ -34,6 +43,7 @@
 import http from 'k6/http';
 import { check, sleep } from 'k6';
 import encoding from 'k6/encoding';
+import exec from 'k6/execution';
 import { Counter, Rate, Trend } from 'k6/metrics';
 
 const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
@@ -41,6 +51,12 @@ const SHORT = /^(1|true|yes|on)$/i.test(__ENV.SHORT || '');
 const RATE = __ENV.RATE ? parseInt(__ENV.RATE, 10) : null;
 const RATE_LIMIT = parseInt(__ENV.RATE_LIMIT || '100', 10);
 const GAP_S = 5; // between scenarios when several run in one k6 invocation
+const THRESHOLD_SCALE = parseFloat(__ENV.THRESHOLD_SCALE || '1');
+const RUN_ID = __ENV.RUN_ID || 'local';
+const ROUTES = (__ENV.ROUTES || '').split(',').map((r) => r.trim()).filter(Boolean).map((r) => {
+  const [method, ...path] = r.split(/\s+/);
+  return { method: method.toUpperCase(), path: path.join(' ') };
+});
 
 // ---------------------------------------------------------------------------- metrics
 
@@ -56,6 +72,16 @@ const authRejected = new Counter('auth_rejected'); // 401/403: a DPoP or token p
 
 // ---------------------------------------------------------------------------- scenarios
 // Same table as models.py SCENARIOS beside it (VUs, durations, key metrics).
+
+// Latencies only (models.py LATENCY_METRICS): error rates and shares are not excused by a
+// small machine. The limit is printed as models.format_limit prints it.
+const LATENCY_METRICS = ['http_req_duration', 'cid_overhead_p95_ms'];
+
+function scaled(metric, expr) {
+  if (THRESHOLD_SCALE === 1 || !LATENCY_METRICS.includes(metric)) return expr;
+  const m = expr.match(/^(.*?)(<=|>=|===|==|!=|<|>)(-?\d+(?:\.\d+)?)$/);
+  return `${m[1]}${m[2]}${Number((parseFloat(m[3]) * THRESHOLD_SCALE).toFixed(6))}`;
+}
 
 const NO_ERRORS = ['http_req_failed', 'rate<0.001'];
 
@@ -166,7 +192,7 @@ function buildOptions() {
     start += c.duration + GAP_S;
     for (const [metric, expr, filtered] of TABLE[name].thresholds) {
       const key = filtered === false ? metric : `${metric}{scenario:${name}}`;
-      (thresholds[key] = thresholds[key] || []).push(expr);
+      (thresholds[key] = thresholds[key] || []).push(scaled(metric, expr));
     }
   }
   return {
@@ -185,6 +211,37 @@ function buildOptions() {
 
 export const options = buildOptions();
 
+// ---------------------------------------------------------------------------- requests
+
+let requestSeq = 0;
+
+function newCid() {
+  requestSeq += 1;
+  return `k6.${RUN_ID}.${exec.vu.idInTest}.${requestSeq}`;
+}
+
+// Every request carries a correlation id of its own (cid undefined: a new one; null: none),
+// put in its samples' metadata as well, so the runner can match k6's duration and the
+// gateway's access-log line of the same request.
+function send(method, url, body, params, cid) {
+  const id = cid === undefined ? newCid() : cid;
+  const p = Object.assign({}, params);
+  if (id) {
+    p.headers = Object.assign({}, p.headers, { 'X-Correlation-Id': id });
+    exec.vu.metrics.metadata.cid = id;
+  }
+  try {
+    return http.request(method, url, body, p);
+  } finally {
+    delete exec.vu.metrics.metadata.cid;
+  }
+}
+
+// The route D, E and F send (and setup's nonce probe asks): the first of ROUTES if given.
+function singleRoute(method, path) {
+  return ROUTES.length ? ROUTES[0] : { method, path };
+}
+
 // ---------------------------------------------------------------------------- bytes
 
 // String to bytes for WebCrypto (k6 has no TextEncoder). A base64 round trip runs in Go:
@@ -201,6 +258,16 @@ function randomId(n) {
   const u = new Uint8Array(n);
   crypto.getRandomValues(u);
   return b64u(u.buffer);
+}
+
+// k6's exportKey drops a coordinate's leading zero bytes (about one key in a hundred); RFC
+// 7518 §6.2.1.2 wants all 32, and an Authority that checks refuses the proof's jwk.
+function fullLength(b64, n) {
+  const raw = new Uint8Array(encoding.b64decode(b64, 'rawurl'));
+  if (raw.length >= n) return b64;
+  const out = new Uint8Array(n);
+  out.set(raw, n - raw.length);
+  return b64u(out.buffer);
 }
 
 function jwtClaims(token) {
@@ -294,6 +361,7 @@ export async function setup() {
   } else if (__ENV.TOKEN_URL) {
     const pair = await crypto.subtle.generateKey(EC, true, ['sign', 'verify']);
     const jwk = await crypto.subtle.exportKey('jwk', pair.privateKey);
+    for (const c of ['x', 'y', 'd']) jwk[c] = fullLength(jwk[c], 32);
     const token = await fetchToken(new Dpop(jwk));
     data.auth = { token, jwk, refresh: true };
   }
@@ -311,7 +379,7 @@ export async function setup() {
 // the challenge does not show up as a failed request in the scenario; later nonces come on
 // successful responses (RFC 9449 §8.2) and a VU still retries once on a challenge.
 async function gatewayNonce(auth) {
-  const url = `${BASE_URL}${__ENV.NONCE_PROBE_PATH || '/api/v1/policies'}`;
+  const url = `${BASE_URL}${__ENV.NONCE_PROBE_PATH || singleRoute('GET', '/api/v1/policies').path}`;
   const dpop = new Dpop(auth.jwk);
   const res = http.get(url, {
     headers: { Authorization: `DPoP ${auth.token}`, DPoP: await dpop.proof('GET', url, await sha256b64u(auth.token)) },
@@ -341,13 +409,13 @@ async function authHeaders(data, method, url) {
 }
 
 // One routed request, DPoP-signed when auth is on; retried once on a DPoP-Nonce challenge.
-async function routed(data, method, path, { body = null, headers = {}, name = path, params = {} } = {}) {
+async function routed(data, method, path, { body = null, headers = {}, name = path, params = {}, cid } = {}) {
   const url = `${BASE_URL}${path}`;
   let res;
   for (let attempt = 0; attempt < 2; attempt++) {
     const h = Object.assign({}, headers, await authHeaders(data, method, url));
     if (body !== null) h['Content-Type'] = 'application/json';
-    res = http.request(method, url, body, Object.assign({ headers: h, tags: { name } }, params));
+    res = send(method, url, body, Object.assign({ headers: h, tags: { name } }, params), cid);
     if (res.status === 401 && vuAuth && res.headers['Dpop-Nonce'] && attempt === 0
         && /use_dpop_nonce/.test(res.headers['Www-Authenticate'] || '')) {
       vuAuth.dpop.nonce = res.headers['Dpop-Nonce'];
@@ -368,7 +436,7 @@ function common(res) {
 // ---------------------------------------------------------------------------- A
 
 export function healthBaseline() {
-  const res = http.get(`${BASE_URL}/health/live`, { tags: { name: '/health/live' } });
+  const res = send('GET', `${BASE_URL}/health/live`, null, { tags: { name: '/health/live' } });
   common(res);
   check(res, { 'health 200': (r) => r.status === 200 });
 }
@@ -381,7 +449,7 @@ export function openapiEtag(data) {
   const headers = {};
   if (etag) headers['If-None-Match'] = etag;
   const accept = data.openapi.available === false ? [200, 304, 404] : [200, 304];
-  const res = http.get(`${BASE_URL}/openapi.json`, {
+  const res = send('GET', `${BASE_URL}/openapi.json`, null, {
     headers, tags: { name: '/openapi.json' }, responseCallback: http.expectedStatuses(...accept),
   });
   common(res);
@@ -396,16 +464,20 @@ export function openapiEtag(data) {
 
 // ---------------------------------------------------------------------------- C and G
 
+const JSON_BODY = JSON.stringify({ image: 'alpine:3.20' });
+
 async function mixedRequest(data) {
   const roll = Math.random();
   let res;
-  if (roll < 0.5) {
+  if (ROUTES.length) {
+    const route = ROUTES[Math.floor(roll * ROUTES.length)];
+    const body = ['POST', 'PUT', 'PATCH'].includes(route.method) ? JSON_BODY : null;
+    res = await routed(data, route.method, route.path, { body, name: `${route.method} ${route.path}` });
+  } else if (roll < 0.5) {
     const id = 1 + Math.floor(Math.random() * 1000);
     res = await routed(data, 'GET', `/api/v1/scans/${id}`, { name: 'GET /api/v1/scans/{id}' });
   } else if (roll < 0.7) {
-    res = await routed(data, 'POST', '/api/v1/scans', {
-      body: JSON.stringify({ image: 'alpine:3.20' }), name: 'POST /api/v1/scans',
-    });
+    res = await routed(data, 'POST', '/api/v1/scans', { body: JSON_BODY, name: 'POST /api/v1/scans' });
   } else if (roll < 0.9) {
     res = await routed(data, 'GET', '/api/v1/policies', { name: 'GET /api/v1/policies' });
   } else {
@@ -426,10 +498,11 @@ export async function soak(data) {
 
 export async function correlationId(data) {
   const withHeader = __ITER % 2 === 0;
-  const cid = withHeader ? `k6-${__VU}-${__ITER}-${randomId(6)}` : null;
-  const res = await routed(data, 'GET', '/api/v1/policies', {
-    headers: cid ? { 'X-Correlation-Id': cid } : {},
-    name: 'GET /api/v1/policies', params: { tags: { name: 'GET /api/v1/policies', cid: withHeader ? 'with' : 'without' } },
+  const cid = withHeader ? newCid() : null;
+  const route = singleRoute('GET', '/api/v1/policies');
+  const name = `${route.method} ${route.path}`;
+  const res = await routed(data, route.method, route.path, {
+    cid, name, params: { tags: { name, cid: withHeader ? 'with' : 'without' } },
   });
   const echoed = res.headers['X-Correlation-Id'];
   if (withHeader) {
@@ -448,8 +521,9 @@ export async function correlationId(data) {
 // ---------------------------------------------------------------------------- E
 
 export async function rateLimitBoundary(data) {
-  const res = await routed(data, 'GET', '/bench/hello', {
-    name: 'GET /bench/hello', params: { responseCallback: http.expectedStatuses({ min: 200, max: 299 }, 429) },
+  const route = singleRoute('GET', '/bench/hello');
+  const res = await routed(data, route.method, route.path, {
+    name: `${route.method} ${route.path}`, params: { responseCallback: http.expectedStatuses({ min: 200, max: 299 }, 429) },
   });
   ratelimited.add(res.status === 429);
   if (res.status === 429) {
@@ -462,7 +536,8 @@ export async function rateLimitBoundary(data) {
 // ---------------------------------------------------------------------------- F
 
 export async function connectionRamp(data) {
-  const res = await routed(data, 'GET', '/bench/hello', { name: 'GET /bench/hello' });
+  const route = singleRoute('GET', '/bench/hello');
+  const res = await routed(data, route.method, route.path, { name: `${route.method} ${route.path}` });
   check(res, { 'no 503': (r) => r.status !== 503, 'routed 2xx': (r) => r.status >= 200 && r.status < 300 });
   sleep(1); // hold the keep-alive connection: F is about connections, not request rate
 }
@@ -480,7 +555,9 @@ function derived(data) {
     const w = metricValue(data, 'cid_with_duration', 'p(95)');
     const wo = metricValue(data, 'cid_without_duration', 'p(95)');
     const v = w !== null && wo !== null ? w - wo : null;
-    out.cid_overhead_p95_ms = { value: v, expression: 'value<5', ok: v !== null && v < 5, with_p95_ms: w, without_p95_ms: wo };
+    const expression = scaled('cid_overhead_p95_ms', 'value<5');
+    const limit = parseFloat(expression.split('<')[1]);
+    out.cid_overhead_p95_ms = { value: v, expression, ok: v !== null && v < limit, with_p95_ms: w, without_p95_ms: wo };
   }
   return out;
 }
