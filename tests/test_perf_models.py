@@ -72,12 +72,9 @@ def test_threshold_parsing_and_checks():
 # --------------------------------------------------------------------------- curves
 
 def _requests(t0, n, per_s, ms=lambda i: 1.0, status="200", fail=lambda i: False):
-    out = []
-    for i in range(n):
-        t = t0 + i / per_s
-        out.append((t, "http_req_duration", ms(i), {"status": status}))
-        out.append((t, "http_req_failed", 1 if fail(i) else 0, {"status": status}))
-    return out
+    return [(t0 + i / per_s, "http_req_duration", ms(i),
+             {"status": status, "expected_response": "false" if fail(i) else "true"})
+            for i in range(n)]
 
 
 def test_curve_windows_rates_and_percentiles():
@@ -266,8 +263,11 @@ def test_metrics_delta_and_phase_quantiles():
     obs = d.observation(0.5, service="bench")
     assert obs.total_ms == pytest.approx(2.0) and obs.routing_ms is None
     assert obs.transport_ms == pytest.approx(0.5)
-    assert obs.gateway_ms == pytest.approx(1.5)
+    # The p50 request's total and the p50 round trip are two different requests.
+    assert obs.gateway_ms is None
     assert obs.quantile == 0.5 and obs.service == "bench"
+    mean = d.mean_observation(service="bench")
+    assert mean.gateway_ms == pytest.approx(3.0 - 0.57)  # a difference of means is the mean difference
 
     s = d.summary()
     assert s["by_status"] == {"200": 997, "503": 10}  # /metrics scrapes are left out
@@ -360,3 +360,44 @@ def test_k6_summary_verdicts():
     assert v[("http_req_duration{scenario:s}", "p(99)<5")] == (False, 7.5, 10)
     assert v[("http_req_duration{scenario:s}", "p(50)<2")] == (True, 0.4, 10)  # med stands in
     assert v[("ratelimit_retry_after", "rate>0.999")] == (True, 0, 0)  # k6 passes no-data
+
+
+# --------------------------------------------------------------------------- scaling, overhead
+
+def test_scaled_thresholds_stretch_latencies_only():
+    c = m.scenario("C").scaled(3)
+    assert [t.expression for t in c.thresholds] == ["p(50)<6", "p(99)<15", "rate<0.001"]
+    assert [t.table_expression for t in c.thresholds] == ["p(50)<2", "p(99)<5", ""]
+    assert c.k6_threshold_map()["http_req_duration{scenario:scenario_c_routing_throughput}"] == \
+        ["p(50)<6", "p(99)<15"]
+    assert [t.expression for t in m.scenario("D").scaled(2.5).derived_thresholds] == ["value<12.5"]
+    assert m.scenario("E").scaled(3).thresholds == m.scenario("E").thresholds  # no latency
+    assert m.scenario("G").scaled(1) is m.scenario("G")
+    assert m.format_limit(0.1 * 3) == "0.3" and m.format_limit(15.0) == "15"
+
+
+def test_overhead_is_per_request_not_a_difference_of_percentiles():
+    # Two kinds of request: slow service + fast gateway, fast service + slow gateway. The
+    # p99 of the totals minus the p99 of the round trips says 0; each request says 1 or 9.
+    lines = []
+    for i in range(100):
+        slow_service = i % 2 == 0
+        total, upstream = (10.0, 9.0) if slow_service else (10.0, 1.0)
+        lines.append({"correlationId": f"k6.r.1.{i}", "durationMs": total, "status": 200,
+                      "service": "s", "timings": {"auth": 0.1, "routing": 0.01, "upstream": upstream}})
+    obs = [m.GatewayPerformanceObservation.from_access_log(r) for r in lines]
+    assert obs[0].transport_ms == 9.0 and obs[0].gateway_ms == 1.0 and obs[1].gateway_ms == 9.0
+    client = {f"k6.r.1.{i}": 10.5 for i in range(0, 100, 2)}   # half of them matched
+    o = m.request_overhead(obs, client)
+    assert o["requests"] == 100 and o["matched"] == 50
+    gw = o["rows"]["gateway"]
+    assert gw["count"] == 100 and gw["p50_ms"] == pytest.approx(5.0) and gw["p99_ms"] == pytest.approx(9.0)
+    assert gw["mean_ms"] == pytest.approx(5.0) and gw["max_ms"] == 9.0
+    assert o["rows"]["client_minus_upstream"]["p50_ms"] == pytest.approx(1.5)
+    assert o["rows"]["outside_gateway"]["max_ms"] == pytest.approx(0.5)
+    # A built-in has no upstream: all its time is the gateway's, and no round trip row.
+    health = m.GatewayPerformanceObservation.from_access_log({"correlationId": "k6.r.1.x", "durationMs": 0.02})
+    o = m.request_overhead([health], {"k6.r.1.x": 0.3})
+    assert o["rows"]["gateway"]["p50_ms"] == 0.02 and o["rows"]["upstream"]["count"] == 0
+    assert o["rows"]["client_minus_upstream"]["count"] == 0
+    assert o["rows"]["outside_gateway"]["p50_ms"] == pytest.approx(0.28)

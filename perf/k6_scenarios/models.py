@@ -4,6 +4,7 @@ Python.
 | type                             | here                                                   |
 |----------------------------------|--------------------------------------------------------|
 | `GatewayPerformanceObservation`  | one request's pipeline phases (or a quantile of them)  |
+| `request_overhead`               | the gateway's overhead, request by request             |
 | `PerformanceScenarioConfig`      | the k6 scenarios A–G with their SLO thresholds (data)  |
 | `PerformanceCurvePoint`          | one time window: offered vs achieved rate, p50/p95/p99 |
 | `PerformanceTestSummary`         | one scenario's run: thresholds, violations, curve      |
@@ -27,17 +28,21 @@ import operator
 import re
 import urllib.request
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 __all__ = [
     "Threshold", "ThresholdResult", "PerformanceScenarioConfig", "SCENARIOS", "scenario",
     "select_scenarios", "PerformanceCurvePoint", "aggregate_curve", "percentile",
     "GatewayPerformanceObservation", "GatewayPerformanceMetrics", "Histogram",
-    "histogram_quantile", "PerformanceTestSummary", "PHASES",
+    "histogram_quantile", "PerformanceTestSummary", "PHASES", "LATENCY_METRICS",
+    "format_limit", "request_overhead", "distribution",
 ]
 
 PHASES = ("auth", "routing", "transport")
+# Thresholds on time: the ones a threshold scale (--threshold-scale) stretches. Error rates,
+# shares and counts say whether the gateway behaved, which no CPU shortage excuses.
+LATENCY_METRICS = frozenset(("http_req_duration", "cid_overhead_p95_ms"))
 
 # --------------------------------------------------------------------------- thresholds
 
@@ -60,6 +65,7 @@ class Threshold:
     description: str = ""
     source: str = "k6"
     scenario_filter: bool = True   # k6: restrict to {scenario:<name>} samples
+    table_expression: str = ""     # the table's own, when ``expression`` is scaled
 
     def __post_init__(self):
         if not _EXPR.match(self.expression):
@@ -78,6 +84,18 @@ class Threshold:
     @property
     def limit(self) -> float:
         return float(_EXPR.match(self.expression)[3])
+
+    @property
+    def latency(self) -> bool:
+        return self.metric in LATENCY_METRICS
+
+    def scaled(self, factor: float) -> "Threshold":
+        """This threshold with its limit times ``factor`` when it is a latency (the k6
+        script's THRESHOLD_SCALE does the same, so both spell the expression alike)."""
+        if factor == 1 or not self.latency:
+            return self
+        return replace(self, expression=f"{self.stat}{self.op}{format_limit(self.limit * factor)}",
+                       table_expression=self.table_expression or self.expression)
 
     def k6_key(self, scenario_name: str) -> str:
         """The key under ``options.thresholds`` (a sub-metric filtered to the scenario)."""
@@ -104,6 +122,7 @@ class ThresholdResult:
 
     def to_dict(self) -> dict:
         return {"metric": self.threshold.metric, "expression": self.threshold.expression,
+                "table_expression": self.threshold.table_expression or self.threshold.expression,
                 "source": self.threshold.source, "description": self.threshold.description,
                 "ok": self.ok, "observed": self.observed, "note": self.note}
 
@@ -146,6 +165,12 @@ class PerformanceScenarioConfig:
     def rate_for(self, short: bool = False) -> int | None:
         return self.short_rate if short else self.rate
 
+    def scaled(self, factor: float) -> "PerformanceScenarioConfig":
+        """The scenario with every latency threshold's limit times ``factor``."""
+        if factor == 1:
+            return self
+        return replace(self, thresholds=tuple(t.scaled(factor) for t in self.thresholds))
+
     @property
     def k6_thresholds(self) -> tuple[Threshold, ...]:
         return tuple(t for t in self.thresholds if t.source == "k6")
@@ -166,6 +191,13 @@ class PerformanceScenarioConfig:
         d["thresholds"] = [{"metric": t.metric, "expression": t.expression, "source": t.source,
                             "description": t.description} for t in self.thresholds]
         return d
+
+
+def format_limit(value: float) -> str:
+    """A limit as JavaScript prints the same number (shortest round trip, no trailing
+    ``.0``), rounded to 6 decimals so 0.1 × 3 is 0.3 on both sides."""
+    text = repr(round(value, 6))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def _t(metric, expression, description="", source="k6", scenario_filter=True) -> Threshold:
@@ -286,7 +318,9 @@ class PerformanceCurvePoint:
     ``requests`` are completed HTTP requests whose sample time falls in the window;
     ``dropped`` are k6 ``dropped_iterations`` (arrivals an open-loop executor could not
     start: no free VU) — so ``offered_rps`` is what the scenario asked for and
-    ``achieved_rps`` what the gateway served.
+    ``achieved_rps`` what the gateway served. The ``*_cpu_pct`` and ``steal_pct`` are the
+    machine's over the window (machine.py), in % of one CPU (steal: of all CPUs' time),
+    when the runner watched it.
     """
     window_start: float            # epoch seconds
     window_seconds: float
@@ -298,6 +332,10 @@ class PerformanceCurvePoint:
     p95_ms: float | None = None
     p99_ms: float | None = None
     status_counts: Mapping[str, int] = field(default_factory=dict)
+    gateway_cpu_pct: float | None = None
+    load_cpu_pct: float | None = None
+    other_cpu_pct: float | None = None
+    steal_pct: float | None = None
 
     @property
     def achieved_rps(self) -> float:
@@ -324,8 +362,9 @@ def aggregate_curve(samples: Iterable[tuple], window_s: float = 5.0,
     """Bucket k6 samples into fixed windows.
 
     A sample is ``(t, metric, value, tags)`` with ``t`` in epoch seconds and ``metric`` one
-    of k6's: ``http_req_duration`` (ms; one per request), ``http_req_failed`` (0/1),
-    ``dropped_iterations``, ``vus``. Other metrics are ignored. ``start`` defaults to the
+    of k6's: ``http_req_duration`` (ms; one per request; failed when its
+    ``expected_response`` tag is ``"false"``, which is what k6's ``http_req_failed``
+    counts), ``dropped_iterations``, ``vus``. Other metrics are ignored. ``start`` defaults to the
     first sample's time and ``end`` to the last one's; empty windows in between are kept
     (a stall is a point on the curve, not a gap). The last window is usually partial: its
     ``window_seconds`` is the time it really covers, so its rates are not understated.
@@ -340,7 +379,7 @@ def aggregate_curve(samples: Iterable[tuple], window_s: float = 5.0,
                       max(times) if end is None else end)
 
 
-_CURVE_METRICS = frozenset(("http_req_duration", "http_req_failed", "dropped_iterations", "vus"))
+_CURVE_METRICS = frozenset(("http_req_duration", "dropped_iterations", "vus"))
 
 
 def _aggregate(samples, window_s, origin, end) -> list[PerformanceCurvePoint]:
@@ -367,11 +406,11 @@ def _aggregate(samples, window_s, origin, end) -> list[PerformanceCurvePoint]:
         a = acc[i]
         if metric == "http_req_duration":
             a["d"].append(float(value))
-            status = (tags or {}).get("status")
+            tags = tags or {}
+            status = tags.get("status")
             if status is not None:
                 a["status"][str(status)] = a["status"].get(str(status), 0) + 1
-        elif metric == "http_req_failed":
-            if value:
+            if tags.get("expected_response") == "false":
                 a["failed"] += 1
         elif metric == "dropped_iterations":
             a["dropped"] += int(value)
@@ -471,10 +510,12 @@ def _value(text: str) -> float:
 class GatewayPerformanceObservation:
     """One request's journey through the pipeline phases, in milliseconds.
 
-    Built for a single request (``status``/``service``/``correlation_id`` set), or, from
-    /metrics, as "the q-quantile request": each phase's q-quantile taken from its own
-    histogram (``quantile`` set), or as the mean request (``quantile`` None, from a
-    /metrics reading). Phases a build does not observe yet stay None.
+    Built for a single request (``status``/``service``/``correlation_id`` set; from the
+    gateway's access log: :meth:`from_access_log`), or, from /metrics, as "the q-quantile
+    request": each phase's q-quantile taken from its own histogram (``quantile`` set), or
+    as the mean request (``quantile`` None, from a /metrics reading). Phases a build does
+    not observe yet stay None. ``transport_ms`` is the service round trip (the access log's
+    ``timings.upstream``).
     """
     total_ms: float | None
     auth_ms: float | None = None
@@ -485,17 +526,75 @@ class GatewayPerformanceObservation:
     correlation_id: str | None = None
     quantile: float | None = None
 
+    @classmethod
+    def from_access_log(cls, record: Mapping) -> "GatewayPerformanceObservation":
+        """One request line of the gateway's JSON log (docs/operations.md §7)."""
+        timings = record.get("timings") or {}
+        return cls(total_ms=record.get("durationMs"), auth_ms=timings.get("auth"),
+                   routing_ms=timings.get("routing"), transport_ms=timings.get("upstream"),
+                   status=record.get("status"), service=record.get("service"),
+                   correlation_id=record.get("correlationId"))
+
     @property
     def gateway_ms(self) -> float | None:
-        """Time the gateway itself spent (total minus the service round trip)."""
-        if self.total_ms is None:
+        """Time the gateway itself spent: total minus the service round trip, for one
+        request (or the mean request: a difference of means is the mean difference). Not for
+        a quantile: the p99 request's total and the p99 round trip are different requests,
+        so their difference is nobody's overhead."""
+        if self.total_ms is None or self.quantile is not None:
             return None
-        return max(0.0, self.total_ms - (self.transport_ms or 0.0))
+        return self.total_ms - (self.transport_ms or 0.0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["gateway_ms"] = self.gateway_ms
         return d
+
+
+def distribution(values: Iterable[float]) -> dict:
+    """``{"count", "p50_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms"}`` of values in ms."""
+    v = sorted(values)
+    return {"count": len(v), "p50_ms": percentile(v, 0.50), "p95_ms": percentile(v, 0.95),
+            "p99_ms": percentile(v, 0.99), "max_ms": v[-1] if v else None,
+            "mean_ms": sum(v) / len(v) if v else None}
+
+
+OVERHEAD_ROWS = {
+    "gateway": "the gateway's own time: durationMs − timings.upstream",
+    "upstream": "the service round trip: timings.upstream",
+    "client_minus_upstream": "k6's duration − timings.upstream (matched by correlation id)",
+    "outside_gateway": "k6's duration − durationMs: k6, the kernel, loopback",
+}
+
+
+def request_overhead(observations: Iterable[GatewayPerformanceObservation],
+                     client_ms: Mapping[str, float] | None = None) -> dict:
+    """The overhead as a distribution over requests: each request's own difference first,
+    then its percentiles (never a difference of two percentiles).
+
+    ``observations`` are single requests (:meth:`GatewayPerformanceObservation.from_access_log`);
+    ``client_ms`` maps a correlation id to the duration k6 measured for that request, so
+    the client's view is matched request by request. Rows: :data:`OVERHEAD_ROWS`.
+    """
+    client_ms = client_ms or {}
+    rows: dict[str, list[float]] = {k: [] for k in OVERHEAD_ROWS}
+    requests = matched = 0
+    for o in observations:
+        if o.total_ms is None:
+            continue
+        requests += 1
+        rows["gateway"].append(o.gateway_ms)
+        upstream = o.transport_ms or 0.0
+        if o.transport_ms is not None:
+            rows["upstream"].append(upstream)
+        k6 = client_ms.get(o.correlation_id)
+        if k6 is not None:
+            matched += 1
+            if o.transport_ms is not None:
+                rows["client_minus_upstream"].append(k6 - upstream)
+            rows["outside_gateway"].append(k6 - o.total_ms)
+    return {"requests": requests, "matched": matched,
+            "rows": {k: distribution(v) for k, v in rows.items()}}
 
 
 class GatewayPerformanceMetrics:
@@ -673,6 +772,9 @@ class PerformanceTestSummary:
 
     ``status`` is ``passed`` / ``failed`` (thresholds violated) / ``skipped`` (the stack
     cannot host it, with ``notes`` saying why) / ``error`` (the run itself broke).
+    ``machine`` is how busy the machine was (machine.py's ``MachineWatch.verdict``): when
+    it says ``reliable: false`` the figures are indicative only, whatever the status.
+    ``overhead`` is :func:`request_overhead` of the scenario's requests.
     """
     scenario: PerformanceScenarioConfig
     short: bool
@@ -686,6 +788,13 @@ class PerformanceTestSummary:
     k6: dict = field(default_factory=dict)            # totals from the k6 summary
     environment: dict = field(default_factory=dict)   # versions, auth mode, CPUs, ports
     notes: list[str] = field(default_factory=list)
+    machine: dict = field(default_factory=dict)
+    overhead: dict = field(default_factory=dict)
+
+    @property
+    def reliable(self) -> bool | None:
+        """None when the machine was not watched (the run broke before k6 started)."""
+        return self.machine.get("reliable") if self.machine else None
 
     @property
     def violations(self) -> list[ThresholdResult]:
@@ -726,7 +835,8 @@ class PerformanceTestSummary:
             "curve": [p.to_dict() for p in self.curve],
             "observations": [o.to_dict() for o in self.observations],
             "gateway": self.gateway, "k6": self.k6, "environment": self.environment,
-            "notes": list(self.notes),
+            "notes": list(self.notes), "reliable": self.reliable, "machine": self.machine,
+            "overhead": self.overhead,
         }
 
     def to_json(self) -> str:
@@ -736,10 +846,12 @@ class PerformanceTestSummary:
         s = self.scenario
         mode = "short" if self.short else "full"
         rate = s.rate_for(self.short)
-        lines = [f"### {s.key} — {s.title} (`{s.name}`, {mode}): **{self.status.upper()}**", "",
+        flag = " — **UNRELIABLE**: indicative figures" if self.reliable is False else ""
+        lines = [f"### {s.key} — {s.title} (`{s.name}`, {mode}): **{self.status.upper()}**{flag}", "",
                  f"{s.purpose}. {s.executor}, {s.vus_for(self.short)} VUs, "
                  f"{s.duration(self.short)} s" + (f", {rate} req/s offered" if rate else "")
                  + f"; key metric: {s.key_metric}.", ""]
+        lines += _machine_markdown(self.machine)
         for note in self.notes:
             lines.append(f"- {note}")
         if self.notes:
@@ -748,30 +860,36 @@ class PerformanceTestSummary:
             lines += ["| threshold | source | observed | result |", "|---|---|---|---|"]
             for r in self.thresholds:
                 obs = "—" if r.observed is None else _fmt(r.observed)
-                lines.append(f"| `{r.threshold.metric} {r.threshold.expression}` | "
-                             f"{r.threshold.source} | {obs} | {'ok' if r.ok else '**VIOLATED**'}"
+                t = r.threshold
+                scaled = f" (table: `{t.table_expression}`)" if t.table_expression else ""
+                lines.append(f"| `{t.metric} {t.expression}`{scaled} | "
+                             f"{t.source} | {obs} | {'ok' if r.ok else '**VIOLATED**'}"
                              + (f" ({r.note})" if r.note else "") + " |")
             lines.append("")
         if self.curve:
-            lines += ["| t (s) | VUs | offered rps | achieved rps | p50 ms | p95 ms | p99 ms | errors |",
-                      "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            lines += ["| t (s) | VUs | offered rps | achieved rps | p50 ms | p95 ms | p99 ms | errors "
+                      "| gw CPU % | load CPU % | other CPU % | steal % |",
+                      "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             t0 = self.curve[0].window_start
             for p in self.curve:
                 lines.append(f"| {p.window_start - t0:.0f} | {p.vus} | {p.offered_rps:.0f} | "
                              f"{p.achieved_rps:.0f} | {_fmt(p.p50_ms)} | {_fmt(p.p95_ms)} | "
-                             f"{_fmt(p.p99_ms)} | {p.error_rate * 100:.2f} % |")
+                             f"{_fmt(p.p99_ms)} | {p.error_rate * 100:.2f} % | "
+                             f"{_pct(p.gateway_cpu_pct)} | {_pct(p.load_cpu_pct)} | "
+                             f"{_pct(p.other_cpu_pct)} | {_pct(p.steal_pct)} |")
             tot = self.totals()
             lines += ["", f"Total {tot['requests']} requests, {tot['achieved_rps']:.0f} req/s, "
                       f"{tot['error_rate'] * 100:.3f} % failed, {tot['dropped']} dropped arrivals.", ""]
+        lines += _overhead_markdown(self.overhead)
         if self.observations:
-            lines += ["Gateway's own view (/metrics after − before):", "",
-                      "| quantile | request ms | auth ms | routing ms | transport ms | request − transport ms |",
-                      "|---|---:|---:|---:|---:|---:|"]
+            lines += ["Gateway's own view (/metrics after − before; each column is the quantile of "
+                      "its own histogram, so a row's columns are not one request and do not add up):", "",
+                      "| quantile | request ms | auth ms | routing ms | transport ms |",
+                      "|---|---:|---:|---:|---:|"]
             for o in self.observations:
                 label = "mean" if o.quantile is None else f"p{round(o.quantile * 100)}"
                 lines.append(f"| {label} | {_fmt(o.total_ms)} | "
-                             f"{_fmt(o.auth_ms)} | {_fmt(o.routing_ms)} | {_fmt(o.transport_ms)} | "
-                             f"{_fmt(o.gateway_ms)} |")
+                             f"{_fmt(o.auth_ms)} | {_fmt(o.routing_ms)} | {_fmt(o.transport_ms)} |")
             g = self.gateway
             if g:
                 lines += ["", f"Gateway counted {g.get('requests', 0)} requests {g.get('by_status', {})}, "
@@ -781,6 +899,46 @@ class PerformanceTestSummary:
         return "\n".join(lines)
 
 
+def _machine_markdown(m: dict) -> list[str]:
+    if not m:
+        return []
+    verdict = ("quiet" if m.get("reliable") else
+               "**not quiet — unreliable**: " + "; ".join(m.get("reasons") or []))
+    lines = [f"Machine during the run ({m.get('seconds', 0)} s watched): {verdict}. Gateway "
+             f"{_pct(m.get('gateway_cpu_pct'))} % of a CPU, load side (k6, services, runner; "
+             f"{m.get('load_cpus', '?')} CPU(s)) {_pct(m.get('load_cpu_pct'))} % of a CPU, other "
+             f"processes {_pct(m.get('other_cpu_pct'))} % of a CPU (peak second "
+             f"{_pct(m.get('other_cpu_peak_pct'))} %), steal {_pct(m.get('steal_pct'))} %."]
+    top = m.get("top_other_processes") or []
+    if top:
+        lines.append("Other processes' CPU over the run: " + ", ".join(
+            f"{p['name']} (pid {p['pid']}) {p['cpu_pct']:.0f} %" for p in top) + ".")
+    lines += [f"- {note}" for note in m.get("notes") or []]
+    return lines + [""]
+
+
+def _overhead_markdown(o: dict) -> list[str]:
+    if not o:
+        return []
+    if not o.get("requests"):
+        return [f"Overhead per request: not measured ({o.get('why', 'no access log lines')}).", ""]
+    lines = [f"Overhead per request (the gateway's access log, {o['requests']} requests; "
+             f"{o['matched']} matched to k6's samples by correlation id): each request's own "
+             "difference, then its percentiles.", "",
+             "| per request | count | p50 ms | p95 ms | p99 ms | max ms | mean ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for key, label in OVERHEAD_ROWS.items():
+        d = o["rows"].get(key) or {}
+        if d.get("count"):
+            lines.append(f"| {label} | {d['count']} | {_fmt(d['p50_ms'])} | {_fmt(d['p95_ms'])} | "
+                         f"{_fmt(d['p99_ms'])} | {_fmt(d['max_ms'])} | {_fmt(d['mean_ms'])} |")
+    return lines + [""]
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{v:.0f}"
+
+
 def _fmt(v: float | None) -> str:
     if v is None:
         return "—"
@@ -788,4 +946,6 @@ def _fmt(v: float | None) -> str:
         return f"{v:.0f}"
     if abs(v) >= 10:
         return f"{v:.1f}"
-    return f"{v:.2f}"
+    if abs(v) >= 0.1 or v == 0:
+        return f"{v:.2f}"
+    return f"{v:.3f}"   # the gateway's own time is tens of µs
