@@ -33,7 +33,8 @@ COMMANDS = {c.name: c for c in (
     Command("connections", "perf.connections",
             "10,000 clients + 100 service connections: errors and the instance's RSS, --soak"),
     Command("k6", "perf.k6_scenarios.run",
-            "the k6 scenarios A-G against a loopback stack, with their SLO thresholds"),
+            "the k6 scenarios A-G and their SLO thresholds, against a loopback stack or a "
+            "running gateway (--base-url)"),
     Command("uploads", "perf.uploads",
             "gateway RSS during and after concurrent large uploads, one checkout or several"),
     Command("profile", "perf.profile_routed",

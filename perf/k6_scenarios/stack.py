@@ -1,5 +1,6 @@
-"""The stack a k6 scenario runs against, on loopback: gateway, demo services, the
-development Authority (when the product has it), Valkey (optional).
+"""What a k6 scenario runs against: :class:`Stack`, started here on loopback (gateway, demo
+services, the development Authority when the product has it, Valkey optionally), or
+:class:`Deployed`, a gateway already running at ``--base-url`` (nothing started but k6).
 
 Process handling is perf/_procs.py's (as in ``python -m perf compare``): every child in its own
 session (process group) with PR_SET_PDEATHSIG, stopped with SIGTERM to the group, SIGKILL
@@ -20,9 +21,13 @@ import psutil
 
 from .. import _procs
 from .._procs import HOST, REPO_DIR, Proc, free_port, py_env
+from .models import GatewayPerformanceMetrics
 
 ROUTE_PROBES = {"scanner": ("GET", "/api/v1/scans/1"), "policy": ("GET", "/api/v1/policies"),
                 "bench": ("GET", "/bench/hello")}
+# A route exists once its service has registered: anything but these (401 counts: auth
+# runs after the match).
+_NO_ROUTE = (None, 404, 503)
 
 
 class StackError(RuntimeError):
@@ -34,6 +39,18 @@ class ProcSet(_procs.ProcSet):
 
     error = StackError
     tail_lines = 20
+
+    def start_piped(self, name: str, cmd: list[str], env: dict | None = None) -> Proc:
+        """Like :meth:`start`, but the child's stdout is a pipe to read (``popen.stdout``);
+        its stderr goes to the log. k6 streams its points there."""
+        log = self.workdir / f"{name}.log"
+        with open(log, "wb") as fh:
+            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=fh, cwd=REPO_DIR, env=env, start_new_session=True,
+                                     preexec_fn=_procs.child_setup)
+        proc = Proc(name, cmd, popen, log, self.tail_lines)
+        self.procs.append(proc)
+        return proc
 
 
 def http_get(url: str, headers: dict | None = None, timeout: float = 2.0,
@@ -78,38 +95,162 @@ class Pinning:
                 f"{','.join(map(str, self.load))}")
 
 
-class Stack:
-    """Start with :meth:`start`, always :meth:`stop` (also on errors)."""
+class Target:
+    """What the runner needs of whatever k6 is aimed at: its URLs, what k6 is told (k6_env),
+    the gateway's processes when they are on this machine, its access log when the runner
+    can read it. Start with :meth:`start`, always :meth:`stop` (also on errors): k6 itself
+    runs in :attr:`procs`."""
+
+    token_url: str | None = None
+    client_id = "demo-client"
+    client_secret = "demo-secret"
+    access_log: Path | None = None
+
+    def __init__(self, workdir: Path, *, auth: str, routes=(), rate_limit: int | None = None,
+                 pin: Pinning, start_timeout: float, log):
+        if auth not in ("auto", "on", "off"):
+            raise ValueError("auth must be auto, on or off")
+        self.workdir = workdir
+        self.auth_mode = auth
+        # (method, path) the routed scenarios send when given (k6's ROUTES); else the script's
+        # own mix on the demo services' routes.
+        self.routes = tuple(routes)
+        self.rate_limit = rate_limit
+        self.pin = pin
+        self.start_timeout = start_timeout
+        self.log = log
+        self.procs = ProcSet(workdir)
+        self.notes: list[str] = []
+        self.auth_enforced: bool | None = None   # None: not probed (no auth configured)
+        self.rate_limit_enforced: bool | None = None
+
+    # -- addresses -------------------------------------------------------------------
+    base_url: str
+    metrics_url: str
+
+    @property
+    def probe_routes(self) -> list[tuple[str, str]]:
+        return list(self.routes) or list(ROUTE_PROBES.values())
+
+    # -- what k6 and the report need ---------------------------------------------------
+    @property
+    def send_dpop(self) -> bool:
+        if not self.token_url:
+            return False
+        return self.auth_mode == "on" or bool(self.auth_enforced)
+
+    def k6_env(self) -> dict[str, str]:
+        env = {"BASE_URL": self.base_url}
+        if self.rate_limit:
+            env["RATE_LIMIT"] = str(self.rate_limit)
+        if self.routes:
+            env["ROUTES"] = ",".join(f"{m} {p}" for m, p in self.routes)
+        if self.send_dpop:
+            env.update(TOKEN_URL=self.token_url, CLIENT_ID=self.client_id,
+                       CLIENT_SECRET=self.client_secret)
+        return env
+
+    def gateway_roots(self) -> list[int]:
+        """The gateway's top process(es) on this machine; [] when not known."""
+        return []
+
+    def own_roots(self) -> list[int]:
+        """Processes besides the runner's own tree whose CPU is the system under test's,
+        not another tenant's (the machine check, machine.py)."""
+        return self.gateway_roots()
+
+    def gateway_pids(self) -> list[int]:
+        return [p.pid for p in _procs.tree(self.gateway_roots())]
+
+    def gateway_rss(self) -> int | None:
+        pids = self.gateway_pids()
+        if not pids:
+            return None
+        total = 0
+        for pid in pids:
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def gateway_cpu_seconds(self) -> float | None:
+        pids = self.gateway_pids()
+        if not pids:
+            return None
+        total = 0.0
+        for pid in pids:
+            try:
+                t = psutil.Process(pid).cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+            except psutil.Error:
+                pass
+        return total
+
+    def scrape(self) -> str | None:
+        """The gateway's /metrics text; None when it cannot be read."""
+        try:
+            status, _, body = http_get(self.metrics_url, timeout=5)
+        except OSError:
+            return None
+        return body.decode("utf-8", "replace") if status == 200 else None
+
+    def log_size(self) -> int:
+        try:
+            return self.access_log.stat().st_size if self.access_log else 0
+        except OSError:
+            return 0
+
+    # -- probing ---------------------------------------------------------------------------
+    def _status(self, path: str, method: str = "GET", headers=None) -> int | None:
+        try:
+            return http_get(self.base_url + path, headers, method=method)[0]
+        except OSError:
+            return None
+
+    def _wait(self, predicate, what: str) -> None:
+        if not _procs.wait_until(self.procs, predicate, self.start_timeout):
+            raise StackError(f"{what} not ready within {self.start_timeout:.0f} s")
+
+    def _wait_routes(self, where: str) -> None:
+        for method, path in self.probe_routes:
+            self._wait(lambda: self._status(path, method) not in _NO_ROUTE,
+                       f"route {method} {path} ({where})")
+
+    def _probe_auth(self) -> None:
+        method, path = self.probe_routes[0]
+        status = self._status(path, method)
+        self.auth_enforced = status == 401
+        if not self.auth_enforced:
+            self.notes.append(f"auth: the gateway does not enforce gateway.auth ({method} {path} "
+                              f"without a token answered {status})")
+            if self.auth_mode == "auto" and self.token_url:
+                self.notes.append("auth: routed scenarios run without DPoP (use --auth on to sign anyway)")
+
+
+class Stack(Target):
+    """Gateway, demo services, Authority (and Valkey) started here, on loopback."""
 
     def __init__(self, workdir: Path, *, workers: int = 1, auth: str = "auto",
                  rate_limit: int | None = None, valkey: bool = False, pin: bool = True,
                  services=("scanner", "policy", "bench"), token_lifetime: int = 900,
-                 start_timeout: float = 30.0, dpop_nonce: bool = False, log=print):
-        if auth not in ("auto", "on", "off"):
-            raise ValueError("auth must be auto, on or off")
-        self.workdir = workdir
+                 start_timeout: float = 30.0, dpop_nonce: bool = False, access_log: bool = True,
+                 routes=(), log=print):
+        super().__init__(workdir, auth=auth, routes=routes, rate_limit=rate_limit,
+                         pin=Pinning(pin, workers), start_timeout=start_timeout, log=log)
         self.workers = workers
-        self.auth_mode = auth
-        self.rate_limit = rate_limit
         self.dpop_nonce = dpop_nonce
         self.want_valkey = valkey
+        self.want_access_log = access_log
         self.services = tuple(services)
         self.token_lifetime = token_lifetime
-        self.start_timeout = start_timeout
-        self.log = log
-        self.procs = ProcSet(workdir)
-        self.pin = Pinning(pin, workers)
         self.http_port = self.tcp_port = 0
         self.authority = None
         self.valkey: Proc | None = None
         self.valkey_port = 0
         self.gateway: Proc | None = None
-        self.notes: list[str] = []
-        self.auth_enforced: bool | None = None   # None: no auth configured
         self.auth_configured = False
-        self.rate_limit_enforced: bool | None = None
 
-    # -- addresses -------------------------------------------------------------------
     @property
     def base_url(self) -> str:
         return f"http://{HOST}:{self.http_port}"
@@ -118,8 +259,12 @@ class Stack:
     def metrics_url(self) -> str:
         return self.base_url + "/metrics"
 
+    @property
+    def token_url(self) -> str | None:
+        return self.authority.token_endpoint if self.authority is not None else None
+
     # -- lifecycle -------------------------------------------------------------------
-    def start(self) -> "Stack":
+    def start(self, routed: bool = True) -> "Stack":
         _procs.raise_nofile(65536)   # F opens ~1000 connections on each side
         self.http_port, self.tcp_port = free_port(), free_port()
         if self.want_valkey:
@@ -131,7 +276,7 @@ class Stack:
             self.procs.start(f"service-{name}", self.pin.wrap("load", [
                 sys.executable, "-m", "stellagw", "demo-service", "--name", name,
                 "--gateway", f"{HOST}:{self.tcp_port}"]), env=py_env())
-        self._wait_routes()
+        self._wait_routes("demo services")
         if self.authority is not None:
             self._probe_auth()
         if self.rate_limit:
@@ -148,6 +293,12 @@ class Stack:
                 except Exception:  # pragma: no cover - daemon thread dies with us anyway
                     pass
                 self.authority = None
+
+    def scrape(self) -> str:
+        text = super().scrape()
+        if text is None:
+            raise StackError(f"{self.metrics_url} could not be read")
+        return text
 
     # -- parts -------------------------------------------------------------------------
     def _start_authority(self) -> None:
@@ -178,7 +329,8 @@ class Stack:
             f"    publicOrigin: {_yaml_str(self.base_url)}",
             "  transports:",
             f"    tcp: {{host: {HOST}, port: {self.tcp_port}}}",
-            "  logging: {accessLog: false}",
+            # The access log is each request's own timing: the per-request overhead (run.py).
+            f"  logging: {{accessLog: {'true' if self.want_access_log else 'false'}}}",
             "  admin: {publicEndpoints: [all]}   # /metrics on the client port, for the scrape",
         ]
         if with_auth:
@@ -228,40 +380,9 @@ class Stack:
         self.auth_configured = with_auth
         self.gateway = self.procs.start("gateway", self.pin.wrap("server", [
             sys.executable, "-m", "stellagw", "serve", "--config", str(cfg)]), env=py_env())
+        if self.want_access_log:
+            self.access_log = self.gateway.log
         self._wait(lambda: self._status("/health/live") == 200, "the gateway's /health/live")
-
-    def _status(self, path: str, method: str = "GET", headers=None) -> int | None:
-        try:
-            return http_get(self.base_url + path, headers, method=method)[0]
-        except OSError:
-            return None
-
-    def _wait(self, predicate, what: str) -> None:
-        if not _procs.wait_until(self.procs, predicate, self.start_timeout):
-            raise StackError(f"{what} not ready within {self.start_timeout:.0f} s")
-
-    def _wait_routes(self) -> None:
-        # A route exists once its service has registered: anything but 404/503 (401 counts:
-        # auth runs after the match).
-        for name in self.services:
-            method, path = ROUTE_PROBES[name]
-            self._wait(lambda: self._status(path, method) not in (None, 404, 503),
-                       f"route {method} {path} ({name})")
-
-    def _probe_auth(self) -> None:
-        status = self._status("/api/v1/policies")
-        self.auth_enforced = status == 401
-        if not self.auth_enforced:
-            self.notes.append(f"auth: the gateway does not enforce gateway.auth yet (GET without a "
-                              f"token answered {status})")
-            if self.auth_mode == "auto":
-                self.notes.append("auth: routed scenarios run without DPoP (use --auth on to sign anyway)")
-
-    @property
-    def send_dpop(self) -> bool:
-        if self.authority is None:
-            return False
-        return self.auth_mode == "on" or bool(self.auth_enforced)
 
     def _probe_rate_limit(self) -> None:
         """Send 1.5× the per-second limit back to back: a 429 shows the limiter is on."""
@@ -304,44 +425,15 @@ class Stack:
                 "DPoP": self._probe_key.proof(method, url, self._probe_token,
                                               nonce=getattr(self, "_probe_nonce", None))}
 
-    # -- what k6 and the report need ---------------------------------------------------
-    def k6_env(self) -> dict[str, str]:
-        env = {"BASE_URL": self.base_url}
-        if self.rate_limit:
-            env["RATE_LIMIT"] = str(self.rate_limit)
-        if self.send_dpop:
-            env.update(TOKEN_URL=self.authority.token_endpoint, CLIENT_ID="demo-client",
-                       CLIENT_SECRET="demo-secret")
-        return env
-
-    def gateway_pids(self) -> list[int]:
-        if self.gateway is None:
-            return []
-        return [p.pid for p in _procs.tree([self.gateway.popen.pid])]
-
-    def gateway_rss(self) -> int:
-        total = 0
-        for pid in self.gateway_pids():
-            try:
-                total += psutil.Process(pid).memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def gateway_cpu_seconds(self) -> float:
-        total = 0.0
-        for pid in self.gateway_pids():
-            try:
-                t = psutil.Process(pid).cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-            except psutil.Error:
-                pass
-        return total
+    def gateway_roots(self) -> list[int]:
+        # The runner's own tree holds the gateway already; naming it tells its CPU apart.
+        return [self.gateway.popen.pid] if self.gateway is not None else []
 
     def describe(self) -> dict:
         return {
-            "base_url": self.base_url, "transport_port": self.tcp_port, "workers": self.workers,
-            "services": list(self.services), "pinning": self.pin.describe(),
+            "target": "local stack", "base_url": self.base_url, "transport_port": self.tcp_port,
+            "workers": self.workers, "services": list(self.services),
+            "pinning": self.pin.describe(),
             "auth": ("dpop" if self.send_dpop else
                      "configured, not enforced" if self.auth_configured else "off"),
             "authority": self.authority.issuer if self.authority else None,
@@ -349,4 +441,85 @@ class Stack:
             "rate_limit_enforced": self.rate_limit_enforced,
             "valkey": f"{HOST}:{self.valkey_port}" if self.valkey else None,
             "dpop_nonce": self.dpop_nonce,
+            "access_log": str(self.access_log) if self.access_log else None,
+        }
+
+
+class Deployed(Target):
+    """A gateway already running at ``base_url``: nothing is started but k6, nothing of the
+    gateway is stopped. What the runner can see of it is what it is given: the token
+    endpoint (DPoP), /metrics (``metrics_url``, default on the base URL), its access log
+    (a file its stdout goes to), its process and its services' processes when they run on
+    this machine."""
+
+    def __init__(self, workdir: Path, base_url: str, *, auth: str = "auto",
+                 token_url: str | None = None, client_id: str | None = None,
+                 client_secret: str | None = None, metrics_url: str | None = None,
+                 access_log: Path | None = None, gateway_pid: int | None = None,
+                 service_pids=(), rate_limit: int | None = None, routes=(),
+                 start_timeout: float = 30.0, log=print):
+        super().__init__(workdir, auth=auth, routes=routes, rate_limit=rate_limit,
+                         pin=Pinning(False, 1), start_timeout=start_timeout, log=log)
+        if auth == "on" and not token_url:
+            raise StackError("--auth on with --base-url needs --token-url")
+        self.base_url = base_url.rstrip("/")
+        self.metrics_url = metrics_url or self.base_url + "/metrics"
+        self.token_url = token_url
+        self.client_id = client_id or Target.client_id
+        self.client_secret = client_secret or Target.client_secret
+        self.access_log = access_log
+        self.gateway_pid = gateway_pid
+        self.service_pids = tuple(service_pids)
+        self.build: dict = {}
+
+    def start(self, routed: bool = True) -> "Deployed":
+        self._wait(lambda: self._status("/health/live") == 200, f"{self.base_url}/health/live")
+        if routed:
+            self._wait_routes(self.base_url)
+            if self.auth_mode != "off":
+                self._probe_auth()
+        text = self.scrape()
+        if text is None:
+            self.notes.append(f"{self.metrics_url} could not be read: no gateway's-own view "
+                              "(--metrics-url: the admin listener's /metrics)")
+        else:
+            info = GatewayPerformanceMetrics.parse(text).series("gateway_build_info")
+            if info:
+                self.build = {k: info[0][0].get(k) for k in ("version", "config_hash")}
+        if self.access_log is None:
+            self.notes.append("no access log (--gateway-log): overhead per request not measured")
+        if self.gateway_pid is None:
+            self.notes.append("no --gateway-pid: the gateway's CPU is not measured, and if it runs "
+                              "on this machine it counts as another process's")
+        return self
+
+    def stop(self) -> None:
+        self.procs.stop_all()
+
+    def gateway_roots(self) -> list[int]:
+        return [self.gateway_pid] if self.gateway_pid else []
+
+    def own_roots(self) -> list[int]:
+        return self.gateway_roots() + list(self.service_pids)
+
+    def gateway_rss(self) -> int | None:
+        rss = super().gateway_rss()
+        if rss is not None:
+            return rss
+        text = self.scrape()
+        if text is None:
+            return None
+        g = GatewayPerformanceMetrics.parse(text)
+        return int(g.sum("process_resident_memory_bytes")) if g.has("process_resident_memory_bytes") else None
+
+    def describe(self) -> dict:
+        return {
+            "target": "deployed", "base_url": self.base_url, "metrics_url": self.metrics_url,
+            "pinning": self.pin.describe() + " (nothing started here but k6)",
+            "auth": "dpop" if self.send_dpop else "off",
+            "token_url": self.token_url, "rate_limit_per_s": self.rate_limit,
+            "routes": [f"{m} {p}" for m, p in self.routes] or None,
+            "access_log": str(self.access_log) if self.access_log else None,
+            "gateway_pid": self.gateway_pid, "service_pids": list(self.service_pids) or None,
+            "build": self.build or None,
         }
