@@ -100,9 +100,8 @@ class PointStream(threading.Thread):
     """k6's point stream, read from its stdout (``--out json=-``) while it runs.
 
     The curve metrics' lines are kept in ``points`` (gzip, for :func:`read_points` after
-    the run: all of k6's lines would be ten times as many, and k6 compressing them itself
-    cost the load CPU more); the parsed samples wait in memory until :meth:`take` hands
-    them to the progress line. Anything on stdout that is not JSON (the handleSummary
+    the run; all of k6's lines would be about ten times as many); the parsed samples wait
+    in memory until :meth:`take` hands them to the progress line. Anything on stdout that is not JSON (the handleSummary
     text) goes to ``text``.
     """
 
