@@ -8,7 +8,8 @@ import pytest
 
 from stellagw.config import load_config_text
 from stellagw.routing import versions as v
-from stellagw.routing.state import VERSION_SETTLE, RoutingState
+from stellagw.routing.state import SPLIT, VERSION_SETTLE, RoutingState
+from stellagw.routing.versions import Split
 
 
 class Clock:
@@ -129,6 +130,7 @@ def test_a_new_version_ramps_in_and_clients_that_moved_stay():
     s.clock.t += 30
     assert spread(s) == {"1.3.0": 2000}
     assert route(s)._cache[None].__class__ is tuple     # done: one ranking, no split
+    assert Split not in route(s)._cache
 
 
 def test_versions_that_register_together_are_not_ramped():
@@ -172,13 +174,14 @@ def test_the_ramped_split_is_worked_out_again_only_once_a_step():
     s.clock.t += 30
     r = route(s)
     s.select(r, None, hdr("a"))
-    split = r._cache[None]
+    split = r._cache[Split]
+    assert r._cache[None] is SPLIT and not SPLIT
     s.clock.t += 0.5
     s.select(r, None, hdr("a"))
-    assert r._cache[None] is split
+    assert r._cache[Split] is split
     s.clock.t += 0.6
     s.select(r, None, hdr("a"))
-    assert r._cache[None] is not split
+    assert r._cache[Split] is not split
 
 
 def test_without_a_request_a_split_spreads_by_count():

@@ -209,6 +209,16 @@ class _Departed:
 DEPARTED = _Departed()
 
 
+class _SplitMarker(tuple):
+    __slots__ = ()
+
+
+# The cached entry of a route whose unpinned traffic versions share (the Split itself is
+# cached beside it): an empty tuple, so select's one test of the entry catches it in C —
+# a Split that said so itself (__bool__) would cost the split path a Python call.
+SPLIT = _SplitMarker()
+
+
 class _Service:
     __slots__ = ("name", "links", "routes", "ghosts", "members", "versions")
 
@@ -812,29 +822,36 @@ class RoutingState:
         share the route's unpinned traffic (without it they share it evenly)."""
         best = route._cache.get(version)
         if not best:
-            # Not ranked yet, nothing routable, or a Split (which is false for this test:
-            # one ranking, the common case, costs what it did before versions could split).
-            return self._select(route, version, best, req)
+            # Not ranked yet, nothing routable, or SPLIT (false for this test too): one
+            # ranking, the common case, costs what it did before versions could split.
+            # (Inline rather than a method: a split pays for each Python call.)
+            if best is None:
+                best = self._ranked(route, version)
+            if best is SPLIT:
+                split = route._cache[Split]
+                if split.expires and self.clock() >= split.expires:
+                    # A ramp moved on: the shares (or, once it ended, one ranking) anew.
+                    best = self._ranked(route, version)
+                    split = route._cache.get(Split) if best is SPLIT else None
+                if split is not None:
+                    best = split.pick(req)
+            if not best:
+                return None
         route._rr += 1
         return best[route._rr % len(best)]
 
-    def _select(self, route: Route, version, best, req):
-        if best is None:
-            best = route._cache[version] = self._rank(route, version)
+    def _ranked(self, route: Route, version):
+        """Rank and cache: a ranking as it is, a split as SPLIT with the Split beside it
+        (under the key Split; only unpinned selection splits, so one per route)."""
+        best = self._rank(route, version)
+        cache = route._cache
         if best.__class__ is Split:
-            best = self._split(route, version, best, req)
-        if not best:
-            return None
-        route._rr += 1
-        return best[route._rr % len(best)]
-
-    def _split(self, route: Route, version, split: Split, req) -> tuple:
-        if split.expires and self.clock() >= split.expires:
-            # A ramp moved on: the shares (or, once it ended, one ranking) anew.
-            split = route._cache[version] = self._rank(route, version)
-            if split.__class__ is tuple:
-                return split
-        return split.pick(req)
+            cache[Split] = best
+            best = SPLIT
+        elif version is None:
+            cache.pop(Split, None)      # a ramp that ended
+        cache[version] = best
+        return best
 
     def _rank(self, route: Route, version: str | None):
         cands = [c for c in route.candidates

@@ -6,17 +6,23 @@ A request's key (tenant, identity subject, a header or a cookie; the client addr
 has none) is hashed into [0, 2^32) and the versions own consecutive ranges of that space,
 newest first, each as wide as its share. Newest first: as a canary's share grows (a ramp, a
 weight raised on reload) its range only grows, so a client that reached it stays on it.
-The hash is CRC-32 seeded with the service name, then mixed (murmur3's finaliser): the same
-on every worker and every gateway, so a client keeps its version whichever one it reaches,
-and independent between services. CRC-32 alone leaves short sequential keys ("c1", "c2" ...)
-unevenly spread (a 50 % split measured 55 %); mixed, they land within a few tenths of a
-percent over 2,000 keys.
+The hash is CRC-32 seeded with the service name, then multiplied by 2^32/φ (Fibonacci
+hashing: the high bits, which the ranges compare, take in every bit of the CRC): the same on
+every worker and every gateway, so a client keeps its version whichever one it reaches, and
+independent between services. CRC-32 alone leaves short sequential keys ("c1", "c2" ...)
+unevenly spread (a 50 % split measured 55 % over 2,000); multiplied, eight key shapes over four
+services land as evenly as random numbers would (tests/test_routing_versions.py). murmur3's
+finaliser spreads them no better and costs four times as much in Python (big-integer
+arithmetic per step): 0.45 µs a request where this is 0.1.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from zlib import crc32
 
 SPACE = 1 << 32
+_GOLDEN = 0x9E3779B1            # 2^32 / φ, odd
+_MASK = 0xFFFFFFFF
 IDENTITY, TENANT, HEADER, COOKIE = "identity", "tenant", "header", "cookie"
 
 
@@ -35,21 +41,21 @@ def key_of(req, kind: str, name: bytes | None) -> bytes:
     """The request's sticky key. Without the one configured, the identity's subject, and
     for an anonymous client its address: a client that sends no key still keeps one
     version (as long as its address does)."""
-    if kind == HEADER:
-        for field, value in req.headers:
-            if field == name:
-                if value:
-                    return value
-                break
-    elif kind == COOKIE:
-        for field, value in req.headers:
-            if field == b"cookie":
-                for pair in value.split(b";"):
-                    cookie, _, content = pair.strip().partition(b"=")
-                    if cookie == name and content:
-                        return content
-    elif kind == TENANT:
-        if req.tenant:
+    if kind != IDENTITY:
+        if kind == HEADER:
+            for field, value in req.headers:
+                if field == name:
+                    if value:
+                        return value
+                    break
+        elif kind == COOKIE:
+            for field, value in req.headers:
+                if field == b"cookie":
+                    for pair in value.split(b";"):
+                        cookie, _, content = pair.strip().partition(b"=")
+                        if cookie == name and content:
+                            return content
+        elif req.tenant:
             return req.tenant.encode("utf-8")
     identity = req.identity
     if identity is not None and not identity.anonymous:
@@ -58,13 +64,8 @@ def key_of(req, kind: str, name: bytes | None) -> bytes:
 
 
 def point(key: bytes, seed: int) -> int:
-    """Where a key falls in [0, 2^32)."""
-    h = crc32(key, seed)
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    return h ^ (h >> 16)
+    """Where a key falls in [0, 2^32) (Split.pick has it inlined)."""
+    return (crc32(key, seed) * _GOLDEN) & _MASK
 
 
 def seed_of(service: str) -> int:
@@ -141,19 +142,17 @@ class Split:
             # No request to take a key from (a caller that selects again): spread evenly
             # by a counter (the golden-ratio sequence fills the space uniformly).
             self._n += 1
-            at = (self._n * 0x9E3779B1) & 0xFFFFFFFF
+            at = (self._n * _GOLDEN) & _MASK
         else:
-            at = point(key_of(req, self.kind, self.name), self.seed)
-        targets = self.targets
-        for i, bound in enumerate(self.bounds):
-            if at < bound:
-                return targets[i]
-        return targets[-1]
-
-    def __bool__(self):
-        # False, so that RoutingState.select tells a split from a ranking by the one test it
-        # makes anyway (an empty ranking is false too).
-        return False
+            if self.kind == IDENTITY:
+                # key_of's last lines, inlined for the default key: a call costs as much.
+                identity = req.identity
+                key = (identity.subject.encode("utf-8")
+                       if identity is not None and not identity.anonymous else req.client_ip)
+            else:
+                key = key_of(req, self.kind, self.name)
+            at = (crc32(key or b"", self.seed) * _GOLDEN) & _MASK
+        return self.targets[bisect_right(self.bounds, at)]   # the last bound is 2^32
 
     def __repr__(self):
         return f"<Split {list(zip(self.versions, self.bounds))}>"
