@@ -100,12 +100,16 @@ class ProcSet:
         self.procs: list[Proc] = []
         self.cleanups: list[Callable[[], None]] = []   # run after the processes are stopped
 
-    def start(self, name: str, cmd: list[str], env: dict | None = None) -> Proc:
+    def start(self, name: str, cmd: list[str], env: dict | None = None,
+              piped: bool = False) -> Proc:
+        """The child's output goes to its log; with ``piped`` its stdout is a pipe to read
+        (``popen.stdout``: k6 streams its points there) and only stderr is logged."""
         log = self.workdir / f"{name}.log"
         with open(log, "wb") as fh:
-            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh,
-                                     stderr=subprocess.STDOUT, cwd=REPO_DIR, env=env,
-                                     start_new_session=True, preexec_fn=child_setup)
+            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE if piped else fh,
+                                     stderr=fh if piped else subprocess.STDOUT, cwd=REPO_DIR,
+                                     env=env, start_new_session=True, preexec_fn=child_setup)
         proc = Proc(name, cmd, popen, log, self.tail_lines)
         self.procs.append(proc)
         return proc

@@ -53,6 +53,7 @@ from pathlib import Path
 from . import _procs, commands
 from .compare import measuring
 from ._procs import HOST, PERF_DIR, REPO_DIR
+from .provenance import commit, dirty_files
 
 HISTORY = PERF_DIR / "callgrind_history.csv"
 HISTORY_FIELDS = ["date_utc", "commit", "dirty_files", "instr_per_request", "timers_excluded",
@@ -63,21 +64,9 @@ HISTORY_FIELDS = ["date_utc", "commit", "dirty_files", "instr_per_request", "tim
 
 
 def git_info() -> tuple[str, int | None]:
-    """HEAD and the number of changed/untracked files (read-only: GIT_OPTIONAL_LOCKS=0 keeps
-    `git status` from refreshing the index)."""
-    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, env=env,
-                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown", None
-    try:
-        st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "stellagw", "cext"],
-                            cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=20)
-        dirty = len([l for l in st.stdout.splitlines() if l.strip()]) if st.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        dirty = None
-    return head, dirty
+    """HEAD and the number of changed files in the compiled code."""
+    dirty = dirty_files("stellagw", "cext")
+    return commit()[0] or "unknown", None if dirty is None else len(dirty)
 
 
 class Client:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .. import _procs, commands
 from .measuring import WARMUP_S, Settings, decide_pinning, measure
-from .report import machine_info, median_round, rate_limit_summary, report
+from ..provenance import machine_info
+from .report import median_round, rate_limit_summary, report
 from .targets import ALL_TARGETS, TARGETS
 
 

@@ -2,12 +2,6 @@
 rows' differences per round, the table, and what each figure means."""
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
-from pathlib import Path
-
-from .. import _procs
 from .measuring import WARMUP_S, Settings
 from .targets import RL_TARGETS
 
@@ -91,32 +85,6 @@ def render_rate_limit(rl: dict) -> list[str]:
     lines.append("  (Δ CPU-µs/req within ±1–2 µs is at the noise of one run on a shared VM: use "
                  "--rounds 3 or more and read the spread)")
     return lines
-
-
-def machine_info() -> dict:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu_model": model,
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
-    for tool, args in (("wrk", ["-v"]), ("nginx", ["-v"])):
-        exe = _procs.which(tool, sbin=True)
-        if exe:
-            try:
-                r = subprocess.run([exe, *args], capture_output=True, text=True, timeout=10)
-                info[tool] = ((r.stdout + r.stderr).strip().splitlines() or [""])[0]
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-    return info
 
 
 def _f(v, fmt: str) -> str:

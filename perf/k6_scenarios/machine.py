@@ -17,7 +17,6 @@ is % of all CPUs' time. A process that started and ended between two samples is 
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -27,7 +26,7 @@ from typing import Callable
 import psutil
 
 from .._procs import REPO_DIR
-from ..compare.report import machine_info
+from ..provenance import commit, dirty_files, machine_info
 
 PROC_STAT = "/proc/stat"
 # A run is unreliable when, over the scenario, other processes used more than
@@ -41,27 +40,13 @@ TOP_OTHERS = 8
 
 
 def provenance(repo: Path = REPO_DIR) -> dict:
-    """The commit and uncommitted tracked files of ``repo`` (read-only: GIT_OPTIONAL_LOCKS=0
-    keeps `git status` from writing the index under other people's feet), and the machine."""
-    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
-
-    def git(*args) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True,
-                                 text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout if out.returncode == 0 else None
-
-    head = (git("log", "-1", "--format=%H%n%s") or "").splitlines()
-    status = git("status", "--porcelain", "--untracked-files=no")
+    """The commit and uncommitted tracked files of ``repo``, and the machine."""
+    head, subject = commit(repo)
     info = machine_info()
     return {
-        "commit": head[0] if head else None,
-        "subject": head[1] if len(head) > 1 else None,
-        "dirty_files": None if status is None else [line[3:] for line in status.splitlines() if line],
+        "commit": head, "subject": subject, "dirty_files": dirty_files(repo=repo),
         "cpu_model": info.get("cpu_model"), "cpus_usable": info.get("cpus_usable"),
-        "cpus_online": os.cpu_count(), "kernel": info.get("kernel"),
+        "cpus_online": info.get("cpus_online"), "kernel": info.get("kernel"),
         "python": info.get("python"),
     }
 

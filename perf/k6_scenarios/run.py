@@ -238,7 +238,7 @@ def run_scenario(cfg, args, k6_path: Path, outdir: Path, log, prov: dict) -> Per
             f"{duration} s, auth: {target.describe()['auth']}) against {target.base_url} ...")
         progress = Progress(cfg.key, None if args.quiet else log)
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        k6 = target.procs.start_piped("k6", target.pin.wrap("load", cmd), env=penv)
+        k6 = target.procs.start("k6", target.pin.wrap("load", cmd), env=penv, piped=True)
         stream = results.PointStream(k6.popen.stdout, points, sdir / "k6-stdout.txt", cfg.name)
         stream.start()
         progress.stream = stream

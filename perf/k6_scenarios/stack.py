@@ -40,18 +40,6 @@ class ProcSet(_procs.ProcSet):
     error = StackError
     tail_lines = 20
 
-    def start_piped(self, name: str, cmd: list[str], env: dict | None = None) -> Proc:
-        """Like :meth:`start`, but the child's stdout is a pipe to read (``popen.stdout``);
-        its stderr goes to the log. k6 streams its points there."""
-        log = self.workdir / f"{name}.log"
-        with open(log, "wb") as fh:
-            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=fh, cwd=REPO_DIR, env=env, start_new_session=True,
-                                     preexec_fn=_procs.child_setup)
-        proc = Proc(name, cmd, popen, log, self.tail_lines)
-        self.procs.append(proc)
-        return proc
-
 
 def http_get(url: str, headers: dict | None = None, timeout: float = 2.0,
              method: str = "GET") -> tuple[int, dict, bytes]:
