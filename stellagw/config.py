@@ -49,7 +49,8 @@ from .valkey import parse_address
 __all__ = [
     "ConfigError", "load_config", "load_config_text", "default_settings",
     "parse_duration", "parse_size", "effective_config", "dump_effective",
-    "Settings", "GatewaySettings", "NodeSettings", "HttpSettings", "HttpTlsSettings",
+    "Settings", "GatewaySettings", "NodeSettings", "FleetSettings", "HttpSettings",
+    "HttpTlsSettings",
     "TransportsSettings", "TcpTransportSettings", "TlsTransportSettings",
     "RoutingSettings", "ServiceRoutingSettings", "OutlierDetectionSettings",
     "AuthSettings", "AuthRateLimitSettings", "OpenApiSettings",
@@ -550,6 +551,29 @@ def _size_key(yaml_name: str, default: Any, *, low: int = 0, high: int | None = 
 # --------------------------------------------------------------------------- gateway:
 
 @_settings
+class FleetSettings:
+    """gateway.node.fleet: what the other gateway pods route, shared through Valkey, so a
+    new pod is not ready (and answers 503, not 404) until the services they route have
+    dialled it too (docs/operations.md, "A new pod: the fleet view")."""
+    # Its own key, not the rate limiter's or the replay cache's: it only works when the
+    # services can find a pod that is not ready yet (deploy/kubernetes/service.yaml), so it
+    # must never be switched on by configuring something else.
+    valkey: str = _key("valkey", _string(_connection_string), "", secret=True)
+    publish_interval: float = _duration_key("publishInterval", "5s", positive=True)
+    entry_ttl: float = _duration_key("entryTtl", "20s", positive=True)
+    warmup_timeout: float = _duration_key("warmupTimeout", "45s")
+    timeout: float = _duration_key("timeout", "500ms", positive=True)
+
+    def _finish(self, path: str) -> FleetSettings:
+        if self.entry_ttl <= self.publish_interval:
+            raise ConfigError(_join(path, "entryTtl"),
+                              f"must be longer than publishInterval "
+                              f"({_format_duration(self.publish_interval)}), or a live pod's "
+                              f"entry expires between two of its publishes")
+        return self
+
+
+@_settings
 class NodeSettings:
     region: str = _key("region", _string(non_empty=True), "local")
     node_id: str = _key("nodeId", STRING, "")
@@ -561,6 +585,7 @@ class NodeSettings:
     # A restarted worker takes no client connection before the service instances its
     # siblings know have reached it, or this long (no 404 window after a restart).
     warmup_timeout: float = _duration_key("warmupTimeout", "5s")
+    fleet: FleetSettings = _section("fleet", FleetSettings)
 
     def _finish(self, path: str) -> NodeSettings:
         # Resolved here so every consumer (and check-config) sees the real values.

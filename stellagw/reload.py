@@ -58,6 +58,8 @@ RESTART_REQUIRED = (
     "gateway.auth.replayCache.maxEntries",
     # The exporter's thread and the tracer provider live as long as the process.
     "gateway.tracing",
+    # The fleet's Valkey client is made at start, and the fleet is read only then.
+    "gateway.node.fleet.valkey", "gateway.node.fleet.timeout",
 )
 # Under RESTART_REQUIRED but live: the service transport's certificates and client checks.
 LIVE = frozenset(f"gateway.transports.tls.{key}" for key in (
@@ -189,7 +191,8 @@ def _check_addresses(settings) -> None:
     from .valkey import parse_address
     gw = settings.gateway
     env, address = environment_settings(settings)
-    checks = [("gateway.auth.replayCache.valkey", gw.auth.replay_cache.valkey)]
+    checks = [("gateway.auth.replayCache.valkey", gw.auth.replay_cache.valkey),
+              ("gateway.node.fleet.valkey", gw.node.fleet.valkey)]
     if env is not None and address:
         key = ("rate_limiting.for_environment.valkey_connection"
                if settings.rate_limiting.for_environment is not None
