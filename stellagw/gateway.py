@@ -8,8 +8,11 @@ connection's deadline — no timer object per request.
 
 Start: services first (transports, admin), clients last — a restarted worker waits until
 the service instances its siblings know have reached it (`warmupTimeout`), so it never
-answers 404 for a service that is there. Drain (SIGTERM): not ready at once, listeners
-closed `preStopDelay` later, then in-flight work finished (docs/operations.md §4).
+answers 404 for a service that is there. A new pod does the same for the services the
+other pods route, read from Valkey (`gateway.node.fleet`, routing/fleet.py): it serves
+clients meanwhile, but is not ready, and answers 503 for those services' routes. Drain
+(SIGTERM): not ready at once, listeners closed `preStopDelay` later, then in-flight work
+finished (docs/operations.md §4).
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ from .listeners import WorkerSockets, bind_exclusive, listen
 from .pipeline import Pipeline
 from .ratelimit import RateLimiter
 from .reload import Reloader
+from .routing.fleet import FleetMember
 from .routing.state import RoutingState
 from .transport import headers as forward_headers
 from .transport.frame import FRAME_TYPE_NAMES
@@ -167,6 +171,11 @@ class Worker:
         self.metrics.sources.append(self.pipeline._retries.source)
         self.admin = AdminServer(self) if gw.admin.enabled else None
         self._auth_task = None
+        # What the other pods route, through Valkey; None when gateway.node.fleet.valkey
+        # is not set.
+        self.fleet = FleetMember(self) if gw.node.fleet.valkey else None
+        if self.fleet is not None:
+            self.metrics.sources.append(self.fleet.counters)
         # SIGHUP and certificate files (stellagw/reload.py): `config_source` says where the
         # configuration came from; without one only certificates are reloaded.
         self.reloader = Reloader(self, config_source, run_dir)
@@ -246,6 +255,8 @@ class Worker:
                            f"other workers have not reached this one yet")
         elif not self.started:
             reasons.append("starting: listeners are not up yet")
+        if self.fleet is not None:
+            reasons += self.fleet.reasons()
         for server in (*self._servers, *self._admin_servers):
             if not server.is_serving() and not self.draining:
                 reasons.append("a listener is down")
@@ -256,7 +267,10 @@ class Worker:
         return reasons + list(self.auth.ready_reasons())
 
     def health_details(self) -> dict:
-        return {"services": self.routing.describe(), "config": self.reloader.describe()}
+        out = {"services": self.routing.describe(), "config": self.reloader.describe()}
+        if self.fleet is not None:
+            out["fleet"] = self.fleet.describe()
+        return out
 
 
     # ------------------------------------------------------------------ lifecycle
@@ -268,6 +282,12 @@ class Worker:
         supervisor's), or on sockets of this worker's own when none are given."""
         gw = self.settings.gateway
         loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        # Asked first, answered while the rest starts: a Valkey that is slow or gone costs
+        # at most a few times fleet.timeout, once.
+        fleet_read = None
+        if self.fleet is not None and gw.node.fleet.warmup_timeout > 0:
+            fleet_read = asyncio.ensure_future(self.fleet.read())
         ssl_ctx = None
         if gw.http.tls.enabled:
             # Reloaded in place on SIGHUP and when its files change (stellagw/reload.py).
@@ -297,10 +317,14 @@ class Worker:
                 lambda: HttpProtocol(admin), sock=admin_sock, backlog=128))
             self.admin_address = admin_sock.getsockname()[:2]
         await self._warm_up(expected)
+        view = await fleet_read if fleet_read is not None else None
         if self._drain_started:
             # SIGTERM during the warm-up: this worker never serves clients.
             http_sock.close()
             return
+        # Before clients: a route of a service the fleet routes is 503 from the first
+        # request on, never 404.
+        fleet_services = self.fleet.seed(view) if self.fleet is not None else set()
         server = await loop.create_server(
             lambda: HttpProtocol(self), sock=http_sock, ssl=ssl_ctx, backlog=gw.http.backlog,
             ssl_handshake_timeout=gw.http.header_read_timeout if ssl_ctx else None)
@@ -314,6 +338,8 @@ class Worker:
                        http=f"{scheme}://{_fmt_addr(self.http_address)}", pid=os.getpid(),
                        configHash=self.reloader.hash, **addresses)
         self.log.flush()
+        if self.fleet is not None:
+            self.fleet.begin(view, fleet_services, t0)
 
     def _own_transport_sockets(self) -> list:
         """The transport port(s), plus this worker's private port when the supervisor
@@ -501,6 +527,8 @@ class Worker:
         self.auth.stop()
         if self._auth_task is not None and not self._auth_task.done():
             self._auth_task.cancel()
+        if self.fleet is not None:
+            await self.fleet.close()
         await self.limiter.close()
         if self.tracing is not None:
             self.tracing.shutdown()

@@ -220,13 +220,16 @@ SPLIT = _SplitMarker()
 
 
 class _Service:
-    __slots__ = ("name", "links", "routes", "ghosts", "members", "versions")
+    __slots__ = ("name", "links", "routes", "ghosts", "members", "versions", "expected")
 
     def __init__(self, name):
         self.name = name
         self.links = 0                    # registered instances (links) of it on this worker
         self.routes: dict[tuple[str, str], Route] = {}
         self.ghosts = False               # some route has only the DEPARTED candidate
+        # Known from the other gateways only (expect()): never registered here. Its routes
+        # give way to any service that registers one of them.
+        self.expected = False
         # Its entries of RoutingState.instances: the ejection cap counts them.
         self.members: dict[tuple, Instance] = {}
         self.versions: dict[str, _Version] = {}
@@ -495,15 +498,27 @@ class RoutingState:
         old = self.instances.get(key)
         routes = self._routes
         fresh = []
+        yielded = []
         for ep in endpoints:
             route = routes.get((ep.method, ep.path))
             if route is None:
                 fresh.append(ep)
             elif route.service != service:
+                owner = self.services.get(route.service)
+                if owner is not None and owner.expected:
+                    # What another gateway said, during a rollout that moved the route
+                    # perhaps: a service that is here decides.
+                    yielded.append((owner, route))
+                    fresh.append(ep)
+                    continue
                 gone = (" (no instance of it is connected; its routes are kept for "
                         "routing.serviceExpiry)" if route.candidates[0][0] is DEPARTED else "")
                 raise HelloError(f"{ep.method} {ep.path} is already served by service "
                                  f"{route.service!r}{gone}")
+        for owner, route in yielded:
+            self._drop(owner, route)
+            if not owner.routes:
+                del self.services[owner.name]
         # New templates go into the router first: one it refuses must leave nothing
         # half-registered. Nothing after this loop can fail.
         router = self.router
@@ -557,6 +572,7 @@ class RoutingState:
                 self._drop(svc, route)
             svc.ghosts = False
         self._departed.pop(service, None)
+        svc.expected = False
         if old is None:
             svc.links += 1
             self._version_joined(svc, version)
@@ -568,6 +584,55 @@ class RoutingState:
         self._snapshot = None
         self._changed("registered", instance)
         return instance
+
+    def expect(self, service: str, routes) -> int:
+        """Routes of a service the other gateways route but that has not registered here
+        yet (a new gateway, routing/fleet.py): each gets the DEPARTED stand-in, so a
+        request for it is answered 503 with Retry-After, as for a service restarting,
+        not 404. `routes`: (method, template, websocket) triples. A template that is
+        taken, or that the router refuses, is left out; a service already here is left
+        alone. The first registration of the service replaces them (its HELLO's
+        endpoints are its routes), and one of another service takes the template over.
+        Returns the routes added."""
+        if service in self.services or not _NAME.match(service):
+            return 0
+        svc = _Service(service)
+        svc.expected = svc.ghosts = True
+        router = self.router
+        for method, template, websocket in routes:
+            key = (method, template)
+            if (method not in _METHODS or template.__class__ is not str
+                    or not template.startswith("/") or key in self._routes):
+                continue
+            route = Route(method, template, service)
+            try:
+                router.add(method, template, route)
+            except RouteError:
+                continue
+            route.candidates = ((DEPARTED, Endpoint(method, template, None, False,
+                                                    bool(websocket), (), None)),)
+            self._routes[key] = svc.routes[key] = route
+        if not svc.routes:
+            return 0
+        self.services[service] = svc
+        self.generation += 1
+        return len(svc.routes)
+
+    def withdraw(self, service: str) -> bool:
+        """Forget the routes expect() gave a service that never registered here (404
+        from then on); a service that did register is left to the usual rules."""
+        svc = self.services.get(service)
+        if svc is None or not svc.expected or svc.links:
+            return False
+        for route in list(svc.routes.values()):
+            self._drop(svc, route)
+        del self.services[service]
+        self.generation += 1
+        return True
+
+    def expected(self) -> list[str]:
+        """Services known from expect() only."""
+        return [name for name, svc in self.services.items() if svc.expected]
 
     def _version_joined(self, svc: _Service, version: str) -> None:
         now = self.clock()
