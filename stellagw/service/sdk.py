@@ -445,31 +445,52 @@ class Service:
         while not self._stopping and self.resolve_interval > 0:
             await asyncio.sleep(self.resolve_interval)
             try:
-                fresh = [a for a in await self._addresses(host) if (a, port) not in self._seen_addrs]
+                addrs = await self._addresses(host)
             except OSError:
                 continue
-            if fresh:
+            # An address that left the name is forgotten: a new gateway given it later
+            # (pod IPs are reused) is new.
+            self._seen_addrs -= {(a, p) for a, p in self._seen_addrs
+                                 if p == port and a not in addrs}
+            if any((a, port) not in self._seen_addrs for a in addrs):
                 await self._discover(host, port, only_new=True)
 
-    async def _discover(self, host, port, only_new=False):
-        """Dial the gateway's shared port; the HELLO_ACK tells which worker answered and
-        where the others are. Retries with backoff and jitter until stopped."""
+    async def _discover(self, host, port, only_new=False, skip_linked=True):
+        """Dial the gateway's shared port at each address of its name; the HELLO_ACK tells
+        which worker answered and where the others are. An address already linked is
+        left alone (unless `skip_linked` is false: a worker of it is missing), and one that
+        fails does not hold up the others: it is tried again, with backoff and jitter, for
+        as long as the name resolves to it."""
         delay = self.reconnect_min
+        origin = (host, port)
         while not self._stopping:
+            failed = None
             try:
-                for addr in await self._addresses(host):
-                    if only_new and (addr, port) in self._seen_addrs:
-                        continue
+                addrs = await self._addresses(host)
+            except OSError as exc:
+                addrs, failed = [], exc
+            for addr in addrs:
+                if only_new and (addr, port) in self._seen_addrs:
+                    continue
+                if skip_linked and any(link.address == addr and link.origin == origin
+                                       for link in self._links.values()):
+                    # Redialled after another address's DRAIN; with Kubernetes publishing
+                    # not-ready pods, a terminating one stays in the name for a while.
+                    self._seen_addrs.add((addr, port))
+                    continue
+                try:
                     link = await self._connect(addr, port, host)
                     ack = await link.acked
-                    self._adopt(link, ack, addr, (host, port))
-                    self._seen_addrs.add((addr, port))
-                delay = self.reconnect_min
+                except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                    failed = exc
+                    continue
+                self._adopt(link, ack, addr, origin)
+                self._seen_addrs.add((addr, port))
+            if failed is None:
                 return
-            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
-                self._log("gateway unreachable", gateway=f"{host}:{port}", error=str(exc))
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, self.reconnect_max)
+            self._log("gateway unreachable", gateway=f"{host}:{port}", error=str(failed))
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.reconnect_max)
 
     async def _connect(self, addr, port, host):
         loop = asyncio.get_running_loop()
@@ -488,6 +509,7 @@ class Service:
                 whost = addr  # the worker listens on every address: use the one that worked
             private[(node, w.get("worker_id"))] = (whost, w["port"])
         link.origin = origin
+        link.address = addr
         if key in self._links and self._links[key] is not link:
             link.close()  # already linked to this worker; this was a second door to it
         else:
@@ -512,6 +534,7 @@ class Service:
                     link.close()
                     break
                 link.key, link.dial, link.origin = key, (host, port), origin
+                link.address = host
                 self._links[key] = link
                 return
             except (OSError, asyncio.TimeoutError, ConnectionError):
@@ -521,7 +544,7 @@ class Service:
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self.reconnect_max)
         if not self._stopping and key not in self._links:
-            self._spawn(self._discover(*origin))
+            self._spawn(self._discover(*origin, skip_linked=False))
 
     def _lost(self, link):
         if link.key is not None and self._links.get(link.key) is link:
@@ -637,6 +660,7 @@ class _Link(asyncio.Protocol):
         self.key = None
         self.dial = None
         self.origin = None
+        self.address = None      # the gateway's address it was dialled at
         self.drained = False
         self.port = None
         self.acked = asyncio.get_running_loop().create_future()
