@@ -324,7 +324,10 @@ def test_services_target_the_right_ports_and_pods():
     # Headless: a ClusterIP would land each service on one random pod, and never on a
     # worker's private port (docs/protocol.md §4.2).
     assert transport["clusterIP"] == "None"
-    assert not transport.get("publishNotReadyAddresses", False)
+    # Not-ready pods too: a new pod waits for the fleet's services to dial it before it is
+    # ready (gateway.node.fleet), which they can only do if the name leads to it.
+    assert transport.get("publishNotReadyAddresses") is True
+    assert settings.gateway.node.fleet.valkey and settings.gateway.node.fleet.warmup_timeout
     enabled = _enabled_listeners(settings)
     enabled.pop("http")
     enabled.pop("admin", None)   # the kubelet and Prometheus dial pods directly
