@@ -5,15 +5,22 @@ cache".
 Every test runs on the twin, and on the compiled module when it is built;
 tests/test_dpop_twins.py holds the two to each other with hypothesis.
 
-`STELLAGW_MEASURE_DPOP=1 taskset -c 1 python -m pytest -s tests/test_dpop_keys.py -k measure`
-prints the figures docs/auth.md quotes (in-process, interleaved rounds, medians and ranges).
+`STELLAGW_MEASURE_DPOP=time taskset -c 1 python -m pytest -s tests/test_dpop_keys.py -k measure`
+prints the figures docs/auth.md quotes (in-process, interleaved rounds, medians and ranges);
+`STELLAGW_MEASURE_DPOP=callgrind` counts instructions instead.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
+import re
+import shutil
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -30,6 +37,7 @@ from stellagw.auth.errors import Refusal
 
 from .test_auth_support import NOW, DpopClient, SigningKey, b64u, sign_raw
 
+ROOT = Path(__file__).resolve().parent.parent
 ORIGIN = "https://gw.example.com"
 URL = ORIGIN + "/api/items"
 TOKEN = "header.payload.signature-of-an-access-token"
@@ -225,58 +233,89 @@ def test_ecdsa_check_answers_as_pyjwt(ec_keys, alg, data):
 
 # ------------------------------------------------------------------- measurement
 
-@pytest.mark.skipif(not os.environ.get("STELLAGW_MEASURE_DPOP"),
-                    reason="a measurement: STELLAGW_MEASURE_DPOP=1 (pin it: taskset -c 1)")
-def test_measure(mod):
-    """The figures of docs/auth.md: CPU-µs per call (this thread's CPU time, so other
-    processes on the CPU count less), median [range] of interleaved rounds. The PyJWT row
-    is what jose.verify_signature called before; "no key cache" pays for every proof what a
-    key not seen before costs."""
-    rounds, n = int(os.environ.get("ROUNDS", 15)), int(os.environ.get("N", 1000))
+MEASURE = os.environ.get("STELLAGW_MEASURE_DPOP", "")
+
+
+def _calls(mod) -> dict:
+    """name → (one call, signature stubbed?), over one real proof: check() leaves replay to
+    the Authenticator, so one proof can be checked any number of times."""
     client = DpopClient()
-    proofs = [client.proof("GET", URL, TOKEN).encode() for _ in range(n)]
-    h, p, s = proofs[0].split(b".")
+    proof = client.proof("GET", URL, TOKEN).encode()
+    h, p, s = proof.split(b".")
     msg = h + b"." + p
     raw = jose.b64url_decode(s)
     public = client.key.private.public_key()
     jwk_key = jose.public_key_from_jwk(client.key.bare_jwk(), "ES256")
     der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
     pyjwt = get_default_algorithms()["ES256"]
+    cached = mod.DpopVerifier(("ES256",), 60.0, 8192)
+    fresh = mod.DpopVerifier(("ES256",), 60.0, 8192, key_cache_size=0)
+    jkt = client.jkt                    # a property that hashes: not inside the loop
 
-    def loop(fn):
+    def check(v):
+        return lambda: v.check(proof, "GET", URL, ATH, jkt, NOW)
+
+    return {
+        "bare: cryptography ES256 verify (DER)":
+            (lambda: public.verify(der, msg, ec.ECDSA(hashes.SHA256())), False),
+        "PyJWT ES256 verify (jose before)": (lambda: pyjwt.verify(msg, jwk_key, raw), False),
+        "jose.verify_signature": (lambda: jose.verify_signature("ES256", jwk_key, msg, raw), False),
+        "check, key cache": (check(cached), False),
+        "check, no key cache (every key fresh)": (check(fresh), False),
+        "check, key cache, signature stubbed": (check(cached), True),
+        "check, no key cache, signature stubbed": (check(fresh), True),
+    }
+
+
+def _loop(mod, fn, stub: bool, n: int) -> float:
+    """CPU-µs per call: this thread's CPU time, so other processes on the CPU count less."""
+    saved = mod.verify_signature
+    if stub:
+        mod.verify_signature = lambda *a: True
+    try:
+        fn()                            # the cached verifier's one miss, outside the loop
         t0 = time.thread_time()
         for _ in range(n):
             fn()
         return (time.thread_time() - t0) / n * 1e6
+    finally:
+        mod.verify_signature = saved
 
-    def checks(size, stub=False):
-        v = mod.DpopVerifier(("ES256",), 60.0, 8192, key_cache_size=size)
-        saved = mod.verify_signature
-        if stub:
-            mod.verify_signature = lambda *a: True
-        try:
-            t0 = time.thread_time()
-            for proof in proofs:
-                v.check(proof, "GET", URL, ATH, client.jkt, NOW)
-            return (time.thread_time() - t0) / n * 1e6
-        finally:
-            mod.verify_signature = saved
 
-    cases = {
-        "bare: cryptography ES256 verify (DER)":
-            lambda: loop(lambda: public.verify(der, msg, ec.ECDSA(hashes.SHA256()))),
-        "PyJWT ES256 verify (jose before)": lambda: loop(lambda: pyjwt.verify(msg, jwk_key, raw)),
-        "jose.verify_signature": lambda: loop(lambda: jose.verify_signature("ES256", jwk_key, msg, raw)),
-        "check, key cache": lambda: checks(twin.KEY_CACHE_SIZE),
-        "check, no key cache (every key fresh)": lambda: checks(0),
-        "check, key cache, signature stubbed": lambda: checks(twin.KEY_CACHE_SIZE, True),
-        "check, no key cache, signature stubbed": lambda: checks(0, True),
-    }
-    times = {name: [] for name in cases}
+def _instructions(mod, name: str, n: int) -> int:
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    env.pop("STELLAGW_MEASURE_DPOP", None)
+    run = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                          sys.executable, "-m", "tests.test_dpop_keys", mod.__name__, name, str(n)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return int(re.search(r"Collected : (\d+)", run.stderr).group(1))
+
+
+@pytest.mark.skipif(not MEASURE, reason="a measurement: STELLAGW_MEASURE_DPOP=time (pin it: "
+                    "taskset -c 1) or =callgrind")
+def test_measure(mod):
+    """The figures of docs/auth.md. `time`: CPU-µs per call, median [range] of interleaved
+    rounds, and × the bare verify of the same round. `callgrind`: instructions per call
+    (a run of 400 calls minus a run of 100). The PyJWT row is what jose.verify_signature
+    called before; "no key cache" pays on every proof what a key not seen before costs."""
+    calls = _calls(mod)
+    bare_name = next(iter(calls))
+    if MEASURE == "callgrind":
+        if shutil.which("valgrind") is None:
+            pytest.skip("valgrind is not installed")
+        per = {name: (_instructions(mod, name, 400) - _instructions(mod, name, 100)) / 300
+               for name in calls}
+        print(f"\n{mod.__name__}: instructions per call (callgrind)")
+        for name, count in per.items():
+            print(f"  {name:<42} {count:9,.0f}  {count / per[bare_name]:5.3f}×")
+        return
+    rounds, n = int(os.environ.get("ROUNDS", 15)), int(os.environ.get("N", 1000))
+    times = {name: [] for name in calls}
     for _ in range(rounds):
-        for name, fn in cases.items():
-            times[name].append(fn())
-    bare = times["bare: cryptography ES256 verify (DER)"]
+        for name, (fn, stub) in calls.items():
+            times[name].append(_loop(mod, fn, stub, n))
+    bare = times[bare_name]
     print(f"\n{mod.__name__}: {rounds} rounds of {n} calls, CPU {sorted(os.sched_getaffinity(0))}; "
           f"CPU-µs per call, median [range]; × the bare verify of the same round")
     for name, ts in times.items():
@@ -284,3 +323,10 @@ def test_measure(mod):
         ratios = [t / b for t, b in zip(ts, bare)]
         print(f"  {name:<42} {statistics.median(ts):7.2f} [{min(ts):6.2f} .. {max(ts):6.2f}]"
               f"  {statistics.median(ratios):5.3f}× [{min(ratios):.3f} .. {max(ratios):.3f}]")
+
+
+if __name__ == "__main__":
+    # One call of _calls, n times, for callgrind: python -m tests.test_dpop_keys MODULE NAME N
+    _mod = importlib.import_module(sys.argv[1])
+    _fn, _stub = _calls(_mod)[sys.argv[2]]
+    _loop(_mod, _fn, _stub, int(sys.argv[3]))
