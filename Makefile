@@ -11,19 +11,16 @@ PIP := $(PYTHON) -m pip
 demo: install
 	$(PYTHON) -m stellagw demo
 
-# Set up and run the whole test suite (what .ci/run calls), then the suites of the glue
-# once more uncompiled, with the codecs' pure-Python twins (STELLAGW_NO_EXTENSIONS=1: the
-# codec unit tests compare the two directly; the glue is one source, run both ways).
-TWIN_SUITES := tests/test_router_e2e.py tests/test_websocket.py tests/test_ingress_integration.py \
-	tests/test_ratelimit_e2e.py tests/test_auth_e2e.py tests/test_auth_dpop.py \
-	tests/test_ingress_protocol.py tests/test_ingress_edge.py tests/edge/test_corpus.py \
-	tests/test_replay_workers.py tests/test_write_batch.py tests/test_sdk_link.py
+# Set up and run the whole test suite (what .ci/run calls), then the test modules marked
+# `twin` once more uncompiled, with the codecs' pure-Python twins (STELLAGW_NO_EXTENSIONS=1:
+# the codec unit tests compare the two directly; the glue is one source, run both ways;
+# tests/conftest.py).
 test: install build test-tools
 	$(PYTHON) -m pytest -q
-	STELLAGW_NO_EXTENSIONS=1 $(PYTHON) -m pytest -q $(TWIN_SUITES)
+	STELLAGW_NO_EXTENSIONS=1 $(PYTHON) -m pytest -q -m twin
 
 # Debian packages the tests use: promtool (from prometheus) checks the /metrics output;
-# nginx is the oracle of tests/edge/test_nginx_oracle.py (run in the foreground with its own
+# nginx is the oracle of tests/ingress/edge/test_nginx_oracle.py (run in the foreground with its own
 # prefix; the package's own service is stopped again if its postinst started it).
 test-tools:
 	@command -v promtool >/dev/null 2>&1 || { \
@@ -34,7 +31,7 @@ test-tools:
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null; \
 	    if [ -f /run/nginx.pid ]; then /usr/sbin/nginx -s quit 2>/dev/null || true; fi; \
-	  else echo "nginx missing: sudo apt-get install nginx (tests/edge/test_nginx_oracle.py is skipped)"; fi; }
+	  else echo "nginx missing: sudo apt-get install nginx (tests/ingress/edge/test_nginx_oracle.py is skipped)"; fi; }
 
 install:
 	$(PIP) install -q --disable-pip-version-check -e '.[test]'
@@ -137,7 +134,7 @@ bench-websocket: build
 
 # promtool check config / check rules / test rules on grafana/ (Debian's prometheus package).
 test-alerts: test-tools
-	$(PYTHON) -m pytest -q tests/test_alerts.py
+	$(PYTHON) -m pytest -q tests/operations/test_alerts.py
 
 clean:
 	rm -rf build dist *.egg-info stellagw/_cext/*.so cext/*.c cext/*.html perf/*.so perf/*.c

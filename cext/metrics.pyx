@@ -1,7 +1,7 @@
 # cython: language_level=3
 """Duration histograms (compiled).
 
-Compiled twin of stellagw/_py/metrics.py: same API, same results (tests/test_metrics.py runs
+Compiled twin of stellagw/_py/metrics.py: same API, same results (tests/codecs/test_metrics.py runs
 them differentially). observe() runs four times per routed request (issue #8), so here it is
 a METH_O method that bisects a C array and bumps a C counter and a C double: no Python
 object is created. `counts` is built as a list only when asked for (snapshots,

@@ -1,7 +1,7 @@
 # cython: language_level=3
 """Radix path router and request-path normalisation (compiled).
 
-The pure-Python twin is stellagw/_py/radix.py; both give the same results (tests/test_radix.py
+The pure-Python twin is stellagw/_py/radix.py; both give the same results (tests/codecs/test_radix.py
 runs them differentially). The rules and their reasons are in docs/routing.md.
 
 Hot path: normalize_path() and Router.match() run once per request. match() allocates

@@ -2,7 +2,7 @@
 """The instance-wide DPoP `jti` table (compiled).
 
 Compiled twin of stellagw/_py/replaytable.py — the one to read: same API, same memory
-layout, same results (tests/test_replay_table.py compares the tables byte for byte). What
+layout, same results (tests/codecs/test_replay_table.py compares the tables byte for byte). What
 differs is how: the memory is an anonymous MAP_SHARED mapping, SipHash-2-4 runs on the
 key's UTF-8 bytes in C (an ASCII str's are its own data, nothing is copied), and
 check-and-store runs under a process-shared, robust pthread mutex kept in the header's lock

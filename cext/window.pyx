@@ -2,7 +2,7 @@
 """Sliding-window rate-limit counters (compiled).
 
 Compiled twin of stellagw/_py/window.py: same API, same results on the same inputs
-(tests/test_window.py runs them differentially on a fake clock). The semantics are written
+(tests/codecs/test_window.py runs them differentially on a fake clock). The semantics are written
 down in docs/rate-limiting.md; in short:
 
 * Every rule (max_requests, per_seconds) has its own ring of buckets per key: 100 ms
@@ -582,7 +582,7 @@ cdef class WindowLimiter:
 
         Every request's path: one pass that advances and checks each rule, written out
         rather than built from decide_with()'s helpers, which cost it ~75 instructions in
-        calls and second passes (tests/test_ratelimit_tenants.py holds the two to one
+        calls and second passes (tests/ratelimit/test_ratelimit_tenants.py holds the two to one
         oracle)."""
         cdef PyObject *found
         cdef int32_t s

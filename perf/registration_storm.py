@@ -29,7 +29,7 @@ What runs (loopback only; every process started here is stopped at the end):
   instant (the **drop** phase ends when the worker has none of them).
 
 Everything but the gateway runs on ``--load-cpu``. Figures are printed, not asserted;
-correctness under a storm is tested in tests/test_registration_storm.py.
+correctness under a storm is tested in tests/routing/test_registration_storm.py.
 """
 from __future__ import annotations
 

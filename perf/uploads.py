@@ -7,7 +7,7 @@ one gateway checkout or several side by side (a baseline worktree beside this on
     python -m perf uploads --checkout /tmp/base --checkout .  # before | after, one run
 
 Each checkout's gateway runs from its own tree (`python -m stellagw serve`, 1 worker); the
-service is this checkout's tests/services.py (POST /t/up/upload?ms=M pauses M ms per MiB it
+service is this checkout's tests/support/services.py (POST /t/up/upload?ms=M pauses M ms per MiB it
 takes), so only the gateway differs. Everything on 127.0.0.1; every process this starts is
 stopped by its pid at the end. Prints one row per checkout:
 

@@ -6,7 +6,7 @@
 //
 // Usually started by `python -m perf k6`, which brings up the stack on loopback, aims this
 // script at it and turns the output into a PerformanceTestSummary (models.py holds
-// the same scenario table; tests/test_k6_short.py checks both agree through `k6 inspect`).
+// the same scenario table; tests/benchmarks/test_k6_short.py checks both agree through `k6 inspect`).
 //
 // Environment:
 //   BASE_URL        gateway origin (default http://127.0.0.1:8080); must equal the

@@ -18,7 +18,7 @@ per-phase quantiles from histogram buckets exactly as PromQL's `histogram_quanti
 No dependency beyond the standard library, so the runner, the tests and a notebook can all
 import it (``from perf.k6_scenarios import models``, from the repository's root).
 The k6 script (`gateway_performance.k6.js` beside it) carries the same table for standalone use;
-tests/test_k6_short.py checks with `k6 inspect` that both agree.
+tests/benchmarks/test_k6_short.py checks with `k6 inspect` that both agree.
 """
 from __future__ import annotations
 

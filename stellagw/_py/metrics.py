@@ -1,7 +1,7 @@
 """Duration histograms — the pure-Python twin.
 
 Same API and the same results as the compiled ``stellagw._cext.metrics`` (cext/metrics.pyx);
-tests/test_metrics.py runs the two differentially. stellagw/observe/metrics.py picks one.
+tests/codecs/test_metrics.py runs the two differentially. stellagw/observe/metrics.py picks one.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ __all__ = ["Histogram", "DURATION_BUCKETS"]
 # Seconds. Dense below 10 ms because the routing overhead SLO is < 2 ms (p50) / < 5 ms (p99).
 # Down to 50 µs: auth, routing and most routed requests take well under 0.5 ms, and a
 # quantile inside one bucket is only an interpolation. cext/metrics.pyx has the same tuple
-# (tests/test_metrics.py checks).
+# (tests/codecs/test_metrics.py checks).
 DURATION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025,
                     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _LABELS = tuple(repr(float(b)) for b in DURATION_BUCKETS)
@@ -39,7 +39,7 @@ class Histogram:
         # bisect_left(DURATION_BUCKETS, seconds), unrolled below 2 ms, where nearly every
         # sample lands: a float compare in bytecode is several times cheaper than bisect's
         # call and generic compares. `seconds > bound` is bisect's own test, so the index is
-        # the same for every value, NaN included (tests/test_metrics.py checks).
+        # the same for every value, NaN included (tests/codecs/test_metrics.py checks).
         if seconds > 0.0005:
             if seconds > 0.002:
                 i = bisect_left(DURATION_BUCKETS, seconds, 6)

@@ -1,7 +1,7 @@
 """Radix path router and request-path normalisation — the pure-Python twin.
 
 Same API and the same results as the compiled ``stellagw._cext.radix`` (cext/radix.pyx);
-tests/test_radix.py checks the two against each other and against a regex-per-template
+tests/codecs/test_radix.py checks the two against each other and against a regex-per-template
 reference. The rules are written down, with the reasons, in docs/routing.md.
 """
 from __future__ import annotations

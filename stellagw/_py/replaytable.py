@@ -1,7 +1,7 @@
 """The instance-wide DPoP `jti` table — the pure-Python twin.
 
 Same API, same memory layout and the same results as the compiled
-``stellagw._cext.replaytable`` (cext/replaytable.pyx); tests/test_replay_table.py runs the
+``stellagw._cext.replaytable`` (cext/replaytable.pyx); tests/codecs/test_replay_table.py runs the
 two differentially, byte for byte over the table. stellagw/auth/replay.py imports one of
 them (STELLAGW_NO_EXTENSIONS=1: this one).
 

@@ -1,7 +1,7 @@
 """Sliding-window rate-limit counters — the pure-Python twin.
 
 Same API and the same results as the compiled ``stellagw._cext.window`` (cext/window.pyx);
-tests/test_window.py runs the two differentially on a fake clock. Semantics (buckets,
+tests/codecs/test_window.py runs the two differentially on a fake clock. Semantics (buckets,
 Retry-After, eviction, a clock that steps back) are in docs/rate-limiting.md and in the
 docstring of cext/window.pyx.
 

@@ -11,7 +11,7 @@ hashing: the high bits, which the ranges compare, take in every bit of the CRC):
 every worker and every gateway, so a client keeps its version whichever one it reaches, and
 independent between services. CRC-32 alone leaves short sequential keys ("c1", "c2" ...)
 unevenly spread (a 50 % split measured 55 % over 2,000); multiplied, eight key shapes over four
-services land as evenly as random numbers would (tests/test_routing_versions.py). murmur3's
+services land as evenly as random numbers would (tests/routing/test_routing_versions.py). murmur3's
 finaliser spreads them no better and costs four times as much in Python (big-integer
 arithmetic per step): 0.45 µs a request where this is 0.1.
 """

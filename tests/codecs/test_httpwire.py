@@ -1,0 +1,75 @@
+"""cext/httpwire.pyx against its pure-Python twin (stellagw/_py/httpwire.py), and both
+against the rules of docs/http-edge.md."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, strategies as st
+
+from tests.support.impls import Codec
+
+WIRE = Codec("httpwire")
+py_wire, C = WIRE.twin, WIRE.compiled
+IMPLS = WIRE.available
+
+HOST_CHARS = st.sampled_from(list(b"aZ09-._~:[]@/ ,%\t!") + [0, 0xFF])
+
+
+@pytest.mark.parametrize("w", IMPLS)
+@pytest.mark.parametrize("value, ok", [
+    (b"example.com", True), (b"a", True), (b"a:1", True), (b"a:65535", True),
+    (b"10.0.0.1:8080", True), (b"[::1]", True), (b"[2001:db8::1]:443", True), (b"a-b_c~d.e", True),
+    (b"", False), (b"a:", False), (b"a:0", False), (b"a:65536", False), (b"a:99999", False),
+    (b"a:123456", False), (b"a:8x", False), (b"u@a", False), (b"a/b", False), (b"a b", False),
+    (b"a,b", False), (b"a, b", False), (b"::1", False), (b"[::1", False), (b"[]", False),
+    (b"[1.2]", False), (b"[::1]x", False), (b":80", False), (b"a%2eb", False), (b"a" * 256, False),
+])
+def test_host_rules(w, value, ok):
+    assert w.host_ok(value) is ok
+
+
+@pytest.mark.parametrize("w", IMPLS)
+@pytest.mark.parametrize("value, kind", [
+    (b"chunked", "CHUNKED"), (b"Chunked", "CHUNKED"), (b" chunked\t", "CHUNKED"),
+    (b"gzip, chunked", "OTHER"), (b"gzip,chunked", "OTHER"), (b"x, y, chunked", "OTHER"),
+    (b"gzip", "BAD"), (b"chunked, gzip", "BAD"), (b"chunked, chunked", "BAD"),
+    (b"chunked,", "BAD"), (b",chunked", "BAD"), (b"", "BAD"), (b"xchunked", "BAD"),
+    (b"chunked\x0b", "BAD"), (b'"chunked"', "BAD"),
+])
+def test_transfer_coding_rules(w, value, kind):
+    assert w.transfer_coding(value) == getattr(w, "TE_" + kind)
+
+
+@pytest.mark.parametrize("w", IMPLS)
+def test_split_target(w):
+    assert w.split_target(b"/a/b") == (b"/a/b", b"")
+    assert w.split_target(b"/a?x=1?y") == (b"/a", b"x=1?y")
+    assert w.split_target(b"/a?") == (b"/a", b"")
+    assert w.split_target(b"/a#f") is None and w.split_target(b"/a?q#f") is None
+
+
+@WIRE.needs_compiled
+@given(st.lists(HOST_CHARS, max_size=40).map(bytes))
+def test_host_ok_twins_agree(value):
+    assert C.host_ok(value) is py_wire.host_ok(value)
+
+
+@WIRE.needs_compiled
+@given(st.lists(st.sampled_from([b"chunked", b"CHUNKED", b"gzip", b"", b" ", b"\t", b",",
+                                 b"chunk", b"x"]), max_size=6).map(b"".join))
+def test_transfer_coding_twins_agree(value):
+    assert C.transfer_coding(value) == py_wire.transfer_coding(value)
+
+
+@WIRE.needs_compiled
+@given(st.binary(max_size=30).map(lambda b: b"/" + b))
+def test_split_target_twins_agree(url):
+    assert C.split_target(url) == py_wire.split_target(url)
+
+
+@WIRE.needs_compiled
+@given(st.binary(max_size=20), st.binary(max_size=20), st.integers(-1, 10**6),
+       st.binary(max_size=40), st.binary(max_size=20), st.binary(max_size=20),
+       st.sampled_from([b"", b"connection: close\r\n"]), st.binary(max_size=50))
+def test_render_response_twins_agree(line, date, length, headers, extra, cid, conn, body):
+    args = (line, date, length, headers, extra, cid, conn, body)
+    assert C.render_response(*args) == py_wire.render_response(*args)

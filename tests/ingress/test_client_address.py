@@ -1,0 +1,227 @@
+"""The client's real address (issue 18 item 5): the PROXY protocol and X-Forwarded-For /
+Forwarded from trusted proxies only, read right to left; what the service, the rate limit
+and the log see."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from stellagw.config import ConfigError
+from stellagw.ingress.proxy import ProxyError, TrustedProxies, parse_proxy_header
+
+from tests.support.gwtest import ROOT, Served, connect, port_of, read_response, request, settings_from, wait_for
+from tests.ingress.test_ingress_protocol import MockTransport, make, new_protocol, responses
+
+
+def v2(src, dst, sport=1234, dport=80, command=0x21, tlv=b""):
+    a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    family = 0x11 if a.version == 4 else 0x21
+    body = a.packed + b.packed + sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + tlv
+    return (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([command, family]) + len(body).to_bytes(2, "big")
+            + body)
+
+
+# --------------------------------------------------------------------- the parsers
+
+@pytest.mark.parametrize("data, mode, want", [
+    (b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 443\r\nGET", "v1", (43, "203.0.113.7")),
+    (b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 443\r\n", "any", (46, "2001:db8::7")),
+    (b"PROXY UNKNOWN\r\n", "v1", (15, None)),
+    (b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n", "v1", (35, None)),
+    (v2("198.51.100.9", "10.0.0.1"), "v2", (28, "198.51.100.9")),
+    (v2("2001:db8::9", "2001:db8::1"), "any", (52, "2001:db8::9")),
+    (v2("198.51.100.9", "10.0.0.1", tlv=b"\x03\x00\x04abcd"), "v2", (35, "198.51.100.9")),
+    (v2("198.51.100.9", "10.0.0.1", command=0x20), "v2", (28, None)),   # LOCAL
+    (b"PROXY TCP4 1.2.3.4", "v1", None),                                 # incomplete
+    (b"\r\n\r\n\x00\r\n", "v2", None),
+])
+def test_proxy_headers(data, mode, want):
+    assert parse_proxy_header(data, mode) == want
+
+
+@pytest.mark.parametrize("data, mode", [
+    (b"GET / HTTP/1.1\r\n", "v1"),                                  # no header at all
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", "v2"),                 # v1 where v2 is configured
+    (v2("1.2.3.4", "5.6.7.8"), "v1"),
+    (b"PROXY TCP4 1.2.3.999 5.6.7.8 1 2\r\n", "v1"),
+    (b"PROXY TCP4 ::1 5.6.7.8 1 2\r\n", "v1"),                     # family mismatch
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r\n", "v1"),
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n", "v1"),
+    (b"PROXY " + b"x" * 120, "v1"),                                 # longer than 107, no CRLF
+    (b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x0c" + bytes(12), "v2"),  # version 3
+    (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff", "v2"),               # 64 KiB of TLVs
+])
+def test_bad_proxy_headers(data, mode):
+    with pytest.raises(ProxyError):
+        parse_proxy_header(data, mode)
+
+
+@pytest.mark.parametrize("xff, forwarded, client", [
+    (b"203.0.113.7", None, "203.0.113.7"),
+    (b"203.0.113.7, 10.0.0.5", None, "203.0.113.7"),              # a trusted hop skipped
+    (b"6.6.6.6, 203.0.113.7, 10.0.0.5", None, "203.0.113.7"),     # the client's own claim ignored
+    (b"garbage, 203.0.113.7", None, "203.0.113.7"),
+    (b"203.0.113.7, garbage", None, "10.0.0.9"),                  # unparsable: stop at the peer
+    (b"10.0.0.5, 10.0.0.6", None, "10.0.0.5"),                    # all trusted: the leftmost
+    (None, b'for=203.0.113.7;proto=https, for="[2001:db8::1]:443"', "2001:db8::1"),
+    (None, b'for="203.0.113.8:5000", for=10.0.0.5', "203.0.113.8"),
+    (None, b"for=unknown", "10.0.0.9"),
+])
+def test_forwarded_for_right_to_left(xff, forwarded, client):
+    trust = TrustedProxies(["10.0.0.0/8"])
+    assert trust.client("10.0.0.9", xff, forwarded) == client
+
+
+def test_config_checks_the_networks():
+    assert settings_from("gateway: {http: {trustedProxies: [10.0.0.0/8, '::1']}}") \
+        .gateway.http.trusted_proxies == ("10.0.0.0/8", "::1/128")
+    with pytest.raises(ConfigError) as err:
+        settings_from("gateway: {http: {trustedProxies: [10.0.0.300/8]}}")
+    assert err.value.path == "gateway.http.trustedProxies[0]"
+    with pytest.raises(ConfigError):
+        settings_from("gateway: {http: {proxyProtocol: v3}}")
+
+
+# --------------------------------------------------------------------- the protocol
+
+class Seen:
+    def __init__(self):
+        self.reqs = []
+
+    def handle(self, req):
+        self.reqs.append(req)
+        return 200, b"", b""
+
+
+def connect_proto(cfg, peer="127.0.0.1"):
+    seen = Seen()
+    worker, proto, t, _ = make(cfg, pipeline=seen)
+    proto2 = new_protocol(worker)
+    t2 = MockTransport()
+    t2.get_extra_info = lambda name, default=None: {"peername": (peer, 5555)}.get(name, default)
+    proto2.connection_made(t2)
+    return seen, proto2, t2
+
+
+def test_x_forwarded_for_counts_only_from_a_trusted_peer():
+    raw = b"GET /a HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n"
+    seen, proto, t = connect_proto("gateway: {http: {trustedProxies: [127.0.0.0/8]}}")
+    proto.data_received(raw)
+    assert seen.reqs[0].client_ip == b"203.0.113.7"
+    seen, proto, t = connect_proto("gateway: {http: {trustedProxies: [10.0.0.0/8]}}")
+    proto.data_received(raw)
+    assert seen.reqs[0].client_ip == b"127.0.0.1"
+    seen, proto, t = connect_proto("")
+    proto.data_received(raw)
+    assert seen.reqs[0].client_ip == b"127.0.0.1"
+
+
+def test_proxy_protocol_sets_the_connection_address():
+    seen, proto, t = connect_proto("gateway: {http: {proxyProtocol: any}}")
+    for piece in (b"PROXY TCP4 203.0.", b"113.7 10.0.0.1 40000 443\r\nGET /a HTTP/1.1\r\nHo",
+                  b"st: a\r\n\r\n"):
+        proto.data_received(piece)
+    assert seen.reqs[0].client_ip == b"203.0.113.7" and proto.anonymous_key == "ip:203.0.113.7"
+    assert [s for s, _, _ in responses(t.out)] == [200]
+
+
+def test_proxy_protocol_refuses_a_connection_without_it_or_from_an_untrusted_peer():
+    seen, proto, t = connect_proto("gateway: {http: {proxyProtocol: v1}}")
+    proto.data_received(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert bytes(t.out).startswith(b"HTTP/1.1 400") and t.closed and seen.reqs == []
+    seen, proto, t = connect_proto("gateway: {http: {proxyProtocol: v1, trustedProxies: [10.0.0.0/8]}}")
+    assert bytes(t.out).startswith(b"HTTP/1.1 400") and t.closed
+
+
+# --------------------------------------------------------------------- end to end
+
+CONFIG = """
+gateway:
+  node: {{region: eu1, workers: 1}}
+  http: {{port: 0{http}}}
+  transports: {{tcp: {{port: 0}}}}
+rate_limiting:
+  for_instance:
+    rules: [{{max_requests: 2, per_seconds: 60}}]
+"""
+
+
+@pytest.fixture
+def stack(tmp_path):
+    made = []
+
+    def start(http=""):
+        gw = Served(config_text=CONFIG.format(http=http), tmp_path=tmp_path)
+        rec = gw.wait_listening()[0]
+        port, tcp = port_of(rec["http"]), port_of(rec["tcp"])
+        svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "ca",
+                                "--gateway", f"127.0.0.1:{tcp}"], cwd=ROOT)
+        made.append((gw, svc))
+        start.served.append(gw)
+        prefix = b"PROXY UNKNOWN\r\n" if "proxyProtocol" in http else b""
+        assert wait_for(lambda: request(port, prefix + b"GET /t/ca/whoami HTTP/1.1\r\nHost: t\r\n"
+                                              b"X-Forwarded-For: 192.0.2.1\r\n\r\n")[0] == 200, 20)
+        return port
+    start.served = []
+    yield start
+    for gw, svc in made:
+        svc.terminate()
+        svc.wait(10)
+        gw.stop()
+
+
+def whoami(port, head=b""):
+    status, _, body = request(port, b"GET /t/ca/whoami HTTP/1.1\r\nHost: t\r\n" + head + b"\r\n")
+    return status, (orjson.loads(body)["headers"] if status == 200 else None)
+
+
+def test_end_to_end_behind_a_trusted_proxy(stack):
+    port = stack(", trustedProxies: [127.0.0.0/8]")
+    status, headers = whoami(port, b"X-Forwarded-For: 6.6.6.6, 203.0.113.7\r\n")
+    assert headers["x-forwarded-for"] == "203.0.113.7"
+    # The anonymous rate limit is per resolved client: 2 each (one spent by the fixture's
+    # first request from 192.0.2.1).
+    for client in (b"203.0.113.20", b"203.0.113.21"):
+        statuses = [whoami(port, b"X-Forwarded-For: " + client + b"\r\n")[0] for _ in range(3)]
+        assert statuses == [200, 200, 429]
+
+
+def test_end_to_end_untrusted_peer_keeps_its_own_address(stack):
+    port = stack(", trustedProxies: [10.0.0.0/8]")
+    status, headers = whoami(port, b"X-Forwarded-For: 203.0.113.7\r\nX-Real-IP: 203.0.113.7\r\n")
+    assert headers["x-forwarded-for"] == "127.0.0.1" and "x-real-ip" not in headers
+
+
+def test_end_to_end_proxy_protocol_v2(stack):
+    port = stack(", proxyProtocol: any")
+    with connect(port) as s:
+        s.sendall(v2("198.51.100.9", "127.0.0.1") + b"GET /t/ca/whoami HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, _, body = read_response(s)[:3]
+    assert status == 200 and orjson.loads(body)["headers"]["x-forwarded-for"] == "198.51.100.9"
+    with connect(port) as s:
+        s.sendall(b"GET /t/ca/whoami HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_response(s)[0] == 400
+
+
+def test_access_log_fields_and_x_request_id(stack, tmp_path):
+    port = stack(", trustedProxies: [127.0.0.0/8], requestIdHeader: X-Request-Id")
+    status, _, body = request(port, b"POST /t/ca/echo HTTP/1.1\r\nHost: t\r\nUser-Agent: probe/1.0\r\n"
+                                     b"X-Forwarded-For: 203.0.113.9\r\nX-Request-Id: req-42\r\n"
+                                     b"Content-Length: 5\r\n\r\nhello")
+    assert status == 200 and body == b"hello"
+    # X-Correlation-Id wins over X-Request-Id when both come.
+    status, headers, _ = request(port, b"GET /t/ca/whoami HTTP/1.1\r\nHost: t\r\nX-Request-Id: r-1\r\n"
+                                       b"X-Correlation-Id: c-1\r\n\r\n")
+    assert headers["x-correlation-id"] == "c-1"
+    return_lines = stack.served[-1].wait_for_log(lambda r: r.get("correlationId") == "req-42")
+    line = return_lines[0]
+    assert line["client"] == "203.0.113.9" and line["userAgent"] == "probe/1.0"
+    assert line["bytesIn"] == 5 and line["bytesOut"] == 5 and line["status"] == 200
+    assert line["upstream"] and line["version"] == "1.0.0" and line["service"] == "ca"
+    assert set(line["timings"]) == {"auth", "routing", "upstream"}
+    assert all(v >= 0 for v in line["timings"].values())

@@ -1,0 +1,113 @@
+"""CORS answered at the gateway and gzip of answers (issue 18 item 6), end to end through a
+real gateway and SDK service."""
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from tests.support.gwtest import ROOT, Served, connect, port_of, read_response, request, wait_for
+
+CONFIG = """
+gateway:
+  node: {region: eu1, workers: 1}
+  http: {port: 0}
+  transports: {tcp: {port: 0}}
+  admin: {publicEndpoints: [all]}
+  cors:
+    allowOrigins: ["https://app.example"]
+    allowCredentials: true
+    maxAge: 5m
+    routes:
+      - {pathPrefix: /t/cc/whoami, allowOrigins: ["*"], allowMethods: [GET]}
+  compression: {enabled: true, minSize: 2KB}
+"""
+
+
+@pytest.fixture(scope="module")
+def port(tmp_path_factory):
+    gw = Served(config_text=CONFIG, tmp_path=tmp_path_factory.mktemp("cors"))
+    rec = gw.wait_listening()[0]
+    http, tcp = port_of(rec["http"]), port_of(rec["tcp"])
+    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "cc", "--gateway",
+                            f"127.0.0.1:{tcp}"], cwd=ROOT)
+    try:
+        assert wait_for(lambda: request(http, b"GET /t/cc/whoami HTTP/1.1\r\nHost: t\r\n\r\n")[0]
+                        == 200, 20)
+        yield http
+    finally:
+        svc.terminate()
+        svc.wait(10)
+        gw.stop()
+
+
+def raw(port, data):
+    with connect(port) as s:
+        s.sendall(data)
+        return read_response(s)[:3]
+
+
+PREFLIGHT = (b"OPTIONS /t/cc/echo HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example\r\n"
+             b"Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: Content-Type, DPoP\r\n\r\n")
+
+
+def test_a_preflight_is_answered_by_the_gateway(port):
+    status, headers, body = raw(port, PREFLIGHT)
+    assert status == 204 and body == b""
+    assert headers["access-control-allow-origin"] == "https://app.example"
+    assert headers["access-control-allow-methods"] == "POST"
+    assert headers["access-control-allow-credentials"] == "true"
+    assert headers["access-control-max-age"] == "300" and headers["vary"] == "origin"
+    assert "dpop" in headers["access-control-allow-headers"]
+
+
+@pytest.mark.parametrize("change, reason", [
+    ((b"https://app.example", b"https://evil.example"), "origin"),
+    ((b"Request-Method: POST", b"Request-Method: DELETE"), "DELETE"),
+    ((b"Content-Type, DPoP", b"X-Secret"), "header"),
+])
+def test_a_preflight_outside_the_policy_is_refused(port, change, reason):
+    status, headers, body = raw(port, PREFLIGHT.replace(*change))
+    assert status == 403 and reason in orjson.loads(body)["error"]["message"]
+    assert "access-control-allow-origin" not in headers
+
+
+def test_cross_origin_answers_carry_the_headers_gateway_errors_too(port):
+    status, headers, _ = raw(port, b"POST /t/cc/echo HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example\r\n"
+                                   b"Content-Length: 2\r\n\r\nhi")
+    assert status == 200 and headers["access-control-allow-origin"] == "https://app.example"
+    assert "x-correlation-id" in headers["access-control-expose-headers"]
+    status, headers, _ = raw(port, b"GET /t/cc/secure HTTP/1.1\r\nHost: t\r\nOrigin: https://app.example\r\n\r\n")
+    assert status == 401 and headers["access-control-allow-origin"] == "https://app.example"
+    status, headers, _ = raw(port, b"GET /t/cc/slow?ms=1 HTTP/1.1\r\nHost: t\r\nOrigin: https://evil.example\r\n\r\n")
+    assert status == 200 and "access-control-allow-origin" not in headers
+    # A per-path rule: any origin on whoami, but no credentials.
+    status, headers, _ = raw(port, b"GET /t/cc/whoami HTTP/1.1\r\nHost: t\r\nOrigin: https://other.example\r\n\r\n")
+    assert headers["access-control-allow-origin"] == "https://other.example"
+    assert "access-control-allow-credentials" not in headers
+
+
+def test_json_answers_are_gzipped_when_accepted_and_large_enough(port):
+    want = orjson.dumps({"items": ["x" * 1000 for _ in range(8)]})
+    status, headers, body = raw(port, b"GET /t/cc/json?kb=8 HTTP/1.1\r\nHost: t\r\n"
+                                      b"Accept-Encoding: br, gzip;q=0.5\r\n\r\n")
+    assert status == 200 and headers["content-encoding"] == "gzip"
+    assert gzip.decompress(body) == want and len(body) < len(want) // 4
+    for accept in (b"", b"Accept-Encoding: gzip;q=0\r\n", b"Accept-Encoding: identity\r\n"):
+        status, headers, body = raw(port, b"GET /t/cc/json?kb=8 HTTP/1.1\r\nHost: t\r\n" + accept + b"\r\n")
+        assert "content-encoding" not in headers and body == want
+    status, headers, body = raw(port, b"GET /t/cc/json?kb=1 HTTP/1.1\r\nHost: t\r\n"
+                                      b"Accept-Encoding: gzip\r\n\r\n")
+    assert "content-encoding" not in headers          # below minSize
+
+
+def test_the_openapi_document_is_gzipped_and_revalidates(port):
+    status, headers, body = raw(port, b"GET /openapi.json HTTP/1.1\r\nHost: t\r\nAccept-Encoding: gzip\r\n\r\n")
+    assert status == 200 and headers["content-encoding"] == "gzip"
+    assert headers["etag"].startswith('W/"') and "paths" in orjson.loads(gzip.decompress(body))
+    status, _, _ = raw(port, b"GET /openapi.json HTTP/1.1\r\nHost: t\r\nAccept-Encoding: gzip\r\n"
+                             b"If-None-Match: " + headers["etag"].encode() + b"\r\n\r\n")
+    assert status == 304

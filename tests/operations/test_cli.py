@@ -1,0 +1,290 @@
+"""The command line and the process model, as a user runs them: real subprocesses."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+
+import orjson
+import pytest
+
+from tests.support import REPO
+from tests.support.gwtest import Served, request, wait_for
+
+ROOT = str(REPO)
+
+
+def run_cli(*args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "stellagw", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_version():
+    out = run_cli("--version")
+    assert out.returncode == 0 and re.fullmatch(r"stellagw \d+\.\d+\.\d+\n", out.stdout)
+
+
+def test_check_config_prints_effective_config_with_secrets_masked(tmp_path):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("gateway:\n  auth:\n    rateLimiting:\n      redisConnectionString: redis://u:hunter2@h:6379\n"
+                   "  transports:\n    tls: {certificatePassword: '${PW}', certificatePath: /x.pfx}\n")
+    out = subprocess.run([sys.executable, "-m", "stellagw", "check-config", str(cfg)], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "PW": "s3cret-pw"})
+    assert out.returncode == 0, out.stderr
+    assert "hunter2" not in out.stdout and "s3cret-pw" not in out.stdout
+    assert "defaultTimeout: 30s" in out.stdout
+
+
+@pytest.mark.parametrize("text, key", [
+    ("gateway: {routing: {defaultTimeout: 30x}}", "gateway.routing.defaultTimeout"),
+    ("gateway: {routing: {maxRequestBodySize: 100XB}}", "gateway.routing.maxRequestBodySize"),
+    ("gateway: {http: {port: 70000}}", "gateway.http.port"),
+    ("gateway: {node: {workers: many}}", "gateway.node.workers"),
+    ("gateway: {nodes: {}}", "gateway.nodes"),
+    ("rate_limiting: {for_instance: {rules: [{max_requests: 1, per_second: 1}]}}",
+     "rate_limiting.for_instance.rules[0].per_second"),
+    ("gateway: {http: {tls: {enabled: true}}}", "gateway.http.tls.certificatePath"),
+])
+def test_bad_config_stops_serve_before_listening_naming_the_key(tmp_path, text, key):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(text)
+    out = run_cli("serve", "--config", str(cfg))
+    assert out.returncode == 2
+    assert key in out.stderr
+    assert "listening" not in out.stdout
+
+
+def test_missing_config_file_and_bad_arguments():
+    out = run_cli("serve", "--config", "/nonexistent/gw.yaml")
+    assert out.returncode == 2 and "/nonexistent/gw.yaml" in out.stderr
+    out = run_cli("serve", "--workers", "x")
+    assert out.returncode == 2 and "invalid int value" in out.stderr
+    out = run_cli("frobnicate")
+    assert out.returncode == 2 and "invalid choice" in out.stderr
+    out = run_cli("serve", "--workers", "-1")
+    assert out.returncode == 2 and "--workers" in out.stderr
+
+
+def test_unusable_certificate_is_a_config_error(tmp_path):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"gateway: {{http: {{port: 0, tls: {{enabled: true, certificatePath: {tmp_path}/none.pem, "
+                   f"keyPath: {tmp_path}/none.key}}}}}}")
+    out = run_cli("serve", "--config", str(cfg))
+    assert out.returncode == 2 and "gateway.http.tls.certificatePath" in out.stderr
+
+
+def test_serve_single_worker_answers_and_stops_on_sigterm(tmp_path):
+    s = Served("--port", "0", "--workers", "1", config_text="gateway: {transports: {tcp: {port: 0}}}",
+               tmp_path=tmp_path)
+    try:
+        [rec] = s.wait_listening()
+        port = int(rec["http"].rsplit(":", 1)[1])
+        status, _, body = request(port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert status == 200
+    finally:
+        assert s.stop() == 0
+
+
+def test_two_workers_share_the_port_and_a_dead_worker_is_restarted(tmp_path):
+    s = Served("--port", "0", "--workers", "2", config_text="gateway: {transports: {tcp: {port: 0}}}",
+               tmp_path=tmp_path)
+    try:
+        recs = s.wait_listening(2)
+        ports = {int(r["http"].rsplit(":", 1)[1]) for r in recs}
+        assert len(ports) == 1
+        port = ports.pop()
+        # Which worker answers is a readiness detail: the admin listener's.
+        admin = {int(r["admin"].rsplit(":", 1)[1]) for r in recs}.pop()
+        seen = set()
+        for _ in range(200):
+            _, _, body = request(admin, b"GET /health/ready HTTP/1.1\r\nHost: gw\r\n\r\n")
+            seen.add(orjson.loads(body)["worker"])
+            if len(seen) == 2:
+                break
+        assert seen == {0, 1}, "SO_REUSEPORT should spread connections over both workers"
+        victim = recs[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        [again] = s.wait_listening(1)[:1]
+        assert again["pid"] != victim and again["worker"] == recs[0]["worker"]
+        assert request(port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200
+    finally:
+        assert s.stop() == 0
+
+
+def test_a_stdout_nobody_reads_never_stalls_the_gateway(tmp_path):
+    # Regression: the access log once wrote to stdout from the event loop; when the pipe
+    # filled (64 KiB, ~150 lines) the worker froze with every connection on it.
+    import socket as _socket
+    with _socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"gateway: {{http: {{port: {port}}}, transports: {{tcp: {{port: 0}}}}}}")
+    proc = subprocess.Popen([sys.executable, "-m", "stellagw", "serve", "--config", str(cfg)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: _answers(port), timeout=15)
+        from tests.support.gwtest import connect, read_response
+        with connect(port, timeout=10) as s:
+            buf = bytearray()
+            for i in range(600):   # ~600 log lines: several times the pipe's capacity
+                s.sendall(b"GET /health/live HTTP/1.1\r\nHost: gw\r\nX-Correlation-Id: c%d\r\n\r\n" % i)
+                assert read_response(s, buf)[0] == 200
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _answers(port):
+    try:
+        return request(port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n", timeout=1)[0] == 200
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------- network errors
+#
+# Every failure to reach something is one line on stderr with the URL tried and the reason,
+# exit code 1, and no traceback: what a newcomer sees when a port in the demo's banner is
+# wrong, a gateway is down or a certificate is not trusted.
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Listener:
+    """A loopback port that accepts connections and answers each with ``reply`` (optionally
+    inside TLS), or, with ``reply=None``, never accepts: the kernel completes the handshake
+    and the request waits in the backlog unanswered."""
+
+    def __init__(self, reply: bytes | None, tls: ssl.SSLContext | None = None):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.reply, self.tls = reply, tls
+        if reply is not None:
+            threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                conn.settimeout(5)
+                if self.tls is not None:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                conn.recv(65536)
+                conn.sendall(self.reply)
+            except OSError:
+                pass   # the client gave up on our certificate: that is the test
+            finally:
+                conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def _one_line_error(out, url: str, *words: str) -> str:
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    err = out.stderr.strip()
+    assert "Traceback" not in out.stderr and len(err.splitlines()) == 1, out.stderr
+    assert url in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def test_call_to_a_closed_port_names_the_url():
+    url = f"http://127.0.0.1:{_closed_port()}/api/v1/scans/42"
+    _one_line_error(run_cli("call", "--token", "t", url), url, "connection refused")
+
+
+def test_call_whose_authority_is_down_names_the_discovery_url():
+    # The demo's old failure: an Authority on another port than `call` assumed.
+    authority = f"http://127.0.0.1:{_closed_port()}"
+    err = _one_line_error(run_cli("call", "--authority", authority, "http://127.0.0.1:1/x"),
+                          authority + "/.well-known/openid-configuration",
+                          "cannot get a token", "connection refused")
+    assert "127.0.0.1:1/x" not in err, "the request itself was never tried"
+
+
+def test_call_that_gets_no_answer_times_out_naming_the_url():
+    silent = _Listener(None)
+    try:
+        url = f"http://127.0.0.1:{silent.port}/slow"
+        out = run_cli("call", "--token", "t", "--timeout", "0.5", url)
+        _one_line_error(out, url, "no answer within 0.5 s")
+    finally:
+        silent.close()
+
+
+@pytest.mark.parametrize("server", ["plain-http", "untrusted-certificate"])
+def test_call_tls_failures_name_the_url(tmp_path, server):
+    tls = None
+    if server == "untrusted-certificate":
+        from tests.support.gwtest import Pki
+        pki = Pki(tmp_path)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(pki.server_cert, pki.server_key)
+    listener = _Listener(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", tls)
+    try:
+        url = f"https://127.0.0.1:{listener.port}/x"
+        err = _one_line_error(run_cli("call", "--token", "t", url), url, "TLS")
+        if server == "untrusted-certificate":
+            assert "not trusted" in err, err
+    finally:
+        listener.close()
+
+
+def test_token_endpoint_error_names_the_token_endpoint():
+    from stellagw.devauth import DevAuthority
+    auth = DevAuthority(port=0).start_in_thread()
+    try:
+        out = run_cli("call", "--authority", auth.issuer, "--client-secret", "wrong",
+                      "http://127.0.0.1:1/x")
+        _one_line_error(out, auth.token_endpoint, "cannot get a token", "401", "invalid_client")
+    finally:
+        auth.stop()
+
+
+def test_call_refuses_a_url_that_is_not_http():
+    out = run_cli("call", "--token", "t", "127.0.0.1:8080/x")
+    assert out.returncode == 2 and "127.0.0.1:8080/x" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_ws_errors_name_the_url():
+    url = f"ws://127.0.0.1:{_closed_port()}/api/v1/policies/watch"
+    _one_line_error(run_cli("ws", url), url, "connection refused")
+    # Something that answers HTTP, but not with an upgrade.
+    plain = _Listener(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    try:
+        url = f"ws://127.0.0.1:{plain.port}/nowhere"
+        _one_line_error(run_cli("ws", url), url, "404")
+    finally:
+        plain.close()
+    silent = _Listener(None)
+    try:
+        url = f"ws://127.0.0.1:{silent.port}/x"
+        _one_line_error(run_cli("ws", "--timeout", "0.5", url), url, "0.5 s")
+    finally:
+        silent.close()
+
+
+def test_dev_authority_on_a_taken_port_names_the_address():
+    taken = _Listener(None)
+    try:
+        out = run_cli("dev-authority", "--ephemeral", "--port", str(taken.port))
+        _one_line_error(out, f"127.0.0.1:{taken.port}", "cannot listen", "in use")
+    finally:
+        taken.close()

@@ -1,0 +1,128 @@
+"""The environment rate limit through the real gateway, with a real valkey-server shared by
+two gateway instances: the limit holds across instances, and a Valkey outage fails open."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+
+from tests.support.gwtest import (ROOT, GatewayThread, NullLog, Served, connect, port_of, request,
+                                  settings_from, wait_for)
+from tests.support.valkey_server import ValkeyProcess
+
+pytestmark = pytest.mark.twin   # run again uncompiled by `make test` (tests/conftest.py)
+
+CONFIG = """
+gateway:
+  admin: {{publicEndpoints: [all]}}
+  node: {{nodeId: {node}}}
+  http: {{port: 0}}
+  transports: {{tcp: {{port: 0}}}}
+rate_limiting:
+  process_back_pressure_when_more_than_per_5min: 0
+  for_environment:
+    valkey_connection: "{valkey}"
+    rules: [{{max_requests: 6, per_seconds: 60}}]
+    circuit_breaker: {{failure_threshold: 2, timeout_seconds: 30, half_open_timeout: 10}}
+"""
+
+
+def test_environment_limit_is_shared_across_instances_and_fails_open(tmp_path):
+    valkey = ValkeyProcess().start()
+    gws, svcs = [], []
+    try:
+        for node in ("gw-a", "gw-b"):
+            d = tmp_path / node
+            d.mkdir()
+            gw = Served(config_text=CONFIG.format(node=node, valkey=valkey.url), tmp_path=d)
+            rec = gw.wait_listening()[0]
+            gws.append((gw, port_of(rec["http"])))
+            svcs.append(subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "rl",
+                                          "--gateway", f"127.0.0.1:{port_of(rec['tcp'])}"], cwd=ROOT))
+        for _, port in gws:
+            assert wait_for(lambda p=port: request(p, b"GET /t/rl/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
+        # 2 requests were spent above; 4 more are allowed in the window across BOTH instances.
+        statuses = [request(gws[i % 2][1], b"GET /t/rl/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")
+                    for i in range(6)]
+        assert [s for s, _, _ in statuses] == [200, 200, 200, 200, 429, 429]
+        _, headers, body = statuses[4]
+        err = orjson.loads(body)["error"]
+        assert (err["code"], err["scope"], err["limit"], err["appliesTo"]) == (
+            "rate_limit_exceeded", "environment", 6, "identity")
+        assert int(headers["retry-after"]) >= 1
+        # Valkey goes away: no 5xx, no 401 — the environment check fails open.
+        valkey.stop()
+        after = [request(gws[0][1], b"GET /t/rl/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] for _ in range(5)]
+        assert after == [200] * 5
+        metrics = request(gws[0][1], b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")[2].decode()
+        assert "gateway_ratelimit_valkey_errors_total{" in metrics
+        assert "gateway_ratelimit_breaker_trips_total{" in metrics
+        assert 'gateway_ratelimit_breaker_state{state="open"} 1.0' in metrics
+        count = [line for line in metrics.splitlines()
+                 if line.startswith("gateway_ratelimit_check_duration_seconds_count")]
+        assert count and float(count[0].split()[-1]) >= 3   # a histogram of the Valkey checks
+    finally:
+        for p in svcs:
+            p.terminate()
+            p.wait(10)
+        for gw, _ in gws:
+            gw.stop()
+        valkey.close()
+
+
+GET = b"GET /t/rl/whoami HTTP/1.1\r\nHost: gw\r\n\r\n"
+
+
+def test_the_pipeline_continues_from_the_valkey_reply(tmp_path):
+    """In-process: the reply's continuation answers a client that has gone, and a stage
+    failing inside it answers 500 without harming the Valkey connection."""
+    valkey = ValkeyProcess().start()
+    log = NullLog()
+    gw = GatewayThread(settings_from(f"""
+gateway: {{http: {{port: 0}}, admin: {{publicEndpoints: [all]}}}}
+rate_limiting:
+  process_back_pressure_when_more_than_per_5min: 0
+  for_environment:
+    valkey_connection: "{valkey.url}"
+    rules: [{{max_requests: 1000, per_seconds: 60}}]
+"""), log=log.log).start()
+    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "rl", "--gateway",
+                            f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
+    limiter = gw.worker.limiter
+    counters = lambda: gw.call(lambda: (limiter.counters["environment_checks"],   # noqa: E731
+                                        dict(limiter.counters["valkey_errors"])))
+    try:
+        assert wait_for(lambda: request(gw.port, GET)[0] == 200, 15)
+        checks, _ = counters()
+        # The client leaves while Valkey holds the check (paused for less than the timeout).
+        valkey.command("CLIENT", "PAUSE", "150", "ALL")
+        with connect(gw.port) as s:
+            s.sendall(GET)
+        time.sleep(0.4)
+        assert request(gw.port, GET)[0] == 200
+        assert counters() == (checks + 2, {})
+        # A stage that raises after the reply (selection, stage 10): 500 and a log line;
+        # the next request is fine.
+        routing = gw.worker.routing
+        real = routing.select
+
+        def broken(*args):
+            routing.select = real
+            raise RuntimeError("stage bug")
+        gw.call(setattr, routing, "select", broken)
+        status, _, body = request(gw.port, GET)
+        assert status == 500 and orjson.loads(body)["error"]
+        assert request(gw.port, GET)[0] == 200
+        assert counters() == (checks + 4, {})
+        assert gw.call(lambda: limiter.client.connects) == 1
+        failed = [r for r in map(orjson.loads, log.lines())
+                  if r["message"] == "pipeline callback failed"]
+        assert len(failed) == 1 and "stage bug" in failed[0]["error"]
+    finally:
+        svc.terminate()
+        svc.wait(10)
+        gw.stop()
+        valkey.close()

@@ -1,0 +1,203 @@
+"""Dead and hostile service links: a link silent past the Unhealthy threshold plus
+deadLinkGrace is closed (its requests answered 502), PING/PONG payloads over 64 bytes close
+the link, and a service that stops reading cannot grow the gateway's buffers past
+writeBufferLimit. Real sockets, raw frame peers and SDK services; short health settings."""
+from __future__ import annotations
+
+import threading
+import time
+
+import orjson
+import pytest
+
+from stellagw.service import Response, Service
+from stellagw.transport import frame as fr
+
+from tests.support.gwtest import GatewayThread, connect, read_response, request, settings_from, wait_for
+from tests.support.servicepeer import RawPeer, SdkThread, hello_for
+
+HEALTH = {"heartbeatIntervalSeconds": 0.2, "degradedAfterSeconds": 0.3,
+          "heartbeatTimeoutSeconds": 0.5, "checkIntervalSeconds": 0.1}
+GRACE = 0.3
+
+
+def gateway(tcp: dict | None = None) -> GatewayThread:
+    return GatewayThread(settings_from(orjson.dumps({"gateway": {
+        "http": {"port": 0}, "health": HEALTH,
+        "transports": {"tcp": {"port": 0, "deadLinkGrace": f"{GRACE}s", **(tcp or {})}}}}
+    ).decode())).start()
+
+
+def closed(gw) -> dict:
+    return gw.call(lambda: dict(gw.worker.hub.closed))
+
+
+def instances(gw, service) -> int:
+    return gw.call(lambda: sum(i.service == service for i in gw.worker.routing.instances.values()))
+
+
+def get(gw, path, timeout=15.0):
+    return request(gw.port, b"GET %s HTTP/1.1\r\nHost: gw\r\n\r\n" % path.encode(), timeout)
+
+
+def test_a_silent_link_is_closed_on_time_and_its_requests_get_502():
+    gw = gateway()
+    alive = SdkThread(Service("alive", gateways=[f"127.0.0.1:{gw.transport_port}"]))
+
+    @alive.service.get("/t/alive/x")
+    async def x(req):
+        return Response(b"ok")
+    alive.start()
+    peer = RawPeer(gw.transport_port)
+    try:
+        started = time.monotonic()
+        assert "error" not in peer.hello(hello_for("silent", endpoints=[("GET", "/t/silent/x")]))
+        answer = {}
+        client = threading.Thread(target=lambda: answer.update(r=get(gw, "/t/silent/x")))
+        client.start()
+        frame = peer.read_frame()
+        assert frame[0] == fr.REQUEST          # in flight; the peer never answers, nor beats
+        peer.wait_closed()
+        silent_for = time.monotonic() - started
+        client.join(15)
+        status, _, body = answer["r"]
+        assert status == 502 and b"connection was lost" in body
+        # Not before the Unhealthy threshold plus the grace (the loop's clock counts whole ms).
+        assert silent_for >= HEALTH["heartbeatTimeoutSeconds"] + GRACE - 0.002
+        assert closed(gw) == {"silent": 1}
+        assert instances(gw, "silent") == 0
+        # A link that heartbeats is never silent, however long it lives.
+        assert alive.links() == 1 and instances(gw, "alive") == 1
+        assert get(gw, "/t/alive/x")[0] == 200
+        text = gw.call(gw.worker.render_metrics).decode()
+        assert 'gateway_service_links_closed_total{reason="silent"} 1.0' in text
+    finally:
+        peer.close()
+        alive.stop()
+        gw.stop()
+
+
+def test_a_partial_frame_is_not_a_frame():
+    """A peer trickling one huge frame keeps the decoder's buffer busy but sends no frame:
+    it is silent, and closed like any silent link."""
+    gw = gateway()
+    peer = RawPeer(gw.transport_port)
+    try:
+        assert "error" not in peer.hello(hello_for("trickle"))
+        header = (17 + 8 * 1024 * 1024).to_bytes(4, "big") + bytes([fr.PING]) + fr.ZERO_CORR
+
+        def trickle():
+            try:
+                peer.sock.sendall(header)
+                while True:
+                    peer.sock.sendall(b"x" * 4096)
+                    time.sleep(0.01)
+            except OSError:
+                pass
+        threading.Thread(target=trickle, daemon=True).start()
+        peer.wait_closed()
+        assert closed(gw) == {"silent": 1}
+    finally:
+        peer.close()
+        gw.stop()
+
+
+@pytest.mark.parametrize("ftype", [fr.PING, fr.PONG])
+def test_ping_and_pong_payloads_over_64_bytes_close_the_link(ftype):
+    gw = gateway()
+    peer = RawPeer(gw.transport_port)
+    try:
+        assert "error" not in peer.hello(hello_for("pinger", instance_id="pinger-1"))
+        corr = b"\x07" * 16
+        peer.send(fr.PING, b"p" * 64, corr)
+        assert peer.read_frame() == (fr.PONG, corr, b"p" * 64)
+        peer.send(ftype, b"p" * (1024 * 1024))
+        assert [f[0] for f in peer.wait_closed()] == []      # no 1 MiB PONG
+        assert closed(gw) == {"oversize_ping": 1}
+        assert wait_for(lambda: instances(gw, "pinger") == 0)
+    finally:
+        peer.close()
+        gw.stop()
+
+
+def _write_buffer(gw):
+    def size():
+        return max((c.transport.get_write_buffer_size() for c in gw.worker.hub.connections
+                    if c.transport is not None and c.instance is not None
+                    and c.instance.service == "deaf"), default=0)
+    return gw.call(size)
+
+
+def test_a_service_that_stops_reading_cannot_grow_gateway_memory():
+    high, limit = 64 * 1024, 256 * 1024
+    gw = gateway({"writeBufferHighWater": high, "writeBufferLimit": limit,
+                  "sendBufferSize": 4096})
+    peer = RawPeer(gw.transport_port, rcvbuf=4096)
+    clients = []
+    try:
+        assert "error" not in peer.hello(hello_for("deaf", endpoints=[("POST", "/t/deaf/x")]))
+        # The peer never reads again, but it beats (so it is not silent). Every request
+        # carries 8 KB inside its REQUEST frame.
+        beating = threading.Event()
+        beating.set()
+
+        def beat():
+            try:
+                while beating.is_set():
+                    peer.send_control(fr.HEARTBEAT, {"status": "Healthy"})
+                    time.sleep(0.05)
+            except OSError:
+                pass
+        threading.Thread(target=beat, daemon=True).start()
+        body = b"b" * 8192
+        req = (b"POST /t/deaf/x HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n"
+               % len(body) + body)
+        seen = [0]
+        for _ in range(200):
+            s = connect(gw.port, timeout=15)
+            s.sendall(req)
+            clients.append(s)
+            seen[0] = max(seen[0], _write_buffer(gw))
+            if closed(gw):
+                break
+        assert wait_for(lambda: closed(gw) == {"write_buffer_full": 1}), closed(gw)
+        # What waited for the service was never more than the limit, and is gone with it.
+        assert high < seen[0] <= limit, seen[0]
+        statuses = [read_response(s)[0] for s in clients]
+        assert 502 in statuses and set(statuses) <= {502, 503}, statuses
+        assert gw.call(lambda: gw.worker.hub.pressure["paused"]) == 1
+        assert instances(gw, "deaf") == 0
+    finally:
+        beating.clear()
+        for s in clients:
+            s.close()
+        peer.close()
+        gw.stop()
+
+
+def test_a_peer_that_pings_without_reading_gets_no_pongs_and_is_cut():
+    gw = gateway({"writeBufferHighWater": 16 * 1024, "writeBufferLimit": 64 * 1024,
+                  "sendBufferSize": 4096})
+    peer = RawPeer(gw.transport_port, rcvbuf=4096)
+    try:
+        assert "error" not in peer.hello(hello_for("flood"))
+        enc = fr.FrameEncoder()
+        for i in range(64):
+            enc.raw(fr.PING, i.to_bytes(16, "big"), b"p" * 64)
+        burst = enc.take()
+
+        def flood():
+            try:
+                while True:
+                    peer.sock.sendall(burst)
+            except OSError:
+                pass
+        threading.Thread(target=flood, daemon=True).start()
+        # It keeps sending frames, so it is not silent: it is cut for not reading, after
+        # the same threshold, and its PONGs were shed meanwhile instead of buffered.
+        assert wait_for(lambda: closed(gw) == {"not_reading": 1}, timeout=15), closed(gw)
+        pressure = gw.call(lambda: dict(gw.worker.hub.pressure))
+        assert pressure["paused"] == 1 and pressure["pong_shed"] > 0
+    finally:
+        peer.close()
+        gw.stop()
