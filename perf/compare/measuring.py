@@ -53,10 +53,13 @@ class ProcSet(_procs.ProcSet):
     error = TargetFailed
 
 
-def wait_http_ok(port: int, path: str, procs: ProcSet, timeout: float) -> None:
-    """Poll GET path until it answers 200 (or a process dies, or timeout)."""
+def wait_http_ok(port: int, path: str, procs: ProcSet, timeout: float,
+                 headers: dict | None = None) -> None:
+    """Poll GET path (with ``headers``) until it answers 200 (or a process dies, or timeout)."""
     last = ["no answer"]
-    req = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode()
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    req = (f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{extra}"
+           "Connection: close\r\n\r\n").encode()
 
     def answers_200() -> bool:
         try:

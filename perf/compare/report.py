@@ -119,7 +119,7 @@ def render_table(results: list[dict], s: Settings) -> str:
             _f(None if r.get("load_cpu_util") is None else 100 * r["load_cpu_util"], ".0f"),
             _f(None if r.get("other_cpu_util") is None else 100 * r["other_cpu_util"], ".0f"),
         ])
-    widths = [max(len(c), *(len(row[i]) for row in rows if i < len(row))) for i, c in enumerate(cols)]
+    widths = [max([len(c), *(len(row[i]) for row in rows if i < len(row))]) for i, c in enumerate(cols)]
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))
     out = [line(cols), line(["-" * w for w in widths])]

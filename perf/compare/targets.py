@@ -113,8 +113,9 @@ def start_nginx(s: Settings, procs: ProcSet, tmp: Path) -> Started:
 
 
 def _gateway_config(tmp: Path, http_port: int, tcp_port: int, workers: int = 1,
-                    extra: str = "") -> Path:
-    """``extra``: top-level YAML appended as is (the ``rate_limiting:`` block)."""
+                    extra: str = "", gateway_extra: str = "") -> Path:
+    """``extra``: top-level YAML appended as is (the ``rate_limiting:`` block);
+    ``gateway_extra``: keys under ``gateway:``, indented by two."""
     cfg = tmp / "gateway.yaml"
     cfg.write_text(
         "# written by python -m perf compare\n"
@@ -131,17 +132,18 @@ def _gateway_config(tmp: Path, http_port: int, tcp_port: int, workers: int = 1,
         "    accessLog: false\n"
         "  admin:\n"
         "    publicEndpoints: [all]\n"
-        + extra
+        + gateway_extra + extra
     )
     return cfg
 
 
 def _start_gateway(s: Settings, procs: ProcSet, tmp: Path, workers: int = 1,
-                   pin: Pinning | None = None, cpus=None, extra: str = "") -> tuple[Proc, int, int]:
+                   pin: Pinning | None = None, cpus=None, extra: str = "",
+                   gateway_extra: str = "") -> tuple[Proc, int, int]:
     require_stellagw_command(s, "serve")
     pin = pin or s.pin
     http_port, tcp_port = free_port(), free_port()
-    cfg = _gateway_config(tmp, http_port, tcp_port, workers, extra)
+    cfg = _gateway_config(tmp, http_port, tcp_port, workers, extra, gateway_extra)
     gw = procs.start("gateway", pin.wrap(pin.server_cpu if cpus is None else cpus, [
         s.python, "-m", "stellagw", "serve", "--config", str(cfg)]), env=py_env())
     wait_http_ok(http_port, "/health/live", procs, s.start_timeout)
@@ -171,6 +173,27 @@ def start_gateway_routed_rl_instance(s: Settings, procs: ProcSet, tmp: Path) -> 
     st = _start_gateway_routed(s, procs, tmp, workers=1, extra=extra)
     st.layout += "; rate limiting: instance tier (2 rules, never refusing)"
     st.verify = lambda n: _verify_rate_limited(st.port, "instance", n)
+    return st
+
+
+def start_gateway_routed_bare(s: Settings, procs: ProcSet, tmp: Path) -> Started:
+    """gateway-routed without what is on by default but idle while nothing fails (issue 18):
+    retries and outlier detection off, so `gateway-routed` beside it is what they cost."""
+    extra = ("  retries: {enabled: false}\n"
+             "  routing: {outlierDetection: {consecutiveErrors: 0}}\n")
+    st = _start_gateway_routed(s, procs, tmp, workers=1, gateway_extra=extra)
+    st.layout += "; retries and outlier detection off"
+    return st
+
+
+def start_gateway_routed_weights(s: Settings, procs: ProcSet, tmp: Path) -> Started:
+    """Two versions of the bench service sharing its unpinned traffic 90/10 by weight, the
+    sticky key the client's address (one wrk: every request hashes the same key, as one
+    client's would): the cost of a split beside one version (`gateway-routed`)."""
+    extra = ('  routing: {services: {bench: {weights: {"1.0.0": 90, "1.1.0": 10}}}}\n')
+    st = _start_gateway_routed(s, procs, tmp, workers=1, gateway_extra=extra,
+                               versions=("1.0.0", "1.1.0"))
+    st.layout += "; bench 1.0.0 and 1.1.0 weighted 90/10"
     return st
 
 
@@ -232,7 +255,8 @@ def _verify_rate_limited(port: int, scope: str, requests: int) -> dict:
 
 
 def _start_gateway_routed(s: Settings, procs: ProcSet, tmp: Path, workers: int,
-                          extra: str = "") -> Started:
+                          extra: str = "", gateway_extra: str = "",
+                          versions: tuple[str, ...] = ("1.0.0",)) -> Started:
     require_stellagw_command(s, "demo-service")
     pin, cpus, note = s.pin, None, ""
     if s.worker_quota:
@@ -256,11 +280,14 @@ def _start_gateway_routed(s: Settings, procs: ProcSet, tmp: Path, workers: int,
             note = (f" [UNPINNED: {workers} workers need {workers} CPUs besides the load CPU; "
                     f"{len(os.sched_getaffinity(0))} usable, so the workers, the service and wrk "
                     f"share every CPU -- see total µs/req]")
-    gw, http_port, tcp_port = _start_gateway(s, procs, tmp, workers, pin, cpus, extra)
-    svc = procs.start("demo-service", pin.wrap(pin.backend, [
+    gw, http_port, tcp_port = _start_gateway(s, procs, tmp, workers, pin, cpus, extra,
+                                             gateway_extra)
+    svcs = [procs.start(f"demo-service-{version}", pin.wrap(pin.backend, [
         s.python, "-m", "stellagw", "demo-service", "--gateway", f"{HOST}:{tcp_port}",
-        "--name", "bench"]), env=py_env())
-    wait_http_ok(http_port, "/bench/hello", procs, s.start_timeout)
+        "--name", "bench", "--version", version]), env=py_env()) for version in versions]
+    for version in versions:
+        wait_http_ok(http_port, "/bench/hello", procs, s.start_timeout,
+                     headers={"X-Service-Version": version})
     quotas = _worker_quotas(s, procs, gw, workers)
     if quotas:
         note = (f" [each worker held to {s.worker_quota:.2f} CPU by a CFS quota "
@@ -275,7 +302,7 @@ def _start_gateway_routed(s: Settings, procs: ProcSet, tmp: Path, workers: int,
         layout = _layout(s, server, "demo-service bench")
     if quotas:
         layout += note
-    return Started(http_port, "/bench/hello", [gw], [svc], layout=layout,
+    return Started(http_port, "/bench/hello", [gw], svcs, layout=layout,
                    pin=None if pin is s.pin else pin, server_cpus=len(cpus) if cpus else 1,
                    quotas=quotas)
 
@@ -316,6 +343,8 @@ TARGETS: dict[str, Callable[[Settings, ProcSet, Path], Started]] = {
     "gateway-health": start_gateway_health,
     "gateway-routed": start_gateway_routed,
     "nginx": start_nginx,
+    "gateway-routed-bare": start_gateway_routed_bare,
+    "gateway-routed-weights": start_gateway_routed_weights,
     "gateway-routed-2w": start_gateway_routed_2w,
     "gateway-routed-rl-instance": start_gateway_routed_rl_instance,
     "gateway-routed-rl-env": start_gateway_routed_rl_env,
