@@ -9,6 +9,9 @@ service → client as RESPONSE_STREAM_DATA, whose credit goes back only while th
 socket keeps up. Close codes travel both ways; pings are answered by picows at the gateway;
 a CANCEL goes to the service when the client goes away, and a service that dies closes the
 client with 1011.
+
+Message frames reach picows through send_reuse_external_bytearray, never WSTransport.send:
+see _send_frame.
 """
 from __future__ import annotations
 
@@ -20,6 +23,29 @@ _KIND_OF = {WSMsgType.TEXT: fr.KIND_TEXT, WSMsgType.BINARY: fr.KIND_BINARY,
             WSMsgType.CONTINUATION: fr.KIND_DATA}
 _TYPE_OF = {fr.KIND_TEXT: WSMsgType.TEXT, fr.KIND_BINARY: WSMsgType.BINARY,
             fr.KIND_DATA: WSMsgType.CONTINUATION}
+_HEADROOM = 14      # room for the largest frame header; picows requires msg_offset >= 14
+
+
+def _send_frame(ws, msg_type, chunk, fin):
+    """One message frame to the client, its bytes copied before anything can reuse them.
+
+    Not ws.send(): on the server side, for a payload over 8192 bytes, picows (since 1.17;
+    2.3.1 here) hands the transport `writelines([header, payload])` where `header` is a
+    memoryview of its own write buffer, which it reuses for every frame. A uvloop transport
+    that cannot write at once (the client reads slower than the service sends) keeps that
+    view, not a copy, and the next send() writes its header over it: the queued frame goes
+    out with a later frame's header. Seen as a 5 MB message cut short at a fragment
+    boundary, its last fragment starting with the stale length bytes 00 00 00 01 00 00,
+    and the rest parsed as garbage frames (tests/transport/test_websocket_bridge.py).
+    send_reuse_external_bytearray writes the header into the headroom of a buffer of our
+    own, used once, and hands the socket one piece, copied into a new bytes object for
+    whatever the socket does not take at once. It costs one copy of the chunk here (about
+    1 µs per 64 KiB fragment). Used for every size, not only above 8192 bytes: where picows
+    switches paths is its own detail and may move.
+    """
+    buf = bytearray(_HEADROOM)
+    buf += chunk
+    ws.send_reuse_external_bytearray(msg_type, buf, _HEADROOM, fin)
 
 
 class WsBridge(WSListener):
@@ -120,7 +146,7 @@ class WsBridge(WSListener):
             return False
         msg_type = _TYPE_OF.get(kind)
         if msg_type is not None and (chunk or kind != fr.KIND_DATA):
-            ws.send(msg_type, chunk, fin=not flags & fr.FLAG_MORE)
+            _send_frame(ws, msg_type, chunk, not flags & fr.FLAG_MORE)
         if flags & fr.FLAG_END_STREAM:
             ws.send_close(WSCloseCode.OK)
             ws.disconnect()
