@@ -59,7 +59,6 @@ class WsBridge(WSListener):
         self.reading_paused = False
         self.closed = False
         self._held: list[tuple[int, bytes]] = []   # client frames waiting for service credit
-        self._continuing = False
         self.on_closed = None       # the worker's count of open WebSockets, told once
 
     # ---------------------------------------------------------------- client → service
@@ -92,27 +91,45 @@ class WsBridge(WSListener):
         pending = self.pending
         if self.conn.inflight.get(pending.corr) is not pending:
             return
-        if self._held or (chunk and pending.window < len(chunk)):
-            # Out of credit: hold the frame and stop reading the client until the service
+        self._held.append((flags, chunk))
+        self._send_held()
+        if self._held and not self.reading_paused and self.ws is not None:
+            # Out of credit: hold the rest and stop reading the client until the service
             # grants more (WINDOW_UPDATE) — backpressure instead of buffering.
-            self._held.append((flags, chunk))
-            if not self.reading_paused and self.ws is not None:
-                self.reading_paused = True
-                self.ws.underlying_transport.pause_reading()
-            return
-        pending.window -= len(chunk)
-        self.conn.send_stream_chunk(pending, flags, chunk)
+            self.reading_paused = True
+            self.ws.underlying_transport.pause_reading()
 
     def on_credit(self):
         """The service granted more window."""
-        pending = self.pending
-        while self._held and (not self._held[0][1] or pending.window >= len(self._held[0][1])):
-            flags, chunk = self._held.pop(0)
-            pending.window -= len(chunk)
-            self.conn.send_stream_chunk(pending, flags, chunk)
+        self._send_held()
         if not self._held and self.reading_paused and self.ws is not None:
             self.reading_paused = False
             self.ws.underlying_transport.resume_reading()
+
+    def _send_held(self):
+        """The held client frames, in order, as far as the window goes. A message frame larger
+        than what is left of the window goes in pieces (MORE on all but the frame's last, the
+        rest as DATA, protocol.md §3.3): a client frame may be up to MAX_MESSAGE_FRAME (1 MiB)
+        and the service's whole window smaller (256 KiB by default), and the service grants
+        only what it received, so a frame held until it fits stalled its WebSocket for ever.
+        A CLOSE is never split: it waits for room."""
+        pending = self.pending
+        held = self._held
+        while held:
+            flags, chunk = held[0]
+            size = len(chunk)
+            if size > pending.window:
+                kind = flags & fr.STREAM_KIND_MASK
+                if pending.window <= 0 or kind == fr.KIND_CLOSE:
+                    return
+                size = pending.window
+                view = memoryview(chunk)
+                held[0] = (fr.KIND_DATA | (flags & fr.FLAG_MORE), view[size:])
+                flags, chunk = kind | fr.FLAG_MORE, view[:size]
+            else:
+                del held[0]
+            pending.window -= size
+            self.conn.send_stream_chunk(pending, flags, chunk)
 
     def on_ws_disconnected(self, transport):
         on_closed, self.on_closed = self.on_closed, None

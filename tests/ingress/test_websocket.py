@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 
@@ -99,6 +100,45 @@ def test_large_fragmented_messages_both_ways(gateway):
         kind, big = await message(client, 20)
         assert kind == "binary", (kind, big if kind != "binary" else None)
         assert big == b"b" * 5_000_000, len(big)
+        transport.send_close()
+        transport.disconnect()
+    run(main())
+
+
+class SlowClient(Client):
+    """Reads like a client on a slow network: reading paused a few ms after every frame, and a
+    small receive buffer, so the gateway's writes to it queue up and its flow control runs."""
+
+    def on_ws_frame(self, transport, frame):
+        super().on_ws_frame(transport, frame)
+        tr = transport.underlying_transport
+        tr.pause_reading()
+        asyncio.get_running_loop().call_later(0.003, tr.resume_reading)
+
+
+def small_receive_buffer(url):
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    return sock
+
+
+def test_a_slow_client_gets_every_byte_and_may_send_frames_larger_than_the_window(gateway):
+    gw, _ = gateway
+    upload = os.urandom(600_000)     # one frame: more than the service's 256 KiB window
+
+    async def main():
+        transport, client = await ws_connect(SlowClient, f"ws://127.0.0.1:{gw.port}/t/wsv/ws",
+                                             socket_factory=small_receive_buffer,
+                                             max_frame_size=16 << 20)
+        transport.send(WSMsgType.BINARY, upload)
+        kind, echoed = await message(client, 20)
+        assert kind == "binary", (kind, echoed)
+        assert echoed == upload, (len(echoed), len(upload))
+        transport.send(WSMsgType.TEXT, b"big-3000000")
+        kind, big = await message(client, 20)
+        assert kind == "binary", (kind, big if kind != "binary" else None)
+        assert big == b"b" * 3_000_000, len(big)
         transport.send_close()
         transport.disconnect()
     run(main())

@@ -1,13 +1,16 @@
-"""transport/websocket.py (WsBridge), service → client, on a real uvloop transport whose socket
-cannot take a burst: every frame must reach the client as it was sent, header and payload.
+"""transport/websocket.py (WsBridge) on a real uvloop transport handed to picows by the
+gateway's own hand_over, with a plain socket as the client, so nothing between the bridge and
+the assertions can repair or hide what goes over the wire.
 
-picows' WSTransport.send hands a uvloop transport a view of its reusable header buffer for
-payloads over 8192 bytes; queued behind a full socket, that view was overwritten by the next
-frame's header (a 5 MB message cut short, the rest garbage: see _send_frame). Here the
-socket's buffers are a few KiB and the client reads nothing until every frame is sent, so
-each frame after the first waits in the transport: the interleaving that corrupted the
-frames is certain, not a race. The client side is a plain socket and the frames are parsed
-here, so nothing between the gateway's writes and the assertions can repair or hide them.
+Service → client: the socket's buffers are a few KiB and the client reads nothing until
+every frame is sent, so each frame after the first waits in the transport. picows'
+WSTransport.send hands a uvloop transport a view of its reusable header buffer for payloads
+over 8192 bytes, and queued that view was overwritten by the next frame's header (a 5 MB
+message cut short, the rest garbage: see _send_frame); here that interleaving is certain,
+not a race, and every frame's header and bytes are checked.
+
+Client → service: a client frame larger than the service's window goes out in pieces as
+credit comes, instead of waiting for a window the service never grants.
 """
 from __future__ import annotations
 
@@ -45,20 +48,6 @@ MESSAGES = [
 OPCODE = {fr.KIND_TEXT: 1, fr.KIND_BINARY: 2, fr.KIND_DATA: 0}
 
 
-class Conn:
-    """What WsBridge calls on its ServiceConnection while it writes to the client."""
-
-    def __init__(self):
-        self.writable = 0
-        self.gone = 0
-
-    def ws_client_writable(self, pending):
-        self.writable += 1
-
-    def ws_client_gone(self, pending):
-        self.gone += 1
-
-
 def header_size(n):
     return 2 if n < 126 else 4 if n < 65536 else 10
 
@@ -91,15 +80,35 @@ def read_exactly(sock, n):
     return bytes(out)
 
 
-def test_frames_queued_behind_a_full_socket_reach_the_client_intact():
-    expected = [(not flags & MORE, OPCODE[flags & fr.STREAM_KIND_MASK], chunk)
-                for message in MESSAGES for flags, chunk in message]
-    wire_size = sum(header_size(len(chunk)) + len(chunk) for _, _, chunk in expected)
+class Link:
+    """The ServiceConnection and Pending the bridge sends the client's frames with."""
 
+    def __init__(self, window):
+        self.pending = SimpleNamespace(corr=b"\x05" * 16, window=window)
+        self.inflight = {self.pending.corr: self.pending}
+        self.sent: list[tuple[int, bytes]] = []     # REQUEST_STREAM_DATA (flags, chunk)
+        self.writable = 0
+        self.gone = 0
+
+    def send_stream_chunk(self, pending, flags, chunk):
+        assert pending is self.pending
+        self.sent.append((flags, bytes(chunk)))
+
+    def ws_client_writable(self, pending):
+        self.writable += 1
+
+    def ws_client_gone(self, pending):
+        self.gone += 1
+
+
+def run_bridge(body, window=256 * 1024):
+    """`await body(bridge, link, transport, client)` with the bridge on the gateway's side of a
+    loopback connection whose buffers hold a few KiB, after the upgrade. The client is a
+    blocking socket (read it in an executor thread); the loop is uvloop, as in the gateway."""
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.socket()
     # Small buffers on both ends (set before connecting, so the window is small from the
-    # start): the kernel holds a few KiB, far less than the first two frames.
+    # start): the kernel holds a few KiB, far less than one large frame.
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.connect(listener.getsockname())
     server_sock, _ = listener.accept()
@@ -109,8 +118,8 @@ def test_frames_queued_behind_a_full_socket_reach_the_client_intact():
     req = SimpleNamespace(target=b"/ws", query=b"", headers=[
         (b"Host", b"gw"), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
         (b"Sec-WebSocket-Key", key), (b"Sec-WebSocket-Version", b"13")])
-    conn = Conn()
-    bridge = WsBridge(conn, None)
+    link = Link(window)
+    bridge = WsBridge(link, link.pending)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -118,6 +127,52 @@ def test_frames_queued_behind_a_full_socket_reach_the_client_intact():
         # The gateway's own hand-over: picows' server protocol on our uvloop transport.
         hand_over(SimpleNamespace(transport=transport), req, bridge, b"")
         assert bridge.ws is not None, "picows did not accept the upgrade"
+        try:
+            return await body(bridge, link, transport, client)
+        finally:
+            bridge.ws.disconnect()
+            await asyncio.sleep(0.01)
+
+    try:
+        return uvloop.run(main())
+    finally:
+        client.close()
+
+
+def read_101(client):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        got = client.recv(1)
+        assert got, "closed before the 101"
+        head += got
+    assert head.startswith(b"HTTP/1.1 101"), head
+
+
+def client_frame(opcode, payload, fin=True):
+    """A masked client frame (RFC 6455 §5.3)."""
+    n = len(payload)
+    head = bytes([opcode | (0x80 if fin else 0)])
+    head += (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n)
+             if n < 65536 else bytes([0x80 | 127]) + struct.pack("!Q", n))
+    mask = os.urandom(4)
+    whole = (mask * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(whole, "big")).to_bytes(n, "big")
+    return head + mask + masked
+
+
+async def wait_until(check, what, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out: {what}"
+        await asyncio.sleep(0.005)
+
+
+def test_frames_queued_behind_a_full_socket_reach_the_client_intact():
+    expected = [(not flags & MORE, OPCODE[flags & fr.STREAM_KIND_MASK], chunk)
+                for message in MESSAGES for flags, chunk in message]
+    wire_size = sum(header_size(len(chunk)) + len(chunk) for _, _, chunk in expected)
+
+    async def body(bridge, link, transport, client):
         for message in MESSAGES:
             for flags, chunk in message:
                 assert bridge.from_service(flags, chunk)
@@ -127,23 +182,12 @@ def test_frames_queued_behind_a_full_socket_reach_the_client_intact():
         assert queued > wire_size - 65536, (queued, wire_size)
 
         def read():
-            head = b""
-            while b"\r\n\r\n" not in head:
-                got = client.recv(1)
-                assert got, "closed before the 101"
-                head += got
-            assert head.startswith(b"HTTP/1.1 101"), head
+            read_101(client)
             client.settimeout(10)
             return read_exactly(client, wire_size)
-        data = await loop.run_in_executor(None, read)
-        bridge.ws.disconnect()
-        await asyncio.sleep(0.01)
-        return data
+        return await asyncio.get_running_loop().run_in_executor(None, read)
 
-    try:
-        data = uvloop.run(main())
-    finally:
-        client.close()
+    data = run_bridge(body)
     frames = parse_frames(data)
     for i, (got, want) in enumerate(zip(frames, expected)):
         assert got[0] != "bad header", (i, got)
@@ -153,3 +197,43 @@ def test_frames_queued_behind_a_full_socket_reach_the_client_intact():
         assert payload == want[2], (i, payload[:16], want[2][:16])
     assert len(frames) == len(expected)
     assert len(data) == wire_size
+
+
+def test_a_client_frame_larger_than_the_window_goes_in_pieces_as_credit_comes():
+    window = 256 * 1024
+    first = os.urandom(600_000)          # one frame, more than twice the window
+    second = os.urandom(1000)
+
+    async def body(bridge, link, transport, client):
+        pending = link.pending
+        read_101(client)
+        client.sendall(client_frame(2, first, fin=False) + client_frame(0, second))
+        await wait_until(lambda: link.sent, "nothing was sent to the service")
+        # What the window allows goes at once; the rest waits, and so does the client.
+        assert link.sent == [(fr.KIND_BINARY | MORE, first[:window])]
+        assert pending.window == 0 and bridge.reading_paused
+        steps = []
+        for grant in (100_000, window, 400_000):     # WINDOW_UPDATEs, as _credit applies them
+            pending.window += grant
+            bridge.on_credit()
+            await asyncio.sleep(0.01)
+            steps.append((list(link.sent), pending.window, bridge.reading_paused))
+        return steps
+
+    steps = run_bridge(body, window)
+    # 100,000 more: that much of the frame's rest, and the client stays paused.
+    sent, _, paused = steps[0]
+    assert [(flags, len(chunk)) for flags, chunk in sent] == [
+        (fr.KIND_BINARY | MORE, window), (fr.KIND_DATA | MORE, 100_000)]
+    assert paused
+    # 256 KiB more: the rest of the first frame; it was not the message's last, so MORE.
+    sent, _, _ = steps[1]
+    assert sent[2] == (fr.KIND_DATA | MORE, first[window + 100_000:])
+    # Then the second frame, whole, and the client is read again.
+    sent, window_left, paused = steps[2]
+    assert [(flags, len(chunk)) for flags, chunk in sent] == [
+        (fr.KIND_BINARY | MORE, window), (fr.KIND_DATA | MORE, 100_000),
+        (fr.KIND_DATA | MORE, len(first) - window - 100_000), (fr.KIND_DATA, len(second))]
+    assert b"".join(chunk for _, chunk in sent) == first + second
+    assert not paused
+    assert window_left == window + 100_000 + window + 400_000 - len(first) - len(second)
