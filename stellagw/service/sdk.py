@@ -202,6 +202,10 @@ class WebSocket:
         self._size = 0
         self._text = False
         self._closed_sent = False
+        # One message at a time: a send that waits for credit would otherwise let another
+        # task's message start between its fragments (a new TEXT/BINARY inside a fragmented
+        # message, which the client must refuse).
+        self._sending = asyncio.Lock()
 
     def _feed(self, flags, chunk):
         kind = flags & fr.STREAM_KIND_MASK
@@ -258,7 +262,8 @@ class WebSocket:
             kind, data = fr.KIND_TEXT, message.encode("utf-8")
         else:
             kind, data = fr.KIND_BINARY, bytes(message)
-        await self._link.send_with_credit(self._corr, kind, data)
+        async with self._sending:
+            await self._link.send_with_credit(self._corr, kind, data)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self._closed_sent:
@@ -788,7 +793,11 @@ class _Link(asyncio.Protocol):
         while True:
             window = self._windows.get(corr, 0)
             if window <= 0 and view:
-                fut = self._window_waiters[corr] = self._loop.create_future()
+                # Shared by whoever waits on this stream: a second waiter must not replace
+                # (and so strand) the first.
+                fut = self._window_waiters.get(corr)
+                if fut is None or fut.done():
+                    fut = self._window_waiters[corr] = self._loop.create_future()
                 await fut
                 continue
             n = min(len(view), window, 64 * 1024)

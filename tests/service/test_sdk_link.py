@@ -68,3 +68,47 @@ def test_a_lone_response_waits_for_the_end_of_the_turn():
 
     before, writes = asyncio.run(main())
     assert before == 0 and len(writes) == 1      # HELLO and the response: one write
+
+
+def test_two_tasks_sending_on_one_websocket_send_one_message_after_the_other():
+    """Two sends that both wait for credit: each message's fragments stay together (a new
+    TEXT/BINARY inside a fragmented message is a protocol error for the client), and neither
+    sender is left waiting for a WINDOW_UPDATE that was handed to the other."""
+    from stellagw.service.sdk import WebSocket
+    corr = b"\x07" * 16
+
+    async def main():
+        link = _Link(Service("svc"))
+        transport = RecordingTransport()
+        link.connection_made(transport)
+        link.send_head(corr, 101)                  # the WebSocket's stream: a 256 KiB window
+        ws = WebSocket(link, corr, None)
+        first = asyncio.ensure_future(ws.send(b"a" * 300_000))
+        second = asyncio.ensure_future(ws.send(b"b" * 300_000))
+        await asyncio.sleep(0.01)                  # both out of credit now
+        enc = fr.FrameEncoder()
+        enc.window_update(corr, 1 << 20)
+        link.data_received(enc.take())
+        await asyncio.wait_for(asyncio.gather(first, second), 2)
+        return transport.writes
+
+    writes = asyncio.run(main())
+    dec = fr.FrameDecoder()
+    dec.feed(b"".join(writes))
+    messages, current = [], None
+    while (f := dec.next()) is not None:
+        if f[0] != fr.RESPONSE_STREAM_DATA:
+            continue
+        flags, chunk = fr.decode_stream_data(f[2])
+        kind = flags & fr.STREAM_KIND_MASK
+        if current is None:
+            assert kind == fr.KIND_BINARY, flags
+            current = []
+        else:
+            assert kind == fr.KIND_DATA, f"a new message inside message {len(messages) + 1}"
+        current.append(chunk)
+        if not flags & fr.FLAG_MORE:
+            messages.append(b"".join(current))
+            current = None
+    assert current is None
+    assert sorted(messages) == [b"a" * 300_000, b"b" * 300_000]
