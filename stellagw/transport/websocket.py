@@ -162,7 +162,11 @@ class WsBridge(WSListener):
             self.closed = True
             return False
         msg_type = _TYPE_OF.get(kind)
-        if msg_type is not None and (chunk or kind != fr.KIND_DATA):
+        # An empty DATA frame is skipped only where it says nothing: with MORE, or ending the
+        # stream (the close follows). Alone it ends a fragmented message, which the client
+        # must see, or that message never completes.
+        if msg_type is not None and (chunk or kind != fr.KIND_DATA
+                                     or not flags & (fr.FLAG_MORE | fr.FLAG_END_STREAM)):
             _send_frame(ws, msg_type, chunk, not flags & fr.FLAG_MORE)
         if flags & fr.FLAG_END_STREAM:
             ws.send_close(WSCloseCode.OK)

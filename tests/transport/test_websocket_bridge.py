@@ -44,7 +44,12 @@ MESSAGES = [
     [(fr.KIND_BINARY | MORE, os.urandom(65536)), (fr.KIND_DATA | MORE, os.urandom(8193)),
      (fr.KIND_DATA | MORE, os.urandom(65536)), (fr.KIND_DATA, os.urandom(17))],
     [(fr.KIND_TEXT, b"small")],
+    # A message ended by an empty fragment (a service may end one so): the client must get
+    # that fragment, or the message never completes. An empty DATA|MORE says nothing.
+    [(fr.KIND_BINARY | MORE, b"G" * 20000), (fr.KIND_DATA | MORE, b""), (fr.KIND_DATA, b"")],
+    [(fr.KIND_TEXT, b"after")],
 ]
+SKIPPED = [(fr.KIND_DATA | MORE, b"")]
 OPCODE = {fr.KIND_TEXT: 1, fr.KIND_BINARY: 2, fr.KIND_DATA: 0}
 
 
@@ -71,9 +76,13 @@ def parse_frames(data):
 
 
 def read_exactly(sock, n):
+    """n bytes, or what came before the socket closed or went quiet (its timeout)."""
     out = bytearray()
     while len(out) < n:
-        got = sock.recv(min(n - len(out), 1 << 16))
+        try:
+            got = sock.recv(min(n - len(out), 1 << 16))
+        except TimeoutError:
+            break
         if not got:
             break
         out += got
@@ -169,7 +178,8 @@ async def wait_until(check, what, timeout=5.0):
 
 def test_frames_queued_behind_a_full_socket_reach_the_client_intact():
     expected = [(not flags & MORE, OPCODE[flags & fr.STREAM_KIND_MASK], chunk)
-                for message in MESSAGES for flags, chunk in message]
+                for message in MESSAGES for flags, chunk in message
+                if (flags, chunk) not in SKIPPED]
     wire_size = sum(header_size(len(chunk)) + len(chunk) for _, _, chunk in expected)
 
     async def body(bridge, link, transport, client):
@@ -183,7 +193,7 @@ def test_frames_queued_behind_a_full_socket_reach_the_client_intact():
 
         def read():
             read_101(client)
-            client.settimeout(10)
+            client.settimeout(3)
             return read_exactly(client, wire_size)
         return await asyncio.get_running_loop().run_in_executor(None, read)
 
