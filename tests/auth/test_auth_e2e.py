@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
-import sys
 import time
 
 import orjson
@@ -14,7 +12,8 @@ import pytest
 from stellagw.devauth import DevAuthority, DpopKey
 from stellagw.devauth.client import call, fetch_token
 
-from tests.support.gwtest import ROOT, Pki, Served, connect, port_of, read_response, request, wait_for
+from tests.support.gwtest import Pki, Served, connect, port_of, read_response, request, wait_for
+from tests.support.services import ServiceProcess, stop_services
 
 pytestmark = pytest.mark.twin   # run again uncompiled by `make test` (tests/conftest.py)
 
@@ -50,9 +49,8 @@ class AuthStack:
         self.http, self.tcp = port_of(rec["http"]), port_of(rec["tcp"])
         self.base = f"{scheme}://127.0.0.1:{self.http}"
         self.client_ssl = pki.client_context() if tls else None
-        self.procs = [subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "sec",
-                                        "--gateway", f"127.0.0.1:{self.tcp}"], cwd=ROOT)]
-        assert wait_for(self._ready, 20), "gateway or service not ready"
+        self.procs = [ServiceProcess("sec", self.tcp).start()]
+        assert wait_for(self._ready, 20), f"gateway or service not ready: {self.procs[0].describe()}"
         self.key = DpopKey.generate()
 
     def _ready(self):
@@ -76,9 +74,7 @@ class AuthStack:
                            dpop_key=key, **kw)["access_token"]
 
     def close(self):
-        for p in self.procs:
-            p.terminate()
-            p.wait(10)
+        stop_services(self.procs)
         self.gw.stop()
         self.authority.stop()
 
@@ -256,10 +252,9 @@ gateway:
 """, tmp_path=d)
             rec = gw.wait_listening()[0]
             gws.append((gw, port_of(rec["http"])))
-            svcs.append(subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "rp",
-                                          "--gateway", f"127.0.0.1:{port_of(rec['tcp'])}"], cwd=ROOT))
-        for _, port in gws:
-            assert wait_for(lambda p=port: request(p, b"GET /t/rp/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
+            svcs.append(ServiceProcess("rp", port_of(rec["tcp"])).start())
+        for svc, (_, port) in zip(svcs, gws):
+            svc.wait_routable(port, timeout=15)
         key = DpopKey.generate()
         token = fetch_token(authority.token_endpoint, "demo-client", "demo-secret", "scans:read",
                             dpop_key=key)["access_token"]
@@ -270,9 +265,7 @@ gateway:
         status, headers, _ = request(gws[1][1], raw)     # the same proof at the other instance
         assert status == 401 and "invalid_dpop_proof" in headers["www-authenticate"]
     finally:
-        for p in svcs:
-            p.terminate()
-            p.wait(10)
+        stop_services(svcs)
         for gw, _ in gws:
             gw.stop()
         authority.stop()

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 
 import orjson
@@ -20,7 +18,8 @@ import pytest
 from stellagw.devauth import DevAuthority, DpopKey
 from stellagw.devauth.client import fetch_token
 
-from tests.support.gwtest import ROOT, Served, connect, port_of, read_response, wait_for
+from tests.support.gwtest import Served, connect, port_of, read_response, wait_for
+from tests.support.services import ServiceProcess
 
 pytestmark = pytest.mark.twin   # run again uncompiled by `make test` (tests/conftest.py)
 
@@ -50,12 +49,12 @@ class Instance:
                          tmp_path=tmp_path)
         recs = self.gw.wait_listening(2)
         self.pids = {r["pid"] for r in recs}
-        self.svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "rw",
-                                     "--gateway", f"127.0.0.1:{port_of(recs[0]['tcp'])}"], cwd=ROOT)
+        self.svc = ServiceProcess("rw", port_of(recs[0]["tcp"])).start()
         self.key = DpopKey.generate()
         self.token = fetch_token(self.authority.token_endpoint, "demo-client", "demo-secret",
                                  "scans:read", dpop_key=self.key)["access_token"]
-        assert wait_for(lambda: self.routes_on({0, 1}), timeout=20), "service not on both workers"
+        assert wait_for(lambda: self.routes_on({0, 1}), timeout=20), (
+            f"service not on both workers: {self.svc.describe()}")
 
     def routes_on(self, workers) -> bool:
         seen = set()
@@ -97,8 +96,7 @@ class Instance:
         return status, headers
 
     def close(self):
-        self.svc.terminate()
-        self.svc.wait(10)
+        self.svc.stop()
         self.gw.stop()
         self.authority.stop()
 

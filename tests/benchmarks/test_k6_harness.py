@@ -27,6 +27,7 @@ from perf.k6_scenarios.machine import MachineWatch, Tick, verdict, with_machine
 from stellagw.devauth import DevAuthority
 
 from tests.support.gwtest import Served, port_of, request, wait_for
+from tests.support.services import ServiceProcess
 
 
 # --------------------------------------------------------------------------- the machine check
@@ -124,14 +125,13 @@ gateway:
 """, tmp_path=tmp_path)
         rec = self.gw.wait_listening()[0]
         self.admin = port_of(rec["admin"])
-        self.service = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "k6",
-                                         "--gateway", f"127.0.0.1:{port_of(rec['tcp'])}"], cwd=REPO_DIR)
+        self.service = ServiceProcess("k6", port_of(rec["tcp"])).start()
         self.log = tmp_path / "gateway-stdout.log"
         self._copied = 0
         self._halt = threading.Event()
         self._copier = threading.Thread(target=self._copy, daemon=True)
         self._copier.start()
-        assert wait_for(self._ready, 20), "gateway or service not ready"
+        assert wait_for(self._ready, 20), f"gateway or service not ready: {self.service.describe()}"
 
     def _ready(self):
         try:   # the admin listener's readiness names the services
@@ -164,8 +164,7 @@ gateway:
     def close(self):
         self._halt.set()
         self._copier.join(5)
-        self.service.terminate()
-        self.service.wait(10)
+        self.service.stop()
         self.gw.stop()
         self.authority.stop()
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,7 +12,8 @@ import orjson
 import psutil
 import pytest
 
-from tests.support.gwtest import ROOT, Served, connect, port_of, read_response, request, wait_for
+from tests.support.gwtest import Served, connect, port_of, read_response, request, wait_for
+from tests.support.services import ServiceProcess, stop_services
 
 pytestmark = pytest.mark.twin   # run again uncompiled by `make test` (tests/conftest.py)
 
@@ -39,10 +38,8 @@ class Stack:
         self.services = []
 
     def service(self, name, region="eu1", version="1.0.0", instance=None, wait=True):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.services", "--name", name, "--gateway",
-             f"127.0.0.1:{self.tcp}", "--region", region, "--version", version,
-             "--instance", instance or f"{name}-{region}-{version}"], cwd=ROOT)
+        proc = ServiceProcess(name, self.tcp, region=region, version=version,
+                              instance=instance or f"{name}-{region}-{version}").start()
         self.services.append(proc)
         if wait:
             self.wait_registered(instance or f"{name}-{region}-{version}")
@@ -63,14 +60,7 @@ class Stack:
                        timeout=15)
 
     def close(self):
-        for p in self.services:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.services:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_services(self.services)
         return self.gw.stop()
 
 
@@ -335,10 +325,9 @@ def test_finished_requests_leave_nothing_behind_in_the_timer_wheel():
     # deadline, so RSS grew with the request rate (240 MB under wrk).
     from tests.support.gwtest import GatewayThread, settings_from
     gw = GatewayThread(settings_from("gateway: {http: {port: 0}}")).start()
-    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "wh", "--gateway",
-                            f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
+    svc = ServiceProcess("wh", gw.transport_port).start()
     try:
-        assert wait_for(lambda: request(gw.port, b"GET /t/wh/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
+        svc.wait_routable(gw.port, timeout=15)
         with connect(gw.port) as s:
             buf = bytearray()
             for _ in range(300):
@@ -347,8 +336,7 @@ def test_finished_requests_leave_nothing_behind_in_the_timer_wheel():
         held = gw.call(lambda: sum(len(b) for b in gw.worker.hub.wheel.buckets.values()))
         assert held == 0
     finally:
-        svc.terminate()
-        svc.wait(10)
+        svc.stop()
         gw.stop()
 
 
@@ -426,11 +414,10 @@ def test_a_burst_goes_to_the_service_in_bounded_writes_and_every_request_is_answ
     from stellagw.transport import frame as fr
     from tests.support.gwtest import GatewayThread, settings_from
     gw = GatewayThread(settings_from("gateway: {http: {port: 0}}")).start()
-    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "wb", "--gateway",
-                            f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
+    svc = ServiceProcess("wb", gw.transport_port).start()
     clients = []
     try:
-        assert wait_for(lambda: request(gw.port, b"GET /t/wb/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
+        svc.wait_routable(gw.port, timeout=15)
         req = b"GET /t/wb/whoami HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"p" * 200 + b"\r\n\r\n"
         for _ in range(60):
             s = connect(gw.port, timeout=15)
@@ -468,6 +455,5 @@ def test_a_burst_goes_to_the_service_in_bounded_writes_and_every_request_is_answ
     finally:
         for s in clients:
             s.close()
-        svc.terminate()
-        svc.wait(10)
+        svc.stop()
         gw.stop()

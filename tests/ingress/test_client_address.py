@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import subprocess
-import sys
 
 import orjson
 import pytest
@@ -14,7 +12,8 @@ import pytest
 from stellagw.config import ConfigError
 from stellagw.ingress.proxy import ProxyError, TrustedProxies, parse_proxy_header
 
-from tests.support.gwtest import ROOT, Served, connect, port_of, read_response, request, settings_from, wait_for
+from tests.support.gwtest import Served, connect, port_of, read_response, request, settings_from
+from tests.support.services import ServiceProcess
 from tests.ingress.test_ingress_protocol import MockTransport, make, new_protocol, responses
 
 
@@ -159,19 +158,17 @@ def stack(tmp_path):
         gw = Served(config_text=CONFIG.format(http=http), tmp_path=tmp_path)
         rec = gw.wait_listening()[0]
         port, tcp = port_of(rec["http"]), port_of(rec["tcp"])
-        svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "ca",
-                                "--gateway", f"127.0.0.1:{tcp}"], cwd=ROOT)
+        svc = ServiceProcess("ca", tcp).start()
         made.append((gw, svc))
         start.served.append(gw)
         prefix = b"PROXY UNKNOWN\r\n" if "proxyProtocol" in http else b""
-        assert wait_for(lambda: request(port, prefix + b"GET /t/ca/whoami HTTP/1.1\r\nHost: t\r\n"
-                                              b"X-Forwarded-For: 192.0.2.1\r\n\r\n")[0] == 200, 20)
+        svc.wait_routable(port, raw=prefix + b"GET /t/ca/whoami HTTP/1.1\r\nHost: t\r\n"
+                                             b"X-Forwarded-For: 192.0.2.1\r\n\r\n")
         return port
     start.served = []
     yield start
     for gw, svc in made:
-        svc.terminate()
-        svc.wait(10)
+        svc.stop()
         gw.stop()
 
 

@@ -3,13 +3,12 @@ real gateway and SDK service."""
 from __future__ import annotations
 
 import gzip
-import subprocess
-import sys
 
 import orjson
 import pytest
 
-from tests.support.gwtest import ROOT, Served, connect, port_of, read_response, request, wait_for
+from tests.support.gwtest import Served, connect, port_of, read_response
+from tests.support.services import start_service
 
 CONFIG = """
 gateway:
@@ -32,15 +31,10 @@ def port(tmp_path_factory):
     gw = Served(config_text=CONFIG, tmp_path=tmp_path_factory.mktemp("cors"))
     rec = gw.wait_listening()[0]
     http, tcp = port_of(rec["http"]), port_of(rec["tcp"])
-    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "cc", "--gateway",
-                            f"127.0.0.1:{tcp}"], cwd=ROOT)
     try:
-        assert wait_for(lambda: request(http, b"GET /t/cc/whoami HTTP/1.1\r\nHost: t\r\n\r\n")[0]
-                        == 200, 20)
-        yield http
+        with start_service("cc", tcp, wait=http):
+            yield http
     finally:
-        svc.terminate()
-        svc.wait(10)
         gw.stop()
 
 

@@ -5,10 +5,7 @@ connections close (docs/http-edge.md, issue 15)."""
 from __future__ import annotations
 
 import hashlib
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,7 +13,8 @@ import orjson
 import psutil
 import pytest
 
-from tests.support.gwtest import ROOT, Served, connect, port_of, read_response, request, wait_for
+from tests.support.gwtest import Served, connect, port_of, read_response, request, wait_for
+from tests.support.services import start_service
 
 CONFIG = """
 gateway:
@@ -35,19 +33,10 @@ def stack(tmp_path_factory):
     gw = Served(config_text=CONFIG, tmp_path=tmp_path_factory.mktemp("uploads"))
     rec = gw.wait_listening()[0]
     http, tcp = port_of(rec["http"]), port_of(rec["tcp"])
-    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "up", "--gateway",
-                            f"127.0.0.1:{tcp}", "--region", "eu1", "--version", "1.0.0",
-                            "--instance", "up-1"], cwd=ROOT)
     try:
-        assert wait_for(lambda: request(http, b"GET /t/up/whoami HTTP/1.1\r\nHost: t\r\n\r\n")[0]
-                        == 200, 20)
-        yield http, psutil.Process(gw.proc.pid)
+        with start_service("up", tcp, region="eu1", version="1.0.0", instance="up-1", wait=http):
+            yield http, psutil.Process(gw.proc.pid)
     finally:
-        svc.send_signal(signal.SIGTERM)
-        try:
-            svc.wait(10)
-        except subprocess.TimeoutExpired:
-            svc.kill()
         gw.stop()
 
 

@@ -30,7 +30,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -42,6 +41,7 @@ import pytest
 
 from tests.support import REPO
 from tests.support.gwtest import Served, port_of
+from tests.support.services import ServiceProcess, stop_services
 
 ROOT = REPO
 DASHBOARD = ROOT / "grafana" / "stella-ops-gateway-performance.json"
@@ -282,7 +282,7 @@ class Live:
     def __init__(self, work: Path):
         self.work = work
         self.phase = None
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[ServiceProcess] = []
         self.threads: list = []
         self.gateway = None
         self.traffic = self.feed = None
@@ -329,13 +329,7 @@ class Live:
             if t is not None:
                 t.halt.set()
                 t.join(10)
-        for proc in reversed(self.procs):
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_services(self.procs[::-1])
         if getattr(self, "prom", None) is not None:
             try:
                 os.killpg(self.prom.pid, signal.SIGTERM)   # its own session: only it
@@ -417,9 +411,8 @@ class Live:
 
     def _enter_traffic(self):
         for name in SERVICES:
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "tests.support.services_feed", "--name", name,
-                 "--gateway", f"127.0.0.1:{self.transport_port}"], cwd=ROOT))
+            self.procs.append(ServiceProcess(name, self.transport_port,
+                                             module="tests.support.services_feed").start())
         for name in SERVICES:
             self.wait(lambda: _status(self.http_port, f"/t/{name}/whoami") == 200, 20,
                       f"{name} registered")

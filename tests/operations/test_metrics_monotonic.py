@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -20,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stellagw.observe.metrics import Metrics
 
-from tests.support.gwtest import ROOT, Served, connect, port_of, read_response, wait_for
+from tests.support.gwtest import Served, connect, port_of, read_response, wait_for
+from tests.support.services import ServiceProcess
 from tests.codecs.test_metrics import promtool
 
 # /metrics and the answering worker's id (readiness details) on the port clients use, so a
@@ -70,8 +70,7 @@ def instance(tmp_path):
     gw = Served(config_text=CONFIG, tmp_path=tmp_path)
     recs = gw.wait_listening(2)
     http, tcp = port_of(recs[0]["http"]), port_of(recs[0]["tcp"])
-    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "mono",
-                            "--gateway", f"127.0.0.1:{tcp}"], cwd=ROOT)
+    svc = ServiceProcess("mono", tcp).start()
     try:
         def both_route():
             seen = set()
@@ -82,11 +81,10 @@ def instance(tmp_path):
                     if read_response(s, buf)[0] == 200:
                         seen.add(orjson.loads(read_response(s, buf)[2])["worker"])
             return seen == {0, 1}
-        assert wait_for(both_route, timeout=20)
+        assert wait_for(both_route, timeout=20), svc.describe()
         yield gw, http, {r["pid"] for r in recs}
     finally:
-        svc.terminate()
-        svc.wait(10)
+        svc.stop()
         gw.stop()
 
 

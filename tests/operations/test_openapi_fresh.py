@@ -7,8 +7,6 @@ reading the document: before this change the first read started the rebuild and 
 answered from the old snapshot, so each "first read" below would have had no paths."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,7 +15,8 @@ import pytest
 
 import stellagw.openapi.cache as cache_mod
 
-from tests.support.gwtest import ROOT, GatewayThread, request, settings_from, wait_for
+from tests.support.gwtest import GatewayThread, request, settings_from, wait_for
+from tests.support.services import ServiceProcess, start_service, stop_services
 
 
 def get(port, path, extra=b""):
@@ -29,30 +28,23 @@ class Gateway:
         self.gw = GatewayThread(settings_from(
             "gateway: {http: {port: 0}, logging: {accessLog: false}}")).start()
         self.admin = self.gw.worker.admin_address[1]
-        self.services: dict[str, subprocess.Popen] = {}
+        self.services: dict[str, ServiceProcess] = {}
 
     def document(self, extra=b""):
         status, headers, body = get(self.admin, "/openapi.json", extra)
         return status, headers, orjson.loads(body) if status == 200 else None
 
     def register(self, name):
-        self.services[name] = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.services", "--name", name,
-             "--gateway", f"127.0.0.1:{self.gw.transport_port}"], cwd=ROOT)
         # Routed: the HELLO is in this worker's routing state.
-        assert wait_for(lambda: get(self.gw.port, f"/t/{name}/whoami")[0] == 200, 20), name
+        self.services[name] = start_service(name, self.gw.transport_port, wait=self.gw.port)
 
     def leave(self, name):
-        proc = self.services.pop(name)
-        proc.terminate()
-        proc.wait(10)
+        self.services.pop(name).stop()
         # 503: the service is still known, without an instance (routing.serviceExpiry).
         assert wait_for(lambda: get(self.gw.port, f"/t/{name}/whoami")[0] == 503, 20), name
 
     def close(self):
-        for proc in self.services.values():
-            proc.terminate()
-            proc.wait(10)
+        stop_services(list(self.services.values()))
         self.gw.stop()
 
 

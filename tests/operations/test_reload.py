@@ -26,6 +26,7 @@ from stellagw.reload import (ConfigSource, changed_keys, check, config_hash, gra
 from stellagw.service import Response, Service
 
 from tests.support.gwtest import (ROOT, Pki, Served, connect, port_of, read_response, request, wait_for)
+from tests.support.services import ServiceProcess
 
 
 def cli(*args, timeout=30):
@@ -34,8 +35,7 @@ def cli(*args, timeout=30):
 
 
 def service(name, tcp_port):
-    return subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", name,
-                             "--gateway", f"127.0.0.1:{tcp_port}"], cwd=ROOT)
+    return ServiceProcess(name, tcp_port).start()
 
 
 def get(port, path, *headers: bytes):
@@ -187,11 +187,10 @@ def one(tmp_path_factory):
     http, tcp = port_of(rec["http"]), port_of(rec["tcp"])
     svc = service("rl", tcp)
     try:
-        assert wait_for(lambda: get(http, b"/t/rl/whoami")[0] == 200, 20)
+        svc.wait_routable(http)
         yield gw, cfg, pid_file, http, rec
     finally:
-        svc.terminate()
-        svc.wait(10)
+        svc.stop()
         gw.stop()
 
 
@@ -346,7 +345,7 @@ def test_sighup_to_two_workers_reloads_both_and_a_restarted_worker_keeps_it(tmp_
                     seen.add(orjson.loads(get(http, b"/health/ready")[2])["worker"])
             return seen
 
-        assert wait_for(lambda: get(http, b"/t/rw/whoami")[0] == 200, 20)
+        svc.wait_routable(http)
         cfg.write_text(TWO_WORKERS.format(origins='"https://new.example"'))
         os.kill(gw.proc.pid, signal.SIGHUP)            # the supervisor
         done = gw.wait_for_log(lambda r: r.get("message") == "configuration reloaded", 2)
@@ -381,8 +380,7 @@ def test_sighup_to_two_workers_reloads_both_and_a_restarted_worker_keeps_it(tmp_
         assert wait_for(lambda: workers_with(b"https://new.example") == {0, 1}, 20)
     finally:
         if svc is not None:
-            svc.terminate()
-            svc.wait(10)
+            svc.stop()
         gw.stop()
 
 

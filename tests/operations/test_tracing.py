@@ -11,6 +11,7 @@ pytest.importorskip("opentelemetry.sdk")
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
 from tests.support.gwtest import ROOT, GatewayThread, request, settings_from, wait_for  # noqa: E402
+from tests.support.services import ServiceProcess, start_service  # noqa: E402
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{CLIENT_TRACE}-00f067aa0ba902b7-01"
@@ -21,15 +22,11 @@ def traced():
     exporter = InMemorySpanExporter()
     gw = GatewayThread(settings_from("gateway: {http: {port: 0}, tracing: {enabled: true, exporter: none}}"),
                        span_exporter=exporter).start()
-    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "tr", "--gateway",
-                            f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
     try:
-        assert wait_for(lambda: request(gw.port, b"GET /t/tr/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
-        exporter.clear()
-        yield gw, exporter
+        with start_service("tr", gw.transport_port, wait=gw.port, timeout=15):
+            exporter.clear()
+            yield gw, exporter
     finally:
-        svc.terminate()
-        svc.wait(10)
         gw.stop()
 
 
@@ -128,10 +125,9 @@ def test_tracing_enabled_with_the_otel_extra_starts_and_ships_spans_over_otlp(tm
     try:
         listening = served.wait_listening()[0]
         port, transport = port_of(listening["http"]), port_of(listening["tcp"])
-        svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "otlp",
-                                "--gateway", f"127.0.0.1:{transport}"], cwd=ROOT)
+        svc = ServiceProcess("otlp", transport).start()
         hello = b"GET /t/otlp/whoami HTTP/1.1\r\nHost: gw\r\ntraceparent: " + TRACEPARENT.encode() + b"\r\n\r\n"
-        assert wait_for(lambda: request(port, hello)[0] == 200, 15)
+        svc.wait_routable(port, raw=hello, timeout=15)
         assert wait_for(lambda: {"gateway.route", "gateway.auth.validate", "gateway.transport.send"}
                         <= {name for _, name, _ in collector.spans()}, 10), collector.spans()
         path, ctype, _ = collector.requests[0]
@@ -142,8 +138,7 @@ def test_tracing_enabled_with_the_otel_extra_starts_and_ships_spans_over_otlp(tm
         assert served.proc.poll() is None
     finally:
         if svc is not None:
-            svc.terminate()
-            svc.wait(10)
+            svc.stop()
         assert served.stop() == 0
         collector.close()
 

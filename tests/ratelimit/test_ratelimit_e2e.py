@@ -2,15 +2,14 @@
 two gateway instances: the limit holds across instances, and a Valkey outage fails open."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import orjson
 import pytest
 
-from tests.support.gwtest import (ROOT, GatewayThread, NullLog, Served, connect, port_of, request,
-                                  settings_from, wait_for)
+from tests.support.gwtest import (GatewayThread, NullLog, Served, connect, port_of, request,
+                                  settings_from)
+from tests.support.services import ServiceProcess
 from tests.support.valkey_server import ValkeyProcess
 
 pytestmark = pytest.mark.twin   # run again uncompiled by `make test` (tests/conftest.py)
@@ -40,10 +39,9 @@ def test_environment_limit_is_shared_across_instances_and_fails_open(tmp_path):
             gw = Served(config_text=CONFIG.format(node=node, valkey=valkey.url), tmp_path=d)
             rec = gw.wait_listening()[0]
             gws.append((gw, port_of(rec["http"])))
-            svcs.append(subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "rl",
-                                          "--gateway", f"127.0.0.1:{port_of(rec['tcp'])}"], cwd=ROOT))
-        for _, port in gws:
-            assert wait_for(lambda p=port: request(p, b"GET /t/rl/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
+            svcs.append(ServiceProcess("rl", port_of(rec["tcp"])).start())
+        for svc, (_, port) in zip(svcs, gws):
+            svc.wait_routable(port, timeout=15)
         # 2 requests were spent above; 4 more are allowed in the window across BOTH instances.
         statuses = [request(gws[i % 2][1], b"GET /t/rl/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")
                     for i in range(6)]
@@ -65,9 +63,8 @@ def test_environment_limit_is_shared_across_instances_and_fails_open(tmp_path):
                  if line.startswith("gateway_ratelimit_check_duration_seconds_count")]
         assert count and float(count[0].split()[-1]) >= 3   # a histogram of the Valkey checks
     finally:
-        for p in svcs:
-            p.terminate()
-            p.wait(10)
+        for svc in svcs:
+            svc.stop()
         for gw, _ in gws:
             gw.stop()
         valkey.close()
@@ -89,13 +86,12 @@ rate_limiting:
     valkey_connection: "{valkey.url}"
     rules: [{{max_requests: 1000, per_seconds: 60}}]
 """), log=log.log).start()
-    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "rl", "--gateway",
-                            f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
+    svc = ServiceProcess("rl", gw.transport_port).start()
     limiter = gw.worker.limiter
     counters = lambda: gw.call(lambda: (limiter.counters["environment_checks"],   # noqa: E731
                                         dict(limiter.counters["valkey_errors"])))
     try:
-        assert wait_for(lambda: request(gw.port, GET)[0] == 200, 15)
+        svc.wait_routable(gw.port, timeout=15)
         checks, _ = counters()
         # The client leaves while Valkey holds the check (paused for less than the timeout).
         valkey.command("CLIENT", "PAUSE", "150", "ALL")
@@ -122,7 +118,6 @@ rate_limiting:
                   if r["message"] == "pipeline callback failed"]
         assert len(failed) == 1 and "stage bug" in failed[0]["error"]
     finally:
-        svc.terminate()
-        svc.wait(10)
+        svc.stop()
         gw.stop()
         valkey.close()

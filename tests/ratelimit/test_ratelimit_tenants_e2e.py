@@ -3,15 +3,13 @@ several tenants minted by the development Authority with DPoP proofs, and for th
 environment tier a real valkey-server shared by two gateway instances."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import orjson
 import pytest
 
 from stellagw.devauth import DevAuthority, DpopKey
 
-from tests.support.gwtest import ROOT, Served, port_of, request, wait_for
+from tests.support.gwtest import Served, port_of, request, wait_for
+from tests.support.services import ServiceProcess
 from tests.support.valkey_server import ValkeyProcess
 
 ORIGIN = "http://gw.example.test"     # the instances sit behind one public name
@@ -66,11 +64,10 @@ class Stack:
             self.gws.append(gw)
             rec = gw.wait_listening()[0]
             self.ports.append(port_of(rec["http"]))
-            self.svcs.append(subprocess.Popen(
-                [sys.executable, "-m", "tests.support.services", "--name", "tq", "--gateway",
-                 f"127.0.0.1:{port_of(rec['tcp'])}"], cwd=ROOT))
-        for port in self.ports:
-            assert wait_for(lambda p=port: self._ready(p), 20), "gateway or service not ready"
+            self.svcs.append(ServiceProcess("tq", port_of(rec["tcp"])).start())
+        # Readiness, not a routed request: that would spend the quotas under test.
+        for svc, port in zip(self.svcs, self.ports):
+            assert wait_for(lambda p=port: self._ready(p), 20), f"not ready: {svc.describe()}"
         self.tokens: dict[tuple[str, str], str] = {}
 
     @staticmethod
@@ -99,9 +96,8 @@ class Stack:
         return request(self.ports[gw], b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")[2].decode()
 
     def close(self):
-        for p in self.svcs:
-            p.terminate()
-            p.wait(10)
+        for svc in self.svcs:
+            svc.stop()
         for gw in self.gws:
             gw.stop()
         self.authority.stop()

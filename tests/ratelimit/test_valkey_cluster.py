@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-import subprocess
-import sys
 import time
 
 import hiredis
@@ -29,9 +27,10 @@ from stellagw.ratelimit import Decision, RateLimiter
 from stellagw.valkey import (SLOTS, Script, ValkeyClient, ValkeyClusterClient,
                              ValkeyConnectionError, ValkeyTimeout, _packed_slot, command_slot,
                              key_slot, pack_evalsha, parse_address)
-from tests.support.gwtest import ROOT, GatewayThread, NullLog, read_response, settings_from, wait_for
+from tests.support.gwtest import GatewayThread, NullLog, read_response, settings_from, wait_for
 from tests.support.auth import (ISSUER_PLACEHOLDER, DpopClient, SigningKey, dpop_request,
                                 make_authenticator, mint_token)
+from tests.support.services import ServiceProcess
 from tests.support.valkey_server import ValkeyCluster, free_port
 
 BUCKET = "stella-router-rate-limit"
@@ -384,20 +383,16 @@ def gateways(valkey_cluster):  # noqa: F811 -- the fixture
     # Two instances (node ids of their own: a service links to each).
     gws = [GatewayThread(settings_from(GATEWAY.format(url=valkey_cluster.url, node=node)),
                          log=NullLog().log).start() for node in ("gw-a", "gw-b")]
-    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "cl",
-                            *(a for gw in gws for a in ("--gateway",
-                                                         f"127.0.0.1:{gw.transport_port}"))],
-                           cwd=ROOT)
+    svc = ServiceProcess("cl", *(gw.transport_port for gw in gws)).start()
     # Until the service answers through each gateway; from a new address each time, as
     # requests refused before that (503) count against the address's limit.
     sources = (f"127.1.{i // 250}.{i % 250 + 1}" for i in range(250 * 250))
     try:
         for gw in gws:
-            assert wait_for(lambda gw=gw: get(gw.port, next(sources))[0] == 200, 20)
+            assert wait_for(lambda gw=gw: get(gw.port, next(sources))[0] == 200, 20), svc.describe()
         yield gws
     finally:
-        svc.terminate()
-        svc.wait(10)
+        svc.stop()
         for gw in gws:
             gw.stop()
 

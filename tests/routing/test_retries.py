@@ -3,9 +3,6 @@ item 2): idempotent methods and endpoints declared retryable, once, under a budg
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 
 import orjson
 import pytest
@@ -13,7 +10,8 @@ import pytest
 from stellagw.config import load_config_text
 from stellagw.transport.retry import RetryBudget
 
-from tests.support.gwtest import ROOT, Served, port_of, request, wait_for
+from tests.support.gwtest import Served, port_of, request, wait_for
+from tests.support.services import ServiceProcess, stop_services
 
 CONFIG = """
 gateway:
@@ -40,10 +38,9 @@ class Stack:
     def ensure(self, count):
         while len(self.instances()) < count:
             self.n += 1
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "tests.support.services", "--name", "rt", "--gateway",
-                 f"127.0.0.1:{self.tcp}", "--instance", f"rt-{self.n}"], cwd=ROOT))
-            assert wait_for(lambda: f"rt-{self.n}" in self.instances(), 20)
+            svc = ServiceProcess("rt", self.tcp, instance=f"rt-{self.n}").start()
+            self.procs.append(svc)
+            assert wait_for(lambda: f"rt-{self.n}" in self.instances(), 20), svc.describe()
 
     def send(self, method, path, body=b""):
         marker = str(self.tmp / f"marker-{self.n}-{method}-{path.strip('/').replace('/', '-')}")
@@ -57,14 +54,7 @@ class Stack:
                    if line.startswith("gateway_retries_total{") and f'outcome="{outcome}"' in line)
 
     def close(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_services(self.procs)
         self.gw.stop()
 
 

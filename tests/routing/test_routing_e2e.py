@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import collections
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 
 import orjson
 import pytest
 
-from tests.support.gwtest import ROOT, Served, connect, port_of, read_response, request, wait_for
+from tests.support.gwtest import Served, connect, port_of, read_response, request, wait_for
+from tests.support.services import ServiceProcess, stop_services
 
 CONFIG = """
 gateway:
@@ -43,12 +41,9 @@ class Stack:
         self._buf = bytearray()
 
     def service(self, name, instance, version="1.0.0", fail_for=0.0):
-        args = [sys.executable, "-m", "tests.support.services", "--name", name, "--gateway",
-                f"127.0.0.1:{self.tcp}", "--version", version, "--instance", instance,
-                "--region", "eu1"]
-        if fail_for:
-            args += ["--fail-until", str(time.time() + fail_for)]
-        self.procs.append(subprocess.Popen(args, cwd=ROOT))
+        self.procs.append(ServiceProcess(
+            name, self.tcp, version=version, instance=instance, region="eu1",
+            fail_until=time.time() + fail_for if fail_for else None).start())
 
     def ready(self):
         return orjson.loads(request(self.http, b"GET /health/ready HTTP/1.1\r\nHost: gw\r\n\r\n")[2])
@@ -77,15 +72,7 @@ class Stack:
     def close(self):
         if self._sock is not None:
             self._sock.close()
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_services(self.procs)
         self.gw.stop()
 
 

@@ -5,14 +5,12 @@ not 404, until routing.serviceExpiry; when it comes back they answer 200 again."
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
-import sys
 
 import orjson
 import pytest
 
-from tests.support.gwtest import ROOT, Served, port_of, request, wait_for
+from tests.support.gwtest import Served, port_of, request, wait_for
+from tests.support.services import ServiceProcess
 
 CONFIG = """
 gateway:
@@ -38,11 +36,9 @@ class Gateway:
         self.http, self.tcp = port_of(rec["http"]), port_of(rec["tcp"])
 
     def service(self, name):
-        proc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", name,
-                                 "--gateway", f"127.0.0.1:{self.tcp}", "--region", "eu1",
-                                 "--instance", f"{name}-1"], cwd=ROOT)
+        proc = ServiceProcess(name, self.tcp, region="eu1", instance=f"{name}-1").start()
         self.procs.append(proc)
-        assert wait_for(lambda: self.instances(name) == 1, 15), self.ready()
+        assert wait_for(lambda: self.instances(name) == 1, 15), (self.ready(), proc.describe())
         return proc
 
     def ready(self):
@@ -55,15 +51,12 @@ class Gateway:
         return request(self.http, b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path.encode(), timeout=15)
 
     def kill(self, proc, name):
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        proc.kill()
         assert wait_for(lambda: self.instances(name) == 0, 15), self.ready()
 
     def close(self):
         for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
+            p.kill()
         self.served.stop()
 
 

@@ -1,12 +1,10 @@
 """The SDK reports failures as JSON lines with their traceback (issue 19 item 6)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import orjson
 
-from tests.support.gwtest import ROOT, Served, port_of, request, wait_for
+from tests.support.gwtest import Served, port_of, request
+from tests.support.services import ServiceProcess
 
 CONFIG = """
 gateway:
@@ -19,19 +17,17 @@ def test_a_failing_handler_is_logged_as_json_with_its_traceback(tmp_path):
     gw = Served(config_text=CONFIG, tmp_path=tmp_path)
     rec = gw.wait_listening()[0]
     http, tcp = port_of(rec["http"]), port_of(rec["tcp"])
-    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "lg", "--gateway",
-                            f"127.0.0.1:{tcp}"], cwd=ROOT, stderr=subprocess.PIPE)
+    svc = ServiceProcess("lg", tcp).start()
     try:
-        assert wait_for(lambda: request(http, b"GET /t/lg/whoami HTTP/1.1\r\nHost: t\r\n\r\n")[0]
-                        == 200, 20)
+        svc.wait_routable(http)
         status, headers, body = request(http, b"GET /t/lg/boom HTTP/1.1\r\nHost: t\r\n"
                                               b"X-Correlation-Id: boom-1\r\n\r\n")
         assert status == 500 and orjson.loads(body)["error"]["trace_id"] == "boom-1"
     finally:
-        svc.terminate()
-        _, err = svc.communicate(timeout=10)
+        svc.stop()
         gw.stop()
-    records = [orjson.loads(line) for line in err.splitlines() if line.startswith(b"{")]
+    # Its stdout and stderr, where the SDK writes its JSON lines.
+    records = [orjson.loads(line) for line in svc.output().splitlines() if line.startswith(b"{")]
     [failed] = [r for r in records if r["message"] == "handler failed"]
     assert failed["level"] == "error" and failed["service"] == "lg"
     assert failed["correlationId"] == "boom-1" and "ValueError: boom on purpose" in failed["traceback"]

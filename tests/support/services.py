@@ -23,6 +23,9 @@ Endpoints, all under /t/<name>/ so several services can register side by side:
   GET  boom              the handler raises (a 500, and the SDK's JSON error line)
   GET  flaky             500 until the wall-clock time --fail-until (epoch seconds; 0, the
                          default: never), 200 after; both with the instance id and version
+
+A test starts one with ServiceProcess / start_service (below): started, waited for until a
+route answers through a gateway, stopped by PID, its output kept for failure messages.
 """
 from __future__ import annotations
 
@@ -30,9 +33,15 @@ import argparse
 import asyncio
 import hashlib
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 
 from stellagw.service import Response, Service, StreamResponse
+
+from tests.support import REPO
 
 
 def build(name, gateways, region, version, instance, fail_until=0.0):
@@ -181,6 +190,150 @@ def build(name, gateways, region, version, instance, fail_until=0.0):
             size += len(chunk)
         return Response.json({"bytes": size, "sha256": digest.hexdigest()})
 
+    return svc
+
+
+# ---------------------------------------------------------------------- running it from a test
+
+
+class ServiceProcess:
+    """This module (or `module`, e.g. tests.support.services_feed) as a test's SDK service in
+    its own process::
+
+        svc = start_service("scan", gw.transport_port, region="eu1", wait=gw.port)
+        ...                              # svc.pid, svc.send_signal(...), svc.output()
+        svc.stop()                       # SIGTERM by PID, then SIGKILL if it lingers
+
+    `gateways`: transport ports (127.0.0.1) or "host:port" strings, one --gateway each.
+    Its stdout and stderr go to one file, not a pipe (a pipe nobody reads stalls the
+    service once full): wait_routable puts its tail in the failure message, and stop()
+    prints the tail, which pytest shows only for a test that failed."""
+
+    TAIL = 40
+
+    def __init__(self, name: str, *gateways, region: str | None = None,
+                 version: str | None = None, instance: str | None = None,
+                 fail_until: float | None = None, module: str = "tests.support.services"):
+        self.name = name
+        self.argv = [sys.executable, "-m", module, "--name", name]
+        for gw in gateways:
+            self.argv += ["--gateway", gw if isinstance(gw, str) else f"127.0.0.1:{gw}"]
+        for flag, value in (("--region", region), ("--version", version),
+                            ("--instance", instance), ("--fail-until", fail_until)):
+            if value is not None:
+                self.argv += [flag, str(value)]
+        self.proc: subprocess.Popen | None = None
+        self._out = None
+        self._final = b""
+        self._signalled = False
+
+    def start(self) -> "ServiceProcess":
+        self._out = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.argv, cwd=str(REPO), stdout=self._out,
+                                     stderr=subprocess.STDOUT)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self):
+        return self.proc.poll()
+
+    def send_signal(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def output(self) -> bytes:
+        """Everything it wrote so far (stdout and stderr), after stop() too."""
+        if self._out.closed:
+            return self._final
+        self._out.flush()
+        self._out.seek(0)
+        return self._out.read()
+
+    def describe(self) -> str:
+        code = self.proc.poll()
+        state = "running" if code is None else f"exited with {code}"
+        tail = b"\n".join(self.output().splitlines()[-self.TAIL:]).decode(errors="replace")
+        return f"service {self.name!r} (pid {self.proc.pid}, {state}); its last lines:\n{tail}"
+
+    def routable(self, port: int, path: str | None = None, raw: bytes | None = None) -> bool:
+        """Does one request through the gateway's client `port` get a 200? `raw`: the whole
+        request instead of GET `path` (default /t/<name>/whoami)."""
+        from tests.support.gwtest import request
+        if raw is None:
+            raw = b"GET %s HTTP/1.1\r\nHost: gw\r\n\r\n" % (path or f"/t/{self.name}/whoami").encode()
+        try:
+            return request(port, raw)[0] == 200
+        except OSError:
+            return False
+
+    def wait_routable(self, port: int, path: str | None = None, raw: bytes | None = None,
+                      timeout: float = 20.0) -> "ServiceProcess":
+        """Until a request through `port` is answered 200 (routable), or fail with its log."""
+        from tests.support.gwtest import wait_for
+        ok = wait_for(lambda: self.routable(port, path, raw) or self.proc.poll() is not None,
+                      timeout)
+        assert ok and self.proc.poll() is None, f"not routable through :{port}: {self.describe()}"
+        return self
+
+    def terminate(self, sig=signal.SIGTERM) -> None:
+        """Signal it by PID once (SIGTERM: the SDK drains), without waiting."""
+        if self.proc is not None and self.proc.poll() is None and not self._signalled:
+            self._signalled = True
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0, sig=signal.SIGTERM):
+        """terminate(), wait, SIGKILL after `timeout`; its return code. Stopped already:
+        nothing is sent."""
+        if self.proc is None:
+            return None
+        self.terminate(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+        if self._out is not None and not self._out.closed:
+            sys.stdout.write(self.describe() + "\n")     # shown by pytest for a failed test
+            self._final = self.output()
+            self._out.close()
+        return self.proc.returncode
+
+    def kill(self):
+        """SIGKILL now (a crash, as far as the gateway can tell), then as stop()."""
+        if self.proc.poll() is None:
+            self._signalled = True
+            self.proc.kill()
+        return self.stop()
+
+    def __enter__(self) -> "ServiceProcess":
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def stop_services(services, timeout: float = 10.0) -> None:
+    """Stop several at once: all signalled first, so their drains overlap."""
+    for svc in services:
+        svc.terminate()
+    for svc in services:
+        svc.stop(timeout)
+
+
+def start_service(name: str, *gateways, wait: int | None = None, path: str | None = None,
+                  timeout: float = 20.0, **flags) -> ServiceProcess:
+    """ServiceProcess(name, *gateways, **flags) started; with `wait` (a gateway's client
+    port), once `path` (default /t/<name>/whoami) answers 200 through it. Stopped again
+    if it never does."""
+    svc = ServiceProcess(name, *gateways, **flags).start()
+    if wait is not None:
+        try:
+            svc.wait_routable(wait, path, timeout=timeout)
+        except BaseException:
+            svc.stop()
+            raise
     return svc
 
 
