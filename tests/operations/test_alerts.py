@@ -17,18 +17,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.support import REPO
+from tests.support.gwtest import Served, port_of, request
 
 ROOT = REPO
 GRAFANA = ROOT / "grafana"
@@ -146,50 +142,22 @@ def test_recorded_series_are_recorded_and_job_matches_scrape_config():
             assert job in jobs, f"the rules select job {job!r}; prometheus.yml scrapes {jobs}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _exported_metric_names(tmp_path: Path) -> set[str]:
     """Start a real gateway (1 worker, loopback), read its /metrics, stop it."""
-    http_port, tcp_port = _free_port(), _free_port()
-    cfg = tmp_path / "gateway.yaml"
-    cfg.write_text(
+    gw = Served(tmp_path=tmp_path, config_text=(
         "gateway:\n"
         "  node: {workers: 1}\n"
-        f"  http: {{host: 127.0.0.1, port: {http_port}}}\n"
-        f"  transports: {{tcp: {{host: 127.0.0.1, port: {tcp_port}}}}}\n"
+        "  http: {host: 127.0.0.1, port: 0}\n"
+        "  transports: {tcp: {host: 127.0.0.1, port: 0}}\n"
         "  logging: {accessLog: false}\n"
-        "  admin: {publicEndpoints: [all]}\n")
-    log = open(tmp_path / "gateway.log", "wb")
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "stellagw", "serve", "--config", str(cfg)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+        "  admin: {publicEndpoints: [all]}\n"))
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (tmp_path / "gateway.log").read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=2) as r:
-                    text = r.read().decode()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        http = port_of(gw.wait_listening(timeout=30)[0]["http"])
+        status, _, body = request(http, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert status == 200, body
+        text = body.decode()
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(10)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        log.close()
+        gw.stop()
     names: set[str] = set()
     for m in re.finditer(r"^# TYPE (\S+) (\w+)$", text, re.M):
         name, kind = m.groups()
