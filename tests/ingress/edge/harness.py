@@ -1,9 +1,10 @@
 """Machinery of the adversarial corpus (docs/http-edge.md, issue 15).
 
-* A **recording service**: a real SDK `Service` in its own thread and uvloop loop, dialled
-  into the test gateway, whose catch-all endpoints record exactly what reached them — the
-  REQUEST frame's method, path, query and header lines, the body once it is complete, and
-  whether a CANCEL came — keyed by the per-send marker in the path.
+* A **recording service**: a real SDK `Service` in its own thread and uvloop loop
+  (tests/support/servicepeer.py's SdkThread), dialled into the test gateway, whose
+  catch-all endpoints record exactly what reached them — the REQUEST frame's method, path,
+  query and header lines, the body once it is complete, and whether a CANCEL came — keyed
+  by the per-send marker in the path.
 * A **raw client runner**: one fresh TCP connection per send, the bytes cut at seeded random
   points with small sleeps in between, everything read until the gateway closes or goes
   quiet, and the responses parsed (statuses, headers, `connection: close`, stray bytes).
@@ -24,13 +25,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import uvloop
-
 from stellagw.transport import frame as fr
 from stellagw.config import ConfigError, load_config_text
 from stellagw.service import Response, Service, StreamResponse
 
 from tests.support.gwtest import GatewayThread
+from tests.support.servicepeer import SdkThread
 from tests.support.auth import DpopClient, SigningKey, jwks, mint_token
 
 PUBLIC_ORIGIN = "http://gw.test"          # gateway.http.publicOrigin: the DPoP htu base
@@ -332,34 +332,6 @@ def build_service(book: Book, gateway_tcp_port: int, name: str = "edge") -> Reco
     return svc
 
 
-class ServiceThread:
-    """A RecordingService on its own uvloop loop in a daemon thread."""
-
-    def __init__(self, svc: Service):
-        self.svc = svc
-        self.loop = uvloop.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def start(self, timeout: float = 10.0) -> "ServiceThread":
-        self._thread.start()
-
-        async def up():
-            await self.svc.start()
-            await self.svc.wait_registered(1, timeout)
-        asyncio.run_coroutine_threadsafe(up(), self.loop).result(timeout + 2)
-        return self
-
-    def stop(self):
-        try:
-            asyncio.run_coroutine_threadsafe(self.svc.stop(2.0), self.loop).result(5)
-        except Exception:  # noqa: BLE001 -- a teardown must go on
-            pass
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-        if not self.loop.is_running():
-            self.loop.close()
-
-
 # ================================================================== gateways
 
 MAIN_YAML = f"""
@@ -407,7 +379,7 @@ class EdgeStack:
         self.book = Book()
         self.markers = Markers()
         self.gateways: dict[str, GatewayThread] = {}
-        self.services: list[ServiceThread] = []
+        self.services: list[SdkThread] = []
         kinds = {"main": MAIN_YAML}
         if deadlines:
             kinds["deadlines"] = DEADLINE_YAML
@@ -416,7 +388,7 @@ class EdgeStack:
                 settings = load_settings(text.replace("{jwks}", self.creds.jwks_path))
                 gw = GatewayThread(settings).start()
                 self.gateways[kind] = gw
-                svc = ServiceThread(build_service(self.book, gw.transport_port, "edge")).start()
+                svc = SdkThread(build_service(self.book, gw.transport_port, "edge")).start()
                 self.services.append(svc)
             for kind in self.gateways:
                 self._wait_routable(kind)
@@ -440,7 +412,10 @@ class EdgeStack:
 
     def close(self):
         for svc in self.services:
-            svc.stop()
+            try:
+                svc.stop()
+            except Exception:  # noqa: BLE001 -- a teardown must go on
+                pass
         for gw in self.gateways.values():
             try:
                 gw.stop()
