@@ -2,7 +2,8 @@
 
 Two kinds (docs/hot-path.md):
 
-* Codecs (frame, radix, window, metrics, dpop, httpwire, replaytable) are written twice:
+* Codecs (frame, radix, window, metrics, dpop, b64url, httpwire, replaytable) are written
+  twice:
   cext/<name>.pyx and a pure-Python twin stellagw/_py/<name>.py, a reference they are tested
   against. The module of the stage that uses a codec (CODECS below) imports one of them by
   a plain import a reader and a tool can follow::
@@ -44,6 +45,7 @@ GLUE = ("stellagw.ingress.http", "stellagw.pipeline", "stellagw.transport.batch"
 # list equal to cext/*.pyx: the wheel ships no .pyx to look at), and the module that
 # imports it for its stage.
 CODECS = {
+    "b64url": "stellagw.auth.jose",
     "dpop": "stellagw.auth.dpop",
     "frame": "stellagw.transport.frame",
     "httpwire": "stellagw.ingress.wire",

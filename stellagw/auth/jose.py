@@ -18,12 +18,10 @@ be reused as an HMAC secret (CVE-2022-29217 class).
 """
 from __future__ import annotations
 
-import binascii
 import hashlib
 import json
 import re
 
-import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -31,8 +29,23 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwt.algorithms import get_default_algorithms
 from jwt.exceptions import PyJWTError
 
+from .. import _impl
+
+# base64url is a codec (docs/hot-path.md): cext/b64url.pyx, or its twin stellagw/_py/b64url.py
+# (the one to read). Its functions answer None where the ones here raise JoseError; the
+# DPoP check calls them as they are (`codec`), with no wrapper in between.
+if _impl.NO_EXTENSIONS:
+    from .._py import b64url as codec
+else:
+    try:
+        from .._cext import b64url as codec
+    except ImportError as exc:
+        _impl.fell_back("b64url", exc)
+        from .._py import b64url as codec
+
 __all__ = [
-    "JoseError", "b64url", "b64url_decode", "split_compact", "split_parts", "json_object", "json_object_fast",
+    "JoseError", "b64url", "b64url_decode", "split_compact", "split_parts", "json_object",
+    "json_object_fast", "codec",
     "ALG_KEY_TYPES", "key_matches_alg", "public_key_from_jwk", "jwk_thumbprint",
     "verify_signature", "PRIVATE_MEMBERS",
 ]
@@ -57,36 +70,22 @@ _THUMBPRINT_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"),
 
 MIN_RSA_BITS = 2048
 
+_decode = codec.decode
+_split = codec.split
+_json_object = codec.json_object
+b64url = codec.encode      # base64url without padding, as str
+
 
 class JoseError(ValueError):
     """Malformed or unacceptable JOSE input; the message is safe to show (no input echoed)."""
 
 
-# binascii directly: the base64 module's url-safe wrappers cost a microsecond a call, and
-# a DPoP request makes four of these calls.
-_TO_STD = bytes.maketrans(b"-_", b"+/")
-_TO_URL = bytes.maketrans(b"+/", b"-_")
-_PAD = (b"", b"", b"==", b"=")
-
-
-def b64url(data: bytes) -> str:
-    return binascii.b2a_base64(data, newline=False).translate(_TO_URL).rstrip(b"=").decode("ascii")
-
-
 def b64url_decode(part: bytes) -> bytes:
-    """Strict base64url: the URL-safe alphabet only, no padding, no whitespace, non-empty.
-
-    The alphabet is checked by a2b_base64's strict mode once "-_" are mapped to "+/": all
-    that is left to refuse by hand is the standard alphabet's own "+/" and padding. (A
-    regular expression over the part cost more than the decoding; a DPoP request decodes
-    two parts.)
-    """
-    if not part or len(part) % 4 == 1 or b"+" in part or b"/" in part or b"=" in part:
+    """Strict base64url: the URL-safe alphabet only, no padding, no whitespace, non-empty."""
+    raw = _decode(part)
+    if raw is None:
         raise JoseError("not base64url")
-    try:
-        return binascii.a2b_base64(part.translate(_TO_STD) + _PAD[len(part) % 4], strict_mode=True)
-    except (binascii.Error, ValueError):
-        raise JoseError("not base64url") from None
+    return raw
 
 
 def split_compact(token: bytes) -> tuple[bytes, bytes, bytes]:
@@ -104,10 +103,10 @@ def split_compact(token: bytes) -> tuple[bytes, bytes, bytes]:
 def split_parts(token: bytes) -> tuple[bytes, bytes, bytes]:
     """Like split_compact, leaving the alphabet to whoever decodes each part (b64url_decode
     checks it, and a DPoP proof's header is looked up by its exact bytes before that)."""
-    parts = token.split(b".")
-    if len(parts) != 3 or not parts[0] or not parts[1] or not parts[2]:
+    parts = _split(token)
+    if parts is None:
         raise JoseError("not a compact JWS")
-    return parts[0], parts[1], parts[2]
+    return parts
 
 
 def _object_without_duplicates(pairs: list) -> dict:
@@ -145,13 +144,9 @@ def json_object_fast(segment: bytes) -> dict:
     payload is read by this one parser only, never by a second one that could disagree.
     It refuses invalid UTF-8 and NaN/Infinity like the strict parser.
     """
-    raw = b64url_decode(segment)
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise JoseError("not a JSON object") from None
-    if not isinstance(obj, dict):
-        raise JoseError("not a JSON object")
+    obj = _json_object(segment)
+    if obj is None:
+        raise JoseError("not base64url" if _decode(segment) is None else "not a JSON object")
     return obj
 
 

@@ -2,6 +2,7 @@
 (stellagw/_py/dpop.py) and the jose functions the twin calls: same answer, same refusal,
 for valid proofs and for proofs broken in every way hypothesis finds, and the same client
 keys cached in the same slots (ProofKeyCache) over sequences of proofs from several keys.
+The base64url codec jose calls (cext/b64url.pyx) against its twin (stellagw/_py/b64url.py).
 
 tests/auth/test_auth_dpop.py holds each check to the RFC on the selected implementation (both,
 through `make test`); this file holds the two implementations to each other.
@@ -17,7 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stellagw import _impl
+from stellagw._py import b64url as twin_codec
 from stellagw._py import dpop as twin
+from stellagw.auth import jose
 from stellagw.auth.errors import Refusal
 from stellagw.auth.jose import JoseError, b64url, b64url_decode
 from stellagw.auth.nonce import NonceIssuer
@@ -42,6 +45,12 @@ def compiled():
 
 
 @pytest.fixture(scope="module")
+def codec_c():
+    from stellagw._cext import b64url as codec
+    return codec
+
+
+@pytest.fixture(scope="module")
 def client():
     return DpopClient()
 
@@ -51,7 +60,7 @@ def outcome(fn, *args):
         value = fn(*args)
     except (Refusal, JoseError) as exc:
         return type(exc).__name__, getattr(exc, "code", None), str(exc), getattr(exc, "reason", None)
-    if isinstance(value, (bytes, str)):
+    if value is None or isinstance(value, (bytes, str, tuple, dict)):
         return "ok", value
     return "ok", value.jkt, value.replay_key, value.ttl_ms, value.nonce_age
 
@@ -80,6 +89,67 @@ def test_unused_low_bits_are_ignored_as_binascii_ignores_them(compiled):
     # "QR" and "QQ" both decode to b"A" (strict mode does not check the last bits)
     assert binascii.a2b_base64(b"QR==", strict_mode=True) == b"A"
     assert compiled.b64url_decode_c(b"QR") == b64url_decode(b"QR") == b"A"
+
+
+# ------------------------------------------------------------------- the base64url codec
+
+@given(alphabetish)
+@settings(max_examples=3000)
+def test_decoder_is_its_twin(codec_c, part):
+    assert outcome(codec_c.decode, part) == outcome(twin_codec.decode, part)
+
+
+@given(st.binary(max_size=80))
+@settings(max_examples=2000)
+def test_encoder_is_its_twin(codec_c, data):
+    assert codec_c.encode(data) == twin_codec.encode(data)
+    assert codec_c.encode(bytearray(data)) == twin_codec.encode(bytearray(data))
+    if data:                              # "" is not base64url (an empty part is refused)
+        assert codec_c.decode(codec_c.encode(data).encode()) == data
+    else:
+        assert codec_c.decode(b"") is twin_codec.decode(b"") is None
+
+
+def test_the_codec_ignores_unused_low_bits_too(codec_c):
+    # "QR" and "QQ" both decode to b"A" (strict mode does not check the last bits)
+    assert binascii.a2b_base64(b"QR==", strict_mode=True) == b"A"
+    assert codec_c.decode(b"QR") == twin_codec.decode(b"QR") == b"A"
+
+
+@given(st.lists(st.sampled_from(list(b"ab.")), max_size=12).map(bytes) | st.binary(max_size=12))
+@settings(max_examples=2000)
+def test_split_is_its_twin(codec_c, token):
+    assert outcome(codec_c.split, token) == outcome(twin_codec.split, token)
+
+
+json_parts = st.one_of(
+    alphabetish,
+    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                 lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+                 max_leaves=6).map(lambda v: b64u(json.dumps(v).encode()).encode()),
+    st.sampled_from([b'{"a":1,"a":2}', b'{"a":NaN}', b'{"a":Infinity}', b'{"a":1} ', b'{"a":1}x',
+                     b'{"a":"\xed\xa0\x80"}', b'\xef\xbb\xbf{}', b"{}", b"[]", b'"{}"',
+                     b"1e999", b"9" * 30]).map(lambda raw: b64u(raw).encode()),
+    st.binary(max_size=30).map(lambda raw: b64u(raw).encode()))
+
+
+@given(json_parts)
+@settings(max_examples=2000)
+def test_json_object_is_its_twin(codec_c, part):
+    assert outcome(codec_c.json_object, part) == outcome(twin_codec.json_object, part)
+
+
+def test_jose_raises_where_the_codec_answers_none():
+    with pytest.raises(JoseError, match="^not base64url$"):
+        jose.b64url_decode(b"ab=")
+    with pytest.raises(JoseError, match="^not a compact JWS$"):
+        jose.split_parts(b"a..c")
+    with pytest.raises(JoseError, match="^not base64url$"):
+        jose.json_object_fast(b"a+b")
+    with pytest.raises(JoseError, match="^not a JSON object$"):
+        jose.json_object_fast(b64u(b"[1]").encode())
+    assert jose.json_object_fast(b64u(b'{"a":1}').encode()) == {"a": 1}
+    assert jose.split_parts(b"a.b.c") == (b"a", b"b", b"c")
 
 
 # ------------------------------------------------------------------- whole proofs
