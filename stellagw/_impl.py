@@ -2,8 +2,7 @@
 
 Two kinds (docs/hot-path.md):
 
-* Codecs (frame, radix, window, metrics, dpop, b64url, httpwire, replaytable) are written
-  twice:
+* Codecs (frame, radix, window, metrics, b64url, httpwire, replaytable) are written twice:
   cext/<name>.pyx and a pure-Python twin stellagw/_py/<name>.py, a reference they are tested
   against. The module of the stage that uses a codec (CODECS below) imports one of them by
   a plain import a reader and a tool can follow::
@@ -39,14 +38,13 @@ import warnings
 NO_EXTENSIONS = os.environ.get("STELLAGW_NO_EXTENSIONS", "").lower() not in ("", "0", "false", "no")
 
 # Modules compiled from their own .py (setup.py GLUE).
-GLUE = ("stellagw.ingress.http", "stellagw.pipeline", "stellagw.transport.batch",
-        "stellagw.transport.connection")
+GLUE = ("stellagw.auth.dpop", "stellagw.ingress.http", "stellagw.pipeline",
+        "stellagw.transport.batch", "stellagw.transport.connection")
 # The codecs: cext/<name>.pyx, each with its twin stellagw/_py/<name>.py (a test keeps this
 # list equal to cext/*.pyx: the wheel ships no .pyx to look at), and the module that
 # imports it for its stage.
 CODECS = {
     "b64url": "stellagw.auth.jose",
-    "dpop": "stellagw.auth.dpop",
     "frame": "stellagw.transport.frame",
     "httpwire": "stellagw.ingress.wire",
     "metrics": "stellagw.observe.metrics",

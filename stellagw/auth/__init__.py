@@ -4,8 +4,8 @@
 | module | what |
 |---|---|
 | `authenticator.py` | `Authenticator`, the stage: the order of the checks |
-| `tokens.py`, `keys.py`, `jose.py` | access-token verification, the Authority's keys, strict JOSE parsing |
-| `dpop.py`, `replay.py`, `nonce.py` | DPoP proofs (a codec, cext/dpop.pyx), the `jti` replay caches, server nonces |
+| `tokens.py`, `keys.py`, `jose.py` | access-token verification, the Authority's keys, strict JOSE parsing (base64url: a codec, cext/b64url.pyx) |
+| `dpop.py`, `replay.py`, `nonce.py` | DPoP proofs (compiled from dpop.py + dpop.pxd), the `jti` replay caches, server nonces |
 | `mtls.py` | certificate-bound tokens |
 | `identity.py`, `claims.py` | the identity headers a service sees; an endpoint's RequiringClaims |
 | `errors.py`, `uri.py` | refusals and challenges; `htu` normalisation |

@@ -1,8 +1,8 @@
 """DPoP at the resource server: one test (or more) per item of docs/security.md §3a.
 
 Each test names the item it covers; each fails if that check is removed from
-stellagw/auth/authenticator.py or from the DPoP checks (stellagw/_py/dpop.py, cext/dpop.pyx:
-`make test` runs this file on each).
+stellagw/auth/authenticator.py or from the DPoP checks (stellagw/auth/dpop.py: `make test`
+runs this file on it compiled and uncompiled).
 """
 from __future__ import annotations
 

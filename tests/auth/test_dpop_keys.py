@@ -1,8 +1,8 @@
-"""The proof key cache (ProofKeyCache in stellagw/_py/dpop.py and cext/dpop.pyx) and the
-ECDSA signature check (stellagw.auth.jose.verify_signature): docs/auth.md, "The proof key
-cache".
+"""The proof key cache (ProofKeyCache in stellagw/auth/dpop.py) and the ECDSA signature check
+(stellagw.auth.jose.verify_signature): docs/auth.md, "The proof key cache".
 
-Every test runs on the twin, and on the compiled module when it is built;
+Every test runs on stellagw/auth/dpop.py uncompiled ("source": the .py executed in this
+process) and compiled ("compiled": the module Cython built from it, when it is);
 tests/codecs/test_dpop_twins.py holds the two to each other with hypothesis.
 
 `STELLAGW_MEASURE_DPOP=time taskset -c 1 python -m pytest -s tests/auth/test_dpop_keys.py -k measure`
@@ -31,12 +31,14 @@ from hypothesis import strategies as st
 from jwt.algorithms import get_default_algorithms
 
 from stellagw import _impl
-from stellagw._py import dpop as twin
 from stellagw.auth import jose
 from stellagw.auth.errors import Refusal
 
 from tests.support import REPO
 from tests.support.auth import NOW, DpopClient, SigningKey, b64u, sign_raw
+from tests.support.impls import uncompiled
+
+pytestmark = pytest.mark.twin   # run again uncompiled by `make test` (tests/conftest.py)
 
 ROOT = REPO
 ORIGIN = "https://gw.example.com"
@@ -45,17 +47,24 @@ TOKEN = "header.payload.signature-of-an-access-token"
 ATH = b64u(hashlib.sha256(TOKEN.encode()).digest())
 
 
-def _modules():
-    mods = [pytest.param(twin, id="twin")]
-    if not _impl.NO_EXTENSIONS:
-        from stellagw._cext import dpop as compiled
-        mods.append(pytest.param(compiled, id="compiled"))
-    return mods
+def _module(which: str):
+    """"source": stellagw/auth/dpop.py run as plain Python; "compiled": the extension."""
+    if which == "compiled":
+        assert _impl.compiled("stellagw.auth.dpop"), "stellagw.auth.dpop is not built: make build"
+        return importlib.import_module("stellagw.auth.dpop")
+    if _impl.NO_EXTENSIONS:                 # the module imported is the source already
+        return importlib.import_module("stellagw.auth.dpop")
+    return uncompiled("stellagw.auth.dpop")
 
 
-@pytest.fixture(params=_modules())
+_MODULES = {}
+
+
+@pytest.fixture(params=["source"] + ([] if _impl.NO_EXTENSIONS else ["compiled"]))
 def mod(request):
-    return request.param
+    if request.param not in _MODULES:
+        _MODULES[request.param] = _module(request.param)
+    return _MODULES[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -283,11 +292,11 @@ def _loop(mod, fn, stub: bool, n: int) -> float:
         mod.verify_signature = saved
 
 
-def _instructions(mod, name: str, n: int) -> int:
+def _instructions(which: str, name: str, n: int) -> int:
     env = dict(os.environ, PYTHONHASHSEED="0")
     env.pop("STELLAGW_MEASURE_DPOP", None)
     run = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                          sys.executable, "-m", "tests.auth.test_dpop_keys", mod.__name__, name, str(n)],
+                          sys.executable, "-m", "tests.auth.test_dpop_keys", which, name, str(n)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     return int(re.search(r"Collected : (\d+)", run.stderr).group(1))
@@ -295,19 +304,20 @@ def _instructions(mod, name: str, n: int) -> int:
 
 @pytest.mark.skipif(not MEASURE, reason="a measurement: STELLAGW_MEASURE_DPOP=time (pin it: "
                     "taskset -c 1) or =callgrind")
-def test_measure(mod):
+def test_measure(mod, request):
     """The figures of docs/auth.md. `time`: CPU-µs per call, median [range] of interleaved
     rounds, and × the bare verify of the same round. `callgrind`: instructions per call
     (a run of 400 calls minus a run of 100). The PyJWT row is what jose.verify_signature
     called before; "no key cache" pays on every proof what a key not seen before costs."""
+    which = request.node.callspec.params["mod"]
     calls = _calls(mod)
     bare_name = next(iter(calls))
     if MEASURE == "callgrind":
         if shutil.which("valgrind") is None:
             pytest.skip("valgrind is not installed")
-        per = {name: (_instructions(mod, name, 400) - _instructions(mod, name, 100)) / 300
+        per = {name: (_instructions(which, name, 400) - _instructions(which, name, 100)) / 300
                for name in calls}
-        print(f"\n{mod.__name__}: instructions per call (callgrind)")
+        print(f"\n{mod.__name__} ({which}): instructions per call (callgrind)")
         for name, count in per.items():
             print(f"  {name:<42} {count:9,.0f}  {count / per[bare_name]:5.3f}×")
         return
@@ -317,7 +327,7 @@ def test_measure(mod):
         for name, (fn, stub) in calls.items():
             times[name].append(_loop(mod, fn, stub, n))
     bare = times[bare_name]
-    print(f"\n{mod.__name__}: {rounds} rounds of {n} calls, CPU {sorted(os.sched_getaffinity(0))}; "
+    print(f"\n{mod.__name__} ({which}): {rounds} rounds of {n} calls, CPU {sorted(os.sched_getaffinity(0))}; "
           f"CPU-µs per call, median [range]; × the bare verify of the same round")
     for name, ts in times.items():
         # Each round beside its own bare verify: the machine's drift over the rounds cancels.
@@ -327,7 +337,7 @@ def test_measure(mod):
 
 
 if __name__ == "__main__":
-    # One call of _calls, n times, for callgrind: python -m tests.auth.test_dpop_keys MODULE NAME N
-    _mod = importlib.import_module(sys.argv[1])
+    # One call of _calls, n times, for callgrind: python -m tests.auth.test_dpop_keys WHICH NAME N
+    _mod = _module(sys.argv[1])
     _fn, _stub = _calls(_mod)[sys.argv[2]]
     _loop(_mod, _fn, _stub, int(sys.argv[3]))

@@ -1,11 +1,16 @@
-"""The compiled DPoP checks (cext/dpop.pyx) against their pure-Python twin
-(stellagw/_py/dpop.py) and the jose functions the twin calls: same answer, same refusal,
-for valid proofs and for proofs broken in every way hypothesis finds, and the same client
-keys cached in the same slots (ProofKeyCache) over sequences of proofs from several keys.
-The base64url codec jose calls (cext/b64url.pyx) against its twin (stellagw/_py/b64url.py).
+"""The DPoP checks compiled against the same source run uncompiled, and the base64url codec
+against its pure-Python twin.
+
+stellagw/auth/dpop.py is one source (docs/hot-path.md): the compiled module
+(stellagw.auth.dpop, typed through dpop.pxd) and that .py executed as plain Python in this
+process give the same answer and the same refusal, for valid proofs and for proofs broken
+in every way hypothesis finds, and cache the same client keys in the same slots
+(ProofKeyCache) over sequences of proofs from several keys. The codec (cext/b64url.pyx)
+works on pointers, so its twin (stellagw/_py/b64url.py) is another algorithm, held to it
+here on valid and invalid input.
 
 tests/auth/test_auth_dpop.py holds each check to the RFC on the selected implementation (both,
-through `make test`); this file holds the two implementations to each other.
+through `make test`); this file holds the two to each other.
 """
 from __future__ import annotations
 
@@ -19,14 +24,14 @@ from hypothesis import strategies as st
 
 from stellagw import _impl
 from stellagw._py import b64url as twin_codec
-from stellagw._py import dpop as twin
 from stellagw.auth import jose
 from stellagw.auth.errors import Refusal
-from stellagw.auth.jose import JoseError, b64url, b64url_decode
+from stellagw.auth.jose import JoseError
 from stellagw.auth.nonce import NonceIssuer
 from stellagw.auth.replay import replay_key
 
-from tests.support.auth import NOW, DpopClient, b64u, b64u_json, sign_raw
+from tests.support.auth import NOW, DpopClient, b64u, sign_raw
+from tests.support.impls import uncompiled
 
 pytestmark = pytest.mark.skipif(_impl.NO_EXTENSIONS,
                                 reason="STELLAGW_NO_EXTENSIONS=1: no compiled module to compare")
@@ -39,15 +44,21 @@ ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
 @pytest.fixture(scope="module")
+def codec():
+    from stellagw._cext import b64url
+    return b64url
+
+
+@pytest.fixture(scope="module")
 def compiled():
-    from stellagw._cext import dpop
+    from stellagw.auth import dpop
+    assert _impl.compiled("stellagw.auth.dpop"), "stellagw.auth.dpop is not built: make build"
     return dpop
 
 
 @pytest.fixture(scope="module")
-def codec_c():
-    from stellagw._cext import b64url as codec
-    return codec
+def source():
+    return uncompiled("stellagw.auth.dpop")
 
 
 @pytest.fixture(scope="module")
@@ -73,53 +84,31 @@ alphabetish = st.binary(max_size=40) | st.lists(
 
 @given(alphabetish)
 @settings(max_examples=3000)
-def test_decoder_is_jose_b64url_decode(compiled, part):
-    assert outcome(compiled.b64url_decode_c, part) == outcome(b64url_decode, part)
+def test_decoder_is_its_twin(codec, part):
+    assert outcome(codec.decode, part) == outcome(twin_codec.decode, part)
 
 
 @given(st.binary(max_size=80))
 @settings(max_examples=2000)
-def test_encoder_is_jose_b64url(compiled, data):
-    assert compiled.b64url_c(data) == b64url(data)
+def test_encoder_is_its_twin(codec, data):
+    assert codec.encode(data) == twin_codec.encode(data)
+    assert codec.encode(bytearray(data)) == twin_codec.encode(bytearray(data))
     if data:                              # "" is not base64url (an empty part is refused)
-        assert compiled.b64url_decode_c(compiled.b64url_c(data).encode()) == data
-
-
-def test_unused_low_bits_are_ignored_as_binascii_ignores_them(compiled):
-    # "QR" and "QQ" both decode to b"A" (strict mode does not check the last bits)
-    assert binascii.a2b_base64(b"QR==", strict_mode=True) == b"A"
-    assert compiled.b64url_decode_c(b"QR") == b64url_decode(b"QR") == b"A"
-
-
-# ------------------------------------------------------------------- the base64url codec
-
-@given(alphabetish)
-@settings(max_examples=3000)
-def test_decoder_is_its_twin(codec_c, part):
-    assert outcome(codec_c.decode, part) == outcome(twin_codec.decode, part)
-
-
-@given(st.binary(max_size=80))
-@settings(max_examples=2000)
-def test_encoder_is_its_twin(codec_c, data):
-    assert codec_c.encode(data) == twin_codec.encode(data)
-    assert codec_c.encode(bytearray(data)) == twin_codec.encode(bytearray(data))
-    if data:                              # "" is not base64url (an empty part is refused)
-        assert codec_c.decode(codec_c.encode(data).encode()) == data
+        assert codec.decode(codec.encode(data).encode()) == data
     else:
-        assert codec_c.decode(b"") is twin_codec.decode(b"") is None
+        assert codec.decode(b"") is twin_codec.decode(b"") is None
 
 
-def test_the_codec_ignores_unused_low_bits_too(codec_c):
+def test_unused_low_bits_are_ignored_as_binascii_ignores_them(codec):
     # "QR" and "QQ" both decode to b"A" (strict mode does not check the last bits)
     assert binascii.a2b_base64(b"QR==", strict_mode=True) == b"A"
-    assert codec_c.decode(b"QR") == twin_codec.decode(b"QR") == b"A"
+    assert codec.decode(b"QR") == twin_codec.decode(b"QR") == b"A"
 
 
 @given(st.lists(st.sampled_from(list(b"ab.")), max_size=12).map(bytes) | st.binary(max_size=12))
 @settings(max_examples=2000)
-def test_split_is_its_twin(codec_c, token):
-    assert outcome(codec_c.split, token) == outcome(twin_codec.split, token)
+def test_split_is_its_twin(codec, token):
+    assert outcome(codec.split, token) == outcome(twin_codec.split, token)
 
 
 json_parts = st.one_of(
@@ -135,8 +124,8 @@ json_parts = st.one_of(
 
 @given(json_parts)
 @settings(max_examples=2000)
-def test_json_object_is_its_twin(codec_c, part):
-    assert outcome(codec_c.json_object, part) == outcome(twin_codec.json_object, part)
+def test_json_object_is_its_twin(codec, part):
+    assert outcome(codec.json_object, part) == outcome(twin_codec.json_object, part)
 
 
 def test_jose_raises_where_the_codec_answers_none():
@@ -210,10 +199,10 @@ def proofs(draw, client):
 @pytest.mark.parametrize("nonces", [False, True])
 @given(data=st.data())
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_same_answer_as_the_twin(compiled, client, nonces, data):
+def test_same_answer_compiled_and_uncompiled(compiled, source, client, nonces, data):
     issuer = NonceIssuer("s" * 40, 60.0) if nonces else None
     c = compiled.DpopVerifier(("ES256", "EdDSA"), 60.0, 1200, issuer)
-    t = twin.DpopVerifier(("ES256", "EdDSA"), 60.0, 1200, issuer)
+    t = source.DpopVerifier(("ES256", "EdDSA"), 60.0, 1200, issuer)
     proof = data.draw(proofs(client))
     method = data.draw(st.sampled_from(["GET", "POST"]))
     bound = data.draw(st.sampled_from([client.jkt, None, client.jkt[:-1] + "A"]))
@@ -222,21 +211,21 @@ def test_same_answer_as_the_twin(compiled, client, nonces, data):
     assert outcome(c.check, *args) == outcome(t.check, *args)
 
 
-def test_a_valid_proof_gives_the_same_result(compiled, client):
+def test_a_valid_proof_gives_the_same_result(compiled, source, client):
     proof = client.proof("GET", URL, TOKEN).encode()
     c = compiled.DpopVerifier(("ES256",), 60.0, 8192)
-    t = twin.DpopVerifier(("ES256",), 60.0, 8192)
+    t = source.DpopVerifier(("ES256",), 60.0, 8192)
     got = outcome(c.check, proof, "GET", URL, ATH, client.jkt, NOW)
     assert got[0] == "ok" and got == outcome(t.check, proof, "GET", URL, ATH, client.jkt, NOW)
-    jti = json.loads(b64url_decode(proof.split(b".")[1]))["jti"]
+    jti = json.loads(jose.b64url_decode(proof.split(b".")[1]))["jti"]
     assert got[2] == replay_key(client.jkt, jti)
 
 
-def test_both_call_verify_signature_through_their_globals(compiled, client, monkeypatch):
-    """perf/stub_signature and the tests replace it on the selected module."""
+def test_both_call_verify_signature_through_their_globals(compiled, source, client, monkeypatch):
+    """perf/stub_signature and the tests replace it on the module: a global, compiled too."""
     proof = client.proof("GET", URL, TOKEN)
     forged = proof.rsplit(".", 1)[0].encode() + b"." + b64u(b"\x00" * 64).encode()
-    for mod in (compiled, twin):
+    for mod in (compiled, source):
         v = mod.DpopVerifier(("ES256",), 60.0, 8192)
         assert outcome(v.check, forged, "GET", URL, ATH, client.jkt, NOW)[3] == "dpop_signature"
         monkeypatch.setattr(mod, "verify_signature", lambda *a: True)
@@ -268,13 +257,14 @@ steps = st.tuples(st.integers(0, 4), st.integers(0, 5),
 
 @given(capacity=st.integers(0, 4), script=st.lists(steps, max_size=30))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_key_cache_same_answers_as_the_twin_and_as_no_cache(compiled, clients, capacity, script):
-    """Hits by header, hits by thumbprint, misses, refusals and evictions: the compiled
-    cache and the twin's answer every proof alike, as a verifier without a cache does, and
-    hold the same keys in the same slots."""
+def test_key_cache_same_answers_compiled_and_uncompiled_and_as_no_cache(compiled, source, clients,
+                                                                        capacity, script):
+    """Hits by header, hits by thumbprint, misses, refusals and evictions: the cache
+    compiled and uncompiled answer every proof alike, as a verifier without a cache does,
+    and hold the same keys in the same slots."""
     c = compiled.DpopVerifier(("ES256", "EdDSA"), 60.0, 8192, key_cache_size=capacity)
-    t = twin.DpopVerifier(("ES256", "EdDSA"), 60.0, 8192, key_cache_size=capacity)
-    none = twin.DpopVerifier(("ES256", "EdDSA"), 60.0, 8192, key_cache_size=0)
+    t = source.DpopVerifier(("ES256", "EdDSA"), 60.0, 8192, key_cache_size=capacity)
+    none = source.DpopVerifier(("ES256", "EdDSA"), 60.0, 8192, key_cache_size=0)
     for who, which, fault in script:
         client = clients[who]
         payload = {"jti": f"j{len(script)}-{who}-{which}", "htm": "GET", "htu": URL,
@@ -289,11 +279,11 @@ def test_key_cache_same_answers_as_the_twin_and_as_no_cache(compiled, clients, c
         assert len(c.key_cache) <= capacity
 
 
-def test_key_cache_flood_evicts_alike(compiled):
-    """Fresh keys beyond the capacity, with one key in use throughout: the same slots in
-    both, never more than the capacity, and the key in use kept."""
+def test_key_cache_flood_evicts_alike(compiled, source):
+    """Fresh keys beyond the capacity, with one key in use throughout: the same slots
+    compiled and uncompiled, never more than the capacity, and the key in use kept."""
     c = compiled.DpopVerifier(("ES256",), 60.0, 8192, key_cache_size=5)
-    t = twin.DpopVerifier(("ES256",), 60.0, 8192, key_cache_size=5)
+    t = source.DpopVerifier(("ES256",), 60.0, 8192, key_cache_size=5)
     hot = DpopClient()
     for i in range(40):
         for client in ((hot, DpopClient()) if i % 2 else (DpopClient(),)):

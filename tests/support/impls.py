@@ -10,10 +10,15 @@ cext/<name>.pyx) and its pure-Python twin (stellagw._py.<name>).
 
 With STELLAGW_NO_EXTENSIONS=1 only the twin is tested (the run `make test` makes of the
 glue, which then imports the twins).
+
+A glue module has one source: `uncompiled("stellagw.auth.dpop")` runs its .py in this
+process beside the extension built from it, for tests that hold the two to each other.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 
 import pytest
 
@@ -45,3 +50,16 @@ def _compiled(name: str):
         return importlib.import_module(f"stellagw._cext.{name}"), None
     except ImportError as exc:
         return None, f"stellagw._cext.{name} not built ({exc}); run make build"
+
+
+def uncompiled(name: str):
+    """The glue module `name` (e.g. "stellagw.auth.dpop") run from its .py, beside the
+    compiled one this process imported: a fresh module object, not put in sys.modules,
+    whose imports are the package's own (docs/hot-path.md)."""
+    home = importlib.import_module(name.rpartition(".")[0])
+    source = os.path.join(os.path.dirname(home.__file__), name.rpartition(".")[2] + ".py")
+    spec = importlib.util.spec_from_file_location(name, source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.__file__.endswith(".py")
+    return module
