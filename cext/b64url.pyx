@@ -2,7 +2,7 @@
 """base64url for JOSE (compiled): strict decoding, encoding, a compact JWS's three parts.
 
 Compiled twin of stellagw/_py/b64url.py, the one to read for what each function answers
-(tests/test_dpop_twins.py holds the two to each other with hypothesis). The twin goes
+(tests/codecs/test_dpop_twins.py holds the two to each other with hypothesis). The twin goes
 through binascii, which needs the standard alphabet and padding: a translate, a pad and a
 copy per part before it decodes, and a translate and a strip after it encodes. Here each
 is one pass over the bytes into the result's own buffer; a DPoP request decodes two parts

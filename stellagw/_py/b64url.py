@@ -1,7 +1,7 @@
 """base64url for JOSE (pure Python): strict decoding, encoding, a compact JWS's three parts.
 
 The twin of cext/b64url.pyx (stellagw._cext.b64url), and the one to read: the compiled one
-answers the same on every input (tests/test_dpop_twins.py). stellagw/auth/jose.py chooses
+answers the same on every input (tests/codecs/test_dpop_twins.py). stellagw/auth/jose.py chooses
 one and raises JoseError where these answer None.
 """
 from __future__ import annotations
