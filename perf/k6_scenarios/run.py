@@ -131,7 +131,9 @@ class Progress:
             return
         pts = aggregate_curve(samples, tick.t1 - tick.t0, start=tick.t0, end=tick.t1)
         p = pts[0] if pts else None
-        k6 = "0 req/s"
+        # A second in which nothing completed (k6 stalled on a busy machine, or its output
+        # not yet flushed) keeps the line's shape: its fields read 0 and "—", not missing.
+        k6 = "0 req/s, p50 — ms, p99 — ms, 0 errors"
         if p is not None:
             k6 = (f"{p.achieved_rps:.0f} req/s, p50 {_f(p.p50_ms)} ms, p99 {_f(p.p99_ms)} ms, "
                   f"{p.failed} errors" + (f", {p.dropped} dropped" if p.dropped else ""))

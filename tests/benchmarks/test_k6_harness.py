@@ -91,6 +91,20 @@ def test_verdict_limits_and_curve_columns():
     assert "**UNRELIABLE**" in md and "| 60 |" in md
 
 
+def test_progress_lines_keep_their_shape_in_a_second_without_requests():
+    from perf.k6_scenarios.run import Progress
+    lines = []
+    progress = Progress("C", lines.append)
+    tick = dict(gateway_s=0.5, load_s=0.9, other_s=0.1, steal_s=0.0, total_s=2.0)
+    for t in range(3):
+        progress.on_tick(Tick(float(t), t + 1.0, **tick))
+    progress.finish()
+    # No stream: nothing completed in any second (k6 stalled, or its output not flushed).
+    assert len(lines) == 3
+    assert all(line.startswith("[C] ") and "0 req/s" in line and "p99 — ms" in line
+               and "0 errors" in line and "other 10 %" in line for line in lines), lines
+
+
 # --------------------------------------------------------------------------- a deployed gateway
 
 @pytest.fixture(scope="module")
