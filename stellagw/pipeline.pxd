@@ -2,7 +2,7 @@
 cimport cython
 
 from stellagw.ingress.http cimport Request, HttpProtocol
-from stellagw._cext.metrics cimport Histogram
+from stellagw._cext.metrics cimport Histogram, perf_counter
 from stellagw.transport.connection cimport ServiceConnection
 
 cdef bytes _JSON

@@ -28,11 +28,11 @@ One source, compiled (typed through pipeline.pxd) and run as plain Python under
 STELLAGW_NO_EXTENSIONS=1 (docs/hot-path.md).
 """
 import asyncio
-from time import perf_counter
 
 from .auth import AuthFailure, Identity
 from .auth.identity import CREDENTIAL_FIELDS
 from .ingress.cors import CorsPolicy
+from .observe.metrics import perf_counter
 from .transport.retry import IDEMPOTENT, RetryBudget
 from .ratelimit import UNLIMITED, Decision, rate_limit_headers, rejection
 from .replies import error_body

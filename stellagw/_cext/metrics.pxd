@@ -1,5 +1,6 @@
 # The Histogram of cext/metrics.pyx, for the compiled glue to call observe() as a C method
-# (four times per routed request; docs/hot-path.md). Its pure-Python twin needs none.
+# (four times per routed request; docs/hot-path.md), and the clock its durations are read
+# with, as a C function. Its pure-Python twin needs none.
 cimport cython
 from libc.stdint cimport int64_t
 
@@ -13,3 +14,5 @@ cdef class Histogram:
     cdef readonly double total
 
     cpdef observe(self, double seconds)
+
+cpdef double perf_counter() noexcept

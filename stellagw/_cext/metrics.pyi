@@ -1,9 +1,12 @@
 """Type stubs for stellagw._cext.metrics (cext/metrics.pyx); the twin is stellagw._py.metrics."""
 from typing import Final, Iterable
 
-__all__ = ["Histogram", "DURATION_BUCKETS"]
+__all__ = ["Histogram", "DURATION_BUCKETS", "perf_counter"]
 
 DURATION_BUCKETS: Final[tuple[float, ...]]    # seconds, 18 upper bounds (+Inf implied)
+
+def perf_counter() -> float:
+    """time.perf_counter(): the same clock (CLOCK_MONOTONIC) and the same value."""
 
 class Histogram:
     @property

@@ -4,7 +4,7 @@
 # directly. The .py stays the one source and runs as plain Python too.
 cimport cython
 
-from stellagw._cext.metrics cimport Histogram
+from stellagw._cext.metrics cimport Histogram, perf_counter
 
 cdef int _PIPELINE_MAX
 cdef int _D_NONE, _D_HEADER, _D_BODY, _D_IDLE, _D_LINGER

@@ -18,11 +18,11 @@ plain Python (STELLAGW_NO_EXTENSIONS=1).
 """
 import socket
 from collections import deque
-from time import perf_counter
 
 import httptools
 
 from ..observe import metrics as observe_metrics
+from ..observe.metrics import perf_counter
 from ..replies import JSON, STATUS_LINES, error_body, status_line
 from .compress import accepts_gzip, gzipped
 from .proxy import ProxyError, parse_proxy_header

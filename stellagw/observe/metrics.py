@@ -46,6 +46,9 @@ else:
         from .._py import metrics as _m
 Histogram = _m.Histogram
 DURATION_BUCKETS = _m.DURATION_BUCKETS
+# time.perf_counter, read by the request path as a C call when compiled (the glue cimports
+# it: stellagw/_cext/metrics.pxd).
+perf_counter = _m.perf_counter
 PHASES = ("auth", "routing", "transport", "ratelimit_check")
 
 

@@ -2,7 +2,7 @@
 cimport cython
 
 from stellagw.ingress.http cimport Request, HttpProtocol
-from stellagw._cext.metrics cimport Histogram
+from stellagw._cext.metrics cimport Histogram, perf_counter
 from stellagw.transport.batch cimport WriteBatch
 
 cdef Py_ssize_t _MAX_WINDOW

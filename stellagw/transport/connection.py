@@ -34,9 +34,9 @@ import os
 import socket
 import time
 from functools import partial
-from time import perf_counter
 
 from ..ingress.http import B_OPEN
+from ..observe.metrics import perf_counter
 from ..replies import error_body
 from ..routing.outliers import SERVER_ERROR, TIMEOUT
 from ..routing.state import DRAINING, HelloError

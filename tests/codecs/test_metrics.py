@@ -229,3 +229,16 @@ def test_frame_counts_are_labelled_with_the_protocols_names():
     assert 'gateway_transport_frames_total{type="REQUEST"} 3.0' in text
     assert 'gateway_transport_frames_total{type="RESPONSE"} 2.0' in text
     assert 'gateway_transport_frames_total{type="99"} 1.0' in text   # a type with no name
+
+
+@needs_c
+def test_compiled_clock_is_perf_counter():
+    # The glue reads durations with the compiled perf_counter and Python code (auth, the
+    # limiter) with time's: one clock, so their readings interleave in order.
+    import time
+    for _ in range(1000):
+        a = time.perf_counter()
+        b = c_metrics.perf_counter()
+        c = time.perf_counter()
+        assert a <= b <= c
+    assert observe_metrics.perf_counter is c_metrics.perf_counter
