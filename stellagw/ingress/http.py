@@ -562,26 +562,19 @@ class HttpProtocol:
         # "METHOD SP target SP HTTP/1.1 CRLF ... CRLF", and some whitespace per request
         self._seen += len(req.method) + 14
         self._top_up(64)
-        version = parser.get_http_version()
-        req.http_version = version
-        req.keep_alive = parser.should_keep_alive()
+        keep_alive = parser.should_keep_alive()
+        req.keep_alive = keep_alive
         headers = self._headers
         req.headers = headers
         req.started = perf_counter()
         req.body_limit = self._max_body
-        if version != "1.1" and version != "1.0":
-            # llhttp reads a missing version as 0.9 and accepts 2.0 in a request line.
-            if version == "2.0":
-                self._refuse(505, "HTTP/2 is not spoken on this port; send HTTP/1.1")
-            self._refuse(400, "the request line must end in HTTP/1.1 or HTTP/1.0")
-        if req.method == "CONNECT":
-            self._refuse(405, "CONNECT is not supported")
         # One pass over the headers for everything the request path needs from them.
         name: bytes
         value: bytes
         expect = cid = rid = host = te = upgrade_to = xff = fwd = None
         hosts = tes = 0
         length = 0
+        connection = False
         for name, value in headers:
             if name == b"host":
                 host = value
@@ -601,17 +594,33 @@ class HttpProtocol:
             elif name == b"upgrade":
                 upgrade_to = value
             elif name == b"connection":
+                connection = True
                 # llhttp reads keep-alive and close from one line; every line counts.
                 if b"close" in value.lower() and _has_token(value, b"close"):
                     req.keep_alive = False
             elif name == b"expect":
                 expect = value
+            elif name == b"proxy-connection":
+                connection = True           # llhttp reads it as Connection
             elif self._trusted and (name == b"x-forwarded-for" or name == b"forwarded"):
                 # From a trusted proxy only: every line of each, joined as one list.
                 if name == b"forwarded":
                     fwd = value if fwd is None else fwd + b", " + value
                 else:
                     xff = value if xff is None else xff + b", " + value
+        # get_http_version() formats a str per call (as much as the rest of this callback).
+        # llhttp (strict) admits 0.9, 1.0, 1.1 and 2.0, and keeps a 1.1 connection alive
+        # unless told to close, any other only when a Connection (or Proxy-Connection) line
+        # says keep-alive: kept alive without either line, the request is 1.1.
+        version = "1.1" if keep_alive and not connection else parser.get_http_version()
+        req.http_version = version
+        if version != "1.1" and version != "1.0":
+            # llhttp reads a missing version as 0.9 and accepts 2.0 in a request line.
+            if version == "2.0":
+                self._refuse(505, "HTTP/2 is not spoken on this port; send HTTP/1.1")
+            self._refuse(400, "the request line must end in HTTP/1.1 or HTTP/1.0")
+        if req.method == "CONNECT":
+            self._refuse(405, "CONNECT is not supported")
         req.correlation_id = self._acct.correlation_id_of(cid)
         req.client_ip = self.peer_ip
         if xff is not None or fwd is not None:

@@ -335,6 +335,46 @@ def test_http10_closes_unless_keep_alive():
     assert h["connection"] == "keep-alive" and not t.ended
 
 
+@pytest.mark.parametrize("line", [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/0.9", b""])
+@pytest.mark.parametrize("fields", [b"", b"Connection: keep-alive\r\n", b"Connection: close\r\n",
+                                    b"Proxy-Connection: keep-alive\r\n",
+                                    b"Proxy-Connection: close\r\n", b"Connection: upgrade\r\n",
+                                    b"Connection: x\r\nConnection: keep-alive\r\n",
+                                    b"X-Connection: keep-alive\r\nKeep-Alive: 5\r\n"])
+def test_the_version_is_the_parsers_own(line, fields):
+    """The ingress reads the version from keep-alive when that decides it (http.py,
+    on_headers_complete): what it takes is what llhttp read, for every version llhttp
+    admits and every line that moves its keep-alive."""
+    import httptools
+
+    from stellagw.gateway import _strict
+
+    class Seen:
+        def on_headers_complete(self):
+            self.version = parser.get_http_version()
+
+    seen = Seen()
+    parser = httptools.HttpRequestParser(seen)
+    _strict(parser)
+    raw = b"GET /x " + line + b"\r\nHost: a\r\n" + fields + b"\r\n"
+    parser.feed_data(raw.replace(b" \r\n", b"\r\n"))
+
+    taken = []
+
+    class Capture:
+        def handle(self, req):
+            taken.append(req.http_version)
+            return 200, b"", b"ok"
+
+    _, proto, t, _ = make(pipeline=Capture())
+    proto.data_received(raw.replace(b" \r\n", b"\r\n"))
+    [(status, _, _)] = responses(t.out)
+    if seen.version in ("1.0", "1.1"):
+        assert taken == [seen.version] and status == 200
+    else:
+        assert taken == [] and status == (505 if seen.version == "2.0" else 400)
+
+
 def test_correlation_id_taken_only_when_well_formed():
     for given, kept in [(b"abc-123_X.y", True), (b"a" * 64, True), (b"a" * 65, False),
                         (b"bad id", False), (b"semi;colon", False), (b"", False)]:
