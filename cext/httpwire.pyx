@@ -11,11 +11,18 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.stdio cimport snprintf
 from libc.string cimport memchr, memcpy
 
+cdef extern from "Python.h":
+    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+    void *PyUnicode_DATA(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    bint PyUnicode_IS_ASCII(object o)
+
 __all__ = ["render_response", "host_ok", "TE_NONE", "TE_CHUNKED", "TE_OTHER", "TE_BAD",
-           "transfer_coding", "split_target"]
+           "transfer_coding", "split_target", "cid_taken", "cid_made"]
 
 cdef enum:
     C_MAX_HOST = 255
+    C_MAX_CID = 64
     C_TE_NONE = 0
     C_TE_CHUNKED = 1
     C_TE_OTHER = 2
@@ -24,9 +31,11 @@ cdef enum:
 MAX_HOST = C_MAX_HOST
 TE_NONE, TE_CHUNKED, TE_OTHER, TE_BAD = C_TE_NONE, C_TE_CHUNKED, C_TE_OTHER, C_TE_BAD
 
-# _REG[c]: unreserved (RFC 3986 §2.3); _V6[c]: hex digit, ':' or '.'
+# _REG[c]: unreserved (RFC 3986 §2.3); _V6[c]: hex digit, ':' or '.'; _CID[c]: what a
+# client's X-Correlation-Id may hold ([A-Za-z0-9._-])
 cdef unsigned char _REG[256]
 cdef unsigned char _V6[256]
+cdef unsigned char _CID[256]
 
 
 cdef void _init() noexcept:
@@ -35,6 +44,8 @@ cdef void _init() noexcept:
     for i in range(256):
         _REG[i] = (48 <= i <= 57) or (65 <= i <= 90) or (97 <= i <= 122)
         _V6[i] = (48 <= i <= 57) or (65 <= i <= 70) or (97 <= i <= 102) or i == 58 or i == 46
+        _CID[i] = (48 <= i <= 57) or (65 <= i <= 90) or (97 <= i <= 122) or i == 46 \
+            or i == 95 or i == 45
     i = 0
     while extra[i]:
         _REG[<unsigned char>extra[i]] = 1
@@ -177,3 +188,46 @@ def split_target(bytes url not None):
         return (url, b"")
     cdef Py_ssize_t i = q - s
     return (PyBytes_FromStringAndSize(s, i), PyBytes_FromStringAndSize(q + 1, n - i - 1))
+
+
+cpdef str cid_taken(bytes value):
+    """The client's X-Correlation-Id as str when well formed (see the twin), else None."""
+    if value is None:
+        return None
+    cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(value)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i
+    if n == 0 or n > C_MAX_CID:
+        return None
+    for i in range(n):
+        if not _CID[s[i]]:
+            return None
+    cdef str out = PyUnicode_New(n, 127)
+    memcpy(PyUnicode_DATA(out), s, n)
+    return out
+
+
+cpdef str cid_made(str prefix, unsigned long long serial):
+    """prefix + serial in lowercase hex, at least 10 digits (see the twin): one str built
+    in place, where %-formatting parsed its format and built two."""
+    if prefix is None:
+        raise TypeError("prefix must be str")
+    if not PyUnicode_IS_ASCII(prefix):
+        return "%s%010x" % (prefix, serial)
+    cdef const char *hexdigits = b"0123456789abcdef"
+    cdef int nd = 10
+    cdef unsigned long long v = serial >> 40
+    while v:
+        nd += 1
+        v >>= 4
+    cdef Py_ssize_t plen = PyUnicode_GET_LENGTH(prefix)
+    cdef str out = PyUnicode_New(plen + nd, 127)
+    cdef char *p = <char *>PyUnicode_DATA(out)
+    memcpy(p, PyUnicode_DATA(prefix), plen)
+    p += plen + nd
+    v = serial
+    while nd:
+        p -= 1
+        p[0] = hexdigits[v & 15]
+        v >>= 4
+        nd -= 1
+    return out

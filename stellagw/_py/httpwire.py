@@ -8,11 +8,12 @@ to the rules of docs/http-edge.md.
 from __future__ import annotations
 
 __all__ = ["render_response", "host_ok", "TE_NONE", "TE_CHUNKED", "TE_OTHER", "TE_BAD",
-           "transfer_coding", "split_target"]
+           "transfer_coding", "split_target", "cid_taken", "cid_made"]
 
 _REG_NAME = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _IPV6 = frozenset(b"0123456789abcdefABCDEF:.")
 _DIGITS = frozenset(b"0123456789")
+_CID_OK = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 MAX_HOST = 255
 
 # transfer_coding() results
@@ -76,3 +77,17 @@ def split_target(url: bytes):
         return None
     path, _, query = url.partition(b"?")
     return path, query
+
+
+def cid_taken(value: bytes | None) -> str | None:
+    """The client's X-Correlation-Id as str when well formed (1–64 of [A-Za-z0-9._-]),
+    else None (the gateway then makes one)."""
+    if value is not None and 0 < len(value) <= 64 and _CID_OK.issuperset(value):
+        return value.decode("ascii")
+    return None
+
+
+def cid_made(prefix: str, serial: int) -> str:
+    """A correlation id the gateway makes: prefix + serial (>= 0) in lowercase hex, at
+    least 10 digits."""
+    return "%s%010x" % (prefix, serial)

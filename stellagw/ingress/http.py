@@ -26,7 +26,8 @@ from ..observe.metrics import perf_counter
 from ..replies import JSON, STATUS_LINES, error_body, status_line
 from .compress import accepts_gzip, gzipped
 from .proxy import ProxyError, parse_proxy_header
-from .wire import TE_CHUNKED, TE_OTHER, host_ok, render_response, split_target, transfer_coding
+from .wire import (TE_CHUNKED, TE_OTHER, cid_made, cid_taken, host_ok, render_response,
+                   split_target, transfer_coding)
 
 # How many parsed requests may wait behind the one in flight before we stop reading:
 # bounds the memory one pipelining client can make us hold.
@@ -66,7 +67,6 @@ _CLOSE = b"connection: close\r\n"
 _KEEP_ALIVE = b"connection: keep-alive\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
-_CID_OK = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 
 
 class _Reject(Exception):
@@ -106,10 +106,11 @@ class Accounting:
 
     def correlation_id_of(self, value):
         """The client's X-Correlation-Id when well formed (≤ 64 of [A-Za-z0-9._-]), else ours."""
-        if value is not None and 0 < len(value) <= 64 and _CID_OK.issuperset(value):
-            return value.decode("ascii")
+        cid = cid_taken(value)
+        if cid is not None:
+            return cid
         self.cid_counter += 1
-        return "%s%010x" % (self.cid_prefix, self.cid_counter)
+        return cid_made(self.cid_prefix, self.cid_counter)
 
     def request_done(self, req, status):
         elapsed = perf_counter() - req.started

@@ -73,3 +73,35 @@ def test_split_target_twins_agree(url):
 def test_render_response_twins_agree(line, date, length, headers, extra, cid, conn, body):
     args = (line, date, length, headers, extra, cid, conn, body)
     assert C.render_response(*args) == py_wire.render_response(*args)
+
+
+@pytest.mark.parametrize("w", IMPLS)
+@pytest.mark.parametrize("value, taken", [
+    (b"abc-DEF_09.x", "abc-DEF_09.x"), (b"a" * 64, "a" * 64), (b"a" * 65, None), (b"", None),
+    (b"a b", None), (b"a/b", None), (b"\xe9", None), (None, None),
+])
+def test_correlation_id_taken_when_well_formed(w, value, taken):
+    assert w.cid_taken(value) == taken
+
+
+@pytest.mark.parametrize("w", IMPLS)
+def test_correlation_id_made_from_prefix_and_serial(w):
+    assert w.cid_made("d9ddca4b00", 1) == "d9ddca4b000000000001"
+    assert w.cid_made("p", 0xFFFFFFFFFF) == "pffffffffff"
+    assert w.cid_made("p", 0x10000000000) == "p10000000000"
+    assert w.cid_made("", 2**64 - 1) == "ffffffffffffffff"
+    assert w.cid_made("é", 10) == "é000000000a"
+
+
+@pytest.mark.skipif(C is None, reason="needs the compiled module")
+@given(st.one_of(st.none(), st.binary(max_size=70),
+                 st.text("azAZ09._- /", max_size=70).map(str.encode)))
+def test_cid_taken_twins_agree(value):
+    assert C.cid_taken(value) == py_wire.cid_taken(value)
+
+
+@pytest.mark.skipif(C is None, reason="needs the compiled module")
+@given(st.text(max_size=12), st.integers(0, 2**64 - 1))
+def test_cid_made_twins_agree(prefix, serial):
+    made = C.cid_made(prefix, serial)
+    assert made == py_wire.cid_made(prefix, serial) and type(made) is str
