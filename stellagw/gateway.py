@@ -117,7 +117,7 @@ class Worker:
         # Correlation ids (prefix: random per worker) and the per-request metrics and log line.
         self.accounting = Accounting(self, os.urandom(4).hex() + "%02x" % (worker_id & 0xFF))
         self.connections: set[HttpProtocol] = set()
-        self.websockets = 0         # client connections handed over to picows, still open
+        self.websockets_open = 0    # client connections handed over to picows, still open
         self.draining = False
         self.auth_events: dict[str, int] = {}
         self._drain_started = False
@@ -189,7 +189,7 @@ class Worker:
         return parser
 
     def websocket_closed(self) -> None:
-        self.websockets -= 1
+        self.websockets_open -= 1
 
     def correlation_id(self, headers) -> str:
         return self.accounting.correlation_id(headers)

@@ -61,7 +61,7 @@ class AdminServer:
             routing=dataclasses.replace(gw.routing, max_request_body_size=_MAX_BODY)))
         self.pipeline = _Pipeline(builtins.table(worker, admin=True))
         self.connections: set = set()
-        self.websockets = 0         # the admin listener routes none (HttpProtocol reads it)
+        self.websockets_open = 0    # the admin listener routes none (HttpProtocol reads it)
         self.metrics = _Gauge()
 
     @property

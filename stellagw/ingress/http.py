@@ -327,7 +327,7 @@ class HttpProtocol:
         self.transport = transport
         server = self._server
         # Connections handed to picows (WebSockets) count as long as they are open.
-        if len(server.connections) + server.websockets >= self._settings.max_connections:
+        if len(server.connections) + server.websockets_open >= self._settings.max_connections:
             # Over the cap: answer rather than leave the client hanging in the backlog.
             transport.write(self._render_error_close(503, "connection limit reached"))
             transport.close()
@@ -1108,7 +1108,7 @@ class HttpProtocol:
         server.metrics.connection_closed()
         # Still a client connection, now picows': counted against maxConnections until it
         # closes (the bridge calls websocket_closed).
-        server.websockets += 1
+        server.websockets_open += 1
         bridge.on_closed = server.websocket_closed
         self._acct.request_done(req, 101)
         hand_over(self, req, bridge, self._upgrade_tail)

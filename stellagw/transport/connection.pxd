@@ -44,7 +44,7 @@ cdef class ServiceConnection:
     cdef public dict inflight
     cdef public Py_ssize_t peer_window
     # -- per worker
-    cdef object _hub, _routing, _metrics, _log, _loop, _frames_in
+    cdef object _hub, _routing, _metrics, _log, _loop, _frame_counts
     cdef Histogram _transport_hist
     # -- per connection
     cdef object _decoder, _encoder, _hello_timer, _scheme
@@ -84,7 +84,7 @@ cdef class ServiceConnection:
     cdef _finish(self, Pending pending)
     cdef _fail(self, Pending pending, int status, message)
     cdef _lost(self, Pending pending, message)
-    cdef _out(self, int ftype, int n=*)
+    cdef _count_sent(self, int ftype, int n=*)
     cdef _schedule_flush(self)
     cdef _close_link(self, reason, detail, bint graceful)
     cdef _release_buffers(self)

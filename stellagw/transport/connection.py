@@ -205,7 +205,7 @@ class ServiceConnection:
         self._write_paused = False      # over the transport's high-water mark
         self._paused_since = 0.0
         self._write_limit = 0           # bytes the transport may buffer for this link
-        self._frames_in = hub.frames_in
+        self._frame_counts = hub.frame_counts
         self._transport_hist = hub.metrics.phase_histogram("transport")
         self._failures = 0              # 5xx answers and timeouts in a row (outlier detection)
         # Looked up once: each is used for every request.
@@ -262,7 +262,7 @@ class ServiceConnection:
 
     def data_received(self, data):
         decoder = self._decoder
-        frames_in = self._frames_in
+        frame_counts = self._frame_counts
         try:
             decoder.feed(data)
             while True:
@@ -271,7 +271,7 @@ class ServiceConnection:
                     break
                 self._frames += 1
                 ftype_obj, corr, payload = frame
-                frames_in[ftype_obj] = frames_in.get(ftype_obj, 0) + 1
+                frame_counts[ftype_obj] = frame_counts.get(ftype_obj, 0) + 1
                 ftype = ftype_obj
                 if ftype == _RESPONSE:
                     self._on_response(corr, payload)
@@ -303,7 +303,7 @@ class ServiceConnection:
             # Ping rides on the heartbeat (protocol.md §5.3): the PING carries our send
             # time, so an idle connection costs no timer and no table of pings.
             self._encoder.raw(fr.PING, fr.ZERO_CORR, time.monotonic_ns().to_bytes(8, "big"))
-            self._out(fr.PING)
+            self._count_sent(fr.PING)
             self._schedule_flush()
         elif ftype == fr.PONG:
             if len(payload) > _MAX_PING:
@@ -382,7 +382,7 @@ class ServiceConnection:
         self._frames_seen = self._frames
         self._quiet_since = self._loop.time()
         self._encoder.control(fr.HELLO_ACK, fr.ZERO_CORR, self._hub.hello_ack(self))
-        self._out(fr.HELLO_ACK)
+        self._count_sent(fr.HELLO_ACK)
         self._schedule_flush()
         self._log.event("info", "service registered", service=instance.service,
                         version=instance.version, instance=instance.instance_id,
@@ -449,7 +449,7 @@ class ServiceConnection:
         if self.state != _READY:
             return
         self._encoder.stream_data(_REQUEST_STREAM_DATA, pending.corr, flags, chunk)
-        self._out(_REQUEST_STREAM_DATA)
+        self._count_sent(_REQUEST_STREAM_DATA)
         self._schedule_flush()
         if flags & _FLAG_END_STREAM:
             self._finish(pending)
@@ -496,7 +496,7 @@ class ServiceConnection:
     def _grant(self, pending):
         if pending.unacked:
             self._encoder.window_update(pending.corr, pending.unacked)
-            self._out(fr.WINDOW_UPDATE)
+            self._count_sent(fr.WINDOW_UPDATE)
             pending.unacked = 0
             self._schedule_flush()
 
@@ -548,7 +548,7 @@ class ServiceConnection:
             headers.append((b"upgrade", b"websocket"))
             self._encoder.request(corr, req.method, path, req.query, headers,
                                   int(timeout * 1000), 0, b"")
-            self._out(_REQUEST)
+            self._count_sent(_REQUEST)
         elif req.body_state == _B_OPEN:
             # The body is still arriving: the ingress hands it over through request_body().
             if (endpoint.streaming or req.content_length < 0
@@ -588,8 +588,7 @@ class ServiceConnection:
             int(pending.timeout * 1000), flags, body,
             CLASSES, classify, req.http_version == "1.1", req.span is None, extra,
             req.client_ip, self._scheme, req.correlation_id)
-        frames = self._frames_in
-        frames[_REQUEST] = frames.get(_REQUEST, 0) + 1
+        self._count_sent(_REQUEST)
 
     def request_body(self, pending, chunk, end):
         """The next piece of a request's body from the client (`end`: it is complete).
@@ -639,12 +638,12 @@ class ServiceConnection:
                                       _FLAG_END_STREAM if last else 0,
                                       chunk if pos == 0 and end == len(chunk) else chunk[pos:end])
             pending.window -= n
-            self._out(_REQUEST_STREAM_DATA)
+            self._count_sent(_REQUEST_STREAM_DATA)
             if last:
                 pending.body_open = False
         if pending.body_end and not queue and pending.body_open:
             self._encoder.stream_data(_REQUEST_STREAM_DATA, pending.corr, _FLAG_END_STREAM, b"")
-            self._out(_REQUEST_STREAM_DATA)
+            self._count_sent(_REQUEST_STREAM_DATA)
             pending.body_open = False
         if not pending.body_open and pending.body_end and pending.deadline:
             # The request is complete: the service's time to answer starts now.
@@ -690,7 +689,7 @@ class ServiceConnection:
         self._finish(pending)
         if self.state == _READY:
             self._encoder.control(fr.CANCEL, pending.corr, {"reason": reason})
-            self._out(fr.CANCEL)
+            self._count_sent(fr.CANCEL)
             self._schedule_flush()
 
     def _finish(self, pending):
@@ -728,8 +727,8 @@ class ServiceConnection:
 
     # ---------------------------------------------------------------- writing
 
-    def _out(self, ftype, n=1):
-        frames = self._frames_in
+    def _count_sent(self, ftype, n=1):
+        frames = self._frame_counts
         frames[ftype] = frames.get(ftype, 0) + n
 
     def _schedule_flush(self):

@@ -33,7 +33,7 @@ HELLO_REPLAY_ENTRIES = 10000
 
 class Listener:
     __slots__ = ("kind", "host", "public_port", "private_ports", "max_connections", "ssl",
-                 "thumbprints", "rcvbuf", "sndbuf", "count", "policy", "silent_after",
+                 "thumbprints", "rcvbuf", "sndbuf", "links", "policy", "silent_after",
                  "write_high", "write_limit")
 
     def __init__(self, kind, node, private_ports, ssl_ctx, policy, unhealthy_after):
@@ -46,7 +46,7 @@ class Listener:
         self.thumbprints = frozenset(getattr(node, "allowed_client_certificate_thumbprints", ()))
         self.rcvbuf = node.receive_buffer_size
         self.sndbuf = node.send_buffer_size
-        self.count = 0
+        self.links = 0                       # service connections admitted, still open
         self.policy = policy
         # Unhealthy first (routing stops selecting it), then the grace, then closed.
         self.silent_after = unhealthy_after + node.dead_link_grace
@@ -62,7 +62,7 @@ class TransportHub:
         self.metrics = worker.metrics
         self.log = worker.log
         self.loop = None
-        self.frames_in = worker.metrics.frames
+        self.frame_counts = worker.metrics.frames   # frame type -> frames, both directions
         self.max_frame_size = max(gw.transports.tcp.max_frame_size, gw.transports.tls.max_frame_size)
         self.chunk_size = max(1024, min(gw.routing.streaming_buffer_size, INITIAL_WINDOW))
         self.scheme = b"https" if gw.http.tls.enabled else b"http"
@@ -175,7 +175,7 @@ class TransportHub:
         listener = self._by_conn.get(conn)
         if listener is None:
             return "no listener"
-        if listener.count >= listener.max_connections:
+        if listener.links >= listener.max_connections:
             del self._by_conn[conn]
             return f"transports.{listener.kind}.maxConnections ({listener.max_connections}) reached"
         if listener.thumbprints:
@@ -189,7 +189,7 @@ class TransportHub:
             if sha1 not in listener.thumbprints and sha256 not in listener.thumbprints:
                 del self._by_conn[conn]
                 return f"client certificate {sha256} is not in allowedClientCertificateThumbprints"
-        listener.count += 1
+        listener.links += 1
         self.connections.add(conn)
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -215,7 +215,7 @@ class TransportHub:
     def release(self, conn) -> None:
         listener = self._by_conn.pop(conn, None)
         if listener is not None and conn in self.connections:
-            listener.count -= 1
+            listener.links -= 1
         self.connections.discard(conn)
 
     def hello_ack(self, conn=None) -> dict:

@@ -317,7 +317,7 @@ def test_a_closed_connection_drops_what_it_held():
 def test_open_websockets_count_against_the_connection_cap():
     from tests.ingress.test_ingress_protocol import MockTransport, new_protocol
     worker, proto, t, _ = make("gateway: {http: {maxConnections: 2}}")
-    worker.websockets = 1            # one client connection now belongs to picows
+    worker.websockets_open = 1       # one client connection now belongs to picows
     other = new_protocol(worker)
     t2 = MockTransport()
     other.connection_made(t2)
