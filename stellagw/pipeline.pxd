@@ -12,7 +12,8 @@ cdef frozenset IDEMPOTENT
 
 @cython.final
 cdef class Pipeline:
-    cdef object _worker, _builtins, _routing, _auth, _limiter, _metrics, _anonymous
+    cdef object _worker, _routing, _auth, _limiter, _metrics, _anonymous
+    cdef dict _builtins
     cdef Histogram _auth_hist, _routing_hist
     cdef object _tracing
     cdef double _default_timeout

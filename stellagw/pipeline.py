@@ -159,12 +159,12 @@ class Pipeline:
         if auth_span is not None:
             auth_span.set_attribute("stellagw.auth.outcome", result.__class__.__name__)
             auth_span.end()
-        if result.__class__ is Identity:
+        if type(result) is Identity:
             req.identity = result
             req.auth = "anonymous" if result.anonymous else (result.binding or "bearer")
             if result.response_headers:   # a fresh DPoP-Nonce
                 req.resp_headers += result.response_headers
-        elif result.__class__ is AuthFailure:
+        elif type(result) is AuthFailure:
             return self._refuse(req, result)
         else:
             self._spawn(req, self._authenticate_later(req, route, path, result, t1 - t0))

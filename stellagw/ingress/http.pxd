@@ -13,7 +13,7 @@ cdef int _P_PIPELINE, _P_HOLD, _P_FLOW, _P_STOP
 cdef int _B_NONE, _B_OPEN
 cdef Py_ssize_t _LINGER_BYTES
 cdef bytes _JSON_CT, _CLOSE, _KEEP_ALIVE, _CONTINUE
-cdef dict _METHODS
+cdef dict _METHODS, _STATUS_LINES
 cdef Py_ssize_t _MAX_CELLS
 
 

@@ -67,6 +67,7 @@ _CLOSE = b"connection: close\r\n"
 _KEEP_ALIVE = b"connection: keep-alive\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
+_STATUS_LINES = STATUS_LINES     # typed (http.pxd): a dict lookup per answer, not a method call
 
 
 class _Reject(Exception):
@@ -913,7 +914,7 @@ class HttpProtocol:
         # A body still arriving closes the connection: its rest will not be read.
         keep = (req.keep_alive and not close and not server.draining
                 and req.body_state != _B_OPEN and not req.websocket)
-        line = STATUS_LINES.get(status)
+        line = _STATUS_LINES.get(status)
         if line is None:
             line = status_line(status)
         if not keep:

@@ -10,6 +10,7 @@ cdef bytes _JSON
 cdef int _AWAIT_HELLO, _READY, _CLOSED, _B_OPEN
 cdef int _REQUEST, _RESPONSE, _RESPONSE_STREAM_DATA, _REQUEST_STREAM_DATA, _FLAG_END_STREAM
 cdef Py_ssize_t _MAX_PING
+cdef object _decode_response_block
 
 
 @cython.final
@@ -44,7 +45,8 @@ cdef class ServiceConnection:
     cdef public dict inflight
     cdef public Py_ssize_t peer_window
     # -- per worker
-    cdef object _hub, _routing, _metrics, _log, _loop, _frame_counts
+    cdef object _hub, _routing, _metrics, _log, _loop
+    cdef dict _frame_counts
     cdef Histogram _transport_hist
     # -- per connection
     cdef object _decoder, _encoder, _hello_timer, _scheme
