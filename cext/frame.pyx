@@ -717,6 +717,44 @@ cdef bint _is_trailers(bytes value) noexcept:
     return _lower_eq(p + a, b - a, <const unsigned char *>b"trailers", 8)
 
 
+cdef inline unsigned char *_copy_name(unsigned char *out, const unsigned char *p, Py_ssize_t n,
+                                     uint8_t *bad) noexcept:
+    # _put_name's checks and folding, on room reserved already; a failed check only marks
+    # `bad` (the caller then goes the field-by-field way, which names the error).
+    cdef Py_ssize_t i
+    cdef uint8_t c
+    if n == 0 or n > C_U16_MAX:
+        bad[0] = 1
+        return out
+    gw_store_be16(out, <uint16_t>n)
+    out += 2
+    for i in range(n):
+        c = p[i]
+        bad[0] |= _TOKEN[c] ^ 1
+        out[i] = _LOWER[c]
+    return out + n
+
+
+cdef inline unsigned char *_copy_value(unsigned char *out, const unsigned char *p, Py_ssize_t n,
+                                      uint8_t *bad) noexcept:
+    # _put_value_raw's check, on room reserved already (see _copy_name)
+    cdef Py_ssize_t i
+    if n > C_U16_MAX:
+        bad[0] = 1
+        return out
+    for i in range(n):
+        bad[0] |= _VALUE_BAD[p[i]]
+    gw_store_be16(out, <uint16_t>n)
+    memcpy(out + 2, p, <size_t>n)
+    return out + 2 + n
+
+
+cdef inline bint _bytes_pair(object item) noexcept:
+    return (PyTuple_CheckExact(item) and PyTuple_GET_SIZE(item) == 2
+            and PyBytes_CheckExact(<object>PyTuple_GET_ITEM(item, 0))
+            and PyBytes_CheckExact(<object>PyTuple_GET_ITEM(item, 1)))
+
+
 # --- encoder --------------------------------------------------------------------------
 
 cdef int _check_flags(long long flags, str kind) except -1:
@@ -969,6 +1007,98 @@ cdef class FrameEncoder:
         gw_store_be16(self._buf + count_at, <uint16_t>count)
         return 0
 
+    cdef bint _forward_fast(self, Py_ssize_t mark, tuple seq, const uint8_t *forward,
+                            bint te, object identity, object peer_ip, object scheme,
+                            object host, const char *cid, Py_ssize_t clen,
+                            object body) except -1:
+        """request_forward's header section and body when every field is bytes and the
+        whole frame fits: sized and reserved once, each field checked as it is copied
+        (field by field, the checks and reservations cost more than the copies). False
+        when a field is of another type, too long or invalid, or a limit would be passed:
+        the caller then rewinds and goes field by field, which raises the error request()
+        would."""
+        cdef Py_ssize_t n = PyTuple_GET_SIZE(seq), i, total = 2, count = 0
+        cdef tuple pair, ident
+        cdef object item
+        cdef unsigned char *out
+        cdef unsigned char *count_at
+        cdef uint8_t bad = 0
+        if not (PyBytes_CheckExact(peer_ip) and PyBytes_CheckExact(scheme)
+                and PyBytes_CheckExact(body)):
+            return False
+        if PyTuple_CheckExact(identity):
+            ident = <tuple>identity
+        elif type(identity) is list:
+            ident = tuple(identity)
+        else:
+            return False
+        for i in range(n):
+            if forward[i]:
+                pair = <tuple>PyTuple_GET_ITEM(seq, i)
+                total += 4 + PyBytes_GET_SIZE(<object>PyTuple_GET_ITEM(pair, 0)) \
+                    + PyBytes_GET_SIZE(<object>PyTuple_GET_ITEM(pair, 1))
+                count += 1
+        if te:
+            total += 4 + 2 + 8
+            count += 1
+        for item in ident:
+            if not _bytes_pair(item):
+                return False
+            total += 4 + PyBytes_GET_SIZE(<object>PyTuple_GET_ITEM(item, 0)) \
+                + PyBytes_GET_SIZE(<object>PyTuple_GET_ITEM(item, 1))
+            count += 1
+        total += (4 + 15 + PyBytes_GET_SIZE(peer_ip) + 4 + 17 + PyBytes_GET_SIZE(scheme)
+                  + 4 + 16 + clen)
+        count += 3
+        if host is not None:
+            total += 4 + 16 + PyBytes_GET_SIZE(host)
+            count += 1
+        if count > C_MAX_HEADERS:
+            return False
+        total += PyBytes_GET_SIZE(body)
+        if self._len - mark - 4 + total > self._max:
+            return False
+        self._reserve(total)
+        count_at = self._buf + self._len
+        out = count_at + 2
+        for i in range(n):
+            if forward[i]:
+                pair = <tuple>PyTuple_GET_ITEM(seq, i)
+                item = <object>PyTuple_GET_ITEM(pair, 0)
+                out = _copy_name(out, <const unsigned char *>PyBytes_AS_STRING(item),
+                                 PyBytes_GET_SIZE(item), &bad)
+                item = <object>PyTuple_GET_ITEM(pair, 1)
+                out = _copy_value(out, <const unsigned char *>PyBytes_AS_STRING(item),
+                                  PyBytes_GET_SIZE(item), &bad)
+        if te:
+            out = _copy_value(out, <const unsigned char *>b"te", 2, &bad)
+            out = _copy_value(out, <const unsigned char *>b"trailers", 8, &bad)
+        for pair in ident:
+            item = <object>PyTuple_GET_ITEM(pair, 0)
+            out = _copy_name(out, <const unsigned char *>PyBytes_AS_STRING(item),
+                             PyBytes_GET_SIZE(item), &bad)
+            item = <object>PyTuple_GET_ITEM(pair, 1)
+            out = _copy_value(out, <const unsigned char *>PyBytes_AS_STRING(item),
+                              PyBytes_GET_SIZE(item), &bad)
+        out = _copy_value(out, <const unsigned char *>b"x-forwarded-for", 15, &bad)
+        out = _copy_value(out, <const unsigned char *>PyBytes_AS_STRING(peer_ip),
+                          PyBytes_GET_SIZE(peer_ip), &bad)
+        out = _copy_value(out, <const unsigned char *>b"x-forwarded-proto", 17, &bad)
+        out = _copy_value(out, <const unsigned char *>PyBytes_AS_STRING(scheme),
+                          PyBytes_GET_SIZE(scheme), &bad)
+        if host is not None:
+            out = _copy_value(out, <const unsigned char *>b"x-forwarded-host", 16, &bad)
+            out = _copy_value(out, <const unsigned char *>PyBytes_AS_STRING(host),
+                              PyBytes_GET_SIZE(host), &bad)
+        out = _copy_value(out, <const unsigned char *>b"x-correlation-id", 16, &bad)
+        out = _copy_value(out, <const unsigned char *>cid, clen, &bad)
+        if bad:
+            return False
+        gw_store_be16(count_at, <uint16_t>count)
+        memcpy(out, PyBytes_AS_STRING(body), <size_t>PyBytes_GET_SIZE(body))
+        self._len += total
+        return True
+
     # --- frames -----------------------------------------------------------------------
 
     cdef Py_ssize_t _request_start(self, object corr, object method, object path,
@@ -1051,7 +1181,7 @@ cdef class FrameEncoder:
         stellagw.transport.headers.request_headers(), which states these rules.
         """
         cdef tuple seq = tuple(headers)
-        cdef Py_ssize_t n = len(seq), i, mark, count_at, count = 0, clen = 0
+        cdef Py_ssize_t n = len(seq), i, mark, count_at, count = 0, clen = 0, start
         cdef uint8_t small[C_MAX_HEADERS]
         cdef uint8_t *forward = small
         cdef PyObject *known
@@ -1091,6 +1221,16 @@ cdef class FrameEncoder:
             cid = PyUnicode_AsUTF8AndSize(correlation_id, &clen)
             mark = self._request_start(corr, method, path, query, timeout_ms, flags)
             try:
+                if connection is not None:
+                    for i in range(n):
+                        if forward[i] and _named(connection, <bytes>(<tuple>seq[i])[0]):
+                            forward[i] = 0
+                start = self._len
+                if self._forward_fast(mark, seq, forward, te_trailers and http11, identity,
+                                      peer_ip, scheme, host, cid, clen, body):
+                    self._end(mark)
+                    return
+                self._len = start
                 self._room(mark, 2, "REQUEST")
                 count_at = self._len
                 self._len += 2
@@ -1098,8 +1238,6 @@ cdef class FrameEncoder:
                     if not forward[i]:
                         continue
                     pair = <tuple>seq[i]
-                    if connection is not None and _named(connection, <bytes>pair[0]):
-                        continue
                     self._count_header(&count, "REQUEST")
                     self._put_name(mark, pair[0], "REQUEST")
                     self._put_value(mark, pair[1], "REQUEST")

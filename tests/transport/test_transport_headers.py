@@ -144,6 +144,46 @@ def test_request_forward_many_client_headers(impl):
         assert encoded(m, 1 << 24, forward) == encoded(m, 1 << 24, reference)
 
 
+BIG = b"v" * 0xFFFF
+
+
+@impls
+@pytest.mark.parametrize("case", [
+    # The compiled request_forward sizes the whole frame once when it can, and goes field
+    # by field otherwise: these sit on either side of each reason it cannot.
+    dict(headers=[(b"x-a", BIG)]), dict(headers=[(b"x-a", BIG + b"v")]),
+    dict(headers=[(b"X-Up", b"1"), (b"x-b", b"a\x00")]),
+    dict(headers=[(b"x-a", b"1")] * 252), dict(headers=[(b"x-a", b"1")] * 253),
+    dict(identity=[(b"x-stellaops-actor", "str value")]),
+    dict(identity=((b"x-stellaops-actor", b"a"), (b"", b"empty name"))),
+    dict(identity=((b"bad name", b"a"),)), dict(identity=[[b"x-a", b"b"]]),
+    dict(peer_ip="127.0.0.1"), dict(scheme="http"), dict(body=bytearray(b"xyz")),
+    dict(body=b"b" * 200, max_frame=300), dict(body=b"b" * 150, max_frame=300),
+    dict(cid="a\r\nb"), dict(headers=[(b"host", b"h\r")]),
+])
+def test_request_forward_at_the_edges_of_its_one_pass(impl, case):
+    m = M(impl)
+    headers = [(b"host", b"h"), (b"connection", b"x-gone"), (b"x-gone", b"1")] + \
+        case.get("headers", [])
+    req = Req(headers)
+    req.correlation_id = case.get("cid", "cid-1")
+    identity = case.get("identity", ((b"x-stellaops-actor", b"anonymous"),))
+    peer_ip, scheme = case.get("peer_ip", b"ip"), case.get("scheme", b"http")
+    body = case.get("body", b"")
+
+    def reference(enc):
+        out = request_headers(req, peer_ip, scheme, identity)
+        enc.request(CORR, "POST", "/", b"", out, 5, 1, body)
+
+    def forward(enc):
+        enc.request_forward(CORR, "POST", "/", b"", req.headers, 5, 1, body, CLASSES,
+                            classify, True, True, identity, peer_ip, scheme,
+                            req.correlation_id)
+
+    max_frame = case.get("max_frame", 1 << 24)
+    assert encoded(m, max_frame, forward) == encoded(m, max_frame, reference)
+
+
 def ref_response_payload(flags, status, headers, body):
     out = struct.pack(">BHH", flags, status, len(headers))
     for name, value in headers:
