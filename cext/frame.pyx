@@ -602,10 +602,12 @@ def decode_response(payload):
     return _with_buffer(payload, _decode_response, None)
 
 
-def decode_response_block(payload, tuple drop not None):
+cpdef tuple decode_response_block(payload, tuple drop):
     """RESPONSE payload -> (flags, status, header block, body): the headers whose names are
     not in `drop` (a tuple of bytes) as b"name: value\\r\\n" lines, validated exactly as
     decode_response validates them."""
+    if drop is None:
+        raise TypeError("drop must be a tuple of bytes")
     for name in drop:
         if not PyBytes_CheckExact(name):
             raise TypeError("drop must be a tuple of bytes")

@@ -61,11 +61,13 @@ cdef inline char* _put(char* p, bytes part) noexcept:
     return p + n
 
 
-def render_response(bytes line not None, bytes date not None, Py_ssize_t length,
-                    bytes headers not None, bytes extra not None, bytes cid not None,
-                    bytes connection not None, bytes body not None):
+cpdef bytes render_response(bytes line, bytes date, Py_ssize_t length, bytes headers,
+                            bytes extra, bytes cid, bytes connection, bytes body):
     """status line, date, content-length (unless length < 0: a 304), the stages' headers,
     the correlation id, connection, blank line, body: one allocation."""
+    if (line is None or date is None or headers is None or extra is None or cid is None
+            or connection is None or body is None):
+        raise TypeError("render_response takes bytes, not None")
     cdef char cl[48]
     cdef int cl_n = 0
     if length >= 0:
@@ -94,8 +96,10 @@ def render_response(bytes line not None, bytes date not None, Py_ssize_t length,
     return out
 
 
-def host_ok(bytes value not None):
+cpdef bint host_ok(bytes value) except -1:
     """uri-host [":" port] as docs/http-edge.md narrows it (see the twin)."""
+    if value is None:
+        raise TypeError("host_ok takes bytes, not None")
     cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(value)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(value), i = 0, start, digits
     cdef bint colon = False
@@ -176,9 +180,11 @@ def transfer_coding(bytes value not None):
     return C_TE_CHUNKED if count == 1 else C_TE_OTHER
 
 
-def split_target(bytes url not None):
+cpdef tuple split_target(bytes url):
     """(path, query) of an origin-form target, split at the first '?'; None when it holds
     a '#' (a fragment is never sent, RFC 9112 §3.2)."""
+    if url is None:
+        raise TypeError("split_target takes bytes, not None")
     cdef const char *s = PyBytes_AS_STRING(url)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(url)
     if memchr(s, 35, n) != NULL:                # '#'

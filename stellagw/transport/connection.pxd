@@ -3,6 +3,7 @@ cimport cython
 
 from stellagw.ingress.http cimport Request, HttpProtocol
 from stellagw._cext.metrics cimport Histogram, perf_counter
+from stellagw._cext.frame cimport decode_response_block
 from stellagw.transport.batch cimport WriteBatch
 
 cdef Py_ssize_t _MAX_WINDOW
@@ -10,7 +11,6 @@ cdef bytes _JSON
 cdef int _AWAIT_HELLO, _READY, _CLOSED, _B_OPEN
 cdef int _REQUEST, _RESPONSE, _RESPONSE_STREAM_DATA, _REQUEST_STREAM_DATA, _FLAG_END_STREAM
 cdef Py_ssize_t _MAX_PING
-cdef object _decode_response_block
 
 
 @cython.final

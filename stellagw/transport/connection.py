@@ -41,6 +41,7 @@ from ..replies import error_body
 from ..routing.outliers import SERVER_ERROR, TIMEOUT
 from ..routing.state import DRAINING, HelloError
 from . import frame as fr
+from .frame import decode_response_block
 from .batch import WriteBatch
 from .headers import CLASSES, RESPONSE_DROP_NAMES, classify, request_headers
 
@@ -62,7 +63,6 @@ _RESPONSE = fr.RESPONSE
 _RESPONSE_STREAM_DATA = fr.RESPONSE_STREAM_DATA
 _REQUEST_STREAM_DATA = fr.REQUEST_STREAM_DATA
 _FLAG_END_STREAM = fr.FLAG_END_STREAM
-_decode_response_block = fr.decode_response_block     # per response: no module lookup
 
 
 class Pending:
@@ -396,7 +396,7 @@ class ServiceConnection:
             return  # answered already (timeout/cancel): a late answer is dropped
         if pending.streaming:
             raise fr.FrameError("a second RESPONSE for one request")
-        flags, status, block, body = _decode_response_block(payload, RESPONSE_DROP_NAMES)
+        flags, status, block, body = decode_response_block(payload, RESPONSE_DROP_NAMES)
         req = pending.req
         if req.websocket:
             self._on_upgrade_answer(pending, flags, status, block, body)
