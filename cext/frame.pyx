@@ -602,6 +602,20 @@ def decode_response(payload):
     return _with_buffer(payload, _decode_response, None)
 
 
+cpdef bytes corr_id(bytes prefix, unsigned long long serial):
+    """The correlation id of a request on a link: the link's 8-byte prefix, then the serial
+    as 8 bytes big-endian (one bytes built in place of to_bytes and a concatenation)."""
+    if prefix is None or PyBytes_GET_SIZE(prefix) != 8:
+        raise ValueError("the prefix of a correlation id is 8 bytes")
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 16)
+    cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(out)
+    cdef int i
+    memcpy(p, PyBytes_AS_STRING(prefix), 8)
+    for i in range(8):
+        p[15 - i] = <unsigned char>(serial >> (8 * i))
+    return out
+
+
 cpdef tuple decode_response_block(payload, tuple drop):
     """RESPONSE payload -> (flags, status, header block, body): the headers whose names are
     not in `drop` (a tuple of bytes) as b"name: value\\r\\n" lines, validated exactly as

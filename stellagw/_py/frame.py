@@ -24,7 +24,7 @@ __all__ = [
     "HEADER_TRACE",
     "FrameError", "FrameDecoder", "FrameEncoder",
     "decode_request", "decode_response", "decode_response_block", "decode_stream_data",
-    "decode_control", "decode_window_update",
+    "decode_control", "decode_window_update", "corr_id",
 ]
 
 # --- constants (docs/protocol.md §2-§5) -------------------------------------------------
@@ -299,6 +299,14 @@ def decode_response(payload):
         raise FrameError(f"RESPONSE: status {status} out of range 100-999")
     pos, headers = _decode_headers(p, 3, n, "RESPONSE")
     return flags, status, headers, bytes(p[pos:])
+
+
+def corr_id(prefix: bytes, serial: int) -> bytes:
+    """The correlation id of a request on a link: the link's 8-byte prefix, then the serial
+    as 8 bytes big-endian."""
+    if type(prefix) is not bytes or len(prefix) != 8:
+        raise ValueError("the prefix of a correlation id is 8 bytes")
+    return prefix + serial.to_bytes(8, "big")
 
 
 def decode_response_block(payload, drop):

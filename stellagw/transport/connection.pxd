@@ -3,7 +3,7 @@ cimport cython
 
 from stellagw.ingress.http cimport Request, HttpProtocol
 from stellagw._cext.metrics cimport Histogram, perf_counter
-from stellagw._cext.frame cimport decode_response_block
+from stellagw._cext.frame cimport corr_id, decode_response_block
 from stellagw.transport.batch cimport WriteBatch
 
 cdef Py_ssize_t _MAX_WINDOW

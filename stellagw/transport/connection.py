@@ -41,7 +41,7 @@ from ..replies import error_body
 from ..routing.outliers import SERVER_ERROR, TIMEOUT
 from ..routing.state import DRAINING, HelloError
 from . import frame as fr
-from .frame import decode_response_block
+from .frame import corr_id, decode_response_block
 from .batch import WriteBatch
 from .headers import CLASSES, RESPONSE_DROP_NAMES, classify, request_headers
 
@@ -526,7 +526,7 @@ class ServiceConnection:
                 _reply_error(req, 502, "the service connection was lost")
             return
         self._corr_next += 1
-        corr = self._corr_prefix + self._corr_next.to_bytes(8, "big")
+        corr = corr_id(self._corr_prefix, self._corr_next)
         pending = _new_pending(corr, req, self, sent_at, self.peer_window, timeout)
         self.inflight[corr] = pending
         req.pending = pending

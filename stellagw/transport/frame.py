@@ -96,6 +96,7 @@ decode_response_block = _m.decode_response_block
 decode_stream_data = _m.decode_stream_data
 decode_control = _m.decode_control
 decode_window_update = _m.decode_window_update
+corr_id = _m.corr_id
 
 # --- protocol vocabulary (docs/protocol.md) -------------------------------------------
 
@@ -167,7 +168,7 @@ __all__ = [
     "HEADER_TRACE",
     "FrameError", "FrameDecoder", "FrameEncoder",
     "decode_request", "decode_response", "decode_response_block", "decode_stream_data",
-    "decode_control", "decode_window_update",
+    "decode_control", "decode_window_update", "corr_id",
     "FRAME_TYPE_NAMES", "CONTROL_TYPES", "CANCEL_CLIENT_DISCONNECTED", "CANCEL_TIMEOUT",
     "CANCEL_PAYLOAD_LIMIT_EXCEEDED", "CANCEL_SHUTDOWN", "CANCEL_ABORTED", "CANCEL_REASONS",
     "HEALTH_STATUSES", "INITIAL_STREAM_WINDOW", "HEARTBEAT_INTERVAL_MS", "PING_PAYLOAD_MAX",

@@ -865,3 +865,24 @@ def test_public_module():
             frame.parse_ws_close(bad)
     with pytest.raises(frame.FrameError):
         frame.ws_close_payload(999)
+
+
+# --- correlation ids of a link's requests --------------------------------------------------
+
+@impls
+def test_corr_id_is_prefix_then_serial(impl):
+    m = M(impl)
+    assert m.corr_id(b"\x01" * 8, 0x0102) == b"\x01" * 8 + b"\x00" * 6 + b"\x01\x02"
+    assert m.corr_id(b"abcdefgh", 2**64 - 1) == b"abcdefgh" + b"\xff" * 8
+    for prefix in (b"short", b"123456789", None):
+        with pytest.raises(ValueError):
+            m.corr_id(prefix, 1)
+    for serial in (-1, 2**64):
+        with pytest.raises(OverflowError):
+            m.corr_id(b"abcdefgh", serial)
+
+
+@needs_c
+@given(st.binary(min_size=8, max_size=8), st.integers(0, 2**64 - 1))
+def test_corr_id_twins_agree(prefix, serial):
+    assert c_frame.corr_id(prefix, serial) == py_frame.corr_id(prefix, serial)
