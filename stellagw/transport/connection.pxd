@@ -19,6 +19,8 @@ cdef class TimerWheel:
     cdef double _tick
     cdef public dict buckets
     cdef long long _pos
+    cdef long long _last_slot
+    cdef set _last_bucket
     @cython.locals(deadline=double, slot="long long", buckets=dict, bucket=set)
     cpdef arm(self, Pending pending, double timeout)
 

@@ -71,7 +71,7 @@ class Pending:
     corr        the correlation id of its frames
     req         the ingress Request
     owner       the ServiceConnection it was sent on
-    deadline    loop time of the timeout; 0.0 once the answer started
+    deadline    perf_counter() time of the timeout; 0.0 once the answer started
     timeout     seconds, for re-arming while the body streams
     bucket      the timer wheel's set holding it while it can time out
     streaming   RESPONSE head written, RESPONSE_STREAM_DATA follows
@@ -116,23 +116,36 @@ class TimerWheel:
         self._pos = 0
         self._handle = None
         self._turn_cb = self._turn
+        # The bucket armed last: requests arriving within one tick share it, found without
+        # a lookup. Forgotten at every turn, which may take it out of `buckets`.
+        self._last_slot = -1
+        self._last_bucket = None
 
     def arm(self, pending, timeout):
-        deadline = self._loop.time() + timeout
+        # Deadlines on perf_counter's clock (CLOCK_MONOTONIC, as the loop's), read as a C
+        # call when compiled rather than loop.time() through Python.
+        deadline = perf_counter() + timeout
         pending.deadline = deadline
         slot = int(deadline / self._tick) + 1
-        buckets = self.buckets
-        bucket = buckets.get(slot)
-        if bucket is None:
-            bucket = buckets[slot] = set()
-            if self._handle is None:
-                self._pos = min(self._pos or slot, slot)
-                self._handle = self._loop.call_later(self._tick, self._turn_cb)
+        if slot == self._last_slot:
+            bucket = self._last_bucket
+        else:
+            buckets = self.buckets
+            bucket = buckets.get(slot)
+            if bucket is None:
+                bucket = buckets[slot] = set()
+                if self._handle is None:
+                    self._pos = min(self._pos or slot, slot)
+                    self._handle = self._loop.call_later(self._tick, self._turn_cb)
+            self._last_slot = slot
+            self._last_bucket = bucket
         bucket.add(pending)
         pending.bucket = bucket
 
     def _turn(self):
-        now = self._loop.time()
+        self._last_slot = -1
+        self._last_bucket = None
+        now = perf_counter()
         due = int(now / self._tick)
         buckets = self.buckets
         pos = self._pos
