@@ -171,7 +171,7 @@ cdef Py_ssize_t _normalize(const unsigned char *p, Py_ssize_t n, char *out) noex
         o += 1
 
 
-def normalize_path(raw):
+cpdef normalize_path(raw):
     """normalize_path(raw: bytes | str) -> str | None
 
     The normalised, percent-decoded request path used for matching, or None when the

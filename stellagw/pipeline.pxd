@@ -3,6 +3,7 @@ cimport cython
 
 from stellagw.ingress.http cimport Request, HttpProtocol
 from stellagw._cext.metrics cimport Histogram, perf_counter
+from stellagw._cext.radix cimport normalize_path
 from stellagw.transport.connection cimport ServiceConnection
 
 cdef bytes _JSON

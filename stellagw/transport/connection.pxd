@@ -28,7 +28,8 @@ cdef class TimerWheel:
 @cython.final
 @cython.freelist(64)
 cdef class Pending:
-    cdef public object corr, bucket, span, ws, path
+    cdef public object corr, span, ws, path
+    cdef public set bucket
     cdef public Request req
     cdef public ServiceConnection owner
     cdef public double deadline, timeout, sent_at
