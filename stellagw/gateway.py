@@ -33,7 +33,7 @@ import httptools
 import orjson
 
 from . import __version__
-from .ingress.http import Accounting, HttpProtocol
+from .ingress.http import Accounting, EdgeState, HttpProtocol
 from .ingress.limits import HttpLimits
 from .ingress.compress import Compression
 from .ingress.proxy import TrustedProxies
@@ -118,13 +118,12 @@ class Worker:
         self.accounting = Accounting(self, os.urandom(4).hex() + "%02x" % (worker_id & 0xFF))
         self.connections: set[HttpProtocol] = set()
         self.websockets_open = 0    # client connections handed over to picows, still open
-        self.draining = False
+        # The tick's clock, the Date line, draining: what connections read per request.
+        self.edge = EdgeState(time.monotonic())
         self.auth_events: dict[str, int] = {}
         self._drain_started = False
         self.started = False
         self.http_address: tuple | None = None
-        self.now = time.monotonic()
-        self.date_header = b""
         self._update_date()
         self._servers: list[asyncio.AbstractServer] = []     # client listener(s)
         self._admin_servers: list[asyncio.AbstractServer] = []
@@ -181,6 +180,31 @@ class Worker:
         self.reloader = Reloader(self, config_source, run_dir)
 
     # ------------------------------------------------------------------ request path hooks
+
+    # The worker's side of its EdgeState.
+    @property
+    def now(self) -> float:
+        return self.edge.now
+
+    @now.setter
+    def now(self, value: float) -> None:
+        self.edge.now = value
+
+    @property
+    def date_header(self) -> bytes:
+        return self.edge.date_header
+
+    @date_header.setter
+    def date_header(self, value: bytes) -> None:
+        self.edge.date_header = value
+
+    @property
+    def draining(self) -> bool:
+        return self.edge.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.edge.draining = value
 
     @staticmethod
     def new_parser(protocol):

@@ -62,19 +62,8 @@ class AdminServer:
         self.pipeline = _Pipeline(builtins.table(worker, admin=True))
         self.connections: set = set()
         self.websockets_open = 0    # the admin listener routes none (HttpProtocol reads it)
+        self.edge = worker.edge     # the worker's clock, Date line and draining
         self.metrics = _Gauge()
-
-    @property
-    def now(self) -> float:
-        return self._worker.now
-
-    @property
-    def date_header(self) -> bytes:
-        return self._worker.date_header
-
-    @property
-    def draining(self) -> bool:
-        return self._worker.draining
 
     def __getattr__(self, name):
         # Whatever else the protocol may come to read from its server is the worker's.

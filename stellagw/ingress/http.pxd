@@ -19,6 +19,13 @@ cdef Py_ssize_t _MAX_CELLS
 
 
 @cython.final
+cdef class EdgeState:
+    cdef public double now
+    cdef public bytes date_header
+    cdef public bint draining
+
+
+@cython.final
 cdef class Accounting:
     cdef public str cid_prefix
     cdef public unsigned long long cid_counter
@@ -96,6 +103,7 @@ cdef class HttpProtocol:
 
     # -- per server
     cdef object _server
+    cdef EdgeState _edge
     cdef Accounting _acct
     cdef object _settings
     cdef object _handle

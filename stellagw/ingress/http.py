@@ -78,6 +78,19 @@ class _Stop(Exception):
     """Raised inside a parser callback when the connection is done: parse nothing more."""
 
 
+class EdgeState:
+    """What the worker changes and every client connection reads per request: the tick's
+    clock (`now`, monotonic: deadlines are set from it), the Date line, and whether the
+    worker drains. One per worker (Worker.edge; its now, date_header and draining are
+    these); a connection holds it typed, so each read is a C field, not an attribute
+    lookup on the worker."""
+
+    def __init__(self, now):
+        self.now = now
+        self.date_header = b""
+        self.draining = False
+
+
 class Accounting:
     """One worker's correlation ids, and what every finished request leaves behind: its
     count and duration in the metrics, its access log line, the end of its span."""
@@ -262,6 +275,7 @@ class HttpProtocol:
     def __init__(self, server):
         # -- per server (shared by every connection of this worker)
         self._server = server
+        self._edge = server.edge
         self._acct = server.accounting
         settings = self._settings = server.http_settings
         self._handle = server.pipeline.handle
@@ -719,7 +733,7 @@ class HttpProtocol:
         if self._rate_bytes >= self._body_window_bytes:
             # The minimum rate is met for this window: the next one starts now.
             self._rate_bytes = 0
-            self.deadline = self._server.now + self._body_timeout
+            self.deadline = self._edge.now + self._body_timeout
         pending = req.pending
         if pending is not None:
             if not pending.owner.request_body(pending, body, False):
@@ -812,14 +826,14 @@ class HttpProtocol:
             self._write(_CONTINUE)
         self._resume(_P_HOLD)
         if self.deadline_kind == _D_BODY:
-            self.deadline = self._server.now + self._body_timeout
+            self.deadline = self._edge.now + self._body_timeout
 
     def resume_body(self, req):
         """The service took what waited of `req`'s body (flow control): read on."""
         if self._paused & _P_FLOW:
             self._resume(_P_FLOW)
             if self.deadline_kind == _D_BODY:
-                self.deadline = self._server.now + self._body_timeout
+                self.deadline = self._edge.now + self._body_timeout
 
     def _body_failed(self, req, status, message):
         """The body broke a limit or deadline after the head was judged: stop reading;
@@ -910,9 +924,8 @@ class HttpProtocol:
             body = bytes(body)
         if type(headers) is not bytes:
             headers = bytes(headers)
-        server = self._server
         # A body still arriving closes the connection: its rest will not be read.
-        keep = (req.keep_alive and not close and not server.draining
+        keep = (req.keep_alive and not close and not self._edge.draining
                 and req.body_state != _B_OPEN and not req.websocket)
         line = _STATUS_LINES.get(status)
         if line is None:
@@ -934,7 +947,7 @@ class HttpProtocol:
                 body = payload
         req.bytes_out = len(payload)
         # RFC 9110 §8.6: no Content-Length on 304 (it would describe the unsent body).
-        data = render_response(line, server.date_header, len(body) if status != 304 else -1,
+        data = render_response(line, self._edge.date_header, len(body) if status != 304 else -1,
                                headers, req.resp_headers, req.correlation_id.encode("latin-1"),
                                connection, payload)
         self._write(data)
@@ -1015,7 +1028,7 @@ class HttpProtocol:
         if req is not self._current or self.transport is None or self._closing:
             return False
         self._chunked = req.http_version == "1.1"
-        self._stream_keep = self._chunked and req.keep_alive and not self._server.draining
+        self._stream_keep = self._chunked and req.keep_alive and not self._edge.draining
         self._on_writable = on_writable
         framing = b"transfer-encoding: chunked\r\n" if self._chunked else b""
         if not self._stream_keep:
@@ -1023,7 +1036,7 @@ class HttpProtocol:
         self._stream_status = status
         self._streaming = True
         self._write(b"".join((
-            status_line(status), self._server.date_header, headers, req.resp_headers, framing,
+            status_line(status), self._edge.date_header, headers, req.resp_headers, framing,
             b"x-correlation-id: ", req.correlation_id.encode("latin-1"), b"\r\n\r\n")))
         return True
 
@@ -1128,7 +1141,7 @@ class HttpProtocol:
 
     def _render_error_close(self, status, message):
         body = error_body(status, message, self._acct.correlation_id(()))
-        return b"".join((status_line(status), self._server.date_header,
+        return b"".join((status_line(status), self._edge.date_header,
                          b"content-type: ", JSON, b"\r\ncontent-length: %d\r\n" % len(body),
                          _CLOSE, b"\r\n", body))
 
@@ -1136,7 +1149,7 @@ class HttpProtocol:
 
     def _set_deadline(self, kind, seconds):
         self.deadline_kind = kind
-        self.deadline = self._server.now + seconds
+        self.deadline = self._edge.now + seconds
 
     def check_deadline(self, now):
         kind = self.deadline_kind
