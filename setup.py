@@ -92,7 +92,8 @@ class build_ext(_build_ext):
 # one source that also runs uncompiled (docs/hot-path.md). The module is built in place,
 # beside its source; stellagw/_impl.py makes STELLAGW_NO_EXTENSIONS=1 import the .py.
 GLUE = ["stellagw/auth/dpop.py", "stellagw/ingress/http.py", "stellagw/pipeline.py",
-        "stellagw/transport/batch.py", "stellagw/transport/connection.py"]
+        "stellagw/routing/table.py", "stellagw/transport/batch.py",
+        "stellagw/transport/connection.py"]
 
 
 def extensions():

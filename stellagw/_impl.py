@@ -39,7 +39,7 @@ NO_EXTENSIONS = os.environ.get("STELLAGW_NO_EXTENSIONS", "").lower() not in ("",
 
 # Modules compiled from their own .py (setup.py GLUE).
 GLUE = ("stellagw.auth.dpop", "stellagw.ingress.http", "stellagw.pipeline",
-        "stellagw.transport.batch", "stellagw.transport.connection")
+        "stellagw.routing.table", "stellagw.transport.batch", "stellagw.transport.connection")
 # The codecs: cext/<name>.pyx, each with its twin stellagw/_py/<name>.py (a test keeps this
 # list equal to cext/*.pyx: the wheel ships no .pyx to look at), and the module that
 # imports it for its stage.

@@ -4,6 +4,7 @@ cimport cython
 from stellagw.ingress.http cimport Request, HttpProtocol
 from stellagw._cext.metrics cimport Histogram, perf_counter
 from stellagw._cext.radix cimport normalize_path
+from stellagw.routing.table cimport Endpoint, Instance, Route
 from stellagw.transport.connection cimport ServiceConnection
 
 cdef bytes _JSON
@@ -24,11 +25,12 @@ cdef class Pipeline:
     cdef public object _retries
     cdef unsigned long long _dispatched
 
-    @cython.locals(t0=double, t1=double, t2=double, field=tuple)
+    @cython.locals(t0=double, t1=double, t2=double, field=tuple, route=Route,
+                   endpoint=Endpoint)
     cpdef handle(self, Request req)
-    cdef _after_auth(self, Request req, route, path, double routing_s)
-    @cython.locals(now=double, conn=ServiceConnection)
-    cdef _after_limit(self, Request req, route, path, decision, double routing_s)
+    cdef _after_auth(self, Request req, Route route, path, double routing_s)
+    @cython.locals(now=double, conn=ServiceConnection, instance=Instance, endpoint=Endpoint)
+    cdef _after_limit(self, Request req, Route route, path, decision, double routing_s)
     cdef _refuse(self, Request req, failure)
 
 

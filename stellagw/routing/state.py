@@ -38,9 +38,9 @@ from time import perf_counter
 
 from .outliers import ejection_time, may_eject
 from .radix import FOUND, METHOD_NOT_ALLOWED, Router, RouteError
+from .table import DEGRADED, DRAINING, HEALTHY, UNHEALTHY, Endpoint, Instance, Route
 from .versions import Split, parse_sticky, ramp_shares, seed_of, thresholds, weight_shares
 
-HEALTHY, DEGRADED, DRAINING, UNHEALTHY = "Healthy", "Degraded", "Draining", "Unhealthy"
 ROUTABLE = (HEALTHY, DEGRADED)
 STATUSES = (HEALTHY, DEGRADED, DRAINING, UNHEALTHY)
 
@@ -94,104 +94,6 @@ def semver_key(version: str):
     major, minor, patch, pre = m.groups()
     # A release sorts after its pre-releases (semver §11).
     return (int(major), int(minor), int(patch), pre is None, pre or "")
-
-
-class Endpoint:
-    """One endpoint as one instance declared it."""
-
-    __slots__ = ("method", "path", "timeout", "streaming", "websocket", "claims", "openapi",
-                 "max_body", "sender_constrained", "retryable")
-
-    def __init__(self, method, path, timeout, streaming, websocket, claims, openapi,
-                 max_body=None, sender_constrained=False, retryable=False):
-        self.method = method
-        self.path = path
-        self.timeout = timeout          # seconds, or None for routing.defaultTimeout
-        self.streaming = streaming
-        self.websocket = websocket
-        self.claims = claims            # tuple of (type, value)
-        self.openapi = openapi          # dict or None
-        self.max_body = max_body        # bytes, or None for routing.maxRequestBodySize
-        # Unbound Bearer tokens refused here (auth.requireSenderConstraint, per endpoint)
-        self.sender_constrained = sender_constrained
-        # May be sent again after a broken link though its method is not idempotent
-        # (transport/retry.py): the service says it copes with a repeat.
-        self.retryable = retryable
-
-    def same_as(self, other: "Endpoint") -> bool:
-        return (self.method == other.method and self.path == other.path
-                and self.timeout == other.timeout and self.streaming == other.streaming
-                and self.websocket == other.websocket and self.claims == other.claims
-                and self.openapi == other.openapi and self.max_body == other.max_body
-                and self.sender_constrained == other.sender_constrained
-                and self.retryable == other.retryable)
-
-
-class Instance:
-    __slots__ = ("service", "version", "version_key", "instance_id", "region", "conn", "status",
-                 "announced", "last_heartbeat", "avg_ping_ms", "in_flight", "error_rate",
-                 "endpoints", "schemas", "registered_at", "ping_band", "late", "routes",
-                 "ejected_until", "ejected_reason", "ejections", "returned_at")
-
-    def __init__(self, service, version, instance_id, region, conn, endpoints, schemas):
-        self.service = service
-        self.version = version
-        self.version_key = semver_key(version)
-        self.instance_id = instance_id
-        self.region = region
-        self.conn = conn
-        self.status = HEALTHY
-        self.announced = HEALTHY          # what the service itself said in its last heartbeat
-        self.last_heartbeat = time.monotonic()
-        self.avg_ping_ms = 0.0
-        self.in_flight = 0
-        self.error_rate = 0.0
-        self.endpoints = endpoints        # list[Endpoint]
-        self.schemas = schemas
-        self.registered_at = time.time()
-        # What selection ranks by, as of the last heartbeat or health check: ranking reads
-        # these rather than the clock, so a cached ranking is exactly as fresh as they are.
-        self.ping_band = 0
-        self.late = 0                     # whole heartbeat intervals since the last one
-        # The Route of each endpoint while registered: a disconnect storm touches these
-        # directly, without a lookup per endpoint.
-        self.routes: list | tuple = ()
-        # Outlier ejection: out of selection until this clock time (0.0: in), why, how many
-        # ejections in a row (each longer), and when it last came back.
-        self.ejected_until = 0.0
-        self.ejected_reason = ""
-        self.ejections = 0
-        self.returned_at = float("-inf")
-
-    def describe(self, now: float | None = None) -> dict:
-        out = {"instanceId": self.instance_id, "version": self.version, "region": self.region,
-               "status": self.status, "averagePingMs": round(self.avg_ping_ms, 3),
-               "secondsSinceHeartbeat": round(time.monotonic() - self.last_heartbeat, 1),
-               "inFlight": self.in_flight}
-        if self.ejected_until:
-            left = self.ejected_until - (time.monotonic() if now is None else now)
-            out["ejected"] = {"reason": self.ejected_reason, "ejections": self.ejections,
-                              "secondsLeft": round(max(0.0, left), 1)}
-        return out
-
-
-class Route:
-    """One (method, template): the instances that serve it, and a selection cache.
-
-    The router holds one Route per template for as long as the template is routed, so a
-    request that waited (authentication, rate limit) selects among the candidates of the
-    moment it selects. `candidates` is a tuple, replaced on change and never mutated."""
-
-    __slots__ = ("method", "template", "service", "candidates", "_cache", "_rr", "_view")
-
-    def __init__(self, method, template, service):
-        self.method = method
-        self.template = template
-        self.service = service
-        self.candidates: tuple[tuple[Instance, Endpoint], ...] = ()
-        self._cache: dict = {}
-        self._rr = 0
-        self._view = None                 # frozen copy in RoutingState.routes, or None
 
 
 class _Departed:
@@ -463,7 +365,8 @@ class RoutingState:
             finally:
                 self._spent += perf_counter() - t0
         service, version, instance_id, region, raw, schemas = _parse_head(hello)
-        instance = Instance(service, version, instance_id, region, conn, [], schemas)
+        instance = Instance(service, version, semver_key(version), instance_id, region, conn, [],
+                            schemas)
         self._queued[instance] = (conn, raw, time.monotonic())
         self._queue(loop, self._register_queued, instance)
         return instance
@@ -534,7 +437,8 @@ class RoutingState:
             raise HelloError(f"{ep.method} {ep.path}: {exc}") from exc
 
         if instance is None:
-            instance = Instance(service, version, instance_id, region, conn, endpoints, schemas)
+            instance = Instance(service, version, semver_key(version), instance_id, region, conn,
+                                endpoints, schemas)
         svc = self.services.get(service)
         if svc is None:
             svc = self.services[service] = _Service(service)
@@ -885,25 +789,25 @@ class RoutingState:
         pipeline answers 503 with `retry_after` (also for a service whose last instance
         left less than service_expiry ago). `req` gives the sticky key when versions
         share the route's unpinned traffic (without it they share it evenly)."""
+        picked = route.pick(version)      # the cached ranking's next: the common case
+        if picked is not None:
+            return picked
+        # Not ranked yet, nothing routable, or SPLIT (false for pick's test too).
+        # (Inline rather than a method: a split pays for each Python call.)
         best = route._cache.get(version)
-        if not best:
-            # Not ranked yet, nothing routable, or SPLIT (false for this test too): one
-            # ranking, the common case, costs what it did before versions could split.
-            # (Inline rather than a method: a split pays for each Python call.)
-            if best is None:
+        if best is None:
+            best = self._ranked(route, version)
+        if best is SPLIT:
+            split = route._cache[Split]
+            if split.expires and self.clock() >= split.expires:
+                # A ramp moved on: the shares (or, once it ended, one ranking) anew.
                 best = self._ranked(route, version)
-            if best is SPLIT:
-                split = route._cache[Split]
-                if split.expires and self.clock() >= split.expires:
-                    # A ramp moved on: the shares (or, once it ended, one ranking) anew.
-                    best = self._ranked(route, version)
-                    split = route._cache.get(Split) if best is SPLIT else None
-                if split is not None:
-                    best = split.pick(req)
-            if not best:
-                return None
-        route._rr += 1
-        return best[route._rr % len(best)]
+                split = route._cache.get(Split) if best is SPLIT else None
+            if split is not None:
+                best = split.pick(req)
+        if not best:
+            return None
+        return route.take(best)
 
     def _ranked(self, route: Route, version):
         """Rank and cache: a ranking as it is, a split as SPLIT with the Split beside it
