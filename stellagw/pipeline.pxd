@@ -10,11 +10,12 @@ from stellagw.transport.connection cimport ServiceConnection
 cdef bytes _JSON
 cdef frozenset CREDENTIAL_FIELDS
 cdef frozenset IDEMPOTENT
+cdef object UNLIMITED
 
 
 @cython.final
 cdef class Pipeline:
-    cdef object _worker, _routing, _auth, _limiter, _metrics, _anonymous
+    cdef object _worker, _routing, _router, _auth, _limiter, _metrics, _anonymous
     cdef dict _builtins
     cdef Histogram _auth_hist, _routing_hist
     cdef object _tracing

@@ -57,6 +57,7 @@ class Pipeline:
         self._worker = worker
         self._builtins = worker.builtins
         self._routing = worker.routing
+        self._router = worker.routing.router   # changed in place, never replaced
         self._auth = worker.auth
         self._anonymous = worker.auth.anonymous
         self._limiter = worker.limiter
@@ -101,7 +102,7 @@ class Pipeline:
             req.route = "invalid"
             return _error(req, 400, "the request path is not valid")
         method = req.method
-        router = self._routing.router
+        router = self._router
         if self._cors is not None:
             answer = self._cors.handle(req, path, router)   # a preflight's answer, or None
             if answer is not None:
@@ -195,11 +196,12 @@ class Pipeline:
         return self._after_limit(req, route, path, decision, routing_s)
 
     def _after_limit(self, req, route, path, decision, routing_s):
-        if not decision.allowed:
-            self._metrics.rate_limit_exceeded(req.tenant)
-            return rejection(decision, req.correlation_id)
-        if decision.scope is not None:
-            req.resp_headers += rate_limit_headers(decision)
+        if decision is not UNLIMITED:          # which allows and adds no header
+            if not decision.allowed:
+                self._metrics.rate_limit_exceeded(req.tenant)
+                return rejection(decision, req.correlation_id)
+            if decision.scope is not None:
+                req.resp_headers += rate_limit_headers(decision)
 
         # 10. select (X-Service-Version, read by the ingress: a strict semver pin)
         version = req.version

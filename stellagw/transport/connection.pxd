@@ -4,6 +4,7 @@ cimport cython
 from stellagw.ingress.http cimport Request, HttpProtocol
 from stellagw._cext.metrics cimport Histogram, perf_counter
 from stellagw._cext.frame cimport corr_id, decode_response_block
+from stellagw.routing.table cimport Endpoint
 from stellagw.transport.batch cimport WriteBatch
 
 cdef Py_ssize_t _MAX_WINDOW
@@ -73,7 +74,7 @@ cdef class ServiceConnection:
     @cython.locals(window=Py_ssize_t)
     cdef _credit(self, Pending pending, Py_ssize_t increment)
     @cython.locals(pending=Pending, req=Request)
-    cpdef send_request(self, Request req, endpoint, double timeout, path,
+    cpdef send_request(self, Request req, Endpoint endpoint, double timeout, path,
                        Py_ssize_t stream_threshold, double sent_at)
     @cython.locals(req=Request)
     cdef _send_head(self, Pending pending, path, int flags, body)
