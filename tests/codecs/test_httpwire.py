@@ -105,3 +105,11 @@ def test_cid_taken_twins_agree(value):
 def test_cid_made_twins_agree(prefix, serial):
     made = C.cid_made(prefix, serial)
     assert made == py_wire.cid_made(prefix, serial) and type(made) is str
+
+
+@pytest.mark.skipif(C is None, reason="needs the compiled module")
+@pytest.mark.parametrize("length", [0, 9, 10, 99, 100, 65536, 2**31, 2**63 - 1])
+def test_render_response_content_length_digits(length):
+    args = (b"HTTP/1.1 200 OK\r\n", b"date: x\r\n", length, b"", b"", b"c", b"", b"")
+    assert C.render_response(*args) == py_wire.render_response(*args)
+    assert b"content-length: %d\r\n" % length in C.render_response(*args)
