@@ -75,6 +75,9 @@ class Metrics:
         # workers like everything else. A name ending in "_gauge" is exported as a gauge
         # under the name without that suffix (still summed: e.g. workers with an open breaker).
         self.sources: list = []
+        # Callables that fold counts kept elsewhere (in C on the request path) into these
+        # dicts: each runs before a snapshot, so what is published and scraped includes them.
+        self.folds: list = []
         self._run_dir = run_dir
         self._worker_id = worker_id
         # What a predecessor's sources had counted: the sources themselves restart from zero.
@@ -130,6 +133,8 @@ class Metrics:
     # ------------------------------------------------------------------ several workers
 
     def snapshot(self) -> dict:
+        for fold in self.folds:
+            fold()
         return {
             "requests": [[*k, v] for k, v in self.requests.items()],
             "durations": [[*k, h.counts, h.total, h.n] for k, h in self.durations.items()],

@@ -59,6 +59,7 @@ cdef class ServiceConnection:
     cdef bint _opened, _write_paused
     cdef int _failures
     cdef Py_ssize_t _frames, _frames_seen, _write_limit
+    cdef long long _requests_sent, _responses_received
     cdef double _quiet_since, _paused_since
     cdef bytes _corr_prefix
     cdef unsigned long long _corr_next

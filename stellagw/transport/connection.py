@@ -220,6 +220,10 @@ class ServiceConnection:
         self._paused_since = 0.0
         self._write_limit = 0           # bytes the transport may buffer for this link
         self._frame_counts = hub.frame_counts
+        # The two frames of every request, counted as C integers and folded into the
+        # frame counts before each metrics snapshot (fold_counts); the others go there at once.
+        self._requests_sent = 0
+        self._responses_received = 0
         self._transport_hist = hub.metrics.phase_histogram("transport")
         self._failures = 0              # 5xx answers and timeouts in a row (outlier detection)
         # Looked up once: each is used for every request.
@@ -251,6 +255,7 @@ class ServiceConnection:
 
     def connection_lost(self, exc):
         self.state = _CLOSED
+        self.fold_counts()
         self._hub.release(self)
         if self._hello_timer is not None:
             self._hello_timer.cancel()
@@ -285,14 +290,16 @@ class ServiceConnection:
                     break
                 self._frames += 1
                 ftype_obj, corr, payload = frame
-                frame_counts[ftype_obj] = frame_counts.get(ftype_obj, 0) + 1
                 ftype = ftype_obj
                 if ftype == _RESPONSE:
+                    self._responses_received += 1
                     self._on_response(corr, payload)
-                elif ftype == _RESPONSE_STREAM_DATA:
-                    self._on_stream_data(corr, payload)
                 else:
-                    self._on_control(ftype_obj, corr, payload)
+                    frame_counts[ftype_obj] = frame_counts.get(ftype_obj, 0) + 1
+                    if ftype == _RESPONSE_STREAM_DATA:
+                        self._on_stream_data(corr, payload)
+                    else:
+                        self._on_control(ftype_obj, corr, payload)
                 if self.state == _CLOSED:
                     return
         except (fr.FrameError, HelloError) as exc:
@@ -562,7 +569,7 @@ class ServiceConnection:
             headers.append((b"upgrade", b"websocket"))
             self._encoder.request(corr, req.method, path, req.query, headers,
                                   int(timeout * 1000), 0, b"")
-            self._count_sent(_REQUEST)
+            self._requests_sent += 1
         elif req.body_state == _B_OPEN:
             # The body is still arriving: the ingress hands it over through request_body().
             if (endpoint.streaming or req.content_length < 0
@@ -602,7 +609,7 @@ class ServiceConnection:
             int(pending.timeout * 1000), flags, body,
             CLASSES, classify, req.http_version == "1.1", req.span is None, extra,
             req.client_ip, self._scheme, req.correlation_id)
-        self._count_sent(_REQUEST)
+        self._requests_sent += 1
 
     def request_body(self, pending, chunk, end):
         """The next piece of a request's body from the client (`end`: it is complete).
@@ -740,6 +747,17 @@ class ServiceConnection:
             _reply_error(req, status, message)
 
     # ---------------------------------------------------------------- writing
+
+    def fold_counts(self):
+        """Move the REQUEST and RESPONSE frames counted since the last fold into the
+        worker's frame counts (before a metrics snapshot, and when the link closes)."""
+        frames = self._frame_counts
+        if self._requests_sent:
+            frames[_REQUEST] = frames.get(_REQUEST, 0) + self._requests_sent
+            self._requests_sent = 0
+        if self._responses_received:
+            frames[_RESPONSE] = frames.get(_RESPONSE, 0) + self._responses_received
+            self._responses_received = 0
 
     def _count_sent(self, ftype, n=1):
         frames = self._frame_counts

@@ -78,6 +78,7 @@ class TransportHub:
         self.pressure: dict[str, int] = {}      # links paused over high water, PONGs shed
         self._replay = LocalReplayCache(HELLO_REPLAY_ENTRIES)
         worker.metrics.sources.append(self._counters)
+        worker.metrics.folds.append(self._fold_frames)
         # A HELLO refused after waiting its turn in a registration storm: logged and counted
         # like any refusal instead of a bare close.
         routing.on_refused = lambda conn, message: conn.refuse_late(message)
@@ -211,6 +212,10 @@ class TransportHub:
 
     def write_buffer_limit(self, conn) -> int:
         return self._by_conn[conn].write_limit
+
+    def _fold_frames(self) -> None:
+        for conn in self.connections:
+            conn.fold_counts()
 
     def release(self, conn) -> None:
         listener = self._by_conn.pop(conn, None)

@@ -335,6 +335,14 @@ def test_finished_requests_leave_nothing_behind_in_the_timer_wheel():
                 assert read_response(s, buf)[0] == 200
         held = gw.call(lambda: sum(len(b) for b in gw.worker.hub.wheel.buckets.values()))
         assert held == 0
+        # A routed request's REQUEST and RESPONSE frames are counted on the link and folded
+        # into the frame counts when a snapshot is taken: each is there, once.
+        from stellagw.transport.frame import REQUEST, RESPONSE
+        before = dict(gw.call(lambda: gw.worker.metrics.snapshot())["frames"])
+        for _ in range(7):
+            assert request(gw.port, b"GET /t/wh/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200
+        after = dict(gw.call(lambda: gw.worker.metrics.snapshot())["frames"])
+        assert after[REQUEST] - before[REQUEST] == 7 and after[RESPONSE] - before[RESPONSE] == 7
     finally:
         svc.stop()
         gw.stop()
