@@ -26,17 +26,33 @@ cdef class EdgeState:
 
 
 @cython.final
+cdef class _Count:
+    cdef readonly tuple key
+    cdef public long long n
+
+
+@cython.final
+cdef class _Cell:
+    cdef readonly str service
+    cdef readonly dict durations
+    cdef readonly Histogram hist
+    cdef readonly dict counts
+
+
+@cython.final
 cdef class Accounting:
     cdef public str cid_prefix
     cdef public unsigned long long cid_counter
     cdef object _worker, _metrics, _log
     cdef dict _cells
+    cdef list _unfolded
 
     cpdef str correlation_id_of(self, value)
-    @cython.locals(elapsed=double, requests=dict, by_method=dict, cell=list, keys=dict,
-                   hist=Histogram)
+    @cython.locals(elapsed=double, by_method=dict, cell=_Cell, count=_Count)
     cpdef request_done(self, Request req, int status)
-    cdef list _cell(self, service, method, route)
+    cdef _Cell _cell(self, service, method, route)
+    @cython.locals(requests=dict, count=_Count)
+    cpdef fold(self)
     cdef _log_line(self, Request req, int status, double elapsed)
 
 

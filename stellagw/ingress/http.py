@@ -91,6 +91,29 @@ class EdgeState:
         self.draining = False
 
 
+class _Count:
+    """Requests of one (service, method, route, status) not yet in the metrics' counts."""
+
+    __slots__ = ("key", "n")
+
+    def __init__(self, key):
+        self.key = key      # the metrics' requests key
+        self.n = 0
+
+
+class _Cell:
+    """One (service, method, route) label set: its duration histogram (in the metrics'
+    durations dict, which the cell keeps to notice a new one) and a _Count per status."""
+
+    __slots__ = ("service", "durations", "hist", "counts")
+
+    def __init__(self, service, durations, hist):
+        self.service = service
+        self.durations = durations
+        self.hist = hist
+        self.counts = {}
+
+
 class Accounting:
     """One worker's correlation ids, and what every finished request leaves behind: its
     count and duration in the metrics, its access log line, the end of its span."""
@@ -101,16 +124,27 @@ class Accounting:
         self._worker = worker
         self._metrics = worker.metrics
         self._log = worker.log
-        self._cells = {}    # route label -> method -> _cell(); see request_done
+        self._cells = {}    # route label -> method -> _Cell; see request_done
+        # Counts with requests the metrics do not have yet: added to them before each
+        # snapshot (Metrics.folds), so what is published and scraped is exact.
+        self._unfolded = []
+        worker.metrics.folds.append(self.fold)
 
     def _cell(self, service, method, route):
-        """[histogram key, {status: requests key}, the durations dict, its Histogram]"""
         durations = self._metrics.durations
         hist_key = (service, method, route)
         hist = durations.get(hist_key)
         if hist is None:
             hist = durations[hist_key] = observe_metrics.Histogram()
-        return [hist_key, {}, durations, hist]
+        return _Cell(service, durations, hist)
+
+    def fold(self):
+        """Add the requests counted since the last fold to the metrics' counts."""
+        requests = self._metrics.requests
+        for count in self._unfolded:
+            requests[count.key] = requests.get(count.key, 0) + count.n
+            count.n = 0
+        self._unfolded = []
 
     def correlation_id(self, headers):
         for name, value in headers:
@@ -130,27 +164,26 @@ class Accounting:
         elapsed = perf_counter() - req.started
         if req.span is not None:
             self._worker.tracing.end_route(req, status)
-        m = self._metrics
-        # The (service, method, route[, status]) keys of the metrics' dicts, built once per
-        # label set and found again by the label strings themselves (each the same str
-        # object from request to request, its hash cached): a tuple built and hashed per
-        # request cost more than the counting.
+        # The label sets' cells, found again by the label strings themselves (each the same
+        # str object from request to request, its hash cached): the metrics' tuple keys,
+        # built and hashed per request, cost more than the counting. The count is a C
+        # integer until a snapshot folds it in.
         by_method = self._cells.get(req.route)
         if by_method is None:
             if len(self._cells) >= _MAX_CELLS:
-                self._cells.clear()
+                self._cells.clear()     # what _unfolded holds is folded all the same
             by_method = self._cells[req.route] = {}
         cell = by_method.get(req.method)
-        if cell is None or cell[0][0] != req.service or cell[2] is not m.durations:
+        if (cell is None or cell.service != req.service
+                or cell.durations is not self._metrics.durations):
             cell = by_method[req.method] = self._cell(req.service, req.method, req.route)
-        keys = cell[1]
-        key = keys.get(status)
-        if key is None:
-            key = keys[status] = (req.service, req.method, req.route, status)
-        requests = m.requests
-        requests[key] = requests.get(key, 0) + 1
-        hist = cell[3]
-        hist.observe(elapsed)
+        count = cell.counts.get(status)
+        if count is None:
+            count = cell.counts[status] = _Count((req.service, req.method, req.route, status))
+        if not count.n:
+            self._unfolded.append(count)
+        count.n += 1
+        cell.hist.observe(elapsed)
         log = self._log
         if log.access_log:
             self._log_line(req, status, elapsed)

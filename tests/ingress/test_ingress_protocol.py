@@ -477,3 +477,16 @@ def test_client_disconnect_runs_the_abort_hook():
     assert t.out == b""
 
 
+
+
+def test_request_counts_reach_every_snapshot():
+    """Accounting counts a label set's requests as C integers and folds them into the
+    metrics' counts when a snapshot is taken: each snapshot has every request before it."""
+    worker, proto, t, _ = make()
+    for n in (3, 1, 0, 5):
+        for _ in range(n):
+            proto.data_received(GET_LIVE)
+        proto.data_received(b"GET /nowhere HTTP/1.1\r\nHost: gw\r\n\r\n")
+        counts = {tuple(k): v for *k, v in worker.metrics.snapshot()["requests"]}
+    assert counts[("", "GET", "/health/live", 200)] == 9
+    assert counts[("", "GET", "unmatched", 404)] == 4
