@@ -184,6 +184,27 @@ def test_request_forward_at_the_edges_of_its_one_pass(impl, case):
     assert encoded(m, max_frame, forward) == encoded(m, max_frame, reference)
 
 
+@impls
+@pytest.mark.parametrize("bad", [b"\x00", b"\n", b"\r", b"\x0b", b"\x8a", b"\xff"])
+def test_request_forward_finds_a_bad_byte_anywhere(impl, bad):
+    # The compiled one pass checks values eight bytes at a time: every length and place.
+    m = M(impl)
+    for n in range(1, 25):
+        for at in range(n):
+            value = b"v" * at + bad + b"v" * (n - at - 1)
+            req = Req([(b"host", b"h"), (b"x-a", value)])
+
+            def reference(enc):
+                enc.request(CORR, "GET", "/", b"", request_headers(req, b"ip", b"http"), 5, 1,
+                            b"")
+
+            def forward(enc):
+                enc.request_forward(CORR, "GET", "/", b"", req.headers, 5, 1, b"", CLASSES,
+                                    classify, True, True, (), b"ip", b"http", "cid-1")
+
+            assert encoded(m, 1 << 20, forward) == encoded(m, 1 << 20, reference), (n, at)
+
+
 def ref_response_payload(flags, status, headers, body):
     out = struct.pack(">BHH", flags, status, len(headers))
     for name, value in headers:
