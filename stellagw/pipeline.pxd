@@ -16,6 +16,8 @@ cdef object UNLIMITED
 @cython.final
 cdef class Pipeline:
     cdef object _worker, _routing, _router, _auth, _limiter, _metrics, _anonymous
+    cdef str _anonymous_outcome
+    cdef bytes _anonymous_headers
     cdef dict _builtins
     cdef Histogram _auth_hist, _routing_hist
     cdef object _tracing
@@ -36,3 +38,4 @@ cdef class Pipeline:
 
 
 cdef _answer(Request req, result)
+cdef str _outcome(identity)

@@ -59,7 +59,7 @@ class Pipeline:
         self._routing = worker.routing
         self._router = worker.routing.router   # changed in place, never replaced
         self._auth = worker.auth
-        self._anonymous = worker.auth.anonymous
+        self._set_anonymous(worker.auth.anonymous)
         self._limiter = worker.limiter
         self._metrics = worker.metrics
         self._auth_hist = worker.metrics.phase_histogram("auth")
@@ -82,12 +82,19 @@ class Pipeline:
         gw = worker.settings.gateway
         self._builtins = worker.builtins
         self._auth = worker.auth
-        self._anonymous = worker.auth.anonymous
+        self._set_anonymous(worker.auth.anonymous)
         self._limiter = worker.limiter
         self._default_timeout = gw.routing.default_timeout
         self._stream_threshold = max(gw.routing.streaming_buffer_size, 64 * 1024)
         self._cors = CorsPolicy(gw.cors) if gw.cors.enabled else None
         self._retries.configure(gw.retries)
+
+    def _set_anonymous(self, identity):
+        # The anonymous identity (or None) and what a request it answers gets from it, read
+        # once: an Identity is immutable.
+        self._anonymous = identity
+        self._anonymous_outcome = _outcome(identity) if identity is not None else None
+        self._anonymous_headers = identity.response_headers if identity is not None else b""
 
     def handle(self, req):
         # 4. built-ins
@@ -161,9 +168,14 @@ class Pipeline:
         if auth_span is not None:
             auth_span.set_attribute("stellagw.auth.outcome", result.__class__.__name__)
             auth_span.end()
-        if type(result) is Identity:
+        if result is self._anonymous:
             req.identity = result
-            req.auth = "anonymous" if result.anonymous else (result.binding or "bearer")
+            req.auth = self._anonymous_outcome
+            if self._anonymous_headers:
+                req.resp_headers += self._anonymous_headers
+        elif type(result) is Identity:
+            req.identity = result
+            req.auth = _outcome(result)
             if result.response_headers:   # a fresh DPoP-Nonce
                 req.resp_headers += result.response_headers
         elif type(result) is AuthFailure:
