@@ -218,17 +218,6 @@ cdef class FrameDecoder:
     `bytes` objects, never of the decoder's own buffer, so in practice they stay valid.)
     After a FrameError the stream is unusable: next() raises it again; close the connection.
     """
-    cdef:
-        long long _max                  # largest accepted length field (17 + payload)
-        unsigned char *_buf             # owned copy of bytes that straddle feed() calls
-        Py_ssize_t _cap                 # allocated size of _buf
-        Py_ssize_t _start               # first unconsumed byte in _buf
-        Py_ssize_t _end                 # one past the last buffered byte in _buf
-        object _chunk                   # bytes object of the last feed(), read in place
-        const unsigned char *_cptr      # PyBytes_AS_STRING(_chunk)
-        Py_ssize_t _cpos                # first unconsumed byte of _chunk
-        Py_ssize_t _clen                # len(_chunk)
-        object _cview                   # memoryview(_chunk), made on the first zero-copy
 
     def __cinit__(self):
         self._buf = NULL
@@ -270,7 +259,7 @@ cdef class FrameDecoder:
         self._end = need
         return 0
 
-    def feed(self, data):
+    cpdef feed(self, data):
         cdef Py_buffer view
         if self._chunk is not None:
             # The previous chunk ended in a partial frame: keep its tail, drop the chunk.
@@ -295,7 +284,7 @@ cdef class FrameDecoder:
         finally:
             PyBuffer_Release(&view)
 
-    def next(self):
+    cpdef next(self):
         cdef const unsigned char *p
         cdef Py_ssize_t avail, end, plen
         cdef uint32_t length
@@ -813,11 +802,6 @@ cdef class FrameEncoder:
     Each method validates its fields (same rules and messages as the decoders) and the
     frame size against max_frame_size; on any error the buffer is left exactly as it was.
     """
-    cdef:
-        long long _max          # largest length field we may write (17 + payload)
-        unsigned char *_buf     # pending encoded frames (PyMem-owned)
-        Py_ssize_t _len         # bytes pending in _buf
-        Py_ssize_t _cap         # allocated size of _buf
 
     def __cinit__(self):
         self._buf = NULL
@@ -833,7 +817,7 @@ cdef class FrameEncoder:
     def __len__(self):
         return self._len
 
-    def take(self):
+    cpdef bytes take(self):
         cdef bytes data = PyBytes_FromStringAndSize(<const char *>self._buf, self._len)
         self._len = 0
         if self._cap > C_KEEP_ALLOC:
@@ -864,7 +848,7 @@ cdef class FrameEncoder:
         self._cap = cap
         return 0
 
-    cdef inline int _room(self, Py_ssize_t mark, Py_ssize_t extra, str kind) except -1:
+    cdef int _room(self, Py_ssize_t mark, Py_ssize_t extra, str kind) except -1:
         if self._len - mark - 4 + extra > self._max:
             raise FrameError(f"{kind}: frame length exceeds max_frame_size {self._max}")
         return self._reserve(extra)
@@ -890,10 +874,10 @@ cdef class FrameEncoder:
         self._len = mark + C_HEADER_SIZE
         return mark
 
-    cdef inline void _end(self, Py_ssize_t mark) noexcept:
+    cdef void _end(self, Py_ssize_t mark) noexcept:
         gw_store_be32(self._buf + mark, <uint32_t>(self._len - mark - 4))
 
-    cdef inline void _put(self, const void *data, Py_ssize_t n) noexcept:
+    cdef void _put(self, const void *data, Py_ssize_t n) noexcept:
         # Caller has reserved room.
         memcpy(self._buf + self._len, data, <size_t>n)
         self._len += n
@@ -1016,7 +1000,7 @@ cdef class FrameEncoder:
                 raise FrameError(f"{kind}: header value contains CR, LF or NUL")
         return self._put16(mark, p, n, kind, "header value")
 
-    cdef inline int _count_header(self, Py_ssize_t *count, str kind) except -1:
+    cdef int _count_header(self, Py_ssize_t *count, str kind) except -1:
         count[0] += 1
         if count[0] > C_MAX_HEADERS:
             raise FrameError(f"{kind}: more than {C_MAX_HEADERS} headers")
@@ -1207,9 +1191,9 @@ cdef class FrameEncoder:
             raise
         self._end(mark)
 
-    def request_forward(self, corr, method, path, query, headers, timeout_ms, flags, body,
-                        dict classes not None, classify, bint http11, bint keep_trace,
-                        identity, peer_ip, scheme, str correlation_id not None):
+    cpdef request_forward(self, corr, method, path, query, headers, timeout_ms, flags, body,
+                          dict classes, classify, bint http11, bint keep_trace,
+                          identity, peer_ip, scheme, str correlation_id):
         """request() with the headers a client's request forwards, built while encoding.
 
         `headers` are the client's (bytes, bytes) pairs; `classes` maps a name to its
@@ -1221,6 +1205,8 @@ cdef class FrameEncoder:
         x-correlation-id. The same bytes as request() given
         stellagw.transport.headers.request_headers(), which states these rules.
         """
+        if classes is None or correlation_id is None:
+            raise TypeError("classes and correlation_id must not be None")
         cdef tuple seq = tuple(headers)
         cdef Py_ssize_t n = len(seq), i, mark, count_at, count = 0, clen = 0, start
         cdef uint8_t small[C_MAX_HEADERS]

@@ -3,7 +3,8 @@ cimport cython
 
 from stellagw.ingress.http cimport Request, HttpProtocol
 from stellagw._cext.metrics cimport Histogram, perf_counter
-from stellagw._cext.frame cimport corr_id, decode_response_block
+from stellagw._cext.frame cimport (FrameDecoder, FrameEncoder, corr_id,
+                                   decode_response_block)
 from stellagw.routing.table cimport Endpoint
 from stellagw.transport.batch cimport WriteBatch
 
@@ -53,7 +54,9 @@ cdef class ServiceConnection:
     cdef dict _frame_counts
     cdef Histogram _transport_hist
     # -- per connection
-    cdef object _decoder, _encoder, _hello_timer, _scheme
+    cdef FrameDecoder _decoder
+    cdef FrameEncoder _encoder
+    cdef object _hello_timer, _scheme
     cdef WriteBatch _writes
     cdef TimerWheel _wheel
     cdef bint _opened, _write_paused
