@@ -242,12 +242,7 @@ cdef class _Route:
 
 @cython.final
 cdef class _Node:
-    cdef dict literal                 # segment -> _Node, or None
-    cdef _Node param                  # child for a '{name}' segment, or None
-    cdef dict handlers                # method -> _Route ending here, or None
-    cdef dict catchall                # method -> _Route for a '{*name}' here, or None
-    cdef tuple not_allowed            # (METHOD_NOT_ALLOWED, sorted methods, None)
-    cdef tuple catch_not_allowed      # the same for the catch-all routes
+    pass        # its fields: stellagw/_cext/radix.pxd
 
 
 ctypedef struct _Search:
@@ -372,12 +367,7 @@ cdef void _collect_allow(_Node node, list segs, Py_ssize_t i, Py_ssize_t n, set 
 cdef class Router:
     """Match (method, normalised path) against templates; see docs/routing.md."""
 
-    cdef _Node _root                  # the tree; '/' is the root itself
-    cdef dict _static                 # full literal path (with and without a trailing '/') -> _Node
-    # (method, template) -> endpoint, in insertion order; a dict so that remove() costs the
-    # same with 40,000 routes as with 4.
-    cdef dict _routes
-    cdef dict _shapes                 # (method, shape) -> template, for conflict messages
+    # Its fields: stellagw/_cext/radix.pxd.
 
     def __init__(self):
         self._root = _Node()
@@ -502,7 +492,7 @@ cdef class Router:
             node = parent
         return endpoint
 
-    def match(self, str method, str path):
+    cpdef tuple match(self, str method, str path):
         """match(method, path) -> (FOUND, endpoint, params | None) | (NOT_FOUND, None, None)
         | (METHOD_NOT_ALLOWED, allow, None); path is the output of normalize_path()."""
         cdef PyObject *hit

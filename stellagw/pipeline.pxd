@@ -3,7 +3,7 @@ cimport cython
 
 from stellagw.ingress.http cimport Request, HttpProtocol
 from stellagw._cext.metrics cimport Histogram, perf_counter
-from stellagw._cext.radix cimport normalize_path
+from stellagw._cext.radix cimport Router, normalize_path
 from stellagw.routing.table cimport Endpoint, Instance, Route
 from stellagw.transport.connection cimport ServiceConnection
 
@@ -15,7 +15,8 @@ cdef object UNLIMITED
 
 @cython.final
 cdef class Pipeline:
-    cdef object _worker, _routing, _router, _auth, _limiter, _metrics, _anonymous
+    cdef object _worker, _routing, _auth, _limiter, _metrics, _anonymous
+    cdef Router _router
     cdef str _anonymous_outcome
     cdef bytes _anonymous_headers
     cdef dict _builtins
