@@ -7,3 +7,4 @@ cpdef bint host_ok(bytes value) except -1
 cpdef tuple split_target(bytes url)
 cpdef str cid_taken(bytes value)
 cpdef str cid_made(str prefix, unsigned long long serial)
+cpdef str method_name(bytes method)

@@ -8,7 +8,7 @@ to the rules of docs/http-edge.md.
 from __future__ import annotations
 
 __all__ = ["render_response", "host_ok", "TE_NONE", "TE_CHUNKED", "TE_OTHER", "TE_BAD",
-           "transfer_coding", "split_target", "cid_taken", "cid_made"]
+           "transfer_coding", "split_target", "cid_taken", "cid_made", "method_name"]
 
 _REG_NAME = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _IPV6 = frozenset(b"0123456789abcdefABCDEF:.")
@@ -91,3 +91,15 @@ def cid_made(prefix: str, serial: int) -> str:
     """A correlation id the gateway makes: prefix + serial (>= 0) in lowercase hex, at
     least 10 digits."""
     return "%s%010x" % (prefix, serial)
+
+
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
+
+
+def method_name(method: bytes) -> str:
+    """The request method as str: the same str object for each common method (metrics and
+    logs key on it), a decode for any other token llhttp admits."""
+    if type(method) is not bytes:
+        raise TypeError("method_name takes bytes")
+    name = _METHODS.get(method)
+    return name if name is not None else method.decode("ascii")

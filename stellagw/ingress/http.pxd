@@ -5,8 +5,8 @@
 cimport cython
 
 from stellagw._cext.metrics cimport Histogram, perf_counter
-from stellagw._cext.httpwire cimport (cid_made, cid_taken, host_ok, render_response,
-                                      split_target)
+from stellagw._cext.httpwire cimport (cid_made, cid_taken, host_ok, method_name,
+                                      render_response, split_target)
 
 cdef int _PIPELINE_MAX
 cdef int _D_NONE, _D_HEADER, _D_BODY, _D_IDLE, _D_LINGER
@@ -14,7 +14,7 @@ cdef int _P_PIPELINE, _P_HOLD, _P_FLOW, _P_STOP
 cdef int _B_NONE, _B_OPEN
 cdef Py_ssize_t _LINGER_BYTES
 cdef bytes _JSON_CT, _CLOSE, _KEEP_ALIVE, _CONTINUE
-cdef dict _METHODS, _STATUS_LINES
+cdef dict _STATUS_LINES
 cdef Py_ssize_t _MAX_CELLS
 
 

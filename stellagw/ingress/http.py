@@ -26,8 +26,8 @@ from ..observe.metrics import perf_counter
 from ..replies import JSON, STATUS_LINES, error_body, status_line
 from .compress import accepts_gzip, gzipped
 from .proxy import ProxyError, parse_proxy_header
-from .wire import (TE_CHUNKED, TE_OTHER, cid_made, cid_taken, host_ok, render_response,
-                   split_target, transfer_coding)
+from .wire import (TE_CHUNKED, TE_OTHER, cid_made, cid_taken, host_ok, method_name,
+                   render_response, split_target, transfer_coding)
 
 # How many parsed requests may wait behind the one in flight before we stop reading:
 # bounds the memory one pipelining client can make us hold.
@@ -66,7 +66,6 @@ _JSON_CT = b"content-type: application/json\r\n"
 _CLOSE = b"connection: close\r\n"
 _KEEP_ALIVE = b"connection: keep-alive\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 _STATUS_LINES = STATUS_LINES     # typed (http.pxd): a dict lookup per answer, not a method call
 
 
@@ -605,9 +604,7 @@ class HttpProtocol:
             return
         req = self._req
         parser = self._parser
-        method = parser.get_method()
-        name = _METHODS.get(method)       # the same str object per method, not a decode each
-        req.method = name if name is not None else method.decode("ascii")
+        req.method = method_name(parser.get_method())
         # "METHOD SP target SP HTTP/1.1 CRLF ... CRLF", and some whitespace per request
         self._seen += len(req.method) + 14
         self._top_up(64)

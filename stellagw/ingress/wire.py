@@ -21,7 +21,8 @@ transfer_coding = _m.transfer_coding
 split_target = _m.split_target
 cid_taken = _m.cid_taken
 cid_made = _m.cid_made
+method_name = _m.method_name
 TE_NONE, TE_CHUNKED, TE_OTHER, TE_BAD = _m.TE_NONE, _m.TE_CHUNKED, _m.TE_OTHER, _m.TE_BAD
 
 __all__ = ["render_response", "host_ok", "transfer_coding", "split_target", "cid_taken",
-           "cid_made", "TE_NONE", "TE_CHUNKED", "TE_OTHER", "TE_BAD"]
+           "cid_made", "method_name", "TE_NONE", "TE_CHUNKED", "TE_OTHER", "TE_BAD"]

@@ -113,3 +113,20 @@ def test_render_response_content_length_digits(length):
     args = (b"HTTP/1.1 200 OK\r\n", b"date: x\r\n", length, b"", b"", b"c", b"", b"")
     assert C.render_response(*args) == py_wire.render_response(*args)
     assert b"content-length: %d\r\n" % length in C.render_response(*args)
+
+
+@pytest.mark.parametrize("w", IMPLS)
+def test_method_name_is_one_str_per_common_method(w):
+    for name in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        first = w.method_name(name.encode())
+        assert first == name and w.method_name(bytes(bytearray(name.encode()))) is first
+    assert w.method_name(b"PROPFIND") == "PROPFIND" and w.method_name(b"GE") == "GE"
+    with pytest.raises(TypeError):
+        w.method_name(None)
+
+
+@pytest.mark.skipif(C is None, reason="needs the compiled module")
+@given(st.sampled_from([b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS",
+                        b"GETS", b"PUTX", b"MKCOL", b"PURGE", b"DELETES", b"OPTION", b"get"]))
+def test_method_name_twins_agree(method):
+    assert C.method_name(method) == py_wire.method_name(method)
