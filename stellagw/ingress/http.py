@@ -678,7 +678,7 @@ class HttpProtocol:
         # RFC 9110 §7.8: an HTTP/1.0 request's Upgrade is ignored.
         if upgrade and version == "1.1" and upgrade_to.strip().lower() == b"websocket":
             req.websocket = True
-        if length > self._max_body:
+        if length and length > self._max_body:      # (0, most requests: no int made to compare)
             self._refuse(413, "request body larger than %d bytes" % self._max_body)
         if hosts > 1:
             self._refuse(400, "more than one Host header field")
