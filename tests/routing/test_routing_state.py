@@ -10,6 +10,8 @@ from stellagw.routing.radix import FOUND, METHOD_NOT_ALLOWED, NOT_FOUND
 from stellagw.routing.state import (DEGRADED, DRAINING, HEALTHY, UNHEALTHY, HelloError,
                                     RoutingState)
 
+pytestmark = pytest.mark.twin   # run again uncompiled by `make test`: routing/table.py is glue
+
 
 def hello(service="scanner", version="1.0.0", instance="i1", region="eu1", endpoints=None):
     return {"service": service, "version": version, "instance_id": instance, "region": region,

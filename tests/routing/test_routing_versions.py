@@ -11,6 +11,8 @@ from stellagw.routing import versions as v
 from stellagw.routing.state import SPLIT, VERSION_SETTLE, RoutingState
 from stellagw.routing.versions import Split
 
+pytestmark = pytest.mark.twin   # run again uncompiled by `make test`: routing/table.py is glue
+
 
 class Clock:
     def __init__(self, t=1000.0):
