@@ -17,7 +17,7 @@ cdef Py_ssize_t _MAX_PING
 
 @cython.final
 cdef class TimerWheel:
-    cdef object _loop, _handle, _turn_cb
+    cdef object _loop, _time, _handle, _turn_cb
     cdef double _tick
     cdef public dict buckets
     cdef long long _pos
