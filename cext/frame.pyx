@@ -2,7 +2,7 @@
 """Frame codec for the gateway <-> microservice transport (docs/protocol.md).
 
 Compiled twin of stellagw/_py/frame.py: same API, same bytes out, same FrameError
-messages on the same input (tests/test_frame.py checks all three differentially).
+messages on the same input (tests/codecs/test_frame.py checks all three differentially).
 
 Layout of this file: constants, lookup tables, FrameError, the decoder (feed/next over a
 caller's bytes object read in place, with an owned buffer only for frames that straddle

@@ -2,7 +2,7 @@
 """HTTP/1.1 wire pieces of the client edge (compiled).
 
 Compiled twin of stellagw/_py/httpwire.py: same results on the same inputs
-(tests/test_httpwire.py runs both, hypothesis included). These run once per request, so
+(tests/codecs/test_httpwire.py runs both, hypothesis included). These run once per request, so
 they work on the bytes in place: the response head is one allocation and one copy of
 each part, and the field checks scan without building lists or sets.
 """

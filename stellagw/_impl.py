@@ -23,7 +23,7 @@ Two kinds (docs/hot-path.md):
 
 STELLAGW_NO_EXTENSIONS=1 selects the twins and makes the glue import from its .py source
 (debugging, no compiler). Without it a missing compiled codec falls back to its twin with a
-warning; `compiled(name)` says what was loaded, and tests/test_extensions.py fails on a
+warning; `compiled(name)` says what was loaded, and tests/codecs/test_extensions.py fails on a
 fallback of either kind.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Frame codec, pure-Python twin of cext/frame.pyx (same API, same bytes, same errors).
 
 The wire format is specified in docs/protocol.md; this module is the executable reference
-for it. tests/test_frame.py runs every test against both implementations and checks that
+for it. tests/codecs/test_frame.py runs every test against both implementations and checks that
 they agree byte for byte and error message for error message, so any change here must be
 mirrored in cext/frame.pyx (and the other way round).
 """

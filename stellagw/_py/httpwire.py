@@ -2,7 +2,7 @@
 
 Small byte-level functions the ingress runs on every request: the response head in one
 buffer, and the syntax checks of the header fields the gateway itself must judge (Host,
-Transfer-Encoding). tests/test_httpwire.py holds the two implementations to each other and
+Transfer-Encoding). tests/codecs/test_httpwire.py holds the two implementations to each other and
 to the rules of docs/http-edge.md.
 """
 from __future__ import annotations
