@@ -91,9 +91,12 @@ class Pending:
                 (transport/retry.py)
     """
 
-    def abort(self):
-        """The client went away, or its request was refused mid-body."""
-        self.owner._client_gone(self)
+    def abort(self, over_limit=False):
+        """The client went away, or its request was refused mid-body: over its body limit
+        (the client gets 413) the CANCEL says PayloadLimitExceeded, else ClientDisconnected
+        (protocol.md §4.5)."""
+        self.owner._client_gone(self, fr.CANCEL_PAYLOAD_LIMIT_EXCEEDED if over_limit
+                                else fr.CANCEL_CLIENT_DISCONNECTED)
 
     def expire(self, now):
         """Called by the hub's timer wheel once the deadline bucket is due."""
@@ -489,6 +492,14 @@ class ServiceConnection:
         if pending is None or not pending.streaming:
             return
         flags, chunk = fr.decode_stream_data(payload)
+        # What we have not granted back is what the service has spent of the window we
+        # announced (HELLO_ACK): past it, the service ignores flow control and would make us
+        # hold without bound for a client that is not reading (protocol.md §3.4).
+        if pending.unacked + len(chunk) > INITIAL_WINDOW:
+            self._protocol_error(f"RESPONSE_STREAM_DATA past the stream window: "
+                                 f"{pending.unacked + len(chunk)} bytes unacknowledged of "
+                                 f"{INITIAL_WINDOW}")
+            return
         if pending.ws is not None:
             if not pending.ws.from_service(flags, chunk):
                 self._finish(pending)
@@ -697,9 +708,9 @@ class ServiceConnection:
         if self.instance is not None:
             self._routing.failed(self.instance, self._failures, reason)
 
-    def _client_gone(self, pending):
+    def _client_gone(self, pending, reason):
         if self.inflight.get(pending.corr) is pending:
-            self._cancel(pending, "ClientDisconnected")
+            self._cancel(pending, reason)
 
     def cancel_all(self, reason):
         """Gateway shutdown at the drain deadline: CANCEL(Shutdown) for what is left."""

@@ -296,10 +296,6 @@ def test_a_link_lost_mid_stream_cuts_the_client_connection():
     assert stack.pipeline._retries.counts == {}      # an answer had started: never retried
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "protocol.md §3.4/§5.5: exceeding the window is a protocol error; the gateway does not "
-    "check RESPONSE_STREAM_DATA against the window it granted, so a service that ignores "
-    "flow control makes it buffer without bound for a client that is not reading"))
 def test_stream_data_past_the_granted_window_is_a_protocol_error():
     stack = Stack()
     svc = stack.register("scan", SCANS)
