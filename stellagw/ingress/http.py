@@ -878,7 +878,7 @@ class HttpProtocol:
             return
         pending = req.pending
         if pending is not None:
-            pending.abort()
+            pending.abort(status == 413)     # the service learns why (protocol.md §4.5)
         if self._streaming:
             self.abort_stream(req)
             return

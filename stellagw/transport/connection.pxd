@@ -89,7 +89,7 @@ cdef class ServiceConnection:
     cdef _rearm(self, Pending pending)
     cdef _timeout(self, Pending pending)
     cdef _failed(self, reason)
-    cdef _client_gone(self, Pending pending)
+    cdef _client_gone(self, Pending pending, reason)
     cdef _cancel(self, Pending pending, reason)
     cdef _finish(self, Pending pending)
     cdef _fail(self, Pending pending, int status, message)

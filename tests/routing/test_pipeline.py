@@ -180,9 +180,6 @@ def test_a_body_over_the_endpoints_limit_is_413_on_the_head():
     assert sent.body == b"0123456789" and sent.ended
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "protocol.md §4.5: a body that passes its limit mid-stream is cancelled with "
-    "PayloadLimitExceeded (the gateway answers 413); the gateway sends ClientDisconnected"))
 def test_a_chunked_body_over_the_endpoints_limit_is_cancelled_with_payload_limit_exceeded():
     stack, svc, client = make()
     client.send(b"POST /scans HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
