@@ -178,7 +178,7 @@ def test_an_answered_request_lets_go_of_its_dispatch():
         def __init__(self, req):
             self.req = req
 
-        def abort(self):
+        def abort(self, over_limit=False):
             pass
     req.pending = Dispatch(req)
     proto.respond(req, 200, b"", b"done")
@@ -249,8 +249,9 @@ gateway:
         feed(proto, raw, mode)
         [(got, _, body)] = responses(t.out)
         assert got == status, raw[:40]
-        # A chunked body past the limit: the service had a dispatch, which is called off.
-        assert all(d.aborted for d in echo.dispatches)
+        # A chunked body past the limit: the service had a dispatch, which is called off
+        # as over the limit (CANCEL PayloadLimitExceeded, protocol.md §4.5).
+        assert all(d.aborted == "over the limit" for d in echo.dispatches)
         assert orjson.loads(body)["error"]["code"]
         assert t.ended
 
@@ -263,8 +264,8 @@ class Dispatch:
         self.owner = owner
         self.aborted = False
 
-    def abort(self):
-        self.aborted = True
+    def abort(self, over_limit=False):
+        self.aborted = "over the limit" if over_limit else "client gone"
 
 
 class Sink:
@@ -468,7 +469,8 @@ def test_client_disconnect_runs_the_abort_hook():
     req = pipe.pending[0]
 
     class Waiting:
-        def abort(self):
+        def abort(self, over_limit=False):
+            assert not over_limit
             aborted.append(req)
     req.pending = Waiting()
     proto.connection_lost(None)
