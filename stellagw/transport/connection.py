@@ -30,6 +30,7 @@ per loop iteration, or after frame.WRITE_BATCH frames (docs/hot-path.md).
 One source, compiled (typed through connection.pxd) and run as plain Python under
 STELLAGW_NO_EXTENSIONS=1.
 """
+import asyncio
 import os
 import socket
 import time
@@ -71,7 +72,8 @@ class Pending:
     corr        the correlation id of its frames
     req         the ingress Request
     owner       the ServiceConnection it was sent on
-    deadline    loop time of the timeout; 0.0 once the answer started
+    deadline    the timer wheel's time of the timeout (perf_counter's on an asyncio
+                loop); 0.0 once the answer started
     timeout     seconds, for re-arming while the body streams
     bucket      the timer wheel's set holding it while it can time out
     streaming   RESPONSE head written, RESPONSE_STREAM_DATA follows
@@ -114,9 +116,10 @@ class TimerWheel:
 
     def __init__(self, loop, tick):
         self._loop = loop
-        # The loop's own clock, bound once: deadlines follow whatever time the loop keeps
-        # (a test's fake loop moves it), without a method lookup per request.
-        self._time = loop.time
+        # An asyncio loop (uvloop's too) keeps time on CLOCK_MONOTONIC, which perf_counter
+        # reads as a C call; any other loop (a test's fake one, which moves its own time)
+        # is asked for its time.
+        self._time = None if isinstance(loop, asyncio.AbstractEventLoop) else loop.time
         self._tick = tick
         self.buckets = {}           # slot (deadline // tick + 1) -> set of Pending
         self._pos = 0
@@ -128,7 +131,7 @@ class TimerWheel:
         self._last_bucket = None
 
     def arm(self, pending, timeout):
-        deadline = self._time() + timeout
+        deadline = (perf_counter() if self._time is None else self._time()) + timeout
         pending.deadline = deadline
         slot = int(deadline / self._tick) + 1
         if slot == self._last_slot:
@@ -149,7 +152,7 @@ class TimerWheel:
     def _turn(self):
         self._last_slot = -1
         self._last_bucket = None
-        now = self._time()
+        now = perf_counter() if self._time is None else self._time()
         due = int(now / self._tick)
         buckets = self.buckets
         pos = self._pos
