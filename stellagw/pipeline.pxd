@@ -30,7 +30,7 @@ cdef class Pipeline:
     cdef unsigned long long _dispatched
 
     @cython.locals(t0=double, t1=double, t2=double, field=tuple, route=Route,
-                   endpoint=Endpoint)
+                   endpoint=Endpoint, name=bytes, first=int)
     cpdef handle(self, Request req)
     cdef _after_auth(self, Request req, Route route, path, double routing_s)
     @cython.locals(now=double, conn=ServiceConnection, instance=Instance, endpoint=Endpoint)
