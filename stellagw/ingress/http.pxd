@@ -46,6 +46,10 @@ cdef class Accounting:
     cdef object _worker, _metrics, _log
     cdef dict _cells
     cdef list _unfolded
+    cdef object _last_route, _last_method
+    cdef int _last_status
+    cdef _Cell _last_cell
+    cdef _Count _last_count
 
     cpdef str correlation_id_of(self, value)
     @cython.locals(elapsed=double, by_method=dict, cell=_Cell, count=_Count)

@@ -124,6 +124,12 @@ class Accounting:
         self._metrics = worker.metrics
         self._log = worker.log
         self._cells = {}    # route label -> method -> _Cell; see request_done
+        # The last request's label set and count: a run of requests to one route with one
+        # status (what a busy route sees) finds its count without a dict lookup.
+        self._last_route = self._last_method = None
+        self._last_status = 0
+        self._last_cell = None
+        self._last_count = None
         # Counts with requests the metrics do not have yet: added to them before each
         # snapshot (Metrics.folds), so what is published and scraped is exact.
         self._unfolded = []
@@ -167,18 +173,30 @@ class Accounting:
         # str object from request to request, its hash cached): the metrics' tuple keys,
         # built and hashed per request, cost more than the counting. The count is a C
         # integer until a snapshot folds it in.
-        by_method = self._cells.get(req.route)
-        if by_method is None:
-            if len(self._cells) >= _MAX_CELLS:
-                self._cells.clear()     # what _unfolded holds is folded all the same
-            by_method = self._cells[req.route] = {}
-        cell = by_method.get(req.method)
-        if (cell is None or cell.service != req.service
+        cell = self._last_cell
+        count = self._last_count
+        if (req.route is not self._last_route or req.method is not self._last_method
+                or status != self._last_status or cell is None
+                or req.service is not cell.service
                 or cell.durations is not self._metrics.durations):
-            cell = by_method[req.method] = self._cell(req.service, req.method, req.route)
-        count = cell.counts.get(status)
-        if count is None:
-            count = cell.counts[status] = _Count((req.service, req.method, req.route, status))
+            by_method = self._cells.get(req.route)
+            if by_method is None:
+                if len(self._cells) >= _MAX_CELLS:
+                    self._cells.clear()     # what _unfolded holds is folded all the same
+                by_method = self._cells[req.route] = {}
+            cell = by_method.get(req.method)
+            if (cell is None or cell.service != req.service
+                    or cell.durations is not self._metrics.durations):
+                cell = by_method[req.method] = self._cell(req.service, req.method, req.route)
+            count = cell.counts.get(status)
+            if count is None:
+                count = cell.counts[status] = _Count((req.service, req.method, req.route,
+                                                      status))
+            self._last_route = req.route
+            self._last_method = req.method
+            self._last_status = status
+            self._last_cell = cell
+            self._last_count = count
         if not count.n:
             self._unfolded.append(count)
         count.n += 1
