@@ -492,3 +492,12 @@ def test_request_counts_reach_every_snapshot():
         counts = {tuple(k): v for *k, v in worker.metrics.snapshot()["requests"]}
     assert counts[("", "GET", "/health/live", 200)] == 9
     assert counts[("", "GET", "unmatched", 404)] == 4
+    # Runs of one label set are counted through the last request's count; a change of
+    # method, route or status in between takes another.
+    for raw in (b"POST /nowhere", b"GET /nowhere", b"POST /nowhere", b"POST /nowhere",
+                b"GET /health/live", b"GET /nowhere"):
+        proto.data_received(raw + b" HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n")
+    counts = {tuple(k): v for *k, v in worker.metrics.snapshot()["requests"]}
+    assert counts[("", "POST", "unmatched", 404)] == 3
+    assert counts[("", "GET", "unmatched", 404)] == 6
+    assert counts[("", "GET", "/health/live", 200)] == 10
