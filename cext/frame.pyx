@@ -779,6 +779,16 @@ cdef inline unsigned char *_copy_fixed(unsigned char *out, const char *name,
     return out + 2 + n
 
 
+cdef inline unsigned char *_copy_pair(unsigned char *out, object pair, uint8_t *bad) noexcept:
+    # A (name, value) pair of bytes (_bytes_pair said so): _copy_name then _copy_value.
+    cdef object item = <object>PyTuple_GET_ITEM(pair, 0)
+    out = _copy_name(out, <const unsigned char *>PyBytes_AS_STRING(item),
+                     PyBytes_GET_SIZE(item), bad)
+    item = <object>PyTuple_GET_ITEM(pair, 1)
+    return _copy_value(out, <const unsigned char *>PyBytes_AS_STRING(item),
+                       PyBytes_GET_SIZE(item), bad)
+
+
 cdef inline bint _bytes_pair(object item) noexcept:
     return (PyTuple_CheckExact(item) and PyTuple_GET_SIZE(item) == 2
             and PyBytes_CheckExact(<object>PyTuple_GET_ITEM(item, 0))
@@ -1088,23 +1098,12 @@ cdef class FrameEncoder:
         out = count_at + 2
         for i in range(n):
             if forward[i]:
-                pair = <tuple>PyTuple_GET_ITEM(seq, i)
-                item = <object>PyTuple_GET_ITEM(pair, 0)
-                out = _copy_name(out, <const unsigned char *>PyBytes_AS_STRING(item),
-                                 PyBytes_GET_SIZE(item), &bad)
-                item = <object>PyTuple_GET_ITEM(pair, 1)
-                out = _copy_value(out, <const unsigned char *>PyBytes_AS_STRING(item),
-                                  PyBytes_GET_SIZE(item), &bad)
+                out = _copy_pair(out, <object>PyTuple_GET_ITEM(seq, i), &bad)
         if te:
             out = _copy_fixed(out, b"te", 2)
             out = _copy_fixed(out, b"trailers", 8)
         for pair in ident:
-            item = <object>PyTuple_GET_ITEM(pair, 0)
-            out = _copy_name(out, <const unsigned char *>PyBytes_AS_STRING(item),
-                             PyBytes_GET_SIZE(item), &bad)
-            item = <object>PyTuple_GET_ITEM(pair, 1)
-            out = _copy_value(out, <const unsigned char *>PyBytes_AS_STRING(item),
-                              PyBytes_GET_SIZE(item), &bad)
+            out = _copy_pair(out, pair, &bad)
         out = _copy_fixed(out, b"x-forwarded-for", 15)
         out = _copy_value(out, <const unsigned char *>PyBytes_AS_STRING(peer_ip),
                           PyBytes_GET_SIZE(peer_ip), &bad)
