@@ -319,19 +319,8 @@ class RateLimiter:
         resolver = self._policy
         if resolver is None:
             return decision
-        if gate is not None and gate.count(now) <= self._threshold:
-            self._skipped["gate"] += 1
-            return decision
-        # Without tenant rules every check is the identity's alone (identity_only is itself).
-        policy = resolver.resolve(service, path)
-        if policy is None:
-            self._skipped["no_rules"] += 1
-            return decision
-        breaker = self.breaker
-        if breaker.state != CLOSED and not breaker.allow():
-            self._skipped["breaker_open"] += 1
-            return decision
-        return self._environment(decision, identity, tenant, key, service, policy)
+        return self._to_environment(decision, resolver, gate, now, identity, tenant, key,
+                                    service, path)
 
     def _check_tenant(self, key: str, tenant: str | None, identity: str, service: str,
                       path: str):
@@ -385,11 +374,20 @@ class RateLimiter:
         resolver = limits.environment
         if resolver is None:
             return decision
+        return self._to_environment(decision, resolver, gate, now, identity, tenant, key,
+                                    service, path)
+
+    def _to_environment(self, decision: Decision, resolver, gate, now, identity: str,
+                        tenant: str | None, key: str, service: str, path: str):
+        """The environment tier once the instance tier allowed: skipped below the gate's
+        threshold, without rules for the route, or while the breaker is open."""
         if gate is not None and gate.count(now) <= self._threshold:
             self._skipped["gate"] += 1
             return decision
         check = resolver.resolve(service, path)
         if check is not None and not tenant:
+            # A request without a tenant is checked by its identity's rules alone
+            # (without tenant rules identity_only is the check itself).
             check = check.identity_only
         if check is None:
             self._skipped["no_rules"] += 1
