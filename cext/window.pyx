@@ -653,8 +653,7 @@ cdef class WindowLimiter:
         return (o.allowed, o.retry_ms, o.limit, o.remaining, o.reset_ms, o.rule)
 
     cdef Decision _decision(self, Outcome *o, int64_t t):
-        """*o, this limiter's outcome at time t, as a Decision (scope "instance"); decide()
-        builds its own the same way, inline."""
+        """*o, this limiter's outcome at time t, as a Decision (scope "instance")."""
         cdef Decision d = Decision.__new__(Decision)
         d.allowed = o.allowed
         d.scope = "instance"
@@ -678,23 +677,8 @@ cdef class WindowLimiter:
         reads wall_ms()."""
         cdef Outcome o
         cdef int64_t t = _wall_ms() if now_ms is None else _as_now(now_ms)
-        cdef Decision d
         self._hit(key, t, &o)
-        d = Decision.__new__(Decision)
-        d.allowed = o.allowed
-        d.scope = "instance"
-        d.limit = o.limit
-        d.remaining = o.remaining
-        d.reset_s = _ceil_div(t + o.reset_ms, 1000)
-        if o.allowed:
-            d.retry_after_s = 0
-            d.current = o.limit - o.remaining
-        else:
-            d.retry_after_s = _ceil_div(o.retry_ms, 1000)
-            d.current = o.limit         # a denied request is not counted
-        d.window_s = self.secs[o.rule]
-        d.label = self.label[o.rule]
-        return d
+        return self._decision(&o, t)
 
     def decide_with(self, str key not None, WindowLimiter other not None,
                     str other_key not None, object now_ms=None):
