@@ -13,6 +13,7 @@ import orjson
 import psutil
 import pytest
 
+from perf.uploads import Sampler, send_body
 from tests.support.gwtest import Served, connect, port_of, read_response, request, wait_for
 from tests.support.services import start_service
 
@@ -44,40 +45,6 @@ def uploads_seen(http):
     return orjson.loads(request(http, b"GET /t/up/uploads HTTP/1.1\r\nHost: t\r\n\r\n")[2])["uploads"]
 
 
-def send_body(s, size, chunk=b"z" * 65536):
-    """Send `size` bytes; a gateway that stopped reading (a refusal) ends it early."""
-    sent = 0
-    try:
-        while sent < size:
-            n = min(len(chunk), size - sent)
-            s.sendall(chunk[:n])
-            sent += n
-    except OSError:
-        pass
-    return sent
-
-
-class RssWatch:
-    def __init__(self, proc):
-        self.proc = proc
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.02)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def settled_rss(proc, above, timeout=10.0):
     """RSS once it stops falling (freed buffers may take a tick to go back)."""
     deadline = time.monotonic() + timeout
@@ -102,7 +69,7 @@ def test_concurrent_uploads_to_a_slow_service_hold_a_window_each_not_the_body(st
             status, _, body = read_response(s)[:3]
             results.append((status, orjson.loads(body)))
 
-    with RssWatch(proc) as watch:
+    with Sampler(proc.pid) as watch:
         threads = [threading.Thread(target=upload) for _ in range(CLIENTS)]
         for t in threads:
             t.start()
@@ -126,7 +93,7 @@ def test_anonymous_uploads_to_an_unknown_route_are_refused_on_the_head(stack):
             sent = send_body(s, 90 * MB)
             statuses.append((read_response(s)[0], sent))
 
-    with RssWatch(proc) as watch:
+    with Sampler(proc.pid) as watch:
         threads = [threading.Thread(target=upload) for _ in range(5)]
         for t in threads:
             t.start()
