@@ -185,13 +185,21 @@ def test_a_chunked_body_over_the_endpoints_limit_is_cancelled_with_payload_limit
     client.send(b"POST /scans HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
                 b"8\r\n01234567\r\n")
     stack.run()
-    [sent] = svc.requests()                  # no length to refuse on the head: dispatched
+    frames = svc.frames()
+    [sent] = svc.requests(frames)            # no length to refuse on the head: dispatched
+    body = sent.body + b"".join(fr.decode_stream_data(p)[1] for t, _, p in frames
+                                if t == fr.REQUEST_STREAM_DATA)
     client.send(b"8\r\n89abcdef\r\n")        # past 10 bytes
     stack.run()
     [(status, _, _)] = client.responses()
-    assert status == 413
-    cancels = [(c, fr.decode_control(p)) for t, c, p in svc.frames() if t == fr.CANCEL]
+    assert status == 413 and client.transport.ended
+    frames = svc.frames()
+    cancels = [(c, fr.decode_control(p)) for t, c, p in frames if t == fr.CANCEL]
     assert cancels == [(sent.corr, {"reason": fr.CANCEL_PAYLOAD_LIMIT_EXCEEDED})]
+    # What reached the service: the first chunk, never the one past the limit, no end.
+    assert body == b"01234567" and not sent.ended
+    assert [t for t, _, _ in frames] == [fr.CANCEL]
+    assert svc.conn.inflight == {}           # the link holds nothing for it
 
 
 # ---------------------------------------------------------------------------- 6–8. auth

@@ -308,6 +308,11 @@ def test_stream_data_past_the_granted_window_is_a_protocol_error():
     assert svc.open
     svc.stream(sent.corr, b"x")                       # one byte more
     assert not svc.open and stack.hub.closed == {"protocol_error": 1}
+    stack.run()                                       # the transport reports the close
+    # The gateway holds no more than the window it granted; the client, whose answer was
+    # cut mid-stream, is closed rather than left waiting, and nothing refers to the link.
+    assert svc.conn.inflight == {}
+    assert client.transport.ended
 
 
 def test_a_request_body_streams_under_the_services_window():
