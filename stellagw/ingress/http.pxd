@@ -152,6 +152,7 @@ cdef class HttpProtocol:
     cdef Py_ssize_t _header_bytes
     cdef object _reject
     cdef Py_ssize_t _rate_bytes, _seen, _slack
+    cdef list _body_out
     cdef bytes _upgrade_tail
     cdef Request _last
     cdef bint _resync
@@ -159,6 +160,8 @@ cdef class HttpProtocol:
     @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, end=Py_ssize_t, req=Request)
     cdef _feed(self, data)
     cdef _parse(self, data)
+    @cython.locals(req=Request, out=list)
+    cdef _flush_body(self)
     cdef _top_up(self, Py_ssize_t n)
     cdef _refuse(self, int status, str message)
     cdef bytes _absolute_form(self, Request req, bytes url)

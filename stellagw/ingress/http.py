@@ -377,6 +377,10 @@ class HttpProtocol:
         self._header_bytes = 0
         self._reject = None
         self._rate_bytes = 0             # body bytes in the current minimum-rate window
+        # Body pieces of the read being parsed, for the service: handed over together once
+        # llhttp is done with the read (_flush_body), so a client sending one-byte chunks
+        # does not make the gateway write a frame (21 bytes of header) per byte.
+        self._body_out = []
         # What llhttp reads without telling us (chunk extensions, whitespace around field
         # values) is bounded too: every read, the bytes no callback accounted for are taken
         # from a budget of maxHeaderBytes, topped up a little per request and per chunk.
@@ -443,6 +447,7 @@ class HttpProtocol:
         self._headers = []
         self._on_writable = None
         self._upgrade_tail = b""
+        self._body_out = []
 
     def data_received(self, data):
         if self._closing:
@@ -531,6 +536,8 @@ class HttpProtocol:
                     self._reject = (431, "request header block larger than %d bytes"
                                     % self._max_header_bytes)
                 self._failed()
+        if self._body_out:
+            self._flush_body()      # a refused body's pieces go nowhere (_req is gone)
         return None
 
     def _set_peer(self, address):
@@ -782,12 +789,23 @@ class HttpProtocol:
             # The minimum rate is met for this window: the next one starts now.
             self._rate_bytes = 0
             self.deadline = self._edge.now + self._body_timeout
-        pending = req.pending
-        if pending is not None:
-            if not pending.owner.request_body(pending, body, False):
-                self._pause(_P_FLOW)
+        if req.pending is not None:
+            self._body_out.append(body)
         elif req.held is not None:
             req.held.append(body)
+
+    def _flush_body(self):
+        """What on_body took from this read goes to the service as one piece; the client
+        is paused when it waits for the service's credit."""
+        out = self._body_out
+        self._body_out = []
+        req = self._req
+        if req is None or req.pending is None:
+            return      # refused or answered meanwhile: the rest goes nowhere
+        pending = req.pending
+        if not pending.owner.request_body(pending, out[0] if len(out) == 1 else b"".join(out),
+                                          False):
+            self._pause(_P_FLOW)
 
     def on_chunk_header(self):
         self._top_up(24)         # "<hex size>\r\n" and the CRLF after the data
@@ -795,6 +813,8 @@ class HttpProtocol:
     def on_message_complete(self):
         if self._resync:
             return          # llhttp's end of an upgrade head, not of the body (_upgraded)
+        if self._body_out:
+            self._flush_body()
         req = self._req
         self._req = None
         self._last = req

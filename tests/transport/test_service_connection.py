@@ -315,6 +315,28 @@ def test_stream_data_past_the_granted_window_is_a_protocol_error():
     assert client.transport.ended
 
 
+def test_one_byte_chunks_reach_the_service_as_one_frame_per_read():
+    # A hostile client's 1-byte chunks (6 bytes each on the wire) would otherwise cost a
+    # 21-byte frame header per body byte, and a frame's work at both ends.
+    stack = Stack()
+    svc = stack.link()
+    svc.hello(hello("scan", SCANS))
+    client = stack.client()
+    client.send(b"POST /upload HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"1\r\nx\r\n" * 500)
+    stack.run()
+    frames = svc.frames()
+    assert kinds(frames) == ["REQUEST", "REQUEST_STREAM_DATA"]
+    assert fr.decode_stream_data(frames[1][2]) == (0, b"x" * 500)
+    client.send(b"1\r\ny\r\n" * 3 + b"0\r\n\r\n")
+    stack.run()
+    assert [fr.decode_stream_data(p) for _, _, p in svc.frames()] == [
+        (0, b"yyy"), (fr.FLAG_END_STREAM, b"")]
+    [sent] = svc.requests(frames)
+    svc.respond(sent.corr, 201, (), b"stored")
+    assert client.responses()[0][:1] == (201,)
+
+
 def test_a_request_body_streams_under_the_services_window():
     stack = Stack()
     svc = stack.link()
