@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import _procs, commands
 from .measuring import WARMUP_S, Settings, decide_pinning, measure
 from ..provenance import machine_info
-from .report import median_round, rate_limit_summary, report
+from .report import against_nginx, median_round, rate_limit_summary, report
 from .targets import ALL_TARGETS, TARGETS
 
 
@@ -113,6 +113,7 @@ def main(argv: list[str]) -> int:
             "rounds": args.rounds,
             "results": results,
             "rate_limit": rl,
+            "against_nginx": against_nginx(results),
             "all_rounds": rounds if args.rounds > 1 else None,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")

@@ -87,6 +87,33 @@ def render_rate_limit(rl: dict) -> list[str]:
     return lines
 
 
+def against_nginx(results: list[dict]) -> list[dict]:
+    """Each gateway-routed* row's CPU-µs/req ÷ nginx's of the same round (issue 17's
+    benchmark reads the median of these and asks for every one below 1)."""
+    nginx = next((r for r in results if r["target"] == "nginx" and r.get("rounds_cpu_us_per_req")),
+                 None)
+    if nginx is None:
+        return []
+    out = []
+    for r in results:
+        if not r["target"].startswith("gateway-routed") or not r.get("rounds_cpu_us_per_req"):
+            continue
+        ratios = [g / n for g, n in zip(r["rounds_cpu_us_per_req"], nginx["rounds_cpu_us_per_req"])
+                  if g is not None and n]
+        if ratios:
+            out.append({"target": r["target"], "ratios": ratios, "median": _median(ratios),
+                        "below_nginx_every_round": all(x < 1 for x in ratios)})
+    return out
+
+
+def render_against_nginx(results: list[dict]) -> list[str]:
+    return [f"{a['target']} ÷ nginx per round: " + ", ".join(f"{x:.2f}" for x in a["ratios"])
+            + f"; median round {a['median']:.2f}; below nginx in "
+            + ("every round" if a["below_nginx_every_round"] else
+               f"{sum(x < 1 for x in a['ratios'])} of {len(a['ratios'])} rounds")
+            for a in against_nginx(results)]
+
+
 def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -161,7 +188,7 @@ def report(results: list[dict], s: Settings, info: dict, command: str,
                 lines.append(f"{r['target']}: CPU-µs/req per round "
                              + ", ".join(_f(v, ".1f") for v in r["rounds_cpu_us_per_req"])
                              + "; req/s " + ", ".join(_f(v, ",.0f") for v in r["rounds_req_per_s"]))
-        lines.append("")
+        lines += render_against_nginx(results) + [""]
     if rl:
         lines += render_rate_limit(rl) + [""]
     for r in results:
