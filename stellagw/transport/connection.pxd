@@ -24,7 +24,7 @@ cdef class TimerWheel:
     cdef long long _last_slot
     cdef set _last_bucket
     @cython.locals(deadline=double, slot="long long", buckets=dict, bucket=set)
-    cpdef arm(self, Pending pending, double timeout)
+    cpdef arm(self, Pending pending, double timeout, double now=*)
 
 
 @cython.final
