@@ -728,8 +728,11 @@ class ServiceConnection:
             self._fail(pending, 503, "the gateway is shutting down")
 
     def _cancel(self, pending, reason):
+        # A small body still being collected (`inline`) means its REQUEST has not gone out:
+        # the service has nothing to cancel.
+        sent = pending.inline is None
         self._finish(pending)
-        if self.state == _READY:
+        if sent and self.state == _READY:
             self._encoder.control(fr.CANCEL, pending.corr, {"reason": reason})
             self._count_sent(fr.CANCEL)
             self._schedule_flush()

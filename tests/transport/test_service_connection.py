@@ -231,6 +231,22 @@ def test_a_small_body_goes_inside_the_request_frame():
     assert sent.ended and sent.body == b"hello" and sent.method == "POST"
 
 
+def test_a_client_that_leaves_before_its_small_body_is_whole_reaches_no_service():
+    """The REQUEST of a small body waits for the whole body: a client that leaves before
+    it is whole leaves the service nothing, not even a CANCEL for a request it never saw."""
+    stack = Stack()
+    svc = stack.register("scan", SCANS)
+    client = stack.client()
+    client.send(b"POST /scans HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhel")
+    stack.run()
+    assert kinds(svc.frames()) == []
+    client.leave()
+    stack.run()
+    assert kinds(svc.frames()) == [] and svc.open
+    assert svc.conn.inflight == {}
+    assert sum(len(b) for b in stack.hub.wheel.buckets.values()) == 0
+
+
 def test_a_response_with_an_invalid_status_fails_the_request_not_the_link():
     stack = Stack()
     svc = stack.register("scan", SCANS)
