@@ -76,6 +76,12 @@ class WsBridge(WSListener):
                 code, reason = None, b""   # no code, or one that must not be sent (RFC 6455 §7.4.1)
             self._to_service(fr.KIND_CLOSE | fr.FLAG_END_STREAM,
                              fr.ws_close_payload(code, reason.decode("utf-8", "replace")))
+            if self._held:
+                # No window left for the CLOSE (a service that is not reading): the client is
+                # gone all the same. What waited for credit is dropped and the service gets
+                # CANCEL, instead of the request and these bytes being held until it reads.
+                self._held.clear()
+                self.conn.ws_client_gone(self.pending)
             # Echo the close (RFC 6455 §5.5.1) and end the connection.
             transport.send_close(WSCloseCode(code) if code else WSCloseCode.OK)
             transport.disconnect()

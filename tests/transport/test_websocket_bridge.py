@@ -247,3 +247,24 @@ def test_a_client_frame_larger_than_the_window_goes_in_pieces_as_credit_comes():
     assert b"".join(chunk for _, chunk in sent) == first + second
     assert not paused
     assert window_left == window + 100_000 + window + 400_000 - len(first) - len(second)
+
+
+def test_a_client_close_without_window_cancels_instead_of_waiting_for_credit():
+    """The service has spent the window and reads nothing more: the client's CLOSE cannot go
+    as stream data. The client still gets its close echoed, and the service CANCEL (through
+    ws_client_gone) instead of a request held, with the client's bytes, until it reads."""
+    async def body(bridge, link, transport, client):
+        read_101(client)
+        client.sendall(client_frame(2, b"x" * 100) + client_frame(2, b"y" * 50)
+                       + client_frame(8, struct.pack("!H", 1000) + b"bye"))
+        await wait_until(lambda: bridge.closed, "the CLOSE was not handled")
+        client.settimeout(3)
+        loop = asyncio.get_running_loop()
+        echoed = await loop.run_in_executor(None, read_exactly, client, 4)
+        return list(link.sent), link.gone, list(bridge._held), echoed
+
+    sent, gone, held, echoed = run_bridge(body, window=120)
+    # The first message fits; of the second what the window left (20 bytes), then nothing.
+    assert sent == [(fr.KIND_BINARY, b"x" * 100), (fr.KIND_BINARY | MORE, b"y" * 20)]
+    assert gone == 1 and held == []
+    assert echoed[:2] == b"\x88\x02" and echoed[2:4] == struct.pack("!H", 1000)
