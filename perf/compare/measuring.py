@@ -139,6 +139,12 @@ def machine_cpu_s() -> float:
     return t.user + t.nice + t.system
 
 
+def machine_steal_s() -> float:
+    """Seconds the hypervisor ran something else while this machine's CPUs wanted to run
+    (steal, summed over the CPUs; 0 on bare metal and where the kernel does not count it)."""
+    return getattr(psutil.cpu_times(), "steal", 0.0)
+
+
 def rss_bytes(root_pids: list[int]) -> int:
     total = 0
     for p in tree(root_pids):
@@ -319,7 +325,7 @@ def measure(name: str, start: Callable[[Settings, ProcSet, Path], Started], s: S
             cmd = wrk_cmd(s, st.port, st.path, s.connections, s.duration, st.pin)
             result["wrk_cmd"] = shlex.join(cmd)
             srv0, bk0, t0 = cpu_snapshot(server_pids), cpu_snapshot(backend_pids), time.monotonic()
-            ch0, sys0 = children_cpu_s(), machine_cpu_s()
+            ch0, sys0, steal0 = children_cpu_s(), machine_cpu_s(), machine_steal_s()
             q0 = [q() for q in st.quotas]
             wrk, text = run_wrk(procs, cmd, s.duration)
             q1 = [q() for q in st.quotas]
@@ -331,7 +337,7 @@ def measure(name: str, start: Callable[[Settings, ProcSet, Path], Started], s: S
                 result["worker_throttled"] = [
                     (b["throttled"] - a["throttled"]) / max(1, b["periods"] - a["periods"])
                     for a, b in zip(q0, q1)]
-            ch1, sys1 = children_cpu_s(), machine_cpu_s()
+            ch1, sys1, steal1 = children_cpu_s(), machine_cpu_s(), machine_steal_s()
             result["rss_bytes"] = rss_bytes(server_pids)
             result["server_processes"] = len(srv1)
             procs.check_alive()
@@ -357,6 +363,9 @@ def measure(name: str, start: Callable[[Settings, ProcSet, Path], Started], s: S
             result["total_cpu_us_per_req"] = (cpu_s + bk_s + wrk_s) / n * 1e6
             result["load_cpu_util"] = (bk_s + wrk_s) / (t1 - t0)
             result["other_cpu_util"] = max(0.0, (sys1 - sys0) - (cpu_s + bk_s + wrk_s)) / (t1 - t0)
+            # Time the hypervisor took from the VM: the load and the server ran slower than
+            # the figures assume, and a starved load side leaves the server less saturated.
+            result["steal_util"] = (steal1 - steal0) / (t1 - t0)
 
             if s.latency_connections > 0:
                 lcmd = wrk_cmd(s, st.port, st.path, s.latency_connections, s.latency_duration, st.pin)

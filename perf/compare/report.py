@@ -17,6 +17,7 @@ def median_round(name: str, runs: list[dict]) -> dict:
         chosen["rounds_cpu_us_per_req"] = [r["cpu_us_per_req"] if r["ok"] else None for r in runs]
         chosen["rounds_req_per_s"] = [r["req_per_s"] if r["ok"] else None for r in runs]
         chosen["rounds_failed"] = sum(1 for r in runs if not r["ok"])
+        chosen["rounds_steal_util"] = [r.get("steal_util") if r["ok"] else None for r in runs]
     return chosen
 
 
@@ -114,6 +115,16 @@ def render_against_nginx(results: list[dict]) -> list[str]:
             for a in against_nginx(results)]
 
 
+STEAL_NOTED = 0.02      # of one CPU: below it the hypervisor's share is not worth a word
+
+
+def _steal_note(steals: list) -> str:
+    if not any((v or 0) > STEAL_NOTED for v in steals):
+        return ""
+    return "; steal % of a CPU " + ", ".join(_f(None if v is None else 100 * v, ".0f")
+                                             for v in steals)
+
+
 def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -177,7 +188,8 @@ def report(results: list[dict], s: Settings, info: dict, command: str,
         "backend µs/req = the hello backend / demo service, not counted in CPU-µs/req;",
         "total µs/req = server + backend + wrk CPU per request; load CPU % = (backend + wrk) CPU",
         "time / wall time; other CPU % = user+system CPU of everything else on the machine (another",
-        "benchmark, a build...) / wall time, in % of one CPU: above ~10 the figures are disturbed.",
+        "benchmark, a build...) / wall time, in % of one CPU: above ~10 the figures are disturbed; steal:",
+        "time the hypervisor gave the VM's CPUs to someone else, named per round and warned of above 2 %.",
         "",
     ]
     if rounds > 1:
@@ -187,7 +199,8 @@ def report(results: list[dict], s: Settings, info: dict, command: str,
             if r.get("rounds_cpu_us_per_req"):
                 lines.append(f"{r['target']}: CPU-µs/req per round "
                              + ", ".join(_f(v, ".1f") for v in r["rounds_cpu_us_per_req"])
-                             + "; req/s " + ", ".join(_f(v, ",.0f") for v in r["rounds_req_per_s"]))
+                             + "; req/s " + ", ".join(_f(v, ",.0f") for v in r["rounds_req_per_s"])
+                             + _steal_note(r.get("rounds_steal_util") or []))
         lines += render_against_nginx(results) + [""]
     if rl:
         lines += render_rate_limit(rl) + [""]
@@ -243,6 +256,9 @@ def report(results: list[dict], s: Settings, info: dict, command: str,
             if (r.get("other_cpu_util") or 0) > 0.1:
                 warn.append(f"other processes used {100 * r['other_cpu_util']:.0f}% of a CPU during "
                             "the run (machine not quiet)")
+            if (r.get("steal_util") or 0) > STEAL_NOTED:
+                warn.append(f"the hypervisor took {100 * r['steal_util']:.0f}% of a CPU (steal) "
+                            "during the run: the figures are disturbed")
             if warn:
                 lines.append("    WARNING: " + "; ".join(warn))
         else:

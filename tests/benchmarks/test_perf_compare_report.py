@@ -1,7 +1,7 @@
 """python -m perf compare's verdict against nginx: each round's ratio, from the same round."""
 from __future__ import annotations
 
-from perf.compare.report import against_nginx, median_round, render_against_nginx
+from perf.compare.report import _steal_note, against_nginx, median_round, render_against_nginx
 
 
 def runs(name, cpus):
@@ -34,3 +34,13 @@ def test_nothing_without_nginx_or_rounds():
     assert against_nginx([gw]) == []
     one = median_round("nginx", runs("nginx", [12.0]))
     assert against_nginx([median_round("gateway-routed", runs("gateway-routed", [10.0])), one]) == []
+
+
+def test_rounds_the_hypervisor_took_cpu_from_are_named():
+    rs = runs("nginx", [12.0, 30.0, 12.5])
+    for r, steal in zip(rs, [0.0, 0.35, 0.01]):
+        r["steal_util"] = steal
+    chosen = median_round("nginx", rs)
+    assert chosen["rounds_steal_util"] == [0.0, 0.35, 0.01]
+    assert _steal_note(chosen["rounds_steal_util"]) == "; steal % of a CPU 0, 35, 1"
+    assert _steal_note([0.0, 0.01, None]) == ""      # nothing worth a word
