@@ -516,6 +516,10 @@ class HttpProtocol:
                 self._server.log.event("error", "parser callback failed", error=repr(context))
                 self._reject = (500, "internal error while reading the request")
                 self._failed()
+            # Not left bound in this frame: the exception's traceback holds the callback's
+            # frame, and through it this connection, as a cycle that only the collector
+            # would free (uncompiled; compiled frames keep no locals).
+            context = None
         except httptools.HttpParserUpgrade as exc:
             return self._upgraded(data, exc.args[0] if exc.args else len(data))
         except httptools.HttpParserError as exc:

@@ -194,6 +194,7 @@ def test_a_large_plain_response_is_streamed_not_refused(stack):
     assert total == 20 * MB
 
 
+@pytest.mark.twin     # uncompiled too: a Python frame keeps its locals, a compiled one none
 def test_closed_connections_are_not_left_for_the_cycle_collector():
     """In process, with the collector off: every HttpProtocol of a closed connection is
     freed by reference counting alone (gc.freeze() at start-up means full collections are
