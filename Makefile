@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 
 .PHONY: demo test test-tools install build annotate debug-build clean test-alerts
 .PHONY: perf-tools compare scorecard callgrind connections k6 uploads registration-storm
-.PHONY: flamegraph perf-stat
+.PHONY: flamegraph perf-stat perf-kernel
 .PHONY: bench bench-frame bench-radix bench-window bench-replay bench-websocket bench-ratelimit bench-tenant-quotas
 
 # Set up and run the gateway with its embedded demo.
@@ -102,6 +102,11 @@ flamegraph: build perf-tools
 # here" when perf (Debian: linux-perf) or the hardware counters are missing (most VMs).
 perf-stat: build perf-tools
 	$(PYTHON) -m perf profile perf-stat --duration $(PROFILE_SECONDS) $(ARGS)
+
+# Syscalls and packets per request, and where its CPU goes (write, read, epoll, user space),
+# under the same load; ARGS="--target nginx" gives nginx's beside it.
+perf-kernel: build perf-tools
+	$(PYTHON) -m perf profile kernel --duration $(PROFILE_SECONDS) $(ARGS)
 
 # Rate-limit cost per request (issue 5): instance tier, environment tier (a local
 # valkey-server) and limiting off, side by side, three interleaved rounds.

@@ -2,6 +2,7 @@
 
     python -m perf profile flamegraph     # py-spy -> perf/results/flamegraph.svg (make flamegraph)
     python -m perf profile perf-stat      # perf stat -e instructions,cycles (make perf-stat)
+    python -m perf profile kernel         # syscalls, packets and CPU per request by where it goes
 
 Both start what ``python -m perf compare --targets gateway-routed`` starts -- ``python -m stellagw
 serve`` (supervisor + 1 worker, pinned to ``--server-cpu``) and ``python -m stellagw
@@ -168,9 +169,86 @@ def perf_stat(args, s: measuring.Settings, procs: measuring.ProcSet, st: measuri
     return 0
 
 
+# The syscalls a proxy spends a request on, counted per request by `kernel` (tracepoints).
+SYSCALLS = ("read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg", "sendmsg",
+            "epoll_wait", "epoll_pwait", "epoll_ctl")
+# Where `kernel` splits the CPU time: the first of these entry points on a sample's stack
+# names its share; a sample with no syscall on its stack is user space.
+SHARES = (("write", ("ksys_write", "do_writev", "__sys_sendto", "__sys_sendmsg")),
+          ("read", ("ksys_read", "do_readv", "__sys_recvfrom", "__sys_recvmsg")),
+          ("epoll", ("do_epoll_wait", "do_epoll_pwait.part.0", "__x64_sys_epoll_pwait",
+                     "__x64_sys_epoll_wait")))
+
+
+def cpu_shares(script: str) -> dict[str, float]:
+    """`perf script -F period,ip,sym` of call-stack samples -> {share: ns} (SHARES, "other
+    kernel" for any other syscall, "user space" for a sample outside every syscall)."""
+    shares: dict[str, float] = {}
+    for sample in script.split("\n\n"):
+        lines = sample.strip().splitlines()
+        if not lines:
+            continue
+        period = float(lines[0].split()[0])
+        frames = {ln.split()[-1] for ln in lines[1:] if ln.split()}
+        name = next((n for n, entries in SHARES if frames & set(entries)), None)
+        if name is None:
+            name = "other kernel" if "entry_SYSCALL_64_after_hwframe" in frames else "user space"
+        shares[name] = shares.get(name, 0.0) + period
+    return shares
+
+
+def kernel(args, s: measuring.Settings, procs: measuring.ProcSet, st: measuring.Started) -> int:
+    """Per request under load: the syscalls made and packets sent (perf stat on
+    tracepoints), then where the CPU time goes (perf record of cpu-clock with call
+    stacks): in write, read and epoll syscalls -- each including the kernel work it triggers,
+    on loopback the peer's receive path and its wake-up -- and in user space."""
+    perf = shutil.which("perf")
+    if not perf:
+        print("kernel: not supported here: `perf` is not installed (Debian: apt-get install linux-perf)")
+        return 0
+    pids = ",".join(map(str, gateway_pids(st)))
+    events = [f"syscalls:sys_enter_{n}" for n in SYSCALLS] + ["net:net_dev_xmit", "context-switches"]
+    out = Path(args.tmp) / "kernel-stat.csv"
+    cmd = s.pin.wrap(s.pin.load_cpu, [perf, "stat", "-x", ",", "-o", str(out), "-e", ",".join(events),
+                                      "-p", pids, "--", "sleep", str(args.duration)])
+    r, load = under_load(args, s, procs, st, cmd)
+    text = out.read_text(errors="replace") if out.exists() else ""
+    if r.returncode != 0 and not text:
+        why = (r.stderr or r.stdout).strip().splitlines()
+        print(f"kernel: not supported here: perf stat failed (exit {r.returncode}): "
+              + (why[-1] if why else "no output") + " (tracepoints need root or perf_event_paranoid <= -1)")
+        return 0
+    n = load["req_per_s"] * args.duration
+    print(f"kernel: {st.target_name} pid(s) {pids}, {args.duration} s under {load['req_per_s']:,.0f} req/s")
+    for line in text.splitlines():
+        f = line.split(",")
+        if len(f) >= 3 and f[0].replace(".", "", 1).isdigit() and float(f[0]) > 0:
+            name = f[2].replace("syscalls:sys_enter_", "")
+            print(f"  {name:<18} {float(f[0]) / n:8.3f} per request")
+    data = Path(args.tmp) / "kernel.data"
+    cmd = s.pin.wrap(s.pin.load_cpu, [perf, "record", "-q", "-e", "cpu-clock", "-F", "2000", "-g",
+                                      "-o", str(data), "-p", pids, "--", "sleep", str(args.duration)])
+    r, load = under_load(args, s, procs, st, cmd)
+    script = subprocess.run([perf, "script", "-i", str(data), "-F", "period,ip,sym"],
+                            capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 or script.returncode != 0:
+        print("kernel: perf record failed: " + (r.stderr or script.stderr).strip()[-300:])
+        return 0
+    shares = cpu_shares(script.stdout)
+    total = sum(shares.values())
+    n = load["req_per_s"] * args.duration
+    print(f"  CPU per request (perf record, {args.duration} s at {load['req_per_s']:,.0f} req/s): "
+          f"{total / 1e3 / n:.1f} µs")
+    for name in ("write", "read", "epoll", "other kernel", "user space"):
+        if name in shares:
+            print(f"  {name:<18} {shares[name] / 1e3 / n:6.2f} µs  {100 * shares[name] / total:5.1f} %")
+    print(f"  layout: {st.layout}")
+    return 0
+
+
 def parse_args(argv: list[str]):
     ap = argparse.ArgumentParser(prog=commands.prog(__name__), description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("flamegraph", "perf-stat"))
+    ap.add_argument("what", choices=("flamegraph", "perf-stat", "kernel"))
     ap.add_argument("--duration", type=int, default=10, help="seconds profiled (default 10)")
     ap.add_argument("--out", default=str(RESULTS / "flamegraph.svg"),
                     help="flamegraph SVG (default perf/results/flamegraph.svg)")
@@ -178,15 +256,20 @@ def parse_args(argv: list[str]):
     ap.add_argument("--no-native", dest="native", action="store_false",
                     help="py-spy without native (C/Cython) frames")
     ap.add_argument("--target", default="gateway-routed",
-                    choices=[t for t in ALL_TARGETS if t.startswith("gateway-routed") and t != "gateway-routed-2w"],
-                    help="which compare gateway target to profile (default gateway-routed; "
-                         "gateway-routed-rl-env profiles the environment rate-limit check)")
+                    choices=[t for t in ALL_TARGETS if t.startswith("gateway-routed") and t != "gateway-routed-2w"]
+                    + ["nginx"],
+                    help="which compare target to profile (default gateway-routed; "
+                         "gateway-routed-rl-env profiles the environment rate-limit check; "
+                         "nginx, for `kernel` only, the same figures for nginx)")
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--server-cpu", type=int, default=0)
     ap.add_argument("--load-cpu", type=int, default=1)
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--start-timeout", type=float, default=30.0)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.target == "nginx" and args.what != "kernel":
+        ap.error("--target nginx is for `kernel` only")
+    return args
 
 
 def main(argv: list[str]) -> int:
@@ -206,7 +289,8 @@ def main(argv: list[str]) -> int:
             measuring.run_wrk(procs, measuring.wrk_cmd(s, st.port, st.path, s.connections, measuring.WARMUP_S, st.pin),
                         measuring.WARMUP_S)
             procs.check_alive()
-            fn = flamegraph if args.what == "flamegraph" else perf_stat
+            st.target_name = args.target
+            fn = {"flamegraph": flamegraph, "perf-stat": perf_stat, "kernel": kernel}[args.what]
             return fn(args, s, procs, st)
         except (measuring.TargetUnavailable, measuring.TargetFailed, subprocess.TimeoutExpired) as exc:
             print(f"{args.what}: FAILED: {exc}")
