@@ -219,7 +219,7 @@ def kernel(args, s: measuring.Settings, procs: measuring.ProcSet, st: measuring.
               + (why[-1] if why else "no output") + " (tracepoints need root or perf_event_paranoid <= -1)")
         return 0
     n = load["req_per_s"] * args.duration
-    print(f"kernel: {st.target_name} pid(s) {pids}, {args.duration} s under {load['req_per_s']:,.0f} req/s")
+    print(f"kernel: {args.target} pid(s) {pids}, {args.duration} s under {load['req_per_s']:,.0f} req/s")
     for line in text.splitlines():
         f = line.split(",")
         if len(f) >= 3 and f[0].replace(".", "", 1).isdigit() and float(f[0]) > 0:
@@ -289,7 +289,6 @@ def main(argv: list[str]) -> int:
             measuring.run_wrk(procs, measuring.wrk_cmd(s, st.port, st.path, s.connections, measuring.WARMUP_S, st.pin),
                         measuring.WARMUP_S)
             procs.check_alive()
-            st.target_name = args.target
             fn = {"flamegraph": flamegraph, "perf-stat": perf_stat, "kernel": kernel}[args.what]
             return fn(args, s, procs, st)
         except (measuring.TargetUnavailable, measuring.TargetFailed, subprocess.TimeoutExpired) as exc:

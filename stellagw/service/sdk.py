@@ -638,15 +638,13 @@ class Service:
                 req.body = await req._read_all()
                 req._chunks = None
             result = await ep.handler(req)
-            if result.__class__ is Response and len(result.body) <= STREAM_ABOVE:
-                link.send_response(corr, result)    # the common answer, tested first
-                return
-            if result is None:
-                result = Response(b"", 204)
-            elif isinstance(result, (bytes, str)):
-                result = Response(result)
-            elif isinstance(result, (dict, list)):
-                result = Response.json(result)
+            if result.__class__ is not Response:    # a plain Response, the common answer, is one
+                if result is None:
+                    result = Response(b"", 204)
+                elif isinstance(result, (bytes, str)):
+                    result = Response(result)
+                elif isinstance(result, (dict, list)):
+                    result = Response.json(result)
             if isinstance(result, StreamResponse):
                 await link.send_stream(corr, result)
             elif len(result.body) > STREAM_ABOVE:
