@@ -47,6 +47,7 @@ _P_PIPELINE = 1     # PIPELINE_MAX requests wait
 _P_HOLD = 2         # a request with a body is not decided yet: none of its body is taken
 _P_FLOW = 4         # the service has not given credit for more of the body
 _P_STOP = 8         # the connection is being closed; only a lingering read drains it
+_P_WRITE = 16       # the client is not reading what we write (the transport's buffer is full)
 
 # Body state of a request
 _B_NONE = 0         # no body, or all of it received
@@ -1203,10 +1204,15 @@ class HttpProtocol:
     # ---------------------------------------------------------------- flow control
 
     def pause_writing(self):
+        # The client does not read what we write: nor do we read it until it does. Else a
+        # client pipelining requests and reading nothing has us hold every answer (40 MB of
+        # GET lines held 199 MB of responses).
         self._write_paused = True
+        self._pause(_P_WRITE)
 
     def resume_writing(self):
         self._write_paused = False
+        self._resume(_P_WRITE)
         cb = self._on_writable
         if cb is not None:
             cb()
