@@ -103,14 +103,24 @@ class WsBridge(WSListener):
             # Out of credit: hold the rest and stop reading the client until the service
             # grants more (WINDOW_UPDATE) — backpressure instead of buffering.
             self.reading_paused = True
-            self.ws.underlying_transport.pause_reading()
+            self._reading()
 
     def on_credit(self):
         """The service granted more window."""
         self._send_held()
         if not self._held and self.reading_paused and self.ws is not None:
             self.reading_paused = False
-            self.ws.underlying_transport.resume_reading()
+            self._reading()
+
+    def _reading(self):
+        # The client is read while the service has credit for it and the client reads what
+        # we write: picows answers each PING with a PONG, and a client sending pings but
+        # reading nothing had us hold every PONG (20 MB of pings, 20 MB held).
+        transport = self.ws.underlying_transport
+        if self.reading_paused or self.client_paused:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     def _send_held(self):
         """The held client frames, in order, as far as the window goes. A message frame larger
@@ -147,9 +157,13 @@ class WsBridge(WSListener):
 
     def pause_writing(self):
         self.client_paused = True
+        if self.ws is not None:
+            self._reading()
 
     def resume_writing(self):
         self.client_paused = False
+        if self.ws is not None:
+            self._reading()
         self.conn.ws_client_writable(self.pending)
 
     # ---------------------------------------------------------------- service → client

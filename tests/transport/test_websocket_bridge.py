@@ -261,10 +261,40 @@ def test_a_client_close_without_window_cancels_instead_of_waiting_for_credit():
         client.settimeout(3)
         loop = asyncio.get_running_loop()
         echoed = await loop.run_in_executor(None, read_exactly, client, 4)
-        return list(link.sent), link.gone, list(bridge._held), echoed
+        after = await loop.run_in_executor(None, read_exactly, client, 1)
+        return list(link.sent), link.gone, list(bridge._held), echoed, after
 
-    sent, gone, held, echoed = run_bridge(body, window=120)
+    sent, gone, held, echoed, after = run_bridge(body, window=120)
     # The first message fits; of the second what the window left (20 bytes), then nothing.
     assert sent == [(fr.KIND_BINARY, b"x" * 100), (fr.KIND_BINARY | MORE, b"y" * 20)]
     assert gone == 1 and held == []
     assert echoed[:2] == b"\x88\x02" and echoed[2:4] == struct.pack("!H", 1000)
+    assert after == b""                             # and the client's connection closed
+
+
+def test_a_client_sending_pings_and_reading_nothing_is_not_read_either():
+    """picows answers every PING with a PONG; a client that pings and never reads is paused
+    when the PONGs fill the transport, so the gateway holds a bounded amount for it, and all
+    the PONGs arrive once it reads."""
+    n = 80_000                                      # 10.6 MB of pings, more than the kernel holds
+    pings = client_frame(9, b"p" * 125) * n
+
+    async def body(bridge, link, transport, client):
+        import threading
+        read_101(client)
+        client.settimeout(20)
+        sender = threading.Thread(target=client.sendall, args=(pings,), daemon=True)
+        sender.start()
+        await wait_until(lambda: not transport.is_reading(), "the client was never paused")
+        await asyncio.sleep(0.2)
+        held = transport.get_write_buffer_size()
+        blocked = sender.is_alive()
+        loop = asyncio.get_running_loop()
+        pongs = await loop.run_in_executor(None, read_exactly, client, n * 127)
+        await loop.run_in_executor(None, sender.join, 10)
+        return held, blocked, pongs, sender.is_alive(), link.sent
+
+    held, blocked, pongs, still_sending, sent = run_bridge(body)
+    assert held < 512 * 1024 and blocked, held
+    assert pongs == (b"\x8a\x7d" + b"p" * 125) * n and not still_sending
+    assert sent == []                               # pings are the gateway's, not the service's
