@@ -20,6 +20,7 @@ cdef class Pipeline:
     cdef str _anonymous_outcome
     cdef bytes _anonymous_headers
     cdef dict _builtins
+    cdef bytes _builtin_lead
     cdef Histogram _auth_hist, _routing_hist
     cdef object _tracing
     cdef double _default_timeout
@@ -28,9 +29,10 @@ cdef class Pipeline:
     cdef object _cors
     cdef public object _retries
     cdef unsigned long long _dispatched
+    cdef bint _limited
 
     @cython.locals(t0=double, t1=double, t2=double, field=tuple, route=Route,
-                   endpoint=Endpoint, name=bytes, first=int)
+                   endpoint=Endpoint, name=bytes, first=int, target=bytes)
     cpdef handle(self, Request req)
     cdef _after_auth(self, Request req, Route route, path, double routing_s)
     @cython.locals(now=double, conn=ServiceConnection, instance=Instance, endpoint=Endpoint)

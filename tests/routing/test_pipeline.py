@@ -268,6 +268,25 @@ def test_a_dpop_bound_request_reaches_the_service_with_the_gateways_identity_onl
     assert svc.frames() == []
 
 
+def test_an_anonymous_request_is_not_timed_as_authentication(key):
+    # The auth phase (gateway phase histogram, access log "auth") is the time a credential
+    # took to check: none for an anonymous request without a credential field, whose header
+    # scan counts as routing; a token's verification counts as auth, not routing.
+    stack, svc, client = make(key)
+    metrics = stack.worker.metrics
+    auth, routing = metrics.phase_histogram("auth"), metrics.phase_histogram("routing")
+    _, req, _ = ask(stack, client, get("/scans/1", b"Accept: */*"))
+    assert req.auth == "anonymous" and req.auth_s == 0.0 and req.route_s > 0.0
+    assert (auth.n, auth.total) == (1, 0.0) and routing.n == 1
+    assert routing.total == req.route_s
+    token = mint_token(key, ISSUER, now=time.time(), scope="scans:read")
+    _, req, _ = ask(stack, stack.client(),
+                    get("/secure/1", b"Authorization: Bearer " + token.encode()))
+    assert req.auth == "bearer" and req.auth_s > 0.0 and req.route_s > 0.0
+    assert (auth.n, auth.total) == (2, req.auth_s) and routing.n == 2
+    assert len(svc.requests()) == 2
+
+
 def test_an_anonymous_request_carries_the_anonymous_identity_not_the_clients():
     stack, svc, client = make()
     ask(stack, client, get("/scans/1", b"X-StellaOps-Tenant: spoofed", b"X-StellaOps-Actor: root"))
