@@ -20,10 +20,10 @@ cdef class TimerWheel:
     cdef object _loop, _time, _handle, _turn_cb
     cdef double _tick
     cdef public dict buckets
-    cdef long long _pos
-    cdef long long _last_slot
+    cdef double _pos
+    cdef double _last_slot
     cdef set _last_bucket
-    @cython.locals(deadline=double, slot="long long", buckets=dict, bucket=set)
+    @cython.locals(deadline=double, slot=double, buckets=dict, bucket=set)
     cpdef arm(self, Pending pending, double timeout, double now=*)
 
 

@@ -139,7 +139,9 @@ class TimerWheel:
             now = perf_counter()
         deadline = now + timeout
         pending.deadline = deadline
-        slot = int(deadline / self._tick) + 1
+        # A whole float: compiled, no int object per request (int() made one, ~160
+        # instructions); as a key it equals the int _turn pops.
+        slot = deadline // self._tick + 1
         if slot == self._last_slot:
             bucket = self._last_bucket
         else:
