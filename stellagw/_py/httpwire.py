@@ -8,7 +8,8 @@ to the rules of docs/http-edge.md.
 from __future__ import annotations
 
 __all__ = ["render_response", "host_ok", "TE_NONE", "TE_CHUNKED", "TE_OTHER", "TE_BAD",
-           "transfer_coding", "split_target", "cid_taken", "cid_made", "method_name"]
+           "transfer_coding", "split_target", "cid_taken", "cid_made", "method_name",
+           "header_name", "COMMON_HEADER_NAMES"]
 
 _REG_NAME = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _IPV6 = frozenset(b"0123456789abcdefABCDEF:.")
@@ -103,3 +104,27 @@ def method_name(method: bytes) -> str:
         raise TypeError("method_name takes bytes")
     name = _METHODS.get(method)
     return name if name is not None else method.decode("ascii")
+
+
+# The header names most requests carry or the gateway reads: header_name() gives back one
+# bytes object for each, whose hash is then computed once for every lookup after it.
+COMMON_HEADER_NAMES = (
+    b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language",
+    b"content-type", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+    b"authorization", b"dpop", b"cookie", b"cache-control", b"pragma", b"origin",
+    b"referer", b"if-none-match", b"if-modified-since", b"expect", b"upgrade", b"te",
+    b"x-correlation-id", b"x-request-id", b"x-service-version", b"traceparent",
+    b"tracestate", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+    b"forwarded", b"x-real-ip", b"proxy-connection", b"sec-websocket-key",
+    b"sec-websocket-version", b"sec-websocket-protocol", b"sec-websocket-extensions",
+)
+_NAMES = {n: n for n in COMMON_HEADER_NAMES}
+
+
+def header_name(raw: bytes) -> bytes:
+    """A field name as the gateway keys on it: lower case (RFC 9110 §5.1), the one object
+    of COMMON_HEADER_NAMES when it is one."""
+    if type(raw) is not bytes:
+        raise TypeError("header_name takes bytes")
+    lowered = raw.lower()
+    return _NAMES.get(lowered, lowered)

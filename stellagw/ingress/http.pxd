@@ -5,8 +5,8 @@
 cimport cython
 
 from stellagw._cext.metrics cimport Histogram, perf_counter
-from stellagw._cext.httpwire cimport (cid_made, cid_taken, host_ok, method_name,
-                                      render_response, split_target)
+from stellagw._cext.httpwire cimport (cid_made, cid_taken, header_name, host_ok,
+                                      method_name, render_response, split_target)
 
 cdef int _PIPELINE_MAX
 cdef int _D_NONE, _D_HEADER, _D_BODY, _D_IDLE, _D_LINGER

@@ -26,8 +26,8 @@ from ..observe.metrics import perf_counter
 from ..replies import JSON, STATUS_LINES, error_body, status_line
 from .compress import accepts_gzip, gzipped
 from .proxy import ProxyError, parse_proxy_header
-from .wire import (TE_CHUNKED, TE_OTHER, cid_made, cid_taken, host_ok, method_name,
-                   render_response, split_target, transfer_coding)
+from .wire import (TE_CHUNKED, TE_OTHER, cid_made, cid_taken, header_name, host_ok,
+                   method_name, render_response, split_target, transfer_coding)
 
 # How many parsed requests may wait behind the one in flight before we stop reading:
 # bounds the memory one pipelining client can make us hold.
@@ -623,7 +623,9 @@ class HttpProtocol:
             # section a stage reads (§6.5.1) — the service sees none of them.
             return
         headers = self._headers
-        headers.append((name.lower(), value))
+        # Lower case, and one object per common name: its hash is made once, not by every
+        # lookup of every request (cext/httpwire.pyx).
+        headers.append((header_name(name), value))
         if len(headers) > self._max_header_count:
             self._reject = (431, "more than %d request header fields" % self._max_header_count)
             raise _Reject

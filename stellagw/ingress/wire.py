@@ -22,7 +22,10 @@ split_target = _m.split_target
 cid_taken = _m.cid_taken
 cid_made = _m.cid_made
 method_name = _m.method_name
+header_name = _m.header_name
+COMMON_HEADER_NAMES = _m.COMMON_HEADER_NAMES
 TE_NONE, TE_CHUNKED, TE_OTHER, TE_BAD = _m.TE_NONE, _m.TE_CHUNKED, _m.TE_OTHER, _m.TE_BAD
 
 __all__ = ["render_response", "host_ok", "transfer_coding", "split_target", "cid_taken",
-           "cid_made", "method_name", "TE_NONE", "TE_CHUNKED", "TE_OTHER", "TE_BAD"]
+           "cid_made", "method_name", "header_name", "COMMON_HEADER_NAMES", "TE_NONE",
+           "TE_CHUNKED", "TE_OTHER", "TE_BAD"]

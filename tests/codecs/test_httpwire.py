@@ -130,3 +130,36 @@ def test_method_name_is_one_str_per_common_method(w):
                         b"GETS", b"PUTX", b"MKCOL", b"PURGE", b"DELETES", b"OPTION", b"get"]))
 def test_method_name_twins_agree(method):
     assert C.method_name(method) == py_wire.method_name(method)
+
+
+@pytest.mark.parametrize("w", IMPLS)
+def test_header_name_is_one_object_per_common_name(w):
+    # The ingress keys every later lookup (forwarding classes, credential fields, its own
+    # header scan) on these objects: whatever the case the client sent, the same one.
+    for name in w.COMMON_HEADER_NAMES:
+        assert name == name.lower()
+        for sent in (name, name.upper(), name.title(), bytes(bytearray(name))):
+            assert w.header_name(sent) is name
+    assert w.header_name(b"X-Custom-Thing") == b"x-custom-thing"
+    assert w.header_name(b"hostx") == b"hostx" and w.header_name(b"") == b""
+    with pytest.raises(TypeError):
+        w.header_name(None)
+    with pytest.raises(TypeError):
+        w.header_name("host")
+
+
+@pytest.mark.skipif(C is None, reason="needs the compiled module")
+def test_header_name_lists_agree():
+    assert C.COMMON_HEADER_NAMES == py_wire.COMMON_HEADER_NAMES
+
+
+@pytest.mark.skipif(C is None, reason="needs the compiled module")
+@given(st.one_of(st.binary(max_size=40),
+                 st.sampled_from(py_wire.COMMON_HEADER_NAMES).flatmap(
+                     lambda n: st.lists(st.booleans(), min_size=len(n), max_size=len(n)).map(
+                         lambda up: bytes(c - 32 if u and 97 <= c <= 122 else c
+                                          for c, u in zip(n, up))))))
+def test_header_name_twins_agree(raw):
+    # Only ASCII letters change case (RFC 9110 field names are tokens; bytes.lower()'s rule).
+    got = C.header_name(raw)
+    assert got == py_wire.header_name(raw) == raw.lower()
