@@ -67,7 +67,16 @@ _JSON_CT = b"content-type: application/json\r\n"
 _CLOSE = b"connection: close\r\n"
 _KEEP_ALIVE = b"connection: keep-alive\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# The http_version of nearly every request, one object: transport/connection.py tells it by
+# identity before comparing.
+HTTP11 = "1.1"
 _STATUS_LINES = STATUS_LINES     # typed (http.pxd): a dict lookup per answer, not a method call
+
+
+def _eq(a, b):
+    # Compiled, `str == str` is PyUnicode_Compare, a full ordering of ~100 instructions even
+    # when the lengths differ, as they do in most comparisons on the request path.
+    return a is b or (len(a) == len(b) and a == b)
 
 
 class _Reject(Exception):
@@ -295,7 +304,7 @@ def _new_request(conn):
     req.body_size = 0
     req.held = None
     req.expect_continue = False
-    req.http_version = "1.1"
+    req.http_version = HTTP11
     req.keep_alive = True
     req.correlation_id = ""
     req.started = 0.0
@@ -690,14 +699,14 @@ class HttpProtocol:
         # llhttp (strict) admits 0.9, 1.0, 1.1 and 2.0, and keeps a 1.1 connection alive
         # unless told to close, any other only when a Connection (or Proxy-Connection) line
         # says keep-alive: kept alive without either line, the request is 1.1.
-        version = "1.1" if keep_alive and not connection else parser.get_http_version()
+        version = HTTP11 if keep_alive and not connection else parser.get_http_version()
         req.http_version = version
         if version != "1.1" and version != "1.0":
             # llhttp reads a missing version as 0.9 and accepts 2.0 in a request line.
             if version == "2.0":
                 self._refuse(505, "HTTP/2 is not spoken on this port; send HTTP/1.1")
             self._refuse(400, "the request line must end in HTTP/1.1 or HTTP/1.0")
-        if req.method == "CONNECT":
+        if _eq(req.method, "CONNECT"):
             self._refuse(405, "CONNECT is not supported")
         req.correlation_id = self._acct.correlation_id_of(cid)
         req.client_ip = self.peer_ip
@@ -1007,11 +1016,11 @@ class HttpProtocol:
             line = status_line(status)
         if not keep:
             connection = _CLOSE
-        elif req.http_version == "1.0":
+        elif _eq(req.http_version, "1.0"):
             connection = _KEEP_ALIVE
         else:
             connection = b""
-        if req.method == "HEAD" or status == 304:
+        if _eq(req.method, "HEAD") or status == 304:
             payload = b""
         else:
             payload = body

@@ -36,7 +36,7 @@ import socket
 import time
 from functools import partial
 
-from ..ingress.http import B_OPEN
+from ..ingress.http import B_OPEN, HTTP11
 from ..observe.metrics import perf_counter
 from ..replies import error_body
 from ..routing.outliers import SERVER_ERROR, TIMEOUT
@@ -627,10 +627,11 @@ class ServiceConnection:
         extra = identity.header_pairs if identity is not None else ()
         if pending.span is not None:
             extra = list(extra) + self._hub.worker.tracing.traceparent(pending.span)
+        version = req.http_version
         self._encoder.request_forward(
             pending.corr, req.method, path, req.query, req.headers,
             int(pending.timeout * 1000), flags, body,
-            CLASSES, classify, req.http_version == "1.1", req.span is None, extra,
+            CLASSES, classify, version is HTTP11 or version == "1.1", req.span is None, extra,
             req.client_ip, self._scheme, req.correlation_id)
         self._requests_sent += 1
 
