@@ -819,6 +819,12 @@ class RoutingState:
             best = SPLIT
         elif version is None:
             cache.pop(Split, None)      # a ramp that ended
+        elif not best:
+            # A pin no routable instance has: not kept. The client chooses the header, so
+            # keeping each value would let one client grow the cache without bound; the
+            # cache holds the route's own versions only (and recomputing an empty answer
+            # scans the route's candidates, what this computation just did).
+            return best
         cache[version] = best
         return best
 

@@ -352,6 +352,24 @@ def test_a_version_pin_nobody_serves_is_503_naming_it():
     assert len(svc.requests()) == 1
 
 
+def test_version_pins_nobody_serves_are_not_remembered():
+    # The client chooses X-Service-Version: 500 different pins are 500 refusals that leave
+    # nothing behind (the route's ranking cache held one entry per value, without bound).
+    stack, svc, client = make(version="1.4.0")
+    ask(stack, client, get("/scans/1", b"X-Service-Version: 1.4.0"))
+    [sent] = svc.requests()
+    svc.respond(sent.corr, 200, (), b"ok")
+    assert [s for s, _, _ in client.responses()] == [200]
+    route = stack.worker.routing.router.match("GET", "/scans/1")[1]
+    cached = dict(route._cache)
+    for i in range(500):
+        refused(stack, svc, stack.client(),
+                get("/scans/1", b"X-Service-Version: 9.%d.0-%s" % (i, b"x" * 64)), 503)
+    assert route._cache == cached and "1.4.0" in cached
+    ask(stack, client, get("/scans/1", b"X-Service-Version: 1.4.0"))
+    assert len(svc.requests()) == 1       # the version it has is served as before
+
+
 def test_a_request_reaches_the_selected_instance_with_its_endpoint_and_timeout():
     stack, old, client = make(version="1.0.0", instance_id="scan-old")
     new = stack.register("scan", [endpoint("GET", "/scans/{id}", timeout_ms=900)],

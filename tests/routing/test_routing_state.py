@@ -113,6 +113,8 @@ def test_version_selection_strict_or_newest():
     assert s.select(route, "1.2.0")[0].instance_id == "old"
     assert s.select(route, "1.10.0")[0].instance_id == "new"
     assert s.select(route, "9.9.9") is None
+    # Only the route's own versions are kept ranked: a pin nobody has is not remembered.
+    assert "9.9.9" not in route._cache and {"1.2.0", "1.10.0"} <= set(route._cache)
 
 
 def test_two_links_of_one_instance_are_two_candidates_until_one_closes():
