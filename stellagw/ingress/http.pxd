@@ -15,7 +15,7 @@ cdef int _B_NONE, _B_OPEN
 cdef Py_ssize_t _LINGER_BYTES
 cdef bytes _JSON_CT, _CLOSE, _KEEP_ALIVE, _CONTINUE
 cdef dict _STATUS_LINES
-cdef inline bint _eq(str a, str b)
+cdef bint _eq(str a, str b)
 cdef Py_ssize_t _MAX_CELLS
 
 
