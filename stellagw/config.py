@@ -836,6 +836,9 @@ class OutlierDetectionSettings:
 @_settings
 class RoutingSettings:
     default_timeout: float = _duration_key("defaultTimeout", "30s", positive=True)
+    # A streamed response (or a request body still streaming beside it) that moves no byte
+    # either way for this long is ended: CANCEL to the service, the client cut.
+    stream_idle_timeout: float = _duration_key("streamIdleTimeout", "5m", positive=True)
     max_request_body_size: int = _size_key("maxRequestBodySize", "100MB")
     streaming_enabled: bool = _key("streamingEnabled", BOOL, True)
     streaming_buffer_size: int = _size_key("streamingBufferSize", 16384, low=1)

@@ -468,6 +468,7 @@ class Reloader:
         self._routing(og, ng)
         # As the hub computes it (transport/hub.py): the stream chunk of new requests.
         w.hub.chunk_size = max(1024, min(ng.routing.streaming_buffer_size, INITIAL_WINDOW))
+        w.hub.stream_idle_timeout = ng.routing.stream_idle_timeout      # streams from now on
         retired_limiter = None
         if auth is not None:
             w.auth = auth

@@ -1146,9 +1146,10 @@ class HttpProtocol:
         self._finish(req, self._stream_status,
                      self._stream_keep and req.body_state != _B_OPEN)
 
-    def abort_stream(self, req):
+    def abort_stream(self, req, status=502):
         """The producer failed mid-body: the status is sent, so the only honest signal left
-        is to cut the connection (a truncated chunked body is detectably incomplete)."""
+        is to cut the connection (a truncated chunked body is detectably incomplete).
+        `status` is what metrics and the access log count it as (504: it went idle)."""
         if req is not self._current:
             return
         self._on_writable = None
@@ -1156,7 +1157,7 @@ class HttpProtocol:
         self._streaming = False
         req.pending = None
         req.done = True
-        self._acct.request_done(req, 502)
+        self._acct.request_done(req, status)
         self.close()
 
     # ---------------------------------------------------------------- upgrades

@@ -454,8 +454,10 @@ class ServiceConnection:
             conn.respond(req, status, block, body)
             return
         pending.streaming = True
-        # The timeout covers REQUEST → RESPONSE (protocol.md §5.4), not the stream.
-        _disarm(pending)
+        # The timeout covers REQUEST → RESPONSE (protocol.md §5.4); the stream has its own:
+        # no byte moving either way for streamIdleTimeout ends it (_timeout).
+        pending.timeout = self._hub.stream_idle_timeout
+        self._rearm(pending)
         if not req.conn.start_stream(req, status, block, partial(self._client_writable, pending)):
             self._cancel(pending, "ClientDisconnected")
             return
@@ -519,6 +521,8 @@ class ServiceConnection:
             if not pending.ws.client_paused:
                 self._grant(pending)
             return
+        if pending.deadline:
+            self._rearm(pending)            # the service is sending: not idle
         if chunk:
             self._stream_to_client(pending, chunk)
         if flags & _FLAG_END_STREAM:
@@ -535,6 +539,8 @@ class ServiceConnection:
 
     def _client_writable(self, pending):
         if self.inflight.get(pending.corr) is pending:
+            if pending.deadline:
+                self._rearm(pending)        # the client took what it was sent: not idle
             self._grant(pending)
 
     def _grant(self, pending):
@@ -705,7 +711,19 @@ class ServiceConnection:
         pending.deadline = 0.0
         self._cancel(pending, "Timeout")
         self._hub.count_timeout()
-        self._failed(TIMEOUT)
+        if not pending.streaming:
+            self._failed(TIMEOUT)
+        else:
+            # streamIdleTimeout: the status is out, so the client is cut (_fail). Credit held
+            # back means the client had not taken what it was sent: the stream waited on the
+            # client, which is no failure of the service's (outlier detection).
+            waited_on = "client" if pending.unacked else "service"
+            if waited_on == "service":
+                self._failed(TIMEOUT)
+            req = pending.req
+            self._log.event("warning", "streamed response idle: ended", service=req.service,
+                            route=req.route, correlationId=req.correlation_id,
+                            waitingOn=waited_on, idleSeconds=pending.timeout)
         self._fail(pending, 504, "the service did not answer in time")
 
     def requests_sent(self):
@@ -769,7 +787,7 @@ class ServiceConnection:
             pending.ws.abort()
             return
         if pending.streaming:
-            req.conn.abort_stream(req)
+            req.conn.abort_stream(req, status)
         else:
             _reply_error(req, status, message)
 

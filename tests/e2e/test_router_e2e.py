@@ -320,6 +320,35 @@ def test_readiness_waits_for_required_services_and_reports_instance_health(tmp_p
         st.close()
 
 
+def test_a_streamed_response_that_stalls_is_cut_and_its_service_cancelled():
+    # routing.streamIdleTimeout over real sockets and the real SDK: the service streams a
+    # line, then nothing. The client gets the head and the line, then the connection is
+    # cut without the last chunk; the service's producer is cancelled; the gateway serves on.
+    from tests.support.gwtest import GatewayThread, is_closed, settings_from
+    gw = GatewayThread(settings_from(
+        "gateway: {http: {port: 0}, routing: {streamIdleTimeout: 1s}}")).start()
+    svc = ServiceProcess("st", gw.transport_port).start()
+    try:
+        svc.wait_routable(gw.port, timeout=15)
+        with connect(gw.port, timeout=10) as s:
+            s.sendall(b"GET /t/st/stall?ms=60000 HTTP/1.1\r\nHost: gw\r\n"
+                      b"X-Correlation-Id: stalled-1\r\n\r\n")
+            got = b""
+            while b"first\n" not in got:
+                chunk = s.recv(65536)
+                assert chunk, got
+                got += chunk
+            assert got.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in got
+            assert is_closed(s, timeout=10)      # cut: no "late" line, no last chunk
+        assert wait_for(lambda: "stalled-1" in orjson.loads(request(
+            gw.port, b"GET /t/st/events HTTP/1.1\r\nHost: gw\r\n\r\n")[2])["cancelled"])
+        assert request(gw.port, b"GET /t/st/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200
+        assert gw.call(lambda: gw.worker.hub.timeouts) == 1
+    finally:
+        svc.stop()
+        gw.stop()
+
+
 def test_finished_requests_leave_nothing_behind_in_the_timer_wheel():
     # Regression: finished requests stayed in the timeout wheel until their (30 s)
     # deadline, so RSS grew with the request rate (240 MB under wrk).

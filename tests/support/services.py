@@ -10,6 +10,8 @@ Endpoints, all under /t/<name>/ so several services can register side by side:
   WS   ws                echo; "close-4001" closes with 4001, "big-N" sends N bytes, "crash" dies
   GET  events            correlation ids of requests this process saw cancelled
   GET  stream?mb=N       N MiB streamed in 64 KiB chunks
+  GET  stall?ms=N        streams one line, then nothing for N ms (a CANCEL is recorded, see
+                         events), then another line and the end
   GET  crash             the process dies mid-request
   GET|POST crash-once?marker=PATH   the first instance to create PATH dies mid-request,
                          others answer (POST crash-once-retryable: declared retryable)
@@ -112,6 +114,20 @@ def build(name, gateways, region, version, instance, fail_until=0.0):
             for _ in range(mb * 16):
                 yield chunk
         return StreamResponse(body(), content_type="application/octet-stream")
+
+    @svc.get(base + "/stall", streaming=True)
+    async def stall(req):
+        ms = int(req.query.decode().partition("ms=")[2] or "1000")
+
+        async def body():
+            yield b"first\n"
+            try:
+                await asyncio.sleep(ms / 1000)
+            except asyncio.CancelledError:
+                cancelled.append(req.correlation_id)
+                raise
+            yield b"late\n"
+        return StreamResponse(body(), content_type="text/plain")
 
     async def crash_once(req):
         # The first instance to see this marker dies mid-request; any other answers.

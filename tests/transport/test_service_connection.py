@@ -312,6 +312,61 @@ def test_a_link_lost_mid_stream_cuts_the_client_connection():
     assert stack.pipeline._retries.counts == {}      # an answer had started: never retried
 
 
+def test_a_streamed_response_that_goes_idle_is_ended():
+    # routing.streamIdleTimeout: a stream in which no byte moves for that long is ended —
+    # CANCEL(Timeout) to the service, the client cut without the last chunk (its status is
+    # out), counted as a 504 and against the instance; one that keeps moving never is.
+    stack = Stack("gateway: {routing: {streamIdleTimeout: 3s, "
+                  "outlierDetection: {consecutiveErrors: 1, maxEjectionPercent: 100}}}")
+    svc = stack.register("scan", SCANS)
+    client = stack.client()
+    _, sent = dispatched(stack, client, "/feed", svc)
+    svc.respond(sent.corr, 200, (), b"one,", end=False)
+    stack.run()
+    assert client.output().endswith(b"4\r\none,\r\n")
+    for _ in range(4):               # a chunk every 2 s: 8 s in all, never 3 s idle
+        stack.advance(2)
+        svc.stream(sent.corr, b"x")
+        stack.run()
+    assert client.output() == b"1\r\nx\r\n" * 4 and not client.transport.closed
+    assert kinds(svc.frames()) == ["WINDOW_UPDATE"] * 5
+    stack.advance(2.9)
+    assert svc.frames() == [] and not client.transport.closed
+    stack.advance(0.2)
+    assert control(svc.frames(), fr.CANCEL) == [(sent.corr, {"reason": "Timeout"})]
+    assert client.transport.closed and client.output() == b""   # no "0\r\n\r\n"
+    assert svc.conn.inflight == {} and stack.hub.wheel.buckets == {}
+    assert svc.conn.instance.ejected_until                      # the service stalled
+    [event] = stack.log.records("streamed response idle: ended")
+    assert event["waitingOn"] == "service" and event["correlationId"]
+    snapshot = stack.worker.metrics.snapshot()
+    assert [status for (*_, status, n) in snapshot["requests"]] == [504]
+
+
+def test_a_client_that_stops_reading_a_stream_is_cut_without_blaming_the_service():
+    # The same deadline when the stream waits on the client: it took nothing for that long
+    # (credit held back), so the service gets CANCEL and the client is cut, but the
+    # instance is not counted as failing.
+    stack = Stack("gateway: {routing: {streamIdleTimeout: 3s, "
+                  "outlierDetection: {consecutiveErrors: 1, maxEjectionPercent: 100}}}")
+    svc = stack.register("scan", SCANS)
+    client = stack.client()
+    _, sent = dispatched(stack, client, "/feed", svc)
+    svc.respond(sent.corr, 200, (), b"", end=False)
+    stack.run()
+    client.output()
+    client.proto.pause_writing()
+    svc.stream(sent.corr, b"held")
+    stack.run()
+    assert svc.frames() == []                       # no credit back: the client is not reading
+    stack.advance(3.1)
+    assert control(svc.frames(), fr.CANCEL) == [(sent.corr, {"reason": "Timeout"})]
+    assert client.transport.closed and svc.conn.inflight == {}
+    assert not svc.conn.instance.ejected_until
+    [event] = stack.log.records("streamed response idle: ended")
+    assert event["waitingOn"] == "client"
+
+
 def test_stream_data_past_the_granted_window_is_a_protocol_error():
     stack = Stack()
     svc = stack.register("scan", SCANS)
