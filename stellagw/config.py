@@ -642,6 +642,10 @@ class HttpSettings:
          "x-method-override", "x-original-url", "x-rewrite-url"])
     shutdown_timeout: float = _duration_key("shutdownTimeout", "30s")
     backlog: int = _key("backlog", COUNT, 2048)
+    # TCP keep-alive on client connections: idle time before the kernel's first probe
+    # (listeners.keep_alive); a client gone without a FIN is found and its connection
+    # closed. 0 = off.
+    tcp_keep_alive: float = _duration_key("tcpKeepAlive", "60s")
     tls: HttpTlsSettings = _section("tls", HttpTlsSettings)
 
 

@@ -46,7 +46,7 @@ from .auth import Authenticator
 from .openapi import OpenApiCache
 from .health import builtins
 from .health.admin import AdminServer
-from .listeners import WorkerSockets, bind_exclusive, listen
+from .listeners import WorkerSockets, bind_exclusive, keep_alive, listen
 from .pipeline import Pipeline
 from .ratelimit import RateLimiter
 from .reload import Reloader
@@ -349,6 +349,7 @@ class Worker:
         # Before clients: a route of a service the fleet routes is 503 from the first
         # request on, never 404.
         fleet_services = self.fleet.seed(view) if self.fleet is not None else set()
+        keep_alive(http_sock, gw.http.tcp_keep_alive)     # inherited by each connection
         server = await loop.create_server(
             lambda: HttpProtocol(self), sock=http_sock, ssl=ssl_ctx, backlog=gw.http.backlog,
             ssl_handshake_timeout=gw.http.header_read_timeout if ssl_ctx else None)

@@ -82,6 +82,25 @@ def bind_group(key: str, host: str, port: int, count: int) -> list[socket.socket
     return socks
 
 
+# After the idle time, a probe every KEEPALIVE_INTERVAL seconds; KEEPALIVE_PROBES without
+# an answer and the kernel drops the connection.
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_PROBES = 6
+
+
+def keep_alive(sock: socket.socket, idle: float) -> None:
+    """TCP keep-alive (gateway.http.tcpKeepAlive) on a listening socket: Linux gives every
+    connection accepted from it the same options, so no call per connection. Without it
+    a client that vanished without a FIN (its network gone, a phone asleep) holds a
+    WebSocket or a long stream, and a connection slot, for as long as the other side
+    stays up: nothing is sent to it that could fail. 0 = off."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1 if idle > 0 else 0)
+    if idle > 0 and hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(idle)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
 def listen(sock: socket.socket, backlog: int) -> socket.socket:
     sock.listen(backlog)
     sock.setblocking(False)

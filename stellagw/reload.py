@@ -49,7 +49,7 @@ from .config import ConfigError, default_settings, effective_config, load_config
 # Keys whose new value needs new sockets or processes: named in the log, never applied.
 RESTART_REQUIRED = (
     "gateway.node.workers", "gateway.node.nodeId",
-    "gateway.http.host", "gateway.http.port", "gateway.http.backlog",
+    "gateway.http.host", "gateway.http.port", "gateway.http.backlog", "gateway.http.tcpKeepAlive",
     "gateway.http.tls.enabled",
     "gateway.admin.enabled", "gateway.admin.host", "gateway.admin.port",
     # Listeners, their caps, buffers and registration rules are built once per worker.

@@ -1,6 +1,7 @@
 """The ingress over real loopback sockets: keep-alive, pipelining, deadlines, TLS, drain."""
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import threading
@@ -73,6 +74,33 @@ def test_idle_keep_alive_connection_is_closed(gateway):
         s.sendall(b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")
         assert read_response(s)[0] == 200
         assert is_closed(s, timeout=5)
+
+
+def _accepted(gw, client: socket.socket) -> socket.socket:
+    """The gateway's side of `client`'s connection (the gateway runs in this process): a
+    duplicate of its descriptor, for reading its options."""
+    import psutil
+    peer = client.getsockname()
+    for c in psutil.Process().net_connections("tcp"):
+        if c.laddr and c.raddr and c.laddr[1] == gw.port and tuple(c.raddr) == peer:
+            return socket.socket(fileno=os.dup(c.fd))
+    raise AssertionError(f"no accepted connection from {peer}")
+
+
+@pytest.mark.parametrize("idle, on", [("45s", True), ("0", False)])
+def test_client_connections_carry_tcp_keep_alive(gateway, idle, on):
+    # A client gone without a FIN is found by the kernel's probes (gateway.http.tcpKeepAlive),
+    # set on the listening socket and copied by Linux to every accepted connection.
+    gw = gateway(f"gateway: {{http: {{port: 0, tcpKeepAlive: {idle}}}}}")
+    with connect(gw.port) as s:
+        s.sendall(b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert read_response(s)[0] == 200
+        with _accepted(gw, s) as accepted:
+            assert bool(accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)) is on
+            if on:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 45
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 6
 
 
 def test_malformed_request_over_socket(gateway):
