@@ -185,10 +185,10 @@ class Accounting:
         # integer until a snapshot folds it in.
         cell = self._last_cell
         count = self._last_count
+        # (The metrics' durations dict is never replaced once made: observe/metrics.py.)
         if (req.route is not self._last_route or req.method is not self._last_method
                 or status != self._last_status or cell is None
-                or req.service is not cell.service
-                or cell.durations is not self._metrics.durations):
+                or req.service is not cell.service):
             by_method = self._cells.get(req.route)
             if by_method is None:
                 if len(self._cells) >= _MAX_CELLS:

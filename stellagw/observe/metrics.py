@@ -234,6 +234,8 @@ class Metrics:
             return
         view = _View()
         view.add(snap, counters_only=True)
+        # Bound here, in __init__, and never again: the hot path keeps these dicts
+        # (Accounting's cells, the hub's frame counts, the pipeline's phase histograms).
         self.requests, self.durations, self.frames = view.requests, view.durations, view.frames
         self.phases, self.auth_failures, self.rate_limited = view.phases, view.auth_failures, view.rate_limited
         self._extra_base = {name: entry for name, entry in view.extra.items()
