@@ -934,7 +934,7 @@ class HttpProtocol:
         if pending is not None:
             pending.abort(status == 413)     # the service learns why (protocol.md §4.5)
         if self._streaming:
-            self.abort_stream(req)
+            self.abort_stream(req, status)
             return
         self.respond(req, status, _JSON_CT, error_body(status, message, req.correlation_id),
                      True)
