@@ -436,6 +436,29 @@ def test_a_request_body_streams_under_the_services_window():
     assert client.responses()[0][:1] == (201,)
 
 
+def test_a_body_over_the_limit_after_the_answer_started_cuts_the_stream_as_413():
+    # The service answers a streaming upload at once (a progress feed); the client's chunked
+    # body then passes the body limit: the status is out, so the client is cut, the service
+    # gets CANCEL PayloadLimitExceeded, and the request is counted as the 413 it is.
+    stack = Stack("gateway: {routing: {maxRequestBodySize: 100}}")
+    svc = stack.register("scan", SCANS)
+    client = stack.client()
+    client.send(b"POST /upload HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"10\r\n" + b"a" * 16 + b"\r\n")
+    stack.run()
+    [sent] = svc.requests()
+    svc.respond(sent.corr, 200, (), b"started", end=False)
+    stack.run()
+    assert client.output().startswith(b"HTTP/1.1 200 ")
+    svc.frames()
+    client.send(b"64\r\n" + b"b" * 100 + b"\r\n")
+    stack.run()
+    assert control(svc.frames(), fr.CANCEL) == [(sent.corr, {"reason": "PayloadLimitExceeded"})]
+    assert client.transport.closed and svc.conn.inflight == {}
+    snapshot = stack.worker.metrics.snapshot()
+    assert [status for (*_, status, n) in snapshot["requests"]] == [413]
+
+
 # ---------------------------------------------------------------------------- cancel, timeout
 
 
