@@ -293,19 +293,11 @@ cpdef str method_name(bytes method):
     return method.decode("ascii")
 
 
-# The header names most requests carry or the gateway reads (the twin's list, tested equal):
-# header_name() gives back one bytes object for each, its hash computed once, so the dict
-# and set lookups after it (the forwarding classes, the credential fields) hash nothing.
-COMMON_HEADER_NAMES = (
-    b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language",
-    b"content-type", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
-    b"authorization", b"dpop", b"cookie", b"cache-control", b"pragma", b"origin",
-    b"referer", b"if-none-match", b"if-modified-since", b"expect", b"upgrade", b"te",
-    b"x-correlation-id", b"x-request-id", b"x-service-version", b"traceparent",
-    b"tracestate", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-    b"forwarded", b"x-real-ip", b"proxy-connection", b"sec-websocket-key",
-    b"sec-websocket-version", b"sec-websocket-protocol", b"sec-websocket-extensions",
-)
+# The header names most requests carry or the gateway reads: one list, the twin's (data,
+# not logic). header_name() gives back one bytes object for each, its hash computed once,
+# so the dict and set lookups after it (the forwarding classes, the credential fields) hash
+# nothing.
+from stellagw._py.httpwire import COMMON_HEADER_NAMES
 
 cdef enum:
     C_NAME_MAX = 24                 # the longest common name (sec-websocket-extensions)

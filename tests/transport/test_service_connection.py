@@ -312,17 +312,24 @@ def test_a_link_lost_mid_stream_cuts_the_client_connection():
     assert stack.pipeline._retries.counts == {}      # an answer had started: never retried
 
 
-def test_a_streamed_response_that_goes_idle_is_ended():
-    # routing.streamIdleTimeout: a stream in which no byte moves for that long is ended —
-    # CANCEL(Timeout) to the service, the client cut without the last chunk (its status is
-    # out), counted as a 504 and against the instance; one that keeps moving never is.
+def streaming(first: bytes):
+    """A /feed stream under a 3 s streamIdleTimeout, its RESPONSE head and `first` out;
+    one failure ejects the instance (to see whether a timeout counted against it)."""
     stack = Stack("gateway: {routing: {streamIdleTimeout: 3s, "
                   "outlierDetection: {consecutiveErrors: 1, maxEjectionPercent: 100}}}")
     svc = stack.register("scan", SCANS)
     client = stack.client()
     _, sent = dispatched(stack, client, "/feed", svc)
-    svc.respond(sent.corr, 200, (), b"one,", end=False)
+    svc.respond(sent.corr, 200, (), first, end=False)
     stack.run()
+    return stack, svc, client, sent
+
+
+def test_a_streamed_response_that_goes_idle_is_ended():
+    # routing.streamIdleTimeout: a stream in which no byte moves for that long is ended —
+    # CANCEL(Timeout) to the service, the client cut without the last chunk (its status is
+    # out), counted as a 504 and against the instance; one that keeps moving never is.
+    stack, svc, client, sent = streaming(b"one,")
     assert client.output().endswith(b"4\r\none,\r\n")
     for _ in range(4):               # a chunk every 2 s: 8 s in all, never 3 s idle
         stack.advance(2)
@@ -347,13 +354,7 @@ def test_a_client_that_stops_reading_a_stream_is_cut_without_blaming_the_service
     # The same deadline when the stream waits on the client: it took nothing for that long
     # (credit held back), so the service gets CANCEL and the client is cut, but the
     # instance is not counted as failing.
-    stack = Stack("gateway: {routing: {streamIdleTimeout: 3s, "
-                  "outlierDetection: {consecutiveErrors: 1, maxEjectionPercent: 100}}}")
-    svc = stack.register("scan", SCANS)
-    client = stack.client()
-    _, sent = dispatched(stack, client, "/feed", svc)
-    svc.respond(sent.corr, 200, (), b"", end=False)
-    stack.run()
+    stack, svc, client, sent = streaming(b"")
     client.output()
     client.proto.pause_writing()
     svc.stream(sent.corr, b"held")
