@@ -176,6 +176,7 @@ cdef class HttpProtocol:
     cdef bint _holding(self)
     cdef _run(self, Request req)
     @cython.locals(keep=bint)
+    @cython.locals(length=Py_ssize_t)
     cpdef respond(self, Request req, int status, headers, body, bint close=*)
     cdef _write(self, data)
     cdef _finish(self, Request req, int status, bint keep)

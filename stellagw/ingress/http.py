@@ -1020,8 +1020,16 @@ class HttpProtocol:
             connection = _KEEP_ALIVE
         else:
             connection = b""
-        if _eq(req.method, "HEAD") or status == 304:
+        if status == 204 or status == 304 or status == 205:
+            # No content, whatever the service sent: a client frames these without reading
+            # a body, so bytes after the head would be read as the next response on the
+            # connection (a desync the service's data could steer). No Content-Length on 204
+            # and 304 either (RFC 9110 §8.6); 205 says 0 (§15.3.6).
             payload = b""
+            length = 0 if status == 205 else -1
+        elif _eq(req.method, "HEAD"):
+            payload = b""
+            length = len(body)
         else:
             payload = body
             gzip = self._gzip
@@ -1029,9 +1037,9 @@ class HttpProtocol:
                     and accepts_gzip(req.headers)):
                 headers, payload = gzipped(headers, body, gzip.level)
                 body = payload
+            length = len(body)
         req.bytes_out = len(payload)
-        # RFC 9110 §8.6: no Content-Length on 304 (it would describe the unsent body).
-        data = render_response(line, self._edge.date_header, len(body) if status != 304 else -1,
+        data = render_response(line, self._edge.date_header, length,
                                headers, req.resp_headers, req.correlation_id.encode("latin-1"),
                                connection, payload)
         self._write(data)
@@ -1111,10 +1119,15 @@ class HttpProtocol:
         """
         if req is not self._current or self.transport is None or self._closing:
             return False
-        self._chunked = req.http_version == "1.1"
-        self._stream_keep = self._chunked and req.keep_alive and not self._edge.draining
+        # 204, 205 and 304 have no content (respond()): the head is the whole answer, with
+        # no framing that would announce a body; what the service streams is dropped.
+        bodiless = status == 204 or status == 304 or status == 205
+        self._chunked = req.http_version == "1.1" and not bodiless
+        self._stream_keep = ((self._chunked or bodiless) and req.keep_alive
+                             and not self._edge.draining)
         self._on_writable = on_writable
-        framing = b"transfer-encoding: chunked\r\n" if self._chunked else b""
+        framing = (b"transfer-encoding: chunked\r\n" if self._chunked
+                   else b"content-length: 0\r\n" if status == 205 else b"")
         if not self._stream_keep:
             framing += _CLOSE
         self._stream_status = status
@@ -1126,7 +1139,9 @@ class HttpProtocol:
 
     def stream_chunk(self, req, data):
         """Send one piece of a streamed body. False: stop producing until on_writable()."""
-        if req is not self._current or self.transport is None or req.method == "HEAD":
+        if (req is not self._current or self.transport is None or req.method == "HEAD"
+                or self._stream_status == 204 or self._stream_status == 304
+                or self._stream_status == 205):
             return not self._write_paused
         if not data:
             return not self._write_paused
@@ -1142,7 +1157,7 @@ class HttpProtocol:
             return
         self._on_writable = None
         if self._chunked and req.method != "HEAD":
-            self.transport.write(b"0\r\n\r\n")
+            self.transport.write(b"0\r\n\r\n")     # (never chunked for 204, 205, 304)
         self._finish(req, self._stream_status,
                      self._stream_keep and req.body_state != _B_OPEN)
 

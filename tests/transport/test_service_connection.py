@@ -296,6 +296,56 @@ def test_a_streamed_response_is_chunked_and_credit_follows_the_client():
     assert svc.conn.inflight == {} and not client.transport.ended
 
 
+def _responses(raw: bytes) -> list[tuple[int, bytes]]:
+    """(status, body) of each response in `raw`, read by llhttp (httptools) as a client
+    reads them: a 204 or 304 has no body whatever follows its head."""
+    import httptools
+    out = []
+
+    class Reader:
+        def on_message_begin(self):
+            out.append([0, b""])
+
+        def on_body(self, body):
+            out[-1][1] += body
+
+        def on_headers_complete(self):
+            out[-1][0] = parser.get_status_code()
+
+    parser = httptools.HttpResponseParser(Reader())
+    parser.feed_data(raw)
+    return [tuple(r) for r in out]
+
+
+@pytest.mark.parametrize("status", [204, 205, 304])
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_a_status_without_content_goes_without_the_services_body(status, streamed):
+    # 204, 205 and 304 have no content (RFC 9110 §15.3.5, §15.3.6, §15.4.5), and a client
+    # reads none after a 204 or 304 head: bytes there are its next response on the
+    # connection. A service's body — here one shaped as a response — is dropped, no framing
+    # announces one (no Content-Length on 204 / 304, 0 on 205; never chunked), and the
+    # client's next request gets its own answer.
+    stack = Stack()
+    svc = stack.register("scan", SCANS)
+    client = stack.client()
+    _, sent = dispatched(stack, client, "/feed" if streamed else "/scans/1", svc)
+    forged = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged"
+    svc.respond(sent.corr, status, (), forged, end=not streamed)
+    if streamed:
+        svc.stream(sent.corr, forged)
+        svc.stream(sent.corr, b"", end=True)
+    stack.run()
+    _, sent = dispatched(stack, client, "/scans/2", svc)
+    svc.respond(sent.corr, 200, (), b"second")
+    stack.run()
+    raw = client.output()
+    assert _responses(raw) == [(status, b""), (200, b"second")]
+    head = raw[:raw.index(b"\r\n\r\n")].lower()
+    assert b"transfer-encoding" not in head and b"forged" not in raw
+    assert (b"content-length: 0" in head) if status == 205 else (b"content-length" not in head)
+    assert not client.transport.closed and svc.conn.inflight == {}
+
+
 def test_a_link_lost_mid_stream_cuts_the_client_connection():
     # protocol.md §5.4: the status is out, so a truncated chunked body and a closed
     # connection are the only honest signal left (no 502 after a 200 head).
