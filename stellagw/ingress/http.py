@@ -1122,9 +1122,11 @@ class HttpProtocol:
         # 204, 205 and 304 have no content (respond()): the head is the whole answer, with
         # no framing that would announce a body; what the service streams is dropped.
         bodiless = status == 204 or status == 304 or status == 205
-        self._chunked = req.http_version == "1.1" and not bodiless
-        self._stream_keep = ((self._chunked or bodiless) and req.keep_alive
-                             and not self._edge.draining)
+        http11 = req.http_version == "1.1"
+        self._chunked = http11 and not bodiless
+        # HTTP/1.1: chunked or bodiless, so the connection can be kept; HTTP/1.0: the body
+        # (or its absence) ends with the connection, as before.
+        self._stream_keep = http11 and req.keep_alive and not self._edge.draining
         self._on_writable = on_writable
         framing = (b"transfer-encoding: chunked\r\n" if self._chunked
                    else b"content-length: 0\r\n" if status == 205 else b"")

@@ -346,6 +346,23 @@ def test_a_status_without_content_goes_without_the_services_body(status, streame
     assert not client.transport.closed and svc.conn.inflight == {}
 
 
+def test_a_streamed_204_to_http_1_0_closes_as_its_streams_do():
+    # HTTP/1.0 has no chunking: a streamed answer ends with the connection, and says so —
+    # a bodiless one too, rather than keep a connection its head did not announce as kept.
+    stack = Stack()
+    svc = stack.register("scan", SCANS)
+    client = stack.client()
+    client.send(b"GET /feed HTTP/1.0\r\nHost: gw\r\nConnection: keep-alive\r\n\r\n")
+    stack.run()
+    [sent] = svc.requests()
+    svc.respond(sent.corr, 204, (), b"", end=False)
+    svc.stream(sent.corr, b"dropped", end=True)
+    stack.run()
+    raw = client.output()
+    assert raw.startswith(b"HTTP/1.1 204 ") and b"connection: close\r\n" in raw
+    assert raw.endswith(b"\r\n\r\n") and b"dropped" not in raw and client.transport.closed
+
+
 def test_a_link_lost_mid_stream_cuts_the_client_connection():
     # protocol.md §5.4: the status is out, so a truncated chunked body and a closed
     # connection are the only honest signal left (no 502 after a 200 head).
