@@ -367,6 +367,10 @@ class Service:
         # scale-up (a new address behind the DNS name) gets this service too.
         self.resolve_interval = resolve_interval
         self._seen_addrs: set[tuple[str, int]] = set()
+        # Addresses being dialled now: the periodic lookup and a rediscovery after a DRAIN
+        # both find a new address, and each dialling it made two links (two registrations,
+        # one closed again).
+        self._dialling: set[tuple[str, int]] = set()
         self.status = "Healthy"
         # log(message, **fields): the SDK's events (a gateway unreachable, a handler that
         # failed with its traceback, a refused HELLO); JSON lines on stderr unless given.
@@ -517,12 +521,17 @@ class Service:
                     # not-ready pods, a terminating one stays in the name for a while.
                     self._seen_addrs.add((addr, port))
                     continue
+                if (addr, port) in self._dialling:
+                    continue        # another discovery is dialling it, and retries it if it fails
+                self._dialling.add((addr, port))
                 try:
                     link = await self._connect(addr, port, host)
                     ack = await link.acked
                 except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
                     failed = exc
                     continue
+                finally:
+                    self._dialling.discard((addr, port))
                 self._adopt(link, ack, addr, origin)
                 self._seen_addrs.add((addr, port))
             if failed is None:

@@ -113,3 +113,44 @@ def test_an_address_that_left_the_name_and_came_back_is_dialled_again():
         thread.join(5)
         for gw in gws:
             gw.stop()
+
+
+def test_two_discoveries_dial_a_new_address_once():
+    # The periodic lookup and the rediscovery after another gateway's DRAIN may find the
+    # same new address together: one dials it (and retries it if it fails), the other
+    # passes it by. Both dialling made two links to one worker: two registrations, one
+    # link closed again (it made test_a_terminating_gateway_... fail now and then).
+    svc = test_services.build("once", ["gw.test:9100"], "local", "1.0.0", "once-1")
+    svc._log = lambda message, **kw: None
+    dialled, release = [], None
+
+    class Link:
+        def __init__(self):
+            self.acked = asyncio.get_running_loop().create_future()
+
+    async def addresses(host):
+        return ["127.0.0.3"]
+
+    async def connect(addr, port, host):
+        dialled.append(addr)
+        await release.wait()
+        link = Link()
+        link.acked.set_result({"node_id": "gw-3", "worker_id": 0})
+        return link
+
+    adopted = []
+    svc._addresses, svc._connect = addresses, connect
+    svc._adopt = lambda link, ack, addr, origin: adopted.append(addr)
+
+    async def main():
+        nonlocal release
+        release = asyncio.Event()
+        first = asyncio.ensure_future(svc._discover("gw.test", 9100, only_new=True))
+        second = asyncio.ensure_future(svc._discover("gw.test", 9100))
+        await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+
+    asyncio.run(main())
+    assert dialled == ["127.0.0.3"] and adopted == ["127.0.0.3"]
+    assert svc._dialling == set()
