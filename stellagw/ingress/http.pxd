@@ -140,7 +140,7 @@ cdef class HttpProtocol:
     cdef bint _closing, _parse_broken, _write_paused
     cdef int _paused
     cdef object _on_writable
-    cdef bint _chunked, _stream_keep, _streaming
+    cdef bint _chunked, _stream_keep, _streaming, _stream_drop
     cdef int _stream_status
     cdef Py_ssize_t _requests
     cdef Py_ssize_t _lingering

@@ -374,6 +374,7 @@ class HttpProtocol:
         self._on_writable = None         # producer to resume when the client drains
         self._chunked = False            # the streamed response in flight is chunked
         self._stream_keep = False
+        self._stream_drop = False        # its body is not sent (HEAD, 204, 205, 304)
         self._stream_status = 0
         self._streaming = False          # a streamed response's head has been written
         self._requests = 0               # requests begun on this connection
@@ -1133,6 +1134,7 @@ class HttpProtocol:
         if not self._stream_keep:
             framing += _CLOSE
         self._stream_status = status
+        self._stream_drop = bodiless or req.method == "HEAD"    # the head is all it gets
         self._streaming = True
         self._write(b"".join((
             status_line(status), self._edge.date_header, headers, req.resp_headers, framing,
@@ -1141,9 +1143,7 @@ class HttpProtocol:
 
     def stream_chunk(self, req, data):
         """Send one piece of a streamed body. False: stop producing until on_writable()."""
-        if (req is not self._current or self.transport is None or req.method == "HEAD"
-                or self._stream_status == 204 or self._stream_status == 304
-                or self._stream_status == 205):
+        if req is not self._current or self.transport is None or self._stream_drop:
             return not self._write_paused
         if not data:
             return not self._write_paused
