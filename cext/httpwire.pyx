@@ -83,19 +83,23 @@ cdef inline char* _put(char* p, bytes part) noexcept:
 
 
 cpdef bytes render_response(bytes line, bytes date, Py_ssize_t length, bytes headers,
-                            bytes extra, bytes cid, bytes connection, bytes body):
+                            bytes extra, str cid, bytes connection, bytes body):
     """status line, date, content-length (unless length < 0: a 304), the stages' headers,
-    the correlation id, connection, blank line, body: one allocation."""
+    the correlation id, connection, blank line, body: one allocation. The correlation id
+    is copied from the str itself: ASCII by construction (cid_taken, cid_made)."""
     if (line is None or date is None or headers is None or extra is None or cid is None
             or connection is None or body is None):
-        raise TypeError("render_response takes bytes, not None")
+        raise TypeError("render_response takes bytes and a str cid, not None")
+    if not PyUnicode_IS_ASCII(cid):
+        raise ValueError("a correlation id is ASCII")
+    cdef Py_ssize_t cid_n = PyUnicode_GET_LENGTH(cid)
     cdef char cl[48]
     cdef int cl_n = 0
     if length >= 0:
         cl_n = _content_length(cl, length)
     cdef Py_ssize_t total = (PyBytes_GET_SIZE(line) + PyBytes_GET_SIZE(date) + cl_n
                              + PyBytes_GET_SIZE(headers) + PyBytes_GET_SIZE(extra)
-                             + 18 + PyBytes_GET_SIZE(cid) + 2 + PyBytes_GET_SIZE(connection)
+                             + 18 + cid_n + 2 + PyBytes_GET_SIZE(connection)
                              + 2 + PyBytes_GET_SIZE(body))
     cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
     cdef char* p = PyBytes_AS_STRING(out)
@@ -107,7 +111,8 @@ cpdef bytes render_response(bytes line, bytes date, Py_ssize_t length, bytes hea
     p = _put(p, extra)
     memcpy(p, b"x-correlation-id: ", 18)
     p += 18
-    p = _put(p, cid)
+    memcpy(p, PyUnicode_DATA(cid), cid_n)
+    p += cid_n
     memcpy(p, b"\r\n", 2)
     p += 2
     p = _put(p, connection)

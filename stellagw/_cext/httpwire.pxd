@@ -2,7 +2,7 @@
 # functions rather than Python calls (docs/hot-path.md). Its pure-Python twin needs none.
 
 cpdef bytes render_response(bytes line, bytes date, Py_ssize_t length, bytes headers,
-                            bytes extra, bytes cid, bytes connection, bytes body)
+                            bytes extra, str cid, bytes connection, bytes body)
 cpdef bint host_ok(bytes value) except -1
 cpdef tuple split_target(bytes url)
 cpdef str cid_taken(bytes value)

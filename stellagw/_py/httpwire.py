@@ -22,12 +22,17 @@ TE_NONE, TE_CHUNKED, TE_OTHER, TE_BAD = 0, 1, 2, 3
 
 
 def render_response(line: bytes, date: bytes, length: int, headers: bytes, extra: bytes,
-                    cid: bytes, connection: bytes, body: bytes) -> bytes:
+                    cid: str, connection: bytes, body: bytes) -> bytes:
     """status line, date, content-length (unless length < 0: a 304), the stages' headers,
-    the correlation id, connection, blank line, body: one allocation."""
+    the correlation id (an ASCII str, as cid_taken and cid_made make it), connection, blank
+    line, body: one allocation."""
+    if type(cid) is not str:
+        raise TypeError("render_response takes bytes and a str cid, not None")
+    if not cid.isascii():
+        raise ValueError("a correlation id is ASCII")
     cl = b"content-length: %d\r\n" % length if length >= 0 else b""
-    return b"".join((line, date, cl, headers, extra, b"x-correlation-id: ", cid, b"\r\n",
-                     connection, b"\r\n", body))
+    return b"".join((line, date, cl, headers, extra, b"x-correlation-id: ", cid.encode(),
+                     b"\r\n", connection, b"\r\n", body))
 
 
 def host_ok(value: bytes) -> bool:

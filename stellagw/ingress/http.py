@@ -1041,7 +1041,7 @@ class HttpProtocol:
             length = len(body)
         req.bytes_out = len(payload)
         data = render_response(line, self._edge.date_header, length,
-                               headers, req.resp_headers, req.correlation_id.encode("latin-1"),
+                               headers, req.resp_headers, req.correlation_id,
                                connection, payload)
         self._write(data)
         self._finish(req, status, keep)

@@ -68,11 +68,26 @@ def test_split_target_twins_agree(url):
 
 @WIRE.needs_compiled
 @given(st.binary(max_size=20), st.binary(max_size=20), st.integers(-1, 10**6),
-       st.binary(max_size=40), st.binary(max_size=20), st.binary(max_size=20),
+       st.binary(max_size=40), st.binary(max_size=20),
+       st.text(st.characters(max_codepoint=127), max_size=64),
        st.sampled_from([b"", b"connection: close\r\n"]), st.binary(max_size=50))
 def test_render_response_twins_agree(line, date, length, headers, extra, cid, conn, body):
     args = (line, date, length, headers, extra, cid, conn, body)
     assert C.render_response(*args) == py_wire.render_response(*args)
+
+
+@pytest.mark.parametrize("w", IMPLS)
+def test_render_response_writes_the_correlation_id_and_refuses_a_non_ascii_one(w):
+    head = (b"HTTP/1.1 200 OK\r\n", b"date: x\r\n", 2, b"", b"")
+    out = w.render_response(*head, "abc-DEF_09.x", b"", b"ok")
+    assert out == (b"HTTP/1.1 200 OK\r\ndate: x\r\ncontent-length: 2\r\n"
+                   b"x-correlation-id: abc-DEF_09.x\r\n\r\nok")
+    with pytest.raises(ValueError):
+        w.render_response(*head, "caf\u00e9", b"", b"ok")     # latin-1, still not ASCII
+    with pytest.raises(TypeError):
+        w.render_response(*head, b"abc", b"", b"ok")
+    with pytest.raises(TypeError):
+        w.render_response(*head, None, b"", b"ok")
 
 
 @pytest.mark.parametrize("w", IMPLS)
@@ -110,7 +125,7 @@ def test_cid_made_twins_agree(prefix, serial):
 @pytest.mark.skipif(C is None, reason="needs the compiled module")
 @pytest.mark.parametrize("length", [0, 9, 10, 99, 100, 65536, 2**31, 2**63 - 1])
 def test_render_response_content_length_digits(length):
-    args = (b"HTTP/1.1 200 OK\r\n", b"date: x\r\n", length, b"", b"", b"c", b"", b"")
+    args = (b"HTTP/1.1 200 OK\r\n", b"date: x\r\n", length, b"", b"", "c", b"", b"")
     assert C.render_response(*args) == py_wire.render_response(*args)
     assert b"content-length: %d\r\n" % length in C.render_response(*args)
 
