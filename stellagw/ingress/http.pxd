@@ -133,7 +133,7 @@ cdef class HttpProtocol:
     cdef Py_ssize_t _body_window_bytes
 
     # -- per connection
-    cdef object _parser
+    cdef object _parser, _p_feed, _p_method, _p_keep_alive
     cdef object _queue
     cdef Request _current
     cdef list _out
@@ -159,6 +159,7 @@ cdef class HttpProtocol:
     cdef bint _resync
 
     @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, end=Py_ssize_t, req=Request)
+    cdef _set_parser(self, parser)
     cdef _feed(self, data)
     cdef _parse(self, data)
     @cython.locals(req=Request, out=list)

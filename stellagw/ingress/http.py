@@ -363,7 +363,7 @@ class HttpProtocol:
         self._peer_text = ""             # peer_ip as text
         self.deadline = 0.0
         self.deadline_kind = _D_NONE
-        self._parser = None
+        self._set_parser(None)
         self._queue = deque()
         self._current = None
         self._out = None                 # set while data_received runs: coalesced writes
@@ -432,9 +432,21 @@ class HttpProtocol:
                 self._refuse_connection("the PROXY protocol is accepted from trusted proxies only")
                 return
             self._proxy_buf = b""
-        self._parser = server.new_parser(self)
+        self._set_parser(server.new_parser(self))
         # The first head is due headerReadTimeout after accept, not after its first byte.
         self._set_deadline(_D_HEADER, self._header_timeout)
+
+    def _set_parser(self, parser):
+        # Its three per-request methods bound once per parser: called through the parser,
+        # each call looks the name up on the type first (~100 instructions a request each).
+        # Dropped with it: a bound method holds the parser, the parser holds this protocol.
+        self._parser = parser
+        if parser is None:
+            self._p_feed = self._p_method = self._p_keep_alive = None
+        else:
+            self._p_feed = parser.feed_data
+            self._p_method = parser.get_method
+            self._p_keep_alive = parser.should_keep_alive
 
     def connection_lost(self, exc):
         server = self._server
@@ -452,7 +464,7 @@ class HttpProtocol:
         # the collector would only find in a full collection), held bodies and buffers.
         if current is not None:
             current.done = True
-        self._parser = None
+        self._set_parser(None)
         self._req = None
         self._last = None
         self._headers = []
@@ -512,7 +524,7 @@ class HttpProtocol:
     def _parse(self, data):
         self._seen = 0
         try:
-            self._parser.feed_data(data)
+            self._p_feed(data)
         except _Stop:
             pass
         except _Reject:
@@ -646,11 +658,11 @@ class HttpProtocol:
             return
         req = self._req
         parser = self._parser
-        req.method = method_name(parser.get_method())
+        req.method = method_name(self._p_method())
         # "METHOD SP target SP HTTP/1.1 CRLF ... CRLF", and some whitespace per request
         self._seen += len(req.method) + 14
         self._top_up(64)
-        keep_alive = parser.should_keep_alive()
+        keep_alive = self._p_keep_alive()
         req.keep_alive = keep_alive
         headers = self._headers
         req.headers = headers
@@ -1017,8 +1029,8 @@ class HttpProtocol:
             line = status_line(status)
         if not keep:
             connection = _CLOSE
-        elif _eq(req.http_version, "1.0"):
-            connection = _KEEP_ALIVE
+        elif req.http_version is not HTTP11 and _eq(req.http_version, "1.0"):
+            connection = _KEEP_ALIVE   # (HTTP11 first: "1.1" and "1.0" differ in the last byte)
         else:
             connection = b""
         if status == 204 or status == 304 or status == 205:
@@ -1192,7 +1204,7 @@ class HttpProtocol:
                 framing = b"transfer-encoding: chunked\r\n"
             else:
                 framing = b"content-length: %d\r\n" % req.content_length
-            self._parser = self._server.new_parser(self)
+            self._set_parser(self._server.new_parser(self))
             return b"PUT / HTTP/1.1\r\nhost: x\r\n" + framing + b"\r\n" + rest
         req = self._last
         if req is not None and req.websocket:
@@ -1208,7 +1220,7 @@ class HttpProtocol:
             return None
         # An upgrade we ignore (h2c) without a body: HTTP/1.1 goes on with a fresh parser
         # where the old one stopped.
-        self._parser = self._server.new_parser(self)
+        self._set_parser(self._server.new_parser(self))
         return rest if rest else None
 
     def upgrade_to_websocket(self, req, bridge):
