@@ -134,6 +134,7 @@ cdef class HttpProtocol:
 
     # -- per connection
     cdef object _parser, _p_feed, _p_method, _p_keep_alive
+    cdef object _transport_write
     cdef object _queue
     cdef Request _current
     cdef list _out

@@ -350,6 +350,7 @@ class HttpProtocol:
 
         # -- per connection
         self.transport = None
+        self._transport_write = None
         self.peer_cert = None            # DER of the client certificate (mTLS)
         self.peername = None
         self.peer_ip = b""               # the client's address: the TCP peer, or PROXY's source
@@ -405,6 +406,7 @@ class HttpProtocol:
 
     def connection_made(self, transport):
         self.transport = transport
+        self._transport_write = transport.write     # bound once: no lookup per answer
         server = self._server
         # Connections handed to picows (WebSockets) count as long as they are open.
         if len(server.connections) + server.websockets_open >= self._settings.max_connections:
@@ -490,7 +492,7 @@ class HttpProtocol:
         self._pump()
         self._out = None
         if out:
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            self._transport_write(b"".join(out) if len(out) > 1 else out[0])
         if self._closing and self._current is None:
             self._close_now()
 
@@ -1062,7 +1064,7 @@ class HttpProtocol:
         if self._out is not None:
             self._out.append(data)
         else:
-            self.transport.write(data)
+            self._transport_write(data)
 
     def _finish(self, req, status, keep):
         self._current = None
