@@ -34,7 +34,8 @@ def hand_over(http_protocol, req, bridge, tail: bytes) -> None:
         lambda upgrade_request: bridge,     # picows answers 101 for the listener we give it
         _LOG, True, 10.0,                   # logger, disconnect_on_exception, handshake timeout
         False, 20.0, 20.0, WSAutoPingStrategy.PING_WHEN_IDLE,   # no pings from us
-        True,                               # answer the client's pings here
+        False,                              # pings: WsBridge answers them (they count
+                                            # as activity, streamIdleTimeout)
         MAX_MESSAGE_FRAME, None, 16 * 1024)
     transport.set_protocol(proto)
     proto.connection_made(transport)

@@ -475,7 +475,11 @@ class ServiceConnection:
             self._finish(pending)
             req.conn.respond(req, status, block, body, True)
             return
-        _disarm(pending)
+        # From here the stream's deadline: no message either way for streamIdleTimeout
+        # closes the WebSocket (_timeout), which would otherwise hold its client connection,
+        # this stream and the service's handler for as long as the peer keeps TCP alive.
+        pending.timeout = self._hub.stream_idle_timeout
+        self._rearm(pending)
         pending.streaming = True
         from .websocket import WsBridge
         pending.ws = WsBridge(self, pending)
@@ -491,6 +495,13 @@ class ServiceConnection:
         self._schedule_flush()
         if flags & _FLAG_END_STREAM:
             self._finish(pending)
+        elif pending.deadline:
+            self._rearm(pending)            # the client is sending: not idle
+
+    def ws_client_active(self, pending):
+        """A client's PING or PONG: the WebSocket is not idle."""
+        if self.inflight.get(pending.corr) is pending and pending.deadline:
+            self._rearm(pending)
 
     def ws_client_gone(self, pending):
         if self.inflight.get(pending.corr) is pending:
@@ -517,6 +528,8 @@ class ServiceConnection:
             if not pending.ws.from_service(flags, chunk):
                 self._finish(pending)
                 return
+            if pending.deadline:
+                self._rearm(pending)        # the service is sending: not idle
             pending.unacked += len(chunk)
             if not pending.ws.client_paused:
                 self._grant(pending)
@@ -711,6 +724,16 @@ class ServiceConnection:
         pending.deadline = 0.0
         self._cancel(pending, "Timeout")
         self._hub.count_timeout()
+        if pending.ws is not None:
+            # streamIdleTimeout on a WebSocket: no message either way. Neither side's
+            # failure (a quiet WebSocket is not a stalled service): 1001 to the client,
+            # CANCEL(Timeout) to the service's handler.
+            req = pending.req
+            self._log.event("info", "websocket idle: closed", service=req.service,
+                            route=req.route, correlationId=req.correlation_id,
+                            idleSeconds=pending.timeout)
+            pending.ws.idle_close()
+            return
         if not pending.streaming:
             self._failed(TIMEOUT)
         else:

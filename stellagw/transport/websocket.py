@@ -89,7 +89,13 @@ class WsBridge(WSListener):
             return
         kind = _KIND_OF.get(msg_type)
         if kind is None:
-            return   # PING/PONG: picows answers pings itself
+            # PING/PONG, answered here and not passed on: the client's keep-alive keeps the
+            # WebSocket from going idle (streamIdleTimeout), which picows' own answering
+            # would hide from us.
+            if msg_type == WSMsgType.PING:
+                transport.send_pong(frame.get_payload_as_bytes())
+            self.conn.ws_client_active(self.pending)
+            return
         flags = kind | (0 if frame.fin else fr.FLAG_MORE)
         self._to_service(flags, frame.get_payload_as_bytes())
 
@@ -195,9 +201,13 @@ class WsBridge(WSListener):
             return False
         return True
 
-    def abort(self, code=WSCloseCode.INTERNAL_ERROR):
+    def abort(self, code=WSCloseCode.INTERNAL_ERROR, reason=b"service unavailable"):
         """The service is gone: 1011 to the client (RFC 6455 §7.4.1)."""
         if self.ws is not None and not self.closed:
             self.closed = True
-            self.ws.send_close(code, b"service unavailable")
+            self.ws.send_close(code, reason)
             self.ws.disconnect()
+
+    def idle_close(self):
+        """No message either way for streamIdleTimeout: 1001, going away (RFC 6455 §7.4.1)."""
+        self.abort(WSCloseCode.GOING_AWAY, b"idle")

@@ -349,6 +349,56 @@ def test_a_streamed_response_that_stalls_is_cut_and_its_service_cancelled():
         gw.stop()
 
 
+def test_a_websocket_with_nothing_moving_is_closed_and_its_handler_cancelled():
+    # routing.streamIdleTimeout on a WebSocket, real sockets, picows client, SDK service:
+    # messages and the client's pings keep it open past the timeout; then nothing moves
+    # and the client gets a close frame 1001, the service's handler CANCEL, the service
+    # no blame (it is still selected), and the gateway serves on.
+    import asyncio
+
+    from picows import WSListener, WSMsgType, ws_connect
+
+    from tests.support.gwtest import GatewayThread, settings_from
+    gw = GatewayThread(settings_from(
+        "gateway: {http: {port: 0}, routing: {streamIdleTimeout: 1s, "
+        "outlierDetection: {consecutiveErrors: 1, maxEjectionPercent: 100}}}")).start()
+    svc = ServiceProcess("wsi", gw.transport_port).start()
+    got, closed = [], []
+
+    class Client(WSListener):
+        def on_ws_frame(self, transport, frame):
+            if frame.msg_type == WSMsgType.CLOSE:
+                closed.append((frame.get_close_code(), frame.get_close_message()))
+            elif frame.msg_type == WSMsgType.TEXT:
+                got.append(frame.get_payload_as_bytes())
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        transport, _ = await ws_connect(Client, f"ws://127.0.0.1:{gw.port}/t/wsi/ws",
+                                        extra_headers={"X-Correlation-Id": "ws-idle-1"})
+        for i in range(4):           # 2.4 s in all, never 1 s without a message or a ping
+            transport.send(WSMsgType.TEXT if i % 2 == 0 else WSMsgType.PING, b"m%d" % i)
+            await asyncio.sleep(0.6)
+        assert closed == [] and got == [b"m0", b"m2"]
+        end = loop.time() + 10
+        while not closed and loop.time() < end:      # now quiet: closed within ~2 s
+            await asyncio.sleep(0.05)
+        transport.disconnect()
+
+    try:
+        svc.wait_routable(gw.port, timeout=15)
+        asyncio.run(main())
+        assert [(int(code), reason) for code, reason in closed] == [(1001, b"idle")]
+        assert wait_for(lambda: "ws-idle-1" in orjson.loads(request(
+            gw.port, b"GET /t/wsi/events HTTP/1.1\r\nHost: gw\r\n\r\n")[2])["cancelled"])
+        assert request(gw.port, b"GET /t/wsi/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200
+        assert gw.call(lambda: gw.worker.hub.timeouts) == 1
+        assert gw.call(lambda: sum(len(b) for b in gw.worker.hub.wheel.buckets.values())) == 0
+    finally:
+        svc.stop()
+        gw.stop()
+
+
 def test_finished_requests_leave_nothing_behind_in_the_timer_wheel():
     # Regression: finished requests stayed in the timeout wheel until their (30 s)
     # deadline, so RSS grew with the request rate (240 MB under wrk).

@@ -8,6 +8,7 @@ Endpoints, all under /t/<name>/ so several services can register side by side:
   GET  admin             needs scope scans:admin
   GET  bound             needs scope scans:read and a DPoP- or certificate-bound token
   WS   ws                echo; "close-4001" closes with 4001, "big-N" sends N bytes, "crash" dies
+                         (a CANCEL is noted in events)
   GET  events            correlation ids of requests this process saw cancelled
   GET  stream?mb=N       N MiB streamed in 64 KiB chunks
   GET  stall?ms=N        streams one line, then nothing for N ms (a CANCEL is recorded, see
@@ -85,16 +86,20 @@ def build(name, gateways, region, version, instance, fail_until=0.0):
 
     @svc.websocket(base + "/ws")
     async def ws_echo(ws):
-        async for message in ws:
-            if message == "close-4001":
-                await ws.close(4001, "asked to")
-                return
-            if message == "crash":
-                os._exit(5)
-            if isinstance(message, str) and message.startswith("big-"):
-                await ws.send(b"b" * int(message[4:]))
-                continue
-            await ws.send(message)
+        try:
+            async for message in ws:
+                if message == "close-4001":
+                    await ws.close(4001, "asked to")
+                    return
+                if message == "crash":
+                    os._exit(5)
+                if isinstance(message, str) and message.startswith("big-"):
+                    await ws.send(b"b" * int(message[4:]))
+                    continue
+                await ws.send(message)
+        except asyncio.CancelledError:
+            cancelled.append(ws.request.correlation_id)
+            raise
 
     @svc.get(base + "/hang")
     async def hang(req):

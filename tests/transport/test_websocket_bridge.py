@@ -98,6 +98,7 @@ class Link:
         self.sent: list[tuple[int, bytes]] = []     # REQUEST_STREAM_DATA (flags, chunk)
         self.writable = 0
         self.gone = 0
+        self.active = 0         # the client's pings and pongs (streamIdleTimeout)
 
     def send_stream_chunk(self, pending, flags, chunk):
         assert pending is self.pending
@@ -108,6 +109,9 @@ class Link:
 
     def ws_client_gone(self, pending):
         self.gone += 1
+
+    def ws_client_active(self, pending):
+        self.active += 1
 
 
 def run_bridge(body, window=256 * 1024):
@@ -273,7 +277,7 @@ def test_a_client_close_without_window_cancels_instead_of_waiting_for_credit():
 
 
 def test_a_client_sending_pings_and_reading_nothing_is_not_read_either():
-    """picows answers every PING with a PONG; a client that pings and never reads is paused
+    """The bridge answers every PING with a PONG; a client that pings and never reads is paused
     when the PONGs fill the transport, so the gateway holds a bounded amount for it, and all
     the PONGs arrive once it reads."""
     n = 80_000                                      # 10.6 MB of pings, more than the kernel holds
@@ -292,9 +296,10 @@ def test_a_client_sending_pings_and_reading_nothing_is_not_read_either():
         loop = asyncio.get_running_loop()
         pongs = await loop.run_in_executor(None, read_exactly, client, n * 127)
         await loop.run_in_executor(None, sender.join, 10)
-        return held, blocked, pongs, sender.is_alive(), link.sent
+        return held, blocked, pongs, sender.is_alive(), link.sent, link.active
 
-    held, blocked, pongs, still_sending, sent = run_bridge(body)
+    held, blocked, pongs, still_sending, sent, active = run_bridge(body)
     assert held < 512 * 1024 and blocked, held
     assert pongs == (b"\x8a\x7d" + b"p" * 125) * n and not still_sending
     assert sent == []                               # pings are the gateway's, not the service's
+    assert active == n                              # each one keeps the WebSocket from idling
