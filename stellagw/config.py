@@ -617,6 +617,11 @@ class HttpSettings:
     port: int = _key("port", PORT, 8080)
     public_origin: str = _key("publicOrigin", _string(_origin), "")
     max_connections: int = _key("maxConnections", COUNT, 10000)
+    # One client address holds at most this many of a worker's connections (WebSockets
+    # included), so a single host cannot take every one: 0 = no cap. A trusted proxy's own
+    # connections are not counted (many clients each); behind the PROXY protocol, its
+    # source address is (docs/http-edge.md, "Client address").
+    max_connections_per_client: int = _key("maxConnectionsPerClient", NON_NEGATIVE, 1000)
     max_header_bytes: int = _size_key("maxHeaderBytes", "16KB", low=1)
     max_header_count: int = _key("maxHeaderCount", COUNT, 100)
     max_url_length: int = _key("maxUrlLength", COUNT, 8192)

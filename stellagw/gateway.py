@@ -118,6 +118,11 @@ class Worker:
         self.accounting = Accounting(self, os.urandom(4).hex() + "%02x" % (worker_id & 0xFF))
         self.connections: set[HttpProtocol] = set()
         self.websockets_open = 0    # client connections handed over to picows, still open
+        # gateway.http.maxConnectionsPerClient: open connections (WebSockets included) by
+        # client address; an address is forgotten with its last connection.
+        self.per_client: dict[bytes, int] = {}
+        self.refused_connections: dict[str, int] = {}   # at accept, by reason
+        self.metrics.sources.append(self._connection_counters)
         # The tick's clock, the Date line, draining: what connections read per request.
         self.edge = EdgeState(time.monotonic())
         self.auth_events: dict[str, int] = {}
@@ -212,8 +217,34 @@ class Worker:
         _strict(parser)
         return parser
 
-    def websocket_closed(self) -> None:
+    def websocket_closed(self, client: bytes | None = None) -> None:
         self.websockets_open -= 1
+        if client is not None:
+            self.release_client(client)
+
+    def admit_client(self, address: bytes, cap: int) -> bool:
+        """Count one more connection of `address`, unless it holds `cap` already."""
+        n = self.per_client.get(address, 0)
+        if n >= cap:
+            return False
+        self.per_client[address] = n + 1
+        return True
+
+    def release_client(self, address: bytes) -> None:
+        n = self.per_client.get(address, 0) - 1
+        if n > 0:
+            self.per_client[address] = n
+        else:
+            self.per_client.pop(address, None)
+
+    def connection_refused(self, reason: str) -> None:
+        self.refused_connections[reason] = self.refused_connections.get(reason, 0) + 1
+
+    def _connection_counters(self) -> dict:
+        return {"gateway_connections_refused": (
+            "Client connections answered 503 and closed at accept, by reason: limit "
+            "(maxConnections), per_client (maxConnectionsPerClient)", ("reason",),
+            [((k,), v) for k, v in self.refused_connections.items()])}
 
     def correlation_id(self, headers) -> str:
         return self.accounting.correlation_id(headers)

@@ -57,6 +57,7 @@ class AdminServer:
         # timeouts and header limits stay the client listener's.
         self.http_settings = HttpLimits(dataclasses.replace(
             gw, http=dataclasses.replace(gw.http, max_connections=gw.admin.max_connections,
+                                         max_connections_per_client=0,  # probes: one address
                                          proxy_protocol="off"),   # probes speak plain HTTP
             routing=dataclasses.replace(gw.routing, max_request_body_size=_MAX_BODY)))
         self.pipeline = _Pipeline(builtins.table(worker, admin=True))
@@ -64,6 +65,9 @@ class AdminServer:
         self.websockets_open = 0    # the admin listener routes none (HttpProtocol reads it)
         self.edge = worker.edge     # the worker's clock, Date line and draining
         self.metrics = _Gauge()
+
+    def connection_refused(self, reason):
+        self._worker.connection_refused("admin_" + reason)
 
     def __getattr__(self, name):
         # Whatever else the protocol may come to read from its server is the worker's.

@@ -115,6 +115,7 @@ cdef class HttpProtocol:
     cdef object _trust
     cdef bint _trusted
     cdef str _proxy_mode, _peer_text
+    cdef object _client_key
     cdef bytes _request_id
     cdef object _gzip
     cdef bytes _proxy_buf

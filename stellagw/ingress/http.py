@@ -18,6 +18,7 @@ plain Python (STELLAGW_NO_EXTENSIONS=1).
 """
 import socket
 from collections import deque
+from functools import partial
 
 import httptools
 
@@ -358,6 +359,7 @@ class HttpProtocol:
         self._trust = server.trusted_proxies    # TrustedProxies, or None
         self._trusted = False            # the peer is a trusted proxy: its X-Forwarded-For counts
         self._proxy_mode = settings.proxy_protocol
+        self._client_key = None          # the address counted for maxConnectionsPerClient
         self._request_id = settings.request_id_header     # a lowercase name, or b""
         self._gzip = server.compression    # gateway.compression (Compression), or None
         self._proxy_buf = None           # bytes, while the PROXY header is still arriving
@@ -411,6 +413,7 @@ class HttpProtocol:
         # Connections handed to picows (WebSockets) count as long as they are open.
         if len(server.connections) + server.websockets_open >= self._settings.max_connections:
             # Over the cap: answer rather than leave the client hanging in the backlog.
+            server.connection_refused("limit")
             transport.write(self._render_error_close(503, "connection limit reached"))
             transport.close()
             self._closing = True
@@ -433,7 +436,9 @@ class HttpProtocol:
                 # A PROXY header is believed from the configured proxies only.
                 self._refuse_connection("the PROXY protocol is accepted from trusted proxies only")
                 return
-            self._proxy_buf = b""
+            self._proxy_buf = b""       # counted per client once the header names it
+        elif not self._admit_client():
+            return
         self._set_parser(server.new_parser(self))
         # The first head is due headerReadTimeout after accept, not after its first byte.
         self._set_deadline(_D_HEADER, self._header_timeout)
@@ -455,6 +460,9 @@ class HttpProtocol:
         if self in server.connections:
             server.connections.discard(self)
             server.metrics.connection_closed()
+        if self._client_key is not None:
+            server.release_client(self._client_key)
+            self._client_key = None
         self._closing = True
         current = self._current
         self._current = None
@@ -591,8 +599,28 @@ class HttpProtocol:
         consumed, source = parsed
         if source is not None:
             self._set_peer(source)
+        if not self._admit_client():
+            return None
         rest = buf[consumed:]
         return rest if rest else None
+
+    def _admit_client(self):
+        """gateway.http.maxConnectionsPerClient: False (answered 503, closing) when this
+        address holds that many of the worker's connections already. A trusted proxy's own
+        connections carry many clients each: not counted, unless PROXY names the client."""
+        cap = self._settings.max_connections_per_client
+        if cap <= 0 or (self._trusted and self._proxy_mode == "off"):
+            return True
+        if not self._server.admit_client(self.peer_ip, cap):
+            self._server.connection_refused("per_client")
+            self.transport.write(self._render_error_close(
+                503, "too many connections from this address"))
+            self._closing = True
+            self._parse_broken = True
+            self.transport.close()
+            return False
+        self._client_key = self.peer_ip
+        return True
 
     def _refuse_connection(self, message):
         self.transport.write(self._render_error_close(400, message))
@@ -1239,7 +1267,9 @@ class HttpProtocol:
         # Still a client connection, now picows': counted against maxConnections until it
         # closes (the bridge calls websocket_closed).
         server.websockets_open += 1
-        bridge.on_closed = server.websocket_closed
+        # Its address stays counted (maxConnectionsPerClient) until picows' connection closes.
+        bridge.on_closed = partial(server.websocket_closed, self._client_key)
+        self._client_key = None
         self._acct.request_done(req, 101)
         hand_over(self, req, bridge, self._upgrade_tail)
         return True

@@ -5,13 +5,15 @@ from __future__ import annotations
 class HttpLimits:
     """The request-path settings as flat attributes: one attribute read per check."""
 
-    __slots__ = ("max_connections", "max_header_bytes", "max_header_count", "max_url_length",
+    __slots__ = ("max_connections", "max_connections_per_client", "max_header_bytes",
+                 "max_header_count", "max_url_length",
                  "header_read_timeout", "keep_alive_timeout", "max_request_body_size",
                  "body_read_timeout", "min_body_rate", "proxy_protocol", "request_id_header")
 
     def __init__(self, gw):
         http = gw.http
         self.max_connections = http.max_connections
+        self.max_connections_per_client = http.max_connections_per_client
         self.max_header_bytes = http.max_header_bytes
         self.max_header_count = http.max_header_count
         self.max_url_length = http.max_url_length

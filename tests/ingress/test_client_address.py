@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 
 import orjson
 import pytest
@@ -135,6 +136,135 @@ def test_proxy_protocol_refuses_a_connection_without_it_or_from_an_untrusted_pee
     assert bytes(t.out).startswith(b"HTTP/1.1 400") and t.closed and seen.reqs == []
     seen, proto, t = connect_proto("gateway: {http: {proxyProtocol: v1, trustedProxies: [10.0.0.0/8]}}")
     assert bytes(t.out).startswith(b"HTTP/1.1 400") and t.closed
+
+
+def open_from(worker, peer, first=b""):
+    """One more client connection to `worker` from `peer` (its first bytes sent)."""
+    proto = new_protocol(worker)
+    t = MockTransport()
+    t.get_extra_info = lambda name, default=None: {"peername": (peer, 5555)}.get(name, default)
+    proto.connection_made(t)
+    if first and not t.closed:
+        proto.data_received(first)
+    return proto, t
+
+
+GET = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+def refused(t):
+    return bytes(t.out).startswith(b"HTTP/1.1 503") and t.closed \
+        and b"too many connections from this address" in bytes(t.out)
+
+
+def test_one_address_holds_at_most_max_connections_per_client():
+    # One host cannot take every connection of a worker: the next one from its address is
+    # answered 503 and closed — whatever it sent goes nowhere — while other addresses are
+    # served; a closed connection frees its place, and the count goes with the last one.
+    seen = Seen()
+    worker, first, _, _ = make("gateway: {http: {maxConnectionsPerClient: 2}}", pipeline=seen)
+    a1, t1 = open_from(worker, "192.0.2.1", GET)
+    a2, t2 = open_from(worker, "192.0.2.1", GET)
+    a3, t3 = open_from(worker, "192.0.2.1", GET)
+    assert refused(t3) and not t1.closed and not t2.closed
+    b1, u1 = open_from(worker, "198.51.100.9", GET)
+    assert not u1.closed
+    assert [r.client_ip for r in seen.reqs] == [b"192.0.2.1", b"192.0.2.1", b"198.51.100.9"]
+    a3.connection_lost(None)
+    a1.connection_lost(None)
+    a4, t4 = open_from(worker, "192.0.2.1", GET)
+    assert not t4.closed and len(seen.reqs) == 4
+    assert worker.refused_connections == {"per_client": 1}
+    for proto in (a2, a4, b1, first):
+        proto.connection_lost(None)
+    assert worker.per_client == {}                  # nothing kept for a gone address
+
+
+def test_a_trusted_proxy_is_not_capped_but_the_clients_proxy_protocol_names_are():
+    worker, _, _, _ = make("gateway: {http: {maxConnectionsPerClient: 1, "
+                           "trustedProxies: [127.0.0.0/8]}}")
+    conns = [open_from(worker, "127.0.0.1", GET) for _ in range(3)]
+    assert not any(t.closed for _, t in conns) and b"127.0.0.1" not in worker.per_client
+    worker, _, _, _ = make("gateway: {http: {maxConnectionsPerClient: 1, proxyProtocol: v1, "
+                           "trustedProxies: [127.0.0.0/8]}}")
+    header = b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 443\r\n"
+    _, t1 = open_from(worker, "127.0.0.1", header + GET)
+    _, t2 = open_from(worker, "127.0.0.1", header + GET)
+    _, t3 = open_from(worker, "127.0.0.1", header.replace(b".7 ", b".8 ") + GET)
+    assert not t1.closed and refused(t2) and not t3.closed
+    assert worker.per_client == {b"203.0.113.7": 1, b"203.0.113.8": 1}
+
+
+def test_max_connections_per_client_is_checked():
+    assert settings_from("").gateway.http.max_connections_per_client == 1000
+    assert settings_from("gateway: {http: {maxConnectionsPerClient: 0}}") \
+        .gateway.http.max_connections_per_client == 0
+    with pytest.raises(ConfigError) as err:
+        settings_from("gateway: {http: {maxConnectionsPerClient: -1}}")
+    assert err.value.path == "gateway.http.maxConnectionsPerClient"
+
+
+def test_a_websocket_holds_its_place_until_it_closes():
+    # Over real sockets: with 2 per address, a WebSocket (handed to picows) and a kept-alive
+    # connection leave no room for a third from the same address, which is answered 503 and
+    # never reaches the service; once the WebSocket closes, there is room again.
+    import asyncio
+    import time
+
+    from picows import WSListener, WSMsgType, ws_connect
+
+    from tests.support.gwtest import GatewayThread, is_closed
+    gw = GatewayThread(settings_from(
+        "gateway: {http: {port: 0, maxConnectionsPerClient: 2}}")).start()
+    svc = ServiceProcess("pc", gw.transport_port).start()
+    try:
+        svc.wait_routable(gw.port, timeout=15)
+        assert wait_until(lambda: gw.call(lambda: dict(gw.worker.per_client)) == {})
+        third = b"GET /t/pc/whoami HTTP/1.1\r\nHost: t\r\nX-Correlation-Id: third-1\r\n\r\n"
+
+        async def main():
+            got = []
+
+            class Client(WSListener):
+                def on_ws_frame(self, transport, frame):
+                    if frame.msg_type == WSMsgType.TEXT:
+                        got.append(frame.get_payload_as_bytes())
+
+            ws, _ = await ws_connect(Client, f"ws://127.0.0.1:{gw.port}/t/pc/ws")
+            ws.send(WSMsgType.TEXT, b"hi")
+            while not got:
+                await asyncio.sleep(0.01)
+            loop = asyncio.get_running_loop()
+
+            def plain_then_third():
+                with connect(gw.port) as kept:
+                    kept.sendall(b"GET /t/pc/whoami HTTP/1.1\r\nHost: t\r\n\r\n")
+                    assert read_response(kept)[0] == 200
+                    with connect(gw.port) as s:
+                        s.sendall(third)
+                        status = read_response(s)[0]
+                        assert is_closed(s, timeout=5)
+                        return status
+            status = await loop.run_in_executor(None, plain_then_third)
+            ws.disconnect()
+            return status
+        assert asyncio.run(main()) == 503
+        assert wait_until(lambda: gw.call(lambda: dict(gw.worker.per_client)) == {})
+        status, _, body = request(gw.port, third)
+        assert status == 200
+        assert gw.call(lambda: dict(gw.worker.refused_connections)) == {"per_client": 1}
+    finally:
+        svc.stop()
+        gw.stop()
+
+
+def wait_until(check, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 # --------------------------------------------------------------------- end to end
