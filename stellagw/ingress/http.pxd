@@ -62,7 +62,6 @@ cdef class Accounting:
 
 
 @cython.final
-@cython.freelist(64)
 cdef class Request:
     cdef public object conn
     cdef public str method

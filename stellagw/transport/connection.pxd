@@ -28,7 +28,6 @@ cdef class TimerWheel:
 
 
 @cython.final
-@cython.freelist(64)
 cdef class Pending:
     cdef public object corr, span, ws, path
     cdef public set bucket

@@ -46,6 +46,11 @@ from .frame import corr_id, decode_response_block
 from .batch import WriteBatch
 from .headers import CLASSES, RESPONSE_DROP_NAMES, classify, request_headers
 
+try:
+    import cython       # compiled, Cython reads the decorators that use it
+except ImportError:     # uncompiled without Cython installed: they do nothing
+    from .._py import cython_shadow as cython
+
 HELLO_TIMEOUT = 10.0
 MAX_PING_PAYLOAD = 64           # protocol.md §3.5: a longer PING or PONG is a protocol error
 _MAX_PING = MAX_PING_PAYLOAD
@@ -66,6 +71,9 @@ _REQUEST_STREAM_DATA = fr.REQUEST_STREAM_DATA
 _FLAG_END_STREAM = fr.FLAG_END_STREAM
 
 
+# (freelist here, not in the .pxd: see Request in ingress/http.py)
+@cython.freelist(64)
+@cython.cclass
 class Pending:
     """A request sent to the service and not yet fully answered (made by _new_pending).
 
