@@ -22,6 +22,7 @@ import time
 from ..auth.replay import LocalReplayCache
 from ..ingress.tls import ReloadingContext
 from . import frame as fr
+from . import connection as _connection
 from .connection import INITIAL_WINDOW, ServiceConnection, TimerWheel
 from .identity import RegistrationPolicy, is_loopback
 
@@ -116,8 +117,12 @@ class TransportHub:
                                allowed=policy.open_to, see="docs/service-identity.md")
         for kind, sock in sockets:
             listener = by_kind[kind]
+            # A TLS peer has HELLO's time for its handshake too: the link's HELLO timer
+            # starts only once the handshake is done, and uvloop's own default (60 s) would
+            # let silent connections sit six times as long, outside maxConnections.
             server = await self.loop.create_server(
-                lambda lst=listener: self._accept(lst), sock=sock, ssl=listener.ssl)
+                lambda lst=listener: self._accept(lst), sock=sock, ssl=listener.ssl,
+                ssl_handshake_timeout=_connection.HELLO_TIMEOUT if listener.ssl else None)
             self._servers.append(server)
         self._schedule()
 

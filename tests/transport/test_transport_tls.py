@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import ssl
+import time
 
 import orjson
 import pytest
@@ -88,5 +90,36 @@ def test_tls_transport_routes_requests(pki):
     try:
         status, _, body = asyncio.run(main())
         assert status == 200 and body == b"over tls"
+    finally:
+        gw.stop()
+
+
+def test_a_tls_peer_that_never_finishes_its_handshake_is_dropped_in_hello_time(pki, monkeypatch):
+    # The HELLO deadline (10 s; 1 s here) starts when the TLS handshake is done, so the
+    # handshake needs one of its own: uvloop's default is 60 s, during which a silent
+    # connection is in no count the gateway keeps. One that sends half a ClientHello and
+    # one that sends nothing are both closed in about a second.
+    from stellagw.transport import connection
+    monkeypatch.setattr(connection, "HELLO_TIMEOUT", 1.0)
+    gw = GatewayThread(settings_from(orjson.dumps({"gateway": {
+        "http": {"port": 0},
+        "transports": {"tcp": {"enabled": False},
+                       "tls": {"enabled": True, "port": 0, "certificatePath": pki.server_cert,
+                               "keyPath": pki.server_key, "clientCaPath": pki.ca_path,
+                               "clientCertificateMode": "RequireCertificate"}}}}).decode())).start()
+    tls_port = gw.worker.transport_addresses["tls"][1]
+    try:
+        silent = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
+        half = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
+        half.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's start
+        start = time.monotonic()
+        for s in (silent, half):
+            with s:
+                try:
+                    got = s.recv(1)                 # TimeoutError after 10 s: still open
+                except ConnectionResetError:
+                    got = b""
+                assert got == b""
+        assert time.monotonic() - start < 8
     finally:
         gw.stop()
