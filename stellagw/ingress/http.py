@@ -26,7 +26,7 @@ from ..observe import metrics as observe_metrics
 from ..observe.metrics import perf_counter
 from ..replies import JSON, STATUS_LINES, error_body, status_line
 from .compress import accepts_gzip, gzipped
-from .proxy import ProxyError, parse_proxy_header
+from .proxy import ProxyError, client_key, parse_proxy_header
 from .wire import (TE_CHUNKED, TE_OTHER, cid_made, cid_taken, header_name, host_ok,
                    method_name, render_response, split_target, transfer_coding)
 
@@ -620,7 +620,8 @@ class HttpProtocol:
         cap = self._settings.max_connections_per_client
         if cap <= 0 or (self._trusted and self._proxy_mode == "off"):
             return True
-        if not self._server.admit_client(self.peer_ip, cap):
+        key = client_key(self.peer_ip)
+        if not self._server.admit_client(key, cap):
             self._server.connection_refused("per_client")
             self.transport.write(self._render_error_close(
                 503, "too many connections from this address"))
@@ -628,7 +629,7 @@ class HttpProtocol:
             self._parse_broken = True
             self.transport.close()
             return False
-        self._client_key = self.peer_ip
+        self._client_key = key
         return True
 
     def _refuse_connection(self, message):

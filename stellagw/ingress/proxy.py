@@ -93,6 +93,21 @@ def _v2(data: bytes):
     raise ProxyError("unsupported PROXY v2 address family")
 
 
+def client_key(address: bytes) -> bytes:
+    """What maxConnectionsPerClient counts a client by: an IPv4 address (IPv4-mapped IPv6
+    too) as it is, an IPv6 address by its /64 — one host's usual allocation, whose 2^64
+    addresses would otherwise be 2^64 clients (docs/http-edge.md, "Client address")."""
+    if b":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.decode("ascii"))
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped).encode()
+    return b"%s/64" % str(ipaddress.IPv6Address(ip.packed[:8] + bytes(8))).encode()
+
+
 class TrustedProxies:
     """gateway.http.trustedProxies: networks whose X-Forwarded-For / Forwarded is believed."""
 

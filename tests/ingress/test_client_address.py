@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from stellagw.config import ConfigError
-from stellagw.ingress.proxy import ProxyError, TrustedProxies, parse_proxy_header
+from stellagw.ingress.proxy import ProxyError, TrustedProxies, client_key, parse_proxy_header
 
 from tests.support.gwtest import Served, connect, port_of, read_response, request, settings_from
 from tests.support.services import ServiceProcess
@@ -193,6 +193,21 @@ def test_a_trusted_proxy_is_not_capped_but_the_clients_proxy_protocol_names_are(
     _, t3 = open_from(worker, "127.0.0.1", header.replace(b".7 ", b".8 ") + GET)
     assert not t1.closed and refused(t2) and not t3.closed
     assert worker.per_client == {b"203.0.113.7": 1, b"203.0.113.8": 1}
+
+
+def test_an_ipv6_client_is_counted_by_its_slash_64():
+    # A host usually has a whole /64: counted by address, it could open 2^64 "clients".
+    # An IPv4-mapped address is the IPv4 client it maps.
+    assert client_key(b"2001:db8::1") == client_key(b"2001:db8::ffff:1") == b"2001:db8::/64"
+    assert client_key(b"::ffff:192.0.2.1") == client_key(b"192.0.2.1") == b"192.0.2.1"
+    worker, first, _, _ = make("gateway: {http: {maxConnectionsPerClient: 2}}")
+    conns = [open_from(worker, peer) for peer in
+             ("2001:db8::1", "2001:db8::2", "2001:db8::3", "2001:db8:0:1::1",
+              "::ffff:192.0.2.1", "192.0.2.1", "192.0.2.1")]
+    assert [refused(t) for _, t in conns] == [False, False, True, False, False, False, True]
+    for proto, _ in conns + [(first, None)]:
+        proto.connection_lost(None)
+    assert worker.per_client == {}
 
 
 def test_max_connections_per_client_is_checked():
