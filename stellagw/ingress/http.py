@@ -33,7 +33,7 @@ from .wire import (TE_CHUNKED, TE_OTHER, cid_made, cid_taken, header_name, host_
 try:
     import cython       # compiled, Cython reads the decorators that use it
 except ImportError:     # uncompiled without Cython installed: they do nothing
-    from .._py import cython_shadow as cython
+    from .. import _cython_shadow as cython
 
 # How many parsed requests may wait behind the one in flight before we stop reading:
 # bounds the memory one pipelining client can make us hold.

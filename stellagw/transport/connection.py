@@ -49,7 +49,7 @@ from .headers import CLASSES, RESPONSE_DROP_NAMES, classify, request_headers
 try:
     import cython       # compiled, Cython reads the decorators that use it
 except ImportError:     # uncompiled without Cython installed: they do nothing
-    from .._py import cython_shadow as cython
+    from .. import _cython_shadow as cython
 
 HELLO_TIMEOUT = 10.0
 MAX_PING_PAYLOAD = 64           # protocol.md §3.5: a longer PING or PONG is a protocol error

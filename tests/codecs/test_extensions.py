@@ -79,21 +79,21 @@ def test_compiled_glue_loaded(name):
     assert _impl.compiled(name), f"{name} runs uncompiled: run `make build` (or pip install -e .)"
 
 
-def test_no_extensions_runs_the_glue_from_its_source():
-    code = ("import importlib, stellagw._impl as i; "
+def _glue_from_source(prelude=""):
+    code = (prelude + "import importlib, stellagw._impl as i; "
             "print(all(importlib.import_module(m).__file__.endswith('.py') for m in i.GLUE))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=ROOT, env={**os.environ, "STELLAGW_NO_EXTENSIONS": "1"})
     assert out.stdout.strip() == "True", out.stderr[-1500:]
+
+
+def test_no_extensions_runs_the_glue_from_its_source():
+    _glue_from_source()
 
 
 def test_the_glue_runs_from_its_source_without_cython_installed():
-    # The decorators that need `cython` (freelists) fall back to stellagw/_py/cython_shadow.py.
-    code = ("import sys; sys.modules['cython'] = None; import importlib, stellagw._impl as i; "
-            "print(all(importlib.import_module(m).__file__.endswith('.py') for m in i.GLUE))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=ROOT, env={**os.environ, "STELLAGW_NO_EXTENSIONS": "1"})
-    assert out.stdout.strip() == "True", out.stderr[-1500:]
+    # The decorators that need `cython` (freelists) fall back to stellagw/_cython_shadow.py.
+    _glue_from_source("import sys; sys.modules['cython'] = None; ")
 
 
 @pytest.mark.skipif(_impl.NO_EXTENSIONS, reason="STELLAGW_NO_EXTENSIONS=1 runs the glue uncompiled")

@@ -20,16 +20,21 @@ def pki(tmp_path_factory):
     return Pki(tmp_path_factory.mktemp("pki"))
 
 
-def test_tls_transport_admits_only_allowed_client_certificates(pki):
-    allowed = hashlib.sha256(pki.client_cert_der).hexdigest()
-    gw = GatewayThread(settings_from(orjson.dumps({"gateway": {
+def tls_gateway(pki, **tls):
+    """A gateway whose only service transport is TLS with a required client certificate."""
+    config = {"gateway": {
         "http": {"port": 0},
         "transports": {"tcp": {"enabled": False},
                        "tls": {"enabled": True, "port": 0, "certificatePath": pki.server_cert,
                                "keyPath": pki.server_key, "clientCaPath": pki.ca_path,
-                               "clientCertificateMode": "RequireCertificate",
-                               "allowedClientCertificateThumbprints": [allowed]}}}}).decode())).start()
-    tls_port = gw.worker.transport_addresses["tls"][1]
+                               "clientCertificateMode": "RequireCertificate", **tls}}}}
+    gw = GatewayThread(settings_from(orjson.dumps(config).decode())).start()
+    return gw, gw.worker.transport_addresses["tls"][1]
+
+
+def test_tls_transport_admits_only_allowed_client_certificates(pki):
+    allowed = hashlib.sha256(pki.client_cert_der).hexdigest()
+    gw, tls_port = tls_gateway(pki, allowedClientCertificateThumbprints=[allowed])
 
     def client_ctx(cert, key):
         ctx = ssl.create_default_context(cafile=pki.ca_path)
@@ -63,13 +68,7 @@ def test_tls_transport_admits_only_allowed_client_certificates(pki):
 
 
 def test_tls_transport_routes_requests(pki):
-    gw = GatewayThread(settings_from(orjson.dumps({"gateway": {
-        "http": {"port": 0},
-        "transports": {"tcp": {"enabled": False},
-                       "tls": {"enabled": True, "port": 0, "certificatePath": pki.server_cert,
-                               "keyPath": pki.server_key, "clientCaPath": pki.ca_path,
-                               "clientCertificateMode": "RequireCertificate"}}}}).decode())).start()
-    tls_port = gw.worker.transport_addresses["tls"][1]
+    gw, tls_port = tls_gateway(pki)
     ctx = ssl.create_default_context(cafile=pki.ca_path)
     ctx.load_cert_chain(pki.client_cert, pki.client_key)
 
@@ -101,13 +100,7 @@ def test_a_tls_peer_that_never_finishes_its_handshake_is_dropped_in_hello_time(p
     # one that sends nothing are both closed in about a second.
     from stellagw.transport import connection
     monkeypatch.setattr(connection, "HELLO_TIMEOUT", 1.0)
-    gw = GatewayThread(settings_from(orjson.dumps({"gateway": {
-        "http": {"port": 0},
-        "transports": {"tcp": {"enabled": False},
-                       "tls": {"enabled": True, "port": 0, "certificatePath": pki.server_cert,
-                               "keyPath": pki.server_key, "clientCaPath": pki.ca_path,
-                               "clientCertificateMode": "RequireCertificate"}}}}).decode())).start()
-    tls_port = gw.worker.transport_addresses["tls"][1]
+    gw, tls_port = tls_gateway(pki)
     try:
         silent = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
         half = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
