@@ -37,7 +37,8 @@ SLO_ALERTS = ("GatewayHighErrorRate", "GatewayHighLatencyP99", "GatewayInstanceD
 OPERATIONAL_ALERTS = ("GatewayAuthFailureSpike", "GatewayDpopReplayCacheFallback",
                       "GatewayKeyRefreshFailing", "GatewayRateLimitBreakerOpen",
                       "GatewayRateLimitBreakerTripped", "GatewayConfigReloadFailed",
-                      "GatewayOutlierEjections", "GatewayNoHealthyInstance")
+                      "GatewayOutlierEjections", "GatewayNoHealthyInstance",
+                      "GatewayConnectionsRefused")
 # Alerts without a firing case in alerts_test.yml, and why.
 NOT_FIRE_TESTED = {
     # 30 days of 1-minute evaluations (43,200 steps of every rule) is too slow for a unit test;
@@ -181,5 +182,6 @@ def test_rules_read_metrics_the_gateway_exports(tmp_path):
                    "gateway_auth_failures_total", "gateway_auth_events_total",
                    "gateway_ratelimit_breaker_trips_total", "gateway_errors_total",
                    "gateway_ratelimit_breaker_state", "gateway_route_info",
-                   "gateway_config_reloads_total", "gateway_outlier_ejections_total"):
+                   "gateway_config_reloads_total", "gateway_outlier_ejections_total",
+                   "gateway_connections_refused_total"):
         assert needed in used, needed
