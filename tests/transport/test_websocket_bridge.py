@@ -253,6 +253,37 @@ def test_a_client_frame_larger_than_the_window_goes_in_pieces_as_credit_comes():
     assert window_left == window + 100_000 + window + 400_000 - len(first) - len(second)
 
 
+def test_a_client_frame_over_max_message_frame_is_refused_with_1009_and_goes_nowhere():
+    """picows holds a client frame whole until it is complete: MAX_MESSAGE_FRAME (1 MiB) is
+    what one WebSocket can make the gateway hold beyond the service's window. A frame of
+    exactly that size goes through; one byte more is refused (1009, Message Too Big) on its
+    header, before its payload is read, and the service gets none of it."""
+    from stellagw.ingress.websocket import MAX_MESSAGE_FRAME
+    whole = os.urandom(MAX_MESSAGE_FRAME)
+
+    async def body(bridge, link, transport, client):
+        loop = asyncio.get_running_loop()
+        read_101(client)
+        await loop.run_in_executor(None, client.sendall, client_frame(2, whole))
+        await wait_until(lambda: sum(len(c) for _, c in link.sent) == len(whole),
+                         "the 1 MiB frame did not reach the service")
+        delivered = b"".join(c for _, c in link.sent)
+        link.sent.clear()
+        # The header of a frame one byte longer, and a little of its payload.
+        over = client_frame(2, b"z" * (MAX_MESSAGE_FRAME + 1))[:14 + 1000]
+        client.sendall(over)
+        client.settimeout(5)
+        reply = await loop.run_in_executor(None, read_exactly, client, 1 << 16)
+        return delivered, reply, list(link.sent)
+
+    delivered, reply, sent = run_bridge(body, window=2 * MAX_MESSAGE_FRAME)
+    assert delivered == whole
+    frames = parse_frames(reply)
+    assert frames and frames[-1][1] == 8, frames                 # a close frame
+    assert struct.unpack("!H", frames[-1][2][:2])[0] == 1009
+    assert sent == []
+
+
 def test_a_client_close_without_window_cancels_instead_of_waiting_for_credit():
     """The service has spent the window and reads nothing more: the client's CLOSE cannot go
     as stream data. The client still gets its close echoed, and the service CANCEL (through
