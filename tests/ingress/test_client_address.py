@@ -273,6 +273,40 @@ def test_a_websocket_holds_its_place_until_it_closes():
         gw.stop()
 
 
+def test_a_reload_changes_the_cap_for_connections_accepted_from_then_on():
+    # gateway.http.maxConnectionsPerClient is applied by a reload (docs/configuration.md:
+    # connections accepted from the reload on), like routing.streamIdleTimeout (streams
+    # from then on): in process, the worker's own reload path with a source read in code.
+    import asyncio
+
+    from stellagw.reload import ConfigSource
+
+    from tests.support.gwtest import GatewayThread, is_closed
+    current = [settings_from("gateway: {http: {port: 0, maxConnectionsPerClient: 1}}")]
+    source = ConfigSource(None, current[0], reader=lambda: current[0])
+    gw = GatewayThread(current[0], config_source=source).start()
+    live = b"GET /health/live HTTP/1.1\r\nHost: t\r\n\r\n"
+    try:
+        with connect(gw.port) as first:
+            first.sendall(live)
+            assert read_response(first)[0] == 200
+            with connect(gw.port) as second:
+                second.sendall(live)
+                assert read_response(second)[0] == 503 and is_closed(second, timeout=5)
+            current[0] = settings_from("gateway: {http: {port: 0, maxConnectionsPerClient: 2}, "
+                                       "routing: {streamIdleTimeout: 7s}}")
+            gw.call(lambda: asyncio.ensure_future(gw.worker.reloader.reload()))
+            assert wait_until(lambda: gw.call(lambda: gw.worker.hub.stream_idle_timeout) == 7.0)
+            with connect(gw.port) as second:
+                second.sendall(live)
+                assert read_response(second)[0] == 200
+                first.sendall(live)                   # the first one was never cut
+                assert read_response(first)[0] == 200
+        assert wait_until(lambda: gw.call(lambda: dict(gw.worker.per_client)) == {})
+    finally:
+        gw.stop()
+
+
 def wait_until(check, timeout=10.0):
     end = time.monotonic() + timeout
     while not check():
