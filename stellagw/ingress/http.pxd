@@ -159,8 +159,8 @@ cdef class HttpProtocol:
     cdef Request _last
     cdef bint _resync
 
-    @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, end=Py_ssize_t, req=Request)
     cdef _set_parser(self, parser)
+    @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, end=Py_ssize_t, req=Request)
     cdef _feed(self, data)
     cdef _parse(self, data)
     @cython.locals(req=Request, out=list)
@@ -177,8 +177,7 @@ cdef class HttpProtocol:
     @cython.locals(req=Request)
     cdef bint _holding(self)
     cdef _run(self, Request req)
-    @cython.locals(keep=bint)
-    @cython.locals(length=Py_ssize_t)
+    @cython.locals(keep=bint, length=Py_ssize_t)
     cpdef respond(self, Request req, int status, headers, body, bint close=*)
     cdef _write(self, data)
     cdef _finish(self, Request req, int status, bint keep)
@@ -192,4 +191,4 @@ cdef class HttpProtocol:
     cdef _set_deadline(self, int kind, double seconds)
     cdef _set_peer(self, str address)
     cdef _proxy_header(self, data)
-    cdef _refuse_connection(self, str message)
+    cdef _refuse_connection(self, str message, int status=*)

@@ -623,17 +623,13 @@ class HttpProtocol:
         key = client_key(self.peer_ip)
         if not self._server.admit_client(key, cap):
             self._server.connection_refused("per_client")
-            self.transport.write(self._render_error_close(
-                503, "too many connections from this address"))
-            self._closing = True
-            self._parse_broken = True
-            self.transport.close()
+            self._refuse_connection("too many connections from this address", 503)
             return False
         self._client_key = key
         return True
 
-    def _refuse_connection(self, message):
-        self.transport.write(self._render_error_close(400, message))
+    def _refuse_connection(self, message, status=400):
+        self.transport.write(self._render_error_close(status, message))
         self._closing = True
         self._parse_broken = True
         self.transport.close()
