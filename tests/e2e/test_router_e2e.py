@@ -394,6 +394,9 @@ def test_a_websocket_with_nothing_moving_is_closed_and_its_handler_cancelled():
         assert request(gw.port, b"GET /t/wsi/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200
         assert gw.call(lambda: gw.worker.hub.timeouts) == 1
         assert gw.call(lambda: sum(len(b) for b in gw.worker.hub.wheel.buckets.values())) == 0
+        # Nothing of it is held: no stream in flight, the client connection counted out.
+        assert gw.call(lambda: (sum(len(c.inflight) for c in gw.worker.hub._by_conn),
+                                gw.worker.websockets_open)) == (0, 0)
     finally:
         svc.stop()
         gw.stop()

@@ -185,13 +185,16 @@ def test_a_trusted_proxy_is_not_capped_but_the_clients_proxy_protocol_names_are(
                            "trustedProxies: [127.0.0.0/8]}}")
     conns = [open_from(worker, "127.0.0.1", GET) for _ in range(3)]
     assert not any(t.closed for _, t in conns) and b"127.0.0.1" not in worker.per_client
+    seen = Seen()
     worker, _, _, _ = make("gateway: {http: {maxConnectionsPerClient: 1, proxyProtocol: v1, "
-                           "trustedProxies: [127.0.0.0/8]}}")
+                           "trustedProxies: [127.0.0.0/8]}}", pipeline=seen)
     header = b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 443\r\n"
     _, t1 = open_from(worker, "127.0.0.1", header + GET)
     _, t2 = open_from(worker, "127.0.0.1", header + GET)
     _, t3 = open_from(worker, "127.0.0.1", header.replace(b".7 ", b".8 ") + GET)
     assert not t1.closed and refused(t2) and not t3.closed
+    # The refused one's request, in the same read as its PROXY header, went nowhere.
+    assert [r.client_ip for r in seen.reqs] == [b"203.0.113.7", b"203.0.113.8"]
     assert worker.per_client == {b"203.0.113.7": 1, b"203.0.113.8": 1}
 
 
@@ -251,25 +254,61 @@ def test_a_websocket_holds_its_place_until_it_closes():
                 await asyncio.sleep(0.01)
             loop = asyncio.get_running_loop()
 
+            def requests_sent():
+                from stellagw.transport.frame import REQUEST
+                return dict(gw.call(lambda: gw.worker.metrics.snapshot())["frames"])[REQUEST]
+
             def plain_then_third():
                 with connect(gw.port) as kept:
                     kept.sendall(b"GET /t/pc/whoami HTTP/1.1\r\nHost: t\r\n\r\n")
                     assert read_response(kept)[0] == 200
+                    before = requests_sent()
                     with connect(gw.port) as s:
                         s.sendall(third)
                         status = read_response(s)[0]
                         assert is_closed(s, timeout=5)
-                        return status
+                    assert requests_sent() == before        # nothing went to the service
+                    return status
             status = await loop.run_in_executor(None, plain_then_third)
             ws.disconnect()
             return status
         assert asyncio.run(main()) == 503
         assert wait_until(lambda: gw.call(lambda: dict(gw.worker.per_client)) == {})
+        assert gw.call(lambda: (len(gw.worker.connections), gw.worker.websockets_open)) == (0, 0)
         status, _, body = request(gw.port, third)
         assert status == 200
         assert gw.call(lambda: dict(gw.worker.refused_connections)) == {"per_client": 1}
     finally:
         svc.stop()
+        gw.stop()
+
+
+def test_connections_reset_mid_head_give_their_places_back():
+    # Hostile: fill the cap with connections that send half a head (or nothing), then reset
+    # them (RST, no FIN) — three times over. Each reset frees its place at once; the count
+    # does not creep, and the address is served after.
+    import struct
+
+    from tests.support.gwtest import GatewayThread
+    gw = GatewayThread(settings_from(
+        "gateway: {http: {port: 0, maxConnectionsPerClient: 5}}")).start()
+    try:
+        for _ in range(3):
+            held = [connect(gw.port) for _ in range(5)]
+            for s in held[::2]:
+                s.sendall(b"GET /health/live HTTP/1.1\r\nHo")
+            assert wait_until(lambda: gw.call(lambda: dict(gw.worker.per_client))
+                              == {b"127.0.0.1": 5})
+            status, _, _ = request(gw.port, b"GET /health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert status == 503
+            for s in held:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+            assert wait_until(lambda: gw.call(lambda: (dict(gw.worker.per_client),
+                                                       len(gw.worker.connections))) == ({}, 0))
+        assert request(gw.port, b"GET /health/live HTTP/1.1\r\nHost: t\r\n\r\n")[0] == 200
+        assert gw.call(lambda: dict(gw.worker.refused_connections)) == {"per_client": 3}
+    finally:
         gw.stop()
 
 

@@ -274,6 +274,7 @@ def test_a_client_frame_over_max_message_frame_is_refused_with_1009_and_goes_now
         client.sendall(over)
         client.settimeout(5)
         reply = await loop.run_in_executor(None, read_exactly, client, 1 << 16)
+        await wait_until(transport.is_closing, "the connection was kept after the 1009")
         return delivered, reply, list(link.sent)
 
     delivered, reply, sent = run_bridge(body, window=2 * MAX_MESSAGE_FRAME)
