@@ -631,6 +631,10 @@ class HttpSettings:
     # that never stop are a slowloris of their own; docs/http-edge.md).
     body_read_timeout: float = _duration_key("bodyReadTimeout", "10s", positive=True)
     min_body_rate: int = _size_key("minBodyRate", "1KB")
+    # A client owed bytes that takes none of them for this long is cut (RST): closing
+    # alone would wait for a buffer that a client reading nothing never drains
+    # (docs/http-edge.md, "What one connection can hold").
+    send_timeout: float = _duration_key("sendTimeout", "60s", positive=True)
     # The client's address behind load balancers (docs/http-edge.md, "Client address"):
     # X-Forwarded-For / Forwarded believed only from these networks; the PROXY protocol
     # header required at the start of every client connection.

@@ -122,6 +122,7 @@ class Worker:
         # client address; an address is forgotten with its last connection.
         self.per_client: dict[bytes, int] = {}
         self.refused_connections: dict[str, int] = {}   # at accept, by reason
+        self.aborted_connections: dict[str, int] = {}   # reset by the gateway, by reason
         self.metrics.sources.append(self._connection_counters)
         # The tick's clock, the Date line, draining: what connections read per request.
         self.edge = EdgeState(time.monotonic())
@@ -240,11 +241,18 @@ class Worker:
     def connection_refused(self, reason: str) -> None:
         self.refused_connections[reason] = self.refused_connections.get(reason, 0) + 1
 
+    def connection_aborted(self, reason: str) -> None:
+        self.aborted_connections[reason] = self.aborted_connections.get(reason, 0) + 1
+
     def _connection_counters(self) -> dict:
         return {"gateway_connections_refused": (
             "Client connections answered 503 and closed at accept, by reason: limit "
             "(maxConnections), per_client (maxConnectionsPerClient)", ("reason",),
-            [((k,), v) for k, v in self.refused_connections.items()])}
+            [((k,), v) for k, v in self.refused_connections.items()]),
+            "gateway_connections_aborted": (
+                "Client connections the gateway reset, by reason: send_timeout (owed bytes "
+                "and none taken for sendTimeout)", ("reason",),
+                [((k,), v) for k, v in self.aborted_connections.items()])}
 
     def correlation_id(self, headers) -> str:
         return self.accounting.correlation_id(headers)

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import resource
 import socket
+import struct
+import termios
 
 # Descriptors a worker needs besides its connections: listening sockets, epoll, the log
 # pipe, Valkey and Authority connections, snapshot files, the loop's reserve descriptor.
@@ -99,6 +102,33 @@ def keep_alive(sock: socket.socket, idle: float) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(idle)))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
+def owed(transport) -> int:
+    """Bytes written to an accepted connection that its peer has not taken: the transport's
+    buffer and the kernel's send queue (unsent, or sent and not acknowledged: SIOCOUTQ,
+    which Linux spells TIOCOUTQ). A peer that reads makes it shrink, whichever of the two
+    holds the bytes; gateway.http.sendTimeout cuts a peer for which it does not."""
+    left = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            left += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except (OSError, ValueError):
+            pass        # closed meanwhile: what is left is the transport's
+    return left
+
+
+def reset(transport) -> None:
+    """Drop a connection at once with an RST: what the kernel still holds for a peer that
+    takes nothing goes with it, where a close would leave it queued behind a FIN."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except (OSError, ValueError):
+            pass
+    transport.abort()
 
 
 def listen(sock: socket.socket, backlog: int) -> socket.socket:

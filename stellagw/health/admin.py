@@ -69,6 +69,9 @@ class AdminServer:
     def connection_refused(self, reason):
         self._worker.connection_refused("admin_" + reason)
 
+    def connection_aborted(self, reason):
+        self._worker.connection_aborted("admin_" + reason)
+
     def __getattr__(self, name):
         # Whatever else the protocol may come to read from its server is the worker's.
         return getattr(self._worker, name)

@@ -22,6 +22,7 @@ from functools import partial
 
 import httptools
 
+from ..listeners import owed, reset
 from ..observe import metrics as observe_metrics
 from ..observe.metrics import perf_counter
 from ..replies import JSON, STATUS_LINES, error_body, status_line
@@ -356,6 +357,7 @@ class HttpProtocol:
         self._header_timeout = settings.header_read_timeout
         self._keep_alive_timeout = settings.keep_alive_timeout
         self._body_timeout = settings.body_read_timeout
+        self._send_timeout = settings.send_timeout
         self._body_window_bytes = int(settings.min_body_rate * settings.body_read_timeout)
 
         # -- per connection
@@ -375,6 +377,8 @@ class HttpProtocol:
         self._peer_text = ""             # peer_ip as text
         self.deadline = 0.0
         self.deadline_kind = _D_NONE
+        self._send_deadline = 0.0        # when a client owed bytes is cut if it takes none
+        self._send_left = 0              # what it was owed when that deadline was set
         self._set_parser(None)
         self._queue = deque()
         self._current = None
@@ -1275,6 +1279,8 @@ class HttpProtocol:
         server.websockets_open += 1
         # Its address stays counted (maxConnectionsPerClient) until picows' connection closes.
         bridge.on_closed = partial(server.websocket_closed, self._client_key)
+        bridge.send_timeout = self._send_timeout
+        bridge.on_cut = partial(server.connection_aborted, "send_timeout")
         self._client_key = None
         self._acct.request_done(req, 101)
         hand_over(self, req, bridge, self._upgrade_tail)
@@ -1309,6 +1315,8 @@ class HttpProtocol:
         self.deadline = self._edge.now + seconds
 
     def check_deadline(self, now):
+        if self._write_paused or self._closing:
+            self._check_send(now)
         kind = self.deadline_kind
         if kind == _D_NONE or now < self.deadline or self.transport is None:
             return
@@ -1332,6 +1340,27 @@ class HttpProtocol:
             self.transport.write(self._render_error_close(408, "request not received in time"))
             self._closing = True
             self._close_now()
+
+    def _check_send(self, now):
+        # A client that stopped taking what it is owed (paused for writing, or owed the rest
+        # of a connection that is closing): closing waits for the write buffer to drain, so
+        # a client that reads nothing would hold its connection and the buffer for ever.
+        # sendTimeout with not a byte taken, and the connection is reset (docs/http-edge.md,
+        # "What one connection can hold").
+        transport = self.transport
+        if transport is None:
+            return
+        left = owed(transport)
+        if left == 0:
+            self._send_deadline = 0.0
+        elif self._send_deadline == 0.0 or left < self._send_left:
+            self._send_deadline = now + self._send_timeout
+            self._send_left = left
+        elif now >= self._send_deadline:
+            self._send_deadline = 0.0
+            self._closing = True
+            self._server.connection_aborted("send_timeout")
+            reset(transport)
 
     def close(self):
         self._closing = True

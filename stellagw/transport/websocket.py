@@ -15,8 +15,11 @@ see _send_frame.
 """
 from __future__ import annotations
 
+import asyncio
+
 from picows import WSCloseCode, WSListener, WSMsgType
 
+from ..listeners import owed, reset
 from . import frame as fr
 
 _KIND_OF = {WSMsgType.TEXT: fr.KIND_TEXT, WSMsgType.BINARY: fr.KIND_BINARY,
@@ -60,6 +63,10 @@ class WsBridge(WSListener):
         self.closed = False
         self._held: list[tuple[int, bytes]] = []   # client frames waiting for service credit
         self.on_closed = None       # the worker's count of open WebSockets, told once
+        self.send_timeout = 60.0    # gateway.http.sendTimeout (set by the ingress)
+        self.on_cut = None          # told when a client that takes nothing is cut
+        self._owed = 0
+        self.disconnected = False   # picows' connection is gone
 
     # ---------------------------------------------------------------- client → service
 
@@ -84,7 +91,7 @@ class WsBridge(WSListener):
                 self.conn.ws_client_gone(self.pending)
             # Echo the close (RFC 6455 §5.5.1) and end the connection.
             transport.send_close(WSCloseCode(code) if code else WSCloseCode.OK)
-            transport.disconnect()
+            self._disconnect()
             self.closed = True
             return
         kind = _KIND_OF.get(msg_type)
@@ -154,6 +161,7 @@ class WsBridge(WSListener):
             self.conn.send_stream_chunk(pending, flags, chunk)
 
     def on_ws_disconnected(self, transport):
+        self.disconnected = True
         on_closed, self.on_closed = self.on_closed, None
         if on_closed is not None:
             on_closed()
@@ -184,7 +192,7 @@ class WsBridge(WSListener):
             code, reason = fr.parse_ws_close(chunk)
             ws.send_close(WSCloseCode(code) if code else WSCloseCode.OK,
                           reason.encode() if reason else None)
-            ws.disconnect()
+            self._disconnect()
             self.closed = True
             return False
         msg_type = _TYPE_OF.get(kind)
@@ -196,7 +204,7 @@ class WsBridge(WSListener):
             _send_frame(ws, msg_type, chunk, not flags & fr.FLAG_MORE)
         if flags & fr.FLAG_END_STREAM:
             ws.send_close(WSCloseCode.OK)
-            ws.disconnect()
+            self._disconnect()
             self.closed = True
             return False
         return True
@@ -206,7 +214,31 @@ class WsBridge(WSListener):
         if self.ws is not None and not self.closed:
             self.closed = True
             self.ws.send_close(code, reason)
-            self.ws.disconnect()
+            self._disconnect()
+
+    def _disconnect(self):
+        """Close the client's connection once it has what it is owed (the close frame, the
+        last messages), but not for ever: a client that takes not a byte of it for
+        sendTimeout is cut, as an HTTP client is (docs/http-edge.md)."""
+        self.ws.disconnect()
+        self._owed = owed(self.ws.underlying_transport)
+        if self._owed:
+            asyncio.get_running_loop().call_later(self.send_timeout, self._cut)
+
+    def _cut(self):
+        transport = self.ws.underlying_transport
+        if self.disconnected:
+            return
+        left = owed(transport)
+        if not left:
+            return
+        if left < self._owed:           # it takes some: another sendTimeout
+            self._owed = left
+            asyncio.get_running_loop().call_later(self.send_timeout, self._cut)
+            return
+        if self.on_cut is not None:
+            self.on_cut()
+        reset(transport)
 
     def idle_close(self):
         """No message either way for streamIdleTimeout: 1001, going away (RFC 6455 §7.4.1)."""

@@ -53,3 +53,87 @@ def test_a_client_that_pipelines_and_never_reads_is_not_read_either():
     finally:
         s.close()
         gw.stop()
+
+
+SEND_TIMEOUT = 2.0
+SLOW_CONFIG = ("gateway: {http: {port: 0, sendTimeout: 2s, keepAliveTimeout: 1s},"
+               " logging: {accessLog: false}}")
+
+
+def _stalled_client(port, n):
+    """A client with small kernel buffers that pipelines `n` requests from a thread and
+    reads nothing (yet)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.settimeout(20)
+
+    def send():
+        try:
+            s.sendall(REQUEST * n)
+        except OSError:
+            pass        # reset by the gateway
+    threading.Thread(target=send, daemon=True).start()
+    return s
+
+
+def _aborted(gw):
+    return gw.call(lambda: dict(gw.worker.aborted_connections))
+
+
+def test_a_client_that_reads_nothing_is_cut_after_send_timeout_and_frees_its_place():
+    # Closing waits for the write buffer to drain: without sendTimeout this connection,
+    # its ~0.5 MB of answers and its slot stayed until the client went away.
+    gw = GatewayThread(settings_from(SLOW_CONFIG)).start()
+    s = _stalled_client(gw.port, 100_000)
+    try:
+        assert wait_for(lambda: gw.call(lambda: any(
+            c.transport is not None and c.transport.get_write_buffer_size() > 0
+            for c in gw.worker.connections)), 10)
+        stalled_at = time.monotonic()
+        assert wait_for(lambda: gw.call(lambda: len(gw.worker.connections)) == 0, 15)
+        # Not before the client had sendTimeout to take something.
+        assert time.monotonic() - stalled_at >= SEND_TIMEOUT - 0.1
+        assert _aborted(gw) == {"send_timeout": 1}
+        assert gw.call(lambda: dict(gw.worker.per_client)) == {}     # its place is free
+        assert b'gateway_connections_aborted_total{reason="send_timeout"} 1.0' in \
+            gw.call(gw.worker.render_metrics)
+        # The client finds its connection gone (reset: the error goes to whichever of its
+        # threads, sending or reading, asks first).
+        s.settimeout(5)
+        try:
+            while s.recv(1 << 20):
+                pass
+        except ConnectionResetError:
+            pass
+    finally:
+        s.close()
+        gw.stop()
+
+
+def test_a_client_that_reads_slowly_is_not_cut_and_gets_every_answer():
+    # Each tick sees fewer bytes owed (the kernel's send queue shrinks as it reads), so
+    # sendTimeout starts again: slow is not stalled.
+    n = 20_000
+    gw = GatewayThread(settings_from(SLOW_CONFIG)).start()
+    s = _stalled_client(gw.port, n)
+    try:
+        answers, tail = 0, b""
+        deadline = time.monotonic() + 3 * SEND_TIMEOUT
+        while time.monotonic() < deadline:        # 8 KB every 0.5 s: 16 KB/s
+            data = tail + s.recv(8192)
+            answers += data.count(MARK)
+            tail = data[-(len(MARK) - 1):]
+            time.sleep(0.5)
+        assert _aborted(gw) == {}
+        while answers < n:
+            chunk = s.recv(1 << 20)
+            assert chunk, f"closed after {answers} answers"
+            data = tail + chunk
+            answers += data.count(MARK)
+            tail = data[-(len(MARK) - 1):]
+        assert answers == n and _aborted(gw) == {}
+    finally:
+        s.close()
+        gw.stop()

@@ -205,3 +205,41 @@ def test_client_going_away_cancels_and_a_killed_service_closes_1011(tmp_path):
         svc.kill()
         svc.wait(10)
         gw.stop()
+
+
+def test_a_websocket_client_that_reads_nothing_is_cut_after_its_close(tmp_path):
+    # The service sends 3 MB to a client that reads none of it: credit stops, the WebSocket
+    # goes idle (streamIdleTimeout) and is closed — and picows' close waits for the bytes
+    # still owed. Without gateway.http.sendTimeout the connection, its buffer and its
+    # place (websockets_open, maxConnectionsPerClient) stayed until the client left.
+    gw = GatewayThread(settings_from("gateway: {http: {port: 0, sendTimeout: 2s},"
+                                     " routing: {streamIdleTimeout: 1s}}")).start()
+    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "wsr",
+                            "--gateway", f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
+    s = socket.socket()
+    try:
+        assert wait_for(lambda: request(gw.port, b"GET /t/wsr/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", gw.port))
+        s.settimeout(10)
+        s.sendall(b"GET /t/wsr/ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\n"
+                  b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  b"Sec-WebSocket-Version: 13\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)           # byte by byte: nothing past the 101 is read
+        assert head.startswith(b"HTTP/1.1 101"), head
+        mask, text = b"\x01\x02\x03\x04", b"big-3000000"
+        s.sendall(b"\x81" + bytes([0x80 | len(text)]) + mask
+                  + bytes(c ^ mask[i % 4] for i, c in enumerate(text)))
+        assert wait_for(lambda: gw.call(lambda: gw.worker.websockets_open) == 1, 5)
+        # Idle after 1 s, closed, then cut 2 s later: gone well within 15 s.
+        assert wait_for(lambda: gw.call(lambda: gw.worker.websockets_open) == 0, 15)
+        assert gw.call(lambda: dict(gw.worker.aborted_connections)) == {"send_timeout": 1}
+        assert gw.call(lambda: dict(gw.worker.per_client)) == {}
+        assert wait_for(lambda: gw.call(lambda: sum(len(c.inflight) for c in gw.worker.hub.connections)) == 0, 5)
+    finally:
+        s.close()
+        svc.terminate()
+        svc.wait(10)
+        gw.stop()
