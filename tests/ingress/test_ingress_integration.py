@@ -162,6 +162,38 @@ def test_https_tls12_allowed_by_default_refused_with_min_13(gateway, pki):
         _https(gw13.port, ctx)
 
 
+def test_https_client_that_reads_nothing_is_cut_after_send_timeout(gateway, pki):
+    # gateway.http.sendTimeout through TLS: what is owed sits in the TLS layer's buffer and
+    # the kernel's; the cut resets the connection all the same (tests/ingress/test_backpressure.py
+    # has the plain-TCP cases).
+    cfg = orjson.loads(_tls_yaml(pki))
+    cfg["gateway"]["http"].update({"sendTimeout": "2s", "keepAliveTimeout": "1s"})
+    cfg["gateway"]["logging"] = {"accessLog": False}
+    gw = gateway(orjson.dumps(cfg).decode())
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", gw.port))
+    s = pki.client_context().wrap_socket(raw, server_hostname="localhost")
+    s.settimeout(10)
+
+    def send():
+        try:
+            s.sendall(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n\r\n" * 50_000)
+        except OSError:
+            pass        # reset by the gateway
+    sender = threading.Thread(target=send, daemon=True)
+    try:
+        sender.start()
+        assert wait_for(lambda: gw.call(lambda: len(gw.worker.connections)) == 1, 5)
+        assert wait_for(lambda: gw.call(lambda: len(gw.worker.connections)) == 0, 20)
+        assert gw.call(lambda: dict(gw.worker.aborted_connections)) == {"send_timeout": 1}
+        assert gw.call(lambda: dict(gw.worker.per_client)) == {}
+        sender.join(10)
+        assert not sender.is_alive()        # its connection is gone: sendall ended
+    finally:
+        raw.close()
+
+
 def test_https_from_pfx_with_password(gateway, pki):
     gw = gateway(_tls_yaml(pki, certificatePath=pki.server_pfx, keyPath="",
                            certificatePassword=pki.server_pfx_password))
