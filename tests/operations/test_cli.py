@@ -87,7 +87,7 @@ def test_serve_single_worker_answers_and_stops_on_sigterm(tmp_path):
         status, _, body = request(port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")
         assert status == 200
     finally:
-        assert s.stop() == 0
+        assert s.stop(signal.SIGTERM) == 0
 
 
 def test_two_workers_share_the_port_and_a_dead_worker_is_restarted(tmp_path):

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import ssl
 import threading
 import time
@@ -736,7 +737,7 @@ def test_configmap_config_serves_probes_and_registers_a_tls_service(tmp_path, mo
         asyncio.run_coroutine_threadsafe(svc.stop(timeout=1), loop).result(10)
         svc = None
         t0 = time.monotonic()
-        assert served.stop() == 0
+        assert served.stop(signal.SIGTERM) == 0
         budget = _pod()["terminationGracePeriodSeconds"] - _prestop_seconds()
         assert time.monotonic() - t0 < budget
     finally:

@@ -64,7 +64,7 @@ class Stack:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        return self.gw.stop()
+        return self.gw.stop(signal.SIGTERM)
 
 
 @pytest.fixture

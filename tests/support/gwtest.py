@@ -315,11 +315,14 @@ class Served:
     def wait_listening(self, count=1, timeout=20):
         return self.wait_for_log(lambda r: r.get("message") == "listening", count, timeout)
 
-    def stop(self):
+    def stop(self, sig=None):
+        """Stop it and return its exit status. SIGINT by default: a test's teardown stops
+        it at once, where SIGTERM (what a tested shutdown sends: pass it) first waits
+        preStopDelay (2 s by default) with readiness failing."""
         import signal
         import subprocess
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGINT if sig is None else sig)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
