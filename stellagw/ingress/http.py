@@ -378,7 +378,7 @@ class HttpProtocol:
         self.deadline = 0.0
         self.deadline_kind = _D_NONE
         self._send_deadline = 0.0        # when a client owed bytes is cut if it takes none
-        self._send_left = 0              # what it was owed when that deadline was set
+        self._send_left = 0              # what it was owed at the last tick
         self._set_parser(None)
         self._queue = deque()
         self._current = None
@@ -1354,13 +1354,15 @@ class HttpProtocol:
         if left == 0:
             self._send_deadline = 0.0
         elif self._send_deadline == 0.0 or left < self._send_left:
+            # Owed from now, or some taken since the last tick. (Compared tick to tick, not
+            # with the first figure: a streamed chunk written meanwhile must not hide reads.)
             self._send_deadline = now + self._send_timeout
-            self._send_left = left
         elif now >= self._send_deadline:
             self._send_deadline = 0.0
             self._closing = True
             self._server.connection_aborted("send_timeout")
             reset(transport)
+        self._send_left = left
 
     def close(self):
         self._closing = True
