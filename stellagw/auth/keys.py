@@ -19,7 +19,7 @@ HTTP client: `urllib.request` run in the loop's default executor. This is a hand
 small GETs every few minutes, off the request path; the stdlib client verifies
 certificates with the default context and adds no dependency (and no second TLS stack).
 Redirects are refused (a redirect could downgrade https → http), responses are capped at
-1 MiB, and every request has a timeout.
+1 MiB, and every request, its body included, has keysFetchTimeout in all (_read_by).
 """
 from __future__ import annotations
 
@@ -256,15 +256,43 @@ class KeyStore:
         _check_url(url, "URL")
         request = urllib.request.Request(url, headers={"Accept": "application/json",
                                                        "User-Agent": "stellagw"})
+        deadline = time.monotonic() + self._timeout
         try:
             with self._opener.open(request, timeout=self._timeout) as response:
-                raw = response.read(MAX_DOCUMENT_BYTES + 1)
+                raw = _read_by(response, deadline, self._timeout)
         except urllib.error.HTTPError as exc:
             raise KeysError(f"GET {url}: HTTP {exc.code}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise KeysError(f"GET {url}: {reason}") from None
         return _json(raw, url)
+
+
+def _read_by(response, deadline: float, timeout: float) -> bytes:
+    """The body, up to MAX_DOCUMENT_BYTES + 1 bytes (_json refuses more), by `deadline`.
+
+    The socket timeout bounds each read, not the body: an Authority, or a proxy before it,
+    that sends a byte every few seconds would hold the fetch — and every request with an
+    unknown kid waiting on it — for days. So each read waits at most what is left until
+    the deadline, and a body not complete by then fails the fetch."""
+    sock = getattr(getattr(response.fp, "raw", None), "_sock", None)   # http.client's socket
+    late = f"the response took longer than keysFetchTimeout ({timeout:g} s)"
+    parts, size = [], 0
+    while size <= MAX_DOCUMENT_BYTES:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(late)
+        if sock is not None:
+            sock.settimeout(left)
+        try:
+            chunk = response.read1(65536)
+        except TimeoutError:
+            raise TimeoutError(late) from None
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
 
 
 def _json(raw: bytes, source: str):

@@ -254,6 +254,8 @@ class LoopbackAuthority:
     def __init__(self, *keys: SigningKey, delay: float = 0.0):
         self.keys = list(keys)
         self.delay = delay
+        self.drip = 0.0         # > 0: the JWKS body goes out a byte at a time, this far apart
+        self._closed = threading.Event()
         self.down = False
         self.wrong_issuer = False
         self.jwks_requests = 0
@@ -285,6 +287,13 @@ class LoopbackAuthority:
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
+                if self.path == "/jwks" and authority.drip:
+                    for i in range(len(data)):      # a trickle: each read gets something
+                        if authority._closed.wait(authority.drip):
+                            return
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                    return
                 self.wfile.write(data)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -294,6 +303,7 @@ class LoopbackAuthority:
         self._thread.start()
 
     def close(self):
+        self._closed.set()
         self.server.shutdown()
         self.server.server_close()
 
