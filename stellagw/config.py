@@ -585,6 +585,9 @@ class NodeSettings:
     # A restarted worker takes no client connection before the service instances its
     # siblings know have reached it, or this long (no 404 window after a restart).
     warmup_timeout: float = _duration_key("warmupTimeout", "5s")
+    # With several workers: one whose event loop has not turned for this long is killed and
+    # restarted by the supervisor (stellagw/watchdog.py). 0 = never.
+    worker_stall_timeout: float = _duration_key("workerStallTimeout", "15s")
     fleet: FleetSettings = _section("fleet", FleetSettings)
 
     def _finish(self, path: str) -> NodeSettings:

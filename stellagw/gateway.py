@@ -101,9 +101,10 @@ _READY_STATUSES = ("Healthy", "Degraded")
 class Worker:
     def __init__(self, settings, worker_id: int = 0, log: JsonLog | None = None,
                  transport_ports: dict | None = None, run_dir: str | None = None,
-                 span_exporter=None, config_source=None):
+                 span_exporter=None, config_source=None, heartbeat=None):
         gw = settings.gateway
         self.settings = settings
+        self._heartbeat = heartbeat     # the supervisor's watchdog (watchdog.py): once a tick
         self.worker_id = worker_id
         self.node_id = gw.node.node_id
         self.http_settings = HttpLimits(gw)
@@ -368,6 +369,8 @@ class Worker:
         expected = self._expected_instances()
         await self.hub.start(transport_socks)
         self._tick_handle = loop.call_later(1.0, self._tick)
+        if self._heartbeat is not None:
+            self._heartbeat()           # judged from now on (the warm start below included)
         await self.limiter.start()
         if gw.openapi.enabled:
             self.openapi.warm()
@@ -514,6 +517,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._tick_handle = loop.call_later(1.0, self._tick)
         self.now = time.monotonic()
+        if self._heartbeat is not None:
+            self._heartbeat()
         self._update_date()
         now = self.now
         for conn in list(self.connections):
@@ -644,13 +649,14 @@ def _fmt_addr(addr) -> str:
 
 
 def run_worker(settings, worker_id: int = 0, sockets: WorkerSockets | None = None,
-               run_dir: str | None = None, config_source=None) -> int:
+               run_dir: str | None = None, config_source=None, heartbeat=None) -> int:
     """Run one worker until SIGTERM/SIGINT has drained it (SIGHUP: reload). Returns the
     exit code."""
     import uvloop
 
     async def main():
-        worker = Worker(settings, worker_id, run_dir=run_dir, config_source=config_source)
+        worker = Worker(settings, worker_id, run_dir=run_dir, config_source=config_source,
+                        heartbeat=heartbeat)
         loop = asyncio.get_running_loop()
         # SIGTERM is an orchestrator's: wait preStopDelay for load balancers to notice the
         # failing readiness. SIGINT is a person's at a terminal: stop now. The delay is

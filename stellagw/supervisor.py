@@ -6,8 +6,9 @@ start-up with "address in use". Then, with several workers, the supervisor forks
 they serve on its sockets (one per worker in each port's SO_REUSEPORT group, plus each
 worker's private transport port); no worker binds anything itself. The supervisor keeps its
 copies, so a worker that dies is restarted (after a short backoff when it died young) onto
-the same sockets, and what arrived for it meanwhile waits in their backlogs. SIGTERM/SIGINT
-are forwarded and the supervisor exits when all workers have.
+the same sockets, and what arrived for it meanwhile waits in their backlogs; so is one whose
+event loop stopped turning (stellagw/watchdog.py). SIGTERM/SIGINT are forwarded and the
+supervisor exits when all workers have.
 
 SIGHUP reloads (stellagw/reload.py): the supervisor reads and checks the configuration file
 once — a bad one is logged once, here — keeps the verdict for the workers it will start
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import select
 import shutil
 import tempfile
 import signal
@@ -28,6 +30,7 @@ from .auth.replay import share_across_workers
 from .gateway import check_httptools_strict, run_worker
 from .listeners import bind_instance, raise_fd_limit
 from .observe.logs import JsonLog
+from .watchdog import Heartbeats
 
 
 def _check_tls(settings) -> None:
@@ -102,6 +105,15 @@ def serve(settings, source: "reload.ConfigSource | None" = None) -> int:
         _remove_pid_file(source.pid_file)
 
 
+def _wait_for_a_death(pidfds, timeout: float) -> None:
+    """Until a worker's pidfd is readable (it died) or `timeout`. (A signal runs its handler
+    and the wait goes on: PEP 475.)"""
+    poller = select.poll()
+    for fd in pidfds:
+        poller.register(fd, select.POLLIN)
+    poller.poll(timeout * 1000)
+
+
 def _supervise(settings, source, workers: int, bundles) -> int:
     log = JsonLog(settings.gateway.logging.level)
     log.extra = {"node": settings.gateway.node.node_id, "role": "supervisor"}
@@ -112,8 +124,10 @@ def _supervise(settings, source, workers: int, bundles) -> int:
     # fork so every worker, a restarted one too, inherits it (auth/replay.py).
     share_across_workers(settings.gateway.auth.replay_cache.max_entries)
     held = [sock for bundle in bundles for sock in bundle.all()]
+    beats = Heartbeats(workers)     # made before the first fork: every worker writes into it
 
     children: dict[int, int] = {}   # pid -> worker id
+    pidfds: dict[int, int] = {}     # pid -> its pidfd: readable once the worker has died
     started: dict[int, float] = {}  # worker id -> start time
     stopping = False
 
@@ -123,6 +137,7 @@ def _supervise(settings, source, workers: int, bundles) -> int:
         # the fork.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK,
                                       {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+        beats.clear(worker_id)
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -138,13 +153,15 @@ def _supervise(settings, source, workers: int, bundles) -> int:
                     if id(sock) not in mine:
                         sock.close()
                 code = run_worker(settings, worker_id, bundles[worker_id], run_dir=run_dir,
-                                  config_source=source)
+                                  config_source=source,
+                                  heartbeat=lambda: beats.beat(worker_id))
             except BaseException as exc:  # the child must never return into the supervisor
                 print(f"worker {worker_id} failed: {exc!r}", file=sys.stderr, flush=True)
             finally:
                 os._exit(code)
         children[pid] = worker_id
         started[worker_id] = time.monotonic()
+        pidfds[pid] = os.pidfd_open(pid)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def forward(signum, frame):
@@ -192,27 +209,57 @@ def _supervise(settings, source, workers: int, bundles) -> int:
     for i in range(workers):
         spawn(i)
 
+    def kill_stalled():
+        # watchdog.py: a worker whose loop stopped turning serves nothing and holds its
+        # connections; killed, it is restarted below like any dead worker.
+        timeout = settings.gateway.node.worker_stall_timeout    # a reload may change it
+        if stopping or timeout <= 0:
+            return
+        now = time.monotonic()
+        for pid, worker_id in list(children.items()):
+            silent = beats.silent_for(worker_id, now)
+            if silent > timeout and pid not in killed:
+                killed.add(pid)
+                log.event("error", "worker stalled; killing it", worker=worker_id, pid=pid,
+                          silentSeconds=round(silent, 1))
+                log.flush()
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    killed: set[int] = set()
     exit_code = 0
     while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        worker_id = children.pop(pid, None)
-        if worker_id is None:
-            continue
-        code = os.waitstatus_to_exitcode(status)
-        if stopping:
-            exit_code = exit_code or (code if code > 0 else 0)
-            continue
-        log.event("error", "worker died; restarting", worker=worker_id, exit=code)
-        log.flush()
-        if time.monotonic() - started[worker_id] < 1.0:
-            time.sleep(1.0)  # a crash loop must not spin the CPU
-        if not stopping:
-            spawn(worker_id)
+        # Woken by a death (its pidfd) at once, or after a second to look at the
+        # heartbeats; then every dead child is reaped.
+        _wait_for_a_death(pidfds.values(), 1.0)
+        kill_stalled()
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                children.clear()
+                break
+            if pid == 0:
+                break
+            killed.discard(pid)
+            fd = pidfds.pop(pid, None)
+            if fd is not None:
+                os.close(fd)
+            worker_id = children.pop(pid, None)
+            if worker_id is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if stopping:
+                exit_code = exit_code or (code if code > 0 else 0)
+                continue
+            log.event("error", "worker died; restarting", worker=worker_id, exit=code)
+            log.flush()
+            if time.monotonic() - started[worker_id] < 1.0:
+                time.sleep(1.0)  # a crash loop must not spin the CPU
+            if not stopping:
+                spawn(worker_id)
     for sock in held:
         sock.close()
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -116,6 +116,37 @@ def test_two_workers_share_the_port_and_a_dead_worker_is_restarted(tmp_path):
         assert s.stop() == 0
 
 
+def test_a_stalled_worker_is_killed_and_restarted(tmp_path):
+    # A frozen worker (SIGSTOP: as a loop stuck in a bug would look) keeps its share of new
+    # connections through SO_REUSEPORT and answers none of them. The supervisor sees its
+    # heartbeat stop, kills it and starts another in its place.
+    s = Served("--port", "0", "--workers", "2",
+               config_text="gateway: {node: {workerStallTimeout: 2s}, transports: {tcp: {port: 0}}}",
+               tmp_path=tmp_path)
+    victim = None
+    try:
+        recs = s.wait_listening(2)
+        port = int(recs[0]["http"].rsplit(":", 1)[1])
+        victim = recs[0]["pid"]
+        os.kill(victim, signal.SIGSTOP)
+        [stalled] = s.wait_for_log(lambda r: r.get("message") == "worker stalled; killing it")
+        assert stalled["pid"] == victim and stalled["worker"] == recs[0]["worker"]
+        assert stalled["silentSeconds"] >= 2
+        [again] = s.wait_listening(1)
+        assert again["pid"] != victim and again["worker"] == recs[0]["worker"]
+        # Every new connection is answered again, whichever worker the kernel picks.
+        assert all(request(port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200
+                   for _ in range(20))
+        victim = None
+    finally:
+        if victim is not None:
+            try:
+                os.kill(victim, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        assert s.stop() == 0
+
+
 def test_a_stdout_nobody_reads_never_stalls_the_gateway(tmp_path):
     # Regression: the access log once wrote to stdout from the event loop; when the pipe
     # filled (64 KiB, ~150 lines) the worker froze with every connection on it.
