@@ -148,6 +148,8 @@ def _supervise(settings, source, workers: int, bundles) -> int:
                 # last record itself, so a reload in between is not missed.
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                for fd in pidfds.values():      # the supervisor's, not a worker's
+                    os.close(fd)
                 mine = {id(sock) for sock in bundles[worker_id].all()}
                 for sock in held:
                     if id(sock) not in mine:
@@ -161,7 +163,10 @@ def _supervise(settings, source, workers: int, bundles) -> int:
                 os._exit(code)
         children[pid] = worker_id
         started[worker_id] = time.monotonic()
-        pidfds[pid] = os.pidfd_open(pid)
+        try:
+            pidfds[pid] = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            pass        # Linux < 5.3: its death is seen by polling (_wait_for_a_death)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def forward(signum, frame):
@@ -233,7 +238,7 @@ def _supervise(settings, source, workers: int, bundles) -> int:
     while children:
         # Woken by a death (its pidfd) at once, or after a second to look at the
         # heartbeats; then every dead child is reaped.
-        _wait_for_a_death(pidfds.values(), 1.0)
+        _wait_for_a_death(pidfds.values(), 1.0 if len(pidfds) == len(children) else 0.2)
         kill_stalled()
         while children:
             try:
