@@ -119,6 +119,34 @@ def owed(transport) -> int:
     return left
 
 
+class SendDeadline:
+    """gateway.http.sendTimeout on one connection: checked once a second while the peer
+    owes us reading (paused for writing, or closing with bytes left), any byte it took since
+    the last check starts the timeout again. Compared check to check, not with the first
+    figure: a streamed chunk written meanwhile must not hide what a slow peer did read."""
+
+    __slots__ = ("timeout", "deadline", "left")
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.deadline = 0.0     # 0: nothing owed at the last check
+        self.left = 0           # what was owed at the last check
+
+    def expired(self, transport, now: float) -> bool:
+        """True when the peer took nothing for `timeout`: reset it (reset())."""
+        left = owed(transport)
+        expired = False
+        if left == 0:
+            self.deadline = 0.0
+        elif self.deadline == 0.0 or left < self.left:
+            self.deadline = now + self.timeout
+        elif now >= self.deadline:
+            self.deadline = 0.0
+            expired = True
+        self.left = left
+        return expired
+
+
 def reset(transport) -> None:
     """Drop a connection at once with an RST: what the kernel still holds for a peer that
     takes nothing goes with it, where a close would leave it queued behind a FIN."""

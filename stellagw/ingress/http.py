@@ -22,7 +22,7 @@ from functools import partial
 
 import httptools
 
-from ..listeners import owed, reset
+from ..listeners import SendDeadline, reset
 from ..observe import metrics as observe_metrics
 from ..observe.metrics import perf_counter
 from ..replies import JSON, STATUS_LINES, error_body, status_line
@@ -377,8 +377,7 @@ class HttpProtocol:
         self._peer_text = ""             # peer_ip as text
         self.deadline = 0.0
         self.deadline_kind = _D_NONE
-        self._send_deadline = 0.0        # when a client owed bytes is cut if it takes none
-        self._send_left = 0              # what it was owed at the last tick
+        self._send = SendDeadline(settings.send_timeout)    # checked while it owes reading
         self._set_parser(None)
         self._queue = deque()
         self._current = None
@@ -1342,27 +1341,14 @@ class HttpProtocol:
             self._close_now()
 
     def _check_send(self, now):
-        # A client that stopped taking what it is owed (paused for writing, or owed the rest
-        # of a connection that is closing): closing waits for the write buffer to drain, so
-        # a client that reads nothing would hold its connection and the buffer for ever.
-        # sendTimeout with not a byte taken, and the connection is reset (docs/http-edge.md,
-        # "What one connection can hold").
+        # A client that stopped taking what it is owed: closing waits for the write buffer
+        # to drain, so a client that reads nothing would hold its connection and the buffer
+        # for ever (docs/http-edge.md, "What one connection can hold").
         transport = self.transport
-        if transport is None:
-            return
-        left = owed(transport)
-        if left == 0:
-            self._send_deadline = 0.0
-        elif self._send_deadline == 0.0 or left < self._send_left:
-            # Owed from now, or some taken since the last tick. (Compared tick to tick, not
-            # with the first figure: a streamed chunk written meanwhile must not hide reads.)
-            self._send_deadline = now + self._send_timeout
-        elif now >= self._send_deadline:
-            self._send_deadline = 0.0
+        if transport is not None and self._send.expired(transport, now):
             self._closing = True
             self._server.connection_aborted("send_timeout")
             reset(transport)
-        self._send_left = left
 
     def close(self):
         self._closing = True

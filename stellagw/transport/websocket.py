@@ -19,7 +19,7 @@ import asyncio
 
 from picows import WSCloseCode, WSListener, WSMsgType
 
-from ..listeners import owed, reset
+from ..listeners import SendDeadline, reset
 from . import frame as fr
 
 _KIND_OF = {WSMsgType.TEXT: fr.KIND_TEXT, WSMsgType.BINARY: fr.KIND_BINARY,
@@ -65,7 +65,7 @@ class WsBridge(WSListener):
         self.on_closed = None       # the worker's count of open WebSockets, told once
         self.send_timeout = 60.0    # gateway.http.sendTimeout (set by the ingress)
         self.on_cut = None          # told when a client that takes nothing is cut
-        self._owed = 0
+        self._send = None           # its SendDeadline, from the close on
         self.disconnected = False   # picows' connection is gone
 
     # ---------------------------------------------------------------- client → service
@@ -218,27 +218,24 @@ class WsBridge(WSListener):
 
     def _disconnect(self):
         """Close the client's connection once it has what it is owed (the close frame, the
-        last messages), but not for ever: a client that takes not a byte of it for
-        sendTimeout is cut, as an HTTP client is (docs/http-edge.md)."""
+        last messages), but not for ever: one that takes nothing of it for sendTimeout is
+        cut, as an HTTP client is (listeners.SendDeadline, docs/http-edge.md)."""
         self.ws.disconnect()
-        self._owed = owed(self.ws.underlying_transport)
-        if self._owed:
-            asyncio.get_running_loop().call_later(self.send_timeout, self._cut)
+        if self._send is None:
+            self._send = SendDeadline(self.send_timeout)
+            self._check_send()
 
-    def _cut(self):
-        transport = self.ws.underlying_transport
+    def _check_send(self):
         if self.disconnected:
             return
-        left = owed(transport)
-        if not left:
-            return
-        if left < self._owed:           # it takes some: another sendTimeout
-            self._owed = left
-            asyncio.get_running_loop().call_later(self.send_timeout, self._cut)
-            return
-        if self.on_cut is not None:
-            self.on_cut()
-        reset(transport)
+        transport = self.ws.underlying_transport
+        loop = asyncio.get_running_loop()
+        if self._send.expired(transport, loop.time()):
+            if self.on_cut is not None:
+                self.on_cut()
+            reset(transport)
+        elif self._send.deadline:               # still owed: look again in a second
+            loop.call_later(1.0, self._check_send)
 
     def idle_close(self):
         """No message either way for streamIdleTimeout: 1001, going away (RFC 6455 §7.4.1)."""
