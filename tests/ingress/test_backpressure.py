@@ -4,11 +4,14 @@ pauses reading a connection while its write buffer is over the transport's high-
 the client sends, and nothing is lost once the client reads."""
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import time
 
 import pytest
+
+from stellagw.ingress.http import HttpProtocol
 
 from tests.support.gwtest import GatewayThread, settings_from, wait_for
 
@@ -99,6 +102,14 @@ def test_a_client_that_reads_nothing_is_cut_after_send_timeout_and_frees_its_pla
         assert gw.call(lambda: dict(gw.worker.per_client)) == {}     # its place is free
         assert b'gateway_connections_aborted_total{reason="send_timeout"} 1.0' in \
             gw.call(gw.worker.render_metrics)
+        # And its memory: the protocol (parser, queued answers) is freed by reference
+        # counting alone, the collector kept out of it.
+        gc.disable()
+        try:
+            assert wait_for(lambda: sum(1 for o in gc.get_objects()
+                                        if type(o) is HttpProtocol) == 0, 5)
+        finally:
+            gc.enable()
         # The client finds its connection gone (reset: the error goes to whichever of its
         # threads, sending or reading, asks first).
         s.settimeout(5)
