@@ -30,6 +30,7 @@ from .auth.replay import share_across_workers
 from .gateway import check_httptools_strict, run_worker
 from .listeners import bind_instance, raise_fd_limit
 from .observe.logs import JsonLog
+from .observe.metrics import publish_supervisor
 from .watchdog import Heartbeats
 
 
@@ -125,6 +126,17 @@ def _supervise(settings, source, workers: int, bundles) -> int:
     share_across_workers(settings.gateway.auth.replay_cache.max_entries)
     held = [sock for bundle in bundles for sock in bundle.all()]
     beats = Heartbeats(workers)     # made before the first fork: every worker writes into it
+    # By reason: "died" (exited, or killed by anyone but us), "stalled" (the watchdog's kill).
+    restarts = {"died": 0, "stalled": 0}
+
+    def publish_restarts():
+        try:
+            publish_supervisor(run_dir, {"gateway_worker_restarts": (
+                "Workers the supervisor restarted, by reason: died (exited or killed), "
+                "stalled (its event loop stopped turning for node.workerStallTimeout)",
+                ("reason",), [((reason,), n) for reason, n in restarts.items()])})
+        except OSError as exc:      # the run directory is unusable: keep supervising
+            log.event("error", "cannot publish worker restarts", error=str(exc))
 
     children: dict[int, int] = {}   # pid -> worker id
     pidfds: dict[int, int] = {}     # pid -> its pidfd: readable once the worker has died
@@ -137,7 +149,7 @@ def _supervise(settings, source, workers: int, bundles) -> int:
         # the fork.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK,
                                       {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-        beats.clear(worker_id)
+        beats.beat(worker_id)      # judged from now: a worker hung at start is killed too
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -211,6 +223,7 @@ def _supervise(settings, source, workers: int, bundles) -> int:
     signal.signal(signal.SIGHUP, reload_all)
     log.event("info", "supervisor starting", workers=workers, pid=os.getpid())
     log.flush()
+    publish_restarts()      # zeros from the start: increase() sees the first restart
     for i in range(workers):
         spawn(i)
 
@@ -248,6 +261,7 @@ def _supervise(settings, source, workers: int, bundles) -> int:
                 break
             if pid == 0:
                 break
+            stalled = pid in killed
             killed.discard(pid)
             fd = pidfds.pop(pid, None)
             if fd is not None:
@@ -261,6 +275,8 @@ def _supervise(settings, source, workers: int, bundles) -> int:
                 continue
             log.event("error", "worker died; restarting", worker=worker_id, exit=code)
             log.flush()
+            restarts["stalled" if stalled else "died"] += 1
+            publish_restarts()
             if time.monotonic() - started[worker_id] < 1.0:
                 time.sleep(1.0)  # a crash loop must not spin the CPU
             if not stopping:

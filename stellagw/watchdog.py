@@ -7,8 +7,11 @@ into its slot of a small shared map once a second (Worker._tick); the supervisor
 for dead children, reads the slots, and a worker silent for `node.workerStallTimeout` gets
 SIGKILL (it could not drain) and is restarted like any dead worker (docs/operations.md).
 
-A slot reads 0 until the worker's first beat: a worker is judged only once it has served.
-With one worker there is no supervisor; an orchestrator's liveness probe covers that case.
+A new worker's slot holds the time it was started: it is judged from then, so one that
+hangs before its loop first turns is killed too. It matters as much as a stall later: the
+worker's listening socket exists before it does (the supervisor's), and the kernel queues
+its share of new connections there from the start. With one worker there is no supervisor;
+an orchestrator's liveness probe covers that case.
 """
 from __future__ import annotations
 
@@ -29,11 +32,7 @@ class Heartbeats:
         """The worker is alive (its loop turned): CLOCK_MONOTONIC is one clock machine-wide."""
         _SLOT.pack_into(self._map, _SLOT.size * worker_id, time.monotonic())
 
-    def clear(self, worker_id: int) -> None:
-        """A new worker in this slot: not judged before its first beat."""
-        _SLOT.pack_into(self._map, _SLOT.size * worker_id, 0.0)
-
     def silent_for(self, worker_id: int, now: float) -> float:
-        """Seconds since the worker's last beat; 0 before its first."""
-        last = _SLOT.unpack_from(self._map, _SLOT.size * worker_id)[0]
-        return now - last if last else 0.0
+        """Seconds since the worker's last beat, or since it was started (`beat` by the
+        supervisor before the fork)."""
+        return now - _SLOT.unpack_from(self._map, _SLOT.size * worker_id)[0]

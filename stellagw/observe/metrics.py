@@ -183,11 +183,7 @@ class Metrics:
             return
         if snap is None:
             snap = self.snapshot()
-        path = os.path.join(self._run_dir, f"worker-{self._worker_id}.json")
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(orjson.dumps(snap))
-        os.replace(tmp, path)  # readers see the old or the new file, never half of one
+        _write(os.path.join(self._run_dir, f"worker-{self._worker_id}.json"), snap)
         self._published = snap
 
     def _instance_snapshots(self) -> list[dict]:
@@ -208,12 +204,15 @@ class Metrics:
         except OSError:
             names = list(self._peers)
         for name in names:
-            if not (name.startswith("worker-") and name.endswith(".json")) or name == own_name:
+            if name == SUPERVISOR_FILE:
+                wid = -1
+            elif not (name.startswith("worker-") and name.endswith(".json")) or name == own_name:
                 continue
-            try:
-                wid = int(name[len("worker-"):-len(".json")])
-            except ValueError:
-                continue
+            else:
+                try:
+                    wid = int(name[len("worker-"):-len(".json")])
+                except ValueError:
+                    continue
             try:
                 with open(os.path.join(self._run_dir, name), "rb") as f:
                     snap = orjson.loads(f.read())
@@ -243,6 +242,26 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# The supervisor's counters (worker restarts): it answers no scrape, so it leaves them in the
+# run directory, in a snapshot's shape, and every worker's scrape adds them to its sum.
+SUPERVISOR_FILE = "supervisor.json"
+
+
+def publish_supervisor(run_dir: str, families: dict) -> None:
+    """`families` as a source returns them: {name: (help, label names, [(values, n), ...])}.
+    The counts only grow, and the file is replaced whole: no scrape sees them go back."""
+    _write(os.path.join(run_dir, SUPERVISOR_FILE), {"extra": {
+        name: [help_text, list(labels), [[*lv, v] for lv, v in samples]]
+        for name, (help_text, labels, samples) in families.items()}})
+
+
+def _write(path: str, snap: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(orjson.dumps(snap))
+    os.replace(tmp, path)  # readers see the old or the new file, never half of one
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -107,13 +107,28 @@ def test_two_workers_share_the_port_and_a_dead_worker_is_restarted(tmp_path):
             if len(seen) == 2:
                 break
         assert seen == {0, 1}, "SO_REUSEPORT should spread connections over both workers"
+        assert _restarts(admin) == {"died": 0, "stalled": 0}
         victim = recs[0]["pid"]
         os.kill(victim, signal.SIGKILL)
         [again] = s.wait_listening(1)[:1]
         assert again["pid"] != victim and again["worker"] == recs[0]["worker"]
         assert request(port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200
+        # Counted by the supervisor, read in the scrape of whichever worker answers it.
+        assert all(_restarts(admin) == {"died": 1, "stalled": 0} for _ in range(10))
     finally:
         assert s.stop() == 0
+
+
+def _restarts(admin_port: int) -> dict:
+    status, _, body = request(admin_port, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")
+    assert status == 200
+    found = re.findall(rb'^gateway_worker_restarts_total\{reason="(\w+)"\} (\S+)$', body, re.M)
+    return {reason.decode(): float(n) for reason, n in found}
+
+
+def _children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(p) for p in f.read().split()}
 
 
 def test_a_stalled_worker_is_killed_and_restarted(tmp_path):
@@ -137,11 +152,48 @@ def test_a_stalled_worker_is_killed_and_restarted(tmp_path):
         # Every new connection is answered again, whichever worker the kernel picks.
         assert all(request(port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200
                    for _ in range(20))
+        admin = int(again["admin"].rsplit(":", 1)[1])
+        assert _restarts(admin) == {"died": 0, "stalled": 1}
         victim = None
     finally:
         if victim is not None:
             try:
                 os.kill(victim, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        assert s.stop() == 0
+
+
+def test_a_worker_hung_before_its_loop_turns_is_killed_too(tmp_path):
+    # Its listening socket is there before it is (the supervisor's, shared since the first
+    # start), so the kernel queues its share of new connections from the start: a worker that
+    # hangs while starting is as much a black hole as one that stalls later. Frozen the
+    # moment the supervisor forks it, before it can beat once.
+    s = Served("--port", "0", "--workers", "2",
+               config_text="gateway: {node: {workerStallTimeout: 2s}, transports: {tcp: {port: 0}}}",
+               tmp_path=tmp_path)
+    frozen = None
+    try:
+        recs = s.wait_listening(2)
+        port = int(recs[0]["http"].rsplit(":", 1)[1])
+        workers = _children(s.proc.pid)
+        os.kill(recs[0]["pid"], signal.SIGKILL)
+        assert wait_for(lambda: _children(s.proc.pid) - workers, timeout=10, interval=0.001)
+        [frozen] = _children(s.proc.pid) - workers
+        os.kill(frozen, signal.SIGSTOP)
+        [stalled] = s.wait_for_log(lambda r: r.get("message") == "worker stalled; killing it")
+        assert stalled["pid"] == frozen and stalled["worker"] == recs[0]["worker"]
+        frozen = None
+        [again] = s.wait_listening(1)
+        assert again["worker"] == recs[0]["worker"]
+        assert all(request(port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200
+                   for _ in range(20))
+        admin = int(again["admin"].rsplit(":", 1)[1])
+        assert _restarts(admin) == {"died": 1, "stalled": 1}
+    finally:
+        if frozen is not None:
+            try:
+                os.kill(frozen, signal.SIGCONT)
             except ProcessLookupError:
                 pass
         assert s.stop() == 0
