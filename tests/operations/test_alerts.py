@@ -38,7 +38,7 @@ OPERATIONAL_ALERTS = ("GatewayAuthFailureSpike", "GatewayDpopReplayCacheFallback
                       "GatewayKeyRefreshFailing", "GatewayRateLimitBreakerOpen",
                       "GatewayRateLimitBreakerTripped", "GatewayConfigReloadFailed",
                       "GatewayOutlierEjections", "GatewayNoHealthyInstance",
-                      "GatewayConnectionsRefused")
+                      "GatewayConnectionsRefused", "GatewayWorkerRestarts")
 # Alerts without a firing case in alerts_test.yml, and why.
 NOT_FIRE_TESTED = {
     # 30 days of 1-minute evaluations (43,200 steps of every rule) is too slow for a unit test;
@@ -144,10 +144,11 @@ def test_recorded_series_are_recorded_and_job_matches_scrape_config():
 
 
 def _exported_metric_names(tmp_path: Path) -> set[str]:
-    """Start a real gateway (1 worker, loopback), read its /metrics, stop it."""
+    """Start a real gateway (2 workers: the supervisor's counters too; loopback), read its
+    /metrics, stop it."""
     gw = Served(tmp_path=tmp_path, config_text=(
         "gateway:\n"
-        "  node: {workers: 1}\n"
+        "  node: {workers: 2}\n"
         "  http: {host: 127.0.0.1, port: 0}\n"
         "  transports: {tcp: {host: 127.0.0.1, port: 0}}\n"
         "  logging: {accessLog: false}\n"
@@ -183,5 +184,5 @@ def test_rules_read_metrics_the_gateway_exports(tmp_path):
                    "gateway_ratelimit_breaker_trips_total", "gateway_errors_total",
                    "gateway_ratelimit_breaker_state", "gateway_route_info",
                    "gateway_config_reloads_total", "gateway_outlier_ejections_total",
-                   "gateway_connections_refused_total"):
+                   "gateway_connections_refused_total", "gateway_worker_restarts_total"):
         assert needed in used, needed

@@ -295,6 +295,8 @@ class Live:
         _write_jwks(self.jwks)
         self.gateway = Served(tmp_path=self.work, config_text=(
             "gateway:\n"
+            # Two workers, as in production: instance-wide sums, the supervisor's counters.
+            "  node: {workers: 2}\n"
             "  http: {host: 127.0.0.1, port: 0}\n"
             "  admin: {host: 127.0.0.1, port: 0}\n"
             "  transports: {tcp: {host: 127.0.0.1, port: 0}}\n"
@@ -302,7 +304,7 @@ class Live:
             # A static key file, re-read every second: phase 3 breaks it.
             f"  auth: {{authority: 'https://authority.test', jwksPath: '{self.jwks}', "
             "keysRefreshInterval: 1s}\n"))
-        listening = self.gateway.wait_listening()[0]
+        listening = self.gateway.wait_listening(2)[0]
         self.http_port = port_of(listening["http"])
         self.admin_port = port_of(listening["admin"])
         self.transport_port = port_of(listening["tcp"])
