@@ -120,6 +120,7 @@ cdef class HttpProtocol:
     cdef bytes _proxy_buf
     cdef public str anonymous_key
     cdef public double deadline
+    cdef double _held_at        # when reading was last held for our sake (_P_OURS)
     cdef public int deadline_kind
 
     # -- per server

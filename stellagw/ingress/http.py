@@ -55,6 +55,8 @@ _P_HOLD = 2         # a request with a body is not decided yet: none of its body
 _P_FLOW = 4         # the service has not given credit for more of the body
 _P_STOP = 8         # the connection is being closed; only a lingering read drains it
 _P_WRITE = 16       # the client is not reading what we write (the transport's buffer is full)
+# Held for the gateway's sake, not the client's: a head's deadline stops meanwhile.
+_P_OURS = _P_PIPELINE | _P_WRITE
 
 # Body state of a request
 _B_NONE = 0         # no body, or all of it received
@@ -384,6 +386,7 @@ class HttpProtocol:
         self._out = None                 # set while data_received runs: coalesced writes
         self._closing = False
         self._paused = 0
+        self._held_at = 0.0
         self._parse_broken = False
         self._write_paused = False
         self._on_writable = None         # producer to resume when the client drains
@@ -1153,11 +1156,17 @@ class HttpProtocol:
     def _pause(self, reason):
         if not self._paused and self.transport is not None:
             self.transport.pause_reading()
+        if reason & _P_OURS and not self._paused & _P_OURS:
+            self._held_at = self._edge.now
         self._paused |= reason
 
     def _resume(self, reason):
         if self._paused & reason:
             self._paused &= ~reason
+            if reason & _P_OURS and not self._paused & _P_OURS and self.deadline_kind == _D_HEADER:
+                # A head half read when we stopped reading: the rest waited on us, not on
+                # the client (docs/http-edge.md, Deadlines). Its clock resumes where it was.
+                self.deadline += self._edge.now - self._held_at
             if not self._paused and self.transport is not None and not self._closing:
                 self.transport.resume_reading()
 
@@ -1321,6 +1330,8 @@ class HttpProtocol:
             return
         if kind == _D_BODY and self._paused & (_P_HOLD | _P_FLOW):
             return          # we hold the client back: not its delay
+        if kind == _D_HEADER and self._paused & _P_OURS:
+            return          # likewise; the clock is pushed on when we read again (_resume)
         self.deadline_kind = _D_NONE
         if kind == _D_IDLE or kind == _D_LINGER:
             self.close()

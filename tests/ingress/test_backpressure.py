@@ -148,3 +148,41 @@ def test_a_client_that_reads_slowly_is_not_cut_and_gets_every_answer():
     finally:
         s.close()
         gw.stop()
+
+
+def test_a_head_the_gateway_stopped_reading_is_not_the_clients_delay():
+    # The client pipelines, then starts one more head; it reads slowly, so the gateway
+    # stops reading it (its answers are not taken). The rest of that head waits in the
+    # kernel behind our own pause: headerReadTimeout must not count that time, or a
+    # client pipelining deeply and reading slowly gets a 408 for the gateway's hold.
+    n = 20_000
+    gw = GatewayThread(settings_from(
+        "gateway: {http: {port: 0, headerReadTimeout: 1s, sendTimeout: 10s},"
+        " logging: {accessLog: false}}")).start()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", gw.port))
+    s.settimeout(20)
+    try:
+        s.sendall(REQUEST * n + b"GET /health/live HTTP/1.1\r\nHo")
+        # Held longer than headerReadTimeout: the gateway stopped reading this client.
+        assert wait_for(lambda: gw.call(lambda: any(
+            c.transport is not None and not c.transport.is_reading()
+            for c in gw.worker.connections)), 10)
+        time.sleep(3)
+        answers, tail, data = 0, b"", b""
+        try:
+            s.sendall(b"st: t\r\n\r\n")
+            while answers < n + 1:
+                chunk = s.recv(1 << 20)
+                assert chunk, f"closed after {answers} answers: {data[-300:]!r}"
+                data = tail + chunk
+                answers += data.count(MARK)
+                assert b" 408 " not in data, data[-300:]
+                tail = data[-(len(MARK) - 1):]
+        except ConnectionResetError:
+            pytest.fail(f"reset after {answers} answers: the head deadline ran while held")
+        assert answers == n + 1
+    finally:
+        s.close()
+        gw.stop()
