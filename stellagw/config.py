@@ -638,6 +638,9 @@ class HttpSettings:
     # alone would wait for a buffer that a client reading nothing never drains
     # (docs/http-edge.md, "What one connection can hold").
     send_timeout: float = _duration_key("sendTimeout", "60s", positive=True)
+    # ... and one that takes less than minSendRate bytes/s over a sendTimeout window: a slow
+    # read (a window's worth now and then) would hold the connection and its buffers for ever.
+    min_send_rate: int = _size_key("minSendRate", "256B")
     # The client's address behind load balancers (docs/http-edge.md, "Client address"):
     # X-Forwarded-For / Forwarded believed only from these networks; the PROXY protocol
     # header required at the start of every client connection.

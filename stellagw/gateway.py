@@ -252,7 +252,7 @@ class Worker:
             [((k,), v) for k, v in self.refused_connections.items()]),
             "gateway_connections_aborted": (
                 "Client connections the gateway reset, by reason: send_timeout (owed bytes "
-                "and none taken for sendTimeout)", ("reason",),
+                "and none taken for sendTimeout), send_rate (less than minSendRate taken)", ("reason",),
                 [((k,), v) for k, v in self.aborted_connections.items()])}
 
     def correlation_id(self, headers) -> str:

@@ -120,31 +120,70 @@ def owed(transport) -> int:
 
 
 class SendDeadline:
-    """gateway.http.sendTimeout on one connection: checked once a second while the peer
-    owes us reading (paused for writing, or closing with bytes left), any byte it took since
-    the last check starts the timeout again. Compared check to check, not with the first
-    figure: a streamed chunk written meanwhile must not hide what a slow peer did read."""
+    """gateway.http.sendTimeout and minSendRate on one connection, checked once a second
+    while the peer owes us reading (paused for writing, or closing with bytes left): each
+    window of `timeout` must see it take at least `min_rate × timeout` bytes, and at least
+    one, else it is cut — "send_timeout" when it took nothing, "send_rate" when it took too
+    little (a slow-read attack: a window's worth of bytes every so often keeps a connection
+    and its buffers for ever under a no-progress rule alone).
 
-    __slots__ = ("timeout", "deadline", "left")
+    What the peer took is what its kernel acknowledged (`taken`): a peer that does not read
+    fills its receive window and the acknowledgements stop, so they follow its reading; a
+    streamed chunk written meanwhile cannot hide what it did or did not read, as comparing
+    what is owed would."""
 
-    def __init__(self, timeout: float):
+    __slots__ = ("timeout", "min_rate", "need", "since", "base")
+
+    def __init__(self, timeout: float, min_rate: int = 0):
         self.timeout = timeout
-        self.deadline = 0.0     # 0: nothing owed at the last check
-        self.left = 0           # what was owed at the last check
+        self.min_rate = min_rate
+        self.need = max(1, int(min_rate * timeout))
+        self.since = 0.0        # the window's start; 0: nothing owed at the last check
+        self.base = 0           # what the peer had taken by then
 
-    def expired(self, transport, now: float) -> bool:
-        """True when the peer took nothing for `timeout`: reset it (reset())."""
-        left = owed(transport)
-        expired = False
-        if left == 0:
-            self.deadline = 0.0
-        elif self.deadline == 0.0 or left < self.left:
-            self.deadline = now + self.timeout
-        elif now >= self.deadline:
-            self.deadline = 0.0
-            expired = True
-        self.left = left
-        return expired
+    def again(self) -> SendDeadline:
+        """The same rule for another connection (a WebSocket taking over a client's)."""
+        return SendDeadline(self.timeout, self.min_rate)
+
+    def expired(self, transport, now: float) -> str | None:
+        """The reason to cut the peer (reset() it), or None."""
+        if owed(transport) == 0:
+            self.since = 0.0
+            return None
+        got = taken(transport)
+        if self.since == 0.0:
+            self.since, self.base = now, got
+            return None
+        if now - self.since < self.timeout:
+            return None
+        if got - self.base >= self.need:
+            self.since, self.base = now, got
+            return None
+        self.since = 0.0
+        return "send_timeout" if got == self.base else "send_rate"
+
+
+def taken(transport) -> int:
+    """Bytes of this connection its peer's kernel acknowledged (TCP_INFO's tcpi_bytes_acked,
+    Linux ≥ 4.1); 0 where that cannot be read (the peer then reads as taking nothing, and
+    only what is owed shrinking to 0 clears it)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+        except (OSError, ValueError):
+            return 0
+        if len(info) >= _TCP_INFO_LEN:
+            return _BYTES_ACKED.unpack_from(info, _BYTES_ACKED_AT)[0]
+    return 0
+
+
+# struct tcp_info (linux/tcp.h): 8 bytes of u8 fields, 24 u32 (rto .. total_retrans),
+# pacing_rate and max_pacing_rate (u64), then bytes_acked (u64).
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+_BYTES_ACKED = struct.Struct("Q")
+_BYTES_ACKED_AT = 8 + 24 * 4 + 2 * 8
+_TCP_INFO_LEN = _BYTES_ACKED_AT + 8
 
 
 def reset(transport) -> None:

@@ -130,7 +130,7 @@ cdef class HttpProtocol:
     cdef object _settings
     cdef object _handle
     cdef Py_ssize_t _max_url, _max_header_bytes, _max_header_count, _max_body
-    cdef double _header_timeout, _keep_alive_timeout, _body_timeout, _send_timeout
+    cdef double _header_timeout, _keep_alive_timeout, _body_timeout
     cdef object _send
     cdef Py_ssize_t _body_window_bytes
 

@@ -359,7 +359,6 @@ class HttpProtocol:
         self._header_timeout = settings.header_read_timeout
         self._keep_alive_timeout = settings.keep_alive_timeout
         self._body_timeout = settings.body_read_timeout
-        self._send_timeout = settings.send_timeout
         self._body_window_bytes = int(settings.min_body_rate * settings.body_read_timeout)
 
         # -- per connection
@@ -379,7 +378,8 @@ class HttpProtocol:
         self._peer_text = ""             # peer_ip as text
         self.deadline = 0.0
         self.deadline_kind = _D_NONE
-        self._send = SendDeadline(settings.send_timeout)    # checked while it owes reading
+        # Checked while it owes reading (sendTimeout, minSendRate)
+        self._send = SendDeadline(settings.send_timeout, settings.min_send_rate)
         self._set_parser(None)
         self._queue = deque()
         self._current = None
@@ -1163,9 +1163,11 @@ class HttpProtocol:
     def _resume(self, reason):
         if self._paused & reason:
             self._paused &= ~reason
-            if reason & _P_OURS and not self._paused & _P_OURS and self.deadline_kind == _D_HEADER:
-                # A head half read when we stopped reading: the rest waited on us, not on
-                # the client (docs/http-edge.md, Deadlines). Its clock resumes where it was.
+            if reason & _P_OURS and not self._paused & _P_OURS and (
+                    self.deadline_kind == _D_HEADER or self.deadline_kind == _D_IDLE):
+                # A head half read, or the next one not begun, when we stopped reading: what
+                # follows waited on us, not on the client (docs/http-edge.md, Deadlines). The
+                # clock resumes where it was.
                 self.deadline += self._edge.now - self._held_at
             if not self._paused and self.transport is not None and not self._closing:
                 self.transport.resume_reading()
@@ -1287,8 +1289,8 @@ class HttpProtocol:
         server.websockets_open += 1
         # Its address stays counted (maxConnectionsPerClient) until picows' connection closes.
         bridge.on_closed = partial(server.websocket_closed, self._client_key)
-        bridge.send_timeout = self._send_timeout
-        bridge.on_cut = partial(server.connection_aborted, "send_timeout")
+        bridge.send_deadline = self._send.again()
+        bridge.on_cut = server.connection_aborted
         self._client_key = None
         self._acct.request_done(req, 101)
         hand_over(self, req, bridge, self._upgrade_tail)
@@ -1330,7 +1332,7 @@ class HttpProtocol:
             return
         if kind == _D_BODY and self._paused & (_P_HOLD | _P_FLOW):
             return          # we hold the client back: not its delay
-        if kind == _D_HEADER and self._paused & _P_OURS:
+        if (kind == _D_HEADER or kind == _D_IDLE) and self._paused & _P_OURS:
             return          # likewise; the clock is pushed on when we read again (_resume)
         self.deadline_kind = _D_NONE
         if kind == _D_IDLE or kind == _D_LINGER:
@@ -1356,9 +1358,12 @@ class HttpProtocol:
         # to drain, so a client that reads nothing would hold its connection and the buffer
         # for ever (docs/http-edge.md, "What one connection can hold").
         transport = self.transport
-        if transport is not None and self._send.expired(transport, now):
+        if transport is None:
+            return
+        reason = self._send.expired(transport, now)
+        if reason is not None:
             self._closing = True
-            self._server.connection_aborted("send_timeout")
+            self._server.connection_aborted(reason)
             reset(transport)
 
     def close(self):

@@ -8,7 +8,8 @@ class HttpLimits:
     __slots__ = ("max_connections", "max_connections_per_client", "max_header_bytes",
                  "max_header_count", "max_url_length",
                  "header_read_timeout", "keep_alive_timeout", "max_request_body_size",
-                 "body_read_timeout", "min_body_rate", "send_timeout", "proxy_protocol",
+                 "body_read_timeout", "min_body_rate", "send_timeout", "min_send_rate",
+                 "proxy_protocol",
                  "request_id_header")
 
     def __init__(self, gw):
@@ -24,5 +25,6 @@ class HttpLimits:
         self.body_read_timeout = http.body_read_timeout
         self.min_body_rate = http.min_body_rate
         self.send_timeout = http.send_timeout
+        self.min_send_rate = http.min_send_rate
         self.proxy_protocol = http.proxy_protocol     # "off", "v1", "v2" or "any"
         self.request_id_header = http.request_id_header.lower().encode("latin-1")

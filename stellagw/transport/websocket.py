@@ -19,7 +19,7 @@ import asyncio
 
 from picows import WSCloseCode, WSListener, WSMsgType
 
-from ..listeners import SendDeadline, reset
+from ..listeners import reset
 from . import frame as fr
 
 _KIND_OF = {WSMsgType.TEXT: fr.KIND_TEXT, WSMsgType.BINARY: fr.KIND_BINARY,
@@ -63,9 +63,9 @@ class WsBridge(WSListener):
         self.closed = False
         self._held: list[tuple[int, bytes]] = []   # client frames waiting for service credit
         self.on_closed = None       # the worker's count of open WebSockets, told once
-        self.send_timeout = 60.0    # gateway.http.sendTimeout (set by the ingress)
-        self.on_cut = None          # told when a client that takes nothing is cut
-        self._send = None           # its SendDeadline, from the close on
+        self.on_cut = None          # told the reason when a client is cut (send_timeout, send_rate)
+        self.send_deadline = None   # its SendDeadline (the ingress gives it), armed at the close
+        self._sending = False
         self.disconnected = False   # picows' connection is gone
 
     # ---------------------------------------------------------------- client → service
@@ -221,8 +221,8 @@ class WsBridge(WSListener):
         last messages), but not for ever: one that takes nothing of it for sendTimeout is
         cut, as an HTTP client is (listeners.SendDeadline, docs/http-edge.md)."""
         self.ws.disconnect()
-        if self._send is None:
-            self._send = SendDeadline(self.send_timeout)
+        if self.send_deadline is not None and not self._sending:
+            self._sending = True
             self._check_send()
 
     def _check_send(self):
@@ -230,11 +230,12 @@ class WsBridge(WSListener):
             return
         transport = self.ws.underlying_transport
         loop = asyncio.get_running_loop()
-        if self._send.expired(transport, loop.time()):
+        reason = self.send_deadline.expired(transport, loop.time())
+        if reason is not None:
             if self.on_cut is not None:
-                self.on_cut()
+                self.on_cut(reason)
             reset(transport)
-        elif self._send.deadline:               # still owed: look again in a second
+        elif self.send_deadline.since:          # still owed: look again in a second
             loop.call_later(1.0, self._check_send)
 
     def idle_close(self):

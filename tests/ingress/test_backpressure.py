@@ -150,21 +150,52 @@ def test_a_client_that_reads_slowly_is_not_cut_and_gets_every_answer():
         gw.stop()
 
 
-def test_a_head_the_gateway_stopped_reading_is_not_the_clients_delay():
-    # The client pipelines, then starts one more head; it reads slowly, so the gateway
-    # stops reading it (its answers are not taken). The rest of that head waits in the
-    # kernel behind our own pause: headerReadTimeout must not count that time, or a
-    # client pipelining deeply and reading slowly gets a 408 for the gateway's hold.
+def test_a_client_that_reads_too_slowly_is_cut_for_its_rate():
+    # A slow read: it takes something every window, so sendTimeout alone would keep it, its
+    # connection slot and what it is owed for ever. 16 KB/s against a minSendRate of 64 KB/s.
+    gw = GatewayThread(settings_from(
+        "gateway: {http: {port: 0, sendTimeout: 2s, minSendRate: 64KB}, logging: {accessLog: false}}")).start()
+    s = _stalled_client(gw.port, 100_000)
+    try:
+        started = time.monotonic()
+        cut = False
+        while time.monotonic() - started < 15:
+            try:
+                if not s.recv(8192):
+                    cut = True
+                    break
+            except ConnectionResetError:
+                cut = True
+                break
+            time.sleep(0.5)
+        assert cut, "a client reading 16 KB/s was kept with minSendRate 64 KB/s"
+        assert time.monotonic() - started >= SEND_TIMEOUT - 0.1     # a whole window first
+        assert _aborted(gw) == {"send_rate": 1}
+        assert wait_for(lambda: gw.call(lambda: len(gw.worker.connections)) == 0, 5)
+        assert gw.call(lambda: dict(gw.worker.per_client)) == {}
+    finally:
+        s.close()
+        gw.stop()
+
+
+@pytest.mark.parametrize("begun", [b"GET /health/live HTTP/1.1\r\nHo", b""],
+                         ids=["head-begun", "between-requests"])
+def test_a_head_the_gateway_stopped_reading_is_not_the_clients_delay(begun):
+    # The client pipelines (then starts one more head); it reads slowly, so the gateway
+    # stops reading it (its answers are not taken). What follows waits in the kernel behind
+    # our own pause: neither headerReadTimeout nor keepAliveTimeout may count that time, or
+    # a client pipelining deeply and reading slowly is cut (a 408, or an idle close that
+    # resets it with requests unread) for the gateway's own hold.
     n = 20_000
     gw = GatewayThread(settings_from(
-        "gateway: {http: {port: 0, headerReadTimeout: 1s, sendTimeout: 10s},"
+        "gateway: {http: {port: 0, headerReadTimeout: 1s, keepAliveTimeout: 1s, sendTimeout: 10s},"
         " logging: {accessLog: false}}")).start()
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", gw.port))
     s.settimeout(20)
     try:
-        s.sendall(REQUEST * n + b"GET /health/live HTTP/1.1\r\nHo")
+        s.sendall(REQUEST * n + begun)
         # Held longer than headerReadTimeout: the gateway stopped reading this client.
         assert wait_for(lambda: gw.call(lambda: any(
             c.transport is not None and not c.transport.is_reading()
@@ -172,8 +203,9 @@ def test_a_head_the_gateway_stopped_reading_is_not_the_clients_delay():
         time.sleep(3)
         answers, tail, data = 0, b"", b""
         try:
-            s.sendall(b"st: t\r\n\r\n")
-            while answers < n + 1:
+            if begun:
+                s.sendall(b"st: t\r\n\r\n")
+            while answers < n + bool(begun):
                 chunk = s.recv(1 << 20)
                 assert chunk, f"closed after {answers} answers: {data[-300:]!r}"
                 data = tail + chunk
@@ -182,7 +214,7 @@ def test_a_head_the_gateway_stopped_reading_is_not_the_clients_delay():
                 tail = data[-(len(MARK) - 1):]
         except ConnectionResetError:
             pytest.fail(f"reset after {answers} answers: the head deadline ran while held")
-        assert answers == n + 1
+        assert answers == n + bool(begun)
     finally:
         s.close()
         gw.stop()
