@@ -146,7 +146,9 @@ class Pipeline:
         req.service = route.service
         req.route = route.template
         req.routed = route
-        endpoint = route.candidates[0][1]
+        # What the instances of this route declared, the strictest of them: whichever is
+        # selected below gets nothing its declaration refuses (routing/table.py, Route).
+        endpoint = route.policy
         if req.websocket != endpoint.websocket:
             if req.websocket:
                 return _error(req, 400, "this endpoint does not accept WebSocket upgrades")

@@ -406,7 +406,18 @@ class RoutingState:
             route = routes.get((ep.method, ep.path))
             if route is None:
                 fresh.append(ep)
-            elif route.service != service:
+            elif route.service == service:
+                cands = route.candidates
+                if (cands and cands[0][0] is not DEPARTED and route.policy.websocket != ep.websocket
+                        and (len(cands) > 1 or cands[0][0] is not old)):
+                    # Checked before selection, so all its instances must agree: one that
+                    # is not a WebSocket endpoint would be handed an upgrade (or the other
+                    # way round). The others' agreement is kept by this very check.
+                    raise HelloError(
+                        f"{ep.method} {ep.path}: {'a' if ep.websocket else 'not a'} WebSocket "
+                        f"endpoint, unlike the connected instances of {service!r} (serve the "
+                        "change on a new path, or once they are gone)")
+            else:
                 owner = self.services.get(route.service)
                 if owner is not None and owner.expected:
                     # What another gateway said, during a rollout that moved the route
@@ -461,9 +472,9 @@ class RoutingState:
                     ep = same
             declared.append(ep)
             if cands and cands[0][0] is not DEPARTED:
-                route.candidates = cands + ((instance, ep),)
+                route.assign(cands + ((instance, ep),))
             else:
-                route.candidates = ((instance, ep),)
+                route.assign(((instance, ep),))
             route._cache.clear()
             route._view = None
         for route, _ in emptied:
@@ -513,8 +524,8 @@ class RoutingState:
                 router.add(method, template, route)
             except RouteError:
                 continue
-            route.candidates = ((DEPARTED, Endpoint(method, template, None, False,
-                                                    bool(websocket), (), None)),)
+            route.assign(((DEPARTED, Endpoint(method, template, None, False,
+                                              bool(websocket), (), None)),))
             self._routes[key] = svc.routes[key] = route
         if not svc.routes:
             return 0
@@ -619,7 +630,7 @@ class RoutingState:
         elif svc.routes:
             # The last one: its routes stay, answering 503, until the service expires.
             for route, ep in emptied:
-                route.candidates = ((DEPARTED, ep),)
+                route.assign(((DEPARTED, ep),))
             svc.ghosts = True
             self._departed[svc.name] = time.monotonic() if left is None else left
         else:
@@ -634,10 +645,10 @@ class RoutingState:
         for route, ep in zip(instance.routes, instance.endpoints):
             cands = route.candidates
             if len(cands) == 1 and cands[0][0] is instance:
-                route.candidates = ()
+                route.assign(())
                 emptied.append((route, ep))
             else:
-                route.candidates = tuple([c for c in cands if c[0] is not instance])
+                route.assign(tuple([c for c in cands if c[0] is not instance]))
             route._cache.clear()
             route._view = None
         instance.routes = ()
@@ -987,6 +998,7 @@ def _sent(conn) -> int:
 def _copy_route(route: Route) -> Route:
     new = Route(route.method, route.template, route.service)
     new.candidates = route.candidates
+    new.policy = route.policy
     new._rr = route._rr
     return new
 

@@ -10,6 +10,8 @@ cdef class Endpoint:
     cdef public object timeout, claims, openapi, max_body
     cdef public bint streaming, websocket, sender_constrained, retryable
 
+    cpdef Endpoint stricter(self, Endpoint other)
+
 
 @cython.final
 cdef class Instance:
@@ -23,6 +25,7 @@ cdef class Instance:
 cdef class Route:
     cdef public str method, template, service
     cdef public tuple candidates
+    cdef public Endpoint policy
     cdef public dict _cache
     cdef public Py_ssize_t _rr
     cdef public object _view

@@ -41,6 +41,25 @@ class Endpoint:
                 and self.sender_constrained == other.sender_constrained
                 and self.retryable == other.retryable)
 
+    def stricter(self, other):
+        """What the gateway checks before it selects, for a route two instances declare
+        differently (a rollout that adds a claim): every claim of both, the smaller body
+        limit, a sender constraint if either asks. The rest (timeout, streaming, retries)
+        is each instance's own, read from the one selected. `self` when it already asks for
+        all `other` does: a new object only where the policy grows."""
+        if other is self:
+            return self
+        more = [c for c in other.claims if c not in self.claims]
+        limit = self.max_body
+        if other.max_body is not None and (limit is None or other.max_body < limit):
+            limit = other.max_body
+        if not more and limit == self.max_body and (self.sender_constrained
+                                                    or not other.sender_constrained):
+            return self
+        return Endpoint(self.method, self.path, self.timeout, self.streaming, self.websocket,
+                        self.claims + tuple(more), self.openapi, limit,
+                        self.sender_constrained or other.sender_constrained, self.retryable)
+
 
 class Instance:
     __slots__ = ("service", "version", "version_key", "instance_id", "region", "conn", "status",
@@ -98,16 +117,34 @@ class Route:
     request that waited (authentication, rate limit) selects among the candidates of the
     moment it selects. `candidates` is a tuple, replaced on change and never mutated."""
 
-    __slots__ = ("method", "template", "service", "candidates", "_cache", "_rr", "_view")
+    __slots__ = ("method", "template", "service", "candidates", "policy", "_cache", "_rr",
+                 "_view")
 
     def __init__(self, method, template, service):
         self.method = method
         self.template = template
         self.service = service
-        self.candidates = ()              # ((Instance, Endpoint), ...)
+        self.candidates = ()              # ((Instance, Endpoint), ...): set by assign()
+        # What is checked before selection (WebSocket or not, body limit, claims, sender
+        # constraint): the strictest of the candidates' declarations, so the instance
+        # selected afterwards — whichever it is, a retry's too — never gets a request its
+        # own declaration refuses (docs/routing.md, "One route, several declarations").
+        self.policy = None
         self._cache = {}
         self._rr = 0
         self._view = None                 # frozen copy in RoutingState.routes, or None
+
+    def assign(self, candidates):
+        """Replace the candidates and the policy that goes with them. Instances declaring an
+        endpoint alike share one Endpoint (RoutingState), so this is one pointer comparison
+        per candidate but where declarations differ."""
+        self.candidates = candidates
+        policy = last = None
+        for _, ep in candidates:
+            if ep is not last:
+                policy = ep if policy is None else policy.stricter(ep)
+                last = ep
+        self.policy = policy
 
     def pick(self, version):
         """The next of the ranking cached for `version` (round robin), or None when none is

@@ -389,8 +389,16 @@ class ServiceConnection:
             inst = self.instance
             hello = {"service": inst.service, "version": inst.version,
                      "instance_id": inst.instance_id, "region": inst.region}
-            hello.update(update)
-            self.instance = self._routing.register(self, hello)
+            for name, value in hello.items():
+                # Who the link is was settled by its HELLO (and checked there: the
+                # service's key or certificate): an update replaces endpoints, never that.
+                # Taken, a new name would reach another service's traffic, a new
+                # instance_id leave the old registration behind for ever.
+                if name in update and update[name] != value:
+                    raise fr.FrameError(f"ENDPOINTS_UPDATE changes {name} ({update[name]!r}; "
+                                        f"this connection registered {value!r})")
+            update.update(hello)
+            self.instance = self._routing.register(self, update)
             self._log.event("info", "service endpoints updated", service=inst.service,
                             instance=inst.instance_id, endpoints=len(self.instance.endpoints))
         elif ftype == fr.HELLO:

@@ -648,3 +648,29 @@ def test_a_link_that_closes_while_its_hello_waits_registers_and_leaves(storm):
     inst, _ = storm(s, burst)
     assert events == ["registered", "unregistered"] and s.instances == {}
     assert s.match("GET", "/a")[0] == FOUND and s.select(s.match("GET", "/a")[1]) is None
+
+
+def test_a_routes_policy_is_the_strictest_declaration_and_follows_its_instances():
+    # What the pipeline checks before selecting (Route.policy): every claim, the smallest
+    # body limit, a sender constraint if any instance asks; back to the rest's when the
+    # strictest instance leaves.
+    s = state()
+    a = s.register(object(), hello(instance="a", endpoints=[{"method": "GET", "path": "/x"}]))
+    b = s.register(object(), hello(version="1.1.0", instance="b", endpoints=[
+        {"method": "GET", "path": "/x", "claims": [{"type": "scope", "value": "s1"}],
+         "max_body_bytes": 100}]))
+    c = s.register(object(), hello(version="1.2.0", instance="c", endpoints=[
+        {"method": "GET", "path": "/x", "claims": [{"type": "tenant"}], "max_body_bytes": 50,
+         "sender_constrained": True}]))
+    route = s.match("GET", "/x")[1]
+    p = route.policy
+    assert (p.claims, p.max_body, p.sender_constrained) == (
+        (("scope", "s1"), ("tenant", None)), 50, True)
+    s.unregister(c)
+    p = route.policy
+    assert (p.claims, p.max_body, p.sender_constrained) == ((("scope", "s1"),), 100, False)
+    s.unregister(b)
+    assert route.policy is a.endpoints[0]
+    # Instances declaring alike share one Endpoint: no new policy object for them.
+    d = s.register(object(), hello(instance="d", endpoints=[{"method": "GET", "path": "/x"}]))
+    assert d.endpoints[0] is a.endpoints[0] and route.policy is a.endpoints[0]

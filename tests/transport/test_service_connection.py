@@ -164,6 +164,84 @@ def test_endpoints_update_replaces_the_routes_of_the_link():
     assert svc.open and len(stack.routing.instances) == 1
 
 
+@pytest.mark.parametrize("field, value", [("service", "victim"), ("version", "9.0.0"),
+                                          ("instance_id", "ghost-1")])
+def test_an_endpoints_update_cannot_change_who_the_link_registered_as(field, value):
+    # Who a link is was settled by its HELLO, and checked there (the service's key or
+    # certificate). Taken from an update, a new name reached another service's traffic, a
+    # higher version out-ranked the live one, and each new instance_id left the last one
+    # registered for ever (found against a real gateway, with registrationSecret set).
+    stack = Stack()
+    victim = stack.register("victim", [endpoint("GET", "/victim/data")])
+    svc = stack.register("scan", SCANS)
+    eps = [endpoint("GET", "/victim/data")] if field == "service" else SCANS
+    svc.control(fr.ENDPOINTS_UPDATE, {field: value, "endpoints": eps})
+    stack.run()
+    assert svc.transport.closed and stack.hub.closed == {"protocol_error": 1}
+    assert sorted((i.service, i.version, i.instance_id) for i in stack.routing.instances.values()) \
+        == [("victim", "1.0.0", victim.instance.instance_id)]
+    client = stack.client()
+    link, _ = dispatched(stack, client, "/victim/data", victim, svc)
+    assert link is victim
+
+
+def test_an_endpoints_update_may_repeat_the_links_own_identity():
+    stack = Stack()
+    svc = stack.register("scan", SCANS, instance_id="scan-1")
+    svc.control(fr.ENDPOINTS_UPDATE, {"service": "scan", "version": "1.0.0",
+                                      "instance_id": "scan-1",
+                                      "endpoints": [endpoint("GET", "/v2/scans/{id}")]})
+    stack.run()
+    assert svc.open and stack.routing.router.match("GET", "/v2/scans/1")[0] == FOUND
+    assert [i.instance_id for i in stack.routing.instances.values()] == ["scan-1"]
+
+
+def test_a_route_checks_the_strictest_of_what_its_instances_declare():
+    # Version 2 of a service adds a scope to a route and lowers its body limit while
+    # version 1 is still connected (a rollout). The checks run before an instance is
+    # selected, so they are the strictest of both: version 2, selected, never gets an
+    # anonymous request or a body over its limit — they were checked against version 1's
+    # declaration once (the first candidate's), and reached version 2 (found against a
+    # real gateway). Once version 1 leaves, version 2's own declaration is the route's.
+    stack = Stack()
+    v1 = stack.register("scans", [endpoint("GET", "/scans/admin"),
+                                   endpoint("POST", "/scans/upload")], version="1.0.0")
+    v2 = stack.register("scans", [
+        endpoint("GET", "/scans/admin", claims=[{"type": "scope", "value": "scans:admin"}]),
+        endpoint("POST", "/scans/upload", max_body_bytes=16)], version="2.0.0")
+    client = stack.client()
+    for _ in range(3):
+        client.get("/scans/admin")
+        client.send(b"POST /scans/upload HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000\r\n\r\n")
+        stack.run()
+        statuses = [status for status, _, _ in client.responses()]
+        assert statuses == [401, 413], statuses
+        client = stack.client()     # the 413 closed that connection
+    assert v1.requests() == [] and v2.requests() == []
+    v1.lose()
+    stack.run()
+    client.get("/scans/admin")
+    stack.run()
+    assert [status for status, _, _ in client.responses()] == [401]
+    # Version 1 alone again (version 2 gone): anonymous is its declaration.
+    v1b = stack.register("scans", [endpoint("GET", "/scans/admin")], version="1.0.0")
+    v2.lose()
+    stack.run()
+    link, _ = dispatched(stack, stack.client(), "/scans/admin", v1b)
+    assert link is v1b
+
+
+def test_instances_of_a_route_must_agree_on_websocket():
+    # Checked before selection: an instance that is not a WebSocket endpoint would be
+    # handed an upgrade. The disagreeing HELLO is refused; the route is left as it was.
+    stack = Stack()
+    stack.register("chat", [endpoint("GET", "/chat", websocket=True)], version="1.0.0")
+    link = stack.link()
+    ack = link.hello(hello("chat", [endpoint("GET", "/chat")], version="2.0.0"))
+    assert ack["error"]["code"] == "InvalidHello" and "WebSocket" in ack["error"]["message"]
+    assert [i.version for i in stack.routing.instances.values()] == ["1.0.0"]
+
+
 # ---------------------------------------------------------------------------- request → response
 
 
