@@ -233,6 +233,11 @@ cdef class FrameDecoder:
         PyMem_Free(self._buf)
         self._buf = NULL
 
+    def set_max_frame_size(self, max_frame_size):
+        """A new limit from the next frame header on (a link's HELLO is held to a smaller
+        one than what follows it). A header already checked stays checked."""
+        self._max = _check_max(_ll(max_frame_size))
+
     cdef int _append(self, const unsigned char *data, Py_ssize_t n) except -1:
         cdef Py_ssize_t need, cap
         cdef unsigned char *nbuf

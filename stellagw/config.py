@@ -729,6 +729,9 @@ class TcpTransportSettings:
     send_buffer_size: int = _size_key("sendBufferSize", 65536, low=1)
     # The frame length field is a 32-bit unsigned integer (docs/design.md §3).
     max_frame_size: int = _size_key("maxFrameSize", "16MB", low=64, high=0xFFFFFFFF)
+    # Before its HELLO is accepted a peer is nobody: what it may make us hold is this, not
+    # maxFrameSize (its HELLO is read whole to check its signature).
+    max_hello_size: int = _size_key("maxHelloSize", "1MB", low=64, high=0xFFFFFFFF)
     # Who may register (docs/service-identity.md): HELLOs signed with a key derived from
     # this; empty = loopback peers only on tcp.
     registration_secret: str = _key("registrationSecret", _string(_registration_secret), "",

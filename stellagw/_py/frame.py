@@ -152,6 +152,11 @@ class FrameDecoder:
         self._cpos = 0            # first unconsumed byte of _chunk
         self._cview = None        # memoryview(_chunk), made on the first zero-copy payload
 
+    def set_max_frame_size(self, max_frame_size):
+        """A new limit from the next frame header on (a link's HELLO is held to a smaller
+        one than what follows it). A header already checked stays checked."""
+        self._max = _check_max(max_frame_size)
+
     def feed(self, data):
         chunk = self._chunk
         if chunk is not None:

@@ -227,7 +227,9 @@ class ServiceConnection:
         self.state = _AWAIT_HELLO
         self.instance = None
         self.peer = None
-        self._decoder = fr.FrameDecoder(hub.max_frame_size)
+        # Its HELLO first, under its own limit (a peer not yet known holds little here);
+        # maxFrameSize once the HELLO has passed (_on_hello).
+        self._decoder = fr.FrameDecoder(hub.max_hello_size)
         self._encoder = fr.FrameEncoder(hub.max_frame_size)
         self.inflight = {}
         self._corr_prefix = os.urandom(8)
@@ -326,6 +328,13 @@ class ServiceConnection:
                 if self.state == _CLOSED:
                     return
         except (fr.FrameError, HelloError) as exc:
+            if self.state == _AWAIT_HELLO and "exceeds max_frame_size" in str(exc):
+                # Told why, or it would dial again with the same HELLO for ever.
+                self._refuse("InvalidHello", "hello_too_large",
+                             f"HELLO larger than {self._hub.max_hello_size} bytes "
+                             "(gateway.transports.*.maxHelloSize): send the endpoints in an "
+                             "ENDPOINTS_UPDATE after a smaller HELLO, or raise the limit", None)
+                return
             self._protocol_error(str(exc))
 
     def eof_received(self):
@@ -417,6 +426,7 @@ class ServiceConnection:
         if denied is not None:
             self._refuse("Forbidden", denied[0], denied[1], hello)
             return
+        self._decoder.set_max_frame_size(self._hub.max_frame_size)     # it is someone now
         try:
             instance = self._routing.register(self, hello)
         except HelloError as exc:

@@ -65,6 +65,8 @@ class TransportHub:
         self.loop = None
         self.frame_counts = worker.metrics.frames   # frame type -> frames, both directions
         self.max_frame_size = max(gw.transports.tcp.max_frame_size, gw.transports.tls.max_frame_size)
+        self.max_hello_size = min(self.max_frame_size, max(gw.transports.tcp.max_hello_size,
+                                                           gw.transports.tls.max_hello_size))
         self.chunk_size = max(1024, min(gw.routing.streaming_buffer_size, INITIAL_WINDOW))
         self.stream_idle_timeout = gw.routing.stream_idle_timeout
         self.scheme = b"https" if gw.http.tls.enabled else b"http"

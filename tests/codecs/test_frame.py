@@ -376,6 +376,25 @@ def test_max_frame_size_boundary(impl):
 
 
 @impls
+def test_max_frame_size_raised_between_frames(impl):
+    # A service link's HELLO is held to maxHelloSize, what follows to maxFrameSize.
+    m = M(impl)
+    small, big = ref_frame(m.PING, CORR, b"x" * 10), ref_frame(m.PING, CORR, b"y" * 100)
+    dec = m.FrameDecoder(27)
+    dec.feed(small + big[:10])
+    assert dec.next()[2] == b"x" * 10
+    dec.set_max_frame_size(117)
+    dec.feed(big[10:])
+    assert dec.next()[2] == b"y" * 100
+    with pytest.raises((ValueError, OverflowError)):
+        dec.set_max_frame_size(16)
+    dec.set_max_frame_size(116)
+    dec.feed(big)
+    with pytest.raises(m.FrameError, match="frame length 117 exceeds max_frame_size 116"):
+        dec.next()
+
+
+@impls
 def test_short_length_field_waits(impl):
     m = M(impl)
     dec = m.FrameDecoder()

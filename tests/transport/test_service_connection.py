@@ -137,6 +137,29 @@ def test_a_hello_from_a_peer_that_may_not_claim_the_name_is_forbidden():
     assert stack.hub.refused == {"not_loopback": 1}
 
 
+def test_a_peer_not_yet_registered_is_held_to_max_hello_size():
+    # A peer is nobody until its HELLO passes: 24 peers sending 15 MiB of a HELLO that
+    # announced 16 MiB (maxFrameSize) held 360 MiB of a worker for the HELLO deadline.
+    # Refused on the header now, before its bytes are read, and told why.
+    stack = Stack()
+    link = stack.link()
+    link.feed(struct.pack(">I", 16 * 1024 * 1024 - 100) + bytes([fr.HELLO]) + b"\0" * 16
+              + b"x" * 4096)
+    stack.run()
+    [(ftype, _, payload)] = link.frames()
+    error = fr.decode_control(payload)["error"]
+    assert ftype == fr.HELLO_ACK and error["code"] == "InvalidHello"
+    assert "maxHelloSize" in error["message"]
+    assert link.transport.closed and stack.hub.refused == {"hello_too_large": 1}
+    assert stack.routing.instances == {}
+    # Registered, a link may send what maxFrameSize allows: a 2 MB update.
+    svc = stack.register("scan", SCANS)
+    svc.control(fr.ENDPOINTS_UPDATE, {"endpoints": [
+        endpoint("GET", "/big", openapi={"description": "x" * 2_000_000})]})
+    stack.run()
+    assert svc.open and stack.routing.router.match("GET", "/big")[0] == FOUND
+
+
 def test_anything_but_a_hello_first_is_a_protocol_error():
     stack = Stack()
     link = stack.link()
