@@ -869,6 +869,10 @@ class RoutingSettings:
     # How long a service stays known (its routes answer 503, not 404) after its last
     # instance left a worker; 0 = never forgotten (docs/selection.md).
     service_expiry: float = _duration_key("serviceExpiry", "10m")
+    # Templates of different services that some request matches both (/users/{id} and
+    # another's /users/me) are refused at registration, else the more specific one takes
+    # the other service's requests (docs/routing.md).
+    allow_overlapping_services: bool = _key("allowOverlappingServices", BOOL, False)
     # A new version's share of unpinned traffic grows from 0 to all of it over this long,
     # so a bad release meets a few clients first; 0 = at once (docs/selection.md).
     version_ramp: float = _duration_key("versionRamp", "60s")

@@ -524,6 +524,7 @@ class Reloader:
             configure(ng.routing, ng.node.region)
             return
         routing.service_expiry = ng.routing.service_expiry
+        routing.allow_overlap = ng.routing.allow_overlapping_services
         routing.region = ng.node.region
         routing.neighbors = tuple(ng.routing.neighbor_regions)
         # Rankings are cached per live Route (routing/state.py) and dropped only by changes

@@ -268,6 +268,10 @@ class RoutingState:
         # it the link is closed.
         self.on_refused = None
         self._routes: dict[tuple[str, str], Route] = {}   # everything in the router
+        # The same by (method, first segment): what a new template of another service is
+        # compared with for overlap (docs/routing.md, "Templates of different services").
+        self._heads = _Heads()
+        self.allow_overlap = False   # gateway.routing.allowOverlappingServices
         self._snapshot: dict | None = None
         # Services without an instance -> when the last one left, oldest first (dict order).
         self._departed: dict[str, float] = {}
@@ -305,6 +309,7 @@ class RoutingState:
             self.region = region
         self.neighbors = tuple(settings.neighbor_regions)
         self.service_expiry = settings.service_expiry
+        self.allow_overlap = settings.allow_overlapping_services
         self.version_ramp = settings.version_ramp
         self.sticky = parse_sticky(settings.sticky_key)
         policies = {}
@@ -429,6 +434,14 @@ class RoutingState:
                         "routing.serviceExpiry)" if route.candidates[0][0] is DEPARTED else "")
                 raise HelloError(f"{ep.method} {ep.path} is already served by service "
                                  f"{route.service!r}{gone}")
+        if fresh and not self.allow_overlap:
+            for ep in fresh:
+                other = self._heads.overlapping(ep.method, ep.path, service, yielded)
+                if other is not None:
+                    raise HelloError(
+                        f"{ep.method} {ep.path} overlaps {other.method} {other.template} of "
+                        f"service {other.service!r}: some requests would match both, and the "
+                        "more specific would take them (gateway.routing.allowOverlappingServices)")
         for owner, route in yielded:
             self._drop(owner, route)
             if not owner.routes:
@@ -456,6 +469,7 @@ class RoutingState:
         own = svc.routes
         for route in added:
             routes[(route.method, route.template)] = own[(route.method, route.template)] = route
+            self._heads.add(route)
         # ENDPOINTS_UPDATE: the same link registers again; its old entries make way.
         emptied = self._detach(old) if old is not None else ()
         mine = instance.routes = []
@@ -527,6 +541,7 @@ class RoutingState:
             route.assign(((DEPARTED, Endpoint(method, template, None, False,
                                               bool(websocket), (), None)),))
             self._routes[key] = svc.routes[key] = route
+            self._heads.add(route)
         if not svc.routes:
             return 0
         self.services[service] = svc
@@ -659,6 +674,7 @@ class RoutingState:
         self.router.remove(route.method, route.template)
         del self._routes[key]
         del svc.routes[key]
+        self._heads.discard(route)
 
     def _changed(self, event, instance, **extra):
         self.generation += 1
@@ -986,6 +1002,75 @@ def _running_loop():
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+class _Heads:
+    """Every route's template shape, by (method, first segment), to find a template of
+    another service that some request would match as well as a new one. Without the check
+    a service could declare `/api/users/me` beside another's `/api/users/{id}` and take
+    that one user's requests (the more specific template wins, docs/routing.md §3), past
+    any identity check on names. Shapes: a literal segment is itself, a parameter "{",
+    a catch-all "{*"; routes whose first segment is not a literal sit under "{"."""
+
+    def __init__(self):
+        self._by: dict[tuple, dict] = {}       # (method, head) -> {Route: shape}
+
+    @staticmethod
+    def _shape(template: str) -> tuple:
+        parts = template.split("/")[1:]
+        if parts == [""]:
+            return ()
+        return tuple("{*" if p.startswith("{*") else "{" if p.startswith("{") else p
+                     for p in parts)
+
+    @staticmethod
+    def _head(shape: tuple) -> str:
+        if not shape:
+            return "/"
+        return "{" if shape[0].startswith("{") else shape[0]
+
+    def add(self, route: Route) -> None:
+        shape = self._shape(route.template)
+        self._by.setdefault((route.method, self._head(shape)), {})[route] = shape
+
+    def discard(self, route: Route) -> None:
+        key = (route.method, self._head(self._shape(route.template)))
+        group = self._by.get(key)
+        if group is not None:
+            group.pop(route, None)
+            if not group:
+                del self._by[key]
+
+    def overlapping(self, method: str, template: str, service: str, leaving) -> Route | None:
+        """A route of another service some request would match as well as `template`
+        (routes in `leaving`, pairs (owner, route) about to be dropped, excepted)."""
+        shape = self._shape(template)
+        head = self._head(shape)
+        if head == "{":
+            groups = [g for (m, _), g in self._by.items() if m == method]
+        else:
+            groups = [self._by.get((method, head), {}), self._by.get((method, "{"), {})]
+        gone = {id(route) for _, route in leaving}
+        for group in groups:
+            for route, other in group.items():
+                if route.service != service and id(route) not in gone and _overlap(shape, other):
+                    return route
+        return None
+
+
+def _overlap(a: tuple, b: tuple) -> bool:
+    """Whether some path matches both shapes: literals equal, a parameter any one segment,
+    a catch-all any rest (none included)."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        x, y = a[i], b[i]
+        if x == "{*" or y == "{*":
+            return True
+        if x != y and x != "{" and y != "{":
+            return False
+    if len(a) == len(b):
+        return True
+    return (a if len(a) > len(b) else b)[n] == "{*"
 
 
 def _sent(conn) -> int:

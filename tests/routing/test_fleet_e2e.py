@@ -76,7 +76,9 @@ class Fleet:
 
         def record(link, corr, payload):
             from stellagw.transport import frame as fr
-            self.seen.append((link.key[0], fr.decode_request(payload)[3]))
+            # The gateway node from the HELLO_ACK: link.key is set only when the SDK's dial
+            # coroutine resumes, which a REQUEST right behind the ACK can beat.
+            self.seen.append((link.acked.result().get("node_id"), fr.decode_request(payload)[3]))
             on_request(link, corr, payload)
         svc._on_request = record
         self.svc = svc

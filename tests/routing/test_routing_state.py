@@ -674,3 +674,44 @@ def test_a_routes_policy_is_the_strictest_declaration_and_follows_its_instances(
     # Instances declaring alike share one Endpoint: no new policy object for them.
     d = s.register(object(), hello(instance="d", endpoints=[{"method": "GET", "path": "/x"}]))
     assert d.endpoints[0] is a.endpoints[0] and route.policy is a.endpoints[0]
+
+
+@pytest.mark.parametrize("template", ["/api/users/me", "/api/{section}/me", "/api/{*rest}",
+                                      "/files/reports/{*rest}", "/files", "/{*all}",
+                                      "/v/{*rest}"])
+def test_a_template_that_overlaps_another_services_is_refused(template):
+    # The more specific template wins a match (docs/routing.md §3): a service declaring
+    # /api/users/me beside another's /api/users/{id} took that user's requests, whatever
+    # the identity checks on service names (found against a real gateway).
+    s = state(service_expiry=0)
+    victim = s.register(object(), hello(service="victim", instance="v", endpoints=[
+        {"method": "GET", "path": "/api/users/{id}"}, {"method": "GET", "path": "/files/{*rest}"},
+        {"method": "GET", "path": "/v/{id}"}]))
+    before = (dict(s.instances), dict(s.routes), s.router.routes())
+    with pytest.raises(HelloError, match="overlaps GET .* of service 'victim'"):
+        s.register(object(), hello(service="attacker", instance="a",
+                                   endpoints=[{"method": "GET", "path": template}]))
+    assert (dict(s.instances), dict(s.routes), s.router.routes()) == before
+    # Another method, or a template no request shares, is fine.
+    s.register(object(), hello(service="attacker", instance="a", endpoints=[
+        {"method": "POST", "path": template}, {"method": "GET", "path": "/api/groups/{id}"},
+        {"method": "GET", "path": "/v/{id}/x"}]))
+    # A departed service's templates stay its own until it expires ...
+    s.unregister(victim)
+    with pytest.raises(HelloError, match="overlaps"):
+        s.register(object(), hello(service="other", instance="o",
+                                   endpoints=[{"method": "GET", "path": "/files/x"}]))
+    # ... and its own templates may overlap each other.
+    s.register(object(), hello(service="victim", instance="v2", endpoints=[
+        {"method": "GET", "path": "/api/users/{id}"}, {"method": "GET", "path": "/api/users/me"}]))
+
+
+def test_overlapping_services_may_be_allowed():
+    s = state()
+    s.allow_overlap = True
+    s.register(object(), hello(service="users", instance="u",
+                               endpoints=[{"method": "GET", "path": "/api/users/{id}"}]))
+    s.register(object(), hello(service="profile", instance="p",
+                               endpoints=[{"method": "GET", "path": "/api/users/me"}]))
+    assert s.match("GET", "/api/users/me")[1].service == "profile"
+    assert s.match("GET", "/api/users/42")[1].service == "users"
