@@ -55,7 +55,8 @@ cdef class ServiceConnection:
     # -- per connection
     cdef FrameDecoder _decoder
     cdef FrameEncoder _encoder
-    cdef object _hello_timer, _scheme
+    cdef object _hello_timer, _scheme, _update_timer, _update_waiting
+    cdef double _update_at
     cdef WriteBatch _writes
     cdef TimerWheel _wheel
     cdef bint _opened, _write_paused
