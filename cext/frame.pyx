@@ -139,7 +139,9 @@ cdef long long _MAX_WINDOW_INCREMENT = 0x7FFFFFFF
 # --- lookup tables --------------------------------------------------------------------
 
 # _TOKEN: RFC 9110 §5.6.2 tchar. _NAME: tchar without A-Z (names travel lowercase).
-# _LOWER: ASCII case fold. _VALUE_BAD: CR, LF, NUL (RFC 9110 §5.5: never valid in a value).
+# _LOWER: ASCII case fold. _VALUE_BAD: the control characters but HTAB (RFC 9110 §5.5: never
+# valid in a field value; CR, LF and NUL would split the message, the others are read as
+# whitespace or separators by some parsers downstream).
 cdef uint8_t _TOKEN[256]
 cdef uint8_t _NAME[256]
 cdef uint8_t _LOWER[256]
@@ -164,7 +166,9 @@ cdef void _init_tables() noexcept:
     while extra[i]:
         _TOKEN[<uint8_t>extra[i]] = _NAME[<uint8_t>extra[i]] = 1
         i += 1
-    _VALUE_BAD[0] = _VALUE_BAD[10] = _VALUE_BAD[13] = 1
+    for i in range(32):
+        _VALUE_BAD[i] = i != 9
+    _VALUE_BAD[127] = 1
 
 
 _init_tables()
@@ -380,7 +384,7 @@ cdef int _next_header(const unsigned char *p, Py_ssize_t *pos, Py_ssize_t n, str
     _take(p, pos, n, 2, kind, "header value", value_at)
     for j in range(value_at[0], pos[0]):
         if _VALUE_BAD[p[j]]:
-            raise FrameError(f"{kind}: header value contains CR, LF or NUL")
+            raise FrameError(f"{kind}: header value contains a control character")
     return 0
 
 
@@ -752,19 +756,28 @@ cdef inline uint64_t _has_byte(uint64_t w, uint64_t each) noexcept:
     return (w - <uint64_t>0x0101010101010101) & ~w & <uint64_t>0x8080808080808080
 
 
+cdef inline uint64_t _has_control(uint64_t w) noexcept:
+    # nonzero when a byte of w is below 0x20 or is 0x7F (may flag a byte of 0x80 or more
+    # after one of those: the caller looks at flagged words byte by byte)
+    return (((w - <uint64_t>0x2020202020202020) & ~w) | _has_byte(w, <uint64_t>0x7F7F7F7F7F7F7F7F)) \
+        & <uint64_t>0x8080808080808080
+
+
 cdef inline unsigned char *_copy_value(unsigned char *out, const unsigned char *p, Py_ssize_t n,
                                       uint8_t *bad) noexcept:
-    # _put_value_raw's check (no NUL, LF or CR), eight bytes at a time, on room reserved
-    # already (see _copy_name)
-    cdef Py_ssize_t i = 0
+    # _put_value_raw's check (no control character but HTAB), eight bytes at a time: a word
+    # with one (HTAB, mostly) is looked at byte by byte. On room reserved already (see
+    # _copy_name).
+    cdef Py_ssize_t i = 0, j
     cdef uint64_t w, found = 0
     if n > C_U16_MAX:
         bad[0] = 1
         return out
     while i + 8 <= n:
         memcpy(&w, p + i, 8)
-        found |= (_has_byte(w, 0) | _has_byte(w, <uint64_t>0x0A0A0A0A0A0A0A0A)
-                  | _has_byte(w, <uint64_t>0x0D0D0D0D0D0D0D0D))
+        if _has_control(w):
+            for j in range(i, i + 8):
+                found |= _VALUE_BAD[p[j]]
         i += 8
     while i < n:
         found |= _VALUE_BAD[p[i]]
@@ -1012,7 +1025,7 @@ cdef class FrameEncoder:
         cdef Py_ssize_t i
         for i in range(n):
             if _VALUE_BAD[p[i]]:
-                raise FrameError(f"{kind}: header value contains CR, LF or NUL")
+                raise FrameError(f"{kind}: header value contains a control character")
         return self._put16(mark, p, n, kind, "header value")
 
     cdef int _count_header(self, Py_ssize_t *count, str kind) except -1:

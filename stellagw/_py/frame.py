@@ -94,7 +94,7 @@ _u32_unpack = _be32.unpack_from
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _TOKEN_RE = re.compile(b"[" + re.escape(_TCHAR) + b"]+")
 _NAME_RE = re.compile(b"[" + re.escape(_TCHAR[:-26]) + b"]+")
-_BAD_VALUE_RE = re.compile(b"[\x00\r\n]")
+_BAD_VALUE_RE = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
 
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")}
 
@@ -254,7 +254,7 @@ def _decode_headers(p, pos, n, kind):
         a, pos = _take_len(p, pos, n, 2, kind, "header value")
         value = bytes(p[a:pos])
         if _BAD_VALUE_RE.search(value):
-            raise FrameError(f"{kind}: header value contains CR, LF or NUL")
+            raise FrameError(f"{kind}: header value contains a control character")
         headers.append((name, value))
     return pos, headers
 
@@ -463,7 +463,7 @@ class FrameEncoder:
             if not _NAME_RE.fullmatch(name):
                 raise FrameError(f"{kind}: header name is not a lowercase token")
             self._put16(mark, name, kind, "header name")
-            # RFC 9110 §5.5: CR, LF and NUL are never valid in a field value.
+            # RFC 9110 §5.5: no control character but HTAB is valid in a field value.
             if isinstance(value, str):
                 try:
                     value = value.encode("latin-1")
@@ -472,7 +472,7 @@ class FrameEncoder:
             else:
                 value = _buffer(value, "header value")
             if _BAD_VALUE_RE.search(value):
-                raise FrameError(f"{kind}: header value contains CR, LF or NUL")
+                raise FrameError(f"{kind}: header value contains a control character")
             self._put16(mark, value, kind, "header value")
         _be16.pack_into(self._buf, count_at, count)
 

@@ -136,7 +136,7 @@ def response_header_block(headers) -> bytes:
     """Format a service's response headers for the client.
 
     The frame decoder has already refused names that are not lowercase tokens and values
-    with CR, LF or NUL (docs/protocol.md §8), so nothing here can split the response.
+    with a control character (docs/protocol.md §8), so nothing here can split the response.
     The request path does this in C: frame.decode_response_block(payload, RESPONSE_DROP_NAMES).
     """
     drop = RESPONSE_DROP
