@@ -35,6 +35,7 @@ from .auth.identity import CREDENTIAL_FIELDS
 # handle() passes over a header whose first byte no credential field starts with.
 assert {name[0] for name in CREDENTIAL_FIELDS} <= set(b"adx"), CREDENTIAL_FIELDS
 from .ingress.cors import CorsPolicy
+from .ingress.proxy import anonymous_key
 from .observe.metrics import perf_counter
 from .transport.retry import IDEMPOTENT, RetryBudget
 from .ratelimit import UNLIMITED, Decision, rate_limit_headers, rejection
@@ -223,7 +224,7 @@ class Pipeline:
         if identity.anonymous:
             # The connection's key, unless a trusted proxy named another client.
             key = (req.conn.anonymous_key if req.client_ip is req.conn.peer_ip
-                   else "ip:" + req.client_ip.decode("latin-1"))
+                   else anonymous_key(req.client_ip))
         else:
             key = "sub:" + identity.subject
         decision = self._limiter.check(key, req.tenant, route.service, route.template, path)

@@ -27,7 +27,7 @@ from ..observe import metrics as observe_metrics
 from ..observe.metrics import perf_counter
 from ..replies import JSON, STATUS_LINES, error_body, status_line
 from .compress import accepts_gzip, gzipped
-from .proxy import ProxyError, client_key, parse_proxy_header
+from .proxy import ProxyError, anonymous_key, client_key, parse_proxy_header
 from .wire import (TE_CHUNKED, TE_OTHER, cid_made, cid_taken, header_name, host_ok,
                    method_name, render_response, split_target, transfer_coding)
 
@@ -594,7 +594,7 @@ class HttpProtocol:
 
     def _set_peer(self, address):
         self.peer_ip = address.encode()
-        self.anonymous_key = "ip:" + address
+        self.anonymous_key = anonymous_key(self.peer_ip)
         self._peer_text = address
         self._trusted = self._trust is not None and self._trust.trusts(address)
 

@@ -60,7 +60,9 @@ COMMAND_CACHE_MAX = 4096
 
 
 def identity_key(subject: str | None, client_address: str) -> str:
-    """The `key` for check(): "sub:<subject>" when authenticated, else "ip:<address>"."""
+    """The `key` for check(): "sub:<subject>" when authenticated, else "ip:<address>" —
+    the address as the ingress folds it (ingress.proxy.anonymous_key: an IPv6 /64 is one
+    client)."""
     return f"sub:{subject}" if subject else f"ip:{client_address}"
 
 

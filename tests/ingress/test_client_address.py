@@ -404,6 +404,14 @@ def test_end_to_end_behind_a_trusted_proxy(stack):
     for client in (b"203.0.113.20", b"203.0.113.21"):
         statuses = [whoami(port, b"X-Forwarded-For: " + client + b"\r\n")[0] for _ in range(3)]
         assert statuses == [200, 200, 429]
+    # An IPv6 client is its /64, and an IPv4-mapped address its IPv4 one, as for the
+    # connection cap: by the full address, one /64 was 2^64 clients and never limited
+    # (110,000 requests through a rule of 5 a minute).
+    statuses = [whoami(port, b"X-Forwarded-For: 2001:db8:7:7::%x\r\n" % i)[0] for i in range(1, 4)]
+    assert statuses == [200, 200, 429]
+    statuses = [whoami(port, b"X-Forwarded-For: " + c + b"\r\n")[0]
+                for c in (b"198.51.100.30", b"::ffff:198.51.100.30", b"198.51.100.30")]
+    assert statuses == [200, 200, 429]
 
 
 def test_end_to_end_untrusted_peer_keeps_its_own_address(stack):
