@@ -179,15 +179,17 @@ class TokenVerifier:
             raise _invalid("access token lifetime exceeds the accepted maximum", "token_lifetime")
 
         jkt = x5t = None
-        cnf = claims.get("cnf")
-        if cnf is not None:
+        if "cnf" in claims:
+            cnf = claims["cnf"]
             if not isinstance(cnf, dict) or not cnf or not _CNF_MEMBERS.issuperset(cnf):
                 raise _invalid("access token has an unsupported confirmation (cnf) method", "token_cnf")
+            # Every member present is a non-empty string: a `null` one read as "no binding"
+            # once, turning a bound token into a bearer one (found by an adversarial probe).
+            for value in cnf.values():
+                if not isinstance(value, str) or not value:
+                    raise _invalid("access token has a malformed cnf claim", "token_cnf")
             jkt = cnf.get("jkt")
             x5t = cnf.get("x5t#S256")
-            if (jkt is not None and (not isinstance(jkt, str) or not jkt)) or \
-                    (x5t is not None and (not isinstance(x5t, str) or not x5t)):
-                raise _invalid("access token has a malformed cnf claim", "token_cnf")
         binding = ("both" if jkt and x5t else "dpop" if jkt else "mtls" if x5t else None)
         identity = identity_from_claims(claims, binding, self._legacy, jkt)
 

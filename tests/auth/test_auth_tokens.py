@@ -211,7 +211,10 @@ def test_crit_header_refused(auth, es_key):
 
 def test_unsupported_confirmation_method(auth, es_key):
     # A token bound by a method we cannot check must not pass as a bearer token.
-    for cnf in ({"jwk": {"kty": "EC"}}, {"kid": "x"}, {}, "jkt", {"jkt": 5}):
+    # A member set to null read as "no binding" once: a bound token passed as a bearer one
+    # (found by an adversarial probe); a cnf of null is no cnf either.
+    for cnf in ({"jwk": {"kty": "EC"}}, {"kid": "x"}, {}, "jkt", {"jkt": 5}, {"jkt": None},
+                {"x5t#S256": None}, {"jkt": None, "x5t#S256": None}, {"x5t#S256": ""}, None):
         refused(auth.authenticate(bearer_request(mint_token(es_key, ISS, cnf=cnf)), ()), "token_cnf")
 
 
