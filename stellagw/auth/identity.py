@@ -41,7 +41,11 @@ SCOPE_OVERRIDE_HEADERS = frozenset(n for base in (b"x-stellaops-scopes", b"x-ste
 # answers that without asking the Authenticator (Authenticator.anonymous).
 CREDENTIAL_FIELDS = frozenset({b"authorization", b"dpop"}) | SCOPE_OVERRIDE_HEADERS
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What an identity claim may not hold, as it becomes a header value a service reads (and
+# logs, and shows): C0 and C1 controls, and the invisible characters that change how text
+# reads — zero-width, bidirectional overrides and isolates (U+202E shows "ten\u202eabc" as
+# "tencba"), line and paragraph separators, the byte-order mark.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
 def is_identity_header(name: bytes) -> bool:

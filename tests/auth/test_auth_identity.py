@@ -107,7 +107,12 @@ def test_legacy_headers_can_be_turned_off(tmp_path, key):
 @pytest.mark.parametrize("claims", [{"sub": "a\r\nx-stellaops-tenant: evil"}, {"stellaops:tenant": "t\n"},
                                     {"scope": "a\x00b"}, {"scope": "a\tb"}, {"scp": "x\r"}, {"scp": ["a", "b\n"]},
                                     {"tid": 5, "stellaops:tenant": None}, {"client_id": ""},
-                                    {"scope": ["list"]}, {"scp": [1, 2]}])
+                                    {"scope": ["list"]}, {"scp": [1, 2]},
+                                    # C1 controls and invisible text-direction or line
+                                    # characters reached services as identity (a probe)
+                                    {"stellaops:tenant": "t\u0085"}, {"sub": "u\u009b1m"},
+                                    {"sub": "admin\u202enimda"}, {"stellaops:tenant": "t\u2028x"},
+                                    {"sub": "\ufeffroot"}, {"scope": "a\u200bb"}])
 def test_claims_that_cannot_be_forwarded_are_refused(auth, key, claims):
     result = auth.authenticate(bearer_request(mint_token(key, ISS, **claims)), ())
     refused(result, 401, "invalid_token", "token_claims")
