@@ -16,9 +16,11 @@ see _send_frame.
 from __future__ import annotations
 
 import asyncio
+import codecs
 
 from picows import WSCloseCode, WSListener, WSMsgType
 
+from ..ingress.websocket import MAX_MESSAGE_FRAME
 from ..listeners import reset
 from . import frame as fr
 
@@ -27,6 +29,7 @@ _KIND_OF = {WSMsgType.TEXT: fr.KIND_TEXT, WSMsgType.BINARY: fr.KIND_BINARY,
 _TYPE_OF = {fr.KIND_TEXT: WSMsgType.TEXT, fr.KIND_BINARY: WSMsgType.BINARY,
             fr.KIND_DATA: WSMsgType.CONTINUATION}
 _HEADROOM = 14      # room for the largest frame header; picows requires msg_offset >= 14
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
 def _send_frame(ws, msg_type, chunk, fin):
@@ -67,6 +70,10 @@ class WsBridge(WSListener):
         self.send_deadline = None   # its SendDeadline (the ingress gives it), armed at the close
         self._sending = False
         self.disconnected = False   # picows' connection is gone
+        # The client's message under way: None between messages, else its kind, and for
+        # TEXT the UTF-8 decoder that checks it across its fragments (RFC 6455 §5.4, §8.1).
+        self._message = None
+        self._utf8 = None
 
     # ---------------------------------------------------------------- client → service
 
@@ -95,6 +102,8 @@ class WsBridge(WSListener):
             self.closed = True
             return
         kind = _KIND_OF.get(msg_type)
+        if kind is not None and not self._client_frame_ok(transport, frame, kind):
+            return
         if kind is None:
             # PING/PONG, answered here and not passed on: the client's keep-alive keeps the
             # WebSocket from going idle (streamIdleTimeout), which picows' own answering
@@ -105,6 +114,47 @@ class WsBridge(WSListener):
             return
         flags = kind | (0 if frame.fin else fr.FLAG_MORE)
         self._to_service(flags, frame.get_payload_as_bytes())
+
+    def _client_frame_ok(self, transport, frame, kind):
+        """RFC 6455's rules for a client's message frame, checked before any of it goes to
+        the service (each was relayed once, found by an adversarial probe): no RSV bit (no
+        extension is agreed), a frame within the cap even when picows delivers it whole
+        with its 1009, a continuation only inside a message and a new message only outside
+        one, and TEXT that is UTF-8. Else the connection is failed (§7.1.7)."""
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            return self._fail(transport, WSCloseCode.PROTOCOL_ERROR, "RSV bit set")
+        if frame.payload_size > MAX_MESSAGE_FRAME:
+            return self._fail(transport, WSCloseCode.MESSAGE_TOO_BIG, "frame too large")
+        if kind == fr.KIND_DATA:
+            if self._message is None:
+                return self._fail(transport, WSCloseCode.PROTOCOL_ERROR,
+                                  "continuation outside a message")
+        elif self._message is not None:
+            return self._fail(transport, WSCloseCode.PROTOCOL_ERROR,
+                              "new message inside a fragmented one")
+        else:
+            self._message = kind
+            if kind == fr.KIND_TEXT:
+                self._utf8 = _utf8_decoder()
+        if self._utf8 is not None:
+            try:
+                self._utf8.decode(frame.get_payload_as_memoryview(), frame.fin)
+            except UnicodeDecodeError:
+                return self._fail(transport, WSCloseCode.INVALID_TEXT, "TEXT is not UTF-8")
+        if frame.fin:
+            self._message = self._utf8 = None
+        return True
+
+    def _fail(self, transport, code, reason):
+        # The service hears the same close code; the client gets it and the connection ends.
+        self._to_service(fr.KIND_CLOSE | fr.FLAG_END_STREAM, fr.ws_close_payload(int(code), reason))
+        if self._held:
+            self._held.clear()
+            self.conn.ws_client_gone(self.pending)
+        transport.send_close(code, reason.encode())
+        self._disconnect()
+        self.closed = True
+        return False
 
     def _to_service(self, flags, chunk):
         pending = self.pending
@@ -190,8 +240,11 @@ class WsBridge(WSListener):
         kind = flags & fr.STREAM_KIND_MASK
         if kind == fr.KIND_CLOSE:
             code, reason = fr.parse_ws_close(chunk)
+            if code and (not 1000 <= code <= 4999 or code in (1004, 1005, 1006, 1015)):
+                # A code no endpoint may send (RFC 6455 §7.4): the service's error, said so.
+                code, reason = int(WSCloseCode.INTERNAL_ERROR), ""
             ws.send_close(WSCloseCode(code) if code else WSCloseCode.OK,
-                          reason.encode() if reason else None)
+                          reason.encode()[:123] if reason else None)
             self._disconnect()
             self.closed = True
             return False

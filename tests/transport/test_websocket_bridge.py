@@ -285,6 +285,97 @@ def test_a_client_frame_over_max_message_frame_is_refused_with_1009_and_goes_now
     assert sent == []
 
 
+def test_an_oversized_client_frame_sent_in_one_write_goes_nowhere_either():
+    """The header and the payload in one write: picows then delivers the frame whole with
+    its 1009, and the service received all 4 MiB of it once (an adversarial probe)."""
+    from stellagw.ingress.websocket import MAX_MESSAGE_FRAME
+
+    async def body(bridge, link, transport, client):
+        loop = asyncio.get_running_loop()
+        read_101(client)
+        await loop.run_in_executor(None, client.sendall,
+                                   client_frame(2, b"z" * (MAX_MESSAGE_FRAME + 1)))
+        client.settimeout(5)
+        reply = await loop.run_in_executor(None, read_exactly, client, 1 << 16)
+        await wait_until(transport.is_closing, "the connection was kept after the 1009")
+        return reply, list(link.sent)
+
+    reply, sent = run_bridge(body, window=8 * MAX_MESSAGE_FRAME)
+    frames = parse_frames(reply)
+    assert frames and frames[-1][1] == 8 and struct.unpack("!H", frames[-1][2][:2])[0] == 1009
+    assert [k for k, _ in sent if k & fr.STREAM_KIND_MASK != fr.KIND_CLOSE] == [], sent
+
+
+@pytest.mark.parametrize("code, sent", [(1005, 1011), (1006, 1011), (999, 1011), (5000, 1011),
+                                        (1015, 1011), (4001, 4001), (1000, 1000)])
+def test_a_close_code_no_endpoint_may_send_reaches_the_client_as_1011(code, sent):
+    """RFC 6455 §7.4: 1005, 1006, 1015 and codes outside 1000-4999 are never sent on the
+    wire; a service's went to the client as they were (an adversarial probe)."""
+    async def body(bridge, link, transport, client):
+        loop = asyncio.get_running_loop()
+        assert not bridge.from_service(fr.KIND_CLOSE | fr.FLAG_END_STREAM,
+                                       struct.pack("!H", code) + b"bye")
+        read_101(client)
+        client.settimeout(5)
+        return await loop.run_in_executor(None, read_exactly, client, 1 << 16)
+
+    frames = parse_frames(run_bridge(body))
+    assert frames and frames[-1][1] == 8
+    assert struct.unpack("!H", frames[-1][2][:2])[0] == sent
+
+
+def _utf8_cut():
+    text = "naïve ☃".encode()
+    return text[:7], text[7:]          # "☃" split across two fragments
+
+
+@pytest.mark.parametrize("frames, code, relayed", [
+    # RSV1 with no extension agreed
+    ([bytes([0xC2]) + client_frame(2, b"abc")[1:]], 1002, b""),
+    # a continuation with no message begun
+    ([client_frame(0, b"more")], 1002, b""),
+    # a new message inside a fragmented one: the first fragment went, nothing after
+    ([client_frame(1, b"one", fin=False), client_frame(2, b"two")], 1002, b"one"),
+    # TEXT that is not UTF-8, whole or in its second fragment
+    ([client_frame(1, b"ok \xff")], 1007, b""),
+    ([client_frame(1, b"abc", fin=False), client_frame(0, b"\xc3\x28")], 1007, b"abc"),
+])
+def test_a_client_frame_that_breaks_rfc_6455_fails_the_connection(frames, code, relayed):
+    """RFC 6455 §5.2, §5.4, §8.1: each of these was relayed to the service as if fine."""
+    async def body(bridge, link, transport, client):
+        loop = asyncio.get_running_loop()
+        read_101(client)
+        client.sendall(b"".join(frames))
+        client.settimeout(5)
+        reply = await loop.run_in_executor(None, read_exactly, client, 1 << 16)
+        await wait_until(transport.is_closing, "the connection was kept")
+        return reply, list(link.sent)
+
+    reply, sent = run_bridge(body, window=1 << 20)
+    frames_back = parse_frames(reply)
+    assert frames_back and frames_back[-1][1] == 8
+    assert struct.unpack("!H", frames_back[-1][2][:2])[0] == code
+    data = b"".join(c for k, c in sent if k & fr.STREAM_KIND_MASK != fr.KIND_CLOSE)
+    assert data == relayed
+    close = [c for k, c in sent if k & fr.STREAM_KIND_MASK == fr.KIND_CLOSE]
+    assert close and fr.parse_ws_close(close[0])[0] == code
+
+
+def test_text_split_inside_a_character_is_relayed():
+    """UTF-8 is checked across fragments: a character cut between two is fine."""
+    head, tail = _utf8_cut()
+
+    async def body(bridge, link, transport, client):
+        read_101(client)
+        client.sendall(client_frame(1, head, fin=False) + client_frame(0, tail))
+        await wait_until(lambda: sum(len(c) for _, c in link.sent) == len(head + tail),
+                         "the message did not reach the service")
+        return list(link.sent), transport.is_closing()
+
+    sent, closing = run_bridge(body, window=1 << 20)
+    assert b"".join(c for _, c in sent) == head + tail and not closing
+
+
 def test_a_client_close_without_window_cancels_instead_of_waiting_for_credit():
     """The service has spent the window and reads nothing more: the client's CLOSE cannot go
     as stream data. The client still gets its close echoed, and the service CANCEL (through
