@@ -862,6 +862,10 @@ class RoutingSettings:
     # either way for this long is ended: CANCEL to the service, the client cut.
     stream_idle_timeout: float = _duration_key("streamIdleTimeout", "5m", positive=True)
     max_request_body_size: int = _size_key("maxRequestBodySize", "100MB")
+    # A service's response head (its header lines as the client would get them) past this
+    # is a 502: what the gateway writes to a client and to the proxies in front of it stays
+    # within what they accept (Envoy's max_response_headers_kb is 60 KiB).
+    max_response_header_bytes: int = _size_key("maxResponseHeaderBytes", "64KB", low=1024)
     streaming_enabled: bool = _key("streamingEnabled", BOOL, True)
     streaming_buffer_size: int = _size_key("streamingBufferSize", 16384, low=1)
     neighbor_regions: tuple[str, ...] = _key(

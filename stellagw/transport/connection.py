@@ -501,6 +501,13 @@ class ServiceConnection:
             self._cancel(pending, "Aborted")
             _reply_error(req, 502, "the service sent an invalid response")
             return
+        if len(block) > self._hub.max_response_head:
+            # gateway.routing.maxResponseHeaderBytes: a head no client or proxy in front of
+            # it should have to take (a service sent 15 MB of headers once, passed through).
+            self._cancel(pending, "Aborted")
+            _reply_error(req, 502, "the service sent a response head larger than "
+                                   "%d bytes" % self._hub.max_response_head)
+            return
         if status >= 500:
             self._failed(SERVER_ERROR)
         else:

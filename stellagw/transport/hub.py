@@ -69,6 +69,7 @@ class TransportHub:
                                                            gw.transports.tls.max_hello_size))
         self.chunk_size = max(1024, min(gw.routing.streaming_buffer_size, INITIAL_WINDOW))
         self.stream_idle_timeout = gw.routing.stream_idle_timeout
+        self.max_response_head = gw.routing.max_response_header_bytes
         self.scheme = b"https" if gw.http.tls.enabled else b"http"
         self.connections: set[ServiceConnection] = set()
         self._ports = ports or {}

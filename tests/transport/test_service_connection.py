@@ -385,6 +385,31 @@ def test_a_response_with_an_invalid_status_fails_the_request_not_the_link():
     assert svc.open and svc.conn.inflight == {}
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_response_head_over_max_response_header_bytes_is_a_502(streamed):
+    # A service once sent 256 headers of 60 KB (15 MB of head) and the gateway wrote them all
+    # to the client. 64 KB by default, as Envoy's max_response_headers_kb.
+    stack = Stack()
+    svc = stack.register("scan", SCANS)
+    client = stack.client()
+    link, sent = dispatched(stack, client, "/scans/1", svc)
+    big = [(b"x-big-%d" % i, b"v" * 1000) for i in range(70)]          # ~71 KB
+    svc.respond(sent.corr, 200, big, b"body", end=not streamed)
+    stack.run()
+    out = client.output()
+    [(status, _, body)] = parse_responses(out)
+    assert status == 502 and "larger than 65536 bytes" in error_of(body)["message"]
+    assert b"x-big" not in out
+    assert control(svc.frames(), fr.CANCEL) == [(sent.corr, {"reason": "Aborted"})]
+    assert svc.open and svc.conn.inflight == {}
+    # Within the limit it goes through.
+    link, sent = dispatched(stack, client, "/scans/2", svc)
+    svc.respond(sent.corr, 200, big[:60], b"ok")
+    stack.run()
+    [(status, headers, body)] = client.responses()
+    assert status == 200 and headers["x-big-59"] == "v" * 1000
+
+
 # ---------------------------------------------------------------------------- streaming
 
 
