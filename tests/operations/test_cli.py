@@ -131,44 +131,14 @@ def _children(pid: int) -> set[int]:
         return {int(p) for p in f.read().split()}
 
 
-def test_a_stalled_worker_is_killed_and_restarted(tmp_path):
+@pytest.mark.parametrize("when", ["serving", "starting"])
+def test_a_stalled_worker_is_killed_and_restarted(tmp_path, when):
     # A frozen worker (SIGSTOP: as a loop stuck in a bug would look) keeps its share of new
     # connections through SO_REUSEPORT and answers none of them. The supervisor sees its
-    # heartbeat stop, kills it and starts another in its place.
-    s = Served("--port", "0", "--workers", "2",
-               config_text="gateway: {node: {workerStallTimeout: 2s}, transports: {tcp: {port: 0}}}",
-               tmp_path=tmp_path)
-    victim = None
-    try:
-        recs = s.wait_listening(2)
-        port = int(recs[0]["http"].rsplit(":", 1)[1])
-        victim = recs[0]["pid"]
-        os.kill(victim, signal.SIGSTOP)
-        [stalled] = s.wait_for_log(lambda r: r.get("message") == "worker stalled; killing it")
-        assert stalled["pid"] == victim and stalled["worker"] == recs[0]["worker"]
-        assert stalled["silentSeconds"] >= 2
-        [again] = s.wait_listening(1)
-        assert again["pid"] != victim and again["worker"] == recs[0]["worker"]
-        # Every new connection is answered again, whichever worker the kernel picks.
-        assert all(request(port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200
-                   for _ in range(20))
-        admin = int(again["admin"].rsplit(":", 1)[1])
-        assert _restarts(admin) == {"died": 0, "stalled": 1}
-        victim = None
-    finally:
-        if victim is not None:
-            try:
-                os.kill(victim, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        assert s.stop() == 0
-
-
-def test_a_worker_hung_before_its_loop_turns_is_killed_too(tmp_path):
-    # Its listening socket is there before it is (the supervisor's, shared since the first
-    # start), so the kernel queues its share of new connections from the start: a worker that
-    # hangs while starting is as much a black hole as one that stalls later. Frozen the
-    # moment the supervisor forks it, before it can beat once.
+    # heartbeat stop, kills it and starts another in its place. "starting": frozen the
+    # moment the supervisor forks it (after its predecessor was killed), before it can beat
+    # once — its listening socket is the supervisor's and queues its share of connections
+    # from the start, so a worker hung while starting is as much a black hole.
     s = Served("--port", "0", "--workers", "2",
                config_text="gateway: {node: {workerStallTimeout: 2s}, transports: {tcp: {port: 0}}}",
                tmp_path=tmp_path)
@@ -176,20 +146,25 @@ def test_a_worker_hung_before_its_loop_turns_is_killed_too(tmp_path):
     try:
         recs = s.wait_listening(2)
         port = int(recs[0]["http"].rsplit(":", 1)[1])
-        workers = _children(s.proc.pid)
-        os.kill(recs[0]["pid"], signal.SIGKILL)
-        assert wait_for(lambda: _children(s.proc.pid) - workers, timeout=10, interval=0.001)
-        [frozen] = _children(s.proc.pid) - workers
+        if when == "serving":
+            frozen = recs[0]["pid"]
+        else:
+            workers = _children(s.proc.pid)
+            os.kill(recs[0]["pid"], signal.SIGKILL)
+            assert wait_for(lambda: _children(s.proc.pid) - workers, timeout=10, interval=0.001)
+            [frozen] = _children(s.proc.pid) - workers
         os.kill(frozen, signal.SIGSTOP)
         [stalled] = s.wait_for_log(lambda r: r.get("message") == "worker stalled; killing it")
         assert stalled["pid"] == frozen and stalled["worker"] == recs[0]["worker"]
+        assert stalled["silentSeconds"] >= 2
         frozen = None
         [again] = s.wait_listening(1)
-        assert again["worker"] == recs[0]["worker"]
+        assert again["pid"] != stalled["pid"] and again["worker"] == recs[0]["worker"]
+        # Every new connection is answered again, whichever worker the kernel picks.
         assert all(request(port, b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200
                    for _ in range(20))
         admin = int(again["admin"].rsplit(":", 1)[1])
-        assert _restarts(admin) == {"died": 1, "stalled": 1}
+        assert _restarts(admin) == {"died": int(when == "starting"), "stalled": 1}
     finally:
         if frozen is not None:
             try:
