@@ -195,10 +195,28 @@ def _supervise(settings, source, workers: int, bundles) -> int:
             except ProcessLookupError:
                 pass
 
+    reloading = again = False
+
     def reload_all(signum, frame):
-        nonlocal settings
-        if stopping:
+        # A SIGHUP that comes while one is handled runs this again, nested, between two
+        # bytecodes of the first: both wrote one temporary file and one rename failed, which
+        # ended the supervisor and left its workers unsupervised (a burst of 5 SIGHUPs 4 ms
+        # apart). It is one more pass once the current one ends instead.
+        nonlocal reloading, again
+        if reloading:
+            again = True
             return
+        reloading = True
+        try:
+            again = True
+            while again and not stopping:
+                again = False
+                reload_once()
+        finally:
+            reloading = False
+
+    def reload_once():
+        nonlocal settings
         outcome = reload.check(source, settings)
         source.seq += 1
         outcome.seq = source.seq
@@ -248,42 +266,53 @@ def _supervise(settings, source, workers: int, bundles) -> int:
 
     killed: set[int] = set()
     exit_code = 0
-    while children:
-        # Woken by a death (its pidfd) at once, or after a second to look at the
-        # heartbeats; then every dead child is reaped.
-        _wait_for_a_death(pidfds.values(), 1.0 if len(pidfds) == len(children) else 0.2)
-        kill_stalled()
+    try:
         while children:
+            # Woken by a death (its pidfd) at once, or after a second to look at the
+            # heartbeats; then every dead child is reaped.
+            _wait_for_a_death(pidfds.values(), 1.0 if len(pidfds) == len(children) else 0.2)
+            kill_stalled()
+            while children:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    children.clear()
+                    break
+                if pid == 0:
+                    break
+                stalled = pid in killed
+                killed.discard(pid)
+                fd = pidfds.pop(pid, None)
+                if fd is not None:
+                    os.close(fd)
+                worker_id = children.pop(pid, None)
+                if worker_id is None:
+                    continue
+                code = os.waitstatus_to_exitcode(status)
+                if stopping:
+                    exit_code = exit_code or (code if code > 0 else 0)
+                    continue
+                log.event("error", "worker died; restarting", worker=worker_id, exit=code)
+                log.flush()
+                restarts["stalled" if stalled else "died"] += 1
+                publish_restarts()
+                if time.monotonic() - started[worker_id] < 1.0:
+                    time.sleep(1.0)  # a crash loop must not spin the CPU
+                if not stopping:
+                    spawn(worker_id)
+    except BaseException:
+        # Whatever went wrong here, the workers must not outlive the supervisor unwatched:
+        # they drain and stop (SIGTERM), and the error is the supervisor's exit.
+        for pid in list(children):
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                children.clear()
-                break
-            if pid == 0:
-                break
-            stalled = pid in killed
-            killed.discard(pid)
-            fd = pidfds.pop(pid, None)
-            if fd is not None:
-                os.close(fd)
-            worker_id = children.pop(pid, None)
-            if worker_id is None:
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            if stopping:
-                exit_code = exit_code or (code if code > 0 else 0)
-                continue
-            log.event("error", "worker died; restarting", worker=worker_id, exit=code)
-            log.flush()
-            restarts["stalled" if stalled else "died"] += 1
-            publish_restarts()
-            if time.monotonic() - started[worker_id] < 1.0:
-                time.sleep(1.0)  # a crash loop must not spin the CPU
-            if not stopping:
-                spawn(worker_id)
-    for sock in held:
-        sock.close()
-    shutil.rmtree(run_dir, ignore_errors=True)
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        raise
+    finally:
+        for sock in held:
+            sock.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
     log.event("info", "supervisor stopped")
     log.drain()
     return exit_code

@@ -327,6 +327,44 @@ gateway:
 """
 
 
+def test_a_burst_of_sighups_is_reloads_in_turn_and_the_supervisor_survives(tmp_path):
+    # Two `stellagw reload`s at once, or a reload loop: a SIGHUP that came while one was
+    # handled re-entered the handler; both wrote one temporary file, a rename failed, the
+    # supervisor exited and left its two workers serving with no one to restart or stop
+    # them (5 SIGHUPs 4 ms apart did it; found by an adversarial probe).
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(TWO_WORKERS.format(origins='"https://one.example"'))
+    gw = Served("--config", str(cfg))
+    try:
+        recs = gw.wait_listening(2)
+        http = port_of(recs[0]["http"])
+        for i in range(60):
+            cfg.write_text(TWO_WORKERS.format(origins=f'"https://o{i % 2}.example"'))
+            os.kill(gw.proc.pid, signal.SIGHUP)
+            time.sleep(0.004)
+        time.sleep(1.0)
+        assert gw.proc.poll() is None, b"\n".join(gw.lines[-20:]).decode(errors="replace")
+        for rec in recs:
+            with open(f"/proc/{rec['pid']}/stat") as f:
+                assert int(f.read().rsplit(")", 1)[1].split()[1]) == gw.proc.pid   # its ppid
+        assert get(http, b"/health/live")[0] == 200
+        # A reload after the burst is taken by both workers, and both run it.
+        seen = len(gw.lines)
+        cfg.write_text(TWO_WORKERS.format(origins='"https://last.example"'))
+        os.kill(gw.proc.pid, signal.SIGHUP)
+
+        def reloaded():
+            recs = [orjson.loads(line) for line in gw.lines[seen:] if line.startswith(b"{")]
+            return {r["worker"]: r["configHash"] for r in recs
+                    if r.get("message") == "configuration reloaded"}
+        assert wait_for(lambda: len(reloaded()) == 2, 10), gw.lines[seen:]
+        [new_hash] = set(reloaded().values())
+        assert wait_for(lambda: f'gateway_build_info{{config_hash="{new_hash}",version="{__version__}"}} 2.0'
+                        in get(http, b"/metrics")[2].decode(), 5)
+    finally:
+        assert gw.stop() == 0
+
+
 def test_sighup_to_two_workers_reloads_both_and_a_restarted_worker_keeps_it(tmp_path):
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text(TWO_WORKERS.format(origins='"https://one.example"'))
