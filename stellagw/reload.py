@@ -207,11 +207,27 @@ def _check_addresses(settings) -> None:
                 raise ConfigError(key, str(exc)) from None
 
 
+def _empty(path: str) -> bool:
+    """No content but blank lines and comments (a missing file is load_config's to say)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return not any(line.strip() and not line.lstrip().startswith("#") for line in f)
+    except OSError:
+        return False
+
+
 def check(source: ConfigSource, running) -> Outcome:
     """Read the file again and decide what a reload does; changes nothing itself.
     `running`: the settings in force (ports resolved)."""
     from .ingress.tls import TlsConfigError
     from .listeners import raise_fd_limit
+    if source.path and _empty(source.path):
+        # Valid YAML, and every key at its default: far more likely a file caught while
+        # being rewritten in place than what anyone means. Taken, it reset rate limits,
+        # auth, CORS and the rest until the next reload (an adversarial probe).
+        return Outcome("invalid", hash=source.hash, error=(
+            source.path, "the file is empty: a reload would set every key back to its "
+                         "default (a file being rewritten?); nothing was changed"))
     try:
         configured = source.read()
         check_certificates(configured)

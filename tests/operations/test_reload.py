@@ -107,6 +107,21 @@ def test_an_invalid_file_is_refused_with_its_key(tmp_path, text, key):
     assert outcome.hash == source.hash       # what keeps running
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n", "# being rewritten\n"])
+def test_an_empty_file_is_refused_not_read_as_every_default(tmp_path, text):
+    # A file truncated in place and caught by a reload before its content came back was
+    # valid YAML with every key at its default: rate limits, auth, CORS and the rest were
+    # reset until the next reload (an adversarial probe).
+    path = tmp_path / "gw.yaml"
+    path.write_text("rate_limiting: {for_instance: {rules: [{max_requests: 5, per_seconds: 60}]}}")
+    source = ConfigSource(str(path), load_config_text(path.read_text(), env={}))
+    path.write_text(text)
+    outcome = check(source, source.configured)
+    assert outcome.result == "invalid" and outcome.settings is None
+    assert outcome.error[0] == str(path) and "empty" in outcome.error[1]
+    assert outcome.hash == source.hash
+
+
 # --------------------------------------------------------------------------- one worker
 
 BASE = """
