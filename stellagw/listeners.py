@@ -23,6 +23,7 @@ import dataclasses
 import errno
 import fcntl
 import resource
+import select
 import socket
 import struct
 import termios
@@ -184,6 +185,26 @@ _TCP_INFO = getattr(socket, "TCP_INFO", 11)
 _BYTES_ACKED = struct.Struct("Q")
 _BYTES_ACKED_AT = 8 + 24 * 4 + 2 * 8
 _TCP_INFO_LEN = _BYTES_ACKED_AT + 8
+
+
+_GONE = getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP | select.POLLERR
+
+
+def peer_closed(transport) -> bool:
+    """Whether the peer has closed its side (FIN, or RST), seen without reading it:
+    POLLRDHUP says so even with unread bytes before the FIN — a connection the gateway is
+    not reading (it holds an upload back for the service's credit) would otherwise only
+    learn it when it reads again."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), _GONE)
+        events = poller.poll(0)
+    except (OSError, ValueError):
+        return False
+    return bool(events and events[0][1] & _GONE)
 
 
 def reset(transport) -> None:

@@ -22,7 +22,7 @@ from functools import partial
 
 import httptools
 
-from ..listeners import SendDeadline, reset
+from ..listeners import SendDeadline, peer_closed, reset
 from ..observe import metrics as observe_metrics
 from ..observe.metrics import perf_counter
 from ..replies import JSON, STATUS_LINES, error_body, status_line
@@ -1327,6 +1327,14 @@ class HttpProtocol:
     def check_deadline(self, now):
         if self._write_paused or self._closing:
             self._check_send(now)
+        elif self._paused & (_P_HOLD | _P_FLOW) and self.transport is not None \
+                and peer_closed(self.transport):
+            # Its body held back for the service's credit, a client that left is not read
+            # to find out; the request then waited for its route timeout, holding the
+            # client's place and the service's work (an adversarial probe). Gone now:
+            # connection_lost cancels it (ClientDisconnected).
+            self.transport.abort()
+            return
         kind = self.deadline_kind
         if kind == _D_NONE or now < self.deadline or self.transport is None:
             return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import struct
 import threading
 import time
 
@@ -79,6 +80,38 @@ def test_concurrent_uploads_to_a_slow_service_hold_a_window_each_not_the_body(st
     # 1 GB went through; each upload held at most its stream window and a read or two.
     assert watch.peak - start < 64 * MB, (start / MB, watch.peak / MB)
     assert settled_rss(proc, start + 16 * MB) - start < 16 * MB
+
+
+@pytest.mark.parametrize("how", ["rst", "fin"])
+def test_a_client_that_leaves_while_its_upload_waits_for_credit_is_let_go(stack, how):
+    # The service takes a MiB, then sleeps a minute: the gateway holds the rest of the body
+    # back (it stops reading the client). Clients that then leave were not noticed — nothing
+    # read them — and each held its connection (and the client's place) until the route's
+    # timeout, 120 s here (an adversarial probe). Seen on the next tick now.
+    http, proc = stack
+
+    def held():
+        # The gateway's open descriptors: the kernel's view of the connection (ESTABLISHED,
+        # CLOSE_WAIT, gone after an RST) says nothing of whether the gateway let it go.
+        return proc.num_fds()
+    before = held()
+    socks = []
+    for _ in range(3):
+        s = connect(http)
+        s.settimeout(5)
+        s.sendall(b"POST /t/up/upload?ms=60000 HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+                  % (4 * MB))
+        s.sendall(b"z" * (MB + MB // 2))
+        socks.append(s)
+    assert wait_for(lambda: held() >= before + 3, 5)
+    time.sleep(0.5)
+    assert held() >= before + 3          # held back, not refused
+    for s in socks:
+        if how == "rst":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    assert wait_for(lambda: held() <= before, 5), (held(), before)
+    assert request(http, b"GET /t/up/uploads HTTP/1.1\r\nHost: t\r\n\r\n")[0] == 200
 
 
 def test_anonymous_uploads_to_an_unknown_route_are_refused_on_the_head(stack):
