@@ -9,6 +9,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 
 import orjson
 import pytest
@@ -172,6 +173,44 @@ def test_a_stalled_worker_is_killed_and_restarted(tmp_path, when):
             except ProcessLookupError:
                 pass
         assert s.stop() == 0
+
+
+def test_workers_sharing_stdout_never_splice_each_others_log_lines(tmp_path):
+    # Each worker's log thread wrote its batch (up to 64 KiB) in one write; to a pipe only
+    # PIPE_BUF bytes are written atomically, and two workers' batches interleaved mid-line
+    # (2,284 of 108,593 lines spliced with 3 KB user agents; an adversarial probe).
+    s = Served("--port", "0", "--workers", "2",
+               config_text="gateway: {transports: {tcp: {port: 0}}}", tmp_path=tmp_path)
+    try:
+        recs = s.wait_listening(2)
+        port = int(recs[0]["http"].rsplit(":", 1)[1])
+        raw = (b"GET /health/live HTTP/1.1\r\nHost: gw\r\nUser-Agent: " + b"u" * 3000
+               + b"\r\n\r\n")
+        stop = time.monotonic() + 2.0
+
+        def client():
+            from tests.support.gwtest import connect, read_response
+            while time.monotonic() < stop:
+                with connect(port, timeout=10) as c:
+                    buf = bytearray()
+                    for _ in range(50):
+                        c.sendall(raw)
+                        assert read_response(c, buf)[0] == 200
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        assert s.stop() == 0
+    bad = []
+    for line in s.lines:
+        try:
+            orjson.loads(line)
+        except orjson.JSONDecodeError:
+            bad.append(line[:120])
+    answered = sum(1 for line in s.lines if b'"path":"/health/live"' in line)
+    assert answered > 1000 and not bad, (answered, len(bad), bad[:3])
 
 
 def test_a_stdout_nobody_reads_never_stalls_the_gateway(tmp_path):
