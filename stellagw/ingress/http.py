@@ -228,7 +228,10 @@ class Accounting:
         agent = None
         for name, value in req.headers:
             if name == b"user-agent":
-                agent = value.decode("latin-1")
+                # Bytes past ASCII stay visible, but never as raw C1 controls: NEL (0x85)
+                # ends a line for Unicode-aware log tools (an adversarial probe).
+                agent = (value.decode("ascii") if value.isascii()
+                         else value.decode("latin-1").translate(_C1_ESCAPED))
                 break
         upstream = req.upstream
         timings = {"auth": round(req.auth_s * 1000.0, 3),
@@ -1381,6 +1384,9 @@ class HttpProtocol:
 
     def is_idle(self):
         return self._current is None and not self._queue and self._req is None
+
+
+_C1_ESCAPED = {c: "\\x%02x" % c for c in range(0x80, 0xA0)}
 
 
 def _has_token(value, token):

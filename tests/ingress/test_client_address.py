@@ -448,3 +448,9 @@ def test_access_log_fields_and_x_request_id(stack, tmp_path):
     assert line["upstream"] and line["version"] == "1.0.0" and line["service"] == "ca"
     assert set(line["timings"]) == {"auth", "routing", "upstream"}
     assert all(v >= 0 for v in line["timings"].values())
+    # A C1 control in a header the log shows is escaped, never raw: NEL (0x85) ends a line
+    # for Unicode-aware log tools. Other bytes past ASCII stay as they came (latin-1).
+    request(port, b"GET /t/ca/whoami HTTP/1.1\r\nHost: t\r\nUser-Agent: a\x85b\xe9\r\n"
+                  b"X-Correlation-Id: c1-agent\r\n\r\n")
+    [line] = stack.served[-1].wait_for_log(lambda r: r.get("correlationId") == "c1-agent")
+    assert line["userAgent"] == "a\\x85b\u00e9"
