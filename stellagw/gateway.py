@@ -46,6 +46,7 @@ from .auth import Authenticator
 from .openapi import OpenApiCache
 from .health import builtins
 from .health.admin import AdminServer
+from .files import replace_atomically
 from .listeners import WorkerSockets, bind_exclusive, keep_alive, listen
 from .pipeline import Pipeline
 from .ratelimit import RateLimiter
@@ -480,9 +481,7 @@ class Worker:
             return
         path = os.path.join(self._run_dir, f"instances-{self.worker_id}.json")
         try:
-            with open(path + ".tmp", "wb") as f:
-                f.write(orjson.dumps(sorted(now)))
-            os.replace(path + ".tmp", path)
+            replace_atomically(path, orjson.dumps(sorted(now)))
         except OSError:
             return
         self._published_instances = now

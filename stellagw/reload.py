@@ -44,6 +44,7 @@ from typing import Any, Callable
 import orjson
 
 from . import __version__
+from .files import replace_atomically
 from .config import ConfigError, default_settings, effective_config, load_config
 
 # Keys whose new value needs new sockets or processes: named in the log, never applied.
@@ -281,7 +282,8 @@ def write_status(source: ConfigSource, outcome: Outcome) -> None:
     """`stellagw reload` waits for this (next to the pid file) to learn the verdict."""
     if not source.pid_file:
         return
-    _write(status_path(source.pid_file), orjson.dumps({**outcome.status(), "pid": os.getpid()}))
+    replace_atomically(status_path(source.pid_file),
+                       orjson.dumps({**outcome.status(), "pid": os.getpid()}))
 
 
 def read_status(pid_file: str) -> dict | None:
@@ -292,13 +294,6 @@ def read_status(pid_file: str) -> dict | None:
         return None
 
 
-def _write(path: str, data: bytes) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)     # a reader sees the old or the new file, never half of one
-
-
 def _record_path(run_dir: str) -> str:
     return os.path.join(run_dir, "reload.pickle")
 
@@ -306,7 +301,7 @@ def _record_path(run_dir: str) -> str:
 def write_record(run_dir: str, outcome: Outcome) -> None:
     """For the workers: the supervisor's verdict and the settings to run. The run
     directory is the supervisor's own (mkdtemp, mode 0700), read by its children only."""
-    _write(_record_path(run_dir), pickle.dumps(outcome))
+    replace_atomically(_record_path(run_dir), pickle.dumps(outcome))
 
 
 def read_record(run_dir: str) -> Outcome | None:

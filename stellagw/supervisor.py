@@ -30,6 +30,7 @@ from .auth.replay import share_across_workers
 from .gateway import check_httptools_strict, run_worker
 from .listeners import bind_instance, raise_fd_limit
 from .observe.logs import JsonLog
+from .files import replace_atomically
 from .observe.metrics import publish_supervisor
 from .watchdog import Heartbeats
 
@@ -62,10 +63,7 @@ def _with_ports(settings, sockets):
 
 def _write_pid_file(path: str | None) -> None:
     if path:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(tmp, path)
+        replace_atomically(path, b"%d\n" % os.getpid())
         try:
             os.unlink(reload.status_path(path))   # a verdict of a gateway that ran before
         except OSError:

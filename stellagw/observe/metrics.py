@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .. import _impl
+from ..files import replace_atomically
 
 # Histogram is compiled (cext/metrics.pyx) when built, else the pure-Python twin
 # (stellagw/_py/metrics.py): observe() runs four times per routed request. The bucket bounds
@@ -183,7 +184,8 @@ class Metrics:
             return
         if snap is None:
             snap = self.snapshot()
-        _write(os.path.join(self._run_dir, f"worker-{self._worker_id}.json"), snap)
+        replace_atomically(os.path.join(self._run_dir, f"worker-{self._worker_id}.json"),
+                           orjson.dumps(snap))
         self._published = snap
 
     def _instance_snapshots(self) -> list[dict]:
@@ -252,16 +254,9 @@ SUPERVISOR_FILE = "supervisor.json"
 def publish_supervisor(run_dir: str, families: dict) -> None:
     """`families` as a source returns them: {name: (help, label names, [(values, n), ...])}.
     The counts only grow, and the file is replaced whole: no scrape sees them go back."""
-    _write(os.path.join(run_dir, SUPERVISOR_FILE), {"extra": {
+    replace_atomically(os.path.join(run_dir, SUPERVISOR_FILE), orjson.dumps({"extra": {
         name: [help_text, list(labels), [[*lv, v] for lv, v in samples]]
-        for name, (help_text, labels, samples) in families.items()}})
-
-
-def _write(path: str, snap: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(orjson.dumps(snap))
-    os.replace(tmp, path)  # readers see the old or the new file, never half of one
+        for name, (help_text, labels, samples) in families.items()}}))
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -32,6 +32,12 @@ _HEADROOM = 14      # room for the largest frame header; picows requires msg_off
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
+def _sendable(code: int) -> bool:
+    """A close code an endpoint may put on the wire (RFC 6455 §7.4): 1000-4999 but the
+    reserved 1004 and the never-sent 1005, 1006 and 1015."""
+    return 1000 <= code <= 4999 and code not in (1004, 1005, 1006, 1015)
+
+
 def _send_frame(ws, msg_type, chunk, fin):
     """One message frame to the client, its bytes copied before anything can reuse them.
 
@@ -86,8 +92,8 @@ class WsBridge(WSListener):
             code = frame.get_close_code()
             reason = (frame.get_close_message() or b"")[:123]
             code = int(code) if code is not None else 0
-            if not 1000 <= code <= 4999 or code in (1005, 1006, 1015):
-                code, reason = None, b""   # no code, or one that must not be sent (RFC 6455 §7.4.1)
+            if not _sendable(code):
+                code, reason = None, b""   # no code, or one that must not be sent
             self._to_service(fr.KIND_CLOSE | fr.FLAG_END_STREAM,
                              fr.ws_close_payload(code, reason.decode("utf-8", "replace")))
             if self._held:
@@ -240,8 +246,8 @@ class WsBridge(WSListener):
         kind = flags & fr.STREAM_KIND_MASK
         if kind == fr.KIND_CLOSE:
             code, reason = fr.parse_ws_close(chunk)
-            if code and (not 1000 <= code <= 4999 or code in (1004, 1005, 1006, 1015)):
-                # A code no endpoint may send (RFC 6455 §7.4): the service's error, said so.
+            if code and not _sendable(code):
+                # A code no endpoint may send: the service's error, said so.
                 code, reason = int(WSCloseCode.INTERNAL_ERROR), ""
             ws.send_close(WSCloseCode(code) if code else WSCloseCode.OK,
                           reason.encode()[:123] if reason else None)
