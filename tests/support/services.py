@@ -158,10 +158,11 @@ def build(name, gateways, region, version, instance, fail_until=0.0):
         return Response(req.body, content_type="application/octet-stream")
 
     uploads = []
+    cancelled = []      # uploads whose handler a CANCEL from the gateway ended
 
     @svc.get(base + "/uploads")
     async def uploads_seen(req):
-        return Response.json({"uploads": uploads})
+        return Response.json({"uploads": uploads, "cancelled": cancelled})
 
     @svc.post(base + "/secure-upload", streaming=True, claims=[("scope", "scans:write")])
     async def secure_upload(req):
@@ -204,11 +205,15 @@ def build(name, gateways, region, version, instance, fail_until=0.0):
         ms = int(req.query.decode().partition("ms=")[2] or "0")
         digest = hashlib.sha256()
         size = 0
-        async for chunk in req.stream():
-            digest.update(chunk)
-            if ms and (size + len(chunk)) >> 20 != size >> 20:
-                await asyncio.sleep(ms / 1000)
-            size += len(chunk)
+        try:
+            async for chunk in req.stream():
+                digest.update(chunk)
+                if ms and (size + len(chunk)) >> 20 != size >> 20:
+                    await asyncio.sleep(ms / 1000)
+                size += len(chunk)
+        except asyncio.CancelledError:
+            cancelled.append(req.correlation_id)
+            raise
         return Response.json({"bytes": size, "sha256": digest.hexdigest()})
 
     return svc
