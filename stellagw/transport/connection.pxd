@@ -39,6 +39,7 @@ cdef class Pending:
     cdef public list inline, body
     cdef public object endpoint
     cdef public bint replayable
+    cdef public int held
 
 
 @cython.final
@@ -59,7 +60,9 @@ cdef class ServiceConnection:
     cdef double _update_at
     cdef WriteBatch _writes
     cdef TimerWheel _wheel
-    cdef bint _opened, _write_paused
+    cdef bint _opened, _write_paused, _release_scheduled
+    cdef object _held
+    cdef Py_ssize_t _held_threshold
     cdef int _failures
     cdef Py_ssize_t _frames, _frames_seen, _write_limit
     cdef long long _requests_sent, _responses_received
@@ -81,7 +84,14 @@ cdef class ServiceConnection:
     cpdef send_request(self, Request req, Endpoint endpoint, double timeout, path,
                        Py_ssize_t stream_threshold, double sent_at)
     @cython.locals(req=Request)
+    cdef _dispatch(self, Pending pending, Endpoint endpoint, double timeout, path,
+                   Py_ssize_t stream_threshold, double sent_at)
+    cdef _hold(self, Pending pending)
+    @cython.locals(pending=Pending, kind=int, req=Request)
+    cpdef _release_held(self)
+    @cython.locals(req=Request)
     cdef _send_head(self, Pending pending, path, int flags, body)
+    @cython.locals(req=Request, held=list)
     cpdef bint request_body(self, Pending pending, chunk, bint end) except -1
     @cython.locals(queue=list, pos=Py_ssize_t, n=Py_ssize_t, end=Py_ssize_t, last=bint,
                    chunk_size=Py_ssize_t)

@@ -27,11 +27,19 @@ upload is the client's delay, bounded by the ingress's body deadline).
 Writes to the service are coalesced: frames go into one FrameEncoder and are written once
 per loop iteration, or after frame.WRITE_BATCH frames (docs/hot-path.md).
 
+While the link is over writeBufferHighWater nothing more of the clients' making goes into
+its buffer: new requests, small bodies and stream data wait in `_held`, in arrival order,
+and go when the service has caught up (resume_writing). The link's buffer then holds what
+the service has not read yet of what was sent before the pause — about writeBufferHighWater
+plus a batch — however many clients send at once, so writeBufferLimit is reached only by a
+service that does not read (docs/protocol.md §3.4).
+
 One source, compiled (typed through connection.pxd) and run as plain Python under
 STELLAGW_NO_EXTENSIONS=1.
 """
 import asyncio
 import os
+from collections import deque
 import socket
 import time
 from functools import partial
@@ -76,6 +84,11 @@ _RESPONSE_STREAM_DATA = fr.RESPONSE_STREAM_DATA
 _REQUEST_STREAM_DATA = fr.REQUEST_STREAM_DATA
 _FLAG_END_STREAM = fr.FLAG_END_STREAM
 
+# What a request waits for in ServiceConnection._held while the link is over high water.
+_HELD_REQUEST = 1       # its REQUEST has not gone out (nor its body been read)
+_HELD_INLINE = 2        # its small body is complete: the REQUEST carrying it waits
+_HELD_STREAM = 3        # REQUEST sent: the next of its body (or WebSocket) data waits
+
 
 # (freelist here, not in the .pxd: see Request in ingress/http.py)
 @cython.freelist(64)
@@ -105,6 +118,7 @@ class Pending:
     endpoint    the Endpoint it was sent to
     replayable  its REQUEST carried the whole body: it may go again elsewhere
                 (transport/retry.py)
+    held        0, or what it waits for in its link's `_held` (_HELD_*)
     """
 
     def abort(self, over_limit=False):
@@ -217,6 +231,7 @@ def _new_pending(corr, req, owner, sent_at, window, timeout):
     pending.ws = None
     pending.endpoint = None
     pending.replayable = False
+    pending.held = 0
     return pending
 
 
@@ -253,6 +268,9 @@ class ServiceConnection:
         self._write_paused = False      # over the transport's high-water mark
         self._paused_since = 0.0
         self._write_limit = 0           # bytes the transport may buffer for this link
+        self._held = deque()            # Pendings waiting for the link to take more (_HELD_*)
+        self._held_threshold = 0        # send_request's stream_threshold, for the REQUESTs held
+        self._release_scheduled = False
         self._frame_counts = hub.frame_counts
         # The two frames of every request, counted as C integers and folded into the
         # frame counts before each metrics snapshot (fold_counts); the others go there at once.
@@ -297,6 +315,7 @@ class ServiceConnection:
             self._update_timer.cancel()
             self._update_timer = self._update_waiting = None
         self._release_buffers()
+        self._held.clear()
         inflight = self.inflight
         self.inflight = {}
         if self.instance is not None:
@@ -666,6 +685,21 @@ class ServiceConnection:
             tracing = self._hub.worker.tracing
             pending.span = tracing.child(req.span, "gateway.transport.send",
                                          **{"stellagw.service": req.service})
+        if self._write_paused:
+            # The service has not read what it was sent: this REQUEST waits its turn. Its
+            # body is not read meanwhile, and a whole one may go elsewhere if the link drops.
+            pending.held = _HELD_REQUEST
+            pending.replayable = req.body_state != _B_OPEN and not req.websocket
+            self._held_threshold = stream_threshold
+            self._hold(pending)
+            self._wheel.arm(pending, timeout, sent_at)
+            return
+        self._dispatch(pending, endpoint, timeout, path, stream_threshold, sent_at)
+
+    def _dispatch(self, pending, endpoint, timeout, path, stream_threshold, sent_at):
+        """The REQUEST out, with its body when it has it and it is small; a body still arriving
+        is asked of the ingress (start_body) and follows through request_body()."""
+        req = pending.req
         if req.websocket:
             # The request stream stays open: it carries the client's messages (protocol.md).
             identity = req.identity
@@ -676,7 +710,7 @@ class ServiceConnection:
             headers = request_headers(req, req.client_ip, self._scheme, extra,
                                       keep_trace=req.span is None)
             headers.append((b"upgrade", b"websocket"))
-            self._encoder.request(corr, req.method, path, req.query, headers,
+            self._encoder.request(pending.corr, req.method, path, req.query, headers,
                                   int(timeout * 1000), 0, b"")
             self._requests_sent += 1
         elif req.body_state == _B_OPEN:
@@ -727,6 +761,21 @@ class ServiceConnection:
         reading that client until resume_body()."""
         if self.inflight.get(pending.corr) is not pending:
             return True         # answered or cancelled meanwhile: the rest goes nowhere
+        if pending.held == _HELD_REQUEST:
+            # Not sent yet: what was read stays with the request, as before it was decided,
+            # and the client is paused until the REQUEST goes (_release_held).
+            req = pending.req
+            if req.held is None:
+                req.held = []
+            if chunk:
+                req.held.append(chunk)
+            if not end:
+                return False
+            held = req.held
+            req.body = held[0] if len(held) == 1 else b"".join(held)
+            req.held = None
+            pending.replayable = not req.websocket
+            return True
         inline = pending.inline
         if inline is not None:
             # A small body of known length: one REQUEST with the body inside, when complete.
@@ -735,11 +784,15 @@ class ServiceConnection:
             if end:
                 pending.inline = None
                 body = inline[0] if len(inline) == 1 else b"".join(inline)
-                self._send_head(pending, pending.path, _FLAG_END_STREAM, body)
                 pending.req.body = body          # whole and small: a retry sends it again
                 pending.replayable = True
-                self._schedule_flush()
                 self._wheel.arm(pending, pending.timeout)
+                if self._write_paused:
+                    pending.held = _HELD_INLINE
+                    self._hold(pending)
+                else:
+                    self._send_head(pending, pending.path, _FLAG_END_STREAM, body)
+                    self._schedule_flush()
             return True
         if chunk:
             pending.body.append(chunk)
@@ -754,6 +807,11 @@ class ServiceConnection:
         """REQUEST_STREAM_DATA for what the window allows; END_STREAM once it is all out."""
         chunk_size = self._hub.chunk_size
         queue = pending.body
+        if self._write_paused and queue and pending.window > 0:
+            if not pending.held:
+                pending.held = _HELD_STREAM
+                self._hold(pending)
+            return
         while queue and pending.window > 0:
             chunk = queue[0]
             pos = pending.body_pos
@@ -841,7 +899,8 @@ class ServiceConnection:
     def _cancel(self, pending, reason):
         # A small body still being collected (`inline`) means its REQUEST has not gone out:
         # the service has nothing to cancel.
-        sent = pending.inline is None
+        sent = pending.inline is None and pending.held != _HELD_REQUEST \
+            and pending.held != _HELD_INLINE
         self._finish(pending)
         if sent and self.state == _READY:
             self._encoder.control(fr.CANCEL, pending.corr, {"reason": reason})
@@ -916,6 +975,51 @@ class ServiceConnection:
 
     def resume_writing(self):
         self._write_paused = False
+        if self._held and not self._release_scheduled:
+            # Soon, not from inside the transport's callback.
+            self._release_scheduled = True
+            self._loop.call_soon(self._release_held)
+
+    def _hold(self, pending):
+        self._held.append(pending)
+        self._hub.backpressure("held")
+
+    def hold_for_link(self, pending):
+        """The WebSocket bridge's check before it relays client data: True when the link is
+        over high water (the data waits; the bridge is called back through on_credit)."""
+        if not self._write_paused:
+            return False
+        if not pending.held:
+            pending.held = _HELD_STREAM
+            self._hold(pending)
+        return True
+
+    def _release_held(self):
+        """What waited for the link, in arrival order, until it is over high water again."""
+        self._release_scheduled = False
+        held = self._held
+        while held and not self._write_paused and self.state == _READY:
+            pending = held.popleft()
+            kind = pending.held
+            pending.held = 0
+            if self.inflight.get(pending.corr) is not pending:
+                continue            # answered, timed out or cancelled meanwhile
+            if kind == _HELD_REQUEST:
+                _disarm(pending)
+                req = pending.req
+                self._dispatch(pending, pending.endpoint, pending.timeout, pending.path,
+                               self._held_threshold, pending.sent_at)
+                if req.body_state == _B_OPEN and not pending.body:
+                    req.conn.resume_body(req)     # paused by request_body while it waited
+            elif kind == _HELD_INLINE:
+                self._send_head(pending, pending.path, _FLAG_END_STREAM, pending.req.body)
+                self._schedule_flush()
+            elif pending.ws is not None:
+                pending.ws.on_credit()
+            else:
+                self._send_body(pending)
+                if not pending.body and not pending.body_end:
+                    pending.req.conn.resume_body(pending.req)
 
     def send_drain(self, deadline_ms):
         if self.state == _READY:

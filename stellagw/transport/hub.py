@@ -80,7 +80,8 @@ class TransportHub:
         self.timeouts = 0
         self.refused: dict[str, int] = {}       # registrations refused, by reason
         self.closed: dict[str, int] = {}        # links the gateway closed, by reason
-        self.pressure: dict[str, int] = {}      # links paused over high water, PONGs shed
+        # links paused over high water, PONGs shed and requests held meanwhile
+        self.pressure: dict[str, int] = {}
         self._replay = LocalReplayCache(HELLO_REPLAY_ENTRIES)
         worker.metrics.sources.append(self._counters)
         worker.metrics.folds.append(self._fold_frames)
@@ -274,8 +275,8 @@ class TransportHub:
                 "Service connections the gateway closed, by reason", ("reason",),
                 [((k,), v) for k, v in self.closed.items()]),
             "gateway_service_link_backpressure": (
-                "Service links over writeBufferHighWater (paused) and PINGs left unanswered "
-                "meanwhile (pong_shed)", ("event",),
+                "Service links over writeBufferHighWater (paused), PINGs left unanswered "
+                "(pong_shed) and requests or their data held (held) meanwhile", ("event",),
                 [((k,), v) for k, v in self.pressure.items()]),
         }
 

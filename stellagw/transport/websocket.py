@@ -201,6 +201,8 @@ class WsBridge(WSListener):
         pending = self.pending
         held = self._held
         while held:
+            if self.conn.hold_for_link(pending):
+                return      # the service has not read what it was sent: on_credit() later
             flags, chunk = held[0]
             size = len(chunk)
             if size > pending.window:

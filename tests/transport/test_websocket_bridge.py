@@ -99,6 +99,10 @@ class Link:
         self.writable = 0
         self.gone = 0
         self.active = 0         # the client's pings and pongs (streamIdleTimeout)
+        self.over_high_water = False    # the service has not read what it was sent
+
+    def hold_for_link(self, pending):
+        return self.over_high_water
 
     def send_stream_chunk(self, pending, flags, chunk):
         assert pending is self.pending
@@ -251,6 +255,27 @@ def test_a_client_frame_larger_than_the_window_goes_in_pieces_as_credit_comes():
     assert b"".join(chunk for _, chunk in sent) == first + second
     assert not paused
     assert window_left == window + 100_000 + window + 400_000 - len(first) - len(second)
+
+
+def test_nothing_is_relayed_while_the_link_is_over_high_water_and_the_client_waits():
+    # Credit is left, but the link's buffer holds what the service has not read: the
+    # client's frames wait (the client is not read) until the link takes more.
+    message = os.urandom(10_000)
+
+    async def body(bridge, link, transport, client):
+        read_101(client)
+        link.over_high_water = True
+        client.sendall(client_frame(2, message))
+        await wait_until(lambda: bridge.reading_paused, "the client was not paused")
+        await asyncio.sleep(0.05)
+        held = list(link.sent)
+        link.over_high_water = False
+        bridge.on_credit()          # what the link's _release_held calls
+        return held, list(link.sent), bridge.reading_paused
+
+    held, sent, paused = run_bridge(body)
+    assert held == []
+    assert sent == [(fr.KIND_BINARY, message)] and not paused
 
 
 def test_a_client_frame_over_max_message_frame_is_refused_with_1009_and_goes_nowhere():
