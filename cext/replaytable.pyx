@@ -271,6 +271,32 @@ cdef class ReplayTable:
         pthread_mutex_unlock(self._mutex)
         return result
 
+    def discard(self, str key):
+        """Forget `key` (a proof refused after it was stored: docs/auth.md, "When Valkey
+        fails"). True when it was there. Only the slot holding the key's fingerprint is
+        cleared, so a key that was evicted meanwhile takes nothing else with it."""
+        cdef Py_ssize_t n
+        cdef const char *p = PyUnicode_AsUTF8AndSize(key, &n)
+        cdef uint64_t h = _sip(self._k0, self._k1, <const unsigned char *>p, n)
+        cdef uint64_t fp = h if h else 1
+        cdef uint64_t *b1 = self._slots + (h & self._mask) * (2 * C_SLOTS)
+        cdef uint64_t *b2 = self._slots + ((h >> 32) & self._mask) * (2 * C_SLOTS)
+        cdef uint64_t *fps = b1
+        cdef int i, pass_
+        self._acquire()
+        for pass_ in range(2):
+            for i in range(C_SLOTS):
+                if fps[i] == fp:
+                    # Fingerprint first: a process dying between the two stores leaves an
+                    # empty slot (fingerprint 0) with a stale expiry, which nothing reads.
+                    fps[i] = 0
+                    (<int64_t *>(fps + C_SLOTS))[i] = 0
+                    pthread_mutex_unlock(self._mutex)
+                    return True
+            fps = b2
+        pthread_mutex_unlock(self._mutex)
+        return False
+
     def live(self, int64_t now_ms):
         """Entries live at now_ms (a scan of the whole table: tests, not requests)."""
         cdef uint64_t b

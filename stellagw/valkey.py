@@ -28,6 +28,13 @@ Failure rules (docs/rate-limiting.md, "Valkey client"):
 * A lost connection fails its waiters; the next command reconnects (lazily). A failed
   connect makes the following commands fail fast for a backoff (50 ms doubling to 2 s)
   instead of each paying a connect timeout.
+* execute_undoable(args, undo): a command whose caller may never see its reply (a
+  timeout, a cancellation, the connection reset) can still have run, or run later, when
+  the server was only slow or stopped. Its `undo` then follows it on the same connection:
+  the server runs one connection's commands in order, so the undo runs after the command
+  whenever the command runs. Only a connection the server or the network closed can take
+  no undo (the command may or may not have run). The DPoP replay cache uses it
+  (docs/auth.md, "When Valkey fails").
 
 Accepted addresses: ``redis://``, ``rediss://`` (TLS), ``valkey://``, ``valkeys://`` (TLS),
 ``unix:///path.sock`` with ``user:password@`` (AUTH) and ``/db`` or ``?db=`` (SELECT), and
@@ -318,6 +325,8 @@ class _Connection(asyncio.Protocol):
         self._waiters: deque[tuple[asyncio.Future | None, Callable | None, float]] = deque()
         self._pending_writes: list[bytes] = []   # packed commands of this loop iteration
         self._timer: asyncio.TimerHandle | None = None
+        # future -> packed undo, for execute_undoable()'s commands still in the FIFO
+        self._undos: dict[asyncio.Future, bytes] = {}
         self.transport: asyncio.Transport | None = None
         self.lost = False               # no more commands: reconnect
 
@@ -356,14 +365,24 @@ class _Connection(asyncio.Protocol):
                 if self.lost:           # the callback closed the client: its waiters failed
                     return
             elif fut.done():            # the caller gave up (cancelled); the reply is dropped
+                if self._undos:
+                    undo = self._undos.pop(fut, None)
+                    if undo is not None and reply.__class__ is not ValkeyReplyError:
+                        # It ran, and nobody heard: undo it, behind it on this connection.
+                        self.request(undo, _ignore)
                 continue
-            elif reply.__class__ is ValkeyReplyError:
-                fut.set_exception(reply)
             else:
-                fut.set_result(reply)
+                if self._undos:
+                    self._undos.pop(fut, None)
+                if reply.__class__ is ValkeyReplyError:
+                    fut.set_exception(reply)
+                else:
+                    fut.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        # Nothing can follow the commands any more: whether they ran is unknown.
+        self._undos.clear()
         if self._waiters:
             err = ValkeyConnectionError(f"{self._name}: connection lost"
                                         + (f": {exc}" if exc else ""))
@@ -390,6 +409,23 @@ class _Connection(asyncio.Protocol):
         if self._timer is None:
             self._timer = self._loop.call_at(deadline, self._on_timer)
         return fut
+
+    def request_undoable(self, packed: bytes, undo: bytes) -> asyncio.Future:
+        """request(packed), with `undo` sent behind it on this connection should its
+        caller not get the reply (see execute_undoable)."""
+        fut = self.request(packed)
+        self._undos[fut] = undo
+        return fut
+
+    def _take_undos(self) -> bytes:
+        """The undos of every command in the FIFO (their callers will not get a reply),
+        in order, and forgotten."""
+        undos = self._undos
+        if not undos:
+            return b""
+        found = [undos[fut] for fut, _, _ in self._waiters if fut in undos]
+        undos.clear()
+        return b"".join(found)
 
     def _flush(self) -> None:
         pending, self._pending_writes = self._pending_writes, []
@@ -433,13 +469,23 @@ class _Connection(asyncio.Protocol):
     def _abort(self, first: Exception, rest: Exception | None = None) -> None:
         """Drop the connection: every waiter fails (the first with `first`)."""
         self.lost = True
+        undos = self._take_undos()
         self._fail_all(first, rest or first)
         if self.transport is not None:
-            self.transport.abort()
+            if undos:
+                # Behind the commands already written; close(), not abort(), which would
+                # drop them from the transport's buffer.
+                self.transport.write(undos)
+                self.transport.close()
+            else:
+                self.transport.abort()
 
     def close(self) -> None:
         self.lost = True
         if self.transport is not None:
+            undos = self._take_undos()
+            if undos and not self.transport.is_closing():
+                self.transport.write(undos)
             self.transport.close()
 
 
@@ -546,13 +592,24 @@ class ValkeyClient(_Client):
         ValkeyReplyError, ValkeyTimeout or ValkeyConnectionError (all ValkeyError)."""
         return await self._send(hiredis.pack_command(args))
 
-    async def _send(self, packed: bytes, asking: bool = False):
+    async def execute_undoable(self, args, undo):
+        """execute(*args); should the reply not reach the caller (it gave up, a timeout or
+        protocol error reset the connection, close()), the command `undo` is sent behind it
+        on the same connection, and runs after it if it runs at all. Not when the
+        connection was lost (closed by the server or the network): then nothing can follow
+        it, and whether it ran is unknown. `undo` must be harmless when the command did
+        not run (a compare-and-delete, say): it is sent whenever the reply was not heard."""
+        return await self._send(hiredis.pack_command(args), undo=hiredis.pack_command(undo))
+
+    async def _send(self, packed: bytes, asking: bool = False, undo: bytes | None = None):
         conn = await self._live()
         if asking:
             # A cluster's ASK redirection: ASKING admits the one command after it on the same
             # connection; queued together, they go out in one write, in this order. Its
             # reply is OK, and the command's own reply says everything else.
             conn.request(_ASKING, _ignore)
+        if undo is not None:
+            return await conn.request_undoable(packed, undo)
         return await conn.request(packed)
 
     async def _live(self) -> _Connection:
@@ -850,6 +907,12 @@ class ValkeyClusterClient(_Client):
     async def _evalsha_packed(self, script: Script, command: bytes):
         return await self._run(self._slot_of(command), command, script)
 
+    async def execute_undoable(self, args, undo):
+        """As ValkeyClient.execute_undoable(), on the master of the command's slot: `undo`
+        must name a key of the same slot, so it goes to the same node's connection."""
+        command = hiredis.pack_command(args)
+        return await self._run(command_slot(args), command, None, hiredis.pack_command(undo))
+
     def evalsha_then(self, script: Script, command: bytes, callback) -> None:
         """As ValkeyClient.evalsha_then(): on the slot's master's connection, the callback
         is called from the reply handling; redirections and a first slot map take the
@@ -880,34 +943,35 @@ class ValkeyClusterClient(_Client):
             slot = cache[command] = _packed_slot(command)
         return slot
 
-    async def _run(self, slot: int | None, command: bytes, script: Script | None):
+    async def _run(self, slot: int | None, command: bytes, script: Script | None,
+                   undo: bytes | None = None):
         node = await self._owner(slot)
         try:
             if script is not None:
                 return await node._evalsha_packed(script, command)
-            return await node._send(command)
+            return await node._send(command, undo=undo)
         except ValkeyError as exc:
-            follow = self._after(node, exc, command, script)
+            follow = self._after(node, exc, command, script, undo)
             if follow is None:
                 raise
         return await follow
 
     def _after(self, node: ValkeyClient, error: Exception, command: bytes,
-               script: Script | None):
+               script: Script | None, undo: bytes | None = None):
         """After a failed command: a coroutine that follows a MOVED or ASK redirection,
         or None (the error stands). An error that may mean the slot map changed reloads it
         in the background."""
         if error.__class__ is ValkeyReplyError:
             code = error.code
             if code == "MOVED" or code == "ASK":
-                return self._follow(node, error, command, script)
+                return self._follow(node, error, command, script, undo)
             if code != "CLUSTERDOWN":
                 return None         # the command's own error (WRONGTYPE, NOSCRIPT, ...)
         self._refresh_soon()
         return None
 
     async def _follow(self, node: ValkeyClient, error: ValkeyReplyError, command: bytes,
-                      script: Script | None):
+                      script: Script | None, undo: bytes | None = None):
         # "MOVED <slot> <host>:<port>": the slot is served there now (resharded, failed
         # over); "ASK ...": only this key, while the slot migrates. An empty host means the
         # node that answered. Followed once: a second redirection is the command's error.
@@ -922,7 +986,7 @@ class ValkeyClusterClient(_Client):
             self._refresh_soon()
         if script is not None:
             return await target._evalsha_packed(script, command, asking)
-        return await target._send(command, asking)
+        return await target._send(command, asking, undo)
 
     # --- the slot map
 

@@ -32,6 +32,8 @@ class ReplayTable:
     def check_and_store(self, key: str, now_ms: int, ttl_ms: int) -> int:
         """REPLAY, FRESH or FRESH_EVICTED; atomic across processes. now_ms, ttl_ms in
         [0, 2**62): ms of the monotonic clock and the entry's lifetime."""
+    def discard(self, key: str) -> bool:
+        """Forget key (a proof refused after it was stored); True when it was there."""
     def live(self, now_ms: int) -> int:
         """Entries live at now_ms (scans the table)."""
     def hash(self, key: str) -> int:

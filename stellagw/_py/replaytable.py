@@ -194,6 +194,31 @@ class ReplayTable:
         finally:
             self._unlock()
 
+    def discard(self, key: str) -> bool:
+        """Forget `key` (a proof refused after it was stored: docs/auth.md, "When Valkey
+        fails"). True when it was there. Only the slot holding the key's fingerprint is
+        cleared, so a key that was evicted meanwhile takes nothing else with it."""
+        if not isinstance(key, str):
+            raise TypeError("key must be str")
+        h = siphash24(self._k0, self._k1, key.encode("utf-8"))
+        fp = h or 1
+        b1 = (h & self._mask) * (2 * SLOTS)
+        b2 = ((h >> 32) & self._mask) * (2 * SLOTS)
+        words, times = self._words, self._times
+        self._lock()
+        try:
+            for base in (b1, b2):
+                for i in range(base, base + SLOTS):
+                    if words[i] == fp:
+                        # Fingerprint first: a process dying between the two stores leaves
+                        # an empty slot (fingerprint 0) with a stale expiry, nothing reads.
+                        words[i] = 0
+                        times[i + SLOTS] = 0
+                        return True
+            return False
+        finally:
+            self._unlock()
+
     def live(self, now_ms: int) -> int:
         """Entries live at now_ms (a scan of the whole table: tests, not requests)."""
         words, times = self._words, self._times

@@ -363,21 +363,32 @@ class Authenticator:
     # ------------------------------------------------------------------ replay
 
     def _replay_check(self, req, scheme, result, identity):
+        # The instance's table first, storing: a same-instance replay never waits for
+        # Valkey, and two workers given one proof at once cannot both go on. With
+        # onValkeyError: reject, a request that then gets no judgement from Valkey forgets
+        # it again (_valkey_outage): it was never served (docs/auth.md, "When Valkey fails").
         if not self.replay.check_and_store(result.replay_key, result.ttl_ms):
             return self._fail(req, scheme, "invalid_dpop_proof", "DPoP proof has been used before",
                               "dpop_replay")
         if self.shared_replay is None:
             return identity
         if time.monotonic() < self._valkey_down_until:
-            return self._valkey_outage(req, scheme, identity)
+            return self._valkey_outage(req, scheme, result, identity)
         return self._shared_replay_check(req, scheme, result, identity)
 
     async def _shared_replay_check(self, req, scheme, result, identity):
+        reject = self._valkey_reject
         try:
             # asyncio.timeout, not wait_for: no extra Task per request. The client has its
             # own timeout too; this one also bounds an injected client.
             async with asyncio.timeout(self._valkey_timeout):
-                stored = await self.shared_replay.check_and_store(result.replay_key, result.ttl_ms)
+                stored = await self.shared_replay.check_and_store(result.replay_key, result.ttl_ms,
+                                                                  reject)
+        except asyncio.CancelledError:
+            # The request is gone unanswered: under reject the client undoes its SET too.
+            if reject:
+                self.replay.discard(result.replay_key)
+            raise
         except Exception as exc:  # noqa: BLE001 -- ValkeyError, timeout, protocol: all an outage
             # (CancelledError is a BaseException: a cancelled request is not an outage.)
             self._valkey_down_until = time.monotonic() + VALKEY_RETRY_AFTER
@@ -385,7 +396,7 @@ class Authenticator:
                 self._log.event("warning", "DPoP replay cache (Valkey) failed",
                                 error=exc.__class__.__name__,
                                 policy="reject" if self._valkey_reject else "local")
-            return self._valkey_outage(req, scheme, identity)
+            return self._valkey_outage(req, scheme, result, identity)
         if not stored:
             return self._fail(req, scheme, "invalid_dpop_proof", "DPoP proof has been used before",
                               "dpop_replay")
@@ -393,8 +404,13 @@ class Authenticator:
             req.tenant = identity.tenant
         return identity
 
-    def _valkey_outage(self, req, scheme, identity):
+    def _valkey_outage(self, req, scheme, result, identity):
         if self._valkey_reject:
+            # Refused without a judgement on the proof: it stays usable for the client's
+            # retry. Valkey's copy, should the SET run late, is undone by the client
+            # (ValkeyReplayCache, undo_unanswered). Only "reject" forgets: under "local" the
+            # request goes on, so its jti must stay.
+            self.replay.discard(result.replay_key)
             self._event("dpop_replay_valkey_reject")
             return self._fail(req, scheme, "temporarily_unavailable",
                               "the DPoP replay cache is unavailable", "replay_cache_unavailable", 503)

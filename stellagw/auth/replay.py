@@ -11,7 +11,13 @@ time seen, now stored; False: a replay"):
   let a proof be replayed once to each worker, while the instance promises one use.
 - `ValkeyReplayCache`: shared by every gateway instance, asynchronous: one
   `SET key 1 NX PX ttl` (atomic "store unless present"; the reply is `OK` when stored and
-  nil when the key exists).
+  nil when the key exists). With `undo_unanswered` (onValkeyError: reject) the value is a
+  mark of this attempt, and an attempt whose answer the gateway did not get is released
+  behind it on the same connection (docs/auth.md, "When Valkey fails").
+
+The local caches also have `discard(key)`: with onValkeyError: reject a request answered
+503 because Valkey could not judge its proof forgets the jti it stored first, so the
+client's retry is judged like a first use.
 
 Key format (docs/auth.md): `stellagw:dpop:jti:{<jkt>}:<sha256(jti)>`. The hash tag is the
 client key's thumbprint, so keys spread over Valkey Cluster slots (a fixed tag such as
@@ -21,6 +27,8 @@ a slot. The jti is stored as a hash: its size is then fixed whatever the client 
 from __future__ import annotations
 
 import hashlib
+import os
+from base64 import urlsafe_b64encode
 from collections import OrderedDict
 from time import monotonic
 from typing import Awaitable, Protocol
@@ -41,6 +49,10 @@ __all__ = ["ReplayCache", "LocalReplayCache", "SharedReplayCache", "ValkeyReplay
            "replay_key", "share_across_workers"]
 
 VALKEY_PREFIX = "stellagw:dpop:jti:"
+
+# Deletes the key only when it still holds this attempt's mark: never another attempt's.
+RELEASE_SCRIPT = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                  "return redis.call('DEL', KEYS[1]) end return 0")
 
 # The instance's table, when the supervisor made one: inherited by every worker it forks.
 _instance_table = None
@@ -115,6 +127,11 @@ class LocalReplayCache:
         entries[key] = now + ttl_ms / 1000.0
         return True
 
+    def discard(self, key: str) -> None:
+        """Forget a key stored by a request that was then refused without an answer on its
+        proof (docs/auth.md, "When Valkey fails")."""
+        self._entries.pop(key, None)
+
 
 class SharedReplayCache:
     """The LocalReplayCache protocol over a table shared by the instance's workers.
@@ -125,10 +142,11 @@ class SharedReplayCache:
     monotonic clock, which all processes of the machine share.
     """
 
-    __slots__ = ("_check", "_live", "_clock", "on_evict_live")
+    __slots__ = ("_check", "_live", "_clock", "on_evict_live", "discard")
 
     def __init__(self, table, clock=monotonic, on_evict_live=None):
         self._check = table.check_and_store
+        self.discard = table.discard
         self._live = table.live
         self._clock = clock
         self.on_evict_live = on_evict_live
@@ -156,9 +174,22 @@ class ValkeyReplayCache:
         self._client = client
         self._prefix = prefix
 
-    async def check_and_store(self, key: str, ttl_ms: int) -> bool:
-        reply = await self._client.execute("SET", self._prefix + key, "1", "NX", "PX",
-                                           str(max(1, int(ttl_ms))))
+    async def check_and_store(self, key: str, ttl_ms: int, undo_unanswered: bool = False) -> bool:
+        """`undo_unanswered`: the caller will refuse the request when it gets no answer
+        (onValkeyError: reject), so a SET that runs anyway — Valkey was stopped, not
+        dead, and runs it once it resumes — must not keep the jti: the SET stores a mark
+        of this attempt, and when the reply does not reach us the client sends
+        RELEASE_SCRIPT behind it on the same connection, which Valkey runs after it."""
+        client = self._client
+        ttl = str(max(1, int(ttl_ms)))
+        undoable = getattr(client, "execute_undoable", None) if undo_unanswered else None
+        if undoable is not None:
+            name = self._prefix + key
+            mark = "a:" + urlsafe_b64encode(os.urandom(12)).decode("ascii")
+            reply = await undoable(("SET", name, mark, "NX", "PX", ttl),
+                                   ("EVAL", RELEASE_SCRIPT, "1", name, mark))
+        else:
+            reply = await client.execute("SET", self._prefix + key, "1", "NX", "PX", ttl)
         if reply is None:
             return False
         if reply in (b"OK", "OK"):

@@ -1,8 +1,10 @@
 """The DPoP jti replay cache: docs/security.md §3a item 17.
 
 In-process LRU (bounded, time-evicting), the Valkey path through a fake client implementing
-`execute` (the lead adds a real-Valkey test), replays caught across instances, and the
-outage policy (`onValkeyError: local | reject`), which must never be silent.
+`execute` (the real-Valkey outage is tests/auth/test_replay_valkey_outage.py), replays
+caught across instances, and the outage policy (`onValkeyError: local | reject`), which
+must never be silent, never accept a replay, and under `reject` never spend a proof it
+refused with 503.
 """
 from __future__ import annotations
 
@@ -51,6 +53,15 @@ def test_local_cache_is_bounded_and_counts_live_evictions():
         assert cache.check_and_store(k, 60_000)
     assert len(cache) == 3 and evicted == [1]
     assert cache.check_and_store("a", 60_000) is True      # the oldest went first
+
+
+def test_local_cache_discard():
+    cache = LocalReplayCache(10)
+    assert cache.check_and_store("a", 60_000) is True
+    cache.discard("a")
+    cache.discard("never stored")
+    assert cache.check_and_store("a", 60_000) is True
+    assert cache.check_and_store("a", 60_000) is False
 
 
 def test_local_cache_drops_expired_entries_as_it_goes():
@@ -139,6 +150,109 @@ def test_outage_policy_reject(tmp_path, key, client):
     assert (result.status, result.reason) == (503, "replay_cache_unavailable")
     assert b"retry-after: 1" in result.headers
     assert auth.test_events.counts["dpop_replay_valkey_reject"] == 1
+
+
+REJECT = "replayCache: {onValkeyError: reject}"
+
+
+def test_reject_a_proof_refused_for_an_outage_is_not_spent(tmp_path, key, client, monkeypatch):
+    from stellagw.auth import authenticator as auth_module
+    monkeypatch.setattr(auth_module, "VALKEY_RETRY_AFTER", 0.0)
+    valkey = FakeValkey()
+    valkey.down = True
+    auth = make_authenticator(tmp_path, [key], REJECT, valkey=valkey)
+    token = token_for(key, client)
+    proof = client.proof("GET", "https://gw.example.com/api/items", token)
+    for _ in range(2):
+        result = resolve(auth.authenticate(dpop_request(client, token, proof=proof), ()))
+        assert (result.status, result.reason) == (503, "replay_cache_unavailable")
+    assert len(auth.replay) == 0 and valkey.store == {}
+    valkey.down = False
+    assert isinstance(resolve(auth.authenticate(dpop_request(client, token, proof=proof), ())),
+                      Identity)
+    result = resolve(auth.authenticate(dpop_request(client, token, proof=proof), ()))
+    assert isinstance(result, AuthFailure) and result.reason == "dpop_replay"
+
+
+def test_reject_the_quiet_second_does_not_spend_proofs_either(tmp_path, key, client,
+                                                               monkeypatch):
+    valkey = FakeValkey()
+    valkey.down = True
+    auth = make_authenticator(tmp_path, [key], REJECT, valkey=valkey)
+    token = token_for(key, client)
+    resolve(auth.authenticate(dpop_request(client, token), ()))        # Valkey marked down
+    proof = client.proof("GET", "https://gw.example.com/api/items", token)
+    calls = len(valkey.calls)
+    result = auth.authenticate(dpop_request(client, token, proof=proof), ())   # no wait
+    assert (result.status, result.reason) == (503, "replay_cache_unavailable")
+    assert len(valkey.calls) == calls and len(auth.replay) == 0
+    valkey.down = False
+    monkeypatch.setattr(auth, "_valkey_down_until", 0.0)
+    assert isinstance(resolve(auth.authenticate(dpop_request(client, token, proof=proof), ())),
+                      Identity)
+
+
+def test_reject_a_timed_out_or_cancelled_check_is_not_spent(tmp_path, key, client):
+    valkey = FakeValkey()
+    valkey.hang = True
+    auth = make_authenticator(tmp_path, [key], 'replayCache: {timeout: "50ms", onValkeyError: reject}',
+                              valkey=valkey)
+    token = token_for(key, client)
+    timed_out = client.proof("GET", "https://gw.example.com/api/items", token)
+    result = resolve(auth.authenticate(dpop_request(client, token, proof=timed_out), ()))
+    assert result.reason == "replay_cache_unavailable"
+    auth._valkey_down_until = 0.0
+    cancelled = client.proof("GET", "https://gw.example.com/api/items", token)
+
+    async def give_up():
+        task = asyncio.ensure_future(auth.authenticate(dpop_request(client, token, proof=cancelled), ()))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(give_up())
+    assert len(auth.replay) == 0
+    valkey.hang = False
+    for proof in (timed_out, cancelled):
+        assert isinstance(resolve(auth.authenticate(dpop_request(client, token, proof=proof), ())),
+                          Identity)
+        result = auth.authenticate(dpop_request(client, token, proof=proof), ())
+        assert isinstance(result, AuthFailure) and result.reason == "dpop_replay"
+
+
+def test_reject_outage_with_the_instance_table_of_several_workers(tmp_path, key, client,
+                                                                  monkeypatch):
+    from stellagw.auth import replay as replay_module
+    monkeypatch.setattr(replay_module, "_instance_table", None)
+    replay_module.share_across_workers(1000)
+    valkey = FakeValkey()
+    a = make_authenticator(tmp_path, [key], REJECT, valkey=valkey)
+    b = make_authenticator(tmp_path, [key], REJECT, valkey=valkey)
+    token = token_for(key, client)
+    proof = client.proof("GET", "https://gw.example.com/api/items", token)
+    valkey.down = True
+    assert resolve(a.authenticate(dpop_request(client, token, proof=proof), ())).status == 503
+    valkey.down = False
+    assert isinstance(resolve(b.authenticate(dpop_request(client, token, proof=proof), ())),
+                      Identity)
+    for auth in (a, b):
+        auth._valkey_down_until = 0.0
+        result = auth.authenticate(dpop_request(client, token, proof=proof), ())
+        assert isinstance(result, AuthFailure) and result.reason == "dpop_replay"
+
+
+def test_local_policy_keeps_a_fallback_proof_spent_after_recovery(tmp_path, key, client):
+    valkey = FakeValkey()
+    valkey.down = True
+    auth = make_authenticator(tmp_path, [key], valkey=valkey)          # default: local
+    token = token_for(key, client)
+    proof = client.proof("GET", "https://gw.example.com/api/items", token)
+    assert isinstance(resolve(auth.authenticate(dpop_request(client, token, proof=proof), ())),
+                      Identity)
+    valkey.down = False
+    auth._valkey_down_until = 0.0
+    result = resolve(auth.authenticate(dpop_request(client, token, proof=proof), ()))
+    assert isinstance(result, AuthFailure) and result.reason == "dpop_replay"
 
 
 def test_valkey_timeout_is_an_outage(tmp_path, key, client):

@@ -159,6 +159,32 @@ def test_non_ascii_keys(T):
     assert t.hash("é") == py_table.siphash24(K0, K1, "é".encode())
 
 
+def test_discard_forgets_one_key_only(T):
+    t = T.ReplayTable(10, SECRET)
+    for k in ("a", "b", "jti-é-☃"):
+        t.check_and_store(k, NOW, 60_000)
+    assert t.discard("a") is True
+    assert t.discard("a") is False                 # gone already
+    assert t.discard("never stored") is False
+    assert t.live(NOW) == 2
+    assert t.check_and_store("b", NOW, 60_000) == T.REPLAY
+    assert t.discard("jti-é-☃") is True
+    assert t.check_and_store("a", NOW + 1, 60_000) == T.FRESH    # usable again, once
+    assert t.check_and_store("a", NOW + 2, 60_000) == T.REPLAY
+    with pytest.raises(TypeError):
+        t.discard(b"bytes")
+
+
+def test_discard_leaves_the_other_keys(T):
+    t = T.ReplayTable(100, SECRET)
+    ks = keys(100)
+    assert {t.check_and_store(k, NOW, 60_000) for k in ks} == {T.FRESH}
+    for k in ks[::2]:
+        assert t.discard(k) is True
+    assert t.live(NOW) == 50
+    assert [t.check_and_store(k, NOW, 60_000) for k in ks] == [T.FRESH, T.REPLAY] * 50
+
+
 @pytest.mark.parametrize("entries", [100, 10_000])
 def test_max_entries_live_keys_fit_without_evicting_a_live_one(T, entries):
     """Two choices per key: at max_entries live keys no bucket pair is full yet."""
@@ -204,7 +230,10 @@ def test_compiled_matches_twin_byte_for_byte(steps, entries):
     for key, dt, ttl in steps:
         now += dt
         k = f"key-{key}"
-        assert c.check_and_store(k, now, ttl) == p.check_and_store(k, now, ttl)
+        if ttl % 7 == 0:                            # now and then, forget one instead
+            assert c.discard(k) == p.discard(k)
+        else:
+            assert c.check_and_store(k, now, ttl) == p.check_and_store(k, now, ttl)
     assert c.memory() == p.memory()
     assert c.live(now) == p.live(now)
 
@@ -338,6 +367,14 @@ def test_shared_cache_protocol_and_live_evictions(T):
     for k in keys(100):
         cache.check_and_store(k, 60_000)
     assert len(cache) == 16 and len(evicted) >= 100 + 1 - 16
+
+
+def test_shared_cache_discard(T):
+    cache = SharedReplayCache(T.ReplayTable(8, SECRET))
+    assert cache.check_and_store("a", 60_000) is True
+    cache.discard("a")
+    assert cache.check_and_store("a", 60_000) is True
+    assert cache.check_and_store("a", 60_000) is False
 
 
 def test_local_cache_is_the_instance_table_once_shared(monkeypatch):

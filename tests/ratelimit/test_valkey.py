@@ -349,6 +349,106 @@ def test_a_command_in_flight_when_the_server_dies_fails(valkey_proc):
     run(main())
 
 
+# ---------------------------------------------------------------------------------------
+# execute_undoable: a command whose reply the caller did not get is undone behind it
+
+
+def release(key, mark):
+    from stellagw.auth.replay import RELEASE_SCRIPT
+    return ("EVAL", RELEASE_SCRIPT, "1", key, mark)
+
+
+def set_nx(key, mark):
+    return ("SET", key, mark, "NX", "PX", "60000")
+
+
+def evals(valkey_proc) -> int:
+    for line in valkey_proc.command("INFO", "commandstats").decode().splitlines():
+        if line.startswith("cmdstat_eval:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+async def until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not await in_thread(predicate):
+        assert time.monotonic() < deadline, "not within the bounded wait"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_an_undoable_command_that_times_out_is_undone_when_the_server_resumes(valkey_proc,
+                                                                              loop_kind):
+    import os
+    import signal
+    valkey_proc.command("SET", "theirs", "other")
+
+    async def main():
+        c = ValkeyClient.from_url(valkey_proc.address, timeout=0.2)
+        plain = ValkeyClient.from_url(valkey_proc.address, timeout=0.2)
+        await c.execute("PING")
+        await plain.execute("PING")
+        os.kill(valkey_proc.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(ValkeyTimeout):
+                await c.execute_undoable(set_nx("mine", "m1"), release("mine", "m1"))
+            # A second connection (the first was reset); the key is another attempt's.
+            with pytest.raises(ValkeyTimeout):
+                await c.execute_undoable(set_nx("theirs", "m2"), release("theirs", "m2"))
+            with pytest.raises(ValkeyTimeout):               # the control: no undo
+                await plain.execute(*set_nx("plain", "m3"))
+        finally:
+            os.kill(valkey_proc.proc.pid, signal.SIGCONT)
+        # Every late command ran once the server resumed, the undos behind theirs.
+        await until(lambda: valkey_proc.command("EXISTS", "plain") == 1 and evals(valkey_proc) == 2)
+        assert valkey_proc.command("EXISTS", "mine") == 0
+        assert valkey_proc.command("GET", "theirs") == b"other"      # not its mark: kept
+        assert await c.execute("PING") == b"PONG"
+        await c.close()
+        await plain.close()
+    run(main(), loop_kind)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_an_undoable_command_whose_caller_gave_up_is_undone_when_its_reply_comes(valkey_proc,
+                                                                                 loop_kind):
+    import os
+    import signal
+
+    async def main():
+        c = ValkeyClient.from_url(valkey_proc.address, timeout=30)
+        await c.execute("PING")
+        os.kill(valkey_proc.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await c.execute_undoable(set_nx("mine", "m1"), release("mine", "m1"))
+        finally:
+            os.kill(valkey_proc.proc.pid, signal.SIGCONT)
+        # The reply arrives: the caller is gone, so the undo goes out on the same connection.
+        await until(lambda: evals(valkey_proc) == 1)
+        assert valkey_proc.command("EXISTS", "mine") == 0
+        assert c.connects == 1 and c.connected
+        # Answered in time: kept, nothing sent behind it.
+        assert await c.execute_undoable(set_nx("kept", "m3"), release("kept", "m3")) == b"OK"
+        assert await c.execute_undoable(set_nx("kept", "m4"), release("kept", "m4")) is None
+        assert valkey_proc.command("GET", "kept") == b"m3" and evals(valkey_proc) == 1
+        # close() with one in flight: its undo goes out before the connection closes.
+        os.kill(valkey_proc.proc.pid, signal.SIGSTOP)
+        try:
+            closing = asyncio.ensure_future(
+                c.execute_undoable(set_nx("closed", "m2"), release("closed", "m2")))
+            await asyncio.sleep(0.05)
+            await c.close()
+            with pytest.raises(ValkeyConnectionError, match="closed"):
+                await closing
+        finally:
+            os.kill(valkey_proc.proc.pid, signal.SIGCONT)
+        await until(lambda: evals(valkey_proc) == 2)
+        assert valkey_proc.command("EXISTS", "closed") == 0
+    run(main(), loop_kind)
+
+
 def test_noscript_after_script_flush(valkey_proc):
     script = Script("return 'loaded'")
 

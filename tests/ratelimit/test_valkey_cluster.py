@@ -289,6 +289,47 @@ def test_replay_keys_spread_over_masters_and_a_replay_is_caught_across_instances
         assert master.command("EXISTS", VALKEY_PREFIX + replay_key(jkt, "jti")) == 1
 
 
+def test_an_unanswered_replay_check_is_released_on_the_node_that_ran_it(cluster):
+    # onValkeyError: reject (docs/auth.md, "When Valkey fails"): the SET carries a mark of
+    # the attempt, and its release follows it to the same master, in order.
+    from stellagw.auth import ValkeyReplayCache
+    from stellagw.auth.replay import VALKEY_PREFIX, replay_key
+    (jkt, master), = one_per_master(cluster, (f"jkt-{i}" for i in range(100)),
+                                    lambda jkt: replay_key(jkt, "jti"))[:1]
+    released, kept = replay_key(jkt, "released"), replay_key(jkt, "kept")
+    master.command("CONFIG", "RESETSTAT")
+
+    async def main():
+        cache = ValkeyReplayCache(ValkeyClient.from_url(cluster.url, timeout=30))
+        assert await cache.check_and_store(replay_key(jkt, "jti"), 60_000, True) is True
+        # The SETs wait for the pause, the callers give up, then the SETs run and reply.
+        # (A paused client that disconnects has its command dropped: the connection stays.)
+        master.command("CLIENT", "PAUSE", "600", "WRITE")
+        for key, undo in ((released, True), (kept, False)):     # reject off: no release
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await cache.check_and_store(key, 60_000, undo)
+        await asyncio.sleep(0)
+        assert await until_async(lambda: master.command("EXISTS", VALKEY_PREFIX + kept) == 1)
+        assert await until_async(
+            lambda: b"cmdstat_eval:calls=1," in master.command("INFO", "commandstats"))
+        await cache._client.close()
+    uvloop.run(main())
+    assert master.command("GET", VALKEY_PREFIX + replay_key(jkt, "jti")).startswith(b"a:")
+    assert master.command("EXISTS", VALKEY_PREFIX + released) == 0
+
+
+async def until_async(predicate, timeout=10.0) -> bool:
+    """Poll a blocking predicate while this loop keeps reading its sockets (bounded)."""
+    deadline = time.monotonic() + timeout
+    loop = asyncio.get_running_loop()
+    while not await loop.run_in_executor(None, predicate):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 def test_a_resharded_slot_is_found_by_following_moved_and_its_counts_move_along(cluster):
     away_from_an_hour_edge(cluster)
     identity = "ip:10.9.9.9"
