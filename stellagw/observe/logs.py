@@ -6,6 +6,12 @@ may be a pipe nobody drains fast enough, and a blocking write must never stop th
 loop (it froze every connection of a worker once its pipe filled). Past MAX_PENDING bytes
 waiting, lines are dropped and counted, and the next line that gets through says so.
 
+Every line is at most MAX_LINE bytes, newline included, so that several workers writing
+to one pipe never splice each other's lines (see ATOMIC_WRITE). A record that would be
+longer has its longest strings clipped (clip_record) — a 10 KB user agent, path or error
+text — each ending in "…", and the line names them in `"truncated": [...]`
+(docs/operations.md, "Logs").
+
 Never pass a token, proof, key or password to these functions: callers log identifiers,
 not credentials.
 """
@@ -24,8 +30,10 @@ MAX_PENDING = 16 * 1024 * 1024
 # Several workers share one stdout pipe: a write of at most PIPE_BUF bytes to a pipe is
 # atomic, a longer one may interleave with another process's mid-line (2,284 of 108,593
 # lines spliced with two workers and 3 KB user agents). Lines go out in whole-line pieces of
-# at most this; only a single line longer than it can still be cut.
+# at most this, and no line is longer than MAX_LINE (4096, Linux's PIPE_BUF).
 ATOMIC_WRITE = getattr(select, "PIPE_BUF", 4096)
+MAX_LINE = 4096
+ELLIPSIS = "…"
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _FLUSH_AT = 64 * 1024
@@ -80,7 +88,10 @@ class JsonLog:
         self._append(record)
 
     def _append(self, record: dict) -> None:
-        self._buf += orjson.dumps(record)
+        line = orjson.dumps(record)
+        if len(line) >= MAX_LINE:       # no room for the newline: rare, clipped
+            line = clip_record(record, MAX_LINE - 1)
+        self._buf += line
         self._buf += b"\n"
         if len(self._buf) >= _FLUSH_AT:
             self.flush()
@@ -125,7 +136,7 @@ class JsonLog:
                 pos, end = 0, len(data)
                 while pos < end:
                     stop = data.rfind(b"\n", pos, pos + ATOMIC_WRITE) + 1
-                    if stop <= pos:         # one line longer than that: whole, not atomic
+                    if stop <= pos:         # a line longer than PIPE_BUF (< MAX_LINE): whole
                         stop = data.find(b"\n", pos + ATOMIC_WRITE) + 1 or end
                     piece = memoryview(data)[pos:stop]
                     while piece:
@@ -135,3 +146,123 @@ class JsonLog:
                 pass  # output closed: nothing more to do with these lines
             with self._wake:
                 self._pending -= len(data)
+
+
+# ---------------------------------------------------------------------------- clipping
+
+def clip_record(record: dict, limit: int) -> bytes:
+    """`record` as one JSON object of at most `limit` bytes (orjson's form), its longest
+    strings shortened; `record` itself is not changed.
+
+    The strings, at any depth, are cut to one common size, the largest that makes the line
+    fit ("water-filling": the longest lose most, short ones nothing), each ending in
+    ELLIPSIS, and `"truncated"` names them ("userAgent", "timings.name", "items.0").
+    Strings are cut as Python strings, between code points, before they are serialised:
+    the JSON escapes and UTF-8 sequences orjson writes are never cut; and a cut is moved
+    before a backslash among the last three characters kept, so the `\\xNN` escapes the
+    gateway writes into user agents stay whole too. When cutting every string to a few
+    bytes is not enough (a record of many numbers), the line keeps only timestamp, level,
+    the message's start and `"truncated": ["*"]`.
+    """
+    record = _copy(record)
+    line = orjson.dumps(record)
+    if len(line) <= limit:
+        return line
+    leaves: list = []
+    _strings(record, "", leaves)
+    leaves.sort(key=lambda leaf: leaf[3], reverse=True)
+    for _ in range(4):
+        excess = len(line) - limit
+        if excess <= 0:
+            return line
+        cap = _common_size(leaves, excess)
+        if cap is None:
+            break
+        clipped = []
+        for i, (holder, key, name, size) in enumerate(leaves):
+            if size <= cap:
+                break
+            value = holder[key]
+            keep = _prefix_within(value, cap - _ELLIPSIS_BYTES)
+            holder[key] = value[:keep] + ELLIPSIS
+            leaves[i] = (holder, key, name, len(orjson.dumps(holder[key])) - 2)
+            clipped.append(name)
+        names = record.get("truncated") if isinstance(record.get("truncated"), list) else []
+        record["truncated"] = names + [n for n in clipped if n not in names]
+        line = orjson.dumps(record)
+        leaves.sort(key=lambda leaf: leaf[3], reverse=True)
+    if len(line) <= limit:
+        return line
+    return orjson.dumps({"timestamp": record.get("timestamp"), "level": record.get("level"),
+                         "message": str(record.get("message", ""))[:200], "truncated": ["*"]})
+
+
+_ELLIPSIS_BYTES = len(ELLIPSIS.encode("utf-8"))
+_MIN_SIZE = 16                  # bytes a clipped string keeps at least, ellipsis included
+_TRUNCATED_KEY = len(b',"truncated":')
+
+
+def _copy(value):
+    """Dicts and lists copied (a clip must not change what the caller holds)."""
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _strings(value, prefix: str, out: list) -> None:
+    """Every string longer than _MIN_SIZE bytes (in JSON, quotes aside) in `value`:
+    (holder, key, dotted name, size)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        if isinstance(item, str):
+            size = len(orjson.dumps(item)) - 2
+            if size > _MIN_SIZE:
+                out.append((value, key, f"{prefix}{key}", size))
+        elif isinstance(item, (dict, list)):
+            _strings(item, f"{prefix}{key}.", out)
+
+
+def _common_size(leaves: list, excess: int):
+    """The largest size (bytes, ellipsis included) that, every longer string cut to it,
+    saves `excess` bytes plus what the `"truncated"` list takes; None when even
+    _MIN_SIZE does not. `leaves` longest first."""
+    def saves(cap: int) -> int:
+        saved, names = 0, []
+        for _, _, name, size in leaves:
+            if size <= cap:
+                break
+            saved += size - cap
+            names.append(name)
+        return saved - _TRUNCATED_KEY - len(orjson.dumps(names))
+
+    if not leaves or saves(_MIN_SIZE) < excess:
+        return None
+    low, high = _MIN_SIZE, leaves[0][3]        # saves(low) >= excess > saves(high) = ...
+    while low < high:
+        mid = (low + high + 1) // 2
+        if saves(mid) >= excess:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _prefix_within(text: str, budget: int) -> int:
+    """The most code points of `text` whose JSON form (quotes aside) takes at most
+    `budget` bytes, not cut just after a backslash (see clip_record)."""
+    if budget <= 0:
+        return 0
+    low, high = 0, min(len(text), budget)     # every code point takes at least one byte
+    while low < high:
+        mid = (low + high + 1) // 2
+        if len(orjson.dumps(text[:mid])) - 2 <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    if low < len(text):
+        backslash = text.rfind("\\", max(0, low - 3), low)
+        if backslash >= 0:
+            low = backslash
+    return low

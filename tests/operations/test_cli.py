@@ -213,6 +213,57 @@ def test_workers_sharing_stdout_never_splice_each_others_log_lines(tmp_path):
     assert answered > 1000 and not bad, (answered, len(bad), bad[:3])
 
 
+def test_no_log_line_is_longer_than_one_atomic_pipe_write(tmp_path):
+    # A single line over PIPE_BUF (4096) was still written in pieces another worker's write
+    # could land between: a 10 KB user agent or a long path in the access log. Every line
+    # now fits, its longest strings clipped with "…" and named in "truncated".
+    from tests.support.gwtest import connect, read_response
+    max_line, ellipsis = 4096, "…"           # docs/operations.md, "Logs"
+    s = Served("--port", "0", "--workers", "2",
+               config_text="gateway: {transports: {tcp: {port: 0}}}", tmp_path=tmp_path)
+    agent = ("Mozilla/5.0 \"quoted\" é€😀 \\ " * 300).encode()[:10_000]    # UTF-8: C1 bytes too
+    long_path = b"/nope/" + b"%C3%A9a\"b" * 700          # under maxUrlLength (8192)
+    requests = [
+        b"GET /health/live HTTP/1.1\r\nHost: gw\r\nUser-Agent: " + agent + b"\r\n\r\n",
+        b"GET " + long_path + b"?q=" + b"x" * 500 + b" HTTP/1.1\r\nHost: gw\r\n"
+        b"User-Agent: " + agent[:3000] + b"\r\n\r\n",
+    ]
+    try:
+        recs = s.wait_listening(2)
+        port = int(recs[0]["http"].rsplit(":", 1)[1])
+
+        statuses = []
+
+        def client():
+            with connect(port, timeout=10) as c:
+                buf = bytearray()
+                for i in range(150):
+                    c.sendall(requests[i % 2])
+                    statuses.append(read_response(c, buf)[0])
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(set(statuses)) == [200, 404] and len(statuses) == 900
+        assert s.wait_for_log(lambda r: r.get("path", "").startswith("/nope/"), count=450)
+    finally:
+        assert s.stop() == 0
+    records = []
+    for line in s.lines:
+        assert len(line) + 1 <= max_line, len(line)          # the newline included
+        records.append(orjson.loads(line))                   # no line spliced
+    live = [r for r in records if r.get("path") == "/health/live"]
+    nope = [r for r in records if r.get("path", "").startswith("/nope/")]
+    assert len(live) == 450 and len(nope) == 450
+    for r in live:
+        assert r["truncated"] == ["userAgent"] and r["userAgent"].endswith(ellipsis)
+    for r in nope:
+        assert "path" in r["truncated"] and r["path"].endswith(ellipsis)
+        assert r["path"].startswith("/nope/")
+    assert sum("truncated" in r for r in records) == len(live) + len(nope)
+
+
 def test_a_stdout_nobody_reads_never_stalls_the_gateway(tmp_path):
     # Regression: the access log once wrote to stdout from the event loop; when the pipe
     # filled (64 KiB, ~150 lines) the worker froze with every connection on it.

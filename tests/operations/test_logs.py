@@ -1,0 +1,145 @@
+"""Log lines fit one atomic pipe write: at most MAX_LINE (4096) bytes, newline included
+(stellagw/observe/logs.py, docs/operations.md "Logs").
+
+clip_record() on its own — long, multibyte and escape-heavy strings at every boundary, and
+random records — and JsonLog writing through a real pipe. The gateway end to end (two
+workers sharing stdout, 10 KB user agents and long paths) is in tests/operations/test_cli.py.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stellagw.observe.logs import ELLIPSIS, MAX_LINE, JsonLog, clip_record
+
+
+def check_clip(record: dict, limit: int) -> dict:
+    """clip_record's promises: fits, is JSON, same fields, clipped strings are prefixes of
+    the originals ending in ELLIPSIS and named in `truncated`, the others unchanged."""
+    line = clip_record(record, limit)
+    assert len(line) <= limit, (len(line), limit)
+    out = orjson.loads(line)
+    if out.get("truncated") == ["*"]:
+        return out
+    names = set(out.pop("truncated", []))
+    assert out.keys() == record.keys()
+    seen = set()
+
+    def walk(before, after, prefix):
+        if isinstance(before, dict):
+            assert before.keys() == after.keys()
+            for k in before:
+                walk(before[k], after[k], f"{prefix}{k}.")
+        elif isinstance(before, list):
+            assert len(before) == len(after)
+            for i, (b, a) in enumerate(zip(before, after)):
+                walk(b, a, f"{prefix}{i}.")
+        elif after != before:
+            name = prefix[:-1]
+            assert isinstance(before, str) and name in names, name
+            assert after.endswith(ELLIPSIS) and before.startswith(after[:-1])
+            seen.add(name)
+    walk(record, out, "")
+    assert seen == names
+    return out
+
+
+def access(**fields):
+    record = {"timestamp": "2026-12-07T19:20:26.771Z", "level": "info",
+              "message": "Request routed", "correlationId": "4bb5a534000000000003",
+              "tenantId": None, "method": "GET", "path": "/rp/secure", "service": "rp",
+              "durationMs": 0.25, "status": 200, "auth": "dpop", "client": "127.0.0.1",
+              "userAgent": "curl/8", "bytesIn": 0, "bytesOut": 2, "upstream": "rp-1",
+              "version": "1.0.0", "timings": {"auth": 0.1, "routing": 0.0}}
+    record.update(fields)
+    return record
+
+
+def test_a_short_record_is_written_as_orjson_writes_it():
+    record = access()
+    assert clip_record(record, MAX_LINE - 1) == orjson.dumps(record)
+
+
+def test_the_longest_strings_lose_most_short_ones_nothing():
+    record = access(userAgent="u" * 10_000, path="/p" * 3_000, client="10.0.0." + "9" * 100)
+    out = check_clip(record, MAX_LINE - 1)
+    assert set(out) >= {"userAgent", "path"}
+    assert out["client"] == record["client"]                # short enough to keep
+    assert abs(len(out["userAgent"]) - len(out["path"])) <= 1   # one common size
+    assert len(orjson.dumps(out)) > MAX_LINE - 200          # no more clipped than needed
+    assert record["userAgent"] == "u" * 10_000              # the caller's record untouched
+
+
+@pytest.mark.parametrize("unit", ["é", "€", "😀", '"', "\\", "\x01", "\n", "\x7f", "\u2028",
+                                  "\\x85", "a\\x9fé"])
+def test_multibyte_and_escapes_are_never_cut_at_any_boundary(unit):
+    # Every limit over a few units' width: each cut lands on another byte of the unit's
+    # UTF-8 or JSON escape (\", \\, \u0001, \n), or inside the gateway's own \xNN.
+    base = access(userAgent="x" * 10 + unit * 2000)
+    fixed = len(orjson.dumps(access(userAgent="")))
+    for limit in range(fixed + 80, fixed + 120):
+        out = check_clip(base, limit)
+        kept = out["userAgent"][:-1]
+        assert kept == base["userAgent"][:len(kept)]      # whole code points (check_clip
+        if "\\x" in unit:                                  # parsed the line: whole escapes)
+            # Never a dangling "\", "\x" or "\x8" at the end.
+            assert re.search(r"\\(x[0-9a-f]?)?$", kept) is None, kept[-8:]
+
+
+def test_gateway_escapes_are_kept_whole():
+    agent = "\\x85" * 3000            # what the ingress writes for C1 bytes (0x80-0x9F)
+    for limit in range(3000, 3040):
+        kept = check_clip(access(userAgent=agent), limit)["userAgent"][:-1]
+        assert len(kept) % 4 == 0 and kept == agent[:len(kept)]
+
+
+def test_nested_strings_and_lists_are_clipped_and_named():
+    record = {"timestamp": "t", "level": "error", "message": "boom",
+              "detail": {"error": "e" * 9000, "where": ["short", "w" * 9000]}}
+    out = check_clip(record, 2000)
+    assert out["detail"]["error"].endswith(ELLIPSIS)
+    line = orjson.loads(clip_record(record, 2000))
+    assert sorted(line["truncated"]) == ["detail.error", "detail.where.1"]
+
+
+def test_a_record_without_enough_strings_keeps_its_head():
+    record = {"timestamp": "t", "level": "warning", "message": "m" * 500,
+              "numbers": list(range(3000))}
+    out = orjson.loads(clip_record(record, 1000))
+    assert out == {"timestamp": "t", "level": "warning", "message": "m" * 200,
+                   "truncated": ["*"]}
+
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=3000)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["path", "userAgent", "error", "referer", "query"]),
+                       TEXT, max_size=5),
+       st.lists(TEXT, max_size=3), st.integers(400, 5000))
+def test_random_records_fit_and_keep_their_fields(fields, items, limit):
+    check_clip(access(**fields, items=items), limit)
+
+
+def test_json_log_writes_no_line_over_max_line():
+    r, w = os.pipe()
+    with os.fdopen(w, "wb", buffering=0) as stream:
+        log = JsonLog("debug", stream=stream)
+        log.request("c1", None, "GET", "/" + "p" * 9000, "", 1.0, 404,
+                    userAgent="é" * 6000, client="127.0.0.1")
+        log.event("error", "service failed", error='"' * 5000)
+        log.request("c2", None, "GET", "/short", "", 1.0, 200, userAgent="curl/8")
+        log.drain()
+    with os.fdopen(r, "rb") as f:
+        lines = f.read().split(b"\n")
+    assert lines[-1] == b""
+    records = [orjson.loads(line) for line in lines[:-1]]
+    assert all(len(line) + 1 <= MAX_LINE for line in lines[:-1])
+    assert sorted(records[0]["truncated"]) == ["path", "userAgent"]
+    assert records[1]["truncated"] == ["error"] and records[1]["error"].endswith(ELLIPSIS)
+    assert "truncated" not in records[2] and records[2]["path"] == "/short"
