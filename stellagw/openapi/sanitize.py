@@ -9,6 +9,12 @@ is copied into new objects through the checkers below, which follow the OpenAPI 
 a field or keyword that does not fit is dropped (or, where the fix is obvious, repaired) and
 reported as a warning; the rest of the operation stays. Inputs are never mutated.
 
+URLs a viewer renders as links (externalDocs, an example's externalValue, a link's
+operationRef, and `url`/`href`/`uri` members inside extensions) must be absolute http(s)
+URLs or references without a scheme (`safe_url`); anything else is dropped with a warning:
+Swagger UI and Redoc make them `<a href>`, and `javascript:` there runs in the reader's
+browser (docs/openapi.md §4, "URLs").
+
 The same pass rewrites `$ref`s: a service writes `#/components/schemas/Scan`; in the merged
 document its schemas are namespaced (`scanner_Scan`), so every reference is rewritten through
 the `Source.names` map, and a reference that cannot resolve (unknown schema, another
@@ -129,6 +135,58 @@ def _extension(src, out, key, value, where, depth):
         src.warn(where, "the x-stellagw- prefix is reserved for the gateway; dropped")
         return
     _copy_literal(src, out, key, value, where, depth)
+    if key in out:
+        _drop_unsafe_urls(src, out[key], where)
+
+
+# ---------------------------------------------------------------------------- URLs
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
+# Browsers drop leading C0 controls and spaces and every tab and newline before they read
+# the scheme ("java\tscript:" is javascript:); none of them belongs in a URL anyway.
+_NOT_IN_URL = re.compile(r"[\x00-\x20\x7f]")
+SAFE_SCHEMES = ("http", "https")
+UNSAFE_URL = ("must be an absolute http(s) URL or a reference without a scheme "
+              "(docs/openapi.md §4, URLs)")
+
+
+def safe_url(value) -> bool:
+    """Whether a viewer may make `value` a link: an absolute http or https URL with a host,
+    or a relative reference (no scheme: `/docs`, `guide.html#x`, `//host/p`), with no
+    control character or space. `javascript:`, `data:`, `vbscript:`, `file:`... are not."""
+    if not isinstance(value, str) or _NOT_IN_URL.search(value):
+        return False
+    m = _SCHEME.match(value)
+    if m is None:
+        return True
+    if m.group(1).lower() not in SAFE_SCHEMES:
+        return False
+    rest = value[m.end():]
+    return rest[:2] in ("//", "\\\\", "/\\", "\\/") and len(rest) > 2 and rest[2] not in "/\\?#"
+
+
+def _url_key(key) -> bool:
+    k = key.lower() if isinstance(key, str) else ""
+    return k.endswith("url") or k.endswith("href") or k.endswith("uri")
+
+
+def _drop_unsafe_urls(src, value, where, depth=0):
+    """In a copied extension value: members named like a URL (`url`, `href`, `logoUrl`,
+    `uri`...) whose string is not safe_url are removed (Redoc's `x-logo` is `{url, href}`;
+    what other viewers and plugins do with `x-` objects is anyone's guess)."""
+    if depth > MAX_DEPTH:
+        return
+    if isinstance(value, dict):
+        for k in list(value):
+            v = value[k]
+            if isinstance(v, str) and _url_key(k) and not safe_url(v):
+                del value[k]
+                src.warn(f"{where}.{k}", f"{UNSAFE_URL}; dropped")
+            else:
+                _drop_unsafe_urls(src, v, f"{where}.{k}", depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _drop_unsafe_urls(src, v, f"{where}[{i}]", depth + 1)
 
 
 def _is_str(v):
@@ -604,6 +662,9 @@ def _object(src, value, where, depth, fields: dict, extensions=True):
 
 def external_docs(src, value, where, depth):
     out = _object(src, value, where, depth, {"url": _is_str, "description": _is_str})
+    if out is not None and "url" in out and not safe_url(out["url"]):
+        src.warn(f"{where}.url", f"{UNSAFE_URL}; externalDocs dropped")
+        return None
     if out is not None and "url" not in out:
         src.warn(where, "externalDocs needs a url; dropped")
         return None
@@ -813,6 +874,9 @@ def example(src, value, where):
                   {"summary": _is_str, "description": _is_str, "externalValue": _is_str})
     if out is None:
         return None
+    if "externalValue" in out and not safe_url(out["externalValue"]):
+        src.warn(f"{where}.externalValue", f"{UNSAFE_URL}; dropped")
+        del out["externalValue"]
     if "value" in value:
         if "externalValue" in out:
             src.warn(where, "value and externalValue are exclusive; externalValue dropped")
@@ -985,7 +1049,7 @@ _RESPONSE_FIELDS = {
 }
 _LINK_FIELDS = {
     "operationId": _link_operation_id_field,
-    "operationRef": _STRING, "description": _STRING,
+    "operationRef": _checked(safe_url, UNSAFE_URL), "description": _STRING,
     "parameters": _link_parameters_field,
     "requestBody": _literal_field,
     "server": _ignored,                         # clients reach services via the gateway
