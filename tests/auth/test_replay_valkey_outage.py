@@ -91,14 +91,20 @@ class Setup:
         self.gw = Served(config_text=CONFIG.format(port=self.port, issuer=self.authority.issuer,
                                                    valkey=valkey.url, policy=policy),
                          tmp_path=tmp_path)
-        rec = self.gw.wait_listening()[0]
-        self.service = CountingService(port_of(rec["tcp"]))
-        self.key = DpopKey.generate()
-        self.token = fetch_token(self.authority.token_endpoint, "demo-client", "demo-secret",
-                                 "scans:read", dpop_key=self.key)["access_token"]
-        # The Authority's keys load in the background: a first proof may get 503 until then.
-        assert wait_for(lambda: self.send(self.proof())[0] == 200, timeout=20), \
-            b"\n".join(self.gw.lines[-20:]).decode(errors="replace")
+        self.service = None
+        try:
+            rec = self.gw.wait_listening()[0]
+            self.service = CountingService(port_of(rec["tcp"]))
+            self.key = DpopKey.generate()
+            self.token = fetch_token(self.authority.token_endpoint, "demo-client",
+                                     "demo-secret", "scans:read", dpop_key=self.key)["access_token"]
+            # The Authority's keys load in the background: a first proof may get 503 until
+            # then.
+            assert wait_for(lambda: self.send(self.proof())[0] == 200, timeout=20), \
+                b"\n".join(self.gw.lines[-20:]).decode(errors="replace")
+        except BaseException:
+            self.close()
+            raise
 
     def proof(self) -> str:
         return self.key.proof("GET", self.origin + PATH, access_token=self.token)
@@ -115,7 +121,8 @@ class Setup:
         return VALKEY_PREFIX + replay_key(self.key.thumbprint(), jti)
 
     def close(self):
-        self.service.close()
+        if self.service is not None:
+            self.service.close()
         self.gw.stop()
         self.authority.stop()
 
