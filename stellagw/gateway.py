@@ -38,6 +38,7 @@ from .ingress.limits import HttpLimits
 from .ingress.compress import Compression
 from .ingress.proxy import TrustedProxies
 from .ingress.tls import ReloadingContext
+from .ingress.tls_accept import TlsListener
 from .observe.logs import JsonLog
 from .observe.metrics import Metrics
 from .observe.routes import route_info
@@ -123,8 +124,11 @@ class Worker:
         # gateway.http.maxConnectionsPerClient: open connections (WebSockets included) by
         # client address; an address is forgotten with its last connection.
         self.per_client: dict[bytes, int] = {}
+        # HTTPS connections in their TLS handshake: counted against both caps until it ends
+        # (ingress/tls_accept.py).
+        self.handshakes: set = set()
         self.refused_connections: dict[str, int] = {}   # at accept, by reason
-        self.aborted_connections: dict[str, int] = {}   # reset by the gateway, by reason
+        self.aborted_connections: dict[str, int] = {}   # cut by the gateway, by reason
         self.metrics.sources.append(self._connection_counters)
         # The tick's clock, the Date line, draining: what connections read per request.
         self.edge = EdgeState(time.monotonic())
@@ -248,12 +252,14 @@ class Worker:
 
     def _connection_counters(self) -> dict:
         return {"gateway_connections_refused": (
-            "Client connections answered 503 and closed at accept, by reason: limit "
-            "(maxConnections), per_client (maxConnectionsPerClient)", ("reason",),
+            "Client connections refused at accept (answered 503 and closed; with TLS, reset "
+            "before the handshake), by reason: limit (maxConnections), per_client "
+            "(maxConnectionsPerClient)", ("reason",),
             [((k,), v) for k, v in self.refused_connections.items()]),
             "gateway_connections_aborted": (
-                "Client connections the gateway reset, by reason: send_timeout (owed bytes "
-                "and none taken for sendTimeout), send_rate (less than minSendRate taken)", ("reason",),
+                "Client connections the gateway cut, by reason: send_timeout (owed bytes "
+                "and none taken for sendTimeout), send_rate (less than minSendRate taken), "
+                "handshake_timeout (TLS handshake not done in headerReadTimeout)", ("reason",),
                 [((k,), v) for k, v in self.aborted_connections.items()])}
 
     def correlation_id(self, headers) -> str:
@@ -269,7 +275,8 @@ class Worker:
         return {
             "gateway_fd_exhausted": (
                 "Once-a-second checks that found no file descriptor to open (while it lasts, "
-                "libuv accepts and closes new connections unanswered)", ("errno",),
+                "libuv accepts and closes new connections unanswered; HTTPS ones wait in the "
+                "backlog)", ("errno",),
                 [((k,), v) for k, v in self.fd_exhausted.items()]),
             "gateway_admin_connections_gauge": (
                 "Open connections on the admin listener", (),
@@ -393,9 +400,13 @@ class Worker:
         # request on, never 404.
         fleet_services = self.fleet.seed(view) if self.fleet is not None else set()
         keep_alive(http_sock, gw.http.tcp_keep_alive)     # inherited by each connection
-        server = await loop.create_server(
-            lambda: HttpProtocol(self), sock=http_sock, ssl=ssl_ctx, backlog=gw.http.backlog,
-            ssl_handshake_timeout=gw.http.header_read_timeout if ssl_ctx else None)
+        if ssl_ctx is not None:
+            # Accepted here, not by uvloop: the connection caps must see a connection
+            # before its handshake (ingress/tls_accept.py).
+            server = TlsListener(self, http_sock, ssl_ctx)
+        else:
+            server = await loop.create_server(
+                lambda: HttpProtocol(self), sock=http_sock, backlog=gw.http.backlog)
         self._servers.append(server)
         self.started = True
         scheme = "https" if ssl_ctx else "http"
@@ -533,7 +544,9 @@ class Worker:
 
     def _check_descriptors(self) -> None:
         """uvloop never reports EMFILE/ENFILE on accept: libuv accepts and closes the waiting
-        connections itself. So once a second, try to open one descriptor."""
+        connections itself (the HTTPS listener, which accepts itself, leaves them in the
+        backlog meanwhile: ingress/tls_accept.py). So once a second, try to open one
+        descriptor."""
         try:
             os.close(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
             return
@@ -584,6 +597,8 @@ class Worker:
                 break
             await asyncio.sleep(0.05)
         self.hub.shutdown()
+        for handshake in list(self.handshakes):
+            handshake.abort()
         for conn in list(self.connections):
             conn.close()
         # The admin listener last: probes and scrapes see the whole drain.

@@ -1,0 +1,178 @@
+"""The HTTPS client listener: the connection caps apply at accept, before the TLS handshake.
+
+uvloop's `create_server(ssl=...)` hands the application its connection only once the
+handshake is done, so the caps in HttpProtocol.connection_made never saw a connection
+held in its handshake; `start_tls` from connection_made loses the ClientHello to the plain
+protocol (uvloop reads as soon as connection_made returns). So this listener accepts
+itself: the caps are checked with the address accept() gives, before any transport or SSL
+object exists; a refused connection is reset (a TLS client can be told nothing before a
+handshake); an admitted one is handed to `loop.connect_accepted_socket(ssl=...)` with
+headerReadTimeout as its handshake deadline, and holds its places until the handshake
+ends — done, they pass to its HttpProtocol in one step; failed or timed out, they are
+freed. docs/http-edge.md, "Connection caps", has the reasons and the uvloop source they
+rest on.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import struct
+
+from .http import D_HEADER, HttpProtocol
+from .proxy import client_key
+
+# Connections taken per wake-up; the rest wait in the backlog for the next loop turn, so a
+# burst does not hold the loop.
+_ACCEPT_BATCH = 64
+# Out of descriptors (or kernel memory): what waits stays in the backlog, and accept is
+# tried again this much later — the listening socket stays readable, so trying at once
+# would spin the loop.
+_ACCEPT_RETRY = 1.0
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with an RST: the kernel drops what the peer sent (half a ClientHello) at once
+    and keeps no TIME_WAIT for it."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    except OSError:
+        pass
+    sock.close()
+
+
+class Handshake(asyncio.Protocol):
+    """One accepted connection in its TLS handshake, holding its place in the caps. It is
+    the SSLProtocol's application protocol until the handshake is done, then hands the
+    connection to an HttpProtocol."""
+
+    __slots__ = ("worker", "key", "sock", "task", "head_due")
+
+    def __init__(self, worker, sock: socket.socket, key: bytes | None, timeout: float):
+        self.worker = worker
+        self.key = key              # counted in worker.per_client, or None
+        self.sock = sock            # until uvloop's transport owns it
+        self.task = None
+        # The first head is due headerReadTimeout after accept (the tick's clock, as
+        # HttpProtocol's deadlines): the handshake's time comes out of it.
+        self.head_due = worker.edge.now + timeout
+
+    def _factory(self):
+        self.sock = None            # the transport closes it from now on
+        return self
+
+    def release(self) -> None:
+        worker = self.worker
+        if self in worker.handshakes:
+            worker.handshakes.discard(self)
+            if self.key is not None:
+                worker.release_client(self.key)
+
+    def connection_made(self, transport):
+        # The handshake is done. The place is given up and taken again by HttpProtocol in
+        # the same call: nothing else can take it meanwhile, so it never fails for caps
+        # this connection already passed.
+        self.release()
+        protocol = HttpProtocol(self.worker)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if protocol.deadline_kind == D_HEADER:
+            protocol.deadline = self.head_due
+
+    def finished(self, task) -> None:
+        self.release()
+        self.task = None
+        if self.sock is not None:       # ended before uvloop took the socket
+            _reset(self.sock)
+            self.sock = None
+        if task.cancelled():
+            return
+        exc = task.exception()      # retrieved: a failed handshake is not the loop's error
+        if isinstance(exc, ConnectionAbortedError):
+            # uvloop's handshake deadline (SSLProtocol._check_handshake_timeout).
+            self.worker.connection_aborted("handshake_timeout")
+
+    def abort(self) -> None:
+        """Drop it now (the worker is stopping)."""
+        self.release()
+        if self.sock is not None:       # its task never ran: the socket is still ours
+            _reset(self.sock)
+            self.sock = None
+        if self.task is not None:
+            self.task.cancel()          # connect_accepted_socket closes the transport
+
+
+class TlsListener:
+    """What Worker keeps of its HTTPS listener, as it keeps an asyncio Server: close() and
+    is_serving()."""
+
+    def __init__(self, worker, sock: socket.socket, ssl_context):
+        self._worker = worker
+        sock.setblocking(False)     # accept() must never wait: it runs on the loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._ssl = ssl_context
+        self._loop = asyncio.get_running_loop()
+        self._serving = True
+        self._retry = None
+        self._loop.add_reader(self._fd, self._accept)
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def close(self) -> None:
+        if not self._serving:
+            return
+        self._serving = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        else:
+            self._loop.remove_reader(self._fd)
+        self._sock.close()
+
+    def _resume(self) -> None:
+        self._retry = None
+        if self._serving:
+            self._loop.add_reader(self._fd, self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, address = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRORS:
+                    self._loop.remove_reader(self._fd)
+                    self._retry = self._loop.call_later(_ACCEPT_RETRY, self._resume)
+                    return
+                continue        # ECONNABORTED and the like: that one is gone, not the rest
+            self._admit(sock, address[0])
+
+    def _admit(self, sock: socket.socket, peer: str) -> None:
+        worker = self._worker
+        limits = worker.http_settings
+        if (len(worker.connections) + worker.websockets_open + len(worker.handshakes)
+                >= limits.max_connections):
+            worker.connection_refused("limit")
+            _reset(sock)
+            return
+        key = None
+        cap = limits.max_connections_per_client
+        trust = worker.trusted_proxies
+        if cap > 0 and (trust is None or not trust.trusts(peer)):
+            key = client_key(peer.encode())
+            if not worker.admit_client(key, cap):
+                worker.connection_refused("per_client")
+                _reset(sock)
+                return
+        timeout = limits.header_read_timeout
+        handshake = Handshake(worker, sock, key, timeout)
+        worker.handshakes.add(handshake)
+        task = self._loop.create_task(self._loop.connect_accepted_socket(
+            handshake._factory, sock, ssl=self._ssl, ssl_handshake_timeout=timeout))
+        handshake.task = task
+        task.add_done_callback(handshake.finished)

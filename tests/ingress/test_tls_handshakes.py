@@ -1,0 +1,253 @@
+"""HTTPS connections still in their TLS handshake count against maxConnections and
+maxConnectionsPerClient (docs/http-edge.md, "Connection caps"; stellagw/ingress/tls_accept.py).
+
+Before, the caps were applied once uvloop had finished the handshake, so a peer holding
+connections open in it (sending nothing, or half a ClientHello) was never refused: each
+held a descriptor, an SSL object and buffers until the handshake timeout."""
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+
+import orjson
+import pytest
+
+from tests.support.gwtest import (GatewayThread, Pki, Served, is_closed, port_of, read_response,
+                                  request, settings_from, wait_for)
+
+pytestmark = pytest.mark.twin   # run again uncompiled by `make test` (tests/conftest.py)
+
+GET_LIVE = b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+def _config(pki, **http):
+    tls = {"enabled": True, "certificatePath": pki.server_cert, "keyPath": pki.server_key,
+           "clientCertificateMode": "AllowCertificate", "clientCaPath": pki.ca_path}
+    return orjson.dumps({"gateway": {
+        "node": {"workers": 1, "preStopDelay": "0s"},
+        "http": {"port": 0, "tls": tls, **http},
+        "transports": {"tcp": {"port": 0}},
+        "logging": {"accessLog": False}}}).decode()
+
+
+def _client_hello(pki) -> bytes:
+    """A real ClientHello, as a TLS client's first flight."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = pki.client_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def _raw(port, source, send=b""):
+    """A TCP connection from `source` (any 127/8 address is this host) that sends `send`
+    and then nothing: a handshake that never ends."""
+    s = socket.socket()
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    if send:
+        try:
+            s.sendall(send)
+        except ConnectionResetError:
+            pass            # refused at accept: is_closed() says so
+    return s
+
+
+def _https(port, ctx, source="127.0.0.1"):
+    """A TLS connection from `source`, its handshake done; raises when it is refused."""
+    raw = socket.socket()
+    raw.settimeout(10)
+    raw.bind((source, 0))
+    raw.connect(("127.0.0.1", port))
+    try:
+        return ctx.wrap_socket(raw, server_hostname="localhost")
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _refused(port, ctx, source):
+    try:
+        s = _https(port, ctx, source)
+    except (ssl.SSLError, OSError):
+        return True
+    with s:
+        # TLS 1.3: the client's side can finish before the server's; the server's
+        # refusal then shows as the connection's end.
+        s.sendall(GET_LIVE)
+        try:
+            read_response(s)
+        except (ssl.SSLError, OSError):
+            return True
+    return False
+
+
+def _descriptors(pid) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _counters(admin, name) -> dict:
+    """{reason: value} of a labelled counter on the admin listener's /metrics."""
+    _, _, body = request(admin, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")
+    out = {}
+    for line in body.decode().splitlines():
+        if line.startswith(name + "{"):
+            labels, _, value = line.rpartition(" ")
+            out[labels.split('reason="')[1].split('"')[0]] = float(value)
+    return out
+
+
+def test_connections_in_the_tls_handshake_count_against_both_caps(tmp_path, pki):
+    # headerReadTimeout is the handshake's deadline too; a few seconds, so the stalled
+    # connections are seen held before it and dropped after it.
+    s = Served(config_text=_config(pki, maxConnections=4, maxConnectionsPerClient=2,
+                                   headerReadTimeout="8s"), tmp_path=tmp_path)
+    held = []
+    try:
+        rec = s.wait_listening()[0]
+        pid, https, admin = rec["pid"], port_of(rec["http"]), port_of(rec["admin"])
+        ctx = pki.client_context()
+        # (The worker opens one descriptor for a moment once a second: the least of a few.)
+        baseline = min(_descriptors(pid) for _ in range(20))
+        half = _client_hello(pki)
+        half = half[:len(half) // 2]
+
+        # 127.0.0.1 takes its two places (maxConnectionsPerClient), the third is refused.
+        a1, a2 = _raw(https, "127.0.0.1"), _raw(https, "127.0.0.1", half)
+        a3 = _raw(https, "127.0.0.1", half)
+        # 127.0.0.2 takes the last two places of four (maxConnections) ...
+        b1, b2 = _raw(https, "127.0.0.2", half), _raw(https, "127.0.0.2")
+        held += [a1, a2, a3, b1, b2]
+        # ... so another address is refused too, a legitimate client as well.
+        c1 = _raw(https, "127.0.0.3", half)
+        held.append(c1)
+        assert is_closed(a3) and is_closed(c1)
+        assert _refused(https, ctx, "127.0.0.4")
+        assert wait_for(lambda: _counters(admin, "gateway_connections_refused_total")
+                        == {"per_client": 1.0, "limit": 2.0}, 10)
+        # Refused at once, not at the deadline: the held ones are all still there.
+        assert _counters(admin, "gateway_connections_aborted_total") == {}
+        for sock in (a1, a2, b1, b2):
+            assert not is_closed(sock, 0.1)
+        # Only they hold descriptors in the worker; the refused ones' went with them.
+        assert wait_for(lambda: _descriptors(pid) == baseline + 4), (_descriptors(pid), baseline)
+
+        # At the handshake deadline the stalled ones are dropped and their places freed.
+        for sock in (a1, a2, b1, b2):
+            assert is_closed(sock, 30)
+        assert wait_for(lambda: _counters(admin, "gateway_connections_aborted_total")
+                        == {"handshake_timeout": 4.0}, 10)
+        # A client is served again; two from one address (its cap) at once, each counted
+        # once though it passed the caps in its handshake and again after it.
+        with _https(https, ctx) as one, _https(https, pki.client_context(with_cert=True)) as two:
+            for conn in (one, two):
+                conn.sendall(GET_LIVE)
+                assert read_response(conn)[0] == 200
+        for sock in held:
+            sock.close()
+        # Nothing of the dropped connections stays behind.
+        assert wait_for(lambda: _descriptors(pid) == baseline, 10), (_descriptors(pid), baseline)
+        assert _counters(admin, "gateway_connections_refused_total") == {
+            "per_client": 1.0, "limit": 2.0}
+    finally:
+        for sock in held:
+            sock.close()
+        assert s.stop() == 0
+
+
+@pytest.fixture
+def gateway():
+    gws = []
+
+    def start(yaml_text):
+        gw = GatewayThread(settings_from(yaml_text)).start()
+        gws.append(gw)
+        return gw
+    yield start
+    for gw in gws:
+        gw.stop()
+
+
+def _state(gw):
+    w = gw.worker
+    return len(w.handshakes), dict(w.per_client), len(w.connections)
+
+
+def test_a_handshake_frees_its_places_whichever_way_it_ends(gateway, pki):
+    gw = gateway(_config(pki, maxConnections=3, maxConnectionsPerClient=3,
+                         headerReadTimeout="5s"))
+    ctx = pki.client_context()
+    silent = _raw(gw.port, "127.0.0.1")
+    garbage = _raw(gw.port, "127.0.0.1")
+    quitter = _raw(gw.port, "127.0.0.1", _client_hello(pki)[:20])
+    try:
+        assert wait_for(lambda: gw.call(_state, gw) == (3, {b"127.0.0.1": 3}, 0))
+        quitter.close()                                     # gone in its handshake
+        garbage.sendall(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")           # not TLS: it fails
+        assert is_closed(garbage)
+        assert wait_for(lambda: gw.call(_state, gw) == (1, {b"127.0.0.1": 1}, 0))
+        # The place passes from the handshake to the connection, counted once.
+        with _https(gw.port, ctx) as conn:
+            conn.sendall(GET_LIVE)
+            assert read_response(conn)[0] == 200
+            assert gw.call(_state, gw) == (1, {b"127.0.0.1": 2}, 1)
+            assert is_closed(silent, 30)                    # the deadline
+            assert wait_for(lambda: gw.call(_state, gw) == (0, {b"127.0.0.1": 1}, 1))
+        assert wait_for(lambda: gw.call(_state, gw) == (0, {}, 0))
+        assert gw.call(lambda: dict(gw.worker.aborted_connections)) == {"handshake_timeout": 1}
+        assert gw.call(lambda: dict(gw.worker.refused_connections)) == {}
+    finally:
+        for sock in (silent, garbage, quitter):
+            sock.close()
+
+
+def test_the_handshake_time_comes_out_of_the_first_heads_deadline(gateway, pki):
+    # headerReadTimeout counts from accept (docs/http-edge.md, "Deadlines"): a client that
+    # spends part of it in its handshake has only the rest for its first head.
+    gw = gateway(_config(pki, headerReadTimeout="30s"))
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    try:
+        assert wait_for(lambda: gw.call(lambda: len(gw.worker.handshakes)) == 1)
+        due = gw.call(lambda: next(iter(gw.worker.handshakes)).head_due)
+        # The worker's clock moves on (its tick) before the handshake is done.
+        assert wait_for(lambda: gw.call(lambda: gw.worker.edge.now) > due - 30, 10)
+        with pki.client_context().wrap_socket(raw, server_hostname="localhost") as conn:
+            conn.sendall(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\n")   # half a head
+            assert wait_for(lambda: gw.call(lambda: len(gw.worker.connections)) == 1)
+            deadline = gw.call(lambda: next(iter(gw.worker.connections)).deadline)
+            assert deadline == due
+            conn.sendall(b"\r\n")
+            assert read_response(conn)[0] == 200
+    finally:
+        raw.close()
+
+
+def test_out_of_descriptors_the_listener_waits_and_takes_the_connection_later(tmp_path, pki):
+    # accept() fails with EMFILE while the connection stays in the backlog, the listening
+    # socket readable: the listener stops polling it for a second instead of spinning, and
+    # takes the connection once a descriptor is free again.
+    import resource
+    s = Served(config_text=_config(pki), tmp_path=tmp_path)
+    try:
+        rec = s.wait_listening()[0]
+        pid, https = rec["pid"], port_of(rec["http"])
+        limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (_descriptors(pid), limits[1]))
+        raw = socket.create_connection(("127.0.0.1", https), timeout=30)
+        try:
+            assert s.wait_for_log(lambda r: r.get("message", "").startswith(
+                "out of file descriptors"))
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+            with pki.client_context().wrap_socket(raw, server_hostname="localhost") as conn:
+                conn.sendall(GET_LIVE)
+                assert read_response(conn)[0] == 200
+        finally:
+            raw.close()
+    finally:
+        assert s.stop() == 0
