@@ -9,7 +9,8 @@ nothing registered and is answered HELLO_ACK{error}.
 
 A link is also closed when it goes quiet — no frame for health.heartbeatTimeoutSeconds +
 deadLinkGrace (the hub's sweep) — or stops reading: past the transport's high-water mark
-its PINGs go unanswered, past writeBufferLimit or for that long it is cut. Every closure
+its PINGs go unanswered, past writeBufferLimit or for that long it is cut; one that leaves
+our PING unanswered that long is cut too (heartbeats from a timer, its reader wedged). Every closure
 the gateway makes is counted by reason (TransportHub.link_closed).
 
 Requests in flight are kept in `inflight` (correlation id → Pending). Their answer comes
@@ -266,6 +267,7 @@ class ServiceConnection:
         self._frames_seen = 0
         self._quiet_since = 0.0         # loop time of the sweep that last saw the count move
         self._write_paused = False      # over the transport's high-water mark
+        self._ping_since = 0.0          # loop time of our oldest PING not yet answered
         self._paused_since = 0.0
         self._write_limit = 0           # bytes the transport may buffer for this link
         self._held = deque()            # Pendings waiting for the link to take more (_HELD_*)
@@ -389,11 +391,14 @@ class ServiceConnection:
             self._encoder.raw(fr.PING, fr.ZERO_CORR, time.monotonic_ns().to_bytes(8, "big"))
             self._count_sent(fr.PING)
             self._schedule_flush()
+            if not self._ping_since:
+                self._ping_since = self._loop.time()
         elif ftype == fr.PONG:
             if len(payload) > _MAX_PING:
                 self._close_link("oversize_ping", f"PONG of {len(payload)} bytes (at most "
                                  f"{_MAX_PING})", True)
             elif len(payload) == 8:
+                self._ping_since = 0.0
                 sent = int.from_bytes(payload, "big")
                 rtt_ms = (time.monotonic_ns() - sent) / 1e6
                 if 0 <= rtt_ms < 60_000:
@@ -975,6 +980,10 @@ class ServiceConnection:
 
     def resume_writing(self):
         self._write_paused = False
+        if self._ping_since:
+            # A PING behind a buffer the service was not taking may not have reached it:
+            # its time to answer starts now.
+            self._ping_since = self._loop.time()
         if self._held and not self._release_scheduled:
             # Soon, not from inside the transport's callback.
             self._release_scheduled = True
@@ -1057,8 +1066,8 @@ class ServiceConnection:
 
     def sweep(self, now, silent_after):
         """The hub's health check, every checkIntervalSeconds (loop time `now`): a link that
-        sent no frame, or took nothing we wrote, for `silent_after` seconds is dead or
-        hostile. Silence is measured from the sweep that last saw a frame, so it is never
+        sent no frame, took nothing we wrote, or answered no PING for `silent_after` seconds
+        is dead, wedged or hostile. Silence is measured from the sweep that last saw a frame, so it is never
         overestimated: a link is closed late by up to one interval, never early."""
         if self.state != _READY:
             return
@@ -1068,9 +1077,15 @@ class ServiceConnection:
         elif now - self._quiet_since >= silent_after:
             self._close_link("silent", f"no frame for {now - self._quiet_since:.1f}s", False)
             return
-        if self._write_paused and now - self._paused_since >= silent_after:
-            self._close_link("not_reading", f"it has read nothing we sent for "
-                             f"{now - self._paused_since:.1f}s", False)
+        if self._write_paused:
+            if now - self._paused_since >= silent_after:
+                self._close_link("not_reading", f"it has read nothing we sent for "
+                                 f"{now - self._paused_since:.1f}s", False)
+        elif self._ping_since and now - self._ping_since >= silent_after:
+            # Heartbeats still come (a timer thread) but nothing we send is read, or nothing
+            # read is acted on: routed to, it would time out every request (protocol.md §5.3).
+            self._close_link("unanswered_ping", f"no PONG for "
+                             f"{now - self._ping_since:.1f}s", False)
 
     def _close_link(self, reason, detail, graceful):
         """Close, counted by `reason` (gateway_service_links_closed_total) and logged with

@@ -248,3 +248,39 @@ def test_a_burst_of_uploads_waits_for_a_reading_service_instead_of_cutting_its_l
     finally:
         svc.stop()
         gw.stop()
+
+
+def test_a_link_that_beats_but_never_answers_a_ping_is_closed():
+    """A found hole (P4-2): a service whose reader is wedged while a timer thread still sends
+    HEARTBEATs was Healthy for ever, and with one instance every request timed out (504).
+    Each HEARTBEAT draws a PING; one left unanswered for the Unhealthy threshold plus the
+    grace closes the link, like silence."""
+    gw = gateway()
+    peer = RawPeer(gw.transport_port)
+    beating = threading.Event()
+    beating.set()
+    try:
+        assert "error" not in peer.hello(hello_for("wedged", endpoints=[("GET", "/t/wedged/x")]))
+
+        def beat():
+            try:
+                while beating.is_set():
+                    peer.send_control(fr.HEARTBEAT, {"status": "Healthy"})
+                    time.sleep(0.05)
+            except OSError:
+                pass
+        started = time.monotonic()
+        threading.Thread(target=beat, daemon=True).start()
+        answer = {}
+        client = threading.Thread(target=lambda: answer.update(r=get(gw, "/t/wedged/x")))
+        client.start()
+        client.join(15)
+        assert wait_for(lambda: closed(gw) == {"unanswered_ping": 1}, timeout=10), closed(gw)
+        assert time.monotonic() - started >= HEALTH["heartbeatTimeoutSeconds"] + GRACE - 0.002
+        assert answer["r"][0] == 502 and b"connection was lost" in answer["r"][2]
+        assert instances(gw, "wedged") == 0
+        assert get(gw, "/t/wedged/x")[0] == 503        # gone, not unknown: no instance
+    finally:
+        beating.clear()
+        peer.close()
+        gw.stop()
