@@ -149,15 +149,10 @@ class ReplayTable:
     def check_and_store(self, key: str, now_ms: int, ttl_ms: int) -> int:
         """REPLAY when `key` is stored and live at now_ms; otherwise store it until
         now_ms + ttl_ms and return FRESH (or FRESH_EVICTED when a live entry made room)."""
-        if not isinstance(key, str):
-            raise TypeError("key must be str")
         if not (0 <= now_ms < _MAX_MS and 0 <= ttl_ms < _MAX_MS):
             raise ValueError("now_ms and ttl_ms must be in [0, 2**62)")
-        h = siphash24(self._k0, self._k1, key.encode("utf-8"))
-        fp = h or 1
+        fp, b1, b2 = self._place(key)
         expiry = now_ms + ttl_ms
-        b1 = (h & self._mask) * (2 * SLOTS)
-        b2 = ((h >> 32) & self._mask) * (2 * SLOTS)
         words, times = self._words, self._times
         self._lock()
         try:
@@ -194,16 +189,18 @@ class ReplayTable:
         finally:
             self._unlock()
 
+    def _place(self, key):
+        """`key`'s fingerprint (never 0: 0 marks an empty slot) and its two buckets."""
+        if not isinstance(key, str):
+            raise TypeError("key must be str")
+        h = siphash24(self._k0, self._k1, key.encode("utf-8"))
+        return h or 1, (h & self._mask) * (2 * SLOTS), ((h >> 32) & self._mask) * (2 * SLOTS)
+
     def discard(self, key: str) -> bool:
         """Forget `key` (a proof refused after it was stored: docs/auth.md, "When Valkey
         fails"). True when it was there. Only the slot holding the key's fingerprint is
         cleared, so a key that was evicted meanwhile takes nothing else with it."""
-        if not isinstance(key, str):
-            raise TypeError("key must be str")
-        h = siphash24(self._k0, self._k1, key.encode("utf-8"))
-        fp = h or 1
-        b1 = (h & self._mask) * (2 * SLOTS)
-        b2 = ((h >> 32) & self._mask) * (2 * SLOTS)
+        fp, b1, b2 = self._place(key)
         words, times = self._words, self._times
         self._lock()
         try:

@@ -120,6 +120,23 @@ def test_ping_and_pong_payloads_over_64_bytes_close_the_link(ftype):
         gw.stop()
 
 
+def beat(peer) -> threading.Event:
+    """HEARTBEATs from `peer` every 50 ms on a thread, whatever its reading does (a service's
+    timer); clear the event returned to stop them."""
+    beating = threading.Event()
+    beating.set()
+
+    def run():
+        try:
+            while beating.is_set():
+                peer.send_control(fr.HEARTBEAT, {"status": "Healthy"})
+                time.sleep(0.05)
+        except OSError:
+            pass
+    threading.Thread(target=run, daemon=True).start()
+    return beating
+
+
 def _write_buffer(gw):
     def size():
         return max((c.transport.get_write_buffer_size() for c in gw.worker.hub.connections
@@ -140,17 +157,7 @@ def test_a_service_that_stops_reading_cannot_grow_gateway_memory():
         assert "error" not in peer.hello(hello_for("deaf", endpoints=[("POST", "/t/deaf/x")]))
         # The peer never reads again, but it beats (so it is not silent). Every request
         # carries 8 KB inside its REQUEST frame.
-        beating = threading.Event()
-        beating.set()
-
-        def beat():
-            try:
-                while beating.is_set():
-                    peer.send_control(fr.HEARTBEAT, {"status": "Healthy"})
-                    time.sleep(0.05)
-            except OSError:
-                pass
-        threading.Thread(target=beat, daemon=True).start()
+        beating = beat(peer)
         body = b"b" * 8192
         req = (b"POST /t/deaf/x HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n"
                % len(body) + body)
@@ -258,19 +265,10 @@ def test_a_link_that_beats_but_never_answers_a_ping_is_closed():
     gw = gateway()
     peer = RawPeer(gw.transport_port)
     beating = threading.Event()
-    beating.set()
     try:
         assert "error" not in peer.hello(hello_for("wedged", endpoints=[("GET", "/t/wedged/x")]))
-
-        def beat():
-            try:
-                while beating.is_set():
-                    peer.send_control(fr.HEARTBEAT, {"status": "Healthy"})
-                    time.sleep(0.05)
-            except OSError:
-                pass
         started = time.monotonic()
-        threading.Thread(target=beat, daemon=True).start()
+        beating = beat(peer)
         answer = {}
         client = threading.Thread(target=lambda: answer.update(r=get(gw, "/t/wedged/x")))
         client.start()
