@@ -182,6 +182,17 @@ class FrameError(ValueError):
     """Malformed frame or frame field; the message names the field or limit."""
 
 
+class FrameTooLarge(FrameError):
+    """A frame longer than max_frame_size. `limit` is that max_frame_size; `length` is the
+    frame's length field (FrameDecoder.next), or, from an encoder, the length the frame had
+    reached when the field that does not fit was added (a lower bound: encoding stops there)."""
+
+    def __init__(self, message, length, limit):
+        FrameError.__init__(self, message)
+        self.length = length
+        self.limit = limit
+
+
 cdef inline int _check_header(uint32_t length, Py_ssize_t avail, const unsigned char *p,
                               long long max_frame) except -1:
     # Runs as soon as the 4 (or 5) header bytes are in: nothing is allocated for a frame
@@ -189,7 +200,8 @@ cdef inline int _check_header(uint32_t length, Py_ssize_t avail, const unsigned 
     if length < C_MIN_LENGTH:
         raise FrameError(f"frame length {length} is below the minimum {C_MIN_LENGTH}")
     if length > max_frame:
-        raise FrameError(f"frame length {length} exceeds max_frame_size {max_frame}")
+        raise FrameTooLarge(f"frame length {length} exceeds max_frame_size {max_frame}",
+                            length, max_frame)
     # Unknown types are protocol errors, never skipped: types are only added with a new
     # protocol version, negotiated in HELLO/HELLO_ACK (docs/protocol.md §6).
     if avail > 4 and (p[4] < 1 or p[4] > T_LAST):
@@ -878,7 +890,8 @@ cdef class FrameEncoder:
 
     cdef int _room(self, Py_ssize_t mark, Py_ssize_t extra, str kind) except -1:
         if self._len - mark - 4 + extra > self._max:
-            raise FrameError(f"{kind}: frame length exceeds max_frame_size {self._max}")
+            raise FrameTooLarge(f"{kind}: frame length exceeds max_frame_size {self._max}",
+                                self._len - mark - 4 + extra, self._max)
         return self._reserve(extra)
 
     cdef Py_ssize_t _begin(self, uint8_t ftype, object corr) except -1:

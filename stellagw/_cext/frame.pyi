@@ -15,7 +15,7 @@ __all__ = [
     "KIND_BINARY", "KIND_CLOSE", "KIND_PING", "KIND_PONG", "MAX_WINDOW_INCREMENT",
     "HEADER_KEEP", "HEADER_DROP", "HEADER_CONNECTION", "HEADER_HOST", "HEADER_TE",
     "HEADER_TRACE",
-    "FrameError", "FrameDecoder", "FrameEncoder",
+    "FrameError", "FrameTooLarge", "FrameDecoder", "FrameEncoder",
     "decode_request", "decode_response", "decode_response_block", "decode_stream_data",
     "decode_control", "decode_window_update",
 ]
@@ -67,6 +67,12 @@ Header: TypeAlias = tuple[bytes, bytes]
 
 class FrameError(ValueError):
     """Malformed frame or frame field; the message names the field or limit."""
+
+class FrameTooLarge(FrameError):
+    """A frame longer than max_frame_size (FrameDecoder.next, and every FrameEncoder method)."""
+    length: int     # the length field; from an encoder, the length reached when it stopped
+    limit: int      # the max_frame_size
+    def __init__(self, message: str, length: int, limit: int) -> None: ...
 
 class FrameDecoder:
     def __init__(self, max_frame_size: int = ...) -> None: ...

@@ -22,7 +22,7 @@ __all__ = [
     "KIND_BINARY", "KIND_CLOSE", "KIND_PING", "KIND_PONG", "MAX_WINDOW_INCREMENT",
     "HEADER_KEEP", "HEADER_DROP", "HEADER_CONNECTION", "HEADER_HOST", "HEADER_TE",
     "HEADER_TRACE",
-    "FrameError", "FrameDecoder", "FrameEncoder",
+    "FrameError", "FrameTooLarge", "FrameDecoder", "FrameEncoder",
     "decode_request", "decode_response", "decode_response_block", "decode_stream_data",
     "decode_control", "decode_window_update", "corr_id",
 ]
@@ -103,6 +103,17 @@ class FrameError(ValueError):
     """Malformed frame or frame field; the message names the field or limit."""
 
 
+class FrameTooLarge(FrameError):
+    """A frame longer than max_frame_size. `limit` is that max_frame_size; `length` is the
+    frame's length field (FrameDecoder.next), or, from an encoder, the length the frame had
+    reached when the field that does not fit was added (a lower bound: encoding stops there)."""
+
+    def __init__(self, message, length, limit):
+        FrameError.__init__(self, message)
+        self.length = length
+        self.limit = limit
+
+
 def _as_llong(value):
     # The Cython codec converts these arguments to a C long long; mirror its errors.
     value = operator.index(value)
@@ -124,7 +135,8 @@ def _check_header(length, ftype, have_type, max_frame):
     if length < MIN_LENGTH:
         raise FrameError(f"frame length {length} is below the minimum {MIN_LENGTH}")
     if length > max_frame:
-        raise FrameError(f"frame length {length} exceeds max_frame_size {max_frame}")
+        raise FrameTooLarge(f"frame length {length} exceeds max_frame_size {max_frame}",
+                            length, max_frame)
     if have_type and not 1 <= ftype <= _LAST_TYPE:
         raise FrameError(f"unknown frame type {ftype}")
 
@@ -426,8 +438,10 @@ class FrameEncoder:
         return mark
 
     def _room(self, mark, extra, kind):
-        if len(self._buf) - mark - 4 + extra > self._max:
-            raise FrameError(f"{kind}: frame length exceeds max_frame_size {self._max}")
+        length = len(self._buf) - mark - 4 + extra
+        if length > self._max:
+            raise FrameTooLarge(f"{kind}: frame length exceeds max_frame_size {self._max}",
+                                length, self._max)
 
     def _end(self, mark):
         buf = self._buf

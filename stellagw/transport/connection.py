@@ -360,14 +360,17 @@ class ServiceConnection:
                         self._on_control(ftype_obj, corr, payload)
                 if self.state == _CLOSED:
                     return
-        except (fr.FrameError, HelloError) as exc:
-            if self.state == _AWAIT_HELLO and "exceeds max_frame_size" in str(exc):
-                # Told why, or it would dial again with the same HELLO for ever.
+        except fr.FrameTooLarge as exc:
+            if self.state == _AWAIT_HELLO:
+                # The decoder's, on the HELLO's length field (nothing else is read before
+                # it). Told why, or it would dial again with the same HELLO for ever.
                 self._refuse("InvalidHello", "hello_too_large",
                              f"HELLO larger than {self._hub.max_hello_size} bytes "
                              "(gateway.transports.*.maxHelloSize): send the endpoints in an "
                              "ENDPOINTS_UPDATE after a smaller HELLO, or raise the limit", None)
                 return
+            self._protocol_error(str(exc))
+        except (fr.FrameError, HelloError) as exc:
             self._protocol_error(str(exc))
 
     def eof_received(self):

@@ -88,6 +88,7 @@ HEADER_TE = _m.HEADER_TE
 HEADER_TRACE = _m.HEADER_TRACE
 
 FrameError = _m.FrameError
+FrameTooLarge = _m.FrameTooLarge
 FrameDecoder = _m.FrameDecoder
 FrameEncoder = _m.FrameEncoder
 decode_request = _m.decode_request
@@ -166,7 +167,7 @@ __all__ = [
     "KIND_BINARY", "KIND_CLOSE", "KIND_PING", "KIND_PONG", "MAX_WINDOW_INCREMENT",
     "HEADER_KEEP", "HEADER_DROP", "HEADER_CONNECTION", "HEADER_HOST", "HEADER_TE",
     "HEADER_TRACE",
-    "FrameError", "FrameDecoder", "FrameEncoder",
+    "FrameError", "FrameTooLarge", "FrameDecoder", "FrameEncoder",
     "decode_request", "decode_response", "decode_response_block", "decode_stream_data",
     "decode_control", "decode_window_update", "corr_id",
     "FRAME_TYPE_NAMES", "CONTROL_TYPES", "CANCEL_CLIENT_DISCONNECTED", "CANCEL_TIMEOUT",

@@ -78,13 +78,23 @@ def decode_stream(m, data, points=(), max_frame=None, kind=bytes):
 
 def outcome(fn, *args):
     """Result of fn, or the error: FrameError messages must agree exactly between the
-    implementations; for TypeError/ValueError/OverflowError only the class must."""
+    implementations, and so must FrameTooLarge's length and limit; for
+    TypeError/ValueError/OverflowError only the class must."""
     try:
         return ("ok", fn(*args))
     except (py_frame.FrameError,) + ((c_frame.FrameError,) if c_frame else ()) as exc:
-        return ("FrameError", str(exc))
+        return frame_error(exc)
     except (TypeError, OverflowError, ValueError) as exc:
         return (type(exc).__name__,)
+
+
+def frame_error(exc):
+    """A FrameError as both implementations must agree on it: class name, message and, for
+    FrameTooLarge, its length and limit."""
+    if type(exc).__name__ == "FrameTooLarge":
+        return ("FrameTooLarge", str(exc), exc.length, exc.limit)
+    assert type(exc).__name__ == "FrameError", type(exc)
+    return ("FrameError", str(exc))
 
 
 def decode_payload(m, ftype, payload):
@@ -395,6 +405,76 @@ def test_max_frame_size_raised_between_frames(impl):
 
 
 @impls
+def test_frame_too_large_is_a_frame_error_with_its_length_and_limit(impl):
+    # A connection tells a frame past its limit from other malformed input by its type
+    # (a HELLO past maxHelloSize is answered, not just closed), never by its message.
+    m = M(impl)
+    assert issubclass(m.FrameTooLarge, m.FrameError) and m.FrameTooLarge is not m.FrameError
+    for head, limit, length in ((ref_frame(m.PING, CORR, b"x" * 10)[:4], 26, 27),
+                                (b"\xff\xff\xff\xff", 1 << 20, 2**32 - 1)):
+        dec = m.FrameDecoder(limit)
+        dec.feed(head)
+        with pytest.raises(m.FrameTooLarge) as caught:
+            dec.next()
+        assert (caught.value.length, caught.value.limit) == (length, limit)
+        assert str(caught.value) == f"frame length {length} exceeds max_frame_size {limit}"
+    # Other bad headers are FrameErrors of their own.
+    for data in (b"\x00\x00\x00\x10", b"\x00\x00\x00\x11\x63"):
+        dec = m.FrameDecoder()
+        dec.feed(data)
+        with pytest.raises(m.FrameError) as caught:
+            dec.next()
+        assert type(caught.value) is m.FrameError
+    # Every encoder method: the length it reached when the field that does not fit came.
+    enc = m.FrameEncoder(100)
+    calls = [
+        (lambda: enc.stream_data(m.REQUEST_STREAM_DATA, CORR, 0, b"x" * 83), 17 + 1 + 83),
+        # flags, timeout, method, path, query, header count, a: b, then the body
+        (lambda: enc.request(CORR, "POST", "/up", b"", [(b"a", b"b")], 0, 1, b"x" * 90),
+         17 + 5 + 5 + 5 + 2 + 2 + 3 + 3 + 90),
+        # flags, status, header count, the name; then the value that does not fit
+        (lambda: enc.response(CORR, 200, [(b"a", b"v" * 90)], 1, b""), 17 + 3 + 2 + 3 + 92),
+        (lambda: enc.control(m.CANCEL, CORR, {"reason": "r" * 90}), 17 + 13 + 90),
+        (lambda: enc.raw(m.PING, CORR, b"p" * 84), 17 + 84)]
+    for call, length in calls:
+        with pytest.raises(m.FrameTooLarge) as caught:
+            call()
+        assert (caught.value.length, caught.value.limit) == (length, 100)
+        assert "frame length exceeds max_frame_size 100" in str(caught.value)
+    with pytest.raises(m.FrameError) as caught:
+        enc.request(CORR, "GET", "/", b"", [(b"a", b"\x01")], 0, 1, b"")
+    assert type(caught.value) is m.FrameError
+    assert len(enc) == 0
+
+
+@needs_c
+@HSET
+@given(length=st.integers(0, 2**32 - 1) | st.integers(0, 400), ftype=st.integers(0, 20),
+       limit=st.integers(17, 300) | st.sampled_from([2**32 - 1, 1 << 20]),
+       fed=st.integers(4, 30), size=st.integers(0, 400))
+def test_differential_frame_too_large(length, ftype, limit, fed, size):
+    """The same FrameTooLarge (or other error), length and limit, from both decoders on any
+    header, and from both encoders on any frame size."""
+    data = (struct.pack(">IB", length, ftype) + CORR + b"p" * 400)[:fed]
+
+    def decoded(m):
+        dec = m.FrameDecoder(limit)
+        dec.feed(data)
+        return outcome(dec.next)
+
+    assert decoded(c_frame) == decoded(py_frame)
+    calls = [
+        ("stream_data", (5, CORR, 0, b"s" * size)),
+        ("raw", (11, CORR, b"r" * size)),
+        ("control", (8, CORR, {"reason": "c" * size})),
+        ("response", (CORR, 200, [(b"x-h", b"v" * (size // 2))], 0, b"b" * (size // 2))),
+        ("request", (CORR, "PUT", "/p" * (size // 4), b"q" * (size // 4),
+                     [(b"x-h", b"v" * (size // 4))], 0, 1, b"b" * (size // 4))),
+    ]
+    assert encode_outcome(c_frame, limit, calls) == encode_outcome(py_frame, limit, calls)
+
+
+@impls
 def test_short_length_field_waits(impl):
     m = M(impl)
     dec = m.FrameDecoder()
@@ -593,6 +673,7 @@ def test_response_block_drops_named_headers_and_keeps_order(impl):
     for drop in ([b"date"], (b"date", "x"), None):
         with pytest.raises(TypeError):
             m.decode_response_block(payload, drop)
+
 
 
 def forward_args(headers, **kw):

@@ -12,7 +12,7 @@ from stellagw._py import frame as py_frame
 from stellagw.transport.headers import (CLASSES, RESPONSE_DROP, RESPONSE_DROP_NAMES, classify,
                                         request_headers, response_header_block)
 
-from tests.codecs.test_frame import CORR, IMPLS, M, c_frame
+from tests.codecs.test_frame import CORR, IMPLS, M, c_frame, frame_error
 
 
 class Req:
@@ -90,7 +90,7 @@ def outcome(fn, *args):
     try:
         return ("ok", fn(*args))
     except FRAME_ERRORS as exc:
-        return ("FrameError", str(exc))
+        return frame_error(exc)
     except (TypeError, ValueError) as exc:
         return (type(exc).__name__,)
 
