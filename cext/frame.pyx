@@ -524,6 +524,34 @@ cdef bint _listed(const unsigned char *name, Py_ssize_t n, tuple names) noexcept
     return False
 
 
+cdef Py_ssize_t _drop_nominated(const unsigned char *p, Py_ssize_t count,
+                                uint8_t *keep) except -1:
+    # The fields a dropped `connection` field names go too (RFC 9110 §7.6.1): off the common
+    # path (only a response that carries Connection comes here), so plain Python objects.
+    # Returns the bytes of the block lines it took out.
+    cdef Py_ssize_t pos = 5, i, nlen, vlen, less = 0
+    cdef set named = set()
+    cdef bytes token
+    for i in range(count):
+        nlen = gw_load_be16(p + pos)
+        vlen = gw_load_be16(p + pos + 2 + nlen)
+        if (not keep[i] and nlen == 10
+                and memcmp(p + pos + 2, <const char *>b"connection", 10) == 0):
+            for token in PyBytes_FromStringAndSize(<const char *>p + pos + 4 + nlen,
+                                                   vlen).split(b","):
+                named.add(token.strip().lower())
+        pos += 4 + nlen + vlen
+    pos = 5
+    for i in range(count):
+        nlen = gw_load_be16(p + pos)
+        vlen = gw_load_be16(p + pos + 2 + nlen)
+        if keep[i] and PyBytes_FromStringAndSize(<const char *>p + pos + 2, nlen) in named:
+            keep[i] = 0
+            less += nlen + vlen + 4
+        pos += 4 + nlen + vlen
+    return less
+
+
 cdef tuple _decode_response_block(const unsigned char *p, Py_ssize_t n, object drop):
     # Validation first, over the whole frame (same errors, same order as decode_response),
     # sizing the kept lines on the way; then one allocation and a copy. No per-header
@@ -532,6 +560,7 @@ cdef tuple _decode_response_block(const unsigned char *p, Py_ssize_t n, object d
     cdef uint8_t keep[C_MAX_HEADERS]
     cdef uint8_t flags
     cdef uint16_t status
+    cdef bint nominates = False
     cdef bytes block, body
     cdef char *out
     _response_head(p, n)
@@ -543,6 +572,12 @@ cdef tuple _decode_response_block(const unsigned char *p, Py_ssize_t n, object d
         keep[i] = not _listed(p + a, v - 2 - a, <tuple>drop)
         if keep[i]:
             size += (v - 2 - a) + (pos - v) + 4
+        elif v - 2 - a == 10 and memcmp(p + a, <const char *>b"connection", 10) == 0:
+            # Looked for among the dropped names only: a response without Connection
+            # pays nothing for the rule.
+            nominates = True
+    if nominates:
+        size -= _drop_nominated(p, count, keep)
     body = PyBytes_FromStringAndSize(<const char *>p + pos, n - pos)
     block = PyBytes_FromStringAndSize(NULL, size)
     out = PyBytes_AS_STRING(block)
@@ -629,7 +664,9 @@ cpdef bytes corr_id(bytes prefix, unsigned long long serial):
 cpdef tuple decode_response_block(payload, tuple drop):
     """RESPONSE payload -> (flags, status, header block, body): the headers whose names are
     not in `drop` (a tuple of bytes) as b"name: value\\r\\n" lines, validated exactly as
-    decode_response validates them."""
+    decode_response validates them. When `drop` holds b"connection", the fields that any
+    `connection` field's value names (comma-separated, case-insensitive) are dropped too:
+    they describe the connection the response came on (RFC 9110 §7.6.1)."""
     if drop is None:
         raise TypeError("drop must be a tuple of bytes")
     for name in drop:

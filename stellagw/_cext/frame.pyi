@@ -87,7 +87,8 @@ def decode_response(payload: Buffer) -> tuple[int, int, list[Header], bytes]:
     """(flags, status, headers, body)"""
 def decode_response_block(payload: Buffer,
                           drop: tuple[bytes, ...]) -> tuple[int, int, bytes, bytes]:
-    """(flags, status, b"name: value\\r\\n" lines of the headers not named in drop, body)"""
+    """(flags, status, b"name: value\\r\\n" lines of the headers not named in drop, body);
+    with b"connection" in drop, also without the fields a connection field names"""
 def decode_stream_data(payload: Buffer) -> tuple[int, bytes]:
     """(flags, chunk)"""
 def decode_control(payload: Buffer) -> dict[str, object]: ...

@@ -329,12 +329,27 @@ def corr_id(prefix: bytes, serial: int) -> bytes:
 def decode_response_block(payload, drop):
     """RESPONSE payload -> (flags, status, header block, body): the headers whose names are
     not in `drop` (a tuple of bytes) as b"name: value\\r\\n" lines, validated exactly as
-    decode_response validates them."""
+    decode_response validates them. When `drop` holds b"connection", the fields that any
+    `connection` field's value names (comma-separated, case-insensitive) are dropped too:
+    they describe the connection the response came on (RFC 9110 §7.6.1)."""
     if type(drop) is not tuple or any(type(name) is not bytes for name in drop):
         raise TypeError("drop must be a tuple of bytes")
     flags, status, headers, body = decode_response(payload)
+    drop = set(drop)
+    if b"connection" in drop:
+        drop |= _connection_named(headers)
     block = b"".join([b"%s: %s\r\n" % (n, v) for n, v in headers if n not in drop])
     return flags, status, block, body
+
+
+def _connection_named(headers):
+    """The field names the `connection` fields among `headers` (lowercase names) nominate:
+    comma-separated tokens, any case, optional whitespace around them."""
+    named = set()
+    for name, value in headers:
+        if name == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    return named
 
 
 def _check_stream_flags(flags):

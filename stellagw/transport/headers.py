@@ -1,7 +1,9 @@
 """Header rules at the boundary between HTTP and the frame protocol.
 
 Hop-by-hop headers (RFC 9110 §7.6.1) describe one HTTP connection and never cross it, in
-either direction; nor does anything the `Connection` header names. The gateway adds
+either direction; nor does anything the `Connection` header names: a client's (forward_headers,
+FrameEncoder.request_forward) or a service's (frame.decode_response_block, which drops what a
+`connection` field names whenever it drops `connection`). The gateway adds
 X-Forwarded-For/-Proto/-Host and the correlation id on the way in, and frames the response
 itself (content-length or chunked) on the way out.
 """
@@ -137,7 +139,15 @@ def response_header_block(headers) -> bytes:
 
     The frame decoder has already refused names that are not lowercase tokens and values
     with a control character (docs/protocol.md §8), so nothing here can split the response.
+    Dropped: RESPONSE_DROP, and the fields the service's own `connection` fields name.
     The request path does this in C: frame.decode_response_block(payload, RESPONSE_DROP_NAMES).
     """
     drop = RESPONSE_DROP
+    named = None
+    for name, value in headers:
+        if name == b"connection":
+            named = named or set()
+            named.update(t.strip().lower() for t in value.split(b","))
+    if named:
+        drop = drop | named
     return b"".join([b"%s: %s\r\n" % (n, v) for n, v in headers if n not in drop])

@@ -675,6 +675,26 @@ def test_response_block_drops_named_headers_and_keeps_order(impl):
             m.decode_response_block(payload, drop)
 
 
+@impls
+def test_response_block_drops_what_a_dropped_connection_field_names(impl):
+    # RFC 9110 §7.6.1: a field a service's Connection names described its connection to
+    # the gateway and goes no further, on any of its Connection lines, in any case.
+    m = M(impl)
+    headers = [(b"x-keep", b"1"), (b"connection", b"keep-alive, X-Keep"), (b"x-other", b"2"),
+               (b"connection", b"\tx-two ,, "), (b"x-two", b"3"), (b"x-keep", b"4"),
+               (b"content-type", b"text/plain")]
+    payload = ref_response(1, 200, headers, b"ok")
+    drop = DROP + (b"connection",)
+    assert m.decode_response_block(payload, drop) == (
+        1, 200, b"x-other: 2\r\ncontent-type: text/plain\r\n", b"ok")
+    # A caller that keeps `connection` keeps what it names (it did not drop the field).
+    assert m.decode_response_block(payload, DROP)[2] == b"".join(
+        b"%s: %s\r\n" % h for h in headers)
+    # Without any Connection field, nothing else changes.
+    plain = [h for h in headers if h[0] != b"connection"]
+    assert m.decode_response_block(ref_response(1, 200, plain, b""), drop)[2] == b"".join(
+        b"%s: %s\r\n" % h for h in plain)
+
 
 def forward_args(headers, **kw):
     """request_forward's arguments: a GET with `headers`, classified by their own kind names."""
@@ -916,8 +936,9 @@ def test_differential_payload_decoders(payload):
     for fn in ("decode_request", "decode_response", "decode_stream_data", "decode_control",
                "decode_window_update"):
         assert outcome(getattr(c_frame, fn), payload) == outcome(getattr(py_frame, fn), payload)
-    assert (outcome(c_frame.decode_response_block, payload, DROP)
-            == outcome(py_frame.decode_response_block, payload, DROP))
+    for drop in (DROP, DROP + (b"connection",)):
+        assert (outcome(c_frame.decode_response_block, payload, drop)
+                == outcome(py_frame.decode_response_block, payload, drop))
 
 
 @needs_c

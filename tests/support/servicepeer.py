@@ -16,7 +16,8 @@ from stellagw.transport import frame as fr
 class RawPeer:
     """One connection to a gateway's transport port, frames by hand."""
 
-    def __init__(self, port: int, ssl_ctx=None, rcvbuf: int | None = None, timeout: float = 10.0):
+    def __init__(self, port: int, ssl_ctx=None, rcvbuf: int | None = None, timeout: float = 10.0,
+                 max_frame_size: int = fr.DEFAULT_MAX_FRAME_SIZE):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:
             # Before connect: the window the peer advertises is fixed at the handshake.
@@ -26,7 +27,9 @@ class RawPeer:
         if ssl_ctx is not None:
             sock = ssl_ctx.wrap_socket(sock, server_hostname="localhost")
         self.sock = sock
-        self._dec = fr.FrameDecoder()
+        # What it accepts, as a service holding the gateway to its HELLO's max_frame_size:
+        # read_frame raises FrameTooLarge on a longer frame.
+        self._dec = fr.FrameDecoder(max_frame_size)
 
     def send(self, ftype: int, payload: bytes = b"", corr: bytes = fr.ZERO_CORR) -> None:
         """One frame with `payload` verbatim."""

@@ -224,7 +224,8 @@ response_names = names | st.sampled_from([b"", b"Content-Type", b"a b"])
 @impls
 @HSET
 @given(flags=st.integers(0, 3), status=st.integers(90, 1010),
-       headers=st.lists(st.tuples(response_names, values), max_size=12),
+       headers=st.lists(st.tuples(response_names, values)
+                        | st.tuples(st.just(b"connection"), connection_values), max_size=12),
        body=st.binary(max_size=30) | st.just(b"x" * 1500), cut=st.integers(0, 2000),
        as_view=st.booleans())
 def test_decode_response_block_is_decode_response_then_block(impl, flags, status, headers, body,

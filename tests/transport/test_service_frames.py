@@ -1,0 +1,165 @@
+"""What crosses a service link, over real sockets: a gateway worker on loopback, a raw frame
+peer as the service, plain sockets as clients.
+
+* Fields a `Connection` field names are hop-by-hop (RFC 9110 §7.6.1): a service's never
+  reach the client, a client's never reach the service.
+
+One source (stellagw/transport/connection.py): run compiled and with STELLAGW_NO_EXTENSIONS=1.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+
+import orjson
+import pytest
+
+from stellagw.transport import frame as fr
+
+from tests.support.gwtest import GatewayThread, connect, settings_from
+from tests.support.sansio import parse_responses
+from tests.support.servicepeer import RawPeer, hello_for
+
+pytestmark = pytest.mark.twin   # run again uncompiled by `make test` (tests/conftest.py)
+
+ENDPOINTS = [("GET", "/svc/get"), ("POST", "/svc/up"), ("GET", "/svc/stream")]
+
+
+@pytest.fixture
+def gw():
+    gw = GatewayThread(settings_from(orjson.dumps({"gateway": {
+        "http": {"port": 0}, "transports": {"tcp": {"port": 0}}}}).decode())).start()
+    yield gw
+    gw.stop()
+
+
+class Service:
+    """A raw service on one link. Its decoder holds the gateway to `limit` (read_frame
+    raises FrameTooLarge past it, as a service enforcing its limit would close the link),
+    and the length of every frame it was sent is kept."""
+
+    def __init__(self, gw, limit=None):
+        extra = {} if limit is None else {"max_frame_size": limit}
+        self.limit = limit or fr.DEFAULT_MAX_FRAME_SIZE
+        self.peer = RawPeer(gw.transport_port, max_frame_size=self.limit)
+        self.lengths = []
+        ack = self.peer.hello(hello_for("svc", endpoints=ENDPOINTS, **extra))
+        assert "error" not in ack, ack
+
+    def frame(self):
+        frame = self.peer.read_frame()
+        assert frame is not None, "the gateway closed the link"
+        self.lengths.append(fr.MIN_LENGTH + len(frame[2]))
+        return frame
+
+    def request(self):
+        """The next request, whole: (corr, decoded REQUEST, body, [(frame type, length)]).
+        Credit goes back for each chunk of a streamed body, as it is read."""
+        ftype, corr, payload = self.frame()
+        assert ftype == fr.REQUEST, ftype
+        req = fr.decode_request(payload)
+        frames = [(ftype, fr.MIN_LENGTH + len(payload))]
+        body = bytearray(req[6])
+        end = req[0] & fr.FLAG_END_STREAM
+        while not end:
+            ftype, scorr, payload = self.frame()
+            assert (ftype, scorr) == (fr.REQUEST_STREAM_DATA, corr), (ftype, scorr)
+            frames.append((ftype, fr.MIN_LENGTH + len(payload)))
+            flags, chunk = fr.decode_stream_data(payload)
+            body += chunk
+            end = flags & fr.FLAG_END_STREAM
+            if chunk and not end:
+                self.send(lambda enc: enc.window_update(corr, len(chunk)))
+        return corr, req, bytes(body), frames
+
+    def send(self, write):
+        enc = fr.FrameEncoder()
+        write(enc)
+        self.peer.sock.sendall(enc.take())
+
+    def respond(self, corr, headers=(), body=b"", streamed=False):
+        if not streamed:
+            self.send(lambda enc: enc.response(corr, 200, list(headers), fr.FLAG_END_STREAM, body))
+            return
+        self.send(lambda enc: enc.response(corr, 200, list(headers), 0, b""))
+        self.send(lambda enc: enc.stream_data(fr.RESPONSE_STREAM_DATA, corr, 0, body))
+        self.send(lambda enc: enc.stream_data(fr.RESPONSE_STREAM_DATA, corr,
+                                              fr.FLAG_END_STREAM, b""))
+
+    def close(self):
+        self.peer.close()
+
+
+class Client:
+    """One HTTP exchange on its own connection, in a thread: the test serves it meanwhile."""
+
+    def __init__(self, gw, raw: bytes):
+        self.raw = raw
+        self.data = b""
+        self.sock = connect(gw.port, timeout=15)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        self.sock.sendall(self.raw)
+        chunks = []
+        try:
+            while chunk := self.sock.recv(65536):
+                chunks.append(chunk)
+        except (socket.timeout, ConnectionResetError):
+            pass
+        self.data = b"".join(chunks)
+        self.sock.close()
+
+    def response(self):
+        """(status, headers, body) once the gateway closed the connection."""
+        self._thread.join(20)
+        assert not self._thread.is_alive(), "no answer"
+        [answer] = parse_responses(self.data)
+        return answer
+
+
+def get(gw, path=b"/svc/get", extra: bytes = b"") -> Client:
+    return Client(gw, b"GET %s HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n%s\r\n"
+                  % (path, extra))
+
+
+# ---------------------------------------------------------------------------- Connection
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["buffered", "streamed"])
+def test_fields_a_services_connection_field_names_do_not_reach_the_client(gw, streamed):
+    svc = Service(gw)
+    try:
+        client = get(gw, b"/svc/stream" if streamed else b"/svc/get")
+        corr, _, _, _ = svc.request()
+        svc.respond(corr, [(b"connection", b"keep-alive, X-Keep"), (b"x-keep", b"1"),
+                           (b"x-other", b"2"), (b"connection", b" x-Two ,"),
+                           (b"x-two", b"3"), (b"content-type", b"text/plain")],
+                    b"hello", streamed)
+        status, headers, body = client.response()
+        assert status == 200 and body == b"hello"
+        assert headers["x-other"] == "2" and headers["content-type"] == "text/plain"
+        assert "x-keep" not in headers and "x-two" not in headers
+        assert headers.get("transfer-encoding") == ("chunked" if streamed else None)
+        # The client's own connection is the gateway's business: it asked to close.
+        assert headers["connection"] == "close"
+    finally:
+        svc.close()
+
+
+def test_fields_a_clients_connection_field_names_do_not_reach_the_service(gw):
+    svc = Service(gw)
+    try:
+        # Named on either of two Connection lines, before or after the field itself (get()
+        # sends `Connection: close` as well).
+        client = get(gw, extra=b"X-Foo: 1\r\nConnection: X-Foo\r\nX-Bar: 2\r\n"
+                               b"Connection: x-baz\r\nX-Baz: 3\r\n")
+        corr, req, _, _ = svc.request()
+        names = [name for name, _ in req[5]]
+        assert b"x-bar" in names
+        assert b"x-foo" not in names and b"x-baz" not in names and b"connection" not in names
+        svc.respond(corr, body=b"ok")
+        assert client.response()[0] == 200
+    finally:
+        svc.close()
