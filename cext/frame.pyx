@@ -894,6 +894,11 @@ cdef class FrameEncoder:
     def __len__(self):
         return self._len
 
+    def set_max_frame_size(self, max_frame_size):
+        """A new limit for the frames encoded from now on (a service link's frames are held
+        to what its HELLO announced). Frames already encoded are not checked again."""
+        self._max = _check_max(_ll(max_frame_size))
+
     cpdef bytes take(self):
         cdef bytes data = PyBytes_FromStringAndSize(<const char *>self._buf, self._len)
         self._len = 0

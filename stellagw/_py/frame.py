@@ -436,6 +436,11 @@ class FrameEncoder:
     def __len__(self):
         return len(self._buf)
 
+    def set_max_frame_size(self, max_frame_size):
+        """A new limit for the frames encoded from now on (a service link's frames are held
+        to what its HELLO announced). Frames already encoded are not checked again."""
+        self._max = _check_max(max_frame_size)
+
     def take(self):
         data = bytes(self._buf)
         self._buf.clear()

@@ -12,6 +12,7 @@ cdef Py_ssize_t _MAX_WINDOW
 cdef bytes _JSON
 cdef int _AWAIT_HELLO, _READY, _CLOSED, _B_OPEN
 cdef int _REQUEST, _RESPONSE, _RESPONSE_STREAM_DATA, _REQUEST_STREAM_DATA, _FLAG_END_STREAM
+cdef Py_ssize_t _STREAM_OVERHEAD
 cdef Py_ssize_t _MAX_PING
 
 
@@ -49,6 +50,7 @@ cdef class ServiceConnection:
     cdef public int state
     cdef public dict inflight
     cdef public Py_ssize_t peer_window
+    cdef readonly Py_ssize_t max_chunk         # largest stream-data chunk a frame carries
     # -- per worker
     cdef object _hub, _routing, _metrics, _log, _loop
     cdef dict _frame_counts
@@ -60,7 +62,7 @@ cdef class ServiceConnection:
     cdef double _update_at
     cdef WriteBatch _writes
     cdef TimerWheel _wheel
-    cdef bint _opened, _write_paused, _release_scheduled
+    cdef bint _opened, _write_paused, _release_scheduled, _small_frames
     cdef object _held
     cdef Py_ssize_t _held_threshold
     cdef int _failures
@@ -91,6 +93,10 @@ cdef class ServiceConnection:
     cpdef _release_held(self)
     @cython.locals(req=Request)
     cdef _send_head(self, Pending pending, path, int flags, body)
+    cdef int _send_head_within(self, Pending pending, path, body, streamed) except -2
+    @cython.locals(req=Request)
+    cdef int _head_too_large(self, Pending pending, exc) except -2
+    cdef _send_inline(self, Pending pending, body)
     @cython.locals(req=Request, held=list)
     cpdef bint request_body(self, Pending pending, chunk, bint end) except -1
     @cython.locals(queue=list, pos=Py_ssize_t, n=Py_ssize_t, end=Py_ssize_t, last=bint,

@@ -21,7 +21,8 @@ connection dropping answers 502 for every request still waiting, at once.
 A request body is dispatched as it arrives from the client (request_body): a small one
 with a known length goes inside REQUEST once complete, anything else as REQUEST followed by
 REQUEST_STREAM_DATA under the service's window; the ingress pauses the client while no
-credit is left. The answer's timeout runs from the REQUEST and is pushed on while the
+credit is left. No frame is longer than the service's HELLO announced (max_frame_size): a
+body that does not fit in its REQUEST is streamed, a head that does not fit answered 431. The answer's timeout runs from the REQUEST and is pushed on while the
 service grants credit for the body, then starts afresh when the body is complete (a slow
 upload is the client's delay, bounded by the ingress's body deadline).
 
@@ -84,6 +85,8 @@ _RESPONSE = fr.RESPONSE
 _RESPONSE_STREAM_DATA = fr.RESPONSE_STREAM_DATA
 _REQUEST_STREAM_DATA = fr.REQUEST_STREAM_DATA
 _FLAG_END_STREAM = fr.FLAG_END_STREAM
+# A stream-data frame's length field past its chunk: type + corr + the flags byte.
+_STREAM_OVERHEAD = fr.MIN_LENGTH + 1
 
 # What a request waits for in ServiceConnection._held while the link is over high water.
 _HELD_REQUEST = 1       # its REQUEST has not gone out (nor its body been read)
@@ -284,6 +287,12 @@ class ServiceConnection:
         self._wheel = hub.wheel
         self._scheme = hub.scheme
         self._writes = WriteBatch(self._encoder, self._loop, self._flush)
+        # What the service's HELLO announced it accepts (protocol.md §1, "max_frame_size"),
+        # settled once at the HELLO: the encoder refuses a frame past it, and on a link
+        # whose limit is below ours (_small_frames) a REQUEST that does not fit whole is
+        # sent as a head and stream data. No stream-data chunk is longer than max_chunk.
+        self._small_frames = False
+        self.max_chunk = hub.max_frame_size - _STREAM_OVERHEAD
 
     # ---------------------------------------------------------------- transport callbacks
 
@@ -487,12 +496,25 @@ class ServiceConnection:
         if denied is not None:
             self._refuse("Forbidden", denied[0], denied[1], hello)
             return
+        limit = self._link_frame_size(hello)
+        if limit < 0:
+            return
+        ack = self._hub.hello_ack(self)
+        small = limit < self._hub.max_frame_size
+        if small and not _fits(fr.HELLO_ACK, ack, limit):
+            self._refuse("InvalidHello", "invalid_hello",
+                         f"max_frame_size {limit} cannot carry this gateway's HELLO_ACK", hello)
+            return
         self._decoder.set_max_frame_size(self._hub.max_frame_size)     # it is someone now
         try:
             instance = self._routing.register(self, hello)
         except HelloError as exc:
             self._refuse("InvalidHello", "invalid_hello", str(exc), hello)
             return
+        if small:
+            self._encoder.set_max_frame_size(limit)
+            self._small_frames = True
+            self.max_chunk = limit - _STREAM_OVERHEAD
         window = hello.get("stream_window", INITIAL_WINDOW)
         self.peer_window = window if isinstance(window, int) and 0 < window < 2**31 else INITIAL_WINDOW
         self.instance = instance
@@ -504,13 +526,31 @@ class ServiceConnection:
         self._opened = True
         self._frames_seen = self._frames
         self._quiet_since = self._loop.time()
-        self._encoder.control(fr.HELLO_ACK, fr.ZERO_CORR, self._hub.hello_ack(self))
+        self._encoder.control(fr.HELLO_ACK, fr.ZERO_CORR, ack)
         self._count_sent(fr.HELLO_ACK)
         self._schedule_flush()
         self._log.event("info", "service registered", service=instance.service,
                         version=instance.version, instance=instance.instance_id,
                         region=instance.region, endpoints=len(instance.endpoints),
                         peer=_peer(self.peer))
+
+    def _link_frame_size(self, hello):
+        """The largest frame this link may carry to the service: its HELLO's max_frame_size
+        (absent: the protocol's default), never more than our own maxFrameSize. -1 when the
+        value is refused (answered already): below MIN_SERVICE_FRAME_SIZE no REQUEST head
+        of an ordinary request fits (protocol.md §1)."""
+        announced = hello.get("max_frame_size")
+        if announced is None:
+            announced = fr.DEFAULT_MAX_FRAME_SIZE
+        elif (announced.__class__ is not int
+                or not fr.MIN_SERVICE_FRAME_SIZE <= announced <= 0xFFFFFFFF):
+            self._refuse("InvalidHello", "invalid_hello",
+                         f"HELLO field 'max_frame_size' must be an integer from "
+                         f"{fr.MIN_SERVICE_FRAME_SIZE} to 4294967295, not "
+                         f"{repr(announced)[:40]}: a smaller frame cannot carry a request",
+                         hello)
+            return -1
+        return min(announced, self._hub.max_frame_size)
 
     def _on_response(self, corr, payload):
         pending = self.inflight.get(corr)
@@ -718,14 +758,22 @@ class ServiceConnection:
             headers = request_headers(req, req.client_ip, self._scheme, extra,
                                       keep_trace=req.span is None)
             headers.append((b"upgrade", b"websocket"))
-            self._encoder.request(pending.corr, req.method, path, req.query, headers,
-                                  int(timeout * 1000), 0, b"")
+            try:
+                self._encoder.request(pending.corr, req.method, path, req.query, headers,
+                                      int(timeout * 1000), 0, b"")
+            except fr.FrameTooLarge as exc:
+                self._head_too_large(pending, exc)
+                return
             self._requests_sent += 1
         elif req.body_state == _B_OPEN:
             # The body is still arriving: the ingress hands it over through request_body().
             if (endpoint.streaming or req.content_length < 0
                     or req.content_length > stream_threshold):
-                self._send_head(pending, path, 0, b"")
+                if self._small_frames:
+                    if self._send_head_within(pending, path, b"", True) < 0:
+                        return      # answered: the body is not read
+                else:
+                    self._send_head(pending, path, 0, b"")
                 pending.body_open = True
                 self._schedule_flush()
                 self._wheel.arm(pending, timeout)
@@ -736,8 +784,14 @@ class ServiceConnection:
         else:
             body = req.body
             streamed = len(body) > stream_threshold or (endpoint.streaming and body)
-            self._send_head(pending, path, 0 if streamed else _FLAG_END_STREAM,
-                            b"" if streamed else body)
+            if self._small_frames:
+                fit = self._send_head_within(pending, path, body, streamed)
+                if fit < 0:
+                    return
+                streamed = fit > 0
+            else:
+                self._send_head(pending, path, 0 if streamed else _FLAG_END_STREAM,
+                                b"" if streamed else body)
             if streamed:
                 pending.body_open = True
                 pending.body.append(body)
@@ -762,6 +816,58 @@ class ServiceConnection:
             CLASSES, classify, version is HTTP11 or version == "1.1", req.span is None, extra,
             req.client_ip, self._scheme, req.correlation_id)
         self._requests_sent += 1
+
+    def _send_head_within(self, pending, path, body, streamed):
+        """_send_head on a link whose service takes smaller frames than ours: a body that
+        does not fit in its REQUEST follows it as stream data (protocol.md §1). 0: the
+        REQUEST carries the body (END_STREAM); 1: it went without, the caller streams the
+        body; -1: the head alone does not fit, nothing was sent and the client is answered
+        (_head_too_large)."""
+        if not streamed:
+            try:
+                self._send_head(pending, path, _FLAG_END_STREAM, body)
+                return 0
+            except fr.FrameTooLarge as exc:
+                if not body:
+                    return self._head_too_large(pending, exc)
+        try:
+            self._send_head(pending, path, 0, b"")
+        except fr.FrameTooLarge as exc:
+            return self._head_too_large(pending, exc)
+        return 1
+
+    def _head_too_large(self, pending, exc):
+        """A REQUEST head (path, query, headers: the client's and the gateway's) larger than
+        the service's max_frame_size: 431, as for any request head too large to take; the
+        service hears nothing (protocol.md §1)."""
+        self._finish(pending)
+        req = pending.req
+        self._log.event("info", "request head too large for the service",
+                        service=req.service, route=req.route,
+                        correlationId=req.correlation_id, frameLength=exc.length,
+                        maxFrameSize=exc.limit)
+        _reply_error(req, 431, "the request head is larger than the service accepts")
+        return -1
+
+    def _send_inline(self, pending, body):
+        """The REQUEST of a small body of known length, now complete, with the body inside;
+        on a link whose service takes smaller frames it may have to follow as stream data."""
+        if self._small_frames:
+            fit = self._send_head_within(pending, pending.path, body, False)
+            if fit < 0:
+                return
+            if fit:
+                # Too large for the service's frames: streamed, and so not replayable (as
+                # any streamed body).
+                pending.replayable = False
+                pending.body_open = True
+                pending.body.append(body)
+                pending.body_end = True
+                self._send_body(pending)
+                return
+        else:
+            self._send_head(pending, pending.path, _FLAG_END_STREAM, body)
+        self._schedule_flush()
 
     def request_body(self, pending, chunk, end):
         """The next piece of a request's body from the client (`end`: it is complete).
@@ -799,8 +905,7 @@ class ServiceConnection:
                     pending.held = _HELD_INLINE
                     self._hold(pending)
                 else:
-                    self._send_head(pending, pending.path, _FLAG_END_STREAM, body)
-                    self._schedule_flush()
+                    self._send_inline(pending, body)
             return True
         if chunk:
             pending.body.append(chunk)
@@ -813,7 +918,9 @@ class ServiceConnection:
 
     def _send_body(self, pending):
         """REQUEST_STREAM_DATA for what the window allows; END_STREAM once it is all out."""
-        chunk_size = self._hub.chunk_size
+        chunk_size = self._hub.chunk_size      # the hub's: a reload changes it
+        if chunk_size > self.max_chunk:
+            chunk_size = self.max_chunk
         queue = pending.body
         if self._write_paused and queue and pending.window > 0:
             if not pending.held:
@@ -1024,8 +1131,7 @@ class ServiceConnection:
                 if req.body_state == _B_OPEN and not pending.body:
                     req.conn.resume_body(req)     # paused by request_body while it waited
             elif kind == _HELD_INLINE:
-                self._send_head(pending, pending.path, _FLAG_END_STREAM, pending.req.body)
-                self._schedule_flush()
+                self._send_inline(pending, pending.req.body)
             elif pending.ws is not None:
                 pending.ws.on_credit()
             else:
@@ -1118,6 +1224,15 @@ class ServiceConnection:
         # this object a while, and a partial frame can be maxFrameSize bytes.
         self._encoder.take()
         self._decoder = fr.FrameDecoder(self._hub.max_frame_size)
+
+
+def _fits(ftype, obj, limit):
+    """Does control frame `ftype` with `obj` fit in `limit` bytes (a HELLO time check)?"""
+    try:
+        fr.FrameEncoder(limit).control(ftype, fr.ZERO_CORR, obj)
+    except fr.FrameTooLarge:
+        return False
+    return True
 
 
 def _disarm(pending):

@@ -121,6 +121,11 @@ CANCEL_REASONS = (CANCEL_CLIENT_DISCONNECTED, CANCEL_TIMEOUT, CANCEL_PAYLOAD_LIM
 HEALTH_STATUSES = ("Healthy", "Degraded", "Draining", "Unhealthy")
 
 INITIAL_STREAM_WINDOW = 256 * 1024     # per stream, per direction, unless HELLO(_ACK) says
+# The smallest max_frame_size a service may announce in its HELLO (docs/protocol.md §1):
+# below it, the fields the gateway adds to every REQUEST (x-forwarded-*, x-correlation-id,
+# identity, traceparent: a few hundred bytes) leave little or nothing of a frame for the
+# client's own head.
+MIN_SERVICE_FRAME_SIZE = 1024
 HEARTBEAT_INTERVAL_MS = 10_000
 PING_PAYLOAD_MAX = 64
 
@@ -172,6 +177,7 @@ __all__ = [
     "decode_control", "decode_window_update", "corr_id",
     "FRAME_TYPE_NAMES", "CONTROL_TYPES", "CANCEL_CLIENT_DISCONNECTED", "CANCEL_TIMEOUT",
     "CANCEL_PAYLOAD_LIMIT_EXCEEDED", "CANCEL_SHUTDOWN", "CANCEL_ABORTED", "CANCEL_REASONS",
-    "HEALTH_STATUSES", "INITIAL_STREAM_WINDOW", "HEARTBEAT_INTERVAL_MS", "PING_PAYLOAD_MAX",
+    "HEALTH_STATUSES", "INITIAL_STREAM_WINDOW", "MIN_SERVICE_FRAME_SIZE", "HEARTBEAT_INTERVAL_MS",
+    "PING_PAYLOAD_MAX",
     "stream_kind", "ws_close_payload", "parse_ws_close",
 ]

@@ -197,19 +197,23 @@ class WsBridge(WSListener):
         rest as DATA, protocol.md §3.3): a client frame may be up to MAX_MESSAGE_FRAME (1 MiB)
         and the service's whole window smaller (256 KiB by default), and the service grants
         only what it received, so a frame held until it fits stalled its WebSocket for ever.
-        A CLOSE is never split: it waits for room."""
+        A CLOSE is never split: it waits for room. No piece is longer than a frame to the
+        service carries (conn.max_chunk: its HELLO's max_frame_size, protocol.md §1); a
+        CLOSE (at most 125 bytes) always fits."""
         pending = self.pending
         held = self._held
+        max_chunk = self.conn.max_chunk
         while held:
             if self.conn.hold_for_link(pending):
                 return      # the service has not read what it was sent: on_credit() later
             flags, chunk = held[0]
             size = len(chunk)
-            if size > pending.window:
+            room = min(pending.window, max_chunk)
+            if size > room:
                 kind = flags & fr.STREAM_KIND_MASK
-                if pending.window <= 0 or kind == fr.KIND_CLOSE:
+                if room <= 0 or kind == fr.KIND_CLOSE:
                     return
-                size = pending.window
+                size = room
                 view = memoryview(chunk)
                 held[0] = (fr.KIND_DATA | (flags & fr.FLAG_MORE), view[size:])
                 flags, chunk = kind | fr.FLAG_MORE, view[:size]

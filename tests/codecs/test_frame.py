@@ -447,6 +447,26 @@ def test_frame_too_large_is_a_frame_error_with_its_length_and_limit(impl):
     assert len(enc) == 0
 
 
+@impls
+def test_the_encoders_limit_can_change_between_frames(impl):
+    # A service link's frames are held to what its HELLO announced, from then on.
+    m = M(impl)
+    enc = m.FrameEncoder()
+    enc.stream_data(m.REQUEST_STREAM_DATA, CORR, 0, b"x" * 2000)
+    enc.set_max_frame_size(1024)
+    enc.stream_data(m.REQUEST_STREAM_DATA, CORR, 0, b"y" * 1006)       # exactly 1024
+    with pytest.raises(m.FrameTooLarge):
+        enc.stream_data(m.REQUEST_STREAM_DATA, CORR, 0, b"z" * 1007)
+    for bad in (16, 1 << 32, -1):
+        with pytest.raises((ValueError, OverflowError)):
+            enc.set_max_frame_size(bad)
+    enc.set_max_frame_size(1025)
+    enc.stream_data(m.REQUEST_STREAM_DATA, CORR, 1, b"z" * 1007)
+    assert enc.take() == (ref_frame(m.REQUEST_STREAM_DATA, CORR, b"\0" + b"x" * 2000)
+                          + ref_frame(m.REQUEST_STREAM_DATA, CORR, b"\0" + b"y" * 1006)
+                          + ref_frame(m.REQUEST_STREAM_DATA, CORR, b"\1" + b"z" * 1007))
+
+
 @needs_c
 @HSET
 @given(length=st.integers(0, 2**32 - 1) | st.integers(0, 400), ftype=st.integers(0, 20),

@@ -104,6 +104,11 @@ def refused_by(case, stack):
         # Another service serves GET /scans/{id} already: the HELLO registers nothing.
         stack.register("other", [endpoint("GET", "/scans/{id}")])
         return hello("scan", SCANS), "InvalidHello"
+    if case.startswith("max_frame_size="):
+        # A frame that small cannot carry a request (protocol.md §1): refused at the HELLO,
+        # not found out at the first request.
+        value = orjson.loads(case.partition("=")[2])
+        return hello("scan", SCANS, max_frame_size=value), "InvalidHello"
     raise AssertionError(case)
 
 
@@ -111,6 +116,8 @@ def refused_by(case, stack):
     ("unsupported_protocol", "unsupported_protocol"),
     ("invalid_hello", "invalid_hello"),
     ("route_taken", "invalid_hello"),
+    *[(f"max_frame_size={value}", "invalid_hello")
+      for value in ("0", "17", "1023", "-1", "4294967296", '"1024"', "true", "1024.0", "[]")],
 ])
 def test_a_refused_hello_is_answered_and_leaves_nothing_registered(case, reason):
     stack = Stack()
@@ -125,6 +132,34 @@ def test_a_refused_hello_is_answered_and_leaves_nothing_registered(case, reason)
     assert stack.hub.refused == {reason: 1} and stack.hub.closed == {"refused": 1}
     [rec] = stack.log.records("service registration refused")
     assert rec["reason"] == reason and rec["code"] == code
+    if case.startswith("max_frame_size="):
+        assert "'max_frame_size' must be an integer from 1024" in ack["error"]["message"]
+
+
+@pytest.mark.parametrize("value", [1024, 4096, 2**32 - 1, None])
+def test_a_max_frame_size_from_1024_up_is_accepted(value):
+    stack = Stack()
+    extra = {} if value is None else {"max_frame_size": value}
+    svc = stack.register("scan", SCANS, **extra)
+    assert svc.open and svc.conn.state == READY
+    # Never more than our own maxFrameSize (16 MiB here), nor less than it announced.
+    assert svc.conn.max_chunk == min(value or 2**24, 2**24) - fr.MIN_LENGTH - 1
+
+
+def test_a_max_frame_size_too_small_for_the_hello_ack_is_refused():
+    # 40 workers: the HELLO_ACK lists every private port (protocol.md §4.2), ~1.7 KB.
+    stack = Stack()
+    stack.listener.private_ports.update({wid: 41000 + wid for wid in range(1, 40)})
+    link = stack.link()
+    ack = link.hello(hello("scan", SCANS, max_frame_size=1024))
+    assert ack["error"]["code"] == "InvalidHello"
+    assert "max_frame_size 1024 cannot carry this gateway's HELLO_ACK" in ack["error"]["message"]
+    assert link.transport.closed and stack.routing.instances == {}
+    # Room for it: registered, and the HELLO_ACK had all the workers.
+    link = stack.link()
+    ack = link.hello(hello("scan", SCANS, max_frame_size=4096))
+    assert "error" not in ack and len(ack["workers"]) == 40
+    assert link.open and link.conn.state == READY
 
 
 def test_a_hello_from_a_peer_that_may_not_claim_the_name_is_forbidden():

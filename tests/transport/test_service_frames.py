@@ -1,6 +1,9 @@
 """What crosses a service link, over real sockets: a gateway worker on loopback, a raw frame
 peer as the service, plain sockets as clients.
 
+* A service's max_frame_size (docs/protocol.md §1): the gateway never sends a frame longer
+  than the service's HELLO announced. A body that does not fit in the REQUEST follows it as
+  request stream data; a head that does not fit is answered 431 and reaches no service.
 * Fields a `Connection` field names are hop-by-hop (RFC 9110 §7.6.1): a service's never
   reach the client, a client's never reach the service.
 
@@ -8,6 +11,7 @@ One source (stellagw/transport/connection.py): run compiled and with STELLAGW_NO
 """
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
@@ -22,6 +26,7 @@ from tests.support.servicepeer import RawPeer, hello_for
 
 pytestmark = pytest.mark.twin   # run again uncompiled by `make test` (tests/conftest.py)
 
+LIMIT = 1024                    # the service's max_frame_size, the smallest one allowed
 ENDPOINTS = [("GET", "/svc/get"), ("POST", "/svc/up"), ("GET", "/svc/stream")]
 
 
@@ -119,9 +124,102 @@ class Client:
         return answer
 
 
+def post(gw, body: bytes, chunked: bool = False, extra: bytes = b"") -> Client:
+    if chunked:
+        # In pieces that do not line up with the service's frames.
+        size = 777
+        wire = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size])
+                        for i in range(0, len(body), size)) + b"0\r\n\r\n"
+        framing = b"Transfer-Encoding: chunked\r\n"
+    else:
+        wire, framing = body, b"Content-Length: %d\r\n" % len(body)
+    return Client(gw, b"POST /svc/up HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n" + extra
+                  + framing + b"\r\n" + wire)
+
+
 def get(gw, path=b"/svc/get", extra: bytes = b"") -> Client:
     return Client(gw, b"GET %s HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n%s\r\n"
                   % (path, extra))
+
+
+def echo(svc, client):
+    """Serve one request by echoing its body; (its frames, the body the service got)."""
+    corr, req, body, frames = svc.request()
+    svc.respond(corr, [(b"content-type", b"application/octet-stream")], body)
+    status, _, answer = client.response()
+    assert status == 200 and answer == body
+    return frames, body
+
+
+# ---------------------------------------------------------------------------- max_frame_size
+
+
+def test_every_frame_to_a_service_fits_the_max_frame_size_it_announced(gw):
+    svc = Service(gw, LIMIT)
+    try:
+        # The REQUEST of an empty body: its length tells where a body stops fitting (the
+        # head grows only by the digits of Content-Length; the rest is fixed per request).
+        frames, _ = echo(svc, post(gw, b""))
+        [(ftype, empty)] = frames
+        fits = LIMIT - empty - 2            # a three-digit Content-Length
+        assert 100 <= fits <= 999
+        chunk = LIMIT - fr.MIN_LENGTH - 1   # the most a stream-data frame carries
+        sizes = [1, fits - 1, fits, fits + 1, fits + 2, chunk, chunk + 1, 2 * chunk,
+                 2 * chunk + 1, 8000, 70_000]
+        for size in sizes:
+            for chunked in (False, True):
+                sent = os.urandom(size)
+                frames, got = echo(svc, post(gw, sent, chunked))
+                assert got == sent, (size, chunked)          # intact and in order
+                assert max(n for _, n in frames) <= LIMIT, (size, chunked, frames)
+                if size <= fits and not chunked:
+                    # It fits: the body goes inside the REQUEST, as on any link.
+                    assert frames == [(fr.REQUEST, empty + len(str(size)) - 1 + size)], size
+                    continue
+                # The head, then the body as stream data.
+                assert frames[0][0] == fr.REQUEST and frames[0][1] < LIMIT
+                assert {t for t, _ in frames[1:]} == {fr.REQUEST_STREAM_DATA}
+                if not chunked and size < 65536:
+                    # Whole before it went (under the streaming threshold): in frames as
+                    # full as the limit allows.
+                    data = [n for _, n in frames[1:]]
+                    assert data[:size // chunk] == [LIMIT] * (size // chunk), (size, data)
+        assert max(svc.lengths) <= LIMIT
+    finally:
+        svc.close()
+
+
+def test_a_link_that_announced_nothing_keeps_the_body_inside_the_request(gw):
+    # The protocol's default (16 MiB): a body up to the streaming threshold goes whole.
+    svc = Service(gw)
+    try:
+        sent = os.urandom(8000)
+        frames, got = echo(svc, post(gw, sent))
+        assert got == sent and len(frames) == 1 and frames[0][1] > 8000
+    finally:
+        svc.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "POST content-length", "POST chunked"])
+def test_a_head_larger_than_the_services_frames_is_431_and_reaches_no_service(gw, method):
+    svc = Service(gw, LIMIT)
+    try:
+        big = b"X-Big: " + b"b" * LIMIT + b"\r\n"
+        if method == "GET":
+            client = get(gw, extra=big)
+        else:
+            client = post(gw, b"x" * 100, chunked=method == "POST chunked", extra=big)
+        status, _, body = client.response()
+        assert status == 431
+        assert "larger than the service accepts" in orjson.loads(body)["error"]["message"]
+        # Nothing went to the service: the next frame it gets is the next request's.
+        client = get(gw)
+        corr, req, _, _ = svc.request()
+        assert req[3] == "/svc/get" and all(name != b"x-big" for name, _ in req[5])
+        svc.respond(corr, body=b"ok")
+        assert client.response()[0] == 200
+    finally:
+        svc.close()
 
 
 # ---------------------------------------------------------------------------- Connection

@@ -92,8 +92,9 @@ def read_exactly(sock, n):
 class Link:
     """The ServiceConnection and Pending the bridge sends the client's frames with."""
 
-    def __init__(self, window):
+    def __init__(self, window, max_chunk):
         self.pending = SimpleNamespace(corr=b"\x05" * 16, window=window)
+        self.max_chunk = max_chunk      # the largest chunk a frame to the service carries
         self.inflight = {self.pending.corr: self.pending}
         self.sent: list[tuple[int, bytes]] = []     # REQUEST_STREAM_DATA (flags, chunk)
         self.writable = 0
@@ -118,7 +119,7 @@ class Link:
         self.active += 1
 
 
-def run_bridge(body, window=256 * 1024):
+def run_bridge(body, window=256 * 1024, max_chunk=fr.DEFAULT_MAX_FRAME_SIZE - 18):
     """`await body(bridge, link, transport, client)` with the bridge on the gateway's side of a
     loopback connection whose buffers hold a few KiB, after the upgrade. The client is a
     blocking socket (read it in an executor thread); the loop is uvloop, as in the gateway."""
@@ -135,7 +136,7 @@ def run_bridge(body, window=256 * 1024):
     req = SimpleNamespace(target=b"/ws", query=b"", headers=[
         (b"Host", b"gw"), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
         (b"Sec-WebSocket-Key", key), (b"Sec-WebSocket-Version", b"13")])
-    link = Link(window)
+    link = Link(window, max_chunk)
     bridge = WsBridge(link, link.pending)
 
     async def main():
@@ -276,6 +277,26 @@ def test_nothing_is_relayed_while_the_link_is_over_high_water_and_the_client_wai
     held, sent, paused = run_bridge(body)
     assert held == []
     assert sent == [(fr.KIND_BINARY, message)] and not paused
+
+
+def test_a_client_frame_larger_than_the_services_frames_goes_in_pieces_that_fit():
+    """A service that announced max_frame_size 1024 takes stream data of at most 1006
+    bytes a frame (docs/protocol.md §1): a longer client frame goes in pieces, MORE on all
+    but the last, whatever window there is."""
+    first, second = os.urandom(2500), b"short text"
+
+    async def body(bridge, link, transport, client):
+        read_101(client)
+        client.sendall(client_frame(2, first) + client_frame(1, second)
+                       + client_frame(8, struct.pack("!H", 1000) + b"bye"))
+        await wait_until(lambda: bridge.closed, "the CLOSE was not handled")
+        return list(link.sent)
+
+    sent = run_bridge(body, window=1 << 20, max_chunk=1024 - 18)
+    assert [(flags, len(chunk)) for flags, chunk in sent] == [
+        (fr.KIND_BINARY | MORE, 1006), (fr.KIND_DATA | MORE, 1006), (fr.KIND_DATA, 488),
+        (fr.KIND_TEXT, len(second)), (fr.KIND_CLOSE | fr.FLAG_END_STREAM, 5)]
+    assert b"".join(chunk for _, chunk in sent[:3]) == first and sent[3][1] == second
 
 
 def test_a_client_frame_over_max_message_frame_is_refused_with_1009_and_goes_nowhere():
