@@ -172,7 +172,12 @@ class TlsListener:
         timeout = limits.header_read_timeout
         handshake = Handshake(worker, sock, key, timeout)
         worker.handshakes.add(handshake)
+        # headerReadTimeout bounds the close too: uvloop waits for the client's close_notify
+        # after ours (30 s by default), and a client that never sends one held its places,
+        # descriptor and SSL object that long after we closed — for a 408, an idle
+        # keep-alive, at drain (docs/http-edge.md, "Connection caps").
         task = self._loop.create_task(self._loop.connect_accepted_socket(
-            handshake._factory, sock, ssl=self._ssl, ssl_handshake_timeout=timeout))
+            handshake._factory, sock, ssl=self._ssl, ssl_handshake_timeout=timeout,
+            ssl_shutdown_timeout=timeout))
         handshake.task = task
         task.add_done_callback(handshake.finished)

@@ -251,3 +251,36 @@ def test_out_of_descriptors_the_listener_waits_and_takes_the_connection_later(tm
             raw.close()
     finally:
         assert s.stop() == 0
+
+
+@pytest.mark.parametrize("after", ["a silent head", "an idle keep-alive"])
+def test_a_tls_connection_the_gateway_closes_lets_go_without_the_clients_close_notify(
+        tmp_path, pki, after):
+    """A found hole (P5-1): after the gateway's close_notify uvloop waited 30 s for the
+    client's; a client that completed its handshake and then sent and read nothing held its
+    place, descriptor and SSL object 30 s past the 408 (or the keep-alive's end). The close
+    now has headerReadTimeout, as the handshake does."""
+    s = Served(config_text=_config(pki, maxConnectionsPerClient=1, headerReadTimeout="2s",
+                                   keepAliveTimeout="1s"), tmp_path=tmp_path)
+    held = None
+    try:
+        rec = s.wait_listening()[0]
+        pid, https = rec["pid"], port_of(rec["http"])
+        ctx = pki.client_context()
+        baseline = min(_descriptors(pid) for _ in range(20))
+        held = _https(https, ctx)
+        if after == "an idle keep-alive":
+            held.sendall(GET_LIVE)
+            assert read_response(held)[0] == 200
+        # The client now neither reads nor closes: no close_notify ever comes back.
+        assert wait_for(lambda: _descriptors(pid) == baseline + 1, 5)
+        # 408 at 2 s (or the idle close at 1 s), then at most 2 s for the close: well
+        # before uvloop's 30 s, the place and the descriptor are free again.
+        assert wait_for(lambda: _descriptors(pid) == baseline, 15), (_descriptors(pid), baseline)
+        with _https(https, ctx) as again:         # the address's one place
+            again.sendall(GET_LIVE)
+            assert read_response(again)[0] == 200
+    finally:
+        if held is not None:
+            held.close()
+        assert s.stop() == 0
