@@ -282,23 +282,46 @@ class Pipeline:
         if req.method not in IDEMPOTENT and not endpoint.retryable:
             budget.count(req.service, "not_idempotent")
             return False
-        version = req.version
-        selected = self._routing.select(route, version.decode("latin-1") if version else None,
-                                        req)     # the same version as the first try
-        if selected is None or selected[0] is failed:
+        selected = self._elsewhere(req, failed)
+        if selected is None:
             budget.count(req.service, "no_instance")
             return False
         if not budget.allow(self._dispatched):
             budget.count(req.service, "budget")
             return False
         budget.count(req.service, "retried")
-        instance, endpoint = selected
         req.retried = True
+        self._send_to(req, path, selected)
+        return True
+
+    def reroute(self, req, path, failed):
+        """`req` waited for `failed`'s link to take more and never reached it (the link
+        dropped, or the instance is draining: transport/connection.py, _held). It goes to
+        another instance as a first try would: nothing was sent, so neither the method nor
+        the retry budget matters. True when sent."""
+        if req.done or req.routed is None:
+            return False
+        selected = self._elsewhere(req, failed)
+        if selected is None:
+            return False
+        self._send_to(req, path, selected)
+        return True
+
+    def _elsewhere(self, req, failed):
+        """(instance, endpoint) for `req` other than `failed`, of the same version, or None."""
+        version = req.version
+        selected = self._routing.select(req.routed,
+                                        version.decode("latin-1") if version else None, req)
+        if selected is None or selected[0] is failed:
+            return None
+        return selected
+
+    def _send_to(self, req, path, selected):
+        instance, endpoint = selected
         req.pending = None
         self._dispatched += 1
         instance.conn.send_request(req, endpoint, endpoint.timeout or self._default_timeout,
                                    path, self._stream_threshold, perf_counter())
-        return True
 
     # ------------------------------------------------------------------ waiting for I/O
 

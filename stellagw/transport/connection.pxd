@@ -89,6 +89,8 @@ cdef class ServiceConnection:
     cdef _dispatch(self, Pending pending, Endpoint endpoint, double timeout, path,
                    Py_ssize_t stream_threshold, double sent_at)
     cdef _hold(self, Pending pending)
+    @cython.locals(req=Request)
+    cdef _send_elsewhere(self, Pending pending, bint draining)
     @cython.locals(pending=Pending, kind=int, req=Request)
     cpdef _release_held(self)
     @cython.locals(req=Request)

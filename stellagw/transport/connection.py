@@ -333,6 +333,9 @@ class ServiceConnection:
             # Out of selection first: a retry of what was in flight must go elsewhere.
             self._routing.unregister(self.instance, reason="connection lost")
         for pending in inflight.values():
+            if pending.held == _HELD_REQUEST or pending.held == _HELD_INLINE:
+                self._send_elsewhere(pending, False)
+                continue
             _disarm(pending)
             if pending.span is not None:
                 pending.span.end()
@@ -441,6 +444,11 @@ class ServiceConnection:
             self._routing.heartbeat(self.instance, DRAINING)
             self._log.event("info", "service draining", service=self.instance.service,
                             instance=self.instance.instance_id)
+            # What waits for this link was never sent: no new request goes to a draining
+            # instance (protocol.md §4.6), so those go elsewhere, or get the 503 a new one would.
+            for pending in list(self._held):
+                if pending.held == _HELD_REQUEST or pending.held == _HELD_INLINE:
+                    self._send_elsewhere(pending, True)
         elif ftype == fr.ENDPOINTS_UPDATE:
             now = self._loop.time()
             if now < self._update_at:
@@ -734,10 +742,9 @@ class ServiceConnection:
             pending.span = tracing.child(req.span, "gateway.transport.send",
                                          **{"stellagw.service": req.service})
         if self._write_paused:
-            # The service has not read what it was sent: this REQUEST waits its turn. Its
-            # body is not read meanwhile, and a whole one may go elsewhere if the link drops.
+            # The service has not read what it was sent: this REQUEST waits its turn, its
+            # body not read meanwhile; if the link drops or drains first, it goes elsewhere.
             pending.held = _HELD_REQUEST
-            pending.replayable = req.body_state != _B_OPEN and not req.websocket
             self._held_threshold = stream_threshold
             self._hold(pending)
             self._wheel.arm(pending, timeout, sent_at)
@@ -888,7 +895,6 @@ class ServiceConnection:
             held = req.held
             req.body = held[0] if len(held) == 1 else b"".join(held)
             req.held = None
-            pending.replayable = not req.websocket
             return True
         inline = pending.inline
         if inline is not None:
@@ -1112,6 +1118,22 @@ class ServiceConnection:
             pending.held = _HELD_STREAM
             self._hold(pending)
         return True
+
+    def _send_elsewhere(self, pending, draining):
+        """A REQUEST that waited in `_held` and never went: to another instance, whatever its
+        method (pipeline.reroute); else 503 when this instance is draining (as a new request
+        gets), 502 when its link was lost."""
+        req = pending.req
+        self._finish(pending)
+        pending.held = 0
+        if self._hub.worker.pipeline.reroute(req, pending.path, self.instance):
+            if req.body_state == _B_OPEN and req.pending is not None and not req.pending.body:
+                req.conn.resume_body(req)     # paused while it waited here
+            return
+        if draining:
+            _reply_error(req, 503, f"no healthy instance of {req.service}")
+        else:
+            _reply_error(req, 502, "the service connection was lost")
 
     def _release_held(self):
         """What waited for the link, in arrival order, until it is over high water again."""

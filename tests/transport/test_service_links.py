@@ -282,3 +282,63 @@ def test_a_link_that_beats_but_never_answers_a_ping_is_closed():
         beating.clear()
         peer.close()
         gw.stop()
+
+
+@pytest.mark.parametrize("then", ["drain", "close"])
+def test_requests_waiting_for_a_link_that_drains_or_drops_go_to_another_instance(then):
+    """Found by an adversarial probe (P5-3, P5-4): requests held for a link over high water
+    were later sent to it after its service had sent DRAIN, and got 502 when the link dropped
+    — POSTs too, though they had never left the gateway. Now they go to another instance."""
+    gw = gateway({"writeBufferHighWater": 16 * 1024, "writeBufferLimit": 1024 * 1024,
+                  "sendBufferSize": 4096, "deadLinkGrace": "20s"})
+    peer = RawPeer(gw.transport_port, rcvbuf=4096)
+    other = None
+    clients = []
+    beating = threading.Event()
+    try:
+        assert "error" not in peer.hello(hello_for("p2", endpoints=[("POST", "/t/p2/x")],
+                                                   instance_id="p2-stuck"))
+        beating = beat(peer)            # alive, but it reads nothing from here on
+        body = b"b" * 8192
+        req = (b"POST /t/p2/x HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n"
+               % len(body) + body)
+
+        def held():
+            return gw.call(lambda: dict(gw.worker.hub.pressure)).get("held", 0)
+        while held() < 4 and len(clients) < 100:
+            s = connect(gw.port, timeout=20)
+            s.sendall(req)
+            clients.append(s)
+        waiting = held()
+        assert waiting >= 4
+        other = SdkThread(Service("p2", gateways=[f"127.0.0.1:{gw.transport_port}"],
+                                  instance_id="p2-fine"))
+        answered = []
+
+        @other.service.post("/t/p2/x")
+        async def x(req):
+            answered.append(len(req.body))
+            return Response(b"fine")
+        other.start()
+        assert wait_for(lambda: instances(gw, "p2") == 2)
+        if then == "drain":
+            peer.send_control(fr.DRAIN, {"reason": "deploy", "deadline_ms": 30000})
+            # The waiting ones go to the other instance at once; then the stuck link goes.
+            assert wait_for(lambda: len(answered) == waiting, 10), (answered, waiting)
+        beating.clear()
+        peer.close()
+        statuses = [read_response(s) for s in clients]
+        ok = [st for st, _, b in statuses if st == 200 and b == b"fine"]
+        # Each request that waited was answered by the other instance; those already in
+        # the stuck link's buffer were lost with it (a POST is not sent twice).
+        assert len(ok) == waiting and answered == [8192] * waiting, (statuses, waiting)
+        assert sorted({st for st, _, _ in statuses}) == ([200, 502] if len(clients) > waiting
+                                                         else [200])
+    finally:
+        beating.clear()
+        for s in clients:
+            s.close()
+        peer.close()
+        if other is not None:
+            other.stop()
+        gw.stop()
