@@ -24,6 +24,7 @@ import httptools
 
 from ..listeners import SendDeadline, peer_closed, reset
 from ..observe import metrics as observe_metrics
+from ..observe.logs import MAX_LINE
 from ..observe.metrics import perf_counter
 from ..replies import JSON, STATUS_LINES, error_body, status_line
 from .compress import accepts_gzip, gzipped
@@ -229,9 +230,18 @@ class Accounting:
         for name, value in req.headers:
             if name == b"user-agent":
                 # Bytes past ASCII stay visible, but never as raw C1 controls: NEL (0x85)
-                # ends a line for Unicode-aware log tools (an adversarial probe).
-                agent = (value.decode("ascii") if value.isascii()
-                         else value.decode("latin-1").translate(_C1_ESCAPED))
+                # ends a line for Unicode-aware log tools (an adversarial probe). Replaced
+                # as bytes, one C scan per control present, in no more than a log line can
+                # hold (the line is clipped to 4096 bytes, and marked, in observe/logs.py):
+                # str.translate with a dict cost 70 ns a character, 840 µs a request for a
+                # 12 KB agent of C1 bytes (another probe).
+                if not value.isascii():
+                    if len(value) > MAX_LINE:
+                        value = value[:MAX_LINE]
+                    for c1, escaped in _C1_ESCAPES:
+                        if c1 in value:
+                            value = value.replace(c1, escaped)
+                agent = value.decode("latin-1")
                 break
         upstream = req.upstream
         timings = {"auth": round(req.auth_s * 1000.0, 3),
@@ -1386,7 +1396,7 @@ class HttpProtocol:
         return self._current is None and not self._queue and self._req is None
 
 
-_C1_ESCAPED = {c: "\\x%02x" % c for c in range(0x80, 0xA0)}
+_C1_ESCAPES = [(bytes([c]), b"\\x%02x" % c) for c in range(0x80, 0xA0)]
 
 
 def _has_token(value, token):
