@@ -6,7 +6,8 @@ auth, routing, ratelimit, transport, service), the codecs beside their pure-Pyth
 (benchmarks); shared helpers in tests/support.
 
 * Fixtures: valkey_proc, valkey_proc_factory, valkey_cluster (real valkey-server processes,
-  tests/support/valkey_server.py).
+  tests/support/valkey_server.py); start_gateway (in-process gateways, stopped after the
+  test).
 * Compiled and pure-Python: a codec test takes its pair from tests/support/impls.py (a
   fixture parametrised over both, the compiled one skipped with the reason when it is not
   built). Glue modules are one source: a test module marked `twin` is run a second time by
@@ -19,7 +20,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+from tests.support.gwtest import GatewayThread, settings_from
 
 pytest_plugins = ["tests.support.valkey_server"]
 
@@ -34,3 +38,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "twin: run again uncompiled (STELLAGW_NO_EXTENSIONS=1) by make test")
+
+
+@pytest.fixture
+def start_gateway():
+    """start_gateway(yaml_text, log=None): a GatewayThread (a worker on its own loop in a
+    thread, real sockets) from that configuration, started; every one is stopped after the
+    test."""
+    started = []
+
+    def start(yaml_text="gateway: {http: {port: 0}}", log=None):
+        gw = GatewayThread(settings_from(yaml_text), log=log).start()
+        started.append(gw)
+        return gw
+    yield start
+    for gw in started:
+        gw.stop()

@@ -10,23 +10,16 @@ import time
 import orjson
 import pytest
 
-from tests.support.gwtest import (GatewayThread, NullLog, Pki, connect, is_closed, read_response,
-                                  request, settings_from, wait_for)
+from tests.support.gwtest import (NullLog, Pki, connect, is_closed, read_response, request,
+                                  wait_for)
 
 pytestmark = pytest.mark.twin   # run again uncompiled by `make test` (tests/conftest.py)
 
 
 @pytest.fixture
-def gateway():
-    gws = []
-
-    def start(yaml_text="", log=None):
-        gw = GatewayThread(settings_from(yaml_text or "gateway: {http: {port: 0}, admin: {publicEndpoints: [all]}}"), log=log).start()
-        gws.append(gw)
-        return gw
-    yield start
-    for gw in gws:
-        gw.stop()
+def gateway(start_gateway):
+    return lambda yaml_text="", log=None: start_gateway(
+        yaml_text or "gateway: {http: {port: 0}, admin: {publicEndpoints: [all]}}", log=log)
 
 
 def test_keep_alive_and_pipelining_over_a_socket(gateway):

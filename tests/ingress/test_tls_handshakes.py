@@ -13,8 +13,8 @@ import ssl
 import orjson
 import pytest
 
-from tests.support.gwtest import (GatewayThread, Pki, Served, is_closed, port_of, read_response,
-                                  request, settings_from, wait_for)
+from tests.support.gwtest import (Pki, Served, is_closed, port_of, read_response, request,
+                                  wait_for)
 
 pytestmark = pytest.mark.twin   # run again uncompiled by `make test` (tests/conftest.py)
 
@@ -162,16 +162,8 @@ def test_connections_in_the_tls_handshake_count_against_both_caps(tmp_path, pki)
 
 
 @pytest.fixture
-def gateway():
-    gws = []
-
-    def start(yaml_text):
-        gw = GatewayThread(settings_from(yaml_text)).start()
-        gws.append(gw)
-        return gw
-    yield start
-    for gw in gws:
-        gw.stop()
+def gateway(start_gateway):
+    return start_gateway
 
 
 def _state(gw):

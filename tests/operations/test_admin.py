@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from tests.support.gwtest import GatewayThread, Served, connect, port_of, read_response, request, settings_from
+from tests.support.gwtest import Served, connect, port_of, read_response, request
 
 
 def get(port, path, extra=b""):
@@ -14,16 +14,8 @@ def get(port, path, extra=b""):
 
 
 @pytest.fixture
-def gateway():
-    started = []
-
-    def make(yaml_text="gateway: {http: {port: 0}}"):
-        gw = GatewayThread(settings_from(yaml_text)).start()
-        started.append(gw)
-        return gw
-    yield make
-    for gw in started:
-        gw.stop()
+def gateway(start_gateway):
+    return start_gateway
 
 
 def admin_port(gw) -> int:
