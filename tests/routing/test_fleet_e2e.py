@@ -8,6 +8,8 @@ resolve_interval"). Until the service has registered with B, B is not ready and 
 from __future__ import annotations
 
 import asyncio
+import random
+import socket
 import threading
 import time
 
@@ -37,6 +39,25 @@ def get(port, path):
     return request(port, b"GET " + path.encode() + b" HTTP/1.1\r\nHost: gw\r\n\r\n")
 
 
+def _port_no_one_is_given() -> int:
+    """A port free on every address, below the kernel's ephemeral range. The fleet's second
+    gateway binds it on 127.0.0.2 long after it was picked: a port from free_port() could
+    meanwhile be handed to any bind to port 0 (a listener on 0.0.0.0 then holds it on every
+    address) or to an outgoing connection, and the bind failed (once in a CI run)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+    return free_port()
+
+
 class Fleet:
     """Gateways on one transport port (127.0.0.x) and a service that dials the addresses
     `names` lists, resolving them every 0.2 s."""
@@ -44,7 +65,7 @@ class Fleet:
     def __init__(self, tmp_path, valkey: ValkeyProcess):
         self.tmp_path = tmp_path
         self.valkey = valkey
-        self.tcp = free_port()
+        self.tcp = _port_no_one_is_given()
         self.gws: dict[str, Served] = {}
         self.http: dict[str, int] = {}
         self.addresses: list[str] = []
