@@ -98,7 +98,7 @@ cdef class ServiceConnection:
     cdef int _send_head_within(self, Pending pending, path, body, streamed) except -2
     @cython.locals(req=Request)
     cdef int _head_too_large(self, Pending pending, exc) except -2
-    cdef _send_inline(self, Pending pending, body)
+    cdef bint _send_whole(self, Pending pending, path, body, bint streamed) except -1
     @cython.locals(req=Request, held=list)
     cpdef bint request_body(self, Pending pending, chunk, bint end) except -1
     @cython.locals(queue=list, pos=Py_ssize_t, n=Py_ssize_t, end=Py_ssize_t, last=bint,

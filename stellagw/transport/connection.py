@@ -790,24 +790,32 @@ class ServiceConnection:
             return
         else:
             body = req.body
-            streamed = len(body) > stream_threshold or (endpoint.streaming and body)
-            if self._small_frames:
-                fit = self._send_head_within(pending, path, body, streamed)
-                if fit < 0:
-                    return
-                streamed = fit > 0
-            else:
-                self._send_head(pending, path, 0 if streamed else _FLAG_END_STREAM,
-                                b"" if streamed else body)
-            if streamed:
-                pending.body_open = True
-                pending.body.append(body)
-                pending.body_end = True
-                self._send_body(pending)
-            else:
-                pending.replayable = True
+            if not self._send_whole(pending, path, body,
+                                    len(body) > stream_threshold or (endpoint.streaming and body)):
+                return
         self._schedule_flush()
         self._wheel.arm(pending, timeout, sent_at)
+
+    def _send_whole(self, pending, path, body, streamed):
+        """The REQUEST of a body the gateway holds whole: inside it, or after it as stream
+        data when `streamed` or too large for the service's frames. False: the head alone
+        does not fit the service's frames, and the client was answered."""
+        if self._small_frames:
+            fit = self._send_head_within(pending, path, body, streamed)
+            if fit < 0:
+                return False
+            streamed = fit > 0
+        else:
+            self._send_head(pending, path, 0 if streamed else _FLAG_END_STREAM,
+                            b"" if streamed else body)
+        if streamed:
+            pending.body_open = True
+            pending.body.append(body)
+            pending.body_end = True
+            self._send_body(pending)
+        else:
+            pending.replayable = True       # the whole body went: a retry sends it again
+        return True
 
     def _send_head(self, pending, path, flags, body):
         """The REQUEST frame: request_headers' rules applied while encoding."""
@@ -856,26 +864,6 @@ class ServiceConnection:
         _reply_error(req, 431, "the request head is larger than the service accepts")
         return -1
 
-    def _send_inline(self, pending, body):
-        """The REQUEST of a small body of known length, now complete, with the body inside;
-        on a link whose service takes smaller frames it may have to follow as stream data."""
-        if self._small_frames:
-            fit = self._send_head_within(pending, pending.path, body, False)
-            if fit < 0:
-                return
-            if fit:
-                # Too large for the service's frames: streamed, and so not replayable (as
-                # any streamed body).
-                pending.replayable = False
-                pending.body_open = True
-                pending.body.append(body)
-                pending.body_end = True
-                self._send_body(pending)
-                return
-        else:
-            self._send_head(pending, pending.path, _FLAG_END_STREAM, body)
-        self._schedule_flush()
-
     def request_body(self, pending, chunk, end):
         """The next piece of a request's body from the client (`end`: it is complete).
         False when some of it waits for the service's credit: the ingress then stops
@@ -905,13 +893,12 @@ class ServiceConnection:
                 pending.inline = None
                 body = inline[0] if len(inline) == 1 else b"".join(inline)
                 pending.req.body = body          # whole and small: a retry sends it again
-                pending.replayable = True
                 self._wheel.arm(pending, pending.timeout)
                 if self._write_paused:
                     pending.held = _HELD_INLINE
                     self._hold(pending)
-                else:
-                    self._send_inline(pending, body)
+                elif self._send_whole(pending, pending.path, body, False):
+                    self._schedule_flush()
             return True
         if chunk:
             pending.body.append(chunk)
@@ -1153,7 +1140,8 @@ class ServiceConnection:
                 if req.body_state == _B_OPEN and not pending.body:
                     req.conn.resume_body(req)     # paused by request_body while it waited
             elif kind == _HELD_INLINE:
-                self._send_inline(pending, pending.req.body)
+                if self._send_whole(pending, pending.path, pending.req.body, False):
+                    self._schedule_flush()
             elif pending.ws is not None:
                 pending.ws.on_credit()
             else:
