@@ -342,3 +342,66 @@ def test_requests_waiting_for_a_link_that_drains_or_drops_go_to_another_instance
         if other is not None:
             other.stop()
         gw.stop()
+
+
+def test_requests_waiting_for_the_only_instance_when_it_drains_get_503_and_reach_nobody():
+    # Not named by the probe: no other instance to take them. A held request is never sent
+    # to a draining instance; it is answered as a new one would be, and its client's
+    # connection is kept for the next request.
+    gw = gateway({"writeBufferHighWater": 16 * 1024, "writeBufferLimit": 1024 * 1024,
+                  "sendBufferSize": 4096, "deadLinkGrace": "20s"})
+    peer = RawPeer(gw.transport_port, rcvbuf=4096)
+    clients = []
+    beating = threading.Event()
+    try:
+        assert "error" not in peer.hello(hello_for("solo", endpoints=[("POST", "/t/solo/x")]))
+        beating = beat(peer)
+        body = b"b" * 8192
+        req = (b"POST /t/solo/x HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n"
+               % len(body) + body)
+
+        def held():
+            return gw.call(lambda: dict(gw.worker.hub.pressure)).get("held", 0)
+        while held() < 4 and len(clients) < 100:
+            s = connect(gw.port, timeout=20)
+            s.sendall(req)
+            clients.append(s)
+        waiting = held()
+        peer.send_control(fr.DRAIN, {"reason": "deploy", "deadline_ms": 30000})
+        answers = {}
+
+        def answered():
+            for s in clients[-waiting:]:
+                if s not in answers:
+                    s.settimeout(0.05)
+                    try:
+                        answers[s] = read_response(s)
+                    except OSError:
+                        pass
+            return len(answers) == waiting
+        assert wait_for(answered, 10), len(answers)
+        assert {st for st, _, _ in answers.values()} == {503}
+        # None of them reached the service: what it now reads is the REQUESTs sent before
+        # the gateway started holding, and nothing after (its beats stopped first, so the
+        # gateway's PINGs end too).
+        beating.clear()
+        requests = 0
+        try:
+            while (frame := peer.read_frame(timeout=1.0)) is not None:
+                requests += frame[0] == fr.REQUEST
+        except TimeoutError:
+            pass
+        assert requests == len(clients) - waiting
+        assert gw.call(lambda: sum(len(c.inflight) for c in gw.worker.hub.connections)) \
+            == len(clients) - waiting
+        # Each answered client's connection goes on.
+        s = clients[-1]
+        s.settimeout(5)
+        s.sendall(b"GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert read_response(s)[0] == 200
+    finally:
+        beating.clear()
+        for s in clients:
+            s.close()
+        peer.close()
+        gw.stop()
