@@ -254,7 +254,8 @@ class Worker:
         return {"gateway_connections_refused": (
             "Client connections refused at accept (answered 503 and closed; with TLS, reset "
             "before the handshake), by reason: limit (maxConnections), per_client "
-            "(maxConnectionsPerClient)", ("reason",),
+            "(maxConnectionsPerClient), proxy_protocol (HTTPS with proxyProtocol: no valid PROXY "
+            "header before the handshake, or from an untrusted peer)", ("reason",),
             [((k,), v) for k, v in self.refused_connections.items()]),
             "gateway_connections_aborted": (
                 "Client connections the gateway cut, by reason: send_timeout (owed bytes "

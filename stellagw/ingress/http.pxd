@@ -111,6 +111,7 @@ cdef class HttpProtocol:
     cdef public object peer_cert
     cdef public object peername
     cdef public bytes peer_ip
+    cdef public object proxied
     cdef object _trust
     cdef bint _trusted
     cdef str _proxy_mode, _peer_text

@@ -388,6 +388,7 @@ class HttpProtocol:
         self._request_id = settings.request_id_header     # a lowercase name, or b""
         self._gzip = server.compression    # gateway.compression (Compression), or None
         self._proxy_buf = None           # bytes, while the PROXY header is still arriving
+        self.proxied = None              # str: the PROXY source read before TLS ("": LOCAL)
         self._peer_text = ""             # peer_ip as text
         self.deadline = 0.0
         self.deadline_kind = _D_NONE
@@ -459,7 +460,14 @@ class HttpProtocol:
             self.peer_cert = ssl_object.getpeercert(binary_form=True)
         self.peername = peer = transport.get_extra_info("peername")
         self._set_peer(peer[0] if isinstance(peer, tuple) else "")
-        if self._proxy_mode != "off":
+        if self._proxy_mode != "off" and self.proxied is not None:
+            # Over TLS the PROXY header came before the handshake and was read there
+            # (ingress/tls_accept.py), its peer checked: what it named is the client.
+            if self.proxied:
+                self._set_peer(self.proxied)
+            if not self._admit_client():
+                return
+        elif self._proxy_mode != "off":
             if self._trust is not None and not self._trusted:
                 # A PROXY header is believed from the configured proxies only.
                 self._refuse_connection("the PROXY protocol is accepted from trusted proxies only")

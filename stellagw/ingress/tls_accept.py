@@ -11,6 +11,12 @@ headerReadTimeout as its handshake deadline, and holds its places until the hand
 ends — done, they pass to its HttpProtocol in one step; failed or timed out, they are
 freed. docs/http-edge.md, "Connection caps", has the reasons and the uvloop source they
 rest on.
+
+With `proxyProtocol` on, a load balancer writes its PROXY header before the client's first
+TLS byte (it does not terminate TLS: mTLS-bound tokens need the client's certificate here).
+So the header is read off the raw socket first, exactly its own bytes, under the same
+deadline; the per-client cap then counts the source it names, and the handshake starts on
+what follows (docs/http-edge.md, "Client address").
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import socket
 import struct
 
 from .http import D_HEADER, HttpProtocol
-from .proxy import client_key
+from .proxy import V2_MAX, ProxyError, client_key, parse_proxy_header
 
 # Connections taken per wake-up; the rest wait in the backlog for the next loop turn, so a
 # burst does not hold the loop.
@@ -48,13 +54,20 @@ class Handshake(asyncio.Protocol):
     the SSLProtocol's application protocol until the handshake is done, then hands the
     connection to an HttpProtocol."""
 
-    __slots__ = ("worker", "key", "sock", "task", "head_due")
+    __slots__ = ("worker", "key", "sock", "task", "head_due", "proxied", "_header",
+                 "_timer", "_listener")
 
     def __init__(self, worker, sock: socket.socket, key: bytes | None, timeout: float):
         self.worker = worker
         self.key = key              # counted in worker.per_client, or None
         self.sock = sock            # until uvloop's transport owns it
         self.task = None
+        # With proxyProtocol: the source the PROXY header named ("" for LOCAL / UNKNOWN:
+        # the TCP peer), once read; None before (or without proxyProtocol).
+        self.proxied = None
+        self._header = None         # bytes of the PROXY header taken so far, while reading it
+        self._timer = None
+        self._listener = None       # the TlsListener, while reading the PROXY header
         # The first head is due headerReadTimeout after accept (the tick's clock, as
         # HttpProtocol's deadlines): the handshake's time comes out of it.
         self.head_due = worker.edge.now + timeout
@@ -76,6 +89,7 @@ class Handshake(asyncio.Protocol):
         # this connection already passed.
         self.release()
         protocol = HttpProtocol(self.worker)
+        protocol.proxied = self.proxied
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if protocol.deadline_kind == D_HEADER:
@@ -94,8 +108,86 @@ class Handshake(asyncio.Protocol):
             # uvloop's handshake deadline (SSLProtocol._check_handshake_timeout).
             self.worker.connection_aborted("handshake_timeout")
 
+    # ------------------------------------------------------------ the PROXY header
+
+    def read_proxy(self, listener, mode: str) -> None:
+        """Read the PROXY header off the raw socket, then start the handshake on the bytes
+        after it. The deadline is the handshake's: headerReadTimeout from accept."""
+        loop = listener._loop
+        self._listener = listener
+        self._header = b""
+        loop.add_reader(self.sock.fileno(), self._proxy_readable, mode)
+        self._timer = loop.call_later(max(self.head_due - self.worker.edge.now, 0.0),
+                                      self._proxy_expired)
+
+    def _proxy_readable(self, mode: str) -> None:
+        sock = self.sock
+        # Peeked, not read: bytes past the header are the ClientHello, left in the socket
+        # for uvloop's SSL transport (which cannot be handed bytes already read).
+        try:
+            data = sock.recv(V2_MAX - len(self._header), socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:                        # closed (or reset) before the header ended
+            self._proxy_done()
+            self.drop()
+            return
+        header = self._header + data
+        try:
+            parsed = parse_proxy_header(header, mode)
+        except ProxyError:
+            self._proxy_done()
+            self.worker.connection_refused("proxy_protocol")
+            self.drop()
+            return
+        if parsed is None:
+            # All of it is header so far: taken out of the socket, or the peek would see
+            # it again at once (level-triggered) and spin the loop.
+            sock.recv(len(data))
+            self._header = header
+            return
+        consumed, source = parsed
+        sock.recv(consumed - len(self._header))     # exactly the header's rest: peeked
+        self._proxy_done()
+        self.proxied = source or ""
+        worker = self.worker
+        limits = worker.http_settings
+        cap = limits.max_connections_per_client
+        if cap > 0:
+            key = client_key((source or sock.getpeername()[0]).encode())
+            if not worker.admit_client(key, cap):
+                worker.connection_refused("per_client")
+                self.drop()
+                return
+            self.key = key
+        self._listener._start_tls(self)
+
+    def _proxy_expired(self) -> None:
+        self._timer = None
+        self._proxy_done()
+        self.worker.connection_aborted("handshake_timeout")
+        self.drop()
+
+    def _proxy_done(self) -> None:
+        if self._header is not None:
+            self._header = None
+            self._listener._loop.remove_reader(self.sock.fileno())
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def drop(self) -> None:
+        """Refused or failed before uvloop took the socket: give up the places, reset."""
+        self.release()
+        if self.sock is not None:
+            _reset(self.sock)
+            self.sock = None
+
     def abort(self) -> None:
         """Drop it now (the worker is stopping)."""
+        self._proxy_done()                  # if still reading its PROXY header
         self.release()
         if self.sock is not None:       # its task never ran: the socket is still ours
             _reset(self.sock)
@@ -163,21 +255,37 @@ class TlsListener:
         key = None
         cap = limits.max_connections_per_client
         trust = worker.trusted_proxies
-        if cap > 0 and (trust is None or not trust.trusts(peer)):
+        mode = limits.proxy_protocol
+        if mode != "off":
+            # Counted by the source its PROXY header names, once read.
+            if trust is not None and not trust.trusts(peer):
+                worker.connection_refused("proxy_protocol")
+                _reset(sock)
+                return
+        elif cap > 0 and (trust is None or not trust.trusts(peer)):
             key = client_key(peer.encode())
             if not worker.admit_client(key, cap):
                 worker.connection_refused("per_client")
                 _reset(sock)
                 return
-        timeout = limits.header_read_timeout
-        handshake = Handshake(worker, sock, key, timeout)
+        handshake = Handshake(worker, sock, key, limits.header_read_timeout)
         worker.handshakes.add(handshake)
+        if mode != "off":
+            handshake.read_proxy(self, mode)
+        else:
+            self._start_tls(handshake)
+
+    def _start_tls(self, handshake: Handshake) -> None:
+        timeout = self._worker.http_settings.header_read_timeout
+        # What is left of headerReadTimeout from accept (all of it, without a PROXY header
+        # to read first).
+        due = max(handshake.head_due - self._worker.edge.now, 0.001)
         # headerReadTimeout bounds the close too: uvloop waits for the client's close_notify
         # after ours (30 s by default), and a client that never sends one held its places,
         # descriptor and SSL object that long after we closed — for a 408, an idle
         # keep-alive, at drain (docs/http-edge.md, "Connection caps").
         task = self._loop.create_task(self._loop.connect_accepted_socket(
-            handshake._factory, sock, ssl=self._ssl, ssl_handshake_timeout=timeout,
+            handshake._factory, handshake.sock, ssl=self._ssl, ssl_handshake_timeout=due,
             ssl_shutdown_timeout=timeout))
         handshake.task = task
         task.add_done_callback(handshake.finished)

@@ -7,6 +7,7 @@ held a descriptor, an SSL object and buffers until the handshake timeout."""
 from __future__ import annotations
 
 import os
+import time
 import socket
 import ssl
 
@@ -275,4 +276,131 @@ def test_a_tls_connection_the_gateway_closes_lets_go_without_the_clients_close_n
     finally:
         if held is not None:
             held.close()
+        assert s.stop() == 0
+
+
+# ------------------------------------------------ the PROXY protocol in front of TLS
+
+def _v1(source):
+    return b"PROXY TCP4 %s 127.0.0.1 5555 443\r\n" % source.encode()
+
+
+def _v2(source, local=False):
+    body = socket.inet_aton(source) + socket.inet_aton("127.0.0.1") + bytes(4)
+    return (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20 if local else 0x21, 0x11])
+            + len(body).to_bytes(2, "big") + body)
+
+
+class _Tls:
+    """A TLS client over a raw socket through memory BIOs, so the bytes before its
+    ClientHello — and what is sent in the same write — are the test's to choose."""
+
+    def __init__(self, sock, ctx, before=b""):
+        self.sock = sock
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = ctx.wrap_bio(self._in, self._out, server_hostname="localhost")
+        pending = before
+        while True:
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(pending + self._out.read())
+                pending = b""
+                self._feed()
+        sock.sendall(self._out.read())
+
+    def _feed(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed in the handshake")
+        self._in.write(data)
+
+    def get(self, raw=GET_LIVE):
+        self._tls.write(raw)
+        self.sock.sendall(self._out.read())
+        buf = bytearray()
+        while True:
+            try:
+                buf += self._tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._feed()
+                continue
+            head, sep, body = bytes(buf).partition(b"\r\n\r\n")
+            length = [int(v) for k, _, v in (line.partition(b":") for line in head.split(b"\r\n"))
+                      if k.lower() == b"content-length"]
+            if sep and len(body) >= length[0]:
+                return int(head.split(b" ")[1]), body
+
+
+def _proxied_config(pki, **http):
+    return _config(pki, proxyProtocol="any", trustedProxies=["127.0.0.1/32"], **http)
+
+
+def test_a_proxy_header_before_the_tls_handshake_names_the_client(gateway, pki):
+    # A load balancer that does not terminate TLS (so the client's certificate reaches the
+    # gateway, for mTLS-bound tokens) can say who the client is only before the
+    # ClientHello. The TLS listener read it inside TLS instead: the handshake failed.
+    gw = gateway(_proxied_config(pki, maxConnectionsPerClient=1, headerReadTimeout="3s"))
+    ctx = pki.client_context()
+    header = _v1("203.0.113.5")
+    first = _raw(gw.port, "127.0.0.1", header[:9])
+    time.sleep(0.2)                 # the rest of the header with the ClientHello, one write
+    a = _Tls(first, ctx, header[9:])
+    try:
+        assert a.get()[0] == 200
+        assert gw.call(lambda: [c.peer_ip for c in gw.worker.connections]) == [b"203.0.113.5"]
+        # The per-client cap counts the source the header names, not the balancer: the
+        # same client again is refused (reset before its handshake), another one is served.
+        again = _raw(gw.port, "127.0.0.1", _v2("203.0.113.5") + _client_hello(pki))
+        assert is_closed(again)
+        other = _Tls(_raw(gw.port, "127.0.0.1"), ctx, _v2("203.0.113.6"))
+        assert other.get()[0] == 200
+        assert sorted(gw.call(lambda: list(gw.worker.per_client))) == [b"203.0.113.5",
+                                                                         b"203.0.113.6"]
+        # Refused before any handshake: a peer that is not a trusted proxy, and a
+        # connection that does not start with a PROXY header.
+        untrusted = _raw(gw.port, "127.0.0.2", _v1("198.51.100.1") + _client_hello(pki))
+        bare = _raw(gw.port, "127.0.0.1", _client_hello(pki))
+        assert is_closed(untrusted) and is_closed(bare)
+        # Half a header and then nothing: dropped at the handshake's deadline.
+        stalled = _raw(gw.port, "127.0.0.1", header[:20])
+        assert not is_closed(stalled, 1) and is_closed(stalled, 10)
+        assert gw.call(lambda: dict(gw.worker.refused_connections)) == {
+            "per_client": 1, "proxy_protocol": 2}
+        assert gw.call(lambda: dict(gw.worker.aborted_connections)) == {"handshake_timeout": 1}
+        for sock in (again, untrusted, bare, stalled):
+            sock.close()
+        other.sock.close()
+    finally:
+        first.close()
+    # Every place comes back.
+    assert wait_for(lambda: gw.call(_state, gw) == (0, {}, 0))
+
+
+def test_end_to_end_proxy_protocol_over_tls_reaches_the_service(tmp_path, pki):
+    from tests.support.services import ServiceProcess
+    cfg = orjson.loads(_proxied_config(pki))
+    cfg["gateway"]["transports"]["tcp"]["port"] = 0
+    s = Served(config_text=orjson.dumps(cfg).decode(), tmp_path=tmp_path)
+    svc = None
+    try:
+        rec = s.wait_listening()[0]
+        https = port_of(rec["http"])
+        svc = ServiceProcess("ca", port_of(rec["tcp"])).start()
+        whoami = b"GET /t/ca/whoami HTTP/1.1\r\nHost: t\r\n\r\n"
+
+        def seen(before):
+            with socket.create_connection(("127.0.0.1", https), timeout=10) as raw:
+                status, body = _Tls(raw, pki.client_context(), before).get(whoami)
+            return status, (orjson.loads(body)["headers"]["x-forwarded-for"]
+                            if status == 200 else None)
+        assert wait_for(lambda: seen(_v2("198.51.100.9"))[0] == 200, 20)
+        assert seen(_v2("198.51.100.9")) == (200, "198.51.100.9")
+        assert seen(_v1("203.0.113.7")) == (200, "203.0.113.7")
+        # LOCAL (a balancer's own health check): the TCP peer.
+        assert seen(_v2("198.51.100.9", local=True)) == (200, "127.0.0.1")
+    finally:
+        if svc is not None:
+            svc.stop()
         assert s.stop() == 0
