@@ -129,6 +129,7 @@ class Worker:
         self.handshakes: set = set()
         self.refused_connections: dict[str, int] = {}   # at accept, by reason
         self.aborted_connections: dict[str, int] = {}   # cut by the gateway, by reason
+        self.failed_handshakes: dict[str, int] = {}     # HTTPS handshakes failed, by reason
         self.metrics.sources.append(self._connection_counters)
         # The tick's clock, the Date line, draining: what connections read per request.
         self.edge = EdgeState(time.monotonic())
@@ -250,6 +251,9 @@ class Worker:
     def connection_aborted(self, reason: str) -> None:
         self.aborted_connections[reason] = self.aborted_connections.get(reason, 0) + 1
 
+    def handshake_failed(self, reason: str) -> None:
+        self.failed_handshakes[reason] = self.failed_handshakes.get(reason, 0) + 1
+
     def _connection_counters(self) -> dict:
         return {"gateway_connections_refused": (
             "Client connections refused at accept (answered 503 and closed; with TLS, reset "
@@ -261,7 +265,12 @@ class Worker:
                 "Client connections the gateway cut, by reason: send_timeout (owed bytes "
                 "and none taken for sendTimeout), send_rate (less than minSendRate taken), "
                 "handshake_timeout (TLS handshake not done in headerReadTimeout)", ("reason",),
-                [((k,), v) for k, v in self.aborted_connections.items()])}
+                [((k,), v) for k, v in self.aborted_connections.items()]),
+            "gateway_tls_handshake_failures": (
+                "HTTPS connections whose TLS handshake failed, by reason: client_certificate "
+                "(did not verify against clientCaPath), protocol (no TLS version, cipher or "
+                "record both sides accept, or not TLS), closed (the peer went away in it)",
+                ("reason",), [((k,), v) for k, v in self.failed_handshakes.items()])}
 
     def correlation_id(self, headers) -> str:
         return self.accounting.correlation_id(headers)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import ssl
 import struct
 
 from .http import D_HEADER, HttpProtocol
@@ -47,6 +48,17 @@ def _reset(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+def _failure(exc: BaseException) -> str:
+    """What a failed handshake is counted as: a client certificate that did not verify (a
+    CA rotated on one side only shows here first), a peer that does not speak our TLS
+    (version, ciphers, not TLS at all), or one that went away in the middle."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "client_certificate"
+    if isinstance(exc, ssl.SSLError):
+        return "protocol"
+    return "closed"
 
 
 class Handshake(asyncio.Protocol):
@@ -107,6 +119,8 @@ class Handshake(asyncio.Protocol):
         if isinstance(exc, ConnectionAbortedError):
             # uvloop's handshake deadline (SSLProtocol._check_handshake_timeout).
             self.worker.connection_aborted("handshake_timeout")
+        elif exc is not None:
+            self.worker.handshake_failed(_failure(exc))
 
     # ------------------------------------------------------------ the PROXY header
 

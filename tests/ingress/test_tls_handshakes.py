@@ -195,6 +195,9 @@ def test_a_handshake_frees_its_places_whichever_way_it_ends(gateway, pki):
         assert wait_for(lambda: gw.call(_state, gw) == (0, {}, 0))
         assert gw.call(lambda: dict(gw.worker.aborted_connections)) == {"handshake_timeout": 1}
         assert gw.call(lambda: dict(gw.worker.refused_connections)) == {}
+        # The failed ones are counted by why: an operator sees a CA rotated on one side
+        # only (client_certificate) apart from scanners (protocol) and quitters (closed).
+        assert gw.call(lambda: dict(gw.worker.failed_handshakes)) == {"closed": 1, "protocol": 1}
     finally:
         for sock in (silent, garbage, quitter):
             sock.close()
@@ -277,6 +280,25 @@ def test_a_tls_connection_the_gateway_closes_lets_go_without_the_clients_close_n
         if held is not None:
             held.close()
         assert s.stop() == 0
+
+
+def test_a_client_certificate_from_another_ca_is_counted_as_such(gateway, pki, tmp_path):
+    gw = gateway(_config(pki))
+    foreign = Pki(tmp_path)             # a CA the gateway does not trust
+    ctx = pki.client_context()
+    ctx.load_cert_chain(foreign.client_cert, foreign.client_key)
+    try:
+        with _https(gw.port, ctx) as conn:      # TLS 1.3: the server's verdict comes after
+            conn.sendall(GET_LIVE)
+            read_response(conn)
+    except (ssl.SSLError, OSError):
+        pass
+    assert wait_for(lambda: gw.call(lambda: dict(gw.worker.failed_handshakes))
+                    == {"client_certificate": 1})
+    # A client of the gateway's CA is served.
+    with _https(gw.port, pki.client_context(with_cert=True)) as conn:
+        conn.sendall(GET_LIVE)
+        assert read_response(conn)[0] == 200
 
 
 # ------------------------------------------------ the PROXY protocol in front of TLS
