@@ -124,17 +124,18 @@ class Handshake(asyncio.Protocol):
 
     # ------------------------------------------------------------ the PROXY header
 
-    def read_proxy(self, listener, mode: str) -> None:
+    def read_proxy(self, listener, mode: str, peer: str) -> None:
         """Read the PROXY header off the raw socket, then start the handshake on the bytes
         after it. The deadline is the handshake's: headerReadTimeout from accept."""
         loop = listener._loop
         self._listener = listener
         self._header = b""
-        loop.add_reader(self.sock.fileno(), self._proxy_readable, mode)
+        self.sock.setblocking(False)    # accept() gives a blocking socket
+        loop.add_reader(self.sock.fileno(), self._proxy_readable, mode, peer)
         self._timer = loop.call_later(max(self.head_due - self.worker.edge.now, 0.0),
                                       self._proxy_expired)
 
-    def _proxy_readable(self, mode: str) -> None:
+    def _proxy_readable(self, mode: str, peer: str) -> None:
         sock = self.sock
         # Peeked, not read: bytes past the header are the ClientHello, left in the socket
         # for uvloop's SSL transport (which cannot be handed bytes already read).
@@ -156,21 +157,27 @@ class Handshake(asyncio.Protocol):
             self.worker.connection_refused("proxy_protocol")
             self.drop()
             return
+        # What is header is taken out of the socket: all of it while the header is not
+        # complete (else the peek would see it again at once, level-triggered, and spin
+        # the loop), exactly the header's rest once it is. Peeked, so there to take.
+        take = len(data) if parsed is None else parsed[0] - len(self._header)
+        try:
+            sock.recv(take)
+        except OSError:
+            self._proxy_done()
+            self.drop()
+            return
         if parsed is None:
-            # All of it is header so far: taken out of the socket, or the peek would see
-            # it again at once (level-triggered) and spin the loop.
-            sock.recv(len(data))
             self._header = header
             return
-        consumed, source = parsed
-        sock.recv(consumed - len(self._header))     # exactly the header's rest: peeked
+        source = parsed[1]
         self._proxy_done()
         self.proxied = source or ""
         worker = self.worker
         limits = worker.http_settings
         cap = limits.max_connections_per_client
         if cap > 0:
-            key = client_key((source or sock.getpeername()[0]).encode())
+            key = client_key((source or peer).encode())
             if not worker.admit_client(key, cap):
                 worker.connection_refused("per_client")
                 self.drop()
@@ -285,7 +292,7 @@ class TlsListener:
         handshake = Handshake(worker, sock, key, limits.header_read_timeout)
         worker.handshakes.add(handshake)
         if mode != "off":
-            handshake.read_proxy(self, mode)
+            handshake.read_proxy(self, mode, peer)
         else:
             self._start_tls(handshake)
 
