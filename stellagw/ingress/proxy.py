@@ -141,41 +141,44 @@ class TrustedProxies:
         return hit
 
     def client(self, peer: str, xff: bytes | None, forwarded: bytes | None) -> str:
-        """The client address of a request from `peer` (a trusted proxy)."""
-        hops = _xff_hops(xff) if xff is not None else _forwarded_hops(forwarded)
+        """The client address of a request from `peer` (a trusted proxy).
+
+        Read right to left, one hop at a time, each parsed only when it is reached: the
+        walk stops at the first hop that is not a trusted proxy, so what a client wrote
+        left of the address its proxy appended is never looked at. Parsing the whole list
+        first (an adversarial probe) cost 38 ms a request for 16 KB of `a,` — a client
+        behind the load balancer pinned a worker with 26 requests a second."""
+        value = xff if xff is not None else forwarded
+        hop_of = _xff_hop if xff is not None else _forwarded_hop
         client = peer
-        for hop in reversed(hops):
+        end = len(value)
+        while True:
+            start = value.rfind(b",", 0, end) + 1
+            hop = hop_of(value[start:end])
             if hop is None:
                 break                        # unparsable: trust nothing further left
             client = hop
-            if not self.trusts(hop):
+            if start == 0 or not self.trusts(hop):
                 break
+            end = start - 1
         return client
 
 
-def _xff_hops(value: bytes) -> list:
-    out = []
-    for item in value.split(b","):
-        out.append(_address(item.strip(b" \t")))
-    return out
+def _xff_hop(item: bytes):
+    return _address(item.strip(b" \t"))
 
 
-def _forwarded_hops(value: bytes) -> list:
-    out = []
-    for element in value.split(b","):
-        found = None
-        for pair in element.split(b";"):
-            name, _, v = pair.strip(b" \t").partition(b"=")
-            if name.lower() == b"for":
-                v = v.strip(b'"')
-                if v.startswith(b"["):
-                    v = v[1:v.find(b"]")] if b"]" in v else b""
-                elif v.count(b":") == 1:
-                    v = v.partition(b":")[0]
-                found = _address(v)
-                break
-        out.append(found)
-    return out
+def _forwarded_hop(element: bytes):
+    for pair in element.split(b";"):
+        name, _, v = pair.strip(b" \t").partition(b"=")
+        if name.lower() == b"for":
+            v = v.strip(b'"')
+            if v.startswith(b"["):
+                v = v[1:v.find(b"]")] if b"]" in v else b""
+            elif v.count(b":") == 1:
+                v = v.partition(b":")[0]
+            return _address(v)
+    return None
 
 
 def _address(token: bytes):

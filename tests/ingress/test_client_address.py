@@ -77,6 +77,25 @@ def test_forwarded_for_right_to_left(xff, forwarded, client):
     assert trust.client("10.0.0.9", xff, forwarded) == client
 
 
+@pytest.mark.parametrize("header", ["xff", "forwarded"])
+def test_only_the_hops_up_to_the_first_untrusted_one_are_parsed(monkeypatch, header):
+    # A client behind the load balancer writes what it likes left of the address the
+    # balancer appends. Parsing the whole list first cost 38 ms a request for 16 KB of
+    # "a," (an adversarial probe): 26 requests a second pinned a worker. Right to left,
+    # one hop at a time, the walk ends at the client the balancer saw.
+    from stellagw.ingress import proxy
+    parsed = []
+    real = proxy._address
+    monkeypatch.setattr(proxy, "_address", lambda token: parsed.append(token) or real(token))
+    trust = TrustedProxies(["10.0.0.0/8"])
+    if header == "xff":
+        xff, forwarded = b"a," * 7000 + b"6.6.6.6, 203.0.113.7, 10.0.0.5", None
+    else:
+        xff, forwarded = None, b"for=a," * 2300 + b"for=6.6.6.6, for=203.0.113.7, for=10.0.0.5"
+    assert trust.client("10.0.0.9", xff, forwarded) == "203.0.113.7"
+    assert len(parsed) == 2
+
+
 def test_config_checks_the_networks():
     assert settings_from("gateway: {http: {trustedProxies: [10.0.0.0/8, '::1']}}") \
         .gateway.http.trusted_proxies == ("10.0.0.0/8", "::1/128")
@@ -399,6 +418,9 @@ def test_end_to_end_behind_a_trusted_proxy(stack):
     port = stack(", trustedProxies: [127.0.0.0/8]")
     status, headers = whoami(port, b"X-Forwarded-For: 6.6.6.6, 203.0.113.7\r\n")
     assert headers["x-forwarded-for"] == "203.0.113.7"
+    # What a client writes left of its balancer's hop is not looked at, however long.
+    status, headers = whoami(port, b"X-Forwarded-For: " + b"a," * 7000 + b"203.0.113.7\r\n")
+    assert status == 200 and headers["x-forwarded-for"] == "203.0.113.7"
     # The anonymous rate limit is per resolved client: 2 each (one spent by the fixture's
     # first request from 192.0.2.1).
     for client in (b"203.0.113.20", b"203.0.113.21"):
