@@ -19,13 +19,17 @@ HTTP client: `urllib.request` run in the loop's default executor. This is a hand
 small GETs every few minutes, off the request path; the stdlib client verifies
 certificates with the default context and adds no dependency (and no second TLS stack).
 Redirects are refused (a redirect could downgrade https → http), responses are capped at
-1 MiB, and every request, its body included, has keysFetchTimeout in all (_read_by).
+1 MiB, and every request — its TLS handshake, status line, headers and body — has
+keysFetchTimeout in all (_Deadline, _read_by). (The name's DNS lookup is the resolver's.)
 """
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -96,6 +100,85 @@ def parse_jwks(document, algorithms) -> list[Key]:
     return keys
 
 
+class _Deadline:
+    """Shuts a fetch's connection down when keysFetchTimeout is up, whatever it is waiting for.
+
+    The socket timeout bounds each read, not a phase: an Authority (or a proxy before it)
+    that sends its TLS handshake, status line or headers a byte every few seconds held
+    the fetch for hours — and with it every request with an unknown kid waiting on it and
+    every later refresh (single flight), so keys never rotated again (an adversarial
+    probe: a header dripped a byte each 0.3 s outlived a 1 s keysFetchTimeout).
+
+    The connection's socket is made through `connect` (http.client's _create_connection,
+    for https and proxy tunnels too); a timer thread shuts its duplicate down at the
+    deadline, which ends any blocked read in the fetching thread at once."""
+
+    def __init__(self, timeout: float):
+        self.deadline = time.monotonic() + timeout
+        self.expired = False
+        self._lock = threading.Lock()
+        self._socks: list = []
+        self._timer = threading.Timer(timeout, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def connect(self, address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None,
+                *args, **kwargs):
+        sock = socket.create_connection(address, timeout, source_address, *args, **kwargs)
+        # A duplicate: an SSL wrap detaches the socket object it is given, not the socket.
+        with self._lock:
+            self._socks.append(sock.dup())
+            if self.expired:
+                self._shut()
+        return sock
+
+    def wrap(self, http_class):
+        def make(*args, **kwargs):
+            connection = http_class(*args, **kwargs)
+            connection._create_connection = self.connect
+            return connection
+        return make
+
+    def _expire(self):
+        with self._lock:
+            self.expired = True
+            self._shut()
+
+    def _shut(self):
+        for sock in self._socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._socks:
+                sock.close()
+            self._socks = []
+
+
+class _Guarded:
+    """A handler whose connections are made through the request's _Deadline."""
+    guard: _Deadline
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(self.guard.wrap(http_class), req, **kwargs)
+
+
+class _GuardedHTTP(_Guarded, urllib.request.HTTPHandler):
+    def __init__(self, guard):
+        super().__init__()
+        self.guard = guard
+
+
+class _GuardedHTTPS(_Guarded, urllib.request.HTTPSHandler):
+    def __init__(self, guard, context):
+        super().__init__(context=context)
+        self.guard = guard
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         raise urllib.error.HTTPError(req.full_url, code, "redirects are not followed", headers, fp)
@@ -134,9 +217,7 @@ class KeyStore:
         self._last_refetch = float("-inf")     # last unknown-kid refetch (the rate limit)
         self._inflight: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
-        context = ssl.create_default_context()
-        self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
-                                                   _NoRedirect())
+        self._tls = ssl.create_default_context()
 
     # ------------------------------------------------------------------ lookups (sync, hot path)
 
@@ -256,16 +337,29 @@ class KeyStore:
         _check_url(url, "URL")
         request = urllib.request.Request(url, headers={"Accept": "application/json",
                                                        "User-Agent": "stellagw"})
-        deadline = time.monotonic() + self._timeout
+        guard = _Deadline(self._timeout)
+        # An opener per request (a few every few minutes): its handlers carry the deadline.
+        opener = urllib.request.build_opener(_GuardedHTTP(guard), _GuardedHTTPS(guard, self._tls),
+                                             _NoRedirect())
         try:
-            with self._opener.open(request, timeout=self._timeout) as response:
-                raw = _read_by(response, deadline, self._timeout)
+            with opener.open(request, timeout=self._timeout) as response:
+                raw = _read_by(response, guard.deadline, self._timeout)
         except urllib.error.HTTPError as exc:
             raise KeysError(f"GET {url}: HTTP {exc.code}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            if guard.expired:
+                raise KeysError(f"GET {url}: {_late(self._timeout)}") from None
             reason = getattr(exc, "reason", exc)
             raise KeysError(f"GET {url}: {reason}") from None
+        finally:
+            guard.close()
+        if guard.expired:          # cut at the deadline: what came is not the document
+            raise KeysError(f"GET {url}: {_late(self._timeout)}")
         return _json(raw, url)
+
+
+def _late(timeout: float) -> str:
+    return f"the response took longer than keysFetchTimeout ({timeout:g} s)"
 
 
 def _read_by(response, deadline: float, timeout: float) -> bytes:
@@ -276,7 +370,7 @@ def _read_by(response, deadline: float, timeout: float) -> bytes:
     unknown kid waiting on it — for days. So each read waits at most what is left until
     the deadline, and a body not complete by then fails the fetch."""
     sock = getattr(getattr(response.fp, "raw", None), "_sock", None)   # http.client's socket
-    late = f"the response took longer than keysFetchTimeout ({timeout:g} s)"
+    late = _late(timeout)
     parts, size = [], 0
     while size <= MAX_DOCUMENT_BYTES:
         left = deadline - time.monotonic()

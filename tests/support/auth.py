@@ -255,6 +255,7 @@ class LoopbackAuthority:
         self.keys = list(keys)
         self.delay = delay
         self.drip = 0.0         # > 0: the JWKS body goes out a byte at a time, this far apart
+        self.drip_head = False  # with drip: the status line and headers too
         self._closed = threading.Event()
         self.down = False
         self.wrong_issuer = False
@@ -283,6 +284,16 @@ class LoopbackAuthority:
                     self.send_error(404)
                     return
                 data = json.dumps(body).encode()
+                if self.path == "/jwks" and authority.drip and authority.drip_head:
+                    data = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                            b"content-length: %d\r\n\r\n" % len(data)) + data
+                    for i in range(len(data)):
+                        if authority._closed.wait(authority.drip):
+                            return
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                    self.close_connection = True
+                    return
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
