@@ -239,6 +239,29 @@ def test_an_authority_trickling_its_head_is_given_up_within_the_fetch_timeout(au
     assert warnings and "keysFetchTimeout" in warnings[0]["error"]
 
 
+def test_keys_are_parsed_off_the_loop(authority, monkeypatch):
+    # A JWKS is up to 1 MiB: 2,600 RSA keys took 130 ms to parse and fingerprint, a stall
+    # of every request on the worker when it ran on the loop (an adversarial probe).
+    import threading
+    from stellagw.auth import keys as keys_module
+    threads = []
+    real = keys_module.parse_jwks
+    monkeypatch.setattr(keys_module, "parse_jwks",
+                        lambda *a: threads.append(threading.current_thread()) or real(*a))
+    auth = new_auth(authority)
+
+    async def main():
+        await auth.start()
+        try:
+            assert auth.ready_reasons() == []
+            assert isinstance(auth.authenticate(
+                bearer_request(token_for(authority, authority.keys[0])), ()), Identity)
+        finally:
+            auth.stop()
+    run(main())
+    assert threads and threading.main_thread() not in threads
+
+
 def test_scheduled_refresh_picks_up_rotation(authority):
     auth = new_auth(authority, 'keysRefreshInterval: "1s"')
     rotated = SigningKey("ES256", kid="k2")
