@@ -126,4 +126,20 @@ def make_tracer(settings, exporter=None) -> Tracing | None:
         kwargs = {"endpoint": cfg.otlp_endpoint} if cfg.otlp_endpoint else {}
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(**kwargs)))
     tracer = provider.get_tracer("stellagw")
+    quiet_client_input_warnings()
     return Tracing(tracer, TraceContextTextMapPropagator(), provider)
+
+
+# The loggers OpenTelemetry warns through when a client's traceparent or tracestate does not
+# parse: one warning a request, the member that failed quoted in it, written by Python's
+# last-resort handler straight to stderr — beside the JSON log, past its escaping and
+# clipping, and on the loop. A client wrote a NEL and a JSON record of its own choosing
+# into the gateway's output that way (an adversarial probe). A header that does not parse
+# is dropped all the same (the W3C rule); only the warning goes.
+CLIENT_INPUT_LOGGERS = ("opentelemetry.trace.span", "opentelemetry.trace.propagation.tracecontext")
+
+
+def quiet_client_input_warnings() -> None:
+    import logging
+    for name in CLIENT_INPUT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -50,6 +50,23 @@ def test_route_span_with_auth_and_transport_children_continuing_the_client_trace
     assert seen.split("-")[2] == f"{send.context.span_id:016x}"
 
 
+def test_a_client_tracestate_that_does_not_parse_writes_nothing_to_the_output(traced, caplog):
+    # OpenTelemetry warned once a request, quoting the member that failed, through Python's
+    # last-resort handler: a client wrote a NEL and a JSON record of its own into the
+    # gateway's stderr, beside the JSON log (an adversarial probe). The header is dropped
+    # as before; the warning is not written.
+    gw, exporter = traced
+    forged = b'\x85{"level":"error","message":"forged by a client"}'
+    for state in (b"ok=1,bad member" + forged, b"a=b," * 2100):
+        status, _, body = request(gw.port, b"GET /t/tr/whoami HTTP/1.1\r\nHost: gw\r\ntraceparent: "
+                                  + TRACEPARENT.encode() + b"\r\ntracestate: " + state + b"\r\n\r\n")
+        assert status == 200
+        headers = orjson.loads(body)["headers"]
+        assert headers["traceparent"].split("-")[1] == CLIENT_TRACE     # the trace goes on
+        assert "forged" not in headers.get("tracestate", "") and "a=b" not in headers.get("tracestate", "")
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry")]
+
+
 def test_no_spans_when_tracing_is_off():
     gw = GatewayThread(settings_from("gateway: {http: {port: 0}}")).start()
     try:
