@@ -559,6 +559,20 @@ def test_if_none_match_parser():
     assert if_none_match(b'junk, "b"', b'"b"')
 
 
+def test_if_none_match_reads_only_the_first_tags():
+    # Each member of a 16 KB If-None-Match was matched: 3.5 ms a request on a public
+    # OpenAPI endpoint (an adversarial probe). Past MAX_TAGS the document is sent (always
+    # a correct answer).
+    from stellagw.openapi.cache import MAX_TAGS
+    assert if_none_match(b"a, " * (MAX_TAGS - 1) + b'"b"', b'"b"')
+    assert not if_none_match(b"a, " * MAX_TAGS + b'"b"', b'"b"')
+    assert not if_none_match(b'"x", ' * 3000 + b'"b"', b'"b"')
+    cache, _ = make_cache(two_services())
+    cache.respond(b"/openapi.json", None)
+    assert cache.respond(b"/openapi.json", b"a," * 7000 + cache.etag)[0] == 200
+    assert cache.respond(b"/openapi.json", b"a," * 8 + cache.etag)[0] == 304
+
+
 def test_yaml_has_the_same_content_as_json():
     cache, _ = make_cache(two_services(), token_url="https://authority.example/token")
     status, headers, body = cache.respond(b"/openapi.yaml", None)
