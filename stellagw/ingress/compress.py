@@ -1,8 +1,8 @@
 """gzip at the gateway (gateway.compression; docs/http-edge.md "Compression").
 
-Plain (not streamed) answers of a compressible type and at least `minSize` bytes are
-gzipped when the client accepts gzip and the service did not encode them itself; the
-OpenAPI documents always are (stellagw/health/builtins.py). The ETag of a gzipped
+Plain (not streamed) answers of a compressible type, at least `minSize` bytes and at most
+MAX_SIZE, are gzipped when the client accepts gzip and the service did not encode them
+itself; the OpenAPI documents always are (stellagw/health/builtins.py). The ETag of a gzipped
 representation is made weak, so If-None-Match (a weak comparison) still matches it while
 no cache takes it for the identity bytes. Only zlib from the standard library: brotli would
 need a compiled package for a few percent more.
@@ -68,13 +68,21 @@ def gzipped(headers: bytes, body: bytes, level: int) -> tuple[bytes, bytes]:
     return b"\r\n".join(lines) + b"\r\n", gzip_bytes(body, level)
 
 
+# The largest answer gzipped: the SDK's largest plain answer (larger ones it streams, and
+# streamed answers are not compressed). A plain answer may be up to maxFrameSize (16 MB),
+# and gzip runs on the loop: 16 MB took 250 ms at level 5, 1.1 s at level 9, every
+# client of the worker waiting, for each request that asked for it (an adversarial probe).
+MAX_SIZE = 1024 * 1024
+
+
 class Compression:
     """gateway.compression for service answers (and the other built-ins)."""
 
-    __slots__ = ("min_size", "level", "exact", "prefixes")
+    __slots__ = ("min_size", "max_size", "level", "exact", "prefixes")
 
     def __init__(self, settings):
         self.min_size = settings.min_size
+        self.max_size = MAX_SIZE
         self.level = settings.level
         types = [t.lower().encode("latin-1") for t in settings.types]
         self.exact = frozenset(t for t in types if not t.endswith(b"/"))

@@ -1109,8 +1109,8 @@ class HttpProtocol:
         else:
             payload = body
             gzip = self._gzip
-            if (gzip is not None and len(body) >= gzip.min_size and gzip.applies(headers)
-                    and accepts_gzip(req.headers)):
+            if (gzip is not None and gzip.min_size <= len(body) <= gzip.max_size
+                    and gzip.applies(headers) and accepts_gzip(req.headers)):
                 headers, payload = gzipped(headers, body, gzip.level)
                 body = payload
             length = len(body)

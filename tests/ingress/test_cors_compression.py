@@ -121,3 +121,38 @@ def test_the_openapi_document_is_gzipped_and_revalidates(port):
     status, _, _ = raw(port, b"GET /openapi.json HTTP/1.1\r\nHost: t\r\nAccept-Encoding: gzip\r\n"
                              b"If-None-Match: " + headers["etag"].encode() + b"\r\n\r\n")
     assert status == 304
+
+
+def test_answers_larger_than_max_size_are_not_gzipped_on_the_loop(monkeypatch):
+    # A plain answer may be up to maxFrameSize (16 MB) from a service that does not stream
+    # (here: the SDK told to stream nothing below 32 MB), and gzip runs on the gateway's
+    # loop: 16 MB took 250 ms at level 5, every client of the worker waiting, for each
+    # request that asked for it (an adversarial probe). Past MAX_SIZE it goes as it is.
+    from stellagw.ingress.compress import MAX_SIZE
+    from stellagw.service import Response, Service, sdk
+    from tests.support.gwtest import GatewayThread, request, settings_from
+    from tests.support.servicepeer import SdkThread
+    monkeypatch.setattr(sdk, "STREAM_ABOVE", 32 * 1024 * 1024)
+    gw = GatewayThread(settings_from("gateway: {http: {port: 0}, logging: {accessLog: false}, "
+                                     "compression: {enabled: true}}")).start()
+    svc = Service("gz", "1.0.0", gateways=[f"127.0.0.1:{gw.transport_port}"],
+                  reconnect_min=0.05, reconnect_max=0.5)
+    sizes = {"small": MAX_SIZE - 64, "large": MAX_SIZE + 64}
+
+    @svc.get("/gz/{size}")
+    async def answer(req):
+        n = sizes[req.params["size"]]
+        return Response(b'"' + b"x" * (n - 2) + b'"', content_type="application/json")
+
+    sdk_thread = SdkThread(svc).start()
+    try:
+        for size, gzipped in (("small", True), ("large", False)):
+            status, headers, body = request(gw.port, b"GET /gz/" + size.encode()
+                                            + b" HTTP/1.1\r\nHost: t\r\nAccept-Encoding: gzip\r\n\r\n",
+                                            timeout=30)
+            assert status == 200 and ("content-encoding" in headers) is gzipped, size
+            plain = gzip.decompress(body) if gzipped else body
+            assert len(plain) == sizes[size] and plain.strip(b'"x') == b""
+    finally:
+        sdk_thread.stop()
+        gw.stop()
