@@ -317,6 +317,39 @@ def test_item10_symmetric_jwk(auth, issuer_key, client):
             "invalid_dpop_proof", "dpop_private_key")
 
 
+def _odd(bits, seed):
+    # An RSA modulus as cryptography loads a public one (odd, its top bit set): no need to
+    # find primes for a key whose proof is refused before any signature check.
+    import random
+    return random.Random(seed).getrandbits(bits) | (1 << (bits - 1)) | 1
+
+
+@pytest.mark.parametrize("bits, e", [
+    (3072, (1 << 3000) + 1),       # 5.8 ms a signature check, where 65537 takes 0.06 ms
+    (2048, (1 << 31) + 1),
+    (16384, 65537),                 # 1 ms a signature check
+], ids=["e-3000-bits", "e-2^31+1", "n-16384-bits"])
+def test_item9_rsa_proof_keys_that_make_the_signature_check_costly(auth, issuer_key, bits, e,
+                                                                  monkeypatch):
+    # The signature is checked with the proof's own key before its binding to the token:
+    # any client with a token could make every proof cost what its key's modulus and
+    # exponent cost (an adversarial probe). Such a key is refused before any check.
+    from stellagw.auth import dpop
+    checks = []
+    real = dpop.verify_signature
+    monkeypatch.setattr(dpop, "verify_signature", lambda *a: checks.append(a) or real(*a))
+    client = DpopClient("RS256")
+    token = bound_token(issuer_key, client)
+    jwk = {"kty": "RSA", "n": b64u(_odd(bits, e).to_bytes(bits // 8, "big")),
+           "e": b64u(e.to_bytes((e.bit_length() + 7) // 8, "big"))}
+    proof = client.proof("GET", URL, token, header={"jwk": jwk})
+    refused(auth.authenticate(dpop_request(client, token, proof=proof), ()),
+            "invalid_dpop_proof", "dpop_jwk")
+    assert checks == []
+    # The client's own key (2048 bits, 65537) still passes.
+    ok(auth.authenticate(dpop_request(client, token), ()))
+
+
 @pytest.mark.parametrize("htm", ["POST", "get", "Get"])
 def test_item11_htm_must_equal_the_method(auth, issuer_key, client, htm):
     token = bound_token(issuer_key, client)

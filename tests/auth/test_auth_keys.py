@@ -280,6 +280,17 @@ def test_scheduled_refresh_picks_up_rotation(authority):
     run(main())
 
 
+def test_authority_rsa_keys_that_make_a_signature_check_costly_are_skipped():
+    # Every token naming such a key would cost its check (a 3000-bit exponent: 5.8 ms),
+    # garbage signatures included; the same bounds as a DPoP proof's key (jose.py).
+    from tests.support.auth import b64u
+    good = SigningKey("ES256", kid="good")
+    n = SigningKey("RS256", kid="x").public_jwk["n"]
+    odd = {"kty": "RSA", "kid": "big-e", "n": n, "e": b64u(((1 << 31) + 1).to_bytes(4, "big"))}
+    keys = parse_jwks({"keys": [odd, good.public_jwk]}, ALGS)
+    assert [k.kid for k in keys] == ["good"]
+
+
 def test_jwks_filtering():
     ec = SigningKey("ES256", kid="ec")
     rsa_small = SigningKey("RS256", kid="small", bits=1024)
