@@ -287,12 +287,15 @@ class LoopbackAuthority:
                 if self.path == "/jwks" and authority.drip and authority.drip_head:
                     data = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                             b"content-length: %d\r\n\r\n" % len(data)) + data
+                    self.close_connection = True
                     for i in range(len(data)):
                         if authority._closed.wait(authority.drip):
                             return
-                        self.wfile.write(data[i:i + 1])
-                        self.wfile.flush()
-                    self.close_connection = True
+                        try:
+                            self.wfile.write(data[i:i + 1])
+                            self.wfile.flush()
+                        except OSError:      # the gateway gave up at its deadline
+                            return
                     return
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
