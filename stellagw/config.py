@@ -479,6 +479,25 @@ def _cidr(value: Any, path: str) -> str:
         raise ValueError(f"{text!r} is not an IP address or network (CIDR)") from None
 
 
+_HOST_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_NAME = re.compile(rf"^(?:\*\.)?{_HOST_LABEL}(?:\.{_HOST_LABEL})*$")
+
+
+def _allowed_host(value: Any, path: str) -> str:
+    """A host name ("api.example.com"), its subdomains ("*.example.com"), or an IP address;
+    lowercase, no port, an IPv6 address in brackets (as a Host field writes it)."""
+    import ipaddress
+    text = _string(non_empty=True)(value, path).strip().lower().rstrip(".")
+    try:
+        ip = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        if not _HOST_NAME.match(text) or len(text) > 253:
+            raise ValueError(f"{text!r} is not a host name, *.domain or IP address "
+                             f"(no scheme, port or path)") from None
+        return text
+    return f"[{ip}]" if ip.version == 6 else str(ip)
+
+
 def _optional_header_name(text: str) -> str:
     if text and not _TOKEN.match(text):
         raise ValueError(f"{text!r} is not a header field name (RFC 9110 token)")
@@ -646,6 +665,10 @@ class HttpSettings:
     # header required at the start of every client connection.
     trusted_proxies: tuple[str, ...] = _key("trustedProxies", _list_of(_cidr, split_env=True), [])
     proxy_protocol: str = _key("proxyProtocol", _choice("off", "v1", "v2", "any"), "off")
+    # The host names clients may ask for (Host, or an absolute-form target's authority):
+    # others get 421. Empty: any valid host, forwarded as X-Forwarded-Host as it came.
+    allowed_hosts: tuple[str, ...] = _key("allowedHosts", _list_of(_allowed_host, split_env=True),
+                                          [])
     # A client's own request id header taken as the correlation id when no X-Correlation-Id
     # came (e.g. "X-Request-Id"); empty: only X-Correlation-Id.
     request_id_header: str = _key("requestIdHeader", _string(_optional_header_name), "")

@@ -25,7 +25,7 @@ def status_line(status: int) -> bytes:
 ERROR_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large",
-    414: "uri_too_long", 426: "upgrade_required", 429: "rate_limit_exceeded", 431: "request_header_fields_too_large",
+    414: "uri_too_long", 421: "misdirected_request", 426: "upgrade_required", 429: "rate_limit_exceeded", 431: "request_header_fields_too_large",
     500: "internal_error", 501: "not_implemented", 502: "bad_gateway",
     503: "service_unavailable", 504: "gateway_timeout", 505: "http_version_not_supported",
 }
