@@ -8,9 +8,12 @@ the method (one the route has) and every requested header are allowed, and 403 o
 it never reaches a service and needs no credentials (browsers send none). A request that is
 not a preflight goes on as usual; when its Origin is allowed, the gateway adds
 Access-Control-Allow-Origin (the origin itself, and Vary: Origin), -Allow-Credentials and
--Expose-Headers to whatever answers it, the gateway's own errors included.
+-Expose-Headers to whatever answers it, the gateway's own errors included. Every other
+answer on a path under the policy says Vary: Origin too: it would have differed for
+another Origin, and a shared cache that kept one answer for all (no Origin, or one not
+allowed) would serve it to an allowed page without its Access-Control-Allow-Origin.
 
-Only requests with an Origin header pay anything, and only when gateway.cors has origins.
+Nothing is paid unless gateway.cors has origins.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from ..routing.radix import FOUND, METHOD_NOT_ALLOWED
 from ..replies import error_body
 
 _JSON = b"content-type: application/json\r\n"
+_VARY = b"vary: origin\r\n"
 
 
 class CorsRule:
@@ -46,7 +50,7 @@ class CorsRule:
     def origin_lines(self, origin: bytes) -> bytes:
         # The origin itself, never "*": with Vary: Origin a cache keeps answers apart, and
         # credentials may be allowed.
-        lines = b"access-control-allow-origin: " + origin + b"\r\nvary: origin\r\n"
+        lines = b"access-control-allow-origin: " + origin + b"\r\n" + _VARY
         if self.credentials:
             lines += b"access-control-allow-credentials: true\r\n"
         return lines
@@ -75,11 +79,14 @@ class CorsPolicy:
                 requested_headers = value if requested_headers is None else (
                     requested_headers + b"," + value)
         if origin is None:
+            req.resp_headers += _VARY
             return None
         rule = self.rule(path)
         if req.method != "OPTIONS" or requested is None:
             if rule.allows(origin):
                 req.resp_headers += rule.origin_lines(origin) + rule.expose_line
+            else:
+                req.resp_headers += _VARY
             return None
         method = requested.decode("latin-1").strip().upper()
         code, route, _ = router.match(method, path)

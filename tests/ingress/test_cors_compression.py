@@ -84,6 +84,21 @@ def test_cross_origin_answers_carry_the_headers_gateway_errors_too(port):
     assert "access-control-allow-credentials" not in headers
 
 
+def test_every_answer_under_the_policy_varies_by_origin(port):
+    # Without Vary: Origin on the answers that carry no Access-Control-Allow-Origin (no
+    # Origin sent, or one not allowed), a shared cache kept one of them for everybody and
+    # served it to the allowed page too, which then could not read it.
+    for origin in (b"", b"Origin: https://evil.example\r\n", b"Origin: https://app.example\r\n"):
+        with connect(port) as s:
+            s.sendall(b"GET /t/cc/slow?ms=1 HTTP/1.1\r\nHost: t\r\n" + origin + b"\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(65536)
+        lines = head.split(b"\r\n\r\n")[0].lower().split(b"\r\n")
+        assert lines[0].startswith(b"http/1.1 200")
+        assert lines.count(b"vary: origin") == 1, (origin, lines)
+
+
 def test_json_answers_are_gzipped_when_accepted_and_large_enough(port):
     want = orjson.dumps({"items": ["x" * 1000 for _ in range(8)]})
     status, headers, body = raw(port, b"GET /t/cc/json?kb=8 HTTP/1.1\r\nHost: t\r\n"
