@@ -426,6 +426,11 @@ class Worker:
         self.log.event("info", "listening", version=__version__,
                        http=f"{scheme}://{_fmt_addr(self.http_address)}", pid=os.getpid(),
                        configHash=self.reloader.hash, **addresses)
+        if gw.http.proxy_protocol != "off" and not gw.http.trusted_proxies:
+            # Allowed (a port only the balancer reaches), but said: otherwise any client
+            # that reaches it writes its own PROXY header, and its address is what it says.
+            self.log.event("warning", "gateway.http.proxyProtocol without trustedProxies: "
+                           "a PROXY header is believed from any peer; list the balancers")
         self.log.flush()
         if self.fleet is not None:
             self.fleet.begin(view, fleet_services, t0)

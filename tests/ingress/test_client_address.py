@@ -451,6 +451,9 @@ def test_end_to_end_proxy_protocol_v2(stack):
     with connect(port) as s:
         s.sendall(b"GET /t/ca/whoami HTTP/1.1\r\nHost: t\r\n\r\n")
         assert read_response(s)[0] == 400
+    # Without trustedProxies any peer's PROXY header is believed: the operator is told.
+    [line] = stack.served[-1].wait_for_log(lambda r: "without trustedProxies" in r.get("message", ""))
+    assert line["level"] == "warning"
 
 
 def test_access_log_fields_and_x_request_id(stack, tmp_path):
