@@ -27,6 +27,7 @@ cdef class Pipeline:
     cdef Py_ssize_t _stream_threshold
     cdef set _tasks
     cdef object _cors
+    cdef object _hosts
     cdef public object _retries
     cdef unsigned long long _dispatched
     cdef bint _limited

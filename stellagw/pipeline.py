@@ -35,6 +35,7 @@ from .auth.identity import CREDENTIAL_FIELDS
 # handle() passes over a header whose first byte no credential field starts with.
 assert {name[0] for name in CREDENTIAL_FIELDS} <= set(b"adx"), CREDENTIAL_FIELDS
 from .ingress.cors import CorsPolicy
+from .ingress.limits import AllowedHosts
 from .ingress.proxy import anonymous_key
 from .observe.metrics import perf_counter
 from .transport.retry import IDEMPOTENT, RetryBudget
@@ -78,6 +79,7 @@ class Pipeline:
         self._retries = RetryBudget(gw.retries)
         # gateway.cors: None while no origin is allowed (the request path then tests nothing).
         self._cors = CorsPolicy(gw.cors) if gw.cors.enabled else None
+        self._hosts = AllowedHosts(gw.http.allowed_hosts) if gw.http.allowed_hosts else None
 
     def reconfigure(self, worker):
         """A configuration reload (stellagw/reload.py): the worker's new collaborators and
@@ -93,6 +95,7 @@ class Pipeline:
         self._default_timeout = gw.routing.default_timeout
         self._stream_threshold = max(gw.routing.streaming_buffer_size, 64 * 1024)
         self._cors = CorsPolicy(gw.cors) if gw.cors.enabled else None
+        self._hosts = AllowedHosts(gw.http.allowed_hosts) if gw.http.allowed_hosts else None
         self._retries.configure(gw.retries)
 
     def _set_builtins(self, builtins):
@@ -118,6 +121,12 @@ class Pipeline:
             builtin = self._builtins.get(target)
             if builtin is not None:
                 return builtin(req)
+
+        # 4b. the host: what a service builds links from (X-Forwarded-Host). Not asked of
+        # the built-ins: balancers' health checks name the pod's address.
+        if self._hosts is not None and not self._hosts.allows(req.host):
+            req.route = "misdirected"
+            return _error(req, 421, "this gateway does not serve that host")
 
         # 5. match
         t0 = perf_counter()

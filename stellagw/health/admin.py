@@ -58,8 +58,7 @@ class AdminServer:
         self.http_settings = HttpLimits(dataclasses.replace(
             gw, http=dataclasses.replace(gw.http, max_connections=gw.admin.max_connections,
                                          max_connections_per_client=0,  # probes: one address
-                                         proxy_protocol="off",    # probes speak plain HTTP
-                                         allowed_hosts=()),       # probes name the pod's IP
+                                         proxy_protocol="off"),   # probes speak plain HTTP
             routing=dataclasses.replace(gw.routing, max_request_body_size=_MAX_BODY)))
         self.pipeline = _Pipeline(builtins.table(worker, admin=True))
         self.connections: set = set()

@@ -113,7 +113,6 @@ cdef class HttpProtocol:
     cdef public bytes peer_ip
     cdef public object proxied
     cdef object _trust
-    cdef object _hosts
     cdef bint _trusted
     cdef str _proxy_mode, _peer_text
     cdef object _client_key

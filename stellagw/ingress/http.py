@@ -382,7 +382,6 @@ class HttpProtocol:
         self.peer_ip = b""               # the client's address: the TCP peer, or PROXY's source
         self.anonymous_key = "ip:"       # rate-limit key of its anonymous requests
         self._trust = server.trusted_proxies    # TrustedProxies, or None
-        self._hosts = settings.allowed_hosts    # AllowedHosts, or None: any host
         self._trusted = False            # the peer is a trusted proxy: its X-Forwarded-For counts
         self._proxy_mode = settings.proxy_protocol
         self._client_key = None          # the address counted for maxConnectionsPerClient
@@ -817,9 +816,6 @@ class HttpProtocol:
                 self._headers.append((b"host", trimmed))
                 host = trimmed
             req.host = host
-        if self._hosts is not None and not self._hosts.allows(req.host):
-            # Not read further: whatever follows is for a host this gateway does not serve.
-            self._refuse(421, "this gateway does not serve that host")
         parts = split_target(url)
         if parts is None:
             self._refuse(400, "a request-target has no fragment")
