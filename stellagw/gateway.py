@@ -39,7 +39,7 @@ from .ingress.compress import Compression
 from .ingress.proxy import TrustedProxies
 from .ingress.tls import ReloadingContext
 from .ingress.tls_accept import TlsListener
-from .observe.logs import JsonLog
+from .observe.logs import JsonLog, install_library_logs
 from .observe.metrics import Metrics
 from .observe.routes import route_info
 from .observe.tracing import make_tracer
@@ -687,6 +687,7 @@ def run_worker(settings, worker_id: int = 0, sockets: WorkerSockets | None = Non
         worker = Worker(settings, worker_id, run_dir=run_dir, config_source=config_source,
                         heartbeat=heartbeat)
         loop = asyncio.get_running_loop()
+        install_library_logs(worker.log, loop)
         # SIGTERM is an orchestrator's: wait preStopDelay for load balancers to notice the
         # failing readiness. SIGINT is a person's at a terminal: stop now. The delay is
         # read when the signal comes: a reload may have changed it.

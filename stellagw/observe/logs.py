@@ -17,6 +17,7 @@ not credentials.
 """
 from __future__ import annotations
 
+import logging
 import os
 import select
 import sys
@@ -149,6 +150,65 @@ class JsonLog:
 
 
 # ---------------------------------------------------------------------------- clipping
+
+class LibraryLogs(logging.Handler):
+    """What the libraries say through Python's `logging` (picows, asyncio, OpenTelemetry ...),
+    as records of the worker's JSON log. Without a handler, Python's last-resort one wrote
+    their warnings and errors to stderr as raw text, beside the JSON log, past its escaping
+    and clipping: every WebSocket client that sent a bad frame wrote a line of picows' (an
+    adversarial probe). At most one record a second per logger (picows' per-connection
+    loggers count as one); the next one says how many were left out."""
+
+    def __init__(self, log: JsonLog, loop):
+        super().__init__(logging.WARNING)
+        self._log = log
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._last: dict[str, list] = {}      # logger -> [second of its last record, left out]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            name = record.name
+            if name.rpartition(".")[2].isdigit():     # picows: one child logger per socket
+                name = name.rpartition(".")[0]
+            second = int(record.created)
+            last = self._last.get(name)
+            if last is not None and last[0] == second:
+                last[1] += 1
+                return
+            left_out = last[1] if last is not None else 0
+            if last is not None:
+                last[0], last[1] = second, 0
+            elif len(self._last) < 256:
+                self._last[name] = [second, 0]
+            fields = {"logger": name, "message": record.getMessage()}
+            if record.exc_info and record.exc_info[1] is not None:
+                fields["error"] = repr(record.exc_info[1])
+            if left_out:
+                fields["leftOut"] = left_out
+            level = ("error" if record.levelno >= logging.ERROR else
+                     "warning" if record.levelno >= logging.WARNING else "info")
+            if threading.get_ident() == self._loop_thread:
+                self._write(level, fields)
+            else:                   # JsonLog's buffer belongs to the loop's thread
+                self._loop.call_soon_threadsafe(self._write, level, fields)
+        except Exception:           # a log line must never take the caller down
+            pass
+
+    def _write(self, level: str, fields: dict) -> None:
+        message = fields.pop("message")
+        self._log.event(level, message, **fields)
+
+
+def install_library_logs(log: JsonLog, loop) -> LibraryLogs:
+    """Route the process's `logging` records into `log` (a worker process: one per process)."""
+    handler = LibraryLogs(log, loop)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.WARNING or root.level == logging.NOTSET:
+        root.setLevel(logging.WARNING)
+    return handler
+
 
 def clip_record(record: dict, limit: int) -> bytes:
     """`record` as one JSON object of at most `limit` bytes (orjson's form), its longest

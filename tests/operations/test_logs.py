@@ -143,3 +143,52 @@ def test_json_log_writes_no_line_over_max_line():
     assert sorted(records[0]["truncated"]) == ["path", "userAgent"]
     assert records[1]["truncated"] == ["error"] and records[1]["error"].endswith(ELLIPSIS)
     assert "truncated" not in records[2] and records[2]["path"] == "/short"
+
+
+# ------------------------------------------------- what the libraries say, as JSON lines
+
+def test_library_warnings_are_json_records_at_most_one_a_second(tmp_path):
+    """picows logged each client's bad WebSocket frame through Python's last-resort handler:
+    a raw text line on stderr per connection, beside the JSON log (an adversarial probe)."""
+    import socket
+    import time
+
+    from tests.support.gwtest import Served, port_of
+    from tests.support.services import ServiceProcess
+
+    gw = Served(config_text="gateway: {node: {workers: 1}, http: {port: 0}, "
+                            "transports: {tcp: {port: 0}}}", tmp_path=tmp_path)
+    svc = None
+    try:
+        rec = gw.wait_listening()[0]
+        port = port_of(rec["http"])
+        svc = ServiceProcess("ca", port_of(rec["tcp"])).start().wait_routable(port)
+        upgrade = (b"GET /t/ca/ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\n"
+                   b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                   b"Sec-WebSocket-Version: 13\r\n\r\n")
+
+        def bad_frame():
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(upgrade)
+                assert s.recv(4096).startswith(b"HTTP/1.1 101")
+                s.sendall(b"\x81\x05hello")         # unmasked: RFC 6455 §5.1
+                while s.recv(4096):
+                    pass
+        for _ in range(5):
+            bad_frame()
+        time.sleep(1.1)
+        bad_frame()                                 # a new second: says what was left out
+        records = gw.wait_for_log(lambda r: r.get("logger") == "stellagw.websocket", 2)
+        time.sleep(0.5)
+        records += [r for r in (orjson.loads(line) for line in gw.lines[gw._seen:]
+                                if line.startswith(b"{"))
+                    if r.get("logger") == "stellagw.websocket"]
+        assert all("WS parser error" in r["message"] and r["level"] == "error" for r in records)
+        # Six bad frames: each either written or counted as left out.
+        assert 2 <= len(records) <= 3
+        assert len(records) + sum(r.get("leftOut", 0) for r in records) == 6
+    finally:
+        if svc is not None:
+            svc.stop()
+        gw.stop()
+    assert [line for line in gw.lines if not line.startswith(b"{")] == []
