@@ -151,6 +151,9 @@ class JsonLog:
 
 # ---------------------------------------------------------------------------- clipping
 
+_FORMATTER = logging.Formatter()
+
+
 class LibraryLogs(logging.Handler):
     """What the libraries say through Python's `logging` (picows, asyncio, OpenTelemetry ...),
     as records of the worker's JSON log. Without a handler, Python's last-resort one wrote
@@ -183,7 +186,10 @@ class LibraryLogs(logging.Handler):
                 self._last[name] = [second, 0]
             fields = {"logger": name, "message": record.getMessage()}
             if record.exc_info and record.exc_info[1] is not None:
+                # asyncio's "Exception in callback ..." and the like: where it came from is
+                # what an operator needs (clipped, as any long string, to the line's size).
                 fields["error"] = repr(record.exc_info[1])
+                fields["traceback"] = _FORMATTER.formatException(record.exc_info)
             if left_out:
                 fields["leftOut"] = left_out
             level = ("error" if record.levelno >= logging.ERROR else
@@ -193,7 +199,7 @@ class LibraryLogs(logging.Handler):
             else:                   # JsonLog's buffer belongs to the loop's thread
                 self._loop.call_soon_threadsafe(self._write, level, fields)
         except Exception:           # a log line must never take the caller down
-            pass
+            self.handleError(record)
 
     def _write(self, level: str, fields: dict) -> None:
         message = fields.pop("message")

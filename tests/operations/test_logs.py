@@ -147,6 +147,36 @@ def test_json_log_writes_no_line_over_max_line():
 
 # ------------------------------------------------- what the libraries say, as JSON lines
 
+def test_an_exception_in_a_loop_callback_is_a_record_with_its_traceback(tmp_path):
+    import asyncio
+    import logging
+
+    import uvloop
+
+    from stellagw.observe.logs import install_library_logs
+    path = tmp_path / "out.log"
+
+    async def main():
+        with open(path, "w") as out:
+            log = JsonLog("info", stream=out)
+            handler = install_library_logs(log, asyncio.get_running_loop())
+            try:
+                def boom():
+                    raise ValueError("boom on purpose")
+                for _ in range(3):                  # one second: one record, two left out
+                    asyncio.get_running_loop().call_soon(boom)
+                await asyncio.sleep(0.05)
+                log.flush()
+                await asyncio.sleep(0.3)
+            finally:
+                logging.getLogger().removeHandler(handler)
+    uvloop.run(main())
+    [record] = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    assert record["logger"] == "asyncio" and record["level"] == "error"
+    assert record["error"] == "ValueError('boom on purpose')"
+    assert "in boom" in record["traceback"] and "leftOut" not in record
+
+
 def test_library_warnings_are_json_records_at_most_one_a_second(tmp_path):
     """picows logged each client's bad WebSocket frame through Python's last-resort handler:
     a raw text line on stderr per connection, beside the JSON log (an adversarial probe)."""
