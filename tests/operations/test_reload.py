@@ -127,7 +127,7 @@ def test_an_empty_file_is_refused_not_read_as_every_default(tmp_path, text):
 BASE = """
 gateway:
   node: {{workers: 1}}
-  http: {{port: {port}, maxHeaderBytes: {header}}}
+  http: {{port: {port}, maxHeaderBytes: {header}{hosts}}}
   transports: {{tcp: {{port: 0}}}}
   admin: {{publicEndpoints: [all]}}
   cors: {{allowOrigins: [{origins}]}}
@@ -137,9 +137,9 @@ gateway:
 """
 LIMIT = "rate_limiting: {for_instance: {rules: [{max_requests: 40, per_seconds: 60}]}}"
 ONE = BASE.format(port=0, header="16KB", origins='"https://one.example"', scopes="false",
-                  title="Before", extra="")
+                  title="Before", extra="", hosts="")
 TWO = BASE.format(port=0, header="8KB", origins='"https://one.example", "https://two.example"',
-                  scopes="true", title="After", extra=LIMIT)
+                  scopes="true", title="After", extra=LIMIT, hosts=", allowedHosts: [t]")
 
 
 class Load:
@@ -221,6 +221,8 @@ def test_a_valid_change_is_applied_while_clients_keep_sending(one):
     scopes = b"X-StellaOps-Scopes: scans:read"
     assert get(http, b"/t/rl/whoami", big_header)[0] == 200         # under 16KB
     assert get(http, b"/t/rl/whoami", scopes)[0] == 403               # allowScopeHeader: false
+    elsewhere = b"GET /t/rl/whoami HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n"
+    assert request(http, elsewhere)[0] == 200                          # any host
     assert orjson.loads(get(http, b"/openapi.json")[2])["info"]["title"] == "Before"
     load = Load(http)
     try:
@@ -231,7 +233,8 @@ def test_a_valid_change_is_applied_while_clients_keep_sending(one):
         out = cli("reload", "--pid-file", str(pid_file))
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith("stellagw reload: ok: configuration ")
-        for key in ("gateway.http.maxHeaderBytes", "gateway.cors.allowOrigins",
+        for key in ("gateway.http.maxHeaderBytes", "gateway.http.allowedHosts",
+                    "gateway.cors.allowOrigins",
                     "gateway.auth.allowScopeHeader", "gateway.openapi.title",
                     "rate_limiting.for_instance.rules"):
             assert key in out.stdout
@@ -256,6 +259,7 @@ def test_a_valid_change_is_applied_while_clients_keep_sending(one):
     # document are the new configuration's (the first read after the reload).
     assert get(http, b"/health/live", big_header)[0] == 431
     assert get(http, b"/t/rl/whoami", scopes)[0] == 429      # past authentication now
+    assert request(http, elsewhere)[0] == 421                # allowedHosts: [t]
     assert orjson.loads(get(http, b"/openapi.json")[2])["info"]["title"] == "After"
     ready = orjson.loads(get(http, b"/health/ready")[2])
     assert ready["config"]["hash"] == rec["configHash"]
@@ -293,7 +297,8 @@ def test_a_port_change_is_named_restart_required_and_not_applied(one):
     rejected = _counter(get(http, b"/metrics")[2], b'gateway_ratelimit_decisions_total{outcome="rejected",scope="instance"}')
     assert rejected > 0
     cfg.write_text(BASE.format(port=free, header="4KB", origins='"https://two.example"',
-                               scopes="true", title="After", extra=LIMIT.replace("40", "41")))
+                               scopes="true", title="After", extra=LIMIT.replace("40", "41"),
+                               hosts=", allowedHosts: [t]"))
     out = cli("reload", "--pid-file", str(pid_file))
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("stellagw reload: restart_required:")
