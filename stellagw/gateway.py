@@ -608,6 +608,7 @@ class Worker:
                 # a while is closed; a busy one gets its next answer with Connection: close.
                 if conn.is_idle() and _quiet(conn):
                     conn.close()
+                    conn.abort_if_only_waiting()
             if not self.connections or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.05)

@@ -1403,6 +1403,17 @@ class HttpProtocol:
     def is_idle(self):
         return self._current is None and not self._queue and self._req is None
 
+    def abort_if_only_waiting(self):
+        """At drain: a TLS connection closed idle, everything sent, that now only waits for
+        the client's close_notify (up to headerReadTimeout) is cut. RFC 8446 §6.1: the
+        closer need not wait for it, and nothing is owed; a client that never sends one
+        held the drain, and the pod's termination, that long."""
+        t = self.transport
+        if (self._closing and self.is_idle() and t is not None and t.is_closing()
+                and t.get_write_buffer_size() == 0
+                and t.get_extra_info("ssl_object") is not None):
+            t.abort()
+
 
 _C1_ESCAPES = [(bytes([c]), b"\\x%02x" % c) for c in range(0x80, 0xA0)]
 

@@ -426,3 +426,33 @@ def test_end_to_end_proxy_protocol_over_tls_reaches_the_service(tmp_path, pki):
         if svc is not None:
             svc.stop()
         assert s.stop() == 0
+
+
+def test_a_drain_does_not_wait_for_an_idle_clients_close_notify(tmp_path, pki):
+    """A found hole (P5-2): at SIGTERM the gateway closed an idle HTTPS keep-alive and then
+    waited for the client's close_notify, up to headerReadTimeout: a client that never sends
+    one held the drain (and the pod's termination) that long. RFC 8446 §6.1: the closer need
+    not wait for it; nothing is owed on an idle connection."""
+    import signal
+    import time
+    s = Served(config_text=_config(pki, headerReadTimeout="20s", keepAliveTimeout="60s"),
+               tmp_path=tmp_path)
+    held = None
+    try:
+        rec = s.wait_listening()[0]
+        held = _https(port_of(rec["http"]), pki.client_context())
+        held.sendall(GET_LIVE)
+        assert read_response(held)[0] == 200
+        time.sleep(0.5)                 # quiet: the drain closes it, as an idle keep-alive
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        s.proc.wait(40)
+        took = time.monotonic() - t0
+        # The client, reading nothing, never answers: the drain did not wait for it.
+        assert took < 10, took
+        [stopped] = s.wait_for_log(lambda r: r.get("message") == "stopped")
+        assert stopped["unfinished"] == 0
+    finally:
+        if held is not None:
+            held.close()
+        s.stop()
