@@ -10,14 +10,16 @@ so a request that fails anything else never consumes its `jti`):
  3. header: JSON object, `typ` == dpop+jwt, `alg` on our asymmetric
     allow-list, no `crit`, `jwk` an object with no private members,
     `alg` consistent with the jwk's kty/crv                                §4.3 (3)(4)(5)(7)
- 4. signature with the header's `jwk` only (never kid/jku/x5u/x5c)          §4.3 (6)
- 5. payload: `jti` (≤ 256 chars), `htm`, `htu`, `iat` present, typed        §4.3 (3), §11.1
- 6. `htm` == request method (case-sensitive)                               §4.3 (8)
- 7. `htu` == configured public origin + the path the client sent, both
+ 4. thumbprint(jwk) == the token's `cnf.jkt`, constant time, before the
+    signature: a proof signed with another key than the token's (a stolen
+    token, a key of the client's choosing) costs no signature check        §6.1, §7
+ 5. signature with the header's `jwk` only (never kid/jku/x5u/x5c)          §4.3 (6)
+ 6. payload: `jti` (≤ 256 chars), `htm`, `htu`, `iat` present, typed        §4.3 (3), §11.1
+ 7. `htm` == request method (case-sensitive)                               §4.3 (8)
+ 8. `htu` == configured public origin + the path the client sent, both
     normalised (RFC 3986 §6.2.2/§6.2.3), query and fragment ignored         §4.3 (9)
- 8. `iat` within ± dpopMaxClockSkew                                         §4.3 (11)
- 9. `ath` == base64url(SHA-256(access token)), constant time                §4.3 (12), §7
-10. thumbprint(jwk) == the token's `cnf.jkt`, constant time                §6.1, §7
+ 9. `iat` within ± dpopMaxClockSkew                                         §4.3 (11)
+10. `ath` == base64url(SHA-256(access token)), constant time                §4.3 (12), §7
 11. `nonce` valid, when nonces are on                                       §4.3 (10), §9, §11.3
  (12. `jti` not seen before: done by the Authenticator with the replay caches) §11.1
 
@@ -232,6 +234,9 @@ class DpopVerifier:
             alg, key, jkt = self._header(h)
         else:
             alg, key, jkt = known.alg, known.key, known.jkt
+        if bound_jkt is not None and not compare_digest(jkt.encode(), bound_jkt.encode("utf-8")):
+            # RFC 9449 §7.1's own example answer for this case.
+            raise Refusal("invalid_token", "Invalid DPoP key binding", "dpop_jkt_mismatch")
 
         signature = _decode(s)
         if signature is None:
@@ -267,10 +272,6 @@ class DpopVerifier:
             raise _refuse("DPoP proof lacks ath", "dpop_ath")
         if not compare_digest(proof_ath.encode("utf-8"), ath.encode("ascii")):
             raise _refuse("DPoP proof ath does not match the access token", "dpop_ath")
-
-        if bound_jkt is not None and not compare_digest(jkt.encode(), bound_jkt.encode("utf-8")):
-            # RFC 9449 §7.1's own example answer for this case.
-            raise Refusal("invalid_token", "Invalid DPoP key binding", "dpop_jkt_mismatch")
 
         nonce_age = None
         if self.nonces is not None:

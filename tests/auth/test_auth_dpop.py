@@ -460,6 +460,24 @@ def test_item16_jkt_must_match_the_proof_key(auth, issuer_key, client):
         b'www-authenticate: DPoP error="invalid_token", error_description="Invalid DPoP key binding", algs="')
 
 
+def test_item16_a_proof_with_another_key_costs_no_signature_check(auth, issuer_key, client,
+                                                                   monkeypatch):
+    # The binding is checked before the signature: a stolen token with proofs signed by a
+    # key of the thief's choosing (any size an RSA check allows) makes the gateway verify
+    # nothing. Before, every such proof paid a signature check first.
+    from stellagw.auth import dpop
+    checks = []
+    real = dpop.verify_signature
+    monkeypatch.setattr(dpop, "verify_signature", lambda *a: checks.append(a) or real(*a))
+    token = bound_token(issuer_key, client)
+    for thief in (DpopClient(), DpopClient("RS256")):
+        refused(auth.authenticate(dpop_request(thief, token), ()), "invalid_token",
+                "dpop_jkt_mismatch")
+    assert checks == []
+    ok(auth.authenticate(dpop_request(client, token), ()))
+    assert len(checks) == 1
+
+
 # ---------------------------------------------------------------------- replay (item 17), in process
 
 def test_item17_replayed_proof_is_refused(auth, issuer_key, client):
