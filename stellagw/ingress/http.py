@@ -708,6 +708,12 @@ class HttpProtocol:
             # section a stage reads (§6.5.1) — the service sees none of them.
             return
         headers = self._headers
+        last = len(value) - 1       # (compiled without wraparound: no value[-1])
+        if last >= 0 and (value[last] == 32 or value[last] == 9):
+            # OWS after a field value is not part of it (RFC 9110 §5.5); llhttp skips the
+            # OWS before it but keeps this: a service would see `x-api-key: k ` where every
+            # RFC reader (nginx too) sees `k`.
+            value = value.rstrip(b" \t")
         # Lower case, and one object per common name: its hash is made once, not by every
         # lookup of every request (cext/httpwire.pyx).
         headers.append((header_name(name), value))
@@ -806,15 +812,9 @@ class HttpProtocol:
         if not url or url[0] != 47:                  # not origin-form ('/')
             url = self._absolute_form(req, url)     # its authority replaces Host
         elif host is not None:
+            # (OWS around it is gone already: llhttp skips it before, on_header after.)
             if not host_ok(host):
-                # OWS around a field value is not the value (RFC 9110 §5.5; llhttp keeps
-                # the trailing one): the service sees the trimmed host.
-                trimmed = host.strip(b" \t")
-                if trimmed == host or not host_ok(trimmed):
-                    self._refuse(400, "the Host header field is not a valid host[:port]")
-                self._headers[:] = [(n, v) for n, v in self._headers if n != b"host"]
-                self._headers.append((b"host", trimmed))
-                host = trimmed
+                self._refuse(400, "the Host header field is not a valid host[:port]")
             req.host = host
         parts = split_target(url)
         if parts is None:

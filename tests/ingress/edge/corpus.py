@@ -306,6 +306,13 @@ add("host_leading_tab", req(host=False, headers=b"Host:\tgw.test\r\n"),
 add("host_trailing_space", req(host=False, headers=b"Host: gw.test \r\n"),
     ok(seen(headers={"host": "gw.test"})), "ows",
     "RFC 9110 §5.5 (OWS after the value is not part of it)")
+# Any field, not only Host (found by differential fuzzing against nginx, which trims them):
+# the service saw `x-api-key: k \t`.
+add("value_trailing_ows", req(headers=b"X-Api-Key: k1 \t\r\nX-Note: a b\t \r\n"),
+    ok(seen(headers={"x-api-key": "k1", "x-note": "a b"})), "ows",
+    "RFC 9110 §5.5 (OWS after the value is not part of it)")
+add("value_only_ows", req(headers=b"X-Api-Key: \t \r\n"),
+    ok(seen(headers={"x-api-key": ""})), "ows", "RFC 9110 §5.5 (an empty value)")
 
 # ====================================================================== header limits and syntax
 
