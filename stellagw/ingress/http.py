@@ -768,7 +768,10 @@ class HttpProtocol:
                 if b"close" in value.lower() and _has_token(value, b"close"):
                     req.keep_alive = False
             elif name == b"expect":
-                expect = value
+                # Every line is an expectation (a list, RFC 9110 §5.3): one other than
+                # 100-continue on any line is a 417, not only on the last.
+                if expect is None or expect.strip().lower() == b"100-continue":
+                    expect = value
             elif name == b"proxy-connection":
                 connection = True           # llhttp reads it as Connection
             elif self._trusted and (name == b"x-forwarded-for" or name == b"forwarded"):

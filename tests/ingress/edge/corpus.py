@@ -740,6 +740,10 @@ add("expect_empty", req(headers=b"Expect: \r\n"), refuse(417), "expect_other", "
     alts=(ok(seen()),))
 add("expect_two_lines", post(b"hello", headers=_EXP + b"Expect: foo\r\n"), refuse(417),
     "expect_other", "RFC 9110 §10.1.1")
+# The other way round: only the last line was judged, so this had `100 Continue` and
+# reached the service (found by differential fuzzing against nginx).
+add("expect_two_lines_other_first", post(b"hello", headers=b"Expect: foo\r\n" + _EXP),
+    refuse(417), "expect_other", "RFC 9110 §10.1.1")
 
 # ====================================================================== stripped headers
 
