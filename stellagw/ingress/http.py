@@ -811,13 +811,16 @@ class HttpProtocol:
         if host is None:
             if version == "1.1":
                 self._refuse(400, "an HTTP/1.1 request needs a Host header field")
+        # (OWS around Host is gone already: llhttp skips it before, on_header after.) An
+        # invalid one is a 400 in absolute-form too, though the target's authority replaces
+        # it (RFC 9112 §3.2: MUST): a front end that routes on Host must not see a request
+        # we route on another authority.
+        if host is not None and not host_ok(host):
+            self._refuse(400, "the Host header field is not a valid host[:port]")
         url = self._url
         if not url or url[0] != 47:                  # not origin-form ('/')
             url = self._absolute_form(req, url)     # its authority replaces Host
         elif host is not None:
-            # (OWS around it is gone already: llhttp skips it before, on_header after.)
-            if not host_ok(host):
-                self._refuse(400, "the Host header field is not a valid host[:port]")
             req.host = host
         parts = split_target(url)
         if parts is None:

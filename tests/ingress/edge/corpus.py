@@ -214,6 +214,14 @@ add("absolute_form_https_port", req(target=b"https://gw.test:8443/edge/{id}/a?q=
                                     headers=b"Host: gw.test:8443\r\n"),
     ok(seen(query=b"q=1", headers={"host": "gw.test:8443", "x-forwarded-host": "gw.test:8443"})),
     "absolute_form", "RFC 9112 §3.2.2")
+# RFC 9112 §3.2: a Host with an invalid value is a 400, whatever the target's form; it was
+# ignored in absolute-form and the request routed (found by differential fuzzing: nginx 400).
+add("absolute_form_invalid_host", req(target=b"http://gw.test/edge/{id}/a", host=False,
+                                      headers=b"Host: /evil.test\r\n"),
+    refuse(400), ("absolute_form", "bad_host"), "RFC 9112 §3.2 (MUST 400)")
+add("absolute_form_host_with_tab", req(target=b"http://gw.test/edge/{id}/a", host=False,
+                                       headers=b"Host: gw.t\test\r\n"),
+    refuse(400), ("absolute_form", "bad_host"), "RFC 9112 §3.2 (MUST 400)")
 add("absolute_form_without_host", req(target=b"http://gw.test/edge/{id}/a", host=False),
     refuse(400), ("absolute_form", "no_host"), "RFC 9112 §3.2 (Host is required on 1.1 anyway)")
 add("absolute_form_scheme_uppercase", req(target=b"HTTP://gw.test/edge/{id}/a"),
