@@ -226,7 +226,7 @@ class WebSocket:
 
     def __init__(self, link, corr, request: Request):
         self.request = request
-        self.cancelled = asyncio.Event()   # set when the gateway sends CANCEL
+        self.cancelled = asyncio.Event()   # set on CANCEL, or when the link is lost
         self.close_code: int | None = None
         self.close_reason = ""
         self._link = link
@@ -736,7 +736,12 @@ class _Link(asyncio.Protocol):
             self.acked.set_exception(ConnectionError("closed before HELLO_ACK"))
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        for task, _ in list(self.requests.values()):
+        # The gateway worker is gone (killed, or the link cut): it has answered these
+        # requests or closed their clients already, as after a CANCEL, so they are
+        # cancelled as by one — `cancelled` set too, or work a handler handed to another
+        # task would go on for an answer nobody will read.
+        for task, req in list(self.requests.values()):
+            req.cancelled.set()
             task.cancel()
         for fut in self._window_waiters.values():
             if not fut.done():

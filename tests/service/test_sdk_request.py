@@ -136,6 +136,38 @@ def test_a_handler_waiting_on_cancelled_is_woken_by_cancel():
     assert seen == [True]
 
 
+def test_a_lost_link_sets_cancelled_as_a_cancel_does():
+    # A gateway worker SIGKILLed mid-request (found by a kill probe): the handler was
+    # cancelled but `cancelled` never set, so work it had handed to another task — which
+    # waits on `cancelled`, as after a CANCEL — went on for an answer nobody would read.
+    svc = Service("svc")
+    seen = []
+
+    @svc.get("/x")
+    async def handler(req):
+        async def job():
+            await req.cancelled.wait()
+            seen.append("job stopped")
+        asyncio.ensure_future(job())
+        await asyncio.sleep(10)
+        return Response(b"never")
+
+    async def main():
+        link = _Link(svc)
+        transport = RecordingTransport()
+        link.connection_made(transport)
+        link._on_frame(*request_frame())
+        await asyncio.sleep(0)
+        link.connection_lost(ConnectionResetError())
+        assert isinstance(link.acked.exception(), ConnectionError)   # (no HELLO_ACK here)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return link
+    link = asyncio.run(main())
+    assert seen == ["job stopped"]
+    assert link.requests == {} and svc.in_flight == 0
+
+
 class Tagged(Response):
     __slots__ = ()
 
