@@ -34,8 +34,8 @@ def served(tmp_path_factory):
     try:
         rec = gw.wait_listening()[0]
         port = port_of(rec["http"])
-        svc = ServiceProcess("ca", port_of(rec["tcp"])).start().wait_routable(
-            port, raw=b"GET /t/ca/whoami HTTP/1.1\r\nHost: t\r\n\r\n")
+        svc = ServiceProcess("ca", port_of(rec["tcp"])).start()     # stopped if not routable
+        svc.wait_routable(port, raw=b"GET /t/ca/whoami HTTP/1.1\r\nHost: t\r\n\r\n")
         yield port, port_of(rec["admin"])
     finally:
         if svc is not None:

@@ -192,7 +192,8 @@ def test_library_warnings_are_json_records_at_most_one_a_second(tmp_path):
     try:
         rec = gw.wait_listening()[0]
         port = port_of(rec["http"])
-        svc = ServiceProcess("ca", port_of(rec["tcp"])).start().wait_routable(port)
+        svc = ServiceProcess("ca", port_of(rec["tcp"])).start()     # stopped if not routable
+        svc.wait_routable(port)
         upgrade = (b"GET /t/ca/ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\n"
                    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                    b"Sec-WebSocket-Version: 13\r\n\r\n")
