@@ -29,6 +29,9 @@ _NOT_ID_CHAR = re.compile(r"[^A-Za-z0-9]+")
 # escapes left after normalisation (%25 %2F %5C) are already encoded.
 _SEGMENT_SAFE = "!$&'()*+,;=:@%-._~"
 MAX_WARNINGS = 500
+# Steps (sanitize.fits) all of one schema set's `default` checks may take in one build:
+# thousands of ordinary defaults take a few each; a default it cannot check is dropped.
+DEFAULTS_BUDGET = 200_000
 CATCH_ALL_NOTE = (
     "Catch-all: the rest of the request path, zero or more segments joined by '/'. "
     "OpenAPI cannot express a multi-segment path parameter, so send the value's '/' "
@@ -248,12 +251,10 @@ class _Builder:
                 for e in group_entries:
                     needed |= sanitize.raw_schema_refs(e.endpoint.openapi)
                 names, publish = {}, []
-                for name in sorted(_closure(needed, schemas)):
+                for name, shared in sorted(_shared_with(needed, schemas, primary).items()):
                     if name not in schemas:
                         continue                     # dangling: warned when copied
-                    mine = _closure({name}, schemas)
-                    if all(n in schemas and n in primary and primary[n] == schemas[n]
-                           for n in mine):
+                    if shared:
                         names[name] = ctx[(service, primary_canon)].names[name]
                     else:
                         names[name] = self._new_key(f"{service}_{name}_v{inst.version}",
@@ -457,10 +458,17 @@ class _Builder:
         # A chain of schemas that are each a `$ref` to the next and loops back (Loop ->
         # Loop, A -> B -> A) describes nothing, and sends resolvers into infinite recursion
         # (openapi-spec-validator dies with RecursionError). Drop the `$ref` closing it.
+        # Each node is walked once: a chain already followed from another key ends where
+        # it ended then (a hostile service's 10,000-link chain was cubic time when every
+        # key re-walked it against a list).
+        walked = set()
         for key in sorted(self.components):
-            node, node_key, chain = self.components[key], key, []
+            node, node_key, chain = self.components[key], key, set()
             while isinstance(node, dict) and isinstance(node.get("$ref"), str):
-                chain.append(id(node))
+                if id(node) in walked:
+                    break
+                walked.add(id(node))
+                chain.add(id(node))
                 try:
                     target_key, target = self._target(node["$ref"])
                 except KeyError:
@@ -481,12 +489,14 @@ class _Builder:
 
     def _check_defaults(self):
         for src in self.sources:
+            # Per source, so one service's defaults cannot use up another's checks.
+            budget = sanitize.StepBudget(DEFAULTS_BUDGET)
             for schema, where, operation in src.default_checks:
                 value = schema["default"]
                 if value is None and schema.get("nullable") is True:
                     continue                     # OAS 3.0 style; validators accept it
                 try:
-                    ok = sanitize.fits(value, schema, self._resolve)
+                    ok = sanitize.fits(value, schema, self._resolve, budget=budget)
                 except (sanitize.Budget, re.error, RecursionError, TypeError, ValueError):
                     ok = False
                 if not ok:
@@ -610,16 +620,35 @@ def _schemas(inst) -> dict:
     return inst.schemas if isinstance(inst.schemas, dict) else {}
 
 
-def _closure(names, schemas, limit=10_000):
-    seen, todo = set(), list(names)
-    while todo and len(seen) < limit:
+def _shared_with(needed, schemas, primary, limit=10_000) -> dict:
+    """{name: shared} over the reference closure of `needed` in an older schema set:
+    shared when every schema the name's own closure reaches is in the set and equal to the
+    newest set's (it can then use the newest's component). One pass over the graph and its
+    reverse: a closure per name was quadratic (a 3,000-schema chain in an older version
+    held the document build for minutes)."""
+    refs, todo = {}, list(needed)
+    while todo and len(refs) < limit:
         n = todo.pop()
-        if n in seen:
+        if n in refs:
             continue
-        seen.add(n)
-        if n in schemas:
-            todo.extend(sanitize.raw_schema_refs(schemas[n]) - seen)
-    return seen
+        refs[n] = sanitize.raw_schema_refs(schemas[n]) if n in schemas else set()
+        todo.extend(refs[n] - refs.keys())
+    referrers = {}
+    for n, targets in refs.items():
+        for t in targets:
+            referrers.setdefault(t, []).append(n)
+    differs = [n for n in refs if not (n in schemas and n in primary
+                                       and primary[n] == schemas[n])]
+    # A name whose closure (cut at `limit`) was not followed is not known to be equal.
+    differs += [t for targets in refs.values() for t in targets if t not in refs]
+    tainted, todo = set(), differs
+    while todo:
+        n = todo.pop()
+        if n in tainted:
+            continue
+        tainted.add(n)
+        todo.extend(referrers.get(n, ()))
+    return {n: n not in tainted for n in refs}
 
 
 def build_document(routing_state, title: str, version: str, server_url: str | None = None,

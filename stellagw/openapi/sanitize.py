@@ -420,27 +420,51 @@ class Budget(Exception):
     """`fits` gave up: the check is too expensive (recursive schemas under anyOf...)."""
 
 
-def fits(value, schema, resolve, max_steps: int = 10_000) -> bool:
+class StepBudget:
+    """Steps left for a set of `fits` checks together (one service's defaults in one build):
+    10,000 steps per check alone let a service with thousands of defaults over a large
+    `enum` hold the document build for minutes."""
+
+    def __init__(self, steps: int):
+        self.left = steps
+
+
+def fits(value, schema, resolve, max_steps: int = 10_000,
+         budget: StepBudget | None = None) -> bool:
     """Whether `value` validates against `schema` (JSON Schema 2020-12 assertions).
 
     Validators check every `default` against its schema, and one wrong default fails the
     whole document. This covers the assertion keywords and the formats the Python standard
     library can check; what it does not know it accepts. `resolve(ref)` returns the target
     of a `#/components/schemas/...` reference (KeyError if none). Raises Budget after
-    `max_steps` schema visits: recursive schemas under anyOf/oneOf can otherwise take
-    exponential time.
+    `max_steps` steps (a schema visit, an `enum` member, a `required` name, a pattern tried
+    on a key, a pair of items compared for `uniqueItems`), or when `budget` runs out (what
+    this check used is taken from it): recursive schemas under anyOf/oneOf can otherwise
+    take exponential time, and long lists quadratic.
     """
-    return _Fits(resolve, max_steps)(value, schema, 0)
+    steps = max_steps if budget is None else min(max_steps, budget.left)
+    check = _Fits(resolve, steps)
+    try:
+        return check(value, schema, 0)
+    finally:
+        if budget is not None:
+            budget.left -= steps - check.steps
 
 
 class _Fits:
     def __init__(self, resolve, steps):
         self.resolve, self.steps = resolve, steps
 
-    def __call__(self, value, schema, depth) -> bool:
-        self.steps -= 1
-        if self.steps < 0 or depth > 32:
+    def _spend(self, n: int) -> None:
+        self.steps -= n
+        if self.steps < 0:
+            self.steps = 0
             raise Budget()
+
+    def __call__(self, value, schema, depth) -> bool:
+        if depth > 32:
+            raise Budget()
+        self._spend(1)
         if schema is True or not isinstance(schema, dict):
             return schema is not False
         d = depth + 1
@@ -455,6 +479,8 @@ class _Fits:
         t = schema.get("type")
         if t is not None and not _json_type_ok(value, [t] if isinstance(t, str) else t):
             return False
+        if "enum" in schema:
+            self._spend(len(schema["enum"]))
         if "enum" in schema and not any(_json_equal(value, e) for e in schema["enum"]):
             return False
         if "const" in schema and not _json_equal(value, schema["const"]):
@@ -494,6 +520,7 @@ class _Fits:
         if len(v) < schema.get("minItems", 0) or len(v) > schema.get("maxItems", math.inf):
             return False
         if schema.get("uniqueItems") is True:
+            self._spend(len(v) * (len(v) - 1) // 2)
             for i, a in enumerate(v):
                 if any(_json_equal(a, b) for b in v[i + 1:]):
                     return False
@@ -509,6 +536,8 @@ class _Fits:
         return True
 
     def _object(self, v, schema, d) -> bool:
+        self._spend(len(schema.get("required", ()))
+                    + len(v) * len(schema.get("patternProperties", ())))
         if any(k not in v for k in schema.get("required", ())):
             return False
         if not schema.get("minProperties", 0) <= len(v) <= schema.get("maxProperties", math.inf):

@@ -435,6 +435,96 @@ def test_reference_cycles_that_never_reach_a_schema_are_broken():
     assert w["at"] == "components.schemas.B" and "cycle" in w["message"]
 
 
+# A hostile service's HELLO (1 MB) must not hold the document build: the build is one at a
+# time, so every service's changes would wait behind it. The work is counted, not timed.
+
+def test_a_long_chain_of_references_is_walked_once_not_once_per_key(monkeypatch):
+    from stellagw.openapi import document
+    n = 2000       # A 136 KB HELLO; the walk was cubic (every key re-walked the chain)
+    s = RoutingState("eu1")
+    s.register(object(), hello("evil", endpoints=[
+        {"method": "GET", "path": "/x", "openapi": json_op("S0")}],
+        schemas={f"S{i}": {"$ref": PREFIX + f"S{(i + 1) % n}"} for i in range(n)}))
+    s.register(object(), hello("good", endpoints=[
+        {"method": "GET", "path": "/g", "openapi": json_op("A")}],
+        schemas={"A": {"$ref": PREFIX + "B"}, "B": {"$ref": PREFIX + "A"}}))
+    calls = [0]
+    target = document._Builder._target
+
+    def counted(self, ref):
+        calls[0] += 1
+        return target(self, ref)
+    monkeypatch.setattr(document._Builder, "_target", counted)
+    doc = build_document(s, "t", "1")
+    assert calls[0] <= 2 * (n + 2)
+    schemas = doc["components"]["schemas"]
+    closed = [k for k, v in schemas.items() if k.startswith("evil_") and "$ref" not in v]
+    assert len(closed) == 1                       # the one cycle, broken once
+    assert schemas["good_A"] == {"$ref": PREFIX + "good_B"} and schemas["good_B"] == {}
+    assert sorted(w["service"] for w in warnings(doc)) == ["evil", "good"]
+
+
+def test_an_older_versions_reference_chain_is_compared_in_one_pass(monkeypatch):
+    from stellagw.openapi import document
+    n = 1500       # each schema's closure walked again per schema: quadratic
+    chain = {f"S{i}": {"type": "object", "properties": {"next": {"$ref": PREFIX + f"S{i + 1}"}}}
+             for i in range(n)}
+    shared = {"E0": {"type": "object", "properties": {"e": {"$ref": PREFIX + "E1"}}},
+              "E1": {"type": "integer"}}
+    s = RoutingState("eu1")
+    s.register(object(), hello("svc", "1.0.0", "old", endpoints=[
+        {"method": "GET", "path": "/old", "openapi": json_op("S0")},
+        {"method": "GET", "path": "/err", "openapi": json_op("E0")}],
+        schemas={**chain, f"S{n}": {"type": "string"}, **shared}))
+    s.register(object(), hello("svc", "2.0.0", "new", endpoints=[
+        {"method": "GET", "path": "/new", "openapi": json_op("S0")}],
+        schemas={**chain, f"S{n}": {"type": "integer"}, **shared}))   # only the tail differs
+    calls = [0]
+    refs = document.sanitize.raw_schema_refs
+
+    def counted(value, *a):
+        calls[0] += 1
+        return refs(value, *a)
+    monkeypatch.setattr(document.sanitize, "raw_schema_refs", counted)
+    doc = build_document(s, "t", "1")
+    assert calls[0] <= 2 * (n + 10)
+    schemas = doc["components"]["schemas"]
+    # Every link of the chain reaches the tail that differs: all versioned; E0/E1 shared.
+    assert schemas["svc_S0_v1.0.0"]["properties"]["next"] == {"$ref": PREFIX + "svc_S1_v1.0.0"}
+    assert schemas[f"svc_S{n}_v1.0.0"] == {"type": "string"}
+    assert "svc_E0_v1.0.0" not in schemas and "svc_E1_v1.0.0" not in schemas
+    assert doc["paths"]["/err"]["get"]["responses"]["200"]["content"]["application/json"][
+        "schema"] == {"$ref": PREFIX + "svc_E0"}
+
+
+def test_one_services_default_checks_share_one_budget_and_spare_the_others(monkeypatch):
+    from stellagw.openapi import document
+    s = RoutingState("eu1")
+    # 2,000 defaults against a 20,000-member enum (218 KB): 40 million comparisons.
+    s.register(object(), hello("evil", endpoints=[
+        {"method": "GET", "path": "/x", "openapi": json_op("O")}],
+        schemas={"E": {"enum": list(range(20_000))},
+                 "O": {"type": "object", "properties": {
+                     f"p{i}": {"$ref": PREFIX + "E", "default": -1} for i in range(2000)}}}))
+    s.register(object(), hello("good", endpoints=[
+        {"method": "GET", "path": "/g", "openapi": json_op("G")}],
+        schemas={"G": {"type": "object", "properties": {
+            f"p{i}": {"enum": ["a", "b"], "default": "b"} for i in range(100)}}}))
+    calls = [0]
+    equal = document.sanitize._json_equal
+
+    def counted(a, b):
+        calls[0] += 1
+        return equal(a, b)
+    monkeypatch.setattr(document.sanitize, "_json_equal", counted)
+    doc = build_document(s, "t", "1")
+    assert calls[0] <= document.DEFAULTS_BUDGET + 1000
+    schemas = doc["components"]["schemas"]
+    assert not any("default" in p for p in schemas["evil_O"]["properties"].values())
+    assert all(p["default"] == "b" for p in schemas["good_G"]["properties"].values())
+    assert {w.get("service") for w in warnings(doc)} - {None} == {"evil"}   # + "n more"
+
+
 def test_input_objects_are_never_mutated():
     state = two_services()
     before = [copy.deepcopy((i.schemas, [e.openapi for e in i.endpoints]))
