@@ -127,6 +127,7 @@ class _Builder:
         self.warn = _Warnings()
         self.components = {}                        # component key -> cleaned schema
         self.taken_keys = set()
+        self._next_suffix = {}                      # component key -> the _n to try next
         self.op_ids = set()
         self.sources = []
         self._canon = {}                            # id(schemas dict) -> canonical bytes
@@ -202,9 +203,12 @@ class _Builder:
     def _new_key(self, wanted: str, service, version, why_name):
         key = _NOT_KEY_CHAR.sub("_", wanted)
         if key in self.taken_keys:
-            n = 2
+            # Resume where the last collision on this key stopped: names that all become
+            # one key (`bĀC`, `bāC`, ... are all `b_C`) made this loop quadratic.
+            n = self._next_suffix.get(key, 2)
             while f"{key}_{n}" in self.taken_keys:
                 n += 1
+            self._next_suffix[key] = n + 1
             self.warn(service, version, None, f"components.schemas.{why_name}",
                       f"component name {key!r} is already taken; published as {key}_{n}")
             key = f"{key}_{n}"
@@ -287,10 +291,13 @@ class _Builder:
     # ------------------------------------------------------------------ operations
 
     def _unique_op_id(self, wanted: str) -> str:
-        op_id, n = wanted, 2
+        # Resumes at the last suffix given for `wanted` (as _new_key): thousands of
+        # endpoints all declaring one operationId were quadratic.
+        op_id, n = wanted, self._next_suffix.get(("op", wanted), 2)
         while op_id in self.op_ids:
             op_id = f"{wanted}_{n}"
             n += 1
+        self._next_suffix[("op", wanted)] = n
         self.op_ids.add(op_id)
         return op_id
 

@@ -525,6 +525,32 @@ def test_one_services_default_checks_share_one_budget_and_spare_the_others(monke
     assert {w.get("service") for w in warnings(doc)} - {None} == {"evil"}   # + "n more"
 
 
+def test_names_that_all_collide_are_numbered_without_rescanning(monkeypatch):
+    from stellagw.openapi import document
+    n = 3000       # each collision probed _2, _3, ... from the start again: quadratic
+    lookups = [0]
+
+    class CountingSet(set):
+        def __contains__(self, item):
+            lookups[0] += 1
+            return super().__contains__(item)
+    init = document._Builder.__init__
+
+    def counted_init(self, *a):
+        init(self, *a)
+        self.taken_keys, self.op_ids = CountingSet(), CountingSet()
+    monkeypatch.setattr(document._Builder, "__init__", counted_init)
+    s = RoutingState("eu1")
+    s.register(object(), hello("a", endpoints=[   # every name becomes the key a_b_C
+        {"method": "GET", "path": f"/a/{i}", "openapi": {"operationId": "same"}}
+        for i in range(n)], schemas={"b" + chr(0x100 + i) + "C": {} for i in range(n)}))
+    doc = build_document(s, "t", "1")
+    assert lookups[0] <= 8 * n
+    assert len(doc["components"]["schemas"]) == n and "a_b_C_3000" in doc["components"]["schemas"]
+    op_ids = {op["get"]["operationId"] for op in doc["paths"].values()}
+    assert len(op_ids) == n and {"a.same", "a.same_2", f"a.same_{n}"} <= op_ids
+
+
 def test_input_objects_are_never_mutated():
     state = two_services()
     before = [copy.deepcopy((i.schemas, [e.openapi for e in i.endpoints]))
