@@ -516,11 +516,20 @@ class _Builder:
         # property defined neither in it nor in its allOf/anyOf/oneOf/items/not branches
         # (following references). Such a name can never be satisfied as written: drop it.
         for src in self.sources:
+            budget = sanitize.StepBudget(DEFAULTS_BUDGET)       # per source, as defaults
             for schema, where, operation in src.required_checks:
                 props = set(schema.get("properties", ()))
-                for kw in ("allOf", "anyOf", "oneOf"):
-                    for sub in schema.get(kw, ()):
-                        props |= self._collect_properties(sub, set())
+                try:
+                    props |= self._collect_properties(
+                        [sub for kw in ("allOf", "anyOf", "oneOf") for sub in schema.get(kw, ())],
+                        budget)
+                except sanitize.Budget:
+                    # Unchecked, it could make the document invalid: drop it (the schema
+                    # only stops saying what is required).
+                    del schema["required"]
+                    src.warn(where, "required not checked (its schemas are too large); "
+                                    "dropped", operation)
+                    continue
                 missing = [n for n in schema["required"] if n not in props]
                 if missing:
                     schema["required"] = [n for n in schema["required"] if n in props]
@@ -529,29 +538,36 @@ class _Builder:
                     src.warn(where, f"required {missing} not defined by the schema or its "
                                     "allOf branches; removed from required", operation)
 
-    def _collect_properties(self, schema, seen):
-        if not isinstance(schema, dict) or id(schema) in seen:
-            return set()
-        seen.add(id(schema))
-        ref = schema.get("$ref")
-        if isinstance(ref, str) and ref.startswith(SCHEMA_PREFIX):
-            key, _, pointer = ref[len(SCHEMA_PREFIX):].partition("/")
-            target = self.components.get(key)
-            if pointer and target is not None:
-                try:
-                    target = sanitize.resolve_pointer(target, pointer)
-                except KeyError:
-                    target = None
-            props = self._collect_properties(target, seen)
-        else:
-            props = set()
-        props |= set(schema.get("properties", ()) if isinstance(schema.get("properties"), dict)
-                     else ())
-        for kw in ("allOf", "anyOf", "oneOf"):
-            for sub in schema.get(kw, ()):
-                props |= self._collect_properties(sub, seen)
-        for kw in ("items", "not"):
-            props |= self._collect_properties(schema.get(kw), seen)
+    def _collect_properties(self, schemas, budget):
+        # Iterative, each node once, steps taken from `budget`: a chain of 2,000 schemas
+        # each an allOf of the next was a RecursionError that failed the whole build (every
+        # service's document stuck at the last one), and many `required` checks over one
+        # large schema multiplied its size.
+        props, seen, todo = set(), set(), list(schemas)
+        while todo:
+            schema = todo.pop()
+            if not isinstance(schema, dict) or id(schema) in seen:
+                continue
+            seen.add(id(schema))
+            own = schema.get("properties")
+            budget.left -= 1 + (len(own) if isinstance(own, dict) else 0)
+            if budget.left < 0:
+                raise sanitize.Budget()
+            ref = schema.get("$ref")
+            if isinstance(ref, str) and ref.startswith(SCHEMA_PREFIX):
+                key, _, pointer = ref[len(SCHEMA_PREFIX):].partition("/")
+                target = self.components.get(key)
+                if pointer and target is not None:
+                    try:
+                        target = sanitize.resolve_pointer(target, pointer)
+                    except KeyError:
+                        target = None
+                todo.append(target)
+            if isinstance(own, dict):
+                props |= own.keys()
+            for kw in ("allOf", "anyOf", "oneOf"):
+                todo.extend(schema.get(kw, ()))
+            todo.extend((schema.get("items"), schema.get("not")))
         return props
 
     # ------------------------------------------------------------------ the document

@@ -551,6 +551,40 @@ def test_names_that_all_collide_are_numbered_without_rescanning(monkeypatch):
     assert len(op_ids) == n and {"a.same", "a.same_2", f"a.same_{n}"} <= op_ids
 
 
+def test_a_deep_allof_chain_under_required_does_not_fail_everyones_document():
+    n = 2000       # recursion per link: RecursionError, the build failed, nothing published
+    s = RoutingState("eu1")
+    schemas = {f"S{i}": {"allOf": [{"$ref": PREFIX + f"S{i + 1}"}]} for i in range(n)}
+    schemas[f"S{n}"] = {"type": "object", "properties": {"a": {}}}
+    schemas["R"] = {"allOf": [{"$ref": PREFIX + "S0"}], "required": ["a", "zz"]}
+    s.register(object(), hello("evil", endpoints=[
+        {"method": "GET", "path": "/x", "openapi": json_op("R")}], schemas=schemas))
+    s.register(object(), hello("good", endpoints=[{"method": "GET", "path": "/g"}]))
+    doc = build_document(s, "t", "1")
+    assert set(doc["paths"]) == {"/x", "/g"}
+    assert doc["components"]["schemas"]["evil_R"]["required"] == ["a"]   # found at the end
+
+
+def test_required_checks_over_one_large_schema_share_a_budget():
+    n = 3000       # 3,000 checks x 3,000 properties each
+    s = RoutingState("eu1")
+    schemas = {"Big": {"type": "object", "properties": {f"p{i}": {} for i in range(n)}}}
+    schemas.update({f"R{i}": {"allOf": [{"$ref": PREFIX + "Big"}], "required": ["p1", "zz"]}
+                    for i in range(n)})
+    s.register(object(), hello("evil", endpoints=[
+        {"method": "GET", "path": "/x", "openapi": json_op("Big")}], schemas=schemas))
+    s.register(object(), hello("good", endpoints=[{"method": "GET", "path": "/g"}],
+                               schemas={"G": {"allOf": [{"type": "object", "properties": {
+                                   "a": {}}}], "required": ["a", "b"]}}))
+    doc = build_document(s, "t", "1")
+    schemas = doc["components"]["schemas"]
+    checked = [k for k in schemas if k.startswith("evil_R") and "required" in schemas[k]]
+    assert 0 < len(checked) < 100             # the first ones, until the budget ran out
+    assert all(schemas[k]["required"] == ["p1"] for k in checked)
+    assert all("required" not in schemas[f"evil_R{i}"] for i in range(n - 100, n))
+    assert schemas["good_G"]["required"] == ["a"]                  # the other service: checked
+
+
 def test_input_objects_are_never_mutated():
     state = two_services()
     before = [copy.deepcopy((i.schemas, [e.openapi for e in i.endpoints]))
