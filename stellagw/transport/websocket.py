@@ -235,6 +235,7 @@ class WsBridge(WSListener):
         self.client_paused = True
         if self.ws is not None:
             self._reading()
+            self._watch_send()
 
     def resume_writing(self):
         self.client_paused = False
@@ -286,22 +287,34 @@ class WsBridge(WSListener):
         last messages), but not for ever: one that takes nothing of it for sendTimeout is
         cut, as an HTTP client is (listeners.SendDeadline, docs/http-edge.md)."""
         self.ws.disconnect()
+        self._watch_send()
+
+    def _watch_send(self):
+        # Armed at the close and whenever the client stops taking what it is sent (paused
+        # for writing): an open WebSocket whose client read nothing, or a few bytes now and
+        # then, held its connection, its buffers and the service's handler until
+        # streamIdleTimeout (5 minutes) — or for ever, reading just enough to keep messages
+        # moving — where an HTTP client is cut after sendTimeout.
         if self.send_deadline is not None and not self._sending:
             self._sending = True
             self._check_send()
 
     def _check_send(self):
         if self.disconnected:
+            self._sending = False
             return
         transport = self.ws.underlying_transport
         loop = asyncio.get_running_loop()
         reason = self.send_deadline.expired(transport, loop.time())
         if reason is not None:
+            self._sending = False
             if self.on_cut is not None:
                 self.on_cut(reason)
             reset(transport)
         elif self.send_deadline.since:          # still owed: look again in a second
             loop.call_later(1.0, self._check_send)
+        else:
+            self._sending = False               # all taken: armed again by the next pause
 
     def idle_close(self):
         """No message either way for streamIdleTimeout: 1001, going away (RFC 6455 §7.4.1)."""

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import orjson
 import pytest
 from picows import WSListener, WSMsgType, ws_connect
 
@@ -238,6 +239,48 @@ def test_a_websocket_client_that_reads_nothing_is_cut_after_its_close(tmp_path):
         assert gw.call(lambda: dict(gw.worker.aborted_connections)) == {"send_timeout": 1}
         assert gw.call(lambda: dict(gw.worker.per_client)) == {}
         assert wait_for(lambda: gw.call(lambda: sum(len(c.inflight) for c in gw.worker.hub.connections)) == 0, 5)
+    finally:
+        s.close()
+        svc.terminate()
+        svc.wait(10)
+        gw.stop()
+
+
+def test_an_open_websocket_whose_client_stops_reading_is_cut_after_send_timeout(tmp_path):
+    # The client keeps its WebSocket open and reads nothing of what the service sends. The
+    # send deadline was armed only at the close, so the connection, its buffers and the
+    # service's handler were held until streamIdleTimeout (5 minutes by default) — and a
+    # client reading a little now and then never went idle. Armed at pause_writing, as an
+    # HTTP client's is: cut after sendTimeout, and the service is told (CANCEL).
+    gw = GatewayThread(settings_from("gateway: {http: {port: 0, sendTimeout: 2s}}")).start()
+    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "wsn",
+                            "--gateway", f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
+    s = socket.socket()
+    try:
+        assert wait_for(lambda: request(gw.port, b"GET /t/wsn/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", gw.port))
+        s.settimeout(10)
+        s.sendall(b"GET /t/wsn/ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\n"
+                  b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  b"Sec-WebSocket-Version: 13\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)           # byte by byte: nothing past the 101 is read
+        assert head.startswith(b"HTTP/1.1 101"), head
+        mask, text = b"\x01\x02\x03\x04", b"big-3000000"
+        s.sendall(b"\x81" + bytes([0x80 | len(text)]) + mask
+                  + bytes(c ^ mask[i % 4] for i, c in enumerate(text)))
+        assert wait_for(lambda: gw.call(lambda: gw.worker.websockets_open) == 1, 5)
+        # Paused for writing at once, cut 2 s later (idle only after 5 minutes).
+        assert wait_for(lambda: gw.call(lambda: gw.worker.websockets_open) == 0, 10)
+        assert gw.call(lambda: dict(gw.worker.aborted_connections)) == {"send_timeout": 1}
+        assert gw.call(lambda: dict(gw.worker.per_client)) == {}
+
+        def service_cancelled():
+            body = request(gw.port, b"GET /t/wsn/events HTTP/1.1\r\nHost: gw\r\n\r\n")[2]
+            return len(orjson.loads(body)["cancelled"]) == 1
+        assert wait_for(service_cancelled, 5)
     finally:
         s.close()
         svc.terminate()
