@@ -755,6 +755,12 @@ class TcpTransportSettings:
     # Before its HELLO is accepted a peer is nobody: what it may make us hold is this, not
     # maxFrameSize (its HELLO is read whole to check its signature).
     max_hello_size: int = _size_key("maxHelloSize", "1MB", low=64, high=0xFFFFFFFF)
+    # What the registrations of one service (its HELLOs and ENDPOINTS_UPDATEs, over all its
+    # links to a worker, identical content counted once) may make a worker hold: parsed,
+    # a registration takes 15-30 times its bytes, and 40 links of one service with 1 MB
+    # HELLOs took 1.1 GB.
+    max_service_registration_size: int = _size_key("maxServiceRegistrationSize", "32MB",
+                                                   low=1024, high=0xFFFFFFFF)
     # Who may register (docs/service-identity.md): HELLOs signed with a key derived from
     # this; empty = loopback peers only on tcp.
     registration_secret: str = _key("registrationSecret", _string(_registration_secret), "",

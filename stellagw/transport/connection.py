@@ -394,7 +394,7 @@ class ServiceConnection:
         if self.state == _AWAIT_HELLO:
             if ftype != fr.HELLO:
                 raise fr.FrameError(f"expected HELLO first, got frame type {ftype}")
-            self._on_hello(fr.decode_control(payload))
+            self._on_hello(fr.decode_control(payload), len(payload))
         elif ftype == fr.HEARTBEAT:
             hb = fr.decode_control(payload)
             self._routing.heartbeat(self.instance, hb.get("status"), hb.get("in_flight"),
@@ -489,11 +489,14 @@ class ServiceConnection:
                 raise fr.FrameError(f"ENDPOINTS_UPDATE changes {name} ({update[name]!r}; "
                                     f"this connection registered {value!r})")
         update.update(hello)
+        denied = self._hub.admit_registration(self, update, len(payload))
+        if denied is not None:
+            raise fr.FrameError(denied)
         self.instance = self._routing.register(self, update)
         self._log.event("info", "service endpoints updated", service=inst.service,
                         instance=inst.instance_id, endpoints=len(self.instance.endpoints))
 
-    def _on_hello(self, hello):
+    def _on_hello(self, hello, size):
         proto = hello.get("protocol") if isinstance(hello, dict) else None
         if not isinstance(proto, int) or isinstance(proto, bool) or proto < 1:
             self._refuse("UnsupportedProtocol", "unsupported_protocol",
@@ -512,6 +515,10 @@ class ServiceConnection:
         if small and not _fits(fr.HELLO_ACK, ack, limit):
             self._refuse("InvalidHello", "invalid_hello",
                          f"max_frame_size {limit} cannot carry this gateway's HELLO_ACK", hello)
+            return
+        denied = self._hub.admit_registration(self, hello, size)
+        if denied is not None:
+            self._refuse("InvalidHello", "registration_too_large", denied, hello)
             return
         self._decoder.set_max_frame_size(self._hub.max_frame_size)     # it is someone now
         try:

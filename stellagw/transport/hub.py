@@ -19,6 +19,8 @@ import hashlib
 import socket
 import time
 
+import orjson
+
 from ..auth.replay import LocalReplayCache
 from ..ingress.tls import ReloadingContext
 from . import frame as fr
@@ -35,7 +37,7 @@ HELLO_REPLAY_ENTRIES = 10000
 class Listener:
     __slots__ = ("kind", "host", "public_port", "private_ports", "max_connections", "ssl",
                  "thumbprints", "rcvbuf", "sndbuf", "links", "policy", "silent_after",
-                 "write_high", "write_limit")
+                 "write_high", "write_limit", "max_service_registration")
 
     def __init__(self, kind, node, private_ports, ssl_ctx, policy, unhealthy_after):
         self.kind = kind                     # "tcp" or "tls"
@@ -53,6 +55,17 @@ class Listener:
         self.silent_after = unhealthy_after + node.dead_link_grace
         self.write_high = node.write_buffer_high_water
         self.write_limit = node.write_buffer_limit
+        self.max_service_registration = node.max_service_registration_size
+
+
+class _Content:
+    """One distinct registration content of a service: its size and the parsed copy the
+    links sending it share."""
+
+    __slots__ = ("size", "endpoints", "schemas", "links")
+
+    def __init__(self, size, endpoints, schemas):
+        self.size, self.endpoints, self.schemas, self.links = size, endpoints, schemas, 0
 
 
 class TransportHub:
@@ -67,6 +80,10 @@ class TransportHub:
         self.max_frame_size = max(gw.transports.tcp.max_frame_size, gw.transports.tls.max_frame_size)
         self.max_hello_size = min(self.max_frame_size, max(gw.transports.tcp.max_hello_size,
                                                            gw.transports.tls.max_hello_size))
+        # Registration content by link, and each distinct content of a service once
+        # (admit_registration): conn -> (service, digest); (service, digest) -> _Content.
+        self._registered: dict = {}
+        self._contents: dict = {}
         self.chunk_size = max(1024, min(gw.routing.streaming_buffer_size, INITIAL_WINDOW))
         self.stream_idle_timeout = gw.routing.stream_idle_timeout
         self.max_response_head = gw.routing.max_response_header_bytes
@@ -227,7 +244,59 @@ class TransportHub:
         for conn in self.connections:
             conn.fold_counts()
 
+    def admit_registration(self, conn, hello: dict, size: int) -> str | None:
+        """A HELLO or ENDPOINTS_UPDATE of `size` bytes from `conn`: None when its service's
+        registrations stay within maxServiceRegistrationSize with it (what the link
+        registered before replaced), else why not. Links sending the same endpoints and
+        schemas (a service's instances, as a rule) count them once and share one parsed
+        copy: `hello`'s are replaced by the first link's."""
+        service = hello.get("service")
+        if not isinstance(service, str):
+            return None              # the HELLO's own checks refuse it
+        endpoints, schemas = hello.get("endpoints"), hello.get("schemas")
+        try:
+            digest = hashlib.blake2b(orjson.dumps([endpoints, schemas]), digest_size=16).digest()
+        except (TypeError, orjson.JSONEncodeError):
+            return None              # not JSON: the HELLO's own checks refuse it
+        old = self._registered.get(conn)
+        if old == (service, digest):
+            return None
+        contents = self._contents.get(service, {})
+        held = contents.get(digest)
+        if held is None:
+            total = size + sum(c.size for d, c in contents.items()
+                               if not (old == (service, d) and c.links == 1))
+            listener = self._by_conn.get(conn)
+            limit = listener.max_service_registration if listener is not None else 0
+            if total > limit:
+                return (f"the registrations of service {service!r} on this worker would hold "
+                        f"{total} bytes, over gateway.transports.{getattr(listener, 'kind', '*')}"
+                        f".maxServiceRegistrationSize ({limit}); identical ones count once")
+        self._drop_registration(conn)
+        if held is None:
+            held = self._contents.setdefault(service, {})[digest] = _Content(size, endpoints,
+                                                                              schemas)
+        held.links += 1
+        self._registered[conn] = (service, digest)
+        if "endpoints" in hello:
+            hello["endpoints"] = held.endpoints
+        if "schemas" in hello:
+            hello["schemas"] = held.schemas
+        return None
+
+    def _drop_registration(self, conn) -> None:
+        key = self._registered.pop(conn, None)
+        if key is not None:
+            contents = self._contents[key[0]]
+            held = contents[key[1]]
+            held.links -= 1
+            if held.links == 0:
+                del contents[key[1]]
+                if not contents:
+                    del self._contents[key[0]]
+
     def release(self, conn) -> None:
+        self._drop_registration(conn)
         listener = self._by_conn.pop(conn, None)
         if listener is not None and conn in self.connections:
             listener.links -= 1

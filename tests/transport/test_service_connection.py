@@ -14,6 +14,7 @@ again with STELLAGW_NO_EXTENSIONS=1.
 """
 from __future__ import annotations
 
+import copy
 import struct
 
 import orjson
@@ -194,6 +195,53 @@ def test_a_peer_not_yet_registered_is_held_to_max_hello_size():
         endpoint("GET", "/big", openapi={"description": "x" * 2_000_000})]})
     stack.run()
     assert svc.open and stack.routing.router.match("GET", "/big")[0] == FOUND
+
+
+def test_one_services_registrations_are_held_to_max_service_registration_size():
+    # Parsed, a registration takes 15-30 times its bytes: 40 links of one service, each a
+    # 1 MB HELLO with its own schemas, took 1.1 GB of a worker (maxConnections is 1000).
+    # Over maxServiceRegistrationSize a HELLO is refused and an update closes the link;
+    # identical content (a service's instances, as a rule) counts once and is held once.
+    stack = Stack("gateway: {transports: {tcp: {maxServiceRegistrationSize: 100KB}}}")
+    schemas = {"Big": {"description": "x" * 40_000}}
+    first = stack.register("scan", SCANS, schemas=schemas)
+    twins = [stack.register("scan", SCANS, schemas=copy.deepcopy(schemas)) for _ in range(5)]
+    held = {id(t.instance.schemas) for t in [first, *twins]}
+    assert len(held) == 1                                  # one parsed copy, shared
+    other = stack.register("scan", SCANS, schemas={"Big": {"description": "y" * 40_000}})
+    link = stack.link()
+    ack = link.hello(hello("scan", SCANS, schemas={"Big": {"description": "z" * 40_000}}))
+    assert ack["error"]["code"] == "InvalidHello"
+    assert "maxServiceRegistrationSize" in ack["error"]["message"]
+    assert link.transport.closed and stack.hub.refused == {"registration_too_large": 1}
+    assert len(stack.routing.instances) == 7
+    # Another service has its own budget.
+    stack.register("policy", [endpoint("GET", "/policy")],
+                   schemas={"Big": {"description": "z" * 40_000}})
+    # An update that would pass it closes its link; one replacing the link's own is fine.
+    other.control(fr.ENDPOINTS_UPDATE, {"endpoints": SCANS, "schemas": {
+        "Big": {"description": "w" * 50_000}}})
+    stack.run()
+    assert other.open and other.conn.instance.schemas["Big"]["description"][0] == "w"
+    twins[0].control(fr.ENDPOINTS_UPDATE, {"endpoints": SCANS, "schemas": {
+        "Big": {"description": "u" * 50_000}}})
+    stack.run()
+    assert twins[0].transport.closed
+    assert stack.hub.closed == {"protocol_error": 1, "refused": 1}    # + the HELLO above
+    assert first.conn.instance.schemas["Big"]["description"][0] == "x"
+    # What leaves gives its room back: the shared content is the first link's alone now,
+    # and its update replaces it.
+    for t in twins[1:]:
+        t.lose()
+    first.control(fr.ENDPOINTS_UPDATE, {"endpoints": SCANS, "schemas": {
+        "Big": {"description": "v" * 45_000}}})
+    stack.run()
+    assert first.open and first.conn.instance.schemas["Big"]["description"][0] == "v"
+    first.lose()
+    other.lose()
+    again = stack.link()
+    ack = again.hello(hello("scan", SCANS, schemas={"Big": {"description": "z" * 90_000}}))
+    assert "error" not in ack and stack.hub._contents["scan"]
 
 
 def test_anything_but_a_hello_first_is_a_protocol_error():
