@@ -46,6 +46,12 @@ STATUSES = (HEALTHY, DEGRADED, DRAINING, UNHEALTHY)
 
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# What a HELLO's free-text fields may not hold (as identity claims may not, auth/identity.py):
+# they are shown in health output, logs and the OpenAPI document, and an instance id with
+# U+202E or a newline reads as something else there.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+MAX_VERSION = 128
+MAX_REGION = 64
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 MAX_ENDPOINTS = 4096
 PING_BAND_MS = 1.0   # pings closer than this are equal for selection
@@ -181,11 +187,20 @@ def _parse_head(hello: dict) -> tuple[str, str, str, str, list, dict]:
 
     service = text("service", _NAME)
     version = text("version")
+    if len(version) > MAX_VERSION:
+        # Unbounded, a 1 MB pre-release was shown in every health answer and named
+        # OpenAPI components (`<service>_<Name>_v<version>`).
+        raise HelloError(f"HELLO field 'version' longer than {MAX_VERSION} characters")
     semver_key(version)
     instance_id = text("instance_id")
     if len(instance_id) > 128:
         raise HelloError("HELLO field 'instance_id' longer than 128 characters")
     region = text("region", required=False, default="") or ""
+    if len(region) > MAX_REGION:
+        raise HelloError(f"HELLO field 'region' longer than {MAX_REGION} characters")
+    for key, value in (("instance_id", instance_id), ("region", region)):
+        if _CONTROL.search(value):
+            raise HelloError(f"HELLO field {key!r} holds a control or invisible character")
     raw = hello.get("endpoints")
     if not isinstance(raw, list):
         raise HelloError("HELLO field 'endpoints' must be a list (it may be empty and "

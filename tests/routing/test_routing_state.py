@@ -45,6 +45,13 @@ def test_register_match_and_unregister():
     ({"endpoints": [{"method": "GET", "path": "a"}]}, "path"),
     ({"endpoints": [{"method": "GET", "path": "/a", "timeout_ms": -1}]}, "timeout_ms"),
     ({"endpoints": [{"method": "GET", "path": "/a/{"}]}, "/a/{"),
+    # Free text shown in health answers, logs and the OpenAPI document: a 1 MB region or
+    # pre-release, an instance id that reads as another (U+202E) or breaks a line.
+    ({"region": "r" * 65}, "'region' longer than 64"),
+    ({"version": "1.0.0-" + "a" * 200}, "'version' longer than 128"),
+    ({"instance_id": "scanner-1\u202e2-"}, "'instance_id' holds a control"),
+    ({"instance_id": "scanner-1\nlevel=error"}, "'instance_id' holds a control"),
+    ({"region": "eu1\u200b"}, "'region' holds a control"),
 ])
 def test_bad_hello_is_refused_and_leaves_nothing_registered(bad, why):
     s = state()
@@ -54,6 +61,13 @@ def test_bad_hello_is_refused_and_leaves_nothing_registered(bad, why):
     with pytest.raises(HelloError, match=why.replace("{", r"\{")):
         s.register(object(), {**hello(), **bad})
     assert (dict(s.instances), dict(s.routes), s.router.routes()) == before
+
+
+def test_a_region_with_spaces_and_a_long_build_suffix_are_still_accepted():
+    s = state()
+    inst = s.register(object(), {**hello(), "region": "eu west 1",
+                                 "version": "1.2.3-rc.1+" + "b" * 100})
+    assert inst.region == "eu west 1" and inst.version.endswith("b" * 100)
 
 
 def test_a_route_owned_by_another_service_is_refused():
