@@ -152,3 +152,46 @@ def test_a_build_that_never_lands_answers_from_the_last_document(gateway, monkey
         release.set()
     assert gateway.gw.worker.openapi.wait(10)
     assert wait_for(lambda: "/t/stuck/whoami" in paths(gateway.document()[2]), 5)
+
+
+def test_changes_faster_than_builds_leave_the_builder_a_bounded_share(gateway, monkeypatch):
+    # Links whose ENDPOINTS_UPDATEs (one a second each, within the per-link pacing) change
+    # the routes faster than a build takes kept the builder running back to back: 30 such
+    # links put other requests' median latency at 0.9 s (its GIL share, its collections).
+    # A build now starts BUILD_PACE x its predecessor's duration after it ended, and reads
+    # still get the document that covers them.
+    from tests.support.servicepeer import RawPeer, hello_for
+    gateway.document()
+    real = cache_mod.build_document
+    spans = []
+
+    def slow_build(*args, **kw):
+        t0 = time.monotonic()
+        time.sleep(0.3)
+        try:
+            return real(*args, **kw)
+        finally:
+            spans.append((t0, time.monotonic()))
+
+    monkeypatch.setattr(cache_mod, "build_document", slow_build)
+    peers = []
+    t0 = time.monotonic()
+    try:
+        i = 0
+        while time.monotonic() - t0 < 4:
+            p = RawPeer(gateway.gw.transport_port)
+            assert "error" not in p.hello(hello_for(f"churn{i}",
+                                                    endpoints=[("GET", f"/t/churn{i}")]))
+            peers.append(p)
+            i += 1
+            time.sleep(0.1)
+        status, _, doc = gateway.document()
+        assert status == 200 and f"/t/churn{i - 1}" in paths(doc)   # it waited for it
+    finally:
+        for p in peers:
+            p.close()
+    elapsed = spans[-1][1] - t0
+    busy = sum(end - start for start, end in spans)
+    assert busy / elapsed < 0.4, (busy, elapsed, len(spans))
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start - end >= 0.9 * cache_mod.BUILD_PACE * 0.3 - 0.05
