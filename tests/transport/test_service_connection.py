@@ -24,8 +24,8 @@ from stellagw import _impl
 from stellagw.routing.outliers import SERVER_ERROR
 from stellagw.routing.radix import FOUND, NOT_FOUND
 from stellagw.transport import frame as fr
-from stellagw.transport.connection import (AWAIT_HELLO, CLOSED, HELLO_TIMEOUT, READY,
-                                          UPDATE_INTERVAL)
+from stellagw.transport.connection import (AWAIT_HELLO, CLOSED, HEARTBEAT_INTERVAL,
+                                          HELLO_TIMEOUT, READY, UPDATE_INTERVAL)
 
 from tests.support.sansio import Stack, endpoint, forbid_io, hello, parse_responses
 
@@ -980,6 +980,32 @@ def test_a_heartbeat_sets_the_status_and_its_ping_measures_the_link():
     earlier = (int.from_bytes(payload, "big") - 5_000_000).to_bytes(8, "big")
     svc.raw(fr.PONG, earlier, corr)
     assert 5.0 <= instance.avg_ping_ms < 60_000
+
+
+def test_heartbeats_faster_than_heartbeat_interval_wait_and_only_the_last_counts():
+    # Each heartbeat that flips the status drops the rankings of every route of the
+    # instance and tells every routing listener: a link sending them at line rate, with
+    # 4,000 routes, held other requests up to 1.2 s. One per HEARTBEAT_INTERVAL is applied.
+    stack = Stack()
+    svc = stack.register("scan", [endpoint("GET", f"/r{i}") for i in range(500)])
+    instance = svc.conn.instance
+    events = []
+    stack.routing.listeners.append(lambda event, inst, **kw: events.append(event))
+    statuses = ["Unhealthy", "Healthy", "Draining", "Degraded"]
+    svc.feed(b"".join(_frame(fr.HEARTBEAT, orjson.dumps(
+        {"status": statuses[i % 4], "in_flight": i})) for i in range(1000)))
+    stack.run()
+    assert instance.announced == "Unhealthy" and instance.in_flight == 0   # the first
+    assert events.count("health") == 1
+    assert [f[0] for f in svc.frames()] == [fr.PING]                       # one PING too
+    stack.advance(HEARTBEAT_INTERVAL)
+    assert instance.announced == "Degraded" and instance.in_flight == 999  # the last waiting
+    assert events.count("health") == 2
+    # A heartbeat waiting when DRAIN comes does not announce the instance again after it.
+    svc.control(fr.HEARTBEAT, {"status": "Healthy"})
+    svc.control(fr.DRAIN, {})
+    stack.advance(HEARTBEAT_INTERVAL)
+    assert instance.announced == "Draining"
 
 
 def test_drain_from_the_service_stops_new_requests_but_finishes_those_in_flight():
