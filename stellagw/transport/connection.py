@@ -462,10 +462,11 @@ class ServiceConnection:
                     self._send_elsewhere(pending, True)
         elif ftype == fr.ENDPOINTS_UPDATE:
             now = self._loop.time()
-            if now < self._update_at:
+            at = max(self._update_at, self._hub.update_free_at)
+            if now < at:
                 self._update_waiting = bytes(payload)
                 if self._update_timer is None:
-                    self._update_timer = self._loop.call_later(self._update_at - now,
+                    self._update_timer = self._loop.call_later(at - now,
                                                                self._apply_waiting_update)
                 return
             self._update_at = now + UPDATE_INTERVAL
@@ -505,13 +506,21 @@ class ServiceConnection:
         payload, self._update_waiting = self._update_waiting, None
         if payload is None or self.state != _READY:
             return
-        self._update_at = self._loop.time() + UPDATE_INTERVAL
+        now = self._loop.time()
+        if now < self._hub.update_free_at:
+            # The worker's update budget went to another link's meanwhile: wait again.
+            self._update_waiting = payload
+            self._update_timer = self._loop.call_later(self._hub.update_free_at - now,
+                                                       self._apply_waiting_update)
+            return
+        self._update_at = now + UPDATE_INTERVAL
         try:
             self._apply_update(payload)
         except (fr.FrameError, HelloError) as exc:
             self._protocol_error(str(exc))
 
     def _apply_update(self, payload):
+        self._hub.update_spent(len(payload), self._loop.time())
         update = fr.decode_control(payload)
         inst = self.instance
         hello = {"service": inst.service, "version": inst.version,

@@ -32,6 +32,11 @@ WHEEL_TICK = 0.05   # seconds: the precision of request timeouts
 # Signed HELLOs remembered against replay (per worker; with several workers the instance's
 # shared table, auth/replay.py): registrations are rare, entries live 2 x the clock skew.
 HELLO_REPLAY_ENTRIES = 10000
+# ENDPOINTS_UPDATE bytes a worker decodes and registers per second, all links together
+# (each link has one a second already, connection.UPDATE_INTERVAL): decoding takes the
+# loop ~25 ms per MB, and 10 links sending 3 MB updates each second put other requests'
+# median latency at 1.2 s. An update past the budget waits, the link's last counting.
+UPDATE_BYTES_PER_SECOND = 8 * 1024 * 1024
 
 
 class Listener:
@@ -84,6 +89,7 @@ class TransportHub:
         # (admit_registration): conn -> (service, digest); (service, digest) -> _Content.
         self._registered: dict = {}
         self._contents: dict = {}
+        self.update_free_at = 0.0        # loop time the update budget is free again
         self.chunk_size = max(1024, min(gw.routing.streaming_buffer_size, INITIAL_WINDOW))
         self.stream_idle_timeout = gw.routing.stream_idle_timeout
         self.max_response_head = gw.routing.max_response_header_bytes
@@ -283,6 +289,10 @@ class TransportHub:
         if "schemas" in hello:
             hello["schemas"] = held.schemas
         return None
+
+    def update_spent(self, size: int, now: float) -> None:
+        """An ENDPOINTS_UPDATE of `size` bytes is being applied (UPDATE_BYTES_PER_SECOND)."""
+        self.update_free_at = max(self.update_free_at, now) + size / UPDATE_BYTES_PER_SECOND
 
     def _drop_registration(self, conn) -> None:
         key = self._registered.pop(conn, None)

@@ -225,7 +225,7 @@ def test_one_services_registrations_are_held_to_max_service_registration_size():
     assert other.open and other.conn.instance.schemas["Big"]["description"][0] == "w"
     twins[0].control(fr.ENDPOINTS_UPDATE, {"endpoints": SCANS, "schemas": {
         "Big": {"description": "u" * 50_000}}})
-    stack.run()
+    stack.advance(0.1)                    # the worker's update budget (the update above)
     assert twins[0].transport.closed
     assert stack.hub.closed == {"protocol_error": 1, "refused": 1}    # + the HELLO above
     assert first.conn.instance.schemas["Big"]["description"][0] == "x"
@@ -235,7 +235,7 @@ def test_one_services_registrations_are_held_to_max_service_registration_size():
         t.lose()
     first.control(fr.ENDPOINTS_UPDATE, {"endpoints": SCANS, "schemas": {
         "Big": {"description": "v" * 45_000}}})
-    stack.run()
+    stack.advance(0.1)
     assert first.open and first.conn.instance.schemas["Big"]["description"][0] == "v"
     first.lose()
     other.lose()
@@ -292,6 +292,32 @@ def test_endpoints_updates_are_applied_at_most_once_a_second_the_last_one_counti
     assert svc.open
     stack.advance(UPDATE_INTERVAL)
     assert svc.transport.closed and stack.hub.closed == {"protocol_error": 1}
+
+
+def test_the_links_updates_together_are_held_to_the_workers_update_budget(monkeypatch):
+    # One a second per link still let links together make the loop decode as much as they
+    # liked (~25 ms per MB): 10 links sending 3 MB updates each second put other requests'
+    # median latency at 1.2 s. The worker decodes UPDATE_BYTES_PER_SECOND at most, all
+    # links together; an update past it waits, its link's last counting.
+    from stellagw.transport import hub as hub_mod
+    monkeypatch.setattr(hub_mod, "UPDATE_BYTES_PER_SECOND", 100_000)
+    stack = Stack()
+    big = stack.register("big", [endpoint("GET", "/big")])
+    small = stack.register("small", [endpoint("GET", "/small")])
+    big.control(fr.ENDPOINTS_UPDATE, {"endpoints": [endpoint("GET", "/big2",
+                                                             openapi={"description": "x" * 50_000})]})
+    stack.run()                                   # ~50 KB: the budget's next 0.5 s
+    match = stack.routing.router.match
+    assert match("GET", "/big2")[0] == FOUND
+    for i in range(3):
+        small.control(fr.ENDPOINTS_UPDATE, {"endpoints": [endpoint("GET", f"/small{i}")]})
+    stack.run()
+    assert match("GET", "/small0")[0] == NOT_FOUND and match("GET", "/small")[0] == FOUND
+    stack.advance(0.3)
+    assert match("GET", "/small2")[0] == NOT_FOUND
+    stack.advance(0.3)
+    assert match("GET", "/small2")[0] == FOUND and match("GET", "/small0")[0] == NOT_FOUND
+    assert len(stack.log.records("service endpoints updated")) == 2
 
 
 @pytest.mark.parametrize("field, value", [("service", "victim"), ("version", "9.0.0"),
