@@ -269,8 +269,10 @@ def test_an_open_websocket_whose_client_stops_reading_is_cut_after_send_timeout(
             head += s.recv(1)           # byte by byte: nothing past the 101 is read
         assert head.startswith(b"HTTP/1.1 101"), head
         mask, text = b"\x01\x02\x03\x04", b"big-3000000"
-        s.sendall(b"\x81" + bytes([0x80 | len(text)]) + mask
-                  + bytes(c ^ mask[i % 4] for i, c in enumerate(text)))
+        # 30 MB: past what the kernel's send buffer takes (it grows to a few MB on
+        # loopback), so the transport's own buffer fills and pauses writing.
+        s.sendall((b"\x81" + bytes([0x80 | len(text)]) + mask
+                   + bytes(c ^ mask[i % 4] for i, c in enumerate(text))) * 10)
         assert wait_for(lambda: gw.call(lambda: gw.worker.websockets_open) == 1, 5)
         # Paused for writing at once, cut 2 s later (idle only after 5 minutes).
         assert wait_for(lambda: gw.call(lambda: gw.worker.websockets_open) == 0, 10)
