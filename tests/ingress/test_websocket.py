@@ -3,6 +3,7 @@ SDK service in its own process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -208,42 +209,55 @@ def test_client_going_away_cancels_and_a_killed_service_closes_1011(tmp_path):
         gw.stop()
 
 
+@contextlib.contextmanager
+def _a_client_reading_nothing(config, service, times):
+    """A gateway (GatewayThread) from `config` and a `service` test service; a WebSocket
+    client that asks the service, `times` over, for 3 MB and then reads none of it."""
+    gw = GatewayThread(settings_from(config)).start()
+    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", service,
+                            "--gateway", f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
+    s = socket.socket()
+    try:
+        whoami = b"GET /t/%s/whoami HTTP/1.1\r\nHost: gw\r\n\r\n" % service.encode()
+        assert wait_for(lambda: request(gw.port, whoami)[0] == 200, 15)
+        _upgrade_and_read_nothing(s, gw.port, service, times)
+        yield gw
+    finally:
+        s.close()
+        svc.terminate()
+        svc.wait(10)
+        gw.stop()
+
+
+def _upgrade_and_read_nothing(s, port, service, times):
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.settimeout(10)
+    s.sendall(b"GET /t/%s/ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\n"
+              b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+              b"Sec-WebSocket-Version: 13\r\n\r\n" % service.encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)           # byte by byte: nothing past the 101 is read
+    assert head.startswith(b"HTTP/1.1 101"), head
+    mask, text = b"\x01\x02\x03\x04", b"big-3000000"
+    s.sendall((b"\x81" + bytes([0x80 | len(text)]) + mask
+               + bytes(c ^ mask[i % 4] for i, c in enumerate(text))) * times)
+
+
 def test_a_websocket_client_that_reads_nothing_is_cut_after_its_close(tmp_path):
     # The service sends 3 MB to a client that reads none of it: credit stops, the WebSocket
     # goes idle (streamIdleTimeout) and is closed — and picows' close waits for the bytes
     # still owed. Without gateway.http.sendTimeout the connection, its buffer and its
     # place (websockets_open, maxConnectionsPerClient) stayed until the client left.
-    gw = GatewayThread(settings_from("gateway: {http: {port: 0, sendTimeout: 2s},"
-                                     " routing: {streamIdleTimeout: 1s}}")).start()
-    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "wsr",
-                            "--gateway", f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
-    s = socket.socket()
-    try:
-        assert wait_for(lambda: request(gw.port, b"GET /t/wsr/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.connect(("127.0.0.1", gw.port))
-        s.settimeout(10)
-        s.sendall(b"GET /t/wsr/ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\n"
-                  b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                  b"Sec-WebSocket-Version: 13\r\n\r\n")
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(1)           # byte by byte: nothing past the 101 is read
-        assert head.startswith(b"HTTP/1.1 101"), head
-        mask, text = b"\x01\x02\x03\x04", b"big-3000000"
-        s.sendall(b"\x81" + bytes([0x80 | len(text)]) + mask
-                  + bytes(c ^ mask[i % 4] for i, c in enumerate(text)))
+    with _a_client_reading_nothing("gateway: {http: {port: 0, sendTimeout: 2s},"
+                                   " routing: {streamIdleTimeout: 1s}}", "wsr", 1) as gw:
         assert wait_for(lambda: gw.call(lambda: gw.worker.websockets_open) == 1, 5)
         # Idle after 1 s, closed, then cut 2 s later: gone well within 15 s.
         assert wait_for(lambda: gw.call(lambda: gw.worker.websockets_open) == 0, 15)
         assert gw.call(lambda: dict(gw.worker.aborted_connections)) == {"send_timeout": 1}
         assert gw.call(lambda: dict(gw.worker.per_client)) == {}
         assert wait_for(lambda: gw.call(lambda: sum(len(c.inflight) for c in gw.worker.hub.connections)) == 0, 5)
-    finally:
-        s.close()
-        svc.terminate()
-        svc.wait(10)
-        gw.stop()
 
 
 def test_an_open_websocket_whose_client_stops_reading_is_cut_after_send_timeout(tmp_path):
@@ -252,27 +266,10 @@ def test_an_open_websocket_whose_client_stops_reading_is_cut_after_send_timeout(
     # service's handler were held until streamIdleTimeout (5 minutes by default) — and a
     # client reading a little now and then never went idle. Armed at pause_writing, as an
     # HTTP client's is: cut after sendTimeout, and the service is told (CANCEL).
-    gw = GatewayThread(settings_from("gateway: {http: {port: 0, sendTimeout: 2s}}")).start()
-    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "wsn",
-                            "--gateway", f"127.0.0.1:{gw.transport_port}"], cwd=ROOT)
-    s = socket.socket()
-    try:
-        assert wait_for(lambda: request(gw.port, b"GET /t/wsn/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.connect(("127.0.0.1", gw.port))
-        s.settimeout(10)
-        s.sendall(b"GET /t/wsn/ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\n"
-                  b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                  b"Sec-WebSocket-Version: 13\r\n\r\n")
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(1)           # byte by byte: nothing past the 101 is read
-        assert head.startswith(b"HTTP/1.1 101"), head
-        mask, text = b"\x01\x02\x03\x04", b"big-3000000"
-        # 30 MB: past what the kernel's send buffer takes (it grows to a few MB on
-        # loopback), so the transport's own buffer fills and pauses writing.
-        s.sendall((b"\x81" + bytes([0x80 | len(text)]) + mask
-                   + bytes(c ^ mask[i % 4] for i, c in enumerate(text))) * 10)
+    # 30 MB: past what the kernel's send buffer takes (it grows to a few MB on loopback),
+    # so the transport's own buffer fills and pauses writing.
+    with _a_client_reading_nothing("gateway: {http: {port: 0, sendTimeout: 2s}}", "wsn",
+                                   10) as gw:
         assert wait_for(lambda: gw.call(lambda: gw.worker.websockets_open) == 1, 5)
         # Paused for writing at once, cut 2 s later (idle only after 5 minutes).
         assert wait_for(lambda: gw.call(lambda: gw.worker.websockets_open) == 0, 10)
@@ -283,8 +280,3 @@ def test_an_open_websocket_whose_client_stops_reading_is_cut_after_send_timeout(
             body = request(gw.port, b"GET /t/wsn/events HTTP/1.1\r\nHost: gw\r\n\r\n")[2]
             return len(orjson.loads(body)["cancelled"]) == 1
         assert wait_for(service_cancelled, 5)
-    finally:
-        s.close()
-        svc.terminate()
-        svc.wait(10)
-        gw.stop()

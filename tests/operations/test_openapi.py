@@ -438,6 +438,19 @@ def test_reference_cycles_that_never_reach_a_schema_are_broken():
 # A hostile service's HELLO (1 MB) must not hold the document build: the build is one at a
 # time, so every service's changes would wait behind it. The work is counted, not timed.
 
+def count_calls(monkeypatch, owner, name):
+    """Count the calls of owner.name (a function, or a method on a class) for the test;
+    returns the one-element counter."""
+    calls = [0]
+    real = getattr(owner, name)
+
+    def counted(*args):
+        calls[0] += 1
+        return real(*args)
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 def test_a_long_chain_of_references_is_walked_once_not_once_per_key(monkeypatch):
     from stellagw.openapi import document
     n = 2000       # A 136 KB HELLO; the walk was cubic (every key re-walked the chain)
@@ -448,13 +461,7 @@ def test_a_long_chain_of_references_is_walked_once_not_once_per_key(monkeypatch)
     s.register(object(), hello("good", endpoints=[
         {"method": "GET", "path": "/g", "openapi": json_op("A")}],
         schemas={"A": {"$ref": PREFIX + "B"}, "B": {"$ref": PREFIX + "A"}}))
-    calls = [0]
-    target = document._Builder._target
-
-    def counted(self, ref):
-        calls[0] += 1
-        return target(self, ref)
-    monkeypatch.setattr(document._Builder, "_target", counted)
+    calls = count_calls(monkeypatch, document._Builder, "_target")
     doc = build_document(s, "t", "1")
     assert calls[0] <= 2 * (n + 2)
     schemas = doc["components"]["schemas"]
@@ -479,13 +486,7 @@ def test_an_older_versions_reference_chain_is_compared_in_one_pass(monkeypatch):
     s.register(object(), hello("svc", "2.0.0", "new", endpoints=[
         {"method": "GET", "path": "/new", "openapi": json_op("S0")}],
         schemas={**chain, f"S{n}": {"type": "integer"}, **shared}))   # only the tail differs
-    calls = [0]
-    refs = document.sanitize.raw_schema_refs
-
-    def counted(value, *a):
-        calls[0] += 1
-        return refs(value, *a)
-    monkeypatch.setattr(document.sanitize, "raw_schema_refs", counted)
+    calls = count_calls(monkeypatch, document.sanitize, "raw_schema_refs")
     doc = build_document(s, "t", "1")
     assert calls[0] <= 2 * (n + 10)
     schemas = doc["components"]["schemas"]
@@ -510,13 +511,7 @@ def test_one_services_default_checks_share_one_budget_and_spare_the_others(monke
         {"method": "GET", "path": "/g", "openapi": json_op("G")}],
         schemas={"G": {"type": "object", "properties": {
             f"p{i}": {"enum": ["a", "b"], "default": "b"} for i in range(100)}}}))
-    calls = [0]
-    equal = document.sanitize._json_equal
-
-    def counted(a, b):
-        calls[0] += 1
-        return equal(a, b)
-    monkeypatch.setattr(document.sanitize, "_json_equal", counted)
+    calls = count_calls(monkeypatch, document.sanitize, "_json_equal")
     doc = build_document(s, "t", "1")
     assert calls[0] <= document.DEFAULTS_BUDGET + 1000
     schemas = doc["components"]["schemas"]
