@@ -284,6 +284,22 @@ def test_a_link_that_beats_but_never_answers_a_ping_is_closed():
         gw.stop()
 
 
+def _post_until_held(gw, path, clients, wanted=4):
+    """POST 8 KiB bodies to `path`, a client each (appended to `clients`), until the link
+    gate holds `wanted` of them (or 100 clients). Returns how many it holds."""
+    body = b"b" * 8192
+    req = (b"POST %s HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % (path, len(body))
+           + body)
+
+    def held():
+        return gw.call(lambda: dict(gw.worker.hub.pressure)).get("held", 0)
+    while held() < wanted and len(clients) < 100:
+        s = connect(gw.port, timeout=20)
+        s.sendall(req)
+        clients.append(s)
+    return held()
+
+
 @pytest.mark.parametrize("then", ["drain", "close"])
 def test_requests_waiting_for_a_link_that_drains_or_drops_go_to_another_instance(then):
     """Found by an adversarial probe (P5-3, P5-4): requests held for a link over high water
@@ -299,17 +315,7 @@ def test_requests_waiting_for_a_link_that_drains_or_drops_go_to_another_instance
         assert "error" not in peer.hello(hello_for("p2", endpoints=[("POST", "/t/p2/x")],
                                                    instance_id="p2-stuck"))
         beating = beat(peer)            # alive, but it reads nothing from here on
-        body = b"b" * 8192
-        req = (b"POST /t/p2/x HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n"
-               % len(body) + body)
-
-        def held():
-            return gw.call(lambda: dict(gw.worker.hub.pressure)).get("held", 0)
-        while held() < 4 and len(clients) < 100:
-            s = connect(gw.port, timeout=20)
-            s.sendall(req)
-            clients.append(s)
-        waiting = held()
+        waiting = _post_until_held(gw, b"/t/p2/x", clients)
         assert waiting >= 4
         other = SdkThread(Service("p2", gateways=[f"127.0.0.1:{gw.transport_port}"],
                                   instance_id="p2-fine"))
@@ -356,17 +362,7 @@ def test_requests_waiting_for_the_only_instance_when_it_drains_get_503_and_reach
     try:
         assert "error" not in peer.hello(hello_for("solo", endpoints=[("POST", "/t/solo/x")]))
         beating = beat(peer)
-        body = b"b" * 8192
-        req = (b"POST /t/solo/x HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n"
-               % len(body) + body)
-
-        def held():
-            return gw.call(lambda: dict(gw.worker.hub.pressure)).get("held", 0)
-        while held() < 4 and len(clients) < 100:
-            s = connect(gw.port, timeout=20)
-            s.sendall(req)
-            clients.append(s)
-        waiting = held()
+        waiting = _post_until_held(gw, b"/t/solo/x", clients)
         peer.send_control(fr.DRAIN, {"reason": "deploy", "deadline_ms": 30000})
         answers = {}
 
