@@ -463,9 +463,7 @@ class HttpProtocol:
         if self._proxy_mode != "off" and self.proxied is not None:
             # Over TLS the PROXY header came before the handshake and was read there
             # (ingress/tls_accept.py), its peer checked: what it named is the client.
-            if self.proxied:
-                self._set_peer(self.proxied)
-            if not self._admit_client():
+            if not self._proxied_by(self.proxied):
                 return
         elif self._proxy_mode != "off":
             if self._trust is not None and not self._trusted:
@@ -633,12 +631,18 @@ class HttpProtocol:
             return None
         self._proxy_buf = None
         consumed, source = parsed
-        if source is not None:
-            self._set_peer(source)
-        if not self._admit_client():
+        if not self._proxied_by(source):
             return None
         rest = buf[consumed:]
         return rest if rest else None
+
+    def _proxied_by(self, source):
+        """A PROXY header named `source` (None or "" for LOCAL / UNKNOWN: the TCP peer stays
+        the client): the client's address from now on, counted against
+        maxConnectionsPerClient. False when that refused the connection."""
+        if source:
+            self._set_peer(source)
+        return self._admit_client()
 
     def _admit_client(self):
         """gateway.http.maxConnectionsPerClient: False (answered 503, closing) when this

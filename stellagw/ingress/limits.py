@@ -1,4 +1,5 @@
-"""The client listener's limits, read by HttpProtocol on every request (docs/http-edge.md)."""
+"""The client listener's limits, read by HttpProtocol on every request, and the hosts it
+serves, read by the pipeline (docs/http-edge.md)."""
 from __future__ import annotations
 
 import ipaddress

@@ -108,11 +108,8 @@ class Handshake(asyncio.Protocol):
             protocol.deadline = self.head_due
 
     def finished(self, task) -> None:
-        self.release()
         self.task = None
-        if self.sock is not None:       # ended before uvloop took the socket
-            _reset(self.sock)
-            self.sock = None
+        self.drop()                     # the socket too, if it ended before uvloop took it
         if task.cancelled():
             return
         exc = task.exception()      # retrieved: a failed handshake is not the loop's error
@@ -146,14 +143,12 @@ class Handshake(asyncio.Protocol):
         except OSError:
             data = b""
         if not data:                        # closed (or reset) before the header ended
-            self._proxy_done()
             self.drop()
             return
         header = self._header + data
         try:
             parsed = parse_proxy_header(header, mode)
         except ProxyError:
-            self._proxy_done()
             self.worker.connection_refused("proxy_protocol")
             self.drop()
             return
@@ -164,7 +159,6 @@ class Handshake(asyncio.Protocol):
         try:
             sock.recv(take)
         except OSError:
-            self._proxy_done()
             self.drop()
             return
         if parsed is None:
@@ -187,7 +181,6 @@ class Handshake(asyncio.Protocol):
 
     def _proxy_expired(self) -> None:
         self._timer = None
-        self._proxy_done()
         self.worker.connection_aborted("handshake_timeout")
         self.drop()
 
@@ -200,7 +193,9 @@ class Handshake(asyncio.Protocol):
             self._timer = None
 
     def drop(self) -> None:
-        """Refused or failed before uvloop took the socket: give up the places, reset."""
+        """Refused or failed before uvloop took the socket (or it is still reading its
+        PROXY header): give up the places, reset."""
+        self._proxy_done()
         self.release()
         if self.sock is not None:
             _reset(self.sock)
@@ -208,11 +203,7 @@ class Handshake(asyncio.Protocol):
 
     def abort(self) -> None:
         """Drop it now (the worker is stopping)."""
-        self._proxy_done()                  # if still reading its PROXY header
-        self.release()
-        if self.sock is not None:       # its task never ran: the socket is still ours
-            _reset(self.sock)
-            self.sock = None
+        self.drop()                     # before its task ran, the socket is still ours
         if self.task is not None:
             self.task.cancel()          # connect_accepted_socket closes the transport
 

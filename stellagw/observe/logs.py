@@ -149,7 +149,7 @@ class JsonLog:
                 self._pending -= len(data)
 
 
-# ---------------------------------------------------------------------------- clipping
+# ------------------------------------------------------------ what libraries log
 
 _FORMATTER = logging.Formatter()
 
@@ -192,8 +192,7 @@ class LibraryLogs(logging.Handler):
                 fields["traceback"] = _FORMATTER.formatException(record.exc_info)
             if left_out:
                 fields["leftOut"] = left_out
-            level = ("error" if record.levelno >= logging.ERROR else
-                     "warning" if record.levelno >= logging.WARNING else "info")
+            level = "error" if record.levelno >= logging.ERROR else "warning"
             if threading.get_ident() == self._loop_thread:
                 self._write(level, fields)
             else:                   # JsonLog's buffer belongs to the loop's thread
@@ -215,6 +214,8 @@ def install_library_logs(log: JsonLog, loop) -> LibraryLogs:
         root.setLevel(logging.WARNING)
     return handler
 
+
+# ---------------------------------------------------------------------------- clipping
 
 def clip_record(record: dict, limit: int) -> bytes:
     """`record` as one JSON object of at most `limit` bytes (orjson's form), its longest
