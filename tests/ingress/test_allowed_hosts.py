@@ -102,3 +102,25 @@ def test_no_host_to_judge_is_421_but_the_built_ins_are_not_judged(served):
     for p in (port, admin):
         status, _, _ = request(p, b"GET /health/ready HTTP/1.1\r\nHost: 10.1.2.3:8080\r\n\r\n")
         assert status == 200
+
+
+def test_a_large_upload_for_another_host_is_not_read_and_its_connection_ends(served):
+    # Decided on the head: the 100 MB it announces is neither read into the gateway nor
+    # sent on, and the connection is let go once the answer is out (the lingering close
+    # drains a little, then shuts).
+    port, _ = served
+    with connect(port) as s:
+        s.sendall(b"POST /t/ca/upload HTTP/1.1\r\nHost: evil.test\r\n"
+                  b"X-Correlation-Id: misdirected-large\r\nContent-Length: 104857600\r\n\r\n")
+        assert s.recv(64).startswith(b"HTTP/1.1 421 ")
+        s.settimeout(5)
+        sent, chunk, ended = 0, b"x" * 65536, False
+        try:
+            while sent < 100 * 2**20:
+                sent += s.send(chunk)
+        except TimeoutError:
+            pass                    # held open, unread: not let go
+        except OSError:
+            ended = True            # reset, or the gateway's side closed
+        assert ended and sent < 32 * 2**20, sent
+    assert "misdirected-large" not in uploads(port)
