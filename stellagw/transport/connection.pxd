@@ -58,10 +58,7 @@ cdef class ServiceConnection:
     # -- per connection
     cdef FrameDecoder _decoder
     cdef FrameEncoder _encoder
-    cdef object _hello_timer, _scheme, _update_timer, _update_waiting
-    cdef double _update_at
-    cdef object _beat_timer, _beat_waiting
-    cdef double _beat_at
+    cdef object _hello_timer, _scheme, _updates, _beats
     cdef WriteBatch _writes
     cdef TimerWheel _wheel
     cdef bint _opened, _write_paused, _release_scheduled, _small_frames

@@ -244,6 +244,52 @@ def _new_pending(corr, req, owner, sent_at, window, timeout):
     return pending
 
 
+class _Paced:
+    """A control frame a link may send at most once per `interval` (ENDPOINTS_UPDATE,
+    HEARTBEAT): one sooner waits, undecoded, and a later one replaces it — the last one
+    counts. `apply(payload)` is called with the one that goes; `not_before()` may hold it
+    longer (the worker's update budget)."""
+
+    __slots__ = ("_loop", "_interval", "_apply", "_not_before", "_at", "_timer", "_waiting")
+
+    def __init__(self, loop, interval, apply, not_before=None):
+        self._loop = loop
+        self._interval = interval
+        self._apply = apply                 # the link's: a bad payload is its protocol error
+        self._not_before = not_before
+        self._at = 0.0                      # loop time before which a frame waits
+        self._timer = None
+        self._waiting = None                # the payload waiting, or None
+
+    def offer(self, payload):
+        now = self._loop.time()
+        at = self._at if self._not_before is None else max(self._at, self._not_before())
+        if now < at:
+            self._waiting = bytes(payload)
+            if self._timer is None:
+                self._timer = self._loop.call_later(at - now, self._due)
+            return
+        self._at = now + self._interval
+        self._apply(payload)
+
+    def _due(self):
+        self._timer = None
+        payload, self._waiting = self._waiting, None
+        if payload is not None:
+            self.offer(payload)             # again: the budget may have gone elsewhere
+
+    def cancel(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._waiting = None
+
+    def close(self):
+        """The link is gone: nothing waits, and the link (which `apply` holds) is let go."""
+        self.cancel()
+        self._apply = self._not_before = None
+
+
 class ServiceConnection:
     def __init__(self, hub):
         # -- per worker
@@ -265,12 +311,9 @@ class ServiceConnection:
         self._corr_prefix = os.urandom(8)
         self._corr_next = 0
         self._hello_timer = None
-        self._update_at = 0.0           # loop time before which an update waits
-        self._update_timer = None       # applies the update waiting (UPDATE_INTERVAL)
-        self._update_waiting = None     # its payload, undecoded: a later one replaces it
-        self._beat_at = 0.0             # the same for heartbeats (HEARTBEAT_INTERVAL)
-        self._beat_timer = None
-        self._beat_waiting = None
+        self._updates = _Paced(self._loop, UPDATE_INTERVAL, self._waited(self._apply_update),
+                               lambda: hub.update_free_at)     # the worker's update budget
+        self._beats = _Paced(self._loop, HEARTBEAT_INTERVAL, self._waited(self._apply_beat))
         self.peer_window = INITIAL_WINDOW   # the service's stream_window from HELLO
         self._opened = False            # counted in metrics.active_connections
         # Liveness without a clock read per frame: a count, compared at each sweep.
@@ -330,12 +373,8 @@ class ServiceConnection:
         self._hub.release(self)
         if self._hello_timer is not None:
             self._hello_timer.cancel()
-        if self._update_timer is not None:
-            self._update_timer.cancel()
-            self._update_timer = self._update_waiting = None
-        if self._beat_timer is not None:
-            self._beat_timer.cancel()
-            self._beat_timer = self._beat_waiting = None
+        self._updates.close()
+        self._beats.close()
         self._release_buffers()
         self._held.clear()
         inflight = self.inflight
@@ -407,15 +446,7 @@ class ServiceConnection:
                 raise fr.FrameError(f"expected HELLO first, got frame type {ftype}")
             self._on_hello(fr.decode_control(payload), len(payload))
         elif ftype == fr.HEARTBEAT:
-            now = self._loop.time()
-            if now < self._beat_at:
-                self._beat_waiting = bytes(payload)
-                if self._beat_timer is None:
-                    self._beat_timer = self._loop.call_later(self._beat_at - now,
-                                                             self._apply_waiting_beat)
-                return
-            self._beat_at = now + HEARTBEAT_INTERVAL
-            self._apply_beat(payload)
+            self._beats.offer(payload)
         elif ftype == fr.PONG:
             if len(payload) > _MAX_PING:
                 self._close_link("oversize_ping", f"PONG of {len(payload)} bytes (at most "
@@ -451,7 +482,7 @@ class ServiceConnection:
         elif ftype == fr.DRAIN:
             # A heartbeat sent before the DRAIN and still waiting (HEARTBEAT_INTERVAL) must
             # not announce the instance Healthy again after it.
-            self._beat_waiting = None
+            self._beats.cancel()
             self._routing.heartbeat(self.instance, DRAINING)
             self._log.event("info", "service draining", service=self.instance.service,
                             instance=self.instance.instance_id)
@@ -461,31 +492,23 @@ class ServiceConnection:
                 if pending.held == _HELD_REQUEST or pending.held == _HELD_INLINE:
                     self._send_elsewhere(pending, True)
         elif ftype == fr.ENDPOINTS_UPDATE:
-            now = self._loop.time()
-            at = max(self._update_at, self._hub.update_free_at)
-            if now < at:
-                self._update_waiting = bytes(payload)
-                if self._update_timer is None:
-                    self._update_timer = self._loop.call_later(at - now,
-                                                               self._apply_waiting_update)
-                return
-            self._update_at = now + UPDATE_INTERVAL
-            self._apply_update(payload)
+            self._updates.offer(payload)
         elif ftype == fr.HELLO:
             raise fr.FrameError("HELLO received twice on one connection")
         else:
             raise fr.FrameError(f"unexpected frame type {ftype} from a service")
 
-    def _apply_waiting_beat(self):
-        self._beat_timer = None
-        payload, self._beat_waiting = self._beat_waiting, None
-        if payload is None or self.state != _READY:
-            return
-        self._beat_at = self._loop.time() + HEARTBEAT_INTERVAL
-        try:
-            self._apply_beat(payload)
-        except fr.FrameError as exc:
-            self._protocol_error(str(exc))
+    def _waited(self, apply):
+        """`apply` as a frame that waited (_Paced) is applied: from a timer, not from
+        data_received, so its errors are turned into the protocol error here."""
+        def applied(payload):
+            if self.state != _READY:
+                return
+            try:
+                apply(payload)
+            except (fr.FrameError, HelloError) as exc:
+                self._protocol_error(str(exc))
+        return applied
 
     def _apply_beat(self, payload):
         hb = fr.decode_control(payload)
@@ -500,24 +523,6 @@ class ServiceConnection:
         self._schedule_flush()
         if not self._ping_since:
             self._ping_since = self._loop.time()
-
-    def _apply_waiting_update(self):
-        self._update_timer = None
-        payload, self._update_waiting = self._update_waiting, None
-        if payload is None or self.state != _READY:
-            return
-        now = self._loop.time()
-        if now < self._hub.update_free_at:
-            # The worker's update budget went to another link's meanwhile: wait again.
-            self._update_waiting = payload
-            self._update_timer = self._loop.call_later(self._hub.update_free_at - now,
-                                                       self._apply_waiting_update)
-            return
-        self._update_at = now + UPDATE_INTERVAL
-        try:
-            self._apply_update(payload)
-        except (fr.FrameError, HelloError) as exc:
-            self._protocol_error(str(exc))
 
     def _apply_update(self, payload):
         self._hub.update_spent(len(payload), self._loop.time())
