@@ -385,6 +385,11 @@ def test_a_proxy_header_before_the_tls_handshake_names_the_client(gateway, pki):
         untrusted = _raw(gw.port, "127.0.0.2", _v1("198.51.100.1") + _client_hello(pki))
         bare = _raw(gw.port, "127.0.0.1", _client_hello(pki))
         assert is_closed(untrusted) and is_closed(bare)
+        # Gone in the middle of its header: its place is given back at once.
+        quitter = _raw(gw.port, "127.0.0.1", header[:5])
+        assert wait_for(lambda: gw.call(_state, gw)[0] == 1)
+        quitter.close()
+        assert wait_for(lambda: gw.call(_state, gw)[0] == 0)
         # Half a header and then nothing: dropped at the handshake's deadline.
         stalled = _raw(gw.port, "127.0.0.1", header[:20])
         assert not is_closed(stalled, 1) and is_closed(stalled, 10)
