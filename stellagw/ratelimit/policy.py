@@ -17,6 +17,9 @@ normalised path:
 * ``regex``  — ``re.search`` (anchor with ``^...$`` for a full match), compiled at startup
   (config.py already rejects a bad one); the longest pattern wins.
 
+A trailing slash is not significant for any of them, as for the router: a prefix or a
+regex matches a path when it matches the path with or without its trailing slash.
+
 exact beats prefix beats regex; equal specificity goes to the route written first. A route
 without rules (of the kind) is ignored. A plan overlays the base: where it has rules of a
 kind at a level, they replace the base's at that level; the route patterns are the base's.
@@ -172,13 +175,18 @@ class _Matcher:
 
     def match(self, path: str) -> Policy | None:
         policy = self.exact.get(_normal_exact(path))
-        if policy is None:
+        if policy is None and (self.prefixes or self.regexes):
+            # The router ignores a trailing slash (docs/routing.md rule 10): `/a` and `/a/`
+            # are one endpoint, so they must meet one override. A pattern that takes either
+            # spelling takes both; otherwise `^/a$` missed `/a/` and `/a/*` missed `/a`, and
+            # a client escaped a route's tighter rules by adding or dropping the slash.
+            bare = path.rstrip("/") or "/"
+            slashed = bare if bare == "/" else bare + "/"
             for prefix, candidate in self.prefixes:
-                if path.startswith(prefix):
+                if bare.startswith(prefix) or slashed.startswith(prefix):
                     return candidate
-        if policy is None:
             for search, candidate in self.regexes:
-                if search(path) is not None:
+                if search(bare) is not None or search(slashed) is not None:
                     return candidate
         return policy if policy is not None else self.default
 

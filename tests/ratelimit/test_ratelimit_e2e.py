@@ -123,3 +123,60 @@ rate_limiting:
         svc.stop()
         gw.stop()
         valkey.close()
+
+
+ROUTES_CONFIG = """
+gateway:
+  admin: {{publicEndpoints: [all]}}
+  http: {{port: 0}}
+  transports: {{tcp: {{port: 0}}}}
+rate_limiting:
+  process_back_pressure_when_more_than_per_5min: 0
+  for_environment:
+    valkey_connection: "{valkey}"
+    rules: [{{max_requests: 100, per_seconds: 60}}]
+    microservices:
+      rl:
+        routes:
+          anchored:
+            pattern: "^/t/rl/hit/r$"
+            match_type: regex
+            rules: [{{max_requests: 2, per_seconds: 60}}]
+          folder:
+            pattern: /t/rl/hit/p/*
+            match_type: prefix
+            rules: [{{max_requests: 2, per_seconds: 60}}]
+"""
+
+
+def test_a_trailing_slash_does_not_escape_a_route_override(tmp_path):
+    """docs/security.md §3d row 32: the router takes `/a` and `/a/` for one endpoint, so
+    the route's tighter rules must hold for both spellings. An anchored regex missed `/a/`
+    and a prefix written with its slash missed `/a`: the service-wide rules (100) applied."""
+    valkey = ValkeyProcess().start()
+    gw = svc = None
+    try:
+        gw = Served(config_text=ROUTES_CONFIG.format(valkey=valkey.url), tmp_path=tmp_path)
+        rec = gw.wait_listening()[0]
+        port = port_of(rec["http"])
+        svc = ServiceProcess("rl", port_of(rec["tcp"])).start()
+        svc.wait_routable(port, "/t/rl/hits", timeout=15)
+
+        def get(path):
+            return request(port, b"GET %s HTTP/1.1\r\nHost: gw\r\n\r\n" % path.encode())
+
+        answers = [get(p) for p in ("/t/rl/hit/r", "/t/rl/hit/r/", "/t/rl/hit/r/",
+                                    "/t/rl/hit/p", "/t/rl/hit/p/", "/t/rl/hit/p")]
+        assert [a[0] for a in answers] == [200, 200, 429, 200, 200, 429]
+        for refused in (answers[2], answers[5]):
+            err = orjson.loads(refused[2])["error"]
+            assert err["limit"] == 2 and err["rule"].startswith(
+                "rate_limiting.for_environment.microservices.rl.routes.")
+        seen = orjson.loads(get("/t/rl/hits")[2])["hits"]
+        assert seen == ["/t/rl/hit/r", "/t/rl/hit/r/", "/t/rl/hit/p", "/t/rl/hit/p/"]
+    finally:
+        if svc is not None:
+            svc.stop()
+        if gw is not None:
+            gw.stop()
+        valkey.close()

@@ -24,6 +24,8 @@ Endpoints, all under /t/<name>/ so several services can register side by side:
   GET  big?mb=N          N MiB in one Response (streamed by the SDK)
   GET  json?kb=N         a JSON document of about N KiB
   GET  boom              the handler raises (a 500, and the SDK's JSON error line)
+  GET  hit/{id}          answers "hit"; the path is noted (see hits)
+  GET  hits              the paths of the hit/{id} requests that reached this process
   GET  flaky             500 until the wall-clock time --fail-until (epoch seconds; 0, the
                          default: never), 200 after; both with the instance id and version
 
@@ -168,6 +170,17 @@ def build(name, gateways, region, version, instance, fail_until=0.0):
     async def secure_upload(req):
         uploads.append(req.correlation_id)
         return Response(b"never without a token")
+
+    hits = []           # rate-limit tests: which requests reached the service
+
+    @svc.get(base + "/hit/{id}")
+    async def hit(req):
+        hits.append(req.path)
+        return Response(b"hit")
+
+    @svc.get(base + "/hits")
+    async def hits_seen(req):
+        return Response.json({"hits": hits})
 
     @svc.get(base + "/boom")
     async def boom(req):
