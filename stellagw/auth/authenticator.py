@@ -396,10 +396,15 @@ class Authenticator:
                 self._log.event("warning", "DPoP replay cache (Valkey) failed",
                                 error=exc.__class__.__name__,
                                 policy="reject" if self._valkey_reject else "local")
-            return self._valkey_outage(req, scheme, result, identity)
-        if not stored:
-            return self._fail(req, scheme, "invalid_dpop_proof", "DPoP proof has been used before",
-                              "dpop_replay")
+            identity = self._valkey_outage(req, scheme, result, identity)
+        else:
+            if not stored:
+                return self._fail(req, scheme, "invalid_dpop_proof",
+                                  "DPoP proof has been used before", "dpop_replay")
+        # authenticate() sets the tenant only for an answer it has at once; this one came
+        # later, so it is set here, on every way an identity leaves (the "local" fallback
+        # too: without it, the requests in flight when Valkey failed were rate-limited as
+        # tenantless identities, a fresh counter, no tenant rules, no plan).
         if isinstance(identity, Identity):
             req.tenant = identity.tenant
         return identity

@@ -186,3 +186,80 @@ def test_environment_tier_tenant_quota_across_two_gateways(stack, tmp_path):
                 b"{stella-router-rate-limit:ip:127.0.0.1}:tq:*"} <= keys
     finally:
         valkey.close()
+
+
+REPLAY_CONFIG = """
+gateway:
+  admin: {{publicEndpoints: [all]}}
+  http: {{port: 0, publicOrigin: "{origin}"}}
+  transports: {{tcp: {{port: 0}}}}
+  auth:
+    authority: "{issuer}"
+    replayCache: {{valkey: "{valkey}", onValkeyError: local}}
+rate_limiting:
+  for_instance:
+    rules: [{{max_requests: 100, per_seconds: 60}}]
+    tenant_rules: [{{max_requests: 2, per_seconds: 60}}]
+"""
+
+
+def test_tenant_quota_holds_for_requests_in_flight_when_the_replay_cache_fails(tmp_path):
+    """docs/security.md §3d row 33: with the DPoP replay cache in Valkey and
+    `onValkeyError: local`, the requests waiting on Valkey when it failed went on without
+    their tenant (set only for an answer authentication had at once): counted as tenantless
+    identities, past the tenant's quota. A frozen Valkey holds every request for the
+    replay timeout, so a burst then was let through whole."""
+    import os
+    import signal
+    import threading
+
+    valkey = ValkeyProcess().start()
+    authority = DevAuthority(port=0).start_in_thread()
+    gw = svc = None
+    stopped = False
+    try:
+        gw = Served(config_text=REPLAY_CONFIG.format(origin=ORIGIN, issuer=authority.issuer,
+                                                     valkey=valkey.url), tmp_path=tmp_path)
+        rec = gw.wait_listening()[0]
+        port = port_of(rec["http"])
+        svc = ServiceProcess("rl", port_of(rec["tcp"])).start()
+        svc.wait_routable(port, "/t/rl/hits", timeout=15)
+        key = DpopKey.generate()
+        token = authority.mint(scopes=["scans:read"], tenant="acme", subject="alice",
+                               jkt=key.thumbprint())
+        path = "/t/rl/hit/burst"
+
+        def raw():
+            proof = key.proof("GET", ORIGIN + path, access_token=token)
+            return (b"GET " + path.encode() + b" HTTP/1.1\r\nHost: gw\r\nAuthorization: DPoP "
+                    + token.encode() + b"\r\nDPoP: " + proof.encode() + b"\r\n\r\n")
+
+        burst = [raw() for _ in range(8)]
+        os.kill(valkey.proc.pid, signal.SIGSTOP)     # every check now waits for the timeout
+        stopped = True
+        answers = [None] * len(burst)
+
+        def send(i):
+            answers[i] = request(port, burst[i])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(burst))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        statuses = sorted(a[0] for a in answers)
+        assert statuses == [200, 200] + [429] * 6, statuses
+        for status, _, body in answers:
+            if status == 429:
+                assert orjson.loads(body)["error"]["appliesTo"] == "tenant"
+        seen = orjson.loads(request(port, b"GET /t/rl/hits HTTP/1.1\r\nHost: gw\r\n\r\n")[2])
+        assert seen["hits"] == [path, path]
+    finally:
+        if stopped:
+            os.kill(valkey.proc.pid, signal.SIGCONT)
+        if svc is not None:
+            svc.stop()
+        if gw is not None:
+            gw.stop()
+        authority.stop()
+        valkey.close()
