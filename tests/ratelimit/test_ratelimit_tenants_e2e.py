@@ -263,3 +263,66 @@ def test_tenant_quota_holds_for_requests_in_flight_when_the_replay_cache_fails(t
             gw.stop()
         authority.stop()
         valkey.close()
+
+
+MANY_TENANTS_CONFIG = """
+gateway:
+  admin: {{publicEndpoints: [all]}}
+  http: {{port: 0, publicOrigin: "{origin}"}}
+  transports: {{tcp: {{port: 0}}}}
+  auth:
+    authority: "{issuer}"
+rate_limiting:
+  for_instance:
+    tenant_rules: [{{max_requests: 1, per_seconds: 60}}]
+"""
+
+
+def test_the_rate_limited_metric_names_a_bounded_number_of_tenants(tmp_path):
+    """docs/security.md §3d row 34: gateway_rate_limit_exceeded_total is labelled by tenant,
+    and a worker kept one series per tenant ever refused, for ever. Past MAX_TENANT_LABELS
+    (1000) a worker counts new tenants under `_other`."""
+    from tests.support.gwtest import connect, read_response
+
+    authority = DevAuthority(port=0).start_in_thread()
+    gw = svc = None
+    try:
+        gw = Served(config_text=MANY_TENANTS_CONFIG.format(origin=ORIGIN,
+                                                           issuer=authority.issuer),
+                    tmp_path=tmp_path)
+        rec = gw.wait_listening()[0]
+        port = port_of(rec["http"])
+        svc = ServiceProcess("rl", port_of(rec["tcp"])).start()
+        svc.wait_routable(port, "/t/rl/hits", timeout=15)
+        key = DpopKey.generate()
+        path = "/t/rl/hit/t"
+        tenants = 1005
+        statuses = {}
+        with connect(port, timeout=10) as s:
+            buf = bytearray()
+            for i in range(tenants):
+                token = authority.mint(scopes=["scans:read"], tenant=f"tenant-{i}",
+                                       subject="alice", jkt=key.thumbprint())
+                for _ in range(2):          # the second one is refused: 429
+                    proof = key.proof("GET", ORIGIN + path, access_token=token)
+                    s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: gw\r\n"
+                              b"Authorization: DPoP " + token.encode() + b"\r\nDPoP: "
+                              + proof.encode() + b"\r\n\r\n")
+                    status = read_response(s, buf)[0]
+                    statuses[status] = statuses.get(status, 0) + 1
+        assert statuses == {200: tenants, 429: tenants}
+        seen = orjson.loads(request(port, b"GET /t/rl/hits HTTP/1.1\r\nHost: gw\r\n\r\n")[2])
+        assert len(seen["hits"]) == tenants
+        metrics = request(port, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")[2].decode()
+        series = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                  for line in metrics.splitlines()
+                  if line.startswith("gateway_rate_limit_exceeded_total{")}
+        assert len(series) == 1001
+        assert series['gateway_rate_limit_exceeded_total{tenant="_other"}'] == tenants - 1000
+        assert sum(series.values()) == tenants
+    finally:
+        if svc is not None:
+            svc.stop()
+        if gw is not None:
+            gw.stop()
+        authority.stop()
