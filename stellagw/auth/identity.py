@@ -44,8 +44,11 @@ CREDENTIAL_FIELDS = frozenset({b"authorization", b"dpop"}) | SCOPE_OVERRIDE_HEAD
 # What an identity claim may not hold, as it becomes a header value a service reads (and
 # logs, and shows): C0 and C1 controls, and the invisible characters that change how text
 # reads — zero-width, bidirectional overrides and isolates (U+202E shows "ten\u202eabc" as
-# "tencba"), line and paragraph separators, the byte-order mark.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+# "tencba"), line and paragraph separators, the byte-order mark. And lone surrogates: the
+# token's JSON may escape one (`"\ud800"`), which is no text and encodes to no header or key
+# (every such request was a 500 "authentication failed internally" and an error line).
+_CONTROL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
 
 
 def is_identity_header(name: bytes) -> bool:

@@ -304,3 +304,23 @@ def test_log_lines_say_the_auth_outcome_and_never_carry_credentials(stack):
     text = b"\n".join(st.gw.lines)
     assert token.encode() not in text and proof.encode() not in text
     assert token.split(".")[2].encode() not in text
+
+
+def test_a_lone_surrogate_in_an_identity_claim_is_refused_not_an_internal_error(stack):
+    """docs/security.md §3d row 35: a token whose JSON escapes a lone surrogate in `sub` or
+    the tenant (`"\\ud800"`) passed the claim checks, then failed to encode: a 500 and an
+    error line a request, for whoever holds such a token. Now 401 token_claims; nothing
+    reaches the service."""
+    st = stack()
+    path = "/t/sec/hit/s"
+    for claims in ({"subject": "\ud800"}, {"tenant": "t\udfff"}, {"subject": "a\ud83d"}):
+        token = st.authority.mint(scopes=["scans:read"], jkt=st.key.thumbprint(), **claims)
+        status, headers, body = call(st.base + path, token=token, dpop_key=st.key)
+        assert status == 401, body
+        assert orjson.loads(body)["error"]["code"] == "invalid_token"
+        assert 'error="invalid_token"' in headers["www-authenticate"]
+    seen = orjson.loads(request(st.http, b"GET /t/sec/hits HTTP/1.1\r\nHost: gw\r\n\r\n")[2])
+    assert seen["hits"] == []
+    # A well-formed token still goes through.
+    token = st.authority.mint(scopes=["scans:read"], jkt=st.key.thumbprint(), subject="s\u00e9")
+    assert call(st.base + path, token=token, dpop_key=st.key)[0] == 200

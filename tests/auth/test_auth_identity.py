@@ -112,7 +112,9 @@ def test_legacy_headers_can_be_turned_off(tmp_path, key):
                                     # characters reached services as identity (a probe)
                                     {"stellaops:tenant": "t\u0085"}, {"sub": "u\u009b1m"},
                                     {"sub": "admin\u202enimda"}, {"stellaops:tenant": "t\u2028x"},
-                                    {"sub": "\ufeffroot"}, {"scope": "a\u200bb"}])
+                                    {"sub": "\ufeffroot"}, {"scope": "a\u200bb"},
+                                    # lone surrogates (a JSON escape): 500s (a probe)
+                                    {"sub": "\ud800"}, {"stellaops:tenant": "t\udfff"}])
 def test_claims_that_cannot_be_forwarded_are_refused(auth, key, claims):
     result = auth.authenticate(bearer_request(mint_token(key, ISS, **claims)), ())
     refused(result, 401, "invalid_token", "token_claims")
