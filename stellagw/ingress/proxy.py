@@ -165,7 +165,27 @@ class TrustedProxies:
 
 
 def _xff_hop(item: bytes):
-    return _address(item.strip(b" \t"))
+    item = item.strip(b" \t")
+    address = _address(item)
+    if address is None and (item[:1] == b"[" or item.count(b":") == 1):
+        # Some balancers append the client's port ("203.0.113.7:51234", Azure Application
+        # Gateway) or bracket an IPv6 one ("[2001:db8::1]:51234"). Unparsed, such a hop
+        # ended the walk at the balancer itself: every client behind it was one anonymous
+        # client, one rate-limit key, that any of them could use up for all.
+        address = _address(_without_port(item))
+    return address
+
+
+def _without_port(hop: bytes) -> bytes:
+    """`a.b.c.d:port`, `[v6]` or `[v6]:port` -> the address; anything else -> b"" (none)."""
+    if hop[:1] == b"[":
+        address, _, rest = hop[1:].partition(b"]")
+    else:
+        address, _, rest = hop.partition(b":")
+        rest = b":" + rest
+    if rest and not (rest[:1] == b":" and rest[1:].isdigit() and len(rest) <= 6):
+        return b""
+    return address
 
 
 def _forwarded_hop(element: bytes):

@@ -68,6 +68,13 @@ def test_bad_proxy_headers(data, mode):
     (b"garbage, 203.0.113.7", None, "203.0.113.7"),
     (b"203.0.113.7, garbage", None, "10.0.0.9"),                  # unparsable: stop at the peer
     (b"10.0.0.5, 10.0.0.6", None, "10.0.0.5"),                    # all trusted: the leftmost
+    # a balancer that appends the client's port, or brackets IPv6 (security.md §3d row 36)
+    (b"6.6.6.6, 203.0.113.7:51234", None, "203.0.113.7"),
+    (b"[2001:db8::1]:443, 10.0.0.5:80", None, "2001:db8::1"),
+    (b"[2001:db8::1]", None, "2001:db8::1"),
+    (b"203.0.113.7:", None, "10.0.0.9"),                          # not a port: unparsable
+    (b"203.0.113.7:http", None, "10.0.0.9"),
+    (b"[2001:db8::1]x", None, "10.0.0.9"),
     (None, b'for=203.0.113.7;proto=https, for="[2001:db8::1]:443"', "2001:db8::1"),
     (None, b'for="203.0.113.8:5000", for=10.0.0.5', "203.0.113.8"),
     (None, b"for=unknown", "10.0.0.9"),
@@ -434,6 +441,17 @@ def test_end_to_end_behind_a_trusted_proxy(stack):
     statuses = [whoami(port, b"X-Forwarded-For: " + c + b"\r\n")[0]
                 for c in (b"198.51.100.30", b"::ffff:198.51.100.30", b"198.51.100.30")]
     assert statuses == [200, 200, 429]
+    # A balancer that appends the client's port (or brackets IPv6): the client is the
+    # address, whatever its port — not the balancer, which made every client behind it
+    # one key (security.md §3d row 36). The service sees the address.
+    answers = [whoami(port, b"X-Forwarded-For: 198.51.100.40:%d\r\n" % p) for p in (1, 2, 3)]
+    assert [a[0] for a in answers] == [200, 200, 429]
+    assert [a[1]["x-forwarded-for"] for a in answers[:2]] == ["198.51.100.40"] * 2
+    answers = [whoami(port, b"X-Forwarded-For: [2001:db8:8:8::%d]:443\r\n" % i) for i in (1, 2, 3)]
+    assert [a[0] for a in answers] == [200, 200, 429]
+    assert answers[0][1]["x-forwarded-for"] == "2001:db8:8:8::1"
+    # ... and other clients behind that balancer still have their own limits.
+    assert whoami(port, b"X-Forwarded-For: 198.51.100.41:4\r\n")[0] == 200
 
 
 def test_end_to_end_untrusted_peer_keeps_its_own_address(stack):
