@@ -25,6 +25,8 @@ Failure rules (docs/rate-limiting.md, "Valkey client"):
 * A command without a reply after ``timeout`` seconds fails with ValkeyTimeout, and the
   connection is reset: its late reply would be matched to the next waiter, so the FIFO
   can no longer be trusted. Every other waiter on it fails with ValkeyConnectionError.
+  A timer that fires late (this process stalled) first gives the command as long again,
+  once, so a reply that arrived meanwhile is read rather than called lost.
 * A lost connection fails its waiters; the next command reconnects (lazily). A failed
   connect makes the following commands fail fast for a backoff (50 ms doubling to 2 s)
   instead of each paying a connect timeout.
@@ -74,6 +76,11 @@ _BACKOFF_MAX = 2.0
 
 class ValkeyError(Exception):
     """Base of every error this client raises."""
+
+
+# A timer that fires this much after its deadline means the loop itself stalled (see
+# _Protocol._on_timer).
+STALL = 0.02
 
 
 class ValkeyConnectionError(ValkeyError):
@@ -325,6 +332,7 @@ class _Connection(asyncio.Protocol):
         self._waiters: deque[tuple[asyncio.Future | None, Callable | None, float]] = deque()
         self._pending_writes: list[bytes] = []   # packed commands of this loop iteration
         self._timer: asyncio.TimerHandle | None = None
+        self._stalled_for = 0.0         # the deadline a late timer last gave more time
         # future -> packed undo, for execute_undoable()'s commands still in the FIFO
         self._undos: dict[asyncio.Future, bytes] = {}
         self.transport: asyncio.Transport | None = None
@@ -439,8 +447,20 @@ class _Connection(asyncio.Protocol):
         if not self._waiters:
             return
         deadline = self._waiters[0][2]
-        if deadline > self._loop.time():
+        now = self._loop.time()
+        if deadline > now:
             self._timer = self._loop.call_at(deadline, self._on_timer)
+            return
+        late = now - deadline
+        if late > STALL and self._stalled_for != deadline:
+            # The timer fired late: this process, not the server, was not running (a long
+            # callback, a collection, CPU throttling, SIGSTOP). The loop runs due timers
+            # before it reads sockets, so the reply may be waiting unread. Give the command
+            # that much time again (at most the timeout), once, with reads first: else a
+            # 0.4 s stall reset a healthy connection, failed every check on it, and opened
+            # the rate limiter's breaker for its timeout (docs/security.md §3d row 37).
+            self._stalled_for = deadline
+            self._timer = self._loop.call_at(now + min(late, self._timeout), self._on_timer)
             return
         self._abort(ValkeyTimeout(f"{self._name}: no reply within {self._timeout:g} s"),
                     ValkeyConnectionError(f"{self._name}: connection reset after an earlier "

@@ -180,3 +180,86 @@ def test_a_trailing_slash_does_not_escape_a_route_override(tmp_path):
         if gw is not None:
             gw.stop()
         valkey.close()
+
+
+STALL_CONFIG = """
+gateway:
+  admin: {{publicEndpoints: [all]}}
+  node: {{workers: 1}}
+  http: {{port: 0}}
+  transports: {{tcp: {{port: 0}}}}
+rate_limiting:
+  process_back_pressure_when_more_than_per_5min: 0
+  for_environment:
+    valkey_connection: "{valkey}"
+    rules: [{{max_requests: 1000000, per_seconds: 60}}]
+"""
+
+
+def test_a_stall_of_the_gateway_itself_is_not_a_valkey_timeout(tmp_path):
+    """docs/security.md §3d row 37: the loop runs due timers before it reads sockets, so a
+    gateway that stopped running for 0.4 s (SIGSTOP here; a long callback, a collection,
+    CPU throttling in production) found its Valkey checks past their deadline with the
+    replies unread: one timeout reset the healthy connection, every check on it failed,
+    and the breaker opened, the environment tier off for its timeout."""
+    import os
+    import selectors
+    import signal
+    import socket
+    import threading
+
+    valkey = ValkeyProcess().start()
+    gw = svc = None
+    socks = []
+    try:
+        gw = Served(config_text=STALL_CONFIG.format(valkey=valkey.url), tmp_path=tmp_path)
+        rec = gw.wait_listening()[0]
+        port = port_of(rec["http"])
+        worker = rec["pid"]
+        svc = ServiceProcess("rl", port_of(rec["tcp"])).start()
+        svc.wait_routable(port, timeout=15)
+        # 40 connections keep requests (so environment checks) in flight all the time.
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+        stop = threading.Event()
+
+        def pump():
+            sel = selectors.DefaultSelector()
+            for s in socks:
+                s.setblocking(False)
+                sel.register(s, selectors.EVENT_READ)
+                s.send(GET)
+            while not stop.is_set():
+                for key, _ in sel.select(0.05):
+                    try:
+                        data = key.fileobj.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    if data:
+                        key.fileobj.send(GET * data.count(b"HTTP/1.1 "))
+
+        thread = threading.Thread(target=pump, daemon=True)
+        thread.start()
+        time.sleep(0.5)
+        for _ in range(3):
+            os.kill(worker, signal.SIGSTOP)
+            time.sleep(0.4)
+            os.kill(worker, signal.SIGCONT)
+            time.sleep(0.5)
+        stop.set()
+        thread.join(5)
+        metrics = request(port, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")[2].decode()
+        assert 'gateway_ratelimit_breaker_state{state="closed"} 1.0' in metrics
+        assert 'gateway_ratelimit_valkey_errors_total{type="timeout"}' not in metrics
+        assert 'gateway_ratelimit_environment_skipped_total{reason="breaker_open"} 0.0' in metrics
+        checked = [line for line in metrics.splitlines()
+                   if line.startswith('gateway_ratelimit_decisions_total{outcome="allowed",'
+                                      'scope="environment"}')]
+        assert checked and float(checked[0].split()[-1]) > 100
+    finally:
+        for s in socks:
+            s.close()
+        if svc is not None:
+            svc.stop()
+        if gw is not None:
+            gw.stop()
+        valkey.close()
