@@ -378,10 +378,18 @@ class Authenticator:
 
     async def _shared_replay_check(self, req, scheme, result, identity):
         reject = self._valkey_reject
+        bound = self._valkey_timeout
+        if self._own_valkey:
+            # Our ValkeyClient times its commands out itself, leaving out time this process
+            # was not running (stellagw/valkey.py). The loop runs due timers before it reads
+            # sockets, so a bound as short here fired first after a stall of the worker and
+            # failed every check in flight, as an outage: a 0.4 s stall was a second of 503s
+            # under reject (docs/security.md §3d row 38). Here only a backstop.
+            bound = 2 * bound + 1.0
         try:
             # asyncio.timeout, not wait_for: no extra Task per request. The client has its
             # own timeout too; this one also bounds an injected client.
-            async with asyncio.timeout(self._valkey_timeout):
+            async with asyncio.timeout(bound):
                 stored = await self.shared_replay.check_and_store(result.replay_key, result.ttl_ms,
                                                                   reject)
         except asyncio.CancelledError:

@@ -225,3 +225,71 @@ def test_local_a_proof_served_during_the_outage_stays_spent(tmp_path, frozen_val
         assert setup.service.count() == served + 1
     finally:
         setup.close()
+
+
+def test_a_stall_of_the_gateway_itself_is_not_a_replay_cache_outage(tmp_path):
+    """docs/security.md §3d row 38: the replay check's own bound was as long as the Valkey
+    client's timeout, and the loop runs due timers before it reads sockets: after the
+    worker had not run for 0.4 s (a long callback, a collection, CPU throttling; SIGSTOP
+    here) every check in flight failed as an outage, and under `reject` the next second
+    of DPoP requests was refused 503 too. Now the client's stall-aware timeout decides."""
+    from tests.support.services import ServiceProcess
+    from tests.support.valkey_server import ValkeyProcess
+    from tests.support.gwtest import connect, read_response
+
+    valkey = ValkeyProcess().start()
+    authority = DevAuthority(port=0).start_in_thread()
+    gw = svc = None
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        gw = Served(config_text=CONFIG.format(port=port, issuer=authority.issuer,
+                                              valkey=valkey.url, policy="reject"),
+                    tmp_path=tmp_path)
+        rec = gw.wait_listening()[0]
+        worker = rec["pid"]
+        svc = ServiceProcess("rl", port_of(rec["tcp"])).start()
+        svc.wait_routable(port, "/t/rl/hits", timeout=15)
+        key = DpopKey.generate()
+        token = authority.mint(scopes=["scans:read"], jkt=key.thumbprint())
+        path = "/t/rl/hit/r"
+        origin = f"http://127.0.0.1:{port}"
+        stop = threading.Event()
+        counts: dict[int, int] = {}
+        lock = threading.Lock()
+
+        def client():
+            with connect(port, timeout=10) as s:
+                buf = bytearray()
+                while not stop.is_set():
+                    proof = key.proof("GET", origin + path, access_token=token)
+                    s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: gw\r\n"
+                              b"Authorization: DPoP " + token.encode() + b"\r\nDPoP: "
+                              + proof.encode() + b"\r\n\r\n")
+                    status = read_response(s, buf)[0]
+                    with lock:
+                        counts[status] = counts.get(status, 0) + 1
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        for _ in range(3):
+            os.kill(worker, signal.SIGSTOP)
+            time.sleep(0.4)
+            os.kill(worker, signal.SIGCONT)
+            time.sleep(0.6)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        assert set(counts) == {200}, counts
+        seen = json.loads(request(port, b"GET /t/rl/hits HTTP/1.1\r\nHost: gw\r\n\r\n")[2])
+        assert len(seen["hits"]) == counts[200]
+    finally:
+        if svc is not None:
+            svc.stop()
+        if gw is not None:
+            gw.stop()
+        authority.stop()
+        valkey.close()
