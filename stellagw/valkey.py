@@ -63,7 +63,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import hiredis
 
 __all__ = ["ValkeyClient", "ValkeyClusterClient", "Script", "ValkeyError",
-           "ValkeyConnectionError", "ValkeyAuthError", "ValkeyProtocolError", "ValkeyTimeout",
+           "ValkeyConnectionError", "ValkeyConnectionReset", "ValkeyAuthError", "ValkeyProtocolError", "ValkeyTimeout",
            "ValkeyReplyError", "parse_address", "pack_evalsha", "key_slot", "command_slot",
            "SLOTS"]
 
@@ -79,12 +79,17 @@ class ValkeyError(Exception):
 
 
 # A timer that fires this much after its deadline means the loop itself stalled (see
-# _Protocol._on_timer).
+# _Connection._on_timer).
 STALL = 0.02
 
 
 class ValkeyConnectionError(ValkeyError):
     """Cannot connect, the connection was lost or reset, or the client is closed."""
+
+
+class ValkeyConnectionReset(ValkeyConnectionError):
+    """Failed only because an earlier command on the same connection timed out and the
+    connection was reset: it says nothing more about the server than that timeout did."""
 
 
 class ValkeyAuthError(ValkeyConnectionError):
@@ -463,7 +468,7 @@ class _Connection(asyncio.Protocol):
             self._timer = self._loop.call_at(now + min(late, self._timeout), self._on_timer)
             return
         self._abort(ValkeyTimeout(f"{self._name}: no reply within {self._timeout:g} s"),
-                    ValkeyConnectionError(f"{self._name}: connection reset after an earlier "
+                    ValkeyConnectionReset(f"{self._name}: connection reset after an earlier "
                                           f"command timed out"))
 
     def _call(self, callback: Callable, reply, error: Exception | None) -> None:

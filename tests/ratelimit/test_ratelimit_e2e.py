@@ -263,3 +263,74 @@ def test_a_stall_of_the_gateway_itself_is_not_a_valkey_timeout(tmp_path):
         if gw is not None:
             gw.stop()
         valkey.close()
+
+
+def test_one_valkey_hiccup_is_one_failure_for_the_breaker(tmp_path):
+    """docs/security.md §3d row 39: a Valkey that paused 0.3 s under load timed one check
+    out; the connection was reset and every other check on it failed with it, each counted
+    by the breaker as one more consecutive failure (50 of them): one hiccup opened the
+    breaker (threshold 5), the fleet-wide limit off for its timeout. The checks that failed
+    only with the reset still fail open and are counted as errors, not as failures."""
+    import os
+    import selectors
+    import signal
+    import socket
+    import threading
+
+    valkey = ValkeyProcess().start()
+    gw = svc = None
+    socks = []
+    stopped = False
+    try:
+        gw = Served(config_text=STALL_CONFIG.format(valkey=valkey.url), tmp_path=tmp_path)
+        rec = gw.wait_listening()[0]
+        port = port_of(rec["http"])
+        svc = ServiceProcess("rl", port_of(rec["tcp"])).start()
+        svc.wait_routable(port, timeout=15)
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+        stop = threading.Event()
+
+        def pump():
+            sel = selectors.DefaultSelector()
+            for s in socks:
+                s.setblocking(False)
+                sel.register(s, selectors.EVENT_READ)
+                s.send(GET)
+            while not stop.is_set():
+                for key, _ in sel.select(0.05):
+                    try:
+                        data = key.fileobj.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    if data:
+                        key.fileobj.send(GET * data.count(b"HTTP/1.1 "))
+
+        thread = threading.Thread(target=pump, daemon=True)
+        thread.start()
+        time.sleep(0.5)
+        os.kill(valkey.proc.pid, signal.SIGSTOP)
+        stopped = True
+        time.sleep(0.3)
+        os.kill(valkey.proc.pid, signal.SIGCONT)
+        stopped = False
+        time.sleep(0.5)
+        stop.set()
+        thread.join(5)
+        metrics = request(port, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")[2].decode()
+        errors = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                  for line in metrics.splitlines()
+                  if line.startswith("gateway_ratelimit_valkey_errors_total{")}
+        assert errors.get('gateway_ratelimit_valkey_errors_total{type="timeout"}') == 1.0
+        assert errors.get('gateway_ratelimit_valkey_errors_total{type="connection"}', 0) >= 5
+        assert 'gateway_ratelimit_breaker_state{state="closed"} 1.0' in metrics
+        assert 'gateway_ratelimit_environment_skipped_total{reason="breaker_open"} 0.0' in metrics
+    finally:
+        if stopped:
+            os.kill(valkey.proc.pid, signal.SIGCONT)
+        for s in socks:
+            s.close()
+        if svc is not None:
+            svc.stop()
+        if gw is not None:
+            gw.stop()
+        valkey.close()

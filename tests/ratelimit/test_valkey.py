@@ -14,7 +14,7 @@ import pytest
 import uvloop
 
 from stellagw.valkey import (Script, ValkeyAuthError, ValkeyClient, ValkeyConnectionError,
-                             ValkeyError, ValkeyProtocolError, ValkeyReplyError, ValkeyTimeout,
+                             ValkeyConnectionReset, ValkeyError, ValkeyProtocolError, ValkeyReplyError, ValkeyTimeout,
                              pack_evalsha, parse_address)
 from tests.support.valkey_server import ValkeyProcess, free_port
 
@@ -644,7 +644,8 @@ def test_evalsha_then_callbacks_fail_exactly_once_on_timeout_loss_and_close(valk
         c = ValkeyClient.from_url(valkey_proc.address, timeout=0.2)
         await c.evalsha(ADD, ["n"], [0])
         command = pack_evalsha(ADD, ["n"], [0])
-        # Timeout: the oldest waiter gets ValkeyTimeout, the rest a connection reset.
+        # Timeout: the oldest waiter gets ValkeyTimeout, the rest a connection reset (a
+        # ValkeyConnectionError of its own type: the breaker does not count it again).
         sleeper = asyncio.ensure_future(c.execute("DEBUG", "SLEEP", "0.4"))
         await asyncio.sleep(0)
         queued = [Calls(), Calls()]
@@ -653,7 +654,8 @@ def test_evalsha_then_callbacks_fail_exactly_once_on_timeout_loss_and_close(valk
         with pytest.raises(ValkeyTimeout):
             await sleeper
         assert [(r, type(e)) for r, e, _ in (cb.calls[0] for cb in queued)] == \
-            [(None, ValkeyConnectionError)] * 2
+            [(None, ValkeyConnectionReset)] * 2
+        assert all(isinstance(cb.calls[0][1], ValkeyConnectionError) for cb in queued)
         first = Calls()
         await asyncio.sleep(0.5)                                   # the server is awake again
         await c.execute("PING")
