@@ -58,7 +58,7 @@ cdef class ServiceConnection:
     # -- per connection
     cdef FrameDecoder _decoder
     cdef FrameEncoder _encoder
-    cdef object _hello_timer, _scheme, _updates, _beats
+    cdef object _hello_timer, _scheme, _updates, _beats, _slicing
     cdef WriteBatch _writes
     cdef TimerWheel _wheel
     cdef bint _opened, _write_paused, _release_scheduled, _small_frames

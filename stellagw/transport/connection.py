@@ -40,6 +40,7 @@ One source, compiled (typed through connection.pxd) and run as plain Python unde
 STELLAGW_NO_EXTENSIONS=1.
 """
 import asyncio
+import gc
 import os
 from collections import deque
 import socket
@@ -52,6 +53,7 @@ from ..replies import error_body
 from ..routing.outliers import SERVER_ERROR, TIMEOUT
 from ..routing.state import DRAINING, HelloError
 from . import frame as fr
+from . import sliced
 from .frame import corr_id, decode_response_block
 from .batch import WriteBatch
 from .headers import CLASSES, RESPONSE_DROP_NAMES, classify, request_headers
@@ -73,6 +75,11 @@ UPDATE_INTERVAL = 1.0
 # every routing listener, and a link sending heartbeats at line rate that flip its status,
 # with 4,000 routes, held other requests up to 1.2 s.
 HEARTBEAT_INTERVAL = 0.1
+# A HELLO or ENDPOINTS_UPDATE larger than a slab is decoded a slice at a time, each slice
+# this long at most, other callbacks in between (sliced.py): one orjson.loads of a 16 MB
+# update held the loop 0.4-1.5 s, every client of the worker waiting. Meanwhile the link's
+# later frames wait unread, so none overtakes the registration's effect.
+DECODE_SLICE = 0.002
 MAX_PING_PAYLOAD = 64           # protocol.md §3.5: a longer PING or PONG is a protocol error
 _MAX_PING = MAX_PING_PAYLOAD
 INITIAL_WINDOW = 256 * 1024     # bytes of stream data a peer may send per stream unacknowledged
@@ -311,6 +318,7 @@ class ServiceConnection:
         self._corr_prefix = os.urandom(8)
         self._corr_next = 0
         self._hello_timer = None
+        self._slicing = None            # sliced.SlicedJson of a registration being decoded
         self._updates = _Paced(self._loop, UPDATE_INTERVAL, self._waited(self._apply_update),
                                lambda: hub.update_free_at)     # the worker's update budget
         self._beats = _Paced(self._loop, HEARTBEAT_INTERVAL, self._waited(self._apply_beat))
@@ -375,6 +383,7 @@ class ServiceConnection:
             self._hello_timer.cancel()
         self._updates.close()
         self._beats.close()
+        self._end_slicing()
         self._release_buffers()
         self._held.clear()
         inflight = self.inflight
@@ -420,8 +429,8 @@ class ServiceConnection:
                         self._on_stream_data(corr, payload)
                     else:
                         self._on_control(ftype_obj, corr, payload)
-                if self.state == _CLOSED:
-                    return
+                if self.state == _CLOSED or self._slicing is not None:
+                    return      # closed, or the frames behind a registration wait for it
         except fr.FrameTooLarge as exc:
             if self.state == _AWAIT_HELLO:
                 # The decoder's, on the HELLO's length field (nothing else is read before
@@ -444,7 +453,7 @@ class ServiceConnection:
         if self.state == _AWAIT_HELLO:
             if ftype != fr.HELLO:
                 raise fr.FrameError(f"expected HELLO first, got frame type {ftype}")
-            self._on_hello(fr.decode_control(payload), len(payload))
+            self._decode_registration(payload, self._on_hello)
         elif ftype == fr.HEARTBEAT:
             self._beats.offer(payload)
         elif ftype == fr.PONG:
@@ -524,9 +533,56 @@ class ServiceConnection:
         if not self._ping_since:
             self._ping_since = self._loop.time()
 
+    def _decode_registration(self, payload, then):
+        """then(obj, size, digest) with the JSON object `payload` holds: at once when it
+        fits in a slab (digest None: the hub makes it), else a slice at a time from the
+        loop, the link not read meanwhile (DECODE_SLICE)."""
+        if len(payload) <= sliced.SLAB:
+            then(fr.decode_control(payload), len(payload), None)
+            return
+        # The payload stays valid: nothing is fed to the decoder until reading resumes.
+        self._slicing = sliced.SlicedJson(payload)
+        self.transport.pause_reading()
+        _gc_hold(True)
+        self._loop.call_soon(self._decode_slice, then, len(payload), 0.0)
+
+    def _decode_slice(self, then, size, spent):
+        decoding = self._slicing
+        if decoding is None or self.state == _CLOSED:
+            return
+        started = perf_counter()
+        try:
+            done = decoding.step(started + DECODE_SLICE)
+        except sliced.DecodeError as exc:
+            self._end_slicing()
+            self._protocol_error(f"control payload is not valid JSON: {exc}")
+            return
+        spent += perf_counter() - started
+        if not done:
+            self._loop.call_soon(self._decode_slice, then, size, spent)
+            return
+        self._end_slicing()
+        if self.state == _READY:
+            self._hub.update_decoded(size, spent, self._loop.time())
+        try:
+            then(decoding.result, size, decoding.digest)
+        except (fr.FrameError, HelloError) as exc:
+            self._protocol_error(str(exc))
+            return
+        if self.state != _CLOSED:
+            self.transport.resume_reading()
+            self.data_received(b"")         # the frames that came behind it, in order
+
+    def _end_slicing(self):
+        if self._slicing is not None:
+            self._slicing = None
+            _gc_hold(False)
+
     def _apply_update(self, payload):
         self._hub.update_spent(len(payload), self._loop.time())
-        update = fr.decode_control(payload)
+        self._decode_registration(payload, self._updated)
+
+    def _updated(self, update, size, digest):
         inst = self.instance
         hello = {"service": inst.service, "version": inst.version,
                  "instance_id": inst.instance_id, "region": inst.region}
@@ -539,14 +595,14 @@ class ServiceConnection:
                 raise fr.FrameError(f"ENDPOINTS_UPDATE changes {name} ({update[name]!r}; "
                                     f"this connection registered {value!r})")
         update.update(hello)
-        denied = self._hub.admit_registration(self, update, len(payload))
+        denied = self._hub.admit_registration(self, update, size, digest)
         if denied is not None:
             raise fr.FrameError(denied)
         self.instance = self._routing.register(self, update)
         self._log.event("info", "service endpoints updated", service=inst.service,
                         instance=inst.instance_id, endpoints=len(self.instance.endpoints))
 
-    def _on_hello(self, hello, size):
+    def _on_hello(self, hello, size, digest=None):
         proto = hello.get("protocol") if isinstance(hello, dict) else None
         if not isinstance(proto, int) or isinstance(proto, bool) or proto < 1:
             self._refuse("UnsupportedProtocol", "unsupported_protocol",
@@ -566,7 +622,7 @@ class ServiceConnection:
             self._refuse("InvalidHello", "invalid_hello",
                          f"max_frame_size {limit} cannot carry this gateway's HELLO_ACK", hello)
             return
-        denied = self._hub.admit_registration(self, hello, size)
+        denied = self._hub.admit_registration(self, hello, size, digest)
         if denied is not None:
             self._refuse("InvalidHello", "registration_too_large", denied, hello)
             return
@@ -1291,6 +1347,25 @@ class ServiceConnection:
         # this object a while, and a partial frame can be maxFrameSize bytes.
         self._encoder.take()
         self._decoder = fr.FrameDecoder(self._hub.max_frame_size)
+
+
+_gc_holds = [0, None]      # links decoding a registration; the thresholds they replaced
+
+
+def _gc_hold(hold):
+    """No full collection while registrations are decoded: each of the millions of fresh
+    objects' promotions set one off, scanning the whole heap on the loop (300 ms at the end
+    of a 16 MB update, a dozen times). Young collections go on, a slice's worth each; turning
+    collection off instead left them all to one collection of 260 ms after it."""
+    if hold:
+        _gc_holds[0] += 1
+        if _gc_holds[0] == 1:
+            _gc_holds[1] = gc.get_threshold()
+            gc.set_threshold(_gc_holds[1][0], _gc_holds[1][1], 1 << 30)
+    else:
+        _gc_holds[0] -= 1
+        if _gc_holds[0] == 0:
+            gc.set_threshold(*_gc_holds[1])
 
 
 def _fits(ftype, obj, limit):

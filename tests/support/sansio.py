@@ -194,6 +194,20 @@ class ServiceTransport(_Transport):
         super().__init__(loop, peer)
         self.limits = None
         self.buffered = 0          # get_write_buffer_size(): the test says when it is full
+        self.paused = False        # reading paused: what the service sends waits in `unread`
+        self.unread = []
+
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+        if self.unread:
+            self.loop.call_soon(self._deliver)
+
+    def _deliver(self):
+        while self.unread and not self.paused and not self.closed:
+            self.protocol.data_received(self.unread.pop(0))
 
     def set_write_buffer_limits(self, high=None, low=None):
         self.limits = (high, low)
@@ -342,14 +356,20 @@ class ServiceLink:
     def feed(self, data: bytes, mode: str = "whole") -> None:
         """`mode`: whole, bytes (one at a time) or cut (pieces of 1..13 bytes)."""
         if mode == "whole":
-            self.conn.data_received(data)
+            self._received(data)
             return
         step = 1 if mode == "bytes" else None
         i, n = 0, 0
         while i < len(data) and not self.transport.closed:   # a closed link reads nothing
             n = step or (n % 13) + 1
-            self.conn.data_received(data[i:i + n])
+            self._received(data[i:i + n])
             i += n
+
+    def _received(self, data: bytes) -> None:
+        if self.transport.paused or self.transport.unread:   # the gateway is not reading
+            self.transport.unread.append(data)
+        else:
+            self.conn.data_received(data)
 
     def send(self, build, mode: str = "whole") -> None:
         """`build(encoder)`: encode frames as a service would, then feed them."""
