@@ -58,10 +58,10 @@ cdef class ServiceConnection:
     # -- per connection
     cdef FrameDecoder _decoder
     cdef FrameEncoder _encoder
-    cdef object _hello_timer, _scheme, _updates, _beats, _slicing
+    cdef object _hello_timer, _scheme, _updates, _beats, _pings, _slicing
     cdef WriteBatch _writes
     cdef TimerWheel _wheel
-    cdef bint _opened, _write_paused, _release_scheduled, _small_frames
+    cdef bint _opened, _write_paused, _release_scheduled, _small_frames, _ping_paused
     cdef object _held
     cdef Py_ssize_t _held_threshold
     cdef int _failures

@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from stellagw.service import Response, Service
+from stellagw.transport import connection as _connection
 from stellagw.transport import frame as fr
 
 from tests.support.gwtest import GatewayThread, connect, read_response, request, settings_from, wait_for
@@ -188,7 +189,10 @@ def test_a_service_that_stops_reading_cannot_grow_gateway_memory():
         gw.stop()
 
 
-def test_a_peer_that_pings_without_reading_gets_no_pongs_and_is_cut():
+def test_a_peer_that_pings_without_reading_gets_no_pongs_and_is_cut(monkeypatch):
+    # Every PING answered at once (PING_INTERVAL paces them, test below): the PONGs fill
+    # the link's buffer as fast as the peer sends.
+    monkeypatch.setattr(_connection, "PING_INTERVAL", 0.0)
     gw = gateway({"writeBufferHighWater": 16 * 1024, "writeBufferLimit": 64 * 1024,
                   "sendBufferSize": 4096})
     peer = RawPeer(gw.transport_port, rcvbuf=4096)
@@ -213,6 +217,46 @@ def test_a_peer_that_pings_without_reading_gets_no_pongs_and_is_cut():
         assert pressure["paused"] == 1 and pressure["pong_shed"] > 0
     finally:
         peer.close()
+        gw.stop()
+
+
+def test_a_ping_flood_is_answered_once_per_interval_and_its_link_not_read_meanwhile():
+    """A found hole: PINGs were answered at line rate, four links flooding them put other
+    requests' median latency at 10 ms. Now one PONG per PING_INTERVAL, the last PING waiting
+    answered, and the link not read while one waits: 2,000 PINGs in one burst get a handful
+    of PONGs, the last PING's among them, and the worker's other clients are served."""
+    gw = gateway()
+    svc = SdkThread(Service("calm", gateways=[f"127.0.0.1:{gw.transport_port}"]))
+
+    @svc.service.get("/t/calm/x")
+    async def x(req):
+        return Response(b"calm")
+    svc.start()
+    peer = RawPeer(gw.transport_port)
+    try:
+        assert "error" not in peer.hello(hello_for("pinger", instance_id="pinger-1"))
+        enc = fr.FrameEncoder()
+        for i in range(2000):
+            enc.raw(fr.PING, i.to_bytes(16, "big"), b"%d" % i)
+        last = (1999).to_bytes(16, "big")
+        peer.sock.sendall(enc.take())
+        pongs = []
+        while not pongs or pongs[-1][1] != last:
+            frame = peer.read_frame(15)
+            assert frame is not None and frame[0] == fr.PONG, frame
+            pongs.append(frame)
+            status, _, body = get(gw, "/t/calm/x")
+            assert (status, body) == (200, b"calm")
+        # The first at once, the last (payload echoed), few in between: not 2,000.
+        assert pongs[0][1:] == ((0).to_bytes(16, "big"), b"0")
+        assert pongs[-1][2] == b"1999" and len(pongs) < 100, len(pongs)
+        # Quiet again, a PING is answered at once as before.
+        peer.send(fr.PING, b"again", b"\x05" * 16)
+        assert peer.read_frame(15) == (fr.PONG, b"\x05" * 16, b"again")
+        assert closed(gw) == {} and instances(gw, "pinger") == 1
+    finally:
+        peer.close()
+        svc.stop()
         gw.stop()
 
 
