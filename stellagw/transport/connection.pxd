@@ -68,7 +68,7 @@ cdef class ServiceConnection:
     cdef Py_ssize_t _frames, _frames_seen, _write_limit
     cdef long long _requests_sent, _responses_received
     cdef double _quiet_since, _paused_since, _ping_since
-    cdef bytes _corr_prefix
+    cdef bytes _corr_prefix, _ping_sent
     cdef unsigned long long _corr_next
 
     @cython.locals(pending=Pending)

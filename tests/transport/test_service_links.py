@@ -260,6 +260,44 @@ def test_a_ping_flood_is_answered_once_per_interval_and_its_link_not_read_meanwh
         gw.stop()
 
 
+def test_only_the_pong_to_the_gateways_ping_measures_the_link():
+    """A found hole: every 8-byte PONG was folded into the instance's ping (and could re-rank
+    all its routes), so a flood of made-up ones went past the HEARTBEAT pacing: with 4,000
+    routes other requests' median latency was 1.3 s. Now only the PONG echoing the PING the
+    gateway sent counts, once."""
+    gw = gateway()
+    peer = RawPeer(gw.transport_port)
+    try:
+        assert "error" not in peer.hello(hello_for("ponger", instance_id="ponger-1",
+                                                   endpoints=[("GET", "/t/ponger/x")]))
+
+        def ping_ms():
+            return gw.call(lambda: [i.avg_ping_ms for i in gw.worker.routing.instances.values()
+                                    if i.service == "ponger"])
+        made_up = (time.monotonic_ns() - 50_000 * 1_000_000).to_bytes(8, "big")   # 50 s
+        enc = fr.FrameEncoder()
+        for _ in range(500):
+            enc.raw(fr.PONG, fr.ZERO_CORR, made_up)
+        enc.control(fr.HEARTBEAT, fr.ZERO_CORR, {"status": "Healthy"})
+        peer.sock.sendall(enc.take())
+        frame = peer.read_frame(15)
+        assert frame[0] == fr.PING
+        # The made-up PONGs came first and changed nothing.
+        assert ping_ms() == [0.0]
+        peer.send(fr.PONG, frame[2], frame[1])          # the real answer
+        assert wait_for(lambda: ping_ms()[0] > 0.0)
+        measured = ping_ms()[0]
+        assert measured < 10_000                         # a loopback round trip, not 50 s
+        peer.send(fr.PONG, frame[2], frame[1])          # echoed again: counted once
+        peer.send(fr.PONG, made_up)
+        peer.send(fr.PING, b"sync", b"\x09" * 16)
+        assert peer.read_frame(15) == (fr.PONG, b"\x09" * 16, b"sync")
+        assert ping_ms() == [measured] and closed(gw) == {}
+    finally:
+        peer.close()
+        gw.stop()
+
+
 @pytest.mark.parametrize("size, clients", [(64 * 1024, 120), (300_000, 40)])
 def test_a_burst_of_uploads_waits_for_a_reading_service_instead_of_cutting_its_link(size, clients):
     """A found hole: small bodies go whole inside REQUEST and each stream may send a window
