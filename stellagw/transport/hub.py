@@ -371,7 +371,8 @@ class TransportHub:
                 [((k,), v) for k, v in self.closed.items()]),
             "gateway_service_link_backpressure": (
                 "Service links over writeBufferHighWater (paused), PINGs left unanswered "
-                "(pong_shed) and requests or their data held (held) meanwhile", ("event",),
+                "(pong_shed) and requests or their data held (held) meanwhile; links not "
+                "read for sending too many frames for nothing (ignored_frames)", ("event",),
                 [((k,), v) for k, v in self.pressure.items()]),
         }
 

@@ -298,6 +298,31 @@ def test_only_the_pong_to_the_gateways_ping_measures_the_link():
         gw.stop()
 
 
+def test_a_flood_of_frames_for_nothing_is_not_read_past_its_share():
+    """A found hole: frames for unknown streams are dropped, but each was read and decoded
+    at line rate; four links flooding WINDOW_UPDATEs for unknown streams put other requests'
+    median latency at 9.7 ms. Past IGNORED_PER_INTERVAL of them the link is not read for the
+    rest of the interval: it stays open and what it sends after is acted on, in order."""
+    per_interval = getattr(_connection, "IGNORED_PER_INTERVAL", 1024)
+    gw = gateway()
+    peer = RawPeer(gw.transport_port)
+    try:
+        assert "error" not in peer.hello(hello_for("noise", instance_id="noise-1"))
+        enc = fr.FrameEncoder()
+        for i in range(4 * per_interval):
+            enc.window_update((i + 1).to_bytes(16, "big"), 1)
+            enc.raw(fr.RESPONSE_STREAM_DATA, (i + 1).to_bytes(16, "big"), b"\x00x")
+        enc.raw(fr.PING, b"\x0a" * 16, b"after")
+        peer.sock.sendall(enc.take())
+        assert peer.read_frame(15) == (fr.PONG, b"\x0a" * 16, b"after")
+        pressure = gw.call(lambda: dict(gw.worker.hub.pressure))
+        assert pressure.get("ignored_frames", 0) >= 1, pressure
+        assert closed(gw) == {} and instances(gw, "noise") == 1
+    finally:
+        peer.close()
+        gw.stop()
+
+
 @pytest.mark.parametrize("size, clients", [(64 * 1024, 120), (300_000, 40)])
 def test_a_burst_of_uploads_waits_for_a_reading_service_instead_of_cutting_its_link(size, clients):
     """A found hole: small bodies go whole inside REQUEST and each stream may send a window
