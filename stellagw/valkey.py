@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import socket
 import ssl as _ssl
 from binascii import crc_hqx
@@ -70,6 +71,17 @@ __all__ = ["ValkeyClient", "ValkeyClusterClient", "Script", "ValkeyError",
 DEFAULT_PORT = 6379
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 2.0
+
+# What a reply may make the gateway hold (docs/rate-limiting.md, "Valkey client"). hiredis
+# takes an aggregate's count on trust: `*2147483647\r\n` (13 bytes) made it allocate a list
+# of 2^31 slots (16 GB of address space), and freeing it at the reset froze the worker's
+# loop for 4 s, on every reconnect; a bulk string's length too (`$536870912` buffered
+# 250 MB in one command's timeout). The gateway's largest replies are a fleet read (512
+# entries, each at most 256 KiB) and CLUSTER SLOTS (16384 ranges), so a count of 7 digits
+# or an unparsed element over MAX_PENDING_REPLY_BYTES is a protocol error.
+_HUGE_COUNT = re.compile(rb"\n[*~>%|][0-9]{7}")
+_COUNT_OVERLAP = 9                      # bytes a header split between two reads can span
+MAX_PENDING_REPLY_BYTES = 16 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------- errors
@@ -340,6 +352,7 @@ class _Connection(asyncio.Protocol):
         self._stalled_for = 0.0         # the deadline a late timer last gave more time
         # future -> packed undo, for execute_undoable()'s commands still in the FIFO
         self._undos: dict[asyncio.Future, bytes] = {}
+        self._tail = b"\n"              # the end of the last read (_HUGE_COUNT across reads)
         self.transport: asyncio.Transport | None = None
         self.lost = False               # no more commands: reconnect
 
@@ -357,14 +370,27 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         reader = self._reader
         waiters = self._waiters
+        tail = self._tail
+        if _HUGE_COUNT.search(data) is not None \
+                or _HUGE_COUNT.search(tail + data[:_COUNT_OVERLAP]) is not None:
+            self._abort(ValkeyProtocolError(
+                f"{self._name}: protocol error: an aggregate of a million elements or more"))
+            return
+        self._tail = data[-_COUNT_OVERLAP:] if len(data) >= _COUNT_OVERLAP \
+            else (tail + data)[-_COUNT_OVERLAP:]
         reader.feed(data)
         while True:
             try:
                 reply = reader.gets()
-            except ValkeyProtocolError as exc:
-                self._abort(ValkeyProtocolError(f"{self._name}: protocol error: {exc}"))
+            except (ValkeyProtocolError, MemoryError) as exc:
+                self._abort(ValkeyProtocolError(
+                    f"{self._name}: protocol error: {exc or exc.__class__.__name__}"))
                 return
             if reply is _INCOMPLETE:
+                if reader.len() > MAX_PENDING_REPLY_BYTES:
+                    self._abort(ValkeyProtocolError(
+                        f"{self._name}: protocol error: an element over "
+                        f"{MAX_PENDING_REPLY_BYTES} bytes"))
                 return
             if not waiters:
                 self._abort(ValkeyProtocolError(f"{self._name}: a reply nobody asked for"))

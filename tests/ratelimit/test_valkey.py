@@ -539,6 +539,40 @@ def test_protocol_error_fails_every_waiter_and_drops_the_connection():
     run(main())
 
 
+@pytest.mark.parametrize("pieces", [
+    (b"*2147483647\r\n",),
+    (b"+OK\r\n*21", b"47483647\r\n"),          # the header split between two reads
+    (b"~3000000\r\n",),
+    (b"$99999999\r\n", b"a" * (17 << 20)),     # an element past MAX_PENDING_REPLY_BYTES
+])
+def test_a_reply_too_large_to_be_ours_is_a_protocol_error(pieces):
+    """docs/security.md §3d row 32: hiredis allocates an aggregate's slots from its count,
+    and buffers a bulk string to its length; neither may come from the server unchecked."""
+    async def main():
+        async def handle(reader, writer):
+            await reader.read(1024)
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(2)
+            writer.close()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        c = ValkeyClient.from_url(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout=2)
+        first = c.execute("PING")
+        results = await asyncio.gather(first, c.execute("PING"), return_exceptions=True)
+        if pieces[0].startswith(b"+OK"):
+            assert results[0] == b"OK"
+            results = results[1:]
+        assert all(isinstance(r, ValkeyProtocolError) for r in results), results
+        assert not c.connected
+        server.close()
+        await c.close()
+    started = time.monotonic()
+    run(main())
+    assert time.monotonic() - started < 1.5     # freeing 2^31 slots took 4 s
+
+
 def test_a_reply_nobody_asked_for_drops_the_connection():
     async def main():
         server, port = await _fake_server(b"+OK\r\n+EXTRA\r\n")
