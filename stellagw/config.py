@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .files import read_regular
 from .valkey import parse_address
 
 __all__ = [
@@ -1470,8 +1471,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     """Load a YAML configuration file; raises ConfigError (path "<file>" when unreadable)."""
     name = os.fspath(path)
     try:
-        with open(name, encoding="utf-8") as f:
-            text = f.read()
+        text = read_regular(name).decode("utf-8")
     except OSError as exc:
         raise ConfigError("<file>", f"cannot read {name}: {exc.strerror or exc}", name) from None
     except UnicodeDecodeError as exc:

@@ -44,7 +44,7 @@ from typing import Any, Callable
 import orjson
 
 from . import __version__
-from .files import replace_atomically
+from .files import read_regular, replace_atomically
 from .config import ConfigError, default_settings, effective_config, load_config
 
 # Keys whose new value needs new sockets or processes: named in the log, never applied.
@@ -211,10 +211,11 @@ def _check_addresses(settings) -> None:
 def _empty(path: str) -> bool:
     """No content but blank lines and comments (a missing file is load_config's to say)."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return not any(line.strip() and not line.lstrip().startswith("#") for line in f)
+        text = read_regular(path).decode("utf-8", errors="replace")
     except OSError:
-        return False
+        return False            # load_config says why
+    return not any(line.strip() and not line.lstrip().startswith("#")
+                   for line in text.splitlines())
 
 
 def check(source: ConfigSource, running) -> Outcome:

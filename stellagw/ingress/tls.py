@@ -18,6 +18,8 @@ import ssl
 import tempfile
 from dataclasses import dataclass
 
+from ..files import read_regular
+
 _CLIENT_MODES = {
     "NoCertificate": ssl.CERT_NONE,
     "AllowCertificate": ssl.CERT_OPTIONAL,
@@ -37,6 +39,16 @@ def server_context(tls, key_prefix: str) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.set_alpn_protocols(["http/1.1"])
     path = tls.certificate_path
+    # OpenSSL opens the files itself and would wait on a FIFO, or read a device for ever,
+    # on the worker's loop: each is checked first (files.read_regular).
+    asks = _CLIENT_MODES[tls.client_certificate_mode] != ssl.CERT_NONE
+    for name, file in (("certificatePath", path), ("keyPath", tls.key_path),
+                       ("clientCaPath", tls.client_ca_path if asks else "")):
+        if file:
+            try:
+                read_regular(file)
+            except OSError as exc:
+                raise TlsConfigError(f"{key_prefix}.{name}: cannot load {file!r}: {exc}") from exc
     try:
         if path.lower().endswith((".pfx", ".p12")):
             _load_pkcs12(ctx, path, tls.certificate_password)
@@ -68,8 +80,7 @@ def _load_pkcs12(ctx: ssl.SSLContext, path: str, password: str) -> None:
     from cryptography.hazmat.primitives.serialization import (
         BestAvailableEncryption, Encoding, PrivateFormat, pkcs12)
 
-    with open(path, "rb") as f:
-        data = f.read()
+    data = read_regular(path)
     pw = password.encode() if password else None
     key, cert, extra = pkcs12.load_key_and_certificates(data, pw)
     if key is None or cert is None:

@@ -560,3 +560,77 @@ def get_tls(port, pki, path) -> str:
     with _dial(port, pki.client_context()) as s:
         s.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
         return read_response(s)[2].decode()
+
+
+def test_a_fifo_or_device_in_place_of_a_file_is_refused_and_the_worker_keeps_serving(tmp_path):
+    """docs/security.md §3d row 33: OpenSSL opened the certificate itself on the worker's
+    loop — a FIFO put in its place (the file watch, or a SIGHUP) blocked every client of
+    the worker for good; /dev/zero would be read for ever. Files are checked first."""
+    pki = Pki(tmp_path)
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "server.pem", live / "server.key"
+    shutil.copy(pki.server_cert, cert)
+    shutil.copy(pki.server_key, key)
+    pid_file = tmp_path / "gw.pid"
+    cfg = tmp_path / "gateway.yaml"
+    good = (f"gateway:\n  http: {{port: 0, tls: {{enabled: true, certificatePath: {cert}, "
+            f"keyPath: {key}}}}}\n  transports: {{tcp: {{port: 0}}}}\n")
+    cfg.write_text(good)
+    gw = Served("--config", str(cfg), "--pid-file", str(pid_file))
+    svc = None
+
+    def whoami(timeout=3.0):
+        try:
+            with socket.create_connection(("127.0.0.1", https), timeout=timeout) as raw, \
+                    pki.client_context().wrap_socket(raw, server_hostname="localhost") as s:
+                s.sendall(b"GET /t/ff/whoami HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                status, _, body = read_response(s)
+                return orjson.loads(body)["instance"] if status == 200 else status
+        except OSError as exc:
+            return repr(exc)
+
+    try:
+        rec = gw.wait_listening()[0]
+        https = port_of(rec["http"])
+        svc = service("ff", port_of(rec["tcp"]))
+        assert wait_for(lambda: isinstance(whoami(), str) and whoami().startswith("ff"), 20)
+        instance = whoami()
+
+        # The certificate becomes a FIFO nobody writes: the file watch sees it change.
+        cert.unlink()
+        os.mkfifo(cert)
+        failed = gw.wait_for_log(lambda r: r.get("message", "").startswith(
+            "certificate reload failed"), timeout=5)[0]
+        assert "not a regular file" in failed["error"]
+        assert [whoami() for _ in range(5)] == [instance] * 5
+        # And SIGHUP: refused with the key, at once.
+        done = cli("reload", "--pid-file", str(pid_file), timeout=20)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "gateway.http.tls.certificatePath" in done.stderr
+        assert "not a regular file" in done.stderr
+        # The key as a device that never ends.
+        cert.unlink()
+        shutil.copy(pki.server_cert, cert)
+        key.unlink()
+        os.symlink("/dev/zero", key)
+        done = cli("reload", "--pid-file", str(pid_file), timeout=20)
+        assert done.returncode == 2 and "gateway.http.tls.keyPath" in done.stderr, done.stderr
+        assert [whoami() for _ in range(5)] == [instance] * 5
+        # The configuration file itself as a FIFO.
+        key.unlink()
+        shutil.copy(pki.server_key, key)
+        cfg.unlink()
+        os.mkfifo(cfg)
+        done = cli("reload", "--pid-file", str(pid_file), timeout=20)
+        assert done.returncode == 2 and "not a regular file" in done.stderr, done.stderr
+        assert [whoami() for _ in range(5)] == [instance] * 5
+        cfg.unlink()
+        cfg.write_text(good)
+        done = cli("reload", "--pid-file", str(pid_file), timeout=20)
+        assert done.returncode == 0, done.stderr
+        assert whoami() == instance
+    finally:
+        if svc is not None:
+            svc.stop()
+        gw.stop()
