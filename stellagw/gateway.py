@@ -288,6 +288,9 @@ class Worker:
                 "libuv accepts and closes new connections unanswered; HTTPS ones wait in the "
                 "backlog)", ("errno",),
                 [((k,), v) for k, v in self.fd_exhausted.items()]),
+            "gateway_log_lines_dropped": (
+                "Log lines dropped because the output (stdout) did not take them: 16 MiB were "
+                "waiting for it", (), [((), self.log.dropped_total)]),
             "gateway_admin_connections_gauge": (
                 "Open connections on the admin listener", (),
                 [((), self.admin.metrics.connections_open if self.admin is not None else 0)]),

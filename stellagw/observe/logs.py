@@ -48,7 +48,10 @@ class JsonLog:
         self._buf = bytearray()
         self._queue: deque[bytes] = deque()
         self._pending = 0
-        self.dropped = 0
+        self.dropped = 0                # since the last note that said so
+        # gateway_log_lines_dropped_total: the note above is written only once the output
+        # takes lines again, which a stuck log collector never does.
+        self.dropped_total = 0
         self._wake = threading.Condition()
         self._writer: threading.Thread | None = None
         self._ts_second = -1
@@ -104,7 +107,9 @@ class JsonLog:
         data, self._buf = bytes(self._buf), bytearray()
         with self._wake:
             if self._pending + len(data) > MAX_PENDING:
-                self.dropped += data.count(b"\n")
+                lines = data.count(b"\n")
+                self.dropped += lines
+                self.dropped_total += lines
                 return
             if self.dropped:
                 note = orjson.dumps({"timestamp": self._timestamp(), "level": "warning",

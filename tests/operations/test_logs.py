@@ -223,3 +223,55 @@ def test_library_warnings_are_json_records_at_most_one_a_second(tmp_path):
             svc.stop()
         gw.stop()
     assert [line for line in gw.lines if not line.startswith(b"{")] == []
+
+
+def test_a_log_output_nobody_reads_drops_lines_serves_on_and_counts_them(tmp_path):
+    """docs/security.md §3d row 34: a stuck log collector (stdout a pipe nobody reads) never
+    makes a request wait; past 16 MiB waiting, lines are dropped — and counted where an
+    operator can see it while the output is stuck, not only in a line written once it
+    takes lines again."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.support.gwtest import ROOT, connect, port_of, read_response, request
+    from tests.support.services import ServiceProcess
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text("gateway:\n  admin: {publicEndpoints: [all]}\n  http: {port: 0}\n"
+                   "  transports: {tcp: {port: 0}}\n")
+    gw = subprocess.Popen([sys.executable, "-m", "stellagw", "serve", "--config", str(cfg)],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    svc = None
+    try:
+        head, listening = b"", None
+        while listening is None:                # read up to that line, then never again
+            head += os.read(gw.stdout.fileno(), 4096)
+            listening = re.search(rb'[^\n]*"listening"[^\n]*\n', head)
+        rec = orjson.loads(listening.group())
+        port = port_of(rec["http"])
+        svc = ServiceProcess("lg", port_of(rec["tcp"])).start().wait_routable(port, timeout=20)
+        raw = (b"GET /t/lg/whoami HTTP/1.1\r\nHost: gw\r\nUser-Agent: " + b"u" * 3500
+               + b"\r\n\r\n")
+        sock, buf = connect(port), bytearray()
+        dropped, slowest, sent = 0.0, 0.0, 0
+        end = time.monotonic() + 30
+        while not dropped and time.monotonic() < end:
+            for _ in range(500):
+                started = time.monotonic()
+                sock.sendall(raw)
+                status, _, body = read_response(sock, buf)
+                slowest = max(slowest, time.monotonic() - started)
+                assert status == 200 and orjson.loads(body)["instance"].startswith("lg")
+                sent += 1
+            metrics = request(port, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")[2].decode()
+            line = [m for m in metrics.splitlines()
+                    if m.startswith("gateway_log_lines_dropped_total")]
+            dropped = float(line[0].split()[-1]) if line else 0.0
+        sock.close()
+        assert dropped > 0, f"{sent} requests, nothing counted"
+        assert slowest < 0.5, slowest
+    finally:
+        if svc is not None:
+            svc.stop()
+        gw.kill()
+        gw.wait()
