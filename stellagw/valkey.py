@@ -807,6 +807,15 @@ _REFRESH_INTERVAL = 0.5
 # again); cleared when full, like the limiter's own cache of those commands.
 _PACKED_SLOTS_MAX = 4096
 _ASKING = hiredis.pack_command(("ASKING",))
+# Each node is a connection per worker, outside the descriptors the connection caps
+# reserve (listeners.FD_HEADROOM, 256 spare, which every cluster client, the Authority's
+# fetches and the log share). A CLUSTER SLOTS naming 500 masters took them all at start
+# (SCRIPT LOAD goes to every master): every client and service connection was then closed
+# unanswered; a MOVED to a new address each time could do the same between two reloads of
+# the map. A map naming more masters is refused; past MAX_NODES, a redirection to an
+# address not yet known is not followed (the map is reloaded, as for any MOVED).
+MAX_MASTERS = 64
+MAX_NODES = MAX_MASTERS + 16
 _SCRIPT_COMMANDS = frozenset((b"EVAL", b"EVALSHA", b"EVAL_RO", b"EVALSHA_RO", b"FCALL",
                               b"FCALL_RO"))
 # Commands without a key: they go to one node (SCRIPT to every master). Any other command's
@@ -1028,7 +1037,11 @@ class ValkeyClusterClient(_Client):
         # node that answered. Followed once: a second redirection is the command's error.
         kind, slot, address = error.message.split(" ", 2)
         host, _, port = address.rpartition(":")
-        target = self._node(host or node.host, int(port))
+        try:
+            target = self._node(host or node.host, int(port), redirected=True)
+        except ValkeyConnectionError:
+            self._refresh_soon()
+            raise
         asking = kind == "ASK"
         self.redirects["ask" if asking else "moved"] += 1
         if not asking:
@@ -1114,6 +1127,10 @@ class ValkeyClusterClient(_Client):
     async def _apply(self, asked: ValkeyClient, reply) -> None:
         slots: list[ValkeyClient | None] = [None] * SLOTS
         masters: list[ValkeyClient] = []
+        named = {(entry[2][0], entry[2][1]) for entry in reply}
+        if len(named) > MAX_MASTERS:
+            raise ValueError(f"{asked.name} names {len(named)} masters; at most "
+                             f"{MAX_MASTERS} are used")
         for first, last, (host, port, *_), *_replicas in reply:
             # An unknown endpoint ("?", empty or null) means the address that was asked.
             node = self._node(host.decode() if host and host != b"?" else asked.host, port)
@@ -1131,11 +1148,14 @@ class ValkeyClusterClient(_Client):
         for address in [a for a in self._nodes if a not in keep]:
             await self._nodes.pop(address).close()
 
-    def _node(self, host: str, port: int) -> ValkeyClient:
+    def _node(self, host: str, port: int, redirected: bool = False) -> ValkeyClient:
         node = self._nodes.get((host, port))
         if node is None:
             if self._closed:
                 raise ValkeyConnectionError(f"{self.name}: client closed")
+            if redirected and len(self._nodes) >= MAX_NODES:
+                raise ValkeyConnectionError(f"{self.name}: a redirection to {host}:{port}, "
+                                            f"with {len(self._nodes)} nodes known already")
             node = self._nodes[(host, port)] = ValkeyClient(host, port, **self._node_kw)
         return node
 

@@ -111,3 +111,161 @@ def test_a_hostile_valkey_neither_freezes_nor_fills_the_worker(tmp_path, head, b
             svc.stop()
         gw.stop()
         valkey.close()
+
+
+class HostileCluster:
+    """A seed whose CLUSTER SLOTS names `masters` masters, each one listening (all in one
+    selector thread): they answer EVALSHA with an allowing rate-limit reply and SCRIPT
+    LOAD with a SHA, as real ones would."""
+
+    def __init__(self, masters: int):
+        import selectors
+        self.selector = selectors.DefaultSelector()
+        self.listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(masters + 1)]
+        for sock in self.listeners:
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ, None)
+        self.seed = self.listeners[0].getsockname()[1]
+        per = SLOTS // masters
+        self.slots = b"*%d\r\n" % masters + b"".join(
+            b"*3\r\n:%d\r\n:%d\r\n*2\r\n$9\r\n127.0.0.1\r\n:%d\r\n" % (
+                i * per, SLOTS - 1 if i == masters - 1 else (i + 1) * per - 1,
+                sock.getsockname()[1]) for i, sock in enumerate(self.listeners[1:]))
+        self.accepted = 0
+        self.closed = False
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        import selectors
+
+        import hiredis
+        while not self.closed:
+            for key, _ in self.selector.select(0.2):
+                if key.data is None:
+                    try:
+                        conn, _ = key.fileobj.accept()
+                    except OSError:
+                        continue
+                    conn.setblocking(False)
+                    self.accepted += 1
+                    self.selector.register(conn, selectors.EVENT_READ, hiredis.Reader())
+                    continue
+                conn, reader = key.fileobj, key.data
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    self.selector.unregister(conn)
+                    conn.close()
+                    continue
+                reader.feed(data)
+                out = b""
+                while (command := reader.gets()) is not False:
+                    name = command[0].upper()
+                    out += (self.slots if name == b"CLUSTER" else
+                            b"$40\r\n" + b"0" * 40 + b"\r\n" if name == b"SCRIPT" else
+                            b"*8\r\n:1\r\n:0\r\n:1\r\n:100000\r\n:60\r\n:1000\r\n:1000\r\n:0\r\n"
+                            if name == b"EVALSHA" else b"+OK\r\n")
+                try:
+                    conn.sendall(out)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.closed = True
+
+
+SLOTS = 16384
+
+
+def test_a_cluster_naming_hundreds_of_masters_does_not_take_every_descriptor(tmp_path):
+    """docs/security.md §3d row 35: each master is a connection per worker, outside the
+    descriptors the connection caps reserve; a slot map naming 500 took them all at start
+    (SCRIPT LOAD goes to every master), and every client and service connection was then
+    closed unanswered."""
+    import resource
+    import subprocess
+    import sys
+
+    from tests.support.gwtest import ROOT
+    cluster = HostileCluster(500)
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(CONFIG.format(port=cluster.seed).replace(
+        f"redis://127.0.0.1:{cluster.seed}", f"redis://127.0.0.1:{cluster.seed}?cluster=true")
+        .replace("http: {port: 0}", "http: {port: 0, maxConnections: 100}")
+        .replace("tcp: {port: 0}", "tcp: {port: 0, maxConnections: 20}")
+        .replace("admin: {publicEndpoints: [all]}",
+                 "admin: {publicEndpoints: [all], maxConnections: 8}"))
+    need = 100 + 20 + 8 + 256       # what the caps need (listeners.descriptors_needed)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+    gw = Served.__new__(Served)
+    gw.proc = subprocess.Popen([sys.executable, "-m", "stellagw", "serve", "--config", str(cfg)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               preexec_fn=limit)
+    gw.lines, gw._cond, gw._seen = [], threading.Condition(), 0
+    gw._reader = threading.Thread(target=gw._read, daemon=True)
+    gw._reader.start()
+    svc = None
+    try:
+        rec = gw.wait_listening()[0]
+        port = port_of(rec["http"])
+        svc = ServiceProcess("hv", port_of(rec["tcp"])).start().wait_routable(port, timeout=20)
+        answered = [request(port, GET) for _ in range(20)]
+        assert {status for status, _, _ in answered} == {200}
+        assert all(orjson.loads(body)["instance"].startswith("hv") for _, _, body in answered)
+        assert psutil.Process(gw.proc.pid).num_fds() < 100
+        assert not any(b"out of file descriptors" in line for line in gw.lines)
+        assert any(b"names 500 masters" in line for line in gw.lines)
+    finally:
+        if svc is not None:
+            svc.stop()
+        gw.stop()
+        cluster.close()
+
+
+def test_redirections_to_ever_new_addresses_do_not_open_a_connection_each():
+    """docs/security.md §3d row 35: a node answering every command with a MOVED to an
+    address not seen before made a connection each, until the next reload of the map."""
+    import asyncio
+
+    import uvloop
+
+    from stellagw.valkey import ValkeyClient, ValkeyError
+    max_nodes = 80                  # stellagw.valkey.MAX_NODES
+
+    async def main():
+        servers, ports = [], []
+        nxt = iter(range(1, 10**6))
+
+        async def handle(reader, writer):
+            import hiredis
+            parser = hiredis.Reader()
+            while data := await reader.read(65536):
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    if command[0].upper() == b"CLUSTER":
+                        writer.write(b"*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:%d\r\n"
+                                     % ports[0])
+                    else:
+                        writer.write(b"-MOVED 1 127.0.0.1:%d\r\n"
+                                     % ports[next(nxt) % len(ports)])
+            writer.close()
+        for _ in range(300):
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            servers.append(server)
+            ports.append(server.sockets[0].getsockname()[1])
+        client = ValkeyClient.from_url(f"redis://127.0.0.1:{ports[0]}?cluster=true", timeout=1)
+        try:
+            results = await asyncio.gather(*(client.execute("GET", f"k{i}") for i in range(300)),
+                                           return_exceptions=True)
+            assert all(isinstance(r, ValkeyError) for r in results), results[:3]
+            assert len(client._nodes) <= max_nodes, len(client._nodes)
+            assert sum(node.connected for node in client._nodes.values()) <= max_nodes
+        finally:
+            await client.close()
+            for server in servers:
+                server.close()
+    uvloop.run(main())
