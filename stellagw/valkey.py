@@ -355,6 +355,12 @@ class _Connection(asyncio.Protocol):
         self._tail = b"\n"              # the end of the last read (_HUGE_COUNT across reads)
         self.transport: asyncio.Transport | None = None
         self.lost = False               # no more commands: reconnect
+        # The server answered READONLY: it is a replica now (a failover). New commands go
+        # to a new connection, which may lead to the new master (a DNS name, a managed
+        # service's endpoint, a proxy); this one closes once its last reply is read.
+        # Without it the old master answered READONLY for good (redis-py, Jedis and
+        # StackExchange.Redis reconnect on it too).
+        self.retiring = False
 
     # --- transport callbacks
 
@@ -396,6 +402,10 @@ class _Connection(asyncio.Protocol):
                 self._abort(ValkeyProtocolError(f"{self._name}: a reply nobody asked for"))
                 return
             fut, callback, _ = waiters.popleft()
+            if reply.__class__ is ValkeyReplyError and reply.code == "READONLY":
+                self.retiring = True
+            if self.retiring and not waiters and not self.transport.is_closing():
+                self.transport.close()      # every reply read: nothing is cut
             if callback is not None:
                 if reply.__class__ is ValkeyReplyError:
                     self._call(callback, None, reply)
@@ -665,7 +675,7 @@ class ValkeyClient(_Client):
 
     async def _live(self) -> _Connection:
         conn = self._conn
-        if conn is None or conn.lost or conn.transport.is_closing():
+        if conn is None or conn.lost or conn.retiring or conn.transport.is_closing():
             conn = await self._connect()
         return conn
 
@@ -686,7 +696,7 @@ class ValkeyClient(_Client):
         NOSCRIPT reloads take the coroutine path. What the callback raises is reported to
         the loop's exception handler."""
         conn = self._conn
-        if conn is None or conn.lost or conn.transport.is_closing():
+        if conn is None or conn.lost or conn.retiring or conn.transport.is_closing():
             self._then(self._evalsha_packed(script, command), callback)
             return
 

@@ -573,6 +573,27 @@ def test_a_reply_too_large_to_be_ours_is_a_protocol_error(pieces):
     assert time.monotonic() - started < 1.5     # freeing 2^31 slots took 4 s
 
 
+def test_readonly_retires_the_connection_after_its_last_reply(valkey_proc_factory):
+    """docs/security.md §3d row 36: a master turned replica (a failover) answers READONLY;
+    the commands already sent get their replies on that connection, the next one connects
+    again."""
+    replica, master = valkey_proc_factory(), valkey_proc_factory()
+
+    async def main():
+        c = ValkeyClient.from_url(replica.address, timeout=2)
+        assert await c.execute("SET", "k", "v") == b"OK"
+        assert replica.command("REPLICAOF", "127.0.0.1", str(master.port)) == b"OK"
+        results = await asyncio.gather(c.execute("SET", "k", "w"), c.execute("PING"),
+                                       return_exceptions=True)
+        assert isinstance(results[0], ValkeyReplyError) and results[0].code == "READONLY"
+        assert results[1] == b"PONG"
+        assert c.connects == 1
+        assert await c.execute("PING") == b"PONG"
+        assert c.connects == 2
+        await c.close()
+    run(main())
+
+
 def test_a_reply_nobody_asked_for_drops_the_connection():
     async def main():
         server, port = await _fake_server(b"+OK\r\n+EXTRA\r\n")
