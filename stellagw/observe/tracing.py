@@ -12,6 +12,10 @@ attribute, so the request path pays nothing else. Spans are started with explici
 from __future__ import annotations
 
 
+# How long the exit waits for spans still queued to be sent (Tracing.shutdown).
+SHUTDOWN_TIMEOUT = 2.0
+
+
 class Tracing:
     def __init__(self, tracer, propagator, provider=None):
         from opentelemetry import trace
@@ -56,9 +60,20 @@ class Tracing:
             span.set_status(self._status_error)
         span.end()
 
-    def shutdown(self) -> None:
-        if self.provider is not None:
-            self.provider.shutdown()
+    def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        """Send what is queued, waiting at most `timeout` seconds. The SDK waits up to 30 s
+        for its exporter thread, on the worker's loop at the end of a drain: with the
+        collector down or blackholed (or the console exporter's stdout not read) every
+        SIGTERM took 32 s — past Kubernetes' default grace period, so the worker was
+        killed before its last log lines and counts. Past the timeout the spans are
+        dropped; the thread is a daemon and ends with the process."""
+        if self.provider is None:
+            return
+        import threading
+        thread = threading.Thread(target=self.provider.shutdown, name="stellagw-otel-shutdown",
+                                  daemon=True)
+        thread.start()
+        thread.join(timeout)
 
 
 # What each piece needs, as (module to import, the distribution that provides it). The

@@ -160,6 +160,57 @@ def test_tracing_enabled_with_the_otel_extra_starts_and_ships_spans_over_otlp(tm
         collector.close()
 
 
+def test_a_collector_that_never_answers_does_not_hold_the_exit(tmp_path, monkeypatch):
+    """docs/security.md §3d row 37: the SDK's shutdown waited up to 30 s for its exporter
+    thread, on the worker's loop at the end of the drain: with the collector blackholed,
+    every SIGTERM took 32 s, past Kubernetes' default grace period."""
+    import signal
+    import socket
+    import threading
+    import time
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    from tests.support.gwtest import Served, port_of
+    blackhole = socket.create_server(("127.0.0.1", 0))   # accepts, reads, never answers
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(blackhole.accept()[0])
+            except OSError:
+                return
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    served = Served(tmp_path=tmp_path, config_text=(
+        "gateway:\n"
+        "  node: {preStopDelay: 0s}\n"
+        "  http: {host: 127.0.0.1, port: 0}\n"
+        "  transports: {tcp: {host: 127.0.0.1, port: 0}}\n"
+        "  tracing:\n"
+        "    enabled: true\n"
+        f"    otlpEndpoint: http://127.0.0.1:{blackhole.getsockname()[1]}/v1/traces\n"))
+    svc = None
+    try:
+        listening = served.wait_listening()[0]
+        port = port_of(listening["http"])
+        svc = ServiceProcess("bh", port_of(listening["tcp"])).start().wait_routable(port, timeout=15)
+        for _ in range(20):
+            status, _, body = request(port, b"GET /t/bh/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")
+            assert status == 200 and orjson.loads(body)["instance"].startswith("bh")
+        assert wait_for(lambda: held, 5)             # an export is under way, unanswered
+        started = time.monotonic()
+        assert served.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - started < 8
+        served.wait_for_log(lambda r: r.get("message") == "stopped", timeout=1)
+    finally:
+        if svc is not None:
+            svc.stop()
+        served.stop()
+        blackhole.close()
+        for conn in held:
+            conn.close()
+
+
 # --------------------------------------------------------------------------- a missing exporter
 
 # Imported by every Python started with this folder on PYTHONPATH: the OTLP exporter is
