@@ -1444,11 +1444,62 @@ def _substitute_tree(node: Any, env: Mapping[str, str], path: str) -> Any:
 
 # --------------------------------------------------------------------------- loading
 
+# Values a document may hold once its aliases are expanded. Expanding is what the loader
+# does (_substitute_tree copies the tree): nine levels of ten aliases in 1 KB are 10^9
+# values (a "billion laughs"), a recursive alias (`x: &a [*a]`) never ends — it raised
+# RecursionError, which killed the supervisor on a SIGHUP and with it every worker.
+MAX_CONFIG_VALUES = 100_000
+
+
+def _expanded_size(node, sizes: dict, limit: int) -> int:
+    """How many values `node` (a composed YAML node) holds with its aliases expanded, each
+    shared node counted every time it is used; past `limit`, or for a node inside itself,
+    ValueError. Linear in the distinct nodes: each one's size is computed once."""
+    key = id(node)
+    size = sizes.get(key)
+    if size is not None:
+        if size < 0:
+            raise ValueError("a recursive alias (a node that contains itself)")
+        return size
+    sizes[key] = -1                     # being computed: met again below, it is a cycle
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            size += _expanded_size(item, sizes, limit)
+            if size > limit:
+                break
+    elif isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            size += _expanded_size(k, sizes, limit) + _expanded_size(v, sizes, limit)
+            if size > limit:
+                break
+    if size > limit:
+        raise ValueError(f"more than {limit} values once its aliases are expanded")
+    sizes[key] = size
+    return size
+
+
+def _safe_load(text: str):
+    """yaml.safe_load, refusing documents whose aliases expand too far (or for ever)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, MAX_CONFIG_VALUES)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_config_text(text: str, env: Mapping[str, str] | None = None,
                      source: str = "<string>") -> Settings:
     """Parse and check a YAML document; raises ConfigError naming the key at fault."""
     try:
-        raw = yaml.safe_load(text)
+        raw = _safe_load(text)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError("<file>", f"invalid YAML in {source}: {exc or 'nested too deeply'}",
+                          source) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -240,6 +240,11 @@ def check(source: ConfigSource, running) -> Outcome:
     except TlsConfigError as exc:
         key, _, reason = str(exc).partition(": ")
         return Outcome("invalid", hash=source.hash, error=(key, reason))
+    except Exception as exc:  # noqa: BLE001 -- a file the checks did not foresee is refused:
+        # raised here, it ended the supervisor's SIGHUP handler, and the supervisor
+        # stopped every worker (an adversarial probe).
+        return Outcome("invalid", hash=source.hash, error=(
+            "<file>", f"cannot be read as a configuration: {exc!r}"[:500]))
     changed = changed_keys(source.configured, configured)
     restart = [k for k in changed if restart_required(k)]
     applied = [k for k in changed if not restart_required(k)]

@@ -634,3 +634,43 @@ def test_a_fifo_or_device_in_place_of_a_file_is_refused_and_the_worker_keeps_ser
         if svc is not None:
             svc.stop()
         gw.stop()
+
+
+BOMB = "x-anchors:\n  a0: &a0 [\"https://x.example\"]\n" + "".join(
+    f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
+
+
+@pytest.mark.parametrize("extra, reason", [
+    ("x: &loop [*loop]\n", "a recursive alias"),
+    (BOMB, "more than 100000 values once its aliases are expanded"),
+], ids=["recursive-alias", "billion-laughs"])
+def test_a_file_whose_aliases_never_end_is_refused_and_both_workers_serve_on(tmp_path, extra,
+                                                                            reason):
+    """docs/security.md §3d row 38: a recursive alias raised RecursionError in the
+    supervisor's SIGHUP handler, and the supervisor stopped every worker (the gateway
+    exited 1); nine levels of ten aliases (1 KB) were expanded to 10^9 values."""
+    pid_file = tmp_path / "gw.pid"
+    cfg = tmp_path / "gateway.yaml"
+    good = ("gateway:\n  node: {workers: 2}\n  http: {port: 0}\n"
+            "  transports: {tcp: {port: 0}}\n")
+    cfg.write_text(good)
+    gw = Served("--config", str(cfg), "--pid-file", str(pid_file))
+    svc = None
+    try:
+        rec = gw.wait_listening(count=2)[0]
+        port = port_of(rec["http"])
+        svc = service("al", port_of(rec["tcp"])).wait_routable(port, timeout=20)
+        cfg.write_text(good + extra)
+        started = time.monotonic()
+        done = cli("reload", "--pid-file", str(pid_file), timeout=20)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "<file>" in done.stderr and reason in done.stderr
+        assert time.monotonic() - started < 5
+        assert gw.proc.poll() is None
+        for _ in range(10):
+            status, _, body = get(port, b"/t/al/whoami")
+            assert status == 200 and orjson.loads(body)["instance"].startswith("al")
+    finally:
+        if svc is not None:
+            svc.stop()
+        gw.stop()
