@@ -209,7 +209,17 @@ def _supervise(settings, source, workers: int, bundles) -> int:
             again = True
             while again and not stopping:
                 again = False
-                reload_once()
+                try:
+                    reload_once()
+                except Exception as exc:  # noqa: BLE001
+                    # Raised in a signal handler, it surfaced in the supervisor's wait loop,
+                    # which then stopped every worker: a verdict file that could not be
+                    # written (its directory full or read-only) took the gateway down on a
+                    # SIGHUP. The workers run on with what they were told last;
+                    # `stellagw reload` sees no verdict and says so.
+                    log.event("error", "configuration reload failed in the supervisor",
+                              error=repr(exc))
+                    log.flush()
         finally:
             reloading = False
 

@@ -674,3 +674,37 @@ def test_a_file_whose_aliases_never_end_is_refused_and_both_workers_serve_on(tmp
         if svc is not None:
             svc.stop()
         gw.stop()
+
+
+def test_a_verdict_that_cannot_be_written_does_not_end_the_supervisor(tmp_path):
+    """docs/security.md §3d row 39: an error in the supervisor's SIGHUP handler (here the
+    verdict file beside the pid file cannot be written, as in a full or read-only /run)
+    surfaced in its wait loop, and the supervisor stopped every worker."""
+    pid_file = tmp_path / "gw.pid"
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text("gateway:\n  node: {workers: 2}\n  http: {port: 0}\n"
+                   "  transports: {tcp: {port: 0}}\n")
+    gw = Served("--config", str(cfg), "--pid-file", str(pid_file))
+    svc = None
+    try:
+        rec = gw.wait_listening(count=2)[0]
+        port = port_of(rec["http"])
+        svc = service("vw", port_of(rec["tcp"])).wait_routable(port, timeout=20)
+        blocker = tmp_path / f"gw.pid.reload.{gw.proc.pid}.tmp"   # where it writes first
+        blocker.mkdir()
+        done = cli("reload", "--pid-file", str(pid_file), "--timeout", "3", timeout=20)
+        assert done.returncode == 1 and "no verdict" in done.stderr, done.stderr
+        time.sleep(2.5)                  # past preStopDelay: a drain would have begun
+        assert gw.proc.poll() is None
+        for _ in range(10):
+            status, headers, body = get(port, b"/t/vw/whoami")
+            assert status == 200 and orjson.loads(body)["instance"].startswith("vw")
+            assert headers.get("connection") != "close"      # not draining
+        gw.wait_for_log(lambda r: r.get("message") == "configuration reload failed in the "
+                        "supervisor" and "Is a directory" in r.get("error", ""), timeout=5)
+        blocker.rmdir()
+        assert cli("reload", "--pid-file", str(pid_file)).returncode == 0
+    finally:
+        if svc is not None:
+            svc.stop()
+        gw.stop()
