@@ -148,7 +148,11 @@ def _supervise(settings, source, workers: int, bundles) -> int:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK,
                                       {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
         beats.beat(worker_id)      # judged from now: a worker hung at start is killed too
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid == 0:
             code = 1
             try:
@@ -272,14 +276,37 @@ def _supervise(settings, source, workers: int, bundles) -> int:
                 except ProcessLookupError:
                     pass
 
+    # Workers to restart whose fork failed (EAGAIN at a cgroup's pids.max, ENOMEM under
+    # memory pressure — often what killed the worker): tried again every pass. The fork's
+    # OSError used to end the supervisor, which then stopped the workers still serving.
+    unborn: set[int] = set()
+
+    def respawn(worker_id: int) -> None:
+        try:
+            spawn(worker_id)
+        except OSError as exc:
+            if worker_id not in unborn:
+                log.event("error", "cannot restart a worker; trying again every second",
+                          worker=worker_id, error=repr(exc))
+                log.flush()
+            unborn.add(worker_id)
+            return
+        if worker_id in unborn:
+            unborn.discard(worker_id)
+            log.event("info", "worker restarted", worker=worker_id)
+            log.flush()
+
     killed: set[int] = set()
     exit_code = 0
     try:
-        while children:
+        while children or (unborn and not stopping):
             # Woken by a death (its pidfd) at once, or after a second to look at the
             # heartbeats; then every dead child is reaped.
             _wait_for_a_death(pidfds.values(), 1.0 if len(pidfds) == len(children) else 0.2)
             kill_stalled()
+            for worker_id in sorted(unborn):
+                if not stopping:
+                    respawn(worker_id)
             while children:
                 try:
                     pid, status = os.waitpid(-1, os.WNOHANG)
@@ -307,7 +334,7 @@ def _supervise(settings, source, workers: int, bundles) -> int:
                 if time.monotonic() - started[worker_id] < 1.0:
                     time.sleep(1.0)  # a crash loop must not spin the CPU
                 if not stopping:
-                    spawn(worker_id)
+                    respawn(worker_id)
     except BaseException:
         # Whatever went wrong here, the workers must not outlive the supervisor unwatched:
         # they drain and stop (SIGTERM), and the error is the supervisor's exit.
