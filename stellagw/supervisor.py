@@ -104,6 +104,22 @@ def serve(settings, source: "reload.ConfigSource | None" = None) -> int:
         _remove_pid_file(source.pid_file)
 
 
+def _term_with_parent(parent: int) -> None:
+    """In a worker: SIGTERM when the supervisor dies. A supervisor killed outright (SIGKILL,
+    the OOM killer) left its workers serving on the ports, unwatched — no restart, no
+    reload, no stall watchdog — and a new `serve` shared the ports with them. The worker
+    drains as on any SIGTERM (still blocked here: it arrives once the worker handles it)."""
+    import ctypes
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return                  # not Linux: the old behaviour
+    if os.getppid() != parent:  # it died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _wait_for_a_death(pidfds, timeout: float) -> None:
     """Until a worker's pidfd is readable (it died) or `timeout`. (A signal runs its handler
     and the wait goes on: PEP 475.)"""
@@ -141,6 +157,8 @@ def _supervise(settings, source, workers: int, bundles) -> int:
     started: dict[int, float] = {}  # worker id -> start time
     stopping = False
 
+    supervisor_pid = os.getpid()
+
     def spawn(worker_id: int) -> None:
         # A signal between fork and the child's own handlers would run `forward` (or
         # `reload_all`) in the child, which would signal its siblings: hold signals across
@@ -161,6 +179,7 @@ def _supervise(settings, source, workers: int, bundles) -> int:
                 # Ignored until the worker's loop handles it; the worker then looks at the
                 # last record itself, so a reload in between is not missed.
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                _term_with_parent(supervisor_pid)
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 for fd in pidfds.values():      # the supervisor's, not a worker's
                     os.close(fd)

@@ -194,8 +194,14 @@ class Metrics:
             return
         if snap is None:
             snap = self.snapshot()
-        replace_atomically(os.path.join(self._run_dir, f"worker-{self._worker_id}.json"),
-                           orjson.dumps(snap))
+        try:
+            replace_atomically(os.path.join(self._run_dir, f"worker-{self._worker_id}.json"),
+                               orjson.dumps(snap))
+        except OSError:
+            # The run directory full, or gone with a supervisor that failed (it removes it
+            # as it stops the workers): the others miss this snapshot, nothing more. Raised,
+            # it failed every tick and the drain itself, whose worker then never exited.
+            return
         self._published = snap
 
     def _instance_snapshots(self) -> list[dict]:

@@ -80,3 +80,44 @@ def test_a_worker_whose_restart_cannot_fork_is_tried_again_and_the_others_serve_
         gw.stop()
         wait_for(lambda: not open(os.path.join(group, "cgroup.procs")).read().strip(), 5)
         os.rmdir(group)
+
+
+def test_workers_drain_and_exit_when_their_supervisor_is_killed(tmp_path, monkeypatch):
+    """docs/security.md §3d row 41: a supervisor killed outright (SIGKILL, the OOM killer)
+    left its workers serving on the ports for good, unwatched (no restart, reload or stall
+    watchdog), where a new `serve` would share them. And a supervisor that failed removed
+    its run directory as it stopped them: their drain raised on it, and they never exited
+    (the run directory is removed here too)."""
+    import glob
+    import shutil
+    monkeypatch.setenv("TMPDIR", str(tmp_path))     # where the supervisor makes it
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text("gateway:\n  node: {workers: 2, preStopDelay: 0s}\n  http: {port: 0}\n"
+                   "  transports: {tcp: {port: 0}}\n")
+    gw = Served("--config", str(cfg))
+    svc, workers = None, []
+    try:
+        rec = gw.wait_listening(count=2)[0]
+        port = port_of(rec["http"])
+        svc = ServiceProcess("or", port_of(rec["tcp"])).start().wait_routable(port, timeout=20)
+        workers = psutil.Process(gw.proc.pid).children()
+        assert len(workers) == 2
+        [run_dir] = glob.glob(str(tmp_path / "stellagw-run-*"))
+        shutil.rmtree(run_dir)
+        gw.proc.kill()
+        gw.proc.wait()
+        assert wait_for(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE
+                                        for w in workers), 10), "workers outlived it"
+        # They drained as on SIGTERM, each logging it.
+        gw.wait_for_log(lambda r: r.get("message") == "stopped", count=2, timeout=5)
+        with pytest.raises(OSError):
+            request(port, b"GET /t/or/whoami HTTP/1.1\r\nHost: gw\r\n\r\n", timeout=1)
+    finally:
+        if svc is not None:
+            svc.stop()
+        for w in workers:             # orphans are not our children any more
+            try:
+                w.kill()
+            except psutil.NoSuchProcess:
+                pass
+        gw.stop()
