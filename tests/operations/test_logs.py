@@ -226,7 +226,7 @@ def test_library_warnings_are_json_records_at_most_one_a_second(tmp_path):
 
 
 def test_a_log_output_nobody_reads_drops_lines_serves_on_and_counts_them(tmp_path):
-    """docs/security.md §3d row 34: a stuck log collector (stdout a pipe nobody reads) never
+    """docs/security.md §3d row 46: a stuck log collector (stdout a pipe nobody reads) never
     makes a request wait; past 16 MiB waiting, lines are dropped — and counted where an
     operator can see it while the output is stuck, not only in a line written once it
     takes lines again."""

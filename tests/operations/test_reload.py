@@ -563,7 +563,7 @@ def get_tls(port, pki, path) -> str:
 
 
 def test_a_fifo_or_device_in_place_of_a_file_is_refused_and_the_worker_keeps_serving(tmp_path):
-    """docs/security.md §3d row 33: OpenSSL opened the certificate itself on the worker's
+    """docs/security.md §3d row 45: OpenSSL opened the certificate itself on the worker's
     loop — a FIFO put in its place (the file watch, or a SIGHUP) blocked every client of
     the worker for good; /dev/zero would be read for ever. Files are checked first."""
     pki = Pki(tmp_path)
@@ -646,7 +646,7 @@ BOMB = "x-anchors:\n  a0: &a0 [\"https://x.example\"]\n" + "".join(
 ], ids=["recursive-alias", "billion-laughs"])
 def test_a_file_whose_aliases_never_end_is_refused_and_both_workers_serve_on(tmp_path, extra,
                                                                             reason):
-    """docs/security.md §3d row 38: a recursive alias raised RecursionError in the
+    """docs/security.md §3d row 50: a recursive alias raised RecursionError in the
     supervisor's SIGHUP handler, and the supervisor stopped every worker (the gateway
     exited 1); nine levels of ten aliases (1 KB) were expanded to 10^9 values."""
     pid_file = tmp_path / "gw.pid"
@@ -677,7 +677,7 @@ def test_a_file_whose_aliases_never_end_is_refused_and_both_workers_serve_on(tmp
 
 
 def test_a_verdict_that_cannot_be_written_does_not_end_the_supervisor(tmp_path):
-    """docs/security.md §3d row 39: an error in the supervisor's SIGHUP handler (here the
+    """docs/security.md §3d row 51: an error in the supervisor's SIGHUP handler (here the
     verdict file beside the pid file cannot be written, as in a full or read-only /run)
     surfaced in its wait loop, and the supervisor stopped every worker."""
     pid_file = tmp_path / "gw.pid"

@@ -1,4 +1,4 @@
-"""The supervisor when the system refuses it a process (docs/security.md §3d row 40): a
+"""The supervisor when the system refuses it a process (docs/security.md §3d row 52): a
 worker died and its restart's fork() failed — EAGAIN at a cgroup's pids.max, ENOMEM under
 the memory pressure that often killed the worker — and the OSError ended the supervisor,
 which stopped the worker still serving: one death took the whole gateway down.
@@ -83,7 +83,7 @@ def test_a_worker_whose_restart_cannot_fork_is_tried_again_and_the_others_serve_
 
 
 def test_workers_drain_and_exit_when_their_supervisor_is_killed(tmp_path, monkeypatch):
-    """docs/security.md §3d row 41: a supervisor killed outright (SIGKILL, the OOM killer)
+    """docs/security.md §3d row 53: a supervisor killed outright (SIGKILL, the OOM killer)
     left its workers serving on the ports for good, unwatched (no restart, reload or stall
     watchdog), where a new `serve` would share them. And a supervisor that failed removed
     its run directory as it stopped them: their drain raised on it, and they never exited

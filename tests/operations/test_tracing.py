@@ -161,7 +161,7 @@ def test_tracing_enabled_with_the_otel_extra_starts_and_ships_spans_over_otlp(tm
 
 
 def test_a_collector_that_never_answers_does_not_hold_the_exit(tmp_path, monkeypatch):
-    """docs/security.md §3d row 37: the SDK's shutdown waited up to 30 s for its exporter
+    """docs/security.md §3d row 49: the SDK's shutdown waited up to 30 s for its exporter
     thread, on the worker's loop at the end of the drain: with the collector blackholed,
     every SIGTERM took 32 s, past Kubernetes' default grace period."""
     import signal

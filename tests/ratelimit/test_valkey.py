@@ -546,7 +546,7 @@ def test_protocol_error_fails_every_waiter_and_drops_the_connection():
     (b"$99999999\r\n", b"a" * (17 << 20)),     # an element past MAX_PENDING_REPLY_BYTES
 ])
 def test_a_reply_too_large_to_be_ours_is_a_protocol_error(pieces):
-    """docs/security.md §3d row 32: hiredis allocates an aggregate's slots from its count,
+    """docs/security.md §3d row 44: hiredis allocates an aggregate's slots from its count,
     and buffers a bulk string to its length; neither may come from the server unchecked."""
     async def main():
         async def handle(reader, writer):
@@ -574,7 +574,7 @@ def test_a_reply_too_large_to_be_ours_is_a_protocol_error(pieces):
 
 
 def test_readonly_retires_the_connection_after_its_last_reply(valkey_proc_factory):
-    """docs/security.md §3d row 36: a master turned replica (a failover) answers READONLY;
+    """docs/security.md §3d row 48: a master turned replica (a failover) answers READONLY;
     the commands already sent get their replies on that connection, the next one connects
     again."""
     replica, master = valkey_proc_factory(), valkey_proc_factory()

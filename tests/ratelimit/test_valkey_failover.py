@@ -3,7 +3,7 @@ a TCP proxy that moves to the new master): the old master, now a replica, answer
 write READONLY on the connection the gateway holds. The gateway must drop that connection
 and connect again — to whatever the address now leads to — or the environment limit
 fails open until a restart (docs/rate-limiting.md, "Valkey client"; docs/security.md §3d
-row 36)."""
+row 48)."""
 from __future__ import annotations
 
 import socket

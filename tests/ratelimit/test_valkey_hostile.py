@@ -1,7 +1,7 @@
 """A broken or hostile Valkey (a fake one on loopback) under a real `stellagw serve` and a
 real service: whatever it replies, the worker's memory and loop stay the gateway's, and
 requests keep being answered, the environment limit failing open (docs/rate-limiting.md,
-"Valkey client"; docs/security.md §3d row 32)."""
+"Valkey client"; docs/security.md §3d row 44)."""
 from __future__ import annotations
 
 import socket
@@ -180,7 +180,7 @@ SLOTS = 16384
 
 
 def test_a_cluster_naming_hundreds_of_masters_does_not_take_every_descriptor(tmp_path):
-    """docs/security.md §3d row 35: each master is a connection per worker, outside the
+    """docs/security.md §3d row 47: each master is a connection per worker, outside the
     descriptors the connection caps reserve; a slot map naming 500 took them all at start
     (SCRIPT LOAD goes to every master), and every client and service connection was then
     closed unanswered."""
@@ -227,7 +227,7 @@ def test_a_cluster_naming_hundreds_of_masters_does_not_take_every_descriptor(tmp
 
 
 def test_redirections_to_ever_new_addresses_do_not_open_a_connection_each():
-    """docs/security.md §3d row 35: a node answering every command with a MOVED to an
+    """docs/security.md §3d row 47: a node answering every command with a MOVED to an
     address not seen before made a connection each, until the next reload of the map."""
     import asyncio
 
