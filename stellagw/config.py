@@ -661,6 +661,12 @@ class HttpSettings:
     # ... and one that takes less than minSendRate bytes/s over a sendTimeout window: a slow
     # read (a window's worth now and then) would hold the connection and its buffers for ever.
     min_send_rate: int = _size_key("minSendRate", "256B")
+    # The most a worker holds, summed over its client connections paused for writing, of
+    # answers their clients have not taken: past it the one owing the most is reset. A
+    # whole RESPONSE goes to the client's buffer at once (up to maxFrameSize), and a client
+    # reading minSendRate keeps it for hours (docs/http-edge.md, "What one connection can
+    # hold").
+    response_buffer_budget: int = _size_key("responseBufferBudget", "256MB", low=1024 * 1024)
     # The client's address behind load balancers (docs/http-edge.md, "Client address"):
     # X-Forwarded-For / Forwarded believed only from these networks; the PROXY protocol
     # header required at the start of every client connection.

@@ -124,6 +124,9 @@ class Worker:
         # gateway.http.maxConnectionsPerClient: open connections (WebSockets included) by
         # client address; an address is forgotten with its last connection.
         self.per_client: dict[bytes, int] = {}
+        # Client connections paused for writing → what they owed then: answers their
+        # clients have not taken, summed against gateway.http.responseBufferBudget.
+        self.backlogged: dict = {}
         # HTTPS connections in their TLS handshake: counted against both caps until it ends
         # (ingress/tls_accept.py).
         self.handshakes: set = set()
@@ -245,6 +248,31 @@ class Worker:
         else:
             self.per_client.pop(address, None)
 
+    def client_backlogged(self, conn) -> None:
+        """`conn` stopped taking its answers (paused for writing). Past
+        gateway.http.responseBufferBudget, summed over such connections, the ones owing the
+        most are reset until the rest fit: a whole RESPONSE (up to maxFrameSize) goes to its
+        client's buffer at once, and twenty clients reading nothing held 400 MB of 16 MB
+        answers, for hours at minSendRate (docs/http-edge.md, "What one connection can
+        hold"). Each counts what it owed when it paused: the kernel takes a few MB of it
+        later, but the answer stays in memory whole until its last byte is sent (uvloop
+        keeps a view of it). Run only when a connection pauses, over the paused ones."""
+        backlogged = self.backlogged
+        backlogged[conn] = conn.buffered()
+        total = sum(backlogged.values())
+        budget = self.http_settings.response_buffer_budget
+        if total <= budget:
+            return
+        for c, n in sorted(backlogged.items(), key=lambda item: item[1], reverse=True):
+            if total <= budget:
+                break
+            del backlogged[c]
+            c.cut("buffer_budget")
+            total -= n
+
+    def client_caught_up(self, conn) -> None:
+        self.backlogged.pop(conn, None)
+
     def connection_refused(self, reason: str) -> None:
         self.refused_connections[reason] = self.refused_connections.get(reason, 0) + 1
 
@@ -264,7 +292,9 @@ class Worker:
             "gateway_connections_aborted": (
                 "Client connections the gateway cut, by reason: send_timeout (owed bytes "
                 "and none taken for sendTimeout), send_rate (less than minSendRate taken), "
-                "handshake_timeout (TLS handshake not done in headerReadTimeout)", ("reason",),
+                "handshake_timeout (TLS handshake not done in headerReadTimeout), "
+                "buffer_budget (owed the most when the answers held for paused clients passed "
+                "responseBufferBudget)", ("reason",),
                 [((k,), v) for k, v in self.aborted_connections.items()]),
             "gateway_tls_handshake_failures": (
                 "HTTPS connections whose TLS handshake failed, by reason: client_certificate "

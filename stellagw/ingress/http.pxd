@@ -148,6 +148,7 @@ cdef class HttpProtocol:
     cdef int _stream_status
     cdef Py_ssize_t _requests
     cdef Py_ssize_t _lingering
+    cdef Py_ssize_t _writing
 
     # -- per request being parsed
     cdef Request _req

@@ -411,6 +411,7 @@ class HttpProtocol:
         self._streaming = False          # a streamed response's head has been written
         self._requests = 0               # requests begun on this connection
         self._lingering = 0              # bytes discarded since the lingering read began
+        self._writing = 0                # the size of the last write (buffered())
 
         # -- per request being parsed
         self._req = None
@@ -491,6 +492,9 @@ class HttpProtocol:
 
     def connection_lost(self, exc):
         server = self._server
+        if self._write_paused:
+            self._write_paused = False
+            server.client_caught_up(self)
         if self in server.connections:
             server.connections.discard(self)
             server.metrics.connection_closed()
@@ -534,7 +538,9 @@ class HttpProtocol:
         self._pump()
         self._out = None
         if out:
-            self._transport_write(b"".join(out) if len(out) > 1 else out[0])
+            data = b"".join(out) if len(out) > 1 else out[0]
+            self._writing = len(data)
+            self._transport_write(data)
         if self._closing and self._current is None:
             self._close_now()
 
@@ -1135,6 +1141,7 @@ class HttpProtocol:
         if self._out is not None:
             self._out.append(data)
         else:
+            self._writing = len(data)
             self._transport_write(data)
 
     def _finish(self, req, status, keep):
@@ -1241,6 +1248,7 @@ class HttpProtocol:
         if not data:
             return not self._write_paused
         req.bytes_out += len(data)
+        self._writing = len(data)
         if self._chunked:
             self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
@@ -1314,6 +1322,7 @@ class HttpProtocol:
         self._closing = True            # this protocol is done with the connection
         server = self._server
         server.connections.discard(self)
+        server.client_caught_up(self)       # picows' buffers are the bridge's to bound
         server.metrics.connection_closed()
         # Still a client connection, now picows': counted against maxConnections until it
         # closes (the bridge calls websocket_closed).
@@ -1335,9 +1344,11 @@ class HttpProtocol:
         # GET lines held 199 MB of responses).
         self._write_paused = True
         self._pause(_P_WRITE)
+        self._server.client_backlogged(self)    # which may cut it at once
 
     def resume_writing(self):
         self._write_paused = False
+        self._server.client_caught_up(self)
         self._resume(_P_WRITE)
         cb = self._on_writable
         if cb is not None:
@@ -1401,9 +1412,26 @@ class HttpProtocol:
             return
         reason = self._send.expired(transport, now)
         if reason is not None:
-            self._closing = True
-            self._server.connection_aborted(reason)
-            reset(transport)
+            self.cut(reason)
+
+    def cut(self, reason):
+        """Reset the connection (RST: what it is owed goes with it), counted by `reason`."""
+        transport = self.transport
+        if transport is None:
+            return
+        self._closing = True
+        self._server.connection_aborted(reason)
+        reset(transport)
+
+    def buffered(self):
+        """What the connection holds for its client, asked as it pauses for writing: its
+        transport's buffer, or the write in progress if larger — the kernel may have taken
+        most of that write already, but uvloop keeps a view of the whole object until its
+        last byte is sent."""
+        transport = self.transport
+        if transport is None:
+            return 0
+        return max(transport.get_write_buffer_size(), self._writing)
 
     def close(self):
         self._closing = True

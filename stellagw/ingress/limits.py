@@ -41,7 +41,7 @@ class HttpLimits:
                  "max_header_count", "max_url_length",
                  "header_read_timeout", "keep_alive_timeout", "max_request_body_size",
                  "body_read_timeout", "min_body_rate", "send_timeout", "min_send_rate",
-                 "proxy_protocol",
+                 "response_buffer_budget", "proxy_protocol",
                  "request_id_header")
 
     def __init__(self, gw):
@@ -58,5 +58,6 @@ class HttpLimits:
         self.min_body_rate = http.min_body_rate
         self.send_timeout = http.send_timeout
         self.min_send_rate = http.min_send_rate
+        self.response_buffer_budget = http.response_buffer_budget
         self.proxy_protocol = http.proxy_protocol     # "off", "v1", "v2" or "any"
         self.request_id_header = http.request_id_header.lower().encode("latin-1")

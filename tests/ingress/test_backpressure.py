@@ -221,3 +221,88 @@ def test_a_head_the_gateway_stopped_reading_is_not_the_clients_delay(begun):
     finally:
         s.close()
         gw.stop()
+
+
+def test_answers_held_for_clients_that_read_nothing_stay_within_the_worker_budget():
+    """A whole RESPONSE goes to its client's buffer at once (up to maxFrameSize): twenty
+    clients reading nothing held 400 MB of 16 MB answers, for hours at minSendRate. Past
+    responseBufferBudget, summed over the paused connections, the one owing the most is
+    reset; the others, and clients that read, get every byte."""
+    from stellagw.transport import frame as fr
+    from tests.support.servicepeer import RawPeer, hello_for
+
+    gw = GatewayThread(settings_from(
+        '{"gateway": {"http": {"port": 0, "responseBufferBudget": "8MB"},'
+        ' "transports": {"tcp": {"port": 0}}, "logging": {"accessLog": false}}}')).start()
+    peer = RawPeer(gw.transport_port)
+    requests = []
+    clients = []
+
+    def next_frame():
+        try:
+            return peer.read_frame(30)
+        except OSError:
+            return None         # the test closed the link
+
+    def answer():
+        # Each answer is one whole RESPONSE of /big/<n> MB, as a service that does not
+        # stream its large bodies sends it.
+        enc = fr.FrameEncoder()
+        while (frame := next_frame()) is not None:
+            if frame[0] == fr.REQUEST:
+                path = fr.decode_request(frame[2])[3]
+                requests.append(path)
+                size = int(path.rsplit("/", 1)[1]) * 1024 * 1024
+                enc.response(frame[1], 200, [(b"content-type", b"application/octet-stream")],
+                             fr.FLAG_END_STREAM, b"x" * size)
+                peer.sock.sendall(enc.take())
+
+    def ask(mb, rcvbuf=4096):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.connect(("127.0.0.1", gw.port))
+        s.sendall(b"GET /big/%d HTTP/1.1\r\nHost: gw\r\n\r\n" % mb)
+        clients.append(s)
+        return s
+
+    def read_all(s):
+        s.settimeout(20)
+        got = b""
+        try:
+            while chunk := s.recv(1 << 20):
+                got += chunk
+                head, _, body = got.partition(b"\r\n\r\n")
+                if body and len(body) >= int(head.lower().split(b"content-length: ")[1]
+                                             .split(b"\r\n")[0]):
+                    break
+        except ConnectionResetError:
+            pass
+        return got.partition(b"\r\n\r\n")[2]
+
+    def paused():
+        return gw.call(lambda: sorted(gw.worker.backlogged.values()))
+
+    try:
+        assert "error" not in peer.hello(hello_for("svc", endpoints=[("GET", "/big/{n}")]))
+        threading.Thread(target=answer, daemon=True).start()
+        a = ask(6)
+        assert wait_for(lambda: len(paused()) == 1, 10), paused()
+        b = ask(3)
+        # 6 + 3 MB owed past the 8 MB budget: A, owing the most, is reset; B is kept.
+        assert wait_for(lambda: gw.worker.aborted_connections.get("buffer_budget") == 1, 10), \
+            gw.worker.aborted_connections
+        held = paused()
+        assert len(held) == 1 and 2 * 1024 * 1024 < held[0] <= 3 * 1024 * 1024 + 4096, held
+        assert len(read_all(a)) < 6 * 1024 * 1024
+        # A client that reads gets its whole answer meanwhile, and so does B once it reads.
+        assert read_all(ask(3, rcvbuf=1 << 20)) == b"x" * (3 * 1024 * 1024)
+        assert read_all(b) == b"x" * (3 * 1024 * 1024)
+        assert requests == ["/big/6", "/big/3", "/big/3"]
+        assert wait_for(lambda: paused() == [], 5), paused()
+        assert gw.worker.aborted_connections == {"buffer_budget": 1}
+        assert wait_for(lambda: paused() == [], 5)
+    finally:
+        for s in clients:
+            s.close()
+        peer.sock.close()
+        gw.stop()
