@@ -46,14 +46,24 @@ def _constant(name):
     raise ValueError(f"{name} is not JSON")
 
 
-def _int(text):
-    value = int(text)
-    if len(text) > 18 and not -(1 << 63) <= value < (1 << 64):
-        return float(text)          # as orjson reads an integer past 64 bits
+def _float(text):
+    value = float(text)
+    if value == _INF or value == -_INF:
+        # orjson refuses a number past a double's range (1e999); json's scanner gives inf.
+        raise ValueError("number is infinity when parsed as double")
     return value
 
 
-_scan_once = json.decoder.JSONDecoder(parse_constant=_constant, parse_int=_int).scan_once
+def _int(text):
+    value = int(text)
+    if len(text) > 18 and not -(1 << 63) <= value < (1 << 64):
+        return _float(text)         # as orjson reads an integer past 64 bits
+    return value
+
+
+_INF = float("inf")
+_scan_once = json.decoder.JSONDecoder(parse_constant=_constant, parse_int=_int,
+                                      parse_float=_float).scan_once
 
 # What the innermost open container expects next.
 _VALUE, _KEY, _COLON, _AFTER = 0, 1, 2, 3

@@ -156,7 +156,8 @@ def test_the_sliced_decoder_gives_and_refuses_what_orjson_does(monkeypatch, seed
         if i % 5 == 0:
             data = data.replace(b'"x', rng.choice([b'"\\ud800', b'"\\ud83d\\ude00',
                                                    b'"\\\\ud800', b'"\\udc00', b"NaN,\"", b'1e5,"',
-                                                   b'123456789012345678901234567890,"']), 1)
+                                                   b'123456789012345678901234567890,"', b'1e999,"',
+                                                   b'-1' + b'0' * 400 + b',"']), 1)
         try:
             want = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -175,3 +176,14 @@ def test_the_sliced_decoder_gives_and_refuses_what_orjson_does(monkeypatch, seed
             assert got == want, (slab, data)
             if got is not None:
                 assert len(decoding.digest) == 16
+
+
+def test_the_sliced_decoder_refuses_a_number_past_a_doubles_range_as_orjson_does():
+    for number in (b"1e999", b"-1e400", b"1" + b"0" * 400):
+        data = b'{"endpoints": [], "x": %s}' % number
+        with pytest.raises(orjson.JSONDecodeError):
+            orjson.loads(data)
+        decoding = sliced.SlicedJson(data + b" " * (2 * sliced.SLAB))
+        with pytest.raises(sliced.DecodeError):
+            while not decoding.step(time.perf_counter() + 1):
+                pass
