@@ -163,6 +163,9 @@ class _Transport:
     def is_closing(self):
         return self.closed
 
+    def get_write_buffer_size(self):
+        return 0            # what is written is at the peer at once (`out`)
+
     def close(self):
         self._end()
 
