@@ -14,6 +14,7 @@ import pytest
 from stellagw.routing.radix import FOUND, NOT_FOUND
 from stellagw.routing.table import DRAINING
 from stellagw.service import Response, Service
+from stellagw.transport import connection
 from stellagw.transport import frame as fr
 from stellagw.transport import sliced
 
@@ -67,7 +68,7 @@ def test_a_large_update_is_decoded_in_slices_the_worker_serving_and_the_link_wai
                                                    endpoints=[("GET", "/t/big/a")]))
         eps = [{"method": "GET", "path": p, "timeout_ms": 60000} for p in ("/t/big/a", "/t/big/b")]
         update = big_payload(eps, 2 * 1024 * 1024)
-        assert len(update) > 64 * sliced.SLAB
+        assert len(update) > connection.DECODE_WHOLE
         enc = fr.FrameEncoder()
         enc.raw(fr.ENDPOINTS_UPDATE, fr.ZERO_CORR, update)
         enc.control(fr.DRAIN, fr.ZERO_CORR, {"reason": "behind the update"})
@@ -104,7 +105,7 @@ def test_a_large_hello_is_decoded_in_slices_and_answered():
         hello = hello_for("bighello", instance_id="bh-1", endpoints=[("GET", "/t/bh/x")])
         hello["schemas"] = {"S%d" % i: {"type": "object", "description": "d" * 100}
                             for i in range(5000)}
-        assert len(orjson.dumps(hello)) > 16 * sliced.SLAB
+        assert len(orjson.dumps(hello)) > connection.DECODE_WHOLE
         ack = peer.hello(hello)
         assert "error" not in ack and ack["worker_id"] == 0
         assert gw.call(lambda: gw.worker.routing.router.match("GET", "/t/bh/x")[0]) == FOUND
