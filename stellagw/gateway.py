@@ -127,6 +127,7 @@ class Worker:
         # Client connections paused for writing → what they owed then: answers their
         # clients have not taken, summed against gateway.http.responseBufferBudget.
         self.backlogged: dict = {}
+        self.backlog_total = 0
         # HTTPS connections in their TLS handshake: counted against both caps until it ends
         # (ingress/tls_accept.py).
         self.handshakes: set = set()
@@ -249,29 +250,31 @@ class Worker:
             self.per_client.pop(address, None)
 
     def client_backlogged(self, conn) -> None:
-        """`conn` stopped taking its answers (paused for writing). Past
+        """`conn` (a client connection or WebSocket) does not take what it is sent: called
+        as it pauses for writing, and again as more is written to it while paused. Past
         gateway.http.responseBufferBudget, summed over such connections, the ones owing the
         most are reset until the rest fit: a whole RESPONSE (up to maxFrameSize) goes to its
         client's buffer at once, and twenty clients reading nothing held 400 MB of 16 MB
         answers, for hours at minSendRate (docs/http-edge.md, "What one connection can
-        hold"). Each counts what it owed when it paused: the kernel takes a few MB of it
-        later, but the answer stays in memory whole until its last byte is sent (uvloop
-        keeps a view of it). Run only when a connection pauses, over the paused ones."""
+        hold"). `conn.buffered()` says what it holds; `conn.cut(reason)` resets it."""
         backlogged = self.backlogged
-        backlogged[conn] = conn.buffered()
-        total = sum(backlogged.values())
-        budget = self.http_settings.response_buffer_budget
-        if total <= budget:
-            return
-        for c, n in sorted(backlogged.items(), key=lambda item: item[1], reverse=True):
-            if total <= budget:
-                break
-            del backlogged[c]
-            c.cut("buffer_budget")
-            total -= n
+        n = conn.buffered()
+        total = self.backlog_total + n - backlogged.get(conn, 0)
+        backlogged[conn] = n
+        if total > self.http_settings.response_buffer_budget:
+            budget = self.http_settings.response_buffer_budget
+            for c, m in sorted(backlogged.items(), key=lambda item: item[1], reverse=True):
+                if total <= budget:
+                    break
+                del backlogged[c]
+                total -= m
+                c.cut("buffer_budget")
+        self.backlog_total = total
 
     def client_caught_up(self, conn) -> None:
-        self.backlogged.pop(conn, None)
+        n = self.backlogged.pop(conn, None)
+        if n is not None:
+            self.backlog_total -= n
 
     def connection_refused(self, reason: str) -> None:
         self.refused_connections[reason] = self.refused_connections.get(reason, 0) + 1

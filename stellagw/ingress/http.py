@@ -1331,6 +1331,7 @@ class HttpProtocol:
         bridge.on_closed = partial(server.websocket_closed, self._client_key)
         bridge.send_deadline = self._send.again()
         bridge.on_cut = server.connection_aborted
+        bridge.budget = server          # responseBufferBudget counts it too
         self._client_key = None
         self._acct.request_done(req, 101)
         hand_over(self, req, bridge, self._upgrade_tail)

@@ -74,6 +74,7 @@ class WsBridge(WSListener):
         self.on_closed = None       # the worker's count of open WebSockets, told once
         self.on_cut = None          # told the reason when a client is cut (send_timeout, send_rate)
         self.send_deadline = None   # its SendDeadline (the ingress gives it), armed at the close
+        self.budget = None          # the worker: responseBufferBudget while paused for writing
         self._sending = False
         self.disconnected = False   # picows' connection is gone
         # The client's message under way: None between messages, else its kind, and for
@@ -224,6 +225,8 @@ class WsBridge(WSListener):
 
     def on_ws_disconnected(self, transport):
         self.disconnected = True
+        if self.budget is not None:
+            self.budget.client_caught_up(self)
         on_closed, self.on_closed = self.on_closed, None
         if on_closed is not None:
             on_closed()
@@ -236,9 +239,13 @@ class WsBridge(WSListener):
         if self.ws is not None:
             self._reading()
             self._watch_send()
+            if self.budget is not None:
+                self.budget.client_backlogged(self)     # which may cut it at once
 
     def resume_writing(self):
         self.client_paused = False
+        if self.budget is not None:
+            self.budget.client_caught_up(self)
         if self.ws is not None:
             self._reading()
         self.conn.ws_client_writable(self.pending)
@@ -268,6 +275,9 @@ class WsBridge(WSListener):
         if msg_type is not None and (chunk or kind != fr.KIND_DATA
                                      or not flags & (fr.FLAG_MORE | fr.FLAG_END_STREAM)):
             _send_frame(ws, msg_type, chunk, not flags & fr.FLAG_MORE)
+            if self.client_paused and self.budget is not None:
+                # What the service's window still lets in while the client takes nothing.
+                self.budget.client_backlogged(self)
         if flags & fr.FLAG_END_STREAM:
             ws.send_close(WSCloseCode.OK)
             self._disconnect()
@@ -315,6 +325,20 @@ class WsBridge(WSListener):
             loop.call_later(1.0, self._check_send)
         else:
             self._sending = False               # all taken: armed again by the next pause
+
+    def buffered(self):
+        """Bytes written to the client and not yet handed to its socket."""
+        if self.ws is None or self.disconnected:
+            return 0
+        return self.ws.underlying_transport.get_write_buffer_size()
+
+    def cut(self, reason):
+        """Reset the client's connection (RST), counted by `reason`."""
+        if self.ws is None or self.disconnected:
+            return
+        if self.on_cut is not None:
+            self.on_cut(reason)
+        reset(self.ws.underlying_transport)
 
     def idle_close(self):
         """No message either way for streamIdleTimeout: 1001, going away (RFC 6455 §7.4.1)."""

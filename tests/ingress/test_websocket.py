@@ -280,3 +280,38 @@ def test_an_open_websocket_whose_client_stops_reading_is_cut_after_send_timeout(
             body = request(gw.port, b"GET /t/wsn/events HTTP/1.1\r\nHost: gw\r\n\r\n")[2]
             return len(orjson.loads(body)["cancelled"]) == 1
         assert wait_for(service_cancelled, 5)
+
+
+def test_websockets_whose_clients_read_nothing_count_against_the_response_buffer_budget(tmp_path):
+    # What a service's window still lets in while its WebSocket client takes nothing waits in
+    # the worker (~270 KB a WebSocket here, with a few MB more in the kernel): a thousand such
+    # clients held hundreds of MB until sendTimeout. They count against responseBufferBudget
+    # as an HTTP client's answers do: past it the ones owing the most are reset, their
+    # services told (CANCEL), and what the rest hold fits the budget.
+    with _a_client_reading_nothing("gateway: {http: {port: 0, responseBufferBudget: 1MB}}",
+                                   "wsb", 10) as gw:
+        others = [socket.socket() for _ in range(5)]
+        try:
+            for s in others:
+                _upgrade_and_read_nothing(s, gw.port, "wsb", 10)
+
+            def held():
+                return gw.call(lambda: (len(gw.worker.backlogged), gw.worker.backlog_total,
+                                        gw.worker.websockets_open,
+                                        gw.worker.aborted_connections.get("buffer_budget", 0)))
+            # sendTimeout is 60 s: the budget, not the deadline, cuts them.
+            assert wait_for(lambda: held()[3] >= 1 and held()[0] + held()[3] == 6, 15), held()
+            paused, total, open_, cut = held()
+            assert total <= 1024 * 1024 and paused >= 2 and open_ == 6 - cut, held()
+            assert gw.call(lambda: set(gw.worker.aborted_connections)) == {"buffer_budget"}
+
+            def services_cancelled():
+                body = request(gw.port, b"GET /t/wsb/events HTTP/1.1\r\nHost: gw\r\n\r\n")[2]
+                return len(orjson.loads(body)["cancelled"]) == cut
+            assert wait_for(services_cancelled, 5)
+        finally:
+            for s in others:
+                s.close()
+        assert wait_for(lambda: gw.call(lambda: (gw.worker.websockets_open,
+                                                 dict(gw.worker.backlogged),
+                                                 gw.worker.backlog_total)) == (0, {}, 0), 10)
