@@ -449,7 +449,7 @@ class Worker:
         if ssl_ctx is not None:
             # Accepted here, not by uvloop: the connection caps must see a connection
             # before its handshake (ingress/tls_accept.py).
-            server = TlsListener(self, http_sock, ssl_ctx)
+            server = TlsListener(self, http_sock, self.reloader.http_tls)
         else:
             server = await loop.create_server(
                 lambda: HttpProtocol(self), sock=http_sock, backlog=gw.http.backlog)

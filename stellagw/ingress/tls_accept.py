@@ -25,6 +25,7 @@ import errno
 import socket
 import ssl
 import struct
+import time
 
 from .http import D_HEADER, HttpProtocol
 from .proxy import V2_MAX, ProxyError, client_key, parse_proxy_header
@@ -59,6 +60,23 @@ def _failure(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return "protocol"
     return "closed"
+
+
+def _forget_expired(protocol, transport) -> None:
+    """A resumed session brings the client certificate verified at its full handshake, and
+    OpenSSL does not look at it again: for the ticket's lifetime (2 hours) it stood for a
+    certificate that had since expired, and a token bound to it was accepted. Such a
+    connection has no certificate (a bound token is then 401 `mtls_missing_certificate`;
+    a new full handshake refuses the certificate). docs/security.md §3d row 54."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None or not ssl_object.session_reused:
+        return
+    try:
+        expires = ssl.cert_time_to_seconds(ssl_object.getpeercert()["notAfter"])
+    except (KeyError, ValueError, TypeError):
+        expires = 0             # not verified, or unreadable: not believed either
+    if expires <= time.time():
+        protocol.peer_cert = None
 
 
 class Handshake(asyncio.Protocol):
@@ -104,6 +122,8 @@ class Handshake(asyncio.Protocol):
         protocol.proxied = self.proxied
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
+        if protocol.peer_cert is not None:
+            _forget_expired(protocol, transport)
         if protocol.deadline_kind == D_HEADER:
             protocol.deadline = self.head_due
 
@@ -212,12 +232,12 @@ class TlsListener:
     """What Worker keeps of its HTTPS listener, as it keeps an asyncio Server: close() and
     is_serving()."""
 
-    def __init__(self, worker, sock: socket.socket, ssl_context):
+    def __init__(self, worker, sock: socket.socket, tls):
         self._worker = worker
         sock.setblocking(False)     # accept() must never wait: it runs on the loop
         self._sock = sock
         self._fd = sock.fileno()
-        self._ssl = ssl_context
+        self._tls = tls             # ingress.tls.ReloadingContext
         self._loop = asyncio.get_running_loop()
         self._serving = True
         self._retry = None
@@ -296,8 +316,14 @@ class TlsListener:
         # after ours (30 s by default), and a client that never sends one held its places,
         # descriptor and SSL object that long after we closed — for a 408, an idle
         # keep-alive, at drain (docs/http-edge.md, "Connection caps").
+        # Each handshake on the context of the files last loaded, not on one moved to it by
+        # the SNI callback: session tickets and the session cache belong to the context the
+        # handshake started on, so with one context for good a session from before a reload
+        # was resumed after it — a client certificate of a CA since removed from
+        # clientCaPath kept its certificate-bound tokens valid for the ticket's lifetime
+        # (2 hours). A reload now ends resumption (docs/security.md §3d row 54).
         task = self._loop.create_task(self._loop.connect_accepted_socket(
-            handshake._factory, handshake.sock, ssl=self._ssl, ssl_handshake_timeout=due,
+            handshake._factory, handshake.sock, ssl=self._tls.current, ssl_handshake_timeout=due,
             ssl_shutdown_timeout=timeout))
         handshake.task = task
         task.add_done_callback(handshake.finished)
