@@ -134,6 +134,9 @@ class Worker:
         self.refused_connections: dict[str, int] = {}   # at accept, by reason
         self.aborted_connections: dict[str, int] = {}   # cut by the gateway, by reason
         self.failed_handshakes: dict[str, int] = {}     # HTTPS handshakes failed, by reason
+        # Failed HTTPS handshakes of each client address since the last tick (a second):
+        # past HANDSHAKE_FAILURES the address is reset at accept (ingress/tls_accept.py).
+        self.handshake_failures: dict[bytes, int] = {}
         self.metrics.sources.append(self._connection_counters)
         # The tick's clock, the Date line, draining: what connections read per request.
         self.edge = EdgeState(time.monotonic())
@@ -290,7 +293,8 @@ class Worker:
             "Client connections refused at accept (answered 503 and closed; with TLS, reset "
             "before the handshake), by reason: limit (maxConnections), per_client "
             "(maxConnectionsPerClient), proxy_protocol (HTTPS with proxyProtocol: no valid PROXY "
-            "header before the handshake, or from an untrusted peer)", ("reason",),
+            "header before the handshake, or from an untrusted peer), handshake_failures "
+            "(HTTPS: the address's TLS handshakes failed too often in the last second)", ("reason",),
             [((k,), v) for k, v in self.refused_connections.items()]),
             "gateway_connections_aborted": (
                 "Client connections the gateway cut, by reason: send_timeout (owed bytes "
@@ -581,6 +585,7 @@ class Worker:
         if self._heartbeat is not None:
             self._heartbeat()
         self._update_date()
+        self.handshake_failures.clear()
         now = self.now
         for conn in list(self.connections):
             conn.check_deadline(now)

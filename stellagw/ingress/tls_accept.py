@@ -39,6 +39,14 @@ _ACCEPT_BATCH = 64
 _ACCEPT_RETRY = 1.0
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _LINGER_RST = struct.pack("ii", 1, 0)
+# Failed handshakes one client address may have in a second (per worker) before its next
+# connections that second are reset at accept. A failed handshake can be costly on our
+# side only: OpenSSL 3.0 decodes every certificate the client sends before it verifies
+# any, 0.18 ms each, so 250 made-up ones (68 KB, under OpenSSL's 100 KB cap) cost the
+# worker 46 ms against 2–3 ms for the client — one address pinned a worker with two
+# connections at a time. A client whose certificate does not verify fails every try
+# anyway. docs/security.md §3d row 55.
+HANDSHAKE_FAILURES = 4
 
 
 def _reset(sock: socket.socket) -> None:
@@ -84,12 +92,14 @@ class Handshake(asyncio.Protocol):
     the SSLProtocol's application protocol until the handshake is done, then hands the
     connection to an HttpProtocol."""
 
-    __slots__ = ("worker", "key", "sock", "task", "head_due", "proxied", "_header",
+    __slots__ = ("worker", "key", "client", "sock", "task", "head_due", "proxied", "_header",
                  "_timer", "_listener")
 
-    def __init__(self, worker, sock: socket.socket, key: bytes | None, timeout: float):
+    def __init__(self, worker, sock: socket.socket, key: bytes | None, timeout: float,
+                 client: bytes | None = None):
         self.worker = worker
         self.key = key              # counted in worker.per_client, or None
+        self.client = client        # whose failures count (HANDSHAKE_FAILURES), or None
         self.sock = sock            # until uvloop's transport owns it
         self.task = None
         # With proxyProtocol: the source the PROXY header named ("" for LOCAL / UNKNOWN:
@@ -137,7 +147,12 @@ class Handshake(asyncio.Protocol):
             # uvloop's handshake deadline (SSLProtocol._check_handshake_timeout).
             self.worker.connection_aborted("handshake_timeout")
         elif exc is not None:
-            self.worker.handshake_failed(_failure(exc))
+            reason = _failure(exc)
+            worker = self.worker
+            worker.handshake_failed(reason)
+            if reason != "closed" and self.client is not None:
+                failures = worker.handshake_failures
+                failures[self.client] = failures.get(self.client, 0) + 1
 
     # ------------------------------------------------------------ the PROXY header
 
@@ -190,8 +205,14 @@ class Handshake(asyncio.Protocol):
         worker = self.worker
         limits = worker.http_settings
         cap = limits.max_connections_per_client
+        client = client_key((source or peer).encode())
+        if worker.handshake_failures.get(client, 0) >= HANDSHAKE_FAILURES:
+            worker.connection_refused("handshake_failures")
+            self.drop()
+            return
+        self.client = client
         if cap > 0:
-            key = client_key((source or peer).encode())
+            key = client
             if not worker.admit_client(key, cap):
                 worker.connection_refused("per_client")
                 self.drop()
@@ -284,7 +305,7 @@ class TlsListener:
             worker.connection_refused("limit")
             _reset(sock)
             return
-        key = None
+        key = client = None
         cap = limits.max_connections_per_client
         trust = worker.trusted_proxies
         mode = limits.proxy_protocol
@@ -294,13 +315,20 @@ class TlsListener:
                 worker.connection_refused("proxy_protocol")
                 _reset(sock)
                 return
-        elif cap > 0 and (trust is None or not trust.trusts(peer)):
-            key = client_key(peer.encode())
-            if not worker.admit_client(key, cap):
-                worker.connection_refused("per_client")
+        elif trust is None or not trust.trusts(peer):
+            # (A trusted proxy's connections carry many clients: neither bound applies.)
+            client = client_key(peer.encode())
+            if worker.handshake_failures.get(client, 0) >= HANDSHAKE_FAILURES:
+                worker.connection_refused("handshake_failures")
                 _reset(sock)
                 return
-        handshake = Handshake(worker, sock, key, limits.header_read_timeout)
+            if cap > 0:
+                key = client
+                if not worker.admit_client(key, cap):
+                    worker.connection_refused("per_client")
+                    _reset(sock)
+                    return
+        handshake = Handshake(worker, sock, key, limits.header_read_timeout, client)
         worker.handshakes.add(handshake)
         if mode != "off":
             handshake.read_proxy(self, mode, peer)

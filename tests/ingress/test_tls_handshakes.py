@@ -461,3 +461,47 @@ def test_a_drain_does_not_wait_for_an_idle_clients_close_notify(tmp_path, pki):
         if held is not None:
             held.close()
         s.stop()
+
+
+def test_an_address_whose_handshakes_keep_failing_is_reset_at_accept(tmp_path, pki):
+    # docs/security.md §3d row 55: a failed handshake may cost the worker far more than the
+    # client (OpenSSL decodes every certificate sent before verifying any: 250 made-up ones
+    # cost 46 ms), so past HANDSHAKE_FAILURES (4) in a second an address is reset at accept,
+    # before OpenSSL sees anything of it. Others are not affected, nor the address later.
+    s = Served(config_text=_config(pki), tmp_path=tmp_path)
+    try:
+        rec = s.wait_listening()[0]
+        https, admin = port_of(rec["http"]), port_of(rec["admin"])
+        (tmp_path / "foreign").mkdir()
+        foreign = Pki(tmp_path / "foreign")     # a CA the gateway does not trust
+        bad = pki.client_context()
+        bad.load_cert_chain(foreign.client_cert, foreign.client_key)
+        attempts, start = 12, time.monotonic()
+        for _ in range(attempts):
+            try:
+                with _https(https, bad, "127.0.0.2") as conn:
+                    conn.sendall(GET_LIVE)
+                    read_response(conn)
+            except (ssl.SSLError, OSError):
+                pass
+        elapsed = time.monotonic() - start
+        # The counters are written once a second.
+        assert wait_for(lambda: sum(_counters(admin, "gateway_tls_handshake_failures_total").values())
+                        + _counters(admin, "gateway_connections_refused_total").get(
+                            "handshake_failures", 0) == attempts, 10)
+        failed = _counters(admin, "gateway_tls_handshake_failures_total")
+        refused = _counters(admin, "gateway_connections_refused_total")
+        assert set(failed) == {"client_certificate"}
+        assert refused["handshake_failures"] >= attempts - 8
+        if elapsed < 1.0:       # one second boundary at most: two windows of 4
+            assert failed["client_certificate"] <= 8, (failed, refused)
+        # Another address is served meanwhile, and this one once a second has passed.
+        with _https(https, pki.client_context(with_cert=True), "127.0.0.3") as conn:
+            conn.sendall(GET_LIVE)
+            assert read_response(conn)[0] == 200
+        time.sleep(1.1)
+        with _https(https, pki.client_context(with_cert=True), "127.0.0.2") as conn:
+            conn.sendall(GET_LIVE)
+            assert read_response(conn)[0] == 200
+    finally:
+        assert s.stop() == 0
