@@ -160,8 +160,11 @@ class RegistrationPolicy:
             return ("no_signature", "this listener needs a signed HELLO (registrationSecret): "
                                     "`auth` is missing")
         ts, nonce, mac = auth.get("ts"), auth.get("nonce"), auth.get("mac")
+        # `mac` ASCII: hmac.compare_digest raises TypeError on a str with anything else, which
+        # ended the link as asyncio's "Fatal error on transport", a traceback in the log and
+        # no HELLO_ACK (docs/security.md §3d row 56).
         if (not isinstance(ts, int) or isinstance(ts, bool) or not isinstance(nonce, str)
-                or not 16 <= len(nonce) <= 64 or not isinstance(mac, str)):
+                or not 16 <= len(nonce) <= 64 or not isinstance(mac, str) or not mac.isascii()):
             return ("bad_signature", "`auth` must be {ts: int, nonce: 16-64 chars, mac: hex}")
         key = bytes.fromhex(registration_key(self.secret, service if isinstance(service, str) else ""))
         expected = hello_mac(key, service, hello.get("version"), hello.get("instance_id"), ts, nonce)

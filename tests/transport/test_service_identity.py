@@ -160,6 +160,42 @@ def test_hmac_right_wrong_stale_and_replayed():
         gw.stop()
 
 
+def test_a_signature_that_is_not_ascii_is_refused_like_any_wrong_one(tmp_path):
+    """docs/security.md §3d row 56: a `mac` with a non-ASCII character made
+    hmac.compare_digest raise; the link ended unanswered, logged as a fatal transport error
+    with its traceback. It is a bad signature, and a signed SDK service still registers."""
+    gw = Served(config_text=f"""
+gateway:
+  node: {{workers: 1, preStopDelay: 0s}}
+  http: {{port: 0}}
+  transports: {{tcp: {{port: 0, registrationSecret: "{SECRET}"}}}}
+""", tmp_path=tmp_path)
+    try:
+        rec = gw.wait_listening()[0]
+        tcp, http = port_of(rec["tcp"]), port_of(rec["http"])
+        for mac in ("\u00e9" * 64, "0" * 63 + "\u0660"):
+            peer = RawPeer(tcp)
+            try:
+                ack = peer.hello(hello_for("billing", endpoints=[("GET", "/t/billing/who")],
+                                           auth={"ts": int(time.time() * 1000),
+                                                 "nonce": "n" * 16, "mac": mac}))
+                assert ack["error"]["code"] == "Forbidden", ack
+                assert "`auth` must be" in ack["error"]["message"]
+                peer.wait_closed()
+            finally:
+                peer.close()
+        url = [f"127.0.0.1:{tcp}"]
+        svc = SdkThread(whoami(Service("billing", gateways=url, registration_secret=SECRET),
+                               "/t/billing/who")).start()
+        try:
+            status, _, body = request(http, b"GET /t/billing/who HTTP/1.1\r\nHost: gw\r\n\r\n")
+            assert status == 200 and b"billing" in body, body
+        finally:
+            svc.stop()
+    finally:
+        assert gw.stop() == 0
+    assert not [line for line in gw.lines if b"Fatal error" in line or b"Traceback" in line]
+
 def test_a_signed_hello_is_accepted_once_by_the_whole_instance(tmp_path):
     """Replayed to another worker of the same instance (its private port), a signed HELLO is
     refused too: the workers share the instance's replay table."""
