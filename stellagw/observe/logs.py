@@ -210,13 +210,34 @@ class LibraryLogs(logging.Handler):
         self._log.event(level, message, **fields)
 
 
+_UNRAISABLE = logging.getLogger("unraisable")
+
+
+def _unraisable(unraisable) -> None:
+    """sys.unraisablehook: an exception nothing could raise further goes to the JSON log
+    as a record of logger `unraisable` (at most one a second, as every library record),
+    not to stderr as Python's default does. A TLS client sending a server name that is not
+    ASCII made the ssl module's SNI callback write 'Exception ignored in: b'...'' and a
+    traceback to stderr on every handshake (docs/security.md §3d row 57)."""
+    try:
+        where = repr(unraisable.object)[:200] if unraisable.object is not None else ""
+        _UNRAISABLE.error("%s%s", unraisable.err_msg or "Exception ignored in",
+                          f": {where}" if where else "",
+                          exc_info=(unraisable.exc_type, unraisable.exc_value,
+                                    unraisable.exc_traceback))
+    except Exception:
+        pass
+
+
 def install_library_logs(log: JsonLog, loop) -> LibraryLogs:
-    """Route the process's `logging` records into `log` (a worker process: one per process)."""
+    """Route the process's `logging` records, and its unraisable exceptions, into `log` (a
+    worker process: one per process)."""
     handler = LibraryLogs(log, loop)
     root = logging.getLogger()
     root.addHandler(handler)
     if root.level > logging.WARNING or root.level == logging.NOTSET:
         root.setLevel(logging.WARNING)
+    sys.unraisablehook = _unraisable
     return handler
 
 

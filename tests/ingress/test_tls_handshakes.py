@@ -505,3 +505,34 @@ def test_an_address_whose_handshakes_keep_failing_is_reset_at_accept(tmp_path, p
             assert read_response(conn)[0] == 200
     finally:
         assert s.stop() == 0
+
+
+def test_a_server_name_that_is_not_ascii_is_logged_as_json_once_a_second(tmp_path, pki):
+    # docs/security.md §3d row 57: the ssl module decodes the SNI as ASCII before our
+    # callback runs; a name that is not made its "Exception ignored in: b'...'" and a
+    # traceback go to stderr through sys.unraisablehook, five raw lines a handshake beside
+    # the JSON log. Now a record of logger `unraisable`, at most one a second.
+    s = Served(config_text=_config(pki), tmp_path=tmp_path)
+    try:
+        rec = s.wait_listening()[0]
+        https = port_of(rec["http"])
+        hello = _client_hello(pki)
+        assert hello.count(b"localhost") == 1
+        bad = hello.replace(b"localhost", b"localhos\xff")     # same length: framing intact
+        for n in range(6):
+            sock = _raw(https, f"127.0.0.{10 + n}", bad)       # (not 4 from one address)
+            assert is_closed(sock)
+            sock.close()
+        # A client is served, and its handshake logged nothing.
+        with _https(https, pki.client_context(with_cert=True)) as conn:
+            conn.sendall(GET_LIVE)
+            assert read_response(conn)[0] == 200
+        records = s.wait_for_log(lambda r: r.get("logger") == "unraisable")
+        assert "localhos\\xff" in records[0]["message"]
+        assert "UnicodeDecodeError" in records[0]["error"]
+    finally:
+        assert s.stop() == 0
+    raw = [line for line in s.lines if not line.startswith(b"{")]
+    assert raw == [], raw[:10]
+    # Six handshakes in well under two seconds: one or two records, the rest left out.
+    assert 1 <= sum(b'"logger":"unraisable"' in line for line in s.lines) <= 2
