@@ -17,12 +17,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
+import ssl
 import time
 
 import orjson
 
 from ..auth.replay import LocalReplayCache
+from ..ingress.proxy import client_key
 from ..ingress.tls import ReloadingContext
+from ..ingress.tls_accept import _ACCEPT_BATCH, _ACCEPT_RETRY, _RESOURCE_ERRORS, _reset
+from ..ingress.tls_accept import HANDSHAKE_FAILURES
 from . import frame as fr
 from . import connection as _connection
 from .connection import INITIAL_WINDOW, ServiceConnection, TimerWheel
@@ -45,8 +49,8 @@ UPDATE_LOOP_SHARE = 0.2
 
 class Listener:
     __slots__ = ("kind", "host", "public_port", "private_ports", "max_connections", "ssl",
-                 "thumbprints", "rcvbuf", "sndbuf", "links", "policy", "silent_after",
-                 "write_high", "write_limit", "max_service_registration")
+                 "thumbprints", "rcvbuf", "sndbuf", "links", "handshakes", "policy",
+                 "silent_after", "write_high", "write_limit", "max_service_registration")
 
     def __init__(self, kind, node, private_ports, ssl_ctx, policy, unhealthy_after):
         self.kind = kind                     # "tcp" or "tls"
@@ -59,12 +63,120 @@ class Listener:
         self.rcvbuf = node.receive_buffer_size
         self.sndbuf = node.send_buffer_size
         self.links = 0                       # service connections admitted, still open
+        self.handshakes = 0                  # TLS connections accepted, still in their handshake
         self.policy = policy
         # Unhealthy first (routing stops selecting it), then the grace, then closed.
         self.silent_after = unhealthy_after + node.dead_link_grace
         self.write_high = node.write_buffer_high_water
         self.write_limit = node.write_buffer_limit
         self.max_service_registration = node.max_service_registration_size
+
+
+class _TlsAcceptor:
+    """The service TLS listener, accepting itself like the HTTPS one (ingress/tls_accept.py).
+
+    With uvloop's create_server(ssl=...) a connection was the hub's only once its handshake
+    was done, so any peer reaching the port, certificate or not, held connections in their
+    handshake outside maxConnections (7,300 descriptors held by one probe within 2 s, each
+    for HELLO_TIMEOUT), and could make each handshake fail as expensively as it liked (a
+    chain of 250 made-up certificates: 53 ms of the worker's loop each, the worker 83 %
+    busy). Now those in their handshake count against maxConnections, the next is reset at
+    accept, and an address with HANDSHAKE_FAILURES failed handshakes in a second is reset
+    at accept for the rest of it (docs/security.md §3d row 58). A TLS peer has HELLO's time
+    for its handshake: the link's HELLO timer starts only once it is done."""
+
+    def __init__(self, hub, listener: Listener, sock: socket.socket):
+        self._hub = hub
+        self._listener = listener
+        sock.setblocking(False)     # accept() must never wait: it runs on the loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._loop = hub.loop
+        self._serving = True
+        self._retry = None
+        self._failures: dict[bytes, int] = {}
+        self._second = 0
+        self._loop.add_reader(self._fd, self._accept)
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def close(self) -> None:
+        if not self._serving:
+            return
+        self._serving = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        else:
+            self._loop.remove_reader(self._fd)
+        self._sock.close()
+
+    def _resume(self) -> None:
+        self._retry = None
+        if self._serving:
+            self._loop.add_reader(self._fd, self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, address = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRORS:
+                    self._loop.remove_reader(self._fd)
+                    self._retry = self._loop.call_later(_ACCEPT_RETRY, self._resume)
+                    return
+                continue
+            self._admit(sock, address[0])
+
+    def _admit(self, sock: socket.socket, peer: str) -> None:
+        listener, hub = self._listener, self._hub
+        if listener.links + listener.handshakes >= listener.max_connections:
+            hub.link_closed("tls_handshake_limit")
+            _reset(sock)
+            return
+        second = int(self._loop.time())
+        if second != self._second:
+            self._second = second
+            self._failures.clear()
+        client = client_key(peer.encode())
+        if self._failures.get(client, 0) >= HANDSHAKE_FAILURES:
+            hub.link_closed("tls_handshake_failures")
+            _reset(sock)
+            return
+        listener.handshakes += 1
+        held, made = [sock], []
+
+        def factory():
+            held.clear()                # the transport closes it from now on
+            made.append(hub._accept(listener))
+            return made[0]
+
+        task = self._loop.create_task(self._loop.connect_accepted_socket(
+            factory, sock, ssl=hub.tls_context.current,
+            ssl_handshake_timeout=_connection.HELLO_TIMEOUT))
+        task.add_done_callback(lambda t: self._done(t, client, held, made))
+
+    def _done(self, task, client: bytes, held: list, made: list) -> None:
+        self._listener.handshakes -= 1
+        for sock in held:
+            _reset(sock)
+        if task.cancelled() or task.exception() is not None:
+            # Its connection was never made: nothing else forgets it.
+            for conn in made:
+                if conn not in self._hub.connections:
+                    self._hub._by_conn.pop(conn, None)
+        if task.cancelled():
+            return
+        exc = task.exception()      # retrieved: a failed handshake is not the loop's error
+        if isinstance(exc, ssl.SSLError):
+            second = int(self._loop.time())
+            if second != self._second:
+                self._second = second
+                self._failures.clear()
+            self._failures[client] = self._failures.get(client, 0) + 1
 
 
 class _Content:
@@ -148,12 +260,12 @@ class TransportHub:
                                allowed=policy.open_to, see="docs/service-identity.md")
         for kind, sock in sockets:
             listener = by_kind[kind]
-            # A TLS peer has HELLO's time for its handshake too: the link's HELLO timer
-            # starts only once the handshake is done, and uvloop's own default (60 s) would
-            # let silent connections sit six times as long, outside maxConnections.
+            if listener.ssl is not None:
+                # Accepted here, as the HTTPS listener does (_TlsAcceptor).
+                self._servers.append(_TlsAcceptor(self, listener, sock))
+                continue
             server = await self.loop.create_server(
-                lambda lst=listener: self._accept(lst), sock=sock, ssl=listener.ssl,
-                ssl_handshake_timeout=_connection.HELLO_TIMEOUT if listener.ssl else None)
+                lambda lst=listener: self._accept(lst), sock=sock)
             self._servers.append(server)
         self._schedule()
 

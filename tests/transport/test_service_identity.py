@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import socket
 import ssl
 import time
 
@@ -19,7 +20,8 @@ from stellagw.transport.identity import (
     RegistrationPolicy, certificate_names, is_loopback, registration_key, sign_hello,
 )
 
-from tests.support.gwtest import GatewayThread, NullLog, Pki, Served, port_of, request, settings_from, wait_for
+from tests.support.gwtest import (GatewayThread, NullLog, Pki, Served, is_closed, port_of, request,
+                                  settings_from, wait_for)
 from tests.support.servicepeer import RawPeer, SdkThread, hello_for
 
 SECRET = "registration-secret-0123456789abcdef"
@@ -490,3 +492,70 @@ def test_identity_configuration_is_normalised_and_round_trips():
     secret = load_config_text(f'gateway: {{transports: {{tcp: {{registrationSecret: "{SECRET}"}}}}}}',
                               env={})
     assert SECRET not in dump_effective(secret)
+
+
+def _counter(admin, name) -> dict:
+    _, _, body = request(admin, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")
+    out = {}
+    for line in body.decode().splitlines():
+        if line.startswith(name + "{"):
+            labels, _, value = line.rpartition(" ")
+            out[labels.split('reason="')[1].split('"')[0]] = float(value)
+    return out
+
+
+def test_tls_links_in_their_handshake_count_against_max_connections(tmp_path, pki):
+    """docs/security.md §3d row 58: the TLS listener's handshakes were uvloop's, outside
+    maxConnections, so any peer held descriptors in them (7,300 within 2 s, 10 s each) and
+    made each fail as expensively as it liked. Now they count, the next is reset at accept;
+    an address failing 4 handshakes in a second is reset for the rest of it. A service
+    with its certificate still registers, and is reached."""
+    (tmp_path / "foreign").mkdir()
+    foreign = Pki(tmp_path / "foreign")         # a CA the gateway does not trust
+    transports = _tls(pki, maxConnections=3)
+    gw = Served(config_text=orjson.dumps({"gateway": {
+        "node": {"workers": 1, "preStopDelay": "0s"}, "http": {"port": 0},
+        "transports": transports}}).decode(), tmp_path=tmp_path)
+    held = []
+    try:
+        rec = gw.wait_listening()[0]
+        port, http, admin = port_of(rec["tls"]), port_of(rec["http"]), port_of(rec["admin"])
+
+        def silent(source="127.0.0.1"):
+            sock = socket.socket()
+            sock.bind((source, 0))
+            sock.connect(("127.0.0.1", port))
+            return sock
+        held += [silent(), silent(), silent()]
+        time.sleep(0.3)
+        extra = silent("127.0.0.3")
+        held.append(extra)
+        assert is_closed(extra, 2)                  # reset at once, not at HELLO_TIMEOUT
+        for sock in held[:3]:
+            assert not is_closed(sock, 0.05)
+            sock.close()
+        assert wait_for(lambda: _counter(admin, "gateway_service_links_closed_total").get(
+            "tls_handshake_limit") == 1, 5)
+
+        bad = _client(pki, foreign.client_cert, foreign.client_key)
+        for _ in range(10):
+            try:
+                RawPeer(port, ssl_ctx=bad, timeout=2).hello(hello_for("x"))
+            except (ssl.SSLError, OSError, AssertionError):
+                pass
+        assert wait_for(lambda: _counter(admin, "gateway_service_links_closed_total").get(
+            "tls_handshake_failures", 0) >= 2, 5)
+
+        time.sleep(1.1)                             # the address's second is over
+        svc = SdkThread(whoami(Service("team-b", gateways=[f"127.0.0.1:{port}"],
+                                       ssl=_client(pki, pki.client_cert, pki.client_key),
+                                       server_hostname="localhost"), "/t/team-b/who")).start()
+        try:
+            status, _, body = request(http, b"GET /t/team-b/who HTTP/1.1\r\nHost: gw\r\n\r\n")
+            assert status == 200 and body == svc.service.instance_id.encode(), body
+        finally:
+            svc.stop()
+    finally:
+        for sock in held:
+            sock.close()
+        assert gw.stop() == 0
