@@ -219,6 +219,88 @@ def reset(transport) -> None:
     transport.abort()
 
 
+# Connections an Acceptor takes per wake-up; the rest wait in the backlog for the next loop
+# turn, so a burst does not hold the loop.
+_ACCEPT_BATCH = 64
+# Out of descriptors (or kernel memory): what waits stays in the backlog, and accept is
+# tried again this much later — the listening socket stays readable, so trying at once
+# would spin the loop.
+_ACCEPT_RETRY = 1.0
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_LINGER_RST = struct.pack("ii", 1, 0)
+# Failed TLS handshakes one client address may have in a second (per worker and listener)
+# before its next connections that second are reset at accept. A failed handshake can be
+# costly on our side only: OpenSSL 3.0 decodes every certificate the client sends before it
+# verifies any, 0.18 ms each, so 250 made-up ones (68 KB, under OpenSSL's 100 KB cap) cost
+# the worker 46 ms against 2–3 ms for the client — one address pinned a worker with two
+# connections at a time. A client whose certificate does not verify fails every try
+# anyway. docs/security.md §3d rows 55 and 58.
+HANDSHAKE_FAILURES = 4
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Close an accepted socket with an RST: the kernel drops what the peer sent (half a
+    ClientHello) at once and keeps no TIME_WAIT for it."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    except OSError:
+        pass
+    sock.close()
+
+
+class Acceptor:
+    """A listening socket the worker accepts from itself (the TLS listeners: uvloop's
+    `create_server(ssl=...)` hands over a connection only once its handshake is done, so
+    caps could not count those in it). `_admit(sock, peer)` gets each accepted socket;
+    out of descriptors, accepting pauses for a second. What Worker keeps of a listener, as
+    it keeps an asyncio Server: close() and is_serving()."""
+
+    def __init__(self, sock: socket.socket, loop) -> None:
+        sock.setblocking(False)     # accept() must never wait: it runs on the loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._loop = loop
+        self._serving = True
+        self._retry = None
+        loop.add_reader(self._fd, self._accept)
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def close(self) -> None:
+        if not self._serving:
+            return
+        self._serving = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        else:
+            self._loop.remove_reader(self._fd)
+        self._sock.close()
+
+    def _resume(self) -> None:
+        self._retry = None
+        if self._serving:
+            self._loop.add_reader(self._fd, self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, address = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRORS:
+                    self._loop.remove_reader(self._fd)
+                    self._retry = self._loop.call_later(_ACCEPT_RETRY, self._resume)
+                    return
+                continue        # ECONNABORTED and the like: that one is gone, not the rest
+            self._admit(sock, address[0])
+
+    def _admit(self, sock: socket.socket, peer: str) -> None:
+        raise NotImplementedError
+
+
 def listen(sock: socket.socket, backlog: int) -> socket.socket:
     sock.listen(backlog)
     sock.setblocking(False)

@@ -21,45 +21,15 @@ what follows (docs/http-edge.md, "Client address").
 from __future__ import annotations
 
 import asyncio
-import errno
 import socket
 import ssl
-import struct
 import time
 
 from cryptography import x509
 
+from ..listeners import HANDSHAKE_FAILURES, Acceptor, reset_socket
 from .http import D_HEADER, HttpProtocol
 from .proxy import V2_MAX, ProxyError, client_key, parse_proxy_header
-
-# Connections taken per wake-up; the rest wait in the backlog for the next loop turn, so a
-# burst does not hold the loop.
-_ACCEPT_BATCH = 64
-# Out of descriptors (or kernel memory): what waits stays in the backlog, and accept is
-# tried again this much later — the listening socket stays readable, so trying at once
-# would spin the loop.
-_ACCEPT_RETRY = 1.0
-_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-_LINGER_RST = struct.pack("ii", 1, 0)
-# Failed handshakes one client address may have in a second (per worker) before its next
-# connections that second are reset at accept. A failed handshake can be costly on our
-# side only: OpenSSL 3.0 decodes every certificate the client sends before it verifies
-# any, 0.18 ms each, so 250 made-up ones (68 KB, under OpenSSL's 100 KB cap) cost the
-# worker 46 ms against 2–3 ms for the client — one address pinned a worker with two
-# connections at a time. A client whose certificate does not verify fails every try
-# anyway. docs/security.md §3d row 55.
-HANDSHAKE_FAILURES = 4
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with an RST: the kernel drops what the peer sent (half a ClientHello) at once
-    and keeps no TIME_WAIT for it."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-    except OSError:
-        pass
-    sock.close()
-
 
 def _failure(exc: BaseException) -> str:
     """What a failed handshake is counted as: a client certificate that did not verify (a
@@ -243,7 +213,7 @@ class Handshake(asyncio.Protocol):
         self._proxy_done()
         self.release()
         if self.sock is not None:
-            _reset(self.sock)
+            reset_socket(self.sock)
             self.sock = None
 
     def abort(self) -> None:
@@ -253,53 +223,14 @@ class Handshake(asyncio.Protocol):
             self.task.cancel()          # connect_accepted_socket closes the transport
 
 
-class TlsListener:
-    """What Worker keeps of its HTTPS listener, as it keeps an asyncio Server: close() and
-    is_serving()."""
+class TlsListener(Acceptor):
+    """The HTTPS listener: each accepted socket admitted under the caps, then its PROXY
+    header read and its handshake started (Handshake)."""
 
     def __init__(self, worker, sock: socket.socket, tls):
+        super().__init__(sock, asyncio.get_running_loop())
         self._worker = worker
-        sock.setblocking(False)     # accept() must never wait: it runs on the loop
-        self._sock = sock
-        self._fd = sock.fileno()
         self._tls = tls             # ingress.tls.ReloadingContext
-        self._loop = asyncio.get_running_loop()
-        self._serving = True
-        self._retry = None
-        self._loop.add_reader(self._fd, self._accept)
-
-    def is_serving(self) -> bool:
-        return self._serving
-
-    def close(self) -> None:
-        if not self._serving:
-            return
-        self._serving = False
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        else:
-            self._loop.remove_reader(self._fd)
-        self._sock.close()
-
-    def _resume(self) -> None:
-        self._retry = None
-        if self._serving:
-            self._loop.add_reader(self._fd, self._accept)
-
-    def _accept(self) -> None:
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                sock, address = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _RESOURCE_ERRORS:
-                    self._loop.remove_reader(self._fd)
-                    self._retry = self._loop.call_later(_ACCEPT_RETRY, self._resume)
-                    return
-                continue        # ECONNABORTED and the like: that one is gone, not the rest
-            self._admit(sock, address[0])
 
     def _admit(self, sock: socket.socket, peer: str) -> None:
         worker = self._worker
@@ -307,7 +238,7 @@ class TlsListener:
         if (len(worker.connections) + worker.websockets_open + len(worker.handshakes)
                 >= limits.max_connections):
             worker.connection_refused("limit")
-            _reset(sock)
+            reset_socket(sock)
             return
         key = client = None
         cap = limits.max_connections_per_client
@@ -317,20 +248,20 @@ class TlsListener:
             # Counted by the source its PROXY header names, once read.
             if trust is not None and not trust.trusts(peer):
                 worker.connection_refused("proxy_protocol")
-                _reset(sock)
+                reset_socket(sock)
                 return
         elif trust is None or not trust.trusts(peer):
             # (A trusted proxy's connections carry many clients: neither bound applies.)
             client = client_key(peer.encode())
             if worker.handshake_failures.get(client, 0) >= HANDSHAKE_FAILURES:
                 worker.connection_refused("handshake_failures")
-                _reset(sock)
+                reset_socket(sock)
                 return
             if cap > 0:
                 key = client
                 if not worker.admit_client(key, cap):
                     worker.connection_refused("per_client")
-                    _reset(sock)
+                    reset_socket(sock)
                     return
         handshake = Handshake(worker, sock, key, limits.header_read_timeout, client)
         worker.handshakes.add(handshake)

@@ -25,8 +25,7 @@ import orjson
 from ..auth.replay import LocalReplayCache
 from ..ingress.proxy import client_key
 from ..ingress.tls import ReloadingContext
-from ..ingress.tls_accept import _ACCEPT_BATCH, _ACCEPT_RETRY, _RESOURCE_ERRORS, _reset
-from ..ingress.tls_accept import HANDSHAKE_FAILURES
+from ..listeners import HANDSHAKE_FAILURES, Acceptor, reset_socket
 from . import frame as fr
 from . import connection as _connection
 from .connection import INITIAL_WINDOW, ServiceConnection, TimerWheel
@@ -72,7 +71,7 @@ class Listener:
         self.max_service_registration = node.max_service_registration_size
 
 
-class _TlsAcceptor:
+class _TlsAcceptor(Acceptor):
     """The service TLS listener, accepting itself like the HTTPS one (ingress/tls_accept.py).
 
     With uvloop's create_server(ssl=...) a connection was the hub's only once its handshake
@@ -86,65 +85,29 @@ class _TlsAcceptor:
     for its handshake: the link's HELLO timer starts only once it is done."""
 
     def __init__(self, hub, listener: Listener, sock: socket.socket):
+        super().__init__(sock, hub.loop)
         self._hub = hub
         self._listener = listener
-        sock.setblocking(False)     # accept() must never wait: it runs on the loop
-        self._sock = sock
-        self._fd = sock.fileno()
-        self._loop = hub.loop
-        self._serving = True
-        self._retry = None
-        self._failures: dict[bytes, int] = {}
+        self._failures: dict[bytes, int] = {}   # failed handshakes by address, this second
         self._second = 0
-        self._loop.add_reader(self._fd, self._accept)
 
-    def is_serving(self) -> bool:
-        return self._serving
-
-    def close(self) -> None:
-        if not self._serving:
-            return
-        self._serving = False
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        else:
-            self._loop.remove_reader(self._fd)
-        self._sock.close()
-
-    def _resume(self) -> None:
-        self._retry = None
-        if self._serving:
-            self._loop.add_reader(self._fd, self._accept)
-
-    def _accept(self) -> None:
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                sock, address = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _RESOURCE_ERRORS:
-                    self._loop.remove_reader(self._fd)
-                    self._retry = self._loop.call_later(_ACCEPT_RETRY, self._resume)
-                    return
-                continue
-            self._admit(sock, address[0])
+    def _failures_now(self) -> dict[bytes, int]:
+        second = int(self._loop.time())
+        if second != self._second:
+            self._second = second
+            self._failures.clear()
+        return self._failures
 
     def _admit(self, sock: socket.socket, peer: str) -> None:
         listener, hub = self._listener, self._hub
         if listener.links + listener.handshakes >= listener.max_connections:
             hub.link_closed("tls_handshake_limit")
-            _reset(sock)
+            reset_socket(sock)
             return
-        second = int(self._loop.time())
-        if second != self._second:
-            self._second = second
-            self._failures.clear()
         client = client_key(peer.encode())
-        if self._failures.get(client, 0) >= HANDSHAKE_FAILURES:
+        if self._failures_now().get(client, 0) >= HANDSHAKE_FAILURES:
             hub.link_closed("tls_handshake_failures")
-            _reset(sock)
+            reset_socket(sock)
             return
         listener.handshakes += 1
         held, made = [sock], []
@@ -162,7 +125,7 @@ class _TlsAcceptor:
     def _done(self, task, client: bytes, held: list, made: list) -> None:
         self._listener.handshakes -= 1
         for sock in held:
-            _reset(sock)
+            reset_socket(sock)
         if task.cancelled() or task.exception() is not None:
             # Its connection was never made: nothing else forgets it.
             for conn in made:
@@ -172,11 +135,8 @@ class _TlsAcceptor:
             return
         exc = task.exception()      # retrieved: a failed handshake is not the loop's error
         if isinstance(exc, ssl.SSLError):
-            second = int(self._loop.time())
-            if second != self._second:
-                self._second = second
-                self._failures.clear()
-            self._failures[client] = self._failures.get(client, 0) + 1
+            failures = self._failures_now()
+            failures[client] = failures.get(client, 0) + 1
 
 
 class _Content:
