@@ -7,8 +7,8 @@ import time
 import orjson
 import pytest
 
-from tests.support.gwtest import (GatewayThread, NullLog, Served, connect, port_of, request,
-                                  settings_from)
+from tests.support.gwtest import (GatewayThread, NullLog, Pump, Served, connect, port_of,
+                                  request, settings_from)
 from tests.support.services import ServiceProcess
 from tests.support.valkey_server import ValkeyProcess
 
@@ -203,14 +203,10 @@ def test_a_stall_of_the_gateway_itself_is_not_a_valkey_timeout(tmp_path):
     replies unread: one timeout reset the healthy connection, every check on it failed,
     and the breaker opened, the environment tier off for its timeout."""
     import os
-    import selectors
     import signal
-    import socket
-    import threading
 
     valkey = ValkeyProcess().start()
     gw = svc = None
-    socks = []
     try:
         gw = Served(config_text=STALL_CONFIG.format(valkey=valkey.url), tmp_path=tmp_path)
         rec = gw.wait_listening()[0]
@@ -219,34 +215,13 @@ def test_a_stall_of_the_gateway_itself_is_not_a_valkey_timeout(tmp_path):
         svc = ServiceProcess("rl", port_of(rec["tcp"])).start()
         svc.wait_routable(port, timeout=15)
         # 40 connections keep requests (so environment checks) in flight all the time.
-        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
-        stop = threading.Event()
-
-        def pump():
-            sel = selectors.DefaultSelector()
-            for s in socks:
-                s.setblocking(False)
-                sel.register(s, selectors.EVENT_READ)
-                s.send(GET)
-            while not stop.is_set():
-                for key, _ in sel.select(0.05):
-                    try:
-                        data = key.fileobj.recv(65536)
-                    except BlockingIOError:
-                        continue
-                    if data:
-                        key.fileobj.send(GET * data.count(b"HTTP/1.1 "))
-
-        thread = threading.Thread(target=pump, daemon=True)
-        thread.start()
-        time.sleep(0.5)
-        for _ in range(3):
-            os.kill(worker, signal.SIGSTOP)
-            time.sleep(0.4)
-            os.kill(worker, signal.SIGCONT)
+        with Pump(port, GET, 40):
             time.sleep(0.5)
-        stop.set()
-        thread.join(5)
+            for _ in range(3):
+                os.kill(worker, signal.SIGSTOP)
+                time.sleep(0.4)
+                os.kill(worker, signal.SIGCONT)
+                time.sleep(0.5)
         metrics = request(port, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")[2].decode()
         assert 'gateway_ratelimit_breaker_state{state="closed"} 1.0' in metrics
         assert 'gateway_ratelimit_valkey_errors_total{type="timeout"}' not in metrics
@@ -256,8 +231,6 @@ def test_a_stall_of_the_gateway_itself_is_not_a_valkey_timeout(tmp_path):
                                       'scope="environment"}')]
         assert checked and float(checked[0].split()[-1]) > 100
     finally:
-        for s in socks:
-            s.close()
         if svc is not None:
             svc.stop()
         if gw is not None:
@@ -272,14 +245,10 @@ def test_one_valkey_hiccup_is_one_failure_for_the_breaker(tmp_path):
     breaker (threshold 5), the fleet-wide limit off for its timeout. The checks that failed
     only with the reset still fail open and are counted as errors, not as failures."""
     import os
-    import selectors
     import signal
-    import socket
-    import threading
 
     valkey = ValkeyProcess().start()
     gw = svc = None
-    socks = []
     stopped = False
     try:
         gw = Served(config_text=STALL_CONFIG.format(valkey=valkey.url), tmp_path=tmp_path)
@@ -287,35 +256,14 @@ def test_one_valkey_hiccup_is_one_failure_for_the_breaker(tmp_path):
         port = port_of(rec["http"])
         svc = ServiceProcess("rl", port_of(rec["tcp"])).start()
         svc.wait_routable(port, timeout=15)
-        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
-        stop = threading.Event()
-
-        def pump():
-            sel = selectors.DefaultSelector()
-            for s in socks:
-                s.setblocking(False)
-                sel.register(s, selectors.EVENT_READ)
-                s.send(GET)
-            while not stop.is_set():
-                for key, _ in sel.select(0.05):
-                    try:
-                        data = key.fileobj.recv(65536)
-                    except BlockingIOError:
-                        continue
-                    if data:
-                        key.fileobj.send(GET * data.count(b"HTTP/1.1 "))
-
-        thread = threading.Thread(target=pump, daemon=True)
-        thread.start()
-        time.sleep(0.5)
-        os.kill(valkey.proc.pid, signal.SIGSTOP)
-        stopped = True
-        time.sleep(0.3)
-        os.kill(valkey.proc.pid, signal.SIGCONT)
-        stopped = False
-        time.sleep(0.5)
-        stop.set()
-        thread.join(5)
+        with Pump(port, GET, 40):
+            time.sleep(0.5)
+            os.kill(valkey.proc.pid, signal.SIGSTOP)
+            stopped = True
+            time.sleep(0.3)
+            os.kill(valkey.proc.pid, signal.SIGCONT)
+            stopped = False
+            time.sleep(0.5)
         metrics = request(port, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")[2].decode()
         errors = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                   for line in metrics.splitlines()
@@ -327,8 +275,6 @@ def test_one_valkey_hiccup_is_one_failure_for_the_breaker(tmp_path):
     finally:
         if stopped:
             os.kill(valkey.proc.pid, signal.SIGCONT)
-        for s in socks:
-            s.close()
         if svc is not None:
             svc.stop()
         if gw is not None:

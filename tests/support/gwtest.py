@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import selectors
 import socket
 import ssl
 import threading
@@ -245,6 +246,43 @@ class Pki:
         if with_cert:
             ctx.load_cert_chain(self.client_cert, self.client_key)
         return ctx
+
+
+class Pump:
+    """`connections` client connections to `port`, each sending `raw` again as soon as it
+    has an answer, so requests are in flight all the time (a context manager; bounded by
+    the `with` block)."""
+
+    def __init__(self, port: int, raw: bytes, connections: int = 40):
+        self.socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(connections)]
+        self._raw = raw
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Pump":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for s in self.socks:
+            s.close()
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        for s in self.socks:
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ)
+            s.send(self._raw)
+        while not self._stop.is_set():
+            for key, _ in sel.select(0.05):
+                try:
+                    data = key.fileobj.recv(65536)
+                except (BlockingIOError, ConnectionError):
+                    continue
+                if data:
+                    key.fileobj.send(self._raw * data.count(b"HTTP/1.1 "))
 
 
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02):
