@@ -366,11 +366,11 @@ def test_slow_valkey_fails_open_within_the_timeout(valkey_proc):
     async def main():
         await rl.start()
         valkey_proc.command("CLIENT", "PAUSE", "600", "ALL")
-        t0 = time.monotonic()
         d = await resolve(rl.check("ip:a", None, "s", "/", "/"))
-        elapsed = time.monotonic() - t0
         assert d.allowed and d.scope is None           # no instance rules: unlimited
-        assert elapsed < 0.5
+        # Failed open on its own timeout: an answer from Valkey (after the pause) would
+        # have counted no error.
+        assert rl.counters["valkey_errors"] == {"timeout": 1}
         await asyncio.sleep(0.7)
         await rl.close()
     run(main())
