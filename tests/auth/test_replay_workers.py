@@ -152,6 +152,11 @@ def test_a_restarted_worker_still_refuses_what_its_predecessor_accepted(instance
     instance.gw.wait_for_log(lambda r: r.get("message") == "listening"
                              and r.get("pid") not in instance.pids)
     assert wait_for(lambda: instance.routes_on({0, 1}), timeout=20)
+    # The new worker fetches the Authority's keys for its first token; on a loaded machine
+    # that can outlast a request (503 keys_unavailable), so a fresh proof goes first.
+    for w in (0, 1):
+        assert wait_for(lambda: instance.send_to(w, instance.proof_request())[0] == 200,
+                        timeout=20)
     for raw in raws:
         for w in (0, 1):
             assert refused_as_replay(instance.send_to(w, raw)), f"worker {w} accepted a replay"
