@@ -14,10 +14,15 @@ demo: install
 # Set up and run the whole test suite (what .ci/run calls), then the test modules marked
 # `twin` once more uncompiled, with the codecs' pure-Python twins (STELLAGW_NO_EXTENSIONS=1:
 # the codec unit tests compare the two directly; the glue is one source, run both ways;
-# tests/conftest.py).
+# tests/conftest.py). TEST_JOBS processes share the tests a module at a time (most wait on
+# real servers); the tests marked `alone` judge the machine's latency and run by themselves.
+# `python3 -m pytest` alone runs everything in one process.
+TEST_JOBS ?= 2
+XDIST := -n $(TEST_JOBS) --dist loadfile
 test: install build test-tools
-	$(PYTHON) -m pytest -q
-	STELLAGW_NO_EXTENSIONS=1 $(PYTHON) -m pytest -q -m twin
+	$(PYTHON) -m pytest -q $(XDIST) -m "not alone"
+	$(PYTHON) -m pytest -q -m alone
+	STELLAGW_NO_EXTENSIONS=1 $(PYTHON) -m pytest -q $(XDIST) -m twin
 
 # Debian packages the tests use: promtool (from prometheus) checks the /metrics output;
 # nginx is the oracle of tests/ingress/edge/test_nginx_oracle.py (run in the foreground with its own
