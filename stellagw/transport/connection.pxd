@@ -73,6 +73,8 @@ cdef class ServiceConnection:
     cdef long long _requests_sent, _responses_received
     cdef double _quiet_since, _paused_since, _ping_since
     cdef bytes _corr_prefix, _ping_sent
+    cdef Pending _out                          # a streamed answer's pieces held in this read
+    cdef list _out_chunks
     cdef unsigned long long _corr_next
 
     @cython.locals(pending=Pending)
@@ -82,6 +84,8 @@ cdef class ServiceConnection:
     @cython.locals(pending=Pending, flags=int)
     cdef _on_stream_data(self, bytes corr, payload)
     cdef _stream_to_client(self, Pending pending, chunk)
+    @cython.locals(pending=Pending, chunks=list)
+    cdef _flush_out(self)
     cdef _grant(self, Pending pending)
     @cython.locals(window=Py_ssize_t)
     cdef _credit(self, Pending pending, Py_ssize_t increment)

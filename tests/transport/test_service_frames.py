@@ -261,3 +261,48 @@ def test_fields_a_clients_connection_field_names_do_not_reach_the_service(gw):
         assert client.response()[0] == 200
     finally:
         svc.close()
+
+
+# ---------------------------------------------------------------------------- tiny frames
+
+
+def test_a_streamed_answer_in_tiny_frames_reaches_the_client_in_few_writes(gw):
+    """docs/security.md §3d, tiny stream frames: a service that streams its answer a byte
+    per RESPONSE_STREAM_DATA made the gateway write each to the client (a chunk and a
+    syscall per byte: 10,410 writes for one 230 KB read) and send a WINDOW_UPDATE for each.
+    The pieces of one read now go as one write, and credit goes back for them at once."""
+    svc = Service(gw)
+    try:
+        client = get(gw, b"/svc/stream")
+        corr, _, _, _ = svc.request()
+
+        def tiny(enc):
+            enc.response(corr, 200, [(b"content-type", b"text/plain")], 0, b"")
+            for _ in range(1000):
+                enc.stream_data(fr.RESPONSE_STREAM_DATA, corr, 0, b"x")
+            enc.stream_data(fr.RESPONSE_STREAM_DATA, corr, fr.FLAG_END_STREAM, b"")
+        svc.send(tiny)          # 23 KB in one write: one read or a few
+        status, _, body = client.response()
+        assert status == 200 and body == b"x" * 1000
+        # The chunked framing the client got says how many writes the body took.
+        rest = client.data.partition(b"\r\n\r\n")[2]
+        chunks = 0
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            if not size:
+                break
+            chunks += 1
+            rest = rest[size + 2:]
+        assert chunks <= 5, chunks
+        granted = []
+        svc.peer.sock.settimeout(0.5)
+        try:
+            while (frame := svc.peer.read_frame(0.5)) is not None:
+                if frame[0] == fr.WINDOW_UPDATE and frame[1] == corr:
+                    granted.append(fr.decode_window_update(frame[2]))
+        except (socket.timeout, TimeoutError):
+            pass
+        assert sum(granted) == 1000 and len(granted) <= 5, granted
+    finally:
+        svc.close()
