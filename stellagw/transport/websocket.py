@@ -119,6 +119,13 @@ class WsBridge(WSListener):
                 transport.send_pong(frame.get_payload_as_bytes())
             self.conn.ws_client_active(self.pending)
             return
+        if kind == fr.KIND_DATA and not frame.fin and not frame.payload_size:
+            # An empty continuation that does not end its message says nothing (from_service
+            # skips it the other way; RFC 6455 §5.4 lets an intermediary refragment). Relayed,
+            # each was a frame on the service's link that no window counts: 10,000 of them
+            # from one 60 KB client write, and as many frames for the service to decode.
+            self.conn.ws_client_active(self.pending)
+            return
         flags = kind | (0 if frame.fin else fr.FLAG_MORE)
         self._to_service(flags, frame.get_payload_as_bytes())
 

@@ -422,6 +422,28 @@ def test_text_split_inside_a_character_is_relayed():
     assert b"".join(c for _, c in sent) == head + tail and not closing
 
 
+def test_empty_continuations_inside_a_message_do_not_reach_the_service():
+    """docs/security.md §3d, empty WebSocket fragments: a client's empty continuation that
+    does not end its message carries nothing, and no window counts it. Each was relayed as
+    its own REQUEST_STREAM_DATA: 1,000 frames on the link from one 6 KB write. The one that
+    ends a message still goes (the message must end), and the client is still active."""
+    filler = client_frame(0, b"", fin=False) * 1000
+
+    async def body(bridge, link, transport, client):
+        read_101(client)
+        client.sendall(client_frame(2, b"a", fin=False) + filler + client_frame(0, b"b")
+                       + client_frame(1, b"c", fin=False) + filler + client_frame(0, b""))
+        await wait_until(lambda: len(link.sent) >= 4 or link.active >= 2000,
+                         "the messages did not reach the service")
+        await asyncio.sleep(0.05)
+        return list(link.sent), link.active, transport.is_closing()
+
+    sent, active, closing = run_bridge(body, window=1 << 20)
+    assert sent == [(fr.KIND_BINARY | MORE, b"a"), (fr.KIND_DATA, b"b"),
+                    (fr.KIND_TEXT | MORE, b"c"), (fr.KIND_DATA, b"")]
+    assert active == 2000 and not closing
+
+
 def test_a_client_close_without_window_cancels_instead_of_waiting_for_credit():
     """The service has spent the window and reads nothing more: the client's CLOSE cannot go
     as stream data. The client still gets its close echoed, and the service CANCEL (through
