@@ -259,6 +259,25 @@ def test_size_cap_before_parsing(tmp_path, es_key, monkeypatch):
     assert calls == []
 
 
+def test_a_forged_signature_is_refused_before_pyjwt_reads_the_token(auth, es_key, monkeypatch):
+    """docs/security.md §3d, forged tokens: PyJWT's decode walks every character of the
+    token in Python before it verifies the signature (0.6 ms for 7.5 KB), and any client
+    can send a forged token naming a known kid. The signature is checked first, so a
+    forgery never reaches PyJWT; a token the Authority signed still goes through it."""
+    calls = []
+    real = tokens._jwt_decode
+    monkeypatch.setattr(tokens, "_jwt_decode", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    wide = sign_raw(es_key, {"alg": "ES256", "kid": "es-1", **{f"h{i}": i for i in range(400)}},
+                    {"iss": ISS, "sub": "u", "aud": "stellaops-gateway", "exp": int(NOW) + 60})
+    h, p, sig = wide.split(".")
+    forged = f"{h}.{p}.{b64u(bytes(64))}"
+    refused(auth.authenticate(bearer_request(forged), ()), "token_signature")
+    refused(auth.authenticate(bearer_request(f"{h}.{p}.{sig[:-2]}"), ()), "token_signature")
+    assert calls == []
+    ok(auth.authenticate(bearer_request(wide), ()))
+    assert calls == [1]
+
+
 # ---------------------------------------------------------------------- the verified-token cache
 
 def test_second_use_is_not_reverified(auth, es_key, monkeypatch):
