@@ -81,6 +81,7 @@ class WsBridge(WSListener):
         # TEXT the UTF-8 decoder that checks it across its fragments (RFC 6455 §5.4, §8.1).
         self._message = None
         self._utf8 = None
+        self._pong = None           # the payload of the last PING not yet answered
 
     # ---------------------------------------------------------------- client → service
 
@@ -116,7 +117,13 @@ class WsBridge(WSListener):
             # WebSocket from going idle (streamIdleTimeout), which picows' own answering
             # would hide from us.
             if msg_type == WSMsgType.PING:
-                transport.send_pong(frame.get_payload_as_bytes())
+                # One PONG, for the last PING, once this read's frames are done (RFC 6455
+                # §5.5.3 allows it): a PONG for each was a send syscall each, 10,000 of them
+                # for one 60 KB write of empty PINGs.
+                if self._pong is None:
+                    asyncio.get_running_loop().call_soon(self._send_pong)
+                self._pong = frame.get_payload_as_bytes()
+                return
             self.conn.ws_client_active(self.pending)
             return
         if kind == fr.KIND_DATA and not frame.fin and not frame.payload_size:
@@ -128,6 +135,12 @@ class WsBridge(WSListener):
             return
         flags = kind | (0 if frame.fin else fr.FLAG_MORE)
         self._to_service(flags, frame.get_payload_as_bytes())
+
+    def _send_pong(self):
+        payload, self._pong = self._pong, None
+        if self.ws is not None and not self.closed and not self.disconnected:
+            self.ws.send_pong(payload)
+            self.conn.ws_client_active(self.pending)
 
     def _client_frame_ok(self, transport, frame, kind):
         """RFC 6455's rules for a client's message frame, checked before any of it goes to
