@@ -10,8 +10,9 @@
  4. key by `kid` from the configured issuer's keys only (the token's `jku`/`x5u`/`jwk`/
     `x5c` are never used); an unknown kid → the caller triggers the rate-limited refetch
  5. `alg` must be one the key's type allows (ES256 ⇔ EC P-256, ...)
- 6. signature, `iss` (exact), `aud` (any configured) with PyJWT, `algorithms=` the
-    configured list ∩ the key's type — never taken from the token
+ 6. signature (jose.verify_signature, before PyJWT reads the token), then signature, `iss`
+    (exact), `aud` (any configured) with PyJWT, `algorithms=` the configured list ∩ the
+    key's type — never taken from the token
  7. `exp` required, `nbf`, `iat` (not in the future), `exp − iat` ≤ maxTokenLifetime, all
     with leeway = dpopMaxClockSkew and our clock
  8. `cnf`: only `jkt` and `x5t#S256` are understood; any other confirmation method is
