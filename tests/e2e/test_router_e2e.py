@@ -320,6 +320,51 @@ def test_readiness_waits_for_required_services_and_reports_instance_health(tmp_p
         st.close()
 
 
+def test_readiness_looks_only_at_the_required_services_instances():
+    """docs/security.md §3d, /health/ready: each answer built a set of every instance's
+    service (60 ns an instance: 0.6 ms a request at 10,000), required services or none,
+    and any client may ask it on the client port. Only a required service's own instances
+    are looked at now, up to the first routable one."""
+    from tests.support.gwtest import GatewayThread, settings_from
+    from tests.support.servicepeer import RawPeer, hello_for
+
+    class NotWalked(dict):
+        def values(self):
+            raise AssertionError("readiness walked every instance")
+
+    gw = GatewayThread(settings_from("gateway: {http: {port: 0}, health: "
+                                     "{requiredServices: [needed]}}")).start()
+    peers = []
+
+    def reasons():
+        # On the loop, in one go: nothing else runs while the table is swapped.
+        routing = gw.worker.routing
+        everyone = routing.instances
+        routing.instances = NotWalked(everyone)
+        try:
+            return ("ok", gw.worker.not_ready_reasons())
+        except AssertionError as exc:
+            return ("walked", str(exc))
+        finally:
+            routing.instances = everyone
+    try:
+        for name in ("other", "other", "needed"):
+            peer = RawPeer(gw.transport_port)
+            assert "error" not in peer.hello(hello_for(name))
+            peers.append(peer)
+            assert wait_for(lambda: name in gw.call(lambda: list(gw.worker.routing.services)))
+            verdict, said = gw.call(reasons)
+            assert verdict == "ok", said
+            assert said == ([] if name == "needed"
+                            else ["required service 'needed' has no routable instance"])
+        status, _, body = request(gw.port, b"GET /health/ready HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert status == 200 and orjson.loads(body)["status"] == "Ready"
+    finally:
+        for peer in peers:
+            peer.close()
+        gw.stop()
+
+
 def test_a_streamed_response_that_stalls_is_cut_and_its_service_cancelled():
     # routing.streamIdleTimeout over real sockets and the real SDK: the service streams a
     # line, then nothing. The client gets the head and the line, then the connection is
