@@ -449,6 +449,8 @@ class ServiceConnection:
             while True:
                 frame = decoder.next()
                 if frame is None:
+                    if self._out is not None:
+                        self._flush_out()
                     break
                 self._frames += 1
                 ftype_obj, corr, payload = frame
@@ -467,8 +469,12 @@ class ServiceConnection:
                             self._flush_out()
                         self._on_control(ftype_obj, corr, payload)
                 if self.state == _CLOSED or self._slicing is not None:
+                    if self._out is not None:
+                        self._flush_out()
                     return      # closed, or the frames behind a registration wait for it
         except fr.FrameTooLarge as exc:
+            self._out = None                # the link fails, and its streams with it
+            self._out_chunks.clear()
             if self.state == _AWAIT_HELLO:
                 # The decoder's, on the HELLO's length field (nothing else is read before
                 # it). Told why, or it would dial again with the same HELLO for ever.
@@ -479,10 +485,9 @@ class ServiceConnection:
                 return
             self._protocol_error(str(exc))
         except (fr.FrameError, HelloError) as exc:
+            self._out = None
+            self._out_chunks.clear()
             self._protocol_error(str(exc))
-        finally:
-            if self._out is not None:
-                self._flush_out()
 
     def eof_received(self):
         return False
