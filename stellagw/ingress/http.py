@@ -870,7 +870,7 @@ class HttpProtocol:
         else:
             self._in_body = False
             self.deadline_kind = _D_NONE
-        if self._current is None and not self._queue:
+        if self._current is None and not self._queue and not self._write_paused:
             self._current = req
             self._run(req)
             if self._closing:
@@ -1053,8 +1053,14 @@ class HttpProtocol:
             self._queue.append(req)
 
     def _pump(self):
-        """Start the next queued request when nothing is in flight."""
-        while self._current is None and self._queue and not self._closing:
+        """Start the next queued request when nothing is in flight and the client takes
+        what it was sent. A client that pipelined and reads nothing had every queued request
+        sent to its service and every answer added to its buffer (16 answers held, for
+        `sendTimeout` or for ever at `minSendRate`; an adversarial probe): the next one now
+        waits for resume_writing, as nginx starts a pipelined request only once the last
+        answer is out (docs/security.md §3d, "pipelined behind a client not reading")."""
+        while (self._current is None and self._queue and not self._closing
+               and not self._write_paused):
             req = self._queue.popleft()
             self._current = req
             self._run(req)
@@ -1351,6 +1357,8 @@ class HttpProtocol:
         self._write_paused = False
         self._server.client_caught_up(self)
         self._resume(_P_WRITE)
+        if self._current is None and self._queue and self._out is None:
+            self._pump()        # what waited for the client to take its answers (_pump)
         cb = self._on_writable
         if cb is not None:
             cb()

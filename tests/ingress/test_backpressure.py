@@ -13,7 +13,7 @@ import pytest
 
 from stellagw.ingress.http import HttpProtocol
 
-from tests.support.gwtest import GatewayThread, settings_from, wait_for
+from tests.support.gwtest import GatewayThread, read_response, settings_from, wait_for
 
 pytestmark = pytest.mark.twin   # run again uncompiled by `make test` (tests/conftest.py)
 
@@ -305,4 +305,66 @@ def test_answers_held_for_clients_that_read_nothing_stay_within_the_worker_budge
         for s in clients:
             s.close()
         peer.sock.close()
+        gw.stop()
+
+
+def test_requests_pipelined_behind_answers_a_client_does_not_take_wait_for_it():
+    """docs/security.md §3d, "pipelined behind a client not reading": a client that pipelined
+    16 requests and read nothing had each of them sent to its service as the one before was
+    answered, and every answer added to its buffer (16 whole answers held, for sendTimeout,
+    or for ever at minSendRate). The next request now waits until the client takes what it
+    was sent, as nginx's does; once it reads, every answer comes, in order."""
+    from stellagw.transport import frame as fr
+    from tests.support.servicepeer import RawPeer, hello_for
+
+    answer_size = 1024 * 1024
+    gw = GatewayThread(settings_from(
+        '{"gateway": {"http": {"port": 0}, "transports": {"tcp": {"port": 0}},'
+        ' "logging": {"accessLog": false}}}')).start()
+    peer = RawPeer(gw.transport_port)
+    requests = []
+
+    def answer():
+        enc = fr.FrameEncoder()
+        while True:
+            try:
+                frame = peer.read_frame(30)
+            except OSError:
+                return          # the test closed the link
+            if frame is None:
+                return
+            if frame[0] == fr.REQUEST:
+                path = fr.decode_request(frame[2])[3]
+                requests.append(path)
+                n = int(path.rsplit("/", 1)[1])
+                enc.response(frame[1], 200, [(b"content-type", b"application/octet-stream")],
+                             fr.FLAG_END_STREAM, bytes([n]) * answer_size)
+                peer.sock.sendall(enc.take())
+
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        assert "error" not in peer.hello(hello_for("pipe", endpoints=[("GET", "/pipe/{n}")]))
+        threading.Thread(target=answer, daemon=True).start()
+        s.connect(("127.0.0.1", gw.port))
+        s.sendall(b"".join(b"GET /pipe/%d HTTP/1.1\r\nHost: gw\r\n\r\n" % i for i in range(16)))
+        # The client reads nothing: its connection pauses for writing ...
+        assert wait_for(lambda: len(gw.call(lambda: list(gw.worker.backlogged.values()))) == 1,
+                        10)
+        time.sleep(0.5)     # (without the fix, all 16 reached the service by now)
+        # ... and the requests behind it wait: the service did not get them, and the
+        # gateway holds one answer, not sixteen.
+        assert len(requests) < 16, requests
+        owed = gw.call(lambda: [c.buffered() for c in gw.worker.connections])
+        assert len(owed) == 1 and owed[0] <= 2 * answer_size, owed
+        # The client reads: every answer, in order, each request sent once.
+        s.settimeout(20)
+        buf = bytearray()
+        for i in range(16):
+            status, _, body = read_response(s, buf)
+            assert status == 200 and body == bytes([i]) * answer_size, (i, status, len(body))
+        assert requests == ["/pipe/%d" % i for i in range(16)]
+    finally:
+        s.close()
+        peer.close()
         gw.stop()
