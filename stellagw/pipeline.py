@@ -303,17 +303,22 @@ class Pipeline:
         self._send_to(req, path, selected)
         return True
 
-    def reroute(self, req, path, failed):
+    def reroute(self, req, path, failed, sent_at):
         """`req` waited for `failed`'s link to take more and never reached it (the link
         dropped, or the instance is draining: transport/connection.py, _held). It goes to
         another instance as a first try would: nothing was sent, so neither the method nor
-        the retry budget matters. True when sent."""
+        the retry budget matters. True when sent.
+
+        Its timeout still runs from `sent_at`, when it was first dispatched: restarted at
+        each move, a request bounced between a service's instances (each paused, draining
+        and back) outlived its timeout for as long as they kept it up (3 s → 18 s in an
+        adversarial probe; docs/security.md §3d, "rerouted requests keep their deadline")."""
         if req.done or req.routed is None:
             return False
         selected = self._elsewhere(req, failed)
         if selected is None:
             return False
-        self._send_to(req, path, selected)
+        self._send_to(req, path, selected, sent_at)
         return True
 
     def _elsewhere(self, req, failed):
@@ -325,12 +330,13 @@ class Pipeline:
             return None
         return selected
 
-    def _send_to(self, req, path, selected):
+    def _send_to(self, req, path, selected, sent_at=-1.0):
         instance, endpoint = selected
         req.pending = None
         self._dispatched += 1
         instance.conn.send_request(req, endpoint, endpoint.timeout or self._default_timeout,
-                                   path, self._stream_threshold, perf_counter())
+                                   path, self._stream_threshold,
+                                   sent_at if sent_at >= 0.0 else perf_counter())
 
     # ------------------------------------------------------------------ waiting for I/O
 

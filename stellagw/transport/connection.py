@@ -1351,7 +1351,7 @@ class ServiceConnection:
         req = pending.req
         self._finish(pending)
         pending.held = 0
-        if self._hub.worker.pipeline.reroute(req, pending.path, self.instance):
+        if self._hub.worker.pipeline.reroute(req, pending.path, self.instance, pending.sent_at):
             if req.body_state == _B_OPEN and req.pending is not None and not req.pending.body:
                 req.conn.resume_body(req)     # paused while it waited here
             return
