@@ -655,9 +655,15 @@ class Worker:
                 if conn.is_idle() and _quiet(conn):
                     conn.close()
                     conn.abort_if_only_waiting()
-            if not self.connections or time.monotonic() >= deadline:
+            # WebSockets are picows' connections, not in self.connections: they too have
+            # until the deadline (without this the drain ended as soon as the HTTP
+            # connections had, and cut every WebSocket at preStopDelay).
+            if ((not self.connections and not self.websockets_open)
+                    or time.monotonic() >= deadline):
                 break
             await asyncio.sleep(0.05)
+        # What the deadline cuts: HTTP connections still open, and WebSockets.
+        unfinished = len(self.connections) + self.websockets_open
         self.hub.shutdown()
         for handshake in list(self.handshakes):
             handshake.abort()
@@ -680,7 +686,7 @@ class Worker:
         # The last counts go to the instance's files: a worker that exits between two
         # publishes would otherwise take up to a second of them with it.
         self.metrics.publish()
-        self.log.event("info", "stopped", unfinished=len(self.connections))
+        self.log.event("info", "stopped", unfinished=unfinished)
         self.log.drain()
         if self._tick_handle is not None:
             self._tick_handle.cancel()

@@ -1240,7 +1240,12 @@ class ServiceConnection:
         """Gateway shutdown at the drain deadline: CANCEL(Shutdown) for what is left."""
         for pending in list(self.inflight.values()):
             self._cancel(pending, reason)
-            self._fail(pending, 503, "the gateway is shutting down")
+            if pending.ws is not None:
+                # The gateway is going away, not the service: 1001, not 1011 (RFC 6455
+                # §7.4.1), so the client reconnects, through another gateway.
+                pending.ws.going_away()
+            else:
+                self._fail(pending, 503, "the gateway is shutting down")
 
     def _cancel(self, pending, reason):
         # A small body still being collected (`inline`) means its REQUEST has not gone out:

@@ -360,6 +360,10 @@ class WsBridge(WSListener):
             self.on_cut(reason)
         reset(self.ws.underlying_transport)
 
+    def going_away(self):
+        """The gateway stops (the drain's deadline): 1001, going away (RFC 6455 §7.4.1)."""
+        self.abort(WSCloseCode.GOING_AWAY, b"gateway shutting down")
+
     def idle_close(self):
         """No message either way for streamIdleTimeout: 1001, going away (RFC 6455 §7.4.1)."""
         self.abort(WSCloseCode.GOING_AWAY, b"idle")

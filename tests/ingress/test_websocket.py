@@ -315,3 +315,48 @@ def test_websockets_whose_clients_read_nothing_count_against_the_response_buffer
         assert wait_for(lambda: gw.call(lambda: (gw.worker.websockets_open,
                                                  dict(gw.worker.backlogged),
                                                  gw.worker.backlog_total)) == (0, {}, 0), 10)
+
+
+def test_a_draining_gateway_keeps_websockets_until_its_deadline_then_closes_1001():
+    # docs/operations.md §4 and docs/security.md §3d ("WebSockets at the drain"): picows
+    # holds a WebSocket's connection, not the worker's HTTP connections, so the drain
+    # ended as soon as the HTTP connections had — every WebSocket cut at once with 1011
+    # "service unavailable", as if its service had died, and `stopped` said unfinished 0.
+    from tests.support.gwtest import NullLog
+    logs = NullLog()
+    gw = GatewayThread(settings_from(
+        "gateway: {node: {nodeId: gw-a}, http: {port: 0, shutdownTimeout: 1500ms}}"),
+                       log=logs.log).start()
+    # A second gateway (another node: the SDK keeps one link per gateway node) to ask the
+    # service what it saw once the first has stopped.
+    other = GatewayThread(settings_from("gateway: {node: {nodeId: gw-b}, http: {port: 0}}")).start()
+    svc = subprocess.Popen([sys.executable, "-m", "tests.support.services", "--name", "wsd",
+                            "--gateway", f"127.0.0.1:{gw.transport_port}",
+                            "--gateway", f"127.0.0.1:{other.transport_port}"], cwd=ROOT)
+    try:
+        for port in (gw.port, other.port):
+            assert wait_for(lambda: request(port, b"GET /t/wsd/whoami HTTP/1.1\r\nHost: gw\r\n\r\n")[0] == 200, 15)
+
+        async def main():
+            transport, client = await connect(gw.port, "/t/wsd/ws")
+            transport.send(WSMsgType.TEXT, b"before")
+            assert await message(client) == ("text", b"before")
+            drained = gw.drain(wait=False)
+            await asyncio.sleep(0.3)
+            # Draining, before the deadline: the conversation goes on.
+            transport.send(WSMsgType.TEXT, b"during")
+            assert await message(client) == ("text", b"during")
+            # At the deadline: going away, the client's cue to reconnect elsewhere.
+            assert await message(client) == ("close", 1001)
+            await asyncio.wrap_future(drained)
+        run(main())
+        # The service's handler was cancelled (CANCEL Shutdown), seen through the other gateway.
+        body = request(other.port, b"GET /t/wsd/events HTTP/1.1\r\nHost: gw\r\n\r\n")[2]
+        assert len(orjson.loads(body)["cancelled"]) == 1
+        stopped = [orjson.loads(line) for line in logs.lines() if b'"stopped"' in line]
+        assert stopped[0]["unfinished"] == 1
+    finally:
+        svc.terminate()
+        svc.wait(10)
+        other.stop()
+        gw.stop()
