@@ -466,6 +466,8 @@ class Service:
     async def stop(self, timeout: float = 10.0) -> None:
         """Drain: tell every gateway, let running handlers finish, then close."""
         self._stopping = True
+        # Heartbeats say so too from now on (protocol.md §4.6): they said Healthy.
+        self.status = "Draining"
         for link in list(self._links.values()):
             link.send_control(fr.DRAIN, {"reason": "service stopping"})
         deadline = time.monotonic() + timeout

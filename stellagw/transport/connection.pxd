@@ -62,7 +62,7 @@ cdef class ServiceConnection:
     cdef WriteBatch _writes
     cdef TimerWheel _wheel
     cdef bint _opened, _write_paused, _release_scheduled, _small_frames, _ping_paused
-    cdef bint _ignore_paused
+    cdef bint _ignore_paused, _drained
     cdef int _read_holds
     cdef Py_ssize_t _ignored_count
     cdef double _ignored_until

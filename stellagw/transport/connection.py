@@ -349,6 +349,7 @@ class ServiceConnection:
         self._ignored_count = 0         # frames for nothing since...
         self._ignored_until = 0.0       # ...this loop time's interval began (IGNORED_INTERVAL)
         self._ignore_paused = False
+        self._drained = False           # the service sent DRAIN
         self._updates = _Paced(self._loop, UPDATE_INTERVAL, self._waited(self._apply_update),
                                lambda: hub.update_free_at)     # the worker's update budget
         self._beats = _Paced(self._loop, HEARTBEAT_INTERVAL, self._waited(self._apply_beat))
@@ -550,6 +551,10 @@ class ServiceConnection:
             # A heartbeat sent before the DRAIN and still waiting (HEARTBEAT_INTERVAL) must
             # not announce the instance Healthy again after it.
             self._beats.cancel()
+            # For good on this link (protocol.md §4.6): a HEARTBEAT or ENDPOINTS_UPDATE
+            # after it does not make the instance selectable again (the SDK's heartbeats
+            # said Healthy until it closed, and new requests went to it while it drained).
+            self._drained = True
             self._routing.heartbeat(self.instance, DRAINING)
             self._log.event("info", "service draining", service=self.instance.service,
                             instance=self.instance.instance_id)
@@ -620,8 +625,8 @@ class ServiceConnection:
 
     def _apply_beat(self, payload):
         hb = fr.decode_control(payload)
-        self._routing.heartbeat(self.instance, hb.get("status"), hb.get("in_flight"),
-                                hb.get("error_rate"))
+        self._routing.heartbeat(self.instance, DRAINING if self._drained else hb.get("status"),
+                                hb.get("in_flight"), hb.get("error_rate"))
         if self._write_paused:
             return          # it is not reading: a ping would only wait in our buffer
         # Ping rides on the heartbeat (protocol.md §5.3): the PING carries our send
@@ -699,6 +704,8 @@ class ServiceConnection:
         if denied is not None:
             raise fr.FrameError(denied)
         self.instance = self._routing.register(self, update)
+        if self._drained:
+            self._routing.heartbeat(self.instance, DRAINING)
         self._log.event("info", "service endpoints updated", service=inst.service,
                         instance=inst.instance_id, endpoints=len(self.instance.endpoints))
 

@@ -112,3 +112,14 @@ def test_two_tasks_sending_on_one_websocket_send_one_message_after_the_other():
             current = None
     assert current is None
     assert sorted(messages) == [b"a" * 300_000, b"b" * 300_000]
+
+
+def test_heartbeats_say_draining_once_the_service_stops():
+    # docs/security.md §3d ("Healthy after DRAIN"): stop() sent DRAIN, then the link's
+    # heartbeats went on saying Healthy until it closed (protocol.md §4.6: Draining).
+    async def main():
+        svc = Service("svc")
+        assert svc.heartbeat()["status"] == "Healthy"
+        await svc.stop(timeout=0.1)
+        return svc.heartbeat()["status"]
+    assert asyncio.run(main()) == "Draining"

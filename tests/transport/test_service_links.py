@@ -581,4 +581,55 @@ def test_requests_moved_between_draining_instances_keep_their_timeout():
             s.close()
         for peer in peers:
             peer.close()
+
+
+def test_a_drained_link_stays_drained_whatever_its_heartbeats_or_updates_say():
+    # docs/security.md §3d ("Healthy after DRAIN"): the SDK's heartbeats said Healthy until
+    # it closed, and the gateway took the first one after a DRAIN as the instance serving
+    # again — new requests went to an instance on its way out. DRAIN is for good on its link
+    # (protocol.md §4.6); a reconnect is a new link, and new traffic goes there.
+    gw = gateway()
+    peer = RawPeer(gw.transport_port)
+    fresh = None
+    try:
+        assert "error" not in peer.hello(hello_for("dr", endpoints=[("GET", "/t/dr/x")],
+                                                   instance_id="dr-1"))
+        assert wait_for(lambda: instances(gw, "dr") == 1)
+        peer.send_control(fr.DRAIN, {"reason": "deploy", "deadline_ms": 30000})
+        time.sleep(0.15)
+        peer.send_control(fr.HEARTBEAT, {"status": "Healthy", "in_flight": 0})
+        time.sleep(0.3)                       # past HEARTBEAT_INTERVAL: applied
+        assert get(gw, "/t/dr/x")[0] == 503
+        update = {"endpoints": [{"method": "GET", "path": "/t/dr/x", "timeout_ms": 5000}]}
+        peer.send_control(fr.ENDPOINTS_UPDATE, update)
+        time.sleep(0.3)
+        peer.send_control(fr.HEARTBEAT, {"status": "Healthy", "in_flight": 0})
+        time.sleep(0.3)
+        assert get(gw, "/t/dr/x")[0] == 503
+        # Nothing but PINGs reached the draining link.
+        seen = []
+        try:
+            while (frame := peer.read_frame(timeout=0.3)) is not None:
+                seen.append(frame[0])
+        except TimeoutError:
+            pass
+        assert fr.REQUEST not in seen, seen
+        # The same instance reconnecting at once: a new link, selectable.
+        fresh = RawPeer(gw.transport_port)
+        assert "error" not in fresh.hello(hello_for("dr", endpoints=[("GET", "/t/dr/x")],
+                                                    instance_id="dr-1"))
+        answer = {}
+        client = threading.Thread(target=lambda: answer.update(r=get(gw, "/t/dr/x")))
+        client.start()
+        while (frame := fresh.read_frame()) is not None and frame[0] != fr.REQUEST:
+            pass
+        enc = fr.FrameEncoder()
+        enc.response(frame[1], 200, [], fr.FLAG_END_STREAM, b"new link")
+        fresh.sock.sendall(enc.take())
+        client.join(5)
+        assert answer["r"][0] == 200 and answer["r"][2] == b"new link"
+    finally:
+        peer.close()
+        if fresh is not None:
+            fresh.close()
         gw.stop()
