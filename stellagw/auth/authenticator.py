@@ -257,8 +257,7 @@ class Authenticator:
                               "the Authority's keys are not available yet", "keys_unavailable", 503)
         pending = self.keys.request_refetch()
         if pending is None:
-            return self._fail(req, scheme, "invalid_token", "access token signing key is unknown",
-                              "unknown_kid")
+            return self._unknown_kid(req, scheme)
         return self._after_refetch(pending, req, scheme, token, digest, proof, n_proofs, host,
                                    scope_header, endpoint_claims, bound)
 
@@ -277,8 +276,7 @@ class Authenticator:
             except Refusal as refusal:
                 return self._refused(req, scheme, refusal)
             if isinstance(info, UnknownKey):
-                return self._fail(req, scheme, "invalid_token", "access token signing key is unknown",
-                                  "unknown_kid")
+                return self._unknown_kid(req, scheme)
             result = self._after_token(req, scheme, info, digest, proof, n_proofs, host,
                                        scope_header, endpoint_claims, now, bound)
             if inspect.isawaitable(result):
@@ -455,6 +453,15 @@ class Authenticator:
             scheme = "DPoP"
         return self._fail(req, scheme, refusal.code, refusal.message, refusal.reason,
                           refusal.status, nonce=nonce)
+
+    def _unknown_kid(self, req, scheme):
+        if self.keys.failing:
+            # The Authority's keys could not be fetched: its new key perhaps (a restart with
+            # rotated keys). Not "bad token" (a client would throw a good one away): 503.
+            return self._fail(req, scheme, "temporarily_unavailable",
+                              "the Authority's keys cannot be fetched", "keys_unavailable", 503)
+        return self._fail(req, scheme, "invalid_token", "access token signing key is unknown",
+                          "unknown_kid")
 
     def _fail(self, req, scheme, code, message, reason, status=401, nonce=None, scope=None):
         failure = self._challenges.failure(scheme, code, message, reason, status, nonce, scope)

@@ -193,6 +193,13 @@ def _check_url(url: object, what: str) -> str:
     raise KeysError(f"{what} must be an https URL")
 
 
+# After a failed fetch, an unknown kid may ask for the next this soon, not only after
+# keysMinRefetchInterval: an Authority restarting with a new key (a replica behind its
+# address) is back within seconds, and its tokens were refused meanwhile for the whole
+# interval. Single flight keeps it to one fetch a second per worker.
+FAILED_REFETCH_RETRY = 1.0
+
+
 class KeyStore:
     def __init__(self, *, authority: str, jwks_path: str, algorithms, refresh_interval: float,
                  min_refetch_interval: float, timeout: float = 5.0, log=None, on_event=None,
@@ -226,6 +233,11 @@ class KeyStore:
             # No kid: acceptable only when there is exactly one key to try (OIDC Core §10.1).
             return self._all[0] if len(self._all) == 1 else None
         return self._by_kid.get(kid)
+
+    @property
+    def failing(self) -> bool:
+        """The last fetch failed: a kid not among the keys may be the Authority's all the same."""
+        return bool(self.last_error)
 
     def ready_reasons(self) -> list[str]:
         if self.configured and not self.loaded:
@@ -270,7 +282,8 @@ class KeyStore:
         except RuntimeError:
             return None            # not inside the event loop: nothing can wait for a fetch
         now = self._clock()
-        if now - self._last_refetch < self._min_refetch:
+        wait = min(self._min_refetch, FAILED_REFETCH_RETRY) if self.failing else self._min_refetch
+        if now - self._last_refetch < wait:
             self._event("keys_refetch_rate_limited")
             return None
         self._last_refetch = now

@@ -198,7 +198,8 @@ def test_a_trickling_authority_is_given_up_within_the_fetch_timeout(authority, h
             waiting = [auth.authenticate(bearer_request(token_for(authority, rotated)), ())
                        for _ in range(5)]
             results = await asyncio.wait_for(asyncio.gather(*waiting), 10)
-            assert all(isinstance(r, AuthFailure) and r.reason == "unknown_kid" for r in results)
+            # The fetch failed: the kid may be the Authority's all the same, so 503, not 401.
+            assert all(isinstance(r, AuthFailure) and r.reason == "keys_unavailable" for r in results)
             assert time.monotonic() - t0 < 3            # the fetch's 1 s, and some slack
             # The last good keys still serve.
             assert isinstance(auth.authenticate(bearer_request(token_for(authority, key)), ()),
@@ -318,3 +319,36 @@ def test_missing_jwks_file_is_a_ready_reason(tmp_path):
         auth.stop()
     run(main())
     assert "cannot read" in auth.ready_reasons()[0]
+
+
+def test_an_unknown_kid_while_the_authority_is_down_is_503_and_retried_soon(authority):
+    # docs/security.md §3d ("Authority restarting with rotated keys"): a token signed with a
+    # new key reached the gateway while the Authority's JWKS could not be fetched (a replica
+    # restarting behind its address). The refetch failed, the token was refused 401
+    # invalid_token (a client then throws a good token away), and every token with that
+    # key got 401 at once for keysMinRefetchInterval (30 s), the Authority back or not.
+    auth = new_auth(authority, 'keysMinRefetchInterval: "30s"')
+    rotated = SigningKey("ES256", kid="k2")
+
+    async def main():
+        await auth.start()
+        try:
+            authority.keys.append(rotated)
+            authority.down = True
+            first = await auth.authenticate(bearer_request(token_for(authority, rotated)), ())
+            assert isinstance(first, AuthFailure) and (first.status, first.reason) == (503, "keys_unavailable")
+            # The Authority still down: 503 at once, not "bad token".
+            again = auth.authenticate(bearer_request(token_for(authority, rotated)), ())
+            assert isinstance(again, AuthFailure) and again.status == 503
+            authority.down = False
+            await asyncio.sleep(1.1)          # a failed fetch is tried again after 1 s
+            result = auth.authenticate(bearer_request(token_for(authority, rotated)), ())
+            if not isinstance(result, (Identity, AuthFailure)):
+                result = await result
+            assert isinstance(result, Identity)
+            # A kid the Authority does not have, once it answers: 401 as before.
+            never = auth.authenticate(bearer_request(token_for(authority, SigningKey("ES256", kid="nope"))), ())
+            assert isinstance(never, AuthFailure) and (never.status, never.reason) == (401, "unknown_kid")
+        finally:
+            auth.stop()
+    run(main())
