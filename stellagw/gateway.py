@@ -154,6 +154,7 @@ class Worker:
         # Warm start: (service, instance id) pairs still expected to reach this worker.
         self.warming: set | None = None
         self._published_instances = None
+        self._published_routes = None
         self.fd_exhausted: dict[str, int] = {}
         self._fd_logged_at = -_FD_LOG_INTERVAL
         self._fd_unlogged = 0
@@ -430,6 +431,7 @@ class Worker:
         # Whoever was connected to this worker's predecessor: read before anything can change
         # the files (this worker publishes its own once a second).
         expected = self._expected_instances()
+        sibling_routes = self._sibling_routes()
         await self.hub.start(transport_socks)
         self._tick_handle = loop.call_later(1.0, self._tick)
         if self._heartbeat is not None:
@@ -446,6 +448,12 @@ class Worker:
                 lambda: HttpProtocol(admin), sock=admin_sock, backlog=128))
             self.admin_address = admin_sock.getsockname()[:2]
         await self._warm_up(expected)
+        # The siblings' services that have not reached this worker (restarting, or gone
+        # for less than serviceExpiry): 503 as on the siblings, not 404 (a worker restarted
+        # while a service restarted answered 404 for it until it came back).
+        for service, routes in sibling_routes.items():
+            if service not in self.routing.services:
+                self.routing.expect(service, routes, departed_at=time.monotonic())
         view = await fleet_read if fleet_read is not None else None
         if self._drain_started:
             # SIGTERM during the warm-up: this worker never serves clients.
@@ -544,9 +552,41 @@ class Worker:
                 continue
         return expected
 
+    def _sibling_routes(self) -> dict:
+        """{service: routes} every worker (this one's predecessor too) had routes of when
+        it last published, registered or departed."""
+        merged: dict = {}
+        if not self._run_dir:
+            return merged
+        try:
+            names = os.listdir(self._run_dir)
+        except OSError:
+            return merged
+        for name in names:
+            if not (name.startswith("routes-") and name.endswith(".json")):
+                continue
+            try:
+                with open(os.path.join(self._run_dir, name), "rb") as f:
+                    view = orjson.loads(f.read())
+                for service, routes in view.items():
+                    if isinstance(service, str) and isinstance(routes, list):
+                        merged.setdefault(service, [tuple(r) for r in routes
+                                                    if isinstance(r, list) and len(r) == 3])
+            except (OSError, ValueError, TypeError, AttributeError):
+                continue
+        return merged
+
     def _publish_instances(self) -> None:
         if not self._run_dir or self.warming:
             return   # a warming worker's partial view would only lower its siblings' bar
+        generation = self.routing.generation
+        if generation != self._published_routes:
+            path = os.path.join(self._run_dir, f"routes-{self.worker_id}.json")
+            try:
+                replace_atomically(path, orjson.dumps(self.routing.route_view()))
+                self._published_routes = generation
+            except OSError:
+                pass
         now = self._routable_instances()
         if now == self._published_instances:
             return

@@ -529,7 +529,7 @@ class RoutingState:
         self._changed("registered", instance)
         return instance
 
-    def expect(self, service: str, routes) -> int:
+    def expect(self, service: str, routes, departed_at: float | None = None) -> int:
         """Routes of a service the other gateways route but that has not registered here
         yet (a new gateway, routing/fleet.py): each gets the DEPARTED stand-in, so a
         request for it is answered 503 with Retry-After, as for a service restarting,
@@ -537,11 +537,15 @@ class RoutingState:
         taken, or that the router refuses, is left out; a service already here is left
         alone. The first registration of the service replaces them (its HELLO's
         endpoints are its routes), and one of another service takes the template over.
+        `departed_at` (time.monotonic()): a sibling worker's service (a restarted worker's
+        warm start), held as a service whose last instance left then — kept against other
+        services' templates and forgotten after serviceExpiry, as on the sibling.
         Returns the routes added."""
         if service in self.services or not _NAME.match(service):
             return 0
         svc = _Service(service)
-        svc.expected = svc.ghosts = True
+        svc.ghosts = True
+        svc.expected = departed_at is None
         router = self.router
         for method, template, websocket in routes:
             key = (method, template)
@@ -560,8 +564,25 @@ class RoutingState:
         if not svc.routes:
             return 0
         self.services[service] = svc
+        if departed_at is not None:
+            self._departed[service] = departed_at
         self.generation += 1
         return len(svc.routes)
+
+    def route_view(self) -> dict:
+        """{service: sorted [method, template, websocket]} of every service with routes
+        here, with an instance or departed (not those known from the fleet only): what a
+        sibling worker that restarts answers 503 for until they register, never 404."""
+        view = {}
+        for name, svc in self.services.items():
+            if svc.expected:
+                continue
+            routes = []
+            for (method, template), route in svc.routes.items():
+                cands = route.candidates
+                routes.append([method, template, 1 if cands and cands[0][1].websocket else 0])
+            view[name] = sorted(routes)
+        return view
 
     def withdraw(self, service: str) -> bool:
         """Forget the routes expect() gave a service that never registered here (404

@@ -266,11 +266,41 @@ def test_a_worker_killed_under_load_comes_back_without_a_404(stacks, tmp_path, w
             t.join(15)
     assert stats.get(200, 0) > 100, stats
     # Only the requests the killed worker had in hand fail (one per load thread at most).
-    assert sum(v for k, v in stats.items() if k not in (200, 404)) <= len(threads), stats
+    assert sum(v for k, v in stats.items() if k not in (200, 503)) <= len(threads), stats
     if warmup == "0s":
         # The control: without the warm-up the restarted worker serves clients before the
-        # service has dialled it again, and answers them 404. The window is real.
-        assert warm["missingCount"] == 1 and stats.get(404, 0) > 0, stats
+        # service has dialled it again. The window is real; it answered them 404, and now
+        # 503 with Retry-After (the siblings' routes, as for a service restarting).
+        assert warm["missingCount"] == 1 and stats.get(503, 0) > 0, stats
+        assert 404 not in stats, stats
         return
+    assert 503 not in stats, stats
     assert 404 not in stats, stats
     assert warm["missingCount"] == 0 and warm["ms"] >= 600
+
+
+def test_a_worker_restarted_while_a_service_restarts_answers_503_not_404(stacks, tmp_path):
+    # docs/operations.md "A worker that dies" and docs/security.md §3d ("a worker restarted
+    # during a service's restart"): a service with no instance keeps its routes (503 with
+    # Retry-After) until serviceExpiry, but a worker restarted meanwhile started with an
+    # empty table and answered 404 for it (~half the requests, the kernel's share) until
+    # the service came back. The restarted worker now takes its siblings' routes.
+    st = stacks(tmp_path, workers=2)
+    st.service("gap", workers=2)
+    st.registered_everywhere("gap-1", 2)
+    st.services[-1].kill()
+    st.services[-1].wait(5)
+    whoami = b"GET /t/gap/whoami HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    assert wait_for(lambda: all(request(st.http, whoami)[0] == 503 for _ in range(8)), 5)
+    time.sleep(1.2)   # each worker publishes its routes once a second
+    victim = st.recs[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    again = st.gw.wait_for_log(lambda r: r.get("message") == "listening")[0]
+    assert again["worker"] == victim["worker"] and again["pid"] != victim["pid"]
+    # New connections: the kernel spreads them over both workers' sockets.
+    statuses = [request(st.http, whoami)[0] for _ in range(40)]
+    assert set(statuses) == {503}, statuses
+    # The service back: routed by both, the restarted worker included.
+    st.service("gap", workers=2)
+    st.registered_everywhere("gap-1", 2)
+    assert {request(st.http, whoami)[0] for _ in range(10)} == {200}
