@@ -235,6 +235,7 @@ class Worker:
 
     def websocket_closed(self, client: bytes | None = None) -> None:
         self.websockets_open -= 1
+        self.metrics.connection_closed()
         if client is not None:
             self.release_client(client)
 

@@ -1329,9 +1329,9 @@ class HttpProtocol:
         server = self._server
         server.connections.discard(self)
         server.client_caught_up(self)       # picows' buffers are the bridge's to bound
-        server.metrics.connection_closed()
-        # Still a client connection, now picows': counted against maxConnections until it
-        # closes (the bridge calls websocket_closed).
+        # Still a client connection, now picows': counted against maxConnections and in
+        # gateway_active_connections{service="ingress"} until it closes (the bridge calls
+        # websocket_closed; the gauge once dropped it here, so open WebSockets went unseen).
         server.websockets_open += 1
         # Its address stays counted (maxConnectionsPerClient) until picows' connection closes.
         bridge.on_closed = partial(server.websocket_closed, self._client_key)

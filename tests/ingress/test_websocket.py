@@ -360,3 +360,23 @@ def test_a_draining_gateway_keeps_websockets_until_its_deadline_then_closes_1001
         svc.wait(10)
         other.stop()
         gw.stop()
+
+
+def test_open_websockets_count_as_client_connections(gateway):
+    # docs/security.md §3d ("WebSockets at the drain"): an upgraded connection left
+    # gateway_active_connections{service="ingress"} at the 101, so a worker holding
+    # WebSockets showed no clients (they count against maxConnections all along).
+    gw, _ = gateway
+
+    def ingress():
+        return gw.call(lambda: (gw.worker.metrics.active_connections.get("ingress", 0),
+                                gw.worker.websockets_open))
+    assert wait_for(lambda: ingress() == (0, 0), 5), ingress()
+
+    async def main():
+        opened = [await connect(gw.port) for _ in range(3)]
+        assert wait_for(lambda: ingress() == (3, 3), 5), ingress()
+        for transport, _ in opened:
+            transport.disconnect()
+    run(main())
+    assert wait_for(lambda: ingress() == (0, 0), 5), ingress()
