@@ -138,12 +138,29 @@ def routable_view(routing) -> dict[str, list]:
     return {name: sorted(routes) for name, routes in view.items()}
 
 
-def encode_view(view: dict[str, list], limit: int = MAX_VIEW_BYTES) -> tuple[bytes, str, int]:
+def departed_view(routing) -> dict[str, list]:
+    """{service: sorted [method, template, websocket]} of the services `routing` keeps
+    without an instance (restarting, until serviceExpiry): 503 here, so on a new pod too."""
+    return {name: sorted(routes) for name, routes in routing.route_view().items()
+            if not routing.services[name].links}
+
+
+def encode_view(view: dict[str, list], limit: int = MAX_VIEW_BYTES,
+                departed: dict[str, list] | None = None) -> tuple[bytes, str, int]:
     """(JSON, digest, services whose routes were left out to fit `limit`). The JSON is
-    canonical (sorted), so pods that route the same services write the same bytes."""
+    canonical (sorted), so pods that route the same services write the same bytes.
+    `departed` (departed_view) goes in only whole and within the limit; an older gateway
+    reads past it."""
     names = sorted(view)[:MAX_SERVICES]
     services = {name: [list(r) for r in view[name]] for name in names}
     left_out = 0
+    if departed:
+        gone = {name: [list(r) for r in departed[name]]
+                for name in sorted(departed)[:MAX_SERVICES] if name not in services}
+        doc = orjson.dumps({"v": VERSION, "services": services, "departed": gone},
+                           option=orjson.OPT_SORT_KEYS)
+        if gone and len(doc) <= limit:
+            return doc, hashlib.sha1(doc).hexdigest(), left_out
     while True:
         doc = orjson.dumps({"v": VERSION, "services": services}, option=orjson.OPT_SORT_KEYS)
         if len(doc) <= limit:
@@ -170,6 +187,7 @@ class FleetView:
     def __init__(self, members: int = 0):
         self.members = members
         self.services: dict[str, set] = {}
+        self.departed: dict[str, set] = {}     # kept without an instance by some entry
         self.bad = 0
 
     def add(self, raw) -> None:
@@ -180,6 +198,14 @@ class FleetView:
                 raise ValueError("not a fleet view")
             for name, routes in services.items():
                 known = self.services.setdefault(str(name), set())
+                for method, template, websocket in routes or ():
+                    if isinstance(method, str) and isinstance(template, str):
+                        known.add((method, template, bool(websocket)))
+            departed = doc.get("departed") or {}
+            if not isinstance(departed, dict):
+                raise ValueError("not a fleet view")
+            for name, routes in departed.items():
+                known = self.departed.setdefault(str(name), set())
                 for method, template, websocket in routes or ():
                     if isinstance(method, str) and isinstance(template, str):
                         known.add((method, template, bool(websocket)))
@@ -298,6 +324,13 @@ class FleetMember:
         for name, routes in view.services.items():
             if name not in here:
                 routing.expect(name, routes)
+        # Services the other pods keep without an instance (restarting): 503 here too,
+        # never 404, forgotten after serviceExpiry; not waited for (a new pod answered
+        # 404 for a service that was restarting while it started).
+        now = time.monotonic()
+        for name, routes in view.departed.items():
+            if name not in view.services:
+                routing.expect(name, routes, departed_at=now)
         return set(view.services)
 
     def begin(self, view, expected: set, t0: float) -> None:
@@ -377,7 +410,8 @@ class FleetMember:
         routing = worker.routing
         generation, doc, digest = self._encoded
         if generation != routing.generation:
-            doc, digest, left_out = encode_view(routable_view(routing))
+            doc, digest, left_out = encode_view(routable_view(routing),
+                                                departed=departed_view(routing))
             self._encoded = (routing.generation, doc, digest)
             if left_out and not self.oversize:
                 worker.log.event("warning", "fleet view too large: some services' routes are "
@@ -456,5 +490,6 @@ class FleetMember:
         await self.client.close()
 
 
-__all__ = ["FleetMember", "FleetStore", "FleetView", "routable_view", "encode_view", "keys_for",
+__all__ = ["FleetMember", "FleetStore", "FleetView", "routable_view", "departed_view",
+           "encode_view", "keys_for",
            "error_type", "MAX_MEMBERS", "MAX_VIEW_BYTES"]

@@ -381,3 +381,31 @@ gateway:
     assert {k for k in keys if not restart_required(k)} == {
         "gateway.node.fleet.publishInterval", "gateway.node.fleet.entryTtl",
         "gateway.node.fleet.warmupTimeout"}
+
+
+def test_a_service_restarting_on_the_other_pods_is_503_on_a_new_one(valkey_proc):
+    # docs/security.md §3d ("a worker restarted during a service's restart"), across pods:
+    # the fleet view listed routable services only, so a pod started while a service
+    # restarted (its routes 503 on every other pod until serviceExpiry) answered 404 for it.
+    # What the old pod publishes once its service's last instance left.
+    doc = orjson.dumps({"v": 1, "services": {}, "departed": {"back": [["GET", "/api/back/{id}", 0]]}},
+                       option=orjson.OPT_SORT_KEYS)
+    digest = __import__("hashlib").sha1(doc).hexdigest()
+    run(_with_store(valkey_proc.url, lambda store: store.publish("gw-old/0", doc, digest, ttl=30),
+                    where=("dev", "local")))
+    gw, log = _gateway(valkey_proc, wait="300ms")
+    try:
+        status, headers, _ = _get(gw.port, "/api/back/1")
+        assert (status, headers.get("retry-after")) == (503, "5")
+        # Not waited for: ready at once, and still 503 after the fleet's wait.
+        assert _get(gw.port, "/health/ready")[0] == 200
+        time.sleep(0.4)
+        assert _get(gw.port, "/api/back/1")[0] == 503
+        assert gw.call(lambda: gw.worker.routing._departed.get("back")) is not None
+    finally:
+        gw.stop()
+    # The old pod's side: a service kept without an instance is in its view as departed.
+    rs = RoutingState("eu1")
+    rs.unregister(rs.register(_Conn(), _hello("back", "/api/back/{id}")))
+    assert routable_view(rs) == {}
+    assert encode_view(routable_view(rs), departed=fl.departed_view(rs))[0] == doc
