@@ -773,6 +773,10 @@ class RoutingState:
             while own and budget:
                 self._drop(svc, next(iter(own.values())))
                 budget -= 1
+            # What is published from the routes (the fleet view, the siblings' routes file)
+            # is rewritten when the generation moves: without this a forgotten service was
+            # still offered as departed until some other change.
+            self.generation += 1
             if own:
                 break
             del departed[name]

@@ -409,3 +409,16 @@ def test_a_service_restarting_on_the_other_pods_is_503_on_a_new_one(valkey_proc)
     rs.unregister(rs.register(_Conn(), _hello("back", "/api/back/{id}")))
     assert routable_view(rs) == {}
     assert encode_view(routable_view(rs), departed=fl.departed_view(rs))[0] == doc
+
+
+def test_a_service_forgotten_after_service_expiry_leaves_the_published_views():
+    # What the fleet view and the siblings' routes file publish is rewritten when the
+    # routing generation moves; the expiry did not move it, so a forgotten service was
+    # still offered as departed (503 on new pods) until some other change.
+    rs = RoutingState("eu1", service_expiry=5.0)
+    rs.unregister(rs.register(_Conn(), _hello("old", "/api/old")))
+    assert fl.departed_view(rs) == {"old": [["GET", "/api/old", 0]]}
+    generation = rs.generation
+    rs.check_health(time.monotonic() + 10)
+    assert rs.generation != generation
+    assert fl.departed_view(rs) == {} and rs.route_view() == {}
