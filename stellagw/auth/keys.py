@@ -196,7 +196,8 @@ def _check_url(url: object, what: str) -> str:
 # After a failed fetch, an unknown kid may ask for the next this soon, not only after
 # keysMinRefetchInterval: an Authority restarting with a new key (a replica behind its
 # address) is back within seconds, and its tokens were refused meanwhile for the whole
-# interval. Single flight keeps it to one fetch a second per worker.
+# interval. Doubled after each failure in a row, up to keysMinRefetchInterval: a long
+# outage is not asked more often than before (single flight: one fetch per worker).
 FAILED_REFETCH_RETRY = 1.0
 
 
@@ -222,6 +223,7 @@ class KeyStore:
         self.loaded = False
         self.last_error = "not fetched yet"
         self._last_refetch = float("-inf")     # last unknown-kid refetch (the rate limit)
+        self._failures = 0                     # fetches failed in a row
         self._inflight: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
         self._tls = ssl.create_default_context()
@@ -282,7 +284,9 @@ class KeyStore:
         except RuntimeError:
             return None            # not inside the event loop: nothing can wait for a fetch
         now = self._clock()
-        wait = min(self._min_refetch, FAILED_REFETCH_RETRY) if self.failing else self._min_refetch
+        wait = self._min_refetch
+        if self.failing:
+            wait = min(wait, FAILED_REFETCH_RETRY * 2 ** min(max(self._failures - 1, 0), 16))
         if now - self._last_refetch < wait:
             self._event("keys_refetch_rate_limited")
             return None
@@ -307,6 +311,7 @@ class KeyStore:
             keys, fingerprint = await loop.run_in_executor(None, self._load_keys)
         except Exception as exc:  # noqa: BLE001 -- any failure keeps the last good keys
             self.last_error = _describe(exc)
+            self._failures += 1
             self._event("keys_refresh_failed")
             if self._log is not None:
                 self._log.event("warning", "Authority keys refresh failed", error=self.last_error,
@@ -318,6 +323,7 @@ class KeyStore:
         self._fingerprint = fingerprint
         was_loaded, self.loaded = self.loaded, True
         self.last_error = ""
+        self._failures = 0
         self._event("keys_refreshed")
         if changed:
             if self._log is not None:

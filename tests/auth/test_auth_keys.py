@@ -352,3 +352,26 @@ def test_an_unknown_kid_while_the_authority_is_down_is_503_and_retried_soon(auth
         finally:
             auth.stop()
     run(main())
+
+
+def test_failed_refetches_in_a_row_back_off_to_the_min_refetch_interval(authority):
+    # The 1 s retry after a failed fetch (docs/security.md §3d, "Authority restarting with
+    # rotated keys") doubles with each failure in a row: a long outage is asked no more
+    # often than keysMinRefetchInterval, whatever clients with unknown kids send.
+    from stellagw.auth.keys import KeyStore
+    now = [0.0]
+    store = KeyStore(authority=authority.issuer, jwks_path="", algorithms=ALGS,
+                     refresh_interval=300, min_refetch_interval=5.0, clock=lambda: now[0])
+
+    async def main():
+        authority.down = True
+        fetched = []
+        for t in [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 7.0, 12.0, 16.0, 17.0]:
+            now[0] = t
+            pending = store.request_refetch()
+            if pending is not None:
+                fetched.append(t)
+                await pending
+        return fetched
+    # Waits of 1, 2, 4, then 5 s (the interval).
+    assert run(main()) == [0.0, 1.0, 3.0, 7.0, 12.0, 17.0]
