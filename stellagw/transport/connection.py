@@ -433,6 +433,11 @@ class ServiceConnection:
             if pending.span is not None:
                 pending.span.end()
             pending.body = []
+            if self._drained and pending.ws is not None:
+                # The service drained, then closed: its shutdown, not a crash. 1001 (going
+                # away, RFC 6455 §7.4.1), the client's cue to reconnect, not 1011.
+                pending.ws.going_away(b"service shutting down")
+                continue
             self._lost(pending, "the service connection was lost")
         if self.instance is not None:
             if self._opened:

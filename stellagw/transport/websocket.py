@@ -360,9 +360,10 @@ class WsBridge(WSListener):
             self.on_cut(reason)
         reset(self.ws.underlying_transport)
 
-    def going_away(self):
-        """The gateway stops (the drain's deadline): 1001, going away (RFC 6455 §7.4.1)."""
-        self.abort(WSCloseCode.GOING_AWAY, b"gateway shutting down")
+    def going_away(self, reason=b"gateway shutting down"):
+        """The gateway stops (the drain's deadline), or the service after its DRAIN: 1001,
+        going away (RFC 6455 §7.4.1)."""
+        self.abort(WSCloseCode.GOING_AWAY, reason)
 
     def idle_close(self):
         """No message either way for streamIdleTimeout: 1001, going away (RFC 6455 §7.4.1)."""

@@ -380,3 +380,32 @@ def test_open_websockets_count_as_client_connections(gateway):
             transport.disconnect()
     run(main())
     assert wait_for(lambda: ingress() == (0, 0), 5), ingress()
+
+
+def test_a_service_that_drains_then_closes_ends_its_websockets_with_1001():
+    # docs/security.md §3d ("WebSockets at the drain"), the service's side: a service
+    # that sent DRAIN and closed its link with WebSockets still open (its shutdown's
+    # deadline) had them closed 1011 "service unavailable", as for a crash.
+    from stellagw.service import Service
+    from tests.support.servicepeer import SdkThread
+    gw = GatewayThread(settings_from("gateway: {http: {port: 0}}")).start()
+    svc = Service("wsgo", gateways=[f"127.0.0.1:{gw.transport_port}"])
+
+    @svc.websocket("/t/wsgo/ws")
+    async def echo(ws):
+        async for message in ws:
+            await ws.send(message)
+    sdk = SdkThread(svc).start()
+    try:
+        async def main():
+            transport, client = await connect(gw.port, "/t/wsgo/ws")
+            transport.send(WSMsgType.TEXT, b"hi")
+            assert await message(client) == ("text", b"hi")
+            # The service stops: DRAIN, its handlers get 0.3 s, then its links close.
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                svc.stop(timeout=0.3), sdk.loop))
+            assert await message(client) == ("close", 1001)
+        run(main())
+    finally:
+        sdk.loop.call_soon_threadsafe(sdk.loop.stop)
+        gw.stop()
