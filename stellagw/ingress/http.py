@@ -157,7 +157,7 @@ class Accounting:
 
     def _cell(self, service, method, route):
         durations = self._metrics.durations
-        hist_key = (service, method, route)
+        hist_key = observe_metrics.duration_key(durations, (service, method, route))
         hist = durations.get(hist_key)
         if hist is None:
             hist = durations[hist_key] = observe_metrics.Histogram()
@@ -210,8 +210,9 @@ class Accounting:
                 cell = by_method[req.method] = self._cell(req.service, req.method, req.route)
             count = cell.counts.get(status)
             if count is None:
-                count = cell.counts[status] = _Count((req.service, req.method, req.route,
-                                                      status))
+                # Bounded: past MAX_REQUEST_LABELS a new label set counts as _other.
+                count = cell.counts[status] = _Count(observe_metrics.request_key(
+                    self._metrics.requests, (req.service, req.method, req.route, status)))
             self._last_route = req.route
             self._last_method = req.method
             self._last_status = status
