@@ -84,6 +84,11 @@ MAX_EJECTION_PERCENT = 50
 # finished long ago. Also how long a version may be without an instance (a reconnect)
 # before it counts as new again.
 VERSION_SETTLE = 10.0
+# The label sets gateway_version_requests_total (service, version) and
+# gateway_outlier_ejections_total (service, reason) keep for links that have left: kept for
+# the worker's life, so at most this many each; later ones count under OTHER_LABELS.
+MAX_LABELS = 1000
+OTHER_LABELS = ("_other", "_other")
 # While a version ramps, a route's split is worked out again this often: the shares move
 # in steps of RAMP_STEP / versionRamp.
 RAMP_STEP = 1.0
@@ -128,7 +133,8 @@ SPLIT = _SplitMarker()
 
 
 class _Service:
-    __slots__ = ("name", "links", "routes", "ghosts", "members", "versions", "expected")
+    __slots__ = ("name", "links", "routes", "ghosts", "members", "versions", "left",
+                 "expected")
 
     def __init__(self, name):
         self.name = name
@@ -141,6 +147,12 @@ class _Service:
         # Its entries of RoutingState.instances: the ejection cap counts them.
         self.members: dict[tuple, Instance] = {}
         self.versions: dict[str, _Version] = {}
+        # Its versions without a link, in the order they lost their last one: forgotten
+        # VERSION_SETTLE after (they then count as new anyway). Kept for the life of the
+        # service, a record per version ever seen let a peer that churns instances with a
+        # fresh version each (beside one that stays) grow this without end, and made
+        # each join scan them all.
+        self.left: dict[str, _Version] = {}
 
 
 class _Version:
@@ -602,9 +614,11 @@ class RoutingState:
 
     def _version_joined(self, svc: _Service, version: str) -> None:
         now = self.clock()
+        _forget_versions(svc, now)
         record = svc.versions.get(version)
         if record is not None and not record.links and now - record.gone_at > VERSION_SETTLE:
             record = None                # gone long enough to be new again
+        svc.left.pop(version, None)
         if record is None:
             # Ramped in only beside a version that has been serving a while: see
             # VERSION_SETTLE.
@@ -658,6 +672,8 @@ class RoutingState:
         sent = _sent(instance.conn)
         if sent:
             key = (instance.service, instance.version)
+            if key not in self._retired and len(self._retired) >= MAX_LABELS:
+                key = OTHER_LABELS
             self._retired[key] = self._retired.get(key, 0) + sent
 
     def _cancel_link(self, conn) -> None:
@@ -672,7 +688,9 @@ class RoutingState:
         if record is not None:
             record.links -= 1
             if not record.links:
-                record.gone_at = self.clock()
+                record.gone_at = now = self.clock()
+                svc.left[instance.version] = record
+                _forget_versions(svc, now)
         emptied = self._detach(instance)
         if svc.links:
             # Others remain: the routes only this instance declared go with it.
@@ -982,6 +1000,8 @@ class RoutingState:
         instance.ejected_reason = reason
         self._stale(instance)
         counted = (instance.service, reason)
+        if counted not in self._ejection_counts and len(self._ejection_counts) >= MAX_LABELS:
+            counted = (OTHER_LABELS[0], reason)
         self._ejection_counts[counted] = self._ejection_counts.get(counted, 0) + 1
         if self.log is not None:
             self.log.event("warning", "instance ejected", service=instance.service,
@@ -1111,6 +1131,18 @@ def _overlap(a: tuple, b: tuple) -> bool:
     if len(a) == len(b):
         return True
     return (a if len(a) > len(b) else b)[n] == "{*"
+
+
+def _forget_versions(svc: _Service, now: float) -> None:
+    """Drop the version records that have had no link for VERSION_SETTLE."""
+    left = svc.left
+    while left:
+        version, record = next(iter(left.items()))
+        if now - record.gone_at <= VERSION_SETTLE:
+            return
+        del left[version]
+        if svc.versions.get(version) is record and not record.links:
+            del svc.versions[version]
 
 
 def _sent(conn) -> int:

@@ -300,3 +300,34 @@ def test_requests_per_version_are_summed_over_links_and_outlive_them():
     # ENDPOINTS_UPDATE on link c: the same link, counted once.
     s.register(c, hello("1.3.0", "c"))
     assert dict(s.counters()["gateway_version_requests"][2])[("canary", "1.3.0")] == 1
+
+
+def test_versions_that_leave_are_forgotten_and_their_labels_bounded(monkeypatch):
+    """Instances churning, each with a version of its own, beside one that stays: the
+    service's version records held one per version ever seen, and each join scanned them
+    all; now one without a link is forgotten VERSION_SETTLE after (docs/security.md §3d,
+    "versions ever seen")."""
+    from stellagw.routing import state as st
+    monkeypatch.setattr(st, "MAX_LABELS", 50, raising=False)
+    s = routing("versionRamp: 60s")
+    s.register(Link(1), hello("1.0.0", "keeper"))
+    for i in range(400):
+        gone = s.register(Link(2), hello(f"1.0.{i + 1}-churn", f"churn-{i}"))
+        s.unregister(gone)
+        s.clock.t += 0.5
+    svc = s.services["canary"]
+    # The keeper's version and those that left within the last VERSION_SETTLE.
+    assert len(svc.versions) <= 2 + VERSION_SETTLE / 0.5 and "1.0.0" in svc.versions
+    assert len(svc.left) == len(svc.versions) - 1
+    # Every request is still counted; past 50 (service, version) pairs as _other.
+    counted = dict(s.counters()["gateway_version_requests"][2])
+    assert len(counted) <= 50 + 1 + 1 and sum(counted.values()) == 1 + 2 * 400   # + the keeper
+    assert counted[("_other", "_other")] == 2 * (400 - 50)
+    # A version back within VERSION_SETTLE keeps its ramp, one back later is new again.
+    s.clock.t += 1
+    back = s.register(Link(0), hello("1.0.400-churn", "again"))
+    assert svc.versions["1.0.400-churn"].links == 1 and "1.0.400-churn" not in svc.left
+    s.unregister(back)
+    s.clock.t += VERSION_SETTLE + 1
+    s.register(Link(0), hello("1.0.401-churn", "later"))
+    assert set(svc.versions) == {"1.0.0", "1.0.401-churn"} and not svc.left
