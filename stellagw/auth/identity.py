@@ -59,15 +59,17 @@ def is_identity_header(name: bytes) -> bool:
 
 # Names known not to be identity headers. Header names repeat from request to request, so
 # this turns the per-header prefix checks into one dict lookup. Bounded: random names from a
-# client stop being remembered once it is full (they are still checked).
+# client stop being remembered once it is full (they are still checked), and long ones are
+# never remembered (a name may be as long as maxHeaderBytes: 4,096 of them, 64 MB).
 _CLEAN: dict[bytes, bool] = {}
 _CLEAN_MAX = 4096
+_CLEAN_NAME_MAX = 64
 
 
 def _clean(name: bytes) -> bool:
     if is_identity_header(name):
         return False
-    if len(_CLEAN) < _CLEAN_MAX:
+    if len(_CLEAN) < _CLEAN_MAX and len(name) <= _CLEAN_NAME_MAX:
         _CLEAN[name] = True
     return True
 

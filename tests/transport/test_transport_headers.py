@@ -240,3 +240,64 @@ def test_decode_response_block_is_decode_response_then_block(impl, flags, status
 
 def test_response_drop_names_are_response_drop():
     assert sorted(RESPONSE_DROP_NAMES) == sorted(RESPONSE_DROP)
+
+
+def test_long_header_names_from_clients_are_forwarded_but_never_remembered():
+    """Through a real gateway: 300 requests, each with a 15 KB header name of its own
+    (a client may send names as long as maxHeaderBytes). The per-name caches kept them:
+    4,096 such names held 61 MB in the worker for good (docs/security.md §3d, "header
+    name caches"). Now only short names are remembered; every header still reaches the
+    service."""
+    import socket
+    import threading
+
+    import orjson
+
+    from stellagw.auth import identity as auth_identity
+    from stellagw.transport import frame as fr
+    from tests.support.gwtest import GatewayThread, connect, settings_from
+    from tests.support.servicepeer import RawPeer, hello_for
+
+    gw = GatewayThread(settings_from(orjson.dumps({"gateway": {
+        "http": {"port": 0}, "transports": {"tcp": {"port": 0}},
+        "logging": {"accessLog": False}}}).decode())).start()
+    peer = RawPeer(gw.transport_port)
+    seen = []
+
+    def serve():
+        while True:
+            try:
+                frame = peer.read_frame(0.2)
+            except (socket.timeout, TimeoutError, OSError):
+                continue
+            if frame is None:
+                return
+            if frame[0] == fr.REQUEST:
+                seen.append([bytes(n) for n, _ in fr.decode_request(frame[2])[5]])
+                enc = fr.FrameEncoder()
+                enc.response(frame[1], 200, [], fr.FLAG_END_STREAM, b"")
+                peer.sock.sendall(enc.take())
+
+    try:
+        assert "error" not in peer.hello(hello_for("svc", endpoints=[("GET", "/svc/x")]))
+        threading.Thread(target=serve, daemon=True).start()
+        names = [b"x%05d-" % i + b"a" * 15000 for i in range(300)]
+        sock = connect(gw.port, timeout=10)
+        for k in range(0, len(names), 10):
+            batch = names[k:k + 10]
+            sock.sendall(b"".join(b"GET /svc/x HTTP/1.1\r\nHost: x\r\nx-short-%d: 1\r\n%s: 1\r\n\r\n"
+                                  % (k, name) for name in batch))
+            buf = b""
+            while buf.count(b"HTTP/1.1 200") < len(batch) or not buf.endswith(b"\r\n\r\n"):
+                data = sock.recv(1 << 16)
+                assert data, buf
+                buf += data
+        sock.close()
+        assert len(seen) == len(names) and all(name in headers for name, headers in zip(names, seen))
+        assert not [n for n in CLASSES if len(n) > 64]
+        assert auth_identity.strip_identity_headers([(names[0], b"1")]) == [(names[0], b"1")]
+        assert not [n for n in auth_identity._CLEAN if len(n) > 64]
+        assert b"x-short-0" in CLASSES                     # short names still are
+    finally:
+        peer.close()
+        gw.stop()
