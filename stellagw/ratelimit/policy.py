@@ -42,6 +42,10 @@ __all__ = ["Policy", "Check", "RuleSet", "EnvironmentPolicy", "instance_rules",
 # Resolutions of (service, path) are cached; the cache is dropped when it reaches this size
 # (paths carry ids, so the set of paths is unbounded while the set of answers is tiny).
 _CACHE_MAX = 8192
+# Only paths this short are cached: a client's path may be as long as maxUrlLength (8 KB),
+# and 8,192 of them held 66 MB per microservice with route rules (each plan has its own),
+# in every worker. Long paths are matched each time.
+_CACHE_PATH_MAX = 256
 
 # Whose requests a rule counts (Decision.applies_to, the 429's "appliesTo").
 IDENTITY, TENANT = "identity", "tenant"
@@ -218,6 +222,8 @@ class _ServicePolicy:
             pass
         identity, tenant = self.matchers
         check = self._check(identity.match(path), tenant.match(path))
+        if len(path) > _CACHE_PATH_MAX:
+            return check
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
         self._cache[path] = check

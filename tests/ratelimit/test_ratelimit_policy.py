@@ -241,3 +241,17 @@ rate_limiting:
     rules: [{max_requests: 10, per_seconds: 60}]
 """)
     assert environment_settings(own)[1] == "primary:6379"
+
+
+def test_long_paths_are_resolved_but_never_cached(policy):
+    """A client's path may be as long as maxUrlLength: 8,192 of 8 KB held 66 MB per
+    microservice with route rules (docs/security.md §3d, "path caches"). Each long path
+    still gets its route's rules; only short ones are remembered."""
+    svc = policy._services["scanner"]
+    svc._cache.clear()
+    for i in range(200):
+        long_path = "/api/scans/%05d/" % i + "a" * 8000
+        assert policy.resolve("scanner", long_path).identity.route == "scans_prefix"
+    assert not [p for p in svc._cache if len(p) > 256]
+    assert policy.resolve("scanner", "/api/scans/42").identity.route == "scans_prefix"
+    assert "/api/scans/42" in svc._cache
