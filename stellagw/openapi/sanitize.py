@@ -323,7 +323,8 @@ def schema(src: Source, value, where: str, depth: int = 0):
                 m = out[k] = {}
                 for name, s in v.items():
                     if k == "patternProperties" and not _regex_ok(name):
-                        src.warn(f"{w}.{name}", "not a valid regular expression; dropped")
+                        src.warn(f"{w}.{name}", "not a valid regular expression (of at most "
+                                 f"{MAX_PATTERN_CHARS} characters); dropped")
                         continue
                     m[name] = schema(src, s, f"{w}.{name}", depth + 1)
             else:
@@ -332,7 +333,8 @@ def schema(src: Source, value, where: str, depth: int = 0):
             _keep_if(src, out, k, v, _is_str(v), w, "must be a string")
         elif k == "pattern":
             _keep_if(src, out, k, v, _is_str(v) and _regex_ok(v), w,
-                     "must be a valid regular expression")
+                     f"must be a valid regular expression of at most {MAX_PATTERN_CHARS} "
+                     "characters")
         elif k in _BOOLS:
             _keep_if(src, out, k, v, _is_bool(v), w, "must be a boolean")
         elif k in _NUMBERS:
@@ -401,9 +403,17 @@ def _keep_if(src, out, key, value, ok, where, why):
 
 
 _REGEX_CACHE: dict = {}
+# The longest `pattern` (or patternProperties name, or `format: regex` value) kept. Python's
+# `re` keeps each compiled pattern in its module cache (512 of them), ~20 bytes a character,
+# and _REGEX_CACHE the text: eight instances with a 1 MB pattern each left a worker at
+# 280 MB after they had all gone, and the caches' bounds allowed gigabytes. Longer ones are
+# dropped (with a warning) without being compiled; at the bound re's cache holds ~20 MB.
+MAX_PATTERN_CHARS = 2048
 
 
 def _regex_ok(pattern: str) -> bool:
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return False
     ok = _REGEX_CACHE.get(pattern)
     if ok is None:
         try:

@@ -1074,3 +1074,33 @@ def test_fuzzed_operations_and_schemas_still_give_a_valid_document(seed):
             # without a cycle guard on recursive schemas that are perfectly valid.
             continue
         assert_refs_resolve(doc)
+
+
+def test_long_patterns_are_dropped_uncompiled():
+    """A service's `pattern` was compiled whatever its length, and Python's `re` keeps
+    each compiled pattern in its module cache (~20 bytes a character, 512 of them): eight
+    instances with a 1 MB pattern each left a worker at 280 MB after they had gone
+    (docs/security.md §3d, "long patterns"). Past MAX_PATTERN_CHARS they are dropped."""
+    import re as re_mod
+
+    from stellagw.openapi import sanitize
+    limit = getattr(sanitize, "MAX_PATTERN_CHARS", 2048)
+    long_pattern = "^long" + "a" * limit
+    name_pattern = "^name" + "b" * limit
+    schemas = {"Long": {"type": "string", "pattern": long_pattern},
+               "Short": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+               "Props": {"type": "object", "patternProperties": {name_pattern: {},
+                                                                  "^x-": {}}}}
+    s = RoutingState("eu1")
+    s.register(object(), hello("svc", endpoints=[
+        {"method": "GET", "path": "/a", "openapi": json_op("Long")},
+        {"method": "GET", "path": "/b", "openapi": json_op("Short")},
+        {"method": "GET", "path": "/c", "openapi": json_op("Props")}], schemas=schemas))
+    doc = build_document(s, "t", "1")
+    got = doc["components"]["schemas"]
+    assert "pattern" not in got["svc_Long"] and got["svc_Short"]["pattern"] == "^[a-z]{1,8}$"
+    assert list(got["svc_Props"]["patternProperties"]) == ["^x-"]
+    assert any("at most 2048 characters" in w["message"] for w in warnings(doc))
+    assert long_pattern not in sanitize._REGEX_CACHE and name_pattern not in sanitize._REGEX_CACHE
+    assert not [k for k in re_mod._cache if isinstance(k, tuple) and len(k) > 1
+                and isinstance(k[1], str) and len(k[1]) > limit]
