@@ -50,6 +50,8 @@ cdef enum:
     C_SLOTS = 8
     C_HEADER_BYTES = 256
     C_LOCK_OFFSET = 64
+    C_FLOOR_OFFSET = 32     # int64: the latest expiry of a live entry evicted + margin
+    C_FLOOR_MARGIN_MS = 5000
 
 REPLAY = C_REPLAY
 FRESH = C_FRESH
@@ -231,6 +233,7 @@ cdef class ReplayTable:
         cdef int64_t *times
         cdef uint64_t *victim_fp = b1
         cdef int64_t *victim_t = t1
+        cdef int64_t *floor = <int64_t *>(self._mem + C_FLOOR_OFFSET)
         self._acquire()
         for i in range(C_SLOTS):
             if b1[i] == fp:
@@ -242,6 +245,10 @@ cdef class ReplayTable:
                 result = _refresh(&t2[i], now_ms, expiry)
                 pthread_mutex_unlock(self._mutex)
                 return result
+        if expiry <= floor[0]:
+            # Not older than a live entry that was evicted: it may be that one, replayed.
+            pthread_mutex_unlock(self._mutex)
+            return C_REPLAY
         for i in range(C_SLOTS):
             live1 += b1[i] != 0 and t1[i] > now_ms
             live2 += b2[i] != 0 and t2[i] > now_ms
@@ -263,6 +270,10 @@ cdef class ReplayTable:
             for i in range(C_SLOTS):
                 if t2[i] < victim_t[0]:
                     victim_fp, victim_t = &b2[i], &t2[i]
+            # The same proof presented again gets the same expiry give or take how the
+            # wall and monotonic clocks moved meanwhile: the margin covers that.
+            if victim_t[0] + C_FLOOR_MARGIN_MS > floor[0]:
+                floor[0] = victim_t[0] + C_FLOOR_MARGIN_MS
             result = C_FRESH_EVICTED
         # Expiry first: a process dying between the two stores leaves the old key with a
         # later expiry (harmless), never the new key with the old one's.

@@ -49,6 +49,13 @@ MAGIC = int.from_bytes(b"sgwjti01", "little")   # this layout, version 1
 _MAX_MS = 1 << 62                       # now_ms and ttl_ms below this: their sum fits int64
 _LOCK_OFFSET = 64                       # the compiled module's mutex; 64..HEADER_BYTES
 _HEADER = struct.Struct("=QQQQ")        # magic, buckets, k0, k1
+# Then, at byte 32, the latest expiry of a live entry that was evicted plus a margin (0:
+# none): a new key that expires no later may be that entry, replayed, and is refused. The
+# same proof presented again gets the same expiry give or take how the wall and monotonic
+# clocks moved meanwhile: the margin covers that.
+_FLOOR = struct.Struct("=q")
+_FLOOR_OFFSET = 32
+FLOOR_MARGIN_MS = 5000
 _MAX_BUCKETS = 1 << 31                  # bits 32 and up choose the second bucket
 _M64 = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -163,6 +170,9 @@ class ReplayTable:
                             return REPLAY
                         times[i + SLOTS] = expiry
                         return FRESH
+            floor = _FLOOR.unpack_from(self._map, _FLOOR_OFFSET)[0]
+            if expiry <= floor:
+                return REPLAY
             live1 = sum(1 for i in range(b1, b1 + SLOTS)
                         if words[i] and times[i + SLOTS] > now_ms)
             live2 = sum(1 for i in range(b2, b2 + SLOTS)
@@ -180,6 +190,9 @@ class ReplayTable:
                 for i in (*range(b1, b1 + SLOTS), *range(b2, b2 + SLOTS)):
                     if times[i + SLOTS] < times[slot + SLOTS]:
                         slot = i
+                if times[slot + SLOTS] + FLOOR_MARGIN_MS > floor:
+                    _FLOOR.pack_into(self._map, _FLOOR_OFFSET,
+                                     times[slot + SLOTS] + FLOOR_MARGIN_MS)
                 result = FRESH_EVICTED
             # Expiry first: a process dying between the two stores leaves the old key with
             # a later expiry (harmless), never the new key with the old one's.

@@ -45,6 +45,9 @@ else:
         _impl.fell_back("replaytable", exc)
         from .._py.replaytable import ReplayTable
 
+# How much later than an evicted live entry a new key must expire to be taken.
+FLOOR_MARGIN = 5.0
+
 __all__ = ["ReplayCache", "LocalReplayCache", "SharedReplayCache", "ValkeyReplayCache",
            "replay_key", "share_across_workers"]
 
@@ -82,12 +85,16 @@ class LocalReplayCache:
     to expire: expired ones are dropped from the front a few at a time on every insert, so
     there is no sweeper task. When the cache is full of *live* entries the oldest is evicted
     anyway (memory is the hard bound) and `on_evict_live()` is called so it is counted:
-    size `maxEntries` above peak proofs/s × the acceptance window (docs/auth.md).
+    size `maxEntries` above peak proofs/s × the acceptance window (docs/auth.md). An
+    evicted proof must not be accepted again: from then on a new key expiring no later
+    than the latest evicted one is refused as a replay (`_floor`), so a client flooding
+    fresh proofs (each accepted, 429 or not) cannot push another's proof out and replay
+    it; proofs made now expire later and pass.
     OrderedDict, not dict: popping from the front of a plain dict leaves holes that make
     the next `next(iter())` scan them (quadratic under churn); OrderedDict pops in O(1).
     """
 
-    __slots__ = ("_entries", "_max", "_clock", "on_evict_live")
+    __slots__ = ("_entries", "_max", "_clock", "on_evict_live", "_floor")
 
     def __new__(cls, max_entries: int, clock=monotonic, on_evict_live=None):
         # The Authenticator builds "the instance's cache" without knowing about workers.
@@ -100,6 +107,7 @@ class LocalReplayCache:
         self._max = max_entries
         self._clock = clock
         self.on_evict_live = on_evict_live
+        self._floor = 0.0        # the latest expiry of a live entry evicted
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -112,6 +120,9 @@ class LocalReplayCache:
             if expiry > now:
                 return False
             del entries[key]
+        expiry = now + ttl_ms / 1000.0
+        if expiry <= self._floor:
+            return False         # it may be a proof whose entry was evicted
         # Drop a few expired entries from the front (amortised cleanup).
         for _ in range(4):
             if not entries:
@@ -122,9 +133,13 @@ class LocalReplayCache:
             entries.popitem(last=False)
         if len(entries) >= self._max:
             _, first_expiry = entries.popitem(last=False)
-            if first_expiry > now and self.on_evict_live is not None:
-                self.on_evict_live()
-        entries[key] = now + ttl_ms / 1000.0
+            if first_expiry > now:
+                # The same proof again gets the same expiry give or take how the wall and
+                # monotonic clocks moved meanwhile (the table's FLOOR_MARGIN_MS).
+                self._floor = max(self._floor, first_expiry + FLOOR_MARGIN)
+                if self.on_evict_live is not None:
+                    self.on_evict_live()
+        entries[key] = expiry
         return True
 
     def discard(self, key: str) -> None:

@@ -496,6 +496,27 @@ def test_item17_replay_is_keyed_by_key_and_jti(auth, issuer_key):
             "invalid_dpop_proof", "dpop_replay")
 
 
+def test_item17_a_flood_that_evicts_a_live_proof_cannot_replay_it(tmp_path, issuer_key, client):
+    """One client, token and key its own, sends fresh proofs until the replay cache is full
+    of live entries (accepted, so counted toward nothing that stops them): the oldest entry
+    — another client's proof — was evicted, and that proof was then accepted again. Now an
+    evicted proof, and anything expiring no later, is refused as a replay; proofs made
+    later pass (docs/security.md §3d, "replay after eviction")."""
+    auth = make_authenticator(tmp_path, [issuer_key], "replayCache: {maxEntries: 8}")
+    token = bound_token(issuer_key, client)
+    captured = client.proof("GET", URL, token, now=NOW - 55)
+    ok(auth.authenticate(dpop_request(client, token, proof=captured), ()))
+    flooder = DpopClient()
+    own = bound_token(issuer_key, flooder)
+    for i in range(40):                 # a second apart, all within the acceptance window
+        ok(auth.authenticate(dpop_request(flooder, own, now=NOW - 50 + i), ()))
+    assert auth.test_events.counts.get("dpop_replay_evicted_live", 0) >= 40 + 1 - 8
+    assert len(auth.replay) <= 8
+    refused(auth.authenticate(dpop_request(client, token, proof=captured), ()),
+            "invalid_dpop_proof", "dpop_replay")
+    ok(auth.authenticate(dpop_request(client, token, now=NOW + 10), ()))   # made later: served
+
+
 def test_item17_large_jti_refused(auth, issuer_key, client):
     token = bound_token(issuer_key, client)
     ok(auth.authenticate(dpop_request(client, token, jti="j" * 256), ()))

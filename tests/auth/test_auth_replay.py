@@ -51,8 +51,13 @@ def test_local_cache_is_bounded_and_counts_live_evictions():
     cache = LocalReplayCache(3, clock=lambda: now[0], on_evict_live=lambda: evicted.append(1))
     for k in "abcd":
         assert cache.check_and_store(k, 60_000)
-    assert len(cache) == 3 and evicted == [1]
-    assert cache.check_and_store("a", 60_000) is True      # the oldest went first
+    assert len(cache) == 3 and evicted == [1]              # the oldest, "a", went first
+    # ...and is not accepted again, nor anything expiring no later (it may be "a"):
+    # docs/security.md §3d, "replay after eviction".
+    assert cache.check_and_store("a", 60_000) is False
+    assert cache.check_and_store("e", 60_000) is False
+    now[0] += 5.001                 # a proof made later than the floor's margin passes
+    assert cache.check_and_store("e", 60_000) is True and evicted == [1, 1]
 
 
 def test_local_cache_discard():

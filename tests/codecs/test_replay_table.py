@@ -197,14 +197,19 @@ def test_max_entries_live_keys_fit_without_evicting_a_live_one(T, entries):
 
 def test_bounded_full_of_live_entries_the_soonest_to_expire_goes(T):
     t = T.ReplayTable(16, SECRET)         # 4 buckets, 32 slots
-    results = [t.check_and_store(k, NOW + i, 60_000) for i, k in enumerate(keys(200))]
+    # A second apart (past the floor's margin: a key must expire 5 s after the latest
+    # live one evicted), each live for 10 minutes.
+    results = [t.check_and_store(k, NOW + i * 1000, 600_000) for i, k in enumerate(keys(200))]
     assert results[:16].count(T.FRESH) == 16
-    assert T.FRESH_EVICTED in results
-    assert t.live(NOW + 200) == t.capacity == 32
+    assert T.FRESH_EVICTED in results and T.REPLAY not in results
+    assert t.live(NOW + 200_000) == t.capacity == 32
     assert len(t.memory()) == 64 + 32 * 16         # the bound: memory never grows
-    # The most recent keys are still there; some of the oldest were evicted.
-    assert t.check_and_store(keys(200)[-1], NOW + 300, 60_000) == T.REPLAY
-    assert t.check_and_store(keys(200)[0], NOW + 300, 60_000) != T.REPLAY
+    # The most recent keys are still there; some of the oldest were evicted, and are not
+    # accepted again with the expiry they had (docs/security.md §3d, "replay after
+    # eviction"); a key made later is.
+    assert t.check_and_store(keys(200)[-1], NOW + 300_000, 60_000) == T.REPLAY
+    assert t.check_and_store(keys(200)[0], NOW + 300_000, 300_000) == T.REPLAY
+    assert t.check_and_store("later", NOW + 300_000, 600_000) != T.REPLAY
 
 
 def test_expired_slots_are_reused_without_eviction(T):
@@ -365,8 +370,15 @@ def test_shared_cache_protocol_and_live_evictions(T):
     now[0] += 1.0
     assert cache.check_and_store("a", 1000) is True
     for k in keys(100):
-        cache.check_and_store(k, 60_000)
-    assert len(cache) == 16 and len(evicted) >= 100 + 1 - 16
+        now[0] += 1.0                    # a second apart: past the floor's margin (below)
+        assert cache.check_and_store(k, 600_000) is True
+    assert len(cache) == 16 and len(evicted) >= 100 - 16
+    # An evicted key is never accepted again while it could be live (docs/security.md
+    # §3d, "replay after eviction"): none of the first keys, presented with the expiry
+    # they had (key i was stored at 102 + i), though most of them left the table.
+    again = [k for i, k in enumerate(keys(100)[:50])
+             if cache.check_and_store(k, int((102 + i + 600 - now[0]) * 1000))]
+    assert again == []
 
 
 def test_shared_cache_discard(T):
