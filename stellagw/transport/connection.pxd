@@ -68,6 +68,7 @@ cdef class ServiceConnection:
     cdef double _ignored_until
     cdef object _held
     cdef Py_ssize_t _held_threshold
+    cdef Py_ssize_t _held_dead
     cdef int _failures
     cdef Py_ssize_t _frames, _frames_seen, _write_limit
     cdef long long _requests_sent, _responses_received

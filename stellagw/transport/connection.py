@@ -118,6 +118,7 @@ _FLAG_END_STREAM = fr.FLAG_END_STREAM
 _STREAM_OVERHEAD = fr.MIN_LENGTH + 1
 
 # What a request waits for in ServiceConnection._held while the link is over high water.
+_HELD_COMPACT = 64      # finished Pendings left in _held before it is compacted (_finish)
 _HELD_REQUEST = 1       # its REQUEST has not gone out (nor its body been read)
 _HELD_INLINE = 2        # its small body is complete: the REQUEST carrying it waits
 _HELD_STREAM = 3        # REQUEST sent: the next of its body (or WebSocket) data waits
@@ -366,6 +367,7 @@ class ServiceConnection:
         self._paused_since = 0.0
         self._write_limit = 0           # bytes the transport may buffer for this link
         self._held = deque()            # Pendings waiting for the link to take more (_HELD_*)
+        self._held_dead = 0             # of them finished meanwhile (see _finish)
         self._held_threshold = 0        # send_request's stream_threshold, for the REQUESTs held
         self._release_scheduled = False
         self._frame_counts = hub.frame_counts
@@ -420,6 +422,7 @@ class ServiceConnection:
         self._end_slicing()
         self._release_buffers()
         self._held.clear()
+        self._held_dead = 0
         inflight = self.inflight
         self.inflight = {}
         if self.instance is not None:
@@ -1283,6 +1286,20 @@ class ServiceConnection:
         if pending.span is not None:
             pending.span.end()
             pending.span = None
+        if pending.held:
+            # Finished while it waited in _held (its client left, its timeout fired): the
+            # release skips it, but until then it kept its request (head and body, ~80 KB)
+            # — clients sending and leaving while the link stayed over high water grew
+            # _held without bound (docs/security.md §3d, "held requests"). Dropped once
+            # the finished ones are half of what waits.
+            pending.held = 0
+            self._held_dead += 1
+            if self._held_dead >= _HELD_COMPACT and 2 * self._held_dead >= len(self._held):
+                held = self._held
+                live = [p for p in held if p.held]
+                held.clear()
+                held.extend(live)
+                self._held_dead = 0
 
     def _lost(self, pending, message):
         """The link broke or the service cancelled before answering: another instance may
@@ -1384,9 +1401,12 @@ class ServiceConnection:
         while held and not self._write_paused and self.state == _READY:
             pending = held.popleft()
             kind = pending.held
+            if not kind:
+                self._held_dead -= 1
+                continue            # answered, timed out or cancelled meanwhile (_finish)
             pending.held = 0
             if self.inflight.get(pending.corr) is not pending:
-                continue            # answered, timed out or cancelled meanwhile
+                continue
             if kind == _HELD_REQUEST:
                 _disarm(pending)
                 req = pending.req

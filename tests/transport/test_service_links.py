@@ -603,4 +603,55 @@ def test_a_drained_link_stays_drained_whatever_its_heartbeats_or_updates_say():
         peer.close()
         if fresh is not None:
             fresh.close()
+
+
+def test_requests_held_for_a_link_and_then_left_by_their_clients_are_let_go():
+    """Requests waiting for a link over high water whose clients then leave were skipped
+    when the link caught up, but kept — each with its head and body — until then: clients
+    sending and leaving while a service read slowly grew the wait without bound (a probe:
+    1,000 clients of 75 KB each, +80 MB, and still held after they had all gone;
+    docs/security.md §3d, "held requests"). Now the finished ones are dropped once they
+    are half of what waits."""
+    import gc
+    gw = gateway({"writeBufferHighWater": 16 * 1024, "writeBufferLimit": 1024 * 1024,
+                  "sendBufferSize": 4096, "deadLinkGrace": "20s"})
+    peer = RawPeer(gw.transport_port, rcvbuf=4096)
+    clients = []
+    beating = threading.Event()
+
+    def pendings():
+        return gw.call(lambda: sum(type(o).__name__ == "Pending" for o in gc.get_objects()))
+
+    try:
+        assert "error" not in peer.hello(hello_for("slow", endpoints=[("POST", "/t/slow/x")]))
+        beating = beat(peer)            # alive, but it reads nothing from here on
+        assert _post_until_held(gw, b"/t/slow/x", clients) >= 4
+        body = b"b" * 8192
+        req = (b"POST /t/slow/x HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n"
+               % len(body) + body)
+        baseline = pendings()
+        for _ in range(3):              # 3 rounds of 100 clients that send and leave
+            held_before = gw.call(lambda: dict(gw.worker.hub.pressure)).get("held", 0)
+            batch = []
+            for _ in range(100):
+                s = connect(gw.port, timeout=20)
+                s.sendall(req)
+                batch.append(s)
+            assert wait_for(lambda: gw.call(lambda: dict(gw.worker.hub.pressure)).get(
+                "held", 0) >= held_before + 100, 10)
+            for s in batch:
+                s.close()
+            # Their requests are finished (nothing is left in flight for them) ...
+            assert wait_for(lambda: gw.call(lambda: sum(
+                len(c.inflight) for c in gw.worker.hub.connections)) <= len(clients) + 1, 10)
+        gc.collect()
+        # ... and let go: without the fix all 300 stayed, each with its request.
+        assert pendings() <= baseline + 64 + 1, (pendings(), baseline)
+        # The link is still there, paused, and the clients still waiting on it are held.
+        assert instances(gw, "slow") == 1
+    finally:
+        beating.clear()
+        for s in clients:
+            s.close()
+        peer.close()
         gw.stop()
