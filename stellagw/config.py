@@ -768,6 +768,10 @@ class TcpTransportSettings:
     # HELLOs took 1.1 GB.
     max_service_registration_size: int = _size_key("maxServiceRegistrationSize", "32MB",
                                                    low=1024, high=0xFFFFFFFF)
+    # The same over every service registered through this listener's kind: one peer with
+    # a link per service name (maxConnections of them, 1 MB HELLOs) took ~15 MB a link.
+    max_registration_size: int = _size_key("maxRegistrationSize", "64MB",
+                                           low=1024, high=0xFFFFFFFF)
     # Who may register (docs/service-identity.md): HELLOs signed with a key derived from
     # this; empty = loopback peers only on tcp.
     registration_secret: str = _key("registrationSecret", _string(_registration_secret), "",

@@ -49,7 +49,8 @@ UPDATE_LOOP_SHARE = 0.2
 class Listener:
     __slots__ = ("kind", "host", "public_port", "private_ports", "max_connections", "ssl",
                  "thumbprints", "rcvbuf", "sndbuf", "links", "handshakes", "policy",
-                 "silent_after", "write_high", "write_limit", "max_service_registration")
+                 "silent_after", "write_high", "write_limit", "max_service_registration",
+                 "max_registration", "registered")
 
     def __init__(self, kind, node, private_ports, ssl_ctx, policy, unhealthy_after):
         self.kind = kind                     # "tcp" or "tls"
@@ -69,6 +70,8 @@ class Listener:
         self.write_high = node.write_buffer_high_water
         self.write_limit = node.write_buffer_limit
         self.max_service_registration = node.max_service_registration_size
+        self.max_registration = node.max_registration_size
+        self.registered = 0                  # bytes of the contents its links registered
 
 
 class _TlsAcceptor(Acceptor):
@@ -143,10 +146,11 @@ class _Content:
     """One distinct registration content of a service: its size and the parsed copy the
     links sending it share."""
 
-    __slots__ = ("size", "endpoints", "schemas", "links")
+    __slots__ = ("size", "endpoints", "schemas", "links", "listener")
 
     def __init__(self, size, endpoints, schemas):
         self.size, self.endpoints, self.schemas, self.links = size, endpoints, schemas, 0
+        self.listener = None        # whose maxRegistrationSize it counts against
 
 
 class TransportHub:
@@ -350,19 +354,34 @@ class TransportHub:
             return None
         contents = self._contents.get(service, {})
         held = contents.get(digest)
+        listener = self._by_conn.get(conn)
         if held is None:
-            total = size + sum(c.size for d, c in contents.items()
-                               if not (old == (service, d) and c.links == 1))
-            listener = self._by_conn.get(conn)
+            own = contents.get(old[1]) if old is not None and old[0] == service else None
+            freed = own.size if own is not None and own.links == 1 else 0
+            total = size + sum(c.size for d, c in contents.items()) - freed
             limit = listener.max_service_registration if listener is not None else 0
             if total > limit:
                 return (f"the registrations of service {service!r} on this worker would hold "
                         f"{total} bytes, over gateway.transports.{getattr(listener, 'kind', '*')}"
                         f".maxServiceRegistrationSize ({limit}); identical ones count once")
+            # Every service's together: the per-service bound alone let a peer with a link
+            # per service name make a worker hold maxConnections of them (15 MB a 1 MB HELLO).
+            if old is not None and old[0] != service:
+                own = self._contents.get(old[0], {}).get(old[1])
+                freed = own.size if own is not None and own.links == 1 else 0
+            everything = listener.registered + size - freed if listener is not None else 0
+            if listener is not None and everything > listener.max_registration:
+                return (f"the registrations of every service on this worker would hold "
+                        f"{everything} bytes, over gateway.transports.{listener.kind}"
+                        f".maxRegistrationSize ({listener.max_registration}); identical ones "
+                        f"count once")
         self._drop_registration(conn)
         if held is None:
             held = self._contents.setdefault(service, {})[digest] = _Content(size, endpoints,
                                                                               schemas)
+            if listener is not None:
+                held.listener = listener
+                listener.registered += size
         held.links += 1
         self._registered[conn] = (service, digest)
         if "endpoints" in hello:
@@ -390,6 +409,8 @@ class TransportHub:
             held.links -= 1
             if held.links == 0:
                 del contents[key[1]]
+                if held.listener is not None:
+                    held.listener.registered -= held.size
                 if not contents:
                     del self._contents[key[0]]
 

@@ -244,6 +244,33 @@ def test_one_services_registrations_are_held_to_max_service_registration_size():
     assert "error" not in ack and stack.hub._contents["scan"]
 
 
+def test_every_services_registrations_together_are_held_to_max_registration_size():
+    # maxServiceRegistrationSize bounds one service: a peer with a link per service name
+    # (1 MB HELLOs, maxConnections links) made a worker hold ~15 MB a link, 20 links
+    # +316 MB (docs/security.md §3d, "registrations of many services").
+    stack = Stack("gateway: {transports: {tcp: {maxServiceRegistrationSize: 100KB, "
+                  "maxRegistrationSize: 170KB}}}")
+    links = [stack.register(f"svc{i}", [endpoint("GET", f"/svc{i}")],
+                            schemas={"Big": {"description": str(i) * 40_000}})
+             for i in range(4)]
+    link = stack.link()
+    ack = link.hello(hello("svc9", [endpoint("GET", "/svc9")],
+                           schemas={"Big": {"description": "z" * 40_000}}))
+    assert ack["error"]["code"] == "InvalidHello"
+    assert "maxRegistrationSize" in ack["error"]["message"]
+    assert link.transport.closed and stack.hub.refused == {"registration_too_large": 1}
+    assert len(stack.routing.instances) == 4 and "svc9" not in stack.hub._contents
+    # Identical content is counted once: another instance of svc0 is welcome.
+    stack.register("svc0", [endpoint("GET", "/svc0")],
+                   schemas={"Big": {"description": "0" * 40_000}})
+    # What leaves gives its room back.
+    links[1].lose()
+    again = stack.link()
+    ack = again.hello(hello("svc9", [endpoint("GET", "/svc9")],
+                            schemas={"Big": {"description": "z" * 40_000}}))
+    assert "error" not in ack and "svc9" in stack.hub._contents
+
+
 def test_anything_but_a_hello_first_is_a_protocol_error():
     stack = Stack()
     link = stack.link()
