@@ -149,6 +149,8 @@ cdef class HttpProtocol:
     cdef Py_ssize_t _requests
     cdef Py_ssize_t _lingering
     cdef Py_ssize_t _writing
+    cdef object _unparsed
+    cdef bint _unparsed_scheduled
 
     # -- per request being parsed
     cdef Request _req
@@ -178,6 +180,7 @@ cdef class HttpProtocol:
     cdef _failed(self)
     @cython.locals(req=Request)
     cdef _pump(self)
+    cpdef _continue(self)
     @cython.locals(req=Request)
     cdef bint _holding(self)
     cdef _run(self, Request req)

@@ -16,6 +16,7 @@ reset); nothing raised out of `data_received`.
 This one source runs compiled (Cython, typed through http.pxd; docs/hot-path.md) and as
 plain Python (STELLAGW_NO_EXTENSIONS=1).
 """
+import asyncio
 import socket
 from collections import deque
 from functools import partial
@@ -41,6 +42,12 @@ except ImportError:     # uncompiled without Cython installed: they do nothing
 # bounds the memory one pipelining client can make us hold.
 _PIPELINE_MAX = 16
 PIPELINE_MAX = _PIPELINE_MAX
+# A read is parsed at most this much at a time, and not further once PIPELINE_MAX
+# requests wait: the rest stays unparsed until they are served. One read (uvloop's are up
+# to 256 KiB) was parsed whole, so one of tiny pipelined GETs queued ~4,600 requests
+# (2.8 MB) behind one the service had not answered, before any was authorised: 100
+# connections from one address held 280 MB (docs/security.md §3d, "pipelined reads").
+_FEED_SLICE = 4096
 
 # Deadline kinds, checked by Worker._tick() once a second (no timer per request).
 _D_NONE = 0
@@ -413,6 +420,8 @@ class HttpProtocol:
         self._requests = 0               # requests begun on this connection
         self._lingering = 0              # bytes discarded since the lingering read began
         self._writing = 0                # the size of the last write (buffered())
+        self._unparsed = None            # what _feed left of a read while the pipeline is full
+        self._unparsed_scheduled = False
 
         # -- per request being parsed
         self._req = None
@@ -520,6 +529,7 @@ class HttpProtocol:
         self._on_writable = None
         self._upgrade_tail = b""
         self._body_out = []
+        self._unparsed = None
 
     def data_received(self, data):
         if self._closing:
@@ -554,7 +564,7 @@ class HttpProtocol:
         about a KiB of the budget, before the message it hides in can complete. A read that
         is all Content-Length body (a large upload) goes in one piece."""
         n = len(data)
-        if n <= self._slack:
+        if n <= self._slack and n <= _FEED_SLICE:
             return self._parse(data)
         req = self._req
         if (self._in_body and req is not None and req.content_length > 0
@@ -563,13 +573,28 @@ class HttpProtocol:
         view = memoryview(data)
         pos = 0
         while pos < n:
-            end = pos + max(self._slack // 2, 1024)
+            step = max(self._slack // 2, 1024)
+            if step > _FEED_SLICE:
+                step = _FEED_SLICE
+            end = pos + step
             rest = self._parse(view[pos:end])
             if rest is not None:
                 return rest + bytes(view[end:]) if end < n else rest
             if self._parse_broken or self._closing:
                 return None
             pos = end
+            if pos >= n:
+                break
+            if len(self._queue) >= _PIPELINE_MAX:
+                # Enough waits: the rest of this read is parsed once they are served
+                # (_pump), reading stopped meanwhile so nothing overtakes it.
+                self._unparsed = bytes(view[pos:])
+                self._pause(_P_PIPELINE)
+                return None
+            req = self._req
+            if (self._in_body and req is not None and req.content_length > 0
+                    and req.content_length - req.body_size >= n - pos):
+                return self._parse(view[pos:])     # the rest is body: in one piece
         return None
 
     def _parse(self, data):
@@ -1068,7 +1093,21 @@ class HttpProtocol:
         if self._paused & _P_HOLD and not self._closing and not self._holding():
             self._resume(_P_HOLD)
         if self._paused & _P_PIPELINE and len(self._queue) < _PIPELINE_MAX // 2:
-            self._resume(_P_PIPELINE)
+            if self._unparsed is None:
+                self._resume(_P_PIPELINE)
+            elif not self._unparsed_scheduled:
+                # What was left of a read goes first, still not reading (not from inside
+                # this call: it may run within data_received).
+                self._unparsed_scheduled = True
+                asyncio.get_running_loop().call_soon(self._continue)
+
+    def _continue(self):
+        """Parse what _feed left of a read (the pipeline was full)."""
+        self._unparsed_scheduled = False
+        data = self._unparsed
+        self._unparsed = None
+        if data is not None and not self._closing:
+            self.data_received(data)
 
     def _holding(self):
         """Is a request that has not been dispatched waiting for (part of) its body?"""

@@ -1,0 +1,81 @@
+"""One read full of pipelined requests: at most PIPELINE_MAX of them (and the rest of a
+small slice) are parsed and held while the first waits for its service; the rest of the
+read waits unparsed, reading stopped, and every request is served in order afterwards
+(docs/security.md §3d, "pipelined reads")."""
+from __future__ import annotations
+
+import gc
+import socket
+import threading
+
+import orjson
+import pytest
+
+from stellagw.transport import frame as fr
+
+from tests.support.gwtest import GatewayThread, connect, settings_from, wait_for
+from tests.support.servicepeer import RawPeer, hello_for
+
+pytestmark = pytest.mark.twin   # run again uncompiled: ingress/http.py is glue
+
+REQUESTS = 3000
+
+
+def test_a_read_of_pipelined_requests_is_parsed_only_as_far_as_the_pipeline_takes():
+    gw = GatewayThread(settings_from(orjson.dumps({"gateway": {
+        "http": {"port": 0}, "transports": {"tcp": {"port": 0}},
+        "logging": {"accessLog": False}}}).decode())).start()
+    peer = RawPeer(gw.transport_port)
+    seen = []
+    answering = threading.Event()
+
+    def serve():
+        waiting = []
+        while True:
+            try:
+                frame = peer.read_frame(0.05)
+            except (socket.timeout, TimeoutError):
+                frame = ()
+            except OSError:
+                return
+            if frame is None:
+                return
+            if frame and frame[0] == fr.REQUEST:
+                seen.append(bytes(fr.decode_request(frame[2])[4]))
+                waiting.append(frame[1])
+            if answering.is_set():
+                enc = fr.FrameEncoder()
+                for corr in waiting:
+                    enc.response(corr, 200, [], fr.FLAG_END_STREAM, b"")
+                waiting = []
+                peer.sock.sendall(enc.take())
+
+    def parsed():
+        return gw.call(lambda: sum(type(o).__name__ == "Request" for o in gc.get_objects()))
+
+    sock = None
+    try:
+        assert "error" not in peer.hello(hello_for("svc", endpoints=[("GET", "/s")]))
+        threading.Thread(target=serve, daemon=True).start()
+        baseline = parsed()
+        raw = b"".join(b"GET /s?%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(REQUESTS))
+        sock = connect(gw.port, timeout=20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sock.sendall(raw)                        # ~100 KB: one or two reads of the gateway's
+        assert wait_for(lambda: len(seen) == 1, 5)
+        # The first waits for its answer; of the rest, the pipeline's 16 and what shared a
+        # 4 KiB slice with them are parsed (before: the whole read, thousands).
+        assert parsed() - baseline <= 16 + 4096 // 30 + 2
+        answering.set()
+        buf = b""
+        while buf.count(b"HTTP/1.1 200") < REQUESTS:
+            data = sock.recv(1 << 16)
+            assert data, buf[-200:]
+            buf += data
+        # Every one reached the service once, in the order sent.
+        assert seen == [b"%d" % i for i in range(REQUESTS)]
+    finally:
+        if sock is not None:
+            sock.close()
+        peer.close()
+        gw.stop()
