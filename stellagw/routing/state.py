@@ -70,6 +70,12 @@ PUMP_SLICE = 0.002
 # Forgetting services is spread over loop iterations, this many routes (about 2 ms) at a
 # time, so a thousand services expiring together do not stall the loop.
 EXPIRY_BATCH = 1024
+# Routes of services whose last instance left, kept answering 503 until serviceExpiry: at
+# most this many a worker, past it the services that left first are forgotten at once
+# (404, as after serviceExpiry). A peer registering service after service with 4,096
+# routes each and leaving kept ~7 MB a service for 10 minutes (or for good with
+# serviceExpiry 0): without end as it went on.
+MAX_PARKED_ROUTES = 16_384
 # Defaults of gateway.routing's versionRamp, stickyKey and outlierDetection (configure()
 # applies the configured ones).
 VERSION_RAMP = 60.0
@@ -134,7 +140,7 @@ SPLIT = _SplitMarker()
 
 class _Service:
     __slots__ = ("name", "links", "routes", "ghosts", "members", "versions", "left",
-                 "expected")
+                 "expected", "parked")
 
     def __init__(self, name):
         self.name = name
@@ -153,6 +159,7 @@ class _Service:
         # fresh version each (beside one that stays) grow this without end, and made
         # each join scan them all.
         self.left: dict[str, _Version] = {}
+        self.parked = 0                   # routes it left answering 503 (RoutingState._parked)
 
 
 class _Version:
@@ -302,6 +309,7 @@ class RoutingState:
         self._snapshot: dict | None = None
         # Services without an instance -> when the last one left, oldest first (dict order).
         self._departed: dict[str, float] = {}
+        self._parked = 0                # routes of the services in _departed (MAX_PARKED_ROUTES)
         self._expiring = False       # an expiry batch is scheduled on the loop
         # Registration work that did not fit in its loop iteration, in arrival order, and
         # the HELLOs among it (an Instance handed out, not yet registered).
@@ -527,7 +535,9 @@ class RoutingState:
             for route in [r for r in own.values() if r.candidates[0][0] is DEPARTED]:
                 self._drop(svc, route)
             svc.ghosts = False
-        self._departed.pop(service, None)
+        if self._departed.pop(service, None) is not None:
+            self._parked -= svc.parked
+            svc.parked = 0
         svc.expected = False
         if old is None:
             svc.links += 1
@@ -702,6 +712,10 @@ class RoutingState:
                 route.assign(((DEPARTED, ep),))
             svc.ghosts = True
             self._departed[svc.name] = time.monotonic() if left is None else left
+            svc.parked = len(svc.routes)
+            self._parked += svc.parked
+            if self._parked > MAX_PARKED_ROUTES and not self._expiring:
+                self._expire(time.monotonic())
         else:
             del self.services[svc.name]
         self._snapshot = None
@@ -784,7 +798,8 @@ class RoutingState:
         departed = self._departed
         while departed:
             name, gone_at = next(iter(departed.items()))
-            if now - gone_at < self.service_expiry:
+            if self._parked <= MAX_PARKED_ROUTES and (
+                    self.service_expiry <= 0 or now - gone_at < self.service_expiry):
                 return
             svc = self.services[name]
             own = svc.routes
@@ -799,6 +814,7 @@ class RoutingState:
                 break
             del departed[name]
             del self.services[name]
+            self._parked -= svc.parked
         else:
             return
         loop = _running_loop()

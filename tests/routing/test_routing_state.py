@@ -189,6 +189,34 @@ def test_service_expiry_zero_never_forgets():
     assert s.match("POST", "/api/v1/scans")[0] == FOUND
 
 
+@pytest.mark.parametrize("expiry", [600, 0])
+def test_routes_of_services_that_left_are_bounded(monkeypatch, expiry):
+    """Services registering and leaving one after another, each a name of its own: their
+    routes stayed for serviceExpiry (for good with 0) — ~7 MB a service of 4,096 routes,
+    without end as a peer went on (docs/security.md §3d, "departed services"). Past
+    MAX_PARKED_ROUTES the services that left first are forgotten (404) at once."""
+    from stellagw.routing import state as st
+    monkeypatch.setattr(st, "MAX_PARKED_ROUTES", 35, raising=False)
+    s = state(service_expiry=expiry)
+    for k in range(10):
+        s.unregister(s.register(object(), hello(service=f"gone{k}", instance=f"g{k}",
+                                                endpoints=eps(*[f"/g{k}/{i}" for i in range(10)]))))
+    assert sum(len(svc.routes) for svc in s.services.values()) <= 35
+    assert list(s._departed) == ["gone7", "gone8", "gone9"]
+    assert s.match("GET", "/g0/1")[0] == NOT_FOUND and s.match("GET", "/g9/1")[0] == FOUND
+    assert len(s.router) == 30
+    # One that comes back gives its room back; a live service is never forgotten.
+    s.register(object(), hello(service="gone9", instance="back", endpoints=eps("/g9/1")))
+    live = s.register(object(), hello(service="live", instance="l", endpoints=eps(
+        *[f"/live/{i}" for i in range(40)])))
+    for k in range(10, 14):
+        s.unregister(s.register(object(), hello(service=f"gone{k}", instance=f"g{k}",
+                                                endpoints=eps(*[f"/g{k}/{i}" for i in range(10)]))))
+    assert s.match("GET", "/live/39")[1].candidates[0][0] is live
+    assert s.match("GET", "/g9/1")[0] == FOUND and list(s._departed)[-1] == "gone13"
+    assert s._parked == sum(s.services[n].parked for n in s._departed) <= 35
+
+
 def test_a_service_that_comes_back_has_the_routes_its_instances_declare():
     s = state(service_expiry=60)
     s.unregister(s.register(object(), hello(endpoints=eps("/a/{id}", "/b"))))
