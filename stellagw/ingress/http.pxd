@@ -73,6 +73,7 @@ cdef class Request:
     cdef public Py_ssize_t content_length
     cdef public int body_state
     cdef public Py_ssize_t body_limit
+    cdef public Py_ssize_t head_size
     cdef public Py_ssize_t body_size
     cdef public list held
     cdef public bint expect_continue
@@ -180,6 +181,8 @@ cdef class HttpProtocol:
     cdef _failed(self)
     @cython.locals(req=Request)
     cdef _pump(self)
+    @cython.locals(req=Request, n=Py_ssize_t)
+    cdef bint _pipeline_full(self, Py_ssize_t bytes_limit)
     cpdef _continue(self)
     @cython.locals(req=Request)
     cdef bint _holding(self)

@@ -48,6 +48,10 @@ PIPELINE_MAX = _PIPELINE_MAX
 # (2.8 MB) behind one the service had not answered, before any was authorised: 100
 # connections from one address held 280 MB (docs/security.md §3d, "pipelined reads").
 _FEED_SLICE = 4096
+# And the heads parsed and waiting on a connection hold at most about this many bytes
+# (request lines and header blocks): 16 heads of maxHeaderBytes each were 256 KB or more
+# a connection before any was authorised.
+_PIPELINE_BYTES = 32 * 1024
 
 # Deadline kinds, checked by Worker._tick() once a second (no timer per request).
 _D_NONE = 0
@@ -335,6 +339,7 @@ def _new_request(conn):
     req.content_length = 0
     req.body_state = _B_NONE
     req.body_limit = 0
+    req.head_size = 0
     req.body_size = 0
     req.held = None
     req.expect_continue = False
@@ -585,7 +590,7 @@ class HttpProtocol:
             pos = end
             if pos >= n:
                 break
-            if len(self._queue) >= _PIPELINE_MAX:
+            if self._pipeline_full(_PIPELINE_BYTES):
                 # Enough waits: the rest of this read is parsed once they are served
                 # (_pump), reading stopped meanwhile so nothing overtakes it.
                 self._unparsed = bytes(view[pos:])
@@ -904,10 +909,11 @@ class HttpProtocol:
             if req.body_state == _B_OPEN and req.pending is None:
                 self._pause(_P_HOLD)   # decided later (a key fetch, Valkey): hold the body
         else:
+            req.head_size = self._header_bytes + len(self._url)
             self._queue.append(req)
             if has_body:
                 self._pause(_P_HOLD)
-            elif len(self._queue) >= _PIPELINE_MAX:
+            elif self._pipeline_full(_PIPELINE_BYTES):
                 self._pause(_P_PIPELINE)
 
     def on_body(self, body: bytes):
@@ -1092,7 +1098,8 @@ class HttpProtocol:
             self._run(req)
         if self._paused & _P_HOLD and not self._closing and not self._holding():
             self._resume(_P_HOLD)
-        if self._paused & _P_PIPELINE and len(self._queue) < _PIPELINE_MAX // 2:
+        if (self._paused & _P_PIPELINE and len(self._queue) < _PIPELINE_MAX // 2
+                and not self._pipeline_full(_PIPELINE_BYTES // 2)):
             if self._unparsed is None:
                 self._resume(_P_PIPELINE)
             elif not self._unparsed_scheduled:
@@ -1100,6 +1107,15 @@ class HttpProtocol:
                 # this call: it may run within data_received).
                 self._unparsed_scheduled = True
                 asyncio.get_running_loop().call_soon(self._continue)
+
+    def _pipeline_full(self, bytes_limit):
+        """PIPELINE_MAX requests wait, or heads of `bytes_limit` bytes."""
+        if len(self._queue) >= _PIPELINE_MAX:
+            return True
+        n = 0
+        for req in self._queue:
+            n += req.head_size
+        return n >= bytes_limit
 
     def _continue(self):
         """Parse what _feed left of a read (the pipeline was full)."""

@@ -79,3 +79,62 @@ def test_a_read_of_pipelined_requests_is_parsed_only_as_far_as_the_pipeline_take
             sock.close()
         peer.close()
         gw.stop()
+
+
+def test_large_pipelined_heads_are_parsed_only_to_a_byte_budget():
+    """16 heads of 15 KB each were parsed and held per connection (240 KB, unauthorised):
+    1,000 connections of one address held +275 MB. The heads waiting hold about 32 KB."""
+    gw = GatewayThread(settings_from(orjson.dumps({"gateway": {
+        "http": {"port": 0}, "transports": {"tcp": {"port": 0}},
+        "logging": {"accessLog": False}}}).decode())).start()
+    peer = RawPeer(gw.transport_port)
+    seen = []
+    answering = threading.Event()
+
+    def serve():
+        while True:
+            try:
+                frame = peer.read_frame(0.05)
+            except (socket.timeout, TimeoutError):
+                continue
+            except OSError:
+                return
+            if frame is None:
+                return
+            if frame[0] == fr.REQUEST:
+                seen.append(bytes(fr.decode_request(frame[2])[4]))
+                answering.wait(10)
+                enc = fr.FrameEncoder()
+                enc.response(frame[1], 200, [], fr.FLAG_END_STREAM, b"")
+                peer.sock.sendall(enc.take())
+
+    def parsed():
+        return gw.call(lambda: sum(type(o).__name__ == "Request" for o in gc.get_objects()))
+
+    sock = None
+    try:
+        assert "error" not in peer.hello(hello_for("svc", endpoints=[("GET", "/s")]))
+        threading.Thread(target=serve, daemon=True).start()
+        baseline = parsed()
+        pad = b"x-pad: " + b"p" * 15000 + b"\r\n"
+        raw = b"".join(b"GET /s?%d HTTP/1.1\r\nHost: x\r\n%s\r\n" % (i, pad) for i in range(17))
+        sock = connect(gw.port, timeout=20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sock.sendall(raw)
+        assert wait_for(lambda: len(seen) == 1, 5)
+        # Before: 16 waited behind the first (240 KB). Now the first, the budget (32 KB:
+        # two of them), the head that crossed it and the one begun in the same slice.
+        assert parsed() - baseline <= 1 + 3 + 1
+        answering.set()
+        buf = b""
+        while buf.count(b"HTTP/1.1 200") < 17:
+            data = sock.recv(1 << 16)
+            assert data, buf[-200:]
+            buf += data
+        assert seen == [b"%d" % i for i in range(17)]
+    finally:
+        answering.set()
+        if sock is not None:
+            sock.close()
+        peer.close()
+        gw.stop()
