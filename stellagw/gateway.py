@@ -533,23 +533,32 @@ class Worker:
         return {(i.service, i.instance_id) for i in list(self.routing.instances.values())
                 if i.status in _READY_STATUSES}
 
+    def _sibling_files(self, prefix: str):
+        """The parsed JSON of each `<prefix>*.json` the workers (this one's predecessor too)
+        published in the run directory; a file that cannot be read or parsed is skipped."""
+        if not self._run_dir:
+            return
+        try:
+            names = os.listdir(self._run_dir)
+        except OSError:
+            return
+        for name in names:
+            if not (name.startswith(prefix) and name.endswith(".json")):
+                continue
+            try:
+                with open(os.path.join(self._run_dir, name), "rb") as f:
+                    yield orjson.loads(f.read())
+            except (OSError, ValueError):
+                continue
+
     def _expected_instances(self) -> set:
         """What the other workers (and this worker's predecessor, in its own file) had
         routable when they last published: the instances that will dial this worker."""
         expected: set = set()
-        if not self._run_dir:
-            return expected
-        try:
-            names = os.listdir(self._run_dir)
-        except OSError:
-            return expected
-        for name in names:
-            if not (name.startswith("instances-") and name.endswith(".json")):
-                continue
+        for view in self._sibling_files("instances-"):
             try:
-                with open(os.path.join(self._run_dir, name), "rb") as f:
-                    expected.update((svc, iid) for svc, iid in orjson.loads(f.read()))
-            except (OSError, ValueError, TypeError):
+                expected.update((svc, iid) for svc, iid in view)
+            except (ValueError, TypeError):
                 continue
         return expected
 
@@ -557,23 +566,13 @@ class Worker:
         """{service: routes} every worker (this one's predecessor too) had routes of when
         it last published, registered or departed."""
         merged: dict = {}
-        if not self._run_dir:
-            return merged
-        try:
-            names = os.listdir(self._run_dir)
-        except OSError:
-            return merged
-        for name in names:
-            if not (name.startswith("routes-") and name.endswith(".json")):
-                continue
+        for view in self._sibling_files("routes-"):
             try:
-                with open(os.path.join(self._run_dir, name), "rb") as f:
-                    view = orjson.loads(f.read())
                 for service, routes in view.items():
                     if isinstance(service, str) and isinstance(routes, list):
                         merged.setdefault(service, [tuple(r) for r in routes
                                                     if isinstance(r, list) and len(r) == 3])
-            except (OSError, ValueError, TypeError, AttributeError):
+            except (ValueError, TypeError, AttributeError):
                 continue
         return merged
 
