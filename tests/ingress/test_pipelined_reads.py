@@ -21,6 +21,11 @@ pytestmark = pytest.mark.twin   # run again uncompiled: ingress/http.py is glue
 REQUESTS = 3000
 
 
+def parsed(gw) -> int:
+    """Request objects alive in the gateway: the pipelined requests it has parsed."""
+    return gw.call(lambda: sum(type(o).__name__ == "Request" for o in gc.get_objects()))
+
+
 def test_a_read_of_pipelined_requests_is_parsed_only_as_far_as_the_pipeline_takes():
     gw = GatewayThread(settings_from(orjson.dumps({"gateway": {
         "http": {"port": 0}, "transports": {"tcp": {"port": 0}},
@@ -50,14 +55,11 @@ def test_a_read_of_pipelined_requests_is_parsed_only_as_far_as_the_pipeline_take
                 waiting = []
                 peer.sock.sendall(enc.take())
 
-    def parsed():
-        return gw.call(lambda: sum(type(o).__name__ == "Request" for o in gc.get_objects()))
-
     sock = None
     try:
         assert "error" not in peer.hello(hello_for("svc", endpoints=[("GET", "/s")]))
         threading.Thread(target=serve, daemon=True).start()
-        baseline = parsed()
+        baseline = parsed(gw)
         raw = b"".join(b"GET /s?%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(REQUESTS))
         sock = connect(gw.port, timeout=20)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
@@ -65,7 +67,7 @@ def test_a_read_of_pipelined_requests_is_parsed_only_as_far_as_the_pipeline_take
         assert wait_for(lambda: len(seen) == 1, 5)
         # The first waits for its answer; of the rest, the pipeline's 16 and what shared a
         # 4 KiB slice with them are parsed (before: the whole read, thousands).
-        assert parsed() - baseline <= 16 + 4096 // 30 + 2
+        assert parsed(gw) - baseline <= 16 + 4096 // 30 + 2
         answering.set()
         buf = b""
         while buf.count(b"HTTP/1.1 200") < REQUESTS:
@@ -108,14 +110,11 @@ def test_large_pipelined_heads_are_parsed_only_to_a_byte_budget():
                 enc.response(frame[1], 200, [], fr.FLAG_END_STREAM, b"")
                 peer.sock.sendall(enc.take())
 
-    def parsed():
-        return gw.call(lambda: sum(type(o).__name__ == "Request" for o in gc.get_objects()))
-
     sock = None
     try:
         assert "error" not in peer.hello(hello_for("svc", endpoints=[("GET", "/s")]))
         threading.Thread(target=serve, daemon=True).start()
-        baseline = parsed()
+        baseline = parsed(gw)
         pad = b"x-pad: " + b"p" * 15000 + b"\r\n"
         raw = b"".join(b"GET /s?%d HTTP/1.1\r\nHost: x\r\n%s\r\n" % (i, pad) for i in range(17))
         sock = connect(gw.port, timeout=20)
@@ -124,7 +123,7 @@ def test_large_pipelined_heads_are_parsed_only_to_a_byte_budget():
         assert wait_for(lambda: len(seen) == 1, 5)
         # Before: 16 waited behind the first (240 KB). Now the first, the budget (32 KB:
         # two of them), the head that crossed it and the one begun in the same slice.
-        assert parsed() - baseline <= 1 + 3 + 1
+        assert parsed(gw) - baseline <= 1 + 3 + 1
         answering.set()
         buf = b""
         while buf.count(b"HTTP/1.1 200") < 17:
