@@ -191,6 +191,8 @@ cdef class HttpProtocol:
     cpdef respond(self, Request req, int status, headers, body, bint close=*)
     cdef _write(self, data)
     cdef _finish(self, Request req, int status, bint keep)
+    @cython.locals(req=Request)
+    cdef _drop_queue(self, int status)
     cdef _close_now(self)
     cdef _linger(self, Py_ssize_t n)
     cdef _pause(self, int reason)

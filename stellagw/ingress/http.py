@@ -82,6 +82,13 @@ _MAX_CELLS = 4096
 # After a refusal with the client still sending: read and discard this long / this much,
 # so the answer reaches the client before the close turns into a reset.
 LINGER_SECONDS = 2.0
+# The status logged and counted for a request whose client left (or reset) before any of
+# its answer was sent: nginx's "client closed request"; for one the gateway closed the
+# connection on without an answer (behind an answer that closed it, at the drain's
+# deadline), nginx's 444 (docs/operations.md, Logs).
+CLIENT_CLOSED = 499
+CLOSED_UNANSWERED = 444
+_AFTER_CLOSE = "Data after `Connection: close`"     # llhttp's HPE_CLOSED_CONNECTION
 _LINGER_BYTES = 1 << 20
 
 _JSON_CT = b"content-type: application/json\r\n"
@@ -516,10 +523,12 @@ class HttpProtocol:
         if self._client_key is not None:
             server.release_client(self._client_key)
             self._client_key = None
+        # Closed by us (an answer that closed it, a cut, the drain's deadline) or by the
+        # client: what its unanswered requests are logged and counted as.
+        gone = CLOSED_UNANSWERED if self._closing else CLIENT_CLOSED
         self._closing = True
         current = self._current
         self._current = None
-        self._queue.clear()
         if current is not None and current.pending is not None:
             # The client went away with a request in flight: CANCEL(ClientDisconnected).
             current.pending.abort()
@@ -527,6 +536,15 @@ class HttpProtocol:
         # the collector would only find in a full collection), held bodies and buffers.
         if current is not None:
             current.done = True
+            # Every request whose head was read leaves one line and one count, answered or
+            # not: a client that left (or reset) before its answer — while the service
+            # worked on it, mid-upload — left no trace at all (an adversarial probe). A
+            # streamed answer cut short keeps the status its head carried (bytesOut says
+            # how far it got).
+            self._acct.request_done(current, self._stream_status if self._streaming
+                                    else gone)
+            self._streaming = False
+        self._drop_queue(gone)
         self._set_parser(None)
         self._req = None
         self._last = None
@@ -627,6 +645,13 @@ class HttpProtocol:
         except httptools.HttpParserUpgrade as exc:
             return self._upgraded(data, exc.args[0] if exc.args else len(data))
         except httptools.HttpParserError as exc:
+            if str(exc) == _AFTER_CLOSE:
+                # Bytes after a request that said `Connection: close`: not read as a
+                # request (RFC 9112 §9.6), so neither answered nor logged. Made a 400 that
+                # the close then dropped, they were logged under the last request's id.
+                self._parse_broken = True
+                self._pause(_P_STOP)
+                return None
             message = _parser_message(exc)
             # HTTP/3.0, HTTP/1.2 ...: "505 HTTP Version Not Supported" says what is wrong.
             self._reject = (505 if "HTTP version" in message else 400, message)
@@ -1073,14 +1098,20 @@ class HttpProtocol:
             return
         self._parse_broken = True
         self._pause(_P_STOP)
-        req = self._req if self._req is not None else _new_request(self)
+        begun = self._req is not None
+        req = self._req if begun else _new_request(self)
         self._req = None
         if not req.correlation_id:
-            req.correlation_id = self._acct.correlation_id(self._headers)
+            # The head's own fields so far; with no head begun, self._headers still holds
+            # the last request's, whose X-Correlation-Id is not this one's (two requests
+            # logged under one id).
+            req.correlation_id = self._acct.correlation_id(self._headers if begun else ())
         req.keep_alive = False
         req.body_state = _B_NONE
         req.started = perf_counter()
         req.reject = (status, message)
+        if not req.route:
+            req.route = "invalid"   # the documented label, never "" (docs/operations.md)
         if req is not self._current and req not in self._queue:
             self._queue.append(req)
 
@@ -1199,6 +1230,18 @@ class HttpProtocol:
         self._write(data)
         self._finish(req, status, keep)
 
+    def _drop_queue(self, status):
+        """Pipelined requests never started, whose connection closes: each logged and
+        counted once, as `status` (they once vanished without a trace)."""
+        if not self._queue:
+            return
+        for req in self._queue:
+            req.done = True
+            if not req.route:
+                req.route = "unrouted"      # a fixed label: never matched, never ""
+            self._acct.request_done(req, status)
+        self._queue.clear()
+
     def _write(self, data):
         if self._out is not None:
             self._out.append(data)
@@ -1217,7 +1260,7 @@ class HttpProtocol:
         self._acct.request_done(req, status)
         if not keep:
             self._closing = True
-            self._queue.clear()
+            self._drop_queue(CLOSED_UNANSWERED)
             if self._out is None:
                 self._close_now()
             return
@@ -1458,11 +1501,14 @@ class HttpProtocol:
                 self._body_failed(req, 408, "request body not received in time")
                 if self._current is None or self._closing:
                     self._close_now()
-        elif self._current is not None:
+        elif self._current is not None or self._req is not None:
             # A pipelined head that does not come (slowloris behind a slow request): the
-            # request in flight is answered, then 408, then close.
+            # request in flight is answered, then 408, then close. A head begun and not
+            # finished is answered the same way, in its turn, so its 408 is logged and
+            # counted like any refusal (written directly, it left no trace).
             self._reject = (408, "request not received in time")
             self._failed()
+            self._pump()
         else:
             self.transport.write(self._render_error_close(408, "request not received in time"))
             self._closing = True
