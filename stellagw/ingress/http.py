@@ -1106,6 +1106,12 @@ class HttpProtocol:
             # the last request's, whose X-Correlation-Id is not this one's (two requests
             # logged under one id).
             req.correlation_id = self._acct.correlation_id(self._headers if begun else ())
+        if begun and not req.target and self._url and self._url[0] == 47:
+            # Refused before the head was judged to its end (413 on Content-Length, a bad
+            # Host): the line still says which path was asked for, not "".
+            parts = split_target(self._url)
+            if parts is not None:
+                req.target = parts[0]
         req.keep_alive = False
         req.body_state = _B_NONE
         req.started = perf_counter()

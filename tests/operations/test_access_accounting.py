@@ -17,7 +17,8 @@ from tests.support.gwtest import (GatewayThread, NullLog, connect, read_response
 from tests.support.services import ServiceProcess
 
 
-CIDS = ("left-waiting", "reset-waiting", "reset-queued", "cut-stream", "behind-cut", "closes")
+CIDS = ("left-waiting", "reset-waiting", "reset-queued", "cut-stream", "behind-cut", "closes",
+        "too-large")
 
 
 def _get(path: str, cid: str, extra: bytes = b"") -> bytes:
@@ -83,6 +84,14 @@ def test_every_request_read_is_logged_and_counted_once_answered_or_not(tmp_path)
             status, _, _ = read_response(s)
             assert status == 408
 
+        # 5. Refused on its Content-Length before the head was judged to its end: the line
+        #    names the path asked for (it said ""), the count stays under `invalid`.
+        with connect(gw.port) as s:
+            s.sendall(_get("/t/acct/echo?q=1", "too-large", b"Content-Length: 99999999999\r\n")
+                      .replace(b"GET", b"POST", 1))
+            status, _, _ = read_response(s)
+            assert status == 413
+
         def logged():
             return all(seen.lines(cid) for cid in CIDS)
         assert wait_for(logged, timeout=5), str([(r["correlationId"], r["status"], r["path"], r["method"])
@@ -92,7 +101,9 @@ def test_every_request_read_is_logged_and_counted_once_answered_or_not(tmp_path)
         assert {cid: [(r["status"], r["service"]) for r in rs] for cid, rs in lines.items()} == {
             "left-waiting": [(499, "acct")], "reset-waiting": [(499, "acct")],
             "reset-queued": [(499, "")], "cut-stream": [(504, "acct")],
-            "behind-cut": [(444, "")], "closes": [(200, "acct")], "after-close": []}
+            "behind-cut": [(444, "")], "closes": [(200, "acct")], "after-close": [],
+            "too-large": [(413, "")]}
+        assert lines["too-large"][0]["path"] == "/t/acct/echo"
         timed_out = [r for r in seen.records if r["status"] == 408]
         assert len(timed_out) == 1 and timed_out[0]["method"] == "-"
 
@@ -102,6 +113,7 @@ def test_every_request_read_is_logged_and_counted_once_answered_or_not(tmp_path)
         assert delta.pop(("", "GET", "unrouted", 499)) == 1
         assert delta.pop(("", "GET", "unrouted", 444)) == 1
         assert delta.pop(("", "-", "invalid", 408)) == 1
+        assert delta.pop(("", "POST", "invalid", 413)) == 1
         assert delta.pop(("acct", "GET", "/t/acct/slow", 200)) == 1      # "closes"
         assert delta.pop(("acct", "GET", "/t/acct/stall", 504)) == 1
         assert set(delta) <= {("acct", "GET", "/t/acct/whoami", 200)}   # wait_routable's
