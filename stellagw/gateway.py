@@ -294,14 +294,15 @@ class Worker:
         return {"gateway_connections_refused": (
             "Client connections refused at accept (answered 503 and closed; with TLS, reset "
             "before the handshake), by reason: limit (maxConnections), per_client "
-            "(maxConnectionsPerClient), proxy_protocol (HTTPS with proxyProtocol: no valid PROXY "
-            "header before the handshake, or from an untrusted peer), handshake_failures "
+            "(maxConnectionsPerClient), proxy_protocol (proxyProtocol: no valid PROXY header "
+            "(over HTTPS before the handshake), or from an untrusted peer), handshake_failures "
             "(HTTPS: the address's TLS handshakes failed too often in the last second)", ("reason",),
             [((k,), v) for k, v in self.refused_connections.items()]),
             "gateway_connections_aborted": (
                 "Client connections the gateway cut, by reason: send_timeout (owed bytes "
                 "and none taken for sendTimeout), send_rate (less than minSendRate taken), "
                 "handshake_timeout (TLS handshake not done in headerReadTimeout), "
+                "header_timeout (not a byte of a request in headerReadTimeout from accept: 408), "
                 "buffer_budget (owed the most when the answers held for paused clients passed "
                 "responseBufferBudget)", ("reason",),
                 [((k,), v) for k, v in self.aborted_connections.items()]),

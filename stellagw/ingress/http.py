@@ -491,6 +491,7 @@ class HttpProtocol:
         elif self._proxy_mode != "off":
             if self._trust is not None and not self._trusted:
                 # A PROXY header is believed from the configured proxies only.
+                server.connection_refused("proxy_protocol")
                 self._refuse_connection("the PROXY protocol is accepted from trusted proxies only")
                 return
             self._proxy_buf = b""       # counted per client once the header names it
@@ -686,6 +687,9 @@ class HttpProtocol:
         try:
             parsed = parse_proxy_header(buf, self._proxy_mode)
         except ProxyError as exc:
+            # Counted as over HTTPS (ingress/tls_accept.py): over plain HTTP this refusal
+            # left no trace, no request line and no count.
+            self._server.connection_refused("proxy_protocol")
             self._refuse_connection(str(exc))
             return None
         if parsed is None:
@@ -1516,6 +1520,9 @@ class HttpProtocol:
             self._failed()
             self._pump()
         else:
+            # Not a byte of a request since accept: no request
+            # line, but a refusal all the same, counted by its reason (it left no trace).
+            self._server.connection_aborted("header_timeout")
             self.transport.write(self._render_error_close(408, "request not received in time"))
             self._closing = True
             self._close_now()

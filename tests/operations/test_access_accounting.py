@@ -130,3 +130,37 @@ def _fetch(port, path):
     with connect(port) as s:
         s.sendall(_get(path, "probe-events", b"Connection: close\r\n"))
         return read_response(s)[2]
+
+
+def test_refusals_before_any_request_are_counted_by_reason():
+    """No request line for them, so a count: a connection that sends nothing before
+    headerReadTimeout (408, closed), and over plain HTTP a connection without its PROXY
+    header or from a peer not trusted to send one (400, closed) — over HTTPS the latter
+    were counted already; over HTTP none of them left any trace."""
+    log = NullLog()
+    gw = GatewayThread(settings_from(
+        "gateway: {http: {port: 0, headerReadTimeout: 1s, proxyProtocol: v1,"
+        " trustedProxies: [127.0.0.0/8]}}"), log=log.log).start()
+    untrusted = GatewayThread(settings_from(
+        "gateway: {http: {port: 0, proxyProtocol: v1, trustedProxies: [10.0.0.0/8]}}"),
+        log=NullLog().log).start()
+    try:
+        with connect(gw.port) as s:            # nothing sent
+            assert read_response(s)[0] == 408
+        with connect(gw.port) as s:            # a request without its PROXY header
+            s.sendall(_get("/t/acct/whoami", "no-proxy-header"))
+            assert read_response(s)[0] == 400
+        with connect(untrusted.port) as s:     # a peer not among trustedProxies
+            s.sendall(b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 80\r\n"
+                      + _get("/t/acct/whoami", "untrusted"))
+            assert read_response(s)[0] == 400
+        assert gw.call(lambda: dict(gw.worker.aborted_connections)) == {"header_timeout": 1}
+        assert gw.call(lambda: dict(gw.worker.refused_connections)) == {"proxy_protocol": 1}
+        assert untrusted.call(lambda: dict(untrusted.worker.refused_connections)) == {
+            "proxy_protocol": 1}
+        # Nothing reached a pipeline: no request line for any of them.
+        assert not [r for r in map(orjson.loads, log.lines())
+                    if r.get("message", "").startswith("Request ")]
+    finally:
+        untrusted.stop()
+        gw.stop()
