@@ -216,7 +216,24 @@ def _check_range(value: Any, low: Any, high: Any) -> None:
     raise ValueError(f"must be at most {high}, got {value}")
 
 
-def _integer(low: int | None = None, high: int | None = None) -> Parser:
+# The largest count or limit any integer key takes unless it names its own bound: the
+# Cython codecs and the kernel read these as C ints / int64s, and a value past 2**31-1
+# passed check-config and then raised OverflowError or ValueError in the supervisor or a
+# worker (backlog, maxConnections, maxHeaderCount, rate-limit rules: window.pyx).
+MAX_INTEGER = (1 << 31) - 1
+# Sizes unless a key names its own bound: 1 TiB. Larger ones overflowed Py_ssize_t fields
+# of the HTTP codec (maxHeaderBytes, and the window minBodyRate x bodyReadTimeout) and
+# made every client connection fail at run time.
+MAX_SIZE = 1 << 40
+# Durations: at most a year. A timer of 1e30 s overflows C integers in the event loop and
+# the codecs (bodyReadTimeout x minBodyRate, tcpKeepAlive); "never" is 0 where a key says so.
+MAX_DURATION = 365 * 24 * 3600
+# And, when not 0, at least a millisecond: shorter ones became 0 in millisecond fields
+# (heartbeat_interval_ms sent to services: a heartbeat busy loop) or timers firing at once.
+MIN_DURATION = 0.001
+
+
+def _integer(low: int | None = None, high: int | None = MAX_INTEGER) -> Parser:
     def parse(value: Any, path: str) -> int:
         if isinstance(value, _FromEnv):
             try:
@@ -282,16 +299,20 @@ def _tls_version(value: Any, path: str) -> str:
     return _choice("1.2", "1.3")(value, path)
 
 
-def _duration(*, positive: bool = False) -> Parser:
+def _duration(*, positive: bool = False, high: float = MAX_DURATION) -> Parser:
     def parse(value: Any, path: str) -> float:
         seconds = parse_duration(value)
         if positive and seconds <= 0:
             raise ValueError(f"must be greater than 0, got {value!r}")
+        if 0 < seconds < MIN_DURATION:
+            raise ValueError(f"must be 0 or at least 1ms, got {value!r}")
+        if seconds > high:
+            raise ValueError(f"must be at most {_format_duration(float(high))}, got {value!r}")
         return seconds
     return parse
 
 
-def _size(low: int = 0, high: int | None = None) -> Parser:
+def _size(low: int = 0, high: int = MAX_SIZE) -> Parser:
     def parse(value: Any, path: str) -> int:
         size = parse_size(value)
         _check_range(size, low, high)
@@ -559,12 +580,13 @@ def _seconds_key(yaml_name: str, default: Any, *, positive: bool = True) -> Any:
     return _key(yaml_name, _duration(positive=positive), default, dump=_format_seconds)
 
 
-def _duration_key(yaml_name: str, default: Any, *, positive: bool = False) -> Any:
-    return _key(yaml_name, POSITIVE_DURATION if positive else DURATION, default,
+def _duration_key(yaml_name: str, default: Any, *, positive: bool = False,
+                  high: float = MAX_DURATION) -> Any:
+    return _key(yaml_name, _duration(positive=positive, high=high), default,
                 dump=_format_duration)
 
 
-def _size_key(yaml_name: str, default: Any, *, low: int = 0, high: int | None = None) -> Any:
+def _size_key(yaml_name: str, default: Any, *, low: int = 0, high: int = MAX_SIZE) -> Any:
     return _key(yaml_name, _size(low, high), default, dump=_format_size)
 
 
@@ -653,14 +675,15 @@ class HttpSettings:
     # A body must bring minBodyRate bytes/s over every bodyReadTimeout window (slow uploads
     # that never stop are a slowloris of their own; docs/http-edge.md).
     body_read_timeout: float = _duration_key("bodyReadTimeout", "10s", positive=True)
-    min_body_rate: int = _size_key("minBodyRate", "1KB")
+    # At most 1GB/s: the window's bytes (rate x bodyReadTimeout) are a C Py_ssize_t.
+    min_body_rate: int = _size_key("minBodyRate", "1KB", high=1 << 30)
     # A client owed bytes that takes none of them for this long is cut (RST): closing
     # alone would wait for a buffer that a client reading nothing never drains
     # (docs/http-edge.md, "What one connection can hold").
     send_timeout: float = _duration_key("sendTimeout", "60s", positive=True)
     # ... and one that takes less than minSendRate bytes/s over a sendTimeout window: a slow
     # read (a window's worth now and then) would hold the connection and its buffers for ever.
-    min_send_rate: int = _size_key("minSendRate", "256B")
+    min_send_rate: int = _size_key("minSendRate", "256B", high=1 << 30)
     # The most a worker holds, summed over its client connections paused for writing, of
     # answers their clients have not taken: past it the one owing the most is reset. A
     # whole RESPONSE goes to the client's buffer at once (up to maxFrameSize), and a client
@@ -690,7 +713,8 @@ class HttpSettings:
     # TCP keep-alive on client connections: idle time before the kernel's first probe
     # (listeners.keep_alive); a client gone without a FIN is found and its connection
     # closed. 0 = off.
-    tcp_keep_alive: float = _duration_key("tcpKeepAlive", "60s")
+    # At most 32767 s: Linux's TCP_KEEPIDLE limit (setsockopt refuses more, per connection).
+    tcp_keep_alive: float = _duration_key("tcpKeepAlive", "60s", high=32767)
     tls: HttpTlsSettings = _section("tls", HttpTlsSettings)
 
 
@@ -755,8 +779,9 @@ class TcpTransportSettings:
     host: str = _key("host", _string(non_empty=True), "127.0.0.1")
     port: int = _key("port", PORT, 9100)
     max_connections: int = _key("maxConnections", COUNT, 1000)
-    receive_buffer_size: int = _size_key("receiveBufferSize", 65536, low=1)
-    send_buffer_size: int = _size_key("sendBufferSize", 65536, low=1)
+    # Socket options (SO_RCVBUF/SO_SNDBUF) are C ints.
+    receive_buffer_size: int = _size_key("receiveBufferSize", 65536, low=1, high=MAX_INTEGER)
+    send_buffer_size: int = _size_key("sendBufferSize", 65536, low=1, high=MAX_INTEGER)
     # The frame length field is a 32-bit unsigned integer (docs/design.md §3).
     max_frame_size: int = _size_key("maxFrameSize", "16MB", low=64, high=0xFFFFFFFF)
     # Before its HELLO is accepted a peer is nobody: what it may make us hold is this, not
@@ -1013,7 +1038,10 @@ class AuthDpopNonceSettings:
 class AuthReplayCacheSettings:
     valkey: str = _key("valkey", _string(_connection_string), "", secret=True)
     on_valkey_error: str = _key("onValkeyError", _choice("reject", "local"), "local")
-    max_entries: int = _key("maxEntries", COUNT, 100000)
+    # At most 2**24: the table is ≥ 32 bytes per entry in shared memory made before the
+    # workers fork (2**24 is 512 MiB); 2**31-1 asked for 64 GiB and stopped the start with
+    # "Cannot allocate memory" and no key.
+    max_entries: int = _key("maxEntries", _integer(1, 1 << 24), 100000)
     timeout: float = _duration_key("timeout", "250ms", positive=True)
 
 

@@ -414,8 +414,15 @@ def raise_fd_limit(settings) -> int:
     if limit != resource.RLIM_INFINITY and need > limit:
         gw = settings.gateway
         others = need - gw.http.max_connections - FD_HEADROOM
+        # Named: the largest of the caps, which is the one to lower (a transport's
+        # maxConnections of 2**31 was reported as gateway.http.maxConnections).
+        caps = [("gateway.http.maxConnections", gw.http.max_connections)]
+        if gw.admin.enabled:
+            caps.append(("gateway.admin.maxConnections", gw.admin.max_connections))
+        caps += [(f"gateway.transports.{kind}.maxConnections", node.max_connections)
+                 for kind, node in _transport_nodes(gw)]
         raise ConfigError(
-            "gateway.http.maxConnections",
+            max(caps, key=lambda cap: cap[1])[0],
             f"{gw.http.max_connections} client connections, with {others} admin and service "
             f"connections and {FD_HEADROOM} spare descriptors, need {need} file descriptors per "
             f"worker but RLIMIT_NOFILE allows {limit} (hard limit {hard}): lower maxConnections "

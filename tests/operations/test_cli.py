@@ -50,6 +50,16 @@ def test_check_config_prints_effective_config_with_secrets_masked(tmp_path):
     ("rate_limiting: {for_instance: {rules: [{max_requests: 1, per_second: 1}]}}",
      "rate_limiting.for_instance.rules[0].per_second"),
     ("gateway: {http: {tls: {enabled: true}}}", "gateway.http.tls.certificatePath"),
+    # Round 8E (config fuzzing): these passed check-config, then serve died with a
+    # traceback (the first three) or started and failed every client connection (the last).
+    ("gateway: {http: {port: 0, backlog: 4294967296}}", "gateway.http.backlog"),
+    ("gateway: {http: {port: 0, tcpKeepAlive: 1000000h}}", "gateway.http.tcpKeepAlive"),
+    ("rate_limiting: {for_instance: {rules: [{max_requests: 4294967296, per_seconds: 1}]}}",
+     "rate_limiting.for_instance.rules[0].max_requests"),
+    ("gateway: {http: {port: 0, bodyReadTimeout: 1.0e+30}}", "gateway.http.bodyReadTimeout"),
+    # Not the client listener's cap but the transport's took the descriptors: name it.
+    ("gateway: {http: {port: 0}, transports: {tcp: {port: 0, maxConnections: 2147483647}}}",
+     "gateway.transports.tcp.maxConnections"),
 ])
 def test_bad_config_stops_serve_before_listening_naming_the_key(tmp_path, text, key):
     cfg = tmp_path / "gw.yaml"

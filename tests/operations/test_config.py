@@ -440,6 +440,75 @@ def test_wrong_values_name_the_key(text, path):
     assert str(e) == f"{path}: {e.reason}"
 
 
+# Values check-config used to accept that the gateway could not run with (config fuzzing,
+# round 8E): a traceback at start (backlog, maxHeaderCount, rate-limit rules past the C
+# window's 2**31-1, tcpKeepAlive past TCP_KEEPIDLE's limit), a start whose every client
+# connection then failed (maxHeaderBytes 2**64, bodyReadTimeout 1e30: Py_ssize_t overflow),
+# "Cannot allocate memory" (replayCache.maxEntries), or a sub-millisecond interval sent to
+# services as 0 ms (a heartbeat busy loop).
+@pytest.mark.parametrize("text, path, words", [
+    ("gateway: {http: {backlog: 4294967296}}", "gateway.http.backlog", ["2147483647"]),
+    ("gateway: {http: {maxConnections: 18446744073709551616}}", "gateway.http.maxConnections",
+     ["2147483647"]),
+    ("gateway: {http: {maxHeaderCount: 18446744073709551616}}", "gateway.http.maxHeaderCount",
+     ["2147483647"]),
+    ("gateway: {http: {maxUrlLength: 9223372036854775808}}", "gateway.http.maxUrlLength",
+     ["2147483647"]),
+    ("gateway: {http: {maxHeaderBytes: 18446744073709551616}}", "gateway.http.maxHeaderBytes",
+     ["1099511627776"]),
+    ("gateway: {http: {bodyReadTimeout: 1.0e+30}}", "gateway.http.bodyReadTimeout",
+     ["at most 8760h"]),
+    ("gateway: {http: {headerReadTimeout: 1000000h}}", "gateway.http.headerReadTimeout",
+     ["at most 8760h"]),
+    ("gateway: {http: {minBodyRate: 2GB}}", "gateway.http.minBodyRate", ["1073741824"]),
+    ("gateway: {http: {minSendRate: 2GB}}", "gateway.http.minSendRate", ["1073741824"]),
+    ("gateway: {http: {tcpKeepAlive: 10h}}", "gateway.http.tcpKeepAlive", ["at most 32767s"]),
+    ("gateway: {transports: {tcp: {receiveBufferSize: 4294967296}}}",
+     "gateway.transports.tcp.receiveBufferSize", ["2147483647"]),
+    ("gateway: {transports: {tls: {sendBufferSize: 4GB}}}",
+     "gateway.transports.tls.sendBufferSize", ["2147483647"]),
+    ("gateway: {auth: {replayCache: {maxEntries: 2147483647}}}",
+     "gateway.auth.replayCache.maxEntries", ["16777216"]),
+    ("gateway: {auth: {rateLimiting: {requestsPerMinute: 4294967296}}}",
+     "gateway.auth.rateLimiting.requestsPerMinute", ["2147483647"]),
+    ("gateway: {health: {heartbeatIntervalSeconds: 0.0001}}",
+     "gateway.health.heartbeatIntervalSeconds", ["at least 1ms"]),
+    ("gateway: {node: {fleet: {publishInterval: 0.0000001s}}}",
+     "gateway.node.fleet.publishInterval", ["at least 1ms"]),
+    ("gateway: {node: {workerStallTimeout: 0.0005}}", "gateway.node.workerStallTimeout",
+     ["0 or at least 1ms"]),
+    ("rate_limiting: {for_instance: {rules: [{max_requests: 4294967296, per_seconds: 1}]}}",
+     "rate_limiting.for_instance.rules[0].max_requests", ["2147483647"]),
+    ("rate_limiting: {for_instance: {tenant_rules: [{max_requests: 1, per_seconds: 2147483648}]}}",
+     "rate_limiting.for_instance.tenant_rules[0].per_seconds", ["2147483647"]),
+    ("rate_limiting: {for_environment: {circuit_breaker: {timeout_seconds: .inf}}}",
+     "rate_limiting.for_environment.circuit_breaker.timeout_seconds", ["finite"]),
+    ("rate_limiting: {for_environment: {circuit_breaker: {half_open_timeout: 1.0e+30}}}",
+     "rate_limiting.for_environment.circuit_breaker.half_open_timeout", ["at most 8760h"]),
+])
+def test_values_the_gateway_cannot_run_with_are_refused(text, path, words):
+    e = error(text)
+    assert e.path == path, str(e)
+    for word in words:
+        assert word in e.reason, str(e)
+
+
+def test_the_largest_accepted_values_load():
+    # The bounds themselves are valid (and serve: checked by hand in round 8E).
+    s = load("""
+        gateway:
+          http: {backlog: 2147483647, maxHeaderBytes: 1099511627776, bodyReadTimeout: 8760h,
+                 minBodyRate: 1GB, tcpKeepAlive: 32767, headerReadTimeout: 1ms}
+          auth: {replayCache: {maxEntries: 16777216}}
+        rate_limiting:
+          for_instance: {rules: [{max_requests: 2147483647, per_seconds: 2147483647}]}
+    """)
+    assert s.gateway.http.backlog == 2147483647
+    assert s.gateway.http.body_read_timeout == 365 * 24 * 3600
+    assert s.gateway.http.header_read_timeout == 0.001
+    assert s.gateway.auth.replay_cache.max_entries == 1 << 24
+
+
 @pytest.mark.parametrize("text, path, words", [
     ("gateway: {logging: {level: verbose}}", "gateway.logging.level", ["debug, info, warning, error"]),
     ("gateway: {http: {tls: {clientCertificateMode: Required}}}",
