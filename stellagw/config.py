@@ -305,7 +305,7 @@ def _duration(*, positive: bool = False, high: float = MAX_DURATION) -> Parser:
         if positive and seconds <= 0:
             raise ValueError(f"must be greater than 0, got {value!r}")
         if 0 < seconds < MIN_DURATION:
-            raise ValueError(f"must be 0 or at least 1ms, got {value!r}")
+            raise ValueError(f"must be {'' if positive else '0 or '}at least 1ms, got {value!r}")
         if seconds > high:
             raise ValueError(f"must be at most {_format_duration(float(high))}, got {value!r}")
         return seconds
@@ -520,6 +520,19 @@ def _allowed_host(value: Any, path: str) -> str:
     return f"[{ip}]" if ip.version == 6 else str(ip)
 
 
+def _listen_host(text: str) -> str:
+    """An address to bind (IP literal or a name the host resolves); resolved when binding,
+    where a failure names the key. Refused here what can never be one: a NUL made the
+    socket layer raise TypeError (a traceback at start), and an IPv6 literal in brackets
+    is a URL's spelling, not getaddrinfo's."""
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise ValueError(f"{text!r} is not an address to listen on: it contains whitespace or a "
+                         f"control character")
+    if text.startswith("["):
+        raise ValueError(f"{text!r}: write an IPv6 address without brackets ({text.strip('[]')})")
+    return text
+
+
 def _optional_header_name(text: str) -> str:
     if text and not _TOKEN.match(text):
         raise ValueError(f"{text!r} is not a header field name (RFC 9110 token)")
@@ -658,7 +671,7 @@ class HttpTlsSettings:
 
 @_settings
 class HttpSettings:
-    host: str = _key("host", _string(non_empty=True), "127.0.0.1")
+    host: str = _key("host", _string(_listen_host, non_empty=True), "127.0.0.1")
     port: int = _key("port", PORT, 8080)
     public_origin: str = _key("publicOrigin", _string(_origin), "")
     max_connections: int = _key("maxConnections", COUNT, 10000)
@@ -776,7 +789,7 @@ def _service_identities(value: Any, path: str) -> FrozenMap:
 @_settings
 class TcpTransportSettings:
     enabled: bool = _key("enabled", BOOL, True)
-    host: str = _key("host", _string(non_empty=True), "127.0.0.1")
+    host: str = _key("host", _string(_listen_host, non_empty=True), "127.0.0.1")
     port: int = _key("port", PORT, 9100)
     max_connections: int = _key("maxConnections", COUNT, 1000)
     # Socket options (SO_RCVBUF/SO_SNDBUF) are C ints.
@@ -1147,7 +1160,7 @@ PUBLIC_ENDPOINTS = ("live", "ready", "startup", "metrics", "openapi", "details")
 class AdminSettings:
     """The operator's listener: probes, /metrics, readiness details, OpenAPI (docs/operations.md)."""
     enabled: bool = _key("enabled", BOOL, True)
-    host: str = _key("host", _string(non_empty=True), "127.0.0.1")
+    host: str = _key("host", _string(_listen_host, non_empty=True), "127.0.0.1")
     # 0 = a free port, named in the `listening` line. A fixed default would make every second
     # gateway on a host (and every test gateway) refuse to start over a port nobody chose.
     port: int = _key("port", PORT, 0)

@@ -57,6 +57,7 @@ def test_check_config_prints_effective_config_with_secrets_masked(tmp_path):
     ("rate_limiting: {for_instance: {rules: [{max_requests: 4294967296, per_seconds: 1}]}}",
      "rate_limiting.for_instance.rules[0].max_requests"),
     ("gateway: {http: {port: 0, bodyReadTimeout: 1.0e+30}}", "gateway.http.bodyReadTimeout"),
+    ('gateway: {http: {port: 0}, admin: {host: "a\\x00b"}}', "gateway.admin.host"),
     # Not the client listener's cap but the transport's took the descriptors: name it.
     ("gateway: {http: {port: 0}, transports: {tcp: {port: 0, maxConnections: 2147483647}}}",
      "gateway.transports.tcp.maxConnections"),

@@ -485,6 +485,12 @@ def test_wrong_values_name_the_key(text, path):
      "rate_limiting.for_environment.circuit_breaker.timeout_seconds", ["finite"]),
     ("rate_limiting: {for_environment: {circuit_breaker: {half_open_timeout: 1.0e+30}}}",
      "rate_limiting.for_environment.circuit_breaker.half_open_timeout", ["at most 8760h"]),
+    # A NUL in a listen address: TypeError in the socket layer, a traceback at start.
+    ('gateway: {http: {host: "a\\x00b"}}', "gateway.http.host", ["control character"]),
+    ('gateway: {admin: {host: "127.0.0.1\\n"}}', "gateway.admin.host", ["control character"]),
+    ('gateway: {transports: {tls: {host: " ::1"}}}', "gateway.transports.tls.host", ["whitespace"]),
+    ('gateway: {transports: {tcp: {host: "[::1]"}}}', "gateway.transports.tcp.host",
+     ["without brackets (::1)"]),
 ])
 def test_values_the_gateway_cannot_run_with_are_refused(text, path, words):
     e = error(text)
