@@ -496,9 +496,15 @@ def _cidr(value: Any, path: str) -> str:
     import ipaddress
     text = _string(non_empty=True)(value, path).strip()
     try:
-        return str(ipaddress.ip_network(text, strict=False))
+        network = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ValueError(f"{text!r} is not an IP address or network (CIDR)") from None
+    # "10.0.0.7/8" was read as 10.0.0.0/8: a typo for one proxy's address trusted a whole
+    # network's X-Forwarded-For without a word. Which one was meant is the operator's call.
+    if "/" in text and network.network_address != ipaddress.ip_interface(text).ip:
+        raise ValueError(f"{text!r} has host bits set: write the network ({network}) or the "
+                         f"one address ({text.split('/')[0]})")
+    return str(network)
 
 
 _HOST_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"

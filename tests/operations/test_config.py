@@ -485,6 +485,10 @@ def test_wrong_values_name_the_key(text, path):
      "rate_limiting.for_environment.circuit_breaker.timeout_seconds", ["finite"]),
     ("rate_limiting: {for_environment: {circuit_breaker: {half_open_timeout: 1.0e+30}}}",
      "rate_limiting.for_environment.circuit_breaker.half_open_timeout", ["at most 8760h"]),
+    ("gateway: {http: {trustedProxies: [10.0.0.0/8, 10.0.0.7/8]}}",
+     "gateway.http.trustedProxies[1]", ["host bits", "10.0.0.0/8", "10.0.0.7"]),
+    ("gateway: {http: {trustedProxies: ['2001:db8::1/32']}}", "gateway.http.trustedProxies[0]",
+     ["host bits"]),
     # A NUL in a listen address: TypeError in the socket layer, a traceback at start.
     ('gateway: {http: {host: "a\\x00b"}}', "gateway.http.host", ["control character"]),
     ('gateway: {admin: {host: "127.0.0.1\\n"}}', "gateway.admin.host", ["control character"]),
