@@ -1536,14 +1536,40 @@ def _expanded_size(node, sizes: dict, limit: int) -> int:
     return size
 
 
+def _check_duplicate_keys(node, path: str, seen: set) -> None:
+    """A key written twice in one mapping is an error naming it: PyYAML keeps the last one
+    without a word, so `port: 8080` above a forgotten `port: 9090` started on 9090."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{path}[{i}]", seen)
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                line = k.start_mark.line + 1
+                if k.value in lines:
+                    raise ConfigError(_join(path, k.value),
+                                      f"given twice in one mapping (lines {lines[k.value]} and "
+                                      f"{line}); YAML would keep only the last: remove one")
+                lines[k.value] = line
+                _check_duplicate_keys(v, _join(path, k.value), seen)
+            else:
+                _check_duplicate_keys(v, path, seen)
+
+
 def _safe_load(text: str):
-    """yaml.safe_load, refusing documents whose aliases expand too far (or for ever)."""
+    """yaml.safe_load, refusing documents whose aliases expand too far (or for ever), and
+    keys given twice in one mapping."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
         _expanded_size(node, {}, MAX_CONFIG_VALUES)
+        _check_duplicate_keys(node, "", set())
         return loader.construct_document(node)
     finally:
         loader.dispose()
@@ -1554,6 +1580,9 @@ def load_config_text(text: str, env: Mapping[str, str] | None = None,
     """Parse and check a YAML document; raises ConfigError naming the key at fault."""
     try:
         raw = _safe_load(text)
+    except ConfigError as exc:
+        exc.source = source
+        raise
     except (ValueError, RecursionError) as exc:
         raise ConfigError("<file>", f"invalid YAML in {source}: {exc or 'nested too deeply'}",
                           source) from None

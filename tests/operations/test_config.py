@@ -503,6 +503,31 @@ def test_values_the_gateway_cannot_run_with_are_refused(text, path, words):
         assert word in e.reason, str(e)
 
 
+@pytest.mark.parametrize("text, path, lines", [
+    ("gateway:\n  http:\n    port: 8080\n    host: 0.0.0.0\n    port: 9090\n",
+     "gateway.http.port", "lines 3 and 5"),
+    ("gateway: {}\nrate_limiting: {}\ngateway: {http: {port: 1}}\n", "gateway", "lines 1 and 3"),
+    ("rate_limiting:\n  for_instance:\n    rules:\n"
+     "      - {max_requests: 1, per_seconds: 1, max_requests: 500}\n",
+     "rate_limiting.for_instance.rules[0].max_requests", "lines 4 and 4"),
+])
+def test_a_key_given_twice_is_refused_naming_it(text, path, lines):
+    # YAML keeps the last silently: the gateway started with a value the reader of the
+    # top of the file did not expect (config fuzzing, round 8E).
+    e = error(text)
+    assert e.path == path, str(e)
+    assert "twice" in e.reason and lines in e.reason, str(e)
+
+
+def test_merge_keys_still_override():
+    s = load("""
+        gateway:
+          http: &h {host: 127.0.0.1, port: 8080}
+          admin: {<<: *h, port: 9000}
+    """)
+    assert (s.gateway.admin.host, s.gateway.admin.port) == ("127.0.0.1", 9000)
+
+
 def test_the_largest_accepted_values_load():
     # The bounds themselves are valid (and serve: checked by hand in round 8E).
     s = load("""
