@@ -106,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
             return _reload(args)
         if args.command == "check-config":
             settings = _load(args.file)
+            # The certificates too, as serve loads them before it listens: a missing,
+            # unreadable or mismatched file passed check-config and then stopped serve.
+            from .ingress.tls import TlsConfigError
+            from .reload import check_certificates
+            try:
+                check_certificates(settings)
+            except TlsConfigError as exc:
+                print(f"stellagw: configuration error: {exc}", file=sys.stderr)
+                return 2
             sys.stdout.write(dump_effective(settings))
             return 0
         settings = _apply_overrides(_load(args.config), args)

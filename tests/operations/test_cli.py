@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from tests.support import REPO
-from tests.support.gwtest import Served, request, wait_for
+from tests.support.gwtest import Pki, Served, request, wait_for
 
 ROOT = str(REPO)
 
@@ -80,6 +80,35 @@ def test_missing_config_file_and_bad_arguments():
     assert out.returncode == 2 and "invalid choice" in out.stderr
     out = run_cli("serve", "--workers", "-1")
     assert out.returncode == 2 and "--workers" in out.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "not_pem", "key_mismatch", "ca_missing"])
+def test_check_config_loads_the_certificates_as_serve_does(tmp_path, case):
+    # Round 8E (config fuzzing): each of these passed check-config (exit 0) and then
+    # stopped serve with exit 2; check-config must say so first, naming the key.
+    pki = Pki(tmp_path)
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    cert, key, ca, where = pki.server_cert, pki.server_key, "", "gateway.http.tls.certificatePath"
+    if case == "missing":
+        cert = str(tmp_path / "none.pem")
+    elif case == "directory":
+        cert = str(tmp_path)
+    elif case == "not_pem":
+        cert = str(tmp_path / "garbage.pem")
+    elif case == "key_mismatch":
+        key = pki.client_key
+    else:
+        ca, where = str(tmp_path / "none-ca.pem"), "gateway.http.tls.clientCaPath"
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"gateway: {{http: {{port: 0, tls: {{enabled: true, certificatePath: '{cert}', "
+                   f"keyPath: '{key}', clientCaPath: '{ca}'}}}}}}")
+    out = run_cli("check-config", str(cfg))
+    assert out.returncode == 2, out
+    assert where in out.stderr and "Traceback" not in out.stderr
+    assert out.stdout == ""
+    cfg.write_text(f"gateway: {{http: {{port: 0, tls: {{enabled: true, "
+                   f"certificatePath: '{pki.server_cert}', keyPath: '{pki.server_key}'}}}}}}")
+    assert run_cli("check-config", str(cfg)).returncode == 0
 
 
 def test_unusable_certificate_is_a_config_error(tmp_path):
