@@ -941,7 +941,10 @@ class OutlierDetectionSettings:
 
 @_settings
 class RoutingSettings:
-    default_timeout: float = _duration_key("defaultTimeout", "30s", positive=True)
+    # At most 1h, as an endpoint's own timeout (routing/state.py): it travels in the REQUEST
+    # frame as 32-bit milliseconds, and 8760h made every request a 500 ("timeout_ms out of
+    # range") after check-config had passed it.
+    default_timeout: float = _duration_key("defaultTimeout", "30s", positive=True, high=3600)
     # A streamed response (or a request body still streaming beside it) that moves no byte
     # either way for this long is ended: CANCEL to the service, the client cut.
     stream_idle_timeout: float = _duration_key("streamIdleTimeout", "5m", positive=True)
