@@ -1539,15 +1539,28 @@ def _expanded_size(node, sizes: dict, limit: int) -> int:
     return size
 
 
-def _check_duplicate_keys(node, path: str, seen: set) -> None:
+# Numbers YAML 1.1 reads in another base: `0700` is 448, `010` is 8, `0x10` 16, `0b11` 3,
+# `1:30` 90 (base 60). Each loaded as a number nobody wrote (`port: 0700` listened on 448).
+_NOT_DECIMAL = re.compile(r"[-+]?(?:0[0-7_]+|0x[0-9a-fA-F_]+|0b[01_]+|[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?)")
+
+
+def _check_nodes(node, path: str, seen: set) -> None:
     """A key written twice in one mapping is an error naming it: PyYAML keeps the last one
-    without a word, so `port: 8080` above a forgotten `port: 9090` started on 9090."""
+    without a word, so `port: 8080` above a forgotten `port: 9090` started on 9090. So is a
+    number in YAML 1.1's octal, hex, binary or base-60 form (_NOT_DECIMAL)."""
     if id(node) in seen:
         return
     seen.add(id(node))
-    if isinstance(node, yaml.SequenceNode):
+    if isinstance(node, yaml.ScalarNode):
+        if (node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and node.style is None
+                and _NOT_DECIMAL.fullmatch(node.value)):
+            number = yaml.safe_load(node.value)
+            raise ConfigError(path or "<root>",
+                              f"YAML 1.1 reads {node.value} as the number {number} (octal, hex, "
+                              f"binary or base 60): write {number} if that number is meant (quote it for text)")
+    elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _check_duplicate_keys(item, f"{path}[{i}]", seen)
+            _check_nodes(item, f"{path}[{i}]", seen)
     elif isinstance(node, yaml.MappingNode):
         lines: dict[str, int] = {}
         for k, v in node.value:
@@ -1558,9 +1571,9 @@ def _check_duplicate_keys(node, path: str, seen: set) -> None:
                                       f"given twice in one mapping (lines {lines[k.value]} and "
                                       f"{line}); YAML would keep only the last: remove one")
                 lines[k.value] = line
-                _check_duplicate_keys(v, _join(path, k.value), seen)
+                _check_nodes(v, _join(path, k.value), seen)
             else:
-                _check_duplicate_keys(v, path, seen)
+                _check_nodes(v, path, seen)
 
 
 def _safe_load(text: str):
@@ -1572,7 +1585,7 @@ def _safe_load(text: str):
         if node is None:
             return None
         _expanded_size(node, {}, MAX_CONFIG_VALUES)
-        _check_duplicate_keys(node, "", set())
+        _check_nodes(node, "", set())
         return loader.construct_document(node)
     finally:
         loader.dispose()

@@ -522,6 +522,23 @@ def test_a_key_given_twice_is_refused_naming_it(text, path, lines):
     assert "twice" in e.reason and lines in e.reason, str(e)
 
 
+@pytest.mark.parametrize("text, path, number", [
+    ("gateway: {http: {port: 0700}}", "gateway.http.port", "448"),
+    ("gateway: {node: {workers: 010}}", "gateway.node.workers", "8"),
+    ("gateway: {http: {maxHeaderCount: 0x10}}", "gateway.http.maxHeaderCount", "16"),
+    ("gateway: {admin: {port: 0b1}}", "gateway.admin.port", "1"),
+    ("gateway: {routing: {defaultTimeout: 1:30}}", "gateway.routing.defaultTimeout", "90"),
+    ("rate_limiting: {for_instance: {rules: [{max_requests: 0100, per_seconds: 1}]}}",
+     "rate_limiting.for_instance.rules[0].max_requests", "64"),
+])
+def test_numbers_in_another_base_are_refused(text, path, number):
+    # YAML 1.1 reads 0700 as octal 448: `port: 0700` listened on 448 (round 8E).
+    e = error(text)
+    assert e.path == path, str(e)
+    assert f"as the number {number}" in e.reason, str(e)
+    assert load("gateway: {http: {port: 1_000}, routing: {defaultTimeout: 90}}").gateway.http.port == 1000
+
+
 def test_merge_keys_still_override():
     s = load("""
         gateway:
