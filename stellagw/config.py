@@ -476,6 +476,26 @@ def _thumbprint(value: Any, path: str) -> str:
     return hexits
 
 
+# As _HOST_NAME, without the wildcard, and with `_` (docker compose service names).
+_URL_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_URL_HOST = re.compile(rf"^{_URL_LABEL}(?:\.{_URL_LABEL})*\.?$")
+
+
+def _url_host(parts, text: str) -> None:
+    """The host of an origin or issuer URL must be one a client can name: urlsplit takes
+    "https://gw ex.com", a non-ASCII name or port 0, and DPoP's `htu` then never matched
+    (every proof refused) or the Authority's keys were never fetched (every token 401)."""
+    import ipaddress
+    try:
+        ipaddress.ip_address(parts.hostname)
+    except ValueError:
+        if not _URL_HOST.match(parts.hostname):
+            raise ValueError(f"{text!r}: {parts.hostname!r} is not a host name or IP address "
+                             f"(an internationalised name is written in its xn-- form)") from None
+    if parts.port == 0 or any(c.isspace() or ord(c) < 0x20 for c in text):
+        raise ValueError(f"{text!r}: port 0, whitespace or a control character in a URL")
+
+
 def _origin(text: str) -> str:
     if not text:
         return text
@@ -485,6 +505,7 @@ def _origin(text: str) -> str:
             or parts.password or parts.path not in ("", "/") or parts.query or parts.fragment):
         raise ValueError(f"must be an absolute http(s) origin such as https://gw.example.com "
                          f"(no path, query or credentials), got {text!r}")
+    _url_host(parts, text)
     # Normalised as RFC 3986 §6.2.3 says, so DPoP `htu` comparisons can be plain string ones.
     host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
     default_port = 443 if parts.scheme == "https" else 80
@@ -1036,6 +1057,7 @@ def _issuer_url(text: str) -> str:
             or parts.password or parts.query or parts.fragment):
         raise ValueError(f"must be the Authority's issuer URL, e.g. https://authority.example.com "
                          f"(no query, fragment or credentials), got {text!r}")
+    _url_host(parts, text)
     # Keys fetched over plain HTTP could be swapped by anyone on the path; loopback only
     # (the development Authority).
     if parts.scheme == "http" and parts.hostname not in _LOOPBACK_HOSTS:
@@ -1114,6 +1136,13 @@ class OpenApiSettings:
     version: str = _key("version", _string(non_empty=True), "1.0.0")
 
 
+def _required_service(text: str) -> str:
+    if not _SERVICE_NAME.match(text):
+        raise ValueError(f"{text!r} is not a service name (1-64 of A-Z a-z 0-9 . _ -, as services "
+                         f"register them)")
+    return text
+
+
 @_settings
 class HealthSettings:
     heartbeat_interval_seconds: float = _seconds_key("heartbeatIntervalSeconds", 10)
@@ -1121,8 +1150,10 @@ class HealthSettings:
     degraded_after_seconds: float = _seconds_key("degradedAfterSeconds", 15)
     check_interval_seconds: float = _seconds_key("checkIntervalSeconds", 5)
     unhealthy_threshold: int = _key("unhealthyThreshold", COUNT, 3)
+    # Service names as services register them: one no service can have kept /health/ready
+    # at 503 for ever.
     required_services: tuple = _key(
-        "requiredServices", _list_of(_string(non_empty=True), split_env=True), [])
+        "requiredServices", _list_of(_string(_required_service), split_env=True), [])
 
     def _finish(self, path: str) -> HealthSettings:
         # Past the timeout an instance is Unhealthy, so a later Degraded mark would never show.
@@ -1188,6 +1219,13 @@ def _overlap(host_a: str, host_b: str) -> bool:
     return host_a == host_b or host_a in wildcard or host_b in wildcard
 
 
+def _method(text: str) -> str:
+    # Written into Access-Control-Allow-Methods as it is: a method is an RFC 9110 token.
+    if not _TOKEN.match(text):
+        raise ValueError(f"{text!r} is not an HTTP method (an RFC 9110 token, e.g. GET)")
+    return text
+
+
 def _origin_or_star(text: str) -> str:
     return text if text == "*" else _origin(text)
 
@@ -1209,7 +1247,7 @@ class CorsRouteSettings:
     """A per-path override of the CORS policy (the first matching prefix wins)."""
     path_prefix: str = _key("pathPrefix", _string(_path_prefix))
     allow_origins: tuple[str, ...] = _key("allowOrigins", _list_of(_string(_origin_or_star)), [])
-    allow_methods: tuple[str, ...] = _key("allowMethods", _list_of(_string(non_empty=True)), [])
+    allow_methods: tuple[str, ...] = _key("allowMethods", _list_of(_string(_method)), [])
     allow_headers: tuple[str, ...] = _key("allowHeaders", _list_of(_header_name), _CORS_HEADERS)
     expose_headers: tuple[str, ...] = _key("exposeHeaders", _list_of(_header_name), _CORS_EXPOSE)
     allow_credentials: bool = _key("allowCredentials", BOOL, False)
@@ -1223,7 +1261,7 @@ class CorsRouteSettings:
 class CorsSettings:
     """gateway.cors (docs/http-edge.md "CORS"): off while allowOrigins is empty."""
     allow_origins: tuple[str, ...] = _key("allowOrigins", _list_of(_string(_origin_or_star)), [])
-    allow_methods: tuple[str, ...] = _key("allowMethods", _list_of(_string(non_empty=True)), [])
+    allow_methods: tuple[str, ...] = _key("allowMethods", _list_of(_string(_method)), [])
     allow_headers: tuple[str, ...] = _key("allowHeaders", _list_of(_header_name), _CORS_HEADERS)
     expose_headers: tuple[str, ...] = _key("exposeHeaders", _list_of(_header_name), _CORS_EXPOSE)
     allow_credentials: bool = _key("allowCredentials", BOOL, False)

@@ -492,6 +492,18 @@ def test_wrong_values_name_the_key(text, path):
     # 32-bit milliseconds in the REQUEST frame: every request answered 500 at run time.
     ("gateway: {routing: {defaultTimeout: 8760h}}", "gateway.routing.defaultTimeout",
      ["at most 1h"]),
+    # Accepted, then never usable: DPoP's htu never matched, the keys never fetched, the
+    # readiness never reached, a header value no client parses.
+    ('gateway: {http: {publicOrigin: "https://gw ex.com"}}', "gateway.http.publicOrigin",
+     ["not a host name"]),
+    ('gateway: {http: {publicOrigin: "https://gw.example.com:0"}}', "gateway.http.publicOrigin",
+     ["port 0"]),
+    ('gateway: {auth: {authority: "https://auth.exämple.com"}}', "gateway.auth.authority",
+     ["xn--"]),
+    ('gateway: {cors: {allowMethods: ["GET, POST"]}}', "gateway.cors.allowMethods[0]",
+     ["not an HTTP method"]),
+    ('gateway: {health: {requiredServices: ["scanner service"]}}',
+     "gateway.health.requiredServices[0]", ["not a service name"]),
     # A NUL in a listen address: TypeError in the socket layer, a traceback at start.
     ('gateway: {http: {host: "a\\x00b"}}', "gateway.http.host", ["control character"]),
     ('gateway: {admin: {host: "127.0.0.1\\n"}}', "gateway.admin.host", ["control character"]),
