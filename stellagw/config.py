@@ -1350,6 +1350,39 @@ def _rule_paths(section: Any, path: str) -> Iterator[tuple[str, tuple[RateLimitR
     yield _join(path, "tenant_rules"), section.tenant_rules
 
 
+_NESTED_REPEAT_HELP = (
+    "an unbounded repeat inside another, as in (a+)+ or (/[^/]+)*: a request path can make "
+    "matching take exponential time (\"/api/\" + 35 a's kept a worker's loop for minutes); "
+    "make the inner repeat possessive ([^/]++) or atomic ((?>...)), or rewrite the pattern")
+
+
+def _nested_repeat(pattern: str) -> bool:
+    """Whether an unbounded repeat holds another one that can backtrack (star height > 1),
+    the classic catastrophic-backtracking shape. re.search runs on every request path of
+    the route's service, and Python's re has no time limit. Possessive repeats and atomic
+    groups give nothing back, so they end the search below them."""
+    from re import _constants as c, _parser
+
+    def walk(items, inside: bool) -> bool:
+        for op, av in items:
+            if op in (c.MAX_REPEAT, c.MIN_REPEAT):
+                unbounded = av[1] == c.MAXREPEAT
+                if (unbounded and inside) or walk(av[2], inside or unbounded):
+                    return True
+            elif op is c.SUBPATTERN and walk(av[3], inside):
+                return True
+            elif op is c.BRANCH and any(walk(branch, inside) for branch in av[1]):
+                return True
+            elif op in (c.ASSERT, c.ASSERT_NOT) and walk(av[1], inside):
+                return True
+            elif op is c.GROUPREF_EXISTS and any(walk(b, inside) for b in av[1:] if b):
+                return True
+            elif op in (c.POSSESSIVE_REPEAT, c.ATOMIC_GROUP):
+                continue
+        return False
+    return walk(_parser.parse(pattern), False)
+
+
 @_settings
 class RouteLimitSettings:
     pattern: str = _key("pattern", _string(non_empty=True))
@@ -1364,6 +1397,8 @@ class RouteLimitSettings:
                 re.compile(self.pattern)
             except re.error as exc:
                 raise ConfigError(_join(path, "pattern"), f"invalid regular expression: {exc}") from None
+            if _nested_repeat(self.pattern):
+                raise ConfigError(_join(path, "pattern"), _NESTED_REPEAT_HELP)
         return self
 
 

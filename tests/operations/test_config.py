@@ -613,6 +613,30 @@ def test_bad_regex_names_the_route_pattern():
     assert "regular expression" in e.reason
 
 
+@pytest.mark.parametrize("pattern, refused", [
+    ("^/api/(a+)+$", True), ("^/api/(/[^/]+)*$", True), ("^(?:a|b+)*$", True),
+    ("^/api/(/[^/]++)*$", False), ("^(?>(a+))+$", False), ("^/api/scans/[^/]+/report$", False),
+])
+def test_regex_routes_with_nested_repeats_are_refused(pattern, refused):
+    # Round 8E: re.search runs on every request path of the service, without a time limit;
+    # "^/api/(a+)+$" took 0.58 s for 24 a's, doubling per character (one request, a stuck
+    # worker). A possessive or atomic inner repeat is the way out the error names.
+    text = f"""
+        rate_limiting:
+          for_environment:
+            microservices:
+              scanner:
+                routes:
+                  r: {{pattern: '{pattern}', match_type: regex, rules: [{{max_requests: 1, per_seconds: 1}}]}}
+    """
+    where = "rate_limiting.for_environment.microservices.scanner.routes.r.pattern"
+    if refused:
+        e = error(text)
+        assert e.path == where and "possessive" in e.reason, str(e)
+    else:
+        load(text)
+
+
 def test_regex_is_only_compiled_for_regex_routes():
     load("""
         rate_limiting:
