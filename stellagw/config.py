@@ -233,7 +233,7 @@ MAX_DURATION = 365 * 24 * 3600
 MIN_DURATION = 0.001
 
 
-def _integer(low: int | None = None, high: int | None = MAX_INTEGER) -> Parser:
+def _integer(low: int | None = None, high: int | None = None) -> Parser:
     def parse(value: Any, path: str) -> int:
         if isinstance(value, _FromEnv):
             try:
@@ -244,6 +244,8 @@ def _integer(low: int | None = None, high: int | None = MAX_INTEGER) -> Parser:
             hint = " (remove the quotes)" if isinstance(value, str) and value.strip().isdigit() else ""
             raise ValueError(f"expected an integer, got {_describe(value)}{hint}")
         _check_range(value, low, high)
+        if high is None and value > MAX_INTEGER:
+            raise ValueError(f"must be at most {MAX_INTEGER}, got {value}")
         return value
     return parse
 
@@ -312,10 +314,12 @@ def _duration(*, positive: bool = False, high: float = MAX_DURATION) -> Parser:
     return parse
 
 
-def _size(low: int = 0, high: int = MAX_SIZE) -> Parser:
+def _size(low: int = 0, high: int | None = None) -> Parser:
     def parse(value: Any, path: str) -> int:
         size = parse_size(value)
         _check_range(size, low, high)
+        if high is None and size > MAX_SIZE:
+            raise ValueError(f"must be at most 1TB ({MAX_SIZE} bytes), got {size}")
         return size
     return parse
 
@@ -626,7 +630,7 @@ def _duration_key(yaml_name: str, default: Any, *, positive: bool = False,
                 dump=_format_duration)
 
 
-def _size_key(yaml_name: str, default: Any, *, low: int = 0, high: int = MAX_SIZE) -> Any:
+def _size_key(yaml_name: str, default: Any, *, low: int = 0, high: int | None = None) -> Any:
     return _key(yaml_name, _size(low, high), default, dump=_format_size)
 
 
