@@ -435,6 +435,7 @@ class Worker:
         expected = self._expected_instances()
         sibling_routes = self._sibling_routes()
         await self.hub.start(transport_socks)
+        self.reloader.check_expiry()
         self._tick_handle = loop.call_later(1.0, self._tick)
         if self._heartbeat is not None:
             self._heartbeat()           # judged from now on (the warm start below included)

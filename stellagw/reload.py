@@ -563,6 +563,17 @@ class Reloader:
             out.append(("transport", hub_ctx, lambda tls: self.worker.hub.reload_tls(tls)))
         return out
 
+    def check_expiry(self) -> None:
+        """A warning for each listener serving a certificate past its notAfter: it loads,
+        and every client that verifies it then fails its handshake."""
+        now = time.time()
+        for name, ctx, _ in self._tls_listeners():
+            if ctx.not_after is not None and ctx.not_after <= now:
+                self.worker.log.event(
+                    "warning", "certificate expired", listener=name,
+                    notAfter=datetime.datetime.fromtimestamp(
+                        ctx.not_after, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
     def _certificates(self, listener: str, result, why: str) -> None:
         if result is None:
             return
@@ -570,6 +581,7 @@ class Reloader:
         self.cert_counts[key] = self.cert_counts.get(key, 0) + 1
         if result.reloaded:
             self.worker.log.event("info", "certificates reloaded", listener=listener, why=why)
+            self.check_expiry()
         else:
             self.worker.log.event("warning", "certificate reload failed; the loaded "
                                   "certificates stay in use", listener=listener, why=why,
@@ -597,6 +609,13 @@ class Reloader:
             "gateway_build_info_gauge": (
                 "The version and configuration running: 1 per worker", ("version", "config_hash"),
                 [((__version__, self.hash), 1)]),
+            # Per worker (a gauge is summed over workers by its labels): each reports the
+            # certificate it serves, which differ only while a reload reaches them.
+            "gateway_certificate_not_after_gauge": (
+                "The notAfter of the certificate a TLS listener (http, transport) serves, "
+                "in Unix seconds", ("listener", "worker"),
+                [((name, str(self.worker.worker_id)), ctx.not_after)
+                 for name, ctx, _ in self._tls_listeners() if ctx.not_after is not None]),
         }
 
 

@@ -100,6 +100,25 @@ def _load_pkcs12(ctx: ssl.SSLContext, path: str, password: str) -> None:
         os.unlink(tmp)
 
 
+def certificate_not_after(tls) -> float | None:
+    """The server certificate's notAfter, in Unix seconds (gateway_certificate_not_after:
+    an expired certificate loads, and verifying clients then fail every handshake, so the
+    date is exported for an alert well before). None when it cannot be read here."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import pkcs12
+    path = tls.certificate_path
+    try:
+        data = read_regular(path)
+        if path.lower().endswith((".pfx", ".p12")):
+            pw = tls.certificate_password.encode() if tls.certificate_password else None
+            cert = pkcs12.load_key_and_certificates(data, pw)[1]
+        else:
+            cert = x509.load_pem_x509_certificates(data)[0]
+        return cert.not_valid_after_utc.timestamp()
+    except (OSError, ValueError, TypeError, IndexError, AttributeError):
+        return None
+
+
 def _signature(path: str):
     """What says a file changed: stat follows symlinks, so a Kubernetes Secret's `..data`
     swap shows as another inode; size and mtime catch a file rewritten in place."""
@@ -139,6 +158,7 @@ class ReloadingContext:
         self._signatures = self._stat(tls)
         self.listening = server_context(tls, key_prefix)
         self.current = self.listening
+        self.not_after = certificate_not_after(tls)
         self.listening.sni_callback = self._switch
         self.failed_signatures = None   # the files as they were when a load last failed
 
@@ -172,6 +192,7 @@ class ReloadingContext:
         self.listening.minimum_version = ctx.minimum_version
         self.current = ctx
         self.tls = tls
+        self.not_after = certificate_not_after(tls)
         self._signatures = signatures
         self.failed_signatures = None
         return ReloadResult(True, None)

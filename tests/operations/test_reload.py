@@ -467,6 +467,34 @@ def _dial(port, ctx):
     return ctx.wrap_socket(raw, server_hostname="localhost")
 
 
+def test_each_listener_exports_its_certificates_not_after_and_one_past_it_is_logged(tmp_path):
+    """docs/operations.md "Rotate": an expired certificate still loads (refusing it would
+    turn a failed renewal into a crash loop) and every client that verifies it then fails
+    its handshake. Each worker exports the notAfter each TLS listener serves, for
+    GatewayCertificateExpiresSoon, and logs a certificate loaded past it."""
+    from stellagw.devauth.pki import issue_cert, make_ca, write_pem
+    ca, ca_key = make_ca()
+    cert, key = issue_cert(ca, ca_key, "localhost", dns=["localhost"], days=-60 / 86400)
+    cert_path = write_pem(str(tmp_path / "server.pem"), cert)
+    key_path = write_pem(str(tmp_path / "server.key"), key=key)
+    ca_path = write_pem(str(tmp_path / "ca.pem"), ca)
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(TLS.format(cert=cert_path, key=key_path, ca=ca_path))
+    gw = Served("--config", str(cfg))
+    try:
+        expired = gw.wait_for_log(lambda r: r.get("message") == "certificate expired", count=2)
+        rec = gw.wait_listening()[0]
+        assert sorted(r["listener"] for r in expired) == ["http", "transport"]
+        metrics = request(port_of(rec["admin"]), b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")[2]
+        not_after = cert.not_valid_after_utc.timestamp()
+        for listener in (b"http", b"transport"):
+            sample = b'gateway_certificate_not_after{listener="%s",worker="0"} ' % listener
+            [line] = [m for m in metrics.splitlines() if m.startswith(sample)]
+            assert abs(float(line[len(sample):]) - not_after) < 1, line
+    finally:
+        gw.stop()
+
+
 def test_certificates_swapped_on_disk_serve_new_connections_while_old_ones_continue(tmp_path):
     for name in ("old", "new"):
         (tmp_path / name).mkdir()
