@@ -1391,6 +1391,14 @@ class HttpProtocol:
         req.pending = None
         req.done = True
         self._acct.request_done(req, status)
+        if not self._chunked and not self._stream_drop and self.transport is not None:
+            # A body delimited by the close (HTTP/1.0, as nginx's default proxy_http_version
+            # asks) would read as whole after a FIN, or a TLS close_notify: a proxy in front
+            # ended its own chunked answer cleanly and could cache the cut body. A reset is
+            # the one signal such a reader sees as a failure.
+            self._closing = True
+            reset(self.transport)
+            return
         self.close()
 
     # ---------------------------------------------------------------- upgrades

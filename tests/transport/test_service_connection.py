@@ -665,6 +665,53 @@ def test_a_link_lost_mid_stream_cuts_the_client_connection():
     assert stack.pipeline._retries.counts == {}      # an answer had started: never retried
 
 
+@pytest.mark.parametrize("cut", ["link_lost", "idle"])
+def test_a_close_delimited_stream_cut_mid_body_is_reset_not_closed(cut):
+    # An HTTP/1.0 client (nginx's default proxy_http_version) reads a streamed answer up to
+    # the connection's end: a FIN there reads as the whole body. Round 9B: nginx in front
+    # ended its client's chunked answer with `0\r\n\r\n`, keep-alive, after a service died
+    # mid-stream — a cut body passed (and cached) as whole. docs/security.md §3d, "cut
+    # close-delimited stream".
+    stack = Stack()
+    svc = stack.register("scan", SCANS)
+    client = stack.client()
+    client.send(b"GET /feed HTTP/1.0\r\nHost: gw\r\n\r\n")
+    stack.run()
+    [sent] = svc.requests()
+    svc.respond(sent.corr, 200, [(b"content-type", b"text/csv")], b"row1\n", end=False)
+    stack.run()
+    raw = client.output()
+    # What the client reads: a head without length or chunking, then the rows so far.
+    assert _responses(raw) == [(200, b"row1\n")]
+    assert b"transfer-encoding" not in raw.lower() and b"content-length" not in raw.lower()
+    if cut == "link_lost":
+        svc.lose()
+        stack.run()
+    else:
+        stack.advance(stack.worker.hub.stream_idle_timeout + 1)
+        stack.run()
+    assert client.output() == b"" and client.transport.closed
+    assert client.transport.aborted        # RST: the reader sees a failure, not an end
+
+
+def test_a_chunked_or_bodiless_stream_cut_mid_body_still_closes_in_order():
+    # Chunked, the missing last chunk shows the cut (the FIN lets the written chunks go);
+    # a streamed 204 has no body to cut.
+    for request, status in ((b"GET /feed HTTP/1.1\r\nHost: gw\r\n\r\n", 200),
+                            (b"GET /feed HTTP/1.0\r\nHost: gw\r\n\r\n", 204)):
+        stack = Stack()
+        svc = stack.register("scan", SCANS)
+        client = stack.client()
+        client.send(request)
+        stack.run()
+        [sent] = svc.requests()
+        svc.respond(sent.corr, status, (), b"part", end=False)
+        stack.run()
+        svc.lose()
+        stack.run()
+        assert client.transport.closed and not client.transport.aborted
+
+
 def streaming(first: bytes):
     """A /feed stream under a 3 s streamIdleTimeout, its RESPONSE head and `first` out;
     one failure ejects the instance (to see whether a timeout counted against it)."""
