@@ -89,13 +89,15 @@ class Compression:
         self.prefixes = tuple(t for t in types if t.endswith(b"/"))
 
     def applies(self, headers: bytes) -> bool:
-        """The answer's own header block has a listed type and no content-encoding."""
-        low = headers.lower()
-        if b"content-encoding:" in low:
+        """The answer's own header block has a listed type and no content-encoding. Fields
+        are matched at the start of a line: found anywhere, `x-content-type: text/html` or
+        a value holding `content-encoding:` chose whether a service's answer was gzipped."""
+        low = b"\r\n" + headers.lower()
+        if b"\r\ncontent-encoding:" in low:
             return False
-        at = low.find(b"content-type:")
+        at = low.find(b"\r\ncontent-type:")
         if at < 0:
             return False
-        end = low.find(b"\r\n", at)
-        ctype = low[at + 13:end if end >= 0 else len(low)].split(b";")[0].strip()
+        end = low.find(b"\r\n", at + 2)
+        ctype = low[at + 15:end if end >= 0 else len(low)].split(b";")[0].strip()
         return ctype in self.exact or ctype.startswith(self.prefixes)

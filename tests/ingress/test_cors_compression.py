@@ -138,6 +138,21 @@ def test_the_openapi_document_is_gzipped_and_revalidates(port):
     assert status == 304
 
 
+def test_the_gzip_decision_reads_whole_fields_only():
+    # Found as substrings, a service's `x-content-type` or a value holding
+    # `content-encoding:` decided whether its answer was gzipped (round 9B).
+    from types import SimpleNamespace
+
+    from stellagw.ingress.compress import Compression
+    gz = Compression(SimpleNamespace(min_size=0, level=5, types=["application/json", "text/"]))
+    assert gz.applies(b"content-type: application/json\r\n")
+    assert gz.applies(b"x-a: 1\r\nContent-Type: text/csv; charset=utf-8\r\n")
+    assert not gz.applies(b"content-encoding: br\r\ncontent-type: application/json\r\n")
+    assert not gz.applies(b"x-content-type: application/json\r\n")
+    assert not gz.applies(b"content-type: image/png\r\nx-content-type: text/html\r\n")
+    assert gz.applies(b"content-type: application/json\r\nx-note: content-encoding: br\r\n")
+
+
 def test_answers_larger_than_max_size_are_not_gzipped_on_the_loop(monkeypatch):
     # A plain answer may be up to maxFrameSize (16 MB) from a service that does not stream
     # (here: the SDK told to stream nothing below 32 MB), and gzip runs on the gateway's
