@@ -892,6 +892,10 @@ class TlsTransportSettings(TcpTransportSettings):
 class TransportsSettings:
     tcp: TcpTransportSettings = _section("tcp", TcpTransportSettings)
     tls: TlsTransportSettings = _section("tls", TlsTransportSettings)
+    # Bytes the worker keeps for requests waiting for a link over writeBufferHighWater (each
+    # its head and the body read so far), over all its links; past it a request that would
+    # wait is answered 503 at once. At least a few requests with a 64 KiB body each.
+    held_request_budget: int = _size_key("heldRequestBudget", "64MB", low=256 * 1024)
 
 
 # As services register them (routing/state.py): weights name versions the same way.

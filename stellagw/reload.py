@@ -62,10 +62,11 @@ RESTART_REQUIRED = (
     # The fleet's Valkey client is made at start, and the fleet is read only then.
     "gateway.node.fleet.valkey", "gateway.node.fleet.timeout",
 )
-# Under RESTART_REQUIRED but live: the service transport's certificates and client checks.
+# Under RESTART_REQUIRED but live: the service transport's certificates and client checks,
+# and the worker's budget for requests waiting on slow links (the hub reads it per request).
 LIVE = frozenset(f"gateway.transports.tls.{key}" for key in (
     "certificatePath", "keyPath", "certificatePassword", "clientCertificateMode",
-    "clientCaPath", "minVersion"))
+    "clientCaPath", "minVersion")) | {"gateway.transports.heldRequestBudget"}
 
 # How long a replaced authenticator or rate limiter is kept for the requests inside it: a
 # Valkey check waits 250 ms at most, an unknown-kid refetch keysFetchTimeout (5 s).
@@ -487,6 +488,7 @@ class Reloader:
         w.hub.chunk_size = max(1024, min(ng.routing.streaming_buffer_size, INITIAL_WINDOW))
         w.hub.stream_idle_timeout = ng.routing.stream_idle_timeout      # streams from now on
         w.hub.max_response_head = ng.routing.max_response_header_bytes  # answers from now on
+        w.hub.held_budget = ng.transports.held_request_budget         # requests from now on
         retired_limiter = None
         if auth is not None:
             w.auth = auth

@@ -41,6 +41,7 @@ cdef class Pending:
     cdef public object endpoint
     cdef public bint replayable
     cdef public int held
+    cdef public Py_ssize_t held_size, held_spare
 
 
 @cython.final
@@ -90,13 +91,15 @@ cdef class ServiceConnection:
     cdef _grant(self, Pending pending)
     @cython.locals(window=Py_ssize_t)
     cdef _credit(self, Pending pending, Py_ssize_t increment)
-    @cython.locals(pending=Pending, req=Request)
+    @cython.locals(pending=Pending, req=Request, held_size=Py_ssize_t)
     cpdef send_request(self, Request req, Endpoint endpoint, double timeout, path,
                        Py_ssize_t stream_threshold, double sent_at)
     @cython.locals(req=Request)
     cdef _dispatch(self, Pending pending, Endpoint endpoint, double timeout, path,
                    Py_ssize_t stream_threshold, double sent_at)
-    cdef _hold(self, Pending pending)
+    cdef _hold(self, Pending pending, Py_ssize_t size)
+    @cython.locals(size=Py_ssize_t, rest=Py_ssize_t)
+    cdef Py_ssize_t _held_room(self, Request req, Py_ssize_t stream_threshold) except -2
     @cython.locals(req=Request)
     cdef _send_elsewhere(self, Pending pending, bint draining)
     @cython.locals(pending=Pending, kind=int, req=Request)
@@ -107,7 +110,7 @@ cdef class ServiceConnection:
     @cython.locals(req=Request)
     cdef int _head_too_large(self, Pending pending, exc) except -2
     cdef bint _send_whole(self, Pending pending, path, body, bint streamed) except -1
-    @cython.locals(req=Request, held=list)
+    @cython.locals(req=Request, held=list, n=Py_ssize_t)
     cpdef bint request_body(self, Pending pending, chunk, bint end) except -1
     @cython.locals(queue=list, pos=Py_ssize_t, n=Py_ssize_t, end=Py_ssize_t, last=bint,
                    chunk_size=Py_ssize_t)
@@ -130,4 +133,6 @@ cdef class ServiceConnection:
 cdef Pending _new_pending(bytes corr, Request req, ServiceConnection owner, double sent_at,
                           Py_ssize_t window, double timeout)
 cdef _disarm(Pending pending)
+@cython.locals(size=Py_ssize_t)
+cdef Py_ssize_t _held_size(Request req) except -1
 cdef _reply_error(Request req, int status, message)

@@ -153,6 +153,8 @@ class Pending:
     replayable  its REQUEST carried the whole body: it may go again elsewhere
                 (transport/retry.py)
     held        0, or what it waits for in its link's `_held` (_HELD_*)
+    held_size   while `held`: its bytes in the hub's held_bytes (set by _hold only)
+    held_spare  of them, set aside for body not yet read (_held_room)
     """
 
     def abort(self, over_limit=False):
@@ -982,6 +984,13 @@ class ServiceConnection:
             if not self._hub.worker.pipeline.retry(req, path, self.instance, endpoint):
                 _reply_error(req, 502, "the service connection was lost")
             return
+        held_size = 0
+        if self._write_paused:
+            # It would wait in `_held`: past the worker's heldRequestBudget it is answered
+            # now, before anything is made for it (_held_room).
+            held_size = self._held_room(req, stream_threshold)
+            if held_size < 0:
+                return
         self._corr_next += 1
         corr = corr_id(self._corr_prefix, self._corr_next)
         pending = _new_pending(corr, req, self, sent_at, self.peer_window, timeout)
@@ -999,7 +1008,10 @@ class ServiceConnection:
             # body not read meanwhile; if the link drops or drains first, it goes elsewhere.
             pending.held = _HELD_REQUEST
             self._held_threshold = stream_threshold
-            self._hold(pending)
+            self._hold(pending, held_size)
+            # What _held_room set aside for the body still to come (read until the client
+            # is paused): counted when it arrives, only past that.
+            pending.held_spare = held_size - _held_size(req)
             self._wheel.arm(pending, timeout, sent_at)
             return
         self._dispatch(pending, endpoint, timeout, path, stream_threshold, sent_at)
@@ -1131,6 +1143,13 @@ class ServiceConnection:
                 req.held = []
             if chunk:
                 req.held.append(chunk)
+                n = len(chunk) - pending.held_spare
+                if n > 0:
+                    pending.held_spare = 0
+                    pending.held_size += n
+                    self._hub.held_bytes += n
+                else:
+                    pending.held_spare = -n
             if not end:
                 return False
             held = req.held
@@ -1149,7 +1168,7 @@ class ServiceConnection:
                 self._wheel.arm(pending, pending.timeout)
                 if self._write_paused:
                     pending.held = _HELD_INLINE
-                    self._hold(pending)
+                    self._hold(pending, _held_size(pending.req))
                 elif self._send_whole(pending, pending.path, body, False):
                     self._schedule_flush()
             return True
@@ -1171,7 +1190,7 @@ class ServiceConnection:
         if self._write_paused and queue and pending.window > 0:
             if not pending.held:
                 pending.held = _HELD_STREAM
-                self._hold(pending)
+                self._hold(pending, 0)
             return
         while queue and pending.window > 0:
             chunk = queue[0]
@@ -1291,7 +1310,9 @@ class ServiceConnection:
             # release skips it, but until then it kept its request (head and body, ~80 KB)
             # — clients sending and leaving while the link stayed over high water grew
             # _held without bound (docs/security.md §3d, "held requests"). Dropped once
-            # the finished ones are half of what waits.
+            # the finished ones are half of what waits. Its bytes leave the budget at once.
+            if pending.held_size:
+                self._hub.held_bytes -= pending.held_size
             pending.held = 0
             self._held_dead += 1
             if self._held_dead >= _HELD_COMPACT and 2 * self._held_dead >= len(self._held):
@@ -1364,9 +1385,38 @@ class ServiceConnection:
             self._release_scheduled = True
             self._loop.call_soon(self._release_held)
 
-    def _hold(self, pending):
+    def _hold(self, pending, size):
+        """`pending` waits in `_held`; `size`: what it keeps meanwhile, counted in the
+        worker's held_bytes until it leaves (_release_held, or _finish for every other way:
+        answered, timed out, its client gone, moved elsewhere, the link lost)."""
+        pending.held_size = size
+        if size:
+            self._hub.held_bytes += size
         self._held.append(pending)
         self._hub.backpressure("held")
+
+    def _held_room(self, req, stream_threshold):
+        """What a new request would keep while it waits in `_held` — with its body still
+        arriving, up to `stream_threshold` more of it, set aside now so that heads admitted
+        alone cannot grow past the budget with their bodies — or -1: the worker's
+        gateway.transports.heldRequestBudget is spent, and it was answered 503 with
+        Retry-After, nothing sent to the service and its body not read further. Each waits
+        with its head and up to max(streamingBufferSize, 64 KiB) of body (~80 KB): with
+        maxConnections clients sending to slow services, 800 MB a worker, unbounded
+        (docs/security.md §3d, "held request budget")."""
+        size = _held_size(req)
+        if req.body_state == _B_OPEN:
+            rest = req.content_length - req.body_size
+            size += stream_threshold if req.content_length < 0 or rest > stream_threshold \
+                else rest
+        hub = self._hub
+        if hub.held_bytes + size <= hub.held_budget:
+            return size
+        hub.backpressure("held_refused")
+        req.conn.respond(req, 503, _JSON + self._routing.retry_after,
+                         error_body(503, f"too many requests wait for {req.service}",
+                                    req.correlation_id))
+        return -1
 
     def hold_for_link(self, pending):
         """The WebSocket bridge's check before it relays client data: True when the link is
@@ -1375,7 +1425,7 @@ class ServiceConnection:
             return False
         if not pending.held:
             pending.held = _HELD_STREAM
-            self._hold(pending)
+            self._hold(pending, 0)
         return True
 
     def _send_elsewhere(self, pending, draining):
@@ -1404,6 +1454,8 @@ class ServiceConnection:
             if not kind:
                 self._held_dead -= 1
                 continue            # answered, timed out or cancelled meanwhile (_finish)
+            if pending.held_size:
+                self._hub.held_bytes -= pending.held_size
             pending.held = 0
             if self.inflight.get(pending.corr) is not pending:
                 continue
@@ -1546,6 +1598,16 @@ def _disarm(pending):
     if bucket is not None:
         bucket.discard(pending)
         pending.bucket = None
+
+
+def _held_size(req):
+    """A waiting request's bytes as the held budget counts them: its target, its header
+    names and values, and the body read so far (the rest, read while it waits, is added by
+    request_body)."""
+    size = len(req.target) + req.body_size
+    for name, value in req.headers:
+        size += len(name) + len(value)
+    return size
 
 
 def _reply_error(req, status, message):

@@ -185,6 +185,11 @@ class TransportHub:
         self.closed: dict[str, int] = {}        # links the gateway closed, by reason
         # links paused over high water, PONGs shed and requests held meanwhile
         self.pressure: dict[str, int] = {}
+        # What requests waiting for links over high water keep (ServiceConnection._hold),
+        # against gateway.transports.heldRequestBudget: a running total, like the HTTP
+        # edge's backlog_total.
+        self.held_bytes = 0
+        self.held_budget = gw.transports.held_request_budget
         self._replay = LocalReplayCache(HELLO_REPLAY_ENTRIES)
         worker.metrics.sources.append(self._counters)
         worker.metrics.folds.append(self._fold_frames)
@@ -464,8 +469,13 @@ class TransportHub:
                 [((k,), v) for k, v in self.closed.items()]),
             "gateway_service_link_backpressure": (
                 "Service links over writeBufferHighWater (paused), PINGs left unanswered "
-                "(pong_shed) and requests or their data held (held) meanwhile; links not "
-                "read for sending too many frames for nothing (ignored_frames)", ("event",),
+                "(pong_shed) and requests or their data held (held) meanwhile, new requests "
+                "answered 503 for the worker's heldRequestBudget being spent (held_refused); "
+                "links not read for sending too many frames for nothing (ignored_frames)",
+                ("event",),
                 [((k,), v) for k, v in self.pressure.items()]),
+            "gateway_service_link_held_bytes_gauge": (
+                "Bytes of requests waiting for service links over writeBufferHighWater, "
+                "against gateway.transports.heldRequestBudget", (), [((), self.held_bytes)]),
         }
 

@@ -510,6 +510,10 @@ def test_wrong_values_name_the_key(text, path):
     ('gateway: {transports: {tls: {host: " ::1"}}}', "gateway.transports.tls.host", ["whitespace"]),
     ('gateway: {transports: {tcp: {host: "[::1]"}}}', "gateway.transports.tcp.host",
      ["without brackets (::1)"]),
+    # Below a few requests' worth nothing could wait for a slow link (docs/security.md §3d,
+    # "held request budget").
+    ('gateway: {transports: {heldRequestBudget: 64KB}}', "gateway.transports.heldRequestBudget",
+     []),
 ])
 def test_values_the_gateway_cannot_run_with_are_refused(text, path, words):
     e = error(text)

@@ -51,7 +51,7 @@ def test_changed_keys_name_each_key_and_which_need_a_restart():
 gateway:
   http: {port: 8081, maxHeaderBytes: 8KB, tls: {clientCaPath: /ca.pem}}
   node: {workers: 3}
-  transports: {tls: {certificatePath: /c.pem, maxConnections: 5}}
+  transports: {tls: {certificatePath: /c.pem, maxConnections: 5}, heldRequestBudget: 8MB}
   cors: {allowOrigins: ["https://a.example"]}
 rate_limiting: {for_instance: {rules: [{max_requests: 1, per_seconds: 1}]}}
 """, env={})
@@ -60,7 +60,7 @@ rate_limiting: {for_instance: {rules: [{max_requests: 1, per_seconds: 1}]}}
         "gateway.http.port", "gateway.http.maxHeaderBytes", "gateway.http.tls.clientCaPath",
         "gateway.node.workers", "gateway.transports.tls.certificatePath",
         "gateway.transports.tls.maxConnections", "gateway.cors.allowOrigins",
-        "rate_limiting.for_instance.rules"}
+        "rate_limiting.for_instance.rules", "gateway.transports.heldRequestBudget"}
     assert {k for k in keys if restart_required(k)} == {
         "gateway.http.port", "gateway.node.workers", "gateway.transports.tls.maxConnections"}
 

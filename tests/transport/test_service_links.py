@@ -22,10 +22,11 @@ HEALTH = {"heartbeatIntervalSeconds": 0.2, "degradedAfterSeconds": 0.3,
 GRACE = 0.3
 
 
-def gateway(tcp: dict | None = None) -> GatewayThread:
+def gateway(tcp: dict | None = None, transports: dict | None = None) -> GatewayThread:
     return GatewayThread(settings_from(orjson.dumps({"gateway": {
         "http": {"port": 0}, "health": HEALTH,
-        "transports": {"tcp": {"port": 0, "deadLinkGrace": f"{GRACE}s", **(tcp or {})}}}}
+        "transports": {"tcp": {"port": 0, "deadLinkGrace": f"{GRACE}s", **(tcp or {})},
+                       **(transports or {})}}}
     ).decode())).start()
 
 
@@ -447,6 +448,9 @@ def test_requests_waiting_for_a_link_that_drains_or_drops_go_to_another_instance
         assert len(ok) == waiting and answered == [8192] * waiting, (statuses, waiting)
         assert sorted({st for st, _, _ in statuses}) == ([200, 502] if len(clients) > waiting
                                                          else [200])
+        # Moved off the link, they left the worker's held budget (docs/security.md §3d,
+        # "held request budget").
+        assert gw.call(lambda: gw.worker.hub.held_bytes) == 0
     finally:
         beating.clear()
         for s in clients:
@@ -484,6 +488,7 @@ def test_requests_waiting_for_the_only_instance_when_it_drains_get_503_and_reach
             return len(answers) == waiting
         assert wait_for(answered, 10), len(answers)
         assert {st for st, _, _ in answers.values()} == {503}
+        assert gw.call(lambda: gw.worker.hub.held_bytes) == 0       # they left the budget
         # None of them reached the service: what it now reads is the REQUESTs sent before
         # the gateway started holding, and nothing after (its beats stopped first, so the
         # gateway's PINGs end too).
@@ -649,6 +654,102 @@ def test_requests_held_for_a_link_and_then_left_by_their_clients_are_let_go():
         assert pendings() <= baseline + 64 + 1, (pendings(), baseline)
         # The link is still there, paused, and the clients still waiting on it are held.
         assert instances(gw, "slow") == 1
+    finally:
+        beating.clear()
+        for s in clients:
+            s.close()
+        peer.close()
+        gw.stop()
+
+
+def test_requests_past_the_held_budget_get_503_at_once_and_never_reach_the_service():
+    """docs/security.md §3d, "held request budget": requests waiting for links over high
+    water each kept their head and body (~80 KB), with nothing bounding the total (800 MB a
+    worker at maxConnections 10,000). Now the worker's gateway.transports.heldRequestBudget
+    bounds it: a request that would wait past it is answered 503 with Retry-After at once,
+    nothing sent to the service and its body not read further; what waits leaves the budget
+    however it leaves (here: its client gone, its timeout)."""
+    budget = 256 * 1024
+    gw = gateway({"writeBufferHighWater": 16 * 1024, "writeBufferLimit": 1024 * 1024,
+                  "sendBufferSize": 4096, "deadLinkGrace": "20s"},
+                 {"heldRequestBudget": budget})
+    peer = RawPeer(gw.transport_port, rcvbuf=4096)
+    clients = []
+    beating = threading.Event()
+
+    def held_bytes():
+        return gw.call(lambda: gw.worker.hub.held_bytes)
+
+    def pressure():
+        return gw.call(lambda: dict(gw.worker.hub.pressure))
+
+    try:
+        hello = hello_for("full", endpoints=[("POST", "/t/full/x")])
+        hello["endpoints"][0]["timeout_ms"] = 4000
+        assert "error" not in peer.hello(hello)
+        beating = beat(peer)            # alive, but it reads nothing from here on
+        assert _post_until_held(gw, b"/t/full/x", clients) >= 4
+        # 8 KiB each: about 30 fit the budget; the one after is refused.
+        body = b"b" * 8192
+        req = (b"POST /t/full/x HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n"
+               % len(body) + body)
+        refused = []
+
+        def decided():
+            counts = pressure()
+            return counts.get("held", 0) + counts.get("held_refused", 0)
+        while not pressure().get("held_refused") and len(clients) < 100:
+            n = decided()
+            s = connect(gw.port, timeout=20)
+            s.sendall(req)
+            clients.append(s)
+            assert wait_for(lambda: decided() > n, 5)     # one at a time: held or refused
+        assert pressure().get("held_refused") == 1, pressure()
+        refused.append(clients.pop())
+        held = pressure()["held"]
+        sent = len(clients) - held          # REQUESTs that went before the link paused
+        assert 0 < held_bytes() <= budget
+        assert held * 8192 <= budget < (held + 2) * (8192 + 100), (held, budget)
+        # Bodies still arriving: each sets aside what it would read while it waits, so
+        # past the budget it is refused on its head, the rest of its body never read.
+        for _ in range(5):
+            s = connect(gw.port, timeout=20)
+            s.sendall(b"POST /t/full/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000000\r\n"
+                      b"\r\n" + b"p" * 4096)
+            refused.append(s)
+        started = time.monotonic()
+        for s in refused:
+            s.settimeout(2)
+            status, headers, _ = read_response(s)
+            assert status == 503 and headers.get("retry-after"), (status, headers)
+        assert time.monotonic() - started < 2
+        for s in refused[1:]:
+            assert s.recv(1) == b""                 # closed: the rest is not read
+        assert pressure()["held_refused"] == 6 and pressure()["held"] == held
+        # The held ones are still waiting (their timeout is 4 s): the refusals did not wait.
+        assert held_bytes() > budget - 2 * (8192 + 100)
+        # Their clients leave: half the held ones are let go, and their bytes with them.
+        before = held_bytes()
+        waiting = clients[sent:]
+        for s in waiting[: held // 2]:
+            s.close()
+        assert wait_for(lambda: held_bytes() < before - (held // 2) * 8192, 5), held_bytes()
+        # The rest time out (504); then nothing is held.
+        for s in waiting[held // 2:]:
+            s.settimeout(10)
+            assert read_response(s)[0] == 504
+        assert wait_for(lambda: held_bytes() == 0, 5), held_bytes()
+        # The service gets the REQUESTs sent before the link paused, and none after: not the
+        # held ones (they left), not the refused ones.
+        beating.clear()
+        requests = 0
+        try:
+            while (frame := peer.read_frame(timeout=1.0)) is not None:
+                requests += frame[0] == fr.REQUEST
+        except TimeoutError:
+            pass
+        assert requests == sent, (requests, sent, held)
+        assert held_bytes() == 0
     finally:
         beating.clear()
         for s in clients:
