@@ -100,6 +100,7 @@ cdef class ServiceConnection:
     cdef _hold(self, Pending pending, Py_ssize_t size)
     @cython.locals(size=Py_ssize_t, rest=Py_ssize_t)
     cdef Py_ssize_t _held_room(self, Request req, Py_ssize_t stream_threshold) except -2
+    cdef _refuse_held(self, Request req)
     @cython.locals(req=Request)
     cdef _send_elsewhere(self, Pending pending, bint draining)
     @cython.locals(pending=Pending, kind=int, req=Request)

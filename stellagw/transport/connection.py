@@ -1145,9 +1145,17 @@ class ServiceConnection:
                 req.held.append(chunk)
                 n = len(chunk) - pending.held_spare
                 if n > 0:
+                    # Read past what it set aside (a read goes on after the client is
+                    # paused): counted, and past the budget refused as a newcomer would be —
+                    # nothing of it was sent. So the budget is a bound, not a target.
                     pending.held_spare = 0
                     pending.held_size += n
-                    self._hub.held_bytes += n
+                    hub = self._hub
+                    hub.held_bytes += n
+                    if hub.held_bytes > hub.held_budget:
+                        self._finish(pending)
+                        self._refuse_held(req)
+                        return True
                 else:
                     pending.held_spare = -n
             if not end:
@@ -1167,8 +1175,16 @@ class ServiceConnection:
                 pending.req.body = body          # whole and small: a retry sends it again
                 self._wheel.arm(pending, pending.timeout)
                 if self._write_paused:
+                    # Paused again before its REQUEST went: it waits, within the budget
+                    # like a newcomer (nothing was sent).
+                    n = _held_size(pending.req)
+                    hub = self._hub
+                    if hub.held_bytes + n > hub.held_budget:
+                        self._finish(pending)
+                        self._refuse_held(pending.req)
+                        return True
                     pending.held = _HELD_INLINE
-                    self._hold(pending, _held_size(pending.req))
+                    self._hold(pending, n)
                 elif self._send_whole(pending, pending.path, body, False):
                     self._schedule_flush()
             return True
@@ -1412,11 +1428,16 @@ class ServiceConnection:
         hub = self._hub
         if hub.held_bytes + size <= hub.held_budget:
             return size
-        hub.backpressure("held_refused")
+        self._refuse_held(req)
+        return -1
+
+    def _refuse_held(self, req):
+        """503 with Retry-After for a request that would wait past the held budget; with its
+        body still arriving the connection closes, the rest not read."""
+        self._hub.backpressure("held_refused")
         req.conn.respond(req, 503, _JSON + self._routing.retry_after,
                          error_body(503, f"too many requests wait for {req.service}",
                                     req.correlation_id))
-        return -1
 
     def hold_for_link(self, pending):
         """The WebSocket bridge's check before it relays client data: True when the link is

@@ -756,3 +756,70 @@ def test_requests_past_the_held_budget_get_503_at_once_and_never_reach_the_servi
             s.close()
         peer.close()
         gw.stop()
+
+
+def test_held_requests_whose_bodies_read_past_the_budget_are_refused_too():
+    """docs/security.md §3d, "held request budget": a request whose body is still arriving
+    sets aside what it may read while it waits, but a read can go on past that before its
+    client is paused. Counted as it comes, and past the budget refused like a newcomer (its
+    REQUEST never went), so the budget is a bound: without that, heads admitted with room
+    grew past it with their bodies."""
+    budget = 256 * 1024
+    gw = gateway({"writeBufferHighWater": 16 * 1024, "writeBufferLimit": 1024 * 1024,
+                  "sendBufferSize": 4096, "deadLinkGrace": "20s"},
+                 {"heldRequestBudget": budget})
+    peer = RawPeer(gw.transport_port, rcvbuf=4096)
+    clients = []
+    beating = threading.Event()
+
+    def held_bytes():
+        return gw.call(lambda: gw.worker.hub.held_bytes)
+
+    def pressure():
+        return gw.call(lambda: dict(gw.worker.hub.pressure))
+
+    try:
+        assert "error" not in peer.hello(hello_for("grow", endpoints=[("POST", "/t/grow/x")]))
+        beating = beat(peer)
+        assert _post_until_held(gw, b"/t/grow/x", clients, wanted=1) >= 1
+        sent = len(clients) - pressure()["held"]
+        # Each sends 300 KB of a 2 MB body: it is admitted on its head with 64 KiB set
+        # aside, and reads on past that before its client is paused.
+        big = []
+        for _ in range(8):
+            s = connect(gw.port, timeout=20)
+            s.sendall(b"POST /t/grow/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 2000000\r\n\r\n"
+                      + b"p" * 300000)
+            big.append(s)
+            time.sleep(0.1)
+            assert held_bytes() <= budget
+        answered = []
+        for s in big:
+            s.settimeout(0.5)
+            try:
+                answered.append(read_response(s)[0])
+            except OSError:
+                pass                    # still waiting, within the budget
+        assert answered and set(answered) == {503}, answered
+        assert pressure()["held_refused"] == len(answered)
+        assert held_bytes() <= budget
+        beating.clear()
+        for s in big + clients:
+            s.close()
+        # The refused ones never reach the service: it reads the REQUESTs sent before the
+        # link paused, then those that waited within the budget (their clients' leaving
+        # unseen while they were paused, or seen: then not sent), and nothing else.
+        requests = 0
+        try:
+            while (frame := peer.read_frame(timeout=1.0)) is not None:
+                requests += frame[0] == fr.REQUEST
+        except TimeoutError:
+            pass
+        assert len(clients) - 1 <= requests <= len(clients) + len(big) - len(answered), \
+            (requests, sent, len(clients), len(answered))
+    finally:
+        beating.clear()
+        for s in clients:
+            s.close()
+        peer.close()
+        gw.stop()
