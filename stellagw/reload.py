@@ -488,7 +488,7 @@ class Reloader:
         w.hub.chunk_size = max(1024, min(ng.routing.streaming_buffer_size, INITIAL_WINDOW))
         w.hub.stream_idle_timeout = ng.routing.stream_idle_timeout      # streams from now on
         w.hub.max_response_head = ng.routing.max_response_header_bytes  # answers from now on
-        w.hub.held_budget = ng.transports.held_request_budget         # requests from now on
+        w.hub.held.budget = ng.transports.held_request_budget         # requests from now on
         retired_limiter = None
         if auth is not None:
             w.auth = auth

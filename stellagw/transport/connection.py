@@ -153,7 +153,7 @@ class Pending:
     replayable  its REQUEST carried the whole body: it may go again elsewhere
                 (transport/retry.py)
     held        0, or what it waits for in its link's `_held` (_HELD_*)
-    held_size   while `held`: its bytes in the hub's held_bytes (set by _hold only)
+    held_size   while `held`: its bytes in the hub's held.bytes (set by _hold only)
     held_spare  of them, set aside for body not yet read (_held_room)
     """
 
@@ -1150,9 +1150,9 @@ class ServiceConnection:
                     # nothing of it was sent. So the budget is a bound, not a target.
                     pending.held_spare = 0
                     pending.held_size += n
-                    hub = self._hub
-                    hub.held_bytes += n
-                    if hub.held_bytes > hub.held_budget:
+                    budget = self._hub.held
+                    budget.bytes += n
+                    if budget.bytes > budget.budget:
                         self._finish(pending)
                         self._refuse_held(req)
                         return True
@@ -1178,8 +1178,8 @@ class ServiceConnection:
                     # Paused again before its REQUEST went: it waits, within the budget
                     # like a newcomer (nothing was sent).
                     n = _held_size(pending.req)
-                    hub = self._hub
-                    if hub.held_bytes + n > hub.held_budget:
+                    budget = self._hub.held
+                    if budget.bytes + n > budget.budget:
                         self._finish(pending)
                         self._refuse_held(pending.req)
                         return True
@@ -1328,7 +1328,7 @@ class ServiceConnection:
             # _held without bound (docs/security.md §3d, "held requests"). Dropped once
             # the finished ones are half of what waits. Its bytes leave the budget at once.
             if pending.held_size:
-                self._hub.held_bytes -= pending.held_size
+                self._hub.held.bytes -= pending.held_size
             pending.held = 0
             self._held_dead += 1
             if self._held_dead >= _HELD_COMPACT and 2 * self._held_dead >= len(self._held):
@@ -1403,11 +1403,11 @@ class ServiceConnection:
 
     def _hold(self, pending, size):
         """`pending` waits in `_held`; `size`: what it keeps meanwhile, counted in the
-        worker's held_bytes until it leaves (_release_held, or _finish for every other way:
+        worker's held.bytes until it leaves (_release_held, or _finish for every other way:
         answered, timed out, its client gone, moved elsewhere, the link lost)."""
         pending.held_size = size
         if size:
-            self._hub.held_bytes += size
+            self._hub.held.bytes += size
         self._held.append(pending)
         self._hub.backpressure("held")
 
@@ -1425,8 +1425,8 @@ class ServiceConnection:
             rest = req.content_length - req.body_size
             size += stream_threshold if req.content_length < 0 or rest > stream_threshold \
                 else rest
-        hub = self._hub
-        if hub.held_bytes + size <= hub.held_budget:
+        held = self._hub.held
+        if held.bytes + size <= held.budget:
             return size
         self._refuse_held(req)
         return -1
@@ -1476,7 +1476,7 @@ class ServiceConnection:
                 self._held_dead -= 1
                 continue            # answered, timed out or cancelled meanwhile (_finish)
             if pending.held_size:
-                self._hub.held_bytes -= pending.held_size
+                self._hub.held.bytes -= pending.held_size
             pending.held = 0
             if self.inflight.get(pending.corr) is not pending:
                 continue

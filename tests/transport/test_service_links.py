@@ -450,7 +450,7 @@ def test_requests_waiting_for_a_link_that_drains_or_drops_go_to_another_instance
                                                          else [200])
         # Moved off the link, they left the worker's held budget (docs/security.md §3d,
         # "held request budget").
-        assert gw.call(lambda: gw.worker.hub.held_bytes) == 0
+        assert gw.call(lambda: gw.worker.hub.held.bytes) == 0
     finally:
         beating.clear()
         for s in clients:
@@ -488,7 +488,7 @@ def test_requests_waiting_for_the_only_instance_when_it_drains_get_503_and_reach
             return len(answers) == waiting
         assert wait_for(answered, 10), len(answers)
         assert {st for st, _, _ in answers.values()} == {503}
-        assert gw.call(lambda: gw.worker.hub.held_bytes) == 0       # they left the budget
+        assert gw.call(lambda: gw.worker.hub.held.bytes) == 0       # they left the budget
         # None of them reached the service: what it now reads is the REQUESTs sent before
         # the gateway started holding, and nothing after (its beats stopped first, so the
         # gateway's PINGs end too).
@@ -678,7 +678,7 @@ def test_requests_past_the_held_budget_get_503_at_once_and_never_reach_the_servi
     beating = threading.Event()
 
     def held_bytes():
-        return gw.call(lambda: gw.worker.hub.held_bytes)
+        return gw.call(lambda: gw.worker.hub.held.bytes)
 
     def pressure():
         return gw.call(lambda: dict(gw.worker.hub.pressure))
@@ -773,7 +773,7 @@ def test_held_requests_whose_bodies_read_past_the_budget_are_refused_too():
     beating = threading.Event()
 
     def held_bytes():
-        return gw.call(lambda: gw.worker.hub.held_bytes)
+        return gw.call(lambda: gw.worker.hub.held.bytes)
 
     def pressure():
         return gw.call(lambda: dict(gw.worker.hub.pressure))
