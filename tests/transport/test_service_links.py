@@ -662,6 +662,15 @@ def test_requests_held_for_a_link_and_then_left_by_their_clients_are_let_go():
         gw.stop()
 
 
+def held_bytes(gw) -> int:
+    """What requests waiting for links over high water keep, against the held budget."""
+    return gw.call(lambda: gw.worker.hub.held.bytes)
+
+
+def pressure(gw) -> dict:
+    return gw.call(lambda: dict(gw.worker.hub.pressure))
+
+
 def test_requests_past_the_held_budget_get_503_at_once_and_never_reach_the_service():
     """docs/security.md §3d, "held request budget": requests waiting for links over high
     water each kept their head and body (~80 KB), with nothing bounding the total (800 MB a
@@ -677,12 +686,6 @@ def test_requests_past_the_held_budget_get_503_at_once_and_never_reach_the_servi
     clients = []
     beating = threading.Event()
 
-    def held_bytes():
-        return gw.call(lambda: gw.worker.hub.held.bytes)
-
-    def pressure():
-        return gw.call(lambda: dict(gw.worker.hub.pressure))
-
     try:
         hello = hello_for("full", endpoints=[("POST", "/t/full/x")])
         hello["endpoints"][0]["timeout_ms"] = 4000
@@ -696,19 +699,19 @@ def test_requests_past_the_held_budget_get_503_at_once_and_never_reach_the_servi
         refused = []
 
         def decided():
-            counts = pressure()
+            counts = pressure(gw)
             return counts.get("held", 0) + counts.get("held_refused", 0)
-        while not pressure().get("held_refused") and len(clients) < 100:
+        while not pressure(gw).get("held_refused") and len(clients) < 100:
             n = decided()
             s = connect(gw.port, timeout=20)
             s.sendall(req)
             clients.append(s)
             assert wait_for(lambda: decided() > n, 5)     # one at a time: held or refused
-        assert pressure().get("held_refused") == 1, pressure()
+        assert pressure(gw).get("held_refused") == 1, pressure(gw)
         refused.append(clients.pop())
-        held = pressure()["held"]
+        held = pressure(gw)["held"]
         sent = len(clients) - held          # REQUESTs that went before the link paused
-        assert 0 < held_bytes() <= budget
+        assert 0 < held_bytes(gw) <= budget
         assert held * 8192 <= budget < (held + 2) * (8192 + 100), (held, budget)
         # Bodies still arriving: each sets aside what it would read while it waits, so
         # past the budget it is refused on its head, the rest of its body never read.
@@ -725,20 +728,20 @@ def test_requests_past_the_held_budget_get_503_at_once_and_never_reach_the_servi
         assert time.monotonic() - started < 2
         for s in refused[1:]:
             assert s.recv(1) == b""                 # closed: the rest is not read
-        assert pressure()["held_refused"] == 6 and pressure()["held"] == held
+        assert pressure(gw)["held_refused"] == 6 and pressure(gw)["held"] == held
         # The held ones are still waiting (their timeout is 4 s): the refusals did not wait.
-        assert held_bytes() > budget - 2 * (8192 + 100)
+        assert held_bytes(gw) > budget - 2 * (8192 + 100)
         # Their clients leave: half the held ones are let go, and their bytes with them.
-        before = held_bytes()
+        before = held_bytes(gw)
         waiting = clients[sent:]
         for s in waiting[: held // 2]:
             s.close()
-        assert wait_for(lambda: held_bytes() < before - (held // 2) * 8192, 5), held_bytes()
+        assert wait_for(lambda: held_bytes(gw) < before - (held // 2) * 8192, 5), held_bytes(gw)
         # The rest time out (504); then nothing is held.
         for s in waiting[held // 2:]:
             s.settimeout(10)
             assert read_response(s)[0] == 504
-        assert wait_for(lambda: held_bytes() == 0, 5), held_bytes()
+        assert wait_for(lambda: held_bytes(gw) == 0, 5), held_bytes(gw)
         # The service gets the REQUESTs sent before the link paused, and none after: not the
         # held ones (they left), not the refused ones.
         beating.clear()
@@ -749,7 +752,7 @@ def test_requests_past_the_held_budget_get_503_at_once_and_never_reach_the_servi
         except TimeoutError:
             pass
         assert requests == sent, (requests, sent, held)
-        assert held_bytes() == 0
+        assert held_bytes(gw) == 0
     finally:
         beating.clear()
         for s in clients:
@@ -772,17 +775,11 @@ def test_held_requests_whose_bodies_read_past_the_budget_are_refused_too():
     clients = []
     beating = threading.Event()
 
-    def held_bytes():
-        return gw.call(lambda: gw.worker.hub.held.bytes)
-
-    def pressure():
-        return gw.call(lambda: dict(gw.worker.hub.pressure))
-
     try:
         assert "error" not in peer.hello(hello_for("grow", endpoints=[("POST", "/t/grow/x")]))
         beating = beat(peer)
         assert _post_until_held(gw, b"/t/grow/x", clients, wanted=1) >= 1
-        sent = len(clients) - pressure()["held"]
+        sent = len(clients) - pressure(gw)["held"]
         # Each sends 300 KB of a 2 MB body: it is admitted on its head with 64 KiB set
         # aside, and reads on past that before its client is paused.
         big = []
@@ -792,7 +789,7 @@ def test_held_requests_whose_bodies_read_past_the_budget_are_refused_too():
                       + b"p" * 300000)
             big.append(s)
             time.sleep(0.1)
-            assert held_bytes() <= budget
+            assert held_bytes(gw) <= budget
         answered = []
         for s in big:
             s.settimeout(0.5)
@@ -801,8 +798,8 @@ def test_held_requests_whose_bodies_read_past_the_budget_are_refused_too():
             except OSError:
                 pass                    # still waiting, within the budget
         assert answered and set(answered) == {503}, answered
-        assert pressure()["held_refused"] == len(answered)
-        assert held_bytes() <= budget
+        assert pressure(gw)["held_refused"] == len(answered)
+        assert held_bytes(gw) <= budget
         beating.clear()
         for s in big + clients:
             s.close()
