@@ -392,6 +392,13 @@ def test_a_link_that_beats_but_never_answers_a_ping_is_closed():
         gw.stop()
 
 
+
+# A link gate that closes early (16 KiB over a 4 KiB socket buffer), for the tests of
+# requests held for a link a service does not read.
+GATED = {"writeBufferHighWater": 16 * 1024, "writeBufferLimit": 1024 * 1024,
+         "sendBufferSize": 4096, "deadLinkGrace": "20s"}
+
+
 def _post_until_held(gw, path, clients, wanted=4):
     """POST 8 KiB bodies to `path`, a client each (appended to `clients`), until the link
     gate holds `wanted` of them (or 100 clients). Returns how many it holds."""
@@ -413,8 +420,7 @@ def test_requests_waiting_for_a_link_that_drains_or_drops_go_to_another_instance
     """Found by an adversarial probe (P5-3, P5-4): requests held for a link over high water
     were later sent to it after its service had sent DRAIN, and got 502 when the link dropped
     — POSTs too, though they had never left the gateway. Now they go to another instance."""
-    gw = gateway({"writeBufferHighWater": 16 * 1024, "writeBufferLimit": 1024 * 1024,
-                  "sendBufferSize": 4096, "deadLinkGrace": "20s"})
+    gw = gateway(GATED)
     peer = RawPeer(gw.transport_port, rcvbuf=4096)
     other = None
     clients = []
@@ -465,8 +471,7 @@ def test_requests_waiting_for_the_only_instance_when_it_drains_get_503_and_reach
     # Not named by the probe: no other instance to take them. A held request is never sent
     # to a draining instance; it is answered as a new one would be, and its client's
     # connection is kept for the next request.
-    gw = gateway({"writeBufferHighWater": 16 * 1024, "writeBufferLimit": 1024 * 1024,
-                  "sendBufferSize": 4096, "deadLinkGrace": "20s"})
+    gw = gateway(GATED)
     peer = RawPeer(gw.transport_port, rcvbuf=4096)
     clients = []
     beating = threading.Event()
@@ -523,8 +528,7 @@ def test_requests_moved_off_a_draining_instance_keep_their_timeout():
     timeout for as long as they kept it up (3 s → 18 s in the probe; a DRAIN now holds for
     its link, but links come and go). A moved request keeps its first dispatch's time,
     read here on the link it waits for: before the DRAIN that moved it, not after."""
-    gw = gateway({"writeBufferHighWater": 16 * 1024, "writeBufferLimit": 1024 * 1024,
-                  "sendBufferSize": 4096, "deadLinkGrace": "20s"})
+    gw = gateway(GATED)
     peers = [RawPeer(gw.transport_port, rcvbuf=4096) for _ in range(2)]
     clients, beats = [], []
 
@@ -618,8 +622,7 @@ def test_requests_held_for_a_link_and_then_left_by_their_clients_are_let_go():
     docs/security.md §3d, "held requests"). Now the finished ones are dropped once they
     are half of what waits."""
     import gc
-    gw = gateway({"writeBufferHighWater": 16 * 1024, "writeBufferLimit": 1024 * 1024,
-                  "sendBufferSize": 4096, "deadLinkGrace": "20s"})
+    gw = gateway(GATED)
     peer = RawPeer(gw.transport_port, rcvbuf=4096)
     clients = []
     beating = threading.Event()
@@ -679,9 +682,7 @@ def test_requests_past_the_held_budget_get_503_at_once_and_never_reach_the_servi
     nothing sent to the service and its body not read further; what waits leaves the budget
     however it leaves (here: its client gone, its timeout)."""
     budget = 256 * 1024
-    gw = gateway({"writeBufferHighWater": 16 * 1024, "writeBufferLimit": 1024 * 1024,
-                  "sendBufferSize": 4096, "deadLinkGrace": "20s"},
-                 {"heldRequestBudget": budget})
+    gw = gateway(GATED, {"heldRequestBudget": budget})
     peer = RawPeer(gw.transport_port, rcvbuf=4096)
     clients = []
     beating = threading.Event()
@@ -768,9 +769,7 @@ def test_held_requests_whose_bodies_read_past_the_budget_are_refused_too():
     REQUEST never went), so the budget is a bound: without that, heads admitted with room
     grew past it with their bodies."""
     budget = 256 * 1024
-    gw = gateway({"writeBufferHighWater": 16 * 1024, "writeBufferLimit": 1024 * 1024,
-                  "sendBufferSize": 4096, "deadLinkGrace": "20s"},
-                 {"heldRequestBudget": budget})
+    gw = gateway(GATED, {"heldRequestBudget": budget})
     peer = RawPeer(gw.transport_port, rcvbuf=4096)
     clients = []
     beating = threading.Event()
