@@ -1134,6 +1134,11 @@ class HttpProtocol:
         answer is out (docs/security.md §3d, "pipelined behind a client not reading")."""
         while (self._current is None and self._queue and not self._closing
                and not self._write_paused):
+            if self.transport is None or self.transport.is_closing():
+                # The answer just written failed (a client that reset while reading was
+                # paused, its pipeline full, is seen only then): connection_lost follows and
+                # counts the queue; none of it goes to a service for a client that is gone.
+                break
             req = self._queue.popleft()
             self._current = req
             self._run(req)

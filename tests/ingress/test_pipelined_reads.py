@@ -137,3 +137,51 @@ def test_large_pipelined_heads_are_parsed_only_to_a_byte_budget():
             sock.close()
         peer.close()
         gw.stop()
+
+
+def test_a_client_that_resets_with_its_pipeline_full_gets_nothing_more_sent_for_it():
+    """Reading is paused while the pipeline is full, so a client's reset is seen only when
+    the answer in hand is written. The next queued request was then started — sent to its
+    service for a client already gone — before the failed write closed the connection.
+    Found by a probe beyond round 8D; now nothing more is sent, the first request's stream
+    is cancelled, and the connection and its parsed requests are let go."""
+    import struct
+    gw = GatewayThread(settings_from(orjson.dumps({"gateway": {
+        "http": {"port": 0}, "transports": {"tcp": {"port": 0}},
+        "logging": {"accessLog": False}}}).decode())).start()
+    peer = RawPeer(gw.transport_port)
+    frames = []
+
+    def record():
+        while True:
+            try:
+                frame = peer.read_frame(0.05)
+            except (socket.timeout, TimeoutError):
+                continue
+            except OSError:
+                return
+            if frame is None:
+                return
+            frames.append(frame[0])
+
+    try:
+        hello = hello_for("svc", endpoints=[("GET", "/s")])
+        hello["endpoints"][0]["timeout_ms"] = 1000      # the answer in hand: a 504
+        assert "error" not in peer.hello(hello)
+        threading.Thread(target=record, daemon=True).start()
+        baseline = parsed(gw)
+        sock = connect(gw.port, timeout=20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sock.sendall(b"".join(b"GET /s?%d HTTP/1.1\r\nHost: x\r\n\r\n" % i
+                              for i in range(REQUESTS)))
+        assert wait_for(lambda: fr.REQUEST in frames, 5)
+        assert parsed(gw) > baseline                    # the pipeline is full, reading paused
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()                                    # RST
+        assert wait_for(lambda: gw.call(lambda: len(gw.worker.connections)) == 0, 5)
+        assert wait_for(lambda: parsed(gw) == baseline, 5)
+        assert wait_for(lambda: fr.CANCEL in frames, 5)
+        assert frames.count(fr.REQUEST) == 1, frames    # without the fix: 2
+    finally:
+        peer.close()
+        gw.stop()
